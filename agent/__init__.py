@@ -1,0 +1,1 @@
+"""fleet-agent: probes a GPU node, reports to the controller, runs playbooks and verification."""

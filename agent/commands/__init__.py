@@ -1,0 +1,1 @@
+"""fleet-agent's subcommands: one module per command, each exposing ``register``."""

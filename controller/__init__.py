@@ -1,0 +1,1 @@
+"""fleet-controller: registry, resolver, rollouts, execution, verification, dashboard."""

@@ -1,0 +1,24 @@
+"""``fleetctl``: the operator's command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from fleet.cli import build_parser, run
+
+COMMAND_MODULES: list[str] = [
+    # one line per command group; each module exposes register(subparsers)
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import importlib
+
+    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
+    parser = build_parser("fleetctl", "Get FlashAttention onto every GPU node of a fleet.", modules)
+    return run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""fleetctl's subcommands: one module per command group, each exposing ``register``."""
