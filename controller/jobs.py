@@ -1,0 +1,340 @@
+"""In-process job dispatcher: persist jobs, push them to agents, record events and results.
+
+A job is one unit of work for one node's agent (a playbook run, a verification). The
+dispatcher is the only writer of the ``jobs`` and ``job_events`` tables. Life of a job::
+
+    pending ──(sent on the agent's Jobs stream)──► dispatched ──(first event)──► running
+       └───────────────► successful | failed | timeout | canceled ◄──────────────┘
+
+API for controller code (rollouts, verification, scheduler)::
+
+    jobs: JobDispatcher = ctx.jobs                      # one per controller process
+    job_id = await jobs.submit_job("node-1", "install-wheel", {"wheel_sha256": ...}, timeout=1800)
+    outcome = await jobs.wait(job_id)                  # JobOutcome(status, rc, result, error)
+    jobs.add_done_callback(job_id, lambda o: ...)      # or a callback (called in the loop)
+    jobs.add_event_listener(lambda ev: ...)            # every JobEventRecord, e.g. for live views
+    jobs.cancel(job_id)                                # pending/dispatched/running → canceled
+    jobs.get(job_id)                                   # the job as a JSON-ready dict (with events)
+
+A job submitted for a node whose agent is not connected waits (``pending``) and is sent when
+the agent opens its ``Jobs`` stream. A job still not finished ``timeout`` seconds after it
+was dispatched (plus ``GRACE_SECONDS``) is marked ``timeout`` by the watchdog
+(``run_watchdog``, started by the controller). The agent side (controller/server.py) calls
+``stream_for``, ``record_events`` and ``complete``.
+
+All methods must be called from the controller's event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from controller.store import Store, utcnow
+from controller.store.models import Job, JobEvent, Node
+from fleet.errors import ConflictError, InputError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset({"successful", "failed", "timeout", "canceled"})
+ACTIVE_STATUSES = frozenset({"pending", "dispatched", "running"})
+GRACE_SECONDS = 30
+MAX_TIMEOUT_SECONDS = 24 * 3600
+MAX_EVENT_DATA_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What an agent receives: the job to run."""
+
+    job_id: str
+    node: str
+    kind: str
+    vars: Mapping[str, Any]
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    job_id: str
+    counter: int
+    event: str
+    data: Mapping[str, Any]
+    created: dt.datetime
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended. ``status`` is one of FINAL_STATUSES."""
+
+    job_id: str
+    status: str
+    rc: int | None = None
+    result: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "successful"
+
+
+DoneCallback = Callable[[JobOutcome], None]
+EventListener = Callable[[JobEventRecord], None]
+
+
+def job_to_json(row: Job, events: Iterable[JobEvent] = ()) -> dict[str, Any]:
+    def iso(t: dt.datetime | None) -> str | None:
+        return t.isoformat() if t else None
+
+    return {
+        "id": row.id, "node": row.node, "kind": row.kind, "vars": row.vars, "status": row.status,
+        "timeout_seconds": row.timeout_seconds, "created_at": iso(row.created_at),
+        "dispatched_at": iso(row.dispatched_at), "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at), "rc": row.rc, "result": row.result, "error": row.error,
+        "events": [{"counter": e.counter, "event": e.event, "data": e.data, "created": e.created.isoformat()}
+                   for e in events],
+    }
+
+
+class JobDispatcher:
+    """Jobs in the store plus the live ``Jobs`` streams of connected agents."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._streams: dict[str, asyncio.Queue[JobSpec | None]] = {}
+        self._futures: dict[str, asyncio.Future[JobOutcome]] = {}
+        self._callbacks: dict[str, list[DoneCallback]] = {}
+        self._listeners: list[EventListener] = []
+        self._deadlines: dict[str, dt.datetime] = {}
+        self.on_job_finished: Callable[[str, JobOutcome], None] | None = None  # (node, outcome); registry hook
+
+    # ---- submitting and waiting ------------------------------------------------------------
+
+    async def submit_job(self, node: str, kind: str, vars: Mapping[str, Any] | None = None,
+                         timeout: int = 3600) -> str:
+        """Persist a job for ``node`` and push it to the node's agent if connected. Returns the job id."""
+        if not kind or len(kind) > 64:
+            raise InputError(f"bad job kind {kind!r}", hint="use a playbook name such as install-wheel")
+        if not 1 <= timeout <= MAX_TIMEOUT_SECONDS:
+            raise InputError(f"job timeout {timeout}s out of range", hint=f"use 1..{MAX_TIMEOUT_SECONDS} seconds")
+        job_id = uuid.uuid4().hex
+        with self.store.session() as s:
+            if s.scalar(select(Node.id).where(Node.hostname == node)) is None:
+                raise NotFoundError(f"no node named {node!r}", hint="see `fleetctl nodes` for registered nodes")
+            s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
+                      status="pending", created_at=utcnow()))
+        log.info("job %s (%s) submitted for %s", job_id, kind, node)
+        queue = self._streams.get(node)
+        if queue is not None:
+            queue.put_nowait(JobSpec(job_id, node, kind, dict(vars or {}), timeout))
+        return job_id
+
+    def _future(self, job_id: str) -> asyncio.Future[JobOutcome]:
+        fut = self._futures.get(job_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._futures[job_id] = fut
+        return fut
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobOutcome:
+        """Wait for the job to finish and return its outcome (``asyncio.TimeoutError`` after ``timeout``)."""
+        outcome = self.outcome(job_id)
+        if outcome is not None:
+            return outcome
+        return await asyncio.wait_for(asyncio.shield(self._future(job_id)), timeout)
+
+    def add_done_callback(self, job_id: str, callback: DoneCallback) -> None:
+        """Call ``callback(outcome)`` when the job finishes (at once if it already has)."""
+        outcome = self.outcome(job_id)
+        if outcome is not None:
+            callback(outcome)
+        else:
+            self._callbacks.setdefault(job_id, []).append(callback)
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every job event recorded (all jobs)."""
+        self._listeners.append(listener)
+
+    def outcome(self, job_id: str) -> JobOutcome | None:
+        """The outcome if the job has finished, else None; ``NotFoundError`` for an unknown job."""
+        with self.store.session() as s:
+            row = s.get(Job, job_id)
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}", hint="check the job id")
+            if row.status not in FINAL_STATUSES:
+                return None
+            return JobOutcome(row.id, row.status, row.rc, row.result or {}, row.error)
+
+    def get(self, job_id: str, *, events: bool = True) -> dict[str, Any]:
+        """The job (and its events) as a JSON-ready dict."""
+        with self.store.session() as s:
+            row = s.get(Job, job_id)
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}", hint="check the job id (`fleetctl job ID`)")
+            evs: list[JobEvent] = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                                                  .order_by(JobEvent.counter))) if events else []
+            return job_to_json(row, evs)
+
+    def list_jobs(self, node: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        with self.store.session() as s:
+            q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+            if node:
+                q = q.where(Job.node == node)
+            return [job_to_json(r) for r in s.scalars(q)]
+
+    def cancel(self, job_id: str, reason: str = "canceled by operator") -> JobOutcome:
+        """Mark an unfinished job canceled (the agent is not interrupted yet; its late result is ignored)."""
+        outcome = JobOutcome(job_id, "canceled", None, {}, reason)
+        self._finish(job_id, outcome, node=None)
+        return outcome
+
+    # ---- agent side ----------------------------------------------------------------------
+
+    def connected(self, node: str) -> bool:
+        return node in self._streams
+
+    async def stream_for(self, node: str) -> AsyncIterator[JobSpec]:
+        """Jobs for ``node``'s agent: unfinished ones first (re-delivery), then new ones as submitted.
+
+        A newer stream for the same node ends the older one. Agents deduplicate by job id.
+        """
+        old = self._streams.get(node)
+        if old is not None:
+            old.put_nowait(None)
+        queue: asyncio.Queue[JobSpec | None] = asyncio.Queue()
+        self._streams[node] = queue
+        try:
+            with self.store.session() as s:
+                rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(("pending", "dispatched")))
+                                 .order_by(Job.created_at)).all()
+                backlog = [JobSpec(r.id, r.node, r.kind, r.vars, r.timeout_seconds) for r in rows]
+            for pending in backlog:
+                queue.put_nowait(pending)
+            sent: set[str] = set()
+            while True:
+                spec = await queue.get()
+                if spec is None:
+                    return
+                if spec.job_id in sent or not self._mark_dispatched(spec):
+                    continue
+                sent.add(spec.job_id)
+                yield spec
+        finally:
+            if self._streams.get(node) is queue:
+                del self._streams[node]
+
+    def _mark_dispatched(self, spec: JobSpec) -> bool:
+        with self.store.session() as s:
+            row = s.get(Job, spec.job_id)
+            if row is None or row.status in FINAL_STATUSES:
+                return False
+            now = utcnow()
+            if row.status == "pending":
+                row.status = "dispatched"
+            row.dispatched_at = now
+            self._deadlines[spec.job_id] = now + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
+        log.info("job %s dispatched to %s", spec.job_id, spec.node)
+        return True
+
+    def record_events(self, node: str, events: Iterable[JobEventRecord]) -> int:
+        """Store events reported by ``node``'s agent; returns how many were new (duplicates skipped)."""
+        stored: list[JobEventRecord] = []
+        with self.store.session() as s:
+            jobs: dict[str, Job] = {}
+            for ev in events:
+                job = jobs.get(ev.job_id) or s.get(Job, ev.job_id)
+                if job is None or job.node != node:
+                    raise NotFoundError(f"job {ev.job_id!r} is not a job of {node}",
+                                        hint="the agent reported events for a job it was not given")
+                jobs[ev.job_id] = job
+                exists = s.scalar(select(JobEvent.id).where(JobEvent.job_id == ev.job_id,
+                                                            JobEvent.counter == ev.counter))
+                if exists is not None:
+                    continue
+                s.add(JobEvent(job_id=ev.job_id, counter=ev.counter, event=ev.event[:64], data=dict(ev.data),
+                               created=ev.created))
+                if job.status in ("pending", "dispatched"):
+                    job.status = "running"
+                    job.started_at = job.started_at or utcnow()
+                stored.append(ev)
+        for ev in stored:
+            for listener in self._listeners:
+                try:
+                    listener(ev)
+                except Exception:
+                    log.exception("job event listener failed")
+        return len(stored)
+
+    def complete(self, node: str, outcome: JobOutcome) -> None:
+        """Record the result reported by ``node``'s agent."""
+        if outcome.status not in FINAL_STATUSES:
+            raise InputError(f"job status {outcome.status!r} is not a final status",
+                             hint=f"use one of {', '.join(sorted(FINAL_STATUSES))}")
+        self._finish(outcome.job_id, outcome, node=node)
+
+    def _finish(self, job_id: str, outcome: JobOutcome, node: str | None) -> None:
+        with self.store.session() as s:
+            row = s.get(Job, job_id)
+            if row is None or (node is not None and row.node != node):
+                raise NotFoundError(f"job {job_id!r} is not a job of {node or 'this controller'}",
+                                    hint="check the job id")
+            if row.status in FINAL_STATUSES:
+                if node is None:
+                    raise ConflictError(f"job {job_id} already finished ({row.status})", hint="nothing to do")
+                log.warning("job %s: late result %s ignored (already %s)", job_id, outcome.status, row.status)
+                return
+            row.status = outcome.status
+            row.rc = outcome.rc
+            row.result = dict(outcome.result)
+            row.error = outcome.error
+            row.finished_at = utcnow()
+            job_node = row.node
+        self._deadlines.pop(job_id, None)
+        log.info("job %s on %s finished: %s", job_id, job_node, outcome.status)
+        fut = self._futures.pop(job_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+        for cb in self._callbacks.pop(job_id, []):
+            try:
+                cb(outcome)
+            except Exception:
+                log.exception("job done callback failed")
+        if self.on_job_finished is not None:
+            self.on_job_finished(job_node, outcome)
+
+    # ---- watchdog ----------------------------------------------------------------------
+
+    def expire(self, now: dt.datetime | None = None) -> list[str]:
+        """Mark dispatched/running jobs past their deadline as ``timeout``; returns their ids."""
+        now = now or utcnow()
+        expired = [j for j, deadline in self._deadlines.items() if deadline <= now]
+        for job_id in expired:
+            try:
+                self._finish(job_id, JobOutcome(job_id, "timeout", None, {},
+                                                "no result from the agent before the job's timeout"), node=None)
+            except (NotFoundError, ConflictError):
+                self._deadlines.pop(job_id, None)
+        return expired
+
+    def load_deadlines(self) -> None:
+        """After a restart: re-arm deadlines of jobs that were dispatched or running."""
+        with self.store.session() as s:
+            for row in s.scalars(select(Job).where(Job.status.in_(("dispatched", "running")))):
+                start = row.dispatched_at or row.created_at
+                self._deadlines[row.id] = start + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
+
+    async def run_watchdog(self, period: float = 1.0) -> None:
+        self.load_deadlines()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.expire()
+            except Exception:
+                log.exception("job watchdog failed")
