@@ -1,0 +1,125 @@
+"""CUDA toolkits: every ``nvcc`` found on PATH, under ``$CUDA_HOME`` and in ``/usr/local/cuda*``.
+
+The active toolkit is the one a build would use: ``nvcc`` on PATH first, then
+``$CUDA_HOME/bin/nvcc``, then ``/usr/local/cuda/bin/nvcc``, then the newest other one found.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent.probes.system import CommandRunner, ProbeError, run_command
+from fleet.facts import ToolkitFacts, version_tuple
+
+NVCC_TIMEOUT_S = 20.0
+_RELEASE_RE = re.compile(r"Cuda compilation tools, release (\d+\.\d+), V(\d+(?:\.\d+)*)")
+_BUILD_RE = re.compile(r"^Build (cuda_(\d+\.\d+)\S*)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class NvccVersion:
+    release: str   # "13.0"
+    full: str      # "13.0.88"
+    build: str | None  # "cuda_13.0.r13.0/compiler.36424714_0"
+
+
+@dataclass(frozen=True)
+class FoundToolkit:
+    nvcc: str
+    path: str
+    active: bool
+    full_version: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"nvcc": self.nvcc, "path": self.path, "active": self.active, "full_version": self.full_version}
+
+
+@dataclass(frozen=True)
+class NvccResult:
+    active: ToolkitFacts | None
+    toolkits: tuple[FoundToolkit, ...]
+    errors: tuple[str, ...] = field(default=())
+
+
+def parse_nvcc_version(text: str) -> NvccVersion | None:
+    """Parse ``nvcc -V`` output; ``None`` when it is not nvcc's format."""
+    match = _RELEASE_RE.search(text)
+    if match is None:
+        build = _BUILD_RE.search(text)
+        if build is None:
+            return None
+        return NvccVersion(release=build.group(2), full=build.group(2), build=build.group(1))
+    build = _BUILD_RE.search(text)
+    return NvccVersion(release=match.group(1), full=match.group(2), build=build.group(1) if build else None)
+
+
+class NvccProbe:
+    def __init__(self, runner: CommandRunner = run_command, *, env: Mapping[str, str] | None = None,
+                 which: Callable[[str, str | None], str | None] | None = None,
+                 glob_paths: Callable[[str], list[str]] | None = None,
+                 is_executable: Callable[[str], bool] | None = None,
+                 realpath: Callable[[str], str] = os.path.realpath) -> None:
+        self._runner = runner
+        self._env = os.environ if env is None else env
+        self._which = which or (lambda name, path: shutil.which(name, path=path))
+        self._glob = glob_paths or (lambda pattern: sorted(glob.glob(pattern)))
+        self._is_executable = is_executable or (lambda p: os.path.isfile(p) and os.access(p, os.X_OK))
+        self._realpath = realpath
+
+    def candidates(self) -> list[str]:
+        """Paths to try, most preferred first; a symlink to one already listed is left out."""
+        ordered = self._preferred()
+        ordered.extend(self._glob("/usr/local/cuda-*/bin/nvcc"))
+        seen: set[str] = set()
+        unique: list[str] = []
+        for path in ordered:
+            real = self._realpath(path)
+            if real not in seen and self._is_executable(path):
+                seen.add(real)
+                unique.append(path)
+        return unique
+
+    def probe(self) -> NvccResult:
+        errors: list[str] = []
+        found: list[tuple[str, NvccVersion]] = []
+        for path in self.candidates():
+            try:
+                result = self._runner([path, "-V"], timeout=NVCC_TIMEOUT_S)
+            except ProbeError as exc:
+                errors.append(f"nvcc: {exc.message}")
+                continue
+            version = parse_nvcc_version(result.stdout + "\n" + result.stderr)
+            if result.returncode != 0 or version is None:
+                detail = (result.stderr or result.stdout).strip().splitlines()
+                errors.append(f"nvcc: {path} -V failed (exit {result.returncode})"
+                              + (f": {detail[-1]}" if detail else ""))
+                continue
+            found.append((path, version))
+        if not found:
+            if not errors:
+                errors.append("nvcc: no CUDA toolkit found (PATH, $CUDA_HOME, /usr/local/cuda*)")
+            return NvccResult(None, (), tuple(errors))
+        # Candidates are already in preference order except the /usr/local/cuda-* tail: newest wins there.
+        preferred_heads = set(self._preferred())
+        active_path, active_version = next(
+            ((p, v) for p, v in found if p in preferred_heads),
+            max(found, key=lambda pv: version_tuple(pv[1].full)))
+        toolkits = tuple(FoundToolkit(nvcc=v.release, path=p, active=p == active_path, full_version=v.full)
+                         for p, v in found)
+        return NvccResult(ToolkitFacts(nvcc=active_version.release, path=active_path), toolkits, tuple(errors))
+
+    def _preferred(self) -> list[str]:
+        heads: list[str] = []
+        on_path = self._which("nvcc", self._env.get("PATH"))
+        if on_path:
+            heads.append(on_path)
+        cuda_home = self._env.get("CUDA_HOME") or self._env.get("CUDA_PATH")
+        if cuda_home:
+            heads.append(os.path.join(cuda_home, "bin", "nvcc"))
+        heads.append("/usr/local/cuda/bin/nvcc")
+        return heads

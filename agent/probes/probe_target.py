@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Describe this Python environment as one JSON line: python, torch, flash-attn.
+
+Standalone on purpose: standard library only (torch is imported if present), so it can be
+copied to a node and run with the node's target interpreter:
+
+    /opt/torch/.venv/bin/python3 probe_target.py
+
+The last line of stdout is the JSON object; anything torch prints while importing goes to
+stderr. Missing or broken torch is reported as ``"torch": null`` with ``"torch_error"``.
+Works on Python 3.8+.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import sys
+from typing import Any
+
+PROBE_VERSION = 1
+
+# distribution name (normalised: lowercase, "-") → variant, when the version does not decide it
+_FA_DISTRIBUTIONS: dict[str, str | None] = {
+    "flash-attn": None,  # 1.x → fa1, 2.x → fa2
+    "flash-attn-3": "fa3",
+    "flash-attn3": "fa3",
+    "flash-attn-hopper": "fa3",
+    "flash-attn-4": "fa4",
+    "flash-attn4": "fa4",
+    "fa4": "fa4",
+    "flash-attn-cute": "fa4",
+}
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _variant(dist: str, version: str) -> str:
+    fixed = _FA_DISTRIBUTIONS.get(dist)
+    if fixed:
+        return fixed
+    major = version.split(".", 1)[0]
+    return {"1": "fa1", "2": "fa2", "3": "fa3", "4": "fa4"}.get(major, "fa" + major)
+
+
+def probe_flash_attn() -> tuple[list[dict[str, str]], str | None]:
+    try:
+        from importlib import metadata
+    except ImportError:  # Python < 3.8
+        return [], "importlib.metadata unavailable"
+    found: list[dict[str, str]] = []
+    seen: set[str] = set()
+    try:
+        for dist in metadata.distributions():
+            name = dist.metadata["Name"] or ""
+            key = _normalise(name)
+            if key not in _FA_DISTRIBUTIONS or key in seen:
+                continue
+            seen.add(key)
+            version = dist.version
+            found.append({"distribution": name, "version": version, "variant": _variant(key, version)})
+    except Exception as exc:
+        return found, f"reading installed distributions failed: {exc}"
+    return found, None
+
+
+def _arch_list(torch: Any) -> list[str]:
+    arch: list[Any] = []
+    try:
+        arch = list(torch.cuda.get_arch_list())
+    except Exception:
+        arch = []
+    if not arch:
+        # get_arch_list() is empty when no GPU is visible; the compiled-in flags are not.
+        flags_fn = getattr(torch._C, "_cuda_getArchFlags", None)
+        try:
+            flags = flags_fn() if flags_fn is not None else None
+        except Exception:
+            flags = None
+        if flags:
+            arch = str(flags).split()
+    return [str(a) for a in arch]
+
+
+def probe_torch() -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import torch  # type: ignore[import-not-found, unused-ignore]
+    except Exception as exc:  # ImportError, or a broken install raising anything at import
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        version = getattr(torch, "version", None)
+        info: dict[str, Any] = {
+            "version": str(torch.__version__),
+            "cuda": getattr(version, "cuda", None),
+            "hip": getattr(version, "hip", None),
+            "cxx11abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
+            "arch_list": _arch_list(torch),
+            "cuda_available": None,
+            "device_count": None,
+        }
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                info["cuda_available"] = bool(torch.cuda.is_available())
+                info["device_count"] = int(torch.cuda.device_count())
+        except Exception:
+            pass
+        return info, None
+    except Exception as exc:
+        return None, (f"torch {getattr(torch, '__version__', '?')} imported but could not be read: "
+                      f"{type(exc).__name__}: {exc}")
+
+
+def main() -> int:
+    torch_info, torch_error = probe_torch()
+    flash_attn, fa_error = probe_flash_attn()
+    out = {
+        "probe_version": PROBE_VERSION,
+        "python": {
+            "version": platform.python_version(),
+            "executable": sys.executable,
+            "implementation": platform.python_implementation(),
+            "cp_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
+        },
+        "torch": torch_info,
+        "torch_error": torch_error,
+        "flash_attn": flash_attn,
+        "flash_attn_error": fa_error,
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
