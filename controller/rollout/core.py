@@ -1,0 +1,446 @@
+"""The pure core of a rollout: no I/O, no clock, no database — every function is table-tested.
+
+* ``parse_selector`` / ``select_nodes``: ``--nodes SELECTOR`` (hostname globs, ``gpu=``, ``profile=``,
+  ``status=``, comma lists). Terms of the same kind are OR-ed, different kinds AND-ed.
+* ``choose_canaries``: default one node per distinct (GPU model, variant).
+* ``parse_batches`` / ``schedule_batches``: ``--batch 1,5,25%`` → batch sizes.
+* ``parse_budget`` / ``budget_exceeded``: ``--max-failures N|P%`` across the whole rollout.
+* ``State`` / ``check_transition``: the per-node state machine.
+* ``group_builds``: build once per build key, one builder per key.
+* ``next_actions``: given a snapshot of a rollout, what the engine must do now.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fleet.errors import ConflictError, UsageError
+
+# ---- nodes and plans ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What selection needs to know about a registered node."""
+
+    hostname: str
+    gpu: str | None = None  # model name of the first GPU ("NVIDIA H100 80GB HBM3")
+    profile: str | None = None  # simulation profile, if simulated
+    status: str = "online"  # online | offline | degraded
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """The resolver's decision for one node, reduced to what the rollout acts on."""
+
+    hostname: str
+    variant: str
+    steps: tuple[str, ...]
+    gpu: str = ""
+    version: str | None = None
+    build_key: str | None = None
+    artifact: str | None = None
+    build_minutes: float = 0.0
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def builds(self) -> bool:
+        return "build-from-source" in self.steps
+
+    @property
+    def skipped(self) -> bool:
+        """Nothing to install here (blocked or SDPA only)."""
+        return self.variant in ("blocked", "sdpa") or not self.steps
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+SELECTOR_KEYS = ("host", "gpu", "profile", "status")
+STATUSES = ("online", "offline", "degraded")
+_TERM_RE = re.compile(r"^[A-Za-z0-9*?\[\]._:+ -]{1,253}$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Parsed ``--nodes``: for each key, the patterns any of which must match (empty: no constraint)."""
+
+    terms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    text: str = ""
+
+    def matches(self, node: NodeInfo) -> bool:
+        return all(any(_match(key, p, node) for p in patterns) for key, patterns in self.terms.items())
+
+
+def _glob_or_sub(pattern: str, value: str | None, *, substring: bool) -> bool:
+    if value is None:
+        return False
+    p, v = pattern.lower(), value.lower()
+    if any(c in p for c in "*?["):
+        return fnmatch.fnmatchcase(v, p)
+    if substring:
+        return re.search(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])", v) is not None
+    return p == v
+
+
+def _match(key: str, pattern: str, node: NodeInfo) -> bool:
+    if key == "host":
+        return _glob_or_sub(pattern, node.hostname, substring=False)
+    if key == "gpu":  # "H100" matches "NVIDIA H100 80GB HBM3" (whole word), globs match the full name
+        return _glob_or_sub(pattern, node.gpu, substring=True)
+    if key == "profile":
+        return _glob_or_sub(pattern, node.profile, substring=False)
+    return node.status == pattern
+
+
+def parse_selector(text: str | None) -> Selector:
+    """``"gpu=H100,node-*,status=online"`` → Selector. ``None``/``""``/``"all"`` select every node."""
+    if text is None or text.strip() in ("", "all", "*"):
+        return Selector({}, text or "all")
+    terms: dict[str, list[str]] = {}
+    for raw in text.split(","):
+        term = raw.strip()
+        if not term:
+            raise UsageError(f"empty term in node selector {text!r}",
+                             hint="separate terms with single commas, e.g. --nodes 'gpu=H100,node-*'")
+        if "=" in term:
+            key, _, value = term.partition("=")
+            key, value = key.strip().lower(), value.strip()
+        else:
+            key, value = "host", term
+        if key in ("hostname", "name"):
+            key = "host"
+        if key not in SELECTOR_KEYS:
+            raise UsageError(f"unknown selector key {key!r} in {text!r}",
+                             hint=f"use one of: {', '.join(k + '=' for k in SELECTOR_KEYS)} or a hostname glob")
+        if not value or not _TERM_RE.match(value):
+            raise UsageError(f"bad value {value!r} for selector key {key!r}",
+                             hint="values are hostnames, globs (* ? [..]) or GPU/profile names")
+        if key == "status" and value not in STATUSES:
+            raise UsageError(f"unknown status {value!r} in node selector", hint=f"use one of {', '.join(STATUSES)}")
+        terms.setdefault(key, []).append(value)
+    return Selector({k: tuple(v) for k, v in terms.items()}, text)
+
+
+def select_nodes(selector: Selector, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
+    """The nodes the selector matches, sorted by hostname; an empty result is an error."""
+    pool = list(nodes)
+    chosen = sorted((n for n in pool if selector.matches(n)), key=lambda n: n.hostname)
+    if not chosen:
+        known = ", ".join(sorted(n.hostname for n in pool)[:10]) or "none registered"
+        raise UsageError(f"node selector {selector.text!r} matches no node",
+                         hint=f"known nodes: {known}; see `fleetctl nodes`")
+    return chosen
+
+
+# ---- canaries and batches -----------------------------------------------------------------------
+
+
+def choose_canaries(plans: Sequence[NodePlan], count: int | None = None) -> list[str]:
+    """Canary hostnames. Default (``count`` None): one per distinct (GPU model, variant); with a
+    count: up to ``count`` nodes, covering distinct (GPU, variant) groups round-robin first."""
+    eligible = sorted((p for p in plans if not p.skipped), key=lambda p: p.hostname)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in eligible:
+        groups.setdefault((p.gpu, p.variant), []).append(p.hostname)
+    if count is None:
+        return sorted(g[0] for g in groups.values())
+    if count < 0:
+        raise UsageError(f"--canary {count} is negative", hint="use 0 to skip canaries, or a positive count")
+    out: list[str] = []
+    rank = 0
+    while len(out) < min(count, len(eligible)):
+        for key in sorted(groups):
+            if rank < len(groups[key]) and len(out) < count:
+                out.append(groups[key][rank])
+        rank += 1
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    count: int | None = None
+    percent: float | None = None
+
+    def resolve(self, total: int) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return max(1, math.ceil(total * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_batches(text: str | None) -> list[BatchSize]:
+    """``"1,5,25%"`` → sizes; default ``"1,5,25%"``."""
+    text = text or "1,5,25%"
+    out: list[BatchSize] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        try:
+            if item.endswith("%"):
+                pct = float(item[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                out.append(BatchSize(percent=pct))
+            else:
+                n = int(item)
+                if n < 1:
+                    raise ValueError
+                out.append(BatchSize(count=n))
+        except ValueError:
+            raise UsageError(f"bad batch size {item!r} in --batch {text!r}",
+                             hint="use positive counts and percentages in (0, 100], e.g. --batch 1,5,25%") from None
+    return out
+
+
+def schedule_batches(hostnames: Sequence[str], sizes: Sequence[BatchSize], canaries: Sequence[str] = ()) -> list[
+        list[str]]:
+    """Batches in order: the canaries (if any) first, then ``sizes`` over the rest (percentages of
+    the rest), the last size repeated until every node is scheduled."""
+    canary_set = set(canaries)
+    rest = [h for h in hostnames if h not in canary_set]
+    batches: list[list[str]] = [sorted(canary_set)] if canary_set else []
+    if not sizes:
+        sizes = [BatchSize(percent=100)]
+    i = 0
+    k = 0
+    while i < len(rest):
+        n = sizes[min(k, len(sizes) - 1)].resolve(len(rest))
+        batches.append(list(rest[i:i + n]))
+        i += n
+        k += 1
+    return batches
+
+
+# ---- failure budget -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    count: int | None = None
+    percent: float | None = None
+
+    def allowed(self, total: int) -> int:
+        """How many failures the rollout tolerates; one more pauses it."""
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return math.floor(total * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_budget(text: str | None) -> Budget:
+    """``--max-failures``: ``N`` (count) or ``P%`` (of the rollout's nodes). Default ``10%``."""
+    text = (text or "10%").strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return Budget(percent=pct)
+        n = int(text)
+        if n < 0:
+            raise ValueError
+        return Budget(count=n)
+    except ValueError:
+        raise UsageError(f"bad --max-failures {text!r}", hint="use a count (0, 3) or a percentage (10%)") from None
+
+
+def budget_exceeded(failures: int, total: int, budget: Budget) -> bool:
+    return failures > budget.allowed(total)
+
+
+# ---- the per-node state machine -----------------------------------------------------------------
+
+
+class State(enum.StrEnum):
+    PLANNED = "planned"
+    KEYRING = "keyring"
+    TOOLKIT = "toolkit"
+    WAITING = "waiting"  # waiting for the build of its build key on another node
+    BUILD = "build"
+    INSTALL = "install"
+    VERIFY = "verify"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ROLLING_BACK = "rolling-back"
+    ROLLED_BACK = "rolled-back"
+
+
+STEP_STATES = frozenset({State.KEYRING, State.TOOLKIT, State.BUILD, State.INSTALL, State.VERIFY,
+                         State.ROLLING_BACK})
+TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.ROLLED_BACK})
+STEP_TO_STATE = {"apt-keyring-fix": State.KEYRING, "cuda-toolkit": State.TOOLKIT, "build-from-source": State.BUILD,
+                 "install-wheel": State.INSTALL, "verify": State.VERIFY, "rollback": State.ROLLING_BACK}
+STATE_TO_JOB = {v: k for k, v in STEP_TO_STATE.items()}
+
+_WORK = {State.KEYRING, State.TOOLKIT, State.BUILD, State.WAITING, State.INSTALL, State.VERIFY}
+ALLOWED: Mapping[State, frozenset[State]] = {
+    State.PLANNED: frozenset(_WORK | {State.SKIPPED, State.FAILED}),
+    State.KEYRING: frozenset({State.TOOLKIT, State.BUILD, State.WAITING, State.INSTALL, State.VERIFY, State.FAILED,
+                              State.SKIPPED}),
+    State.TOOLKIT: frozenset({State.BUILD, State.WAITING, State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.WAITING: frozenset({State.INSTALL, State.BUILD, State.FAILED, State.SKIPPED}),
+    State.BUILD: frozenset({State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.INSTALL: frozenset({State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.VERIFY: frozenset({State.DONE, State.FAILED, State.SKIPPED}),
+    State.DONE: frozenset({State.ROLLING_BACK}),
+    State.FAILED: frozenset({State.ROLLING_BACK, State.PLANNED, State.VERIFY}),  # rollback | retry | reconcile
+    State.SKIPPED: frozenset({State.ROLLING_BACK}),
+    State.ROLLING_BACK: frozenset({State.ROLLED_BACK, State.FAILED}),
+    State.ROLLED_BACK: frozenset(),
+}
+
+
+def check_transition(old: State | str, new: State | str) -> None:
+    """Raise ``ConflictError`` unless ``old → new`` is an allowed transition."""
+    o, n = State(old), State(new)
+    if n not in ALLOWED[o]:
+        raise ConflictError(f"node state {o} → {n} is not allowed",
+                            hint=f"from {o} a node may go to: {', '.join(sorted(ALLOWED[o])) or 'nothing (final)'}")
+
+
+def work_states(plan: NodePlan, builder: bool) -> list[State]:
+    """The step states a node goes through, in order, for its plan (the builder builds; others wait + install)."""
+    out: list[State] = []
+    for step in plan.steps:
+        if step == "build-from-source":
+            out += [State.BUILD] if builder else [State.WAITING, State.INSTALL]
+        elif step in STEP_TO_STATE and step != "rollback":
+            out.append(STEP_TO_STATE[step])
+    return out
+
+
+def next_state(plan: NodePlan, builder: bool, current: State) -> State:
+    """The state after ``current`` finished successfully (``DONE`` after the last step)."""
+    seq = work_states(plan, builder)
+    if current == State.PLANNED:
+        return seq[0] if seq else State.DONE
+    if current not in seq:
+        raise ConflictError(f"state {current} is not a step of this node's plan", hint="this is a bug")
+    i = seq.index(current)
+    return seq[i + 1] if i + 1 < len(seq) else State.DONE
+
+
+# ---- build once, install many --------------------------------------------------------------------
+
+
+def group_builds(plans: Sequence[NodePlan], batches: Sequence[Sequence[str]],
+                 dedicated: Mapping[str, str] | None = None) -> dict[str, str]:
+    """build_key → builder hostname: the node of that key scheduled earliest (so no node ever waits on a
+    later batch); ``dedicated`` overrides (a builder host per key)."""
+    order = {h: i for i, b in enumerate(batches) for h in b}
+    out: dict[str, str] = {}
+    for p in sorted(plans, key=lambda p: (order.get(p.hostname, len(order)), p.hostname)):
+        if p.builds and p.build_key and p.build_key not in out:
+            out[p.build_key] = p.hostname
+    for key, host in (dedicated or {}).items():
+        if key in out:
+            out[key] = host
+    return out
+
+
+# ---- the engine's decision step ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    hostname: str
+    state: State
+    batch: int
+    build_key: str | None = None
+    busy: bool = False  # a step task is running (or a lease is held) for this node
+    builder: bool = False  # this node is the builder of its build key
+
+
+@dataclass(frozen=True)
+class BuildSnapshot:
+    build_key: str
+    status: str  # pending | building | succeeded | failed
+    builder: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: str  # rollout status
+    nodes: Sequence[NodeSnapshot]
+    builds: Mapping[str, BuildSnapshot]
+    failures: int
+    total: int
+    budget: Budget
+    max_parallel: int
+    canary_batch: bool  # batch 0 holds canaries
+    canary_ack: bool = False  # an operator resumed past a failed canary
+
+
+@dataclass(frozen=True)
+class Actions:
+    start: tuple[str, ...] = ()  # hostnames whose next step should start now
+    fail_waiting: tuple[tuple[str, str], ...] = ()  # (hostname, build_key) whose build failed
+    pause: str | None = None  # reason
+    finish: str | None = None  # final rollout status
+    current_batch: int | None = None
+
+
+ACTIVE_ROLLOUT = ("running", "paused", "rolling-back")
+
+
+def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
+    """The lowest batch with a node not yet terminal."""
+    open_batches = [n.batch for n in nodes if n.state not in TERMINAL]
+    return min(open_batches) if open_batches else None
+
+
+def next_actions(snap: Snapshot) -> Actions:
+    """What to do now. Pure: the engine persists, then acts on the result."""
+    fail_waiting = tuple(sorted((n.hostname, n.build_key) for n in snap.nodes
+                                if n.state == State.WAITING and n.build_key
+                                and snap.builds.get(n.build_key, BuildSnapshot(n.build_key, "failed", None)).status
+                                == "failed"))
+    if snap.status == "rolling-back":
+        busy = sum(1 for n in snap.nodes if n.busy)
+        room = max(0, snap.max_parallel - busy)
+        back = tuple(n.hostname for n in snap.nodes if n.state == State.ROLLING_BACK and not n.busy)[:room]
+        if not any(n.state == State.ROLLING_BACK for n in snap.nodes):
+            return Actions(finish="rolled-back")
+        return Actions(start=back)
+    if snap.status != "running":
+        return Actions(fail_waiting=fail_waiting)
+    if budget_exceeded(snap.failures, snap.total, snap.budget):
+        return Actions(fail_waiting=fail_waiting, pause=(
+            f"failure budget exceeded: {snap.failures} failed, --max-failures {snap.budget} allows "
+            f"{snap.budget.allowed(snap.total)} of {snap.total}"))
+    batch = current_batch(snap.nodes)
+    if batch is None:
+        final = "succeeded" if snap.failures == 0 and all(
+            n.state in (State.DONE, State.SKIPPED) for n in snap.nodes) else "partial"
+        return Actions(finish=final)
+    if snap.canary_batch and batch > 0 and not snap.canary_ack:
+        canary_failed = [n.hostname for n in snap.nodes if n.batch == 0 and n.state == State.FAILED]
+        if canary_failed and not any(n.batch > 0 and n.state not in (State.PLANNED, State.SKIPPED)
+                                     for n in snap.nodes):
+            return Actions(fail_waiting=fail_waiting, pause=f"canary failed: {', '.join(canary_failed)}",
+                           current_batch=batch)
+    busy = sum(1 for n in snap.nodes if n.busy)
+    room = max(0, snap.max_parallel - busy)
+    waiting_ok = {k for k, b in snap.builds.items() if b.status == "succeeded"}
+    failing = {h for h, _ in fail_waiting}
+    start: list[str] = []
+    for n in sorted(snap.nodes, key=lambda n: (n.batch, n.hostname)):
+        if len(start) >= room:
+            break
+        if n.busy or n.state in TERMINAL or n.batch > batch or n.hostname in failing:
+            continue
+        if n.state == State.WAITING and n.build_key not in waiting_ok and not n.builder:
+            continue
+        start.append(n.hostname)
+    return Actions(start=tuple(start), fail_waiting=fail_waiting, current_batch=batch)

@@ -1,0 +1,246 @@
+"""Table tests of the pure rollout core."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.rollout.core import (
+    Actions,
+    BatchSize,
+    Budget,
+    BuildSnapshot,
+    NodeInfo,
+    NodePlan,
+    NodeSnapshot,
+    Snapshot,
+    State,
+    budget_exceeded,
+    check_transition,
+    choose_canaries,
+    group_builds,
+    next_actions,
+    next_state,
+    parse_batches,
+    parse_budget,
+    parse_selector,
+    schedule_batches,
+    select_nodes,
+    work_states,
+)
+from fleet.errors import ConflictError, UsageError
+
+NODES = [
+    NodeInfo("h100-a", "NVIDIA H100 80GB HBM3", "h100", "online"),
+    NodeInfo("h100-b", "NVIDIA H100 80GB HBM3", "h100", "offline"),
+    NodeInfo("a100-a", "NVIDIA A100-SXM4-80GB", "a100", "online"),
+    NodeInfo("t4-a", "Tesla T4", "t4", "degraded"),
+    NodeInfo("rtx-a", "NVIDIA GeForce RTX 4090", None, "online"),
+]
+
+
+@pytest.mark.parametrize(("selector", "expected"), [
+    (None, ["a100-a", "h100-a", "h100-b", "rtx-a", "t4-a"]),
+    ("all", ["a100-a", "h100-a", "h100-b", "rtx-a", "t4-a"]),
+    ("h100-*", ["h100-a", "h100-b"]),
+    ("h100-a,t4-a", ["h100-a", "t4-a"]),
+    ("gpu=H100", ["h100-a", "h100-b"]),
+    ("gpu=h100", ["h100-a", "h100-b"]),
+    ("gpu=A100", ["a100-a"]),  # whole word: "A100" does not match "H100"
+    ("gpu=*4090", ["rtx-a"]),
+    ("gpu=H100,gpu=T4", ["h100-a", "h100-b", "t4-a"]),
+    ("gpu=H100,status=online", ["h100-a"]),
+    ("profile=t4", ["t4-a"]),
+    ("status=degraded", ["t4-a"]),
+    ("*-a,gpu=H100", ["h100-a"]),
+    ("host=rtx-?", ["rtx-a"]),
+])
+def test_selection(selector: str | None, expected: list[str]) -> None:
+    assert [n.hostname for n in select_nodes(parse_selector(selector), NODES)] == expected
+
+
+@pytest.mark.parametrize(("selector", "message"), [
+    ("colour=red", "unknown selector key 'colour'"),
+    ("gpu=", "bad value"),
+    ("a,,b", "empty term"),
+    ("status=sleepy", "unknown status"),
+    ("node;rm -rf /", "bad value"),
+])
+def test_selection_bad(selector: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_selector(selector)
+
+
+def test_empty_selection_is_an_error() -> None:
+    with pytest.raises(UsageError, match="matches no node") as exc:
+        select_nodes(parse_selector("gpu=B200"), NODES)
+    assert exc.value.hint is not None and "h100-a" in exc.value.hint
+
+
+def plan(host: str, gpu: str = "H100", variant: str = "fa2-wheel", key: str | None = None,
+         steps: tuple[str, ...] = ("install-wheel", "verify")) -> NodePlan:
+    if key is not None and steps == ("install-wheel", "verify"):
+        steps = ("build-from-source", "verify")
+    return NodePlan(host, variant, steps, gpu=gpu, build_key=key)
+
+
+PLANS = [plan("n1"), plan("n2"), plan("n3", variant="fa2-source", key="k1"), plan("n4", gpu="A100"),
+         plan("n5", gpu="T4", variant="fa1-source", key="k2"), plan("n6", gpu="K80", variant="sdpa", steps=())]
+
+
+@pytest.mark.parametrize(("count", "expected"), [
+    (None, ["n1", "n3", "n4", "n5"]),  # one per (gpu, variant); skipped n6 never a canary
+    (0, []),
+    (1, ["n4"]),
+    (2, ["n3", "n4"]),
+    (5, ["n1", "n2", "n3", "n4", "n5"]),
+    (50, ["n1", "n2", "n3", "n4", "n5"]),
+])
+def test_canaries(count: int | None, expected: list[str]) -> None:
+    assert choose_canaries(PLANS, count) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, [BatchSize(1), BatchSize(5), BatchSize(percent=25)]),
+    ("1,5,25%", [BatchSize(1), BatchSize(5), BatchSize(percent=25)]),
+    ("10", [BatchSize(10)]),
+    ("100%", [BatchSize(percent=100)]),
+])
+def test_parse_batches(text: str | None, expected: list[BatchSize]) -> None:
+    assert parse_batches(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "x", "0%", "101%", "1,,2", "5%%"])
+def test_parse_batches_bad(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_batches(text)
+
+
+HOSTS = [f"n{i:02d}" for i in range(20)]
+
+
+@pytest.mark.parametrize(("sizes", "canaries", "expected"), [
+    ("1,5,25%", (), [1, 5, 5, 5, 4]),
+    ("1,5,25%", ("n00", "n07"), [2, 1, 5, 5, 5, 2]),
+    ("50%", (), [10, 10]),
+    ("3", (), [3] * 6 + [2]),
+    ("100", (), [20]),
+])
+def test_schedule(sizes: str, canaries: tuple[str, ...], expected: list[int]) -> None:
+    batches = schedule_batches(HOSTS, parse_batches(sizes), canaries)
+    assert [len(b) for b in batches] == expected
+    assert sorted(h for b in batches for h in b) == HOSTS  # every node exactly once
+    if canaries:
+        assert batches[0] == sorted(canaries)
+
+
+@pytest.mark.parametrize(("text", "total", "allowed"), [
+    (None, 100, 10), ("10%", 5, 0), ("0", 50, 0), ("3", 50, 3), ("50%", 7, 3), ("100%", 4, 4),
+])
+def test_budget(text: str | None, total: int, allowed: int) -> None:
+    b = parse_budget(text)
+    assert b.allowed(total) == allowed
+    assert not budget_exceeded(allowed, total, b)
+    assert budget_exceeded(allowed + 1, total, b)
+
+
+@pytest.mark.parametrize("text", ["-1", "x", "101%", "1.5"])
+def test_budget_bad(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_budget(text)
+
+
+@pytest.mark.parametrize(("old", "new", "ok"), [
+    ("planned", "keyring", True), ("planned", "install", True), ("planned", "skipped", True),
+    ("keyring", "toolkit", True), ("toolkit", "build", True), ("build", "verify", True),
+    ("waiting", "install", True), ("waiting", "build", True), ("install", "verify", True),
+    ("verify", "done", True), ("verify", "failed", True), ("done", "rolling-back", True),
+    ("rolling-back", "rolled-back", True), ("failed", "planned", True), ("failed", "verify", True),
+    ("done", "planned", False), ("done", "failed", False), ("planned", "done", False),
+    ("install", "build", False), ("verify", "install", False), ("rolled-back", "planned", False),
+    ("skipped", "done", False), ("toolkit", "keyring", False),
+])
+def test_transitions(old: str, new: str, ok: bool) -> None:
+    if ok:
+        check_transition(old, new)
+    else:
+        with pytest.raises(ConflictError, match="not allowed"):
+            check_transition(old, new)
+
+
+@pytest.mark.parametrize(("steps", "builder", "expected"), [
+    (("install-wheel", "verify"), False, ["install", "verify"]),
+    (("apt-keyring-fix", "cuda-toolkit", "build-from-source", "verify"), True,
+     ["keyring", "toolkit", "build", "verify"]),
+    (("apt-keyring-fix", "cuda-toolkit", "build-from-source", "verify"), False,
+     ["keyring", "toolkit", "waiting", "install", "verify"]),
+    (("verify",), False, ["verify"]),
+])
+def test_work_states(steps: tuple[str, ...], builder: bool, expected: list[str]) -> None:
+    p = NodePlan("x", "fa2-source", steps, build_key="k")
+    assert [str(s) for s in work_states(p, builder)] == expected
+    seq = [State.PLANNED, *work_states(p, builder)]
+    for a, b in zip(seq, [*seq[1:], State.DONE], strict=True):
+        assert next_state(p, builder, a) == b
+        check_transition(a, b)
+
+
+def test_group_builds_one_builder_per_key_earliest_batch() -> None:
+    plans = [plan("a", key="k1"), plan("b", key="k1"), plan("c", key="k2"), plan("d"), plan("e", key="k2")]
+    batches = [["b", "c"], ["a", "d", "e"]]
+    assert group_builds(plans, batches) == {"k1": "b", "k2": "c"}
+    assert group_builds(plans, batches, {"k2": "e"}) == {"k1": "b", "k2": "e"}
+
+
+def snap(nodes: list[NodeSnapshot], *, status: str = "running", builds: dict[str, BuildSnapshot] | None = None,
+         budget: str = "1", parallel: int = 10, canary: bool = True, ack: bool = False) -> Snapshot:
+    return Snapshot(status, nodes, builds or {}, sum(n.state == State.FAILED for n in nodes), len(nodes),
+                    parse_budget(budget), parallel, canary, ack)
+
+
+N = NodeSnapshot
+P, D, F, W = State.PLANNED, State.DONE, State.FAILED, State.WAITING
+
+
+@pytest.mark.parametrize(("s", "expected"), [
+    # canaries first, nothing from batch 1 while batch 0 is open
+    (snap([N("c", P, 0), N("x", P, 1)]), Actions(start=("c",), current_batch=0)),
+    # batch 0 done → batch 1 starts, limited by max-parallel
+    (snap([N("c", D, 0), N("x", P, 1), N("y", P, 1)], parallel=1), Actions(start=("x",), current_batch=1)),
+    # busy nodes count against max-parallel
+    (snap([N("c", D, 0), N("x", State.INSTALL, 1, busy=True), N("y", P, 1)], parallel=1),
+     Actions(current_batch=1)),
+    # a failed canary pauses before batch 1
+    (snap([N("c", F, 0), N("x", P, 1)], budget="5"), Actions(pause="canary failed: c", current_batch=1)),
+    # ... unless the operator resumed past it
+    (snap([N("c", F, 0), N("x", P, 1)], budget="5", ack=True), Actions(start=("x",), current_batch=1)),
+    # budget exceeded → pause with reason
+    (snap([N("a", F, 0), N("b", F, 1), N("c", P, 1)], budget="1", canary=False),
+     Actions(pause="failure budget exceeded: 2 failed, --max-failures 1 allows 1 of 3")),
+    # waiting on a running build: not started; builder waiting node is started
+    (snap([N("a", State.BUILD, 0, "k", busy=True, builder=True), N("b", W, 0, "k")], canary=False,
+          builds={"k": BuildSnapshot("k", "building", "a")}), Actions(current_batch=0)),
+    (snap([N("b", W, 0, "k", builder=True)], canary=False, builds={"k": BuildSnapshot("k", "pending", "b")}),
+     Actions(start=("b",), current_batch=0)),
+    # build succeeded → waiting nodes start (install)
+    (snap([N("a", D, 0, "k"), N("b", W, 0, "k")], canary=False, builds={"k": BuildSnapshot("k", "succeeded", "a")}),
+     Actions(start=("b",), current_batch=0)),
+    # build failed → only the nodes waiting on it fail
+    (snap([N("a", F, 0, "k"), N("b", W, 0, "k"), N("c", P, 0, "j")], canary=False, budget="5",
+          builds={"k": BuildSnapshot("k", "failed", "a")}),
+     Actions(start=("c",), fail_waiting=(("b", "k"),), current_batch=0)),
+    # all terminal → finish
+    (snap([N("a", D, 0), N("b", State.SKIPPED, 1)]), Actions(finish="succeeded")),
+    (snap([N("a", D, 0), N("b", F, 1)]), Actions(finish="partial")),
+    # paused: nothing starts
+    (snap([N("a", P, 0)], status="paused"), Actions()),
+    # rolling back
+    (snap([N("a", State.ROLLING_BACK, 0), N("b", State.ROLLED_BACK, 0)], status="rolling-back"),
+     Actions(start=("a",))),
+    (snap([N("a", State.ROLLED_BACK, 0)], status="rolling-back"), Actions(finish="rolled-back")),
+])
+def test_next_actions(s: Snapshot, expected: Actions) -> None:
+    assert next_actions(s) == expected
+
+
+def test_budget_str() -> None:
+    assert str(Budget(percent=12.5)) == "12.5%" and str(Budget(count=3)) == "3"
