@@ -1,0 +1,1226 @@
+#!/usr/bin/env python3
+"""fleetctl verification benchmark: FlashAttention on this node's GPU.
+
+STANDALONE: run by the node's *target* Python (the one that has torch and,
+hopefully, flash_attn).  It imports only the standard library at module level;
+torch, flash_attn and transformers are imported lazily inside the worker.  It
+must never import fleet/agent/controller code (the target environment does not
+have them).  The agent imports this module only for its constants (shape grid,
+thresholds, FLOP formula) so the simulated model follows the same grid.
+
+    python bench.py --mode quick|full --out result.json [--model PATH]
+                    [--timeout-per-shape S] [--timeout S] [--device cuda:0]
+                    [--expect flash_attn|sdpa]
+
+Two processes:
+
+* the *supervisor* (this script as started) needs only the stdlib.  It starts
+  a *worker* (this script with ``--worker``), reads its progress events (JSON
+  lines), enforces a per-task watchdog and an overall deadline, and writes the
+  one JSON result.  A task that hangs gets its worker SIGKILLed (which frees
+  the GPU context), is recorded as ``timeout`` and the worker is restarted
+  after that task; a worker that crashes (segfault in an extension, CUDA
+  error) is recorded the same way.  The worker shares the supervisor's process
+  group so an outside ``killpg`` (the agent's runner) reaches both, and it asks
+  the kernel to kill it if the supervisor dies (PR_SET_PDEATHSIG).
+* the *worker* does the measurements: import check, correctness against a
+  float32 reference (forward and backward), a speed grid through flash_attn
+  and each torch SDPA backend, and an end-to-end generation check.
+
+Result schema: docs/verification.md; parsed strictly by fleet/verification.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Grid, thresholds and formula (imported by agent/verify/simulated.py too).
+# ---------------------------------------------------------------------------
+
+TOTAL_TOKENS = 16384  # batch = TOTAL_TOKENS // seqlen (flash-attention's benchmark setting)
+HEADS = 16  # DESIGN §4: 16 heads (hidden 2048 at head dim 128)
+DTYPES = ("bfloat16", "float16")
+HEADDIMS = (64, 128)
+SEQLENS = (512, 1024, 2048, 4096, 8192)
+CAUSALS = (False, True)
+
+FLASH_IMPL = "flash_attn"
+SDPA_IMPLS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+SPEED_IMPLS = (FLASH_IMPL, *SDPA_IMPLS)
+SDPA_BACKEND_NAMES = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_math": "MATH",
+}
+CORRECTNESS_IMPLS = (FLASH_IMPL, "flash_attn_varlen", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+
+# The math backend materialises the (batch, heads, seqlen, seqlen) score matrix:
+# at seqlen 8192 it needs ~19 GB and ~50 ms a call on an H100 (DESIGN §4).  In full
+# mode it is measured up to this seqlen, plus the single DESIGN §4 comparison shape.
+MATH_MAX_SEQLEN = 2048
+MATH_EXTRA_SHAPES = (("bfloat16", 128, 8192, False),)
+
+QUICK_SHAPES = (  # (dtype, headdim, seqlen, causal)
+    ("bfloat16", 128, 1024, False),
+    ("bfloat16", 128, 1024, True),
+    ("bfloat16", 128, 4096, False),
+    ("bfloat16", 128, 4096, True),
+)
+QUICK_MATH_SHAPES = (("bfloat16", 128, 1024, False),)
+
+# Relative error ||out - ref|| / ||ref|| (Frobenius) against a float32 reference.
+# Rounding a float32 result to the storage type alone costs ~u/sqrt(3) in this norm
+# (u = 2^-8 for bf16, 2^-11 for fp16); FlashAttention also rounds P before P@V and
+# the backward pass accumulates more (dS = P * (dP - rowsum(dO*O))).  DESIGN §4
+# measured 2.2e-3 for bf16 forward on an H100.  Thresholds are ~5-10x the expected
+# error, so a pass is robust and a real fault (wrong kernel, garbage, wrong mask) —
+# which gives errors of order 1e-1..1 — still fails.
+THRESHOLDS = {
+    "bfloat16": {"fwd": 2e-2, "bwd": 5e-2},
+    "float16": {"fwd": 5e-3, "bwd": 1e-2},
+}
+
+CORRECTNESS_BATCH = 2
+CORRECTNESS_SEQLEN = 333  # odd on purpose: exercises partial tiles and the causal edge
+CORRECTNESS_HEADS = 4
+VARLEN_SEQLENS = (100, 333, 57)
+
+DEFAULT_TIMEOUT_PER_SHAPE = 30.0
+DEFAULT_TIMEOUT = {"quick": 90.0, "full": 300.0}
+MAX_RESTARTS = 3
+
+E2E_IMPLS = ("flash_attention_2", "sdpa", "eager")
+E2E_BATCH = 8
+E2E_PROMPT = 1024
+E2E_NEW_TOKENS = 32
+E2E_QWEN2 = {  # a small Qwen2-architecture model, random weights (no network on nodes)
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+}
+
+STATUS_PASS = "pass"
+STATUS_FAIL = "fail"
+STATUS_NO_GPU = "no-gpu"
+STATUS_NO_TORCH = "no-torch"
+STATUS_TIMEOUT = "timeout"
+STATUS_ERROR = "error"
+
+
+def attention_flops(batch: int, seqlen: int, heads: int, headdim: int, causal: bool) -> float:
+    """Forward FLOPs, flash-attention's benchmarks/benchmark_flash_attention.py formula."""
+    return 4.0 * batch * seqlen * seqlen * heads * headdim / (2 if causal else 1)
+
+
+def speed_shapes(mode: str, seqlens: tuple[int, ...] = SEQLENS) -> list[tuple[str, int, int, bool]]:
+    if mode == "quick":
+        return [s for s in QUICK_SHAPES if s[2] in seqlens] or [(QUICK_SHAPES[0][0], QUICK_SHAPES[0][1],
+                                                                seqlens[0], False)]
+    return [(d, h, s, c) for d in DTYPES for h in HEADDIMS for s in seqlens for c in CAUSALS]
+
+
+def math_measured(mode: str, dtype: str, headdim: int, seqlen: int, causal: bool) -> bool:
+    if mode == "quick":
+        return (dtype, headdim, seqlen, causal) in QUICK_MATH_SHAPES or seqlen <= min(s[2] for s in QUICK_SHAPES) // 2
+    return seqlen <= MATH_MAX_SEQLEN or (dtype, headdim, seqlen, causal) in MATH_EXTRA_SHAPES
+
+
+def correctness_cases(mode: str) -> list[tuple[str, str, int, bool]]:
+    """(impl, dtype, headdim, causal)."""
+    impls = (FLASH_IMPL, "flash_attn_varlen", "sdpa_flash") if mode == "quick" else CORRECTNESS_IMPLS
+    headdims = (128,) if mode == "quick" else HEADDIMS
+    out = []
+    for impl in impls:
+        for dtype in DTYPES:
+            for hd in headdims if impl != "flash_attn_varlen" else (128,):
+                for causal in CAUSALS:
+                    out.append((impl, dtype, hd, causal))
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# Worker: the measurements (needs torch).
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    id: str
+    kind: str  # correctness | speed | e2e
+    timeout: float
+    base: dict[str, Any]
+    run: Callable[[], list[dict[str, Any]]]
+
+
+@dataclass
+class WorkerCtx:
+    args: argparse.Namespace
+    torch: Any
+    device: Any
+    is_cuda: bool
+    fa: dict[str, Any] = field(default_factory=dict)  # import info
+    fa_func: Any = None
+    fa_varlen: Any = None
+    deadline: float = math.inf
+    inject_nan: bool = False
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clean_exc(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+
+
+def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
+    """Import flash_attn; never raises.  Returns (info, fa_func, varlen_func)."""
+    info: dict[str, Any] = {"import_ok": False, "version": None, "error": None, "error_type": None,
+                            "module_path": None, "api": None}
+    try:
+        import flash_attn  # type: ignore[import-not-found]
+    except BaseException as exc:  # ImportError, OSError (undefined symbol), RuntimeError...
+        info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        info["error_type"] = type(exc).__name__
+        info["traceback"] = traceback.format_exc()[-6000:]
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return info, None, None
+    info["version"] = getattr(flash_attn, "__version__", None)
+    info["module_path"] = getattr(flash_attn, "__file__", None)
+    fa_func = getattr(flash_attn, "flash_attn_func", None)
+    varlen = getattr(flash_attn, "flash_attn_varlen_func", None)
+    try:
+        if fa_func is None or varlen is None:  # FlashAttention 1.x: unpadded (varlen) API only
+            from flash_attn.flash_attn_interface import (  # type: ignore[import-not-found]
+                flash_attn_unpadded_func,
+            )
+
+            varlen = flash_attn_unpadded_func
+            fa_func = _fa1_dense(varlen)
+            info["api"] = "fa1-unpadded"
+        else:
+            info["api"] = "fa2"
+        # The python package imports lazily on some versions; touch the extension now.
+        for ext in ("flash_attn_2_cuda", "flash_attn_cuda"):
+            try:
+                __import__(ext)
+                info["extension"] = ext
+                break
+            except ImportError as exc:
+                info.setdefault("extension_errors", []).append(_short(exc, 800))
+        if "extension" not in info:
+            raise ImportError("flash_attn imported but none of its CUDA extensions did: "
+                              + "; ".join(info.get("extension_errors", [])))
+    except BaseException as exc:
+        info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        info["error_type"] = type(exc).__name__
+        info["traceback"] = traceback.format_exc()[-6000:]
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return info, None, None
+    info["import_ok"] = True
+    return info, fa_func, varlen
+
+
+def _fa1_dense(varlen: Any) -> Callable[..., Any]:
+    def dense(q: Any, k: Any, v: Any, causal: bool = False) -> Any:
+        import torch  # type: ignore[import-not-found]
+
+        b, s, h, d = q.shape
+        cu = torch.arange(0, (b + 1) * s, step=s, dtype=torch.int32, device=q.device)
+        out = varlen(q.reshape(b * s, h, d), k.reshape(b * s, h, d), v.reshape(b * s, h, d), cu, cu, s, s, 0.0,
+                     causal=causal)
+        return out.reshape(b, s, h, d)
+
+    return dense
+
+
+def _dtype(torch: Any, name: str) -> Any:
+    return getattr(torch, name)
+
+
+def _sync(ctx: WorkerCtx) -> None:
+    if ctx.is_cuda:
+        ctx.torch.cuda.synchronize(ctx.device)
+
+
+def _free(ctx: WorkerCtx) -> None:
+    gc.collect()
+    if ctx.is_cuda:
+        ctx.torch.cuda.empty_cache()
+
+
+def _is_oom(ctx: WorkerCtx, exc: BaseException) -> bool:
+    oom_type = getattr(ctx.torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def _poison(ctx: WorkerCtx) -> None:
+    """Fill the caching allocator's free blocks with NaN bit patterns (0xFF bytes are NaN
+    in fp32/fp16/bf16) so an output element a kernel forgets to write reads as NaN."""
+    if not ctx.is_cuda:
+        return
+    torch = ctx.torch
+    small = [torch.full((1 << 20,), 0xFF, dtype=torch.uint8, device=ctx.device) for _ in range(16)]
+    big = torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device=ctx.device)
+    _sync(ctx)
+    del small, big
+
+
+def _ref_attention(torch: Any, q: Any, k: Any, v: Any, causal: bool) -> Any:
+    """Plain math attention in float32 on (batch, seqlen, heads, headdim) inputs."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        sq, sk = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ vf).transpose(1, 2)
+
+
+def _rel_err(torch: Any, got: Any, ref: Any) -> float | None:
+    if got is None:
+        return None
+    diff = got.float() - ref.float()
+    den = float(torch.linalg.vector_norm(ref.float()))
+    num = float(torch.linalg.vector_norm(diff))
+    if not math.isfinite(num):
+        return None
+    return num / den if den > 0 else num
+
+
+def _finite(torch: Any, t: Any) -> bool:
+    return t is not None and bool(torch.isfinite(t).all())
+
+
+@contextlib.contextmanager
+def _sdpa_backend(ctx: WorkerCtx, impl: str) -> Iterator[None]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # type: ignore[import-not-found]
+
+    backend = getattr(SDPBackend, SDPA_BACKEND_NAMES[impl])
+    with sdpa_kernel([backend]):
+        yield
+
+
+def _sdpa_fn(ctx: WorkerCtx) -> Callable[..., Any]:
+    F = ctx.torch.nn.functional
+
+    def call(q: Any, k: Any, v: Any, causal: bool) -> Any:
+        # (b, s, h, d) -> (b, h, s, d) views, as transformers passes them.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal)
+        return out.transpose(1, 2)
+
+    return call
+
+
+def _unsupported_reason(exc: BaseException, caught: list[warnings.WarningMessage]) -> str:
+    msgs = []
+    for w in caught:
+        text = str(w.message).strip()
+        if text and text not in msgs:
+            msgs.append(text)
+    base = _clean_exc(exc)
+    return (base + (" — " + " | ".join(msgs) if msgs else ""))[:1500]
+
+
+def _looks_unsupported(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("No available kernel", "No viable backend", "not supported", "only supports",
+                                   "Unsupported", "unsupported", "requires", "FlashAttention only support",
+                                   "is not implemented"))
+
+
+def run_correctness(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, causal: bool,
+                    base: dict[str, Any]) -> list[dict[str, Any]]:
+    torch = ctx.torch
+    entry = dict(base)
+    thr = THRESHOLDS[dtype]
+    entry.update(threshold_fwd=thr["fwd"], threshold_bwd=thr["bwd"])
+    if impl.startswith("flash_attn") and not ctx.fa.get("import_ok"):
+        entry.update(status="skipped", reason="flash_attn not importable (see flash_attn.error)")
+        return [entry]
+    dt = _dtype(torch, dtype)
+    gen = torch.Generator(device=ctx.device)
+    gen.manual_seed(int(time.time_ns()) & 0x7FFFFFFF)  # fresh inputs every run
+    entry["seed_source"] = "time"
+    heads = CORRECTNESS_HEADS
+    if impl == "flash_attn_varlen":
+        lens = list(VARLEN_SEQLENS)
+        shape: tuple[int, ...] = (sum(lens), heads, headdim)
+    else:
+        lens = []
+        shape = (CORRECTNESS_BATCH, CORRECTNESS_SEQLEN, heads, headdim)
+    try:
+        _poison(ctx)
+        q, k, v, dout = (torch.randn(shape, generator=gen, device=ctx.device, dtype=dt) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if impl == FLASH_IMPL:
+                    out = ctx.fa_func(q, k, v, causal=causal)
+                elif impl == "flash_attn_varlen":
+                    cu = torch.tensor([0, *itertools_accumulate(lens)], dtype=torch.int32, device=ctx.device)
+                    out = ctx.fa_varlen(q, k, v, cu, cu, max(lens), max(lens), 0.0, causal=causal)
+                else:
+                    with _sdpa_backend(ctx, impl):
+                        out = _sdpa_fn(ctx)(q, k, v, causal)
+                        out.backward(dout)
+                if impl.startswith("flash_attn"):
+                    if ctx.inject_nan:
+                        out = out * float("nan")
+                    out.backward(dout)
+                elif ctx.inject_nan:
+                    out = out * float("nan")
+                _sync(ctx)
+            except RuntimeError as exc:
+                if _is_oom(ctx, exc):
+                    raise
+                if not impl.startswith("flash_attn") and _looks_unsupported(exc):
+                    entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
+                    return [entry]
+                raise
+        # float32 reference on upcast copies of the same inputs
+        leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+        if impl == "flash_attn_varlen":
+            refs = []
+            start = 0
+            for n in lens:
+                sl = slice(start, start + n)
+                qs, ks, vs = (t[sl].unsqueeze(0) for t in leaves)
+                refs.append(_ref_attention(torch, qs, ks, vs, causal).squeeze(0))
+                start += n
+            ref = torch.cat(refs)
+        else:
+            ref = _ref_attention(torch, leaves[0], leaves[1], leaves[2], causal)
+        ref.backward(dout.float())
+        got = {"fwd": out, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        want = {"fwd": ref, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+        nonfinite = [name for name, t in got.items() if not _finite(torch, t)]
+        errs = {name: _rel_err(torch, got[name], want[name]) for name in got}
+        # context: the same math in the low-precision dtype (how far plain rounding goes)
+        with torch.no_grad():
+            lowp = _ref_attention(torch, q.detach(), k.detach(), v.detach(), causal) if impl != "flash_attn_varlen" \
+                else None
+            if lowp is not None:
+                lowp = lowp.to(dt)
+        entry.update(
+            fwd_rel_err=errs["fwd"], dq_rel_err=errs["dq"], dk_rel_err=errs["dk"], dv_rel_err=errs["dv"],
+            lowp_fwd_rel_err=_rel_err(torch, lowp, ref) if lowp is not None else None,
+            nonfinite=nonfinite,
+        )
+        reasons = []
+        if nonfinite:
+            reasons.append("NaN/Inf in " + ", ".join(nonfinite))
+        for name in ("fwd", "dq", "dk", "dv"):
+            limit = thr["fwd"] if name == "fwd" else thr["bwd"]
+            e = errs[name]
+            if e is not None and e > limit:
+                reasons.append(f"{name} relative error {e:.3g} > {limit:g}")
+        entry["status"] = "fail" if reasons else "ok"
+        if reasons:
+            entry["reason"] = "; ".join(reasons)
+        return [entry]
+    except RuntimeError as exc:
+        if _is_oom(ctx, exc):
+            entry.update(status="oom", reason=_clean_exc(exc))
+        else:
+            entry.update(status="error", reason=_short(exc))
+        return [entry]
+    finally:
+        _free(ctx)
+
+
+def itertools_accumulate(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _time_calls(ctx: WorkerCtx, fn: Callable[[], Any], target_s: float, min_reps: int, max_reps: int) -> tuple[
+        float, int]:
+    """Median milliseconds per call (CUDA events on a GPU, perf_counter on CPU)."""
+    torch = ctx.torch
+    t0 = time.perf_counter()
+    fn()
+    _sync(ctx)
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = int(max(min_reps, min(max_reps, target_s / one)))
+    times: list[float] = []
+    if ctx.is_cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        _sync(ctx)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times), reps
+
+
+def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, causal: bool,
+              base: dict[str, Any]) -> list[dict[str, Any]]:
+    torch = ctx.torch
+    entry = dict(base)
+    if impl == FLASH_IMPL and not ctx.fa.get("import_ok"):
+        entry.update(status="skipped", reason="flash_attn not importable (see flash_attn.error)")
+        return [entry]
+    if impl == "sdpa_math" and not math_measured(ctx.args.mode, dtype, headdim, seqlen, causal):
+        entry.update(status="skipped", reason=f"math backend measured only up to seqlen {MATH_MAX_SEQLEN} "
+                     "(plus the DESIGN §4 shape): too slow and O(seqlen²) memory beyond")
+        return [entry]
+    if time.time() > ctx.deadline - 2.0:
+        entry.update(status="skipped", reason="overall time budget exhausted")
+        return [entry]
+    batch = base["batch"]
+    dt = _dtype(torch, dtype)
+    qkv: list[Any] = []
+    try:
+        qkv.extend(torch.randn(batch, seqlen, HEADS, headdim, device=ctx.device, dtype=dt) for _ in range(3))
+        if impl == FLASH_IMPL:
+            def fn() -> Any:
+                return ctx.fa_func(*qkv, causal=causal)
+            cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:
+            sdpa = _sdpa_fn(ctx)
+
+            def fn() -> Any:
+                return sdpa(*qkv, causal)
+            cm = _sdpa_backend(ctx, impl)
+        with torch.no_grad(), cm:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    _sync(ctx)
+                    if ctx.is_cuda:
+                        torch.cuda.reset_peak_memory_stats(ctx.device)
+                        before = torch.cuda.memory_allocated(ctx.device)
+                    out = fn()
+                    if ctx.inject_nan:
+                        out = out * float("nan")
+                    _sync(ctx)
+                    if ctx.is_cuda:
+                        peak = torch.cuda.max_memory_allocated(ctx.device) - before
+                        entry["peak_mem_mib"] = round(peak / 2**20, 2)
+                    finite = _finite(torch, out)
+                    del out
+                except RuntimeError as exc:
+                    if _is_oom(ctx, exc):
+                        raise
+                    if impl != FLASH_IMPL and _looks_unsupported(exc):
+                        entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
+                        return [entry]
+                    raise
+            if not finite:
+                entry.update(status="error", reason="NaN/Inf in output")
+                return [entry]
+            target = 0.05 if impl != "sdpa_math" else 0.1
+            ms, reps = _time_calls(ctx, fn, target_s=target, min_reps=3 if impl == "sdpa_math" else 5, max_reps=50)
+        flops = attention_flops(batch, seqlen, HEADS, headdim, causal)
+        entry.update(status="ok", ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 3), repeats=reps)
+        return [entry]
+    except RuntimeError as exc:
+        if _is_oom(ctx, exc):
+            entry.update(status="oom", reason=_clean_exc(exc))
+        else:
+            entry.update(status="error", reason=_short(exc))
+        return [entry]
+    finally:
+        qkv.clear()
+        _free(ctx)
+
+
+def run_e2e(ctx: WorkerCtx, impl: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    torch = ctx.torch
+    entry = dict(base)
+    try:
+        import transformers  # type: ignore[import-not-found]
+    except Exception as exc:
+        entry.update(status="skipped", reason=f"transformers not importable: {_clean_exc(exc)}")
+        return [entry]
+    entry["transformers"] = getattr(transformers, "__version__", None)
+    dt = torch.bfloat16 if (not ctx.is_cuda or torch.cuda.is_bf16_supported()) else torch.float16
+    entry["dtype"] = str(dt).replace("torch.", "")
+    model = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _load_e2e_model(ctx, transformers, impl, dt)
+        model.eval()
+        used = getattr(model.config, "_attn_implementation", None)
+        entry["attn_implementation_used"] = used
+        vocab = int(model.config.vocab_size)
+        gen = torch.Generator(device=ctx.device)
+        gen.manual_seed(0)
+        batch, prompt, new = base["batch"], base["prompt_len"], base["new_tokens"]
+        ids = torch.randint(3, vocab, (batch, prompt), generator=gen, device=ctx.device)
+        mask = torch.ones_like(ids)
+        kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0, "eos_token_id": None,
+                  "use_cache": True}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.generate(ids[:, :64], max_new_tokens=2, min_new_tokens=2,
+                           **{**kwargs, "attention_mask": mask[:, :64]})
+            _sync(ctx)
+            if ctx.is_cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+                before = torch.cuda.memory_allocated(ctx.device)
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
+            _sync(ctx)
+            elapsed = time.perf_counter() - t0
+        produced = int(out.shape[1] - prompt) * batch
+        entry.update(status="ok", seconds=round(elapsed, 4), generated_tokens=produced,
+                     tokens_per_s=round(produced / elapsed, 2))
+        if ctx.is_cuda:
+            entry["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20, 2)
+            entry["weights_mib"] = round(before / 2**20, 2)
+        return [entry]
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and _is_oom(ctx, exc):
+            entry.update(status="oom", reason=_clean_exc(exc))
+        elif impl == "flash_attention_2" and isinstance(exc, (ImportError, ValueError)):
+            entry.update(status="unsupported", reason=_short(exc, 1500))
+        else:
+            entry.update(status="error", reason=_short(exc, 1500))
+        return [entry]
+    finally:
+        del model
+        _free(ctx)
+
+
+def _load_e2e_model(ctx: WorkerCtx, transformers: Any, impl: str, dt: Any) -> Any:
+    torch = ctx.torch
+    if ctx.args.model:
+        loader = transformers.AutoModelForCausalLM.from_pretrained
+        try:
+            model = loader(ctx.args.model, dtype=dt, attn_implementation=impl, local_files_only=True)
+        except TypeError:
+            model = loader(ctx.args.model, torch_dtype=dt, attn_implementation=impl, local_files_only=True)
+        return model.to(ctx.device)
+    config = transformers.Qwen2Config(**E2E_QWEN2)
+    torch.manual_seed(0)
+    cls = transformers.Qwen2ForCausalLM
+    try:
+        model = cls._from_config(config, attn_implementation=impl, dtype=dt)
+    except TypeError:
+        model = cls._from_config(config, attn_implementation=impl, torch_dtype=dt)
+    return model.to(device=ctx.device, dtype=dt)
+
+
+def _fixed(base: dict[str, Any], status: str, reason: str) -> list[dict[str, Any]]:
+    return [{**base, "status": status, "reason": reason}]
+
+
+def build_tasks(ctx: WorkerCtx) -> list[Task]:
+    args = ctx.args
+    per = float(args.timeout_per_shape)
+    tasks: list[Task] = []
+    for impl, dtype, hd, causal in correctness_cases(args.mode):
+        if impl.startswith("flash_attn") and not ctx.fa.get("import_ok"):
+            continue  # one "skipped" summary below instead of a row per case
+        batch, seqlen = (1, sum(VARLEN_SEQLENS)) if impl == "flash_attn_varlen" else (CORRECTNESS_BATCH,
+                                                                                        CORRECTNESS_SEQLEN)
+        base = {"impl": impl, "dtype": dtype, "headdim": hd, "causal": causal, "batch": batch, "seqlen": seqlen,
+                "heads": CORRECTNESS_HEADS}
+        if impl == "flash_attn_varlen":
+            base["varlen_seqlens"] = list(VARLEN_SEQLENS)
+        tasks.append(Task(f"correctness/{impl}/{dtype}/hd{hd}/{'causal' if causal else 'full'}", "correctness",
+                          per, base,
+                          functools.partial(run_correctness, ctx, impl, dtype, hd, causal, base)))
+    if not ctx.fa.get("import_ok"):
+        base = {"impl": FLASH_IMPL, "dtype": None, "headdim": None, "causal": None, "batch": None, "seqlen": None,
+                "heads": None}
+        tasks.append(Task("correctness/flash_attn/skipped", "correctness", per, base,
+                          functools.partial(_fixed, base, "skipped",
+                                            "flash_attn not importable (see flash_attn.error)")))
+    tokens = int(args.tokens)
+    for dtype, hd, seqlen, causal in speed_shapes(args.mode, tuple(args.seqlens)):
+        batch = max(1, tokens // seqlen)
+        for impl in SPEED_IMPLS:
+            base = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch, "heads": HEADS,
+                    "causal": causal, "direction": "fwd"}
+            tasks.append(Task(f"speed/{impl}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}", "speed",
+                              per, base,
+                              functools.partial(run_speed, ctx, impl, dtype, hd, seqlen, causal, base)))
+    model_desc = args.model or "qwen2-small (random weights)"
+    for impl in E2E_IMPLS:
+        base = {"impl": impl, "model": model_desc, "random_weights": not args.model, "batch": args.e2e_batch,
+                "prompt_len": args.e2e_prompt, "new_tokens": args.e2e_new_tokens}
+        if args.mode == "quick" or args.skip_e2e:
+            why = "quick mode skips the end-to-end check" if args.mode == "quick" else "--skip-e2e"
+            tasks.append(Task(f"e2e/{impl}", "e2e", per, base, functools.partial(_fixed, base, "skipped", why)))
+        else:
+            tasks.append(Task(f"e2e/{impl}", "e2e", max(per, 180.0 if args.model else 60.0), base,
+                              functools.partial(run_e2e, ctx, impl, base)))
+    return tasks
+
+
+def _driver_version() -> str | None:
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as fh:
+            text = fh.read()
+        for tok in text.split():
+            parts = tok.split(".")
+            if len(parts) >= 2 and all(p.isdigit() for p in parts):
+                return tok
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=False)
+        line = out.stdout.strip().splitlines()
+        return line[0].strip() if out.returncode == 0 and line else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _set_pdeathsig() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    _set_pdeathsig()
+    # The protocol owns the original stdout; anything a library prints goes to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def emit(ev: str, **data: Any) -> None:
+        proto.write(json.dumps({"ev": ev, **data}, allow_nan=True, default=str) + "\n")
+        proto.flush()
+
+    meta: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable}
+    try:
+        import torch
+    except BaseException as exc:
+        meta.update(status=STATUS_NO_TORCH, reason=f"torch is not importable in {sys.executable}: "
+                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())
+        emit("meta", **meta)
+        emit("done")
+        return 0
+    dev_text = args.device
+    meta["torch"] = {"version": torch.__version__, "cuda": getattr(torch.version, "cuda", None),
+                     "cudnn": _safe(lambda: torch.backends.cudnn.version()),
+                     "cxx11abi": _safe(lambda: bool(torch._C._GLIBCXX_USE_CXX11_ABI))}
+    is_cuda = dev_text.startswith("cuda")
+    if is_cuda:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = _safe(lambda: torch.cuda.device_count()) or 0
+        if not torch.cuda.is_available() or count == 0:
+            why = "torch.cuda.is_available() is False"
+            if torch.version.cuda is None:
+                why += f" (torch {torch.__version__} is a CPU-only build)"
+            else:
+                why += f" (torch built for CUDA {torch.version.cuda}; {count} device(s) visible"
+                why += f", CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ")"
+                drv = _driver_version()
+                why += f"; NVIDIA driver {drv}" if drv else "; no NVIDIA driver found"
+            meta.update(status=STATUS_NO_GPU, reason=why)
+            emit("meta", **meta)
+            emit("done")
+            return 0
+        index = torch.device(dev_text).index or 0
+        if index >= count:
+            meta.update(status=STATUS_NO_GPU, reason=f"{dev_text} requested but only {count} GPU(s) visible")
+            emit("meta", **meta)
+            emit("done")
+            return 0
+    device = torch.device(dev_text)
+    if is_cuda:
+        torch.cuda.set_device(device)
+        props = torch.cuda.get_device_properties(device)
+        meta["device"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                          "memory_mib": int(props.total_memory // 2**20), "index": device.index or 0,
+                          "driver": _driver_version(), "multiprocessors": getattr(props, "multi_processor_count",
+                                                                                  None)}
+    else:
+        meta["device"] = {"name": "cpu", "compute_capability": None, "memory_mib": None, "index": None,
+                          "driver": None, "note": "CPU debug run: numbers are not meaningful"}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    fa_info, fa_func, fa_varlen = import_flash_attn()
+    meta["flash_attn"] = fa_info
+    ctx = WorkerCtx(args=args, torch=torch, device=device, is_cuda=is_cuda, fa=fa_info, fa_func=fa_func,
+                    fa_varlen=fa_varlen, deadline=float(args.deadline or math.inf))
+    tasks = build_tasks(ctx)
+    meta["status"] = "running"
+    emit("meta", **meta)
+    emit("plan", tasks=[{"id": t.id, "kind": t.kind, "base": t.base} for t in tasks])
+    injects = [tuple(spec.split(":", 1)) for spec in args.inject or [] if ":" in spec]
+    for what, value in injects:
+        if what == "memfrac" and is_cuda:  # makes big shapes hit a real CUDA OOM
+            torch.cuda.set_per_process_memory_fraction(float(value), device)
+    for index, task in enumerate(tasks):
+        if index < args.skip:
+            continue
+        emit("begin", index=index, id=task.id, timeout=task.timeout)
+        ctx.inject_nan = any(w == "nan" and v in task.id for w, v in injects)
+        if any(w == "hang" and v in task.id for w, v in injects):
+            time.sleep(10**6)
+        if any(w == "crash" and v in task.id for w, v in injects):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        try:
+            entries = task.run()
+        except Exception as exc:  # a bug in one task must not lose the others
+            entries = [{**task.base, "status": "error", "reason": _short(exc)}]
+        for e in entries:
+            emit("entry", kind=task.kind, data=e)
+        emit("end", index=index)
+    emit("done")
+    return 0
+
+
+def _safe(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Supervisor (stdlib only).
+# ---------------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, script: str) -> None:
+        self.args = args
+        self.script = script
+        self.started = time.time()
+        self.started_iso = now_iso()
+        self.deadline = self.started + float(args.timeout)
+        self.meta: dict[str, Any] = {}
+        self.plan: list[dict[str, Any]] = []
+        self.results: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        self.notes: list[str] = []
+        self.restarts = 0
+        self.overall_timeout = False
+        self.stderr_tail = ""
+        self.proc: subprocess.Popen[str] | None = None
+
+    def worker_cmd(self, skip: int) -> list[str]:
+        a = self.args
+        cmd = [sys.executable, self.script, "--worker", "--mode", a.mode, "--device", a.device,
+               "--timeout-per-shape", str(a.timeout_per_shape), "--skip", str(skip), "--deadline",
+               str(self.deadline), "--tokens", str(a.tokens), "--seqlens", *map(str, a.seqlens),
+               "--e2e-batch", str(a.e2e_batch), "--e2e-prompt", str(a.e2e_prompt), "--e2e-new-tokens",
+               str(a.e2e_new_tokens)]
+        if a.model:
+            cmd += ["--model", a.model]
+        if a.skip_e2e:
+            cmd.append("--skip-e2e")
+        for spec in a.inject or []:
+            cmd += ["--inject", spec]
+        return cmd
+
+    def kill_worker(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def run(self) -> dict[str, Any]:
+        skip = 0
+        while True:
+            next_skip = self.run_worker(skip)
+            if next_skip is None:
+                break
+            self.restarts += 1
+            if self.restarts > MAX_RESTARTS:
+                self.notes.append(f"gave up after {MAX_RESTARTS} worker restarts")
+                break
+            skip = next_skip
+        return self.assemble()
+
+    def run_worker(self, skip: int) -> int | None:
+        """Run one worker from task ``skip`` on; the index to restart from, or None when finished."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+        try:
+            self.proc = proc = subprocess.Popen(self.worker_cmd(skip), stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, text=True, env=env)
+        except OSError as exc:
+            self.notes.append(f"could not start worker: {exc}")
+            return None
+        events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        stderr_chunks: list[str] = []
+
+        def read_out(stream: IO[str]) -> None:
+            for line in stream:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    events.put(json.loads(line))
+                except json.JSONDecodeError:
+                    stderr_chunks.append("[stdout] " + line + "\n")
+            events.put(None)
+
+        def read_err(stream: IO[str]) -> None:
+            for line in stream:
+                stderr_chunks.append(line)
+                if len(stderr_chunks) > 400:
+                    del stderr_chunks[:200]
+
+        assert proc.stdout is not None and proc.stderr is not None
+        threads = [threading.Thread(target=read_out, args=(proc.stdout,), daemon=True),
+                   threading.Thread(target=read_err, args=(proc.stderr,), daemon=True)]
+        for t in threads:
+            t.start()
+        current: tuple[int, float, str, float] | None = None  # (index, task deadline, id, timeout)
+        done = False
+        restart_at: int | None = None
+        while True:
+            now = time.time()
+            limits = [self.deadline]
+            if current is not None:
+                limits.append(current[1])
+            wait = max(0.05, min(limits) - now)
+            try:
+                ev = events.get(timeout=min(wait, 1.0))
+            except queue.Empty:
+                now = time.time()
+                if now >= self.deadline:
+                    self.kill_worker()
+                    self.overall_timeout = True
+                    if current is not None:
+                        self.record_placeholder(current[0], "timeout", "overall timeout reached during this task")
+                    break
+                if current is not None and now >= current[1]:
+                    self.kill_worker()
+                    self.record_placeholder(current[0], "timeout",
+                                            f"no result within the per-task timeout ({current[3]:g} s); "
+                                            "worker killed (GPU context released) and restarted after it")
+                    restart_at = current[0] + 1
+                    break
+                continue
+            if ev is None:  # worker stdout closed: it exited
+                break
+            kind = ev.get("ev")
+            if kind == "meta":
+                ev.pop("ev")
+                self.meta = ev
+            elif kind == "plan":
+                self.plan = list(ev.get("tasks") or [])
+            elif kind == "begin":
+                current = (int(ev["index"]), time.time() + float(ev["timeout"]), str(ev.get("id")),
+                           float(ev["timeout"]))
+            elif kind == "entry":
+                idx = current[0] if current is not None else -1
+                self.results.setdefault(idx, []).append((str(ev.get("kind")), dict(ev.get("data") or {})))
+            elif kind == "end":
+                current = None
+            elif kind == "done":
+                done = True
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+            self.kill_worker()
+        for t in threads:
+            t.join(timeout=2)
+        self.stderr_tail = ("".join(stderr_chunks))[-8000:]
+        if self.overall_timeout or restart_at is not None:
+            return restart_at if not self.overall_timeout else None
+        if done:
+            return None
+        # The worker died without saying "done": a crash (segfault, CUDA abort, OOM killer).
+        rc = proc.returncode
+        how = f"signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
+        if current is not None:
+            self.record_placeholder(current[0], "error", f"worker crashed ({how}) during this task; "
+                                    f"stderr: {self.stderr_tail[-600:].strip()}")
+            return current[0] + 1
+        self.notes.append(f"worker exited ({how}) outside any task")
+        return None
+
+    def record_placeholder(self, index: int, status: str, reason: str) -> None:
+        if 0 <= index < len(self.plan):
+            task = self.plan[index]
+            self.results.setdefault(index, []).append((task["kind"], {**task["base"], "status": status,
+                                                                      "reason": reason}))
+
+    def assemble(self) -> dict[str, Any]:
+        finished = time.time()
+        meta = self.meta
+        correctness: list[dict[str, Any]] = []
+        speed: list[dict[str, Any]] = []
+        e2e: list[dict[str, Any]] = []
+        buckets = {"correctness": correctness, "speed": speed, "e2e": e2e}
+        for index, task in enumerate(self.plan):
+            entries = self.results.get(index)
+            if not entries:
+                why = "overall timeout reached before this task ran" if self.overall_timeout else \
+                    "not run (worker stopped early)"
+                entries = [(task["kind"], {**task["base"], "status": "skipped" if not self.overall_timeout else
+                                           "timeout", "reason": why})]
+            for kind, data in entries:
+                buckets.get(kind, e2e).append(data)
+        device = meta.get("device") or {}
+        torch_info = meta.get("torch") or {}
+        result: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "simulated": False,
+            "mode": self.args.mode,
+            "expect": self.args.expect,
+            "hostname": socket.gethostname(),
+            "started_at": self.started_iso,
+            "finished_at": now_iso(),
+            "duration_s": round(finished - self.started, 3),
+            "device": {
+                "name": device.get("name"),
+                "compute_capability": device.get("compute_capability"),
+                "memory_mib": device.get("memory_mib"),
+                "index": device.get("index"),
+                "driver": device.get("driver"),
+                "torch": torch_info.get("version"),
+                "cuda": torch_info.get("cuda"),
+                "cudnn": torch_info.get("cudnn"),
+                "python": meta.get("python") or platform.python_version(),
+                "executable": meta.get("executable"),
+            },
+            "flash_attn": meta.get("flash_attn") or {"import_ok": False, "version": None,
+                                                     "error": "not checked", "error_type": None},
+            "config": {"tokens": self.args.tokens, "heads": HEADS, "seqlens": list(self.args.seqlens),
+                       "timeout_per_shape_s": self.args.timeout_per_shape, "timeout_s": self.args.timeout,
+                       "thresholds": THRESHOLDS, "model": self.args.model,
+                       "flops_formula": "4*batch*seqlen^2*heads*headdim, /2 if causal (forward)"},
+            "correctness": correctness,
+            "speed": speed,
+            "e2e": e2e,
+            "restarts": self.restarts,
+            "notes": self.notes,
+        }
+        status, reasons, warns = verdict(result, meta, self.overall_timeout)
+        result.update(status=status, passed=status == STATUS_PASS, reasons=reasons, warnings=warns)
+        if status in (STATUS_ERROR, STATUS_TIMEOUT) or self.restarts:
+            result["worker_stderr_tail"] = self.stderr_tail
+        return result
+
+
+def verdict(result: dict[str, Any], meta: dict[str, Any], overall_timeout: bool) -> tuple[str, list[str], list[str]]:
+    """Pass/fail of one run (fleet/verification.py re-derives the same rules when parsing)."""
+    reasons: list[str] = []
+    warns: list[str] = []
+    pre = meta.get("status")
+    if pre in (STATUS_NO_TORCH, STATUS_NO_GPU):
+        return pre, [str(meta.get("reason"))], warns
+    if not meta:
+        return STATUS_ERROR, ["the benchmark worker produced no output; see worker_stderr_tail"], warns
+    expect_fa = result["expect"] == "flash_attn"
+    fa = result["flash_attn"]
+    if not fa.get("import_ok"):
+        (reasons if expect_fa else warns).append(f"flash_attn import failed: {fa.get('error')}")
+
+    def is_fa(impl: str) -> bool:
+        return impl.startswith("flash_attn")
+
+    for e in result["correctness"]:
+        crit = is_fa(e["impl"]) == expect_fa or (not expect_fa and e["impl"] == "sdpa_flash")
+        if e["status"] in ("fail", "error", "timeout"):
+            msg = (f"correctness {e['impl']} {e['dtype']} hd{e['headdim']} "
+                   f"{'causal' if e['causal'] else 'non-causal'}: {e['status']}: {e.get('reason')}")
+            (reasons if crit else warns).append(msg)
+    ok_speed = 0
+    for e in result["speed"]:
+        crit = is_fa(e["impl"]) == expect_fa if expect_fa else e["impl"] in ("sdpa_flash", "sdpa_efficient")
+        if e["status"] == "ok":
+            ok_speed += crit
+        elif e["status"] in ("error", "timeout"):
+            msg = (f"speed {e['impl']} {e['dtype']} hd{e['headdim']} s{e['seqlen']} "
+                   f"{'causal' if e['causal'] else 'non-causal'}: {e['status']}: {e.get('reason')}")
+            (reasons if crit else warns).append(msg)
+    if (fa.get("import_ok") or not expect_fa) and ok_speed == 0:
+            reasons.append("no speed measurement of the expected implementation succeeded")
+    for e in result["e2e"]:
+        if e["status"] in ("error", "timeout", "oom"):
+            warns.append(f"e2e {e['impl']}: {e['status']}: {e.get('reason')}")
+    if overall_timeout:
+        return STATUS_TIMEOUT, [*reasons, f"overall timeout ({result['config']['timeout_s']} s) reached"], warns
+    return (STATUS_FAIL if reasons else STATUS_PASS), reasons, warns
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summarize(r: dict[str, Any]) -> str:
+    """A short human table of one result."""
+    dev = r.get("device") or {}
+    fa = r.get("flash_attn") or {}
+    lines = [
+        f"status: {r.get('status')}  mode: {r.get('mode')}  duration: {r.get('duration_s')} s"
+        f"  simulated: {r.get('simulated')}",
+        f"device: {dev.get('name')} cc {dev.get('compute_capability')}  driver {dev.get('driver')}  "
+        f"torch {dev.get('torch')} (CUDA {dev.get('cuda')})",
+        f"flash_attn: {fa.get('version') if fa.get('import_ok') else 'IMPORT FAILED: ' + str(fa.get('error'))}",
+    ]
+    lines += [f"  reason: {x}" for x in r.get("reasons") or []]
+    lines += [f"  warning: {x}" for x in (r.get("warnings") or [])[:8]]
+    if len(r.get("warnings") or []) > 8:
+        lines.append(f"  ... {len(r['warnings']) - 8} more warnings")
+    lines.append("correctness (rel. error fwd / dq / dk / dv):")
+    for e in r.get("correctness") or []:
+        lines.append(f"  {e['impl']:<18} {_fmt(e.get('dtype')):<9} hd{_fmt(e.get('headdim')):<4} "
+                     f"{'causal' if e.get('causal') else 'full  '} {e['status']:<11} "
+                     + " / ".join(_fmt(e.get(k), ".2e") for k in ("fwd_rel_err", "dq_rel_err", "dk_rel_err",
+                                                                  "dv_rel_err"))
+                     + (f"  {e.get('reason', '')[:90]}" if e["status"] not in ("ok",) else ""))
+    impls = []
+    for e in r.get("speed") or []:
+        if e["impl"] not in impls:
+            impls.append(e["impl"])
+    lines.append("speed, TFLOP/s (peak MiB):  dtype hd seqlen causal | " + " | ".join(impls))
+    rows: dict[tuple[Any, ...], dict[str, str]] = {}
+    for e in r.get("speed") or []:
+        key = (e["dtype"], e["headdim"], e["seqlen"], e["causal"])
+        cell = (f"{e['tflops']:.0f} ({_fmt(e.get('peak_mem_mib'), '.0f')})" if e["status"] == "ok" else e["status"])
+        rows.setdefault(key, {})[e["impl"]] = cell
+    for key, cells in rows.items():
+        d, h, s, c = key
+        lines.append(f"  {d:<9} {h:>3} {s:>5} {'C' if c else 'N'} | " + " | ".join(cells.get(i, "") for i in impls))
+    for e in r.get("e2e") or []:
+        lines.append(f"e2e {e['impl']:<18} {e['status']:<11} tok/s {_fmt(e.get('tokens_per_s'))}  "
+                     f"peak {_fmt(e.get('peak_mem_mib'))} MiB  {e.get('model')}  {(e.get('reason') or '')[:100]}")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: str, obj: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, allow_nan=False, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)
+
+
+def _sanitize(obj: Any) -> Any:
+    """Non-finite floats → None (strict JSON); the entries keep a ``nonfinite`` flag."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="fleetctl FlashAttention verification benchmark")
+    p.add_argument("--mode", choices=("quick", "full"), default="quick")
+    p.add_argument("--out", help="where to write the JSON result (default: stdout)")
+    p.add_argument("--model", help="local causal LM directory for the end-to-end check (no network is used)")
+    p.add_argument("--timeout-per-shape", type=float, default=DEFAULT_TIMEOUT_PER_SHAPE)
+    p.add_argument("--timeout", type=float, default=None, help="overall seconds (default: quick 90, full 300)")
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu for a debug run of the script itself")
+    p.add_argument("--expect", choices=("flash_attn", "sdpa"), default="flash_attn",
+                   help="what the node is meant to run: sdpa for nodes planned without FlashAttention")
+    p.add_argument("--skip-e2e", action="store_true")
+    # for tests and debugging on small machines
+    p.add_argument("--tokens", type=int, default=TOTAL_TOKENS, help=argparse.SUPPRESS)
+    p.add_argument("--seqlens", type=int, nargs="+", default=list(SEQLENS), help=argparse.SUPPRESS)
+    p.add_argument("--e2e-batch", type=int, default=E2E_BATCH, help=argparse.SUPPRESS)
+    p.add_argument("--e2e-prompt", type=int, default=E2E_PROMPT, help=argparse.SUPPRESS)
+    p.add_argument("--e2e-new-tokens", type=int, default=E2E_NEW_TOKENS, help=argparse.SUPPRESS)
+    # fault injection for tests: hang:TASKSUBSTR, crash:TASKSUBSTR, nan:TASKSUBSTR, memfrac:FRACTION
+    p.add_argument("--inject", action="append", help=argparse.SUPPRESS)
+    p.add_argument("--summarize", metavar="RESULT_JSON", help="print a short table of a result file and exit")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--skip", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = DEFAULT_TIMEOUT[args.mode]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarize:
+        with open(args.summarize, encoding="utf-8") as fh:
+            sys.stdout.write(summarize(json.load(fh)))
+        return 0
+    if args.worker:
+        return worker_main(args)
+    sup = Supervisor(args, os.path.abspath(__file__))
+
+    def on_term(signum: int, _frame: Any) -> None:
+        sup.kill_worker()
+        sup.overall_timeout = True
+        sup.notes.append(f"terminated by signal {signum}")
+        _finish(sup.assemble(), args)
+        os._exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    result = sup.run()
+    return _finish(result, args)
+
+
+def _finish(result: dict[str, Any], args: argparse.Namespace) -> int:
+    result = _sanitize(result)
+    if args.out:
+        write_json(args.out, result)
+    else:
+        sys.stdout.write(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return 0 if result["status"] in (STATUS_PASS, STATUS_NO_GPU, STATUS_NO_TORCH, STATUS_FAIL) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
