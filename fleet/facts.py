@@ -103,12 +103,20 @@ class NodeFacts:
 
     def to_json(self) -> dict[str, Any]:
         """The DESIGN §3.1 object, with tuples as lists."""
-        out = asdict(self)
+        out: dict[str, Any] = _lists(asdict(self))
         out.pop("extra")
         return out
 
     def with_hostname(self, hostname: str) -> NodeFacts:
         return NodeFacts(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "hostname": hostname})
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 class _Reader:
