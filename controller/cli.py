@@ -9,6 +9,9 @@ from fleet.cli import build_parser, run
 
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
+    "controller.commands.plan",
+    "controller.commands.catalog",
+    "controller.commands.diagnose",
 ]
 
 
