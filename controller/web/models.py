@@ -1,0 +1,72 @@
+"""Tables owned by the dashboard: ``users`` and the denormalised ``dashboard_nodes`` index.
+
+``dashboard_nodes`` holds one row per node with the columns the node table filters and sorts
+on, copied out of ``nodes.facts`` (and the latest verification) by
+``controller.web.nodeindex.sync`` so that a page of 10,000 nodes never parses JSON per row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from controller.store.models import Base
+
+ROLES = ("viewer", "operator")
+
+
+class User(Base):
+    """A dashboard user. ``password_hash`` is ``scrypt$n$r$p$salt_hex$hash_hex``."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(512))
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator
+    created_at: Mapped[dt.datetime]
+    last_login_at: Mapped[dt.datetime | None]
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DashboardNode(Base):
+    """Denormalised node row for the node table (kept in step by ``nodeindex.sync``)."""
+
+    __tablename__ = "dashboard_nodes"
+    __table_args__ = (
+        Index("ix_dashboard_nodes_rank_host", "rank", "hostname"),
+        Index("ix_dashboard_nodes_status", "status"),
+        Index("ix_dashboard_nodes_gpu", "gpu_model"),
+        Index("ix_dashboard_nodes_fa", "fa_variant", "fa_version"),
+        Index("ix_dashboard_nodes_verify", "verify_result"),
+        Index("ix_dashboard_nodes_driver", "driver"),
+        Index("ix_dashboard_nodes_torch", "torch"),
+        Index("ix_dashboard_nodes_verify_at", "verify_at"),
+    )
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(253), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    # 0 = failing (offline, degraded or last verification failed), 1 = attention, 2 = fine
+    rank: Mapped[int] = mapped_column(Integer)
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    gpu_model: Mapped[str] = mapped_column(String(128), default="")
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    compute_capability: Mapped[str] = mapped_column(String(8), default="")
+    driver: Mapped[str] = mapped_column(String(32), default="")
+    cuda_max: Mapped[str] = mapped_column(String(16), default="")
+    nvcc: Mapped[str] = mapped_column(String(16), default="")
+    torch: Mapped[str] = mapped_column(String(64), default="")
+    torch_cuda: Mapped[str] = mapped_column(String(16), default="")
+    cxx11abi: Mapped[bool | None] = mapped_column(Boolean)
+    python: Mapped[str] = mapped_column(String(32), default="")
+    fa_version: Mapped[str] = mapped_column(String(32), default="")
+    fa_variant: Mapped[str] = mapped_column(String(32), default="")
+    verify_result: Mapped[str] = mapped_column(String(16), default="")  # passed | failed | "" (never)
+    verify_at: Mapped[dt.datetime | None]
+    verify_tflops: Mapped[float | None] = mapped_column(Float)
+    # copies of the source columns, to notice when a row is stale
+    src_facts_at: Mapped[dt.datetime | None]
+    src_verify_key: Mapped[str] = mapped_column(String(64), default="")
