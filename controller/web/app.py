@@ -1,0 +1,597 @@
+"""The dashboard's FastAPI router: pages, their JSON, Server-Sent Events, login, /metrics.
+
+``mount(app, ctx)`` adds it to the controller's app. ``ctx`` needs ``store``
+(``controller.store.db.Store``); ``state_dir`` (for the session key, ``dashboard.key``) and
+``admin_token`` (a bearer token /metrics also accepts) are used when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import desc, select
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
+
+from controller.store.db import Store, utcnow
+from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
+from controller.web import nodeindex, sources
+from controller.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Sessions, WebUser, authenticate, csrf_ok
+from fleet.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SSE_POLL_SECONDS = 1.0
+SSE_MAX_SECONDS = 300.0  # the browser reconnects by itself; no stream lives forever
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+class LoginRequired(Exception):
+    def __init__(self, api: bool) -> None:
+        self.api = api
+
+
+class Forbidden(Exception):
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class WebState:
+    """What the dashboard keeps per app."""
+
+    def __init__(self, ctx: Any, *, session_seconds: int | None = None) -> None:
+        self.ctx = ctx
+        self.store: Store = ctx.store
+        self.sessions = Sessions(_secret(ctx), max_age=session_seconds or int(
+            os.environ.get("FLEET_DASHBOARD_SESSION_SECONDS", "28800")))
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.templates.env.filters["age"] = _age
+        self.templates.env.filters["tojson_attr"] = lambda v: json.dumps(v, default=str)
+        self.closing = False
+        self.admin_token: str | None = _admin_token(ctx)
+
+
+def _secret(ctx: Any) -> str:
+    state_dir = getattr(ctx, "state_dir", None)
+    if not state_dir:
+        return secrets.token_hex(32)
+    path = Path(state_dir) / "dashboard.key"
+    try:
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+    except FileExistsError:
+        return path.read_text().strip()
+    except OSError as exc:
+        log.warning("cannot keep the dashboard session key in %s (%s); sessions end with this process", path, exc)
+        return secrets.token_hex(32)
+
+
+def _admin_token(ctx: Any) -> str | None:
+    token = getattr(ctx, "admin_token", None)
+    if isinstance(token, str) and token:
+        return token
+    state_dir = getattr(ctx, "state_dir", None)
+    if state_dir:
+        try:
+            return (Path(state_dir) / "admin.token").read_text().strip() or None
+        except OSError:
+            return None
+    return None
+
+
+def _age(value: Any) -> str:
+    import datetime as dt
+    if value is None or value == "":
+        return "never"
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return str(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    secs = (utcnow() - value).total_seconds()
+    if secs < 0:
+        return "in " + _span(-secs)
+    return _span(secs) + " ago"
+
+
+def _span(secs: float) -> str:
+    if secs < 90:
+        return f"{int(secs)} s"
+    if secs < 5400:
+        return f"{int(secs // 60)} min"
+    if secs < 172800:
+        return f"{int(secs // 3600)} h"
+    return f"{int(secs // 86400)} d"
+
+
+def _state(request: Request) -> WebState:
+    st: WebState = request.app.state.fleet_web
+    return st
+
+
+def _is_api(request: Request) -> bool:
+    p = request.url.path
+    return p.startswith("/ui/api/") or p.startswith("/ui/events") or p == "/metrics"
+
+
+def current_user(request: Request) -> WebUser | None:
+    cached = getattr(request.state, "web_user", "unset")
+    if cached is None or isinstance(cached, WebUser):
+        return cached
+    st = _state(request)
+    with st.store.session() as s:
+        user = st.sessions.load(s, request.cookies.get(SESSION_COOKIE))
+    request.state.web_user = user
+    return user
+
+
+def require_user(request: Request) -> WebUser:
+    user = current_user(request)
+    if user is None:
+        raise LoginRequired(_is_api(request))
+    return user
+
+
+async def require_operator(request: Request) -> tuple[WebUser, FormData]:
+    """An operator with a valid CSRF token (form field ``csrf_token`` or header ``X-CSRF-Token``)."""
+    user = require_user(request)
+    form = await request.form()
+    given = request.headers.get("x-csrf-token") or form.get("csrf_token")
+    if not csrf_ok(user.csrf, given if isinstance(given, str) else None):
+        raise Forbidden("missing or wrong CSRF token: reload the page and try again")
+    if not user.can_act:
+        raise Forbidden(f"user {user.name} has the viewer role (read-only); this needs the operator role")
+    return user, form
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    st = _state(request)
+    context.setdefault("user", current_user(request))
+    context.setdefault("nav", "")
+    context.setdefault("now", utcnow())
+    resp = st.templates.TemplateResponse(request, name, context, status_code=status_code)
+    return resp
+
+
+def _security_headers(resp: Response) -> Response:
+    resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
+                                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "same-origin"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+router = APIRouter()
+
+
+# ---- login ---------------------------------------------------------------------------------------
+
+def _safe_next(target: str | None) -> str:
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/") -> Response:
+    token = secrets.token_urlsafe(24)
+    resp = render(request, "login.html", login_csrf=token, next=_safe_next(next), error=None)
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", max_age=3600, path="/login",
+                    secure=request.url.scheme == "https")
+    return _security_headers(resp)
+
+
+@router.post("/login", response_model=None)
+async def login_submit(request: Request) -> Response:
+    st = _state(request)
+    form = await request.form()
+    name, password = str(form.get("username", "")), str(form.get("password", ""))
+    nxt = _safe_next(str(form.get("next", "/")))
+    if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE, ""), str(form.get("csrf_token", ""))):
+        return _security_headers(render(request, "login.html", status_code=403, login_csrf="", next=nxt,
+                                        error="The login form expired; reload the page and try again."))
+    with st.store.session() as s:
+        user = authenticate(s, name, password)
+        cookie = st.sessions.issue(user) if user is not None else None
+        if user is not None:
+            _audit(s, f"user:{user.name}", "dashboard.login", "")
+        else:
+            _audit(s, f"user:{name[:64]}", "dashboard.login.refused", request.client.host if request.client else "")
+    if cookie is None:
+        token = secrets.token_urlsafe(24)
+        resp = render(request, "login.html", status_code=401, login_csrf=token, next=nxt,
+                      error="Wrong user name or password.")
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", max_age=3600, path="/login")
+        return _security_headers(resp)
+    redirect = RedirectResponse(nxt, status_code=303)
+    redirect.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="lax", max_age=st.sessions.max_age,
+                        secure=request.url.scheme == "https", path="/")
+    redirect.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return redirect
+
+
+@router.post("/logout", response_model=None)
+async def logout(request: Request) -> Response:
+    user = require_user(request)
+    form = await request.form()
+    given = request.headers.get("x-csrf-token") or form.get("csrf_token")
+    if not csrf_ok(user.csrf, given if isinstance(given, str) else None):
+        raise Forbidden("missing or wrong CSRF token")
+    resp = RedirectResponse("/login", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+def _audit(session: Session, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+    try:
+        from controller.store.models import AuditLog
+        session.add(AuditLog(at=utcnow(), actor=actor[:253], action=action, target=target[:253],
+                             detail=detail or {}))
+    except Exception:  # auditing must never take the dashboard down
+        log.exception("audit write failed")
+
+
+# ---- overview and nodes ----------------------------------------------------------------------------
+
+@router.get("/", response_class=HTMLResponse)
+def overview_page(request: Request) -> Response:
+    require_user(request)
+    st = _state(request)
+    with st.store.session() as s:
+        data = nodeindex.overview(s)
+        ro = sources.rollouts(s, limit=5)
+    return _security_headers(render(request, "overview.html", nav="overview", ov=data, rollouts=ro))
+
+
+@router.get("/ui/api/overview")
+def overview_json(request: Request) -> JSONResponse:
+    require_user(request)
+    with _state(request).store.session() as s:
+        return JSONResponse(nodeindex.overview(s))
+
+
+def _node_query(request: Request) -> nodeindex.NodeQuery:
+    p = request.query_params
+
+    def num(key: str, default: int) -> int:
+        try:
+            return int(p.get(key, default))
+        except ValueError:
+            return default
+
+    return nodeindex.NodeQuery(q=p.get("q", ""), status=p.get("status", ""), gpu=p.get("gpu", ""),
+                               fa=p.get("fa", ""), verify=p.get("verify", ""), simulated=p.get("simulated", ""),
+                               sort=p.get("sort", "rank"), dir=p.get("dir", "asc"), page=num("page", 1),
+                               per_page=num("per_page", 50)).normalised()
+
+
+@router.get("/nodes", response_class=HTMLResponse)
+def nodes_page(request: Request) -> Response:
+    require_user(request)
+    t0 = time.perf_counter()
+    query = _node_query(request)
+    with _state(request).store.session() as s:
+        page = nodeindex.query_nodes(s, query)
+        ov = nodeindex.overview(s, do_sync=False, failing_limit=0)
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+
+    def link(**override: Any) -> str:
+        return "/nodes?" + urlencode(page.query.params(**override))
+
+    resp = render(request, "nodes.html", nav="nodes", page=page, ov=ov, link=link, elapsed_ms=elapsed_ms)
+    resp.headers["Server-Timing"] = f"db;dur={elapsed_ms:.1f}"
+    return _security_headers(resp)
+
+
+@router.get("/ui/api/nodes")
+def nodes_json(request: Request) -> JSONResponse:
+    require_user(request)
+    t0 = time.perf_counter()
+    query = _node_query(request)
+    with _state(request).store.session() as s:
+        page = nodeindex.query_nodes(s, query)
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    return JSONResponse({"total": page.total, "page": page.query.page, "pages": page.pages,
+                         "per_page": page.query.per_page, "sort": page.query.sort, "dir": page.query.dir,
+                         "nodes": page.rows, "server_ms": round(elapsed_ms, 2)},
+                        headers={"Server-Timing": f"db;dur={elapsed_ms:.1f}"})
+
+
+def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
+    node = s.scalars(select(Node).where(Node.hostname == hostname)).first()
+    if node is None:
+        return None
+    history = list(s.scalars(select(FactsHistory).where(FactsHistory.node_id == node.id)
+                             .order_by(desc(FactsHistory.at)).limit(50)))
+    events = list(s.scalars(select(NodeEvent).where(NodeEvent.node_id == node.id)
+                            .order_by(desc(NodeEvent.at)).limit(50)))
+    jobs = list(s.scalars(select(Job).where(Job.node == hostname).order_by(desc(Job.created_at)).limit(20)))
+    job_events: dict[str, list[JobEvent]] = {}
+    for job in jobs[:10]:
+        job_events[job.id] = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
+                                            .order_by(JobEvent.counter).limit(300)))
+    gpus = node.facts.get("gpus") or []
+    gpu_model = str(gpus[0].get("name", "")) if gpus and isinstance(gpus[0], dict) else ""
+    verifications = sources.verification_history(s, hostname)
+    median = sources.fleet_median(s, gpu_model) if gpu_model else None
+    return {
+        "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
+        "job_events": job_events, "plan": sources.plan_for(node.facts), "verifications": verifications,
+        "median": median, "gpu_model": gpu_model,
+        "chart": chart_svg(verifications or [], median or []) if verifications else None,
+        "diagnosis": _diagnoses(jobs),
+    }
+
+
+def _diagnoses(jobs: list[Job]) -> list[dict[str, Any]]:
+    out = []
+    for job in jobs:
+        if job.status in ("failed", "timeout"):
+            diag = (job.result or {}).get("diagnosis") if isinstance(job.result, dict) else None
+            out.append({"job": job.id, "kind": job.kind, "error": job.error or "", "diagnosis": diag})
+    return out
+
+
+@router.get("/nodes/{hostname}", response_class=HTMLResponse)
+def node_page(request: Request, hostname: str) -> Response:
+    require_user(request)
+    with _state(request).store.session() as s:
+        detail = _node_detail(s, hostname)
+    if detail is None:
+        return _security_headers(render(request, "error.html", status_code=404, title="No such node",
+                                        message=f"No node is registered as {hostname}."))
+    return _security_headers(render(request, "node.html", nav="nodes", d=detail))
+
+
+# ---- rollouts and schedules ----------------------------------------------------------------------
+
+@router.get("/rollouts", response_class=HTMLResponse)
+def rollouts_page(request: Request) -> Response:
+    require_user(request)
+    with _state(request).store.session() as s:
+        ro = sources.rollouts(s)
+    return _security_headers(render(request, "rollouts.html", nav="rollouts", rollouts=ro))
+
+
+@router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
+def rollout_page(request: Request, rollout_id: str) -> Response:
+    require_user(request)
+    with _state(request).store.session() as s:
+        detail = sources.rollout_detail(s, rollout_id)
+    if detail is None:
+        return _security_headers(render(request, "error.html", status_code=404, title="No such rollout",
+                                        message=f"There is no rollout {rollout_id}."))
+    return _security_headers(render(request, "rollout.html", nav="rollouts", r=detail))
+
+
+@router.get("/ui/api/rollouts/{rollout_id}")
+def rollout_json(request: Request, rollout_id: str) -> JSONResponse:
+    require_user(request)
+    with _state(request).store.session() as s:
+        detail = sources.rollout_detail(s, rollout_id)
+    if detail is None:
+        return JSONResponse({"error": "not-found"}, status_code=404)
+    return JSONResponse(json.loads(json.dumps(detail, default=str)))
+
+
+@router.post("/rollouts/{rollout_id}/{action}", response_model=None)
+async def rollout_action(request: Request, rollout_id: str, action: str) -> Response:
+    user, _form = await require_operator(request)
+    if action not in ("pause", "resume", "abort", "rollback"):
+        return JSONResponse({"error": f"unknown action {action}"}, status_code=404)
+    st = _state(request)
+    try:
+        message = await asyncio.to_thread(sources.rollout_action, st.ctx, rollout_id, action, f"user:{user.name}")
+        ok = True
+    except FleetError as exc:
+        message, ok = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""), False
+    with st.store.session() as s:
+        _audit(s, f"user:{user.name}", f"rollout.{action}" + ("" if ok else ".failed"), rollout_id,
+               {"message": message})
+    if "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({"ok": ok, "message": message}, status_code=200 if ok else 409)
+    return RedirectResponse(f"/rollouts/{rollout_id}?" + urlencode({"msg": message}), status_code=303)
+
+
+@router.get("/schedules", response_class=HTMLResponse)
+def schedules_page(request: Request) -> Response:
+    require_user(request)
+    with _state(request).store.session() as s:
+        sched = sources.schedules(s)
+    return _security_headers(render(request, "schedules.html", nav="schedules", schedules=sched))
+
+
+# ---- server-sent events --------------------------------------------------------------------------
+
+def _snapshot(st: WebState, topic: str) -> Any:
+    with st.store.session() as s:
+        if topic == "overview":
+            ov = nodeindex.overview(s)
+            return {"overview": ov, "rollouts": sources.rollouts(s, limit=5)}
+        if topic == "nodes":
+            return nodeindex.overview(s, failing_limit=0)
+        if topic.startswith("rollout:"):
+            return sources.rollout_detail(s, topic.split(":", 1)[1])
+        if topic == "rollouts":
+            return sources.rollouts(s)
+        if topic.startswith("node:"):
+            d = _node_detail(s, topic.split(":", 1)[1])
+            if d is None:
+                return None
+            node: Node = d["node"]
+            return {"status": node.status, "last_seen": node.last_seen, "jobs": [
+                {"id": j.id, "kind": j.kind, "status": j.status} for j in d["jobs"]]}
+        if topic == "schedules":
+            return sources.schedules(s)
+    return None
+
+
+async def _events(request: Request, topic: str) -> AsyncIterator[str]:
+    st = _state(request)
+    started = last_sent_at = time.monotonic()
+    last = None
+    yield "retry: 2000\n\n"
+    while not st.closing and time.monotonic() - started < SSE_MAX_SECONDS:
+        if await request.is_disconnected():
+            return
+        try:
+            snap = await asyncio.to_thread(_snapshot, st, topic)
+            text = json.dumps(snap, default=str, sort_keys=True)
+        except FleetError as exc:
+            text = json.dumps({"error": exc.message})
+        if text != last:
+            last = text
+            last_sent_at = time.monotonic()
+            yield f"event: update\ndata: {text}\n\n"
+        elif time.monotonic() - last_sent_at > SSE_KEEPALIVE_SECONDS:
+            last_sent_at = time.monotonic()
+            yield ": keepalive\n\n"
+        await asyncio.sleep(SSE_POLL_SECONDS)
+
+
+@router.get("/ui/events")
+def events(request: Request, topic: str = "overview") -> StreamingResponse:
+    require_user(request)
+    return StreamingResponse(_events(request, topic), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    st = _state(request)
+    auth = request.headers.get("authorization", "")
+    token_ok = bool(st.admin_token) and auth.startswith("Bearer ") and secrets.compare_digest(
+        auth[7:].strip().encode(), (st.admin_token or "").encode())
+    if not token_ok:
+        require_user(request)
+    from controller.web.metrics import render_metrics
+    body, content_type = render_metrics(st.store)
+    return Response(body, media_type=content_type)
+
+
+# ---- charts --------------------------------------------------------------------------------------
+
+def chart_svg(points: list[dict[str, Any]], median: list[dict[str, Any]], width: int = 640,
+              height: int = 220) -> str:
+    """An inline SVG of TFLOP/s over time: this node (dots, red when failed), the fleet median for
+    its GPU model (dashed) and the SDPA baseline (grey)."""
+    import datetime as dt
+    from html import escape
+
+    def ts(v: Any) -> float:
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        return dt.datetime.fromisoformat(str(v)).timestamp()
+
+    series = [(ts(p["at"]), p.get("tflops"), p.get("sdpa_tflops"), p.get("passed")) for p in points]
+    med = [(ts(m["at"]), m.get("tflops")) for m in median]
+    xs = [x for x, *_ in series] + [x for x, _ in med]
+    ys = [y for _, y, *_ in series if y is not None] + [y for *_, y, _ in series if y is not None]
+    ys += [y for _, y in med if y is not None]
+    if not xs or not ys:
+        return ""
+    x0, x1 = min(xs), max(xs)
+    y1 = max(ys) * 1.1 or 1.0
+    pad_l, pad_r, pad_t, pad_b = 48, 10, 10, 28
+
+    def px(x: float) -> float:
+        return pad_l + (0.5 if x1 == x0 else (x - x0) / (x1 - x0)) * (width - pad_l - pad_r)
+
+    def py(y: float) -> float:
+        return pad_t + (1 - y / y1) * (height - pad_t - pad_b)
+
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="TFLOP/s over time">']
+    for i in range(5):
+        yv = y1 * i / 4
+        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" class="grid"/>'
+                   f'<text x="{pad_l - 4}" y="{py(yv) + 4:.1f}" class="axis" text-anchor="end">{yv:.0f}</text>')
+    for label, x in (("first", x0), ("last", x1)):
+        when = dt.datetime.fromtimestamp(x, dt.UTC).strftime("%m-%d %H:%M")
+        anchor = "start" if label == "first" else "end"
+        out.append(f'<text x="{px(x):.1f}" y="{height - 8}" class="axis" text-anchor="{anchor}">{when}</text>')
+
+    def polyline(pts: list[tuple[float, float]], cls: str) -> None:
+        if pts:
+            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{path}" class="{cls}"/>')
+
+    polyline([(x, y) for x, y in med if y is not None], "median")
+    polyline([(x, s) for x, _, s, _ in series if s is not None], "sdpa")
+    polyline([(x, y) for x, y, _, _ in series if y is not None], "node")
+    for x, y, _, passed in series:
+        if y is not None:
+            cls = "pass" if passed else "fail"
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" class="{cls}">'
+                       f'<title>{escape(f"{y:.1f} TFLOP/s")}</title></circle>')
+    out.append(f'<text x="{pad_l + 4}" y="{pad_t + 10}" class="legend">TFLOP/s — ● this node · '
+               f'- - fleet median · ── SDPA</text></svg>')
+    return "".join(out)
+
+
+# ---- mounting ------------------------------------------------------------------------------------
+
+def mount(app: FastAPI, ctx: Any, *, session_seconds: int | None = None) -> None:
+    """Add the dashboard to ``app`` (the controller's app), reading from ``ctx.store``."""
+    st = WebState(ctx, session_seconds=session_seconds)
+    app.state.fleet_web = st
+    app.include_router(router)
+    app.mount("/static/web", StaticFiles(directory=str(HERE / "static")), name="web-static")
+
+    async def login_required(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LoginRequired)
+        if exc.api:
+            return JSONResponse({"error": "unauthenticated", "hint": "log in at /login"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="fleet-dashboard"'})
+        nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse("/login?" + urlencode({"next": nxt}), status_code=303)
+
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Forbidden)
+        if _is_api(request) or "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"error": "forbidden", "message": exc.message}, status_code=403)
+        return _security_headers(render(request, "error.html", status_code=403, title="Not allowed",
+                                        message=exc.message))
+
+    app.add_exception_handler(LoginRequired, login_required)
+    app.add_exception_handler(Forbidden, forbidden)
+
+
+def close(app: FastAPI) -> None:
+    """End the dashboard's event streams (call on shutdown, so open browsers don't hold the server)."""
+    st: WebState | None = getattr(app.state, "fleet_web", None)
+    if st is not None:
+        st.closing = True
+
+
+def create_standalone_app(ctx: Any, **kw: Any) -> FastAPI:
+    """A FastAPI app with only the dashboard (tests, screenshots, benchmarks)."""
+    app = FastAPI(title="fleet dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    mount(app, ctx, **kw)
+    return app
+

@@ -1,0 +1,162 @@
+"""Dashboard authentication: scrypt password hashes, signed session cookies, CSRF tokens.
+
+- Passwords: ``hashlib.scrypt`` (n=2**14, r=8, p=1), stored as ``scrypt$n$r$p$salt$hash``.
+- Sessions: an ``itsdangerous`` timed signature over ``{"uid", "csrf", "pw"}`` in the
+  ``fleet_session`` cookie (HttpOnly, SameSite=Lax); refused after ``max_age`` seconds, when
+  the user is disabled or deleted, or when the password changed (``pw`` is a hash fingerprint).
+- CSRF: every state-changing request carries the session's ``csrf`` token, in a form field
+  ``csrf_token`` or the ``X-CSRF-Token`` header. The login form uses a double-submit cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.store.db import Store, utcnow
+from controller.web.models import ROLES, User
+from fleet.errors import ConflictError, NotFoundError, UsageError
+
+SESSION_COOKIE = "fleet_session"
+LOGIN_CSRF_COOKIE = "fleet_login_csrf"
+DEFAULT_SESSION_SECONDS = 8 * 3600
+
+_N, _R, _P, _DKLEN = 2**14, 8, 1, 32
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_DKLEN)
+    return f"scrypt${_N}${_R}${_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt_hex, hash_hex = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = bytes.fromhex(hash_hex)
+        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p),
+                                dklen=len(expected))
+    except (ValueError, MemoryError):
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+_DUMMY_HASH = hash_password(secrets.token_hex(8))
+
+
+def _pw_fingerprint(stored: str) -> str:
+    return hashlib.sha256(stored.encode()).hexdigest()[:16]
+
+
+def validate_name(name: str) -> str:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_.@" for c in name):
+        raise UsageError(f"invalid user name {name!r}", hint="use 1-64 letters, digits, '-', '_', '.' or '@'")
+    return name
+
+
+def validate_role(role: str) -> str:
+    if role not in ROLES:
+        raise UsageError(f"unknown role {role!r}", hint=f"use one of: {', '.join(ROLES)}")
+    return role
+
+
+def add_user(store: Store, name: str, role: str, password: str, *, replace: bool = False) -> User:
+    """Create (or with ``replace``, update) a user; returns the stored row."""
+    validate_name(name)
+    validate_role(role)
+    if len(password) < 8:
+        raise UsageError("password too short", hint="use at least 8 characters")
+    with store.session() as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is not None and not replace:
+            raise ConflictError(f"user {name!r} already exists",
+                                hint="pass --replace to change its role and password, or pick another name")
+        if user is None:
+            user = User(name=name, created_at=utcnow(), disabled=False)
+            s.add(user)
+        user.role = role
+        user.password_hash = hash_password(password)
+        user.disabled = False
+        s.flush()
+        s.expunge(user)
+        return user
+
+
+def list_users(store: Store) -> list[User]:
+    with store.session() as s:
+        users = list(s.scalars(select(User).order_by(User.name)))
+        for u in users:
+            s.expunge(u)
+        return users
+
+
+def remove_user(store: Store, name: str) -> None:
+    with store.session() as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is None:
+            raise NotFoundError(f"no user {name!r}", hint="list users with `fleet-controller user list`")
+        s.delete(user)
+
+
+def authenticate(session: Session, name: str, password: str) -> User | None:
+    user = session.scalars(select(User).where(User.name == name)).first()
+    if user is None or user.disabled:
+        verify_password(password, _DUMMY_HASH)  # same work either way: no user-name oracle by timing
+        return None
+    if not verify_password(password, user.password_hash):
+        return None
+    user.last_login_at = utcnow()
+    return user
+
+
+@dataclass(frozen=True)
+class WebUser:
+    """The logged-in user of one request."""
+
+    id: int
+    name: str
+    role: str
+    csrf: str
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == "operator"
+
+
+class Sessions:
+    """Signs and checks session cookies."""
+
+    def __init__(self, secret: str, max_age: int = DEFAULT_SESSION_SECONDS) -> None:
+        self.max_age = max_age
+        self._ser = URLSafeTimedSerializer(secret, salt="fleet-dashboard-session")
+
+    def issue(self, user: User) -> str:
+        payload = {"uid": user.id, "csrf": secrets.token_urlsafe(24), "pw": _pw_fingerprint(user.password_hash)}
+        return self._ser.dumps(payload)
+
+    def load(self, session: Session, cookie: str | None) -> WebUser | None:
+        if not cookie:
+            return None
+        try:
+            data: Any = self._ser.loads(cookie, max_age=self.max_age)
+        except (SignatureExpired, BadSignature):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("uid"), int):
+            return None
+        user = session.get(User, data["uid"])
+        if user is None or user.disabled or data.get("pw") != _pw_fingerprint(user.password_hash):
+            return None
+        return WebUser(id=user.id, name=user.name, role=user.role, csrf=str(data.get("csrf", "")))
+
+
+def csrf_ok(expected: str, given: str | None) -> bool:
+    return bool(expected) and given is not None and hmac.compare_digest(expected.encode(), given.encode())

@@ -1,0 +1,268 @@
+"""The node table's index: ``dashboard_nodes`` kept in step with ``nodes`` and verifications.
+
+``sync(session)`` finds, in one indexed SQL query, the nodes whose row is missing or stale
+(status or facts changed) and rewrites only those; verification columns are refreshed for the
+nodes with a verification newer than the last one seen. ``query_nodes`` then filters, sorts
+and pages on plain indexed columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from controller.store.models import Node
+from controller.web import sources
+from controller.web.models import DashboardNode
+
+FAILING_STATUSES = ("offline", "degraded")
+SORTABLE: dict[str, Any] = {
+    "hostname": DashboardNode.hostname,
+    "status": DashboardNode.status,
+    "gpu": DashboardNode.gpu_model,
+    "driver": DashboardNode.driver,
+    "cuda_max": DashboardNode.cuda_max,
+    "nvcc": DashboardNode.nvcc,
+    "torch": DashboardNode.torch,
+    "python": DashboardNode.python,
+    "fa": DashboardNode.fa_version,
+    "verify": DashboardNode.verify_result,
+    "verified_at": DashboardNode.verify_at,
+    "rank": DashboardNode.rank,
+}
+MAX_PER_PAGE = 200
+
+_lock = threading.Lock()
+_verify_watermark: dict[int, Any] = {}  # id(engine) → last verification key seen
+
+
+def _s(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _rank(status: str, verify_result: str, fa_version: str) -> int:
+    if status in FAILING_STATUSES or verify_result == "failed":
+        return 0
+    if not fa_version or not verify_result:
+        return 1
+    return 2
+
+
+def row_values(node_id: int, hostname: str, status: str, simulated: bool, facts: Mapping[str, Any] | None,
+               facts_at: dt.datetime | None) -> dict[str, Any]:
+    """The facts-derived columns of one node (DESIGN §3.1 object → flat strings)."""
+    f: Mapping[str, Any] = facts or {}
+    gpus = f.get("gpus") or []
+    gpu0: Mapping[str, Any] = gpus[0] if gpus and isinstance(gpus[0], Mapping) else {}
+    driver: Mapping[str, Any] = f.get("driver") or {}
+    toolkit: Mapping[str, Any] = f.get("toolkit") or {}
+    torch: Mapping[str, Any] = f.get("torch") or {}
+    python: Mapping[str, Any] = f.get("python") or {}
+    fa: Mapping[str, Any] = f.get("flash_attn") or {}
+    abi = torch.get("cxx11abi")
+    return {
+        "node_id": node_id, "hostname": hostname, "status": status, "simulated": bool(simulated),
+        "gpu_model": _s(gpu0.get("name"))[:128], "gpu_count": len(gpus),
+        "compute_capability": _s(gpu0.get("compute_capability"))[:8],
+        "driver": _s(driver.get("version"))[:32], "cuda_max": _s(driver.get("cuda_max"))[:16],
+        "nvcc": _s(toolkit.get("nvcc"))[:16], "torch": _s(torch.get("version"))[:64],
+        "torch_cuda": _s(torch.get("cuda"))[:16], "cxx11abi": abi if isinstance(abi, bool) else None,
+        "python": _s(python.get("version"))[:32], "fa_version": _s(fa.get("version"))[:32],
+        "fa_variant": _s(fa.get("variant"))[:32], "src_facts_at": facts_at,
+    }
+
+
+def sync(session: Session) -> int:
+    """Bring ``dashboard_nodes`` up to date; returns how many rows were rewritten."""
+    with _lock:
+        stale = select(Node.id).outerjoin(DashboardNode, DashboardNode.node_id == Node.id).where(or_(
+            DashboardNode.node_id.is_(None),
+            DashboardNode.status != Node.status,
+            DashboardNode.simulated != Node.simulated,
+            DashboardNode.src_facts_at.is_distinct_from(Node.facts_updated_at),
+        ))
+        ids = list(session.scalars(stale))
+        changed = 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            nodes = session.execute(select(Node.id, Node.hostname, Node.status, Node.simulated, Node.facts,
+                                           Node.facts_updated_at).where(Node.id.in_(chunk))).all()
+            existing = {d.node_id: d for d in session.scalars(
+                select(DashboardNode).where(DashboardNode.node_id.in_(chunk)))}
+            for nid, host, status, simulated, facts, facts_at in nodes:
+                values = row_values(nid, host, status, simulated, facts, facts_at)
+                row = existing.get(nid)
+                if row is None:
+                    row = DashboardNode(verify_result="", src_verify_key="", **values)
+                    session.add(row)
+                else:
+                    for key, value in values.items():
+                        setattr(row, key, value)
+                row.rank = _rank(row.status, row.verify_result or "", row.fa_version)
+                changed += 1
+            session.flush()
+        changed += _sync_verifications(session, full=bool(ids) and len(ids) == _count_nodes(session))
+        return changed
+
+
+def _count_nodes(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Node)) or 0)
+
+
+def _sync_verifications(session: Session, *, full: bool) -> int:
+    key = id(session.get_bind())
+    since = None if full else _verify_watermark.get(key)
+    latest = sources.latest_verifications(session, since)
+    if latest is None:
+        return 0
+    watermark, per_host = latest
+    changed = 0
+    if per_host:
+        rows = session.scalars(select(DashboardNode).where(DashboardNode.hostname.in_(list(per_host))))
+        for row in rows:
+            v = per_host[row.hostname]
+            row.verify_result, row.verify_at, row.verify_tflops = v.result, v.at, v.tflops
+            row.src_verify_key = str(v.key)[:64]
+            row.rank = _rank(row.status, row.verify_result, row.fa_version)
+            changed += 1
+        session.flush()
+    _verify_watermark[key] = watermark
+    return changed
+
+
+@dataclass
+class NodeQuery:
+    q: str = ""
+    status: str = ""
+    gpu: str = ""
+    fa: str = ""
+    verify: str = ""
+    simulated: str = ""  # "", "yes", "no"
+    sort: str = "rank"
+    dir: str = "asc"
+    page: int = 1
+    per_page: int = 50
+
+    def normalised(self) -> NodeQuery:
+        sort = self.sort if self.sort in SORTABLE else "rank"
+        direction = "desc" if self.dir == "desc" else "asc"
+        per_page = min(max(self.per_page, 1), MAX_PER_PAGE)
+        return NodeQuery(q=self.q.strip()[:100], status=self.status, gpu=self.gpu, fa=self.fa, verify=self.verify,
+                         simulated=self.simulated, sort=sort, dir=direction, page=max(self.page, 1),
+                         per_page=per_page)
+
+    def params(self, **override: Any) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("q", "status", "gpu", "fa", "verify", "simulated", "sort", "dir",
+                                             "page", "per_page")}
+        out.update(override)
+        return {k: v for k, v in out.items() if v not in ("", None)}
+
+
+@dataclass
+class NodePage:
+    query: NodeQuery
+    total: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.query.per_page))
+
+
+def _filters(q: NodeQuery) -> list[ColumnElement[bool]]:
+    out: list[ColumnElement[bool]] = []
+    if q.status == "failing":
+        out.append(DashboardNode.rank == 0)
+    elif q.status:
+        out.append(DashboardNode.status == q.status)
+    if q.gpu:
+        out.append(DashboardNode.gpu_model == q.gpu)
+    if q.fa == "none":
+        out.append(DashboardNode.fa_version == "")
+    elif q.fa:
+        variant, _, version = q.fa.partition(":")
+        out.append(DashboardNode.fa_variant == variant) if variant else None
+        if version:
+            out.append(DashboardNode.fa_version == version)
+    if q.verify == "never":
+        out.append(DashboardNode.verify_result == "")
+    elif q.verify:
+        out.append(DashboardNode.verify_result == q.verify)
+    if q.simulated in ("yes", "no"):
+        out.append(DashboardNode.simulated.is_(q.simulated == "yes"))
+    if q.q:
+        like = "%" + q.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        out.append(or_(DashboardNode.hostname.like(like, escape="\\"), DashboardNode.gpu_model.like(like, escape="\\"),
+                       DashboardNode.torch.like(like, escape="\\"), DashboardNode.driver.like(like, escape="\\")))
+    return out
+
+
+def query_nodes(session: Session, query: NodeQuery, *, do_sync: bool = True) -> NodePage:
+    """One page of the node table (sync first, unless told not to)."""
+    if do_sync:
+        sync(session)
+    q = query.normalised()
+    where = _filters(q)
+    total = int(session.scalar(select(func.count()).select_from(DashboardNode).where(*where)) or 0)
+    col = SORTABLE[q.sort]
+    order = [col.desc() if q.dir == "desc" else col.asc()]
+    if q.sort != "hostname":
+        order.append(DashboardNode.hostname.asc())
+    page = min(q.page, max(1, -(-total // q.per_page)))
+    q.page = page
+    rows = list(session.scalars(select(DashboardNode).where(*where).order_by(*order)
+                                .limit(q.per_page).offset((page - 1) * q.per_page)))
+    seen = dict(session.execute(select(Node.id, Node.last_seen).where(
+        Node.id.in_([r.node_id for r in rows]))).tuples().all()) if rows else {}
+    return NodePage(query=q, total=total, rows=[as_dict(r, seen.get(r.node_id)) for r in rows])
+
+
+def as_dict(r: DashboardNode, last_seen: dt.datetime | None) -> dict[str, Any]:
+    return {
+        "hostname": r.hostname, "status": r.status, "rank": r.rank, "simulated": r.simulated,
+        "gpu": r.gpu_model, "gpu_count": r.gpu_count, "compute_capability": r.compute_capability,
+        "driver": r.driver, "cuda_max": r.cuda_max, "nvcc": r.nvcc, "torch": r.torch, "torch_cuda": r.torch_cuda,
+        "cxx11abi": r.cxx11abi, "python": r.python, "fa_version": r.fa_version, "fa_variant": r.fa_variant,
+        "verify_result": r.verify_result, "verify_at": r.verify_at.isoformat() if r.verify_at else None,
+        "verify_tflops": r.verify_tflops, "last_seen": last_seen.isoformat() if last_seen else None,
+    }
+
+
+def overview(session: Session, *, do_sync: bool = True, failing_limit: int = 20) -> dict[str, Any]:
+    """Counts by status, GPU model, FA variant+version and verification; failing nodes first."""
+    if do_sync:
+        sync(session)
+
+    def counts(*cols: Any) -> list[tuple[Any, ...]]:
+        stmt = select(*cols, func.count()).group_by(*cols).order_by(func.count().desc())
+        return [tuple(r) for r in session.execute(stmt).all()]
+
+    by_status = {s: n for s, n in counts(DashboardNode.status)}
+    total = sum(by_status.values())
+    failing = list(session.scalars(select(DashboardNode).where(DashboardNode.rank == 0)
+                                   .order_by(DashboardNode.status, DashboardNode.hostname).limit(failing_limit)))
+    n_failing = int(session.scalar(select(func.count()).select_from(DashboardNode)
+                                   .where(DashboardNode.rank == 0)) or 0)
+    return {
+        "total": total,
+        "by_status": {s: by_status.get(s, 0) for s in ("online", "offline", "degraded")}
+        | {s: n for s, n in by_status.items() if s not in ("online", "offline", "degraded")},
+        "by_gpu": [{"gpu": g or "(no GPU)", "count": n} for g, n in counts(DashboardNode.gpu_model)],
+        "by_fa": [{"variant": v or "", "version": ver or "", "count": n}
+                  for v, ver, n in counts(DashboardNode.fa_variant, DashboardNode.fa_version)],
+        "by_verify": {v or "never": n for v, n in counts(DashboardNode.verify_result)},
+        "simulated": int(session.scalar(select(func.count()).select_from(DashboardNode)
+                                        .where(DashboardNode.simulated.is_(True))) or 0),
+        "failing_count": n_failing,
+        "failing": [as_dict(r, None) for r in failing],
+    }
+
+
+def hostnames(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [r["hostname"] for r in rows]

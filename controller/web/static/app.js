@@ -1,0 +1,130 @@
+// fleetctl dashboard: live updates over Server-Sent Events, no build step.
+"use strict";
+(function () {
+  const body = document.body;
+  const topic = body.dataset.topic;
+  const csrf = body.dataset.csrf;
+
+  function el(tag, attrs, ...kids) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") e.className = v; else e.setAttribute(k, v === true ? "" : v);
+    }
+    for (const k of kids) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+    return e;
+  }
+  const badge = (s, cls) => el("span", { class: "badge " + (cls || "st-" + s) }, s);
+  const sim = (flag) => flag ? el("span", { class: "badge sim", title: "GPU hardware simulated from a profile" }, "simulated") : null;
+
+  // confirmation for dangerous actions
+  document.addEventListener("submit", (ev) => {
+    const btn = ev.submitter;
+    if (btn && btn.dataset.confirm && !window.confirm(btn.dataset.confirm)) ev.preventDefault();
+  });
+
+  // ---- renderers per topic -------------------------------------------------------------------
+  function renderOverview(data) {
+    const ov = data.overview;
+    const set = (key, v) => { const n = document.querySelector(`[data-count="${key}"]`); if (n) n.textContent = v; };
+    set("total", ov.total); set("failing", ov.failing_count); set("simulated", ov.simulated);
+    for (const [s, n] of Object.entries(ov.by_status)) set("status:" + s, n);
+    const tb = document.querySelector("#failing tbody");
+    if (tb) {
+      tb.replaceChildren(...(ov.failing.length ? ov.failing.map((n) => el("tr", {},
+        el("td", {}, el("a", { href: "/nodes/" + encodeURIComponent(n.hostname) }, n.hostname), " ", sim(n.simulated)),
+        el("td", {}, badge(n.status)), el("td", {}, n.gpu),
+        el("td", {}, n.fa_version || "none", " ", el("span", { class: "muted" }, n.fa_variant)),
+        el("td", {}, n.verify_result ? badge(n.verify_result, "v-" + n.verify_result) : el("span", { class: "muted" }, "never"))))
+        : [el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No failing nodes."))]));
+    }
+    const ul = document.getElementById("overview-rollouts");
+    if (ul && data.rollouts) {
+      ul.replaceChildren(...data.rollouts.map((r) => el("li", {},
+        el("a", { href: "/rollouts/" + encodeURIComponent(r.id) }, r.id), " ", badge(r.status), " ",
+        el("span", { class: "muted" }, `${r.version || ""} · ${r.done}/${r.total}`))));
+    }
+  }
+
+  function renderNodes(ov) {
+    const t = document.getElementById("node-total");
+    if (t) t.dataset.fleetTotal = ov.total;
+  }
+
+  function renderNode(data) {
+    const s = document.getElementById("node-status");
+    if (s && data) s.replaceChildren(badge(data.status));
+  }
+
+  function renderRollout(r) {
+    if (!r) return;
+    const st = document.getElementById("rollout-status");
+    if (st) st.replaceChildren(badge(r.status));
+    const total = r.total || 0;
+    const bar = document.getElementById("progress-bar");
+    if (bar) { bar.max = Math.max(total, 1); bar.value = r.done || 0; }
+    const txt = document.getElementById("progress-text");
+    if (txt) txt.textContent = `${r.done || 0} of ${total} nodes finished · ${r.failed || 0} failed`;
+    const chips = document.getElementById("state-counts");
+    if (chips) chips.replaceChildren(...Object.entries(r.by_state || {}).map(([s, n]) =>
+      el("span", { class: "chip st-" + s, "data-state": s }, `${s} `, el("b", {}, n))));
+    const bt = document.querySelector("#batches tbody");
+    if (bt) bt.replaceChildren(...(r.batches || []).map((b) => el("tr", { "data-batch": b.index },
+      el("td", {}, b.label || (b.index === 0 ? "canary" : "batch " + b.index)), el("td", { class: "num" }, b.size),
+      el("td", {}, badge(b.status)),
+      el("td", {}, ...Object.entries(b.by_state || {}).map(([s, n]) => el("span", { class: "chip st-" + s }, `${s} ${n}`))))));
+    const fails = document.getElementById("failures");
+    if (fails) {
+      const f = r.failures || [];
+      document.getElementById("failures-card").hidden = f.length === 0;
+      fails.replaceChildren(...f.map((x) => el("div", { class: "diag", "data-host": x.hostname },
+        el("p", {}, el("a", { href: "/nodes/" + encodeURIComponent(x.hostname) }, x.hostname), " ", badge(x.state), " ",
+          x.step ? el("code", {}, x.step) : null, " ", x.error || ""),
+        x.diagnosis ? el("p", { class: "diag-title" }, x.diagnosis.title || x.diagnosis.signature || x.diagnosis.id || "") : null,
+        x.diagnosis && (x.diagnosis.hint || x.diagnosis.fix) ? el("p", { class: "hint" }, "What to do: " + (x.diagnosis.hint || x.diagnosis.fix)) : null)));
+    }
+    const nt = document.querySelector("#rollout-nodes tbody");
+    if (nt) nt.replaceChildren(...(r.nodes || []).map((n) => el("tr", { "data-host": n.hostname, "data-state": n.state },
+      el("td", {}, el("a", { href: "/nodes/" + encodeURIComponent(n.hostname) }, n.hostname), " ", sim(n.simulated)),
+      el("td", { class: "num" }, n.batch === 0 ? "canary" : n.batch), el("td", {}, badge(n.state)),
+      el("td", {}, n.variant || "", " ", el("span", { class: "muted" }, (n.steps || []).join(" → "))),
+      el("td", { class: "small" }, n.error || n.detail || ""))));
+    for (const b of document.querySelectorAll("button.act")) {
+      const a = b.dataset.action;
+      const s = r.status;
+      const finished = ["finished", "completed", "succeeded", "failed", "aborted", "rolled_back", "rolled-back"].includes(s);
+      b.disabled = (a === "pause" && (s === "paused" || finished)) || (a === "resume" && s !== "paused") ||
+        (a === "abort" && finished) || (a === "rollback" && (s === "rolled_back" || s === "rolling_back"));
+    }
+  }
+
+  const renderers = { overview: renderOverview, nodes: renderNodes, rollouts: null, schedules: null };
+
+  function renderer() {
+    if (!topic) return null;
+    if (topic.startsWith("rollout:")) return renderRollout;
+    if (topic.startsWith("node:")) return renderNode;
+    return renderers[topic] || null;
+  }
+
+  const snap = document.getElementById("snapshot");
+  if (snap && topic && topic.startsWith("rollout:")) renderRollout(JSON.parse(snap.textContent));
+
+  if (topic && window.EventSource) {
+    const live = document.getElementById("live");
+    const fn = renderer();
+    const es = new EventSource("/ui/events?topic=" + encodeURIComponent(topic));
+    let first = true;
+    es.addEventListener("open", () => live && live.classList.add("on"));
+    es.addEventListener("error", () => live && live.classList.remove("on"));
+    es.addEventListener("update", (ev) => {
+      const data = JSON.parse(ev.data);
+      body.dataset.updates = String(Number(body.dataset.updates || 0) + 1);
+      if (fn) fn(data);
+      else if (!first) window.location.reload();  // pages without a renderer: fetch the fresh page
+      first = false;
+    });
+    window.addEventListener("pagehide", () => es.close());
+  }
+  void csrf;
+})();
