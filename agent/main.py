@@ -10,6 +10,7 @@ from fleet.cli import build_parser, run
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
     "agent.commands.facts",
+    "agent.commands.run",
 ]
 
 

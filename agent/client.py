@@ -1,0 +1,473 @@
+"""The agent's network side: enroll once, then report facts, heartbeat and run jobs, reconnecting with backoff.
+
+::
+
+    cfg = AgentConfig(controller="10.0.0.1:7443", state_dir=Path("state/agent"), ca_file=Path("ca.pem"),
+                      token="fleet_...", facts=lambda: collect_facts(None), runner=my_runner)
+    await Agent(cfg).run(stop_event)
+
+Enrollment (``Enroll`` on the controller's enrollment port, server TLS verified with
+``ca_file``) stores ``agent.key`` (0600), ``agent.pem``, ``ca.pem`` and ``identity.json`` in
+the state dir; later starts reuse them and need no token. Every other call uses mutual
+TLS on the agent port. Jobs arrive on the ``Jobs`` stream and go to the ``JobRunner``
+(agent/jobs.py); their events go through a bounded queue that never blocks the runner
+(when full, events are dropped and counted), and are sent in batches by a separate task.
+Running jobs survive reconnections. Refusals of identity (UNAUTHENTICATED,
+PERMISSION_DENIED) end the agent with ``AuthError``; everything else is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from agent import wire
+from agent.jobs import JobOutcome, JobRunner, JobSpec
+from fleet.errors import AuthError, ConflictError, FleetError, InputError
+from fleet.facts import MAX_FACTS_BYTES, NodeFacts
+from fleet.v1 import fleet_pb2 as pb
+from fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = MAX_FACTS_BYTES + 64 * 1024
+EVENT_QUEUE_SIZE = 1000
+EVENT_BATCH = 100
+RPC_TIMEOUT = 10.0
+FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 10_000),
+    ]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return opts
+
+
+class NoExecutor:
+    """Default ``JobRunner``: fails every job, saying that no executor is installed."""
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        emit_event({"event": "fleet_no_executor", "event_data": {"kind": job.kind}})
+        return JobOutcome(status="failed", rc=127,
+                          error=f"no executor: this agent cannot run {job.kind!r} jobs "
+                                "(start it with a playbook executor; see docs/fleet.md)")
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
+    """A gRPC failure as a FleetError (the controller puts ``code: message (hint: ...)`` in details)."""
+    code = exc.code()
+    detail = exc.details() or code.name
+    if code in FATAL_CODES:
+        return AuthError(f"{what} refused by the controller: {detail}",
+                         hint="enroll again with a fresh token (`fleetctl token create`)")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return ConflictError(f"{what} refused: {detail}", hint="see the message")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return InputError(f"{what} refused: {detail}", hint="see the message")
+    from fleet.errors import ControllerUnavailable
+
+    return ControllerUnavailable(f"{what} failed: {code.name}: {detail}",
+                                 hint="check that the controller is running and reachable")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    agent_id: str
+    hostname: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @staticmethod
+    def load(state_dir: Path) -> Credentials | None:
+        try:
+            ident = json.loads((state_dir / "identity.json").read_text())
+            return Credentials(ident["agent_id"], ident["hostname"], (state_dir / "agent.key").read_bytes(),
+                               (state_dir / "agent.pem").read_bytes(), (state_dir / "ca.pem").read_bytes())
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "agent.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.key_pem)
+        (state_dir / "agent.pem").write_bytes(self.cert_pem)
+        (state_dir / "ca.pem").write_bytes(self.ca_pem)
+        (state_dir / "identity.json").write_text(json.dumps({"agent_id": self.agent_id,
+                                                              "hostname": self.hostname}) + "\n")
+
+
+def default_enroll_address(controller: str) -> str:
+    host, _, port = controller.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+async def enroll(controller_enroll: str, ca_pem: bytes, token: str, hostname: str,
+                 server_name: str | None = None, timeout: float = RPC_TIMEOUT) -> Credentials:
+    """Enroll with ``token``: make a key and CSR, get a client certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    from cryptography.hazmat.primitives import hashes
+
+    csr = CertificateSigningRequestBuilder().subject_name(
+        Name([NameAttribute(NameOID.COMMON_NAME, hostname[:64])])).sign(key, hashes.SHA256())
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    async with grpc.aio.secure_channel(controller_enroll, creds, options=channel_options(server_name)) as ch:
+        stub = pb_grpc.AgentServiceStub(ch)
+        try:
+            resp = await stub.Enroll(pb.EnrollRequest(token=token, hostname=hostname,
+                                                      csr_pem=csr.public_bytes(serialization.Encoding.PEM)),
+                                     timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "enrollment") from exc
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return Credentials(resp.agent_id, resp.hostname, key_pem, bytes(resp.certificate_pem),
+                       bytes(resp.ca_pem) or ca_pem)
+
+
+@dataclass
+class AgentConfig:
+    controller: str  # HOST:PORT of the agent (mTLS) port
+    state_dir: Path
+    facts: Callable[[], NodeFacts]
+    runner: JobRunner = field(default_factory=NoExecutor)
+    ca_file: Path | None = None  # needed to enroll; afterwards state_dir/ca.pem is used
+    token: str | None = None
+    enroll_address: str | None = None  # default: agent port + 1
+    hostname: str | None = None  # default: the hostname in the facts
+    server_name: str | None = None  # TLS name override
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    event_queue_size: int = EVENT_QUEUE_SIZE
+
+
+@dataclass
+class _RunningJob:
+    spec: JobSpec
+    queue: asyncio.Queue[pb.JobEvent | None]
+    counter: int = 0
+    dropped: int = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.creds: Credentials | None = None
+        self._stub: pb_grpc.AgentServiceAsyncStub | None = None
+        self._connected = asyncio.Event()
+        self._seen_jobs: set[str] = set()
+        self._jobs: dict[str, _RunningJob] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sequence = 0
+        self.heartbeats = 0
+        self.sessions = 0
+        self.registered = asyncio.Event()
+        self.interval = 10.0
+
+    # ---- enrollment --------------------------------------------------------------------
+
+    async def ensure_enrolled(self) -> Credentials:
+        creds = Credentials.load(self.cfg.state_dir)
+        if creds is not None:
+            self.creds = creds
+            return creds
+        if not self.cfg.token:
+            raise AuthError(f"agent not enrolled yet (nothing in {self.cfg.state_dir}) and no token given",
+                            hint="create one with `fleetctl token create` and pass --token")
+        if self.cfg.ca_file is None:
+            raise AuthError("no controller CA certificate to verify the controller with",
+                            hint="pass --ca STATE/ca/ca.pem of the controller")
+        try:
+            ca_pem = self.cfg.ca_file.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read CA file {self.cfg.ca_file}: {exc.strerror}", hint="check --ca") from exc
+        hostname = self.cfg.hostname or self.cfg.facts().hostname
+        address = self.cfg.enroll_address or default_enroll_address(self.cfg.controller)
+        delay = self.cfg.backoff_initial
+        while True:
+            try:
+                creds = await enroll(address, ca_pem, self.cfg.token, hostname, self.cfg.server_name)
+                break
+            except FleetError as exc:
+                if exc.code != "controller-unavailable":
+                    raise
+                log.warning("%s; retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
+        creds.save(self.cfg.state_dir)
+        log.info("enrolled as %s (agent %s)", creds.hostname, creds.agent_id)
+        self.creds = creds
+        return creds
+
+    # ---- main loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set; raises ``AuthError`` if the controller refuses this identity."""
+        stop = stop or asyncio.Event()
+        creds = await self.ensure_enrolled()
+        delay = self.cfg.backoff_initial
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self._session(creds, stop)
+                except grpc.aio.AioRpcError as exc:
+                    err = rpc_error(exc, "controller session")
+                    if isinstance(err, AuthError):
+                        raise err from exc
+                    log.warning("%s; reconnecting in %.1fs", err.message, delay)
+                except FleetError as exc:
+                    if isinstance(exc, AuthError):
+                        raise
+                    log.warning("%s; reconnecting in %.1fs", exc.message, delay)
+                if stop.is_set():
+                    break
+                if time.monotonic() - started > 30:
+                    delay = self.cfg.backoff_initial
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, self.cfg.backoff_max)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _session(self, creds: Credentials, stop: asyncio.Event) -> None:
+        channel_creds = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem,
+                                                     private_key=creds.key_pem, certificate_chain=creds.cert_pem)
+        async with grpc.aio.secure_channel(self.cfg.controller, channel_creds,
+                                           options=channel_options(self.cfg.server_name)) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            self.sessions += 1
+            await self.report_facts(stub)
+            self._stub = stub
+            self._connected.set()
+            tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),
+                     asyncio.create_task(stop.wait())]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            finally:
+                self._connected.clear()
+                self._stub = None
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def report_facts(self, stub: pb_grpc.AgentServiceAsyncStub) -> list[str]:
+        facts = await asyncio.to_thread(self.cfg.facts)
+        if self.creds is not None and facts.hostname != self.creds.hostname:
+            facts = facts.with_hostname(self.creds.hostname)  # the enrolled name is authoritative
+        resp = await stub.ReportFacts(pb.ReportFactsRequest(facts=wire.facts_to_proto(facts)), timeout=RPC_TIMEOUT)
+        self.registered.set()
+        if resp.changed:
+            log.info("facts reported; changed: %s", ", ".join(resp.changed))
+        return list(resp.changed)
+
+    async def _heartbeats(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        while True:
+            self.sequence += 1
+            running = next(iter(self._jobs), "")
+            resp = await stub.Heartbeat(pb.HeartbeatRequest(sequence=self.sequence, running_job_id=running),
+                                        timeout=RPC_TIMEOUT)
+            self.heartbeats += 1
+            self.interval = float(resp.interval_seconds or 10)
+            if resp.facts_requested:
+                await self.report_facts(stub)
+            await asyncio.sleep(self.interval)
+
+    async def _job_stream(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        call = stub.Jobs(pb.JobsRequest())
+        async for msg in call:
+            if msg.job_id in self._seen_jobs:
+                continue
+            self._seen_jobs.add(msg.job_id)
+            try:
+                spec = wire.job_from_proto(msg)
+            except FleetError as exc:
+                log.error("bad job from controller: %s", exc.message)
+                continue
+            self._spawn(self._run_job(spec))
+        from fleet.errors import ControllerUnavailable
+
+        raise ControllerUnavailable("jobs stream ended by the controller", hint="reconnecting")
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- jobs --------------------------------------------------------------------------
+
+    async def _run_job(self, spec: JobSpec) -> None:
+        job = _RunningJob(spec, asyncio.Queue(maxsize=self.cfg.event_queue_size))
+        self._jobs[spec.job_id] = job
+        sender = asyncio.create_task(self._send_events(job))
+
+        def emit(event: Mapping[str, Any]) -> None:
+            job.counter += 1
+            try:
+                job.queue.put_nowait(wire.event_to_proto(spec.job_id, job.counter, event))
+            except asyncio.QueueFull:
+                job.dropped += 1
+
+        log.info("job %s (%s) started", spec.job_id, spec.kind)
+        emit({"event": "fleet_job_started", "event_data": {"kind": spec.kind}})
+        try:
+            outcome = await asyncio.wait_for(self.cfg.runner.run(spec, emit), timeout=spec.timeout_s)
+        except TimeoutError:
+            outcome = JobOutcome(status="timeout", rc=124, error=f"job exceeded its timeout of {spec.timeout_s:g}s")
+        except asyncio.CancelledError:
+            sender.cancel()
+            raise
+        except Exception as exc:
+            log.exception("job %s: runner crashed", spec.job_id)
+            outcome = JobOutcome(status="failed", rc=70, error=f"executor error: {exc.__class__.__name__}: {exc}")
+        if job.dropped:
+            outcome.result.setdefault("events_dropped", job.dropped)
+        emit({"event": "fleet_job_finished", "event_data": {"status": outcome.status, "rc": outcome.rc}})
+        job.queue.put_nowait(None) if not job.queue.full() else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(sender), timeout=30)
+        sender.cancel()
+        await self._complete(spec.job_id, outcome)
+        del self._jobs[spec.job_id]
+        log.info("job %s finished: %s", spec.job_id, outcome.status)
+
+    async def _stub_ready(self) -> pb_grpc.AgentServiceAsyncStub:
+        while True:
+            await self._connected.wait()
+            if self._stub is not None:
+                return self._stub
+
+    async def _send_events(self, job: _RunningJob) -> None:
+        done = False
+        while not done:
+            first = await job.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < EVENT_BATCH and not job.queue.empty():
+                item = job.queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            delay = self.cfg.backoff_initial
+            while True:
+                stub = await self._stub_ready()
+                try:
+                    await stub.ReportJobEvents(iter(batch), timeout=RPC_TIMEOUT)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                        log.error("job %s: events refused: %s", job.spec.job_id, exc.details())
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.cfg.backoff_max)
+
+    async def _complete(self, job_id: str, outcome: JobOutcome) -> None:
+        delay = self.cfg.backoff_initial
+        msg = wire.result_to_proto(job_id, outcome)
+        while True:
+            stub = await self._stub_ready()
+            try:
+                await stub.CompleteJob(msg, timeout=RPC_TIMEOUT)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                  *FATAL_CODES):
+                    log.error("job %s: result refused: %s", job_id, exc.details())
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
+
+    # ---- artifacts ---------------------------------------------------------------------
+
+    async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path:
+        """Download an artifact into ``dest_dir`` (verifying its sha256); returns the file's path."""
+        import hashlib
+
+        stub = await self._stub_ready()
+        digest = hashlib.sha256()
+        tmp = dest_dir / f".{sha256}.part"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        name = None
+        try:
+            with tmp.open("wb") as f:
+                async for chunk in stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256)):
+                    if name is None:
+                        name = chunk.filename
+                    digest.update(chunk.data)
+                    f.write(chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            tmp.unlink(missing_ok=True)
+            raise rpc_error(exc, f"fetching artifact {sha256}") from exc
+        if digest.hexdigest() != sha256 or not name or "/" in name:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"artifact {sha256} arrived corrupted", hint="fetch it again")
+        final = dest_dir / str(name)
+        tmp.replace(final)
+        return final
+
+    async def upload_artifact(self, path: Path, kind: str = "other") -> str:
+        """Upload a file to the controller's artifact store; returns its sha256."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        size = path.stat().st_size
+
+        def chunks() -> Any:
+            with path.open("rb") as f:
+                first = True
+                while True:
+                    data = f.read(128 * 1024)
+                    if not data and not first:
+                        return
+                    if first:
+                        yield pb.ArtifactChunk(filename=path.name, sha256=h.hexdigest(), size=size, kind=kind,
+                                               data=data)
+                        first = False
+                    else:
+                        yield pb.ArtifactChunk(data=data)
+                    if not data:
+                        return
+
+        stub = await self._stub_ready()
+        try:
+            resp = await stub.UploadArtifact(chunks(), timeout=600)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, f"uploading {path.name}") from exc
+        return str(resp.sha256)

@@ -1,0 +1,92 @@
+"""``fleet-agent run``: enroll once, then report facts, heartbeat and run jobs for the controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from agent.client import Agent, AgentConfig, NoExecutor
+from agent.jobs import JobRunner
+from fleet.errors import UsageError
+from fleet.facts import NodeFacts
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run", help="work for the controller (enroll, facts, heartbeats, jobs)",
+        description="Enroll with a one-time token (first start only; key and certificate are kept in "
+                    "--state-dir), then report this node's facts, heartbeat, and run the jobs the controller "
+                    "sends, reconnecting with backoff. See docs/fleet.md.")
+    p.add_argument("--controller", required=True, metavar="HOST:PORT", help="the controller's agent (mTLS) port")
+    p.add_argument("--enroll-address", metavar="HOST:PORT",
+                   help="the controller's enrollment port (default: agent port + 1)")
+    p.add_argument("--ca", type=Path, metavar="FILE", help="the controller's CA certificate (STATE/ca/ca.pem)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="one-time enrollment token (default: $FLEET_AGENT_TOKEN); only needed the first time")
+    p.add_argument("--state-dir", type=Path, default=Path("state/agent"), metavar="DIR",
+                   help="where the agent keeps its key, certificate and job runs (default: ./state/agent)")
+    p.add_argument("--simulate", metavar="PROFILE", help="report the facts of a simulation profile")
+    p.add_argument("--hostname", metavar="H", help="the hostname to enroll as (default: from the facts)")
+    p.add_argument("--python", metavar="PATH", help="the target Python interpreter to probe")
+    p.add_argument("--root", type=Path, metavar="DIR", help="run playbooks chrooted into this root (simulated node)")
+    p.add_argument("--executor", choices=("ansible", "none"), default="ansible",
+                   help="how jobs are run: ansible-runner (default) or none (every job fails: 'no executor')")
+    p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
+    p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
+    p.set_defaults(handler=handle)
+
+
+def make_facts_source(args: argparse.Namespace) -> Any:
+    if args.simulate:
+        from agent.profiles import load_profile
+
+        facts = load_profile(args.simulate, args.hostname)
+
+        def simulated() -> NodeFacts:
+            return facts
+
+        return simulated
+
+    def probed() -> NodeFacts:
+        from agent.probes import collect_facts
+
+        return collect_facts(args.python, hostname=args.hostname)
+
+    return probed
+
+
+def make_runner(args: argparse.Namespace) -> JobRunner:
+    if args.executor == "none":
+        return NoExecutor()
+    try:
+        from agent.executor import AnsibleJobRunner
+    except ImportError as exc:
+        logging.getLogger(__name__).warning("no playbook executor (%s): jobs will fail", exc)
+        return NoExecutor()
+    runner: JobRunner = AnsibleJobRunner(args.state_dir / "jobs", root=args.root)
+    return runner
+
+
+async def _main(cfg: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(cfg).run(stop)
+
+
+def handle(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ":" not in args.controller:
+        raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
+    cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=make_facts_source(args),
+                      runner=make_runner(args), ca_file=args.ca,
+                      token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
+                      enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name)
+    asyncio.run(_main(cfg))
+    return 0

@@ -1,0 +1,144 @@
+"""The controller's HTTP JSON API (FastAPI), under ``/api/v1`` with ``Authorization: Bearer <admin token>``.
+
+``create_app(ctx)`` builds the app; other components mount more on it (the dashboard its
+pages, rollouts their routes: ``app.include_router(router)``; reach the controller through
+``request.app.state.ctx`` or the ``get_ctx`` dependency, and protect JSON routes with
+``Depends(require_admin)``). ``FleetError`` raised by a handler becomes
+``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
+
+Routes: GET /api/v1/health (no auth) · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
+· POST /api/v1/nodes/{host}/revoke · GET/POST /api/v1/tokens · POST /api/v1/tokens/{ref}/revoke
+· GET /api/v1/jobs[?node=] · GET /api/v1/jobs/{id} · GET /api/v1/artifacts · GET /api/v1/audit
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from controller.context import ControllerContext
+from controller.store.models import AuditLog
+from fleet.errors import (
+    AuthError,
+    ConflictError,
+    ControllerUnavailable,
+    FleetError,
+    InputError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+)
+
+API_PREFIX = "/api/v1"
+
+_HTTP_STATUS: list[tuple[type[FleetError], int]] = [
+    (AuthError, 401), (NotFoundError, 404), (ConflictError, 409), (InputError, 422), (UsageError, 400),
+    (StoreError, 503), (ControllerUnavailable, 503),
+]
+
+
+def http_status_for(exc: FleetError) -> int:
+    for cls, status in _HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def get_ctx(request: Request) -> ControllerContext:
+    ctx: ControllerContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ControllerContext, Depends(get_ctx)]
+
+
+def require_admin(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Dependency: the bearer token must be STATE/admin.token. Returns the actor name."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), ctx.admin_token):
+        raise AuthError("missing or wrong admin token",
+                        hint="fleetctl reads STATE/admin.token; pass --state-dir or set FLEETCTL_STATE_DIR")
+    return "admin"
+
+
+Admin = Annotated[str, Depends(require_admin)]
+
+
+class TokenCreate(BaseModel):
+    ttl_seconds: int = Field(default=24 * 3600, ge=1, le=365 * 24 * 3600)
+    hostname: str | None = None
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(prefix=API_PREFIX)
+
+    @router.get("/health")
+    def health(ctx: Ctx) -> dict[str, Any]:
+        return {"ok": True, "grpc": ctx.grpc_address, "enroll": ctx.enroll_address}
+
+    @router.get("/nodes")
+    def nodes(ctx: Ctx, _: Admin, facts: bool = False) -> dict[str, Any]:
+        return {"nodes": ctx.registry.list_nodes(with_facts=facts)}
+
+    @router.get("/nodes/{hostname}")
+    def node(hostname: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+        return ctx.registry.get_node(hostname)
+
+    @router.post("/nodes/{hostname}/revoke")
+    def revoke_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return {"hostname": hostname, "revoked": ctx.revoke_agent(hostname, actor)}
+
+    @router.get("/tokens")
+    def tokens(ctx: Ctx, _: Admin) -> dict[str, Any]:
+        return {"tokens": ctx.enrollment.list_tokens()}
+
+    @router.post("/tokens")
+    def create_token(body: TokenCreate, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        token, listing = ctx.enrollment.create_token(dt.timedelta(seconds=body.ttl_seconds), body.hostname, actor)
+        return {"token": token, **listing}
+
+    @router.post("/tokens/{ref}/revoke")
+    def revoke_token(ref: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return ctx.enrollment.revoke_token(ref, actor)
+
+    @router.get("/jobs")
+    def jobs(ctx: Ctx, _: Admin, node: str | None = None, limit: int = 100) -> dict[str, Any]:
+        return {"jobs": ctx.jobs.list_jobs(node, min(max(limit, 1), 1000))}
+
+    @router.get("/jobs/{job_id}")
+    def job(job_id: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+        return ctx.jobs.get(job_id)
+
+    @router.get("/artifacts")
+    def artifacts(ctx: Ctx, _: Admin) -> dict[str, Any]:
+        return {"artifacts": [a.to_json() for a in ctx.artifacts.list_all()]}
+
+    @router.get("/audit")
+    def audit_log(ctx: Ctx, _: Admin, limit: int = 100) -> dict[str, Any]:
+        with ctx.store.session() as s:
+            rows = s.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(min(max(limit, 1), 1000)))
+            return {"audit": [{"at": r.at.isoformat(), "actor": r.actor, "action": r.action, "target": r.target,
+                               "detail": r.detail} for r in rows]}
+
+    return router
+
+
+def create_app(ctx: ControllerContext) -> FastAPI:
+    """The controller's web app: JSON API under /api/v1; the dashboard mounts its pages here too."""
+    app = FastAPI(title="fleetctl controller", version="1", docs_url=f"{API_PREFIX}/docs",
+                  openapi_url=f"{API_PREFIX}/openapi.json", redoc_url=None)
+    app.state.ctx = ctx
+
+    @app.exception_handler(FleetError)
+    async def fleet_error(request: Request, exc: FleetError) -> JSONResponse:
+        return JSONResponse(status_code=http_status_for(exc),
+                            content={"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}})
+
+    app.include_router(api_router())
+    return app

@@ -1,0 +1,96 @@
+"""The controller's parts wired together: one ``ControllerContext`` per process.
+
+``ControllerContext(settings)`` opens the store (migrating it), the CA, the registry, the
+job dispatcher and the artifact store, and makes sure ``STATE/admin.token`` exists. The
+gRPC server (controller/server.py), the HTTP API (controller/api.py, ``create_app(ctx)``)
+and later components (rollouts, scheduler, dashboard) all reach the controller through it::
+
+    ctx.store       # controller.store.Store  (ctx.store.session() for a unit of work)
+    ctx.registry    # controller.registry.Registry (nodes, facts, liveness)
+    ctx.jobs        # controller.jobs.JobDispatcher (submit_job / wait / callbacks)
+    ctx.artifacts   # controller.artifacts.ArtifactStore
+    ctx.enrollment  # controller.enrollment.Enrollment (tokens, identities, revocation)
+    ctx.ca          # controller.ca.CertAuthority
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.artifacts import ArtifactStore
+from controller.ca import CertAuthority
+from controller.enrollment import Enrollment
+from controller.jobs import JobDispatcher, JobOutcome
+from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
+from controller.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("state/controller")
+
+
+@dataclass
+class ControllerSettings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    db_url: str | None = None  # default sqlite:///STATE/controller.db
+    grpc_listen: str = "127.0.0.1:7443"  # mutual TLS: every RPC but Enroll
+    enroll_listen: str | None = None  # server TLS only, for Enroll; default: grpc port + 1
+    http_listen: str = "127.0.0.1:7480"
+    heartbeat_interval: float = DEFAULT_INTERVAL
+    missed_heartbeats: int = DEFAULT_MISSED
+    flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
+    extra_names: list[str] = field(default_factory=list)  # more SANs for the server certificate
+    artifact_max_bytes: int | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.state_dir / 'controller.db').resolve()}"
+
+
+def ensure_admin_token(state_dir: Path) -> str:
+    path = state_dir / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class ControllerContext:
+    def __init__(self, settings: ControllerSettings, store: Store | None = None) -> None:
+        self.settings = settings
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.store = store or open_store(settings.database_url)
+        self.ca = CertAuthority(state / "ca")
+        self.admin_token = ensure_admin_token(state)
+        self.enrollment = Enrollment(self.store, self.ca)
+        self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
+                                 missed_heartbeats=settings.missed_heartbeats)
+        self.jobs = JobDispatcher(self.store)
+        self.jobs.on_job_finished = self._job_finished
+        kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
+        self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+        # filled in by controller.serve when listening
+        self.grpc_address: str | None = None
+        self.enroll_address: str | None = None
+        self.http_url: str | None = None
+
+    def _job_finished(self, node: str, outcome: JobOutcome) -> None:
+        self.registry.request_facts(node)
+
+    def revoke_agent(self, hostname: str, actor: str = "admin") -> list[str]:
+        """Revoke the agent(s) enrolled for ``hostname``: their certificates stop working at once."""
+        ids = self.enrollment.revoke_agent(hostname, actor)
+        for agent_id in ids:
+            self.registry.forget_identity(agent_id)
+        return ids
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,339 @@
+"""The node registry: facts, facts history, liveness (heartbeats, offline detection).
+
+Pure bookkeeping over the store; no gRPC here (controller/server.py calls it, and so do
+tests directly). Heartbeats are cheap: they touch only memory (``last_seen`` per node)
+and ``flush_last_seen`` writes the batch to the database every few seconds. Status changes
+(``online`` ⇄ ``offline``, ``degraded`` set by other components) are written at once and
+recorded in ``node_events``.
+
+Invariants: the hostname of a node is the one bound to its agent's identity at
+enrollment — facts claiming another hostname are refused; one hostname belongs to one live
+identity; a refused report leaves the registry unchanged.
+
+All methods are meant for the controller's event loop thread, except
+``write_last_seen`` (safe in a worker thread).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+
+from controller.enrollment import AgentIdentity
+from controller.store import Store, utcnow
+from controller.store.models import FactsHistory, Identity, Node, NodeEvent
+from fleet.errors import ConflictError, FleetError, NotFoundError
+from fleet.facts import NodeFacts
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("online", "offline", "degraded")
+DEFAULT_INTERVAL = 10.0
+DEFAULT_MISSED = 3
+
+
+class HostnameMismatch(FleetError):
+    """Facts claim a hostname other than the one enrolled for the reporting identity."""
+
+    code = "hostname-mismatch"
+    exit_code = 6
+
+
+def diff_facts(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Changed fields between two facts objects as ``{dotted.path: (old, new)}``.
+
+    Objects are compared key by key, lists of objects of equal length item by item
+    (``gpus[0].name``); anything else (strings, numbers, lists of strings) as a whole.
+    """
+    changes: dict[str, tuple[Any, Any]] = {}
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in list(old.keys()) + [k for k in new if k not in old]:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            changes.update(diff_facts(old.get(key), new.get(key), path))
+    elif (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+          and all(isinstance(x, Mapping) for x in old + new)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            changes.update(diff_facts(a, b, f"{prefix}[{i}]"))
+    elif old != new:
+        changes[prefix or "*"] = (old, new)
+    return changes
+
+
+@dataclass
+class _Live:
+    node_id: int
+    identity_id: str | None
+    status: str
+    last_seen: float  # unix time
+    dirty: bool = False
+    facts_requested: bool = False
+
+
+@dataclass(frozen=True)
+class Transition:
+    hostname: str
+    old: str
+    new: str
+    reason: str
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+class Registry:
+    def __init__(self, store: Store, *, heartbeat_interval: float = DEFAULT_INTERVAL,
+                 missed_heartbeats: int = DEFAULT_MISSED, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.interval = heartbeat_interval
+        self.missed = missed_heartbeats
+        self.clock = clock
+        self.heartbeats = 0
+        self.db_writes = 0  # rows written by heartbeat flushes and transitions
+        self._live: dict[str, _Live] = {}
+        self.on_transition: list[Callable[[Transition], None]] = []
+        self.load()
+
+    @property
+    def offline_after(self) -> float:
+        return self.interval * self.missed
+
+    def load(self) -> None:
+        """(Re)load liveness state from the store (at start)."""
+        now = self.clock()
+        with self.store.session() as s:
+            for row in s.scalars(select(Node)):
+                seen = row.last_seen.timestamp() if row.last_seen else now
+                # after a restart, give every node one full window before declaring it offline
+                self._live[row.hostname] = _Live(row.id, row.identity_id, row.status, max(seen, now))
+
+    # ---- facts ---------------------------------------------------------------------------
+
+    def report_facts(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False) -> list[str]:
+        """Register or update the node of ``ident``; return the changed fields (``["*"]`` when new)."""
+        if facts.hostname != ident.hostname:
+            raise HostnameMismatch(
+                f"facts claim hostname {facts.hostname!r} but this agent enrolled as {ident.hostname!r}",
+                hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
+        new_json = facts.to_json()
+        extra = dict(facts.extra)
+        now = utcnow()
+        with self.store.session() as s:
+            node = s.scalar(select(Node).where(Node.hostname == ident.hostname))
+            if node is None:
+                node = Node(hostname=ident.hostname, identity_id=ident.agent_id, status="online",
+                            status_changed_at=now, last_seen=now, facts=new_json, extra=extra,
+                            simulated=simulated, registered_at=now, facts_updated_at=now)
+                s.add(node)
+                s.flush()
+                s.add(FactsHistory(node_id=node.id, at=now, changed=["*"], old={}, new={"*": new_json}))
+                s.add(NodeEvent(node_id=node.id, at=now, old_status=None, new_status="online", reason="registered"))
+                changed = ["*"]
+                log.info("node %s registered (agent %s%s)", ident.hostname, ident.agent_id,
+                         ", simulated" if simulated else "")
+            else:
+                if node.identity_id != ident.agent_id:
+                    owner = s.get(Identity, node.identity_id) if node.identity_id else None
+                    if owner is not None and not owner.revoked:
+                        raise ConflictError(
+                            f"hostname {ident.hostname} is registered to another agent ({owner.id[:12]})",
+                            hint=f"revoke the old agent with `fleetctl agent revoke {ident.hostname}` first")
+                    log.info("node %s rebound from agent %s to %s", ident.hostname, node.identity_id,
+                             ident.agent_id)
+                    node.identity_id = ident.agent_id
+                diff = diff_facts(node.facts, new_json)
+                changed = sorted(diff)
+                if diff:
+                    s.add(FactsHistory(node_id=node.id, at=now, changed=changed,
+                                       old={k: v[0] for k, v in diff.items()},
+                                       new={k: v[1] for k, v in diff.items()}))
+                    node.facts = new_json
+                    node.facts_updated_at = now
+                    log.info("node %s facts changed: %s", ident.hostname, ", ".join(changed))
+                node.extra = extra
+                node.simulated = simulated
+                node.last_seen = now
+                if node.status == "offline":
+                    s.add(NodeEvent(node_id=node.id, at=now, old_status="offline", new_status="online",
+                                    reason="facts reported"))
+                    node.status = "online"
+                    node.status_changed_at = now
+            live = _Live(node.id, ident.agent_id, node.status, now.timestamp())
+        self._live[ident.hostname] = live
+        return changed
+
+    # ---- liveness ------------------------------------------------------------------------
+
+    def heartbeat(self, ident: AgentIdentity) -> tuple[float, bool]:
+        """Record a heartbeat; returns (interval seconds, whether fresh facts are wanted)."""
+        live = self._live.get(ident.hostname)
+        if live is None or live.identity_id != ident.agent_id:
+            raise NotFoundError(f"no node registered for agent {ident.agent_id} ({ident.hostname})",
+                                hint="the agent must report its facts (ReportFacts) before heartbeating")
+        self.heartbeats += 1
+        live.last_seen = self.clock()
+        live.dirty = True
+        if live.status == "offline":
+            self._transition(ident.hostname, live, "online", "heartbeat received")
+        wanted = live.facts_requested
+        live.facts_requested = False
+        return self.interval, wanted
+
+    def request_facts(self, hostname: str) -> None:
+        """Ask the node's agent for fresh facts on its next heartbeat (e.g. after a job)."""
+        live = self._live.get(hostname)
+        if live is not None:
+            live.facts_requested = True
+
+    def take_dirty(self) -> list[tuple[int, float]]:
+        """(node id, last_seen) of nodes heartbeating since the last call; clears the marks."""
+        batch = []
+        for live in self._live.values():
+            if live.dirty:
+                live.dirty = False
+                batch.append((live.node_id, live.last_seen))
+        return batch
+
+    def write_last_seen(self, batch: list[tuple[int, float]]) -> int:
+        """Write a ``take_dirty`` batch in one statement (executemany); thread-safe."""
+        if not batch:
+            return 0
+        with self.store.session() as s:
+            s.execute(update(Node), [{"id": node_id, "last_seen": dt.datetime.fromtimestamp(t, dt.UTC)}
+                                     for node_id, t in batch])
+        self.db_writes += len(batch)
+        return len(batch)
+
+    def flush_last_seen(self) -> int:
+        return self.write_last_seen(self.take_dirty())
+
+    def sweep(self) -> list[Transition]:
+        """Turn nodes silent for ``missed × interval`` offline; returns the transitions made."""
+        cutoff = self.clock() - self.offline_after
+        made = []
+        for hostname, live in self._live.items():
+            if live.status != "offline" and live.last_seen < cutoff:
+                made.append(self._transition(hostname, live, "offline",
+                                             f"no heartbeat for {self.clock() - live.last_seen:.1f}s "
+                                             f"({self.missed} × {self.interval:g}s interval)"))
+        return made
+
+    def _transition(self, hostname: str, live: _Live, new: str, reason: str) -> Transition:
+        old = live.status
+        now = utcnow()
+        with self.store.session() as s:
+            s.execute(update(Node).where(Node.id == live.node_id).values(
+                status=new, status_changed_at=now, last_seen=dt.datetime.fromtimestamp(live.last_seen, dt.UTC)))
+            s.add(NodeEvent(node_id=live.node_id, at=now, old_status=old, new_status=new, reason=reason))
+        self.db_writes += 2
+        live.status = new
+        tr = Transition(hostname, old, new, reason)
+        log.log(logging.WARNING if new == "offline" else logging.INFO, "node %s: %s → %s (%s)", hostname, old, new,
+                reason)
+        for cb in self.on_transition:
+            try:
+                cb(tr)
+            except Exception:
+                log.exception("transition callback failed")
+        return tr
+
+    def set_status(self, hostname: str, status: str, reason: str) -> Transition | None:
+        """Set a node's status (e.g. ``degraded`` after a failed verification); None if unchanged."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        live = self._live.get(hostname)
+        if live is None:
+            raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
+        if live.status == status:
+            return None
+        return self._transition(hostname, live, status, reason)
+
+    def status_of(self, hostname: str) -> str | None:
+        live = self._live.get(hostname)
+        return live.status if live else None
+
+    def forget_identity(self, agent_id: str) -> None:
+        """After revocation: the node stays, but heartbeats from that identity stop matching."""
+        for hostname, live in self._live.items():
+            if live.identity_id == agent_id:
+                live.identity_id = None
+                if live.status != "offline":
+                    live.status = "offline"
+                    log.info("node %s offline: identity %s revoked", hostname, agent_id)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _node_json(self, row: Node, *, full: bool) -> dict[str, Any]:
+        live = self._live.get(row.hostname)
+        last_seen = (dt.datetime.fromtimestamp(live.last_seen, dt.UTC) if live else row.last_seen)
+        facts = row.facts or {}
+        gpus = facts.get("gpus") or []
+        out: dict[str, Any] = {
+            "hostname": row.hostname,
+            "status": live.status if live else row.status,
+            "last_seen": _iso(last_seen),
+            "simulated": row.simulated,
+            "gpu": f"{len(gpus)}× {gpus[0]['name']}" if gpus else None,
+            "compute_capability": gpus[0]["compute_capability"] if gpus else None,
+            "driver": (facts.get("driver") or {}).get("version"),
+            "cuda_max": (facts.get("driver") or {}).get("cuda_max"),
+            "nvcc": (facts.get("toolkit") or {}).get("nvcc"),
+            "torch": (facts.get("torch") or {}).get("version"),
+            "python": (facts.get("python") or {}).get("version"),
+            "flash_attn": (facts.get("flash_attn") or {}).get("version"),
+            "arch": (facts.get("os") or {}).get("arch"),
+            "agent_id": row.identity_id,
+        }
+        if full:
+            ident = row.identity
+            out.update({
+                "facts": facts,
+                "extra": row.extra,
+                "registered_at": _iso(row.registered_at),
+                "facts_updated_at": _iso(row.facts_updated_at),
+                "status_changed_at": _iso(row.status_changed_at),
+                "identity": None if ident is None else {
+                    "agent_id": ident.id, "hostname": ident.hostname, "cert_serial": ident.cert_serial,
+                    "cert_fingerprint": ident.cert_fingerprint, "enrolled_at": _iso(ident.created_at),
+                    "revoked": ident.revoked, "revoked_at": _iso(ident.revoked_at)},
+            })
+        return out
+
+    def list_nodes(self, *, with_facts: bool = False) -> list[dict[str, Any]]:
+        with self.store.session() as s:
+            rows = s.scalars(select(Node).order_by(Node.hostname)).all()
+            out = [self._node_json(r, full=False) for r in rows]
+            if with_facts:
+                for item, r in zip(out, rows, strict=True):
+                    item["facts"] = r.facts
+            return out
+
+    def get_node(self, hostname: str, *, history_limit: int = 50) -> dict[str, Any]:
+        with self.store.session() as s:
+            row = s.scalar(select(Node).where(Node.hostname == hostname))
+            if row is None:
+                raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes` for registered nodes")
+            out = self._node_json(row, full=True)
+            hist = s.scalars(select(FactsHistory).where(FactsHistory.node_id == row.id)
+                             .order_by(FactsHistory.at.desc(), FactsHistory.id.desc()).limit(history_limit))
+            out["history"] = [{"at": h.at.isoformat(), "changed": h.changed, "old": h.old, "new": h.new}
+                              for h in hist]
+            events = s.scalars(select(NodeEvent).where(NodeEvent.node_id == row.id)
+                               .order_by(NodeEvent.at.desc(), NodeEvent.id.desc()).limit(history_limit))
+            out["status_history"] = [{"at": e.at.isoformat(), "old": e.old_status, "new": e.new_status,
+                                      "reason": e.reason} for e in events]
+            return out
+
+    def facts_of(self, hostname: str) -> dict[str, Any]:
+        """The node's current §3.1 facts object."""
+        with self.store.session() as s:
+            row = s.scalar(select(Node).where(Node.hostname == hostname))
+            if row is None:
+                raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
+            return dict(row.facts)

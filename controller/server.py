@@ -1,0 +1,302 @@
+"""The agent-facing gRPC server (fleet.v1.AgentService) on grpc.aio.
+
+Two listeners share one servicer:
+
+- the agent port (``--grpc-listen``) requires mutual TLS: the client certificate must be
+  signed by the controller's CA; its CN is the agent id, mapped to the enrolled identity
+  on every call (unknown or revoked identities and stale certificates are refused);
+- the enrollment port (``--enroll-listen``, default agent port + 1) is server-TLS only and
+  serves ``Enroll`` (gRPC's Python server credentials cannot ask for an optional client
+  certificate, so one port cannot serve both).
+
+Every refusal gets a gRPC status with ``<code>: <message> (hint: <hint>)``, is logged,
+and changes nothing. Conversions live in controller/wire.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import grpc.aio
+
+from controller import wire
+from controller.artifacts import ArtifactWriter
+from controller.ca import cert_identity
+from controller.context import ControllerContext
+from controller.enrollment import AgentIdentity
+from controller.registry import HostnameMismatch
+from fleet.errors import AuthError, ConflictError, FactsError, FleetError, InputError, NotFoundError, StoreError
+from fleet.facts import MAX_FACTS_BYTES
+from fleet.v1 import fleet_pb2 as pb
+from fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Largest message either side accepts. Facts are limited to MAX_FACTS_BYTES (checked with a clear
+# error); anything much bigger is cut off by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
+MAX_MESSAGE_BYTES = MAX_FACTS_BYTES + 64 * 1024
+ARTIFACT_CHUNK_BYTES = 128 * 1024
+EVENT_BATCH = 200
+
+T = TypeVar("T")
+
+_STATUS: list[tuple[type[FleetError], grpc.StatusCode]] = [
+    (HostnameMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (FactsError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: FleetError) -> grpc.StatusCode:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def server_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+        self._cert_cache: dict[bytes, tuple[str, str]] = {}
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, exc: FleetError,
+                    who: str = "") -> NoReturn:
+        code = status_for(exc)
+        log.warning("%s refused for %s (%s): %s: %s", rpc, who or context.peer(), code.name, exc.code, exc.message)
+        detail = f"{exc.code}: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")
+        await context.abort(code, detail)
+        raise AssertionError("unreachable")  # abort raises
+
+    def _peer_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentIdentity:
+        auth = context.auth_context()
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            raise AuthError("no client certificate", hint="agents enroll first (Enroll on the enrollment port), "
+                            "then call with their certificate on the agent port")
+        pem = next(iter(pems))
+        cached = self._cert_cache.get(pem)
+        if cached is None:
+            cn, serial, _fp = cert_identity(pem)
+            cached = (cn, serial)
+            if len(self._cert_cache) > 100_000:
+                self._cert_cache.clear()
+            self._cert_cache[pem] = cached
+        return self.ctx.enrollment.identities.authenticate(cached[0], cached[1])
+
+    async def _authed(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> AgentIdentity:
+        try:
+            return self._peer_identity(context)
+        except FleetError as exc:
+            if not isinstance(exc, StoreError):
+                self._audit_refusal(context, rpc, exc)
+            await self._fail(context, rpc, exc)
+
+    def _audit_refusal(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, exc: FleetError) -> None:
+        from controller.audit import audit
+
+        try:
+            audit(self.ctx.store, f"peer:{context.peer()}", "rpc.refused", rpc, level=logging.DEBUG,
+                  reason=exc.message)
+        except StoreError:
+            log.exception("could not write the audit log")
+
+    async def _call(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, who: str,
+                    fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FleetError as exc:
+            await self._fail(context, rpc, exc, who)
+
+    # ---- RPCs --------------------------------------------------------------------------
+
+    async def Enroll(self, request: pb.EnrollRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.EnrollResponse:
+        peer = context.peer()
+        result = await self._call(context, "Enroll", peer, lambda: self.ctx.enrollment.enroll(
+            request.token, request.hostname, request.csr_pem, peer))
+        log.info("enrolled %s as agent %s from %s", result.hostname, result.agent_id, peer)
+        return wire.enroll_response(result)
+
+    async def ReportFacts(self, request: pb.ReportFactsRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportFactsResponse:
+        ident = await self._authed(context, "ReportFacts")
+
+        def run() -> list[str]:
+            if not request.HasField("facts"):
+                raise FactsError("no facts in the request", hint="send ReportFactsRequest.facts")
+            facts, simulated = wire.facts_from_proto(request.facts)
+            return self.ctx.registry.report_facts(ident, facts, simulated=simulated)
+
+        changed = await self._call(context, "ReportFacts", ident.hostname, run)
+        return pb.ReportFactsResponse(changed=changed)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.HeartbeatResponse:
+        ident = await self._authed(context, "Heartbeat")
+        try:
+            interval, wanted = self.ctx.registry.heartbeat(ident)
+        except NotFoundError as exc:
+            log.warning("Heartbeat refused for %s: %s", ident.hostname, exc.message)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.code}: {exc.message} (hint: {exc.hint})")
+            raise AssertionError("unreachable") from exc
+        return wire.heartbeat_response(interval, wanted)
+
+    async def Jobs(self, request: pb.JobsRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.Job]:
+        ident = await self._authed(context, "Jobs")
+        log.info("jobs stream open for %s", ident.hostname)
+        try:
+            async for spec in self.ctx.jobs.stream_for(ident.hostname):
+                yield wire.job_to_proto(spec)
+        finally:
+            log.info("jobs stream closed for %s", ident.hostname)
+
+    async def ReportJobEvents(self, request_iterator: AsyncIterator[pb.JobEvent],
+                              context: grpc.aio.ServicerContext[Any, Any]) -> pb.JobEventsAck:
+        ident = await self._authed(context, "ReportJobEvents")
+        received = 0
+        batch: list[pb.JobEvent] = []
+
+        def flush() -> None:
+            events = [wire.event_from_proto(m) for m in batch]
+            self.ctx.jobs.record_events(ident.hostname, events)
+            batch.clear()
+
+        async for msg in request_iterator:
+            batch.append(msg)
+            received += 1
+            if len(batch) >= EVENT_BATCH:
+                await self._call(context, "ReportJobEvents", ident.hostname, flush)
+        if batch:
+            await self._call(context, "ReportJobEvents", ident.hostname, flush)
+        return pb.JobEventsAck(received=received)
+
+    async def CompleteJob(self, request: pb.JobResult,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.JobResultAck:
+        ident = await self._authed(context, "CompleteJob")
+        await self._call(context, "CompleteJob", ident.hostname,
+                         lambda: self.ctx.jobs.complete(ident.hostname, wire.outcome_from_proto(request)))
+        return pb.JobResultAck()
+
+    async def FetchArtifact(self, request: pb.FetchArtifactRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.ArtifactChunk]:
+        ident = await self._authed(context, "FetchArtifact")
+        info = await self._call(context, "FetchArtifact", ident.hostname,
+                                lambda: self.ctx.artifacts.get(request.sha256))
+        first = True
+        for data in self.ctx.artifacts.iter_chunks(info.sha256, ARTIFACT_CHUNK_BYTES):
+            if first:
+                yield pb.ArtifactChunk(filename=info.filename, sha256=info.sha256, size=info.size, kind=info.kind,
+                                       data=data)
+                first = False
+            else:
+                yield pb.ArtifactChunk(data=data)
+        if first:  # empty file
+            yield pb.ArtifactChunk(filename=info.filename, sha256=info.sha256, size=0, kind=info.kind)
+
+    async def UploadArtifact(self, request_iterator: AsyncIterator[pb.ArtifactChunk],
+                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.UploadArtifactResponse:
+        ident = await self._authed(context, "UploadArtifact")
+        writer: ArtifactWriter | None = None
+        try:
+            async for chunk in request_iterator:
+                if writer is None:
+                    writer = self.ctx.artifacts.writer(chunk.filename, chunk.kind or "other",
+                                                       expected_sha256=chunk.sha256 or None,
+                                                       expected_size=chunk.size or None)
+                writer.write(chunk.data)
+            if writer is None:
+                raise InputError("empty upload", hint="send at least one chunk with filename and data")
+            info = writer.commit()
+        except FleetError as exc:
+            if writer is not None:
+                writer.abort()
+            await self._fail(context, "UploadArtifact", exc, ident.hostname)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        log.info("artifact %s (%s, %d bytes) uploaded by %s", info.sha256, info.filename, info.size, ident.hostname)
+        return pb.UploadArtifactResponse(sha256=info.sha256, size=info.size)
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"bad listen address {listen!r}", hint="use HOST:PORT, e.g. 127.0.0.1:7443")
+    return host.strip("[]"), int(port)
+
+
+async def start_grpc(ctx: ControllerContext) -> grpc.aio.Server:
+    """Start the gRPC server on the agent and enrollment ports; fills ctx.grpc_address / enroll_address."""
+    s = ctx.settings
+    host, port = _split(s.grpc_listen)
+    names = [host, *s.extra_names]
+    key, cert = ctx.ca.server_credentials(names)
+    server = grpc.aio.server(options=server_options())
+    pb_grpc.add_AgentServiceServicer_to_server(AgentService(ctx), server)
+    mtls = grpc.ssl_server_credentials([(key, cert)], root_certificates=ctx.ca.ca_pem, require_client_auth=True)
+    tls = grpc.ssl_server_credentials([(key, cert)])
+    try:
+        bound = server.add_secure_port(f"{host}:{port}", mtls)
+        if s.enroll_listen:
+            ehost, eport = _split(s.enroll_listen)
+        else:
+            ehost, eport = host, (bound + 1 if port else 0)
+        ebound = server.add_secure_port(f"{ehost}:{eport}", tls)
+    except RuntimeError as exc:
+        raise InputError(f"cannot listen on {s.grpc_listen} / {s.enroll_listen or 'next port'}: {exc}",
+                         hint="pick free ports with --grpc-listen / --enroll-listen") from exc
+    await server.start()
+    ctx.grpc_address = f"{host}:{bound}"
+    ctx.enroll_address = f"{ehost}:{ebound}"
+    log.info("gRPC agent port %s (mTLS), enrollment port %s (TLS)", ctx.grpc_address, ctx.enroll_address)
+    return server
+
+
+async def housekeeping(ctx: ControllerContext) -> None:
+    """Background loop: flush heartbeat batches, detect offline nodes."""
+    s = ctx.settings
+    period = min(s.flush_interval, max(0.2, s.heartbeat_interval / 2))
+    last_flush = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(period)
+        try:
+            now = loop.time()
+            if now - last_flush >= s.flush_interval:
+                batch = ctx.registry.take_dirty()
+                if batch:
+                    await asyncio.to_thread(ctx.registry.write_last_seen, batch)
+                last_flush = now
+            ctx.registry.sweep()
+        except FleetError as exc:
+            log.error("housekeeping: %s", exc.message)
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+async def run_forever(coro: Awaitable[None]) -> None:
+    await coro

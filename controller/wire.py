@@ -1,0 +1,97 @@
+"""Protobuf (fleet.v1) ↔ controller core types. The only controller module that reads or builds messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from controller.enrollment import EnrollResult
+from controller.jobs import JobEventRecord, JobOutcome, JobSpec
+from fleet.errors import FactsError, InputError
+from fleet.facts import MAX_FACTS_BYTES, NodeFacts, parse_node
+from fleet.v1 import fleet_pb2 as pb
+
+MAX_JSON_FIELD_CHARS = 64 * 1024
+
+
+def _json_object(text: str, what: str, *, limit: int = MAX_JSON_FIELD_CHARS) -> dict[str, Any]:
+    if not text:
+        return {}
+    if len(text) > limit:
+        raise InputError(f"{what} is {len(text)} characters, more than the limit of {limit}",
+                         hint="send less data")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{what} is not valid JSON: {exc}", hint="send a JSON object") from exc
+    if not isinstance(value, dict):
+        raise InputError(f"{what} must be a JSON object, got {type(value).__name__}", hint="send a JSON object")
+    return value
+
+
+def facts_to_dict(msg: pb.NodeFacts) -> dict[str, Any]:
+    """The §3.1 object a NodeFacts message carries (no validation; ``facts_from_proto`` validates)."""
+    obj: dict[str, Any] = {}
+    extra = _json_object(msg.extra_json, "facts extra_json", limit=MAX_FACTS_BYTES)
+    obj.update(extra)  # unknown fields: kept in extra, ignored by the contract
+    obj["hostname"] = msg.hostname
+    obj["os"] = None if not msg.HasField("os") else {
+        "id": msg.os.id, "version_id": msg.os.version_id, "arch": msg.os.arch, "kernel": msg.os.kernel,
+        "glibc": msg.os.glibc if msg.os.HasField("glibc") else None}
+    obj["driver"] = None if not msg.HasField("driver") else {
+        "version": msg.driver.version, "cuda_max": msg.driver.cuda_max}
+    obj["gpus"] = [{"index": g.index, "name": g.name, "compute_capability": g.compute_capability,
+                    "memory_mib": g.memory_mib, "uuid": g.uuid} for g in msg.gpus]
+    obj["toolkit"] = None if not msg.HasField("toolkit") else {"nvcc": msg.toolkit.nvcc, "path": msg.toolkit.path}
+    obj["python"] = None if not msg.HasField("python") else {
+        "version": msg.python.version, "executable": msg.python.executable}
+    obj["torch"] = None if not msg.HasField("torch") else {
+        "version": msg.torch.version, "cuda": msg.torch.cuda if msg.torch.HasField("cuda") else None,
+        "cxx11abi": msg.torch.cxx11abi, "arch_list": list(msg.torch.arch_list)}
+    obj["flash_attn"] = None if not msg.HasField("flash_attn") else {
+        "version": msg.flash_attn.version, "variant": msg.flash_attn.variant}
+    obj["resources"] = None if not msg.HasField("resources") else {
+        "cpu_cores": msg.resources.cpu_cores, "memory_mib": msg.resources.memory_mib}
+    obj["apt"] = None if not msg.HasField("apt") else {"errors": list(msg.apt.errors)}
+    return obj
+
+
+def facts_from_proto(msg: pb.NodeFacts) -> tuple[NodeFacts, bool]:
+    """Validated facts and the ``simulated`` flag; ``FactsError``/``InputError`` on bad input."""
+    size = msg.ByteSize()
+    if size > MAX_FACTS_BYTES:
+        raise FactsError(f"facts are {size} bytes, more than the limit of {MAX_FACTS_BYTES}",
+                         node=msg.hostname[:253] or None, hint="trim apt errors or extra diagnostics")
+    return parse_node(facts_to_dict(msg)), msg.simulated
+
+
+def enroll_response(result: EnrollResult) -> pb.EnrollResponse:
+    return pb.EnrollResponse(agent_id=result.agent_id, certificate_pem=result.certificate_pem,
+                             ca_pem=result.ca_pem, hostname=result.hostname)
+
+
+def job_to_proto(spec: JobSpec) -> pb.Job:
+    return pb.Job(job_id=spec.job_id, kind=spec.kind, vars_json=json.dumps(dict(spec.vars)),
+                  timeout_seconds=spec.timeout_seconds)
+
+
+def event_from_proto(msg: pb.JobEvent) -> JobEventRecord:
+    if not msg.job_id or not msg.event:
+        raise InputError("job event without job_id or event name", hint="agents send both")
+    created = (dt.datetime.fromtimestamp(msg.created_unix, dt.UTC) if msg.created_unix > 0
+               else dt.datetime.now(dt.UTC))
+    return JobEventRecord(job_id=msg.job_id, counter=msg.counter, event=msg.event,
+                          data=_json_object(msg.data_json, "job event data_json"), created=created)
+
+
+def outcome_from_proto(msg: pb.JobResult) -> JobOutcome:
+    if not msg.job_id:
+        raise InputError("job result without job_id", hint="agents send the job id")
+    result: Mapping[str, Any] = _json_object(msg.result_json, "job result_json", limit=MAX_FACTS_BYTES)
+    return JobOutcome(job_id=msg.job_id, status=msg.status, rc=msg.rc, result=result, error=msg.error or None)
+
+
+def heartbeat_response(interval: float, facts_requested: bool) -> pb.HeartbeatResponse:
+    return pb.HeartbeatResponse(interval_seconds=max(1, round(interval)), facts_requested=facts_requested)
