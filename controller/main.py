@@ -9,6 +9,7 @@ from fleet.cli import build_parser, run
 
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
+    "controller.commands.users",
 ]
 
 

@@ -65,8 +65,12 @@ class WebState:
         self.admin_token: str | None = _admin_token(ctx)
 
 
+def _state_dir(ctx: Any) -> Any:
+    return getattr(ctx, "state_dir", None) or getattr(getattr(ctx, "settings", None), "state_dir", None)
+
+
 def _secret(ctx: Any) -> str:
-    state_dir = getattr(ctx, "state_dir", None)
+    state_dir = _state_dir(ctx)
     if not state_dir:
         return secrets.token_hex(32)
     path = Path(state_dir) / "dashboard.key"
@@ -90,7 +94,7 @@ def _admin_token(ctx: Any) -> str | None:
     token = getattr(ctx, "admin_token", None)
     if isinstance(token, str) and token:
         return token
-    state_dir = getattr(ctx, "state_dir", None)
+    state_dir = _state_dir(ctx)
     if state_dir:
         try:
             return (Path(state_dir) / "admin.token").read_text().strip() or None
@@ -342,16 +346,24 @@ def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
         "job_events": job_events, "plan": sources.plan_for(node.facts), "verifications": verifications,
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg(verifications or [], median or []) if verifications else None,
-        "diagnosis": _diagnoses(jobs),
+        "diagnosis": _diagnoses(s, hostname, jobs, job_events),
     }
 
 
-def _diagnoses(jobs: list[Job]) -> list[dict[str, Any]]:
-    out = []
-    for job in jobs:
-        if job.status in ("failed", "timeout"):
-            diag = (job.result or {}).get("diagnosis") if isinstance(job.result, dict) else None
-            out.append({"job": job.id, "kind": job.kind, "error": job.error or "", "diagnosis": diag})
+def _diagnoses(s: Session, hostname: str, jobs: list[Job],
+               job_events: dict[str, list[JobEvent]]) -> list[dict[str, Any]]:
+    """Failures to show on top of the node page: rollout failures (diagnosed by the rollout engine),
+    then failed jobs not covered by them (diagnosed here from their output)."""
+    out = [{"source": f"rollout {f['rollout']}", "kind": f["step"], "job": f["job"], "error": f["error"],
+            "diagnosis": f["diagnosis"]} for f in sources.node_rollout_failures(s, hostname)]
+    covered = {f["job"] for f in out}
+    for job in jobs[:10]:
+        if job.status in ("failed", "timeout") and job.id not in covered:
+            text = "\n".join([job.error or ""] + [str(e.data.get("stdout") or e.data.get("msg") or "")
+                                                   for e in job_events.get(job.id, [])
+                                                   if e.event in ("runner_on_failed", "fleet_failed", "fleet_output")])
+            out.append({"source": "job", "kind": job.kind, "job": job.id, "error": job.error or "",
+                        "diagnosis": sources.diagnose_text(text)})
     return out
 
 

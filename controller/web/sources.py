@@ -41,21 +41,192 @@ def fleet_median(session: Session, gpu_model: str, limit: int = 200) -> list[dic
 
 
 def plan_for(facts: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The resolver's current decision for these facts (DESIGN §3.2 decision), or None."""
-    return None
+    """The resolver's current decision for these facts (DESIGN §3.2 decision, default policy, built-in
+    catalog), or None when the resolver is not there; unreadable facts give a ``blocked`` decision."""
+    try:
+        from controller.catalog import builtin_catalog
+        from controller.resolver import Policy, resolve
+        from fleet.facts import parse_node
+    except ImportError:
+        return None
+    from fleet.errors import FleetError
+    if not facts:
+        return None
+    try:
+        decision = resolve(parse_node(facts), builtin_catalog(), Policy())
+    except FleetError as exc:
+        return {"variant": "blocked", "flash_attn_version": None, "artifact": None, "toolkit": None, "steps": [],
+                "reasons": [exc.message + (f" ({exc.hint})" if exc.hint else "")], "rejected": []}
+    out: dict[str, Any] = decision.to_json()
+    return out
+
+
+def _rollout_models() -> Any:
+    try:
+        from controller.rollout import models
+    except ImportError:
+        return None
+    return models
+
+
+TERMINAL_STATES = frozenset({"done", "failed", "skipped", "rolled-back"})
+FAILED_STATES = frozenset({"failed"})
+
+
+def _simulated_hosts(session: Session, hosts: list[str]) -> set[str]:
+    from sqlalchemy import select
+
+    from controller.store.models import Node
+    if not hosts:
+        return set()
+    return set(session.scalars(select(Node.hostname).where(Node.hostname.in_(hosts), Node.simulated.is_(True))))
+
+
+def _summary(r: Any, by_state: dict[str, int], simulated: bool) -> dict[str, Any]:
+    total = sum(by_state.values())
+    done = sum(n for s, n in by_state.items() if s in TERMINAL_STATES)
+    return {"id": r.id, "status": r.status, "version": r.version, "reason": r.reason or "",
+            "created_at": r.created_at, "finished_at": r.finished_at, "created_by": r.created_by,
+            "current_batch": r.current_batch, "batches_total": r.batches, "by_state": by_state,
+            "total": total, "done": done, "failed": sum(n for s, n in by_state.items() if s in FAILED_STATES),
+            "simulated": simulated}
 
 
 def rollouts(session: Session, limit: int = 50) -> list[dict[str, Any]] | None:
-    return None
+    """Newest rollouts first, each with node counts by state."""
+    m = _rollout_models()
+    if m is None:
+        return None
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+    try:
+        rows = list(session.scalars(select(m.Rollout).order_by(m.Rollout.created_at.desc()).limit(limit)))
+        ids = [r.id for r in rows]
+        counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+        sims: dict[str, int] = {}
+        if ids:
+            for rid, state, n in session.execute(select(m.RolloutNode.rollout_id, m.RolloutNode.state, func.count())
+                                                 .where(m.RolloutNode.rollout_id.in_(ids))
+                                                 .group_by(m.RolloutNode.rollout_id, m.RolloutNode.state)):
+                counts[rid][state] = n
+            from controller.store.models import Node
+            for rid, n in session.execute(select(m.RolloutNode.rollout_id, func.count())
+                                          .join(Node, Node.hostname == m.RolloutNode.hostname)
+                                          .where(m.RolloutNode.rollout_id.in_(ids), Node.simulated.is_(True))
+                                          .group_by(m.RolloutNode.rollout_id)):
+                sims[rid] = n
+    except (OperationalError, ProgrammingError):  # table not migrated in this database
+        session.rollback()
+        return None
+    return [_summary(r, counts[r.id], sims.get(r.id, 0) > 0) for r in rows]
+
+
+def _diagnosis(raw: Any) -> dict[str, Any] | None:
+    """The first real cause of a rollout node's diagnosis (dict or list of controller.diagnose entries)."""
+    if isinstance(raw, dict) and isinstance(raw.get("diagnoses"), list):
+        raw = raw["diagnoses"]
+    if isinstance(raw, list):
+        real = [d for d in raw if isinstance(d, dict) and not d.get("red_herring")]
+        candidates = real or [d for d in raw if isinstance(d, dict)]
+        raw = candidates[0] if candidates else None
+    return raw if isinstance(raw, dict) else None
 
 
 def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
-    return None
+    """One rollout: summary, batches, nodes (with plan and state), failures with their diagnosis."""
+    m = _rollout_models()
+    if m is None:
+        return None
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+    try:
+        r = session.get(m.Rollout, rollout_id)
+        if r is None:
+            return None
+        nodes = list(session.scalars(select(m.RolloutNode).where(m.RolloutNode.rollout_id == rollout_id)
+                                     .order_by(m.RolloutNode.batch, m.RolloutNode.hostname)))
+    except (OperationalError, ProgrammingError):
+        session.rollback()
+        return None
+    sims = _simulated_hosts(session, [n.hostname for n in nodes])
+    by_state: dict[str, int] = {}
+    batches: dict[int, dict[str, Any]] = {}
+    out_nodes, failures = [], []
+    for n in nodes:
+        by_state[n.state] = by_state.get(n.state, 0) + 1
+        b = batches.setdefault(n.batch, {"index": n.batch, "size": 0, "by_state": {}, "canary": False})
+        b["size"] += 1
+        b["by_state"][n.state] = b["by_state"].get(n.state, 0) + 1
+        b["canary"] = b["canary"] or bool(n.canary)
+        plan = n.plan or {}
+        diag = _diagnosis(n.diagnosis)
+        item = {"hostname": n.hostname, "batch": n.batch, "canary": bool(n.canary), "state": n.state,
+                "step": n.step, "job_id": n.job_id, "attempt": n.attempt, "variant": plan.get("variant", ""),
+                "steps": list(plan.get("steps") or []), "version": plan.get("flash_attn_version")
+                or plan.get("version"),
+                "error": n.cause or "", "simulated": n.hostname in sims, "diagnosis": diag,
+                "updated_at": n.updated_at}
+        out_nodes.append(item)
+        if n.state in FAILED_STATES:
+            failures.append(item)
+    for b in batches.values():
+        states = b["by_state"]
+        if all(s in TERMINAL_STATES for s in states):
+            b["status"] = "failed" if any(s in FAILED_STATES for s in states) else "done"
+        elif all(s == "planned" for s in states):
+            b["status"] = "pending"
+        else:
+            b["status"] = "running"
+        b["label"] = "canary" if b["canary"] else f"batch {b['index']}"
+    detail = _summary(r, by_state, bool(sims))
+    detail.update({"options": r.options or {}, "selector": r.selector, "batches": [batches[k] for k in sorted(batches)],
+                   "nodes": out_nodes, "failures": failures})
+    return detail
 
 
 def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str) -> str:
+    """pause | resume | abort | rollback through the rollout service; returns a message for the page."""
     from fleet.errors import ConflictError
-    raise ConflictError("rollouts are not available in this controller", hint="update the controller")
+    try:
+        from controller.rollout import service  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        raise ConflictError("rollout controls are not available in this controller yet",
+                            hint="use `fleetctl rollout pause|resume|abort|rollback` once rollouts land") from None
+    fn = getattr(service, action, None)
+    if fn is None:
+        raise ConflictError(f"the rollout service has no {action!r}", hint="update the controller")
+    result = fn(ctx, rollout_id, actor=actor)
+    if isinstance(result, dict):
+        return str(result.get("message") or f"{action}: {result.get('status', 'ok')}")
+    return str(result) if result else f"rollout {rollout_id}: {action} requested"
+
+
+def node_rollout_failures(session: Session, hostname: str) -> list[dict[str, Any]]:
+    """This node's failed states in rollouts (newest first), with their diagnosis."""
+    m = _rollout_models()
+    if m is None:
+        return []
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+    try:
+        rows = list(session.scalars(select(m.RolloutNode).where(m.RolloutNode.hostname == hostname,
+                                                                 m.RolloutNode.state == "failed")
+                                    .order_by(m.RolloutNode.updated_at.desc()).limit(5)))
+    except (OperationalError, ProgrammingError):
+        session.rollback()
+        return []
+    return [{"rollout": n.rollout_id, "step": n.step or "", "error": n.cause or "", "job": n.job_id,
+             "diagnosis": _diagnosis(n.diagnosis)} for n in rows]
+
+
+def diagnose_text(text: str) -> dict[str, Any] | None:
+    """The first real cause controller.diagnose finds in a failed job's output."""
+    try:
+        from controller.diagnose import diagnose
+    except ImportError:
+        return None
+    found = [d.to_json() for d in diagnose(text)] if text else []
+    return _diagnosis(found)
 
 
 def schedules(session: Session) -> list[dict[str, Any]] | None:

@@ -80,8 +80,9 @@
       fails.replaceChildren(...f.map((x) => el("div", { class: "diag", "data-host": x.hostname },
         el("p", {}, el("a", { href: "/nodes/" + encodeURIComponent(x.hostname) }, x.hostname), " ", badge(x.state), " ",
           x.step ? el("code", {}, x.step) : null, " ", x.error || ""),
-        x.diagnosis ? el("p", { class: "diag-title" }, x.diagnosis.title || x.diagnosis.signature || x.diagnosis.id || "") : null,
-        x.diagnosis && (x.diagnosis.hint || x.diagnosis.fix) ? el("p", { class: "hint" }, "What to do: " + (x.diagnosis.hint || x.diagnosis.fix)) : null)));
+        x.diagnosis ? el("p", { class: "diag-title" }, "Diagnosis: " + (x.diagnosis.id || "unknown")) : null,
+        x.diagnosis && x.diagnosis.cause ? el("p", {}, x.diagnosis.cause) : null,
+        x.diagnosis && x.diagnosis.remedy ? el("p", { class: "hint" }, "What to do: " + x.diagnosis.remedy) : null)));
     }
     const nt = document.querySelector("#rollout-nodes tbody");
     if (nt) nt.replaceChildren(...(r.nodes || []).map((n) => el("tr", { "data-host": n.hostname, "data-state": n.state },

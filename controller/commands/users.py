@@ -1,0 +1,98 @@
+"""``fleet-controller user add|list|remove``: dashboard accounts (roles ``viewer`` and ``operator``).
+
+Runs on the controller host against its database (``--state-dir``/``--db`` as for ``serve``).
+The password is read from stdin with ``--password-stdin`` (first line), else prompted twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleet.cli import print_json
+from fleet.errors import UsageError
+
+DEFAULT_STATE_DIR = Path("state/controller")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("user", help="dashboard users: add, list, remove",
+                                   description="Manage dashboard users (viewer: read-only, operator: may act).")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="controller state dir")
+    parser.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db)")
+    sub = parser.add_subparsers(dest="user_command", metavar="ACTION")
+    sub.required = True
+    add = sub.add_parser("add", help="create a user (or --replace an existing one)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["viewer", "operator"], default="viewer")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    add.add_argument("--replace", action="store_true", help="change role and password of an existing user")
+    add.set_defaults(handler=_add)
+    lister = sub.add_parser("list", help="list users")
+    lister.add_argument("--json", action="store_true")
+    lister.set_defaults(handler=_list)
+    rm = sub.add_parser("remove", help="delete a user (their sessions end at once)")
+    rm.add_argument("name")
+    rm.set_defaults(handler=_remove)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from controller.store.db import open_store
+    url = args.db or f"sqlite:///{(args.state_dir / 'controller.db').resolve()}"
+    return open_store(url)
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to prompt for a password", hint="pass --password-stdin and pipe it in")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise UsageError("the passwords differ", hint="run the command again")
+    return first
+
+
+def _add(args: argparse.Namespace) -> int:
+    from controller.web.auth import add_user, validate_name
+    validate_name(args.name)
+    password = _password(args)
+    store = _store(args)
+    try:
+        user = add_user(store, args.name, args.role, password, replace=args.replace)
+    finally:
+        store.close()
+    print(f"user {user.name} ({user.role}) saved; log in at the controller's http address /login")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from controller.web.auth import list_users
+    store = _store(args)
+    try:
+        users = list_users(store)
+    finally:
+        store.close()
+    rows = [{"name": u.name, "role": u.role, "created_at": u.created_at.isoformat(),
+             "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None, "disabled": u.disabled}
+            for u in users]
+    if args.json:
+        print_json({"users": rows})
+        return 0
+    for r in rows:
+        print(f"{r['name']:<24} {r['role']:<9} last login {r['last_login_at'] or 'never'}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from controller.web.auth import remove_user
+    store = _store(args)
+    try:
+        remove_user(store, args.name)
+    finally:
+        store.close()
+    print(f"user {args.name} removed")
+    return 0
