@@ -1,0 +1,391 @@
+"""Run a job's playbook on this node through ansible-runner, streaming its events.
+
+``AnsibleJobRunner`` is the agent's one implementation of :class:`agent.jobs.JobRunner`:
+
+- each job gets a private run directory ``STATE/jobs/<job_id>/`` (ansible-runner's
+  private data dir: ``inventory/``, ``env/``, ``artifacts/<n>/`` with every event as JSON,
+  and ``outputs/`` where playbooks drop files for the agent, e.g. a built wheel);
+- the playbook runs with connection ``local`` on a real node, or
+  ``community.general.chroot`` into ``root`` for a simulated node;
+- job vars go in as extra vars (a JSON file, never a command line); names starting with
+  ``ansible_`` or ``fleet_`` are refused so a job cannot switch the connection or escape a
+  chroot; the playbooks validate every value again with regexes;
+- events are handed to ``emit_event`` from a bounded buffer (see :class:`EventPump`), so a
+  slow consumer never stalls the playbook;
+- cancelling (``cancel(job_id)``, ``cancel_all()`` on agent stop, the asyncio task being
+  cancelled, or the job's ``timeout_s`` passing) kills the playbook's process group;
+- the outcome carries ``set_stats`` data from the playbook (``result["built_wheel"]`` …),
+  summed host stats, and the first failing task's message — all taken from structured
+  events, never from parsing stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.jobs import PLAYBOOK_KINDS, JobOutcome, JobSpec, JobStatus
+from fleet.errors import ExecutionError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PLAYBOOKS_DIR = Path(__file__).resolve().parent.parent / "playbooks"
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+RESERVED_VAR_PREFIXES = ("ansible_", "fleet_")
+STAT_KEYS = ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored", "processed")
+
+#: Events never dropped while the buffer holds something less important.
+ESSENTIAL_EVENTS = frozenset({
+    "playbook_on_start", "playbook_on_play_start", "playbook_on_stats",
+    "runner_on_failed", "runner_on_unreachable", "error", "fleet_events_dropped",
+})
+MAX_EVENT_BYTES = 64 * 1024
+
+
+class EventPump:
+    """Bounded hand-off from ansible-runner's thread to an asyncio consumer.
+
+    ``put`` never blocks. When the buffer is full, the oldest *non-essential* event
+    (task starts, ok/skipped results, verbose output) is dropped to make room; if every
+    buffered event is essential (failures, play start, final stats), the oldest one is
+    dropped. Dropped events are counted, and before the next event it delivers the pump
+    emits ``{"event": "fleet_events_dropped", "count": N, "job_id": …}`` so the consumer
+    knows the stream has a gap. Events bigger than 64 KiB lose ``event_data.res`` and have
+    ``stdout`` cut. Every event is still written to the run directory by ansible-runner,
+    so nothing is lost on the node.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int = 1000, job_id: str = "") -> None:
+        if maxsize < 2:
+            raise UsageError("event buffer must hold at least 2 events")
+        self._loop = loop
+        self._maxsize = maxsize
+        self._job_id = job_id
+        self._buf: collections.deque[dict[str, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.dropped = 0
+        self._unreported_drops = 0
+
+    def put(self, event: dict[str, Any]) -> None:
+        """Called from any thread; never blocks."""
+        event = _bounded(event)
+        with self._lock:
+            if len(self._buf) >= self._maxsize:
+                victim = next((i for i, e in enumerate(self._buf) if e.get("event") not in ESSENTIAL_EVENTS), None)
+                if victim is None and event.get("event") not in ESSENTIAL_EVENTS:
+                    self._count_drop()
+                    return
+                del self._buf[victim if victim is not None else 0]
+                self._count_drop()
+            self._buf.append(event)
+        self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self._unreported_drops += 1
+
+    def _take(self) -> tuple[list[dict[str, Any]], bool]:
+        with self._lock:
+            items = list(self._buf)
+            self._buf.clear()
+            if self._unreported_drops:
+                items.insert(0, {"event": "fleet_events_dropped", "count": self._unreported_drops,
+                                 "job_id": self._job_id})
+                self._unreported_drops = 0
+            return items, self._closed
+
+    async def consume(self, emit_event: Callable[[dict[str, Any]], object]) -> None:
+        """Deliver events in order until closed and drained; consumer errors are logged, not raised."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            items, closed = self._take()
+            for item in items:
+                try:
+                    res = emit_event(item)
+                    if inspect.isawaitable(res):
+                        await res
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("emit_event failed for job %s; event dropped", self._job_id)
+            if closed:
+                items, _ = self._take()
+                if not items:
+                    return
+                self._wakeup.set()
+
+
+def _bounded(event: dict[str, Any]) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(event, default=str))
+    except (TypeError, ValueError):
+        return {"event": event.get("event", "unknown"), "uuid": event.get("uuid"), "truncated": True}
+    if size <= MAX_EVENT_BYTES:
+        return event
+    trimmed = dict(event)
+    data = dict(trimmed.get("event_data") or {})
+    if "res" in data:
+        data["res"] = {"truncated": True}
+    trimmed["event_data"] = data
+    stdout = trimmed.get("stdout")
+    if isinstance(stdout, str) and len(stdout) > 8192:
+        trimmed["stdout"] = stdout[:4096] + "\n…[truncated]…\n" + stdout[-4096:]
+    trimmed["truncated"] = True
+    return trimmed
+
+
+class _RunState:
+    """What the event handler learns while the playbook runs (touched only from the runner thread)."""
+
+    def __init__(self) -> None:
+        self.artifact_data: dict[str, Any] = {}
+        self.failures: list[str] = []
+
+
+class AnsibleJobRunner:
+    """Runs playbooks for jobs; see the module docstring."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
+                 playbooks_dir: str | os.PathLike[str] = DEFAULT_PLAYBOOKS_DIR,
+                 python_interpreter: str = "/usr/bin/python3", event_buffer: int = 1000,
+                 poll_interval_s: float = 0.25, extra_env: Mapping[str, str] | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.root = Path(root) if root is not None else None
+        self.playbooks_dir = Path(playbooks_dir)
+        self.python_interpreter = python_interpreter
+        self.event_buffer = event_buffer
+        self.poll_interval_s = poll_interval_s
+        self.extra_env = dict(extra_env or {})
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # -- control -----------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop (its playbook's processes are killed). False if not running."""
+        with self._lock:
+            ev = self._cancel.get(job_id)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    def cancel_all(self) -> None:
+        """Agent stop: cancel every running job."""
+        with self._lock:
+            events = list(self._cancel.values())
+        for ev in events:
+            ev.set()
+
+    # -- the JobRunner protocol --------------------------------------------------------
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], object]) -> JobOutcome:
+        try:
+            playbook = self._check(job)
+        except ExecutionError as exc:
+            return JobOutcome(status="error", rc=-1, result={}, error=exc.message)
+        job_dir = self.state_dir / "jobs" / job.job_id
+        outputs = job_dir / "outputs"
+        outputs.mkdir(parents=True, exist_ok=True)
+        ident = self._next_ident(job_dir)
+        loop = asyncio.get_running_loop()
+        pump = EventPump(loop, self.event_buffer, job.job_id)
+        state = _RunState()
+        cancel_ev = threading.Event()
+        with self._lock:
+            if job.job_id in self._cancel:
+                return JobOutcome(status="error", rc=-1, error=f"job {job.job_id} is already running")
+            self._cancel[job.job_id] = cancel_ev
+        deadline = time.monotonic() + job.timeout_s
+        why: list[str] = []
+
+        def cancel_callback() -> bool:
+            if cancel_ev.is_set():
+                why.append("canceled")
+                return True
+            if time.monotonic() > deadline:
+                why.append("timeout")
+                return True
+            return False
+
+        def event_handler(event: dict[str, Any]) -> bool:
+            self._observe(event, state)
+            pump.put(event)
+            return True  # keep it in the run directory too
+
+        kwargs = self._runner_kwargs(job, playbook, job_dir, outputs, ident, event_handler, cancel_callback)
+        consumer = asyncio.create_task(pump.consume(emit_event))
+        worker = asyncio.ensure_future(asyncio.to_thread(self._run_blocking, kwargs))
+        try:
+            try:
+                status, rc, stats = await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                cancel_ev.set()
+                await asyncio.wait({worker})  # the playbook is being killed; don't leave it behind
+                raise
+        finally:
+            with self._lock:
+                self._cancel.pop(job.job_id, None)
+            pump.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(consumer), timeout=30)
+            except (TimeoutError, asyncio.TimeoutError):
+                consumer.cancel()
+        return self._outcome(status, rc, stats, state, pump, why, job)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check(self, job: JobSpec) -> Path:
+        if not isinstance(job.job_id, str) or not JOB_ID_RE.fullmatch(job.job_id):
+            raise ExecutionError(f"refused job id {job.job_id!r}: use letters, digits, '.', '_' or '-'")
+        if job.kind not in PLAYBOOK_KINDS:
+            raise ExecutionError(f"unknown job kind {job.kind!r}; known: {', '.join(PLAYBOOK_KINDS)}")
+        playbook = self.playbooks_dir / f"{job.kind}.yml"
+        if not playbook.is_file():
+            raise ExecutionError(f"playbook {playbook} is missing", hint="reinstall fleet-agent")
+        if not isinstance(job.vars, dict):
+            raise ExecutionError("job vars must be a JSON object")
+        for name in job.vars:
+            if not isinstance(name, str) or not VAR_NAME_RE.fullmatch(name):
+                raise ExecutionError(f"refused variable name {name!r}")
+            if name.startswith(RESERVED_VAR_PREFIXES):
+                raise ExecutionError(f"refused variable {name!r}: ansible_* and fleet_* are set by the agent")
+        try:
+            json.dumps(job.vars)
+        except (TypeError, ValueError) as exc:
+            raise ExecutionError(f"job vars are not JSON: {exc}") from exc
+        if not (job.timeout_s > 0):
+            raise ExecutionError(f"job timeout must be positive, got {job.timeout_s}")
+        if not (Path(sys.executable).parent / "ansible-playbook").exists() and shutil.which("ansible-playbook") is None:
+            raise ExecutionError("ansible-playbook not found", hint="install fleetctl with its dependencies")
+        if self.root is not None and not (self.root / "bin" / "sh").exists():
+            raise ExecutionError(f"node root {self.root} has no /bin/sh", hint="build the simulated node's root first")
+        return playbook
+
+    @staticmethod
+    def _next_ident(job_dir: Path) -> str:
+        artifacts = job_dir / "artifacts"
+        n = 1
+        while (artifacts / str(n)).exists():
+            n += 1
+        return str(n)
+
+    def _inventory(self) -> dict[str, Any]:
+        host: dict[str, Any] = {"ansible_python_interpreter": self.python_interpreter}
+        if self.root is None:
+            host["ansible_connection"] = "local"
+        else:
+            host["ansible_connection"] = "community.general.chroot"
+            host["ansible_host"] = str(self.root)
+        return {"all": {"hosts": {"node": host}}}
+
+    def _runner_kwargs(self, job: JobSpec, playbook: Path, job_dir: Path, outputs: Path, ident: str,
+                       event_handler: Callable[[dict[str, Any]], bool],
+                       cancel_callback: Callable[[], bool]) -> dict[str, Any]:
+        bindir = Path(sys.executable).parent
+        extravars = dict(job.vars)
+        extravars["fleet_artifact_dir"] = str(outputs.resolve())
+        envvars = {
+            "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            "ANSIBLE_LOCAL_TEMP": str((job_dir / "tmp").resolve()),
+            "ANSIBLE_HOST_KEY_CHECKING": "0",
+            "ANSIBLE_DEPRECATION_WARNINGS": "0",
+            "ANSIBLE_PYTHON_INTERPRETER": self.python_interpreter,
+            **self.extra_env,
+        }
+        return {
+            "private_data_dir": str(job_dir.resolve()),
+            "project_dir": str(self.playbooks_dir.resolve()),
+            "playbook": playbook.name,
+            "ident": ident,
+            "inventory": self._inventory(),
+            "extravars": extravars,
+            "envvars": envvars,
+            "quiet": True,
+            "event_handler": event_handler,
+            "cancel_callback": cancel_callback,
+            "settings": {"pexpect_timeout": self.poll_interval_s, "suppress_ansible_output": True},
+        }
+
+    @staticmethod
+    def _run_blocking(kwargs: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+        import ansible_runner
+
+        try:
+            r = ansible_runner.run(**kwargs)
+        except Exception as exc:  # ansible-runner raises plain exceptions for bad config
+            return "error", -1, {"exception": f"{type(exc).__name__}: {exc}"}
+        return str(r.status), int(r.rc if r.rc is not None else -1), dict(r.stats or {})
+
+    @staticmethod
+    def _observe(event: dict[str, Any], state: _RunState) -> None:
+        kind = event.get("event")
+        data = event.get("event_data") or {}
+        if kind == "playbook_on_stats":
+            art = data.get("artifact_data")
+            if isinstance(art, dict):
+                state.artifact_data = art
+        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            res = data.get("res") or {}
+            msg = res.get("msg") if isinstance(res, dict) else None
+            if not msg and isinstance(res, dict):
+                msg = (res.get("stderr") or res.get("stdout") or "").strip()[-500:] or None
+            task = data.get("task") or "?"
+            state.failures.append(f"{task}: {msg or 'failed'}")
+
+    def _tail(self, job: JobSpec) -> str:
+        """Last lines of the run's output, for errors no task reported (syntax errors, bad inventory)."""
+        runs = sorted((self.state_dir / "jobs" / job.job_id / "artifacts").glob("*/stdout"),
+                      key=lambda p: p.stat().st_mtime)
+        if not runs:
+            return ""
+        lines = [ln for ln in runs[-1].read_text(errors="replace").splitlines() if ln.strip()]
+        return ": " + " | ".join(lines[-5:])[-1000:] if lines else ""
+
+    def _outcome(self, status: str, rc: int, stats: dict[str, Any], state: _RunState, pump: EventPump,
+                 why: list[str], job: JobSpec) -> JobOutcome:
+        totals: dict[str, int] = {}
+        for key in STAT_KEYS:
+            per_host = stats.get(key) or {}
+            totals[key] = sum(int(v) for v in per_host.values()) if isinstance(per_host, dict) else 0
+        result: dict[str, Any] = dict(state.artifact_data)
+        result["stats"] = totals
+        result["events_dropped"] = pump.dropped
+        final: JobStatus
+        error: str | None = None
+        if why and why[0] == "timeout":
+            final, error = "timeout", f"{job.kind} ran past its timeout of {job.timeout_s:g} s and was killed"
+        elif why or status == "canceled":
+            final, error = "canceled", f"{job.kind} was canceled and killed"
+        elif status == "successful" and rc == 0:
+            final = "successful"
+        elif status == "error":
+            final = "error"
+            error = str(stats.get("exception") or f"{job.kind}: ansible-runner could not start the playbook")
+        else:
+            final = "timeout" if status == "timeout" else "failed"
+            error = "; ".join(state.failures) or f"{job.kind} failed (ansible-playbook exit {rc}){self._tail(job)}"
+        return JobOutcome(status=final, rc=rc, result=result, error=error)
