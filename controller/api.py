@@ -141,6 +141,8 @@ def create_app(ctx: ControllerContext) -> FastAPI:
                             content={"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}})
 
     app.include_router(api_router())
+    from controller.rollout.api import router as rollout_router  # rollouts: routes + engine (docs/rollout.md)
+    app.include_router(rollout_router())
     from controller.web import mount as mount_dashboard  # the dashboard: controller/web, docs/dashboard.md
     mount_dashboard(app, ctx)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import controller.rollout.models  # noqa: F401  (rollout tables join Base.metadata)
 from controller.store.models import Base
 
 config = context.config

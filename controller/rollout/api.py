@@ -1,0 +1,130 @@
+"""HTTP routes of rollouts under /api/v1/rollouts, and the engine's life inside the controller.
+
+``router()`` carries a lifespan that starts the ``RolloutEngine`` on the controller's event loop when
+the HTTP app starts and stops it on shutdown (``create_app`` includes this router).
+
+Routes (bearer token): POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
+GET /rollouts/{id}[?since=TRANSITION_ID] · POST /rollouts/{id}/pause|resume|abort|rollback ·
+GET /rollouts/{id}/audit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, Field
+
+from controller.api import API_PREFIX, Admin, Ctx
+from controller.rollout import service
+from controller.rollout.engine import RolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+class StartBody(BaseModel):
+    version: str | None = None
+    nodes: str | None = None
+    canary: int | None = Field(default=None, ge=0, le=10_000)
+    batch: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1, le=100_000)
+    max_failures: str | None = None
+    dry_run: bool = False
+    actor: str | None = Field(default=None, max_length=128)
+    step_timeouts: dict[str, int] = Field(default_factory=dict)
+    min_free_bytes: int | None = Field(default=None, ge=0)
+
+
+class ActorBody(BaseModel):
+    actor: str | None = Field(default=None, max_length=128)
+    retry_failed: bool = False
+    max_failures: str | None = None
+
+
+def _actor(token_actor: str, claimed: str | None) -> str:
+    """The token says who may act; the name the CLI sends ($USER / --actor) says who did."""
+    return f"{claimed}" if claimed else token_actor
+
+
+def engine_for(app: FastAPI) -> RolloutEngine | None:
+    eng: RolloutEngine | None = getattr(app.state, "rollout_engine", None)
+    return eng
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctx = app.state.ctx
+    ttl = float(os.environ.get("FLEET_ROLLOUT_LEASE_TTL", "15"))
+    engine = RolloutEngine(ctx.store, ctx.jobs, artifacts=ctx.artifacts,
+                           artifacts_dir=ctx.settings.state_dir / "artifacts", lease_ttl=ttl)
+    app.state.rollout_engine = engine
+    task = asyncio.create_task(engine.run(), name="rollout-engine")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=6)
+
+
+def router() -> APIRouter:
+    r = APIRouter(prefix=f"{API_PREFIX}/rollouts", lifespan=lifespan)
+
+    def wake(request: Request) -> None:
+        eng = engine_for(request.app)
+        if eng is not None:
+            eng.wake()
+
+    @r.post("")
+    def start(body: StartBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
+        req = service.RolloutRequest(version=body.version, nodes=body.nodes, canary=body.canary, batch=body.batch,
+                                     max_parallel=body.max_parallel, max_failures=body.max_failures,
+                                     dry_run=body.dry_run, step_timeouts=body.step_timeouts,
+                                     min_free_bytes=body.min_free_bytes, actor=_actor(actor, body.actor))
+        out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir)
+        wake(request)
+        return out
+
+    @r.get("")
+    def list_(ctx: Ctx, _: Admin, limit: int = 50) -> dict[str, Any]:
+        return {"rollouts": service.list_rollouts(ctx.store, min(max(limit, 1), 1000))}
+
+    @r.get("/latest")
+    def latest(ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:
+        return service.get_status(ctx.store, None, since=since)
+
+    @r.get("/{rid}")
+    def status(rid: str, ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:
+        return service.get_status(ctx.store, rid, since=since)
+
+    @r.get("/{rid}/audit")
+    def audit_(rid: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+        return {"audit": service.audit_entries(ctx.store, rid)}
+
+    @r.post("/{rid}/pause")
+    def pause(rid: str, body: ActorBody, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return service.pause(ctx.store, rid, _actor(actor, body.actor))
+
+    @r.post("/{rid}/resume")
+    def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
+        out = service.resume(ctx.store, rid, _actor(actor, body.actor), retry_failed=body.retry_failed,
+                             max_failures=body.max_failures)
+        wake(request)
+        return out
+
+    @r.post("/{rid}/abort")
+    def abort(rid: str, body: ActorBody, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return service.abort(ctx.store, rid, _actor(actor, body.actor))
+
+    @r.post("/{rid}/rollback")
+    def rollback(rid: str, body: ActorBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
+        out = service.rollback(ctx.store, rid, _actor(actor, body.actor))
+        wake(request)
+        return out
+
+    return r

@@ -1,0 +1,607 @@
+"""The rollout engine: an asyncio loop inside the controller that drives rollouts step by step.
+
+Crash safety (``kill -9`` at any moment):
+
+* every state change is written (``rollout_nodes`` + ``rollout_transitions``) *before* the step it
+  announces is acted on; a step's job is submitted only after its state is committed, and its job
+  id is committed right after submission;
+* a node's step runs under a DB lease (``lease_owner`` = ``host:pid:nonce``, ``lease_expiry``),
+  renewed every tick; another engine (a restarted controller, a second controller on PostgreSQL)
+  takes a node over only when the lease has expired or its owner process is dead on this host;
+* on takeover a step already submitted is re-attached (its job id, or the job of that node/kind
+  created for this rollout after the step started), never resubmitted; a finished job's outcome
+  is read back from the jobs table, so no finished step is redone;
+* a step gets ``step_deadline``; past it the job is canceled and the node fails (agent vanished).
+
+The decisions (which node starts, when a batch is complete, budget, canary) come from the pure
+``controller.rollout.core.next_actions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.audit import audit
+from controller.jobs import FINAL_STATUSES, JobDispatcher, JobOutcome
+from controller.rollout.core import (
+    STATE_TO_JOB,
+    TERMINAL,
+    BuildSnapshot,
+    NodePlan,
+    NodeSnapshot,
+    Snapshot,
+    State,
+    check_transition,
+    next_actions,
+    next_state,
+    parse_budget,
+)
+from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
+from controller.store import Store, utcnow
+from controller.store.models import Job
+from fleet.errors import ConflictError, FleetError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("running", "paused", "aborting", "rolling-back")
+DEFAULT_TIMEOUTS: Mapping[str, int] = {"apt-keyring-fix": 600, "cuda-toolkit": 1800, "install-wheel": 900,
+                                       "verify": 900, "rollback": 900, "build-from-source": 4 * 3600}
+DEFAULT_MIN_FREE_BYTES = 1024**3  # room a source-built wheel needs in the artifact store
+
+
+def plan_from_json(obj: Mapping[str, Any]) -> NodePlan:
+    return NodePlan(hostname=obj["hostname"], variant=obj["variant"], steps=tuple(obj["steps"]),
+                    gpu=obj.get("gpu", ""), version=obj.get("version"), build_key=obj.get("build_key"),
+                    artifact=obj.get("artifact"), build_minutes=float(obj.get("build_minutes", 0)),
+                    reasons=tuple(obj.get("reasons", ())))
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str) -> bool:
+    """False when ``owner`` names a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid_text.isdigit():
+        return True  # another host: trust its lease expiry
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_free(owner: str | None, expiry: dt.datetime | None, me: str, now: dt.datetime) -> bool:
+    if owner is None or owner == me:
+        return True
+    if expiry is None or expiry <= now:
+        return True
+    return not owner_alive(owner)
+
+
+def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: str, *, job_id: str | None = None,
+           actor: str = "engine") -> None:
+    """Persist one transition of ``node`` (checked against the state machine)."""
+    old = State(node.state)
+    check_transition(old, new)
+    now = utcnow()
+    s.add(RolloutTransition(rollout_id=rollout_id, hostname=node.hostname, from_state=str(old), to_state=str(new),
+                            at=now, cause=cause[:4000], job_id=job_id, actor=actor[:128]))
+    node.state = str(new)
+    node.cause = cause[:4000]
+    node.updated_at = now
+    node.step = STATE_TO_JOB.get(new)
+    node.job_id = None
+    node.step_started_at = None
+    node.step_deadline = None
+
+
+def diagnose_text(text: str) -> list[dict[str, Any]]:
+    if not text:
+        return []
+    try:
+        from controller.diagnose import diagnose
+    except ImportError:  # pragma: no cover - diagnosis lands separately
+        return []
+    return [d.to_json() for d in diagnose(text)[:3]]
+
+
+def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
+    """Pass/fail of a successful ``verify`` job: the verification engine's verdict where it reports
+    one, else the import check (the floor)."""
+    for key in ("passed", "pass", "ok"):
+        if isinstance(result.get(key), bool):
+            return bool(result[key]), str(result.get("reason") or result.get("reasons") or "")
+    verdict = result.get("verdict") or result.get("status")
+    if isinstance(verdict, str):
+        return verdict.lower() in ("pass", "passed", "ok"), str(result.get("reasons", ""))
+    imp = result.get("import")
+    if isinstance(imp, Mapping) and isinstance(imp.get("ok"), bool):
+        return bool(imp["ok"]), str(imp.get("error") or "")
+    return True, "verify job succeeded"
+
+
+@dataclass
+class StepRun:
+    rollout_id: str
+    hostname: str
+    state: State
+    kind: str
+    vars: dict[str, Any]
+    timeout: int
+    job_id: str | None
+    started_at: dt.datetime
+    deadline: dt.datetime
+
+
+class RolloutEngine:
+    """Drives every active rollout of the store. One per controller process; ``await run()``."""
+
+    def __init__(self, store: Store, jobs: JobDispatcher, *, artifacts_dir: Path | None = None,
+                 artifacts: Any = None, owner: str | None = None, lease_ttl: float = 15.0,
+                 tick: float = 0.5) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.artifacts = artifacts
+        self.artifacts_dir = artifacts_dir
+        self.owner = owner or new_owner()
+        self.lease_ttl = lease_ttl
+        self.tick = tick
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run a tick soon; safe from any thread (HTTP handlers run in a worker thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        log.info("rollout engine %s started", self.owner)
+        try:
+            while not self._stopping:
+                try:
+                    self.tick_once()
+                except FleetError as exc:
+                    log.warning("rollout engine: %s", exc)
+                except Exception:
+                    log.exception("rollout engine tick failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.tick)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._tasks.clear()
+
+    def tick_once(self) -> None:
+        now = utcnow()
+        expiry = now + dt.timedelta(seconds=self.lease_ttl)
+        claimed: list[str] = []
+        with self.store.session() as s:
+            for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE))):
+                if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
+                    if r.lease_owner != self.owner:
+                        log.info("rollout %s: taking over from %s", r.id, r.lease_owner or "nobody")
+                    r.lease_owner, r.lease_expiry = self.owner, expiry
+                    claimed.append(r.id)
+            mine = [(rid, host) for (rid, host) in self._tasks]
+            if mine:
+                for n in s.scalars(select(RolloutNode).where(RolloutNode.lease_owner == self.owner)):
+                    if (n.rollout_id, n.hostname) in self._tasks:
+                        n.lease_expiry = expiry
+        for rid in claimed:
+            self._drive(rid, now)
+
+    # ---- one rollout ---------------------------------------------------------------------------
+
+    def _drive(self, rid: str, now: dt.datetime) -> None:
+        start: tuple[str, ...] = ()
+        with self.store.session() as s:
+            r = s.get(Rollout, rid)
+            if r is None:
+                return
+            nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
+            keys = {n.build_key for n in nodes if n.build_key}
+            builds = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys \
+                else {}
+            opts = r.options or {}
+            snap = Snapshot(
+                status=r.status,
+                nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
+                                    busy=self._busy(rid, n, now),
+                                    builder=bool(n.build_key and builds.get(n.build_key)
+                                                 and builds[n.build_key].builder == n.hostname))
+                       for n in nodes],
+                builds={k: BuildSnapshot(k, b.status, b.builder) for k, b in builds.items()},
+                failures=sum(1 for n in nodes if n.state == State.FAILED),
+                total=sum(1 for n in nodes if n.state != State.SKIPPED or n.step is not None),
+                budget=parse_budget(opts.get("max_failures")),
+                max_parallel=int(opts.get("max_parallel", 0)) or 10_000,
+                canary_batch=bool(opts.get("canary_batch", False)),
+                canary_ack=r.canary_ack,
+            )
+            acts = next_actions(snap)
+            by_host = {n.hostname: n for n in nodes}
+            for host, key in acts.fail_waiting:
+                b = builds[key]
+                record(s, rid, by_host[host], State.FAILED,
+                       f"build of {key} on {b.builder or '?'} failed: {b.error or 'see the builder node'}")
+            if r.status == "aborting":
+                for n in nodes:
+                    if State(n.state) not in TERMINAL and not self._busy(rid, n, now) and n.job_id is None:
+                        record(s, rid, n, State.SKIPPED, "rollout aborted before this step started")
+                if all(State(n.state) in TERMINAL for n in nodes):
+                    self._set_status(s, r, "aborted", r.reason or "aborted by operator")
+            if acts.pause:
+                self._set_status(s, r, "paused", acts.pause)
+                audit(self.store, "engine", "rollout.pause", rid, reason=acts.pause)
+            elif acts.finish:
+                self._set_status(s, r, acts.finish, self._summary(nodes))
+            else:
+                start = acts.start
+            if acts.current_batch is not None:
+                r.current_batch = acts.current_batch
+        for host in start:
+            task_key = (rid, host)
+            if task_key not in self._tasks:
+                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+
+    def _busy(self, rid: str, n: RolloutNode, now: dt.datetime) -> bool:
+        if (rid, n.hostname) in self._tasks:
+            return True
+        return not lease_free(n.lease_owner, n.lease_expiry, self.owner, now)
+
+    @staticmethod
+    def _summary(nodes: list[RolloutNode]) -> str:
+        counts: dict[str, int] = {}
+        for n in nodes:
+            counts[n.state] = counts.get(n.state, 0) + 1
+        return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+    @staticmethod
+    def _set_status(s: Session, r: Rollout, status: str, reason: str) -> None:
+        log.info("rollout %s: %s → %s (%s)", r.id, r.status, status, reason)
+        r.status = status
+        r.reason = reason
+        r.updated_at = utcnow()
+        if status not in ACTIVE:
+            r.finished_at = r.updated_at
+            r.lease_owner = None
+            r.lease_expiry = None
+
+    # ---- one node ----------------------------------------------------------------------------
+
+    async def _node_task(self, rid: str, host: str) -> None:
+        try:
+            while not self._stopping:
+                step = self._prepare(rid, host)
+                if step is None:
+                    break
+                outcome = await self._execute(step)
+                self._finish_step(step, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rollout %s: node %s task failed", rid, host)
+        finally:
+            self._tasks.pop((rid, host), None)
+            with contextlib.suppress(Exception):
+                self._release(rid, host)
+            self.wake()
+
+    def _release(self, rid: str, host: str) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
+            if n is not None and n.lease_owner == self.owner:
+                n.lease_owner = None
+                n.lease_expiry = None
+
+    def _is_builder(self, s: Session, n: RolloutNode) -> bool:
+        if not n.build_key:
+            return False
+        b = s.get(Build, n.build_key)
+        return b is not None and b.builder == n.hostname and b.status in ("pending", "building")
+
+    def _prepare(self, rid: str, host: str) -> StepRun | None:
+        """Claim the node, advance it through bookkeeping states, and return the step to run (or None)."""
+        now = utcnow()
+        with self.store.session() as s:
+            r = s.get(Rollout, rid)
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
+            if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, now):
+                return None
+            n.lease_owner, n.lease_expiry = self.owner, now + dt.timedelta(seconds=self.lease_ttl)
+            plan = plan_from_json(n.plan)
+            opts = r.options or {}
+            for _ in range(4):  # bookkeeping moves: planned → first step, waiting → build/install
+                state = State(n.state)
+                if state in TERMINAL:
+                    return None
+                if state == State.PLANNED:
+                    if r.status != "running":
+                        return None
+                    nxt = next_state(plan, self._is_builder(s, n), State.PLANNED)
+                    nxt = self._skip_wait(s, n, nxt)
+                    record(s, rid, n, nxt, f"batch {n.batch} started" + (" (canary)" if n.canary else ""))
+                    if nxt == State.DONE:
+                        return None
+                    continue
+                if state == State.WAITING:
+                    b = s.get(Build, n.build_key) if n.build_key else None
+                    if b is None or b.status == "failed":
+                        record(s, rid, n, State.FAILED, f"build of {n.build_key} failed: "
+                               f"{(b.error if b else None) or 'no build record'}")
+                        return None
+                    if b.status == "succeeded":
+                        record(s, rid, n, State.INSTALL, f"wheel {b.artifact_filename} built on {b.builder}")
+                        continue
+                    if b.builder == host and r.status == "running":
+                        record(s, rid, n, State.BUILD, "this node builds the wheel for its build key")
+                        continue
+                    return None
+                break
+            state = State(n.state)
+            kind = STATE_TO_JOB.get(state)
+            if kind is None:
+                return None
+            if n.job_id is None and n.step_started_at is None:
+                if r.status != ("rolling-back" if state == State.ROLLING_BACK else "running"):
+                    return None  # queued: paused or aborting
+                if state == State.BUILD:
+                    problem = self._artifact_space_problem(int(opts.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)))
+                    b = s.get(Build, n.build_key) if n.build_key else None
+                    if problem:
+                        if b is not None:
+                            b.status, b.error, b.finished_at = "failed", problem, now
+                        record(s, rid, n, State.FAILED, problem)
+                        return None
+                    if b is not None:
+                        b.status, b.builder, b.attempts, b.rollout_id = "building", host, b.attempts + 1, rid
+            timeout = int((opts.get("step_timeouts") or {}).get(kind) or self._default_timeout(kind, plan))
+            if n.step_started_at is None:
+                n.step_started_at = now
+                n.step_deadline = now + dt.timedelta(seconds=timeout)
+            started = n.step_started_at
+            deadline = n.step_deadline or started + dt.timedelta(seconds=timeout)
+            job_vars = self._job_vars(s, r, n, plan, state)
+            return StepRun(rid, host, state, kind, job_vars, timeout, n.job_id, started, deadline)
+        # the session commits here: the step's state and start time are durable before the job is submitted
+
+    def _skip_wait(self, s: Session, n: RolloutNode, nxt: State) -> State:
+        if nxt == State.WAITING and n.build_key:
+            b = s.get(Build, n.build_key)
+            if b is not None and b.status == "succeeded":
+                return State.INSTALL
+        return nxt
+
+    @staticmethod
+    def _default_timeout(kind: str, plan: NodePlan) -> int:
+        if kind == "build-from-source" and plan.build_minutes:
+            return int(min(24 * 3600, max(3600, plan.build_minutes * 60 * 3)))
+        return int(DEFAULT_TIMEOUTS.get(kind, 900))
+
+    def _artifact_space_problem(self, min_free: int) -> str | None:
+        root = self.artifacts_dir
+        if root is None:
+            return None
+        probe = root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError as exc:
+            return f"artifact store {root} unusable: {exc.strerror or exc}"
+        if free < min_free:
+            return (f"artifact store {root} is full: {free // 2**20} MiB free, a built wheel needs up to "
+                    f"{min_free // 2**20} MiB — free space there (or move --state-dir), then "
+                    f"`fleetctl rollout resume ID --retry-failed`")
+        return None
+
+    def _job_vars(self, s: Session, r: Rollout, n: RolloutNode, plan: NodePlan, state: State) -> dict[str, Any]:
+        decision = n.plan.get("decision") or {}
+        out: dict[str, Any] = {"rollout_id": r.id, "flash_attn_version": plan.version, "variant": plan.variant,
+                               "python": n.plan.get("python"), "attempt": n.attempt}
+        if state == State.KEYRING:
+            out["apt_errors"] = n.plan.get("apt_errors", [])
+        elif state == State.TOOLKIT:
+            out["toolkit"] = decision.get("toolkit")
+        elif state == State.BUILD:
+            out["build"] = decision.get("build") or {}
+            out["build_key"] = plan.build_key
+        elif state == State.INSTALL:
+            b = s.get(Build, n.build_key) if n.build_key else None
+            if b is not None and b.status == "succeeded":
+                out.update(wheel_sha256=b.artifact_sha256, wheel_filename=b.artifact_filename)
+            else:
+                out.update(wheel_filename=plan.artifact, wheel_sha256=n.plan.get("artifact_sha256"),
+                           wheel_url=n.plan.get("artifact_url"))
+        elif state == State.ROLLING_BACK:
+            out["previous"] = n.previous
+        return out
+
+    async def _execute(self, step: StepRun) -> JobOutcome:
+        job_id = step.job_id or self._find_job(step)
+        if job_id is None:
+            job_id = await self.jobs.submit_job(step.hostname, step.kind, step.vars, timeout=step.timeout)
+            with self.store.session() as s:
+                n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                       RolloutNode.hostname == step.hostname))
+                if n is not None:
+                    n.job_id = job_id
+                if step.state == State.BUILD and n is not None and n.build_key:
+                    b = s.get(Build, n.build_key)
+                    if b is not None:
+                        b.job_id = job_id
+        else:
+            log.info("rollout %s: %s re-attached to job %s (%s)", step.rollout_id, step.hostname, job_id, step.kind)
+            with self.store.session() as s:
+                n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                       RolloutNode.hostname == step.hostname))
+                if n is not None and n.job_id is None:
+                    n.job_id = job_id
+        step.job_id = job_id
+        remaining = (step.deadline - utcnow()).total_seconds()
+        try:
+            return await self.jobs.wait(job_id, timeout=max(0.0, remaining))
+        except TimeoutError:
+            try:
+                self.jobs.cancel(job_id, f"rollout step deadline ({step.timeout}s) passed")
+            except ConflictError:
+                finished = self.jobs.outcome(job_id)
+                if finished is not None:
+                    return finished
+            return JobOutcome(job_id, "timeout", None, {"vanished": True},
+                              f"no result for {step.kind} within {step.timeout}s: the node's agent is gone or stuck "
+                              f"(`fleetctl node {step.hostname}` shows when it was last seen)")
+
+    def _find_job(self, step: StepRun) -> str | None:
+        """A job for this step submitted before a crash, before its id was recorded."""
+        with self.store.session() as s:
+            rows = s.scalars(select(Job).where(Job.node == step.hostname, Job.kind == step.kind,
+                                               Job.created_at >= step.started_at).order_by(Job.created_at))
+            for row in rows:
+                v = row.vars or {}
+                if v.get("rollout_id") == step.rollout_id and v.get("attempt") == step.vars.get("attempt"):
+                    return row.id
+        return None
+
+    def _finish_step(self, step: StepRun, outcome: JobOutcome) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is None or n.state != str(step.state) or n.job_id not in (None, step.job_id):
+                return
+            r = s.get(Rollout, step.rollout_id)
+            plan = plan_from_json(n.plan)
+            result = dict(n.result or {})
+            result[str(step.state)] = {"job_id": outcome.job_id, "status": outcome.status,
+                                       **{k: v for k, v in (outcome.result or {}).items()
+                                          if k in ("built_wheel", "stats", "verification", "passed", "summary",
+                                                   "vanished", "reasons")}}
+            n.result = result
+            job = outcome.job_id
+            if not outcome.ok:
+                self._fail(s, n, step, outcome)
+                return
+            if step.state == State.ROLLING_BACK:
+                record(s, step.rollout_id, n, State.ROLLED_BACK, "previous flash-attn restored", job_id=job)
+                return
+            if step.state == State.VERIFY:
+                passed, why = verification_verdict(outcome.result or {})
+                if passed:
+                    record(s, step.rollout_id, n, State.DONE, f"verification passed{': ' + why if why else ''}",
+                           job_id=job)
+                else:
+                    n.diagnosis = {"diagnoses": diagnose_text(why)}
+                    record(s, step.rollout_id, n, State.FAILED, f"verification failed: {why}", job_id=job)
+                return
+            if step.state == State.BUILD:
+                problem = self._record_build(s, n, outcome)
+                if problem:
+                    record(s, step.rollout_id, n, State.FAILED, problem, job_id=job)
+                    return
+            builder = step.state == State.BUILD
+            nxt = self._skip_wait(s, n, next_state(plan, builder, step.state))
+            cause = f"{step.kind} succeeded"
+            if nxt == State.WAITING and self._is_builder(s, n) and r is not None:
+                nxt = State.BUILD
+            record(s, step.rollout_id, n, nxt, cause, job_id=job)
+
+    def _record_build(self, s: Session, n: RolloutNode, outcome: JobOutcome) -> str | None:
+        b = s.get(Build, n.build_key) if n.build_key else None
+        wheel = (outcome.result or {}).get("built_wheel") or {}
+        sha = wheel.get("sha256") if isinstance(wheel, Mapping) else None
+        problem = None
+        if not sha:
+            problem = "build finished but reported no built wheel (built_wheel.sha256 missing)"
+        elif self.artifacts is not None:
+            try:
+                self.artifacts.get(sha)
+            except NotFoundError:
+                problem = (f"built wheel {sha[:12]}… never reached the artifact store (upload failed: disk full or "
+                           f"size limit?) — check the controller's state dir, then `fleetctl rollout resume ID "
+                           f"--retry-failed`")
+        if b is not None:
+            b.finished_at = utcnow()
+            if problem:
+                b.status, b.error = "failed", problem
+            else:
+                b.status, b.artifact_sha256 = "succeeded", sha
+                b.artifact_filename = str(wheel.get("filename") or "")
+        return problem
+
+    def _fail(self, s: Session, n: RolloutNode, step: StepRun, outcome: JobOutcome) -> None:
+        text = "\n".join(str(x) for x in (outcome.error, (outcome.result or {}).get("stderr"),
+                                          (outcome.result or {}).get("log")) if x)
+        findings = diagnose_text(text)
+        n.diagnosis = {"diagnoses": findings, "error": (outcome.error or "")[:2000]}
+        cause = f"{step.kind} {outcome.status}: {(outcome.error or 'no error text').splitlines()[0][:500]}"
+        if findings:
+            cause += f" — diagnosis: {findings[0].get('cause', '')}"
+        if step.state == State.BUILD and n.build_key:
+            b = s.get(Build, n.build_key)
+            if b is not None and b.status != "failed":
+                b.status, b.error, b.finished_at = "failed", cause, utcnow()
+        elif n.build_key and self._is_builder(s, n):
+            self._reelect(s, n)
+        record(s, step.rollout_id, n, State.FAILED, cause, job_id=outcome.job_id)
+
+    def _reelect(self, s: Session, failed: RolloutNode) -> None:
+        """The builder failed before building: hand the build to another node of the same key."""
+        b = s.get(Build, failed.build_key)
+        if b is None:
+            return
+        others = [o for o in s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == failed.rollout_id,
+                                                                  RolloutNode.build_key == failed.build_key))
+                  if o.hostname != failed.hostname and State(o.state) not in TERMINAL]
+        others.sort(key=lambda o: (o.batch, o.hostname))
+        if others:
+            b.builder = others[0].hostname
+            log.info("build %s: builder %s failed before building; %s builds instead", b.build_key,
+                     failed.hostname, b.builder)
+        else:
+            b.status, b.error, b.finished_at = "failed", f"builder {failed.hostname} failed and no node is left", \
+                utcnow()
+
+
+def job_is_final(status: str) -> bool:
+    return status in FINAL_STATUSES

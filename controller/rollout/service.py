@@ -1,0 +1,439 @@
+"""Rollout operations behind the HTTP API: plan (dry run), start, status, list, pause, resume, abort, rollback.
+
+Everything here is a short DB transaction; the engine (``controller.rollout.engine``) does the work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from controller.audit import audit
+from controller.rollout.core import (
+    TERMINAL,
+    NodeInfo,
+    NodePlan,
+    State,
+    choose_canaries,
+    group_builds,
+    parse_batches,
+    parse_budget,
+    parse_selector,
+    schedule_batches,
+    select_nodes,
+)
+from controller.rollout.engine import ACTIVE, record
+from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
+from controller.store import Store, utcnow
+from controller.store.models import Node
+from fleet.errors import ConflictError, FactsError, NotFoundError, UsageError
+from fleet.facts import parse_node
+
+_create_lock = threading.Lock()
+MAX_PARALLEL_DEFAULT = 50
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    version: str | None = None
+    nodes: str | None = None
+    canary: int | None = None
+    batch: str | None = None
+    max_parallel: int | None = None
+    max_failures: str | None = None
+    dry_run: bool = False
+    step_timeouts: Mapping[str, int] = field(default_factory=dict)
+    min_free_bytes: int | None = None
+    actor: str = "admin"
+
+
+@dataclass
+class PlannedNode:
+    plan: NodePlan
+    decision: dict[str, Any]
+    python: str | None
+    previous: dict[str, Any] | None
+    apt_errors: list[str]
+    skip_reason: str | None = None
+    artifact_url: str | None = None
+    batch: int = -1
+    canary: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.plan
+        return {"hostname": p.hostname, "gpu": p.gpu, "variant": p.variant, "version": p.version,
+                "steps": list(p.steps), "build_key": p.build_key, "artifact": p.artifact,
+                "build_minutes": p.build_minutes, "reasons": list(p.reasons), "decision": self.decision,
+                "python": self.python, "apt_errors": self.apt_errors, "artifact_url": self.artifact_url}
+
+
+@dataclass
+class RolloutPlan:
+    version: str
+    selector: str
+    nodes: list[PlannedNode]
+    batches: list[list[str]]
+    canaries: list[str]
+    builders: dict[str, str]
+    reused_builds: dict[str, str]
+    options: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        minutes = {n.plan.build_key: n.plan.build_minutes for n in self.nodes if n.plan.build_key}
+        every = sum(n.plan.build_minutes for n in self.nodes if n.plan.builds and n.skip_reason is None)
+        once = sum(minutes[k] for k in self.builders)
+        return {
+            "version": self.version, "selector": self.selector, "options": self.options,
+            "canaries": self.canaries, "batches": self.batches,
+            "builds": [{"build_key": k, "builder": h,
+                        "waiting": sorted(n.plan.hostname for n in self.nodes
+                                          if n.plan.build_key == k and n.plan.hostname != h and n.skip_reason is None),
+                        "estimated_minutes": minutes.get(k, 0)} for k, h in sorted(self.builders.items())],
+            "reused_builds": self.reused_builds,
+            "build_minutes": {"once_per_key": once, "on_every_node": every},
+            "nodes": [{**n.to_json(), "batch": n.batch, "canary": n.canary, "skip": n.skip_reason}
+                      for n in self.nodes],
+        }
+
+
+def _catalog(state_dir: Path | None) -> Any:
+    from controller.catalog import default_catalog
+
+    return default_catalog(state_dir)
+
+
+def _node_info(row: Node) -> NodeInfo:
+    gpus = (row.facts or {}).get("gpus") or []
+    gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], Mapping) else None
+    profile = (row.extra or {}).get("profile")
+    return NodeInfo(row.hostname, gpu, profile if isinstance(profile, str) else None, row.status)
+
+
+def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
+                 catalog: Any = None) -> RolloutPlan:
+    """Select, resolve and schedule, without writing anything."""
+    from controller.resolver import Policy, resolve
+
+    selector = parse_selector(req.nodes)
+    sizes = parse_batches(req.batch)
+    budget = parse_budget(req.max_failures)
+    if req.max_parallel is not None and req.max_parallel < 1:
+        raise UsageError(f"--max-parallel {req.max_parallel} must be at least 1", hint="e.g. --max-parallel 10")
+    catalog = catalog if catalog is not None else _catalog(state_dir)
+    releases: Sequence[str] = catalog.releases
+    version = req.version or catalog.newest_release
+    if version is None:
+        raise NotFoundError("the wheel catalog lists no FlashAttention 2 release",
+                            hint="add a catalog (`fleetctl catalog`)")
+    if version not in releases:
+        shown = ", ".join(list(releases)[-15:])
+        raise NotFoundError(f"flash-attn {version} is not in the catalog",
+                            hint=f"known releases: {shown} (pick one with --version)")
+    policy = Policy(version=Policy.check_version(version))
+    with store.session() as s:
+        rows = list(s.scalars(select(Node)))
+        chosen = {n.hostname for n in select_nodes(selector, [_node_info(r) for r in rows])}
+        rows = sorted((r for r in rows if r.hostname in chosen), key=lambda r: r.hostname)
+        builds_done = {b.build_key: b.artifact_filename or b.artifact_sha256 or "" for b in
+                       s.scalars(select(Build).where(Build.status == "succeeded"))}
+    planned: list[PlannedNode] = []
+    for row in rows:
+        info = _node_info(row)
+        try:
+            facts = parse_node(row.facts)
+        except FactsError as exc:
+            planned.append(PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
+                                       skip_reason=f"facts unreadable: {exc.message}"))
+            continue
+        d = resolve(facts, catalog, policy)
+        build = d.build
+        np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
+                      version=d.flash_attn_version, build_key=build.build_key if build else None,
+                      artifact=d.artifact, build_minutes=float(build.estimated_minutes) if build else 0.0,
+                      reasons=tuple(d.reasons))
+        skip = None
+        if np.skipped:
+            skip = f"{d.variant}: {d.reasons[0] if d.reasons else 'nothing to install'}"
+        elif row.status == "offline":
+            skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
+        previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
+        planned.append(PlannedNode(np, d.to_json(), facts.python.executable, previous,
+                                   list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url))
+    active = [p for p in planned if p.skip_reason is None]
+    canaries = choose_canaries([p.plan for p in active], req.canary)
+    batches = schedule_batches([p.plan.hostname for p in active], sizes, canaries)
+    for i, b in enumerate(batches):
+        for h in b:
+            p = next(x for x in planned if x.plan.hostname == h)
+            p.batch, p.canary = i, h in canaries
+    needing = [p.plan for p in active if p.plan.builds and p.plan.build_key not in builds_done]
+    builders = group_builds(needing, batches)
+    reused = {p.plan.build_key: builds_done[p.plan.build_key] for p in active
+              if p.plan.builds and p.plan.build_key in builds_done and p.plan.build_key}
+    options = {"batch": ",".join(str(x) for x in sizes), "canary": req.canary, "canary_batch": bool(canaries),
+               "max_failures": str(budget), "max_parallel": req.max_parallel or MAX_PARALLEL_DEFAULT,
+               "step_timeouts": dict(req.step_timeouts)}
+    if req.min_free_bytes is not None:
+        options["min_free_bytes"] = req.min_free_bytes
+    return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
+
+
+def _new_id() -> str:
+    return f"r-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
+                  catalog: Any = None) -> dict[str, Any]:
+    """Plan and persist a rollout (the engine picks it up). Refuses nodes already in an active rollout."""
+    plan = plan_rollout(store, req, state_dir=state_dir, catalog=catalog)
+    if req.dry_run:
+        return {"dry_run": True, **plan.to_json()}
+    hosts = [p.plan.hostname for p in plan.nodes]
+    with _create_lock, store.session() as s:
+        clash = s.execute(select(RolloutNode.rollout_id, RolloutNode.hostname)
+                          .join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                          .where(Rollout.status.in_(ACTIVE), RolloutNode.hostname.in_(hosts))).all()
+        if clash:
+            ids = sorted({c[0] for c in clash})
+            shown = ", ".join(sorted(c[1] for c in clash)[:8])
+            raise ConflictError(f"{len(clash)} selected node(s) already in active rollout {', '.join(ids)}: {shown}",
+                                hint=f"wait for it, or `fleetctl rollout abort {ids[0]}`; or narrow --nodes")
+        now = utcnow()
+        rid = _new_id()
+        s.add(Rollout(id=rid, version=plan.version, selector=plan.selector, options=plan.options, status="running",
+                      reason="", created_by=req.actor, created_at=now, updated_at=now, finished_at=None,
+                      current_batch=0, batches=len(plan.batches), canary_ack=False))
+        s.flush()
+        for p in plan.nodes:
+            row = RolloutNode(rollout_id=rid, hostname=p.plan.hostname, batch=max(p.batch, 0), canary=p.canary,
+                              plan=p.to_json(), previous=p.previous, build_key=p.plan.build_key,
+                              state=str(State.PLANNED), attempt=1, cause="planned", result={}, updated_at=now)
+            s.add(row)
+            s.add(RolloutTransition(rollout_id=rid, hostname=p.plan.hostname, from_state="", to_state="planned",
+                                    at=now, cause=f"{p.plan.variant}: {', '.join(p.plan.steps) or 'no steps'}",
+                                    actor=req.actor))
+            if p.skip_reason:
+                record(s, rid, row, State.SKIPPED, p.skip_reason, actor=req.actor)
+        for key, builder in plan.builders.items():
+            b = s.get(Build, key)
+            params = next((p.decision.get("build") or {}) for p in plan.nodes if p.plan.build_key == key)
+            if b is None:
+                s.add(Build(build_key=key, status="pending", rollout_id=rid, builder=builder, params=params,
+                            created_at=now, attempts=0))
+            elif b.status in ("failed", "pending") or b.rollout_id is None or not _rollout_active(s, b.rollout_id):
+                b.status, b.builder, b.rollout_id, b.error, b.params = "pending", builder, rid, None, params
+    audit(store, req.actor, "rollout.start", rid, version=plan.version, selector=plan.selector,
+          nodes=len(hosts), options=plan.options)
+    return {"id": rid, **plan.to_json()}
+
+
+def _rollout_active(s: Session, rid: str) -> bool:
+    r = s.get(Rollout, rid)
+    return r is not None and r.status in ACTIVE
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def _get(s: Session, rid: str | None) -> Rollout:
+    if rid is None:
+        r = s.scalar(select(Rollout).order_by(Rollout.created_at.desc()).limit(1))
+        if r is None:
+            raise NotFoundError("no rollout yet", hint="start one: `fleetctl rollout flash-attn`")
+        return r
+    r = s.get(Rollout, rid)
+    if r is None:
+        raise NotFoundError(f"no rollout {rid!r}", hint="see `fleetctl rollout list`")
+    return r
+
+
+def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[str, Any]:
+    nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)
+                           .order_by(RolloutNode.batch, RolloutNode.hostname)))
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n.state] = counts.get(n.state, 0) + 1
+    keys = {n.build_key for n in nodes if n.build_key}
+    builds = list(s.scalars(select(Build).where(Build.build_key.in_(keys)))) if keys else []
+    tq = select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(RolloutTransition.id)
+    if since is not None:
+        tq = tq.where(RolloutTransition.id > since)
+    transitions = list(s.scalars(tq.limit(5000)))
+    batches: dict[int, dict[str, int]] = {}
+    for n in nodes:
+        b = batches.setdefault(n.batch, {"total": 0, "done": 0, "failed": 0, "skipped": 0, "active": 0})
+        b["total"] += 1
+        st = State(n.state)
+        if st == State.DONE:
+            b["done"] += 1
+        elif st == State.FAILED:
+            b["failed"] += 1
+        elif st in (State.SKIPPED, State.ROLLED_BACK):
+            b["skipped"] += 1
+        else:
+            b["active"] += 1
+    opts = r.options or {}
+    budget = parse_budget(opts.get("max_failures"))
+    total = sum(1 for n in nodes if n.state != State.SKIPPED)
+    return {
+        "id": r.id, "version": r.version, "selector": r.selector, "status": r.status, "reason": r.reason,
+        "created_by": r.created_by, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
+        "finished_at": _iso(r.finished_at), "current_batch": r.current_batch, "batches": r.batches,
+        "options": opts, "counts": counts,
+        "budget": {"max_failures": str(budget), "allowed": budget.allowed(total), "failed": counts.get("failed", 0)},
+        "batch_progress": [{"batch": k, **v} for k, v in sorted(batches.items())],
+        "builds": [{"build_key": b.build_key, "status": b.status, "builder": b.builder,
+                    "artifact_sha256": b.artifact_sha256, "artifact_filename": b.artifact_filename,
+                    "job_id": b.job_id, "error": b.error, "attempts": b.attempts} for b in builds],
+        "nodes": [{"hostname": n.hostname, "batch": n.batch, "canary": n.canary, "state": n.state,
+                   "step": n.step, "job_id": n.job_id, "in_step": n.step is not None and n.job_id is not None,
+                   "step_started_at": _iso(n.step_started_at), "step_deadline": _iso(n.step_deadline),
+                   "attempt": n.attempt, "cause": n.cause, "diagnosis": n.diagnosis,
+                   "variant": n.plan.get("variant"), "gpu": n.plan.get("gpu"), "build_key": n.build_key,
+                   "lease_owner": n.lease_owner, "updated_at": _iso(n.updated_at)} for n in nodes],
+        "transitions": [{"id": t.id, "hostname": t.hostname, "from": t.from_state, "to": t.to_state,
+                         "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
+                        for t in transitions],
+        "active": r.status in ACTIVE,
+    }
+
+
+def get_status(store: Store, rid: str | None, *, since: int | None = None) -> dict[str, Any]:
+    with store.session() as s:
+        return rollout_json(s, _get(s, rid), since=since)
+
+
+def list_rollouts(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+    with store.session() as s:
+        rows = list(s.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)))
+        out = []
+        for r in rows:
+            counts = dict(s.execute(select(RolloutNode.state, func.count()).where(RolloutNode.rollout_id == r.id)
+                                    .group_by(RolloutNode.state)).tuples().all())
+            out.append({"id": r.id, "version": r.version, "selector": r.selector, "status": r.status,
+                        "reason": r.reason, "created_by": r.created_by, "created_at": _iso(r.created_at),
+                        "finished_at": _iso(r.finished_at), "counts": counts})
+        return out
+
+
+def audit_entries(store: Store, rid: str) -> list[dict[str, Any]]:
+    from controller.store.models import AuditLog
+
+    with store.session() as s:
+        rows = s.scalars(select(AuditLog).where(AuditLog.target == rid).order_by(AuditLog.id))
+        return [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action, "detail": a.detail} for a in rows]
+
+
+def _store(target: Any) -> Store:
+    """Accept a Store or anything carrying one (the ControllerContext, as the dashboard passes)."""
+    store: Store = target if isinstance(target, Store) else target.store
+    return store
+
+
+def pause(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+    store = _store(target)
+    with store.session() as s:
+        r = _get(s, rid)
+        if r.status != "running":
+            raise ConflictError(f"rollout {r.id} is {r.status}, not running", hint="only a running rollout pauses")
+        r.status, r.reason, r.updated_at = "paused", f"paused by {actor}", utcnow()
+    audit(store, actor, "rollout.pause", rid)
+    return get_status(store, rid)
+
+
+def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = False,
+           max_failures: str | None = None) -> dict[str, Any]:
+    store = _store(target)
+    with store.session() as s:
+        r = _get(s, rid)
+        if r.status != "paused":
+            raise ConflictError(f"rollout {r.id} is {r.status}, not paused", hint="only a paused rollout resumes")
+        opts = dict(r.options or {})
+        if max_failures is not None:
+            opts["max_failures"] = str(parse_budget(max_failures))
+        nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)))
+        retried = 0
+        if retry_failed:
+            for n in nodes:
+                if n.state == State.FAILED:
+                    record(s, r.id, n, State.PLANNED, f"retry requested by {actor}", actor=actor)
+                    n.attempt += 1
+                    n.diagnosis = None
+                    retried += 1
+                    if n.build_key:
+                        b = s.get(Build, n.build_key)
+                        if b is not None and b.status == "failed":
+                            b.status, b.builder, b.error, b.rollout_id = "pending", n.hostname, None, r.id
+        failed = sum(1 for n in nodes if n.state == State.FAILED)
+        total = sum(1 for n in nodes if n.state != State.SKIPPED)
+        budget = parse_budget(opts.get("max_failures"))
+        if failed > budget.allowed(total):
+            raise ConflictError(f"rollout {r.id} would pause again at once: {failed} failed, "
+                                f"--max-failures {budget} allows {budget.allowed(total)}",
+                                hint=f"raise the budget (`fleetctl rollout resume {r.id} --max-failures N`) or "
+                                     f"retry the failed nodes (`--retry-failed`)")
+        r.options = opts
+        r.canary_ack = True
+        r.status, r.reason, r.updated_at = "running", f"resumed by {actor}", utcnow()
+    audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures)
+    return get_status(store, rid)
+
+
+def abort(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+    store = _store(target)
+    with store.session() as s:
+        r = _get(s, rid)
+        if r.status not in ("running", "paused"):
+            raise ConflictError(f"rollout {r.id} is {r.status}", hint="only a running or paused rollout aborts")
+        r.status, r.reason, r.updated_at = "aborting", f"aborted by {actor}", utcnow()
+    audit(store, actor, "rollout.abort", rid)
+    return get_status(store, rid)
+
+
+def rollback(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+    """Restore each touched node's previous flash-attn (rollback playbook). The rollout must be finished."""
+    store = _store(target)
+    with store.session() as s:
+        r = _get(s, rid)
+        if r.status in ("running", "aborting", "rolling-back"):
+            raise ConflictError(f"rollout {r.id} is {r.status}",
+                                hint=f"pause or abort it first (`fleetctl rollout abort {r.id}`), then roll back")
+        if r.status == "rolled-back":
+            raise ConflictError(f"rollout {r.id} is already rolled back", hint="nothing to do")
+        hosts = [n for n in s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id))]
+        clash = s.execute(select(RolloutNode.rollout_id, RolloutNode.hostname)
+                          .join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                          .where(Rollout.status.in_(ACTIVE), Rollout.id != r.id,
+                                 RolloutNode.hostname.in_([n.hostname for n in hosts]))).all()
+        if clash:
+            raise ConflictError(f"nodes of {r.id} are in active rollout {clash[0][0]}",
+                                hint=f"abort {clash[0][0]} first")
+        touched = 0
+        for n in hosts:
+            moved = [t for t in s.scalars(select(RolloutTransition).where(
+                RolloutTransition.rollout_id == r.id, RolloutTransition.hostname == n.hostname,
+                RolloutTransition.from_state.in_(("keyring", "toolkit", "build", "install", "verify"))))]
+            st = State(n.state)
+            if st not in TERMINAL and n.job_id is not None:
+                raise ConflictError(f"node {n.hostname} is in the middle of {n.step} (job {n.job_id})",
+                                    hint="wait for its step to finish (`fleetctl rollout status`), then roll back")
+            if st in (State.DONE, State.FAILED) or (st == State.SKIPPED and moved):
+                record(s, r.id, n, State.ROLLING_BACK, f"rollback requested by {actor}", actor=actor)
+                touched += 1
+            elif st not in TERMINAL:
+                record(s, r.id, n, State.SKIPPED, f"rollback requested by {actor} before this node was touched",
+                       actor=actor)
+        r.status = "rolling-back" if touched else "rolled-back"
+        r.reason, r.updated_at = f"rollback requested by {actor}", utcnow()
+        r.finished_at = None if touched else r.updated_at
+    audit(store, actor, "rollout.rollback", rid, nodes=touched)
+    return get_status(store, rid)
