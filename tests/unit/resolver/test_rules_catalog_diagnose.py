@@ -1,0 +1,182 @@
+"""Upstream facts vs the packaged matrix, catalog parsing and storage, and error signatures."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from controller.catalog import (
+    Catalog,
+    add_user_wheels,
+    builtin_catalog,
+    default_catalog,
+    load_user_catalog,
+    parse_catalog_text,
+    parse_wheel_filename,
+)
+from controller.diagnose import PLAN_CHANGES, diagnose, signatures
+from controller.resolver import rules
+from fleet.errors import CatalogError
+
+MATRIX = json.loads(resources.files("controller.data").joinpath("flash_attn_wheel_matrix.json").read_text())
+RELEASES = [r for r in MATRIX if r.get("tag")]
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=[r["release"] for r in RELEASES])
+def test_version_rules_agree_with_each_tag(release: dict[str, object]) -> None:
+    setup = release["setup_py"]
+    assert isinstance(setup, dict)
+    version = str(release["release"])
+    assert f">={rules.fmt_mm(rules.python_floor(version))}" == setup["python_requires"]
+    assert rules.fmt_mm(rules.min_nvcc(version)) == setup["min_nvcc"]
+    assert [str(a) for a in rules.source_archs(version)] == setup["sm_gencode_uncommented"]
+    for filename in release.get("expected_wheel_filenames") or []:  # the cu tag format per release
+        tag = parse_wheel_filename(str(filename)).cuda_tag
+        assert len(tag) == (4 if setup["wheel_cuda_tag"] == "major" else 5)
+
+
+@pytest.mark.parametrize(("release", "torch_cuda", "torch_mm", "tag"), [
+    ("2.2.0", "12.1", "2.1", "cu121"), ("2.3.0", "12.1", "2.1", "cu122"), ("2.3.0", "12.1", "2.2", "cu121"),
+    ("2.5.8", "12.4", "2.3", "cu122"), ("2.5.8", "11.7", "2.0", "cu118"), ("2.6.3", "12.6", "2.4", "cu123"),
+    ("2.7.0", "11.8", "2.3", "cu11"), ("2.8.3", "13.0", "2.9", "cu12"), ("2.8.3.post1", "13.0", "2.9", "cu13"),
+    ("2.8.3.post1", "12.8", "2.7", "cu12"),
+])
+def test_cu_tag_per_release(release: str, torch_cuda: str, torch_mm: str, tag: str) -> None:
+    assert rules.wheel_cuda_tag(release, torch_cuda, torch_mm) == tag
+
+
+def test_builtin_catalog() -> None:
+    catalog = builtin_catalog()
+    assert catalog.newest_release == "2.8.3.post1"
+    w = catalog.lookup("2.8.3.post1", "cu12", "2.7", True, "cp312", "linux_x86_64")[0]
+    assert w.min_glibc == "2.35" and w.cuda_archs == (80, 90, 100, 120)
+    assert w.url == ("https://github.com/Dao-AILab/flash-attention/releases/download/v2.8.3.post1/"
+                     "flash_attn-2.8.3.post1+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.whl")
+    assert catalog.lookup("2.7.4.post1", "cu12", "2.6", True, "cp312", "linux_x86_64")[0].min_glibc == "2.31"
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("flash-attn-2.8.3.tar.gz", "does not start with 'flash_attn-'"),
+    ("flash_attn-2.8.3-cp312-cp312-linux_x86_64.whl", "has no local version part"),
+    ("flash_attn-2.8.3+torch2.7-cp312-cp312-linux_x86_64.whl", "does not start with a CUDA tag"),
+    ("flash_attn-2.8.3+cu12cxx11abiTRUE-cp312-cp312-linux_x86_64.whl", "has no torch major.minor"),
+    ("flash_attn-2.8.3+cu12torch2.7-cp312-cp312-linux_x86_64.whl", "has no 'cxx11abiTRUE'"),
+    ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-py3-none-any.whl", "has no CPython tags"),
+    ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-win_amd64.whl", "platform is not"),
+    ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.zip", "does not end with '.whl'"),
+])
+def test_malformed_wheel_names(name: str, problem: str) -> None:
+    with pytest.raises(CatalogError, match=problem):
+        parse_wheel_filename(name)
+
+
+def test_catalog_formats_and_errors(tmp_path: Path) -> None:
+    good = "flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"
+    text = parse_catalog_text(f"# mirror\n{good}\n\n", "catalog-file", "c.txt")
+    assert len(text) == 1 and text.wheels[0].min_glibc is None
+    js = parse_catalog_text(json.dumps({"wheels": [{"filename": good, "url": "http://m/x.whl", "sha256": "ab" * 32,
+                                                    "min_glibc": "2.35"}]}), "catalog-file", "c.json")
+    assert js.wheels[0].url == "http://m/x.whl"
+    with pytest.raises(CatalogError, match=r"c.txt line 2: malformed wheel filename 'nope.whl'"):
+        parse_catalog_text(f"{good}\nnope.whl\n", "catalog-file", "c.txt")
+    with pytest.raises(CatalogError, match="field sha256 must be 64 lowercase hex"):
+        parse_catalog_text(json.dumps({"wheels": [{"filename": good, "sha256": "xyz"}]}), "catalog-file", "c.json")
+    with pytest.raises(CatalogError, match="field min_glibc"):
+        parse_catalog_text(json.dumps({"wheels": [{"filename": good, "min_glibc": "new"}]}), "catalog-file", "c")
+    with pytest.raises(CatalogError, match='expected an object with a "wheels" list'):
+        parse_catalog_text('{"wheel": []}', "catalog-file", "c.json")
+    with pytest.raises(CatalogError, match="not valid JSON"):
+        parse_catalog_text('{"wheels": [', "catalog-file", "c.json")
+
+
+def test_user_catalog_roundtrip_and_precedence(tmp_path: Path) -> None:
+    name = "flash_attn-2.8.3.post1+cu13torch2.11cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"
+    wheel = parse_catalog_text(name, "catalog-file", "x").wheels[0]
+    path, added = add_user_wheels(tmp_path, Catalog([wheel]))
+    assert added == 1 and path == tmp_path / "catalog.json"
+    assert add_user_wheels(tmp_path, Catalog([wheel]))[1] == 0
+    assert load_user_catalog(tmp_path).wheels[0].origin == "user"
+    merged = default_catalog(tmp_path)
+    assert merged.lookup("2.8.3.post1", "cu13", "2.11", True, "cp312", "linux_x86_64")[0].origin == "user"
+    assert len(merged) == len(builtin_catalog()) + 1
+
+
+def test_local_wheels_win_over_upstream() -> None:
+    name = "flash_attn-2.8.3.post1+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"
+    catalog = builtin_catalog().with_local_wheels([{"filename": name, "sha256": "0" * 64, "url": "http://ctl/a"}])
+    assert catalog.lookup("2.8.3.post1", "cu12", "2.7", True, "cp312", "linux_x86_64")[0].origin == "artifact-store"
+    with pytest.raises(CatalogError, match="artifact store wheel #0"):
+        builtin_catalog().with_local_wheels([{"filename": "bad.whl"}])
+
+
+# Realistic output lines for every signature (from the cited issues / source code messages).
+SAMPLES = {
+    "abi_mismatch_cxx11": "ImportError: /venv/lib/python3.10/site-packages/flash_attn_2_cuda.cpython-310-x86_64-linux-"
+                          "gnu.so: undefined symbol: _ZN3c105ErrorC2ENS_14SourceLocationESs",
+    "torch_version_mismatch": "ImportError: /venv/flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so: undefined symbol:"
+                              " _ZNK3c106SymInt6sym_neERKS0_",
+    "gpu_too_old_fa2": "RuntimeError: FlashAttention only supports Ampere GPUs or newer.",
+    "gpu_unsupported_fa1": "RuntimeError: Expected is_sm90 || is_sm8x || is_sm75 to be true, but got false.",
+    "nvcc_missing": "OSError: CUDA_HOME environment variable is not set. Please set it to your CUDA install root.",
+    "nvcc_too_old": "RuntimeError: FlashAttention is only supported on CUDA 11.7 and above.  Note: make sure nvcc "
+                    "has a supported version by running nvcc -V.",
+    "fa3_cuda_too_old": "RuntimeError: FlashAttention-3 is only supported on CUDA 12.3 and above",
+    "nvcc_torch_cuda_major_mismatch": "RuntimeError:\nThe detected CUDA version (11.8) mismatches the version that "
+                                      "was used to compile\nPyTorch (12.1). Please make sure to use the same CUDA "
+                                      "versions.",
+    "no_kernel_image": "torch.AcceleratorError: CUDA error: no kernel image is available for execution on the device",
+    "nvcc_unsupported_arch": "nvcc fatal   : Unsupported gpu architecture 'compute_120'",
+    "compile_oom": "g++: fatal error: Killed signal terminated program cc1plus\ncompilation terminated.",
+    "ninja_missing_slow_build": "UserWarning: Attempted to use ninja as the BuildExtension backend but we could not "
+                                "find ninja.. Falling back to using the slow distutils backend.",
+    "build_isolation_no_torch": "      ModuleNotFoundError: No module named 'torch'",
+    "no_prebuilt_wheel_fallback": "      Guessing wheel URL:  https://github.com/Dao-AILab/flash-attention/releases/"
+                                  "download/v2.8.3/flash_attn-2.8.3+cu12torch2.9cxx11abiTRUE-cp312-cp312-linux_x86_64"
+                                  ".whl\n      Precompiled wheel not found. Building from source...",
+    "http_404_red_herring": "urllib.error.HTTPError: HTTP Error 404: Not Found",
+    "network_blocked_wheel_download": "urllib.error.URLError: <urlopen error [Errno -3] Temporary failure in name "
+                                      "resolution>",
+    "glibc_too_old": "ImportError: /lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.32' not found (required by "
+                     "/venv/lib/python3.8/site-packages/flash_attn_2_cuda.cpython-38-x86_64-linux-gnu.so)",
+    "cudart_major_mismatch": "ImportError: libcudart.so.12: cannot open shared object file: No such file or directory",
+    "gcc_too_new_for_nvcc": "/usr/local/cuda/include/crt/host_config.h:143:2: error: #error -- unsupported GNU "
+                            "version! gcc versions later than 12 are not supported!",
+    "ptx_toolchain_newer_than_driver": "RuntimeError: CUDA error: the provided PTX was compiled with an unsupported "
+                                       "toolchain.",
+    "transformers_fa2_not_installed": "ImportError: FlashAttention2 has been toggled on, but it cannot be used due "
+                                      "to the following error: the package flash_attn seems to be not installed.",
+    "fa2_dtype": "RuntimeError: FlashAttention only support fp16 and bf16 data type",
+    "fa4_unsupported_cc": "AssertionError: Unsupported compute capability. Supported: 8.x, 9.x, 10.x, 11.x, 12.x",
+    "cutedsl_insufficient_driver": "cuda.bindings.runtime error: cudaErrorInsufficientDriver (Error Code: 35)",
+    "git_missing_old_setup": "FileNotFoundError: [Errno 2] No such file or directory: 'git'",
+    "sdpa_flash_backend_unavailable": "UserWarning: Flash attention only supports gpu architectures in the range "
+                                      "[sm80, sm121]. Attempting to run on a sm 7.5 gpu.",
+    "apt_repo_key": "W: GPG error: https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2204/x86_64  "
+                    "InRelease: The following signatures couldn't be verified because the public key is not "
+                    "available: NO_PUBKEY A4B469963BF863CC",
+}
+
+
+def test_every_signature_has_a_sample_and_a_plan_change() -> None:
+    ids = {s.id for s in signatures()}
+    assert ids == set(SAMPLES) == set(PLAN_CHANGES)
+
+
+@pytest.mark.parametrize("sig_id", sorted(SAMPLES))
+def test_signature_matches_real_text(sig_id: str) -> None:
+    found = diagnose(f"some preamble\n{SAMPLES[sig_id]}\nmore output\n")
+    assert sig_id in [d.id for d in found]
+    hit = next(d for d in found if d.id == sig_id)
+    assert hit.line >= 2 and hit.cause and hit.remedy and hit.action
+
+
+def test_cxx11_variant_and_ordering() -> None:
+    cxx11 = ("flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_string"
+             "IcSt11char_traitsIcESaIcEEE")
+    assert [d.id for d in diagnose(cxx11)] == ["abi_mismatch_cxx11"]
+    log = f"{SAMPLES['http_404_red_herring']}\nDuring handling of the above exception\n{SAMPLES['compile_oom']}"
+    assert [d.id for d in diagnose(log)][:2] == ["compile_oom", "http_404_red_herring"]
+    assert diagnose("all good\n") == []
