@@ -416,13 +416,13 @@ async def rollout_action(request: Request, rollout_id: str, action: str) -> Resp
         return JSONResponse({"error": f"unknown action {action}"}, status_code=404)
     st = _state(request)
     try:
-        message = await asyncio.to_thread(sources.rollout_action, st.ctx, rollout_id, action, f"user:{user.name}")
+        message = await asyncio.to_thread(sources.rollout_action, st.ctx, rollout_id, action, f"user:{user.name}",
+                                          engine=getattr(request.app.state, "rollout_engine", None))
         ok = True
     except FleetError as exc:
         message, ok = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""), False
-    with st.store.session() as s:
-        _audit(s, f"user:{user.name}", f"rollout.{action}" + ("" if ok else ".failed"), rollout_id,
-               {"message": message})
+        with st.store.session() as s:
+            _audit(s, f"user:{user.name}", f"rollout.{action}.refused", rollout_id, {"message": message})
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"ok": ok, "message": message}, status_code=200 if ok else 409)
     return RedirectResponse(f"/rollouts/{rollout_id}?" + urlencode({"msg": message}), status_code=303)

@@ -184,21 +184,25 @@ def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
     return detail
 
 
-def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str) -> str:
-    """pause | resume | abort | rollback through the rollout service; returns a message for the page."""
+def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str, *, engine: Any = None) -> str:
+    """pause | resume | abort | rollback through controller.rollout.service (which audits it); wakes the
+    rollout engine when one runs in this process. Returns a message for the page."""
     from fleet.errors import ConflictError
     try:
-        from controller.rollout import service  # type: ignore[attr-defined, unused-ignore]
+        from controller.rollout import service
     except ImportError:
         raise ConflictError("rollout controls are not available in this controller yet",
                             hint="use `fleetctl rollout pause|resume|abort|rollback` once rollouts land") from None
     fn = getattr(service, action, None)
     if fn is None:
         raise ConflictError(f"the rollout service has no {action!r}", hint="update the controller")
-    result = fn(ctx, rollout_id, actor=actor)
-    if isinstance(result, dict):
-        return str(result.get("message") or f"{action}: {result.get('status', 'ok')}")
-    return str(result) if result else f"rollout {rollout_id}: {action} requested"
+    result = fn(ctx.store, rollout_id, actor)
+    if engine is not None and hasattr(engine, "wake"):
+        engine.wake()
+    status = result.get("status") if isinstance(result, dict) else None
+    if isinstance(status, dict):
+        status = status.get("status")
+    return f"{action} requested by {actor}" + (f"; rollout is now {status}" if isinstance(status, str) else "")
 
 
 def node_rollout_failures(session: Session, hostname: str) -> list[dict[str, Any]]:

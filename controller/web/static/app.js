@@ -93,9 +93,9 @@
     for (const b of document.querySelectorAll("button.act")) {
       const a = b.dataset.action;
       const s = r.status;
-      const finished = ["finished", "completed", "succeeded", "failed", "aborted", "rolled_back", "rolled-back"].includes(s);
-      b.disabled = (a === "pause" && (s === "paused" || finished)) || (a === "resume" && s !== "paused") ||
-        (a === "abort" && finished) || (a === "rollback" && (s === "rolled_back" || s === "rolling_back"));
+      b.disabled = (a === "pause" && s !== "running") || (a === "resume" && s !== "paused") ||
+        (a === "abort" && !["running", "paused"].includes(s)) ||
+        (a === "rollback" && ["running", "aborting", "rolling-back", "rolled-back"].includes(s));
     }
   }
 
