@@ -178,16 +178,15 @@ class SimFaults:
         if unknown:
             raise InputError(f"unknown simulated verification fault(s): {', '.join(unknown)}",
                              hint="known: " + ", ".join(sorted(known)))
-        imp = obj.get("import_error")
-        if imp is True:
-            imp = UNDEFINED_SYMBOL
-        if imp is not None and not isinstance(imp, str | bool):
+        raw = obj.get("import_error")
+        if raw is not None and not isinstance(raw, str | bool):
             raise InputError("verify_faults.import_error must be true or an error text")
+        imp: str | None = UNDEFINED_SYMBOL if raw is True else (raw or None)
         slowdown = float(obj.get("slowdown", 0.0) or 0.0)
         if not 0.0 <= slowdown < 1.0:
             raise InputError(f"verify_faults.slowdown must be in [0, 1), got {slowdown}")
         oom = obj.get("oom_above_seqlen", obj.get("oom_above"))
-        return cls(import_error=imp or None, slowdown=slowdown, nan=bool(obj.get("nan", False)),
+        return cls(import_error=imp, slowdown=slowdown, nan=bool(obj.get("nan", False)),
                    hang=bool(obj.get("hang", False)), oom_above_seqlen=int(oom) if oom is not None else None,
                    no_gpu=bool(obj.get("no_gpu", False)))
 
@@ -331,8 +330,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
             continue
         correctness.append(CorrectnessEntry(
             status="ok", fwd_rel_err=round(unit * r.uniform(0.85, 1.1), 7),
-            dq_rel_err=round(unit * 1.1 * r.uniform(0.9, 1.1), 7), dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7),
-            dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
+            dq_rel_err=round(unit * 1.1 * r.uniform(0.9, 1.1), 7),
+            dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
     if not fa.import_ok:
         correctness.append(CorrectnessEntry(impl="flash_attn", status="skipped", simulated=True,
                                             reason="flash_attn not importable (see flash_attn.error)"))
