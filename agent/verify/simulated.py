@@ -331,7 +331,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
         correctness.append(CorrectnessEntry(
             status="ok", fwd_rel_err=round(unit * r.uniform(0.85, 1.1), 7),
             dq_rel_err=round(unit * 1.1 * r.uniform(0.9, 1.1), 7),
-            dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
+            dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7),
+            dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
     if not fa.import_ok:
         correctness.append(CorrectnessEntry(impl="flash_attn", status="skipped", simulated=True,
                                             reason="flash_attn not importable (see flash_attn.error)"))
