@@ -12,6 +12,10 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.plan",
     "controller.commands.catalog",
     "controller.commands.diagnose",
+    "controller.commands.nodes",
+    "controller.commands.tokens",
+    "controller.commands.jobs",
+    "controller.commands.agents",
 ]
 
 

@@ -9,6 +9,8 @@ from fleet.cli import build_parser, run
 
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
+    "controller.commands.serve",
+    "controller.commands.fleet",
     "controller.commands.users",
 ]
 

@@ -81,7 +81,13 @@ def _bind(listen: str) -> socket.socket:
 
 def write_discovery(ctx: ControllerContext) -> Path:
     path = ctx.settings.state_dir / "controller.json"
-    data = {"grpc": ctx.grpc_address, "enroll": ctx.enroll_address, "http": ctx.http_url, "ca": "ca/ca.pem"}
+    def reachable(addr: str | None) -> str | None:  # a wildcard listen address is dialled on loopback
+        if addr and addr.rpartition(":")[0] in ("0.0.0.0", "[::]", "::"):
+            return "127.0.0.1:" + addr.rpartition(":")[2]
+        return addr
+
+    data = {"grpc": reachable(ctx.grpc_address), "enroll": reachable(ctx.enroll_address),
+            "http": ctx.http_url, "ca": "ca/ca.pem"}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)

@@ -1,0 +1,88 @@
+"""``fleetctl nodes`` and ``fleetctl node HOST``: the registry as the controller sees it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from controller.client import ControllerClient, add_controller_args
+from controller.commands.table import render
+from fleet.cli import print_json
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("nodes", help="list the fleet's nodes", description="List every registered node: "
+                              "status, GPU, driver, toolkit, torch, flash-attn. Simulated nodes are marked.")
+    p.add_argument("--json", action="store_true", help="print {\"nodes\": [...]} as JSON")
+    p.add_argument("--facts", action="store_true", help="with --json: include each node's full facts")
+    add_controller_args(p)
+    p.set_defaults(handler=handle_nodes)
+
+    q = subparsers.add_parser("node", help="show one node: facts, history, status",
+                              description="Show one node: status, identity, current facts, facts history "
+                                          "and status transitions.")
+    q.add_argument("hostname", metavar="HOST")
+    q.add_argument("--json", action="store_true", help="print the node as JSON")
+    add_controller_args(q)
+    q.set_defaults(handler=handle_node)
+
+
+def handle_nodes(args: argparse.Namespace) -> int:
+    data = ControllerClient.from_args(args).get("/nodes", facts="true" if args.facts else None)
+    if args.json:
+        print_json(data)
+        return 0
+    nodes = data["nodes"]
+    rows = [[n["hostname"] + (" (sim)" if n["simulated"] else ""), n["status"], n["gpu"], n["compute_capability"],
+             n["driver"], n["nvcc"], n["torch"], n["python"], n["flash_attn"], n["last_seen"][:19] if n["last_seen"]
+             else None] for n in nodes]
+    print(render(rows, ["host", "status", "gpu", "cc", "driver", "nvcc", "torch", "python", "flash-attn",
+                        "last seen (UTC)"]))
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n["status"]] = counts.get(n["status"], 0) + 1
+    print(f"\n{len(nodes)} nodes" + (": " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) if nodes else ""))
+    return 0
+
+
+def handle_node(args: argparse.Namespace) -> int:
+    n = ControllerClient.from_args(args).get(f"/nodes/{args.hostname}")
+    if args.json:
+        print_json(n)
+        return 0
+    ident = n.get("identity") or {}
+    print(f"{n['hostname']}{'  [SIMULATED]' if n['simulated'] else ''}")
+    print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")
+    print(f"  agent       {ident.get('agent_id')} enrolled {ident.get('enrolled_at')}"
+          f"{'  REVOKED' if ident.get('revoked') else ''}")
+    f = n["facts"]
+    os_ = f.get("os") or {}
+    print(f"  os          {os_.get('id')} {os_.get('version_id')} {os_.get('arch')} kernel {os_.get('kernel')} "
+          f"glibc {os_.get('glibc')}")
+    drv = f.get("driver")
+    print(f"  driver      {drv['version'] + ' (CUDA ≤ ' + drv['cuda_max'] + ')' if drv else 'none'}")
+    for g in f.get("gpus") or []:
+        print(f"  gpu {g['index']:<7} {g['name']} cc {g['compute_capability']} {g['memory_mib']} MiB")
+    tk = f.get("toolkit")
+    print(f"  toolkit     {tk['nvcc'] + ' at ' + tk['path'] if tk else 'none'}")
+    py = f.get("python") or {}
+    print(f"  python      {py.get('version')} ({py.get('executable')})")
+    t = f.get("torch")
+    torch = f"{t['version']} cuda {t['cuda']} cxx11abi {t['cxx11abi']}" if t else "none"
+    print(f"  torch       {torch}")
+    fa = f.get("flash_attn")
+    print(f"  flash-attn  {fa['version'] + ' (' + fa['variant'] + ')' if fa else 'none'}")
+    apt = f.get("apt")
+    if apt and apt.get("errors"):
+        print("  apt errors  " + "\n              ".join(apt["errors"]))
+    print("\nfacts history (newest first):")
+    for h in n["history"]:
+        changed = ", ".join(h["changed"]) if h["changed"] != ["*"] else "(first report)"
+        print(f"  {h['at'][:19]}  {changed}")
+        if h["changed"] != ["*"]:
+            for k in h["changed"]:
+                print(f"      {k}: {h['old'].get(k)!r} → {h['new'].get(k)!r}")
+    print("\nstatus history (newest first):")
+    for e in n["status_history"]:
+        print(f"  {e['at'][:19]}  {e['old'] or '-'} → {e['new']}  ({e['reason']})")
+    return 0

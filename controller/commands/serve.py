@@ -1,0 +1,51 @@
+"""``fleet-controller serve``: run the controller (gRPC for agents, HTTP API) until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from controller.context import DEFAULT_STATE_DIR, ControllerSettings
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the controller",
+                              description="Serve the agent API (gRPC, mutual TLS; enrollment on the next port) "
+                                          "and the HTTP API in one process. Writes STATE/controller.json.")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="state directory (default ./state/controller)")
+    p.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db; "
+                   "postgresql+psycopg://user@host/db for PostgreSQL)")
+    p.add_argument("--grpc-listen", default="127.0.0.1:7443", metavar="HOST:PORT",
+                   help="agent port, mutual TLS (default 127.0.0.1:7443)")
+    p.add_argument("--enroll-listen", metavar="HOST:PORT", help="enrollment port (default: agent port + 1)")
+    p.add_argument("--http-listen", default="127.0.0.1:7480", metavar="HOST:PORT",
+                   help="HTTP API and dashboard (default 127.0.0.1:7480)")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S",
+                   help="heartbeat interval asked of agents (default 10 s)")
+    p.add_argument("--missed-heartbeats", type=int, default=3, metavar="N",
+                   help="a node missing N intervals turns offline (default 3)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="another DNS name or IP for the server certificate (repeatable)")
+    p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"))
+    p.set_defaults(handler=handle)
+
+
+def settings_from(args: argparse.Namespace) -> ControllerSettings:
+    return ControllerSettings(state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen,
+                              enroll_listen=args.enroll_listen, http_listen=args.http_listen,
+                              heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+                              extra_names=list(args.san))
+
+
+def handle(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from controller.serve import serve
+
+    asyncio.run(serve(settings_from(args)))
+    return 0
