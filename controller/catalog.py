@@ -168,7 +168,7 @@ class Catalog:
         versions = {w.name.version for w in self.wheels}
         return tuple(sorted(versions, key=rules._v))
 
-    @property
+    @cached_property
     def newest_release(self) -> str | None:
         """The newest FA2 release (no pre-/dev releases): the default target (DESIGN §3.2 rule 1)."""
         final = [v for v in self.releases if not rules._v(v).is_prerelease and rules._v(v).major == 2]

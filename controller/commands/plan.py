@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--facts", required=True, metavar="FILE", help='{"nodes": [...]} facts file, or - for stdin')
     parser.add_argument("--catalog", metavar="FILE", help="wheel catalog (JSON or one filename per line); "
                                                           "default: built-in upstream wheels + user additions")
-    parser.add_argument("--version", metavar="V", help="target FA2 release (default: newest FA2 release in the catalog)")
+    parser.add_argument("--version", metavar="V",
+                        help="target FA2 release (default: newest FA2 release in the catalog)")
     parser.add_argument("--policy", metavar="FILE", help='policy JSON: {"version", "fa3", "fa4", "source_builds"}')
     parser.add_argument("--fa3", action="store_true", help="build FA3 (hopper/) on Hopper nodes")
     parser.add_argument("--fa4", action="store_true", help="install FA4 (flash-attn-4) where it runs")

@@ -142,7 +142,8 @@ class _Resolution:
         f = self.facts
         out: list[str] = []
         if f.driver is None:
-            out.append("no NVIDIA driver found: install the NVIDIA driver (nvidia-smi must work), then re-run the agent")
+            out.append("no NVIDIA driver found: install the NVIDIA driver (nvidia-smi must work), "
+                       "then re-run the agent")
         if not f.gpus:
             out.append("no NVIDIA GPU reported: check the GPU is visible to the driver (nvidia-smi -L)")
         if f.torch is None:

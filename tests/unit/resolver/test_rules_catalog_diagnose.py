@@ -33,7 +33,9 @@ def test_version_rules_agree_with_each_tag(release: dict[str, object]) -> None:
     assert f">={rules.fmt_mm(rules.python_floor(version))}" == setup["python_requires"]
     assert rules.fmt_mm(rules.min_nvcc(version)) == setup["min_nvcc"]
     assert [str(a) for a in rules.source_archs(version)] == setup["sm_gencode_uncommented"]
-    for filename in release.get("expected_wheel_filenames") or []:  # the cu tag format per release
+    filenames = release.get("expected_wheel_filenames") or []
+    assert isinstance(filenames, list)
+    for filename in filenames:  # the cu tag format per release
         tag = parse_wheel_filename(str(filename)).cuda_tag
         assert len(tag) == (4 if setup["wheel_cuda_tag"] == "major" else 5)
 
