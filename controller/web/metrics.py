@@ -39,13 +39,13 @@ class _Collector:
             nodeindex.sync(s)
             nodes = GaugeMetricFamily("fleet_nodes", "Nodes by status", labels=["status"])
             counts = dict(s.execute(select(DashboardNode.status, func.count()).group_by(DashboardNode.status))
-                          .tuples().all())
+                          .all())
             for status in sorted({"online", "offline", "degraded", *counts}):
                 nodes.add_metric([status], counts.get(status, 0))
             yield nodes
             by_gpu = GaugeMetricFamily("fleet_nodes_by_gpu", "Nodes by GPU model", labels=["gpu"])
             for gpu, n in s.execute(select(DashboardNode.gpu_model, func.count())
-                                    .group_by(DashboardNode.gpu_model)).tuples():
+                                    .group_by(DashboardNode.gpu_model)):
                 by_gpu.add_metric([gpu or "none"], n)
             yield by_gpu
             sim = GaugeMetricFamily("fleet_nodes_simulated", "Nodes whose GPU is simulated")
@@ -68,7 +68,7 @@ class _Collector:
             yield from _rollout_metrics(sources.rollouts(s, limit=20) or [])
             yield from _verification_metrics(sources.verification_metrics(s) or [])
             yield _job_histogram(s.execute(select(Job.kind, Job.started_at, Job.finished_at).where(
-                Job.finished_at.is_not(None), Job.started_at.is_not(None))).tuples().all())
+                Job.finished_at.is_not(None), Job.started_at.is_not(None))).all())
 
 
 def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -219,7 +219,7 @@ def query_nodes(session: Session, query: NodeQuery, *, do_sync: bool = True) -> 
     rows = list(session.scalars(select(DashboardNode).where(*where).order_by(*order)
                                 .limit(q.per_page).offset((page - 1) * q.per_page)))
     seen = dict(session.execute(select(Node.id, Node.last_seen).where(
-        Node.id.in_([r.node_id for r in rows]))).tuples().all()) if rows else {}
+        Node.id.in_([r.node_id for r in rows]))).all()) if rows else {}
     return NodePage(query=q, total=total, rows=[as_dict(r, seen.get(r.node_id)) for r in rows])
 
 

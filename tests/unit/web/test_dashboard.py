@@ -1,0 +1,272 @@
+"""Dashboard unit tests (FastAPI TestClient, SQLite in a temp dir): auth, CSRF, roles, pagination, SSE, metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from itsdangerous import TimestampSigner
+from sqlalchemy import select
+
+from controller.store.db import Store, open_store, utcnow
+from controller.store.models import Node
+from controller.web import app as web_app
+from controller.web import create_standalone_app, nodeindex, sample
+from controller.web.auth import SESSION_COOKIE, add_user, hash_password, verify_password
+from controller.web.models import DashboardNode
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = open_store(f"sqlite:///{tmp_path / 'controller.db'}")
+    add_user(st, "olga", "operator", PASSWORD)
+    add_user(st, "vic", "viewer", PASSWORD)
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def ctx(store: Store, tmp_path: Path) -> Any:
+    return types.SimpleNamespace(store=store, state_dir=tmp_path, admin_token="admintoken123")
+
+
+@pytest.fixture
+def client(ctx: Any) -> Iterator[TestClient]:
+    with TestClient(create_standalone_app(ctx)) as c:
+        yield c
+
+
+def login(c: TestClient, user: str, password: str = PASSWORD, next_: str = "/") -> Any:
+    page = c.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    return c.post("/login", data={"username": user, "password": password, "csrf_token": token.group(1),
+                                  "next": next_}, follow_redirects=False)
+
+
+def csrf_of(c: TestClient) -> str:
+    m = re.search(r'data-csrf="([^"]+)"', c.get("/").text)
+    assert m is not None
+    return m.group(1)
+
+
+def test_scrypt_hash_roundtrip() -> None:
+    h = hash_password("s3cret-pass")
+    assert h.startswith("scrypt$16384$8$1$")
+    assert verify_password("s3cret-pass", h)
+    assert not verify_password("s3cret-pasS", h)
+    assert not verify_password("x", "garbage")
+    assert hash_password("s3cret-pass") != h  # salted
+
+
+@pytest.mark.parametrize("path", ["/", "/nodes", "/nodes/x", "/rollouts", "/rollouts/r1", "/schedules"])
+def test_pages_redirect_to_login(client: TestClient, path: str) -> None:
+    r = client.get(path, follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"].startswith("/login?next=")
+
+
+@pytest.mark.parametrize("path", ["/ui/api/nodes", "/ui/api/overview", "/ui/events", "/metrics"])
+def test_api_is_401(client: TestClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 401
+    assert r.json()["error"] == "unauthenticated"
+
+
+def test_post_without_session_is_refused(client: TestClient) -> None:
+    r = client.post("/rollouts/r1/pause", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+
+def test_login_wrong_password_and_csrf(client: TestClient) -> None:
+    assert login(client, "olga", "wrong password").status_code == 401
+    assert login(client, "nobody").status_code == 401
+    r = client.post("/login", data={"username": "olga", "password": PASSWORD, "csrf_token": "forged"})
+    assert r.status_code == 403
+    assert SESSION_COOKIE not in client.cookies
+
+
+def test_login_then_pages(client: TestClient) -> None:
+    r = login(client, "olga", next_="/nodes")
+    assert r.status_code == 303 and r.headers["location"] == "/nodes"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax") and "Max-Age=" in cookie
+    for path in ("/", "/nodes", "/rollouts", "/schedules"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert "olga" in page.text and "Content-Security-Policy" in page.headers
+
+
+def test_open_redirect_refused(client: TestClient) -> None:
+    r = login(client, "olga", next_="//evil.example/x")
+    assert r.headers["location"] == "/"
+
+
+def test_session_expires(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_standalone_app(ctx, session_seconds=60)
+    with TestClient(app) as c:
+        real = TimestampSigner.get_timestamp
+        monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: int(time.time()) - 3600)
+        assert login(c, "olga").status_code == 303
+        monkeypatch.setattr(TimestampSigner, "get_timestamp", real)
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+
+def test_tampered_cookie_refused(client: TestClient) -> None:
+    login(client, "olga")
+    value = client.cookies[SESSION_COOKIE]
+    client.cookies.set(SESSION_COOKIE, value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_password_change_ends_sessions(client: TestClient, store: Store) -> None:
+    login(client, "olga")
+    assert client.get("/", follow_redirects=False).status_code == 200
+    add_user(store, "olga", "operator", "another password", replace=True)
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_logout_needs_csrf(client: TestClient) -> None:
+    login(client, "olga")
+    assert client.post("/logout", data={"csrf_token": "nope"}).status_code == 403
+    token = csrf_of(client)
+    r = client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_viewer_cannot_act(client: TestClient, store: Store) -> None:
+    hosts = sample.populate(store, 4)
+    sample.ScriptedRollout(store, hosts, rollout_id="r-t1", batch=2)
+    login(client, "vic")
+    page = client.get("/rollouts/r-t1")
+    assert page.status_code == 200
+    assert 'data-action="pause"' not in page.text and "viewer role" in page.text
+    token = csrf_of(client)
+    r = client.post("/rollouts/r-t1/pause", data={"csrf_token": token})
+    assert r.status_code == 403 and "viewer" in r.text
+    assert sample.ScriptedRollout.status(_handle(store, "r-t1")) == "running"
+
+
+def _handle(store: Store, rid: str) -> Any:
+    return types.SimpleNamespace(store=store, rid=rid)
+
+
+def test_operator_needs_csrf_then_pauses(client: TestClient, store: Store) -> None:
+    hosts = sample.populate(store, 4)
+    sample.ScriptedRollout(store, hosts, rollout_id="r-t2", batch=2)
+    login(client, "olga")
+    assert client.post("/rollouts/r-t2/pause", data={}).status_code == 403
+    assert client.post("/rollouts/r-t2/pause", data={"csrf_token": "forged"}).status_code == 403
+    token = csrf_of(client)
+    r = client.post("/rollouts/r-t2/pause", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert sample.ScriptedRollout.status(_handle(store, "r-t2")) == "paused"
+    # pausing twice: the service refuses, the page says why
+    r = client.post("/rollouts/r-t2/pause", headers={"X-CSRF-Token": token, "Accept": "application/json"})
+    assert r.status_code == 409 and "not running" in r.json()["message"]
+    r = client.post("/rollouts/r-t2/resume", headers={"X-CSRF-Token": token, "Accept": "application/json"})
+    assert r.status_code == 200 and r.json()["ok"]
+
+
+def test_pagination_sort_filter_search(client: TestClient, store: Store) -> None:
+    sample.populate(store, 120, offline=0.1, degraded=0.0)
+    login(client, "vic")
+    r = client.get("/ui/api/nodes", params={"per_page": 50, "sort": "hostname"}).json()
+    assert r["total"] == 120 and r["pages"] == 3 and len(r["nodes"]) == 50
+    assert r["nodes"][0]["hostname"] == "sim-node-00000"
+    last = client.get("/ui/api/nodes", params={"per_page": 50, "sort": "hostname", "page": 3}).json()
+    assert len(last["nodes"]) == 20 and last["nodes"][-1]["hostname"] == "sim-node-00119"
+    beyond = client.get("/ui/api/nodes", params={"per_page": 50, "page": 99}).json()
+    assert beyond["page"] == 3
+    desc = client.get("/ui/api/nodes", params={"sort": "hostname", "dir": "desc", "per_page": 5}).json()
+    assert desc["nodes"][0]["hostname"] == "sim-node-00119"
+    # failing nodes come first by default
+    default = client.get("/ui/api/nodes", params={"per_page": 200}).json()["nodes"]
+    ranks = [n["rank"] for n in default]
+    assert ranks == sorted(ranks) and default[0]["status"] == "offline"
+    offline = client.get("/ui/api/nodes", params={"status": "offline", "per_page": 200}).json()
+    assert offline["total"] > 0 and all(n["status"] == "offline" for n in offline["nodes"])
+    t4 = client.get("/ui/api/nodes", params={"gpu": "Tesla T4", "per_page": 200}).json()
+    assert t4["total"] == 15 and all(n["gpu"] == "Tesla T4" for n in t4["nodes"])
+    found = client.get("/ui/api/nodes", params={"q": "node-0004"}).json()
+    assert found["total"] == 10
+    weird = client.get("/ui/api/nodes", params={"q": "%_\\", "sort": "nope", "per_page": -3}).json()
+    assert weird["total"] == 0 and weird["sort"] == "rank" and weird["per_page"] == 1
+    html = client.get("/nodes", params={"status": "offline", "sort": "gpu"}).text
+    assert "page 1 of" in html and "sim-node-" in html and "simulated" in html
+
+
+def test_index_follows_facts_and_status(client: TestClient, store: Store) -> None:
+    sample.populate(store, 3)
+    login(client, "vic")
+    client.get("/ui/api/nodes")
+    with store.session() as s:
+        node = s.scalars(select(Node).where(Node.hostname == "sim-node-00001")).one()
+        facts = dict(node.facts)
+        facts["flash_attn"] = {"version": "9.9.9", "variant": "fa2-wheel"}
+        node.facts, node.facts_updated_at, node.status = facts, utcnow(), "degraded"
+    rows = {n["hostname"]: n for n in client.get("/ui/api/nodes").json()["nodes"]}
+    assert rows["sim-node-00001"]["fa_version"] == "9.9.9" and rows["sim-node-00001"]["status"] == "degraded"
+    with store.session() as s:
+        s.delete(s.scalars(select(Node).where(Node.hostname == "sim-node-00002")).one())
+    assert client.get("/ui/api/nodes").json()["total"] == 2
+    with store.session() as s:
+        assert nodeindex.sync(s) == 0
+        assert s.scalar(select(DashboardNode.rank).where(DashboardNode.hostname == "sim-node-00001")) == 0
+
+
+def test_node_page_shows_diagnosis(client: TestClient, store: Store) -> None:
+    hosts = sample.populate(store, 3)
+    sample.add_history(store, hosts[1])
+    ro = sample.ScriptedRollout(store, hosts, rollout_id="r-t3", batch=2, fail=(hosts[1],))
+    while ro.tick():
+        pass
+    login(client, "vic")
+    page = client.get(f"/nodes/{hosts[1]}").text
+    assert "nvcc_torch_cuda_major_mismatch" in page and "What to do" in page
+    assert "driver.version" in page and "Current plan" in page and "runner_on_failed" in page
+    detail = client.get("/ui/api/rollouts/r-t3").json()
+    assert detail["status"] == "partial" and detail["failures"][0]["hostname"] == hosts[1]
+    assert client.get("/nodes/no-such-host").status_code == 404
+
+
+def test_sse_sends_snapshot(client: TestClient, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_app, "SSE_MAX_SECONDS", 0.5)
+    monkeypatch.setattr(web_app, "SSE_POLL_SECONDS", 0.1)
+    sample.populate(store, 5)
+    login(client, "vic")
+    with client.stream("GET", "/ui/events", params={"topic": "overview"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    assert "event: update" in body and '"total": 5' in body
+
+
+def test_metrics(client: TestClient, store: Store) -> None:
+    hosts = sample.populate(store, 6)
+    ro = sample.ScriptedRollout(store, hosts, rollout_id="r-t4", batch=5)
+    ro.tick()
+    r = client.get("/metrics", headers={"Authorization": "Bearer admintoken123"})
+    assert r.status_code == 200
+    text = r.text
+    assert 'fleet_nodes{status="online"}' in text
+    assert 'fleet_rollout_nodes{rollout="r-t4",state="install"} 1.0' in text
+    assert "fleet_heartbeat_lag_max_seconds" in text and "fleet_job_duration_seconds" in text
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_chart_svg() -> None:
+    pts = [{"at": "2026-11-20T00:00:00+00:00", "tflops": 350.0, "sdpa_tflops": 300.0, "passed": True},
+           {"at": "2026-11-21T00:00:00+00:00", "tflops": 120.0, "sdpa_tflops": 290.0, "passed": False}]
+    med = [{"at": "2026-11-20T00:00:00+00:00", "tflops": 340.0}, {"at": "2026-11-21T00:00:00+00:00", "tflops": 345.0}]
+    svg = web_app.chart_svg(pts, med)
+    assert svg.startswith("<svg") and 'class="median"' in svg and 'class="fail"' in svg and 'class="sdpa"' in svg
