@@ -141,16 +141,20 @@ def attention_flops(batch: int, seqlen: int, heads: int, headdim: int, causal: b
     return 4.0 * batch * seqlen * seqlen * heads * headdim / (2 if causal else 1)
 
 
-def speed_shapes(mode: str, seqlens: tuple[int, ...] = SEQLENS) -> list[tuple[str, int, int, bool]]:
+def speed_shapes(mode: str, seqlens: tuple[int, ...] = SEQLENS, bf16: bool = True) -> list[tuple[str, int, int, bool]]:
+    """(dtype, headdim, seqlen, causal).  Quick mode measures bf16, or fp16 on GPUs without
+    bf16 (compute capability < 8.0), so it always has something comparable to measure."""
     if mode == "quick":
-        return [s for s in QUICK_SHAPES if s[2] in seqlens] or [(QUICK_SHAPES[0][0], QUICK_SHAPES[0][1],
-                                                                seqlens[0], False)]
+        shapes = [s for s in QUICK_SHAPES if s[2] in seqlens] or [(QUICK_SHAPES[0][0], QUICK_SHAPES[0][1],
+                                                                   seqlens[0], False)]
+        return shapes if bf16 else [("float16", h, s, c) for _, h, s, c in shapes]
     return [(d, h, s, c) for d in DTYPES for h in HEADDIMS for s in seqlens for c in CAUSALS]
 
 
 def math_measured(mode: str, dtype: str, headdim: int, seqlen: int, causal: bool) -> bool:
     if mode == "quick":
-        return (dtype, headdim, seqlen, causal) in QUICK_MATH_SHAPES or seqlen <= min(s[2] for s in QUICK_SHAPES) // 2
+        smallest = min(s[2] for s in QUICK_SHAPES)
+        return ("bfloat16", headdim, seqlen, causal) in QUICK_MATH_SHAPES or seqlen <= smallest // 2
     return seqlen <= MATH_MAX_SEQLEN or (dtype, headdim, seqlen, causal) in MATH_EXTRA_SHAPES
 
 
@@ -586,7 +590,7 @@ def run_e2e(ctx: WorkerCtx, impl: str, base: dict[str, Any]) -> list[dict[str, A
         entry.update(status="skipped", reason=f"transformers not importable: {_clean_exc(exc)}")
         return [entry]
     entry["transformers"] = getattr(transformers, "__version__", None)
-    dt = torch.bfloat16 if (not ctx.is_cuda or torch.cuda.is_bf16_supported()) else torch.float16
+    dt = torch.bfloat16 if _native_bf16(ctx) else torch.float16
     entry["dtype"] = str(dt).replace("torch.", "")
     model = None
     try:
@@ -655,6 +659,14 @@ def _load_e2e_model(ctx: WorkerCtx, transformers: Any, impl: str, dt: Any) -> An
     return model.to(device=ctx.device, dtype=dt)
 
 
+def _native_bf16(ctx: WorkerCtx) -> bool:
+    """bf16 tensor cores (compute capability ≥ 8.0); torch's is_bf16_supported() also counts emulation."""
+    if not ctx.is_cuda:
+        return True
+    cap = _safe(lambda: ctx.torch.cuda.get_device_capability(ctx.device))
+    return bool(cap and cap[0] >= 8)
+
+
 def _fixed(base: dict[str, Any], status: str, reason: str) -> list[dict[str, Any]]:
     return [{**base, "status": status, "reason": reason}]
 
@@ -682,7 +694,8 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
                           functools.partial(_fixed, base, "skipped",
                                             "flash_attn not importable (see flash_attn.error)")))
     tokens = int(args.tokens)
-    for dtype, hd, seqlen, causal in speed_shapes(args.mode, tuple(args.seqlens)):
+    bf16 = _native_bf16(ctx)
+    for dtype, hd, seqlen, causal in speed_shapes(args.mode, tuple(args.seqlens), bf16):
         batch = max(1, tokens // seqlen)
         for impl in SPEED_IMPLS:
             base = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch, "heads": HEADS,

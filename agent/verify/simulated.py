@@ -338,7 +338,7 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                                             reason="flash_attn not importable (see flash_attn.error)"))
 
     speed = []
-    for dtype, hd, seqlen, causal in bench.speed_shapes(mode):
+    for dtype, hd, seqlen, causal in bench.speed_shapes(mode, bench.SEQLENS, gpu.bf16):
         batch = bench.TOTAL_TOKENS // seqlen
         for impl in bench.SPEED_IMPLS:
             shape: dict[str, Any] = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
