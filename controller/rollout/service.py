@@ -318,7 +318,7 @@ def list_rollouts(store: Store, limit: int = 50) -> list[dict[str, Any]]:
         out = []
         for r in rows:
             counts = dict(s.execute(select(RolloutNode.state, func.count()).where(RolloutNode.rollout_id == r.id)
-                                    .group_by(RolloutNode.state)).tuples().all())
+                                    .group_by(RolloutNode.state)).all())
             out.append({"id": r.id, "version": r.version, "selector": r.selector, "status": r.status,
                         "reason": r.reason, "created_by": r.created_by, "created_at": _iso(r.created_at),
                         "finished_at": _iso(r.finished_at), "counts": counts})

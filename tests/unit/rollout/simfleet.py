@@ -1,0 +1,128 @@
+"""A simulated fleet at the job dispatcher's agent boundary: nodes registered from agent profiles,
+agents that take jobs from ``JobDispatcher.stream_for`` and report ``complete`` — the same calls the
+gRPC server makes for a real agent. What a job does on a simulated node is simulated (its outcome
+comes from the node's scripted behaviour); the store, dispatcher, resolver and engine are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.profiles import load_profile
+from controller.artifacts import ArtifactStore
+from controller.jobs import JobDispatcher, JobOutcome, JobSpec
+from controller.rollout.engine import RolloutEngine
+from controller.store import Store, open_store, utcnow
+from controller.store.models import Job, Node
+
+DEFAULT_DELAYS: Mapping[str, float] = {"apt-keyring-fix": 0.02, "cuda-toolkit": 0.02, "build-from-source": 0.1,
+                                       "install-wheel": 0.02, "verify": 0.02, "rollback": 0.02}
+
+
+@dataclass
+class SimFleet:
+    store: Store
+    jobs: JobDispatcher
+    artifacts: ArtifactStore
+    artifacts_dir: Path
+    delays: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DELAYS))
+    fail: dict[tuple[str, str], str] = field(default_factory=dict)  # (host, kind) → error text
+    hang: set[tuple[str, str]] = field(default_factory=set)  # (host, kind): never answers
+    verify_fail: dict[str, str] = field(default_factory=dict)  # host → reason
+    _agents: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _work: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, tmp: Path) -> SimFleet:
+        store = open_store(f"sqlite:///{tmp / 'controller.db'}")
+        jobs = JobDispatcher(store)
+        arts = ArtifactStore(tmp / "artifacts", store)
+        return cls(store, jobs, arts, tmp / "artifacts")
+
+    def engine(self, **kw: Any) -> RolloutEngine:
+        kw.setdefault("tick", 0.05)
+        kw.setdefault("lease_ttl", 5.0)
+        return RolloutEngine(self.store, self.jobs, artifacts=self.artifacts, artifacts_dir=self.artifacts_dir, **kw)
+
+    def register(self, host: str, profile: str, status: str = "online") -> None:
+        facts = load_profile(profile, host)
+        now = utcnow()
+        with self.store.session() as s:
+            s.add(Node(hostname=host, status=status, facts=facts.to_json(), extra={"profile": profile,
+                                                                                    "simulated": True},
+                       simulated=True, registered_at=now, facts_updated_at=now, last_seen=now,
+                       status_changed_at=now))
+
+    def start(self, *hosts: str) -> None:
+        for h in hosts:
+            if h not in self._agents:
+                self._agents[h] = asyncio.create_task(self._agent(h), name=f"sim-agent-{h}")
+
+    async def stop(self, *hosts: str) -> None:
+        """The agent vanishes (its connection drops; jobs it had are never answered)."""
+        for h in hosts or tuple(self._agents):
+            t = self._agents.pop(h, None)
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    async def close(self) -> None:
+        await self.stop()
+        for w in list(self._work):
+            w.cancel()
+        self.store.close()
+
+    async def _agent(self, host: str) -> None:
+        async for spec in self.jobs.stream_for(host):
+            task = asyncio.create_task(self._run(host, spec))
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
+
+    async def _run(self, host: str, spec: JobSpec) -> None:
+        if (host, spec.kind) in self.hang:
+            return
+        await asyncio.sleep(self.delays.get(spec.kind, 0.01))
+        if host not in self._agents:
+            return  # vanished mid-job
+        err = self.fail.get((host, spec.kind))
+        if err is not None:
+            self.jobs.complete(host, JobOutcome(spec.job_id, "failed", 2, {}, err))
+            return
+        result: dict[str, Any] = {"stats": {"changed": 1}}
+        if spec.kind == "build-from-source":
+            key = str(spec.vars.get("build_key"))
+            data = f"simulated wheel for {key}".encode()
+            name = f"flash_attn-{spec.vars.get('flash_attn_version')}-sim{hashlib.sha1(key.encode()).hexdigest()[:8]}" \
+                   "-cp311-cp311-linux_x86_64.whl"
+            info = self.artifacts.put_bytes(data, name, kind="wheel")  # what the agent's upload does
+            result["built_wheel"] = {"sha256": info.sha256, "filename": info.filename}
+        if spec.kind == "verify":
+            reason = self.verify_fail.get(host)
+            result["passed"] = reason is None
+            result["reason"] = reason or "simulated verification"
+        self.jobs.complete(host, JobOutcome(spec.job_id, "successful", 0, result, None))
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        with self.store.session() as s:
+            out: dict[tuple[str, str], int] = {}
+            for j in s.query(Job):
+                out[(j.node, j.kind)] = out.get((j.node, j.kind), 0) + 1
+            return out
+
+    def jobs_of_kind(self, kind: str) -> list[str]:
+        return sorted(h for (h, k), n in self.job_counts().items() if k == kind for _ in range(n))
+
+
+async def wait_for(cond: Any, timeout: float = 20.0, step: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(step)

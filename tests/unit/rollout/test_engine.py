@@ -1,0 +1,269 @@
+"""The engine against the real store, job dispatcher, resolver and artifact store, with a simulated
+fleet at the dispatcher's agent boundary (tests/unit/rollout/simfleet.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from controller.rollout import service
+from controller.rollout.engine import RolloutEngine
+from controller.rollout.models import Build, RolloutNode, RolloutTransition
+from controller.rollout.service import RolloutRequest
+from fleet.errors import ConflictError, NotFoundError, UsageError
+from tests.unit.rollout.simfleet import SimFleet, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+FLEET = [("a100-1", "a100"), ("a100-2", "a100"), ("a100-3", "a100"), ("h100-1", "h100"), ("h100-2", "h100"),
+         ("l40s-1", "l40s"), ("l40s-2", "l40s"), ("l40s-3", "l40s"), ("t4-1", "t4"), ("t4-2", "t4"),
+         ("v100-1", "v100"), ("keyless-1", "apt-nopubkey")]
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[SimFleet]:
+    f = SimFleet.create(tmp_path)
+    for host, profile in FLEET:
+        f.register(host, profile)
+    f.start(*(h for h, _ in FLEET))
+    yield f
+    await f.close()
+
+
+@contextlib.asynccontextmanager
+async def running(engine: RolloutEngine) -> AsyncIterator[RolloutEngine]:
+    task = asyncio.create_task(engine.run())
+    try:
+        yield engine
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def status(f: SimFleet, rid: str) -> dict[str, Any]:
+    return service.get_status(f.store, rid)
+
+
+async def until(f: SimFleet, rid: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+    await wait_for(lambda: status(f, rid)["status"] in statuses, timeout=timeout)
+    return status(f, rid)
+
+
+def states(st: dict[str, Any]) -> dict[str, str]:
+    return {n["hostname"]: n["state"] for n in st["nodes"]}
+
+
+async def test_canary_batches_build_once_install_many(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(batch="2,50%", actor="alice"))
+    rid = out["id"]
+    # canaries: one per (GPU model, variant); the sdpa-only V100 is skipped, never a canary
+    assert out["batches"][0] == out["canaries"]
+    gpus = {n["hostname"]: (n["gpu"], n["variant"]) for n in out["nodes"]}
+    assert len({gpus[h] for h in out["canaries"]}) == len(out["canaries"])
+    assert "v100-1" not in [h for b in out["batches"] for h in b]
+    async with running(fleet.engine()):
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded", st["reason"]
+    s = states(st)
+    assert s.pop("v100-1") == "skipped"
+    assert set(s.values()) == {"done"}
+    # exactly one build per build key, on one node of that key; the others installed the built wheel
+    builds = fleet.jobs_of_kind("build-from-source")
+    assert len(builds) == 2 and {b.split("-")[0] for b in builds} == {"l40s", "t4"}
+    installs = fleet.jobs_of_kind("install-wheel")
+    assert sorted(h for h in installs if h.startswith(("l40s", "t4"))) == sorted(
+        h for h, p in FLEET if p in ("l40s", "t4") and h not in builds)
+    assert fleet.jobs_of_kind("apt-keyring-fix") == ["keyless-1"]
+    assert len(fleet.jobs_of_kind("verify")) == 11
+    # every transition recorded with time and cause; batch order respected
+    with fleet.store.session() as sess:
+        trs = list(sess.scalars(select(RolloutTransition).where(RolloutTransition.rollout_id == rid)
+                                .order_by(RolloutTransition.id)))
+        batch_of = {n.hostname: n.batch for n in sess.scalars(select(RolloutNode))}
+    assert all(t.cause and t.at for t in trs)
+    started = [batch_of[t.hostname] for t in trs if t.from_state == "planned" and t.to_state != "skipped"]
+    assert started == sorted(started)
+    seq = [t.to_state for t in trs if t.hostname == "keyless-1"]
+    assert seq == ["planned", "keyring", "install", "verify", "done"]
+    seq = [t.to_state for t in trs if t.hostname == "l40s-3"]
+    assert seq in (["planned", "build", "verify", "done"], ["planned", "waiting", "install", "verify", "done"],
+                   ["planned", "install", "verify", "done"])
+    audit = service.audit_entries(fleet.store, rid)
+    assert audit[0]["actor"] == "alice" and audit[0]["action"] == "rollout.start"
+
+    # a second rollout on the same nodes reuses the built wheels: no new build
+    out2 = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S", canary=0, batch="100%"))
+    assert out2["builds"] == [] and len(out2["reused_builds"]) == 1
+    async with running(fleet.engine()):
+        st2 = await until(fleet, out2["id"], "succeeded", "partial", "paused")
+    assert st2["status"] == "succeeded"
+    assert len(fleet.jobs_of_kind("build-from-source")) == 2
+
+
+async def test_budget_stop_then_resume(fleet: SimFleet) -> None:
+    fleet.fail[("a100-2", "install-wheel")] = "ERROR: flash_attn-2.8.3...whl is not a supported wheel on this platform"
+    fleet.fail[("a100-3", "install-wheel")] = "No space left on device"
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100,gpu=H100", canary=0, batch="1,2,10",
+                                                            max_failures="1", actor="bob"))
+    rid = out["id"]
+    async with running(fleet.engine()):
+        st = await until(fleet, rid, "paused", "succeeded", "partial")
+        assert st["status"] == "paused"
+        assert "failure budget exceeded: 2 failed" in st["reason"]
+        failed = [n for n in st["nodes"] if n["state"] == "failed"]
+        assert {n["hostname"] for n in failed} == {"a100-2", "a100-3"}
+        assert all("install-wheel failed" in n["cause"] for n in failed)
+        # later batches did not start
+        assert all(n["state"] == "planned" for n in st["nodes"] if n["batch"] > st["current_batch"])
+        with pytest.raises(ConflictError, match="would pause again"):
+            service.resume(fleet.store, rid, "bob")
+        fleet.fail.clear()
+        service.resume(fleet.store, rid, "bob", retry_failed=True)
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded", st["reason"]
+    assert {n["attempt"] for n in st["nodes"] if n["hostname"] in ("a100-2", "a100-3")} == {2}
+    actions = [(a["actor"], a["action"]) for a in service.audit_entries(fleet.store, rid)]
+    assert actions == [("bob", "rollout.start"), ("engine", "rollout.pause"), ("bob", "rollout.resume")]
+
+
+async def test_failed_canary_pauses_before_batches(fleet: SimFleet) -> None:
+    fleet.fail[("h100-1", "install-wheel")] = "boom"
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=A100", max_failures="50%"))
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "paused", "succeeded", "partial")
+    assert st["status"] == "paused" and st["reason"].startswith("canary failed: h100-1")
+    assert sum(n["state"] == "planned" for n in st["nodes"]) == 4  # a100-2, a100-3, h100-2, keyless-1
+
+
+async def test_failed_build_fails_only_waiting_nodes(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S,gpu=T4", canary=0,
+                                                            batch="100%", max_failures="100%"))
+    builder = next(b["builder"] for b in out["builds"] if "l40s" in b["builder"])
+    fleet.fail[(builder, "build-from-source")] = "nvcc fatal : Unsupported gpu architecture 'compute_89'"
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    s = states(st)
+    assert {h: v for h, v in s.items() if h.startswith("l40s")} == {"l40s-1": "failed", "l40s-2": "failed",
+                                                                    "l40s-3": "failed"}
+    assert s["t4-1"] == s["t4-2"] == "done"
+    waiting = [n for n in st["nodes"] if n["hostname"].startswith("l40s") and n["hostname"] != builder]
+    assert all(f"on {builder} failed" in n["cause"] for n in waiting)
+    assert fleet.jobs_of_kind("build-from-source").count(builder) == 1
+    assert not any(h.startswith("l40s") for h in fleet.jobs_of_kind("install-wheel"))
+
+
+async def test_disk_full_artifact_store_fails_build_clearly(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=T4", canary=0, batch="100%",
+                                                            max_failures="100%", min_free_bytes=1 << 62))
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    causes = {n["hostname"]: n["cause"] for n in st["nodes"]}
+    assert all(st_ == "failed" for st_ in states(st).values())
+    assert any("artifact store" in c and "is full" in c for c in causes.values())
+    assert fleet.jobs_of_kind("build-from-source") == []
+
+
+async def test_vanished_agent_fails_after_step_timeout(fleet: SimFleet) -> None:
+    await fleet.stop("h100-2")
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%",
+                                                            max_failures="1", step_timeouts={"install-wheel": 1}))
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    assert st["status"] == "partial"
+    bad = next(n for n in st["nodes"] if n["hostname"] == "h100-2")
+    assert bad["state"] == "failed" and "no result for install-wheel within 1s" in bad["cause"]
+    assert st["budget"]["failed"] == 1
+
+
+class CrashingEngine(RolloutEngine):
+    """An engine whose process 'dies': its leases stay behind, nothing is cleaned up."""
+
+    def _release(self, rid: str, host: str) -> None:
+        return None
+
+
+async def test_takeover_after_crash_reattaches_without_resubmitting(fleet: SimFleet) -> None:
+    fleet.delays["build-from-source"] = 1.5
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=T4", canary=0, batch="100%"))
+    rid = out["id"]
+    dead = CrashingEngine(fleet.store, fleet.jobs, artifacts=fleet.artifacts, artifacts_dir=fleet.artifacts_dir,
+                          owner="another-host:1:dead", lease_ttl=1.0, tick=0.05)
+    task = asyncio.create_task(dead.run())
+
+    def building() -> bool:
+        return any(n["state"] == "build" and n["job_id"] for n in status(fleet, rid)["nodes"])
+
+    await wait_for(building)
+    task.cancel()  # the controller dies mid-build: the job keeps running on the node
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    st = status(fleet, rid)
+    mid = next(n for n in st["nodes"] if n["state"] == "build")
+    assert mid["in_step"] and mid["lease_owner"] == "another-host:1:dead"  # visible as mid-step
+    # worst case: the crash came after the job was submitted but before its id was recorded
+    with fleet.store.session() as s:
+        row = s.scalar(select(RolloutNode).where(RolloutNode.hostname == mid["hostname"]))
+        assert row is not None
+        row.job_id = None
+    async with running(fleet.engine(lease_ttl=1.0)) as eng:
+        await asyncio.sleep(0.3)
+        assert status(fleet, rid)["nodes"][0]["lease_owner"] != eng.owner  # the live lease is respected
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded"
+    assert fleet.jobs_of_kind("build-from-source") == [mid["hostname"]]  # not resubmitted
+    with fleet.store.session() as s:
+        b = s.scalars(select(Build)).one()
+        assert b.status == "succeeded" and b.builder == mid["hostname"]
+
+
+async def test_rollback(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=A100,gpu=V100", canary=0,
+                                                            batch="100%"))
+    rid = out["id"]
+    async with running(fleet.engine()):
+        await until(fleet, rid, "succeeded")
+        service.rollback(fleet.store, rid, "carol")
+        st = await until(fleet, rid, "rolled-back")
+    s = states(st)
+    assert s.pop("v100-1") == "skipped"
+    assert set(s.values()) == {"rolled-back"}
+    assert sorted(fleet.jobs_of_kind("rollback")) == sorted(s)
+    assert [a["action"] for a in service.audit_entries(fleet.store, rid)] == ["rollout.start", "rollout.rollback"]
+
+
+async def test_abort_skips_what_has_not_started(fleet: SimFleet) -> None:
+    fleet.delays["install-wheel"] = 0.5
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=A100", canary=0, batch="1",
+                                                            max_parallel=1))
+    rid = out["id"]
+    async with running(fleet.engine()):
+        await wait_for(lambda: any(n["in_step"] for n in status(fleet, rid)["nodes"]))
+        service.abort(fleet.store, rid, "dave")
+        st = await until(fleet, rid, "aborted")
+    s = states(st)
+    assert list(s.values()).count("skipped") >= 3
+    assert len(fleet.jobs_of_kind("install-wheel")) <= 2
+
+
+async def test_bad_inputs(fleet: SimFleet) -> None:
+    with pytest.raises(NotFoundError, match="not in the catalog") as exc:
+        service.start_rollout(fleet.store, RolloutRequest(version="2.99.0"))
+    assert exc.value.hint is not None and "2.8.3" in exc.value.hint
+    with pytest.raises(UsageError, match="matches no node"):
+        service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=B200"))
+    with pytest.raises(UsageError, match="unknown selector key"):
+        service.start_rollout(fleet.store, RolloutRequest(nodes="rack=7"))
+    first = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100"))
+    with pytest.raises(ConflictError, match=f"already in active rollout {first['id']}"):
+        service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=A100"))
+    # disjoint nodes are fine
+    service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100"))
+    dry = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=T4", dry_run=True))
+    assert dry["dry_run"] and dry["batches"] and len(service.list_rollouts(fleet.store)) == 2
