@@ -1,0 +1,182 @@
+"""Test helpers for a real controller and real agents on loopback (gRPC over mutual TLS).
+
+Fixtures (registered in tests/integration/conftest.py):
+
+- ``pg_url``: a PostgreSQL URL (127.0.0.1:5432, db ``test``) whose search_path is a fresh
+  schema, dropped afterwards; skips when PostgreSQL is unreachable.
+- ``db_url``: parametrized ``sqlite`` / ``postgres``: run a test on both backends.
+- ``controller``: a ``RunningController`` in the test's event loop (free ports, SQLite
+  unless the test also requests ``db_url``), heartbeat interval 1 s, offline after 2 missed.
+- ``fleet``: a ``SimAgents`` factory: ``await fleet.start("node-1", "a100")`` enrolls and runs an
+  in-process ``agent.client.Agent`` over real sockets; ``await fleet.stop_all()`` at teardown.
+
+Helpers: ``enroll_creds(rc, hostname)`` (enroll only, returns agent Credentials),
+``mtls_stub(rc, creds)`` (a raw ``AgentServiceAsyncStub`` with that identity),
+``wait_for(predicate, timeout)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+import pytest_asyncio
+
+from agent.client import Agent, AgentConfig, Credentials, channel_options, enroll
+from agent.jobs import JobRunner
+from controller.context import ControllerSettings
+from controller.serve import RunningController, start_controller
+from fleet.facts import NodeFacts
+from fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    psycopg = pytest.importorskip("psycopg")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'controller.db'}"
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
+def controller_settings(state_dir: Path, db_url: str | None = None, **kw: Any) -> ControllerSettings:
+    base: dict[str, Any] = {"state_dir": state_dir, "db_url": db_url, "grpc_listen": "127.0.0.1:0",
+                            "enroll_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0",
+                            "heartbeat_interval": 1.0, "missed_heartbeats": 2, "flush_interval": 0.5}
+    base.update(kw)
+    return ControllerSettings(**base)
+
+
+@pytest_asyncio.fixture
+async def controller(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningController]:
+    url = request.getfixturevalue("db_url") if "db_url" in request.fixturenames else None
+    rc = await start_controller(controller_settings(tmp_path / "controller", url))
+    try:
+        yield rc
+    finally:
+        await rc.stop(grace=0.2)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def new_token(rc: RunningController, hostname: str | None = None, ttl: float = 300) -> str:
+    token, _ = rc.ctx.enrollment.create_token(dt.timedelta(seconds=ttl), hostname)
+    return token
+
+
+async def enroll_creds(rc: RunningController, hostname: str, token: str | None = None) -> Credentials:
+    assert rc.ctx.enroll_address is not None
+    return await enroll(rc.ctx.enroll_address, rc.ctx.ca.ca_pem, token or new_token(rc), hostname)
+
+
+@contextlib.asynccontextmanager
+async def mtls_stub(rc: RunningController, creds: Credentials,
+                    address: str | None = None) -> AsyncIterator[pb_grpc.AgentServiceAsyncStub]:
+    channel_creds = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem, private_key=creds.key_pem,
+                                                 certificate_chain=creds.cert_pem)
+    async with grpc.aio.secure_channel(address or rc.ctx.grpc_address or "", channel_creds,
+                                       options=channel_options()) as ch:
+        yield pb_grpc.AgentServiceStub(ch)
+
+
+def profile_facts(profile: str, hostname: str) -> NodeFacts:
+    from agent.profiles import load_profile
+
+    return load_profile(profile, hostname)
+
+
+@dataclass
+class SimAgent:
+    agent: Agent
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+    state_dir: Path
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, timeout=5)
+
+
+@dataclass
+class SimAgents:
+    rc: RunningController
+    root: Path
+    agents: dict[str, SimAgent] = field(default_factory=dict)
+
+    async def start(self, hostname: str, profile: str = "a100", *, runner: JobRunner | None = None,
+                    facts: Callable[[], NodeFacts] | None = None, wait: bool = True) -> SimAgent:
+        """Enroll (first time) and run an agent for ``hostname``; waits until it is registered."""
+        state = self.root / hostname
+        fixed = profile_facts(profile, hostname)
+        assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
+        cfg = AgentConfig(controller=self.rc.ctx.grpc_address, enroll_address=self.rc.ctx.enroll_address,
+                          state_dir=state, facts=facts or (lambda: fixed), ca_file=self.rc.ctx.ca.ca_path,
+                          token=None if (state / "identity.json").exists() else new_token(self.rc, hostname),
+                          backoff_initial=0.1, backoff_max=0.5)
+        if runner is not None:
+            cfg.runner = runner
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        sim = SimAgent(agent, asyncio.create_task(agent.run(stop)), stop, state)
+        self.agents[hostname] = sim
+        if wait:
+            await wait_for(lambda: (self.rc.ctx.registry.status_of(hostname) == "online" and agent.heartbeats > 0)
+                           or sim.task.done())
+            if sim.task.done():
+                sim.task.result()
+        return sim
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(a.stop() for a in self.agents.values()))
+
+
+@pytest_asyncio.fixture
+async def fleet(controller: RunningController, tmp_path: Path) -> AsyncIterator[SimAgents]:
+    agents = SimAgents(controller, tmp_path / "agents")
+    try:
+        yield agents
+    finally:
+        await agents.stop_all()
