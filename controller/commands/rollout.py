@@ -1,0 +1,248 @@
+"""``fleetctl rollout …``: roll flash-attn out over the fleet, and watch / steer rollouts (docs/rollout.md).
+
+Exit codes of ``rollout flash-attn`` (and ``status --watch``): 0 succeeded (or ``--dry-run`` /
+``--detach``), 10 paused (needs an operator: canary failed or failure budget exceeded), 11 finished
+with failed nodes within the budget, 12 aborted, plus the usual error codes (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import time
+from typing import Any
+
+from controller.client import ControllerClient, add_controller_args
+from controller.commands.table import render
+from controller.rollout.progress import ProgressView, footer_lines
+from fleet.cli import print_json
+from fleet.errors import UsageError
+
+EXIT_PAUSED = 10
+EXIT_PARTIAL = 11
+EXIT_ABORTED = 12
+FINAL_EXIT = {"succeeded": 0, "rolled-back": 0, "partial": EXIT_PARTIAL, "aborted": EXIT_ABORTED,
+              "paused": EXIT_PAUSED}
+
+
+def _actor(args: argparse.Namespace) -> str:
+    if getattr(args, "actor", None):
+        return str(args.actor)
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--actor", metavar="NAME", help="who is acting, for the audit log (default: $USER)")
+    add_controller_args(p)
+
+
+def _steps_arg(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        kind, _, secs = item.partition("=")
+        if not kind or not secs.isdigit() or int(secs) < 1:
+            raise argparse.ArgumentTypeError(f"bad step timeout {item!r}: use KIND=SECONDS[,KIND=SECONDS]")
+        out[kind.strip()] = int(secs)
+    return out
+
+
+def register(subparsers: Any) -> None:
+    top = subparsers.add_parser("rollout", help="roll flash-attn out over the fleet; watch and steer rollouts",
+                                description="Roll FlashAttention out over the fleet: canaries first, then batches, "
+                                            "under a failure budget; build once per build key, install everywhere "
+                                            "else; verify every node. See docs/rollout.md.")
+    sub = top.add_subparsers(dest="rollout_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser("flash-attn", help="start a rollout (live progress; --detach to return at once)")
+    p.add_argument("--version", metavar="V", help="flash-attn release (default: the newest in the catalog)")
+    p.add_argument("--nodes", metavar="SELECTOR", help="hostname globs, gpu=NAME, profile=NAME, status=S; "
+                   "comma list: same key OR, different keys AND (default: all)")
+    p.add_argument("--canary", type=int, metavar="N", help="canary count (default: one per GPU model and variant; "
+                   "0: no canary batch)")
+    p.add_argument("--batch", metavar="SIZES", help="batch sizes after the canaries, e.g. 1,5,25%% (the last "
+                   "repeats; default 1,5,25%%)")
+    p.add_argument("--max-parallel", type=int, metavar="N", help="nodes in a step at once (default 50)")
+    p.add_argument("--max-failures", metavar="N|P%", help="failure budget over the whole rollout (default 10%%); "
+                   "one more failure pauses it")
+    p.add_argument("--step-timeout", type=_steps_arg, metavar="KIND=S,…",
+                   help="per-step timeouts in seconds, e.g. install-wheel=600,verify=300")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
+    p.add_argument("--detach", action="store_true", help="start it and return; follow with `rollout status -w`")
+    p.add_argument("--wait-timeout", type=float, default=0, metavar="S",
+                   help="stop following after S seconds (the rollout goes on); 0: until it ends")
+    _common(p)
+    p.set_defaults(handler=handle_start)
+
+    p = sub.add_parser("status", help="show a rollout (default: the newest)")
+    p.add_argument("id", nargs="?", metavar="ID")
+    p.add_argument("-w", "--watch", action="store_true", help="follow it live until it ends or pauses")
+    p.add_argument("--wait-timeout", type=float, default=0, metavar="S", help="with --watch: stop after S seconds")
+    _common(p)
+    p.set_defaults(handler=handle_status)
+
+    p = sub.add_parser("list", help="list rollouts, newest first")
+    p.add_argument("--limit", type=int, default=50)
+    _common(p)
+    p.set_defaults(handler=handle_list)
+
+    for name, helptext in (("pause", "pause: running steps finish, nothing new starts"),
+                           ("resume", "resume a paused rollout"),
+                           ("abort", "abort: running steps finish, the rest is skipped"),
+                           ("rollback", "restore every touched node's previous flash-attn (rollback playbook)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("id", metavar="ID")
+        if name == "resume":
+            p.add_argument("--retry-failed", action="store_true", help="put failed nodes back to planned")
+            p.add_argument("--max-failures", metavar="N|P%", help="a new failure budget")
+        if name == "rollback":
+            p.add_argument("--detach", action="store_true", help="return at once")
+            p.add_argument("--wait-timeout", type=float, default=0, metavar="S")
+        _common(p)
+        p.set_defaults(handler=handle_action, action=name)
+
+    p = sub.add_parser("audit", help="who started, paused, resumed, aborted or rolled back a rollout")
+    p.add_argument("id", metavar="ID")
+    _common(p)
+    p.set_defaults(handler=handle_audit)
+
+
+def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, stream: Any = None,
+           tty: bool | None = None, poll: float = 0.5) -> int:
+    """Print live progress until the rollout ends or pauses; returns the exit code for its outcome."""
+    stream = stream or sys.stdout
+    view = ProgressView(stream, stream.isatty() if tty is None else tty)
+    since = 0
+    started = time.monotonic()
+    try:
+        while True:
+            st = client.get(f"/rollouts/{rid}", since=since)
+            view.update(st)
+            if st["transitions"]:
+                since = st["transitions"][-1]["id"]
+            if not st["active"] or st["status"] == "paused":
+                view.summary(st)
+                code = FINAL_EXIT.get(st["status"], 0)
+                if st["status"] == "paused":
+                    stream.write(f"paused: {st['reason']}\nnext: fix the cause, then `fleetctl rollout resume {rid}` "
+                                 f"(--retry-failed, --max-failures N), or `fleetctl rollout abort {rid}`\n")
+                return code
+            if wait_timeout and time.monotonic() - started > wait_timeout:
+                stream.write(f"still {st['status']}; follow with `fleetctl rollout status {rid} --watch`\n")
+                return 0
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        stream.write(f"\nstopped following; the rollout goes on: `fleetctl rollout status {rid} --watch`\n")
+        return 130
+
+
+def _print_plan(out: dict[str, Any]) -> None:
+    rows = [[n["hostname"], n["gpu"], n["variant"], n["version"], ",".join(n["steps"]) or "-",
+             "canary" if n["canary"] else (n["batch"] if n["batch"] >= 0 else "-"),
+             n["skip"] or ("build" if any(b["builder"] == n["hostname"] for b in out["builds"]) else
+                           ("reuse wheel" if n["build_key"] in out["reused_builds"] else ""))]
+            for n in out["nodes"]]
+    print(render(rows, ["host", "gpu", "variant", "version", "steps", "batch", "note"]))
+    print(f"\nflash-attn {out['version']} on {len(out['nodes'])} node(s), selector {out['selector']!r}")
+    for i, b in enumerate(out["batches"]):
+        label = "canary" if i == 0 and out["canaries"] else f"batch {i}"
+        print(f"  {label:<8} {len(b):>4} node(s): {', '.join(b[:8])}{' …' if len(b) > 8 else ''}")
+    for b in out["builds"]:
+        print(f"  build once: {b['builder']} builds for {len(b['waiting'])} more node(s) "
+              f"(~{b['estimated_minutes']} min) — key {b['build_key']}")
+    bm = out["build_minutes"]
+    if bm["on_every_node"]:
+        print(f"  build time: {bm['once_per_key']} min once per key vs {bm['on_every_node']} min building on "
+              f"every node")
+    o = out["options"]
+    print(f"  failure budget --max-failures {o['max_failures']}, --max-parallel {o['max_parallel']}")
+
+
+def handle_start(args: argparse.Namespace) -> int:
+    if args.canary is not None and args.canary < 0:
+        raise UsageError("--canary must be 0 or more", hint="--canary 0 skips the canary batch")
+    client = ControllerClient.from_args(args)
+    body = {"version": args.version, "nodes": args.nodes, "canary": args.canary, "batch": args.batch,
+            "max_parallel": args.max_parallel, "max_failures": args.max_failures, "dry_run": args.dry_run,
+            "actor": _actor(args), "step_timeouts": args.step_timeout or {}}
+    out = client.post("/rollouts", body)
+    if args.json and (args.dry_run or args.detach):
+        print_json(out)
+        return 0
+    if args.dry_run:
+        _print_plan(out)
+        print("\ndry run: nothing changed")
+        return 0
+    print(f"rollout {out['id']} started by {body['actor']}: flash-attn {out['version']} on "
+          f"{len(out['nodes'])} node(s) in {len(out['batches'])} batch(es)", flush=True)
+    if args.detach:
+        print(f"follow it: fleetctl rollout status {out['id']} --watch")
+        return 0
+    code = follow(client, out["id"], wait_timeout=args.wait_timeout)
+    if args.json:
+        print_json(client.get(f"/rollouts/{out['id']}"))
+    return code
+
+
+def handle_status(args: argparse.Namespace) -> int:
+    client = ControllerClient.from_args(args)
+    path = f"/rollouts/{args.id}" if args.id else "/rollouts/latest"
+    st = client.get(path)
+    if args.watch:
+        return follow(client, st["id"], wait_timeout=args.wait_timeout)
+    if args.json:
+        print_json(st)
+        return 0
+    for line in footer_lines(st):
+        print(line)
+    rows = [[n["hostname"], "canary" if n["canary"] else n["batch"], n["variant"], n["state"],
+             (n["step"] or "") + (" (running)" if n["in_step"] else ""), n["attempt"], n["cause"][:90]]
+            for n in st["nodes"]]
+    print(render(rows, ["host", "batch", "variant", "state", "step", "try", "cause"]))
+    for b in st["builds"]:
+        print(f"build {b['status']:<9} on {b['builder']}: {b['artifact_filename'] or b['error'] or ''}"
+              f"  [{b['build_key']}]")
+    return 0
+
+
+def handle_list(args: argparse.Namespace) -> int:
+    data = ControllerClient.from_args(args).get("/rollouts", limit=args.limit)
+    if args.json:
+        print_json(data)
+        return 0
+    rows = [[r["id"], r["status"], r["version"], r["selector"], r["created_by"], (r["created_at"] or "")[:19],
+             ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))] for r in data["rollouts"]]
+    print(render(rows, ["id", "status", "version", "nodes", "by", "created (UTC)", "states"]))
+    return 0
+
+
+def handle_action(args: argparse.Namespace) -> int:
+    client = ControllerClient.from_args(args)
+    body: dict[str, Any] = {"actor": _actor(args)}
+    if args.action == "resume":
+        body.update(retry_failed=args.retry_failed, max_failures=args.max_failures)
+    st = client.post(f"/rollouts/{args.id}/{args.action}", body)
+    if args.json:
+        print_json(st)
+        return 0
+    print(f"rollout {st['id']}: {args.action} by {body['actor']} → {st['status']}")
+    if args.action in ("resume", "rollback") and not getattr(args, "detach", False) and st["active"]:
+        return follow(client, st["id"], wait_timeout=getattr(args, "wait_timeout", 0) or 0)
+    return 0
+
+
+def handle_audit(args: argparse.Namespace) -> int:
+    data = ControllerClient.from_args(args).get(f"/rollouts/{args.id}/audit")
+    if args.json:
+        print_json(data)
+        return 0
+    print(render([[a["at"][:19], a["actor"], a["action"], a["detail"]] for a in data["audit"]],
+                 ["at (UTC)", "actor", "action", "detail"]))
+    return 0
