@@ -1,0 +1,51 @@
+"""A simulated executor for simulated nodes: what a playbook *does* on a node without a GPU (or
+without a Debian root) is simulated here — how long it takes and whether it fails comes from a
+script per node — while the agent, gRPC, artifact upload, controller, DB and engine are real.
+A simulated build writes a small stand-in wheel and uploads it through the agent's real
+``UploadArtifact`` RPC, exactly as the agent does with a real built wheel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.client import Agent
+from agent.jobs import JobOutcome, JobSpec
+
+
+@dataclass
+class Script:
+    delays: dict[str, float] = field(default_factory=lambda: {"build-from-source": 0.6})
+    default_delay: float = 0.1
+    fail: dict[tuple[str, str], str] = field(default_factory=dict)  # (host, kind) → error text
+    ran: list[tuple[str, str, str]] = field(default_factory=list)  # (host, kind, job id) started
+
+
+@dataclass
+class SimRunner:
+    host: str
+    script: Script
+    workdir: Path
+    agent: Agent | None = None
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        self.script.ran.append((self.host, job.kind, job.job_id))
+        emit_event({"event": "playbook_on_task_start", "event_data": {"task": f"simulated {job.kind}"}})
+        await asyncio.sleep(self.script.delays.get(job.kind, self.script.default_delay))
+        err = self.script.fail.get((self.host, job.kind))
+        if err is not None:
+            return JobOutcome(status="failed", rc=2, error=err)
+        result: dict[str, Any] = {"stats": {"changed": 1}, "simulated": True}
+        if job.kind == "build-from-source":
+            assert self.agent is not None
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            wheel = self.workdir / f"flash_attn-{job.vars.get('flash_attn_version')}-cp311-cp311-linux_x86_64.whl"
+            wheel.write_bytes(f"simulated wheel for {job.vars.get('build_key')}".encode())
+            sha = await self.agent.upload_artifact(wheel, "wheel")
+            result["built_wheel"] = {"sha256": sha, "filename": wheel.name, "path": str(wheel)}
+        if job.kind == "verify":
+            result.update(passed=True, reason="simulated GPU model", simulated=True)
+        return JobOutcome(status="successful", rc=0, result=result)
