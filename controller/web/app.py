@@ -60,7 +60,7 @@ class WebState:
             os.environ.get("FLEET_DASHBOARD_SESSION_SECONDS", "28800")))
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["age"] = _age
-        self.templates.env.filters["tojson_attr"] = lambda v: json.dumps(v, default=str)
+        self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
         self.admin_token: str | None = _admin_token(ctx)
 

@@ -195,3 +195,61 @@ class ScriptedRollout:
                         facts["flash_attn"] = {"version": r.version, "variant": "fa2-wheel"}
                         node.facts, node.facts_updated_at = facts, now
             return True
+
+
+class ThreadServer:
+    """uvicorn on 127.0.0.1:<free port> in a daemon thread (tests, screenshots, benchmarks)."""
+
+    def __init__(self, app: Any) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.app = app
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=3, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="dashboard-server", daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        import time
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("dashboard test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from controller.web.app import close
+        close(self.app)
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class Ticker:
+    """Calls ``rollout.tick()`` every ``interval`` seconds in a daemon thread until stopped."""
+
+    def __init__(self, rollout: ScriptedRollout, interval: float = 0.6) -> None:
+        import threading
+        self.rollout, self.interval = rollout, interval
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="scripted-rollout", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.rollout.tick()
+
+    def __enter__(self) -> Ticker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)

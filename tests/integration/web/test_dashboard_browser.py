@@ -1,0 +1,156 @@
+"""The dashboard in real headless Chromium, used the way an operator uses it.
+
+A simulated fleet and a scripted simulated rollout (controller.web.sample) write the same tables the
+registry and rollout engine write; uvicorn serves the dashboard; Chromium logs in, watches the rollout
+progress over Server-Sent Events, opens the failed node, reads its diagnosis and pauses the rollout
+(through controller.rollout.service). A viewer can't act; an unauthenticated visit is redirected.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.store.db import Store, open_store
+from controller.web import create_standalone_app, sample
+from controller.web.auth import add_user
+from tests.integration.web.browser import chromium, missing_reason
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+_missing = missing_reason()
+if _missing:
+    pytestmark.append(pytest.mark.skip(reason=_missing))
+
+PASSWORD = "operator-pass-1"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp: Path = tmp_path_factory.mktemp("dash")
+    store: Store = open_store(f"sqlite:///{tmp / 'controller.db'}")
+    add_user(store, "olga", "operator", PASSWORD)
+    add_user(store, "vic", "viewer", PASSWORD)
+    hosts = sample.populate(store, 40, prefix="sim-gpu")
+    sample.add_history(store, hosts[2])
+    rollout = sample.ScriptedRollout(store, hosts[:16], rollout_id="r-sim-live", batch=3, fail=(hosts[2],))
+    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp, admin_token="t0ken"))
+    with sample.ThreadServer(app) as server, chromium() as browser:
+        yield {"url": server.url, "browser": browser, "rollout": rollout, "hosts": hosts, "store": store}
+    store.close()
+
+
+def _wait_until(cond: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {seconds} s")
+        time.sleep(0.2)
+
+
+def _login(page: Any, base: str, user: str, target: str = "/") -> None:
+    page.goto(base + target)
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + target)
+
+
+def test_unauthenticated_visit_is_redirected(fleet: dict[str, Any]) -> None:
+    ctx = fleet["browser"].new_context()
+    page = ctx.new_page()
+    page.goto(fleet["url"] + "/rollouts/r-sim-live")
+    assert page.url.startswith(fleet["url"] + "/login?next=")
+    assert page.locator("h1").inner_text() == "Log in"
+    assert "r-sim-live" not in page.content().split("name=\"next\"")[0]  # nothing of the rollout shown
+    api = page.request.get(fleet["url"] + "/ui/api/nodes")
+    assert api.status == 401
+    page.fill("input[name=username]", "olga")
+    page.fill("input[name=password]", "wrong-password")
+    page.click("button[type=submit]")
+    assert "Wrong user name or password" in page.locator("#login-error").inner_text()
+    ctx.close()
+
+
+def test_operator_watches_rollout_reads_diagnosis_and_pauses(fleet: dict[str, Any]) -> None:
+    base, hosts = fleet["url"], fleet["hosts"]
+    ctx = fleet["browser"].new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    _login(page, base, "olga", "/rollouts/r-sim-live")
+    page.wait_for_selector("#live.on", timeout=10_000)  # the SSE stream is open
+    page.evaluate("window.__noReload = 'still here'")
+    before = page.locator("#progress-text").inner_text()
+    assert "0 of 16" in before
+
+    with sample.Ticker(fleet["rollout"], interval=0.5):
+        # progress arrives over SSE, without a reload
+        _wait_until(lambda: not page.locator("#progress-text").inner_text().startswith("0 of"), 20)
+        page.wait_for_selector(f"#failures .diag[data-host='{hosts[2]}']", timeout=20_000)
+        assert page.evaluate("window.__noReload") == "still here"
+        assert int(page.evaluate("document.body.dataset.updates")) >= 2
+        failure = page.locator(f"#failures .diag[data-host='{hosts[2]}']").inner_text()
+        assert "nvcc_torch_cuda_major_mismatch" in failure and "What to do" in failure
+
+        # pause while it runs
+        assert page.locator("button[data-action=pause]").is_enabled()
+        page.click("button[data-action=pause]")
+        page.wait_for_selector("#flash")
+        assert "pause requested by user:olga" in page.locator("#flash").inner_text()
+        page.wait_for_selector("#rollout-status .st-paused", timeout=10_000)
+        assert page.locator("button[data-action=resume]").is_enabled()
+        assert not page.locator("button[data-action=pause]").is_enabled()
+        frozen = page.locator("#progress-text").inner_text()
+        page.wait_for_timeout(1500)  # three ticks: a paused rollout doesn't move
+        assert page.locator("#progress-text").inner_text() == frozen
+        assert fleet["rollout"].status() == "paused"
+
+    # open the failed node and read its diagnosis
+    page.click(f"#failures .diag[data-host='{hosts[2]}'] a")
+    page.wait_for_url(f"{base}/nodes/{hosts[2]}")
+    diag = page.locator("#diagnosis").inner_text()
+    assert "Diagnosis: nvcc_torch_cuda_major_mismatch" in diag
+    assert "same major as torch" in diag  # the remedy
+    assert "simulated" in page.locator("h1").inner_text()
+    assert "driver.version" in page.locator("body").inner_text()  # facts history
+    ctx.close()
+
+
+def test_viewer_cannot_act(fleet: dict[str, Any]) -> None:
+    base = fleet["url"]
+    ctx = fleet["browser"].new_context()
+    page = ctx.new_page()
+    _login(page, base, "vic", "/rollouts/r-sim-live")
+    assert page.locator("button.act").count() == 0
+    assert "viewer role" in page.locator("#viewer-note").inner_text()
+    status = fleet["rollout"].status()
+    # even a hand-made request with the right CSRF token is refused
+    code = page.evaluate("""async () => {
+        const r = await fetch('/rollouts/r-sim-live/resume', {method: 'POST',
+            headers: {'X-CSRF-Token': document.body.dataset.csrf, 'Accept': 'application/json'}});
+        return r.status; }""")
+    assert code == 403
+    assert fleet["rollout"].status() == status
+    ctx.close()
+
+
+def test_node_table_filters_sorts_and_pages(fleet: dict[str, Any]) -> None:
+    base = fleet["url"]
+    ctx = fleet["browser"].new_context()
+    page = ctx.new_page()
+    _login(page, base, "vic", "/nodes?per_page=10")
+    assert page.locator("#node-table tbody tr").count() == 10
+    assert "page 1 of 4" in page.locator("#pager").inner_text()
+    page.click("#pager a[rel=next]")
+    assert "page 2 of 4" in page.locator("#pager").inner_text()
+    page.fill("#node-search", "sim-gpu-0001")
+    page.click("#node-filters button[type=submit]")
+    rows = page.locator("#node-table tbody tr")
+    found = page.eval_on_selector_all("#node-table tbody tr", "r => r.map(x => x.dataset.host)")
+    assert rows.count() == 10 and all(h.startswith("sim-gpu-0001") for h in found)
+    page.goto(base + "/nodes?sort=hostname&dir=desc")
+    assert page.locator("#node-table tbody tr").first.get_attribute("data-host") == "sim-gpu-00039"
+    ctx.close()
