@@ -41,7 +41,7 @@ run() {  # name, then bench args
   local t0=$SECONDS
   timeout --kill-after=15 480 "$PY" "$BENCH" --out "$OUT/$name.json" "$@" 2> "$OUT/$name.stderr.txt"
   local rc=$?
-  echo "(exit $rc, ${SECONDS}s-${t0}s wall = $((SECONDS - t0)) s)"
+  echo "(exit $rc, wall $((SECONDS - t0)) s)"
   if [[ -s "$OUT/$name.json" ]]; then
     "$PY" "$BENCH" --summarize "$OUT/$name.json" | tee "$OUT/$name.table.txt"
   else

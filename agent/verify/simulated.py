@@ -434,11 +434,20 @@ def simulate_for_facts(facts: NodeFacts, *, mode: str = "quick", at: datetime | 
         return failure_result(STATUS_NO_TORCH, f"torch is not importable in {facts.python.executable} (simulated)",
                               mode=mode, started_at=now, finished_at=now + timedelta(seconds=1), simulated=True,
                               expect=expect or "flash_attn", hostname=facts.hostname)
+    why_no_gpu = None
     if not facts.gpus or facts.driver is None:
-        faults = SimFaults(no_gpu=True)
-        gpu_name = "h100"
-    else:
-        gpu_name = facts.gpus[0].name
+        why_no_gpu = "no NVIDIA driver or GPU"
+    elif facts.torch.cuda is None:
+        why_no_gpu = f"torch {facts.torch.version} is a CPU-only build"
+    elif int(facts.torch.cuda.split(".")[0]) > int(facts.driver.cuda_max.split(".")[0]):
+        why_no_gpu = (f"torch built for CUDA {facts.torch.cuda} but the driver supports CUDA "
+                      f"{facts.driver.cuda_max} at most (CUDA driver version is insufficient)")
+    if why_no_gpu is not None:
+        now = (at or datetime.now(UTC)).astimezone(UTC)
+        return failure_result(STATUS_NO_GPU, f"torch.cuda.is_available() is False ({why_no_gpu}; simulated)",
+                              mode=mode, started_at=now, finished_at=now + timedelta(seconds=2), simulated=True,
+                              expect=expect or "flash_attn", hostname=facts.hostname)
+    gpu_name = facts.gpus[0].name
     return simulate_verification(
         gpu_name, node=facts.hostname, mode=mode, at=at,
         flash_attn_version=facts.flash_attn.version if facts.flash_attn else None,

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from agent.verify import bench
-from agent.verify.simulated import GPUS, H100_RANGES, SimFaults, gpu_model_for, simulate_verification
+from agent.verify.simulated import (
+    GPUS,
+    H100_RANGES,
+    SimFaults,
+    gpu_model_for,
+    simulate_for_facts,
+    simulate_verification,
+)
 from fleet.errors import InputError
+from fleet.facts import parse_node
+from fleet.verification import parse_result
 
 
 def _median_fa(gpu: str, at: datetime, impl: str = "flash_attn") -> float:
@@ -120,3 +131,29 @@ def test_unknown_gpu() -> None:
     assert gpu_model_for("NVIDIA L4").key == "l4"
     assert gpu_model_for("NVIDIA A10").key == "a10"
     assert gpu_model_for("NVIDIA A100-SXM4-40GB").key == "a100"
+
+
+PROFILES = sorted((Path(__file__).parents[3] / "agent" / "profiles").glob("*.json"))
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_every_agent_profile_simulates(profile: Path, at: datetime) -> None:
+    facts = parse_node(json.loads(profile.read_text()))
+    result = simulate_for_facts(facts, mode="full", at=at)
+    assert result.simulated and result.hostname == facts.hostname
+    assert parse_result(json.loads(json.dumps(result.to_json(), allow_nan=False))) == result
+    if facts.torch is not None and facts.torch.cuda is None:
+        assert result.status == "no-gpu" and "CPU-only" in result.reasons[0]
+    elif profile.stem == "torch-cuda-above-driver":
+        assert result.status == "no-gpu" and "insufficient" in result.reasons[0]
+    elif facts.flash_attn is None and result.expect == "flash_attn":
+        assert result.status == "fail" and "No module named 'flash_attn'" in result.reasons[0]
+    else:
+        assert result.status == "pass", result.reasons
+
+
+def test_profile_faults_field(at: datetime) -> None:
+    doc = json.loads((Path(__file__).parents[3] / "agent" / "profiles" / "flash-attn-installed.json").read_text())
+    doc["verify_faults"] = {"import_error": True}
+    result = simulate_for_facts(parse_node(doc), at=at)
+    assert result.status == "fail" and "undefined symbol" in result.reasons[0]
