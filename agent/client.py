@@ -81,6 +81,10 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
     if code in FATAL_CODES:
         return AuthError(f"{what} refused by the controller: {detail}",
                          hint="enroll again with a fresh token (`fleetctl token create`)")
+    if code == grpc.StatusCode.NOT_FOUND:
+        from fleet.errors import NotFoundError
+
+        return NotFoundError(f"{what}: {detail}", hint="see the message")
     if code == grpc.StatusCode.ALREADY_EXISTS:
         return ConflictError(f"{what} refused: {detail}", hint="see the message")
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
@@ -329,19 +333,23 @@ class Agent:
     # ---- jobs --------------------------------------------------------------------------
 
     async def _run_job(self, spec: JobSpec) -> None:
-        job = _RunningJob(spec, asyncio.Queue(maxsize=self.cfg.event_queue_size))
+        job = _RunningJob(spec, asyncio.Queue())
         self._jobs[spec.job_id] = job
         sender = asyncio.create_task(self._send_events(job))
 
-        def emit(event: Mapping[str, Any]) -> None:
-            job.counter += 1
-            try:
-                job.queue.put_nowait(wire.event_to_proto(spec.job_id, job.counter, event))
-            except asyncio.QueueFull:
+        limit = self.cfg.event_queue_size
+
+        def emit(event: Mapping[str, Any], force: bool = False) -> None:
+            # never blocks: beyond `limit` queued events, drop and count (the queue itself is unbounded so
+            # that our own start/finish events and the end marker always fit)
+            if not force and job.queue.qsize() >= limit:
                 job.dropped += 1
+                return
+            job.counter += 1
+            job.queue.put_nowait(wire.event_to_proto(spec.job_id, job.counter, event))
 
         log.info("job %s (%s) started", spec.job_id, spec.kind)
-        emit({"event": "fleet_job_started", "event_data": {"kind": spec.kind}})
+        emit({"event": "fleet_job_started", "event_data": {"kind": spec.kind}}, force=True)
         try:
             outcome = await asyncio.wait_for(self.cfg.runner.run(spec, emit), timeout=spec.timeout_s)
         except TimeoutError:
@@ -354,8 +362,9 @@ class Agent:
             outcome = JobOutcome(status="failed", rc=70, error=f"executor error: {exc.__class__.__name__}: {exc}")
         if job.dropped:
             outcome.result.setdefault("events_dropped", job.dropped)
-        emit({"event": "fleet_job_finished", "event_data": {"status": outcome.status, "rc": outcome.rc}})
-        job.queue.put_nowait(None) if not job.queue.full() else None
+        emit({"event": "fleet_job_finished",
+              "event_data": {"status": outcome.status, "rc": outcome.rc, "events_dropped": job.dropped}}, force=True)
+        job.queue.put_nowait(None)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(sender), timeout=30)
         sender.cancel()
