@@ -31,7 +31,7 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +200,7 @@ class JobDispatcher:
     def connected(self, node: str) -> bool:
         return node in self._streams
 
-    async def stream_for(self, node: str) -> AsyncIterator[JobSpec]:
+    async def stream_for(self, node: str) -> AsyncGenerator[JobSpec, None]:
         """Jobs for ``node``'s agent: unfinished ones first (re-delivery), then new ones as submitted.
 
         A newer stream for the same node ends the older one. Agents deduplicate by job id.

@@ -1,0 +1,133 @@
+"""Store migrations, enrollment tokens, the job dispatcher and the artifact store, without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, update
+
+from controller.artifacts import ArtifactStore, safe_filename
+from controller.ca import CertAuthority, cert_identity, make_csr, new_key
+from controller.enrollment import Enrollment
+from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome
+from controller.registry import Registry
+from controller.store import Store, open_store, utcnow
+from controller.store.models import EnrollmentToken
+from fleet.errors import AuthError, ConflictError, InputError, NotFoundError
+from tests.unit.controller_core.util import add_identity, facts
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return open_store(f"sqlite:///{tmp_path / 'c.db'}")
+
+
+def test_migrations_create_tables_and_are_idempotent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    s1 = open_store(url)
+    tables = set(inspect(s1.engine).get_table_names())
+    assert {"nodes", "facts_history", "identities", "enrollment_tokens", "audit_log", "jobs", "job_events",
+            "artifacts", "node_events", "alembic_version"} <= tables
+    s1.close()
+    open_store(url).close()  # second start: nothing to do
+    with open_store(url).engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_token_lifecycle(store: Store, tmp_path: Path) -> None:
+    enr = Enrollment(store, CertAuthority(tmp_path / "ca"))
+    token, listing = enr.create_token(dt.timedelta(minutes=5), "n1")
+    assert listing["state"] == "active" and token not in str(enr.list_tokens())
+    key = new_key()
+    with pytest.raises(AuthError, match="for host n1"):
+        enr.enroll(token, "n2", make_csr(key, "n2"))
+    res = enr.enroll(token, "n1", make_csr(key, "n1"))
+    assert cert_identity(res.certificate_pem)[0] == res.agent_id
+    assert enr.list_tokens()[0]["state"] == "used"
+    with pytest.raises(AuthError, match="already used"):
+        enr.enroll(token, "n1", make_csr(key, "n1"))
+    t2, _ = enr.create_token()
+    with store.session() as s:
+        s.execute(update(EnrollmentToken).where(EnrollmentToken.prefix == t2[:12])
+                  .values(expires_at=utcnow() - dt.timedelta(seconds=1)))
+    assert enr.list_tokens()[1]["state"] == "expired"
+    with pytest.raises(InputError):
+        enr.create_token(dt.timedelta(seconds=0))
+    with pytest.raises(NotFoundError):
+        enr.revoke_token("nope")
+    ident = enr.identities.authenticate(res.agent_id, cert_identity(res.certificate_pem)[1])
+    assert ident.hostname == "n1"
+    with pytest.raises(AuthError, match="serial"):
+        enr.identities.authenticate(res.agent_id, "abc")
+    enr.revoke_agent("n1")
+    with pytest.raises(AuthError, match="revoked"):
+        enr.identities.authenticate(res.agent_id, None)
+
+
+def test_server_certificate_covers_requested_names(tmp_path: Path) -> None:
+    ca = CertAuthority(tmp_path / "ca")
+    _, cert1 = ca.server_credentials(["10.1.0.1"])
+    _, again = ca.server_credentials(["10.1.0.1"])
+    assert cert1 == again
+    _, cert2 = ca.server_credentials(["10.1.0.1", "ctl.example"])
+    assert cert2 != cert1
+    assert CertAuthority(tmp_path / "ca").ca_pem == ca.ca_pem  # reloaded, not recreated
+    assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+
+
+async def test_dispatcher_submit_stream_complete(store: Store) -> None:
+    ident = add_identity(store, "n1")
+    Registry(store).report_facts(ident, facts("n1"))
+    jobs = JobDispatcher(store)
+    with pytest.raises(NotFoundError):
+        await jobs.submit_job("ghost", "verify")
+    first = await jobs.submit_job("n1", "install-wheel", {"x": 1}, timeout=60)
+    stream = jobs.stream_for("n1")
+    spec = await asyncio.wait_for(stream.__anext__(), 2)
+    assert spec.job_id == first and jobs.get(first)["status"] == "dispatched"
+    second = await jobs.submit_job("n1", "verify", {}, timeout=60)
+    assert (await asyncio.wait_for(stream.__anext__(), 2)).job_id == second
+    now = utcnow()
+    assert jobs.record_events("n1", [JobEventRecord(first, 1, "runner_on_ok", {}, now)]) == 1
+    assert jobs.record_events("n1", [JobEventRecord(first, 1, "runner_on_ok", {}, now)]) == 0  # duplicate
+    with pytest.raises(NotFoundError):
+        jobs.record_events("other", [JobEventRecord(first, 2, "x", {}, now)])
+    assert jobs.get(first)["status"] == "running"
+    waiter = asyncio.create_task(jobs.wait(first, timeout=5))
+    jobs.complete("n1", JobOutcome(first, "successful", 0, {"ok": True}))
+    assert (await waiter).result == {"ok": True}
+    jobs.complete("n1", JobOutcome(first, "failed", 1))  # late duplicate: ignored
+    assert jobs.get(first)["status"] == "successful"
+    with pytest.raises(InputError):
+        jobs.complete("n1", JobOutcome(second, "running"))
+    jobs.expire(utcnow() + dt.timedelta(hours=2))
+    assert jobs.get(second)["status"] == "timeout"
+    with pytest.raises(ConflictError):
+        jobs.cancel(second)
+    await stream.aclose()
+
+
+def test_artifact_store(store: Store, tmp_path: Path) -> None:
+    arts = ArtifactStore(tmp_path / "artifacts", store, max_bytes=1000)
+    info = arts.put_bytes(b"hello", "a.whl", "wheel")
+    assert info.sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert arts.path_for(info.sha256).relative_to(tmp_path / "artifacts").parts[:2] == ("sha256", info.sha256[:2])
+    assert b"".join(arts.iter_chunks(info.sha256, 2)) == b"hello"
+    assert arts.put_bytes(b"hello", "a.whl", "wheel") == info  # same content: same artifact
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 300, "a b"):
+        with pytest.raises(InputError):
+            safe_filename(bad)
+    with pytest.raises(InputError, match="limit"):
+        arts.put_bytes(b"x" * 1001, "big.bin")
+    with pytest.raises(InputError, match="announced"), arts.writer("c.bin", expected_sha256="0" * 64) as w:
+        w.write(b"data")
+    with pytest.raises(InputError):
+        arts.writer("c.bin", kind="exe")
+    assert list((tmp_path / "artifacts" / "tmp").iterdir()) == []  # no leftovers
+    with pytest.raises(NotFoundError):
+        arts.get("f" * 64)
+    assert [a.sha256 for a in arts.list_all()] == [info.sha256]

@@ -1,0 +1,63 @@
+"""Protobuf conversion at both edges: agent/wire.py → bytes → controller/wire.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from agent import wire as agent_wire
+from agent.jobs import JobOutcome
+from controller import wire as controller_wire
+from controller.jobs import JobSpec
+from fleet.errors import FactsError, InputError
+from fleet.facts import parse_node
+from fleet.v1 import fleet_pb2 as pb
+
+EXAMPLES = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json").read_text())
+
+
+@pytest.mark.parametrize("index", range(len(EXAMPLES["nodes"])))
+def test_facts_round_trip_through_protobuf(index: int) -> None:
+    facts = parse_node(EXAMPLES["nodes"][index])
+    wire_bytes = agent_wire.facts_to_proto(facts, simulated=True).SerializeToString()
+    back, simulated = controller_wire.facts_from_proto(pb.NodeFacts.FromString(wire_bytes))
+    assert back == facts and simulated is True
+    assert back.to_json() == facts.to_json()
+
+
+def test_optional_sections_stay_null() -> None:
+    facts = parse_node(EXAMPLES["nodes"][0])
+    bare = dataclasses.replace(facts, driver=None, toolkit=None, torch=None, flash_attn=None, apt=None, gpus=())
+    back, _ = controller_wire.facts_from_proto(agent_wire.facts_to_proto(bare))
+    assert back.driver is None and back.torch is None and back.apt is None and back.gpus == ()
+
+
+def test_bad_facts_messages() -> None:
+    msg = agent_wire.facts_to_proto(parse_node(EXAMPLES["nodes"][0]))
+    msg.extra_json = "nope"
+    with pytest.raises(InputError, match="not valid JSON"):
+        controller_wire.facts_from_proto(msg)
+    msg.extra_json = json.dumps({"pad": "x" * 300_000})
+    with pytest.raises(FactsError, match="limit"):
+        controller_wire.facts_from_proto(msg)
+    with pytest.raises(FactsError):
+        controller_wire.facts_from_proto(pb.NodeFacts(hostname="h"))
+
+
+def test_jobs_events_results() -> None:
+    job = controller_wire.job_to_proto(JobSpec("j1", "n1", "install-wheel", {"a": [1]}, 60))
+    spec = agent_wire.job_from_proto(pb.Job.FromString(job.SerializeToString()))
+    assert (spec.job_id, spec.kind, spec.vars, spec.timeout_s) == ("j1", "install-wheel", {"a": [1]}, 60.0)
+    ev = agent_wire.event_to_proto("j1", 3, {"event": "runner_on_ok", "event_data": {"task": "x"}})
+    rec = controller_wire.event_from_proto(ev)
+    assert (rec.job_id, rec.counter, rec.event, dict(rec.data)) == ("j1", 3, "runner_on_ok", {"task": "x"})
+    assert abs((rec.created - dt.datetime.now(dt.UTC)).total_seconds()) < 5
+    res = agent_wire.result_to_proto("j1", JobOutcome(status="error", rc=2, result={"k": 1}, error="boom"))
+    out = controller_wire.outcome_from_proto(res)
+    assert (out.status, out.rc, dict(out.result), out.error) == ("failed", 2, {"k": 1}, "boom")
+    with pytest.raises(InputError):
+        controller_wire.event_from_proto(pb.JobEvent(job_id="", event="x"))
