@@ -6,7 +6,7 @@ pages, rollouts their routes: ``app.include_router(router)``; reach the controll
 ``Depends(require_admin)``). ``FleetError`` raised by a handler becomes
 ``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
 
-Routes: GET /api/v1/health (no auth) · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
+Routes: GET /api/v1/health (no auth) · GET /api/v1/stats · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
 · POST /api/v1/nodes/{host}/revoke · GET/POST /api/v1/tokens · POST /api/v1/tokens/{ref}/revoke
 · GET /api/v1/jobs[?node=] · GET /api/v1/jobs/{id} · GET /api/v1/artifacts · GET /api/v1/audit
 """
@@ -81,6 +81,13 @@ def api_router() -> APIRouter:
     @router.get("/health")
     def health(ctx: Ctx) -> dict[str, Any]:
         return {"ok": True, "grpc": ctx.grpc_address, "enroll": ctx.enroll_address}
+
+    @router.get("/stats")
+    def stats(ctx: Ctx, _: Admin) -> dict[str, Any]:
+        """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness)."""
+        reg = ctx.registry
+        return {"nodes": len(reg._live), "heartbeats": reg.heartbeats, "liveness_db_writes": reg.db_writes,
+                "online": sum(1 for v in reg._live.values() if v.status == "online")}
 
     @router.get("/nodes")
     def nodes(ctx: Ctx, _: Admin, facts: bool = False) -> dict[str, Any]:

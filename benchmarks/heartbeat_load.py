@@ -1,0 +1,219 @@
+"""Heartbeat load: N agents (real gRPC channels with their own mTLS identities, many per process).
+
+Starts a controller (``fleet-controller serve``, SQLite by default) as a subprocess, bulk-creates
+N enrollment tokens, then W worker processes each enroll N/W agents over the enrollment port,
+open one mutual-TLS channel per agent, report facts and heartbeat every ``--interval`` seconds
+at a random phase. Measures, over a steady-state window: heartbeats/s, client-side latency
+p50/p99/max, errors, the controller's CPU, and the DB rows written by liveness bookkeeping.
+
+    .venv/bin/python benchmarks/heartbeat_load.py --agents 1000 5000 10000 --interval 10 --duration 40
+
+Results go to docs/benchmarks.md by hand (the script prints a markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bulk_tokens(db_url: str, n: int) -> list[str]:
+    from controller.store import open_store, utcnow
+    from controller.store.models import EnrollmentToken
+
+    store = open_store(db_url)
+    tokens = ["fleet_" + secrets.token_urlsafe(24) for _ in range(n)]
+    now = utcnow()
+    with store.session() as s:
+        s.add_all([EnrollmentToken(token_hash=hashlib.sha256(t.encode()).hexdigest(), prefix=t[:12], hostname=None,
+                                   created_at=now, expires_at=now + dt.timedelta(hours=2), revoked=False)
+                   for t in tokens])
+    store.close()
+    return tokens
+
+
+async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+    import grpc.aio
+
+    from agent.client import channel_options, enroll
+    from agent.profiles import load_profile
+    from agent.wire import facts_to_proto
+    from fleet.v1 import fleet_pb2 as pb
+    from fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+    ca = Path(args["ca"]).read_bytes()
+    tokens: list[str] = args["tokens"]
+    wid: int = args["worker"]
+    profile = load_profile("h100")
+    sem = asyncio.Semaphore(32)
+    stubs: list[tuple[Any, Any]] = []
+
+    async def setup(i: int, token: str) -> None:
+        host = f"load-{wid}-{i}"
+        async with sem:
+            creds = await enroll(args["enroll"], ca, token, host, timeout=120)
+            ch = grpc.aio.secure_channel(args["grpc"], grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=creds.key_pem, certificate_chain=creds.cert_pem),
+                options=channel_options())
+            stub = pb_grpc.AgentServiceStub(ch)
+            await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(profile.with_hostname(host))),
+                                   timeout=120)
+            stubs.append((ch, stub))
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(setup(i, t) for i, t in enumerate(tokens)))
+    setup_s = time.monotonic() - t0
+    # barrier: all workers start heartbeating at the same wall-clock time
+    start_at: float = args["start_at"]
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    interval: float = args["interval"]
+    measure_from = start_at + args["warmup"]
+    end = measure_from + args["duration"]
+    lat: list[float] = []
+    errors = 0
+
+    async def beat(stub: Any) -> None:
+        nonlocal errors
+        await asyncio.sleep(random.random() * interval)
+        seq = 0
+        next_t = time.monotonic()
+        while time.time() < end:
+            seq += 1
+            t = time.perf_counter()
+            try:
+                await stub.Heartbeat(pb.HeartbeatRequest(sequence=seq), timeout=10)
+                if time.time() >= measure_from:
+                    lat.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError:
+                if time.time() >= measure_from:
+                    errors += 1
+            next_t += interval
+            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+
+    await asyncio.gather(*(beat(stub) for _, stub in stubs))
+    for ch, _ in stubs:
+        await ch.close()
+    return {"lat": lat, "errors": errors, "setup_s": setup_s}
+
+
+def worker_entry(args: dict[str, Any], out: Any) -> None:
+    out.send(asyncio.run(worker_main(args)))
+
+
+def run_level(n: int, interval: float, duration: float, warmup: float, workers: int, db: str | None) -> dict[str, Any]:
+    import httpx
+
+    state = Path(tempfile.mkdtemp(prefix="hbload-"))
+    gport, eport, hport = free_port(), free_port(), free_port()
+    db_url = db or f"sqlite:///{state / 'controller.db'}"
+    cmd = [sys.executable, "-m", "controller.main", "serve", "--state-dir", str(state), "--db", db_url,
+           "--grpc-listen", f"127.0.0.1:{gport}", "--enroll-listen", f"127.0.0.1:{eport}",
+           "--http-listen", f"127.0.0.1:{hport}", "--heartbeat-interval", str(interval), "--log-level", "WARNING"]
+    log = (state / "controller.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not (state / "controller.json").exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"controller died, see {state / 'controller.log'}")
+            time.sleep(0.1)
+        token = (state / "admin.token").read_text().strip()
+        http = httpx.Client(base_url=f"http://127.0.0.1:{hport}/api/v1", headers={"Authorization": f"Bearer {token}"})
+        tokens = bulk_tokens(db_url, n)
+        per = [tokens[i::workers] for i in range(workers)]
+        setup_budget = 20 + n * 0.012
+        start_at = time.time() + setup_budget
+        ctx = mp.get_context("spawn")
+        pipes, procs = [], []
+        for w in range(workers):
+            a, b = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=worker_entry, args=({"worker": w, "tokens": per[w], "ca": str(state / "ca/ca.pem"),
+                                                        "grpc": f"127.0.0.1:{gport}", "enroll": f"127.0.0.1:{eport}",
+                                                        "interval": interval, "duration": duration, "warmup": warmup,
+                                                        "start_at": start_at}, b))
+            p.start()
+            pipes.append(a)
+            procs.append(p)
+        time.sleep(max(0.0, start_at + warmup - time.time()))
+        s0, c0, t0 = http.get("/stats").json(), cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(duration)
+        s1, c1, t1 = http.get("/stats").json(), cpu_seconds(proc.pid), time.monotonic()
+        results = [pp.recv() for pp in pipes]
+        for p in procs:
+            p.join(30)
+        lat = sorted(x for r in results for x in r["lat"])
+        errors = sum(r["errors"] for r in results)
+        late = max(r["setup_s"] for r in results) > setup_budget
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+        wall = t1 - t0
+        return {"agents": n, "interval_s": interval, "registered": s1["nodes"],
+                "heartbeats_per_s": round((s1["heartbeats"] - s0["heartbeats"]) / wall, 1),
+                "expected_per_s": round(n / interval, 1),
+                "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2), "max_ms": round(lat[-1] * 1000, 2)
+                if lat else None, "errors": errors,
+                "controller_cpu_pct": round(100 * (c1 - c0) / wall, 1),
+                "db_rows_per_s": round((s1["liveness_db_writes"] - s0["liveness_db_writes"]) / wall, 1),
+                "setup_late": late}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--agents", type=int, nargs="+", default=[1000, 5000, 10000])
+    ap.add_argument("--interval", type=float, default=10.0)
+    ap.add_argument("--duration", type=float, default=30.0, help="measured window, seconds")
+    ap.add_argument("--warmup", type=float, default=12.0, help="seconds of heartbeating before measuring")
+    ap.add_argument("--workers", type=int, default=4, help="client processes")
+    ap.add_argument("--db", help="database URL (default: SQLite in a temp state dir)")
+    args = ap.parse_args()
+    rows = []
+    for n in args.agents:
+        r = run_level(n, args.interval, args.duration, args.warmup, args.workers, args.db)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    print("\n| agents | interval | heartbeats/s (expected) | p50 ms | p99 ms | max ms | errors | controller CPU | "
+          "liveness DB rows/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['agents']} | {r['interval_s']:g} s | {r['heartbeats_per_s']} ({r['expected_per_s']}) | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors']} | {r['controller_cpu_pct']}% | "
+              f"{r['db_rows_per_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
