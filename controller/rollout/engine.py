@@ -125,8 +125,21 @@ def diagnose_text(text: str) -> list[dict[str, Any]]:
 
 
 def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
-    """Pass/fail of a successful ``verify`` job: the verification engine's verdict where it reports
-    one, else the import check (the floor)."""
+    """Pass/fail of a successful ``verify`` job. A full verification result (agent/verify, the
+    ``fleet.verification`` schema; under ``verification`` or as the result itself) is judged by
+    ``controller.verification.judge``; otherwise the verdict the job reports, else the import check
+    (the floor)."""
+    payload = result.get("verification") if isinstance(result.get("verification"), Mapping) else (
+        result if "schema_version" in result else None)
+    if payload is not None:
+        try:
+            from controller.verification import judge
+            from fleet.verification import parse_result
+
+            judged = judge(parse_result(payload))
+        except FleetError as exc:
+            return False, f"verification result unreadable: {exc.message}"
+        return judged.passed, "; ".join(judged.reasons) or judged.status
     for key in ("passed", "pass", "ok"):
         if isinstance(result.get(key), bool):
             return bool(result[key]), str(result.get("reason") or result.get("reasons") or "")

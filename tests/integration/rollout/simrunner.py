@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.client import Agent
 from agent.jobs import JobOutcome, JobSpec
+from agent.profiles import load_profile
+from agent.verify.simulated import simulate_for_facts
+from fleet.facts import FlashAttnFacts, NodeFacts
 
 
 @dataclass
@@ -26,10 +29,27 @@ class Script:
 
 @dataclass
 class SimRunner:
+    """One simulated node: its facts change as jobs install or roll back flash-attn, and its
+    ``verify`` result comes from the GPU model (agent/verify/simulated.py), judged for real."""
+
     host: str
     script: Script
     workdir: Path
     agent: Agent | None = None
+    facts: NodeFacts | None = None
+
+    @classmethod
+    def for_profile(cls, host: str, profile: str, script: Script, workdir: Path) -> SimRunner:
+        return cls(host, script, workdir, facts=load_profile(profile, host))
+
+    def current_facts(self) -> NodeFacts:
+        assert self.facts is not None
+        return self.facts
+
+    def _installed(self, job: JobSpec) -> None:
+        if self.facts is not None and job.vars.get("flash_attn_version"):
+            variant = str(job.vars.get("variant") or "fa2").split("-")[0]
+            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(job.vars["flash_attn_version"]), variant))
 
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         self.script.ran.append((self.host, job.kind, job.job_id))
@@ -46,6 +66,15 @@ class SimRunner:
             wheel.write_bytes(f"simulated wheel for {job.vars.get('build_key')}".encode())
             sha = await self.agent.upload_artifact(wheel, "wheel")
             result["built_wheel"] = {"sha256": sha, "filename": wheel.name, "path": str(wheel)}
+        if job.kind in ("install-wheel", "build-from-source"):
+            self._installed(job)
+        if job.kind == "rollback" and self.facts is not None:
+            prev = job.vars.get("previous")
+            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(prev["version"]), str(prev["variant"]))
+                                 if isinstance(prev, dict) else None)
         if job.kind == "verify":
-            result.update(passed=True, reason="simulated GPU model", simulated=True)
+            if self.facts is not None:
+                result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()
+            else:
+                result.update(passed=True, reason="simulated GPU model")
         return JobOutcome(status="successful", rc=0, result=result)

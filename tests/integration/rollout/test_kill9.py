@@ -24,8 +24,6 @@ import httpx
 import pytest
 
 from agent.client import Agent, AgentConfig
-from agent.profiles import load_profile
-from fleet.facts import NodeFacts
 from tests.integration.rollout.simrunner import Script, SimRunner
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,20 +117,15 @@ async def until(pred: Any, timeout: float, interval: float = 0.1) -> Any:
 
 
 async def test_kill9_mid_rollout_resumes(tmp_path: Path) -> None:
-    script = Script(delays={"build-from-source": 3.0, "install-wheel": 1.0, "verify": 0.3})
+    script = Script(delays={"build-from-source": 6.0, "install-wheel": 1.0, "verify": 0.3})
     agents: list[tuple[Agent, asyncio.Event, asyncio.Task[None]]] = []
     async with controller_proc(tmp_path) as cp:
         for host, profile in NODES:
             tok = (await api(cp, "POST", "/tokens", {"ttl_seconds": 600, "hostname": host}))["token"]
-            facts = load_profile(profile, host)
-
-            def facts_fn(f: NodeFacts = facts) -> NodeFacts:
-                return f
-
-            runner = SimRunner(host, script, tmp_path / "work" / host)
+            runner = SimRunner.for_profile(host, profile, script, tmp_path / "work" / host)
             agent = Agent(AgentConfig(controller=f"127.0.0.1:{cp.ports['grpc']}",
                                       enroll_address=f"127.0.0.1:{cp.ports['enroll']}",
-                                      state_dir=tmp_path / "agents" / host, facts=facts_fn,
+                                      state_dir=tmp_path / "agents" / host, facts=runner.current_facts,
                                       ca_file=cp.state / "ca" / "ca.pem", token=tok, runner=runner,
                                       backoff_initial=0.1,
                                       backoff_max=0.5))

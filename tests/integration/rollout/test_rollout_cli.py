@@ -40,8 +40,8 @@ async def fleetctl(rc: RunningController, *args: str, timeout: float = 90) -> tu
 
 async def start_fleet(fleet: SimAgents, script: Script, tmp: Path, nodes: list[tuple[str, str]]) -> None:
     for host, profile in nodes:
-        runner = SimRunner(host, script, tmp / "work" / host)
-        sim = await fleet.start(host, profile, runner=runner)
+        runner = SimRunner.for_profile(host, profile, script, tmp / "work" / host)
+        sim = await fleet.start(host, profile, runner=runner, facts=runner.current_facts)
         runner.agent = sim.agent
 
 
