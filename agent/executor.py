@@ -312,6 +312,7 @@ class AnsibleJobRunner:
             "ANSIBLE_RETRY_FILES_ENABLED": "0",
             "ANSIBLE_LOCAL_TEMP": str((job_dir / "tmp").resolve()),
             "ANSIBLE_HOST_KEY_CHECKING": "0",
+            "ANSIBLE_PIPELINING": "1",  # local and chroot both pipeline: no temp files per task
             "ANSIBLE_DEPRECATION_WARNINGS": "0",
             "ANSIBLE_PYTHON_INTERPRETER": self.python_interpreter,
             **self.extra_env,
@@ -387,5 +388,7 @@ class AnsibleJobRunner:
             error = str(stats.get("exception") or f"{job.kind}: ansible-runner could not start the playbook")
         else:
             final = "timeout" if status == "timeout" else "failed"
-            error = "; ".join(state.failures) or f"{job.kind} failed (ansible-playbook exit {rc}){self._tail(job)}"
+            # the last failure is the one that stopped the play (earlier ones may have been rescued)
+            error = state.failures[-1] if state.failures else (
+                f"{job.kind} failed (ansible-playbook exit {rc}){self._tail(job)}")
         return JobOutcome(status=final, rc=rc, result=result, error=error)
