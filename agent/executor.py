@@ -250,7 +250,7 @@ class AnsibleJobRunner:
             pump.close()
             try:
                 await asyncio.wait_for(asyncio.shield(consumer), timeout=30)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 consumer.cancel()
         return self._outcome(status, rc, stats, state, pump, why, job)
 

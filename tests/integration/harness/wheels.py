@@ -92,7 +92,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         f"{{PACKAGE}}/__init__.py": f"__version__ = {{VERSION!r}}\nBUILT_FROM_SOURCE = True\n",
         f"{{PACKAGE}}/_build_env.json": json.dumps(env, sort_keys=True),
         f"{{di}}/METADATA": f"Metadata-Version: 2.1\nName: {{NAME}}\nVersion: {{VERSION}}\nRequires-Dist: torch\n",
-        f"{{di}}/WHEEL": "Wheel-Version: 1.0\nGenerator: fleet-standin\nRoot-Is-Purelib: false\nTag: cp311-cp311-linux_x86_64\n",
+        f"{{di}}/WHEEL": ("Wheel-Version: 1.0\nGenerator: fleet-standin\nRoot-Is-Purelib: false\n"
+                         "Tag: cp311-cp311-linux_x86_64\n"),
     }}
     fname = f"{{norm}}-{{VERSION}}-cp311-cp311-linux_x86_64.whl"
     rec = []
