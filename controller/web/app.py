@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SSE_POLL_SECONDS = 1.0
-SSE_MAX_SECONDS = 300.0  # the browser reconnects by itself; no stream lives forever
+SSE_MAX_SECONDS = 20.0  # then the browser reconnects (EventSource retry): no stream outlives a shutdown long
 SSE_KEEPALIVE_SECONDS = 15.0
 
 
