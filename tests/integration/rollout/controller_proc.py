@@ -32,13 +32,13 @@ class ControllerProc:
         self.heartbeat = heartbeat
         self.ports = {k: free_port() for k in ("grpc", "enroll", "http")}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the controller process so far (Linux /proc)."""
         assert self.proc is not None
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        self.starts = 0
 
     @property
     def url(self) -> str:
