@@ -57,7 +57,11 @@ async def test_consumer_errors_do_not_stop_delivery() -> None:
             raise RuntimeError("controller hiccup")
 
     task = asyncio.create_task(pump.consume(flaky))
-    threading.Thread(target=lambda: [pump.put({"event": "x", "i": i}) for i in range(3)]).start()
+    def produce() -> None:
+        for i in range(3):
+            pump.put({"event": "x", "i": i})
+
+    threading.Thread(target=produce).start()
     await asyncio.sleep(0.1)
     pump.close()
     await asyncio.wait_for(task, 5)
