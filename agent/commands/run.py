@@ -34,8 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--hostname", metavar="H", help="the hostname to enroll as (default: from the facts)")
     p.add_argument("--python", metavar="PATH", help="the target Python interpreter to probe")
     p.add_argument("--root", type=Path, metavar="DIR", help="run playbooks chrooted into this root (simulated node)")
-    p.add_argument("--executor", choices=("ansible", "none"), default="ansible",
-                   help="how jobs are run: ansible-runner (default) or none (every job fails: 'no executor')")
+    p.add_argument("--executor", choices=("ansible", "none", "simulated"), default="ansible",
+                   help="how jobs are run: ansible-runner (default), none (every job fails: 'no executor'), or "
+                        "simulated (with --simulate: agent/simexec.py)")
     p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
     p.set_defaults(handler=handle)
@@ -61,7 +62,7 @@ def make_facts_source(args: argparse.Namespace) -> Any:
 
 
 def make_runner(args: argparse.Namespace) -> JobRunner:
-    if args.executor == "none":
+    if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
         return NoExecutor()
     try:
         from agent.executor import AnsibleJobRunner
@@ -77,15 +78,26 @@ async def _main(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Agent(cfg).run(stop)
+    agent = Agent(cfg)
+    if hasattr(cfg.runner, "bind"):  # the simulated executor uploads built wheels through the agent
+        cfg.runner.bind(agent)
+    await agent.run(stop)
 
 
 def handle(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ":" not in args.controller:
         raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
-    cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=make_facts_source(args),
-                      runner=make_runner(args), ca_file=args.ca,
+    facts, runner = make_facts_source(args), make_runner(args)
+    if args.executor == "simulated":  # a simulated node's jobs change its simulated facts (agent/simexec.py)
+        from agent.simexec import SimulatedJobRunner
+
+        if not args.simulate:
+            raise UsageError("--executor simulated needs --simulate PROFILE", hint="real nodes use --executor ansible")
+        runner = SimulatedJobRunner(facts, args.state_dir / "jobs")
+        facts = runner.current_facts
+    cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=facts,
+                      runner=runner, ca_file=args.ca,
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
                       enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name)
     asyncio.run(_main(cfg))

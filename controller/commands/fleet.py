@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
                     help="per-node addresses: network namespaces (root) or 127.0.x.y (default: auto)")
     up.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S")
     up.add_argument("--missed-heartbeats", type=int, default=3, metavar="N")
-    up.add_argument("--executor", choices=("none", "ansible"), default="none",
+    up.add_argument("--executor", choices=("none", "ansible", "simulated"), default="none",
                     help="agents' job executor (default none: simulated nodes have no root to run playbooks in)")
     up.add_argument("--foreground", action="store_true", help="stay up until Ctrl-C, then tear down")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all nodes to register")

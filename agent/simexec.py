@@ -1,0 +1,91 @@
+"""The simulated executor of a simulated node (``fleet-agent run --simulate PROFILE --executor simulated``).
+
+A simulated node has no GPU and usually no Debian root of its own, so what a playbook *does* there is
+simulated: each job kind takes a while, succeeds or fails as the node's profile says, and changes the
+node's (simulated) facts the way the real playbook changes a real node — ``install-wheel`` and
+``build-from-source`` install the target flash-attn, ``rollback`` restores the previous one. A build
+writes a small stand-in wheel and hands it back (``result["built_wheel"]``) and, when bound to the
+agent, uploads it through the agent's real ``UploadArtifact`` RPC. ``verify`` returns the GPU model's
+verification result (agent/verify/simulated.py). Everything is flagged ``simulated``.
+
+Behaviour per node (profile facts ``extra`` or environment, JSON):
+
+* ``job_faults`` / ``$FLEET_SIM_JOB_FAULTS``: ``{"install-wheel": "error text", …}`` → that job fails;
+* ``job_seconds`` / ``$FLEET_SIM_JOB_SECONDS``: ``{"build-from-source": 5, "*": 0.5}`` durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent.jobs import JobOutcome, JobSpec
+from fleet.facts import FlashAttnFacts, NodeFacts
+
+DEFAULT_SECONDS: Mapping[str, float] = {"build-from-source": 4.0, "*": 0.6}
+Uploader = Callable[[Path, str], Awaitable[str]]
+
+
+def _json_env(name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(os.environ.get(name) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class SimulatedJobRunner:
+    def __init__(self, facts: Callable[[], NodeFacts], work_dir: Path) -> None:
+        self.facts = facts()
+        self.work_dir = work_dir
+        extra = self.facts.extra if isinstance(self.facts.extra, Mapping) else {}
+        self.faults: dict[str, str] = {**_json_env("FLEET_SIM_JOB_FAULTS"), **(extra.get("job_faults") or {})}
+        self.seconds: dict[str, float] = {**DEFAULT_SECONDS, **_json_env("FLEET_SIM_JOB_SECONDS"),
+                                          **(extra.get("job_seconds") or {})}
+        self.uploader: Uploader | None = None
+
+    def bind(self, agent: Any) -> None:
+        """Upload built wheels through this agent's ``upload_artifact``."""
+        self.uploader = agent.upload_artifact
+
+    def current_facts(self) -> NodeFacts:
+        return self.facts
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        emit_event({"event": "playbook_on_task_start", "event_data": {"task": f"simulated {job.kind}",
+                                                                       "simulated": True}})
+        await asyncio.sleep(float(self.seconds.get(job.kind, self.seconds.get("*", 0.5))))
+        fault = self.faults.get(job.kind)
+        if fault:
+            emit_event({"event": "runner_on_failed", "event_data": {"task": job.kind, "msg": fault}})
+            return JobOutcome(status="failed", rc=2, result={"simulated": True}, error=str(fault))
+        result: dict[str, Any] = {"simulated": True, "stats": {"changed": 1}}
+        version = job.vars.get("flash_attn_version")
+        if job.kind == "build-from-source":
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            key = str(job.vars.get("build_key") or "")
+            tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+            wheel = self.work_dir / f"flash_attn-{version}+sim{tag}-cp3-none-linux_x86_64.whl"
+            wheel.write_bytes(f"simulated flash-attn wheel, build key {key}\n".encode())
+            sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            if self.uploader is not None:
+                sha = await self.uploader(wheel, "wheel")
+            result["built_wheel"] = {"path": str(wheel), "sha256": sha, "filename": wheel.name}
+        if job.kind in ("install-wheel", "build-from-source") and version:
+            variant = str(job.vars.get("variant") or "fa2").split("-")[0]
+            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(version), variant))
+        elif job.kind == "rollback":
+            prev = job.vars.get("previous")
+            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(prev["version"]), str(prev["variant"]))
+                                 if isinstance(prev, Mapping) and prev.get("version") else None)
+        elif job.kind == "verify":
+            from agent.verify.simulated import simulate_for_facts
+
+            result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()
+        return JobOutcome(status="successful", rc=0, result=result)
