@@ -202,7 +202,8 @@ def handle_status(args: argparse.Namespace) -> int:
         return 0
     for line in footer_lines(st):
         print(line)
-    rows = [[n["hostname"], "canary" if n["canary"] else n["batch"], n["variant"], n["state"],
+    rows = [[n["hostname"], "canary" if n["canary"] else (n["batch"] if n["batch"] >= 0 else "-"), n["variant"],
+             n["state"],
              (n["step"] or "") + (" (running)" if n["in_step"] else ""), n["attempt"], n["cause"][:90]]
             for n in st["nodes"]]
     print(render(rows, ["host", "batch", "variant", "state", "step", "try", "cause"]))

@@ -136,10 +136,13 @@ def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
             from controller.verification import judge
             from fleet.verification import parse_result
 
-            judged = judge(parse_result(payload))
+            parsed = parse_result(payload)
+            judged = judge(parsed)
         except FleetError as exc:
             return False, f"verification result unreadable: {exc.message}"
-        return judged.passed, "; ".join(judged.reasons) or judged.status
+        why = "; ".join(judged.reasons) or ("flash-attn imports, is correct and fast"
+                                            if judged.passed else judged.status)
+        return judged.passed, why + (" (simulated GPU model)" if parsed.simulated else "")
     for key in ("passed", "pass", "ok"):
         if isinstance(result.get(key), bool):
             return bool(result[key]), str(result.get("reason") or result.get("reasons") or "")

@@ -37,7 +37,7 @@ def event_lines(status: Mapping[str, Any], transitions: list[Mapping[str, Any]])
     out: list[str] = []
     for t in transitions:
         n = nodes.get(t["hostname"], {})
-        tag = "canary" if n.get("canary") else f"batch {n.get('batch', '?')}"
+        tag = "canary" if n.get("canary") else ("-" if n.get("batch", 0) < 0 else f"batch {n.get('batch', '?')}")
         line = f"{_time(t.get('at'))} [{tag}] {t['hostname']}: {t['from'] or 'new'} -> {t['to']}"
         if t.get("cause"):
             line += f"  ({t['cause']})"

@@ -213,7 +213,7 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
                       current_batch=0, batches=len(plan.batches), canary_ack=False))
         s.flush()
         for p in plan.nodes:
-            row = RolloutNode(rollout_id=rid, hostname=p.plan.hostname, batch=max(p.batch, 0), canary=p.canary,
+            row = RolloutNode(rollout_id=rid, hostname=p.plan.hostname, batch=p.batch, canary=p.canary,
                               plan=p.to_json(), previous=p.previous, build_key=p.plan.build_key,
                               state=str(State.PLANNED), attempt=1, cause="planned", result={}, updated_at=now)
             s.add(row)
@@ -270,6 +270,8 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
     transitions = list(s.scalars(tq.limit(5000)))
     batches: dict[int, dict[str, int]] = {}
     for n in nodes:
+        if n.batch < 0:  # skipped at the start: in no batch
+            continue
         b = batches.setdefault(n.batch, {"total": 0, "done": 0, "failed": 0, "skipped": 0, "active": 0})
         b["total"] += 1
         st = State(n.state)
