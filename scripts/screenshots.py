@@ -41,11 +41,13 @@ def main() -> int:
     hosts = sample.populate(store, 60, seed=3, prefix="sim-gpu")
     failing = hosts[4]
     sample.add_history(store, failing)
+    sample.add_verifications(store, hosts[20:], days=10, regress=(hosts[23],))
     rollout = sample.ScriptedRollout(store, hosts[:20], rollout_id="r-20261125-demo", batch=4, fail=(failing,))
     for _ in range(6):
         rollout.tick()
     app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
-    shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{failing}"), ("rollouts", "/rollouts"),
+    shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{failing}"),
+             ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
              ("rollout", "/rollouts/r-20261125-demo"), ("schedules", "/schedules")]
     with sample.ThreadServer(app) as server, chromium() as browser:
         ctx = browser.new_context(viewport={"width": 1360, "height": 900}, device_scale_factor=1)

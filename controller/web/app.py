@@ -340,7 +340,7 @@ def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
     gpus = node.facts.get("gpus") or []
     gpu_model = str(gpus[0].get("name", "")) if gpus and isinstance(gpus[0], dict) else ""
     verifications = sources.verification_history(s, hostname)
-    median = sources.fleet_median(s, gpu_model) if gpu_model else None
+    median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
         "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
         "job_events": job_events, "plan": sources.plan_for(node.facts), "verifications": verifications,

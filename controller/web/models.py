@@ -12,9 +12,20 @@ import datetime as dt
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from controller.store.models import Base
+from controller.store.models import Base, Job
 
 ROLES = ("viewer", "operator")
+FAILING_STATUSES = ("offline", "degraded")
+
+
+def rank_of(status: str, verify_result: str, fa_version: str) -> int:
+    """Node table order: 0 failing (offline, degraded, last verification failed), 1 attention (no
+    FlashAttention or never verified), 2 fine."""
+    if status in FAILING_STATUSES or verify_result == "failed":
+        return 0
+    if not fa_version or not verify_result:
+        return 1
+    return 2
 
 
 class User(Base):
@@ -70,3 +81,34 @@ class DashboardNode(Base):
     # copies of the source columns, to notice when a row is stale
     src_facts_at: Mapped[dt.datetime | None]
     src_verify_key: Mapped[str] = mapped_column(String(64), default="")
+
+
+class DashboardVerification(Base):
+    """One finished verification (a ``verify`` job), reduced to the numbers the node page charts.
+
+    Filled by ``nodeindex.sync`` from ``jobs`` (kind ``verify``); ``tflops`` is the median
+    FlashAttention forward TFLOP/s over the result's speed entries, ``sdpa_tflops`` the median of the
+    SDPA flash/efficient/cuDNN entries (the baseline).
+    """
+
+    __tablename__ = "dashboard_verifications"
+    __table_args__ = (
+        Index("ix_dashboard_verifications_host_at", "hostname", "at"),
+        Index("ix_dashboard_verifications_gpu_at", "gpu_model", "at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(253))
+    gpu_model: Mapped[str] = mapped_column(String(128), default="")
+    at: Mapped[dt.datetime]
+    passed: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16), default="")
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    tflops: Mapped[float | None] = mapped_column(Float)
+    sdpa_tflops: Mapped[float | None] = mapped_column(Float)
+    peak_mem_mib: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(String(500), default="")
+
+
+# verify jobs are looked up by kind and finish time (``nodeindex.sync``); index on the core's table
+Index("ix_jobs_kind_finished", Job.kind, Job.finished_at)

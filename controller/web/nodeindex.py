@@ -18,10 +18,9 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from controller.store.models import Node
-from controller.web import sources
-from controller.web.models import DashboardNode
+from controller.web import verifications
+from controller.web.models import DashboardNode, rank_of
 
-FAILING_STATUSES = ("offline", "degraded")
 SORTABLE: dict[str, Any] = {
     "hostname": DashboardNode.hostname,
     "status": DashboardNode.status,
@@ -39,19 +38,10 @@ SORTABLE: dict[str, Any] = {
 MAX_PER_PAGE = 200
 
 _lock = threading.Lock()
-_verify_watermark: dict[int, Any] = {}  # id(engine) → last verification key seen
 
 
 def _s(value: Any) -> str:
     return "" if value is None else str(value)
-
-
-def _rank(status: str, verify_result: str, fa_version: str) -> int:
-    if status in FAILING_STATUSES or verify_result == "failed":
-        return 0
-    if not fa_version or not verify_result:
-        return 1
-    return 2
 
 
 def row_values(node_id: int, hostname: str, status: str, simulated: bool, facts: Mapping[str, Any] | None,
@@ -104,36 +94,11 @@ def sync(session: Session) -> int:
                 else:
                     for key, value in values.items():
                         setattr(row, key, value)
-                row.rank = _rank(row.status, row.verify_result or "", row.fa_version)
+                row.rank = rank_of(row.status, row.verify_result or "", row.fa_version)
                 changed += 1
             session.flush()
-        changed += _sync_verifications(session, full=bool(ids) and len(ids) == _count_nodes(session))
+        changed += verifications.sync(session, force=bool(ids))
         return changed
-
-
-def _count_nodes(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Node)) or 0)
-
-
-def _sync_verifications(session: Session, *, full: bool) -> int:
-    key = id(session.get_bind())
-    since = None if full else _verify_watermark.get(key)
-    latest = sources.latest_verifications(session, since)
-    if latest is None:
-        return 0
-    watermark, per_host = latest
-    changed = 0
-    if per_host:
-        rows = session.scalars(select(DashboardNode).where(DashboardNode.hostname.in_(list(per_host))))
-        for row in rows:
-            v = per_host[row.hostname]
-            row.verify_result, row.verify_at, row.verify_tflops = v.result, v.at, v.tflops
-            row.src_verify_key = str(v.key)[:64]
-            row.rank = _rank(row.status, row.verify_result, row.fa_version)
-            changed += 1
-        session.flush()
-    _verify_watermark[key] = watermark
-    return changed
 
 
 @dataclass

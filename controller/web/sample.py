@@ -29,6 +29,56 @@ GPU_TEMPLATES: list[tuple[str, str, int, str, str, str | None, str, str, str]] =
     ("NVIDIA L4", "8.9", 23034, "550.54.15", "12.4", "12.4", "2.5.1+cu124", "12.4", "3.11.7"),
 ]
 FA_VERSION = "2.8.3"
+# simulated forward TFLOP/s (FlashAttention, SDPA flash) by GPU model, bf16 hd128
+TFLOPS = {"NVIDIA H100 80GB HBM3": (372.0, 350.0), "NVIDIA A100-SXM4-80GB": (188.0, 170.0),
+          "NVIDIA L40S": (165.0, 150.0), "NVIDIA GeForce RTX 4090": (152.0, 140.0),
+          "NVIDIA GeForce RTX 3090": (88.0, 80.0), "NVIDIA A10": (62.0, 58.0), "NVIDIA L4": (45.0, 42.0),
+          "Tesla T4": (21.0, 19.0)}
+
+
+def verification_result(gpu: str, rng: random.Random, *, factor: float = 1.0, passed: bool = True,
+                        at: dt.datetime | None = None) -> dict[str, Any]:
+    """A simulated ``fleet.verification`` result (the shape agent.verify.simulated writes)."""
+    fa, sdpa = TFLOPS.get(gpu, (50.0, 45.0))
+    at = at or utcnow()
+
+    def entry(impl: str, base: float, seqlen: int) -> dict[str, Any]:
+        return {"impl": impl, "dtype": "bfloat16", "headdim": 128, "seqlen": seqlen, "batch": 16384 // seqlen,
+                "heads": 16, "causal": False, "status": "ok", "direction": "fwd",
+                "tflops": round(base * factor * rng.uniform(0.95, 1.05), 1),
+                "peak_mem_mib": 65.0 if impl == "flash_attn" else 80.0, "simulated": True}
+
+    return {"schema_version": 1, "simulated": True, "mode": "quick", "status": "pass" if passed else "regression",
+            "passed": passed, "started_at": (at - dt.timedelta(seconds=40)).isoformat(), "finished_at": at.isoformat(),
+            "duration_s": 40.0, "device": {"name": gpu, "compute_capability": None},
+            "flash_attn": {"import_ok": True, "version": FA_VERSION},
+            "reasons": [] if passed else [f"{(1 - factor) * 100:.0f} % below the fleet median for {gpu}"],
+            "speed": [entry("flash_attn", fa, 2048), entry("flash_attn", fa, 8192),
+                      entry("sdpa_flash", sdpa, 2048), entry("sdpa_flash", sdpa, 8192)]}
+
+
+def add_verifications(store: Store, hosts: list[str], *, days: int = 8, seed: int = 5,
+                      regress: tuple[str, ...] = ()) -> int:
+    """Daily simulated verify jobs for ``hosts`` over the last ``days`` days; hosts in ``regress`` slow
+    down by 40 % on the last two days and fail."""
+    rng = random.Random(seed)
+    now = utcnow()
+    count = 0
+    with store.session() as s:
+        gpus = {h: ((f.get("gpus") or [{}])[0].get("name") or "") for h, f in
+                s.execute(select(Node.hostname, Node.facts).where(Node.hostname.in_(hosts)))}
+        for host in hosts:
+            for d in range(days, 0, -1):
+                at = now - dt.timedelta(days=d - 1, hours=rng.uniform(1, 3))
+                slow = host in regress and d <= 2
+                result = verification_result(gpus.get(host, ""), rng, factor=0.6 if slow else 1.0, passed=not slow,
+                                             at=at)
+                s.add(Job(id=f"job-verify-{host}-{d}", node=host, kind="verify", vars={"mode": "quick"},
+                          status="successful", created_at=at - dt.timedelta(seconds=45),
+                          dispatched_at=at - dt.timedelta(seconds=44), started_at=at - dt.timedelta(seconds=40),
+                          finished_at=at, rc=0, result={"verification": result, "simulated": True}, error=None))
+                count += 1
+    return count
 
 
 def facts_for(hostname: str, i: int, rng: random.Random) -> dict[str, Any]:
@@ -191,6 +241,12 @@ class ScriptedRollout:
                 if new == "done":
                     node = s.scalars(select(Node).where(Node.hostname == n.hostname)).first()
                     if node is not None:
+                        gpu = ((node.facts.get("gpus") or [{}])[0]).get("name") or ""
+                        rng = random.Random(n.hostname)
+                        s.add(Job(id=f"job-{self.rid}-{n.hostname}-verify", node=n.hostname, kind="verify",
+                                  vars={}, status="successful", created_at=now - dt.timedelta(seconds=30),
+                                  started_at=now - dt.timedelta(seconds=25), finished_at=now, rc=0,
+                                  result={"verification": verification_result(gpu, rng, at=now)}, error=None))
                         facts = dict(node.facts)
                         facts["flash_attn"] = {"version": r.version, "variant": "fa2-wheel"}
                         node.facts, node.facts_updated_at = facts, now

@@ -7,9 +7,7 @@ says so instead of failing.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -17,27 +15,16 @@ from sqlalchemy.orm import Session
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LatestVerification:
-    result: str  # passed | failed
-    at: dt.datetime | None
-    tflops: float | None
-    key: Any
-
-
-def latest_verifications(session: Session, since: Any) -> tuple[Any, dict[str, LatestVerification]] | None:
-    """(new watermark, {hostname: latest verification}) for verifications newer than ``since``."""
-    return None
-
-
 def verification_history(session: Session, hostname: str, limit: int = 200) -> list[dict[str, Any]] | None:
     """A node's verification results, oldest first: at, passed, tflops, sdpa_tflops, simulated, detail."""
-    return None
+    from controller.web import verifications
+    return verifications.history(session, hostname, limit)
 
 
-def fleet_median(session: Session, gpu_model: str, limit: int = 200) -> list[dict[str, Any]] | None:
-    """Median TFLOP/s per day over the nodes with the same GPU model: [{at, tflops}]."""
-    return None
+def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None) -> list[dict[str, Any]] | None:
+    """Median TFLOP/s per day over the nodes with the same GPU model: [{at, tflops, nodes}]."""
+    from controller.web import verifications
+    return verifications.fleet_median(session, gpu_model, simulated=simulated)
 
 
 def plan_for(facts: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -239,4 +226,5 @@ def schedules(session: Session) -> list[dict[str, Any]] | None:
 
 def verification_metrics(session: Session) -> list[dict[str, Any]] | None:
     """[{gpu, passed, failed, tflops_median}] for /metrics."""
-    return None
+    from controller.web import verifications
+    return verifications.metrics(session)

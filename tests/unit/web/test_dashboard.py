@@ -270,3 +270,40 @@ def test_chart_svg() -> None:
     med = [{"at": "2026-11-20T00:00:00+00:00", "tflops": 340.0}, {"at": "2026-11-21T00:00:00+00:00", "tflops": 345.0}]
     svg = web_app.chart_svg(pts, med)
     assert svg.startswith("<svg") and 'class="median"' in svg and 'class="fail"' in svg and 'class="sdpa"' in svg
+
+
+def test_verifications_flow_into_table_chart_and_metrics(client: TestClient, store: Store) -> None:
+    hosts = sample.populate(store, 16, offline=0.0, degraded=0.0)
+    assert sample.add_verifications(store, hosts, days=4, regress=(hosts[0],)) == 64
+    login(client, "vic")
+    rows = {n["hostname"]: n for n in client.get("/ui/api/nodes", params={"per_page": 50}).json()["nodes"]}
+    assert rows[hosts[0]]["verify_result"] == "failed" and rows[hosts[0]]["rank"] == 0
+    assert rows[hosts[1]]["verify_result"] == "passed" and rows[hosts[1]]["verify_tflops"] > 0
+    first = client.get("/ui/api/nodes", params={"per_page": 1}).json()["nodes"][0]
+    assert first["hostname"] == hosts[0]  # failing first
+    page = client.get(f"/nodes/{hosts[0]}").text
+    assert '<svg class="chart"' in page and 'class="median"' in page and 'class="sdpa"' in page
+    assert "below the fleet median" in page and page.count('class="fail"') >= 2
+    assert client.get("/ui/api/nodes", params={"verify": "failed"}).json()["total"] == 1
+    # a new verify job shows up (the sync is throttled; force it as the next request would)
+    with store.session() as s:
+        from controller.store.models import Job
+        s.add(Job(id="job-new", node=hosts[0], kind="verify", vars={}, status="failed", created_at=utcnow(),
+                  finished_at=utcnow(), rc=1, result=None, error="verify timed out"))
+    from controller.web import verifications
+    with store.session() as s:
+        assert verifications.sync(s, force=True) == 1
+    text = client.get("/metrics").text
+    assert 'fleet_verifications{gpu="NVIDIA H100 80GB HBM3",result="passed"}' in text
+    assert "fleet_verification_tflops_median" in text
+
+
+def test_summarize_verify_jobs() -> None:
+    import random
+
+    from controller.web.verifications import summarize
+    res = sample.verification_result("NVIDIA H100 80GB HBM3", random.Random(1))
+    s = summarize("successful", {"verification": res}, None)
+    assert s["passed"] and 330 < s["tflops"] < 400 and 300 < s["sdpa_tflops"] < 380 and s["simulated"]
+    assert not summarize("timeout", None, "no answer")["passed"]
+    assert summarize("successful", {"passed": False, "reason": "import failed"}, None)["detail"] == "import failed"
