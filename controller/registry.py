@@ -2,16 +2,17 @@
 
 Pure bookkeeping over the store; no gRPC here (controller/server.py calls it, and so do
 tests directly). Heartbeats are cheap: they touch only memory (``last_seen`` per node)
-and ``flush_last_seen`` writes the batch to the database every few seconds. Status changes
-(``online`` ⇄ ``offline``, ``degraded`` set by other components) are written at once and
-recorded in ``node_events``.
+and the housekeeping loop writes the batch to the database every few seconds, in a worker
+thread. Status changes (``online`` ⇄ ``offline``, ``degraded`` set by other components) take
+effect in memory at once (``status_of``, the API) and are written with their ``node_events``
+rows in the same batches (``flush()`` writes everything pending now).
 
 Invariants: the hostname of a node is the one bound to its agent's identity at
 enrollment — facts claiming another hostname are refused; one hostname belongs to one live
 identity; a refused report leaves the registry unchanged.
 
 All methods are meant for the controller's event loop thread, except
-``write_last_seen`` (safe in a worker thread).
+``write_last_seen`` and ``write_transitions`` (safe in a worker thread).
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ class _Live:
 
 
 @dataclass(frozen=True)
+class _PendingTransition:
+    node_id: int
+    old: str
+    new: str
+    reason: str
+    at: dt.datetime
+    last_seen: float
+
+
+@dataclass(frozen=True)
 class Transition:
     hostname: str
     old: str
@@ -97,6 +108,7 @@ class Registry:
         self.heartbeats = 0
         self.db_writes = 0  # rows written by heartbeat flushes and transitions
         self._live: dict[str, _Live] = {}
+        self._pending: list[_PendingTransition] = []
         self.on_transition: list[Callable[[Transition], None]] = []
         self.load()
 
@@ -123,6 +135,7 @@ class Registry:
                 hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
         new_json = facts.to_json()
         extra = dict(facts.extra)
+        self.write_transitions(self.take_transitions())
         now = utcnow()
         with self.store.session() as s:
             node = s.scalar(select(Node).where(Node.hostname == ident.hostname))
@@ -225,14 +238,11 @@ class Registry:
         return made
 
     def _transition(self, hostname: str, live: _Live, new: str, reason: str) -> Transition:
+        """Change status in memory at once; the DB rows follow in the next ``flush`` (batched, so that a
+        mass reconnect or a partition does not stall the event loop with thousands of commits)."""
         old = live.status
-        now = utcnow()
-        with self.store.session() as s:
-            s.execute(update(Node).where(Node.id == live.node_id).values(
-                status=new, status_changed_at=now, last_seen=dt.datetime.fromtimestamp(live.last_seen, dt.UTC)))
-            s.add(NodeEvent(node_id=live.node_id, at=now, old_status=old, new_status=new, reason=reason))
-        self.db_writes += 2
         live.status = new
+        self._pending.append(_PendingTransition(live.node_id, old, new, reason, utcnow(), live.last_seen))
         tr = Transition(hostname, old, new, reason)
         log.log(logging.WARNING if new == "offline" else logging.INFO, "node %s: %s → %s (%s)", hostname, old, new,
                 reason)
@@ -243,6 +253,26 @@ class Registry:
                 log.exception("transition callback failed")
         return tr
 
+    def take_transitions(self) -> list[_PendingTransition]:
+        batch, self._pending = self._pending, []
+        return batch
+
+    def write_transitions(self, batch: list[_PendingTransition]) -> int:
+        """Write status changes and their ``node_events`` rows (thread-safe)."""
+        if not batch:
+            return 0
+        with self.store.session() as s:
+            s.execute(update(Node), [{"id": t.node_id, "status": t.new, "status_changed_at": t.at,
+                                      "last_seen": dt.datetime.fromtimestamp(t.last_seen, dt.UTC)} for t in batch])
+            s.add_all([NodeEvent(node_id=t.node_id, at=t.at, old_status=t.old, new_status=t.new, reason=t.reason)
+                       for t in batch])
+        self.db_writes += 2 * len(batch)
+        return len(batch)
+
+    def flush(self) -> int:
+        """Write everything pending (transitions, then last_seen) now, in this thread."""
+        return self.write_transitions(self.take_transitions()) + self.flush_last_seen()
+
     def set_status(self, hostname: str, status: str, reason: str) -> Transition | None:
         """Set a node's status (e.g. ``degraded`` after a failed verification); None if unchanged."""
         if status not in STATUSES:
@@ -252,7 +282,9 @@ class Registry:
             raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
         if live.status == status:
             return None
-        return self._transition(hostname, live, status, reason)
+        tr = self._transition(hostname, live, status, reason)
+        self.write_transitions(self.take_transitions())  # rare and deliberate: persist at once
+        return tr
 
     def status_of(self, hostname: str) -> str | None:
         live = self._live.get(hostname)
@@ -264,8 +296,7 @@ class Registry:
             if live.identity_id == agent_id:
                 live.identity_id = None
                 if live.status != "offline":
-                    live.status = "offline"
-                    log.info("node %s offline: identity %s revoked", hostname, agent_id)
+                    self._transition(hostname, live, "offline", f"agent identity {agent_id} revoked")
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -315,6 +346,7 @@ class Registry:
             return out
 
     def get_node(self, hostname: str, *, history_limit: int = 50) -> dict[str, Any]:
+        self.write_transitions(self.take_transitions())  # status history must include what memory knows
         with self.store.session() as s:
             row = s.scalar(select(Node).where(Node.hostname == hostname))
             if row is None:

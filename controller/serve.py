@@ -56,7 +56,7 @@ class RunningController:
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=5)
         # last heartbeat batch
         with contextlib.suppress(Exception):
-            self.ctx.registry.flush_last_seen()
+            self.ctx.registry.flush()
         self.ctx.close()
 
 

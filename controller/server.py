@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -286,17 +286,18 @@ async def housekeeping(ctx: ControllerContext) -> None:
         await asyncio.sleep(period)
         try:
             now = loop.time()
-            if now - last_flush >= s.flush_interval:
-                batch = ctx.registry.take_dirty()
-                if batch:
-                    await asyncio.to_thread(ctx.registry.write_last_seen, batch)
-                last_flush = now
             ctx.registry.sweep()
+            if now - last_flush >= s.flush_interval or ctx.registry._pending:
+                transitions, batch = ctx.registry.take_transitions(), ctx.registry.take_dirty()
+                if transitions or batch:
+                    await asyncio.to_thread(_write, ctx, transitions, batch)
+                last_flush = now
         except FleetError as exc:
             log.error("housekeeping: %s", exc.message)
         except Exception:
             log.exception("housekeeping failed")
 
 
-async def run_forever(coro: Awaitable[None]) -> None:
-    await coro
+def _write(ctx: ControllerContext, transitions: list[Any], batch: list[tuple[int, float]]) -> None:
+    ctx.registry.write_transitions(transitions)
+    ctx.registry.write_last_seen(batch)
