@@ -46,14 +46,30 @@
     }
   }
 
-  function renderNodes(ov) {
-    const t = document.getElementById("node-total");
-    if (t) t.dataset.fleetTotal = ov.total;
-  }
-
-  function renderNode(data) {
-    const s = document.getElementById("node-status");
-    if (s && data) s.replaceChildren(badge(data.status));
+  // Pages without a JSON renderer: fetch the same URL and swap the regions marked data-live
+  // (by id), keeping the rest of the page (search box focus, scroll, open <details>) as it is.
+  let refreshing = false;
+  async function refreshRegions() {
+    if (refreshing) return;
+    refreshing = true;
+    try {
+      const r = await fetch(window.location.href, { credentials: "same-origin", headers: { "X-Live": "1" } });
+      if (r.redirected && new URL(r.url).pathname === "/login") { window.location.href = r.url; return; }
+      if (!r.ok) return;
+      const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+      const open = new Set([...document.querySelectorAll("details[open][data-key]")].map((d) => d.dataset.key));
+      const closed = new Set([...document.querySelectorAll("details[data-key]:not([open])")].map((d) => d.dataset.key));
+      for (const el of document.querySelectorAll("[data-live][id]")) {
+        const fresh = doc.getElementById(el.id);
+        if (fresh) el.replaceWith(document.importNode(fresh, true));
+      }
+      for (const d of document.querySelectorAll("details[data-key]")) {
+        if (open.has(d.dataset.key)) d.open = true; else if (closed.has(d.dataset.key)) d.open = false;
+      }
+      body.dataset.refreshes = String(Number(body.dataset.refreshes || 0) + 1);
+    } finally {
+      refreshing = false;
+    }
   }
 
   function renderRollout(r) {
@@ -99,13 +115,11 @@
     }
   }
 
-  const renderers = { overview: renderOverview, nodes: renderNodes, rollouts: null, schedules: null };
-
   function renderer() {
     if (!topic) return null;
+    if (topic === "overview") return renderOverview;
     if (topic.startsWith("rollout:")) return renderRollout;
-    if (topic.startsWith("node:")) return renderNode;
-    return renderers[topic] || null;
+    return null;
   }
 
   const snap = document.getElementById("snapshot");
@@ -122,7 +136,7 @@
       const data = JSON.parse(ev.data);
       body.dataset.updates = String(Number(body.dataset.updates || 0) + 1);
       if (fn) fn(data);
-      else if (!first) window.location.reload();  // pages without a renderer: fetch the fresh page
+      else if (!first) refreshRegions();  // the first event describes the page just loaded
       first = false;
     });
     window.addEventListener("pagehide", () => es.close());

@@ -154,3 +154,34 @@ def test_node_table_filters_sorts_and_pages(fleet: dict[str, Any]) -> None:
     page.goto(base + "/nodes?sort=hostname&dir=desc")
     assert page.locator("#node-table tbody tr").first.get_attribute("data-host") == "sim-gpu-00039"
     ctx.close()
+
+
+def test_node_table_and_node_page_update_live(fleet: dict[str, Any]) -> None:
+    from sqlalchemy import select
+
+    from controller.store.db import utcnow
+    from controller.store.models import Node
+
+    base, store = fleet["url"], fleet["store"]
+    ctx = fleet["browser"].new_context()
+    page = ctx.new_page()
+    _login(page, base, "vic", "/nodes?q=sim-gpu-0003&sort=hostname")
+    page.wait_for_selector("#live.on", timeout=10_000)
+    page.evaluate("window.__noReload = 'yes'")
+    page.focus("#node-search")
+    page.keyboard.type("typing")
+    with store.session() as s:
+        node = s.scalars(select(Node).where(Node.hostname == "sim-gpu-00031")).one()
+        node.status, node.status_changed_at = ("degraded" if node.status != "degraded" else "online"), utcnow()
+        wanted = node.status
+    page.wait_for_selector(f"#node-table tr[data-host='sim-gpu-00031'] .st-{wanted}", timeout=15_000)
+    assert page.evaluate("window.__noReload") == "yes"
+    assert "typing" in page.input_value("#node-search")  # what the user typed survives the update
+    page2 = ctx.new_page()
+    page2.goto(base + "/nodes/sim-gpu-00031")
+    page2.wait_for_selector("#live.on", timeout=10_000)
+    with store.session() as s:
+        node = s.scalars(select(Node).where(Node.hostname == "sim-gpu-00031")).one()
+        node.status, node.status_changed_at = "offline", utcnow()
+    page2.wait_for_selector("#node-status .st-offline", timeout=15_000)
+    ctx.close()
