@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -52,7 +53,7 @@ from controller.rollout.core import (
 )
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
-from controller.store.models import Job
+from controller.store.models import Job, Node
 from fleet.errors import ConflictError, FleetError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,27 @@ def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
     if isinstance(imp, Mapping) and isinstance(imp.get("ok"), bool):
         return bool(imp["ok"]), str(imp.get("error") or "")
     return True, "verify job succeeded"
+
+
+_GPG_ERROR_RE = re.compile(r"GPG error: (\S+)\s+(?:\S+\s+)?(?:In)?Release:?.*?(?:NO_PUBKEY|EXPKEYSIG) ([0-9A-Fa-f]+)")
+
+
+def apt_keyring_vars(errors: list[str]) -> dict[str, Any]:
+    """apt-keyring-fix variables from the node's ``apt-get update`` errors: the failing source and, for
+    NVIDIA's CUDA repository, where its key lives (``<repo>/<keyid>.pub``, NVIDIA's convention)."""
+    out: dict[str, Any] = {"apt_errors": errors}
+    for line in errors:
+        m = _GPG_ERROR_RE.search(line)
+        if m is None:
+            continue
+        uri, key = m.group(1).rstrip("/"), m.group(2).lower()
+        out.update(repo_uri=uri, key_id=key.upper())
+        if "developer.download.nvidia.com" in uri:
+            out.update(keyring_name="cuda-archive-keyring", key_url=f"{uri}/{key[-8:]}.pub")
+        else:
+            out["keyring_name"] = re.sub(r"[^a-z0-9-]+", "-", uri.split("//", 1)[-1].split("/", 1)[0].lower())
+        break
+    return out
 
 
 @dataclass
@@ -256,6 +278,8 @@ class RolloutEngine:
             if r is None:
                 return
             nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
+            if r.status == "running":
+                self._reconcile(s, rid, [n for n in nodes if n.state == State.FAILED])
             keys = {n.build_key for n in nodes if n.build_key}
             builds = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys \
                 else {}
@@ -300,6 +324,27 @@ class RolloutEngine:
             task_key = (rid, host)
             if task_key not in self._tasks:
                 self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+
+    def _reconcile(self, s: Session, rid: str, failed: list[RolloutNode]) -> None:
+        """A node failed because its agent vanished mid-step and is back: if its facts now show the target
+        flash-attn, verify it (failed → verify); otherwise say how to retry it. Once per attempt."""
+        for n in failed:
+            res = n.result or {}
+            if not any(isinstance(v, Mapping) and v.get("vanished") for v in res.values()) \
+                    or res.get("reconciled") == n.attempt:
+                continue
+            node = s.scalar(select(Node).where(Node.hostname == n.hostname))
+            if node is None or node.status != "online" or node.last_seen is None or node.last_seen <= n.updated_at:
+                continue
+            fa = (node.facts or {}).get("flash_attn") or {}
+            target = (n.plan or {}).get("version")
+            n.result = {**res, "reconciled": n.attempt}
+            if target and fa.get("version") == target:
+                record(s, rid, n, State.VERIFY, f"reconciled: {n.hostname} is back with flash-attn {target}; "
+                                                f"verifying it")
+            else:
+                n.cause = (f"{n.cause} — {n.hostname} is back online (flash-attn {fa.get('version') or 'absent'}): "
+                           f"`fleetctl rollout resume {rid} --retry-failed` after a pause, or roll out again")
 
     def _busy(self, rid: str, n: RolloutNode, now: dt.datetime) -> bool:
         if (rid, n.hostname) in self._tasks:
@@ -404,6 +449,12 @@ class RolloutEngine:
                     return None  # queued: paused or aborting
                 if state == State.BUILD:
                     problem = self._artifact_space_problem(int(opts.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)))
+                    if problem is None and not n.plan.get("simulated", True) and self.artifacts is not None \
+                            and self._sdist(plan) is None:
+                        problem = (f"the flash-attn {plan.version} sdist (flash_attn-{plan.version}.tar.gz) is not in "
+                                   f"the controller's artifact store, and nodes fetch build inputs only from there — "
+                                   f"add it (e.g. ArtifactStore.put_file, kind sdist), then "
+                                   f"`fleetctl rollout resume {rid} --retry-failed`")
                     b = s.get(Build, n.build_key) if n.build_key else None
                     if problem:
                         if b is not None:
@@ -453,16 +504,28 @@ class RolloutEngine:
         return None
 
     def _job_vars(self, s: Session, r: Rollout, n: RolloutNode, plan: NodePlan, state: State) -> dict[str, Any]:
+        """The job's variables: what its playbook reads (docs/playbooks.md), plus rollout bookkeeping."""
         decision = n.plan.get("decision") or {}
         out: dict[str, Any] = {"rollout_id": r.id, "flash_attn_version": plan.version, "variant": plan.variant,
                                "python": n.plan.get("python"), "attempt": n.attempt}
+        if plan.variant == "fa3-source":
+            out["dist_name"] = "flash_attn_3"
         if state == State.KEYRING:
-            out["apt_errors"] = n.plan.get("apt_errors", [])
+            out.update(apt_keyring_vars(n.plan.get("apt_errors") or []))
         elif state == State.TOOLKIT:
-            out["toolkit"] = decision.get("toolkit")
+            out.update(cuda_version=decision.get("toolkit"), driver_cuda_max=n.plan.get("driver_cuda_max"))
         elif state == State.BUILD:
-            out["build"] = decision.get("build") or {}
-            out["build_key"] = plan.build_key
+            build = decision.get("build") or {}
+            out.update(build_key=plan.build_key, build=build, cuda_archs=";".join(build.get("cuda_archs") or []),
+                       max_jobs=build.get("max_jobs"), nvcc_threads=build.get("nvcc_threads"))
+            if plan.variant == "fa3-source":
+                out["sdist_subdir"] = "hopper"
+            tk = n.plan.get("toolkit_path")
+            if tk and not decision.get("toolkit") and str(tk).endswith("/bin/nvcc"):
+                out["cuda_home"] = str(tk)[: -len("/bin/nvcc")]
+            sdist = self._sdist(plan)
+            if sdist is not None:
+                out["sdist_sha256"] = sdist
         elif state == State.INSTALL:
             b = s.get(Build, n.build_key) if n.build_key else None
             if b is not None and b.status == "succeeded":
@@ -473,6 +536,17 @@ class RolloutEngine:
         elif state == State.ROLLING_BACK:
             out["previous"] = n.previous
         return out
+
+    def _sdist(self, plan: NodePlan) -> str | None:
+        """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it)."""
+        if self.artifacts is None or not plan.version:
+            return None
+        for name in (f"flash_attn-{plan.version}.tar.gz", f"flash-attn-{plan.version}.tar.gz",
+                     f"flash_attn_3-{plan.version}.tar.gz"):
+            found = self.artifacts.find(name)
+            if found:
+                return str(found[0].sha256)
+        return None
 
     async def _execute(self, step: StepRun) -> JobOutcome:
         job_id = step.job_id or self._find_job(step)

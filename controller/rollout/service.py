@@ -64,6 +64,7 @@ class PlannedNode:
     apt_errors: list[str]
     skip_reason: str | None = None
     artifact_url: str | None = None
+    node: dict[str, Any] = field(default_factory=dict)  # facts the playbooks need (driver, toolkit, simulated)
     batch: int = -1
     canary: bool = False
 
@@ -72,7 +73,8 @@ class PlannedNode:
         return {"hostname": p.hostname, "gpu": p.gpu, "variant": p.variant, "version": p.version,
                 "steps": list(p.steps), "build_key": p.build_key, "artifact": p.artifact,
                 "build_minutes": p.build_minutes, "reasons": list(p.reasons), "decision": self.decision,
-                "python": self.python, "apt_errors": self.apt_errors, "artifact_url": self.artifact_url}
+                "python": self.python, "apt_errors": self.apt_errors, "artifact_url": self.artifact_url,
+                **self.node}
 
 
 @dataclass
@@ -165,8 +167,12 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         elif row.status == "offline":
             skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
         previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
+        node = {"simulated": bool(row.simulated),
+                "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
+                "toolkit_path": facts.toolkit.path if facts.toolkit else None,
+                "target_version": version}
         planned.append(PlannedNode(np, d.to_json(), facts.python.executable, previous,
-                                   list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url))
+                                   list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url, node))
     active = [p for p in planned if p.skip_reason is None]
     canaries = choose_canaries([p.plan for p in active], req.canary)
     batches = schedule_batches([p.plan.hostname for p in active], sizes, canaries)

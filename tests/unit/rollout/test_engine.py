@@ -267,3 +267,29 @@ async def test_bad_inputs(fleet: SimFleet) -> None:
     service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100"))
     dry = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=T4", dry_run=True))
     assert dry["dry_run"] and dry["batches"] and len(service.list_rollouts(fleet.store)) == 2
+
+
+async def test_node_that_comes_back_is_reconciled(fleet: SimFleet) -> None:
+    from controller.store import utcnow
+    from controller.store.models import Node
+
+    fleet.delays["install-wheel"] = 0.4
+    fleet.hang.add(("h100-1", "install-wheel"))  # the agent takes the job and is never heard of again
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=A100", canary=0, batch="2,1",
+                                                            max_failures="2", step_timeouts={"install-wheel": 1}))
+    rid = out["id"]
+    async with running(fleet.engine()):
+        await wait_for(lambda: states(status(fleet, rid))["h100-1"] == "failed")
+        assert status(fleet, rid)["status"] == "running"
+        # the node comes back, and its facts show the flash-attn the lost job installed
+        fleet.hang.clear()
+        with fleet.store.session() as s:
+            node = s.scalar(select(Node).where(Node.hostname == "h100-1"))
+            assert node is not None
+            node.facts = {**node.facts, "flash_attn": {"version": out["version"], "variant": "fa2"}}
+            node.last_seen = utcnow()
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded", st["reason"]
+    seq = [t["to"] for t in st["transitions"] if t["hostname"] == "h100-1"]
+    assert seq == ["planned", "install", "failed", "verify", "done"]
+    assert any("reconciled" in t["cause"] for t in st["transitions"] if t["hostname"] == "h100-1")

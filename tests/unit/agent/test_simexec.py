@@ -1,0 +1,38 @@
+"""The simulated executor: durations and faults from the profile, facts that follow the jobs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent.jobs import JobSpec
+from agent.profiles import load_profile
+from agent.simexec import SimulatedJobRunner
+
+
+async def test_jobs_change_the_simulated_node(tmp_path: Path) -> None:
+    facts = load_profile("l40s", "n1")
+    facts = replace(facts, extra={**facts.extra, "job_seconds": {"*": 0}, "job_faults": {"cuda-toolkit": "E: boom"}})
+    runner = SimulatedJobRunner(lambda: facts, tmp_path)
+    events: list[dict[str, Any]] = []
+    uploaded: list[Path] = []
+
+    async def upload(path: Path, kind: str) -> str:
+        uploaded.append(path)
+        return "ab" * 32
+
+    runner.uploader = upload
+    failed = await runner.run(JobSpec("j0", "cuda-toolkit", {}), events.append)
+    assert failed.status == "failed" and failed.error == "E: boom"
+    built = await runner.run(JobSpec("j1", "build-from-source", {"flash_attn_version": "2.8.3", "variant": "fa2-source",
+                                                                "build_key": "k"}), events.append)
+    assert built.ok and built.result["built_wheel"]["sha256"] == "ab" * 32 and uploaded[0].exists()
+    fa = runner.current_facts().flash_attn
+    assert fa is not None and fa.version == "2.8.3"
+    verified = await runner.run(JobSpec("j2", "verify", {}), events.append)
+    assert verified.result["verification"]["simulated"] is True
+    assert verified.result["verification"]["passed"] is True
+    await runner.run(JobSpec("j3", "rollback", {"previous": None}), events.append)
+    assert runner.current_facts().flash_attn is None
+    assert all(e["event_data"].get("simulated", True) for e in events if e["event"] == "playbook_on_task_start")
