@@ -69,7 +69,8 @@ def test_bad_key_url_fails_clearly_and_leaves_sources(node: NodeDriver, apt_worl
 def test_key_from_url_binary(node: NodeDriver, apt_world: AptWorld) -> None:
     write_failing_source(node, apt_world, "sources")
     job = node.run("apt-keyring-fix", {"repo_uri": apt_world.cuda_uri, "keyring_name": "cuda-archive-keyring",
-                                       "key_url": f"{apt_world.url}/keys/cuda.gpg"})
+                                       "key_url": f"{apt_world.url}/keys/cuda.gpg",
+                                       "key_id": apt_world.cuda_fpr[-16:]})
     assert job.outcome.status == "successful", job.outcome.error
     rc, out = node.apt_update()
     assert rc == 0, out
