@@ -49,8 +49,9 @@ def kinds(script: Script, kind: str) -> list[str]:
     return sorted(h for h, k, _ in script.ran if k == kind)
 
 
-async def test_canary_batches_budget_stop_resume_rollback(controller: RunningController, fleet: SimAgents,
-                                                          tmp_path: Path) -> None:
+async def test_canary_batches_budget_stop_resume_rollback(db_url: str, controller: RunningController,
+                                                          fleet: SimAgents, tmp_path: Path) -> None:
+    """On SQLite and on PostgreSQL (``db_url``)."""
     script = Script()
     script.fail[("a100-2", "install-wheel")] = (
         "ImportError: /venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "

@@ -39,8 +39,8 @@ class SimFleet:
     _work: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
-    def create(cls, tmp: Path) -> SimFleet:
-        store = open_store(f"sqlite:///{tmp / 'controller.db'}")
+    def create(cls, tmp: Path, db_url: str | None = None) -> SimFleet:
+        store = open_store(db_url or f"sqlite:///{tmp / 'controller.db'}")
         jobs = JobDispatcher(store)
         arts = ArtifactStore(tmp / "artifacts", store)
         return cls(store, jobs, arts, tmp / "artifacts")
