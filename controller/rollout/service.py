@@ -204,6 +204,8 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
         return {"dry_run": True, **plan.to_json()}
     hosts = [p.plan.hostname for p in plan.nodes]
     with _create_lock, store.session() as s:
+        # PostgreSQL: lock the selected nodes' rows so two controllers can't both pass the overlap check
+        s.execute(select(Node.id).where(Node.hostname.in_(hosts)).with_for_update()).all()
         clash = s.execute(select(RolloutNode.rollout_id, RolloutNode.hostname)
                           .join(Rollout, Rollout.id == RolloutNode.rollout_id)
                           .where(Rollout.status.in_(ACTIVE), RolloutNode.hostname.in_(hosts))).all()
