@@ -74,6 +74,8 @@ def register(subparsers: Any) -> None:
                    "one more failure pauses it")
     p.add_argument("--step-timeout", type=_steps_arg, metavar="KIND=S,…",
                    help="per-step timeouts in seconds, e.g. install-wheel=600,verify=300")
+    p.add_argument("--builder", metavar="HOST[,HOST…]", help="dedicated builders: each builds the wheel of its own "
+                   "build key for the other nodes of that key (default: the earliest scheduled node of each key)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
     p.add_argument("--detach", action="store_true", help="start it and return; follow with `rollout status -w`")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S",
@@ -171,7 +173,8 @@ def handle_start(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
     body = {"version": args.version, "nodes": args.nodes, "canary": args.canary, "batch": args.batch,
             "max_parallel": args.max_parallel, "max_failures": args.max_failures, "dry_run": args.dry_run,
-            "actor": _actor(args), "step_timeouts": args.step_timeout or {}}
+            "actor": _actor(args), "step_timeouts": args.step_timeout or {},
+            "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()]}
     out = client.post("/rollouts", body)
     if args.json and (args.dry_run or args.detach):
         print_json(out)

@@ -38,6 +38,7 @@ class StartBody(BaseModel):
     actor: str | None = Field(default=None, max_length=128)
     step_timeouts: dict[str, int] = Field(default_factory=dict)
     min_free_bytes: int | None = Field(default=None, ge=0)
+    builders: list[str] = Field(default_factory=list, max_length=1000)
 
 
 class ActorBody(BaseModel):
@@ -85,7 +86,8 @@ def router() -> APIRouter:
         req = service.RolloutRequest(version=body.version, nodes=body.nodes, canary=body.canary, batch=body.batch,
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
-                                     min_free_bytes=body.min_free_bytes, actor=_actor(actor, body.actor))
+                                     min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
+                                     actor=_actor(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir)
         wake(request)
         return out

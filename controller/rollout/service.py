@@ -52,6 +52,7 @@ class RolloutRequest:
     dry_run: bool = False
     step_timeouts: Mapping[str, int] = field(default_factory=dict)
     min_free_bytes: int | None = None
+    builders: tuple[str, ...] = ()  # dedicated builder hosts (one per build key)
     actor: str = "admin"
 
 
@@ -176,12 +177,23 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     active = [p for p in planned if p.skip_reason is None]
     canaries = choose_canaries([p.plan for p in active], req.canary)
     batches = schedule_batches([p.plan.hostname for p in active], sizes, canaries)
+    needing = [p.plan for p in active if p.plan.builds and p.plan.build_key not in builds_done]
+    dedicated = _dedicated_builders(req.builders, needing, planned)
+    for host, key in ((h, k) for k, h in dedicated.items()):
+        # a dedicated builder runs in the earliest batch holding its key, so nobody waits on a later batch
+        first = min(i for i, b in enumerate(batches) for h in b
+                    if next(x for x in active if x.plan.hostname == h).plan.build_key == key)
+        for b in batches:
+            if host in b:
+                b.remove(host)
+        batches[first].append(host)
+        batches[first].sort()
+    batches = [b for b in batches if b]
     for i, b in enumerate(batches):
         for h in b:
             p = next(x for x in planned if x.plan.hostname == h)
             p.batch, p.canary = i, h in canaries
-    needing = [p.plan for p in active if p.plan.builds and p.plan.build_key not in builds_done]
-    builders = group_builds(needing, batches)
+    builders = group_builds(needing, batches, dedicated)
     reused = {p.plan.build_key: builds_done[p.plan.build_key] for p in active
               if p.plan.builds and p.plan.build_key in builds_done and p.plan.build_key}
     options = {"batch": ",".join(str(x) for x in sizes), "canary": req.canary, "canary_batch": bool(canaries),
@@ -190,6 +202,27 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     if req.min_free_bytes is not None:
         options["min_free_bytes"] = req.min_free_bytes
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
+
+
+def _dedicated_builders(hosts: Sequence[str], needing: Sequence[NodePlan],
+                        planned: Sequence[PlannedNode]) -> dict[str, str]:
+    """``--builder HOST,…``: each host builds the wheel of its own build key (it must be selected and
+    need a build)."""
+    out: dict[str, str] = {}
+    by_host = {p.hostname: p for p in needing}
+    for host in hosts:
+        plan = by_host.get(host)
+        if plan is None or plan.build_key is None:
+            known = next((x for x in planned if x.plan.hostname == host), None)
+            why = "is not in the selection" if known is None else (
+                f"does not build here ({known.plan.variant}{', ' + known.skip_reason if known.skip_reason else ''})")
+            raise UsageError(f"--builder {host} {why}",
+                             hint="name a selected node whose plan builds from source (see --dry-run)")
+        if plan.build_key in out:
+            raise UsageError(f"--builder {host} and {out[plan.build_key]} share one build key",
+                             hint="one builder per build key")
+        out[plan.build_key] = host
+    return out
 
 
 def _new_id() -> str:

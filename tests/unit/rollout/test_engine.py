@@ -293,3 +293,17 @@ async def test_node_that_comes_back_is_reconciled(fleet: SimFleet) -> None:
     seq = [t["to"] for t in st["transitions"] if t["hostname"] == "h100-1"]
     assert seq == ["planned", "install", "failed", "verify", "done"]
     assert any("reconciled" in t["cause"] for t in st["transitions"] if t["hostname"] == "h100-1")
+
+
+async def test_dedicated_builder(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S", canary=0, batch="1",
+                                                            builders=("l40s-3",)))
+    assert [b["builder"] for b in out["builds"]] == ["l40s-3"] and out["batches"][0] == ["l40s-1", "l40s-3"]
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded"
+    assert fleet.jobs_of_kind("build-from-source") == ["l40s-3"]
+    with pytest.raises(UsageError, match="--builder a100-1 does not build here"):
+        service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100", builders=("a100-1",), dry_run=True))
+    with pytest.raises(UsageError, match="not in the selection"):
+        service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100", builders=("t4-1",), dry_run=True))
