@@ -307,3 +307,22 @@ async def test_dedicated_builder(fleet: SimFleet) -> None:
         service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100", builders=("a100-1",), dry_run=True))
     with pytest.raises(UsageError, match="not in the selection"):
         service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=A100", builders=("t4-1",), dry_run=True))
+
+
+async def test_agent_killed_mid_build_fails_the_build_and_its_waiters(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S,gpu=T4", canary=0, batch="100%",
+                                                            max_failures="100%",
+                                                            step_timeouts={"build-from-source": 1}))
+    builder = next(b["builder"] for b in out["builds"] if b["builder"].startswith("l40s"))
+    fleet.delays["build-from-source"] = 0.5
+    async with running(fleet.engine()):
+        await wait_for(lambda: any(n["hostname"] == builder and n["in_step"]
+                                   for n in status(fleet, out["id"])["nodes"]))
+        await fleet.stop(builder)  # the agent dies mid-build
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    s = states(st)
+    assert [h for h, v in s.items() if v == "failed"] == ["l40s-1", "l40s-2", "l40s-3"]
+    assert s["t4-1"] == s["t4-2"] == "done"
+    causes = {n["hostname"]: n["cause"] for n in st["nodes"]}
+    assert "no result for build-from-source within 1s" in causes[builder]
+    assert all(f"on {builder} failed" in c for h, c in causes.items() if h.startswith("l40s") and h != builder)
