@@ -419,6 +419,7 @@ async def rollout_action(request: Request, rollout_id: str, action: str) -> Resp
         message = await asyncio.to_thread(sources.rollout_action, st.ctx, rollout_id, action, f"user:{user.name}",
                                           engine=getattr(request.app.state, "rollout_engine", None))
         ok = True
+        _shared.clear()
     except FleetError as exc:
         message, ok = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""), False
         with st.store.session() as s:
@@ -438,27 +439,61 @@ def schedules_page(request: Request) -> Response:
 
 # ---- server-sent events --------------------------------------------------------------------------
 
+def _node_snapshot(s: Session, hostname: str) -> Any:
+    """What makes a node page change (not last_seen: heartbeats would refresh it every few seconds)."""
+    from sqlalchemy import func
+
+    from controller.web.models import DashboardVerification
+    node = s.execute(select(Node.id, Node.status, Node.facts_updated_at).where(Node.hostname == hostname)).first()
+    if node is None:
+        return None
+    jobs = s.execute(select(Job.id, Job.status).where(Job.node == hostname).order_by(desc(Job.created_at))
+                     .limit(20)).all()
+    last_event = s.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id.in_([j[0] for j in jobs]))) \
+        if jobs else None
+    return {"status": node[1], "facts_at": node[2], "jobs": [list(j) for j in jobs], "event": last_event,
+            "verified": s.scalar(select(func.max(DashboardVerification.at))
+                                 .where(DashboardVerification.hostname == hostname)),
+            "transitions": s.scalar(select(func.count()).select_from(NodeEvent).where(NodeEvent.node_id == node[0]))}
+
+
 def _snapshot(st: WebState, topic: str) -> Any:
     with st.store.session() as s:
         if topic == "overview":
             ov = nodeindex.overview(s)
             return {"overview": ov, "rollouts": sources.rollouts(s, limit=5)}
         if topic == "nodes":
-            return nodeindex.overview(s, failing_limit=0)
+            return nodeindex.fingerprint(s)
         if topic.startswith("rollout:"):
             return sources.rollout_detail(s, topic.split(":", 1)[1])
         if topic == "rollouts":
             return sources.rollouts(s)
         if topic.startswith("node:"):
-            d = _node_detail(s, topic.split(":", 1)[1])
-            if d is None:
-                return None
-            node: Node = d["node"]
-            return {"status": node.status, "last_seen": node.last_seen, "jobs": [
-                {"id": j.id, "kind": j.kind, "status": j.status} for j in d["jobs"]]}
+            return _node_snapshot(s, topic.split(":", 1)[1])
         if topic == "schedules":
             return sources.schedules(s)
     return None
+
+
+_shared: dict[tuple[int, str], tuple[float, str]] = {}
+
+
+def _snapshot_text(st: WebState, topic: str, *, fresh: bool = False) -> str:
+    """The topic's snapshot as JSON; browsers watching the same topic share one computation a second
+    (a new connection always computes its own first snapshot)."""
+    key = (id(st), topic)
+    hit = _shared.get(key)
+    now = time.monotonic()
+    if not fresh and hit is not None and now - hit[0] < SSE_POLL_SECONDS * 0.9:
+        return hit[1]
+    try:
+        text = json.dumps(_snapshot(st, topic), default=str, sort_keys=True)
+    except FleetError as exc:
+        text = json.dumps({"error": exc.message})
+    if len(_shared) > 1000:
+        _shared.clear()
+    _shared[key] = (now, text)
+    return text
 
 
 async def _events(request: Request, topic: str) -> AsyncIterator[str]:
@@ -469,11 +504,7 @@ async def _events(request: Request, topic: str) -> AsyncIterator[str]:
     while not st.closing and time.monotonic() - started < SSE_MAX_SECONDS:
         if await request.is_disconnected():
             return
-        try:
-            snap = await asyncio.to_thread(_snapshot, st, topic)
-            text = json.dumps(snap, default=str, sort_keys=True)
-        except FleetError as exc:
-            text = json.dumps({"error": exc.message})
+        text = await asyncio.to_thread(_snapshot_text, st, topic, fresh=last is None)
         if text != last:
             last = text
             last_sent_at = time.monotonic()

@@ -13,6 +13,7 @@ from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from controller.store.models import Base, Job
+from controller.verify_store.models import Verification
 
 ROLES = ("viewer", "operator")
 FAILING_STATUSES = ("offline", "degraded")
@@ -83,31 +84,9 @@ class DashboardNode(Base):
     src_verify_key: Mapped[str] = mapped_column(String(64), default="")
 
 
-class DashboardVerification(Base):
-    """One finished verification (a ``verify`` job), reduced to the numbers the node page charts.
-
-    Filled by ``nodeindex.sync`` from ``jobs`` (kind ``verify``); ``tflops`` is the median
-    FlashAttention forward TFLOP/s over the result's speed entries, ``sdpa_tflops`` the median of the
-    SDPA flash/efficient/cuDNN entries (the baseline).
-    """
-
-    __tablename__ = "dashboard_verifications"
-    __table_args__ = (
-        Index("ix_dashboard_verifications_host_at", "hostname", "at"),
-        Index("ix_dashboard_verifications_gpu_at", "gpu_model", "at"),
-    )
-
-    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    hostname: Mapped[str] = mapped_column(String(253))
-    gpu_model: Mapped[str] = mapped_column(String(128), default="")
-    at: Mapped[dt.datetime]
-    passed: Mapped[bool] = mapped_column(Boolean)
-    status: Mapped[str] = mapped_column(String(16), default="")
-    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
-    tflops: Mapped[float | None] = mapped_column(Float)
-    sdpa_tflops: Mapped[float | None] = mapped_column(Float)
-    peak_mem_mib: Mapped[float | None] = mapped_column(Float)
-    detail: Mapped[str] = mapped_column(String(500), default="")
+# One table of verification results, shared with controller.verify_store (which writes the full record:
+# facts snapshot, result JSON, fleet verdict); the dashboard reads and charts these columns of it.
+DashboardVerification = Verification
 
 
 # verify jobs are looked up by kind and finish time (``nodeindex.sync``); index on the core's table

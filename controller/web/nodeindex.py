@@ -229,5 +229,17 @@ def overview(session: Session, *, do_sync: bool = True, failing_limit: int = 20)
     }
 
 
+def fingerprint(session: Session) -> dict[str, Any]:
+    """Changes whenever a row of the node table would: counts by status and verification, newest facts
+    and newest verification."""
+    sync(session)
+    by_status = dict(session.execute(select(DashboardNode.status, func.count()).group_by(DashboardNode.status)).all())
+    return {"by_status": by_status,
+            "facts_at": session.scalar(select(func.max(DashboardNode.src_facts_at))),
+            "status_at": session.scalar(select(func.max(Node.status_changed_at))),
+            "verify_at": session.scalar(select(func.max(DashboardNode.verify_at))),
+            "failing": session.scalar(select(func.count()).select_from(DashboardNode).where(DashboardNode.rank == 0))}
+
+
 def hostnames(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [r["hostname"] for r in rows]

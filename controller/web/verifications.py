@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.store.db import utcnow
@@ -76,7 +77,10 @@ def sync(session: Session, *, force: bool = False) -> int:
         if not force and now - _last.get(key, -1e9) < SYNC_EVERY_SECONDS:
             return 0
         _last[key] = now
-        since = session.scalar(select(func.max(DashboardVerification.at)))
+        # watermark: the newest verification reflected in a node row (rows verify_store adds meanwhile must
+        # still reach their node), else the newest stored one
+        since = session.scalar(select(func.max(DashboardNode.verify_at))) or session.scalar(
+            select(func.max(DashboardVerification.at)))
         stmt = select(Job.id, Job.node, Job.status, Job.finished_at, Job.result, Job.error).where(
             Job.kind == "verify", Job.finished_at.is_not(None), Job.status.in_(FINISHED))
         if since is not None:
@@ -84,35 +88,50 @@ def sync(session: Session, *, force: bool = False) -> int:
         rows = session.execute(stmt.order_by(Job.finished_at)).all()
         if not rows:
             return 0
-        known: set[str] = set()
+        # controller.verify_store records verify jobs into the same table as they finish (with the fleet
+        # verdict); rows it already wrote are read back here, the others are added from the job
+        stored: dict[str, DashboardVerification] = {}
         ids = [r[0] for r in rows]
         for start in range(0, len(ids), 500):
-            known.update(session.scalars(select(DashboardVerification.job_id)
-                                         .where(DashboardVerification.job_id.in_(ids[start:start + 500]))))
-        new = [r for r in rows if r[0] not in known]
-        if not new:
-            return 0
-        hosts = sorted({r[1] for r in new})
+            for v in session.scalars(select(DashboardVerification)
+                                     .where(DashboardVerification.job_id.in_(ids[start:start + 500]))):
+                stored[str(v.job_id)] = v
+        hosts = sorted({r[1] for r in rows})
         index: dict[str, DashboardNode] = {}
         for start in range(0, len(hosts), 500):
             chunk = hosts[start:start + 500]
             for row in session.scalars(select(DashboardNode).where(DashboardNode.hostname.in_(chunk))):
                 index[row.hostname] = row
-        for job_id, host, status, finished, result, error in new:
-            s = summarize(status, result, error)
+        changed = 0
+        for job_id, host, status, finished, result, error in rows:
             node = index.get(host)
-            session.add(DashboardVerification(job_id=job_id, hostname=host, at=finished,
-                                              gpu_model=node.gpu_model if node else "", passed=s["passed"],
-                                              status=s["status"],
-                                              simulated=s["simulated"], tflops=s["tflops"],
-                                              sdpa_tflops=s["sdpa_tflops"], peak_mem_mib=s["peak_mem_mib"],
-                                              detail=s["detail"]))
+            v = stored.get(job_id)
+            if v is None:
+                s = summarize(status, result, error)
+                v = DashboardVerification(job_id=job_id, hostname=host, at=finished,
+                                          gpu_model=node.gpu_model if node else "", passed=s["passed"],
+                                          status=s["status"], simulated=s["simulated"], tflops=s["tflops"],
+                                          sdpa_tflops=s["sdpa_tflops"], peak_mem_mib=s["peak_mem_mib"],
+                                          detail=s["detail"], trigger="job")
+                try:
+                    with session.begin_nested():
+                        session.add(v)
+                except IntegrityError:  # verify_store wrote it meanwhile
+                    found = session.scalar(select(DashboardVerification).where(DashboardVerification.job_id == job_id))
+                    if found is None:
+                        continue
+                    v = found
+                changed += 1
+            elif node is None or node.src_verify_key == job_id[:64]:
+                continue
             if node is not None and (node.verify_at is None or finished >= node.verify_at):
-                node.verify_result = "passed" if s["passed"] else "failed"
-                node.verify_at, node.verify_tflops, node.src_verify_key = finished, s["tflops"], job_id[:64]
+                if v.job_id in stored and node.src_verify_key != job_id[:64]:
+                    changed += 1
+                node.verify_result = "passed" if v.passed else "failed"
+                node.verify_at, node.verify_tflops, node.src_verify_key = finished, v.tflops, job_id[:64]
                 node.rank = rank_of(node.status, node.verify_result, node.fa_version)
         session.flush()
-        return len(new)
+        return changed
 
 
 def history(session: Session, hostname: str, limit: int = 200) -> list[dict[str, Any]]:
