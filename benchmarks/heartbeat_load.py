@@ -173,7 +173,7 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
         for pp in pipes:
             pp.send(start_at)
         time.sleep(max(0.0, start_at + warmup - time.time()))
-        s0, c0, t0 = http.get("/stats").json(), cpu_seconds(proc.pid), time.monotonic()
+        s0, c0, t0 = http.get("/stats", params={"reset_lag": "true"}).json(), cpu_seconds(proc.pid), time.monotonic()
         time.sleep(duration)
         s1, c1, t1 = http.get("/stats").json(), cpu_seconds(proc.pid), time.monotonic()
         results = [pp.recv() for pp in pipes]
@@ -195,7 +195,8 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
                 "heartbeats_measured": len(lat), "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2),
                 "max_ms": round(lat[-1] * 1000, 2)
                 if lat else None, "errors": errors,
-                "controller_cpu_pct": round(100 * (c1 - c0) / wall, 1),
+                "controller_cpu_pct": round(100 * (c1 - c0) / wall, 1), "controller_loop_lag": s1["loop_lag"],
+                "loadavg_1m": os.getloadavg()[0],
                 "db_rows_per_s": round((s1["liveness_db_writes"] - s0["liveness_db_writes"]) / wall, 1),
                 "setup_s": round(setup_s, 1)}
     finally:

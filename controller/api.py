@@ -83,11 +83,14 @@ def api_router() -> APIRouter:
         return {"ok": True, "grpc": ctx.grpc_address, "enroll": ctx.enroll_address}
 
     @router.get("/stats")
-    def stats(ctx: Ctx, _: Admin) -> dict[str, Any]:
-        """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness)."""
+    def stats(ctx: Ctx, _: Admin, reset_lag: bool = False) -> dict[str, Any]:
+        """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness, loop lag)."""
         reg = ctx.registry
-        return {"nodes": len(reg._live), "heartbeats": reg.heartbeats, "liveness_db_writes": reg.db_writes,
-                "online": sum(1 for v in reg._live.values() if v.status == "online")}
+        lag = ctx.loop_lag.summary()
+        if reset_lag:
+            ctx.loop_lag.reset()
+        return {"loop_lag": lag, "nodes": len(reg._live), "heartbeats": reg.heartbeats,
+                "liveness_db_writes": reg.db_writes, "online": sum(1 for v in reg._live.values() if v.status == "online")}
 
     @router.get("/nodes")
     def nodes(ctx: Ctx, _: Admin, facts: bool = False) -> dict[str, Any]:

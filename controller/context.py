@@ -77,6 +77,9 @@ class ControllerContext:
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
         self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+        from controller.server import LoopLag
+
+        self.loop_lag = LoopLag()
         # filled in by controller.serve when listening
         self.grpc_address: str | None = None
         self.enroll_address: str | None = None

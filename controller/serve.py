@@ -104,7 +104,8 @@ async def start_controller(settings: ControllerSettings, ctx: ControllerContext 
     http = _Uvicorn(config)
     tasks = [asyncio.create_task(http.serve(sockets=[sock]), name="http"),
              asyncio.create_task(housekeeping(ctx), name="housekeeping"),
-             asyncio.create_task(ctx.jobs.run_watchdog(), name="job-watchdog")]
+             asyncio.create_task(ctx.jobs.run_watchdog(), name="job-watchdog"),
+             asyncio.create_task(ctx.loop_lag.run(), name="loop-lag")]
     for _ in range(200):
         if http.started:
             break
