@@ -90,7 +90,8 @@ def api_router() -> APIRouter:
         if reset_lag:
             ctx.loop_lag.reset()
         return {"loop_lag": lag, "nodes": len(reg._live), "heartbeats": reg.heartbeats,
-                "liveness_db_writes": reg.db_writes, "online": sum(1 for v in reg._live.values() if v.status == "online")}
+                "liveness_db_writes": reg.db_writes,
+                "online": sum(1 for v in reg._live.values() if v.status == "online")}
 
     @router.get("/nodes")
     def nodes(ctx: Ctx, _: Admin, facts: bool = False) -> dict[str, Any]:
