@@ -60,6 +60,8 @@ class WebState:
             os.environ.get("FLEET_DASHBOARD_SESSION_SECONDS", "28800")))
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["age"] = _age
+        self.templates.env.filters["event_task"] = _event_task
+        self.templates.env.filters["event_text"] = _event_text
         self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
         self.admin_token: str | None = _admin_token(ctx)
@@ -101,6 +103,32 @@ def _admin_token(ctx: Any) -> str | None:
         except OSError:
             return None
     return None
+
+
+def _event_data(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {}
+    inner = data.get("event_data")
+    return inner if isinstance(inner, dict) else data
+
+
+def _event_task(data: Any) -> str:
+    """The task (or play) of an ansible-runner / fleet event, whichever shape it was stored in."""
+    d = _event_data(data)
+    top = data if isinstance(data, dict) else {}
+    return str(d.get("task") or top.get("task") or d.get("play") or top.get("play") or "")
+
+
+def _event_text(data: Any) -> str:
+    """What an event said: stdout, else the module result's msg/stderr, else a fleet event's message."""
+    top = data if isinstance(data, dict) else {}
+    d = _event_data(data)
+    raw = d.get("res")
+    res: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    text = top.get("stdout") or res.get("msg") or res.get("stderr") or top.get("msg") or d.get("msg") or ""
+    if not text and top.get("event") == "fleet_events_dropped":
+        text = f"{top.get('count', '?')} events dropped"
+    return str(text)[-4000:]
 
 
 def _age(value: Any) -> str:
@@ -433,6 +461,7 @@ async def rollout_action(request: Request, rollout_id: str, action: str) -> Resp
 def schedules_page(request: Request) -> Response:
     require_user(request)
     with _state(request).store.session() as s:
+        nodeindex.sync(s)
         sched = sources.schedules(s)
     return _security_headers(render(request, "schedules.html", nav="schedules", schedules=sched))
 
@@ -471,6 +500,7 @@ def _snapshot(st: WebState, topic: str) -> Any:
         if topic.startswith("node:"):
             return _node_snapshot(s, topic.split(":", 1)[1])
         if topic == "schedules":
+            nodeindex.sync(s)
             return sources.schedules(s)
     return None
 

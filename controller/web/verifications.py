@@ -93,9 +93,9 @@ def sync(session: Session, *, force: bool = False) -> int:
         stored: dict[str, DashboardVerification] = {}
         ids = [r[0] for r in rows]
         for start in range(0, len(ids), 500):
-            for v in session.scalars(select(DashboardVerification)
-                                     .where(DashboardVerification.job_id.in_(ids[start:start + 500]))):
-                stored[str(v.job_id)] = v
+            for got in session.scalars(select(DashboardVerification)
+                                       .where(DashboardVerification.job_id.in_(ids[start:start + 500]))):
+                stored[str(got.job_id)] = got
         hosts = sorted({r[1] for r in rows})
         index: dict[str, DashboardNode] = {}
         for start in range(0, len(hosts), 500):

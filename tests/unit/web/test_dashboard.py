@@ -307,3 +307,19 @@ def test_summarize_verify_jobs() -> None:
     assert s["passed"] and 330 < s["tflops"] < 400 and 300 < s["sdpa_tflops"] < 380 and s["simulated"]
     assert not summarize("timeout", None, "no answer")["passed"]
     assert summarize("successful", {"passed": False, "reason": "import failed"}, None)["detail"] == "import failed"
+
+
+def test_schedules_page(client: TestClient, store: Store) -> None:
+    import datetime as dt
+
+    schedules = pytest.importorskip("controller.verify_store.schedules")
+    hosts = sample.populate(store, 4)
+    sample.add_verifications(store, hosts, days=1, regress=(hosts[1],))
+    sched = schedules.add_schedule(store, "0 3 * * *", "gpu=*H100*", mode="quick", actor="user:olga")
+    run = schedules.claim(store, sched["id"], utcnow() - dt.timedelta(hours=1), "test")
+    assert run is not None
+    schedules.set_run_jobs(store, run, {h: f"job-verify-{h}-1" for h in hosts[:2]} | {"x": "job-pending"}, None)
+    login(client, "vic")
+    page = client.get("/schedules").text
+    assert "0 3 * * *" in page and "gpu=*H100*" in page and "quick" in page
+    assert "1 passed" in page and "1 failed" in page and "1 running" in page and hosts[1] in page
