@@ -154,6 +154,8 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     app.include_router(api_router())
     from controller.rollout.api import router as rollout_router  # rollouts: routes + engine (docs/rollout.md)
     app.include_router(rollout_router())
+    from controller.verify_store.api import router as verify_router  # verify, schedules: docs/verification.md
+    app.include_router(verify_router())
     from controller.web import mount as mount_dashboard  # the dashboard: controller/web, docs/dashboard.md
     mount_dashboard(app, ctx)
     return app

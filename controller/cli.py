@@ -17,6 +17,8 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.jobs",
     "controller.commands.agents",
     "controller.commands.rollout",
+    "controller.commands.verify",
+    "controller.commands.schedule",
 ]
 
 

@@ -110,6 +110,8 @@ class Registry:
         self._live: dict[str, _Live] = {}
         self._pending: list[_PendingTransition] = []
         self.on_transition: list[Callable[[Transition], None]] = []
+        # (hostname, changed dotted paths) after a stored facts change; e.g. drift re-verification
+        self.on_facts_changed: list[Callable[[str, list[str]], None]] = []
         self.load()
 
     @property
@@ -179,6 +181,12 @@ class Registry:
                     node.status_changed_at = now
             live = _Live(node.id, ident.agent_id, node.status, now.timestamp())
         self._live[ident.hostname] = live
+        if changed != ["*"] and changed:
+            for cb in self.on_facts_changed:
+                try:
+                    cb(ident.hostname, changed)
+                except Exception:
+                    log.exception("facts change callback failed")
         return changed
 
     # ---- liveness ------------------------------------------------------------------------

@@ -46,7 +46,9 @@ def handle_nodes(args: argparse.Namespace) -> int:
 
 
 def handle_node(args: argparse.Namespace) -> int:
-    n = ControllerClient.from_args(args).get(f"/nodes/{args.hostname}")
+    client = ControllerClient.from_args(args)
+    n = client.get(f"/nodes/{args.hostname}")
+    n["verification"] = client.get(f"/verify/nodes/{args.hostname}")  # degraded, diagnosis, re-plan, results
     if args.json:
         print_json(n)
         return 0
@@ -85,4 +87,7 @@ def handle_node(args: argparse.Namespace) -> int:
     print("\nstatus history (newest first):")
     for e in n["status_history"]:
         print(f"  {e['at'][:19]}  {e['old'] or '-'} → {e['new']}  ({e['reason']})")
+    from controller.commands.verify import print_node_health
+
+    print_node_health(n["verification"])
     return 0

@@ -1,0 +1,258 @@
+"""The controller side of verification, wired into a running controller.
+
+``VerificationService(ctx).attach()``:
+
+* every finished ``verify`` job (whoever submitted it: ``fleetctl verify``, a schedule, drift, a
+  rollout) is recorded (``store.record``: judged against the fleet baseline, with the facts snapshot)
+  and the node's health updated: a failure marks the node ``degraded`` (status + diagnosis + re-plan),
+  a later pass clears it;
+* a facts change that matters (driver, torch version/CUDA, toolkit, flash-attn) triggers a
+  re-verification of that node, debounced: changes within ``drift_delay`` seconds collapse into one,
+  and none is submitted while a verify job of the node is active or has finished since the change;
+* ``submit`` starts verify jobs on nodes chosen by hostnames or a rollout-style selector;
+* ``run_scheduler`` runs the schedules (controller.verify_store.schedules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from controller.jobs import ACTIVE_STATUSES, JobOutcome
+from controller.rollout.core import NodeInfo, parse_selector, select_nodes
+from controller.store import utcnow
+from controller.store.models import Job, Node
+from controller.verification import RegressionPolicy
+from controller.verify_store import schedules, store
+from fleet.errors import FleetError, UsageError
+from fleet.verification import VerificationSchemaError
+
+log = logging.getLogger(__name__)
+
+DRIFT_PATHS = ("driver", "torch.version", "torch.cuda", "torch", "toolkit", "flash_attn")
+DRIFT_DELAY_ENV = "FLEET_DRIFT_DEBOUNCE"
+JOB_TIMEOUT = {"quick": 300, "full": 900}
+
+
+def drift_relevant(changed: Sequence[str]) -> list[str]:
+    """The changed facts paths that can break or slow flash-attn (``["*"]``, a first report, is none)."""
+    out = []
+    for path in changed:
+        if path == "*":
+            continue
+        if any(path == p or path.startswith(p + ".") for p in DRIFT_PATHS):
+            out.append(path)
+    return out
+
+
+def _node_info(row: Node) -> NodeInfo:
+    gpus = (row.facts or {}).get("gpus") or []
+    gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], Mapping) else None
+    profile = (row.extra or {}).get("profile")
+    return NodeInfo(row.hostname, gpu, profile if isinstance(profile, str) else None, row.status)
+
+
+class VerificationService:
+    def __init__(self, ctx: Any, *, drift_delay: float | None = None,
+                 policy: RegressionPolicy | None = None) -> None:
+        self.ctx = ctx
+        self.drift_delay = float(drift_delay if drift_delay is not None
+                                 else os.environ.get(DRIFT_DELAY_ENV, "10"))
+        self.policy = policy
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._drift_timers: dict[str, asyncio.TimerHandle] = {}
+        self._drift_since: dict[str, tuple[dt.datetime, list[str]]] = {}
+        self.drift_submitted: list[tuple[str, str]] = []  # (hostname, job id), for tests and logs
+        self._attached = False
+
+    # ---- wiring -----------------------------------------------------------------------------------------
+
+    def attach(self) -> VerificationService:
+        if self._attached:
+            return self
+        self._attached = True
+        previous = self.ctx.jobs.on_job_finished
+
+        def finished(node: str, outcome: JobOutcome) -> None:
+            if previous is not None:
+                previous(node, outcome)
+            self.job_finished(node, outcome)
+
+        self.ctx.jobs.on_job_finished = finished
+        hooks = getattr(self.ctx.registry, "on_facts_changed", None)
+        if hooks is not None:
+            hooks.append(self.facts_changed)
+        return self
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle(self, timeout: float = 30.0) -> None:
+        """Wait until recording and drift work started so far is done (tests)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._tasks:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError("verification service still busy")
+            await asyncio.wait(set(self._tasks), timeout=left)
+
+    def close(self) -> None:
+        for timer in self._drift_timers.values():
+            timer.cancel()
+        self._drift_timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ---- results -----------------------------------------------------------------------------------------
+
+    def job_finished(self, node: str, outcome: JobOutcome) -> None:
+        with self.ctx.store.session() as s:
+            job = s.get(Job, outcome.job_id)
+            if job is None or job.kind != "verify":
+                return
+            vars_ = dict(job.vars or {})
+        if outcome.status == "canceled":
+            return
+        self._spawn(self._record(node, outcome, vars_))
+
+    async def _record(self, node: str, outcome: JobOutcome, vars_: Mapping[str, Any]) -> None:
+        try:
+            change, reason = await asyncio.to_thread(self.record_outcome, node, outcome, vars_)
+        except FleetError as exc:
+            log.error("verification of %s (job %s) not recorded: %s", node, outcome.job_id, exc.message)
+            return
+        self.apply_status(node, change, reason)
+
+    def record_outcome(self, node: str, outcome: JobOutcome, vars_: Mapping[str, Any]) -> tuple[str, str]:
+        """Store one finished verify job; returns (health change, reason). Thread-safe."""
+        trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
+        schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
+        error = outcome.error
+        try:
+            result = store.result_from_job(outcome.result)
+        except VerificationSchemaError as exc:
+            result, error = None, f"unreadable verification result: {exc.message}"
+        with self.ctx.store.session() as s:
+            row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
+                               job_error=error, trigger=trigger, schedule_id=schedule_id, policy=self.policy)
+            catalog = self._catalog()
+            change, state = store.apply_health(s, row, catalog=catalog)
+            log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
+            return change, state.reason
+
+    def _catalog(self) -> Any:
+        try:
+            from controller.catalog import default_catalog
+
+            return default_catalog(self.ctx.settings.state_dir)
+        except (FleetError, OSError):
+            return None
+
+    def apply_status(self, node: str, change: str, reason: str) -> None:
+        """Registry status from a health change (event loop thread)."""
+        try:
+            if change == "degraded":
+                self.ctx.registry.set_status(node, "degraded", reason[:500])
+            elif change == "cleared" and self.ctx.registry.status_of(node) == "degraded":
+                self.ctx.registry.set_status(node, "online", "verification passed")
+        except FleetError as exc:
+            log.warning("status of %s not changed: %s", node, exc.message)
+
+    # ---- submitting --------------------------------------------------------------------------------------
+
+    def select(self, hosts: Sequence[str] = (), selector: str | None = None) -> list[str]:
+        with self.ctx.store.session() as s:
+            rows = list(s.scalars(select(Node)))
+        infos = [_node_info(r) for r in rows]
+        if hosts:
+            known = {i.hostname for i in infos}
+            missing = [h for h in hosts if h not in known]
+            if missing:
+                raise UsageError(f"unknown node(s): {', '.join(missing)}", hint="see `fleetctl nodes`")
+            chosen = list(dict.fromkeys(hosts))
+            if selector:
+                chosen = [n.hostname for n in select_nodes(parse_selector(selector),
+                                                           [i for i in infos if i.hostname in chosen])]
+            return chosen
+        return [n.hostname for n in select_nodes(parse_selector(selector), infos)
+                if n.status != "offline" or selector]
+
+    def _expect(self, hostname: str) -> str:
+        with self.ctx.store.session() as s:
+            facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
+        if facts.get("flash_attn"):
+            return "flash_attn"
+        plan = store.replan(facts)
+        return "sdpa" if plan and plan.get("variant") in ("sdpa", "blocked") else "flash_attn"
+
+    async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
+                     trigger: str = "manual", schedule_id: int | None = None, model_path: str | None = None,
+                     timeout: int | None = None) -> dict[str, str]:
+        """Submit one verify job per chosen node; returns {hostname: job id}."""
+        if mode not in JOB_TIMEOUT:
+            raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
+        chosen = await asyncio.to_thread(self.select, hosts, selector)
+        jobs: dict[str, str] = {}
+        for host in chosen:
+            vars_: dict[str, Any] = {"mode": mode, "expect": await asyncio.to_thread(self._expect, host),
+                                     "trigger": trigger}
+            if schedule_id is not None:
+                vars_["schedule_id"] = schedule_id
+            if model_path:
+                vars_["model_path"] = model_path
+            jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
+        return jobs
+
+    async def submit_for_schedule(self, selector: str, mode: str, schedule_id: int,
+                                  run_id: int) -> tuple[dict[str, str], str | None]:
+        jobs = await self.submit(selector=selector, mode=mode, trigger="schedule", schedule_id=schedule_id)
+        return jobs, None
+
+    async def run_scheduler(self, tick_seconds: float | None = None, stop: asyncio.Event | None = None) -> None:
+        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule,
+                                      tick_seconds=tick_seconds or schedules.TICK_SECONDS, stop=stop)
+
+    # ---- drift -------------------------------------------------------------------------------------------
+
+    def facts_changed(self, hostname: str, changed: Sequence[str]) -> None:
+        """Registry hook (event loop thread): debounce a re-verification after a relevant change."""
+        relevant = drift_relevant(changed)
+        if not relevant:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        since, paths = self._drift_since.get(hostname, (utcnow(), []))
+        self._drift_since[hostname] = (since, sorted(set(paths) | set(relevant)))
+        old = self._drift_timers.pop(hostname, None)
+        if old is not None:
+            old.cancel()
+        log.info("node %s: %s changed; re-verifying in %.0fs", hostname, ", ".join(relevant), self.drift_delay)
+        self._drift_timers[hostname] = loop.call_later(self.drift_delay, lambda: self._spawn(self._drift(hostname)))
+
+    async def _drift(self, hostname: str) -> None:
+        self._drift_timers.pop(hostname, None)
+        since, paths = self._drift_since.pop(hostname, (utcnow(), []))
+        with self.ctx.store.session() as s:
+            busy = s.scalar(select(Job.id).where(
+                Job.node == hostname, Job.kind == "verify",
+                (Job.status.in_(tuple(ACTIVE_STATUSES))) | (Job.finished_at >= since)).limit(1))
+        if busy is not None:
+            log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
+            return
+        try:
+            jobs = await self.submit([hostname], mode="quick", trigger="drift")
+        except FleetError as exc:
+            log.warning("drift re-verification of %s not submitted: %s", hostname, exc.message)
+            return
+        log.info("node %s: drift (%s) → verify job %s", hostname, ", ".join(paths), jobs[hostname])
+        self.drift_submitted.append((hostname, jobs[hostname]))

@@ -1,0 +1,351 @@
+"""Storing verification results, fleet baselines from them, and a node's verification health.
+
+``record(session, hostname, result, ...)`` judges a result (``controller.verification.judge``:
+``evaluate`` plus the comparison with the fleet baseline of its GPU model, computed from each
+other node's latest stored passing result) and stores it with the facts snapshot it ran on.
+``apply_health`` turns a failure into the node's ``degraded`` state with the diagnosis of the
+failure text (``controller.diagnose``) and the re-plan on its current facts
+(``controller.resolver``); a later pass clears it. Pure store code: no event loop, no jobs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from controller.store import utcnow
+from controller.store.models import Node
+from controller.verification import (
+    DEFAULT_THRESHOLD,
+    FleetBaselines,
+    RegressionPolicy,
+    check_regression,
+    compute_baselines,
+    gpu_model_key,
+    judge,
+)
+from controller.verify_store.models import NodeVerifyState, Verification
+from fleet.errors import FleetError, UsageError
+from fleet.verification import (
+    STATUS_PASS,
+    STATUS_REGRESSION,
+    VerificationResult,
+    VerificationSchemaError,
+    evaluate,
+    parse_result,
+)
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_ENV = "FLEET_VERIFY_REGRESSION_THRESHOLD"
+MIN_SAMPLES_ENV = "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"
+FAILED_STATUSES = frozenset({"fail", "error", "timeout", "no-gpu", "no-torch"})
+SDPA_BASELINE_IMPLS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+BASELINE_WINDOW = 5000  # newest results considered for a model's baseline
+
+
+def policy_from_env(env: Mapping[str, str] | None = None) -> RegressionPolicy:
+    """The regression policy: threshold (fraction below the fleet median, default 0.15) and min samples."""
+    env = os.environ if env is None else env
+    try:
+        threshold = float(env.get(THRESHOLD_ENV) or DEFAULT_THRESHOLD)
+        min_samples = int(env.get(MIN_SAMPLES_ENV) or 3)
+    except ValueError as exc:
+        raise UsageError(f"bad {THRESHOLD_ENV}/{MIN_SAMPLES_ENV}: {exc}",
+                         hint="e.g. FLEET_VERIFY_REGRESSION_THRESHOLD=0.15") from exc
+    return RegressionPolicy(threshold=threshold, min_samples=min_samples)
+
+
+def result_from_job(result: Any) -> VerificationResult | None:
+    """The ``fleet.verification`` result in a verify job's result (``{"verification": {...}}`` or the
+    result itself); None when the job carries none; ``VerificationSchemaError`` when it is malformed."""
+    if not isinstance(result, Mapping):
+        return None
+    payload = result.get("verification") if isinstance(result.get("verification"), Mapping) else (
+        result if "schema_version" in result else None)
+    return None if payload is None else parse_result(payload)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+@dataclass(frozen=True)
+class Summary:
+    tflops: float | None
+    sdpa_tflops: float | None
+    peak_mem_mib: float | None
+
+
+def summarize(result: VerificationResult) -> Summary:
+    """What the dashboard charts: median flash_attn fwd TFLOP/s, the SDPA baseline, flash_attn peak memory."""
+    fwd = [e for e in result.ok_speed() if e.direction == "fwd"]
+    fa = [e.tflops for e in fwd if e.impl == "flash_attn" and e.tflops is not None]
+    sdpa: list[float] = []
+    for impl in SDPA_BASELINE_IMPLS:
+        sdpa = [e.tflops for e in fwd if e.impl == impl and e.tflops is not None]
+        if sdpa:
+            break
+    mem = [e.peak_mem_mib for e in fwd if e.impl == "flash_attn" and e.peak_mem_mib is not None]
+    return Summary(_median(fa), _median(sdpa), max(mem) if mem else None)
+
+
+def gpu_name(facts: Mapping[str, Any] | None, result: VerificationResult | None) -> str:
+    gpus = (facts or {}).get("gpus") or []
+    if gpus and isinstance(gpus[0], Mapping) and gpus[0].get("name"):
+        return str(gpus[0]["name"])[:128]
+    if result is not None and result.device.name:
+        return result.device.name.replace(" (simulated)", "")[:128]
+    return ""
+
+
+def latest_results(session: Session, *, gpu_model: str | None = None, simulated: bool | None = None,
+                   exclude_host: str | None = None) -> list[VerificationResult]:
+    """Each node's latest stored result that carries a full verification result."""
+    newest = select(func.max(Verification.id)).where(Verification.result.is_not(None))
+    if gpu_model is not None:
+        newest = newest.where(Verification.gpu_model == gpu_model)
+    if simulated is not None:
+        newest = newest.where(Verification.simulated.is_(simulated))
+    if exclude_host is not None:
+        newest = newest.where(Verification.hostname != exclude_host)
+    ids = list(session.scalars(newest.group_by(Verification.hostname)))
+    out = []
+    for start in range(0, len(ids), 500):
+        for row in session.scalars(select(Verification).where(Verification.id.in_(ids[start:start + 500]))):
+            try:
+                parsed = parse_result(row.result)
+            except VerificationSchemaError:
+                continue
+            # the stored verdict is the controller's; a baseline is made of results that passed on their own
+            out.append(parsed if parsed.hostname else _with_host(parsed, row.hostname))
+    return out[-BASELINE_WINDOW:]
+
+
+def _with_host(result: VerificationResult, hostname: str) -> VerificationResult:
+    from dataclasses import replace
+
+    return replace(result, hostname=hostname)
+
+
+def fleet_baselines(session: Session, *, gpu_model: str | None = None, simulated: bool | None = None,
+                    exclude_host: str | None = None) -> FleetBaselines:
+    return compute_baselines(latest_results(session, gpu_model=gpu_model, simulated=simulated,
+                                            exclude_host=exclude_host))
+
+
+def record(session: Session, hostname: str, result: VerificationResult | None, *, job_id: str | None = None,
+           job_status: str = "successful", job_error: str | None = None, facts: Mapping[str, Any] | None = None,
+           trigger: str = "", schedule_id: int | None = None, policy: RegressionPolicy | None = None,
+           at: dt.datetime | None = None) -> Verification:
+    """Judge and store one result (or a verify job that produced none). Idempotent per ``job_id``: a row
+    the dashboard already added for the job is completed in place."""
+    if facts is None:
+        node = session.scalar(select(Node).where(Node.hostname == hostname))
+        facts = dict(node.facts) if node is not None and node.facts else {}
+    policy = policy or policy_from_env()
+    model = gpu_name(facts, result)
+    fa = (facts or {}).get("flash_attn") if isinstance((facts or {}).get("flash_attn"), Mapping) else None
+    values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],
+                              "schedule_id": schedule_id, "facts": dict(facts or {}),
+                              "fa_version": (fa or {}).get("version"), "fa_variant": (fa or {}).get("variant")}
+    if result is None:
+        status = "error" if job_status == "successful" else job_status
+        reason = job_error or ("the verify job returned no verification result" if job_status == "successful"
+                               else f"verify job {job_status}")
+        values.update(at=at or utcnow(), passed=False, status=status[:16], bench_status=status[:16],
+                      simulated=False, reasons=[reason], warnings=[], detail=reason[:500], result=None,
+                      regression=None, mode="", expect="", tflops=None, sdpa_tflops=None, peak_mem_mib=None,
+                      started_at=None, duration_s=None)
+    else:
+        own = evaluate(result)
+        key = gpu_model_key(result)
+        baselines = None
+        regression: dict[str, Any] | None = None
+        if own.status == STATUS_PASS:
+            baselines = compute_baselines(latest_results(session, gpu_model=model, simulated=result.simulated,
+                                                         exclude_host=hostname))
+            check = check_regression(result, baselines, policy)
+            regression = {"judged": check.judged, "regressed": check.regressed, "score": check.score,
+                          "threshold": check.threshold, "reason": check.reason,
+                          "worst": [c.describe() for c in check.worst], "model": key[0]}
+        verdict = judge(result, baselines, policy)
+        s = summarize(result)
+        if not fa and result.flash_attn.version:
+            values.update(fa_version=result.flash_attn.version)
+        values.update(at=at or result.finished_at, passed=verdict.passed, status=verdict.status,
+                      bench_status=own.status, simulated=result.simulated, reasons=list(verdict.reasons),
+                      warnings=list(verdict.warnings), detail="; ".join(verdict.reasons)[:500],
+                      result=result.with_verdict(verdict).to_json(), regression=regression, mode=result.mode,
+                      expect=result.expect, tflops=s.tflops, sdpa_tflops=s.sdpa_tflops,
+                      peak_mem_mib=s.peak_mem_mib, started_at=result.started_at, duration_s=result.duration_s)
+    existing = session.scalar(select(Verification).where(Verification.job_id == job_id)) if job_id else None
+    if existing is not None:
+        for k, v in values.items():
+            setattr(existing, k, v)
+        session.flush()
+        return existing
+    row = Verification(job_id=job_id, **values)
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # the dashboard added this job's summary row meanwhile: complete it
+        found = session.scalar(select(Verification).where(Verification.job_id == job_id))
+        if found is None:
+            raise
+        for k, v in values.items():
+            setattr(found, k, v)
+        row = found
+    session.flush()
+    return row
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def to_json(row: Verification, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row.id, "job_id": row.job_id, "hostname": row.hostname, "gpu_model": row.gpu_model,
+        "at": _iso(row.at), "status": row.status, "passed": row.passed, "bench_status": row.bench_status,
+        "simulated": row.simulated, "mode": row.mode, "expect": row.expect, "trigger": row.trigger,
+        "schedule_id": row.schedule_id, "flash_attn": {"version": row.fa_version, "variant": row.fa_variant},
+        "tflops": row.tflops, "sdpa_tflops": row.sdpa_tflops, "peak_mem_mib": row.peak_mem_mib,
+        "duration_s": row.duration_s, "reasons": list(row.reasons or []), "warnings": list(row.warnings or []),
+        "regression": row.regression,
+    }
+    if full:
+        out["facts"] = row.facts
+        out["result"] = row.result
+    return out
+
+
+def list_results(session: Session, *, hostname: str | None = None, limit: int = 100,
+                 latest: bool = False) -> list[dict[str, Any]]:
+    """Newest first; ``latest``: one (the newest) per node."""
+    stmt = select(Verification)
+    if hostname:
+        stmt = stmt.where(Verification.hostname == hostname)
+    if latest:
+        stmt = stmt.where(Verification.id.in_(select(func.max(Verification.id)).group_by(Verification.hostname)))
+    rows = session.scalars(stmt.order_by(Verification.at.desc(), Verification.id.desc()).limit(limit))
+    return [to_json(r) for r in rows]
+
+
+def get_result(session: Session, ref: str) -> dict[str, Any]:
+    from fleet.errors import NotFoundError
+
+    row = session.get(Verification, int(ref)) if ref.isdigit() else session.scalar(
+        select(Verification).where(Verification.job_id == ref))
+    if row is None:
+        raise NotFoundError(f"no verification {ref!r}", hint="see `fleetctl verify --json` or /api/v1/verifications")
+    return to_json(row, full=True)
+
+
+def baselines_json(session: Session) -> list[dict[str, Any]]:
+    """Per GPU model (real and simulated apart): the median flash_attn TFLOP/s of every shape."""
+    out = []
+    for (model, simulated), shapes in sorted(compute_baselines(latest_results(session)).by_model.items()):
+        out.append({"gpu_model": model, "simulated": simulated,
+                    "shapes": [{"impl": k[0], "dtype": k[1], "headdim": k[2], "seqlen": k[3], "causal": k[4],
+                                "median_tflops": round(b.median_tflops, 2), "nodes": b.samples}
+                               for k, b in sorted(shapes.items())]})
+    return out
+
+
+# ---- health: degraded ---------------------------------------------------------------------------------------
+
+
+def failure_text(row: Verification) -> str:
+    parts = list(row.reasons or [])
+    res = row.result or {}
+    raw = res.get("flash_attn")
+    fa: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    for key in ("error_type", "error"):
+        if fa.get(key):
+            parts.append(str(fa[key]))
+    if res.get("worker_stderr_tail"):
+        parts.append(str(res["worker_stderr_tail"]))
+    return "\n".join(parts)
+
+
+def diagnose_failure(row: Verification) -> list[dict[str, Any]]:
+    from controller.diagnose import diagnose
+
+    return [d.to_json() for d in diagnose(failure_text(row))]
+
+
+def replan(facts: Mapping[str, Any], catalog: Any = None) -> dict[str, Any] | None:
+    """The resolver's decision on these facts (what a rollout would do now to fix the node)."""
+    from controller.catalog import builtin_catalog
+    from controller.resolver import Policy, resolve
+    from fleet.facts import parse_node
+
+    if not facts:
+        return None
+    try:
+        decision = resolve(parse_node(facts), catalog or builtin_catalog(), Policy())
+    except FleetError as exc:
+        return {"variant": "blocked", "steps": [], "reasons": [exc.message], "rejected": []}
+    out: dict[str, Any] = decision.to_json()
+    return out
+
+
+def is_failure(row: Verification) -> bool:
+    return row.status in FAILED_STATUSES
+
+
+def apply_health(session: Session, row: Verification, *, catalog: Any = None) -> tuple[str, NodeVerifyState]:
+    """Update the node's verification health from a new result: ``"degraded"`` (failure: diagnosis and
+    re-plan stored), ``"cleared"`` (a pass after degraded), or ``"unchanged"``."""
+    now = utcnow()
+    state = session.get(NodeVerifyState, row.hostname)
+    if state is None:
+        state = NodeVerifyState(hostname=row.hostname, degraded=False, reason="", diagnosis=[], updated_at=now)
+        session.add(state)
+    change = "unchanged"
+    if is_failure(row):
+        diagnosis = diagnose_failure(row)
+        plan = replan(row.facts or {}, catalog)
+        reason = f"verification {row.status}: " + ("; ".join(row.reasons or []) or "no detail")
+        if diagnosis:
+            first = next((d for d in diagnosis if not d.get("red_herring")), diagnosis[0])
+            reason += f" — diagnosis: {first['cause']}"
+        if plan and plan.get("variant"):
+            reason += f" — re-plan: {plan['variant']} {plan.get('flash_attn_version') or ''}".rstrip()
+        if not state.degraded:
+            state.since = now
+        change = "degraded"
+        state.degraded, state.reason, state.diagnosis, state.replan = True, reason[:4000], diagnosis, plan
+        state.verification_id = row.id
+    elif row.status in (STATUS_PASS, STATUS_REGRESSION) and state.degraded:
+        change = "cleared"
+        state.degraded, state.since, state.reason, state.diagnosis, state.replan = False, None, "", [], None
+        state.verification_id = row.id
+    elif row.status in (STATUS_PASS, STATUS_REGRESSION):
+        state.verification_id = row.id
+    state.updated_at = now
+    session.flush()
+    return change, state
+
+
+def health_json(session: Session, hostname: str) -> dict[str, Any]:
+    """What ``fleetctl node HOST`` shows: degraded (with diagnosis and re-plan) and the latest results."""
+    state = session.get(NodeVerifyState, hostname)
+    latest = list_results(session, hostname=hostname, limit=5)
+    return {"hostname": hostname, "degraded": bool(state and state.degraded),
+            "since": _iso(state.since) if state else None, "reason": state.reason if state else "",
+            "diagnosis": list(state.diagnosis or []) if state else [], "replan": state.replan if state else None,
+            "latest": latest}
