@@ -87,5 +87,8 @@ class SimulatedJobRunner:
         elif job.kind == "verify":
             from agent.verify.simulated import simulate_for_facts
 
-            result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()
+            mode = str(job.vars.get("mode") or "quick")
+            expect = job.vars.get("expect") if job.vars.get("expect") in ("flash_attn", "sdpa") else None
+            result["verification"] = simulate_for_facts(self.facts, mode=mode if mode in ("quick", "full")
+                                                        else "quick", expect=expect).to_json()
         return JobOutcome(status="successful", rc=0, result=result)

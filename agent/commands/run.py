@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,36 @@ def make_facts_source(args: argparse.Namespace) -> Any:
 def make_runner(args: argparse.Namespace) -> JobRunner:
     if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
         return NoExecutor()
+    playbooks: JobRunner
     try:
         from agent.executor import AnsibleJobRunner
+
+        playbooks = AnsibleJobRunner(args.state_dir / "jobs", root=args.root)
     except ImportError as exc:
-        logging.getLogger(__name__).warning("no playbook executor (%s): jobs will fail", exc)
-        return NoExecutor()
-    runner: JobRunner = AnsibleJobRunner(args.state_dir / "jobs", root=args.root)
-    return runner
+        logging.getLogger(__name__).warning("no playbook executor (%s): playbook jobs will fail", exc)
+        playbooks = NoExecutor()
+    # verify jobs run agent/verify/bench.py in the node's target Python (agent/verify/job.py)
+    from agent.verify.job import CompositeRunner, VerifyJobRunner
+
+    return CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
+
+
+def target_python(args: argparse.Namespace) -> Callable[[], str | None]:
+    """The interpreter verify jobs use: --python, else the one the facts probe reports (cached)."""
+    found: list[str | None] = []
+
+    def python() -> str | None:
+        if args.python:
+            return str(args.python)
+        if not found:
+            try:
+                found.append(make_facts_source(args)().python.executable)
+            except Exception as exc:  # a failing probe: bench.py then runs in the agent's own Python
+                logging.getLogger(__name__).warning("cannot probe the target python: %s", exc)
+                found.append(None)
+        return found[0]
+
+    return python
 
 
 async def _main(cfg: AgentConfig) -> None:
