@@ -375,6 +375,7 @@ def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg(verifications or [], median or []) if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),
+        "health": sources.node_verify_health(s, hostname),
     }
 
 

@@ -210,6 +210,25 @@ def node_rollout_failures(session: Session, hostname: str) -> list[dict[str, Any
              "diagnosis": _diagnosis(n.diagnosis)} for n in rows]
 
 
+def node_verify_health(session: Session, hostname: str) -> dict[str, Any] | None:
+    """The node's verification health from controller.verify_store when it is degraded: reason, first
+    real diagnosis, and the resolver's re-plan on the current facts."""
+    try:
+        from controller.verify_store.models import NodeVerifyState
+    except ImportError:
+        return None
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+    try:
+        row = session.get(NodeVerifyState, hostname)
+    except (OperationalError, ProgrammingError):
+        session.rollback()
+        return None
+    if row is None or not row.degraded:
+        return None
+    return {"since": row.since, "reason": row.reason, "diagnosis": _diagnosis(row.diagnosis),
+            "replan": row.replan}
+
+
 def diagnose_text(text: str) -> dict[str, Any] | None:
     """The first real cause controller.diagnose finds in a failed job's output."""
     try:

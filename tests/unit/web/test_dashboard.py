@@ -323,3 +323,20 @@ def test_schedules_page(client: TestClient, store: Store) -> None:
     page = client.get("/schedules").text
     assert "0 3 * * *" in page and "gpu=*H100*" in page and "quick" in page
     assert "1 passed" in page and "1 failed" in page and "1 running" in page and hosts[1] in page
+
+
+def test_node_page_shows_verification_health(client: TestClient, store: Store) -> None:
+    vmodels = pytest.importorskip("controller.verify_store.models")
+    hosts = sample.populate(store, 2)
+    with store.session() as s:
+        s.add(vmodels.NodeVerifyState(
+            hostname=hosts[0], degraded=True, since=utcnow(), reason="flash-attn import failed after a torch upgrade",
+            diagnosis=[{"id": "undefined_symbol_abi", "cause": "ABI mismatch", "remedy": "reinstall the wheel",
+                        "red_herring": False}],
+            replan={"variant": "fa2-wheel", "steps": ["install-wheel", "verify"]}, verification_id=None,
+            updated_at=utcnow()))
+    login(client, "vic")
+    page = client.get(f"/nodes/{hosts[0]}").text
+    assert "degraded" in page and "torch upgrade" in page and "undefined_symbol_abi" in page
+    assert "reinstall the wheel" in page and "install-wheel" in page
+    assert "verify-health" not in client.get(f"/nodes/{hosts[1]}").text
