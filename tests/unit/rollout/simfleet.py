@@ -35,6 +35,7 @@ class SimFleet:
     fail: dict[tuple[str, str], str] = field(default_factory=dict)  # (host, kind) → error text
     hang: set[tuple[str, str]] = field(default_factory=set)  # (host, kind): never answers
     verify_fail: dict[str, str] = field(default_factory=dict)  # host → reason
+    no_verify: set[str] = field(default_factory=set)  # hosts whose agent has no verification runner
     _agents: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _work: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -92,6 +93,8 @@ class SimFleet:
         if host not in self._agents:
             return  # vanished mid-job
         err = self.fail.get((host, spec.kind))
+        if spec.kind == "verify" and host in self.no_verify:
+            err = "unknown job kind 'verify'; known: apt-keyring-fix, cuda-toolkit, install-wheel, build-from-source"
         if err is not None:
             self.jobs.complete(host, JobOutcome(spec.job_id, "failed", 2, {}, err))
             return

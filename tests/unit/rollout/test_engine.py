@@ -326,3 +326,21 @@ async def test_agent_killed_mid_build_fails_the_build_and_its_waiters(fleet: Sim
     causes = {n["hostname"]: n["cause"] for n in st["nodes"]}
     assert "no result for build-from-source within 1s" in causes[builder]
     assert all(f"on {builder} failed" in c for h, c in causes.items() if h.startswith("l40s") and h != builder)
+
+
+async def test_agent_without_verify_runner_uses_the_floor(fleet: SimFleet) -> None:
+    from controller.store.models import Node
+
+    fleet.no_verify |= {"h100-1", "h100-2"}
+    version = service.plan_rollout(fleet.store, RolloutRequest(nodes="h100-1")).version
+    with fleet.store.session() as s:  # h100-1 reports the target installed; h100-2 reports nothing
+        node = s.scalar(select(Node).where(Node.hostname == "h100-1"))
+        assert node is not None
+        node.facts = {**node.facts, "flash_attn": {"version": version, "variant": "fa2"}}
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%",
+                                                            max_failures="100%"))
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    by = {n["hostname"]: n for n in st["nodes"]}
+    assert by["h100-1"]["state"] == "done" and "floor only" in by["h100-1"]["cause"]
+    assert by["h100-2"]["state"] == "failed" and "unknown job kind 'verify'" in by["h100-2"]["cause"]
