@@ -13,6 +13,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -24,6 +25,22 @@ from controller.web.auth import add_user  # noqa: E402
 from tests.integration.web.browser import chromium, missing_reason  # noqa: E402
 
 PASSWORD = "screenshot-pass"
+
+
+def _schedules(store: Any, verified: list[str]) -> None:
+    """Two re-verification schedules, the first with a run whose jobs are the last day's verifications."""
+    try:
+        from controller.verify_store import schedules
+    except ImportError:  # verification storage not in this checkout: the page says so
+        return
+    import datetime as dt
+
+    from controller.store.db import utcnow
+    nightly = schedules.add_schedule(store, "0 3 * * *", "all", mode="quick", actor="user:olga")
+    schedules.add_schedule(store, "30 4 * * 0", "gpu=*H100*", mode="full", actor="user:olga")
+    run = schedules.claim(store, nightly["id"], utcnow() - dt.timedelta(hours=2), "screenshots")
+    if run is not None:
+        schedules.set_run_jobs(store, run, {h: f"job-verify-{h}-1" for h in verified}, None)
 
 
 def main() -> int:
@@ -45,6 +62,7 @@ def main() -> int:
     rollout = sample.ScriptedRollout(store, hosts[:20], rollout_id="r-20261125-demo", batch=4, fail=(failing,))
     for _ in range(6):
         rollout.tick()
+    _schedules(store, hosts[20:])
     app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
     shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{failing}"),
              ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
