@@ -217,8 +217,8 @@ class VerificationService:
         return jobs, None
 
     async def run_scheduler(self, tick_seconds: float | None = None, stop: asyncio.Event | None = None) -> None:
-        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule,
-                                      tick_seconds=tick_seconds or schedules.TICK_SECONDS, stop=stop)
+        tick = tick_seconds or float(os.environ.get("FLEET_SCHEDULER_TICK", schedules.TICK_SECONDS))
+        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule, tick_seconds=tick, stop=stop)
 
     # ---- drift -------------------------------------------------------------------------------------------
 
