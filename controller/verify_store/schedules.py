@@ -102,8 +102,9 @@ def add_schedule(store: Store, cron: str, selector: str, *, mode: str = "full", 
 
 def list_schedules(store: Store, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     with store.session() as s:
-        last = dict(s.execute(select(VerifyScheduleRun.schedule_id, func.max(VerifyScheduleRun.due_at))
-                              .group_by(VerifyScheduleRun.schedule_id)).tuples().all())
+        last = {sid: due for sid, due in s.execute(select(VerifyScheduleRun.schedule_id,
+                                                            func.max(VerifyScheduleRun.due_at))
+                                                     .group_by(VerifyScheduleRun.schedule_id))}
         return [schedule_json(r, last.get(r.id), now) for r in s.scalars(select(VerifySchedule)
                                                                           .order_by(VerifySchedule.id))]
 
@@ -136,8 +137,9 @@ def due_schedules(store: Store, now: dt.datetime) -> list[tuple[int, str, str, d
     """(id, selector, mode, due_at) of every enabled schedule with an unclaimed due time ≤ now."""
     out = []
     with store.session() as s:
-        last = dict(s.execute(select(VerifyScheduleRun.schedule_id, func.max(VerifyScheduleRun.due_at))
-                              .group_by(VerifyScheduleRun.schedule_id)).tuples().all())
+        last = {sid: due for sid, due in s.execute(select(VerifyScheduleRun.schedule_id,
+                                                            func.max(VerifyScheduleRun.due_at))
+                                                     .group_by(VerifyScheduleRun.schedule_id))}
         for row in s.scalars(select(VerifySchedule).where(VerifySchedule.enabled.is_(True))):
             due = latest_due(row.cron, now)
             if due <= row.created_at:
