@@ -29,7 +29,15 @@ from starlette.datastructures import FormData
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.web import nodeindex, sources
-from controller.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Sessions, WebUser, authenticate, csrf_ok
+from controller.web.auth import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    LoginThrottle,
+    Sessions,
+    WebUser,
+    authenticate,
+    csrf_ok,
+)
 from fleet.errors import FleetError
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ class WebState:
         self.templates.env.filters["event_text"] = _event_text
         self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
+        self.throttle = LoginThrottle()
         self.admin_token: str | None = _admin_token(ctx)
 
 
@@ -245,19 +254,30 @@ async def login_submit(request: Request) -> Response:
     if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE, ""), str(form.get("csrf_token", ""))):
         return _security_headers(render(request, "login.html", status_code=403, login_csrf="", next=nxt,
                                         error="The login form expired; reload the page and try again."))
+    addr = request.client.host if request.client else ""
+    wait = st.throttle.retry_after(name, addr, time.monotonic())
+    if wait:
+        token = secrets.token_urlsafe(24)
+        resp = render(request, "login.html", status_code=429, login_csrf=token, next=nxt,
+                      error=f"Too many failed logins; try again in {wait} s.")
+        resp.headers["Retry-After"] = str(wait)
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", max_age=3600, path="/login")
+        return _security_headers(resp)
     with st.store.session() as s:
         user = authenticate(s, name, password)
         cookie = st.sessions.issue(user) if user is not None else None
         if user is not None:
             _audit(s, f"user:{user.name}", "dashboard.login", "")
         else:
-            _audit(s, f"user:{name[:64]}", "dashboard.login.refused", request.client.host if request.client else "")
+            _audit(s, f"user:{name[:64]}", "dashboard.login.refused", addr)
     if cookie is None:
+        st.throttle.failed(name, addr, time.monotonic())
         token = secrets.token_urlsafe(24)
         resp = render(request, "login.html", status_code=401, login_csrf=token, next=nxt,
                       error="Wrong user name or password.")
         resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", max_age=3600, path="/login")
         return _security_headers(resp)
+    st.throttle.succeeded(name, addr)
     redirect = RedirectResponse(nxt, status_code=303)
     redirect.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="lax", max_age=st.sessions.max_age,
                         secure=request.url.scheme == "https", path="/")

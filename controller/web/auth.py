@@ -158,5 +158,41 @@ class Sessions:
         return WebUser(id=user.id, name=user.name, role=user.role, csrf=str(data.get("csrf", "")))
 
 
+class LoginThrottle:
+    """Refuses a (user name, client address) pair after ``limit`` failed logins within ``window``
+    seconds, until the window has passed (in memory, per controller process)."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        import threading
+        self.limit, self.window = limit, window
+        self._fails: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        times = [t for t in self._fails.get(key, []) if now - t < self.window]
+        if times:
+            self._fails[key] = times
+        else:
+            self._fails.pop(key, None)
+        return times
+
+    def retry_after(self, name: str, addr: str, now: float) -> int:
+        """Seconds until this pair may try again (0: now)."""
+        with self._lock:
+            times = self._recent((name.lower(), addr), now)
+            return int(self.window - (now - times[0])) + 1 if len(times) >= self.limit else 0
+
+    def failed(self, name: str, addr: str, now: float) -> None:
+        with self._lock:
+            if len(self._fails) > 10_000:
+                self._fails.clear()
+            self._recent((name.lower(), addr), now)
+            self._fails.setdefault((name.lower(), addr), []).append(now)
+
+    def succeeded(self, name: str, addr: str) -> None:
+        with self._lock:
+            self._fails.pop((name.lower(), addr), None)
+
+
 def csrf_ok(expected: str, given: str | None) -> bool:
     return bool(expected) and given is not None and hmac.compare_digest(expected.encode(), given.encode())

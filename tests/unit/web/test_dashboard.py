@@ -340,3 +340,11 @@ def test_node_page_shows_verification_health(client: TestClient, store: Store) -
     assert "degraded" in page and "torch upgrade" in page and "undefined_symbol_abi" in page
     assert "reinstall the wheel" in page and "install-wheel" in page
     assert "verify-health" not in client.get(f"/nodes/{hosts[1]}").text
+
+
+def test_login_throttle(client: TestClient) -> None:
+    for _ in range(5):
+        assert login(client, "olga", "bad password").status_code == 401
+    r = login(client, "olga")  # even the right password waits now
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert login(client, "vic").status_code == 303  # other users are not affected
