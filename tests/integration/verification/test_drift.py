@@ -1,0 +1,138 @@
+"""Drift end to end: a real controller, a simulated H100 node (real agent over gRPC/mTLS, simulated
+executor: its verify jobs come from the GPU model, agent/verify/simulated.py). A torch upgrade that breaks
+flash-attn's ABI (fault knob ``verify_faults.import_error``) triggers a re-verification; the failure marks
+the node degraded with the diagnosis and the re-plan; reinstalling makes the next verification pass and
+clears it. Also ``fleetctl verify`` and ``fleetctl node`` against that controller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from agent.simexec import SimulatedJobRunner
+from controller.cli import main as fleetctl
+from controller.serve import RunningController
+from controller.store.models import Job
+from controller.verify_store import store as vs
+from controller.verify_store.api import service_for
+from controller.verify_store.service import VerificationService
+from fleet.facts import FlashAttnFacts
+from tests.integration.fleet_support import SimAgents, profile_facts, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+HOST = "h100-drift"
+
+
+def _service(rc: RunningController) -> VerificationService:
+    app = rc.http_server.config.app
+    assert isinstance(app, FastAPI)
+    svc = service_for(app)
+    assert svc is not None
+    return svc
+
+
+def _verify_jobs(rc: RunningController) -> list[tuple[str, dict[str, Any], str]]:
+    with rc.ctx.store.session() as s:
+        rows = s.scalars(select(Job).where(Job.kind == "verify", Job.node == HOST).order_by(Job.created_at))
+        return [(j.id, dict(j.vars), j.status) for j in rows]
+
+
+def _health(rc: RunningController) -> dict[str, Any]:
+    with rc.ctx.store.session() as s:
+        return vs.health_json(s, HOST)
+
+
+def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = fleetctl(args)
+    return rc, capsys.readouterr().out
+
+
+async def test_drift_degrades_then_clears(controller: RunningController, fleet: SimAgents, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    svc = _service(controller)
+    svc.drift_delay = 0.3
+    base = profile_facts("h100", HOST)
+    facts = replace(base, flash_attn=FlashAttnFacts("2.8.3", "fa2"))
+    runner = SimulatedJobRunner(lambda: facts, tmp_path / "jobs")
+    runner.seconds = {"*": 0.05}
+    await fleet.start(HOST, "h100", runner=runner, facts=runner.current_facts)
+    state = ["--state-dir", str(controller.ctx.settings.state_dir)]
+
+    # 1. fleetctl verify: one quick verification, stored, passing
+    code, out = await asyncio.to_thread(_run_cli, ["verify", HOST, "--quick", "--json", *state], capsys)
+    assert code == 0, out
+    (v,) = json.loads(out)["verifications"]
+    assert v["status"] == "pass" and v["simulated"] and v["trigger"] == "manual" and v["mode"] == "quick"
+    assert v["flash_attn"]["version"] == "2.8.3"
+    assert controller.ctx.registry.status_of(HOST) == "online"
+
+    # 2. drift: torch upgraded under flash-attn (its extension now fails with an undefined symbol)
+    assert runner.facts.torch is not None
+    runner.facts = replace(runner.facts, torch=replace(runner.facts.torch, version="2.8.0+cu128"),
+                           extra={**runner.facts.extra, "verify_faults": {"import_error": True}})
+    controller.ctx.registry.request_facts(HOST)
+    await wait_for(lambda: controller.ctx.registry.status_of(HOST) == "degraded", timeout=30)
+    jobs = _verify_jobs(controller)
+    assert [j[1]["trigger"] for j in jobs] == ["manual", "drift"]
+    health = _health(controller)
+    assert health["degraded"] and "undefined symbol" in json.dumps(health["diagnosis"])
+    assert health["replan"]["variant"].startswith("fa2") and "torch2.8" in json.dumps(health["replan"])
+    assert health["latest"][0]["status"] == "fail" and health["latest"][0]["trigger"] == "drift"
+
+    code, out = await asyncio.to_thread(_run_cli, ["node", HOST, *state], capsys)
+    assert code == 0 and "DEGRADED" in out and "re-plan" in out and "diagnosis" in out, out
+
+    # 3. debounced: a burst of changes gives one job, none while one is running or after it covered them
+    before = len(svc.drift_submitted)
+    for _ in range(3):
+        svc.facts_changed(HOST, ["driver.version"])
+    await asyncio.sleep(svc.drift_delay + 0.5)
+    await wait_for(lambda: all(j[2] in ("successful", "failed") for j in _verify_jobs(controller)), timeout=20)
+    assert len(svc.drift_submitted) == before + 1
+    svc.facts_changed(HOST, ["gpus[0].uuid"])  # not a change that matters
+    svc.facts_changed(HOST, ["*"])
+    await asyncio.sleep(svc.drift_delay + 0.3)
+    assert len(svc.drift_submitted) == before + 1
+
+    # 4. the fix (flash-attn rebuilt for the new torch): the drift re-verification passes, degraded clears
+    runner.facts = replace(runner.facts, flash_attn=FlashAttnFacts("2.8.3.post1", "fa2"),
+                           extra={k: v for k, v in runner.facts.extra.items() if k != "verify_faults"})
+    controller.ctx.registry.request_facts(HOST)
+    await wait_for(lambda: controller.ctx.registry.status_of(HOST) == "online" and not _health(controller)["degraded"],
+                   timeout=30)
+    await svc.idle()
+    latest = _health(controller)["latest"][0]
+    assert latest["status"] == "pass" and latest["flash_attn"]["version"] == "2.8.3.post1"
+    assert latest["trigger"] == "drift"
+
+    code, out = await asyncio.to_thread(_run_cli, ["verifications", "--node", HOST, "--json", *state], capsys)
+    assert code == 0 and len(json.loads(out)["verifications"]) == len(_verify_jobs(controller))
+
+
+async def test_schedule_cli_round_trip(controller: RunningController, capsys: pytest.CaptureFixture[str]) -> None:
+    state = ["--state-dir", str(controller.ctx.settings.state_dir)]
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "add", "0 3 * * *", "--nodes", "gpu=H100", "--quick",
+                                                   "--json", *state], capsys)
+    assert code == 0, out
+    made = json.loads(out)
+    assert made["cron"] == "0 3 * * *" and made["mode"] == "quick" and made["next_run_at"].endswith("03:00:00+00:00")
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "list", *state], capsys)
+    assert code == 0 and "gpu=H100" in out and "0 3 * * *" in out
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "add", "0 3 * * 9", *state], capsys)
+    assert code == 2
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "remove", str(made["id"]), *state], capsys)
+    assert code == 0 and "removed schedule" in out
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "list", "--json", *state], capsys)
+    assert json.loads(out) == {"schedules": []}
+    code, out = await asyncio.to_thread(_run_cli, ["schedule", "remove", "999", *state], capsys)
+    assert code == 4
+
+
