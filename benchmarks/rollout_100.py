@@ -80,7 +80,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 jobs = (await api(cp, "GET", "/jobs?limit=1000"))["jobs"]
             finally:
                 await stop_agents(agents)
-    kinds = Counter(j["kind"] for j in jobs)
+    kinds = Counter(j["kind"] for j in jobs if (j.get("vars") or {}).get("rollout_id") == rid)
+    others = sum(1 for j in jobs if (j.get("vars") or {}).get("rollout_id") != rid)
     per_key = {b["build_key"]: b["estimated_minutes"] for b in out["builds"]}
     every = out["build_minutes"]["on_every_node"]
     once = out["build_minutes"]["once_per_key"]
@@ -93,6 +94,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "controller_cpu_seconds": round(cpu, 2), "controller_cpu_ms_per_node": round(1000 * cpu / len(nodes), 1),
         "builds": kinds.get("build-from-source", 0), "build_keys": len(per_key),
         "installs": kinds.get("install-wheel", 0), "verifies": kinds.get("verify", 0),
+        "other_jobs_during_rollout": others,  # e.g. the scheduler's drift re-verification after installs
         "build_minutes_once_per_key": once, "build_minutes_every_node": every,
         "build_ratio_every_vs_once": round(every / once, 1) if once else None,
         "simulated_build_seconds": args.build_seconds, "simulated_step_seconds": args.step_seconds,
