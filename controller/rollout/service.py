@@ -53,6 +53,7 @@ class RolloutRequest:
     step_timeouts: Mapping[str, int] = field(default_factory=dict)
     min_free_bytes: int | None = None
     builders: tuple[str, ...] = ()  # dedicated builder hosts (one per build key)
+    verify_mode: str | None = None  # the verify step's bench mode: quick (default) | full
     actor: str = "admin"
 
 
@@ -147,6 +148,13 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         rows = sorted((r for r in rows if r.hostname in chosen), key=lambda r: r.hostname)
         builds_done = {b.build_key: b.artifact_filename or b.artifact_sha256 or "" for b in
                        s.scalars(select(Build).where(Build.status == "succeeded"))}
+        from controller.local_wheels import local_wheel_entries
+
+        # wheels our source builds put in the artifact store: the resolver picks them like upstream wheels
+        local = local_wheel_entries(s)
+    if local:
+        catalog = catalog.with_local_wheels(local)
+    local_sha = {e["filename"]: e["sha256"] for e in local}
     planned: list[PlannedNode] = []
     for row in rows:
         info = _node_info(row)
@@ -168,11 +176,19 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         elif row.status == "offline":
             skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
         previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
+        decision = d.to_json()
+        if build is not None and d.variant == "fa2-source" and isinstance(decision.get("build"), dict):
+            from controller.local_wheels import catalog_wheel_name
+
+            # how the built wheel is found again (controller/local_wheels.py)
+            decision["build"].update(wheel_name=catalog_wheel_name(facts, version), glibc=facts.os.glibc)
         node = {"simulated": bool(row.simulated),
                 "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
                 "toolkit_path": facts.toolkit.path if facts.toolkit else None,
                 "target_version": version}
-        planned.append(PlannedNode(np, d.to_json(), facts.python.executable, previous,
+        if d.artifact and d.artifact in local_sha:
+            node["artifact_sha256"] = local_sha[d.artifact]  # in our artifact store: the agent fetches it by sha256
+        planned.append(PlannedNode(np, decision, facts.python.executable, previous,
                                    list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url, node))
     active = [p for p in planned if p.skip_reason is None]
     canaries = choose_canaries([p.plan for p in active], req.canary)
@@ -201,6 +217,8 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
                "step_timeouts": dict(req.step_timeouts)}
     if req.min_free_bytes is not None:
         options["min_free_bytes"] = req.min_free_bytes
+    if req.verify_mode:
+        options["verify_mode"] = req.verify_mode
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
 
 
@@ -480,3 +498,13 @@ def rollback(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
         r.finished_at = None if touched else r.updated_at
     audit(store, actor, "rollout.rollback", rid, nodes=touched)
     return get_status(store, rid)
+
+
+def nodes_in_active_rollouts(store: Store) -> dict[str, str]:
+    """hostname → rollout id, for every node an active rollout holds (not yet done/failed/skipped).
+    Other components (scheduled or drift re-verification) should leave these nodes alone."""
+    with store.session() as s:
+        rows = s.execute(select(RolloutNode.hostname, RolloutNode.rollout_id, RolloutNode.state)
+                         .join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                         .where(Rollout.status.in_(ACTIVE))).all()
+    return {h: rid for h, rid, st in rows if State(st) not in TERMINAL}

@@ -344,3 +344,8 @@ async def test_agent_without_verify_runner_uses_the_floor(fleet: SimFleet) -> No
     by = {n["hostname"]: n for n in st["nodes"]}
     assert by["h100-1"]["state"] == "done" and "floor only" in by["h100-1"]["cause"]
     assert by["h100-2"]["state"] == "failed" and "unknown job kind 'verify'" in by["h100-2"]["cause"]
+
+
+async def test_nodes_in_active_rollouts(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=V100"))
+    assert service.nodes_in_active_rollouts(fleet.store) == {"h100-1": out["id"], "h100-2": out["id"]}
