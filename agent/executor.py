@@ -169,8 +169,11 @@ class AnsibleJobRunner:
     def __init__(self, state_dir: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
                  playbooks_dir: str | os.PathLike[str] = DEFAULT_PLAYBOOKS_DIR,
                  python_interpreter: str = "/usr/bin/python3", event_buffer: int = 1000,
-                 poll_interval_s: float = 0.25, extra_env: Mapping[str, str] | None = None) -> None:
+                 poll_interval_s: float = 0.25, extra_env: Mapping[str, str] | None = None,
+                 node_state_dir: str | os.PathLike[str] | None = None) -> None:
         self.state_dir = Path(state_dir)
+        # the playbooks' fleet_state_dir (records, builds, kept wheels); None: their default /var/lib/fleet-agent
+        self.node_state_dir = Path(node_state_dir).resolve() if node_state_dir is not None else None
         self.root = Path(root) if root is not None else None
         self.playbooks_dir = Path(playbooks_dir)
         self.python_interpreter = python_interpreter
@@ -306,6 +309,8 @@ class AnsibleJobRunner:
         bindir = Path(sys.executable).parent
         extravars = dict(job.vars)
         extravars["fleet_artifact_dir"] = str(outputs.resolve())
+        if self.node_state_dir is not None:
+            extravars["fleet_state_dir"] = str(self.node_state_dir)
         envvars = {
             "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
             "ANSIBLE_NOCOLOR": "1",

@@ -152,6 +152,8 @@ def create_app(ctx: ControllerContext) -> FastAPI:
                             content={"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}})
 
     app.include_router(api_router())
+    from controller.artifacts_api import router as artifacts_router  # POST /api/v1/artifacts (fleetctl artifact add)
+    app.include_router(artifacts_router())
     from controller.rollout.api import router as rollout_router  # rollouts: routes + engine (docs/rollout.md)
     app.include_router(rollout_router())
     from controller.verify_store.api import router as verify_router  # verify, schedules: docs/verification.md

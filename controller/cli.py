@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.nodes",
     "controller.commands.tokens",
     "controller.commands.jobs",
+    "controller.commands.artifacts",
     "controller.commands.agents",
     "controller.commands.rollout",
     "controller.commands.verify",

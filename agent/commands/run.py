@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,21 @@ def register(subparsers: Any) -> None:
                    help="one-time enrollment token (default: $FLEET_AGENT_TOKEN); only needed the first time")
     p.add_argument("--state-dir", type=Path, default=Path("state/agent"), metavar="DIR",
                    help="where the agent keeps its key, certificate and job runs (default: ./state/agent)")
-    p.add_argument("--simulate", metavar="PROFILE", help="report the facts of a simulation profile")
+    p.add_argument("--simulate", metavar="PROFILE",
+                   help="report the facts of a simulation profile; with --executor ansible (a rehearsal on a machine "
+                        "without the GPU): GPU, driver, toolkit and torch from the profile, the target Python and its "
+                        "flash-attn probed for real, playbooks run for real; the node stays labelled simulated")
     p.add_argument("--hostname", metavar="H", help="the hostname to enroll as (default: from the facts)")
     p.add_argument("--python", metavar="PATH", help="the target Python interpreter to probe")
     p.add_argument("--root", type=Path, metavar="DIR", help="run playbooks chrooted into this root (simulated node)")
     p.add_argument("--executor", choices=("ansible", "none", "simulated"), default="ansible",
                    help="how jobs are run: ansible-runner (default), none (every job fails: 'no executor'), or "
                         "simulated (with --simulate: agent/simexec.py)")
+    p.add_argument("--node-state-dir", type=Path, metavar="DIR",
+                   help="where playbooks keep their records and builds on the node (default /var/lib/fleet-agent)")
+    p.add_argument("--ansible-python", metavar="PATH",
+                   help="interpreter Ansible modules run with on this node (default /usr/bin/python3 if present, "
+                        "else the agent's own)")
     p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
     p.set_defaults(handler=handle)
@@ -48,6 +57,8 @@ def make_facts_source(args: argparse.Namespace) -> Any:
         from agent.profiles import load_profile
 
         facts = load_profile(args.simulate, args.hostname)
+        if args.executor == "ansible":
+            return rehearsal_facts(facts, args.python)
 
         def simulated() -> NodeFacts:
             return facts
@@ -62,6 +73,31 @@ def make_facts_source(args: argparse.Namespace) -> Any:
     return probed
 
 
+def rehearsal_facts(profile: NodeFacts, python: str | None) -> Callable[[], NodeFacts]:
+    """Simulated GPU, real target Python: the profile's facts with ``python`` and ``flash_attn`` probed in the
+    target interpreter each time (so an install or an uninstall by the playbooks shows in the next report).
+    ``extra`` says ``simulated: true`` and ``rehearsal: true``."""
+    import dataclasses
+
+    def facts() -> NodeFacts:
+        from agent.probes import Probes
+        from agent.probes.target_python import default_target_python
+
+        interpreter = python or default_target_python()
+        target = Probes().target.probe(interpreter)
+        extra = {**profile.extra, "simulated": True, "rehearsal": True, "target_python": interpreter,
+                 "probe_errors": list(target.errors)}
+        return dataclasses.replace(profile, python=target.python, flash_attn=target.flash_attn, extra=extra)
+
+    return facts
+
+
+def ansible_python(args: argparse.Namespace) -> str:
+    if getattr(args, "ansible_python", None):
+        return str(args.ansible_python)
+    return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
 def make_runner(args: argparse.Namespace) -> JobRunner:
     if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
         return NoExecutor()
@@ -69,14 +105,18 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
     try:
         from agent.executor import AnsibleJobRunner
 
-        playbooks = AnsibleJobRunner(args.state_dir / "jobs", root=args.root)
+        playbooks = AnsibleJobRunner(args.state_dir / "jobs", root=args.root, python_interpreter=ansible_python(args),
+                                     node_state_dir=getattr(args, "node_state_dir", None))
     except ImportError as exc:
         logging.getLogger(__name__).warning("no playbook executor (%s): playbook jobs will fail", exc)
         playbooks = NoExecutor()
     # verify jobs run agent/verify/bench.py in the node's target Python (agent/verify/job.py)
+    from agent.artifact_jobs import ArtifactJobRunner
     from agent.verify.job import CompositeRunner, VerifyJobRunner
 
-    return CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
+    composite = CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
+    # sdists and wheels come from the controller's artifact store; built wheels go back there
+    return ArtifactJobRunner(composite, args.state_dir / "artifacts")
 
 
 def target_python(args: argparse.Namespace) -> Callable[[], str | None]:

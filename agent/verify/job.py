@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ from fleet.errors import FleetError
 log = logging.getLogger(__name__)
 
 PythonSource = Callable[[], str | None]
+
+
+def target_env() -> dict[str, str]:
+    """The agent's environment without PYTHONPATH: the target Python sees only its own packages (the agent's
+    may come from a PYTHONPATH of carried wheels that must not shadow torch's dependencies)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 @dataclass
@@ -52,7 +59,7 @@ class VerifyJobRunner:
             workdir.mkdir(parents=True, exist_ok=True)
         return VerifyRequest(python=python, mode=mode, model_path=str(v["model_path"]) if v.get("model_path")
                              else None, expect=str(v.get("expect") or "flash_attn"), timeout_s=timeout,
-                             workdir=workdir)
+                             workdir=workdir, env=target_env())
 
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         from agent.verify.runner import run_verification

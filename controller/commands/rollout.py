@@ -74,6 +74,8 @@ def register(subparsers: Any) -> None:
                    "one more failure pauses it")
     p.add_argument("--step-timeout", type=_steps_arg, metavar="KIND=S,…",
                    help="per-step timeouts in seconds, e.g. install-wheel=600,verify=300")
+    p.add_argument("--verify-mode", choices=("quick", "full"),
+                   help="the verify step's benchmark: quick (default) or full (every shape, SDPA backends, e2e)")
     p.add_argument("--builder", metavar="HOST[,HOST…]", help="dedicated builders: each builds the wheel of its own "
                    "build key for the other nodes of that key (default: the earliest scheduled node of each key)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
@@ -175,6 +177,8 @@ def handle_start(args: argparse.Namespace) -> int:
             "max_parallel": args.max_parallel, "max_failures": args.max_failures, "dry_run": args.dry_run,
             "actor": _actor(args), "step_timeouts": args.step_timeout or {},
             "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()]}
+    if args.verify_mode:
+        body["verify_mode"] = args.verify_mode
     out = client.post("/rollouts", body)
     if args.json and (args.dry_run or args.detach):
         print_json(out)

@@ -39,6 +39,7 @@ class StartBody(BaseModel):
     step_timeouts: dict[str, int] = Field(default_factory=dict)
     min_free_bytes: int | None = Field(default=None, ge=0)
     builders: list[str] = Field(default_factory=list, max_length=1000)
+    verify_mode: str | None = Field(default=None, pattern="^(quick|full)$")
 
 
 class ActorBody(BaseModel):
@@ -87,6 +88,7 @@ def router() -> APIRouter:
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
+                                     verify_mode=body.verify_mode,
                                      actor=_actor(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir)
         wake(request)

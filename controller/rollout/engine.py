@@ -539,6 +539,8 @@ class RolloutEngine:
                            wheel_url=n.plan.get("artifact_url"))
         elif state == State.ROLLING_BACK:
             out["previous"] = n.previous
+        elif state == State.VERIFY and (r.options or {}).get("verify_mode"):
+            out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
         return out
 
     def _sdist(self, plan: NodePlan) -> str | None:

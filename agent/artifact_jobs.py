@@ -1,0 +1,139 @@
+"""Artifact store ↔ playbook jobs on a real node: fetch build/install inputs, upload built wheels.
+
+The controller sends content addresses (``sdist_sha256``, ``wheel_sha256``); the playbooks read local
+paths (``sdist_path``, ``wheel_path``: docs/playbooks.md). ``ArtifactJobRunner`` wraps the agent's
+runner and, before a job runs, downloads those artifacts from the controller's store (``FetchArtifact``,
+streamed in chunks, sha256 checked, cached per digest under ``STATE/artifacts/<sha256>/``) and fills in
+the paths. After a successful ``build-from-source`` it uploads ``built_wheel.path`` to the store
+(``UploadArtifact``, kind ``wheel``) and checks the digest the controller computed matches the one the
+playbook reported; a failed upload fails the job saying so (the rollout then cannot hand the wheel to
+anyone). Each transfer is an event of the job (``fleet_artifact_fetch`` / ``fleet_artifact_upload``, with
+bytes and seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.jobs import JobOutcome, JobRunner, JobSpec
+from fleet.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+#: job kind → (sha256 variable, path variable) the agent resolves before the playbook runs
+INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "build-from-source": (("sdist_sha256", "sdist_path"),),
+    "install-wheel": (("wheel_sha256", "wheel_path"),),
+    "rollback": (("wheel_sha256", "wheel_path"),),
+    "apt-keyring-fix": (("key_sha256", "key_path"),),
+    "cuda-toolkit": (("cuda_keyring_sha256", "cuda_keyring_deb"),),
+}
+
+
+class ArtifactClient(Protocol):
+    async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path: ...
+
+    async def upload_artifact(self, path: Path, kind: str = "other") -> str: ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ArtifactJobRunner:
+    """A ``JobRunner`` that resolves artifact inputs and uploads built wheels around ``inner``."""
+
+    def __init__(self, inner: JobRunner, cache_dir: Path, client: ArtifactClient | None = None) -> None:
+        self.inner = inner
+        self.cache_dir = cache_dir
+        self.client = client
+
+    def bind(self, agent: Any) -> None:
+        self.client = agent
+        if hasattr(self.inner, "bind"):
+            self.inner.bind(agent)
+
+    async def _fetch(self, sha256: str, emit: Callable[[dict[str, Any]], object]) -> Path:
+        dest = self.cache_dir / sha256
+        cached = [p for p in dest.glob("*") if p.is_file() and not p.name.startswith(".")] if dest.is_dir() else []
+        for p in cached:
+            if _sha256(p) == sha256:
+                emit({"event": "fleet_artifact_fetch", "event_data": {"sha256": sha256, "file": p.name,
+                                                                      "bytes": p.stat().st_size, "cached": True}})
+                return p
+            p.unlink()
+        if self.client is None:
+            raise FleetError(f"cannot fetch artifact {sha256}: the agent is not connected to a controller",
+                             hint="run jobs through fleet-agent run")
+        started = time.monotonic()
+        path = await self.client.fetch_artifact(sha256, dest)
+        emit({"event": "fleet_artifact_fetch", "event_data": {
+            "sha256": sha256, "file": path.name, "bytes": path.stat().st_size,
+            "seconds": round(time.monotonic() - started, 3), "cached": False}})
+        return path
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        def emit(event: dict[str, Any]) -> object:
+            emit_event(event)
+            return None
+
+        variables = dict(job.vars)
+        for sha_var, path_var in INPUTS.get(job.kind, ()):
+            sha = variables.get(sha_var)
+            if not isinstance(sha, str) or not sha or variables.get(path_var):
+                continue
+            try:
+                variables[path_var] = str(await self._fetch(sha, emit))
+            except FleetError as exc:
+                return JobOutcome(status="failed", rc=66,
+                                  error=f"{job.kind}: cannot fetch {path_var} ({sha[:12]}…) from the controller's "
+                                        f"artifact store: {exc.message}")
+            except OSError as exc:
+                return JobOutcome(status="failed", rc=74,
+                                  error=f"{job.kind}: cannot store artifact {sha[:12]}… in {self.cache_dir}: {exc}")
+        spec = JobSpec(job.job_id, job.kind, variables, job.timeout_s) if variables != job.vars else job
+        outcome = await self.inner.run(spec, emit_event)
+        if outcome.ok and job.kind == "build-from-source":
+            problem = await self._upload_built(outcome, emit)
+            if problem:
+                return JobOutcome(status="failed", rc=75, result=outcome.result, error=problem)
+        return outcome
+
+    async def _upload_built(self, outcome: JobOutcome, emit: Callable[[dict[str, Any]], object]) -> str | None:
+        wheel = outcome.result.get("built_wheel")
+        if not isinstance(wheel, dict):
+            return None  # the controller reports the missing built_wheel itself
+        path_text = wheel.get("path")
+        if not path_text:
+            return ("build-from-source: the playbook did not hand the wheel to the agent (built_wheel.path is "
+                    "empty), so it cannot be uploaded to the artifact store")
+        path = Path(str(path_text))
+        if self.client is None:
+            return "build-from-source: cannot upload the built wheel: the agent is not connected to a controller"
+        started = time.monotonic()
+        try:
+            size = path.stat().st_size
+            sha = await self.client.upload_artifact(path, "wheel")
+        except (FleetError, OSError) as exc:
+            msg = exc.message if isinstance(exc, FleetError) else str(exc)
+            return f"build-from-source: built {path.name} but uploading it to the artifact store failed: {msg}"
+        seconds = round(time.monotonic() - started, 3)
+        emit({"event": "fleet_artifact_upload", "event_data": {"sha256": sha, "file": path.name, "bytes": size,
+                                                               "seconds": seconds}})
+        if wheel.get("sha256") and sha != wheel["sha256"]:
+            return (f"build-from-source: the artifact store computed sha256 {sha} for {path.name}, the playbook "
+                    f"reported {wheel['sha256']}")
+        wheel["artifact_sha256"] = sha
+        wheel["uploaded"] = {"bytes": size, "seconds": seconds}
+        log.info("uploaded built wheel %s (%d bytes, %s) in %.1fs", path.name, size, sha[:12], seconds)
+        return None
+

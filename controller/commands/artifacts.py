@@ -1,0 +1,123 @@
+"""``fleetctl artifact add FILE [--kind K] [--name N]`` and ``fleetctl artifact list [--json]``.
+
+Through the controller's HTTP API (``POST``/``GET /api/v1/artifacts``) into its content-addressed
+artifact store: sdists that air-gapped nodes build from (``flash_attn-<version>.tar.gz``, kind ``sdist``),
+wheels, apt keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.client import ControllerClient, add_controller_args
+from fleet.cli import print_json
+from fleet.errors import ControllerUnavailable, FleetError, InputError
+
+KINDS = ("sdist", "wheel", "apt-key", "other")
+
+
+def register(subparsers: Any) -> None:
+    top = subparsers.add_parser("artifact", help="put files in the controller's artifact store; list them",
+                                description="The controller's content-addressed artifact store (sha256): sdists "
+                                            "nodes build from, wheels they install, apt keys.")
+    sub = top.add_subparsers(dest="artifact_command", metavar="ACTION")
+    sub.required = True
+    p = sub.add_parser("add", help="upload a file (sha256 checked by the controller)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--kind", choices=KINDS, help="default: from the name (.tar.gz sdist, .whl wheel, .gpg/.asc/.pub "
+                                                 "apt-key)")
+    p.add_argument("--name", metavar="N", help="file name in the store (default: FILE's base name)")
+    p.add_argument("--json", action="store_true")
+    add_controller_args(p)
+    p.set_defaults(handler=handle_add)
+    p = sub.add_parser("list", help="list stored artifacts")
+    p.add_argument("--kind", choices=KINDS)
+    p.add_argument("--json", action="store_true")
+    add_controller_args(p)
+    p.set_defaults(handler=handle_list)
+
+
+def guess_kind(name: str) -> str:
+    if name.endswith((".tar.gz", ".tgz", ".zip")):
+        return "sdist"
+    if name.endswith(".whl"):
+        return "wheel"
+    if name.endswith((".gpg", ".asc", ".pub", ".key")):
+        return "apt-key"
+    return "other"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def upload(client: ControllerClient, path: Path, kind: str, name: str | None = None) -> dict[str, Any]:
+    """Stream ``path`` to ``POST /api/v1/artifacts``; returns the stored artifact's JSON."""
+    try:
+        size = path.stat().st_size
+        sha = _digest(path)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
+
+    def body() -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                yield block
+
+    params = {"filename": name or path.name, "kind": kind, "sha256": sha}
+    headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+    try:
+        resp = client._http.post("/api/v1/artifacts", params=params, content=body(), headers=headers,
+                                 timeout=httpx.Timeout(600.0, connect=10.0))
+    except httpx.HTTPError as exc:
+        raise ControllerUnavailable(f"uploading {path.name} to {client.base_url} failed: {exc}",
+                                    hint="check that the controller is running") from exc
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            raise FleetError(str(err.get("message")), hint=err.get("hint"))
+        raise FleetError(f"controller answered HTTP {resp.status_code} to the upload of {path.name}",
+                         hint="see the controller's log")
+    if not isinstance(data, dict) or data.get("sha256") != sha:
+        raise FleetError(f"the controller stored {path.name} with an unexpected digest: {data}",
+                         hint="upload it again")
+    return data
+
+
+def handle_add(args: argparse.Namespace) -> int:
+    client = ControllerClient.from_args(args)
+    kind = args.kind or guess_kind(args.name or args.file.name)
+    info = upload(client, args.file, kind, args.name)
+    if args.json:
+        print_json(info)
+    else:
+        print(f"stored {info['filename']} ({info['kind']}, {info['size']} bytes) sha256 {info['sha256']}")
+    return 0
+
+
+def handle_list(args: argparse.Namespace) -> int:
+    arts = ControllerClient.from_args(args).get("/artifacts")["artifacts"]
+    if args.kind:
+        arts = [a for a in arts if a["kind"] == args.kind]
+    if args.json:
+        print_json({"artifacts": arts})
+        return 0
+    for a in arts:
+        print(f"{a['sha256'][:16]}  {a['kind']:<7} {a['size']:>12}  {a['created'][:19]}  {a['filename']}")
+    if not arts:
+        print("no artifacts")
+    return 0
