@@ -91,7 +91,12 @@ class VerificationService:
         return self
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called from a worker thread (e.g. a job finished outside the loop): run it here
+            asyncio.run(coro)
+            return
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -182,8 +187,11 @@ class VerificationService:
                 chosen = [n.hostname for n in select_nodes(parse_selector(selector),
                                                            [i for i in infos if i.hostname in chosen])]
             return chosen
-        return [n.hostname for n in select_nodes(parse_selector(selector), infos)
-                if n.status != "offline" or selector]
+        chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos) if n.status != "offline"]
+        if not chosen:
+            raise UsageError(f"every node matching {selector or 'all'!r} is offline",
+                             hint="name offline nodes explicitly to queue a verification for when they return")
+        return chosen
 
     def _expect(self, hostname: str) -> str:
         with self.ctx.store.session() as s:
@@ -200,8 +208,10 @@ class VerificationService:
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
         chosen = await asyncio.to_thread(self.select, hosts, selector)
-        jobs: dict[str, str] = {}
+        jobs: dict[str, str] = await asyncio.to_thread(self.active_verify_jobs, chosen)  # no pile-up: reuse
         for host in chosen:
+            if host in jobs:
+                continue
             vars_: dict[str, Any] = {"mode": mode, "expect": await asyncio.to_thread(self._expect, host),
                                      "trigger": trigger}
             if schedule_id is not None:
@@ -210,6 +220,18 @@ class VerificationService:
                 vars_["model_path"] = model_path
             jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
         return jobs
+
+    def active_verify_jobs(self, hosts: Sequence[str]) -> dict[str, str]:
+        """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""
+        out: dict[str, str] = {}
+        with self.ctx.store.session() as s:
+            for start in range(0, len(hosts), 500):
+                rows = s.execute(select(Job.node, Job.id).where(
+                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE_STATUSES)),
+                    Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
+                for node, job_id in rows:
+                    out[node] = job_id
+        return out
 
     async def submit_for_schedule(self, selector: str, mode: str, schedule_id: int,
                                   run_id: int) -> tuple[dict[str, str], str | None]:

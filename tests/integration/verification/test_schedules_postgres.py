@@ -87,7 +87,9 @@ async def test_two_controller_processes_run_a_schedule_once(pg_url: str, tmp_pat
         assert sched is not None
         per_due = len(set(due))
         assert len(due) == per_due  # no due time claimed twice
-        assert len(jobs) == 3 * per_due, jobs  # each node once per run
+        # each node once: a later run (if the test crossed a minute) reuses the still-pending jobs, no pile-up
+        assert sorted(n for n, _ in jobs) == ["gpu-1", "gpu-2", "gpu-3"], jobs
+        assert all(len(r["jobs"]) == 3 for r in sch.schedule_runs(first.ctx.store)) and per_due >= 1
         assert all(v["trigger"] == "schedule" and v["mode"] == "quick" for _, v in jobs)
     finally:
         for rc in (first, second):
