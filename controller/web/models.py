@@ -49,13 +49,17 @@ class DashboardNode(Base):
     __tablename__ = "dashboard_nodes"
     __table_args__ = (
         Index("ix_dashboard_nodes_rank_host", "rank", "hostname"),
-        Index("ix_dashboard_nodes_status", "status"),
-        Index("ix_dashboard_nodes_gpu", "gpu_model"),
+        Index("ix_dashboard_nodes_status", "status", "hostname"),
+        Index("ix_dashboard_nodes_gpu", "gpu_model", "hostname"),
         Index("ix_dashboard_nodes_fa", "fa_variant", "fa_version"),
-        Index("ix_dashboard_nodes_verify", "verify_result"),
-        Index("ix_dashboard_nodes_driver", "driver"),
-        Index("ix_dashboard_nodes_torch", "torch"),
-        Index("ix_dashboard_nodes_verify_at", "verify_at"),
+        Index("ix_dashboard_nodes_fa_host", "fa_version", "hostname"),
+        Index("ix_dashboard_nodes_verify", "verify_result", "rank", "hostname"),
+        Index("ix_dashboard_nodes_driver", "driver", "hostname"),
+        Index("ix_dashboard_nodes_torch", "torch", "hostname"),
+        Index("ix_dashboard_nodes_verify_at", "verify_at", "hostname"),
+        Index("ix_dashboard_nodes_cuda_max", "cuda_max", "hostname"),
+        Index("ix_dashboard_nodes_nvcc", "nvcc", "hostname"),
+        Index("ix_dashboard_nodes_python", "python", "hostname"),
     )
 
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ SORTABLE: dict[str, Any] = {
 MAX_PER_PAGE = 200
 
 _lock = threading.Lock()
+FULL_CHECK_SECONDS = 5.0
+_fingerprints: dict[int, tuple[tuple[Any, ...], float]] = {}
 
 
 def _s(value: Any) -> str:
@@ -71,6 +74,15 @@ def row_values(node_id: int, hostname: str, status: str, simulated: bool, facts:
 def sync(session: Session) -> int:
     """Bring ``dashboard_nodes`` up to date; returns how many rows were rewritten."""
     with _lock:
+        # cheap fingerprint first: when no node was added, removed, re-reported or changed status since the
+        # last full check (and that was less than FULL_CHECK_SECONDS ago), nothing can be stale
+        key = id(session.get_bind())
+        fp = tuple(session.execute(select(func.count(), func.max(Node.id), func.max(Node.facts_updated_at),
+                                          func.max(Node.status_changed_at))).one())
+        prev = _fingerprints.get(key)
+        now = time.monotonic()
+        if prev is not None and prev[0] == fp and now - prev[1] < FULL_CHECK_SECONDS:
+            return verifications.sync(session)
         stale = select(Node.id).outerjoin(DashboardNode, DashboardNode.node_id == Node.id).where(or_(
             DashboardNode.node_id.is_(None),
             DashboardNode.status != Node.status,
@@ -92,11 +104,12 @@ def sync(session: Session) -> int:
                     row = DashboardNode(verify_result="", src_verify_key="", **values)
                     session.add(row)
                 else:
-                    for key, value in values.items():
-                        setattr(row, key, value)
+                    for column, value in values.items():
+                        setattr(row, column, value)
                 row.rank = rank_of(row.status, row.verify_result or "", row.fa_version)
                 changed += 1
             session.flush()
+        _fingerprints[key] = (fp, now)
         changed += verifications.sync(session, force=bool(ids))
         return changed
 
@@ -176,9 +189,11 @@ def query_nodes(session: Session, query: NodeQuery, *, do_sync: bool = True) -> 
     where = _filters(q)
     total = int(session.scalar(select(func.count()).select_from(DashboardNode).where(*where)) or 0)
     col = SORTABLE[q.sort]
-    order = [col.desc() if q.dir == "desc" else col.asc()]
-    if q.sort != "hostname":
-        order.append(DashboardNode.hostname.asc())
+    # ties by hostname in the same direction, so one (column, hostname) index serves both directions
+    host = DashboardNode.hostname
+    order = [col.desc(), host.desc()] if q.dir == "desc" else [col.asc(), host.asc()]
+    if q.sort == "hostname":
+        order = order[:1]
     page = min(q.page, max(1, -(-total // q.per_page)))
     q.page = page
     rows = list(session.scalars(select(DashboardNode).where(*where).order_by(*order)
