@@ -35,7 +35,7 @@ from fleet.verification import VerificationSchemaError
 
 log = logging.getLogger(__name__)
 
-DRIFT_PATHS = ("driver", "torch.version", "torch.cuda", "torch", "toolkit", "flash_attn")
+DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
 DRIFT_DELAY_ENV = "FLEET_DRIFT_DEBOUNCE"
 JOB_TIMEOUT = {"quick": 300, "full": 900}
 
@@ -208,6 +208,12 @@ class VerificationService:
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
         chosen = await asyncio.to_thread(self.select, hosts, selector)
+        if trigger in ("schedule", "drift"):  # a node an active rollout holds is verified by the rollout itself
+            held = await asyncio.to_thread(self.held_by_rollouts)
+            skipped = [h for h in chosen if h in held]
+            if skipped:
+                log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
+            chosen = [h for h in chosen if h not in held]
         jobs: dict[str, str] = await asyncio.to_thread(self.active_verify_jobs, chosen)  # no pile-up: reuse
         for host in chosen:
             if host in jobs:
@@ -220,6 +226,14 @@ class VerificationService:
                 vars_["model_path"] = model_path
             jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
         return jobs
+
+    def held_by_rollouts(self) -> dict[str, str]:
+        try:
+            from controller.rollout.service import nodes_in_active_rollouts
+        except ImportError:
+            return {}
+        held: dict[str, str] = nodes_in_active_rollouts(self.ctx.store)
+        return held
 
     def active_verify_jobs(self, hosts: Sequence[str]) -> dict[str, str]:
         """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""
@@ -275,6 +289,8 @@ class VerificationService:
             jobs = await self.submit([hostname], mode="quick", trigger="drift")
         except FleetError as exc:
             log.warning("drift re-verification of %s not submitted: %s", hostname, exc.message)
+            return
+        if hostname not in jobs:
             return
         log.info("node %s: drift (%s) → verify job %s", hostname, ", ".join(paths), jobs[hostname])
         self.drift_submitted.append((hostname, jobs[hostname]))

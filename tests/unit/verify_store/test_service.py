@@ -1,0 +1,68 @@
+"""VerificationService without agents: which facts changes count as drift, no pile-up of verify jobs,
+nodes held by an active rollout left alone by schedules and drift, offline nodes skipped by selectors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from controller.context import ControllerContext, ControllerSettings
+from controller.rollout.models import Rollout, RolloutNode
+from controller.store import utcnow
+from controller.store.models import Job
+from controller.verify_store.service import VerificationService, drift_relevant
+from fleet.errors import UsageError
+from tests.unit.verify_store.conftest import add_node
+
+
+@pytest.mark.parametrize(("changed", "relevant"), [
+    (["driver.version"], ["driver.version"]), (["torch.version", "torch.cuda"], ["torch.version", "torch.cuda"]),
+    (["toolkit.nvcc"], ["toolkit.nvcc"]), (["flash_attn"], ["flash_attn"]), (["flash_attn.version"],
+                                                                             ["flash_attn.version"]),
+    (["torch"], ["torch"]), (["*"], []), (["gpus[0].uuid", "apt.errors"], []), (["torch.cxx11abi"], ["torch.cxx11abi"]),
+])
+def test_drift_relevant(changed: list[str], relevant: list[str]) -> None:
+    assert drift_relevant(changed) == relevant
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> ControllerContext:
+    c = ControllerContext(ControllerSettings(state_dir=tmp_path / "c"))
+    for h in ("gpu-1", "gpu-2", "gpu-3"):
+        add_node(c.store, h)
+    c.registry.load()
+    return c
+
+
+async def test_no_pile_up_and_rollout_nodes_left_alone(ctx: ControllerContext) -> None:
+    svc = VerificationService(ctx)
+    first = await svc.submit(["gpu-1"], mode="quick")
+    again = await svc.submit(["gpu-1", "gpu-2"], mode="quick")
+    assert again["gpu-1"] == first["gpu-1"] and again["gpu-2"] != first["gpu-1"]
+    with ctx.store.session() as s:
+        now = utcnow()
+        s.add(Rollout(id="r-1", version="2.8.3", status="running", created_by="t", created_at=now, updated_at=now))
+        s.flush()
+        s.add(RolloutNode(rollout_id="r-1", hostname="gpu-3", batch=0, plan={}, state="install", updated_at=now))
+    scheduled = await svc.submit(selector="gpu-*", mode="quick", trigger="schedule")
+    assert sorted(scheduled) == ["gpu-1", "gpu-2"]  # gpu-3 is mid-rollout
+    manual = await svc.submit(["gpu-3"], mode="quick")
+    assert list(manual) == ["gpu-3"]  # an operator may still verify it
+    with ctx.store.session() as s:
+        vars_ = {j.node: j.vars for j in s.scalars(select(Job).where(Job.kind == "verify"))}
+    assert vars_["gpu-3"]["trigger"] == "manual" and vars_["gpu-1"]["mode"] == "quick"
+    ctx.close()
+
+
+async def test_offline_nodes_skipped_by_selectors(ctx: ControllerContext) -> None:
+    svc = VerificationService(ctx)
+    for h in ("gpu-1", "gpu-2", "gpu-3"):
+        ctx.registry.set_status(h, "offline", "test")
+    with pytest.raises(UsageError, match="offline"):
+        await svc.submit(selector="gpu-*")
+    assert list(await svc.submit(["gpu-2"])) == ["gpu-2"]  # named explicitly: queued for its return
+    with pytest.raises(UsageError, match="unknown node"):
+        await svc.submit(["nope"])
+    ctx.close()
