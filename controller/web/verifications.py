@@ -1,9 +1,10 @@
 """Verification results for the dashboard, from finished ``verify`` jobs (``jobs.result`` holds the
 ``fleet.verification`` result, or a short verdict for simple runners).
 
-``sync(session)`` copies new ones into ``dashboard_verifications`` (one row per job: pass/fail, median
-FlashAttention and SDPA TFLOP/s, peak memory) and updates each node's latest result in
-``dashboard_nodes``; the node page's chart, the fleet medians and /metrics read that table.
+``sync(session)`` adds finished verify jobs not yet in ``verifications`` (the one table of results,
+written by controller.verify_store as jobs finish; one row per job: pass/fail, median FlashAttention and
+SDPA TFLOP/s, peak memory) and updates each node's latest result in ``dashboard_nodes``; the node page's
+chart, the fleet medians and /metrics read that table.
 """
 
 from __future__ import annotations
