@@ -73,7 +73,15 @@ class WebState:
         self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
         self.throttle = LoginThrottle()
+        self._counts: tuple[float, dict[str, Any]] | None = None
         self.admin_token: str | None = _admin_token(ctx)
+
+    def filter_counts(self, session: Session) -> dict[str, Any]:
+        """The node table's filter choices (GPU models, FA versions with counts): at most 2 s old."""
+        now = time.monotonic()
+        if self._counts is None or now - self._counts[0] > 2.0:
+            self._counts = (now, nodeindex.overview(session, do_sync=False, failing_limit=0))
+        return self._counts[1]
 
 
 def _state_dir(ctx: Any) -> Any:
@@ -345,9 +353,10 @@ def nodes_page(request: Request) -> Response:
     require_user(request)
     t0 = time.perf_counter()
     query = _node_query(request)
-    with _state(request).store.session() as s:
+    st = _state(request)
+    with st.store.session() as s:
         page = nodeindex.query_nodes(s, query)
-        ov = nodeindex.overview(s, do_sync=False, failing_limit=0)
+        ov = st.filter_counts(s)
     elapsed_ms = (time.perf_counter() - t0) * 1000
 
     def link(**override: Any) -> str:
