@@ -16,6 +16,7 @@ from controller.rollout import service
 from controller.rollout.engine import RolloutEngine
 from controller.rollout.models import Build, RolloutNode, RolloutTransition
 from controller.rollout.service import RolloutRequest
+from controller.store.models import Job
 from fleet.errors import ConflictError, NotFoundError, UsageError
 from tests.unit.rollout.simfleet import SimFleet, wait_for
 
@@ -98,13 +99,21 @@ async def test_canary_batches_build_once_install_many(fleet: SimFleet) -> None:
     audit = service.audit_entries(fleet.store, rid)
     assert audit[0]["actor"] == "alice" and audit[0]["action"] == "rollout.start"
 
-    # a second rollout on the same nodes reuses the built wheels: no new build
+    # a second rollout on the same nodes picks the wheel the first one built (controller/local_wheels.py):
+    # a plain install by sha256 from the artifact store, no build
+    with fleet.store.session() as sess:
+        built = {b.build_key: b.artifact_sha256 for b in sess.scalars(select(Build))}
     out2 = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S", canary=0, batch="100%"))
-    assert out2["builds"] == [] and len(out2["reused_builds"]) == 1
+    assert out2["builds"] == []
+    assert {(n["variant"], tuple(n["steps"])) for n in out2["nodes"]} == {("fa2-wheel", ("install-wheel", "verify"))}
     async with running(fleet.engine()):
         st2 = await until(fleet, out2["id"], "succeeded", "partial", "paused")
     assert st2["status"] == "succeeded"
     assert len(fleet.jobs_of_kind("build-from-source")) == 2
+    with fleet.store.session() as sess:
+        shas = {j.vars.get("wheel_sha256") for j in sess.scalars(select(Job).where(Job.kind == "install-wheel"))
+                if j.vars.get("rollout_id") == out2["id"]}
+    assert len(shas) == 1 and shas <= set(built.values())
 
 
 async def test_budget_stop_then_resume(fleet: SimFleet) -> None:
