@@ -19,10 +19,13 @@ ROLES = ("viewer", "operator")
 FAILING_STATUSES = ("offline", "degraded")
 
 
-def rank_of(status: str, verify_result: str, fa_version: str) -> int:
-    """Node table order: 0 failing (offline, degraded, last verification failed), 1 attention (no
-    FlashAttention or never verified), 2 fine."""
-    if status in FAILING_STATUSES or verify_result == "failed":
+FAILED_JOB_STATUSES = ("failed", "timeout")
+
+
+def rank_of(status: str, verify_result: str, fa_version: str, job_status: str = "") -> int:
+    """Node table order: 0 failing (offline, degraded, last verification failed, last install/build job
+    failed), 1 attention (no FlashAttention or never verified), 2 fine."""
+    if status in FAILING_STATUSES or verify_result == "failed" or job_status in FAILED_JOB_STATUSES:
         return 0
     if not fa_version or not verify_result:
         return 1
@@ -84,6 +87,10 @@ class DashboardNode(Base):
     verify_at: Mapped[dt.datetime | None]
     verify_tflops: Mapped[float | None] = mapped_column(Float)
     # copies of the source columns, to notice when a row is stale
+    # the node's latest finished job other than verify (install, build, keyring, toolkit, rollback)
+    job_kind: Mapped[str] = mapped_column(String(64), default="")
+    job_status: Mapped[str] = mapped_column(String(16), default="")
+    job_at: Mapped[dt.datetime | None]
     src_facts_at: Mapped[dt.datetime | None]
     src_verify_key: Mapped[str] = mapped_column(String(64), default="")
 
@@ -95,3 +102,4 @@ DashboardVerification = Verification
 
 # verify jobs are looked up by kind and finish time (``nodeindex.sync``); index on the core's table
 Index("ix_jobs_kind_finished", Job.kind, Job.finished_at)
+Index("ix_jobs_finished", Job.finished_at)

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
-from controller.store.models import Node
+from controller.store.models import Job, Node
 from controller.web import verifications
 from controller.web.models import DashboardNode, rank_of
 
@@ -82,7 +82,7 @@ def sync(session: Session) -> int:
         prev = _fingerprints.get(key)
         now = time.monotonic()
         if prev is not None and prev[0] == fp and now - prev[1] < FULL_CHECK_SECONDS:
-            return verifications.sync(session)
+            return verifications.sync(session) + _sync_jobs(session)
         stale = select(Node.id).outerjoin(DashboardNode, DashboardNode.node_id == Node.id).where(or_(
             DashboardNode.node_id.is_(None),
             DashboardNode.status != Node.status,
@@ -101,17 +101,55 @@ def sync(session: Session) -> int:
                 values = row_values(nid, host, status, simulated, facts, facts_at)
                 row = existing.get(nid)
                 if row is None:
-                    row = DashboardNode(verify_result="", src_verify_key="", **values)
+                    row = DashboardNode(verify_result="", src_verify_key="", job_kind="", job_status="", **values)
                     session.add(row)
                 else:
                     for column, value in values.items():
                         setattr(row, column, value)
-                row.rank = rank_of(row.status, row.verify_result or "", row.fa_version)
+                row.rank = rank_of(row.status, row.verify_result or "", row.fa_version, row.job_status or "")
                 changed += 1
             session.flush()
         _fingerprints[key] = (fp, now)
         changed += verifications.sync(session, force=bool(ids))
+        changed += _sync_jobs(session, force=bool(ids))
         return changed
+
+
+_jobs_checked: dict[int, float] = {}
+
+
+def _sync_jobs(session: Session, *, force: bool = False) -> int:
+    """Each node's latest finished non-verify job (a failed install or build puts the node first)."""
+    key = id(session.get_bind())
+    now = time.monotonic()
+    if not force and now - _jobs_checked.get(key, -1e9) < verifications.SYNC_EVERY_SECONDS:
+        return 0
+    _jobs_checked[key] = now
+    since = session.scalar(select(func.max(DashboardNode.job_at)))
+    stmt = select(Job.node, Job.kind, Job.status, Job.finished_at).where(
+        Job.finished_at.is_not(None), Job.kind != "verify", Job.status.in_(("successful", "failed", "timeout")))
+    if since is not None:
+        stmt = stmt.where(Job.finished_at >= since)
+    latest: dict[str, tuple[str, str, dt.datetime]] = {}
+    for host, kind, status, finished in session.execute(stmt.order_by(Job.finished_at)):
+        if finished is not None:
+            latest[host] = (kind, status, finished)
+    if not latest:
+        return 0
+    changed = 0
+    hosts = list(latest)
+    for start in range(0, len(hosts), 500):
+        for row in session.scalars(select(DashboardNode).where(DashboardNode.hostname.in_(hosts[start:start + 500]))):
+            kind, status, finished = latest[row.hostname]
+            if row.job_at is not None and finished < row.job_at:
+                continue
+            if (row.job_kind, row.job_status, row.job_at) == (kind, status, finished):
+                continue
+            row.job_kind, row.job_status, row.job_at = kind[:64], status[:16], finished
+            row.rank = rank_of(row.status, row.verify_result or "", row.fa_version, row.job_status)
+            changed += 1
+    session.flush()
+    return changed
 
 
 @dataclass
@@ -211,6 +249,7 @@ def as_dict(r: DashboardNode, last_seen: dt.datetime | None) -> dict[str, Any]:
         "cxx11abi": r.cxx11abi, "python": r.python, "fa_version": r.fa_version, "fa_variant": r.fa_variant,
         "verify_result": r.verify_result, "verify_at": r.verify_at.isoformat() if r.verify_at else None,
         "verify_tflops": r.verify_tflops, "last_seen": last_seen.isoformat() if last_seen else None,
+        "job_kind": r.job_kind, "job_status": r.job_status, "job_at": r.job_at.isoformat() if r.job_at else None,
     }
 
 

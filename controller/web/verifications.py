@@ -130,7 +130,7 @@ def sync(session: Session, *, force: bool = False) -> int:
                     changed += 1
                 node.verify_result = "passed" if v.passed else "failed"
                 node.verify_at, node.verify_tflops, node.src_verify_key = finished, v.tflops, job_id[:64]
-                node.rank = rank_of(node.status, node.verify_result, node.fa_version)
+                node.rank = rank_of(node.status, node.verify_result, node.fa_version, node.job_status or "")
         session.flush()
         return changed
 

@@ -33,7 +33,8 @@
     if (tb) {
       tb.replaceChildren(...(ov.failing.length ? ov.failing.map((n) => el("tr", {},
         el("td", {}, el("a", { href: "/nodes/" + encodeURIComponent(n.hostname) }, n.hostname), " ", sim(n.simulated)),
-        el("td", {}, badge(n.status)), el("td", {}, n.gpu),
+        el("td", {}, badge(n.status), " ", ["failed", "timeout"].includes(n.job_status) ? badge(`${n.job_kind} ${n.job_status}`, "st-failed") : null),
+        el("td", {}, n.gpu),
         el("td", {}, n.fa_version || "none", " ", el("span", { class: "muted" }, n.fa_variant)),
         el("td", {}, n.verify_result ? badge(n.verify_result, "v-" + n.verify_result) : el("span", { class: "muted" }, "never"))))
         : [el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No failing nodes."))]));

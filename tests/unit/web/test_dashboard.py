@@ -237,6 +237,9 @@ def test_node_page_shows_diagnosis(client: TestClient, store: Store) -> None:
     assert "driver.version" in page and "Current plan" in page and "runner_on_failed" in page
     detail = client.get("/ui/api/rollouts/r-t3").json()
     assert detail["status"] == "partial" and detail["failures"][0]["hostname"] == hosts[1]
+    first = client.get("/ui/api/nodes", params={"per_page": 1}).json()["nodes"][0]
+    assert first["hostname"] == hosts[1] and first["job_status"] == "failed" and first["rank"] == 0
+    assert "build-from-source failed" in client.get("/nodes", params={"status": "failing"}).text
     assert client.get("/nodes/no-such-host").status_code == 404
 
 
