@@ -278,7 +278,12 @@ def parse_node(obj: Any) -> NodeFacts:
 
 
 def parse_fleet(obj: Any) -> list[NodeFacts | FactsError]:
-    """Parse ``{"nodes": [...]}`` into one entry per node, in input order: its facts or its error."""
+    """Parse ``{"nodes": [...]}`` into one entry per node, in input order: its facts or its error.
+
+    A bare node object (what ``fleet-agent facts --json`` prints) counts as a fleet of one.
+    """
+    if isinstance(obj, Mapping) and "nodes" not in obj and "hostname" in obj:
+        obj = {"nodes": [obj]}
     if not isinstance(obj, Mapping) or not isinstance(obj.get("nodes"), list):
         raise FactsError('expected an object with a "nodes" list', field="nodes",
                          hint='the file must look like {"nodes": [node, ...]} (DESIGN §3.1)')
