@@ -65,7 +65,7 @@ def load_fleet(path: str) -> list[NodeFacts | FactsError]:
     if not entries:
         raise FactsError(f"facts file {path} lists no nodes", field="nodes",
                          hint="add at least one node object (fleet-agent facts --json prints one)")
-    items = obj["nodes"] if "nodes" in obj else [obj]
+    items = obj.get("nodes", [obj])
     for i, item in enumerate(items):  # one node's facts are capped like the agent caps them
         if len(json.dumps(item)) > MAX_FACTS_BYTES and not isinstance(entries[i], FactsError):
             entries[i] = FactsError(f"facts larger than {MAX_FACTS_BYTES // 1024} KiB", node=f"#{i}")
