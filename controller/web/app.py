@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 SSE_POLL_SECONDS = 1.0
 SSE_MAX_SECONDS = 20.0  # then the browser reconnects (EventSource retry): no stream outlives a shutdown long
 SSE_KEEPALIVE_SECONDS = 15.0
+SSE_SESSION_CHECK_SECONDS = 5.0
 
 
 class LoginRequired(Exception):
@@ -556,14 +557,24 @@ def _snapshot_text(st: WebState, topic: str, *, fresh: bool = False) -> str:
     return text
 
 
+def _session_valid(st: WebState, cookie: str | None) -> bool:
+    with st.store.session() as s:
+        return st.sessions.load(s, cookie) is not None
+
+
 async def _events(request: Request, topic: str) -> AsyncIterator[str]:
     st = _state(request)
-    started = last_sent_at = time.monotonic()
+    started = last_sent_at = checked = time.monotonic()
+    cookie = request.cookies.get(SESSION_COOKIE)
     last = None
     yield "retry: 2000\n\n"
     while not st.closing and time.monotonic() - started < SSE_MAX_SECONDS:
         if await request.is_disconnected():
             return
+        if time.monotonic() - checked > SSE_SESSION_CHECK_SECONDS:  # user removed, password changed, expired
+            checked = time.monotonic()
+            if await asyncio.to_thread(_session_valid, st, cookie) is False:
+                return
         text = await asyncio.to_thread(_snapshot_text, st, topic, fresh=last is None)
         if text != last:
             last = text

@@ -132,7 +132,15 @@
     const es = new EventSource("/ui/events?topic=" + encodeURIComponent(topic));
     let first = true;
     es.addEventListener("open", () => live && live.classList.add("on"));
-    es.addEventListener("error", () => live && live.classList.remove("on"));
+    es.addEventListener("error", async () => {
+      if (live) live.classList.remove("on");
+      if (es.readyState !== EventSource.CLOSED) return;  // the browser reconnects by itself
+      // closed for good: a refused reconnect (session expired, user removed) → back to the login page
+      const r = await fetch("/ui/api/overview", { credentials: "same-origin" }).catch(() => null);
+      if (r && r.status === 401) {
+        window.location.href = "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search);
+      }
+    });
     es.addEventListener("update", (ev) => {
       const data = JSON.parse(ev.data);
       body.dataset.updates = String(Number(body.dataset.updates || 0) + 1);

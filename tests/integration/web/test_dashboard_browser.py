@@ -185,3 +185,17 @@ def test_node_table_and_node_page_update_live(fleet: dict[str, Any]) -> None:
         node.status, node.status_changed_at = "offline", utcnow()
     page2.wait_for_selector("#node-status .st-offline", timeout=15_000)
     ctx.close()
+
+
+def test_removed_user_is_sent_to_login(fleet: dict[str, Any]) -> None:
+    from controller.web.auth import add_user, remove_user
+
+    base, store = fleet["url"], fleet["store"]
+    add_user(store, "tmp-viewer", "viewer", PASSWORD)
+    ctx = fleet["browser"].new_context()
+    page = ctx.new_page()
+    _login(page, base, "tmp-viewer", "/")
+    page.wait_for_selector("#live.on", timeout=10_000)
+    remove_user(store, "tmp-viewer")
+    page.wait_for_url(f"{base}/login?next=%2F", timeout=20_000)  # the live stream ends; no data after that
+    ctx.close()
