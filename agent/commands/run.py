@@ -58,7 +58,7 @@ def make_facts_source(args: argparse.Namespace) -> Any:
 
         facts = load_profile(args.simulate, args.hostname)
         if args.executor == "ansible":
-            return rehearsal_facts(facts, args.python)
+            return rehearsal_facts(facts, args.python, getattr(args, "root", None))
 
         def simulated() -> NodeFacts:
             return facts
@@ -73,9 +73,12 @@ def make_facts_source(args: argparse.Namespace) -> Any:
     return probed
 
 
-def rehearsal_facts(profile: NodeFacts, python: str | None) -> Callable[[], NodeFacts]:
+def rehearsal_facts(profile: NodeFacts, python: str | None,
+                    root: Path | None = None) -> Callable[[], NodeFacts]:
     """Simulated GPU, real target Python: the profile's facts with ``python`` and ``flash_attn`` probed in the
     target interpreter each time (so an install or an uninstall by the playbooks shows in the next report).
+    With ``root`` (the node's Debian root the playbooks chroot into) the target Python and ``nvcc`` are probed
+    inside that root (agent/probes/chroot.py), so the toolkit the cuda-toolkit playbook installs is reported too.
     ``extra`` says ``simulated: true`` and ``rehearsal: true``."""
     import dataclasses
 
@@ -83,11 +86,22 @@ def rehearsal_facts(profile: NodeFacts, python: str | None) -> Callable[[], Node
         from agent.probes import Probes
         from agent.probes.target_python import default_target_python
 
+        probes = Probes()
+        if root is not None:
+            from agent.probes.chroot import probes_in_root
+
+            probes = probes_in_root(root)
         interpreter = python or default_target_python()
-        target = Probes().target.probe(interpreter)
+        target = probes.target.probe(interpreter)
         extra = {**profile.extra, "simulated": True, "rehearsal": True, "target_python": interpreter,
                  "probe_errors": list(target.errors)}
-        return dataclasses.replace(profile, python=target.python, flash_attn=target.flash_attn, extra=extra)
+        if root is None:
+            return dataclasses.replace(profile, python=target.python, flash_attn=target.flash_attn, extra=extra)
+        nvcc = probes.nvcc.probe()
+        extra.update(node_root=str(root), toolkits=[t.to_json() for t in nvcc.toolkits])
+        extra["probe_errors"] += list(nvcc.errors)
+        return dataclasses.replace(profile, python=target.python, flash_attn=target.flash_attn,
+                                   toolkit=nvcc.active, extra=extra)
 
     return facts
 
