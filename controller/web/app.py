@@ -382,7 +382,7 @@ def nodes_json(request: Request) -> JSONResponse:
                         headers={"Server-Timing": f"db;dur={elapsed_ms:.1f}"})
 
 
-def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
+def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, Any] | None:
     node = s.scalars(select(Node).where(Node.hostname == hostname)).first()
     if node is None:
         return None
@@ -401,7 +401,7 @@ def _node_detail(s: Session, hostname: str) -> dict[str, Any] | None:
     median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
         "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
-        "job_events": job_events, "plan": sources.plan_for(node.facts), "verifications": verifications,
+        "job_events": job_events, "plan": sources.plan_for(node.facts, state_dir), "verifications": verifications,
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg(verifications or [], median or []) if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),
@@ -429,8 +429,9 @@ def _diagnoses(s: Session, hostname: str, jobs: list[Job],
 @router.get("/nodes/{hostname}", response_class=HTMLResponse)
 def node_page(request: Request, hostname: str) -> Response:
     require_user(request)
-    with _state(request).store.session() as s:
-        detail = _node_detail(s, hostname)
+    st = _state(request)
+    with st.store.session() as s:
+        detail = _node_detail(s, hostname, _state_dir(st.ctx))
     if detail is None:
         return _security_headers(render(request, "error.html", status_code=404, title="No such node",
                                         message=f"No node is registered as {hostname}."))

@@ -8,6 +8,7 @@ says so instead of failing.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -27,11 +28,12 @@ def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None
     return verifications.fleet_median(session, gpu_model, simulated=simulated)
 
 
-def plan_for(facts: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The resolver's current decision for these facts (DESIGN §3.2 decision, default policy, built-in
-    catalog), or None when the resolver is not there; unreadable facts give a ``blocked`` decision."""
+def plan_for(facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, Any] | None:
+    """The resolver's current decision for these facts (DESIGN §3.2 decision, default policy, the
+    controller's catalog: its additions in STATE/catalog.json, then the built-in list), or None when the
+    resolver is not there; unreadable facts give a ``blocked`` decision."""
     try:
-        from controller.catalog import builtin_catalog
+        from controller.catalog import builtin_catalog, default_catalog
         from controller.resolver import Policy, resolve
         from fleet.facts import parse_node
     except ImportError:
@@ -40,7 +42,8 @@ def plan_for(facts: dict[str, Any] | None) -> dict[str, Any] | None:
     if not facts:
         return None
     try:
-        decision = resolve(parse_node(facts), builtin_catalog(), Policy())
+        catalog = default_catalog(Path(state_dir)) if state_dir else builtin_catalog()
+        decision = resolve(parse_node(facts), catalog, Policy())
     except FleetError as exc:
         return {"variant": "blocked", "flash_attn_version": None, "artifact": None, "toolkit": None, "steps": [],
                 "reasons": [exc.message + (f" ({exc.hint})" if exc.hint else "")], "rejected": []}
