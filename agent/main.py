@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# The agent forks playbooks (ansible-runner → pexpect) and benchmarks while its grpc.aio channel is busy in
+# other threads. gRPC's fork handlers then abort the child ("ev_epoll1_linux.cc Check failed: next_worker->state
+# == KICKED"); every child here execs at once and never uses gRPC, so they are turned off before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import Sequence
 
-from fleet.cli import build_parser, run
+from fleet.cli import main_for
 
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
@@ -15,11 +21,7 @@ COMMAND_MODULES: list[str] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import importlib
-
-    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
-    parser = build_parser("fleet-agent", "Probe this GPU node and work for the fleet controller.", modules)
-    return run(parser, argv)
+    return main_for("fleet-agent", "Probe this GPU node and work for the fleet controller.", COMMAND_MODULES, argv)
 
 
 if __name__ == "__main__":

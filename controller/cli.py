@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from fleet.cli import build_parser, run
+from fleet.cli import main_for
 
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
@@ -24,11 +24,7 @@ COMMAND_MODULES: list[str] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import importlib
-
-    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
-    parser = build_parser("fleetctl", "Get FlashAttention onto every GPU node of a fleet.", modules)
-    return run(parser, argv)
+    return main_for("fleetctl", "Get FlashAttention onto every GPU node of a fleet.", COMMAND_MODULES, argv)
 
 
 if __name__ == "__main__":

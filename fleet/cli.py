@@ -10,6 +10,7 @@ docs/cli.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import traceback
@@ -60,6 +61,12 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         print(f"error[internal]: {parser.prog} hit a bug (traceback above)", file=sys.stderr)
         print("hint: please report it with the traceback", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def main_for(prog: str, description: str, module_names: Sequence[str], argv: Sequence[str] | None) -> int:
+    """A console script's ``main``: import its command modules, parse, run; errors → exit codes."""
+    modules = [importlib.import_module(name) for name in module_names]
+    return run(build_parser(prog, description, modules), argv)
 
 
 def print_json(obj: Any) -> None:
