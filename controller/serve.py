@@ -20,7 +20,9 @@ from pathlib import Path
 
 import grpc.aio
 import uvicorn
+from fastapi import FastAPI
 
+from controller import web
 from controller.api import create_app
 from controller.context import ControllerContext, ControllerSettings
 from controller.server import housekeeping, start_grpc
@@ -40,6 +42,7 @@ class RunningController:
     ctx: ControllerContext
     grpc_server: grpc.aio.Server
     http_server: uvicorn.Server
+    app: FastAPI
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -47,6 +50,7 @@ class RunningController:
         return self.ctx.settings.state_dir / "controller.json"
 
     async def stop(self, grace: float = 1.0) -> None:
+        web.close(self.app)  # open dashboard event streams would hold the server ~5 s
         self.http_server.should_exit = True
         for t in self.tasks:
             if t.get_name() != "http":
@@ -57,6 +61,7 @@ class RunningController:
         # last heartbeat batch
         with contextlib.suppress(Exception):
             self.ctx.registry.flush()
+        self.ctx.gc_monitor.uninstall()
         self.ctx.close()
 
 
@@ -100,7 +105,8 @@ async def start_controller(settings: ControllerSettings, ctx: ControllerContext 
     sock = _bind(settings.http_listen)
     host, port = sock.getsockname()[:2]
     ctx.http_url = f"http://{host}:{port}"
-    config = uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="on")
+    app = create_app(ctx)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     http = _Uvicorn(config)
     tasks = [asyncio.create_task(http.serve(sockets=[sock]), name="http"),
              asyncio.create_task(housekeeping(ctx), name="housekeeping"),
@@ -110,10 +116,13 @@ async def start_controller(settings: ControllerSettings, ctx: ControllerContext 
         if http.started:
             break
         await asyncio.sleep(0.025)
+    ctx.gc_monitor.install()
+    if settings.gc_tuning:
+        ctx.gc_monitor.tune(ctx.registry.node_count)
     write_discovery(ctx)
     log.info("controller up: grpc %s, enroll %s, http %s, db %s", ctx.grpc_address, ctx.enroll_address,
              ctx.http_url, ctx.store.url)
-    return RunningController(ctx, grpc_server, http, tasks)
+    return RunningController(ctx, grpc_server, http, app, tasks)
 
 
 async def serve(settings: ControllerSettings) -> None:
