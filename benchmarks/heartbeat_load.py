@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -118,6 +119,12 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     await asyncio.gather(*(setup(i, t) for i, t in enumerate(tokens)))
     setup_s = time.monotonic() - t0
+    if args["gc_freeze"]:
+        # the generator's own full collections (thousands of channels' objects) would stall its loop and show
+        # up as heartbeat latency: freeze what setup built, as the controller does
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, *gc.get_threshold()[1:])
     # barrier: tell the parent we are set up; it answers with the common start of the measured window
     conn = args["conn"]
     conn.send({"ready": setup_s})
@@ -135,7 +142,8 @@ def worker_entry(args: dict[str, Any], conn: Any) -> None:
     conn.send(asyncio.run(worker_main(args)))
 
 
-def run_level(n: int, interval: float, duration: float, warmup: float, workers: int, db: str | None) -> dict[str, Any]:
+def run_level(n: int, interval: float, duration: float, warmup: float, workers: int, db: str | None,
+              profile: Path | None = None, native: bool = False, gc_tuning: bool = True) -> dict[str, Any]:
     import httpx
 
     state = Path(tempfile.mkdtemp(prefix="hbload-"))
@@ -143,7 +151,8 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
     db_url = db or f"sqlite:///{state / 'controller.db'}"
     cmd = [sys.executable, "-m", "controller.main", "serve", "--state-dir", str(state), "--db", db_url,
            "--grpc-listen", f"127.0.0.1:{gport}", "--enroll-listen", f"127.0.0.1:{eport}",
-           "--http-listen", f"127.0.0.1:{hport}", "--heartbeat-interval", str(interval), "--log-level", "WARNING"]
+           "--http-listen", f"127.0.0.1:{hport}", "--heartbeat-interval", str(interval), "--log-level", "WARNING",
+           *([] if gc_tuning else ["--no-gc-tuning"])]
     log = (state / "controller.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -162,6 +171,7 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
             p = ctx.Process(target=worker_entry, args=({"worker": w, "tokens": per[w], "ca": str(state / "ca/ca.pem"),
                                                         "grpc": f"127.0.0.1:{gport}", "enroll": f"127.0.0.1:{eport}",
                                                         "interval": interval, "duration": duration, "warmup": warmup,
+                                                        "gc_freeze": gc_tuning,
                                                         }, b))
             p.start()
             pipes.append(a)
@@ -173,9 +183,23 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
         for pp in pipes:
             pp.send(start_at)
         time.sleep(max(0.0, start_at + warmup - time.time()))
+        spy = None
+        if profile is not None:  # py-spy (pip install py-spy) samples the controller over the measured window
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
+                                    "--duration", str(int(duration)), "--rate", "200", "--gil", "--format", "raw",
+                                    *(["--native"] if native else []),
+                                    "--output", str(profile / f"controller-{n}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        la0 = os.getloadavg()[0]
         s0, c0, t0 = http.get("/stats", params={"reset_lag": "true"}).json(), cpu_seconds(proc.pid), time.monotonic()
+        g0 = sum((cpu_seconds(w.pid) for w in procs if w.pid is not None), 0.0)
         time.sleep(duration)
         s1, c1, t1 = http.get("/stats").json(), cpu_seconds(proc.pid), time.monotonic()
+        g1 = sum((cpu_seconds(w.pid) for w in procs if w.pid is not None), 0.0)
+        la1 = os.getloadavg()[0]
+        if spy is not None:
+            spy.wait(60)
         results = [pp.recv() for pp in pipes]
         for p in procs:
             p.join(30)
@@ -196,7 +220,9 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
                 "max_ms": round(lat[-1] * 1000, 2)
                 if lat else None, "errors": errors,
                 "controller_cpu_pct": round(100 * (c1 - c0) / wall, 1), "controller_loop_lag": s1["loop_lag"],
-                "loadavg_1m": os.getloadavg()[0],
+                "generator_cpu_pct": round(100 * (g1 - g0) / wall, 1), "workers": workers,
+                "controller_gc": s1.get("gc"),
+                "loadavg_1m": [round(la0, 2), round(la1, 2)],
                 "db_rows_per_s": round((s1["liveness_db_writes"] - s0["liveness_db_writes"]) / wall, 1),
                 "setup_s": round(setup_s, 1)}
     finally:
@@ -210,21 +236,29 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=30.0, help="measured window, seconds")
     ap.add_argument("--warmup", type=float, default=12.0, help="seconds of heartbeating before measuring")
-    ap.add_argument("--workers", type=int, default=4, help="client processes")
+    ap.add_argument("--workers", type=int, default=2, help="client processes")
     ap.add_argument("--db", help="database URL (default: SQLite in a temp state dir)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record the controller with py-spy (raw collapsed stacks, --gil) into DIR")
+    ap.add_argument("--native", action="store_true", help="with --profile: include native (C/Cython) frames")
+    ap.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false",
+                    help="run the controller with --no-gc-tuning (CPython's default GC settings)")
     args = ap.parse_args()
     rows = []
     for n in args.agents:
-        r = run_level(n, args.interval, args.duration, args.warmup, args.workers, args.db)
+        r = run_level(n, args.interval, args.duration, args.warmup, args.workers, args.db, args.profile,
+                      args.native, args.gc_tuning)
         print(json.dumps(r), flush=True)
         rows.append(r)
     print("\n| agents | interval | heartbeats/s (expected) | p50 ms | p99 ms | max ms | errors | controller CPU | "
-          "liveness DB rows/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "generator CPU | loop lag p99 / max ms | liveness DB rows/s | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        lag = r["controller_loop_lag"] or {}
         print(f"| {r['agents']} | {r['interval_s']:g} s | {r['heartbeats_per_s']} ({r['expected_per_s']}) | "
               f"{r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors']} | {r['controller_cpu_pct']}% | "
-              f"{r['db_rows_per_s']} |")
+              f"{r['generator_cpu_pct']}% | {lag.get('p99_ms')} / {lag.get('max_ms')} | {r['db_rows_per_s']} | "
+              f"{r['loadavg_1m'][0]}–{r['loadavg_1m'][1]} |")
     return 0
 
 

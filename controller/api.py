@@ -86,10 +86,11 @@ def api_router() -> APIRouter:
     def stats(ctx: Ctx, _: Admin, reset_lag: bool = False) -> dict[str, Any]:
         """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness, loop lag)."""
         reg = ctx.registry
-        lag = ctx.loop_lag.summary()
+        lag, gcs = ctx.loop_lag.summary(), ctx.gc_monitor.summary()
         if reset_lag:
             ctx.loop_lag.reset()
-        return {"loop_lag": lag, "nodes": len(reg._live), "heartbeats": reg.heartbeats,
+            ctx.gc_monitor.reset()
+        return {"loop_lag": lag, "gc": gcs, "nodes": len(reg._live), "heartbeats": reg.heartbeats,
                 "liveness_db_writes": reg.db_writes,
                 "online": sum(1 for v in reg._live.values() if v.status == "online")}
 

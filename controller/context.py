@@ -45,6 +45,9 @@ class ControllerSettings:
     flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
     extra_names: list[str] = field(default_factory=list)  # more SANs for the server certificate
     artifact_max_bytes: int | None = None
+    # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
+    # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
+    gc_tuning: bool = False
 
     @property
     def database_url(self) -> str:
@@ -77,9 +80,10 @@ class ControllerContext:
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
         self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
-        from controller.server import LoopLag
+        from controller.server import GcMonitor, LoopLag
 
         self.loop_lag = LoopLag()
+        self.gc_monitor = GcMonitor()
         # filled in by controller.serve when listening
         self.grpc_address: str | None = None
         self.enroll_address: str | None = None

@@ -72,7 +72,6 @@ class _Live:
     identity_id: str | None
     status: str
     last_seen: float  # unix time
-    dirty: bool = False
     facts_requested: bool = False
 
 
@@ -108,11 +107,18 @@ class Registry:
         self.heartbeats = 0
         self.db_writes = 0  # rows written by heartbeat flushes and transitions
         self._live: dict[str, _Live] = {}
+        # nodes that heartbeated since the last take_dirty (hostname → its _Live): the flush touches only
+        # these instead of scanning every node
+        self._dirty: dict[str, _Live] = {}
         self._pending: list[_PendingTransition] = []
         self.on_transition: list[Callable[[Transition], None]] = []
         # (hostname, changed dotted paths) after a stored facts change; e.g. drift re-verification
         self.on_facts_changed: list[Callable[[str, list[str]], None]] = []
         self.load()
+
+    @property
+    def node_count(self) -> int:
+        return len(self._live)
 
     @property
     def offline_after(self) -> float:
@@ -181,6 +187,7 @@ class Registry:
                     node.status_changed_at = now
             live = _Live(node.id, ident.agent_id, node.status, now.timestamp())
         self._live[ident.hostname] = live
+        self._dirty.pop(ident.hostname, None)  # last_seen was just written with the facts
         if changed != ["*"] and changed:
             for cb in self.on_facts_changed:
                 try:
@@ -199,7 +206,7 @@ class Registry:
                                 hint="the agent must report its facts (ReportFacts) before heartbeating")
         self.heartbeats += 1
         live.last_seen = self.clock()
-        live.dirty = True
+        self._dirty[ident.hostname] = live
         if live.status == "offline":
             self._transition(ident.hostname, live, "online", "heartbeat received")
         wanted = live.facts_requested
@@ -214,12 +221,8 @@ class Registry:
 
     def take_dirty(self) -> list[tuple[int, float]]:
         """(node id, last_seen) of nodes heartbeating since the last call; clears the marks."""
-        batch = []
-        for live in self._live.values():
-            if live.dirty:
-                live.dirty = False
-                batch.append((live.node_id, live.last_seen))
-        return batch
+        dirty, self._dirty = self._dirty, {}
+        return [(live.node_id, live.last_seen) for live in dirty.values()]
 
     def write_last_seen(self, batch: list[tuple[int, float]]) -> int:
         """Write a ``take_dirty`` batch in one statement (executemany); thread-safe."""

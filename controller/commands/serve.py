@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
                    help="a node missing N intervals turns offline (default 3)")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="another DNS name or IP for the server certificate (repeatable)")
+    p.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false",
+                   help="keep CPython's default garbage collector settings (by default objects alive after "
+                        "start-up and registration bursts are frozen and the gen-0 threshold is raised)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"))
     p.set_defaults(handler=handle)
 
@@ -39,7 +42,7 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     return ControllerSettings(state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen,
                               enroll_listen=args.enroll_listen, http_listen=args.http_listen,
                               heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-                              extra_names=list(args.san))
+                              extra_names=list(args.san), gc_tuning=args.gc_tuning)
 
 
 def handle(args: argparse.Namespace) -> int:

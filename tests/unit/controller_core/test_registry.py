@@ -102,6 +102,22 @@ def test_heartbeats_touch_memory_until_flushed(store: Store) -> None:
     assert reg.heartbeat(ident)[1] is True and reg.heartbeat(ident)[1] is False
 
 
+def test_flush_batch_holds_each_heartbeating_node_once(store: Store) -> None:
+    clock = Clock()
+    a, b = add_identity(store, "n1"), add_identity(store, "n2")
+    reg = Registry(store, clock=clock)
+    reg.report_facts(a, facts("n1"))
+    reg.report_facts(b, facts("n2"))
+    assert reg.take_dirty() == []  # registration wrote last_seen already
+    for _ in range(3):
+        clock.t += 1
+        reg.heartbeat(a)
+    reg.heartbeat(b)
+    reg.report_facts(b, facts("n2"))  # a facts report writes last_seen itself: n2 leaves the batch
+    assert reg.take_dirty() == [(reg._live["n1"].node_id, clock.t)]
+    assert reg.take_dirty() == []
+
+
 def test_heartbeat_unknown_node_and_set_status(store: Store) -> None:
     reg = Registry(store)
     with pytest.raises(NotFoundError):
