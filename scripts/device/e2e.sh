@@ -229,6 +229,16 @@ if ver:  # rollout #1's verification (the full one) is the first
     if len(ver) > 1:
         (F / "verification2.json").write_text(json.dumps(ver[-1]["result"]["verification"], indent=2) + "\n")
 PY
+    "$PY" - "$F" "$(git rev-parse HEAD 2>/dev/null)" <<'PY'
+import datetime as dt, json, pathlib, socket, sys
+F = pathlib.Path(sys.argv[1])
+node = json.loads((F / "node.json").read_text())
+meta = {"simulated": bool(node.get("simulated")), "rehearsal": bool((node.get("extra") or {}).get("rehearsal")),
+        "hostname": node.get("hostname"), "machine": socket.gethostname(), "commit": sys.argv[2] or None,
+        "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "what": "scripts/device/e2e.sh collect: issue 8 end to end (docs/gpu-e2e.md)"}
+(F / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+PY
     "$PY" - "$E2E/controller/controller.db" "$C/extra/controller.db" <<'PY'
 import sqlite3, sys
 src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
