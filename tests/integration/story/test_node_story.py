@@ -398,7 +398,7 @@ async def test_agent_stopped_mid_install_keeps_previous_and_rerun_converges(stor
         story.agent.kill_service()
         await story.agent.gone()
     await story.quiet_root()  # the playbook died with the agent: nothing orphaned inside the node
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 30
 
     # the node is in its previous working state
     on_disk = story.agent.state_dir / "jobs" / "jobs" / job_id / "artifacts"
