@@ -82,7 +82,8 @@ case "$PHASE" in
 import importlib, sys
 mods = ["grpc", "google.protobuf", "sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "pydantic", "httpx",
         "jinja2", "yaml", "packaging", "cryptography", "croniter", "itsdangerous", "multipart", "prometheus_client",
-        "ansible", "ansible_runner", "pexpect", "daemon", "lockfile", "resolvelib", "pynvml",
+        "ansible", "ansible_runner", "pexpect", "daemon", "lockfile", "resolvelib", "pynvml", "annotated_doc",
+        "opentelemetry", "dateutil", "click", "h11", "anyio", "markupsafe", "typing_extensions",
         "controller.serve", "controller.cli", "controller.web", "agent.main", "agent.executor", "agent.artifact_jobs"]
 bad = []
 for m in mods:
@@ -100,6 +101,8 @@ PY
     "$TARGET_PY" -c "import torch, sys; print('target', sys.version.split()[0], torch.__version__, torch.version.cuda)" \
       || { echo "target python $TARGET_PY cannot import torch"; [[ -z "$SIMULATE" ]] && fail=1; }
     "$TARGET_PY" -c "import setuptools, wheel, packaging; print('build deps ok')" 2>&1 | tail -1
+    env -u PYTHONPATH "$TARGET_PY" -c "import os, sysconfig; p = sysconfig.get_paths()['purelib']; print('target site-packages', p, 'writable' if os.access(p, os.W_OK) else 'NOT WRITABLE')"
+    env -u PYTHONPATH "$TARGET_PY" -m pip --version
     PATH="$(dirname "$TARGET_PY"):$PATH" command -v ninja || echo "WARNING: no ninja next to the target python or on PATH (the playbook would try apt: no network)"
     command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || echo "no nvcc (fine only for a rehearsal)"
     echo "sdist: $(sdist) ($(stat -c %s "$(sdist)" 2>/dev/null) bytes)"
