@@ -5,6 +5,13 @@
 - each job gets a private run directory ``STATE/jobs/<job_id>/`` (ansible-runner's
   private data dir: ``inventory/``, ``env/``, ``artifacts/<n>/`` with every event as JSON,
   and ``outputs/`` where playbooks drop files for the agent, e.g. a built wheel);
+- the run never depends on the agent's working directory nor on the installed playbooks staying
+  in place: the playbooks are copied to ``project/`` in the run directory and ansible-playbook runs
+  there (its working directory; Ansible calls ``os.getcwd()`` in every ``copy`` task and fails with a
+  bare "[Errno 2] No such file or directory" once that directory is gone, e.g. when the checkout the
+  agent runs from is replaced), and the job has its own Ansible temp dirs, created before the run and
+  removed only after it: ``tmp/local`` (``ANSIBLE_LOCAL_TEMP``) and, with connection ``local``,
+  ``tmp/remote`` (``ANSIBLE_REMOTE_TEMP``; in a chroot ``/tmp/fleet-ansible/<job_id>`` inside the root);
 - the playbook runs with connection ``local`` on a real node, or
   ``community.general.chroot`` into ``root`` for a simulated node;
 - job vars go in as extra vars (a JSON file, never a command line); names starting with
@@ -163,6 +170,18 @@ class _RunState:
         self.failures: list[str] = []
 
 
+class _RunDirs:
+    """A job's run directory (absolute) and what ``AnsibleJobRunner._prepare`` makes in it."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = job_dir
+        self.outputs = job_dir / "outputs"
+        self.project = job_dir / "project"
+        self.local_tmp = job_dir / "tmp" / "local"
+        self.remote_tmp = job_dir / "tmp" / "remote"  # as the playbook's connection sees it
+        self.remote_tmp_on_disk: Path | None = None  # where that is from the agent (inside the root for chroot)
+
+
 class AnsibleJobRunner:
     """Runs playbooks for jobs; see the module docstring."""
 
@@ -208,18 +227,22 @@ class AnsibleJobRunner:
             playbook = self._check(job)
         except ExecutionError as exc:
             return JobOutcome(status="error", rc=-1, result={}, error=exc.message)
-        job_dir = self.state_dir / "jobs" / job.job_id
-        outputs = job_dir / "outputs"
-        outputs.mkdir(parents=True, exist_ok=True)
-        ident = self._next_ident(job_dir)
-        loop = asyncio.get_running_loop()
-        pump = EventPump(loop, self.event_buffer, job.job_id)
-        state = _RunState()
+        job_dir = self.job_dir(job.job_id)
         cancel_ev = threading.Event()
         with self._lock:
             if job.job_id in self._cancel:
                 return JobOutcome(status="error", rc=-1, error=f"job {job.job_id} is already running")
             self._cancel[job.job_id] = cancel_ev
+        try:
+            dirs = self._prepare(job, job_dir)
+        except OSError as exc:
+            with self._lock:
+                self._cancel.pop(job.job_id, None)
+            return JobOutcome(status="error", rc=-1, error=f"cannot prepare the run directory {job_dir}: {exc}")
+        ident = self._next_ident(job_dir)
+        loop = asyncio.get_running_loop()
+        pump = EventPump(loop, self.event_buffer, job.job_id)
+        state = _RunState()
         deadline = time.monotonic() + job.timeout_s
         why: list[str] = []
 
@@ -237,7 +260,7 @@ class AnsibleJobRunner:
             pump.put(event)
             return True  # keep it in the run directory too
 
-        kwargs = self._runner_kwargs(job, playbook, job_dir, outputs, ident, event_handler, cancel_callback)
+        kwargs = self._runner_kwargs(job, playbook, dirs, ident, event_handler, cancel_callback)
         consumer = asyncio.create_task(pump.consume(emit_event))
         worker = asyncio.ensure_future(asyncio.to_thread(self._run_blocking, kwargs))
         try:
@@ -248,6 +271,8 @@ class AnsibleJobRunner:
                 await asyncio.wait({worker})  # the playbook is being killed; don't leave it behind
                 raise
         finally:
+            if worker.done():  # the playbook has ended: nothing uses its temp dirs any more
+                self._cleanup(dirs)
             with self._lock:
                 self._cancel.pop(job.job_id, None)
             pump.close()
@@ -286,6 +311,37 @@ class AnsibleJobRunner:
             raise ExecutionError(f"node root {self.root} has no /bin/sh", hint="build the simulated node's root first")
         return playbook
 
+    def job_dir(self, job_id: str) -> Path:
+        """The job's run directory, ``STATE/jobs/<job_id>``."""
+        return self.state_dir / "jobs" / job_id
+
+    def _prepare(self, job: JobSpec, job_dir: Path) -> _RunDirs:
+        """Create the run directory, the job's own temp dirs and its copy of the playbooks (see the module doc)."""
+        job_dir = job_dir.resolve()
+        dirs = _RunDirs(job_dir)
+        for d in (dirs.outputs, dirs.local_tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        dirs.local_tmp.chmod(0o700)
+        if self.root is None:
+            dirs.remote_tmp = job_dir / "tmp" / "remote"
+            dirs.remote_tmp_on_disk = dirs.remote_tmp
+        else:
+            dirs.remote_tmp = Path("/tmp/fleet-ansible") / job.job_id
+            dirs.remote_tmp_on_disk = self.root / "tmp" / "fleet-ansible" / job.job_id
+        dirs.remote_tmp_on_disk.mkdir(parents=True, exist_ok=True)
+        dirs.remote_tmp_on_disk.chmod(0o700)
+        if dirs.project.exists():
+            shutil.rmtree(dirs.project)
+        shutil.copytree(self.playbooks_dir, dirs.project, symlinks=False,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return dirs
+
+    @staticmethod
+    def _cleanup(dirs: _RunDirs) -> None:
+        for d in (dirs.local_tmp, dirs.remote_tmp_on_disk):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+
     @staticmethod
     def _next_ident(job_dir: Path) -> str:
         artifacts = job_dir / "artifacts"
@@ -303,28 +359,33 @@ class AnsibleJobRunner:
             host["ansible_host"] = str(self.root)
         return {"all": {"hosts": {"node": host}}}
 
-    def _runner_kwargs(self, job: JobSpec, playbook: Path, job_dir: Path, outputs: Path, ident: str,
+    def _runner_kwargs(self, job: JobSpec, playbook: Path, dirs: _RunDirs, ident: str,
                        event_handler: Callable[[dict[str, Any]], bool],
                        cancel_callback: Callable[[], bool]) -> dict[str, Any]:
         bindir = Path(sys.executable).parent
         extravars = dict(job.vars)
-        extravars["fleet_artifact_dir"] = str(outputs.resolve())
+        extravars["fleet_artifact_dir"] = str(dirs.outputs)
         if self.node_state_dir is not None:
             extravars["fleet_state_dir"] = str(self.node_state_dir)
         envvars = {
             "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            "ANSIBLE_LOCAL_TEMP": str((job_dir / "tmp").resolve()),
             "ANSIBLE_HOST_KEY_CHECKING": "0",
             "ANSIBLE_PIPELINING": "1",  # local and chroot both pipeline: no temp files per task
             "ANSIBLE_DEPRECATION_WARNINGS": "0",
             "ANSIBLE_PYTHON_INTERPRETER": self.python_interpreter,
             **self.extra_env,
+            # the job's own, existing temp dirs: never the agent's environment's (e2e.sh exports both)
+            "ANSIBLE_LOCAL_TEMP": str(dirs.local_tmp),
+            "ANSIBLE_REMOTE_TEMP": str(dirs.remote_tmp),
         }
         return {
-            "private_data_dir": str(job_dir.resolve()),
-            "project_dir": str(self.playbooks_dir.resolve()),
+            "private_data_dir": str(dirs.job_dir),
+            # ansible-playbook's working directory: the job's copy of the playbooks
+            "project_dir": str(dirs.project),
+            # ansible-runner calls os.getcwd() unless given this; the agent's own cwd may be gone
+            "host_cwd": str(dirs.job_dir),
             "playbook": playbook.name,
             "ident": ident,
             "inventory": self._inventory(),
@@ -364,7 +425,7 @@ class AnsibleJobRunner:
 
     def _tail(self, job: JobSpec) -> str:
         """Last lines of the run's output, for errors no task reported (syntax errors, bad inventory)."""
-        runs = sorted((self.state_dir / "jobs" / job.job_id / "artifacts").glob("*/stdout"),
+        runs = sorted((self.job_dir(job.job_id) / "artifacts").glob("*/stdout"),
                       key=lambda p: p.stat().st_mtime)
         if not runs:
             return ""

@@ -119,7 +119,8 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
     try:
         from agent.executor import AnsibleJobRunner
 
-        playbooks = AnsibleJobRunner(args.state_dir / "jobs", root=args.root, python_interpreter=ansible_python(args),
+        # job runs go to STATE/jobs/<job_id>/ (the runner adds jobs/ itself)
+        playbooks = AnsibleJobRunner(args.state_dir, root=args.root, python_interpreter=ansible_python(args),
                                      node_state_dir=getattr(args, "node_state_dir", None))
     except ImportError as exc:
         logging.getLogger(__name__).warning("no playbook executor (%s): playbook jobs will fail", exc)

@@ -15,10 +15,13 @@
 set -uo pipefail
 PHASE=${1:?phase: setup|start|status|wait S|second|collect|stop}
 REPO=$(pwd)
-E2E=${E2E_DIR:-/tmp/e2e}
+E2E=$(realpath -m "${E2E_DIR:-/tmp/e2e}")        # absolute: the daemons run from $E2E/run
 SITE=${E2E_SITE-/tmp/site}
 PY=${E2E_PY:-python3}                                   # runs controller, agent and fleetctl
 TARGET_PY=${E2E_PYTHON:-/opt/torch/.venv/bin/python3}   # the node's target environment (torch)
+# absolute, symlinks kept (a venv's python must stay the venv's): the daemons do not run from the checkout
+[[ "$PY" == */* ]] && PY=$(realpath -s -m "$PY")
+[[ "$TARGET_PY" == */* ]] && TARGET_PY=$(realpath -s -m "$TARGET_PY")
 VERSION=${E2E_VERSION:-2.8.3.post1}
 SIMULATE=${E2E_SIMULATE:-}
 HTTP_PORT=${E2E_HTTP_PORT:-17480}
@@ -32,7 +35,7 @@ export PYTHONPATH="$REPO${SITE:+:$SITE}"
 [[ -n "$SITE" ]] && export PATH="$SITE/bin:$PATH"
 export FLEETCTL_STATE_DIR="$E2E/controller"
 export ANSIBLE_LOCAL_TEMP="$E2E/ansible-tmp" ANSIBLE_REMOTE_TEMP="$E2E/ansible-tmp"
-mkdir -p "$E2E/logs" "$E2E/ansible-tmp"
+mkdir -p "$E2E/logs" "$E2E/ansible-tmp" "$E2E/run"
 
 fleetctl() { "$PY" -m controller.cli "$@"; }
 now() { date +%s; }
@@ -49,7 +52,9 @@ start_agent() {
               --python "$TARGET_PY" --executor ansible --node-state-dir "$E2E/node")
   [[ -n "$SIMULATE" ]] && args+=(--simulate "$SIMULATE" --hostname "${E2E_HOSTNAME:-rehearsal-h100}")
   [[ -n "${1:-}" ]] && args+=(--token "$1")
-  setsid nohup "$PY" -m agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null &
+  # cwd $E2E/run, not the checkout: each device call re-sends the working tree, and a daemon (or the playbook
+  # it starts) whose working directory was replaced under it fails on os.getcwd() (docs/gpu-e2e.md, 2026-11-25)
+  (cd "$E2E/run" && exec setsid nohup "$PY" -m agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null) &
   echo $! > "$E2E/agent.pid"
 }
 
@@ -114,9 +119,9 @@ PY
     if alive "$E2E/controller.pid"; then echo "controller already running (pid $(cat "$E2E/controller.pid"))"
     else
       mark controller_start
-      setsid nohup "$PY" -m controller.main serve --state-dir "$E2E/controller" \
+      (cd "$E2E/run" && exec setsid nohup "$PY" -m controller.main serve --state-dir "$E2E/controller" \
         --grpc-listen "127.0.0.1:$GRPC_PORT" --enroll-listen "127.0.0.1:$ENROLL_PORT" \
-        --http-listen "127.0.0.1:$HTTP_PORT" >> "$E2E/logs/controller.log" 2>&1 < /dev/null &
+        --http-listen "127.0.0.1:$HTTP_PORT" >> "$E2E/logs/controller.log" 2>&1 < /dev/null) &
       echo $! > "$E2E/controller.pid"
       for _ in $(seq 1 60); do fleetctl artifact list >/dev/null 2>&1 && break; sleep 1; done
       fleetctl artifact list >/dev/null || { echo "controller did not come up"; tail -30 "$E2E/logs/controller.log"; exit 1; }
@@ -155,6 +160,7 @@ PY
     JOB=$(fleetctl rollout status "$RID" --json | jq_py '[n.get("job_id") for n in d["nodes"]][0] or ""')
     if [[ -n "$JOB" && "$JOB" != "None" ]]; then fleetctl job "$JOB" | tail -8; fi
     echo "build processes: $(pgrep -c -f 'nvcc|cicc|ptxas' 2>/dev/null || echo 0); agent $(alive "$E2E/agent.pid" && echo up || echo DOWN), controller $(alive "$E2E/controller.pid" && echo up || echo DOWN)"
+    alive "$E2E/agent.pid" && echo "agent cwd: $(readlink "/proc/$(cat "$E2E/agent.pid")/cwd")"
     tail -3 "$E2E/logs/agent.log"
     ;;
 

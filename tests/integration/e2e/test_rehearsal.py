@@ -44,6 +44,8 @@ def test_rehearsal_build_upload_install_then_install_from_store(tmp_path: Path) 
     (tmp_path / "rehearsal.log").write_text(log)
     assert proc.returncode == 0, log[-6000:]
     assert "SETUP OK" in log
+    # the daemons do not run from the checkout (each device call re-sends it: 2026-11-25 in docs/gpu-e2e.md)
+    assert f"agent cwd: {tmp_path / 'run' / 'run'}\n" in log
     with tarfile.open(tmp_path / "out" / "e2e.tar.gz") as tf:
         tf.extractall(tmp_path / "collected", filter="data")
     f = tmp_path / "collected" / "h100_e2e"
@@ -73,6 +75,12 @@ def test_rehearsal_build_upload_install_then_install_from_store(tmp_path: Path) 
     assert built["artifact_sha256"] == built["sha256"] == build["artifact_sha256"]
     events = [e["event"] for e in bj["events"]]
     assert "fleet_artifact_fetch" in events and "fleet_artifact_upload" in events
+    # copy with content (Ansible writes it to a local temp file first) works through the agent, and the job
+    # ran its own copy of the playbooks in STATE/jobs/<job_id>/project (the H100's first attempt failed here)
+    (marked,) = [e["data"] for e in bj["events"]
+                 if e["event"] == "runner_on_ok" and e["data"].get("task") == "Mark the sdist unpacked"]
+    assert marked["task_action"] == "ansible.builtin.copy"
+    assert f"/agent/jobs/{bj['id']}/project/build-from-source.yml:" in marked["task_path"]
     iw = next(j for j in jobs if j["kind"] == "install-wheel")
     assert iw["status"] == "successful" and iw["vars"]["wheel_sha256"] == build["artifact_sha256"]
     fetch = next(e for e in iw["events"] if e["event"] == "fleet_artifact_fetch")

@@ -401,7 +401,7 @@ async def test_agent_stopped_mid_install_keeps_previous_and_rerun_converges(stor
     assert time.monotonic() - started < 30
 
     # the node is in its previous working state
-    on_disk = story.agent.state_dir / "jobs" / "jobs" / job_id / "artifacts"
+    on_disk = story.agent.state_dir / "jobs" / job_id / "artifacts"
     tasks_started = [json.loads(p.read_text()).get("event_data", {}).get("task")
                      for p in on_disk.glob("*/job_events/*.json")]
     assert KEEP_TASK in tasks_started and PIP_TASK not in tasks_started, "the stop came too late to test anything"
