@@ -4,9 +4,14 @@ Starts a controller (``fleet-controller serve``, SQLite by default) as a subproc
 N enrollment tokens, then W worker processes each enroll N/W agents over the enrollment port,
 open one mutual-TLS channel per agent, report facts and heartbeat every ``--interval`` seconds
 at a random phase. Measures, over a steady-state window: heartbeats/s, client-side latency
-p50/p99/max, errors, the controller's CPU, and the DB rows written by liveness bookkeeping.
+p50/p99/max, errors, the controller's CPU and the generator processes' CPU (separately), the
+controller's event-loop lag and garbage-collection pauses, and the DB rows written by liveness
+bookkeeping. The generator freezes its own GC after setup (its full collections over thousands of
+channels would otherwise count as heartbeat latency). ``--profile DIR`` records the controller
+with py-spy over the measured window (it pauses the process to sample: don't read latencies from
+profiled runs).
 
-    .venv/bin/python benchmarks/heartbeat_load.py --agents 1000 5000 10000 --interval 10 --duration 40
+    .venv/bin/python benchmarks/heartbeat_load.py --agents 1000 5000 10000 --interval 10 --duration 30
 
 Results go to docs/benchmarks.md by hand (the script prints a markdown table).
 """
