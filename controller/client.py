@@ -92,6 +92,11 @@ class ControllerClient:
         except httpx.HTTPError as exc:
             raise ControllerUnavailable(f"cannot reach the controller at {self.base_url}: {exc}",
                                         hint=_START_HINT) from exc
+        return self.decode(resp, path)
+
+    @staticmethod
+    def decode(resp: httpx.Response, what: str) -> Any:
+        """The response's JSON, or the controller's error (``{"error": {code, message, hint}}``) raised."""
         try:
             data = resp.json()
         except ValueError:
@@ -105,7 +110,7 @@ class ControllerClient:
                 raise cls(str(err.get("message")), hint=err.get("hint"))
             if resp.status_code == 422 and isinstance(data, dict):
                 raise InputError(f"request refused: {data.get('detail')}", hint="check the arguments")
-            raise FleetError(f"controller answered HTTP {resp.status_code} for {path}",
+            raise FleetError(f"controller answered HTTP {resp.status_code} for {what}",
                              hint="see the controller's log")
         return data
 

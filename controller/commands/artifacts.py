@@ -82,16 +82,7 @@ def upload(client: ControllerClient, path: Path, kind: str, name: str | None = N
     except httpx.HTTPError as exc:
         raise ControllerUnavailable(f"uploading {path.name} to {client.base_url} failed: {exc}",
                                     hint="check that the controller is running") from exc
-    try:
-        data = resp.json()
-    except ValueError:
-        data = None
-    if resp.status_code >= 400:
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            raise FleetError(str(err.get("message")), hint=err.get("hint"))
-        raise FleetError(f"controller answered HTTP {resp.status_code} to the upload of {path.name}",
-                         hint="see the controller's log")
+    data = client.decode(resp, f"the upload of {path.name}")
     if not isinstance(data, dict) or data.get("sha256") != sha:
         raise FleetError(f"the controller stored {path.name} with an unexpected digest: {data}",
                          hint="upload it again")
