@@ -8,6 +8,8 @@
 #   e2e.sh second    — pip uninstall flash-attn, agent re-reports facts, rollout #2 in the foreground (must be
 #                      fa2-wheel with the wheel rollout #1 built; refuses to start a second build)
 #   e2e.sh collect   — $OUT/e2e.tar.gz: the fixtures layout of tests/fixtures/h100_e2e/ + DB copy, logs, timings
+#   e2e.sh drive S   — wait ≤ S s; if rollout #1 has ended, `second`; then `collect` either way (a machine that
+#                      goes back after 30 min held still ends the call in flight: the last call finishes the run)
 #   e2e.sh stop      — stop the agent and the controller this script started
 # Everything lives under $E2E_DIR (default /tmp/e2e). The rehearsal on a machine without a GPU sets
 # E2E_SIMULATE=h100-cu130 (GPU facts from that profile, playbooks for real), E2E_PYTHON, E2E_SDIST, E2E_PY,
@@ -286,6 +288,12 @@ PY
     cat "$C/timing.txt"
     mkdir -p "$OUTDIR"
     tar -C "$C" -czf "$OUTDIR/e2e.tar.gz" . && ls -la "$OUTDIR/e2e.tar.gz"
+    ;;
+
+  drive)  # one device call late in the lease: wait ≤ S s; once rollout #1 has ended, rollout #2; always collect
+    bash "$0" wait "${2:-420}"
+    rollout_done "$(cat "$E2E/rollout1.id")" > /dev/null && bash "$0" second
+    bash "$0" collect
     ;;
 
   stop)
