@@ -168,7 +168,9 @@ PY
 
   wait)
     RID=$(cat "$E2E/rollout1.id") || exit 1
-    for _ in $(seq 1 $(( (${2:-540} + 4) / 5 ))); do
+    # a wall-clock deadline: each poll runs fleetctl (~1-2 s), so counting polls overran a 600 s device call
+    deadline=$(( $(now) + ${2:-540} ))
+    while (( $(now) < deadline )); do
       if rollout_done "$RID" > /dev/null; then break; fi
       sleep 5
     done
