@@ -17,12 +17,13 @@ follows the upstream pattern.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.catalog import parse_wheel_filename
+from controller.catalog import Catalog, default_catalog, parse_wheel_filename
 from controller.resolver import rules
 from fleet.errors import CatalogError
 from fleet.facts import NodeFacts
@@ -75,3 +76,16 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
             continue
         out.append({"filename": a.filename, "sha256": sha, "url": None, "file": a.filename})
     return out
+
+
+def with_store_wheels(catalog: Catalog, s: Session) -> Catalog:
+    """``catalog`` plus the wheels in the artifact store (``local_wheel_entries``)."""
+    local = local_wheel_entries(s)
+    return catalog.with_local_wheels(local) if local else catalog
+
+
+def controller_catalog(s: Session, state_dir: Path | None) -> Catalog:
+    """The catalog every decision the controller shows or acts on uses: ``fleetctl catalog`` additions, the
+    built-in upstream list and the wheels in the artifact store. One function, so the dashboard's current
+    plan, the re-plan after a failed verification and a rollout never disagree about a built wheel."""
+    return with_store_wheels(default_catalog(state_dir), s)

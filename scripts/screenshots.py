@@ -4,11 +4,18 @@
 
 The data is a simulated fleet (controller.web.sample: 60 nodes, labelled ``simulated``) with a
 scripted simulated rollout stopped half-way, one node failing its build with a diagnosed error.
+
+    .venv/bin/python scripts/screenshots.py --from-db tests/fixtures/h100_e2e/controller.db.gz --prefix h100-e2e-
+
+shows a real controller's database instead (a copy of it; ``.gz`` is unpacked): the overview, every node's page
+and every rollout's page, named PREFIX + overview / node-HOST / rollout-ID.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import shutil
 import sys
 import tempfile
 import types
@@ -46,6 +53,8 @@ def _schedules(store: Any, verified: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    ap.add_argument("--from-db", type=Path, metavar="DB", help="a controller's SQLite database (or DB.gz)")
+    ap.add_argument("--prefix", default="", help="file name prefix of the PNGs")
     args = ap.parse_args()
     reason = missing_reason()
     if reason:
@@ -53,6 +62,11 @@ def main() -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="dash-shots-"))
+    if args.from_db is not None:
+        if not args.from_db.is_file():
+            print(f"cannot take screenshots: no database at {args.from_db}", file=sys.stderr)
+            return 1
+        return _shoot_db(args.from_db, tmp, args.out, args.prefix)
     store = open_store(f"sqlite:///{tmp / 'controller.db'}")
     add_user(store, "olga", "operator", PASSWORD)
     hosts = sample.populate(store, 60, seed=3, prefix="sim-gpu")
@@ -63,16 +77,42 @@ def main() -> int:
     for _ in range(6):
         rollout.tick()
     _schedules(store, hosts[20:])
-    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
     shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{failing}"),
              ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
              ("rollout", "/rollouts/r-20261125-demo"), ("schedules", "/schedules")]
+    _shoot(store, tmp, args.out, [(args.prefix + name, path) for name, path in shots], login_shot="login")
+    store.close()
+    return 0
+
+
+def _shoot_db(db: Path, tmp: Path, out: Path, prefix: str) -> int:
+    """Screenshots of a copy of a real controller's database: the original is never opened for writing."""
+    copy = tmp / "controller.db"
+    with (gzip.open(db) if db.suffix == ".gz" else db.open("rb")) as src, copy.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+    store = open_store(f"sqlite:///{copy}")
+    add_user(store, "olga", "operator", PASSWORD)
+    from controller.rollout.models import Rollout
+    from controller.store.models import Node
+    with store.session() as s:
+        hosts = [n.hostname for n in s.query(Node).order_by(Node.hostname)]
+        rollouts = [r.id for r in s.query(Rollout).order_by(Rollout.created_at)]
+    shots = [(prefix + "overview", "/")] + [(f"{prefix}node-{h}", f"/nodes/{h}") for h in hosts]
+    shots += [(f"{prefix}rollout-{r}", f"/rollouts/{r}") for r in rollouts]
+    _shoot(store, tmp, out, shots, login_shot=None)
+    store.close()
+    return 0
+
+
+def _shoot(store: Any, tmp: Path, out: Path, shots: list[tuple[str, str]], login_shot: str | None) -> None:
+    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
     with sample.ThreadServer(app) as server, chromium() as browser:
         ctx = browser.new_context(viewport={"width": 1360, "height": 900}, device_scale_factor=1)
         page = ctx.new_page()
         page.goto(server.url + "/login")
         page.fill("input[name=username]", "olga")
-        page.screenshot(path=str(args.out / "login.png"))
+        if login_shot:
+            page.screenshot(path=str(out / f"{login_shot}.png"))
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_url(server.url + "/")
@@ -81,12 +121,10 @@ def main() -> int:
             if page.locator("#live").count():
                 page.wait_for_selector("#live.on", timeout=10_000)
             page.wait_for_timeout(300)
-            target = args.out / f"{name}.png"
+            target = out / f"{name}.png"
             page.screenshot(path=str(target), full_page=True)
             print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
         ctx.close()
-    store.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from controller.jobs import ACTIVE_STATUSES, JobOutcome
 from controller.rollout.core import NodeInfo, parse_selector, select_nodes
@@ -148,16 +149,16 @@ class VerificationService:
         with self.ctx.store.session() as s:
             row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
                                job_error=error, trigger=trigger, schedule_id=schedule_id, policy=self.policy)
-            catalog = self._catalog()
-            change, state = store.apply_health(s, row, catalog=catalog)
+            change, state = store.apply_health(s, row, catalog=self._catalog(s))
             log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
             return change, state.reason
 
-    def _catalog(self) -> Any:
+    def _catalog(self, s: Session) -> Any:
+        """The rollout's catalog (``controller_catalog``), so a re-plan picks the wheels our builds stored."""
         try:
-            from controller.catalog import default_catalog
+            from controller.local_wheels import controller_catalog
 
-            return default_catalog(self.ctx.settings.state_dir)
+            return controller_catalog(s, self.ctx.settings.state_dir)
         except (FleetError, OSError):
             return None
 
@@ -196,9 +197,9 @@ class VerificationService:
     def _expect(self, hostname: str) -> str:
         with self.ctx.store.session() as s:
             facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
-        if facts.get("flash_attn"):
-            return "flash_attn"
-        plan = store.replan(facts)
+            if facts.get("flash_attn"):
+                return "flash_attn"
+            plan = store.replan(facts, self._catalog(s))
         return "sdpa" if plan and plan.get("variant") in ("sdpa", "blocked") else "flash_attn"
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",

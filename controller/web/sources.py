@@ -28,12 +28,13 @@ def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None
     return verifications.fleet_median(session, gpu_model, simulated=simulated)
 
 
-def plan_for(facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, Any] | None:
+def plan_for(session: Session, facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, Any] | None:
     """The resolver's current decision for these facts (DESIGN §3.2 decision, default policy, the
-    controller's catalog: its additions in STATE/catalog.json, then the built-in list), or None when the
-    resolver is not there; unreadable facts give a ``blocked`` decision."""
+    controller's catalog: its additions in STATE/catalog.json, the built-in list and the wheels in the
+    artifact store, as a rollout sees them), or None when the resolver is not there; unreadable facts give
+    a ``blocked`` decision."""
     try:
-        from controller.catalog import builtin_catalog, default_catalog
+        from controller.local_wheels import controller_catalog
         from controller.resolver import Policy, resolve
         from fleet.facts import parse_node
     except ImportError:
@@ -42,7 +43,7 @@ def plan_for(facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, A
     if not facts:
         return None
     try:
-        catalog = default_catalog(Path(state_dir)) if state_dir else builtin_catalog()
+        catalog = controller_catalog(session, Path(state_dir) if state_dir else None)
         decision = resolve(parse_node(facts), catalog, Policy())
     except FleetError as exc:
         return {"variant": "blocked", "flash_attn_version": None, "artifact": None, "toolkit": None, "steps": [],
