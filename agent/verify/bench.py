@@ -485,13 +485,18 @@ def itertools_accumulate(values: list[int]) -> list[int]:
 
 def _time_calls(ctx: WorkerCtx, fn: Callable[[], Any], target_s: float, min_reps: int, max_reps: int) -> tuple[
         float, int]:
-    """Median milliseconds per call (CUDA events on a GPU, perf_counter on CPU)."""
+    """Median milliseconds per call (CUDA events on a GPU, perf_counter on CPU), after a warm-up of about
+    half the target time: without it the first shape of the H100 run of 2026-11-25 measured 169 TFLOP/s where
+    the same shape gave 256 in another run and its float16 twin 255 in the same one (docs/gpu-e2e.md)."""
     torch = ctx.torch
     t0 = time.perf_counter()
     fn()
     _sync(ctx)
     one = max(time.perf_counter() - t0, 1e-6)
     reps = int(max(min_reps, min(max_reps, target_s / one)))
+    for _ in range(max(2, min(max_reps, int(target_s / 2 / one)))):
+        fn()
+    _sync(ctx)
     times: list[float] = []
     if ctx.is_cuda:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
