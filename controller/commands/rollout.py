@@ -159,10 +159,11 @@ def _print_plan(out: dict[str, Any]) -> None:
         label = "canary" if i == 0 and out["canaries"] else f"batch {i}"
         print(f"  {label:<8} {len(b):>4} node(s): {', '.join(b[:8])}{' …' if len(b) > 8 else ''}")
     for b in out["builds"]:
-        print(f"  build once: {b['builder']} builds for {len(b['waiting'])} more node(s) "
-              f"(~{b['estimated_minutes']} min) — key {b['build_key']}")
+        waiting = len(b["waiting"])
+        who = f"then {waiting} more node(s) install its wheel" if waiting else "no other node waits for it"
+        print(f"  build once: {b['builder']} builds (~{b['estimated_minutes']} min), {who} — key {b['build_key']}")
     bm = out["build_minutes"]
-    if bm["on_every_node"]:
+    if bm["on_every_node"] and bm["on_every_node"] != bm["once_per_key"]:
         print(f"  build time: {bm['once_per_key']} min once per key vs {bm['on_every_node']} min building on "
               f"every node")
     o = out["options"]
