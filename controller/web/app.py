@@ -28,7 +28,7 @@ from starlette.datastructures import FormData
 
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
-from controller.web import nodeindex, sources
+from controller.web import nodeindex, rolloutview, sources
 from controller.web.auth import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -71,6 +71,7 @@ class WebState:
         self.templates.env.filters["age"] = _age
         self.templates.env.filters["event_task"] = _event_task
         self.templates.env.filters["event_text"] = _event_text
+        self.templates.env.filters["rollout_options"] = rolloutview.describe_options
         self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
         self.throttle = LoginThrottle()
@@ -401,7 +402,7 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
     median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
         "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
-        "job_events": job_events, "plan": sources.plan_for(node.facts, state_dir), "verifications": verifications,
+        "job_events": job_events, "plan": sources.plan_for(s, node.facts, state_dir), "verifications": verifications,
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg(verifications or [], median or []) if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),
@@ -452,7 +453,7 @@ def rollouts_page(request: Request) -> Response:
 def rollout_page(request: Request, rollout_id: str) -> Response:
     require_user(request)
     with _state(request).store.session() as s:
-        detail = sources.rollout_detail(s, rollout_id)
+        detail = rolloutview.rollout_detail(s, rollout_id)
     if detail is None:
         return _security_headers(render(request, "error.html", status_code=404, title="No such rollout",
                                         message=f"There is no rollout {rollout_id}."))
@@ -463,7 +464,7 @@ def rollout_page(request: Request, rollout_id: str) -> Response:
 def rollout_json(request: Request, rollout_id: str) -> JSONResponse:
     require_user(request)
     with _state(request).store.session() as s:
-        detail = sources.rollout_detail(s, rollout_id)
+        detail = rolloutview.rollout_detail(s, rollout_id)
     if detail is None:
         return JSONResponse({"error": "not-found"}, status_code=404)
     return JSONResponse(json.loads(json.dumps(detail, default=str)))
@@ -526,7 +527,7 @@ def _snapshot(st: WebState, topic: str) -> Any:
         if topic == "nodes":
             return nodeindex.fingerprint(s)
         if topic.startswith("rollout:"):
-            return sources.rollout_detail(s, topic.split(":", 1)[1])
+            return rolloutview.rollout_detail(s, topic.split(":", 1)[1])
         if topic == "rollouts":
             return sources.rollouts(s)
         if topic.startswith("node:"):

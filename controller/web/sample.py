@@ -9,6 +9,7 @@ tables the engine writes, and honouring pause/abort done through ``controller.ro
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
 from typing import Any
 
@@ -152,34 +153,53 @@ FAIL_LOG = ("Building wheel for flash-attn (setup.py) ... error\n"
 class ScriptedRollout:
     """A simulated rollout over ``hosts`` that moves one step per ``tick()`` while its status is ``running``.
 
-    Batches: the first host is the canary, then batches of ``batch`` hosts. Hosts in ``fail`` fail
-    their build step with a CUDA-mismatch log (diagnosed by controller.diagnose) and a failed job.
+    Batches: the first host is the canary (none with ``canary=False``: ``--canary 0``), then batches of
+    ``batch`` hosts. Hosts in ``fail`` fail their build step with a CUDA-mismatch log (diagnosed by
+    controller.diagnose) and a failed job; hosts in ``build`` build their wheel from source, then install
+    and verify it. Each of those builds its own build key (a ``builds`` row, as the engine keeps it).
     """
 
     PATH = ("planned", "install", "verify", "done")
+    BUILD_PATH = ("planned", "build", "install", "verify", "done")
     FAIL_PATH = ("planned", "build", "failed")
 
     def __init__(self, store: Store, hosts: list[str], *, rollout_id: str = "r-sim-0001", batch: int = 3,
-                 fail: tuple[str, ...] = (), version: str = FA_VERSION) -> None:
-        from controller.rollout.models import Rollout, RolloutNode
-        self.store, self.rid, self.fail = store, rollout_id, set(fail)
+                 fail: tuple[str, ...] = (), build: tuple[str, ...] = (), canary: bool = True,
+                 version: str = FA_VERSION) -> None:
+        from controller.rollout.models import Build, Rollout, RolloutNode
+        self.store, self.rid, self.fail, self.build = store, rollout_id, set(fail), set(build) - set(fail)
+        self.version = version
         now = utcnow()
         with store.session() as s:
-            sizes = [1] + [batch] * ((len(hosts) - 1 + batch - 1) // batch)
+            first = 1 if canary else 0
+            sizes = [1] * first + [batch] * ((len(hosts) - first + batch - 1) // batch)
             s.add(Rollout(id=rollout_id, version=version, selector="all", status="running", reason="",
-                          options={"batch": f"1,{batch}", "canary": 1, "max_failures": "2", "simulated": True},
+                          options={"batch": f"1,{batch}" if canary else str(batch), "canary": 1 if canary else 0,
+                                   "canary_batch": canary, "max_failures": "2", "simulated": True},
                           created_by="user:demo", created_at=now, updated_at=now, finished_at=None,
                           current_batch=0, batches=len(sizes), canary_ack=False))
             s.flush()
             for i, host in enumerate(hosts):
-                b = 0 if i == 0 else 1 + (i - 1) // batch
-                steps = ["build-from-source", "install-wheel", "verify"] if host in self.fail else \
-                    ["install-wheel", "verify"]
-                s.add(RolloutNode(rollout_id=rollout_id, hostname=host, batch=b, canary=i == 0,
-                                  plan={"variant": "fa2-source" if host in self.fail else "fa2-wheel",
+                b = 0 if canary and i == 0 else first + (i - first) // batch
+                source = host in self.fail or host in self.build
+                steps = ["build-from-source", "install-wheel", "verify"] if source else ["install-wheel", "verify"]
+                key = self.build_key(host) if source else None
+                if key is not None:
+                    s.add(Build(build_key=key, status="pending", rollout_id=rollout_id, builder=host, params={},
+                                artifact_sha256=None, artifact_filename=None, job_id=None, error=None,
+                                created_at=now, finished_at=None, attempts=0))
+                s.add(RolloutNode(rollout_id=rollout_id, hostname=host, batch=b, canary=canary and i == 0,
+                                  plan={"variant": "fa2-source" if source else "fa2-wheel",
                                         "flash_attn_version": version, "steps": steps},
-                                  previous=None, build_key=None, state="planned", step=None, job_id=None,
+                                  previous=None, build_key=key, state="planned", step=None, job_id=None,
                                   attempt=1, cause="", diagnosis=None, result={}, updated_at=now))
+
+    def build_key(self, host: str) -> str:
+        """A build key of its own per building host (build keys are unique across rollouts)."""
+        return f"variant=fa2-source;flash_attn={self.version};simulated={self.rid}/{host}"
+
+    def wheel(self) -> str:
+        return f"flash_attn-{self.version}-cp311-cp311-linux_x86_64.whl"
 
     def status(self) -> str:
         from controller.rollout.models import Rollout
@@ -189,7 +209,7 @@ class ScriptedRollout:
 
     def tick(self) -> bool:
         """Advance the lowest unfinished batch by one step; False when nothing moved (paused or finished)."""
-        from controller.rollout.models import Rollout, RolloutNode, RolloutTransition
+        from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
         from controller.web.sources import diagnose_text
         now = utcnow()
         with self.store.session() as s:
@@ -215,8 +235,18 @@ class ScriptedRollout:
             for n in open_nodes:
                 if n.batch != batch:
                     continue
-                path = self.FAIL_PATH if n.hostname in self.fail else self.PATH
+                path = self.FAIL_PATH if n.hostname in self.fail else \
+                    self.BUILD_PATH if n.hostname in self.build else self.PATH
                 new = path[path.index(n.state) + 1]
+                build = s.get(Build, n.build_key) if n.build_key else None
+                if build is not None:
+                    if new == "build":
+                        build.status, build.attempts = "building", build.attempts + 1
+                        build.job_id = f"job-{self.rid}-{n.hostname}-build"
+                    elif n.state == "build" and new != "failed":
+                        build.status, build.finished_at = "succeeded", now
+                        build.artifact_filename = self.wheel()
+                        build.artifact_sha256 = hashlib.sha256(build.build_key.encode()).hexdigest()
                 s.add(RolloutTransition(rollout_id=self.rid, hostname=n.hostname, from_state=n.state, to_state=new,
                                         at=now, cause="simulated step", job_id=None, actor="engine"))
                 n.state, n.updated_at = new, now
@@ -236,6 +266,8 @@ class ScriptedRollout:
                         s.add(JobEvent(job_id=job_id, counter=c, event=ev, data=data, created=now))
                     n.job_id, n.step = job_id, "build-from-source"
                     n.cause = "build-from-source failed: CUDA version mismatch between nvcc and torch"
+                    if build is not None:
+                        build.status, build.error, build.finished_at = "failed", n.cause, now
                     diag = diagnose_text(FAIL_LOG)
                     n.diagnosis = {"diagnoses": [diag]} if diag else None
                 if new == "done":
@@ -248,7 +280,8 @@ class ScriptedRollout:
                                   started_at=now - dt.timedelta(seconds=25), finished_at=now, rc=0,
                                   result={"verification": verification_result(gpu, rng, at=now)}, error=None))
                         facts = dict(node.facts)
-                        facts["flash_attn"] = {"version": r.version, "variant": "fa2-wheel"}
+                        facts["flash_attn"] = {"version": r.version,
+                                               "variant": (n.plan or {}).get("variant") or "fa2-wheel"}
                         node.facts, node.facts_updated_at = facts, now
             return True
 

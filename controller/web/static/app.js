@@ -15,6 +15,8 @@
     return e;
   }
   const badge = (s, cls) => el("span", { class: "badge " + (cls || "st-" + s) }, s);
+  // as `fleetctl rollout status` labels them: canaries, then "batch N"; nodes skipped at the start are in no batch
+  const batchLabel = (canary, index) => canary ? "canary" : (index >= 0 ? "batch " + index : "none");
   const sim = (flag) => flag ? el("span", { class: "badge sim", title: "GPU hardware simulated from a profile" }, "simulated") : null;
 
   // confirmation for dangerous actions
@@ -87,9 +89,27 @@
       el("span", { class: "chip st-" + s, "data-state": s }, `${s} `, el("b", {}, n))));
     const bt = document.querySelector("#batches tbody");
     if (bt) bt.replaceChildren(...(r.batches || []).map((b) => el("tr", { "data-batch": b.index },
-      el("td", {}, b.label || (b.index === 0 ? "canary" : "batch " + b.index)), el("td", { class: "num" }, b.size),
+      el("td", {}, batchLabel(b.canary, b.index)), el("td", { class: "num" }, b.size),
       el("td", {}, badge(b.status)),
       el("td", {}, ...Object.entries(b.by_state || {}).map(([s, n]) => el("span", { class: "chip st-" + s }, `${s} ${n}`))))));
+    const builds = document.querySelector("#builds tbody");
+    if (builds) {
+      const bs = r.builds || [];
+      document.getElementById("builds-card").hidden = bs.length === 0;
+      builds.replaceChildren(...bs.map((b) => el("tr", { "data-build-status": b.status, "data-builder": b.builder || "" },
+        el("td", {}, badge(b.status)),
+        el("td", {}, b.builder ? el("a", { href: "/nodes/" + encodeURIComponent(b.builder) }, b.builder) : el("span", { class: "muted" }, "none yet")),
+        el("td", { class: "build" },
+          b.artifact_filename ? el("code", { class: "wheel" }, b.artifact_filename) : null,
+          b.sha256_short ? el("span", { class: "muted small", title: "sha256 " + b.artifact_sha256 }, " sha256 " + b.sha256_short + "…") : null,
+          b.reused && b.rollout_id ? el("span", { class: "muted small" }, " built by ",
+            el("a", { href: "/rollouts/" + encodeURIComponent(b.rollout_id) }, b.rollout_id)) : null,
+          b.error ? el("div", { class: "error" }, b.error) : null,
+          el("div", { class: "muted small build-key" }, "build key ",
+            ...String(b.build_key).split(";").flatMap((part, i) => i ? [";", el("wbr"), part] : [part]))),
+        el("td", { class: "num" }, b.attempts),
+        el("td", { class: "nowrap" }, b.duration || (b.finished_at ? "" : el("span", { class: "muted" }, "not finished"))))));
+    }
     const fails = document.getElementById("failures");
     if (fails) {
       const f = r.failures || [];
@@ -104,7 +124,7 @@
     const nt = document.querySelector("#rollout-nodes tbody");
     if (nt) nt.replaceChildren(...(r.nodes || []).map((n) => el("tr", { "data-host": n.hostname, "data-state": n.state },
       el("td", {}, el("a", { href: "/nodes/" + encodeURIComponent(n.hostname) }, n.hostname), " ", sim(n.simulated)),
-      el("td", { class: "num" }, n.batch === 0 ? "canary" : n.batch), el("td", {}, badge(n.state)),
+      el("td", {}, batchLabel(n.canary, n.batch)), el("td", {}, badge(n.state)),
       el("td", {}, n.variant || "", " ", el("span", { class: "muted" }, (n.steps || []).join(" → "))),
       el("td", { class: "small" }, n.error || n.detail || ""))));
     for (const b of document.querySelectorAll("button.act")) {

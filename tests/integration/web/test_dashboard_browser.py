@@ -85,6 +85,13 @@ def test_operator_watches_rollout_reads_diagnosis_and_pauses(fleet: dict[str, An
     page.evaluate("window.__noReload = 'still here'")
     before = page.locator("#progress-text").inner_text()
     assert "0 of 16" in before
+    # the canary is labelled from its canary flag, the other batches as `fleetctl rollout status` does
+    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[0]}'] td").nth(1).inner_text() == "canary"
+    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[1]}'] td").nth(1).inner_text() == "batch 1"
+    assert page.locator("#batches tr[data-batch='1'] td").first.inner_text() == "batch 1"
+    assert "max failures 2" in page.locator("#rollout-options").inner_text()
+    # its one build (the failing node's) is listed, pending
+    page.wait_for_selector(f"#builds tr[data-builder='{hosts[2]}'][data-build-status='pending']")
 
     with sample.Ticker(fleet["rollout"], interval=0.5):
         # progress arrives over SSE, without a reload
@@ -116,6 +123,43 @@ def test_operator_watches_rollout_reads_diagnosis_and_pauses(fleet: dict[str, An
     assert "same major as torch" in diag  # the remedy
     assert "simulated" in page.locator("h1").inner_text()
     assert "driver.version" in page.locator("body").inner_text()  # facts history
+    ctx.close()
+
+
+def test_canary0_rollout_batches_and_builds(fleet: dict[str, Any]) -> None:
+    """``--canary 0``: batch 0 is an ordinary batch; the Builds card follows the build live and shows its wheel."""
+    base, hosts = fleet["url"], fleet["hosts"]
+    rollout = sample.ScriptedRollout(fleet["store"], hosts[16:20], rollout_id="r-sim-nocanary", batch=2,
+                                     canary=False, build=(hosts[16],))
+    ctx = fleet["browser"].new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    _login(page, base, "vic", "/rollouts/r-sim-nocanary")
+    page.wait_for_selector("#live.on", timeout=10_000)
+    header = page.locator("#rollout-options").inner_text()
+    assert "batch size 2 · no canary · max failures 2" in header and "canary_batch" not in header
+    node_batch = page.locator(f"#rollout-nodes tr[data-host='{hosts[16]}'] td").nth(1)
+    assert node_batch.inner_text() == "batch 0"
+    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[18]}'] td").nth(1).inner_text() == "batch 1"
+    assert "canary" not in page.locator("#rollout-nodes").inner_text()
+    assert page.locator("#batches tr[data-batch='0'] td").first.inner_text() == "batch 0"
+    assert "canary" not in page.locator("#batches").inner_text()
+    card = page.locator("#builds-card")
+    assert card.is_visible() and "pending" in card.inner_text()
+    page.evaluate("window.__noReload = 'yes'")
+    with sample.Ticker(rollout, interval=0.3):
+        page.wait_for_selector(f"#builds tr[data-builder='{hosts[16]}'][data-build-status='succeeded']",
+                               timeout=20_000)
+    assert page.evaluate("window.__noReload") == "yes"  # over SSE, without a reload
+    row = page.locator(f"#builds tr[data-builder='{hosts[16]}']").inner_text()
+    assert "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl" in row and "sha256 " in row
+    assert "variant=fa2-source;flash_attn=2.8.3" in row  # the build key
+    assert page.locator(f"#builds a[href='/nodes/{hosts[16]}']").count() == 1
+    # a rollout without builds has no Builds card
+    sample.ScriptedRollout(fleet["store"], hosts[20:22], rollout_id="r-sim-wheels", batch=1)
+    page.goto(base + "/rollouts/r-sim-wheels")
+    page.wait_for_selector("#live.on", timeout=10_000)
+    assert page.locator("#builds-card").is_hidden()
+    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[20]}'] td").nth(1).inner_text() == "canary"
     ctx.close()
 
 
