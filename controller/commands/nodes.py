@@ -49,6 +49,7 @@ def handle_node(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
     n = client.get(f"/nodes/{args.hostname}")
     n["verification"] = client.get(f"/verify/nodes/{args.hostname}")  # degraded, diagnosis, re-plan, results
+    n["rollouts"] = client.get(f"/rollouts/nodes/{args.hostname}", limit=10)["rollouts"]  # its state in each
     if args.json:
         print_json(n)
         return 0
@@ -87,6 +88,13 @@ def handle_node(args: argparse.Namespace) -> int:
     print("\nstatus history (newest first):")
     for e in n["status_history"]:
         print(f"  {e['at'][:19]}  {e['old'] or '-'} → {e['new']}  ({e['reason']})")
+    print("\nrollouts (newest first):")
+    for r in n["rollouts"]:
+        step = f" at {r['step']}" if r["step"] and r["state"] not in ("done", "failed", "skipped") else ""
+        print(f"  {r['rollout_id']}  flash-attn {r['version']}  {r['variant'] or '-'}: {r['state']}{step}"
+              f"  (rollout {r['rollout_status']})  {r['cause']}")
+    if not n["rollouts"]:
+        print(f"  none (`fleetctl rollout flash-attn --nodes {n['hostname']}`)")
     from controller.commands.verify import print_node_health
 
     print_node_health(n["verification"])

@@ -4,7 +4,8 @@
 the HTTP app starts and stops it on shutdown (``create_app`` includes this router).
 
 Routes (bearer token): POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
-GET /rollouts/{id}[?since=TRANSITION_ID] · POST /rollouts/{id}/pause|resume|abort|rollback ·
+GET /rollouts/{id}[?since=TRANSITION_ID] ·
+GET /rollouts/nodes/{hostname} (that node's part in each) · POST /rollouts/{id}/pause|resume|abort|rollback ·
 GET /rollouts/{id}/audit
 """
 
@@ -101,6 +102,11 @@ def router() -> APIRouter:
     @r.get("/latest")
     def latest(ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:
         return service.get_status(ctx.store, None, since=since)
+
+    @r.get("/nodes/{hostname}")
+    def of_node(hostname: str, ctx: Ctx, _: Admin, limit: int = 20) -> dict[str, Any]:
+        with ctx.store.session() as s:
+            return {"hostname": hostname, "rollouts": service.node_rollouts(s, hostname, min(max(limit, 1), 200))}
 
     @r.get("/{rid}")
     def status(rid: str, ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:

@@ -386,6 +386,19 @@ def list_rollouts(store: Store, limit: int = 50) -> list[dict[str, Any]]:
         return out
 
 
+def node_rollouts(s: Session, hostname: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The rollouts ``hostname`` took part in, newest first: the rollout's status and this node's own state
+    there (``done``, ``failed``, ...), variant, step, cause and attempt. ``fleetctl node`` and the node page."""
+    rows = s.execute(select(RolloutNode, Rollout).join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                     .where(RolloutNode.hostname == hostname)
+                     .order_by(Rollout.created_at.desc()).limit(limit)).all()
+    return [{"rollout_id": r.id, "version": r.version, "rollout_status": r.status, "created_at": _iso(r.created_at),
+             "finished_at": _iso(r.finished_at), "state": n.state, "variant": (n.plan or {}).get("variant"),
+             "steps": list((n.plan or {}).get("steps") or []), "step": n.step, "job_id": n.job_id,
+             "attempt": n.attempt, "cause": n.cause, "build_key": n.build_key, "updated_at": _iso(n.updated_at)}
+            for n, r in rows]
+
+
 def audit_entries(store: Store, rid: str) -> list[dict[str, Any]]:
     from controller.store.models import AuditLog
 

@@ -403,6 +403,7 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
     return {
         "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
         "job_events": job_events, "plan": sources.plan_for(s, node.facts, state_dir), "verifications": verifications,
+        "rollouts": sources.node_rollouts(s, hostname),
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg(verifications or [], median or []) if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),

@@ -52,6 +52,16 @@ def plan_for(session: Session, facts: dict[str, Any] | None, state_dir: Any = No
     return out
 
 
+def node_rollouts(session: Session, hostname: str) -> list[dict[str, Any]] | None:
+    """This node's part in each rollout, newest first (``controller.rollout.service.node_rollouts``), or None
+    when the rollout package is not there."""
+    try:
+        from controller.rollout.service import node_rollouts as of_node
+    except ImportError:
+        return None
+    return of_node(session, hostname, limit=10)
+
+
 def _rollout_models() -> Any:
     try:
         from controller.rollout import models

@@ -94,6 +94,13 @@ async def test_canary_batches_budget_stop_resume_rollback(db_url: str, controlle
     [build] = st["builds"]
     assert build["status"] == "succeeded" and build["artifact_sha256"]
     assert controller.ctx.artifacts.get(build["artifact_sha256"]).kind == "wheel"
+    # `fleetctl node` says what the rollout did to that node
+    rc, out, err = await fleetctl(controller, "node", "l40s-1")
+    assert rc == 0, out + err
+    assert f"{rid}  flash-attn {st['version']}  fa2-source: done  (rollout succeeded)" in out, out
+    rc, out, err = await fleetctl(controller, "node", "a100-2", "--json")
+    (mine,) = json.loads(out)["rollouts"]
+    assert (mine["rollout_id"], mine["state"], mine["attempt"]) == (rid, "done", 2), mine
 
     rc, out, err = await fleetctl(controller, "rollout", "rollback", rid)
     assert rc == 0, out + err

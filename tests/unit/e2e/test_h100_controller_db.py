@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from controller.local_wheels import catalog_wheel_name, controller_catalog
-from controller.rollout.service import RolloutRequest, get_status, plan_rollout
+from controller.rollout.service import RolloutRequest, get_status, node_rollouts, plan_rollout
 from controller.store import Store, open_store
 from controller.store.models import Job, JobEvent, Node
 from controller.verify_store import store as vs
@@ -69,6 +69,11 @@ def test_the_database_says_what_the_cli_printed(store: Store) -> None:
         rows = list(s.scalars(select(Verification).order_by(Verification.at)))
     assert [(r.mode, r.passed, r.simulated) for r in rows] == [("full", True, False), ("quick", True, False)]
     assert rows[0].duration_s == pytest.approx(read(D, "verification.json")["duration_s"], abs=0.01)
+    with store.session() as s:  # what `fleetctl node vm` lists under rollouts
+        mine = node_rollouts(s, "vm")
+    assert [(r["rollout_id"], r["variant"], r["state"], r["rollout_status"]) for r in mine] == [
+        (read(D, n)["id"], v, "done", "succeeded")
+        for n, v in (("rollout2_status.json", "fa2-wheel"), ("rollout_status.json", "fa2-source"))]
 
 
 def test_every_view_plans_the_wheel_rollout_1_built(store: Store, tmp_path: Path) -> None:
@@ -109,6 +114,13 @@ def test_the_dashboard_shows_the_real_node_done(store: Store, tmp_path: Path) ->
         assert "NVIDIA H100 80GB HBM3" in text and "2.11.0+cu130" in text and "simulated" not in text.lower()
         assert "fa2-wheel" in text and "build-from-source" in text and "install-wheel" in text
         assert "passed" in text
+        section = text[text.index('id="node-rollouts"'):text.index('id="verifications"')]
+        for name in ("rollout2_status.json", "rollout_status.json"):  # newest first, this node done in each
+            r = read(D, name)
+            assert r["id"] in section and r["nodes"][0]["variant"] in section
+        first, second = (read(D, n)["id"] for n in ("rollout_status.json", "rollout2_status.json"))
+        assert section.index(second) < section.index(first)
+        assert section.count('class="badge st-done"') == 2 and section.count('class="badge st-succeeded"') == 2
         for name in ("rollout_status.json", "rollout2_status.json"):
             r = read(D, name)
             page = c.get(f"/rollouts/{r['id']}")
