@@ -148,7 +148,12 @@ class SimAgents:
 
     async def start(self, hostname: str, profile: str = "a100", *, runner: JobRunner | None = None,
                     facts: Callable[[], NodeFacts] | None = None, wait: bool = True) -> SimAgent:
-        """Enroll (first time) and run an agent for ``hostname``; waits until it is registered."""
+        """Enroll (first time) and run an agent for ``hostname``; waits until it is registered and heartbeating.
+
+        Up means ``online`` or ``degraded`` (both heartbeat): a job the agent takes at once may degrade
+        the node before the first poll here — a verify job without a verification result does
+        (verify_store).
+        """
         state = self.root / hostname
         fixed = profile_facts(profile, hostname)
         assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
@@ -163,8 +168,8 @@ class SimAgents:
         sim = SimAgent(agent, asyncio.create_task(agent.run(stop)), stop, state)
         self.agents[hostname] = sim
         if wait:
-            await wait_for(lambda: (self.rc.ctx.registry.status_of(hostname) == "online" and agent.heartbeats > 0)
-                           or sim.task.done())
+            await wait_for(lambda: (self.rc.ctx.registry.status_of(hostname) in ("online", "degraded")
+                                    and agent.heartbeats > 0) or sim.task.done())
             if sim.task.done():
                 sim.task.result()
         return sim
