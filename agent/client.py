@@ -12,7 +12,14 @@ the state dir; later starts reuse them and need no token. Every other call uses 
 TLS on the agent port. Jobs arrive on the ``Jobs`` stream and go to the ``JobRunner``
 (agent/jobs.py); their events go through a bounded queue that never blocks the runner
 (when full, events are dropped and counted), and are sent in batches by a separate task.
-Running jobs survive reconnections. Refusals of identity (UNAUTHENTICATED,
+Running jobs survive reconnections: each ``Jobs`` stream opens with the ids of the jobs this
+process still holds (received, and not yet acknowledged by ``CompleteJob``: running, or finished
+with the result still being re-sent), so the controller can tell a reconnect (it leaves those
+jobs alone) from a restart (it fails the jobs the new process does not hold as interrupted;
+controller/jobs.py). Held jobs live in memory only: a result not delivered when the process dies
+is lost, and the controller says so. Events and results cut off mid-call by a session ending (grpc.aio
+raises ``CancelledError`` from a call whose channel closes) are sent again on the next session
+(``cut_off``); only a cancellation of the job's own task (agent stop) ends it. Refusals of identity (UNAUTHENTICATED,
 PERMISSION_DENIED) end the agent with ``AuthError``; everything else is retried.
 """
 
@@ -62,6 +69,16 @@ def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts
+
+
+def cut_off() -> bool:
+    """Inside ``except asyncio.CancelledError``: True when the running task was not cancelled itself.
+
+    grpc.aio raises ``CancelledError`` from a call whose channel is closed under it — the session ends
+    when the controller goes away — which is a lost connection to retry, not a request to stop.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 class NoExecutor:
@@ -187,6 +204,7 @@ class Agent:
         self._stub: pb_grpc.AgentServiceAsyncStub | None = None
         self._connected = asyncio.Event()
         self._seen_jobs: set[str] = set()
+        self._held: set[str] = set()  # received, result not acknowledged yet (sent when a Jobs stream opens)
         self._jobs: dict[str, _RunningJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.sequence = 0
@@ -310,7 +328,7 @@ class Agent:
             await asyncio.sleep(self.interval)
 
     async def _job_stream(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
-        call = stub.Jobs(pb.JobsRequest())
+        call = stub.Jobs(wire.jobs_request(self._held))
         async for msg in call:
             if msg.job_id in self._seen_jobs:
                 continue
@@ -320,6 +338,7 @@ class Agent:
             except FleetError as exc:
                 log.error("bad job from controller: %s", exc.message)
                 continue
+            self._held.add(spec.job_id)  # at once, not when the task starts: the next stream must name it
             self._spawn(self._run_job(spec))
         from fleet.errors import ControllerUnavailable
 
@@ -332,7 +351,17 @@ class Agent:
 
     # ---- jobs --------------------------------------------------------------------------
 
+    def held_job_ids(self) -> list[str]:
+        """Jobs this process holds: received, result not acknowledged by the controller yet."""
+        return sorted(self._held)
+
     async def _run_job(self, spec: JobSpec) -> None:
+        try:
+            await self._run_held_job(spec)
+        finally:
+            self._held.discard(spec.job_id)
+
+    async def _run_held_job(self, spec: JobSpec) -> None:
         job = _RunningJob(spec, asyncio.Queue())
         self._jobs[spec.job_id] = job
         sender = asyncio.create_task(self._send_events(job))
@@ -355,8 +384,12 @@ class Agent:
         except TimeoutError:
             outcome = JobOutcome(status="timeout", rc=124, error=f"job exceeded its timeout of {spec.timeout_s:g}s")
         except asyncio.CancelledError:
-            sender.cancel()
-            raise
+            if not cut_off():
+                sender.cancel()
+                raise
+            log.warning("job %s: a call to the controller was cut off mid-job", spec.job_id)
+            outcome = JobOutcome(status="failed", rc=70, error="executor error: a call to the controller was cut "
+                                 "off (the connection was lost) while the job needed it; run the job again")
         except Exception as exc:
             log.exception("job %s: runner crashed", spec.job_id)
             outcome = JobOutcome(status="failed", rc=70, error=f"executor error: {exc.__class__.__name__}: {exc}")
@@ -401,10 +434,15 @@ class Agent:
                     if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                         log.error("job %s: events refused: %s", job.spec.job_id, exc.details())
                         break
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.cfg.backoff_max)
+                except asyncio.CancelledError:
+                    if not cut_off():
+                        raise
+                    # the session ended mid-call (channel closed): send again on the next one
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
 
     async def _complete(self, job_id: str, outcome: JobOutcome) -> None:
+        """Deliver the result; retried across sessions until the controller acknowledges (or refuses) it."""
         delay = self.cfg.backoff_initial
         msg = wire.result_to_proto(job_id, outcome)
         while True:
@@ -417,8 +455,13 @@ class Agent:
                                   *FATAL_CODES):
                     log.error("job %s: result refused: %s", job_id, exc.details())
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.backoff_max)
+            except asyncio.CancelledError:
+                if not cut_off():
+                    raise
+                # the session ended mid-call (channel closed): send again on the next one (a result the
+                # controller already recorded is acknowledged and ignored there)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.backoff_max)
 
     # ---- artifacts ---------------------------------------------------------------------
 

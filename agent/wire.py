@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from agent.jobs import JobOutcome, JobSpec
@@ -57,6 +57,11 @@ def job_from_proto(msg: pb.Job) -> JobSpec:
         raise InputError(f"job {msg.job_id}: vars_json is not an object", hint="controller bug")
     return JobSpec(job_id=msg.job_id, kind=msg.kind, vars=variables,
                    timeout_s=float(msg.timeout_seconds or 3600))
+
+
+def jobs_request(held_job_ids: Iterable[str]) -> pb.JobsRequest:
+    """Open the Jobs stream saying which jobs this agent process still holds (running or unreported)."""
+    return pb.JobsRequest(held_job_ids=sorted(held_job_ids), reports_held_jobs=True)
 
 
 def event_to_proto(job_id: str, counter: int, event: Mapping[str, Any]) -> pb.JobEvent:

@@ -5,6 +5,8 @@ dispatcher is the only writer of the ``jobs`` and ``job_events`` tables. Life of
 
     pending ──(sent on the agent's Jobs stream)──► dispatched ──(first event)──► running
        └───────────────► successful | failed | timeout | canceled ◄──────────────┘
+                                         ▲                                  │
+                                         └──(agent restarted without it)────┘  "interrupted"
 
 API for controller code (rollouts, verification, scheduler)::
 
@@ -22,6 +24,20 @@ was dispatched (plus ``GRACE_SECONDS``) is marked ``timeout`` by the watchdog
 (``run_watchdog``, started by the controller). The agent side (controller/server.py) calls
 ``stream_for``, ``record_events`` and ``complete``.
 
+Interrupted jobs. An agent opening its ``Jobs`` stream says which job ids its process still
+holds (``held``: jobs it received and has not reported back yet — the playbook is running, or
+its result is not delivered yet; agent/client.py keeps them in memory only). Every job of that
+node in ``running`` that the agent does not hold belongs to an agent process that is gone (it
+was killed, restarted, the machine rebooted): its result can never come. ``stream_for`` finishes
+it at once as ``failed`` with ``interrupted: …`` (``INTERRUPTED_ERROR``) and a controller-side
+job event ``fleet_job_interrupted``, through ``_finish`` like any result (waiters, done callbacks
+— the rollout engine — and the registry hook fire), instead of leaving it to the watchdog (a
+build's deadline is hours). ``dispatched`` jobs are not touched: no event of theirs arrived, so
+the agent may never have received them, and they are re-sent on the new stream as before
+(playbooks are idempotent). An agent that merely reconnects (same process) holds its running
+jobs, so they are left alone; one that says nothing (``held=None``: agents that predate the
+field) changes nothing either. A late result for a job already finished is ignored (``_finish``).
+
 All methods must be called from the controller's event loop thread.
 """
 
@@ -31,11 +47,11 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from controller.store import Store, utcnow
 from controller.store.models import Job, JobEvent, Node
@@ -46,6 +62,11 @@ log = logging.getLogger(__name__)
 FINAL_STATUSES = frozenset({"successful", "failed", "timeout", "canceled"})
 ACTIVE_STATUSES = frozenset({"pending", "dispatched", "running"})
 GRACE_SECONDS = 30
+INTERRUPTED_EVENT = "fleet_job_interrupted"
+INTERRUPTED_ERROR = ("interrupted: the agent on {node} restarted before reporting this job's result, and its new "
+                     "process does not have the job, so none will come (the playbook ended with the old process "
+                     "or is no longer watched). Not retried by itself: a rollout fails the step within its failure "
+                     "budget (`fleetctl rollout resume ID --retry-failed` reruns it). Events: `fleetctl job {job_id}`")
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MAX_EVENT_DATA_CHARS = 64 * 1024
 
@@ -200,10 +221,13 @@ class JobDispatcher:
     def connected(self, node: str) -> bool:
         return node in self._streams
 
-    async def stream_for(self, node: str) -> AsyncGenerator[JobSpec, None]:
+    async def stream_for(self, node: str, held: Collection[str] | None = None) -> AsyncGenerator[JobSpec, None]:
         """Jobs for ``node``'s agent: unfinished ones first (re-delivery), then new ones as submitted.
 
-        A newer stream for the same node ends the older one. Agents deduplicate by job id.
+        ``held``: the job ids the agent process still holds (see the module docstring); when given,
+        the node's ``running`` jobs not among them are failed as interrupted before anything is sent.
+        None (an agent that does not say) leaves them to the watchdog. A newer stream for the same
+        node ends the older one. Agents deduplicate by job id.
         """
         old = self._streams.get(node)
         if old is not None:
@@ -211,6 +235,8 @@ class JobDispatcher:
         queue: asyncio.Queue[JobSpec | None] = asyncio.Queue()
         self._streams[node] = queue
         try:
+            if held is not None:
+                self.interrupt_unheld(node, held)
             with self.store.session() as s:
                 rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(("pending", "dispatched")))
                                  .order_by(Job.created_at)).all()
@@ -229,6 +255,45 @@ class JobDispatcher:
         finally:
             if self._streams.get(node) is queue:
                 del self._streams[node]
+
+    def interrupt_unheld(self, node: str, held: Collection[str]) -> list[str]:
+        """Fail ``node``'s ``running`` jobs that its (re)started agent does not hold; returns their ids."""
+        keep = set(held)
+        with self.store.session() as s:
+            lost = [r.id for r in s.scalars(select(Job).where(Job.node == node, Job.status == "running")
+                                            .order_by(Job.created_at)) if r.id not in keep]
+        interrupted: list[str] = []
+        for job_id in lost:
+            error = INTERRUPTED_ERROR.format(node=node, job_id=job_id)
+            event = self._controller_event(job_id, INTERRUPTED_EVENT, {
+                "node": node, "reason": "the agent's new process does not hold this job",
+                "held_job_ids": sorted(keep)[:50]})
+            if event is None:  # finished meanwhile
+                continue
+            log.warning("job %s on %s interrupted: the agent restarted without it", job_id, node)
+            self._finish(job_id, JobOutcome(job_id, "failed", None, {"interrupted": True}, error), node=node)
+            interrupted.append(job_id)
+        return interrupted
+
+    def _controller_event(self, job_id: str, name: str, data: Mapping[str, Any]) -> JobEventRecord | None:
+        """Record an event the controller itself writes (after the agent's, by counter) if the job is unfinished."""
+        with self.store.session() as s:
+            row = s.get(Job, job_id)
+            if row is None or row.status in FINAL_STATUSES:
+                return None
+            last = s.scalar(select(func.max(JobEvent.counter)).where(JobEvent.job_id == job_id)) or 0
+            ev = JobEventRecord(job_id, int(last) + 1, name, dict(data), utcnow())
+            s.add(JobEvent(job_id=job_id, counter=ev.counter, event=name, data=dict(data), created=ev.created))
+        self._notify([ev])
+        return ev
+
+    def _notify(self, events: Iterable[JobEventRecord]) -> None:
+        for ev in events:
+            for listener in self._listeners:
+                try:
+                    listener(ev)
+                except Exception:
+                    log.exception("job event listener failed")
 
     def _mark_dispatched(self, spec: JobSpec) -> bool:
         with self.store.session() as s:
@@ -264,12 +329,7 @@ class JobDispatcher:
                     job.status = "running"
                     job.started_at = job.started_at or utcnow()
                 stored.append(ev)
-        for ev in stored:
-            for listener in self._listeners:
-                try:
-                    listener(ev)
-                except Exception:
-                    log.exception("job event listener failed")
+        self._notify(stored)
         return len(stored)
 
     def complete(self, node: str, outcome: JobOutcome) -> None:

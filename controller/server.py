@@ -160,9 +160,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def Jobs(self, request: pb.JobsRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.Job]:
         ident = await self._authed(context, "Jobs")
-        log.info("jobs stream open for %s", ident.hostname)
+        held = wire.held_jobs_from_proto(request)
+        log.info("jobs stream open for %s (holding %s)", ident.hostname,
+                 "?" if held is None else (", ".join(sorted(held)) or "no jobs"))
         try:
-            async for spec in self.ctx.jobs.stream_for(ident.hostname):
+            async for spec in self.ctx.jobs.stream_for(ident.hostname, held):
                 yield wire.job_to_proto(spec)
         finally:
             log.info("jobs stream closed for %s", ident.hostname)

@@ -77,6 +77,13 @@ def job_to_proto(spec: JobSpec) -> pb.Job:
                   timeout_seconds=spec.timeout_seconds)
 
 
+def held_jobs_from_proto(msg: pb.JobsRequest) -> frozenset[str] | None:
+    """The job ids the agent process still holds; None when the agent does not say (older agents)."""
+    if not msg.reports_held_jobs:
+        return None
+    return frozenset(msg.held_job_ids)
+
+
 def event_from_proto(msg: pb.JobEvent) -> JobEventRecord:
     if not msg.job_id or not msg.event:
         raise InputError("job event without job_id or event name", hint="agents send both")

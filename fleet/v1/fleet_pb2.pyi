@@ -489,12 +489,28 @@ class JobsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    HELD_JOB_IDS_FIELD_NUMBER: _builtins.int
+    REPORTS_HELD_JOBS_FIELD_NUMBER: _builtins.int
+    reports_held_jobs: _builtins.bool
+    """True when the agent fills held_job_ids (older agents leave both empty). The controller then
+    fails this node's `running` jobs that are not held: the agent process that ran them is gone
+    (restarted, killed, rebooted), so their results will never come.
+    """
+    @_builtins.property
+    def held_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Jobs this agent process still holds: received on a Jobs stream and not yet reported back
+        (the playbook is running, or it finished and CompleteJob has not been acknowledged yet).
+        """
+
     def __init__(
         self,
+        *,
+        held_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reports_held_jobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_job_ids", b"held_job_ids", "reports_held_jobs", b"reports_held_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -147,17 +147,19 @@ class SimAgents:
     agents: dict[str, SimAgent] = field(default_factory=dict)
 
     async def start(self, hostname: str, profile: str = "a100", *, runner: JobRunner | None = None,
-                    facts: Callable[[], NodeFacts] | None = None, wait: bool = True) -> SimAgent:
+                    facts: Callable[[], NodeFacts] | None = None, wait: bool = True,
+                    address: str | None = None) -> SimAgent:
         """Enroll (first time) and run an agent for ``hostname``; waits until it is registered and heartbeating.
 
-        Up means ``online`` or ``degraded`` (both heartbeat): a job the agent takes at once may degrade
-        the node before the first poll here — a verify job without a verification result does
-        (verify_store).
+        ``address``: where the agent finds the controller's agent port (default: the port itself; a relay
+        in front of it lets a test cut the connection). Up means ``online`` or ``degraded`` (both heartbeat):
+        a job the agent takes at once may degrade the node before the first poll here — a verify job
+        without a verification result does (verify_store).
         """
         state = self.root / hostname
         fixed = profile_facts(profile, hostname)
         assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
-        cfg = AgentConfig(controller=self.rc.ctx.grpc_address, enroll_address=self.rc.ctx.enroll_address,
+        cfg = AgentConfig(controller=address or self.rc.ctx.grpc_address, enroll_address=self.rc.ctx.enroll_address,
                           state_dir=state, facts=facts or (lambda: fixed), ca_file=self.rc.ctx.ca.ca_path,
                           token=None if (state / "identity.json").exists() else new_token(self.rc, hostname),
                           backoff_initial=0.1, backoff_max=0.5)

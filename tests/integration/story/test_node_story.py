@@ -11,7 +11,8 @@ shown by ``fleetctl job ID --json``) and reports the result.
 
 Faults through the same path: a wheel whose bytes don't match its sha256, a sha256 the store doesn't
 have, a key artifact that is garbage, and the agent stopped (SIGTERM) or killed with its playbook
-(SIGKILL of the whole service) in the middle of an install.
+(SIGKILL of the whole service) in the middle of an install: when it is back, the controller fails the
+install as interrupted at once.
 """
 
 from __future__ import annotations
@@ -409,8 +410,18 @@ async def test_agent_stopped_mid_install_keeps_previous_and_rerun_converges(stor
     story.root.chroot(TARGET_PYTHON, "-c", "import flash_attn; assert flash_attn.__version__ == '2.7.4'")
     assert story.rc.ctx.jobs.get(job_id, events=False)["status"] == "running"  # no result ever came
 
-    # the agent comes back (same identity, no token) and the step is run again: it converges
+    # the agent comes back (same identity, no token): its new process does not hold the job, so the controller
+    # fails it as interrupted at once (not at its deadline), and `fleetctl job ID` says so
+    back = time.monotonic()
     await story.agent.start()
+    lost = await story.rc.ctx.jobs.wait(job_id, timeout=15)
+    assert time.monotonic() - back < 60
+    assert lost.status == "failed" and lost.error and lost.error.startswith(f"interrupted: the agent on {HOST}"), lost
+    shown = await story.cli("job", job_id)
+    assert shown["status"] == "failed" and shown["events"][-1]["event"] == "fleet_job_interrupted"
+    assert story.installed() == "2.7.4"  # nothing ran again on its own
+
+    # the step is run again: it converges
     again, _ = await story.job("install-wheel", {"wheel_sha256": new_sha, "python": TARGET_PYTHON})
     assert again.ok, (again.error, story.agent.log_tail())
     assert story.installed() == "2.8.3"

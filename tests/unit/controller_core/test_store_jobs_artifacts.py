@@ -111,6 +111,88 @@ async def test_dispatcher_submit_stream_complete(store: Store) -> None:
     await stream.aclose()
 
 
+async def _running_job(jobs: JobDispatcher, node: str, counter_events: int = 1) -> str:
+    """A job the node's agent took and reported events for (status ``running``)."""
+    job_id = await jobs.submit_job(node, "build-from-source", {}, timeout=5400)
+    stream = jobs.stream_for(node)
+    assert (await asyncio.wait_for(stream.__anext__(), 2)).job_id == job_id
+    await stream.aclose()
+    jobs.record_events(node, [JobEventRecord(job_id, i + 1, "runner_on_ok", {}, utcnow())
+                              for i in range(counter_events)])
+    assert jobs.get(job_id)["status"] == "running"
+    return job_id
+
+
+async def test_restarted_agent_without_the_job_interrupts_it(store: Store) -> None:
+    for host in ("n1", "n2"):
+        Registry(store).report_facts(add_identity(store, host), facts(host))
+    jobs = JobDispatcher(store)
+    lost = await _running_job(jobs, "n1", counter_events=3)
+    kept = await _running_job(jobs, "n1")
+    other_node = await _running_job(jobs, "n2")
+    queued = await jobs.submit_job("n1", "verify", {}, timeout=60)  # pending: sent on the new stream
+    finished: list[tuple[str, str]] = []
+    jobs.on_job_finished = lambda node, o: finished.append((node, o.status))
+    callbacks: list[JobOutcome] = []
+    jobs.add_done_callback(lost, callbacks.append)
+    seen: list[JobEventRecord] = []
+    jobs.add_event_listener(seen.append)
+    waiter = asyncio.create_task(jobs.wait(lost, timeout=5))
+
+    # the agent process restarted: it holds `kept` only (say, a job whose result it is still sending)
+    stream = jobs.stream_for("n1", held={kept})
+    assert (await asyncio.wait_for(stream.__anext__(), 2)).job_id == queued
+    outcome = await waiter
+    assert outcome.status == "failed" and outcome.result == {"interrupted": True}
+    assert outcome.error and outcome.error.startswith("interrupted: the agent on n1 restarted")
+    assert f"fleetctl job {lost}" in outcome.error
+    assert callbacks == [outcome] and finished == [("n1", "failed")]
+    shown = jobs.get(lost)
+    assert shown["status"] == "failed" and shown["error"] == outcome.error and shown["finished_at"]
+    last = shown["events"][-1]
+    assert last["event"] == "fleet_job_interrupted" and last["counter"] == 4  # after the agent's own events
+    assert last["data"]["node"] == "n1" and last["data"]["held_job_ids"] == [kept]
+    assert [e.event for e in seen] == ["fleet_job_interrupted"]
+    assert jobs.get(kept)["status"] == "running" and jobs.get(other_node)["status"] == "running"
+    assert lost not in jobs._deadlines  # the watchdog has nothing left to do for it
+
+    # a late result from the old process is ignored; the job stays failed
+    jobs.complete("n1", JobOutcome(lost, "successful", 0, {"late": True}))
+    assert jobs.get(lost)["status"] == "failed" and jobs.get(lost, events=False)["result"] == {"interrupted": True}
+    # the kept job's result still lands
+    jobs.complete("n1", JobOutcome(kept, "successful", 0, {}))
+    assert jobs.get(kept)["status"] == "successful"
+    await stream.aclose()
+
+
+async def test_reconnect_holding_the_job_or_saying_nothing_interrupts_nothing(store: Store) -> None:
+    Registry(store).report_facts(add_identity(store, "n1"), facts("n1"))
+    jobs = JobDispatcher(store)
+    running = await _running_job(jobs, "n1")
+    dispatched = await jobs.submit_job("n1", "verify", {}, timeout=60)
+    first = jobs.stream_for("n1")
+    assert (await asyncio.wait_for(first.__anext__(), 2)).job_id == dispatched
+    await first.aclose()
+    assert jobs.get(dispatched)["status"] == "dispatched"
+
+    # same agent process (a network blip, a controller restart): it holds its running job
+    again = jobs.stream_for("n1", held={running})
+    assert (await asyncio.wait_for(again.__anext__(), 2)).job_id == dispatched  # re-sent, as before
+    await again.aclose()
+    assert jobs.get(running)["status"] == "running"
+    # an agent that predates held_job_ids says nothing: left to the watchdog, as before
+    legacy = jobs.stream_for("n1", held=None)
+    assert (await asyncio.wait_for(legacy.__anext__(), 2)).job_id == dispatched
+    await legacy.aclose()
+    assert jobs.get(running)["status"] == "running"
+    # a restarted agent holding nothing: the running job is interrupted, the dispatched one is re-sent
+    # (no event of it arrived, so the old process may never have received it)
+    fresh = jobs.stream_for("n1", held=())
+    assert (await asyncio.wait_for(fresh.__anext__(), 2)).job_id == dispatched
+    assert jobs.get(running)["status"] == "failed" and jobs.get(dispatched)["status"] == "dispatched"
+    await fresh.aclose()
+
+
 def test_artifact_store(store: Store, tmp_path: Path) -> None:
     arts = ArtifactStore(tmp_path / "artifacts", store, max_bytes=1000)
     info = arts.put_bytes(b"hello", "a.whl", "wheel")

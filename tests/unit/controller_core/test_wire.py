@@ -61,3 +61,13 @@ def test_jobs_events_results() -> None:
     assert (out.status, out.rc, dict(out.result), out.error) == ("failed", 2, {"k": 1}, "boom")
     with pytest.raises(InputError):
         controller_wire.event_from_proto(pb.JobEvent(job_id="", event="x"))
+
+
+def test_jobs_request_carries_held_jobs() -> None:
+    sent = agent_wire.jobs_request({"b" * 32, "a" * 32}).SerializeToString()
+    held = controller_wire.held_jobs_from_proto(pb.JobsRequest.FromString(sent))
+    assert held == frozenset({"a" * 32, "b" * 32})
+    nothing = agent_wire.jobs_request(()).SerializeToString()
+    assert controller_wire.held_jobs_from_proto(pb.JobsRequest.FromString(nothing)) == frozenset()
+    # an agent from before the field says nothing: not the same as "I hold no jobs"
+    assert controller_wire.held_jobs_from_proto(pb.JobsRequest()) is None

@@ -1,7 +1,8 @@
 """A simulated fleet at the job dispatcher's agent boundary: nodes registered from agent profiles,
-agents that take jobs from ``JobDispatcher.stream_for`` and report ``complete`` — the same calls the
-gRPC server makes for a real agent. What a job does on a simulated node is simulated (its outcome
-comes from the node's scripted behaviour); the store, dispatcher, resolver and engine are real.
+agents that take jobs from ``JobDispatcher.stream_for``, report a ``fleet_job_started`` event
+(``record_events``) and ``complete`` — the same calls the gRPC server makes for a real agent. What a
+job does on a simulated node is simulated (its outcome comes from the node's scripted behaviour); the
+store, dispatcher, resolver and engine are real.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.profiles import load_profile
 from controller.artifacts import ArtifactStore
-from controller.jobs import JobDispatcher, JobOutcome, JobSpec
+from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome, JobSpec
 from controller.rollout.engine import RolloutEngine
 from controller.store import Store, open_store, utcnow
 from controller.store.models import Job, Node
@@ -74,19 +75,28 @@ class SimFleet:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
 
+    async def restart(self, host: str, held: Collection[str] = ()) -> None:
+        """The agent process dies with its jobs and comes back at once, holding ``held`` (a fresh process: none)."""
+        await self.stop(host)
+        for w in [w for w in self._work if w.get_name().startswith(f"sim-job-{host}:")]:
+            w.cancel()
+        self._agents[host] = asyncio.create_task(self._agent(host, held), name=f"sim-agent-{host}")
+
     async def close(self) -> None:
         await self.stop()
         for w in list(self._work):
             w.cancel()
         self.store.close()
 
-    async def _agent(self, host: str) -> None:
-        async for spec in self.jobs.stream_for(host):
-            task = asyncio.create_task(self._run(host, spec))
+    async def _agent(self, host: str, held: Collection[str] | None = None) -> None:
+        async for spec in self.jobs.stream_for(host, held):
+            task = asyncio.create_task(self._run(host, spec), name=f"sim-job-{host}:{spec.job_id}")
             self._work.add(task)
             task.add_done_callback(self._work.discard)
 
     async def _run(self, host: str, spec: JobSpec) -> None:
+        self.jobs.record_events(host, [JobEventRecord(spec.job_id, 1, "fleet_job_started", {"kind": spec.kind},
+                                                      utcnow())])
         if (host, spec.kind) in self.hang:
             return
         await asyncio.sleep(self.delays.get(spec.kind, 0.01))

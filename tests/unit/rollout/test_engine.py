@@ -337,6 +337,46 @@ async def test_agent_killed_mid_build_fails_the_build_and_its_waiters(fleet: Sim
     assert all(f"on {builder} failed" in c for h, c in causes.items() if h.startswith("l40s") and h != builder)
 
 
+
+async def test_agent_restarted_mid_build_fails_the_build_at_once_and_a_retry_converges(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=L40S", canary=0, batch="100%",
+                                                            max_failures="1"))
+    rid = out["id"]
+    builder = out["builds"][0]["builder"]
+    fleet.hang.add((builder, "build-from-source"))  # the build runs (its first event arrived) and never answers
+    loop = asyncio.get_running_loop()
+
+    def build_job() -> str | None:
+        n = next(n for n in status(fleet, rid)["nodes"] if n["hostname"] == builder)
+        if n["state"] == "build" and n["job_id"] and fleet.jobs.get(n["job_id"], events=False)["status"] == "running":
+            return str(n["job_id"])
+        return None
+
+    async with running(fleet.engine()):
+        await wait_for(lambda: build_job() is not None)
+        job_id = build_job()
+        assert job_id is not None
+        started = loop.time()
+        await fleet.restart(builder)  # the agent process is killed with its build and comes back at once
+        st = await until(fleet, rid, "paused", "partial", "succeeded")
+        assert loop.time() - started < 10  # not the build step's deadline (at least an hour)
+        # like any failed step: the builder fails, the nodes waiting on its build fail, the budget pauses the rollout
+        assert st["status"] == "paused" and "failure budget exceeded: 3 failed" in st["reason"], st["reason"]
+        causes = {n["hostname"]: n["cause"] for n in st["nodes"]}
+        assert causes[builder].startswith(f"build-from-source failed: interrupted: the agent on {builder} restarted")
+        assert all(f"on {builder} failed: build-from-source failed: interrupted" in c
+                   for h, c in causes.items() if h != builder)
+        job = fleet.jobs.get(job_id)
+        assert job["status"] == "failed" and [e["event"] for e in job["events"]] == ["fleet_job_started",
+                                                                                      "fleet_job_interrupted"]
+        # the operator retries: the build runs again (the restarted agent takes it) and the rollout converges
+        fleet.hang.clear()
+        service.resume(fleet.store, rid, "ops", retry_failed=True)
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded", st["reason"]
+    assert len(fleet.jobs_of_kind("build-from-source")) == 2
+
+
 async def test_agent_without_verify_runner_uses_the_floor(fleet: SimFleet) -> None:
     from controller.store.models import Node
 
