@@ -242,7 +242,8 @@ if ver:  # rollout #1's verification (the full one) is the first
     if len(ver) > 1:
         (F / "verification2.json").write_text(json.dumps(ver[-1]["result"]["verification"], indent=2) + "\n")
 PY
-    "$PY" - "$F" "$(git rev-parse HEAD 2>/dev/null)" <<'PY'
+    # the device's copy of .git can lag the tree that travelled: pass E2E_COMMIT=<commit> from here
+    "$PY" - "$F" "${E2E_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" <<'PY'
 import datetime as dt, json, pathlib, socket, sys
 F = pathlib.Path(sys.argv[1])
 node = json.loads((F / "node.json").read_text())
