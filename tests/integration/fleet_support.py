@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
+import signal
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,53 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
 def new_token(rc: RunningController, hostname: str | None = None, ttl: float = 300) -> str:
     token, _ = rc.ctx.enrollment.create_token(dt.timedelta(seconds=ttl), hostname)
     return token
+
+
+class AgentProcess:
+    """``fleet-agent run ARGS`` as its own process (own session) against ``rc``: enrolled with a one-time token
+    on its first start, the same identity (``state_dir``) on every later one; start N logs to
+    ``logs/agent-N.log``."""
+
+    def __init__(self, rc: RunningController, hostname: str, state_dir: Path, logs: Path, args: Sequence[str],
+                 env: Mapping[str, str] | None = None) -> None:
+        self.rc = rc
+        self.hostname = hostname
+        self.state_dir = state_dir
+        self.logs = logs
+        self.args = list(args)
+        self.env = dict(env or {})
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
+        self.starts += 1
+        env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false", **self.env}
+        if not (self.state_dir / "identity.json").exists():
+            env["FLEET_AGENT_TOKEN"] = new_token(self.rc, self.hostname)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"agent-{self.starts}.log").open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "fleet-agent"), "run", "--controller", self.rc.ctx.grpc_address,
+                "--enroll-address", self.rc.ctx.enroll_address, "--ca", str(self.rc.ctx.ca.ca_path),
+                "--state-dir", str(self.state_dir), "--hostname", self.hostname, *self.args,
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+                start_new_session=True)
+
+    async def kill9(self) -> None:
+        """SIGKILL the agent process alone (an OOM kill): no result, no goodbye."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.proc.wait(), 30)
+
+    def log_tail(self, n: int = 40) -> str:
+        text = "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("agent-*.log")))
+        return "\n".join(text.splitlines()[-n:])
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
 
 
 async def enroll_creds(rc: RunningController, hostname: str, token: str | None = None) -> Credentials:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,55 +21,12 @@ import pytest
 from agent.jobs import JobOutcome, JobSpec
 from controller.cli import main as fleetctl
 from controller.serve import RunningController
-from tests.integration.fleet_support import SimAgents, new_token, wait_for
+from tests.integration.fleet_support import AgentProcess, SimAgent, SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-BIN = Path(sys.executable).parent
 INTERRUPTED_EVENT = "fleet_job_interrupted"
 BUILD_TIMEOUT = 5400  # a build-from-source job's deadline: what the watchdog would wait for
-
-
-class AgentProcess:
-    """``fleet-agent run --simulate PROFILE --executor simulated`` as its own process (own session)."""
-
-    def __init__(self, rc: RunningController, hostname: str, work: Path, job_seconds: dict[str, float]) -> None:
-        self.rc = rc
-        self.hostname = hostname
-        self.state_dir = work / "agent-state"
-        self.logs = work / "logs"
-        self.job_seconds = job_seconds
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
-        self.starts += 1
-        env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false", "FLEET_SIM_JOB_SECONDS": json.dumps(self.job_seconds)}
-        if not (self.state_dir / "identity.json").exists():
-            env["FLEET_AGENT_TOKEN"] = new_token(self.rc, self.hostname)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"agent-{self.starts}.log").open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(BIN / "fleet-agent"), "run", "--controller", self.rc.ctx.grpc_address,
-                "--enroll-address", self.rc.ctx.enroll_address, "--ca", str(self.rc.ctx.ca.ca_path),
-                "--state-dir", str(self.state_dir), "--hostname", self.hostname, "--simulate", "a100",
-                "--executor", "simulated", stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.proc.wait(), 30)
-
-    def log_tail(self, n: int = 30) -> str:
-        text = "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("agent-*.log")))
-        return "\n".join(text.splitlines()[-n:])
-
-    async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 class TcpRelay:
@@ -163,13 +118,44 @@ def spy_held(rc: RunningController, monkeypatch: pytest.MonkeyPatch) -> list[fro
     return seen
 
 
+@dataclass
+class RelayedJob:
+    """An in-process agent behind a ``TcpRelay``, running a gated build job (``runner.release`` ends it)."""
+
+    relay: TcpRelay
+    runner: GatedRunner
+    sim: SimAgent
+    job_id: str
+    sessions: int  # the agent's Jobs sessions so far
+    held: list[frozenset[str]]  # spy_held
+
+
+@contextlib.asynccontextmanager
+async def relayed_running_job(controller: RunningController, fleet: SimAgents,
+                              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RelayedJob]:
+    assert controller.ctx.grpc_address
+    relay = TcpRelay(controller.ctx.grpc_address)
+    await relay.start()
+    held = spy_held(controller, monkeypatch)
+    runner = GatedRunner()
+    try:
+        sim = await fleet.start("node-1", "a100", runner=runner, address=relay.address)
+        job_id = await controller.ctx.jobs.submit_job("node-1", "build-from-source", {}, timeout=BUILD_TIMEOUT)
+        await wait_for(lambda: status(controller, job_id) == "running")
+        yield RelayedJob(relay, runner, sim, job_id, sim.agent.sessions, held)
+    finally:
+        await relay.close()
+
+
 # ---- a restart: the job is failed at once ----------------------------------------------------------------------
 
 
 async def test_agent_killed_mid_build_and_restarted_fails_the_job_within_seconds(
         controller: RunningController, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     host = "sim-a100-k"
-    agent = AgentProcess(controller, host, tmp_path, {"build-from-source": 600, "*": 0.2})
+    agent = AgentProcess(controller, host, tmp_path / "agent-state", tmp_path / "logs",
+                         ["--simulate", "a100", "--executor", "simulated"],
+                         env={"FLEET_SIM_JOB_SECONDS": json.dumps({"build-from-source": 600, "*": 0.2})})
     try:
         await agent.start()
         await wait_for(lambda: controller.ctx.jobs.connected(host), timeout=60)
@@ -180,7 +166,7 @@ async def test_agent_killed_mid_build_and_restarted_fails_the_job_within_seconds
         except AssertionError:
             raise AssertionError(f"build never ran: {agent.log_tail()}") from None
 
-        await agent.kill9()  # SIGKILL (an OOM kill, a power cut): no result, no goodbye
+        await agent.kill9()  # no result, no goodbye
         await wait_for(lambda: not controller.ctx.jobs.connected(host), timeout=15)
         await asyncio.sleep(0.5)
         assert status(controller, job_id) == "running"  # nothing tells the controller until the agent is back
@@ -218,16 +204,8 @@ async def test_agent_killed_mid_build_and_restarted_fails_the_job_within_seconds
 
 async def test_agent_that_reconnects_keeps_its_running_job(controller: RunningController, fleet: SimAgents,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    assert controller.ctx.grpc_address
-    relay = TcpRelay(controller.ctx.grpc_address)
-    await relay.start()
-    held = spy_held(controller, monkeypatch)
-    runner = GatedRunner()
-    try:
-        sim = await fleet.start("node-1", "a100", runner=runner, address=relay.address)
-        job_id = await controller.ctx.jobs.submit_job("node-1", "build-from-source", {}, timeout=BUILD_TIMEOUT)
-        await wait_for(lambda: status(controller, job_id) == "running")
-        sessions = sim.agent.sessions
+    async with relayed_running_job(controller, fleet, monkeypatch) as r:
+        relay, runner, sim, job_id, sessions, held = r.relay, r.runner, r.sim, r.job_id, r.sessions, r.held
 
         relay.cut()  # a network blip: the agent process and its job go on
         await wait_for(lambda: sim.agent.sessions > sessions and len(held) >= 2
@@ -241,22 +219,12 @@ async def test_agent_that_reconnects_keeps_its_running_job(controller: RunningCo
         outcome = await controller.ctx.jobs.wait(job_id, timeout=10)
         assert outcome.ok and outcome.result == {"finished": job_id}
         assert event_names(controller, job_id)[-1] == "fleet_job_finished"
-    finally:
-        await relay.close()
 
 
 async def test_result_of_a_job_finished_while_disconnected_is_delivered_on_reconnect(
         controller: RunningController, fleet: SimAgents, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert controller.ctx.grpc_address
-    relay = TcpRelay(controller.ctx.grpc_address)
-    await relay.start()
-    held = spy_held(controller, monkeypatch)
-    runner = GatedRunner()
-    try:
-        sim = await fleet.start("node-1", "a100", runner=runner, address=relay.address)
-        job_id = await controller.ctx.jobs.submit_job("node-1", "build-from-source", {}, timeout=BUILD_TIMEOUT)
-        await wait_for(lambda: status(controller, job_id) == "running")
-        sessions = sim.agent.sessions
+    async with relayed_running_job(controller, fleet, monkeypatch) as r:
+        relay, runner, sim, job_id, sessions, held = r.relay, r.runner, r.sim, r.job_id, r.sessions, r.held
 
         relay.refuse = True
         relay.cut()  # the controller is unreachable for a while...
@@ -278,5 +246,3 @@ async def test_result_of_a_job_finished_while_disconnected_is_delivered_on_recon
         assert status(controller, job_id) == "successful"
         names = event_names(controller, job_id)
         assert names[-1] == "fleet_job_finished" and INTERRUPTED_EVENT not in names
-    finally:
-        await relay.close()

@@ -38,7 +38,7 @@ from agent.probes.chroot import nvcc_probe_in_root
 from controller.jobs import JobEventRecord, JobOutcome
 from controller.serve import RunningController
 from controller.store.models import JobEvent
-from tests.integration.fleet_support import new_token, wait_for
+from tests.integration.fleet_support import AgentProcess, wait_for
 from tests.integration.harness import debian, wheels
 from tests.integration.harness.fixtures import TARGET_PYTHON, TORCH_VERSION, AptWorld, skip_reason, tree_digest
 
@@ -69,32 +69,16 @@ def node_root(debian_base_root: Path, node_layer: Path, apt_world: AptWorld,
         nr.unmount()
 
 
-class AgentProcess:
-    """``fleet-agent run`` as its own process (own session), chrooting its playbooks into ``root``."""
+class StoryAgent(AgentProcess):
+    """The node's ``fleet-agent run``, chrooting its playbooks into ``root``; ``start`` returns once it is up."""
 
     def __init__(self, rc: RunningController, root: Path, state_dir: Path, logs: Path) -> None:
-        self.rc = rc
-        self.root = root
-        self.state_dir = state_dir
-        self.logs = logs
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
+        super().__init__(rc, HOST, state_dir, logs, ["--simulate", PROFILE, "--executor", "ansible", "--root",
+                                                      str(root), "--python", TARGET_PYTHON],
+                         env={"FLEET_LOG_LEVEL": "INFO"})
 
     async def start(self) -> None:
-        assert self.rc.ctx.grpc_address and self.rc.ctx.enroll_address
-        self.starts += 1
-        env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false", "FLEET_LOG_LEVEL": "INFO"}
-        if not (self.state_dir / "identity.json").exists():
-            env["FLEET_AGENT_TOKEN"] = new_token(self.rc, HOST)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"agent-{self.starts}.log").open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(BIN / "fleet-agent"), "run", "--controller", self.rc.ctx.grpc_address,
-                "--enroll-address", self.rc.ctx.enroll_address, "--ca", str(self.rc.ctx.ca.ca_path),
-                "--state-dir", str(self.state_dir), "--hostname", HOST, "--simulate", PROFILE,
-                "--executor", "ansible", "--root", str(self.root), "--python", TARGET_PYTHON,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
-                start_new_session=True)
+        await super().start()
         # up when the controller holds its Jobs stream (facts were reported just before it opened)
         try:
             await wait_for(lambda: self.proc is not None and (self.proc.returncode is not None or (
@@ -102,6 +86,7 @@ class AgentProcess:
                 timeout=120)
         except AssertionError:
             raise AssertionError(f"agent not connected after 120 s: {self.log_tail()}") from None
+        assert self.proc is not None
         assert self.proc.returncode is None, f"agent exited {self.proc.returncode}: {self.log_tail()}"
 
     async def gone(self) -> None:
@@ -109,10 +94,6 @@ class AgentProcess:
         assert self.proc is not None
         await asyncio.wait_for(self.proc.wait(), 30)
         await wait_for(lambda: not self.rc.ctx.jobs.connected(HOST), timeout=15)
-
-    def log_tail(self, n: int = 40) -> str:
-        text = "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("agent-*.log")))
-        return "\n".join(text.splitlines()[-n:])
 
     async def stop(self, timeout: float = 30) -> int:
         """SIGTERM (systemctl stop): the agent cancels its jobs (killing their playbooks) and exits."""
@@ -178,7 +159,7 @@ def descendants(pid: int) -> list[int]:
 class Story:
     rc: RunningController
     root: debian.NodeRoot
-    agent: AgentProcess
+    agent: StoryAgent
     world: AptWorld
     work: Path
 
@@ -233,7 +214,7 @@ class Story:
 @pytest_asyncio.fixture
 async def story(controller: RunningController, node_root: debian.NodeRoot, apt_world: AptWorld,
                 tmp_path: Path) -> AsyncIterator[Story]:
-    agent = AgentProcess(controller, node_root.path, tmp_path / "agent-state", tmp_path / "logs")
+    agent = StoryAgent(controller, node_root.path, tmp_path / "agent-state", tmp_path / "logs")
     try:
         yield Story(controller, node_root, agent, apt_world, tmp_path)
     finally:
