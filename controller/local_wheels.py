@@ -78,14 +78,9 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
     return out
 
 
-def with_store_wheels(catalog: Catalog, s: Session) -> Catalog:
-    """``catalog`` plus the wheels in the artifact store (``local_wheel_entries``)."""
-    local = local_wheel_entries(s)
-    return catalog.with_local_wheels(local) if local else catalog
-
-
 def controller_catalog(s: Session, state_dir: Path | None) -> Catalog:
     """The catalog every decision the controller shows or acts on uses: ``fleetctl catalog`` additions, the
     built-in upstream list and the wheels in the artifact store. One function, so the dashboard's current
     plan, the re-plan after a failed verification and a rollout never disagree about a built wheel."""
-    return with_store_wheels(default_catalog(state_dir), s)
+    catalog, local = default_catalog(state_dir), local_wheel_entries(s)
+    return catalog.with_local_wheels(local) if local else catalog

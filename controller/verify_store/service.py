@@ -194,13 +194,22 @@ class VerificationService:
                              hint="name offline nodes explicitly to queue a verification for when they return")
         return chosen
 
-    def _expect(self, hostname: str) -> str:
+    def _expectations(self, hosts: Sequence[str]) -> dict[str, str]:
+        """What each node's verification expects: ``flash_attn`` where it is installed or a rollout would
+        install it, else ``sdpa``. The catalog is built once, and only when some node lacks flash-attn."""
+        out: dict[str, str] = {}
+        catalog: Any = None
         with self.ctx.store.session() as s:
-            facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
-            if facts.get("flash_attn"):
-                return "flash_attn"
-            plan = store.replan(facts, self._catalog(s))
-        return "sdpa" if plan and plan.get("variant") in ("sdpa", "blocked") else "flash_attn"
+            for host in hosts:
+                facts = s.scalar(select(Node.facts).where(Node.hostname == host)) or {}
+                if facts.get("flash_attn"):
+                    out[host] = "flash_attn"
+                    continue
+                if catalog is None:
+                    catalog = self._catalog(s)
+                plan = store.replan(facts, catalog)
+                out[host] = "sdpa" if plan and plan.get("variant") in ("sdpa", "blocked") else "flash_attn"
+        return out
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
                      trigger: str = "manual", schedule_id: int | None = None, model_path: str | None = None,
@@ -216,11 +225,9 @@ class VerificationService:
                 log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
             chosen = [h for h in chosen if h not in held]
         jobs: dict[str, str] = await asyncio.to_thread(self.active_verify_jobs, chosen)  # no pile-up: reuse
-        for host in chosen:
-            if host in jobs:
-                continue
-            vars_: dict[str, Any] = {"mode": mode, "expect": await asyncio.to_thread(self._expect, host),
-                                     "trigger": trigger}
+        expect = await asyncio.to_thread(self._expectations, [h for h in chosen if h not in jobs])
+        for host, expected in expect.items():
+            vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
             if schedule_id is not None:
                 vars_["schedule_id"] = schedule_id
             if model_path:

@@ -136,3 +136,19 @@ async def test_schedule_cli_round_trip(controller: RunningController, capsys: py
     assert code == 4
 
 
+
+
+async def test_each_verification_expects_what_the_node_has_or_would_get(
+        controller: RunningController, fleet: SimAgents, tmp_path: Path) -> None:
+    """``expect``: flash_attn where installed or where a rollout would install it, sdpa where it never would."""
+    nodes = {"h100-fa": ("h100", FlashAttnFacts("2.8.3", "fa2")), "h100-bare": ("h100", None),
+             "v100-bare": ("v100", None)}
+    for host, (profile, fa) in nodes.items():
+        facts = replace(profile_facts(profile, host), flash_attn=fa)
+        runner = SimulatedJobRunner(lambda: facts, tmp_path / host)  # noqa: B023 (called once, at init)
+        runner.seconds = {"*": 0.05}
+        await fleet.start(host, profile, runner=runner, facts=runner.current_facts)
+    jobs = await _service(controller).submit(list(nodes), mode="quick")
+    with controller.ctx.store.session() as s:
+        expected = {host: s.get_one(Job, job_id).vars["expect"] for host, job_id in jobs.items()}
+    assert expected == {"h100-fa": "flash_attn", "h100-bare": "flash_attn", "v100-bare": "sdpa"}
