@@ -315,14 +315,20 @@ def _get(s: Session, rid: str | None) -> Rollout:
     return r
 
 
+def rollout_builds(s: Session, build_keys: Sequence[str | None]) -> list[Build]:
+    """The builds of these keys (a rollout's nodes', in their scheduled order), once each, in that order."""
+    keys = list(dict.fromkeys(k for k in build_keys if k))
+    found = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys else {}
+    return [found[k] for k in keys if k in found]
+
+
 def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[str, Any]:
     nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)
                            .order_by(RolloutNode.batch, RolloutNode.hostname)))
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n.state] = counts.get(n.state, 0) + 1
-    keys = {n.build_key for n in nodes if n.build_key}
-    builds = list(s.scalars(select(Build).where(Build.build_key.in_(keys)))) if keys else []
+    builds = rollout_builds(s, [n.build_key for n in nodes])
     tq = select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(RolloutTransition.id)
     if since is not None:
         tq = tq.where(RolloutTransition.id > since)

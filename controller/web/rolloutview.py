@@ -139,22 +139,17 @@ def rollout_builds(session: Session, rollout_id: str) -> list[dict[str, Any]]:
     from sqlalchemy import select
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from controller.rollout.models import Build, RolloutNode
+    from controller.rollout.models import RolloutNode
+    from controller.rollout.service import rollout_builds as builds_of
     try:
-        keys = [k for k in session.scalars(select(RolloutNode.build_key)
-                                           .where(RolloutNode.rollout_id == rollout_id,
-                                                  RolloutNode.build_key.is_not(None))
-                                           .order_by(RolloutNode.batch, RolloutNode.hostname)) if k]
-        builds = {b.build_key: b for b in session.scalars(select(Build).where(Build.build_key.in_(set(keys))))} \
-            if keys else {}
+        builds = builds_of(session, list(session.scalars(
+            select(RolloutNode.build_key).where(RolloutNode.rollout_id == rollout_id)
+            .order_by(RolloutNode.batch, RolloutNode.hostname))))
     except (OperationalError, ProgrammingError):  # tables not migrated in this database
         session.rollback()
         return []
     out = []
-    for key in dict.fromkeys(keys):
-        b = builds.get(key)
-        if b is None:
-            continue
+    for b in builds:
         secs = None
         if b.finished_at is not None and b.created_at is not None:
             secs = (_naive_utc(b.finished_at) - _naive_utc(b.created_at)).total_seconds()
