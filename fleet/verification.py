@@ -36,12 +36,16 @@ STATUS_REGRESSION = "regression"  # set by the controller against fleet baseline
 RESULT_STATUSES = frozenset({STATUS_PASS, STATUS_FAIL, STATUS_NO_GPU, STATUS_NO_TORCH, STATUS_TIMEOUT, STATUS_ERROR,
                              STATUS_REGRESSION})
 MODES = frozenset({"quick", "full"})
-EXPECTS = frozenset({"flash_attn", "sdpa"})
+# flash_attn: FA2/FA1 when installed, else the FlashAttention that is (FA3, then FA4); fa3/fa4: that one
+EXPECTS = frozenset({"flash_attn", "fa3", "fa4", "sdpa"})
+# FlashAttention implementations, by the name their speed/correctness entries carry
+FLASH_IMPLS = ("flash_attn", "fa3", "fa4")  # flash_attn = FA2 (or FA1), the name results always used
+IMPLEMENTATIONS = frozenset({"fa1", "fa2", "fa3", "fa4"})
 
 ENTRY_STATUSES = frozenset({"ok", "fail", "error", "skipped", "unsupported", "oom", "timeout"})
 DTYPES = frozenset({"bfloat16", "float16"})
-SPEED_IMPLS = frozenset({"flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"})
-CORRECTNESS_IMPLS = frozenset({"flash_attn", "flash_attn_varlen", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+SPEED_IMPLS = frozenset({*FLASH_IMPLS, "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"})
+CORRECTNESS_IMPLS = frozenset({*FLASH_IMPLS, "flash_attn_varlen", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
                                "sdpa_math"})
 E2E_IMPLS = frozenset({"flash_attention_2", "sdpa", "eager"})
 
@@ -85,12 +89,36 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class FlashAttnStatus:
+    """One FlashAttention implementation as the benchmark found it.  Results before FA3/FA4 support carry
+    only the first six fields (always FA2/FA1): ``implementation``/``impl`` are derived for them."""
+
     import_ok: bool
     version: str | None = None
     error: str | None = None
     error_type: str | None = None
     module_path: str | None = None
-    api: str | None = None  # "fa2" | "fa1-unpadded"
+    api: str | None = None  # "fa2" | "fa1-unpadded" | "fa3" | "fa4"
+    impl: str = "flash_attn"  # the name its speed/correctness entries carry: flash_attn | fa3 | fa4
+    implementation: str | None = None  # fa2 | fa1 | fa3 | fa4; None: FA2/FA1 that did not import
+    module: str | None = None  # what was imported: flash_attn | flash_attn_interface | flash_attn.cute
+    dist: str | None = None  # the distribution that installed it: flash-attn | flash_attn_3 | flash-attn-4
+    present: bool | None = None  # installed (even if broken); None: not recorded (older results)
+
+    @property
+    def label(self) -> str:
+        """"fa4" / "fa3" / "fa2" / "fa1", or "flash_attn" for an FA2/FA1 that did not import."""
+        if self.implementation:
+            return self.implementation
+        if self.impl != "flash_attn":
+            return self.impl
+        if self.api == "fa1-unpadded":
+            return "fa1"
+        return "fa2" if self.import_ok else "flash_attn"
+
+    def describe(self) -> str:
+        """"fa4 4.0.0b36 (flash_attn.cute, dist flash-attn-4)"."""
+        where = ", ".join(x for x in (self.module, f"dist {self.dist}" if self.dist else None) if x)
+        return f"{self.label} {self.version or '?'}" + (f" ({where})" if where else "")
 
 
 @dataclass(frozen=True)
@@ -174,7 +202,7 @@ class VerificationResult:
     finished_at: datetime
     duration_s: float
     device: DeviceInfo
-    flash_attn: FlashAttnStatus
+    flash_attn: FlashAttnStatus  # the verified implementation (FA2's status for nodes expecting SDPA)
     expect: str = "flash_attn"
     hostname: str | None = None
     reasons: tuple[str, ...] = ()
@@ -186,6 +214,7 @@ class VerificationResult:
     restarts: int = 0
     notes: tuple[str, ...] = ()
     log_tail: str | None = None
+    flash_attn_implementations: tuple[FlashAttnStatus, ...] = ()  # every one found; () in older results
 
     # -- JSON ---------------------------------------------------------------
 
@@ -205,6 +234,7 @@ class VerificationResult:
             "duration_s": self.duration_s,
             "device": _plain(self.device),
             "flash_attn": _plain(self.flash_attn),
+            "flash_attn_implementations": [_plain(f) for f in self.flash_attn_implementations],
             "correctness": [_plain(e) for e in self.correctness],
             "speed": [_plain(e) for e in self.speed],
             "e2e": [_plain(e) for e in self.e2e],
@@ -225,6 +255,25 @@ class VerificationResult:
     @property
     def gpu_model(self) -> str | None:
         return self.device.name
+
+    @property
+    def verified_impl(self) -> str | None:
+        """The entries' impl name of the implementation this result verifies (flash_attn | fa3 | fa4), None
+        for a node that expects SDPA."""
+        if self.expect == "sdpa":
+            return None
+        return self.expect if self.expect in FLASH_IMPLS[1:] else self.flash_attn.impl
+
+    @property
+    def verified(self) -> str:
+        """What was verified, for people: "fa4 4.0.0b36 (flash_attn.cute, dist flash-attn-4)", "sdpa"."""
+        if self.expect == "sdpa":
+            return "sdpa"
+        return self.flash_attn.describe() if self.flash_attn.import_ok else f"{self.flash_attn.label} (not importable)"
+
+    def implementations(self) -> tuple[FlashAttnStatus, ...]:
+        """Every FlashAttention implementation the run found (older results: just ``flash_attn``)."""
+        return self.flash_attn_implementations or (self.flash_attn,)
 
     def ok_speed(self, impl: str | None = None) -> list[SpeedEntry]:
         return [e for e in self.speed if e.status == "ok" and e.tflops is not None and (impl is None or e.impl == impl)]
@@ -367,7 +416,11 @@ def _device(r: _R) -> DeviceInfo:
 def _flash(r: _R) -> FlashAttnStatus:
     return FlashAttnStatus(import_ok=r.req_bool("import_ok"), version=r.text("version", limit=64),
                            error=r.text("error"), error_type=r.text("error_type", limit=200),
-                           module_path=r.text("module_path", limit=4096), api=r.text("api", limit=32))
+                           module_path=r.text("module_path", limit=4096), api=r.text("api", limit=32),
+                           impl=r.text("impl", choices=frozenset(FLASH_IMPLS)) or "flash_attn",
+                           implementation=r.text("implementation", choices=IMPLEMENTATIONS),
+                           module=r.text("module", limit=200), dist=r.text("dist", limit=200),
+                           present=r.flag("present"))
 
 
 def _correctness(r: _R) -> CorrectnessEntry:
@@ -427,6 +480,7 @@ def parse_result(obj: Any) -> VerificationResult:
         started_at=started, finished_at=finished, duration_s=r.number("duration_s", True) or 0.0,
         device=_device(_R(r.raw("device", True), "device")),
         flash_attn=_flash(_R(r.raw("flash_attn", True), "flash_attn")),
+        flash_attn_implementations=tuple(_flash(x) for x in r.objs("flash_attn_implementations", 8)),
         correctness=tuple(_correctness(x) for x in r.objs("correctness")),
         speed=tuple(_speed(x) for x in r.objs("speed")),
         e2e=tuple(_e2e(x) for x in r.objs("e2e")),
@@ -459,8 +513,17 @@ class Verdict:
         return self.status == STATUS_PASS
 
 
-def _is_fa(impl: str) -> bool:
-    return impl.startswith("flash_attn")
+def flash_family(impl: str) -> str | None:
+    """The FlashAttention implementation an entry belongs to (``flash_attn_varlen`` → ``flash_attn``)."""
+    for name in FLASH_IMPLS:
+        if impl == name or impl.startswith(name + "_"):
+            return name
+    return None
+
+
+def import_label(fa: FlashAttnStatus) -> str:
+    """"flash_attn" as always for FA2/FA1, "fa4 (flash_attn.cute)" for the others."""
+    return fa.impl if fa.impl == "flash_attn" else f"{fa.impl} ({fa.module or fa.impl})"
 
 
 def _shape(e: CorrectnessEntry | SpeedEntry) -> str:
@@ -506,17 +569,21 @@ def evaluate(result: VerificationResult) -> Verdict:
         return Verdict(result.status, result.reasons or (f"status {result.status}",), result.warnings)
     reasons: list[str] = []
     warns: list[str] = []
-    expect_fa = result.expect == "flash_attn"
+    target = result.verified_impl  # only its failures (or SDPA's, for nodes expecting SDPA) fail the node
+    expect_fa = target is not None
 
     def critical_c(impl: str) -> bool:
-        return _is_fa(impl) if expect_fa else impl == "sdpa_flash"
+        return flash_family(impl) == target if expect_fa else impl == "sdpa_flash"
 
     def critical_s(impl: str) -> bool:
-        return impl == "flash_attn" if expect_fa else impl in ("sdpa_flash", "sdpa_efficient")
+        return impl == target if expect_fa else impl in ("sdpa_flash", "sdpa_efficient")
 
     if not result.flash_attn.import_ok:
-        msg = f"flash_attn import failed: {result.flash_attn.error or 'no detail'}"
+        msg = f"{import_label(result.flash_attn)} import failed: {result.flash_attn.error or 'no detail'}"
         (reasons if expect_fa else warns).append(msg)
+    for other in result.flash_attn_implementations:
+        if other.impl != result.flash_attn.impl and not other.import_ok:
+            warns.append(f"{import_label(other)} import failed: {other.error or 'no detail'}")
     fa_checked = 0
     for e in result.correctness:
         problems = correctness_problems(e)
@@ -537,7 +604,7 @@ def evaluate(result: VerificationResult) -> Verdict:
     if (result.flash_attn.import_ok or not expect_fa) and ok_speed == 0 and result.status != STATUS_TIMEOUT:
         reasons.append("no speed measurement of the expected implementation succeeded")
     if expect_fa and result.flash_attn.import_ok and fa_checked == 0:
-        reasons.append("flash_attn imported but no correctness check of it passed")
+        reasons.append(f"{import_label(result.flash_attn)} imported but no correctness check of it passed")
     for x in result.e2e:
         if x.status in ("error", "timeout", "oom"):
             warns.append(f"e2e {x.impl}: {x.status}: {x.reason or 'no detail'}")
@@ -569,6 +636,7 @@ def failure_result(status: str, reason: str, *, mode: str, started_at: datetime,
         schema_version=SCHEMA_VERSION, simulated=simulated, mode=mode, expect=expect, status=status, passed=False,
         reasons=(reason,), hostname=hostname, started_at=started_at, finished_at=finished_at,
         duration_s=round((finished_at - started_at).total_seconds(), 3),
-        device=DeviceInfo(name=None, compute_capability=None), flash_attn=FlashAttnStatus(import_ok=False,
-                                                                                          error="not checked"),
+        device=DeviceInfo(name=None, compute_capability=None),
+        flash_attn=FlashAttnStatus(import_ok=False, error="not checked",
+                                   impl=expect if expect in FLASH_IMPLS else "flash_attn"),
         log_tail=log_tail)

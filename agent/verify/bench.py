@@ -10,7 +10,7 @@ thresholds, FLOP formula) so the simulated model follows the same grid.
 
     python bench.py --mode quick|full --out result.json [--model PATH]
                     [--timeout-per-shape S] [--timeout S] [--device cuda:0]
-                    [--expect flash_attn|sdpa]
+                    [--expect flash_attn|fa3|fa4|sdpa]
 
 Two processes:
 
@@ -24,8 +24,15 @@ Two processes:
   group so an outside ``killpg`` (the agent's runner) reaches both, and it asks
   the kernel to kill it if the supervisor dies (PR_SET_PDEATHSIG).
 * the *worker* does the measurements: import check, correctness against a
-  float32 reference (forward and backward), a speed grid through flash_attn
-  and each torch SDPA backend, and an end-to-end generation check.
+  float32 reference (forward and backward), a speed grid (forward, and forward
+  + backward) through every FlashAttention implementation present (FA2/FA1
+  ``flash_attn``, FA3 ``flash_attn_interface``, FA4 ``flash_attn.cute``) and
+  each torch SDPA backend, and an end-to-end generation check.
+
+Which FlashAttention is *verified* (its failures fail the run) follows
+``--expect``: ``fa3``/``fa4`` name one; ``flash_attn`` means FA2 (or FA1) when
+it is installed, else the FA3 or FA4 that is; ``sdpa`` verifies none.  The
+others present are measured alongside, their failures are warnings.
 
 Result schema: docs/verification.md; parsed strictly by fleet/verification.py.
 """
@@ -68,16 +75,30 @@ HEADDIMS = (64, 128)
 SEQLENS = (512, 1024, 2048, 4096, 8192)
 CAUSALS = (False, True)
 
-FLASH_IMPL = "flash_attn"
+FLASH_IMPL = "flash_attn"  # FA2, or FA1 through its unpadded API: the name results have always used
+FA3_IMPL = "fa3"  # flash_attn_interface (the flash_attn_3 distribution, built from hopper/)
+FA4_IMPL = "fa4"  # flash_attn.cute (the flash-attn-4 distribution, CuTe DSL kernels compiled at first call)
+FLASH_IMPLS = (FLASH_IMPL, FA3_IMPL, FA4_IMPL)
 SDPA_IMPLS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
-SPEED_IMPLS = (FLASH_IMPL, *SDPA_IMPLS)
+SPEED_IMPLS = (*FLASH_IMPLS, *SDPA_IMPLS)
+# forward+backward is measured for everything but the math backend (its backward at 16k tokens is minutes of
+# O(seqlen²) memory traffic and says nothing about a FlashAttention install)
+FWD_BWD_IMPLS = (*FLASH_IMPLS, "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+# flash-attention's benchmarks count the backward pass as 2.5 forwards (5 matmuls of the forward's 2 in size)
+FWD_BWD_FLOPS_FACTOR = 3.5
+EXPECT_FLASH = "flash_attn"  # FA2/FA1 when installed, else the FlashAttention that is (FA3, then FA4)
+EXPECTS = (EXPECT_FLASH, FA3_IMPL, FA4_IMPL, "sdpa")
+# Extra seconds a FA4 task may take: its kernels are compiled (CuTe DSL JIT) at the first call of each
+# (dtype, head dim, causal, direction), tens of seconds where the SDPA backends need milliseconds.
+JIT_ALLOWANCE_S = {FA4_IMPL: 120.0}
 SDPA_BACKEND_NAMES = {
     "sdpa_flash": "FLASH_ATTENTION",
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "sdpa_cudnn": "CUDNN_ATTENTION",
     "sdpa_math": "MATH",
 }
-CORRECTNESS_IMPLS = (FLASH_IMPL, "flash_attn_varlen", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+CORRECTNESS_IMPLS = (FLASH_IMPL, "flash_attn_varlen", FA3_IMPL, FA4_IMPL, "sdpa_flash", "sdpa_efficient",
+                     "sdpa_cudnn")
 
 # The math backend materialises the (batch, heads, seqlen, seqlen) score matrix:
 # at seqlen 8192 it needs ~19 GB and ~50 ms a call on an H100 (DESIGN §4).  In full
@@ -158,12 +179,25 @@ def math_measured(mode: str, dtype: str, headdim: int, seqlen: int, causal: bool
     return seqlen <= MATH_MAX_SEQLEN or (dtype, headdim, seqlen, causal) in MATH_EXTRA_SHAPES
 
 
-def correctness_cases(mode: str) -> list[tuple[str, str, int, bool]]:
-    """(impl, dtype, headdim, causal)."""
-    impls = (FLASH_IMPL, "flash_attn_varlen", "sdpa_flash") if mode == "quick" else CORRECTNESS_IMPLS
+def flash_family(impl: str) -> str | None:
+    """The FlashAttention implementation an entry's impl belongs to (``flash_attn_varlen`` → ``flash_attn``)."""
+    for name in FLASH_IMPLS:
+        if impl == name or impl.startswith(name + "_"):
+            return name
+    return None
+
+
+def correctness_cases(mode: str, flash: tuple[str, ...] = (FLASH_IMPL,)) -> list[tuple[str, str, int, bool]]:
+    """(impl, dtype, headdim, causal) for the FlashAttention implementations in ``flash`` and the SDPA
+    backends.  FA3/FA4 have no varlen case here: their dense API is what the speed grid measures."""
+    impls = (FLASH_IMPL, "flash_attn_varlen", FA3_IMPL, FA4_IMPL, "sdpa_flash") if mode == "quick" \
+        else CORRECTNESS_IMPLS
     headdims = (128,) if mode == "quick" else HEADDIMS
     out = []
     for impl in impls:
+        family = flash_family(impl)
+        if family is not None and family not in flash:
+            continue
         for dtype in DTYPES:
             for hd in headdims if impl != "flash_attn_varlen" else (128,):
                 for causal in CAUSALS:
@@ -190,16 +224,36 @@ class Task:
 
 
 @dataclass
+class FlashLoaded:
+    """One FlashAttention implementation as this worker found it: the import info that goes into the
+    result, and its entry points behind one calling convention (``dense(q, k, v, causal) -> out``)."""
+
+    info: dict[str, Any]
+    dense: Callable[..., Any] | None = None
+    varlen: Callable[..., Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.info.get("import_ok"))
+
+    @property
+    def present(self) -> bool:
+        return bool(self.info.get("present"))
+
+
+@dataclass
 class WorkerCtx:
     args: argparse.Namespace
     torch: Any
     device: Any
     is_cuda: bool
-    fa: dict[str, Any] = field(default_factory=dict)  # import info
-    fa_func: Any = None
+    fa: dict[str, Any] = field(default_factory=dict)  # import info of the verified implementation
+    fa_func: Any = None  # FA2/FA1 entry points (the flash_attn and flash_attn_varlen rows)
     fa_varlen: Any = None
     deadline: float = math.inf
     inject_nan: bool = False
+    flash: dict[str, FlashLoaded] = field(default_factory=dict)  # impl name → what was found
+    reported: tuple[str, ...] = (FLASH_IMPL,)  # FlashAttention impls that get rows in the result
 
 
 def _short(exc: BaseException, limit: int = 2000) -> str:
@@ -211,20 +265,135 @@ def _clean_exc(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
 
 
-def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
-    """Import flash_attn; never raises.  Returns (info, fa_func, varlen_func)."""
-    info: dict[str, Any] = {"import_ok": False, "version": None, "error": None, "error_type": None,
-                            "module_path": None, "api": None}
+# Where each implementation comes from: (module imported, distributions that install it).
+FLASH_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    FLASH_IMPL: ("flash_attn", ("flash-attn",)),
+    FA3_IMPL: ("flash_attn_interface", ("flash-attn-3", "flash_attn_3")),
+    FA4_IMPL: ("flash_attn.cute", ("flash-attn-4",)),
+}
+
+
+def _installed_dist(dists: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(distribution, version) of the first of ``dists`` installed in this interpreter, else (None, None)."""
+    from importlib import metadata
+
+    for name in dists:
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        except Exception:  # a broken dist-info must not stop the benchmark
+            continue
+    return None, None
+
+
+def _import_failed(info: dict[str, Any], exc: BaseException, absent_names: tuple[str, ...]) -> None:
+    """Record an import failure.  ``present`` stays False only when the module itself is missing and no
+    distribution claims it: a missing implementation is not a broken one (FA4's ``flash_attn`` namespace
+    has no ``flash_attn_interface``, and that says nothing about FA2)."""
+    info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    info["error_type"] = type(exc).__name__
+    info["traceback"] = traceback.format_exc()[-6000:]
+    missing = isinstance(exc, ModuleNotFoundError) and getattr(exc, "name", None) in absent_names
+    info["present"] = bool(info.get("dist")) or not missing
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+
+
+def _flash_info(impl: str) -> dict[str, Any]:
+    module, dists = FLASH_SOURCES[impl]
+    dist, version = _installed_dist(dists)
+    return {"import_ok": False, "version": version, "error": None, "error_type": None, "module_path": None,
+            "api": None, "impl": impl, "implementation": None if impl == FLASH_IMPL else impl, "module": module,
+            "dist": dist, "present": dist is not None}
+
+
+def _first(out: Any) -> Any:
+    """FA4 always returns (out, lse) and some FA3 versions do too; the bench wants ``out``."""
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def import_fa3() -> FlashLoaded:
+    """FlashAttention 3 (Hopper): top-level ``flash_attn_interface``; never raises."""
+    info = _flash_info(FA3_IMPL)
     try:
-        import flash_attn  # type: ignore[import-not-found]
+        import flash_attn_interface  # type: ignore[import-not-found]
+
+        func = flash_attn_interface.flash_attn_func
+        varlen = getattr(flash_attn_interface, "flash_attn_varlen_func", None)
+    except BaseException as exc:
+        _import_failed(info, exc, ("flash_attn_interface",))
+        return FlashLoaded(info)
+    info.update(import_ok=True, present=True, api="fa3", module_path=getattr(flash_attn_interface, "__file__", None))
+    info["version"] = info["version"] or getattr(flash_attn_interface, "__version__", None)
+
+    def dense(q: Any, k: Any, v: Any, causal: bool = False) -> Any:
+        return _first(func(q, k, v, causal=causal))
+
+    return FlashLoaded(info, dense, varlen)
+
+
+def import_fa4() -> FlashLoaded:
+    """FlashAttention 4 (CuTe DSL): ``from flash_attn.cute import flash_attn_func``; never raises.  Its
+    ``__version__`` reads a distribution named "fa4" (0.0.0 when absent): the version comes from the
+    flash-attn-4 distribution instead."""
+    info = _flash_info(FA4_IMPL)
+    try:
+        from flash_attn import cute  # type: ignore[import-not-found]
+
+        func = cute.flash_attn_func
+        varlen = getattr(cute, "flash_attn_varlen_func", None)
+    except BaseException as exc:
+        _import_failed(info, exc, ("flash_attn", "flash_attn.cute"))
+        return FlashLoaded(info)
+    info.update(import_ok=True, present=True, api="fa4", module_path=getattr(cute, "__file__", None))
+    if not info["version"]:
+        own = getattr(cute, "__version__", None)
+        info["version"] = own if own not in (None, "0.0.0") else None
+
+    def dense(q: Any, k: Any, v: Any, causal: bool = False) -> Any:
+        return _first(func(q, k, v, causal=causal))
+
+    return FlashLoaded(info, dense, varlen)
+
+
+def detect_flash() -> dict[str, FlashLoaded]:
+    """Every FlashAttention implementation this interpreter has (or claims to have), by impl name."""
+    info, func, varlen = import_flash_attn()
+    return {FLASH_IMPL: FlashLoaded(info, func, varlen), FA3_IMPL: import_fa3(), FA4_IMPL: import_fa4()}
+
+
+def choose_verified(expect: str, found: dict[str, FlashLoaded]) -> str | None:
+    """The implementation the run verifies: the expected one, or for ``flash_attn`` FA2/FA1 when installed,
+    else the FA3/FA4 that is (a node whose only FlashAttention is FA4 is verified on FA4), else FA2 so the
+    result says why ``flash_attn`` is missing.  None for ``sdpa``."""
+    if expect == "sdpa":
+        return None
+    if expect in (FA3_IMPL, FA4_IMPL):
+        return expect
+    for impl in FLASH_IMPLS:
+        if impl in found and found[impl].present:
+            return impl
+    return FLASH_IMPL
+
+
+def reported_impls(verified: str | None, found: dict[str, FlashLoaded]) -> tuple[str, ...]:
+    """FlashAttention implementations that get rows: the verified one (or FA2 when none is, as results
+    always had), and every other one present."""
+    first = verified or FLASH_IMPL
+    return tuple(i for i in FLASH_IMPLS if i == first or (i in found and found[i].present))
+
+
+def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
+    """Import flash_attn (FA2, or FA1 through its unpadded API); never raises.  Returns (info, fa_func,
+    varlen_func)."""
+    info = _flash_info(FLASH_IMPL)
+    try:
+        import flash_attn
     except BaseException as exc:  # ImportError, OSError (undefined symbol), RuntimeError...
-        info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        info["error_type"] = type(exc).__name__
-        info["traceback"] = traceback.format_exc()[-6000:]
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        _import_failed(info, exc, ("flash_attn",))
         return info, None, None
-    info["version"] = getattr(flash_attn, "__version__", None)
+    info["version"] = getattr(flash_attn, "__version__", None) or info["version"]
     info["module_path"] = getattr(flash_attn, "__file__", None)
     fa_func = getattr(flash_attn, "flash_attn_func", None)
     varlen = getattr(flash_attn, "flash_attn_varlen_func", None)
@@ -236,9 +405,9 @@ def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
 
             varlen = flash_attn_unpadded_func
             fa_func = _fa1_dense(varlen)
-            info["api"] = "fa1-unpadded"
+            info.update(api="fa1-unpadded", implementation="fa1")
         else:
-            info["api"] = "fa2"
+            info.update(api="fa2", implementation="fa2")
         # The python package imports lazily on some versions; touch the extension now.
         for ext in ("flash_attn_2_cuda", "flash_attn_cuda"):
             try:
@@ -251,13 +420,10 @@ def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
             raise ImportError("flash_attn imported but none of its CUDA extensions did: "
                               + "; ".join(info.get("extension_errors", [])))
     except BaseException as exc:
-        info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        info["error_type"] = type(exc).__name__
-        info["traceback"] = traceback.format_exc()[-6000:]
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        # FA4 alone leaves a namespace package "flash_attn" without flash_attn_interface: FA2 is absent
+        _import_failed(info, exc, ("flash_attn", "flash_attn.flash_attn_interface"))
         return info, None, None
-    info["import_ok"] = True
+    info.update(import_ok=True, present=True)
     return info, fa_func, varlen
 
 
@@ -373,14 +539,44 @@ def _looks_unsupported(exc: BaseException) -> bool:
                                    "is not implemented"))
 
 
+def _flash_ok(ctx: WorkerCtx, impl: str) -> bool:
+    if impl == FLASH_IMPL and not ctx.flash:  # a context made without detect_flash (tests, older callers)
+        return bool(ctx.fa.get("import_ok"))
+    loaded = ctx.flash.get(impl)
+    return loaded is not None and loaded.ok
+
+
+def _flash_dense(ctx: WorkerCtx, impl: str) -> Callable[..., Any]:
+    loaded = ctx.flash.get(impl)
+    if loaded is None or loaded.dense is None:
+        raise RuntimeError(f"{impl} is not importable in this worker")
+    return loaded.dense
+
+
+def _not_importable(impl: str) -> str:
+    if impl == FLASH_IMPL:
+        return "flash_attn not importable (see flash_attn.error)"
+    return f"{impl} ({FLASH_SOURCES[impl][0]}) not importable (see flash_attn_implementations)"
+
+
+def _may_be_unsupported(impl: str, exc: BaseException) -> bool:
+    """An exception that means "this implementation does not do this shape", not "it is broken".  FA2's
+    errors always count (its shapes here are all ones it supports); FA3/FA4 reject head dims and dtypes
+    per architecture with an AssertionError/ValueError naming the limit ("... is not supported on SM90")."""
+    if impl in (FA3_IMPL, FA4_IMPL):
+        return isinstance(exc, NotImplementedError) or _looks_unsupported(exc)
+    return flash_family(impl) is None and isinstance(exc, RuntimeError) and _looks_unsupported(exc)
+
+
 def run_correctness(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, causal: bool,
                     base: dict[str, Any]) -> list[dict[str, Any]]:
     torch = ctx.torch
     entry = dict(base)
     thr = THRESHOLDS[dtype]
     entry.update(threshold_fwd=thr["fwd"], threshold_bwd=thr["bwd"])
-    if impl.startswith("flash_attn") and not ctx.fa.get("import_ok"):
-        entry.update(status="skipped", reason="flash_attn not importable (see flash_attn.error)")
+    family = flash_family(impl)
+    if family is not None and not _flash_ok(ctx, family):
+        entry.update(status="skipped", reason=_not_importable(family))
         return [entry]
     dt = _dtype(torch, dtype)
     gen = torch.Generator(device=ctx.device)
@@ -403,6 +599,8 @@ def run_correctness(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, causal:
             try:
                 if impl == FLASH_IMPL:
                     out = ctx.fa_func(q, k, v, causal=causal)
+                elif impl in (FA3_IMPL, FA4_IMPL):
+                    out = _flash_dense(ctx, impl)(q, k, v, causal=causal)
                 elif impl == "flash_attn_varlen":
                     cu = torch.tensor([0, *itertools_accumulate(lens)], dtype=torch.int32, device=ctx.device)
                     out = ctx.fa_varlen(q, k, v, cu, cu, max(lens), max(lens), 0.0, causal=causal)
@@ -410,17 +608,17 @@ def run_correctness(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, causal:
                     with _sdpa_backend(ctx, impl):
                         out = _sdpa_fn(ctx)(q, k, v, causal)
                         out.backward(dout)
-                if impl.startswith("flash_attn"):
+                if family is not None:
                     if ctx.inject_nan:
                         out = out * float("nan")
                     out.backward(dout)
                 elif ctx.inject_nan:
                     out = out * float("nan")
                 _sync(ctx)
-            except RuntimeError as exc:
+            except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
                 if _is_oom(ctx, exc):
                     raise
-                if not impl.startswith("flash_attn") and _looks_unsupported(exc):
+                if _may_be_unsupported(impl, exc):
                     entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
                     return [entry]
                 raise
@@ -465,7 +663,7 @@ def run_correctness(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, causal:
         if reasons:
             entry["reason"] = "; ".join(reasons)
         return [entry]
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
         if _is_oom(ctx, exc):
             entry.update(status="oom", reason=_clean_exc(exc))
         else:
@@ -514,12 +712,54 @@ def _time_calls(ctx: WorkerCtx, fn: Callable[[], Any], target_s: float, min_reps
     return statistics.median(times), reps
 
 
+def _speed_fn(ctx: WorkerCtx, impl: str, qkv: list[Any], causal: bool,
+              backward: bool) -> tuple[Callable[[], Any], contextlib.AbstractContextManager[Any]]:
+    """The call to time and the context it runs in.  Forward+backward uses autograd.grad against a fixed
+    dout, so nothing accumulates into .grad between timed calls."""
+    torch = ctx.torch
+    if impl == FLASH_IMPL:
+        def attn() -> Any:
+            return ctx.fa_func(*qkv, causal=causal)
+        cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    elif impl in (FA3_IMPL, FA4_IMPL):
+        dense = _flash_dense(ctx, impl)
+
+        def attn() -> Any:
+            return dense(*qkv, causal=causal)
+        cm = contextlib.nullcontext()
+    else:
+        sdpa = _sdpa_fn(ctx)
+
+        def attn() -> Any:
+            return sdpa(*qkv, causal)
+        cm = _sdpa_backend(ctx, impl)
+    if not backward:
+        return attn, _stacked(torch.no_grad(), cm)
+    dout = torch.randn_like(qkv[0])
+
+    def fwd_bwd() -> Any:
+        out = attn()
+        torch.autograd.grad(out, qkv, dout)
+        return out.detach()
+    return fwd_bwd, cm
+
+
+@contextlib.contextmanager
+def _stacked(*cms: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for cm in cms:
+            stack.enter_context(cm)
+        yield
+
+
 def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, causal: bool,
               base: dict[str, Any]) -> list[dict[str, Any]]:
     torch = ctx.torch
     entry = dict(base)
-    if impl == FLASH_IMPL and not ctx.fa.get("import_ok"):
-        entry.update(status="skipped", reason="flash_attn not importable (see flash_attn.error)")
+    backward = base.get("direction") == "fwd_bwd"
+    family = flash_family(impl)
+    if family is not None and not _flash_ok(ctx, family):
+        entry.update(status="skipped", reason=_not_importable(family))
         return [entry]
     if impl == "sdpa_math" and not math_measured(ctx.args.mode, dtype, headdim, seqlen, causal):
         entry.update(status="skipped", reason=f"math backend measured only up to seqlen {MATH_MAX_SEQLEN} "
@@ -532,18 +772,10 @@ def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, 
     dt = _dtype(torch, dtype)
     qkv: list[Any] = []
     try:
-        qkv.extend(torch.randn(batch, seqlen, HEADS, headdim, device=ctx.device, dtype=dt) for _ in range(3))
-        if impl == FLASH_IMPL:
-            def fn() -> Any:
-                return ctx.fa_func(*qkv, causal=causal)
-            cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        else:
-            sdpa = _sdpa_fn(ctx)
-
-            def fn() -> Any:
-                return sdpa(*qkv, causal)
-            cm = _sdpa_backend(ctx, impl)
-        with torch.no_grad(), cm:
+        qkv.extend(torch.randn(batch, seqlen, HEADS, headdim, device=ctx.device, dtype=dt,
+                               requires_grad=backward) for _ in range(3))
+        fn, cm = _speed_fn(ctx, impl, qkv, causal, backward)
+        with cm:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
@@ -560,10 +792,10 @@ def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, 
                         entry["peak_mem_mib"] = round(peak / 2**20, 2)
                     finite = _finite(torch, out)
                     del out
-                except RuntimeError as exc:
+                except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
                     if _is_oom(ctx, exc):
                         raise
-                    if impl != FLASH_IMPL and _looks_unsupported(exc):
+                    if _may_be_unsupported(impl, exc):
                         entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
                         return [entry]
                     raise
@@ -572,10 +804,10 @@ def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, 
                 return [entry]
             target = 0.03 if impl != "sdpa_math" else 0.06
             ms, reps = _time_calls(ctx, fn, target_s=target, min_reps=3 if impl == "sdpa_math" else 5, max_reps=50)
-        flops = attention_flops(batch, seqlen, HEADS, headdim, causal)
+        flops = attention_flops(batch, seqlen, HEADS, headdim, causal) * (FWD_BWD_FLOPS_FACTOR if backward else 1)
         entry.update(status="ok", ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 3), repeats=reps)
         return [entry]
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
         if _is_oom(ctx, exc):
             entry.update(status="oom", reason=_clean_exc(exc))
         else:
@@ -680,8 +912,9 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
     args = ctx.args
     per = float(args.timeout_per_shape)
     tasks: list[Task] = []
-    for impl, dtype, hd, causal in correctness_cases(args.mode):
-        if impl.startswith("flash_attn") and not ctx.fa.get("import_ok"):
+    for impl, dtype, hd, causal in correctness_cases(args.mode, ctx.reported):
+        family = flash_family(impl)
+        if family is not None and not _flash_ok(ctx, family):
             continue  # one "skipped" summary below instead of a row per case
         batch, seqlen = (1, sum(VARLEN_SEQLENS)) if impl == "flash_attn_varlen" else (CORRECTNESS_BATCH,
                                                                                         CORRECTNESS_SEQLEN)
@@ -690,24 +923,30 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
         if impl == "flash_attn_varlen":
             base["varlen_seqlens"] = list(VARLEN_SEQLENS)
         tasks.append(Task(f"correctness/{impl}/{dtype}/hd{hd}/{'causal' if causal else 'full'}", "correctness",
-                          per, base,
+                          per + JIT_ALLOWANCE_S.get(family or "", 0.0), base,
                           functools.partial(run_correctness, ctx, impl, dtype, hd, causal, base)))
-    if not ctx.fa.get("import_ok"):
-        base = {"impl": FLASH_IMPL, "dtype": None, "headdim": None, "causal": None, "batch": None, "seqlen": None,
-                "heads": None}
-        tasks.append(Task("correctness/flash_attn/skipped", "correctness", per, base,
-                          functools.partial(_fixed, base, "skipped",
-                                            "flash_attn not importable (see flash_attn.error)")))
+    for family in ctx.reported:
+        if not _flash_ok(ctx, family):
+            base = {"impl": family, "dtype": None, "headdim": None, "causal": None, "batch": None, "seqlen": None,
+                    "heads": None}
+            tasks.append(Task(f"correctness/{family}/skipped", "correctness", per, base,
+                              functools.partial(_fixed, base, "skipped", _not_importable(family))))
     tokens = int(args.tokens)
     bf16 = _native_bf16(ctx)
+    impls = [i for i in SPEED_IMPLS if flash_family(i) is None or i in ctx.reported]
     for dtype, hd, seqlen, causal in speed_shapes(args.mode, tuple(args.seqlens), bf16):
         batch = max(1, tokens // seqlen)
-        for impl in SPEED_IMPLS:
-            base = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch, "heads": HEADS,
-                    "causal": causal, "direction": "fwd"}
-            tasks.append(Task(f"speed/{impl}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}", "speed",
-                              per, base,
-                              functools.partial(run_speed, ctx, impl, dtype, hd, seqlen, causal, base)))
+        for direction in ("fwd", "fwd_bwd"):
+            for impl in impls:
+                if direction == "fwd_bwd" and (impl not in FWD_BWD_IMPLS or (not _flash_ok(ctx, impl)
+                                               and flash_family(impl) is not None)):
+                    continue  # an FA that is not importable has its skipped rows once, under fwd
+                base = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
+                        "heads": HEADS, "causal": causal, "direction": direction}
+                suffix = "" if direction == "fwd" else "/fwd_bwd"
+                tasks.append(Task(f"speed/{impl}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}{suffix}",
+                                  "speed", per + JIT_ALLOWANCE_S.get(impl, 0.0), base,
+                                  functools.partial(run_speed, ctx, impl, dtype, hd, seqlen, causal, base)))
     model_desc = args.model or "qwen2-small (random weights)"
     for impl in E2E_IMPLS:
         base = {"impl": impl, "model": model_desc, "random_weights": not args.model, "batch": args.e2e_batch,
@@ -810,10 +1049,16 @@ def worker_main(args: argparse.Namespace) -> int:
                           "driver": None, "note": "CPU debug run: numbers are not meaningful"}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    fa_info, fa_func, fa_varlen = import_flash_attn()
+    found = detect_flash()
+    verified = choose_verified(args.expect, found)
+    reported = reported_impls(verified, found)
+    fa_info = found[verified or FLASH_IMPL].info
     meta["flash_attn"] = fa_info
-    ctx = WorkerCtx(args=args, torch=torch, device=device, is_cuda=is_cuda, fa=fa_info, fa_func=fa_func,
-                    fa_varlen=fa_varlen, deadline=float(args.deadline or math.inf))
+    meta["flash_attn_implementations"] = [found[i].info for i in reported]
+    legacy = found[FLASH_IMPL]
+    ctx = WorkerCtx(args=args, torch=torch, device=device, is_cuda=is_cuda, fa=fa_info, fa_func=legacy.dense,
+                    fa_varlen=legacy.varlen, deadline=float(args.deadline or math.inf), flash=found,
+                    reported=reported)
     tasks = build_tasks(ctx)
     meta["status"] = "running"
     emit("meta", **meta)
@@ -872,7 +1117,7 @@ class Supervisor:
 
     def worker_cmd(self, skip: int) -> list[str]:
         a = self.args
-        cmd = [sys.executable, self.script, "--worker", "--mode", a.mode, "--device", a.device,
+        cmd = [sys.executable, self.script, "--worker", "--mode", a.mode, "--device", a.device, "--expect", a.expect,
                "--timeout-per-shape", str(a.timeout_per_shape), "--skip", str(skip), "--deadline",
                str(self.deadline), "--tokens", str(a.tokens), "--seqlens", *map(str, a.seqlens),
                "--e2e-batch", str(a.e2e_batch), "--e2e-prompt", str(a.e2e_prompt), "--e2e-new-tokens",
@@ -909,6 +1154,9 @@ class Supervisor:
     def run_worker(self, skip: int) -> int | None:
         """Run one worker from task ``skip`` on; the index to restart from, or None when finished."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+        # FA4 compiles its kernels at first call; its on-disk cache lets a worker restarted after a timed-out
+        # task (or the next run) reuse them instead of compiling again
+        env.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
         try:
             self.proc = proc = subprocess.Popen(self.worker_cmd(skip), stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True, env=env)
@@ -1053,6 +1301,7 @@ class Supervisor:
             },
             "flash_attn": meta.get("flash_attn") or {"import_ok": False, "version": None,
                                                      "error": "not checked", "error_type": None},
+            "flash_attn_implementations": meta.get("flash_attn_implementations") or [],
             "config": {"tokens": self.args.tokens, "heads": HEADS, "seqlens": list(self.args.seqlens),
                        "timeout_per_shape_s": self.args.timeout_per_shape, "timeout_s": self.args.timeout,
                        "thresholds": THRESHOLDS, "model": self.args.model,
@@ -1079,16 +1328,20 @@ def verdict(result: dict[str, Any], meta: dict[str, Any], overall_timeout: bool)
         return pre, [str(meta.get("reason"))], warns
     if not meta:
         return STATUS_ERROR, ["the benchmark worker produced no output; see worker_stderr_tail"], warns
-    expect_fa = result["expect"] == "flash_attn"
+    expect_fa = result["expect"] != "sdpa"
     fa = result["flash_attn"]
+    target = fa.get("impl") or FLASH_IMPL
     if not fa.get("import_ok"):
-        (reasons if expect_fa else warns).append(f"flash_attn import failed: {fa.get('error')}")
+        (reasons if expect_fa else warns).append(f"{import_label(fa)} import failed: {fa.get('error')}")
+    for other in result.get("flash_attn_implementations") or []:
+        if other.get("impl") != target and not other.get("import_ok"):
+            warns.append(f"{import_label(other)} import failed: {other.get('error')}")
 
     def is_fa(impl: str) -> bool:
-        return impl.startswith("flash_attn")
+        return flash_family(impl) == target
 
     for e in result["correctness"]:
-        crit = is_fa(e["impl"]) == expect_fa or (not expect_fa and e["impl"] == "sdpa_flash")
+        crit = is_fa(e["impl"]) if expect_fa else e["impl"] == "sdpa_flash"
         if e["status"] in ("fail", "error", "timeout"):
             msg = (f"correctness {e['impl']} {e['dtype']} hd{e['headdim']} "
                    f"{'causal' if e['causal'] else 'non-causal'}: {e['status']}: {e.get('reason')}")
@@ -1112,8 +1365,23 @@ def verdict(result: dict[str, Any], meta: dict[str, Any], overall_timeout: bool)
     return (STATUS_FAIL if reasons else STATUS_PASS), reasons, warns
 
 
+def import_label(info: dict[str, Any]) -> str:
+    """How an implementation is named in messages: "flash_attn" as always for FA2/FA1, else
+    "fa4 (flash_attn.cute)"."""
+    impl = info.get("impl") or FLASH_IMPL
+    return impl if impl == FLASH_IMPL else f"{impl} ({info.get('module') or FLASH_SOURCES[impl][0]})"
+
+
 def _fmt(v: Any, spec: str = "") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def describe_flash(info: dict[str, Any]) -> str:
+    """"fa4 4.0.0b36 (flash_attn.cute, dist flash-attn-4)" or why it did not import."""
+    name = info.get("implementation") or info.get("impl") or ("fa1" if info.get("api") == "fa1-unpadded" else "fa2")
+    where = ", ".join(x for x in (info.get("module"), f"dist {info['dist']}" if info.get("dist") else None) if x)
+    text = f"{name} {info.get('version') or '?'}" + (f" ({where})" if where else "")
+    return text if info.get("import_ok") else f"{text}: IMPORT FAILED: {info.get('error')}"
 
 
 def summarize(r: dict[str, Any]) -> str:
@@ -1125,8 +1393,11 @@ def summarize(r: dict[str, Any]) -> str:
         f"  simulated: {r.get('simulated')}",
         f"device: {dev.get('name')} cc {dev.get('compute_capability')}  driver {dev.get('driver')}  "
         f"torch {dev.get('torch')} (CUDA {dev.get('cuda')})",
-        f"flash_attn: {fa.get('version') if fa.get('import_ok') else 'IMPORT FAILED: ' + str(fa.get('error'))}",
+        f"verified: {'sdpa' if r.get('expect') == 'sdpa' else describe_flash(fa)}",
     ]
+    for other in r.get("flash_attn_implementations") or []:
+        if other.get("impl") != fa.get("impl"):
+            lines.append(f"also measured: {describe_flash(other)}")
     lines += [f"  reason: {x}" for x in r.get("reasons") or []]
     lines += [f"  warning: {x}" for x in (r.get("warnings") or [])[:8]]
     if len(r.get("warnings") or []) > 8:
@@ -1142,15 +1413,16 @@ def summarize(r: dict[str, Any]) -> str:
     for e in r.get("speed") or []:
         if e["impl"] not in impls:
             impls.append(e["impl"])
-    lines.append("speed, TFLOP/s (peak MiB):  dtype hd seqlen causal | " + " | ".join(impls))
+    lines.append("speed, TFLOP/s (peak MiB):  dtype hd seqlen causal dir | " + " | ".join(impls))
     rows: dict[tuple[Any, ...], dict[str, str]] = {}
     for e in r.get("speed") or []:
-        key = (e["dtype"], e["headdim"], e["seqlen"], e["causal"])
+        key = (e["dtype"], e["headdim"], e["seqlen"], e["causal"], e.get("direction") or "fwd")
         cell = (f"{e['tflops']:.0f} ({_fmt(e.get('peak_mem_mib'), '.0f')})" if e["status"] == "ok" else e["status"])
         rows.setdefault(key, {})[e["impl"]] = cell
-    for key, cells in rows.items():
-        d, h, s, c = key
-        lines.append(f"  {d:<9} {h:>3} {s:>5} {'C' if c else 'N'} | " + " | ".join(cells.get(i, "") for i in impls))
+    for key, cells in sorted(rows.items(), key=lambda kv: kv[0][4] != "fwd"):
+        d, h, s, c, direction = key
+        lines.append(f"  {d:<9} {h:>3} {s:>5} {'C' if c else 'N'} {direction:<7} | "
+                     + " | ".join(cells.get(i, "") for i in impls))
     for e in r.get("e2e") or []:
         lines.append(f"e2e {e['impl']:<18} {e['status']:<11} tok/s {_fmt(e.get('tokens_per_s'))}  "
                      f"peak {_fmt(e.get('peak_mem_mib'))} MiB  {e.get('model')}  {(e.get('reason') or '')[:100]}")
@@ -1188,8 +1460,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-per-shape", type=float, default=DEFAULT_TIMEOUT_PER_SHAPE)
     p.add_argument("--timeout", type=float, default=None, help="overall seconds (default: quick 90, full 300)")
     p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu for a debug run of the script itself")
-    p.add_argument("--expect", choices=("flash_attn", "sdpa"), default="flash_attn",
-                   help="what the node is meant to run: sdpa for nodes planned without FlashAttention")
+    p.add_argument("--expect", choices=EXPECTS, default=EXPECT_FLASH,
+                   help="what the node is meant to run: flash_attn (FA2/FA1, else the FlashAttention installed), "
+                        "fa3, fa4, or sdpa for nodes planned without FlashAttention")
     p.add_argument("--skip-e2e", action="store_true")
     # for tests and debugging on small machines
     p.add_argument("--tokens", type=int, default=TOTAL_TOKENS, help=argparse.SUPPRESS)

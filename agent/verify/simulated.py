@@ -340,7 +340,7 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
     speed = []
     for dtype, hd, seqlen, causal in bench.speed_shapes(mode, bench.SEQLENS, gpu.bf16):
         batch = bench.TOTAL_TOKENS // seqlen
-        for impl in bench.SPEED_IMPLS:
+        for impl in (bench.FLASH_IMPL, *bench.SDPA_IMPLS):
             shape: dict[str, Any] = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
                                      "heads": bench.HEADS, "causal": causal, "simulated": True}
             if impl == "flash_attn" and not fa.import_ok:
