@@ -4,7 +4,10 @@ The controller sends content addresses (``sdist_sha256``, ``wheel_sha256``); the
 paths (``sdist_path``, ``wheel_path``: docs/playbooks.md). ``ArtifactJobRunner`` wraps the agent's
 runner and, before a job runs, downloads those artifacts from the controller's store (``FetchArtifact``,
 streamed in chunks, sha256 checked, cached per digest under ``STATE/artifacts/<sha256>/``) and fills in
-the paths. After a successful ``build-from-source`` it uploads ``built_wheel.path`` to the store
+the paths. An install's dependency wheels (``deps``: ``[{"sha256", "filename"}, …]``) are fetched the same way
+and laid out, under their own file names, in a private wheelhouse ``STATE/wheelhouses/<job_id>/`` (hard links
+into the cache) whose path the playbook gets as ``wheelhouse_dir``; it is removed when the job ends. After a
+successful ``build-from-source`` it uploads ``built_wheel.path`` to the store
 (``UploadArtifact``, kind ``wheel``) and checks the digest the controller computed matches the one the
 playbook reported; a failed upload fails the job saying so (the rollout then cannot hand the wheel to
 anyone). Each transfer is an event of the job (``fleet_artifact_fetch`` / ``fleet_artifact_upload``, with
@@ -15,11 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.executor import JOB_ID_RE
 from agent.jobs import JobOutcome, JobRunner, JobSpec
 from fleet.errors import FleetError
 
@@ -33,6 +40,12 @@ INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "apt-keyring-fix": (("key_sha256", "key_path"),),
     "cuda-toolkit": (("cuda_keyring_sha256", "cuda_keyring_deb"),),
 }
+
+
+#: job kinds whose ``deps`` become a wheelhouse
+WHEELHOUSE_KINDS = frozenset({"install-wheel"})
+_WHEEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.whl")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactClient(Protocol):
@@ -100,13 +113,52 @@ class ArtifactJobRunner:
             except OSError as exc:
                 return JobOutcome(status="failed", rc=74,
                                   error=f"{job.kind}: cannot store artifact {sha[:12]}… in {self.cache_dir}: {exc}")
+        wheelhouse: Path | None = None
+        if job.kind in WHEELHOUSE_KINDS and variables.get("deps"):
+            try:
+                wheelhouse = await self._wheelhouse(job.job_id, variables["deps"], emit)
+            except FleetError as exc:
+                return JobOutcome(status="failed", rc=66, error=f"{job.kind}: {exc.message}")
+            except OSError as exc:
+                return JobOutcome(status="failed", rc=74,
+                                  error=f"{job.kind}: cannot lay out the wheelhouse in {self.cache_dir.parent}: {exc}")
+            variables["wheelhouse_dir"] = str(wheelhouse)
+        variables.pop("deps", None)  # the playbook reads the wheelhouse, not the list
         spec = JobSpec(job.job_id, job.kind, variables, job.timeout_s) if variables != job.vars else job
-        outcome = await self.inner.run(spec, emit_event)
+        try:
+            outcome = await self.inner.run(spec, emit_event)
+        finally:
+            if wheelhouse is not None:
+                shutil.rmtree(wheelhouse, ignore_errors=True)
         if outcome.ok and job.kind == "build-from-source":
             problem = await self._upload_built(outcome, emit)
             if problem:
                 return JobOutcome(status="failed", rc=75, result=outcome.result, error=problem)
         return outcome
+
+    async def _wheelhouse(self, job_id: str, deps: Any, emit: Callable[[dict[str, Any]], object]) -> Path:
+        """Fetch every dependency wheel and lay them out under their file names for ``pip --find-links``."""
+        if not isinstance(deps, list) or not all(
+                isinstance(d, dict) and isinstance(d.get("sha256"), str) and _SHA256_RE.fullmatch(d["sha256"])
+                and isinstance(d.get("filename"), str) and _WHEEL_NAME_RE.fullmatch(d["filename"]) for d in deps):
+            raise FleetError("refused the job's deps: expected a list of {sha256: 64 hex, filename: *.whl}")
+        if not JOB_ID_RE.fullmatch(job_id):
+            raise FleetError(f"refused job id {job_id!r}")
+        house = (self.cache_dir.parent / "wheelhouses" / job_id).resolve()
+        shutil.rmtree(house, ignore_errors=True)
+        house.mkdir(parents=True)
+        for dep in deps:
+            try:
+                path = await self._fetch(dep["sha256"], emit)
+            except FleetError as exc:
+                raise FleetError(f"cannot fetch dependency {dep['filename']} ({dep['sha256'][:12]}…) from the "
+                                 f"controller's artifact store: {exc.message}") from None
+            target = house / dep["filename"]
+            try:
+                os.link(path, target)
+            except OSError:  # another filesystem: copy
+                shutil.copyfile(path, target)
+        return house
 
     async def _upload_built(self, outcome: JobOutcome, emit: Callable[[dict[str, Any]], object]) -> str | None:
         wheel = outcome.result.get("built_wheel")

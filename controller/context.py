@@ -9,6 +9,7 @@ and later components (rollouts, scheduler, dashboard) all reach the controller t
     ctx.registry    # controller.registry.Registry (nodes, facts, liveness)
     ctx.jobs        # controller.jobs.JobDispatcher (submit_job / wait / callbacks)
     ctx.artifacts   # controller.artifacts.ArtifactStore
+    ctx.provisioner # controller.provisioning.Provisioner (the store, then upstream: release wheels, index)
     ctx.enrollment  # controller.enrollment.Enrollment (tokens, identities, revocation)
     ctx.ca          # controller.ca.CertAuthority
 """
@@ -25,8 +26,10 @@ from controller.artifacts import ArtifactStore
 from controller.ca import CertAuthority
 from controller.enrollment import Enrollment
 from controller.jobs import JobDispatcher, JobOutcome
+from controller.provisioning import Provisioner
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
 from controller.store import Store, open_store
+from controller.upstream import UpstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class ControllerSettings:
     # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
     # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
     gc_tuning: bool = False
+    # where artifacts a plan needs come from when the store lacks them (controller/upstream.py)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
 
     @property
     def database_url(self) -> str:
@@ -80,6 +85,7 @@ class ControllerContext:
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
         self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+        self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
         from controller.server import GcMonitor, LoopLag
 
         self.loop_lag = LoopLag()

@@ -2,7 +2,8 @@
 
 Exit codes of ``rollout flash-attn`` (and ``status --watch``): 0 succeeded (or ``--dry-run`` /
 ``--detach``), 10 paused (needs an operator: canary failed or failure budget exceeded), 11 finished
-with failed nodes within the budget, 12 aborted, plus the usual error codes (docs/cli.md).
+with failed nodes within the budget, 12 aborted, 13 rollback-failed (``rollback`` and ``status`` too: a node's
+rollback failed, its error is shown), plus the usual error codes (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import getpass
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
@@ -23,8 +25,9 @@ from fleet.errors import UsageError
 EXIT_PAUSED = 10
 EXIT_PARTIAL = 11
 EXIT_ABORTED = 12
+EXIT_ROLLBACK_FAILED = 13  # a node's rollback failed: the rollout is rollback-failed, never rolled-back
 FINAL_EXIT = {"succeeded": 0, "rolled-back": 0, "partial": EXIT_PARTIAL, "aborted": EXIT_ABORTED,
-              "paused": EXIT_PAUSED}
+              "paused": EXIT_PAUSED, "rollback-failed": EXIT_ROLLBACK_FAILED}
 
 
 def _actor(args: argparse.Namespace) -> str:
@@ -76,6 +79,13 @@ def register(subparsers: Any) -> None:
                    help="per-step timeouts in seconds, e.g. install-wheel=600,verify=300")
     p.add_argument("--verify-mode", choices=("quick", "full"),
                    help="the verify step's benchmark: quick (default) or full (every shape, SDPA backends, e2e)")
+    p.add_argument("--fa4", action="store_true", help="flash-attn-4 (CuTe DSL, wheels only) where it runs "
+                   "(cc 9.x-12.x, Python >= 3.10, CUDA 12/13 torch); FA2 elsewhere")
+    p.add_argument("--fa3", action="store_true", help="FA3 (hopper/, source build) on Hopper nodes; FA2 elsewhere")
+    p.add_argument("--no-source-builds", dest="source_builds", action="store_false", default=None,
+                   help="never compile on a node: nodes without a matching wheel are blocked")
+    p.add_argument("--policy", type=Path, metavar="FILE", help='policy file {"version", "fa3", "fa4", '
+                   '"source_builds"} (flags given on the command line win)')
     p.add_argument("--builder", metavar="HOST[,HOST…]", help="dedicated builders: each builds the wheel of its own "
                    "build key for the other nodes of that key (default: the earliest scheduled node of each key)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
@@ -137,6 +147,8 @@ def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, strea
                 if st["status"] == "paused":
                     stream.write(f"paused: {st['reason']}\nnext: fix the cause, then `fleetctl rollout resume {rid}` "
                                  f"(--retry-failed, --max-failures N), or `fleetctl rollout abort {rid}`\n")
+                elif st["status"] == "rollback-failed":
+                    stream.write(f"{st['reason']}\n")
                 return code
             if wait_timeout and time.monotonic() - started > wait_timeout:
                 stream.write(f"still {st['status']}; follow with `fleetctl rollout status {rid} --watch`\n")
@@ -170,6 +182,29 @@ def _print_plan(out: dict[str, Any]) -> None:
     print(f"  failure budget --max-failures {o['max_failures']}, --max-parallel {o['max_parallel']}")
 
 
+def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """version/fa3/fa4/source_builds from --policy FILE, then the flags (which win)."""
+    from controller.resolver import Policy
+
+    policy = Policy.load(args.policy) if args.policy else Policy()
+    return {"version": args.version or policy.version, "fa3": args.fa3 or policy.fa3, "fa4": args.fa4 or policy.fa4,
+            "source_builds": policy.source_builds if args.source_builds is None else args.source_builds}
+
+
+def _print_preflight(out: dict[str, Any]) -> None:
+    """Where each real node's artifacts come from: the store, upstream, or nowhere (with the fix)."""
+    lines = []
+    for n in out["nodes"]:
+        for item in n.get("preflight") or []:
+            where = {"in-store": "in the store", "fetch": f"fetched from {item['source']}",
+                     "resolve": f"resolved from {item['source']}", "missing": "CANNOT BE HAD"}[item["availability"]]
+            fix = f" — fix: {item['fix']}" if item["availability"] == "missing" and item.get("fix") else ""
+            lines.append(f"  {n['hostname']}: {item['what']} {item['name']}: {where}{fix}")
+    if lines:
+        print("\nartifacts (nodes download only from the controller):")
+        print("\n".join(lines))
+
+
 def handle_start(args: argparse.Namespace) -> int:
     if args.canary is not None and args.canary < 0:
         raise UsageError("--canary must be 0 or more", hint="--canary 0 skips the canary batch")
@@ -177,7 +212,7 @@ def handle_start(args: argparse.Namespace) -> int:
     body = {"version": args.version, "nodes": args.nodes, "canary": args.canary, "batch": args.batch,
             "max_parallel": args.max_parallel, "max_failures": args.max_failures, "dry_run": args.dry_run,
             "actor": _actor(args), "step_timeouts": args.step_timeout or {},
-            "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()]}
+            "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()], **_policy_fields(args)}
     if args.verify_mode:
         body["verify_mode"] = args.verify_mode
     out = client.post("/rollouts", body)
@@ -186,6 +221,7 @@ def handle_start(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         _print_plan(out)
+        _print_preflight(out)
         print("\ndry run: nothing changed")
         return 0
     print(f"rollout {out['id']} started by {body['actor']}: flash-attn {out['version']} on "
@@ -218,6 +254,8 @@ def handle_status(args: argparse.Namespace) -> int:
     for b in st["builds"]:
         print(f"build {b['status']:<9} on {b['builder']}: {b['artifact_filename'] or b['error'] or ''}"
               f"  [{b['build_key']}]")
+    if st["status"] == "rollback-failed":  # the footer carries each failed node's error; a script sees it too
+        return EXIT_ROLLBACK_FAILED
     return 0
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.context import DEFAULT_STATE_DIR, ControllerSettings
+from controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
+from fleet.errors import UsageError
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +36,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false",
                    help="keep CPython's default garbage collector settings (by default objects alive after "
                         "start-up and registration bursts are frozen and the gen-0 threshold is raised)")
+    p.add_argument("--upstream-index", default=DEFAULT_INDEX_URL, metavar="URL",
+                   help="PEP 503 package index for sdists, flash-attn-4 and dependency wheels (default "
+                        f"{DEFAULT_INDEX_URL}; a local mirror such as devpi or Artifactory works; 'none': no index)")
+    p.add_argument("--wheel-mirror", metavar="URL",
+                   help="fetch flash-attn release wheels from here, not GitHub (URL/vVERSION/FILE, then URL/FILE)")
+    p.add_argument("--offline", action="store_true",
+                   help="never fetch: plans use only the artifact store (fill it with `fleetctl bundle import`)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"))
     p.set_defaults(handler=handle)
 
@@ -42,7 +51,16 @@ def settings_from(args: argparse.Namespace) -> ControllerSettings:
     return ControllerSettings(state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen,
                               enroll_listen=args.enroll_listen, http_listen=args.http_listen,
                               heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-                              extra_names=list(args.san), gc_tuning=args.gc_tuning)
+                              extra_names=list(args.san), gc_tuning=args.gc_tuning,
+                              upstream=upstream_from(args))
+
+
+def upstream_from(args: argparse.Namespace) -> UpstreamConfig:
+    index = None if args.upstream_index in ("", "none") else args.upstream_index
+    for name, url in (("--upstream-index", index), ("--wheel-mirror", args.wheel_mirror)):
+        if url is not None and not url.startswith(("http://", "https://", "file://")):
+            raise UsageError(f"{name} {url!r} is not an http(s) or file URL", hint=f"e.g. {name} https://host/path")
+    return UpstreamConfig(index_url=index, wheel_mirror=args.wheel_mirror, offline=args.offline)
 
 
 def handle(args: argparse.Namespace) -> int:

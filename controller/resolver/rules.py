@@ -15,7 +15,7 @@ from packaging.version import InvalidVersion, Version
 
 FA1_VERSION = "1.0.9"  # last FA1 release; 1.x has no get_wheel_url, so it is always a source build
 FA3_VERSION = "3.0.0"  # hopper/ package version at upstream HEAD; FA3 has no release wheels
-FA4_VERSION = "4.0.0b27"  # newest flash-attn-4 beta in the upstream snapshot (tag fa4-v4.0.0.beta27)
+FA4_VERSION = "4.0.0b36"  # newest flash-attn-4 on PyPI (2026-12-02); measured on the lent H200 (docs/gpu-e2e.md)
 FA4_MIN_DRIVER = "575.51.03"  # nvidia-cutlass-dsl driver floor quoted in NVIDIA/cutlass #2356 (unverified upstream)
 FA3_MIN_NVCC = (12, 3)  # hopper/setup.py: "FlashAttention-3 is only supported on CUDA 12.3 and above"
 BLACKWELL_MIN_NVCC = (12, 8)  # setup.py adds compute_100/compute_120 gencodes only when nvcc >= 12.8

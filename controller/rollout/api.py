@@ -41,6 +41,9 @@ class StartBody(BaseModel):
     min_free_bytes: int | None = Field(default=None, ge=0)
     builders: list[str] = Field(default_factory=list, max_length=1000)
     verify_mode: str | None = Field(default=None, pattern="^(quick|full)$")
+    fa3: bool = False
+    fa4: bool = False
+    source_builds: bool = True
 
 
 class ActorBody(BaseModel):
@@ -64,7 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx = app.state.ctx
     ttl = float(os.environ.get("FLEET_ROLLOUT_LEASE_TTL", "15"))
     engine = RolloutEngine(ctx.store, ctx.jobs, artifacts=ctx.artifacts,
-                           artifacts_dir=ctx.settings.state_dir / "artifacts", lease_ttl=ttl)
+                           artifacts_dir=ctx.settings.state_dir / "artifacts", lease_ttl=ttl,
+                           provisioner=ctx.provisioner)
     app.state.rollout_engine = engine
     task = asyncio.create_task(engine.run(), name="rollout-engine")
     try:
@@ -89,9 +93,9 @@ def router() -> APIRouter:
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
-                                     verify_mode=body.verify_mode,
-                                     actor=_actor(actor, body.actor))
-        out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir)
+                                     verify_mode=body.verify_mode, fa3=body.fa3, fa4=body.fa4,
+                                     source_builds=body.source_builds, actor=_actor(actor, body.actor))
+        out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
         wake(request)
         return out
 
@@ -123,7 +127,8 @@ def router() -> APIRouter:
     @r.post("/{rid}/resume")
     def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
         out = service.resume(ctx.store, rid, _actor(actor, body.actor), retry_failed=body.retry_failed,
-                             max_failures=body.max_failures)
+                             max_failures=body.max_failures, state_dir=ctx.settings.state_dir,
+                             provisioner=ctx.provisioner)
         wake(request)
         return out
 

@@ -7,6 +7,7 @@
 * ``parse_budget`` / ``budget_exceeded``: ``--max-failures N|P%`` across the whole rollout.
 * ``State`` / ``check_transition``: the per-node state machine.
 * ``group_builds``: build once per build key, one builder per key.
+* ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
 * ``next_actions``: given a snapshot of a rollout, what the engine must do now.
 """
 
@@ -310,11 +311,12 @@ def check_transition(old: State | str, new: State | str) -> None:
 
 
 def work_states(plan: NodePlan, builder: bool) -> list[State]:
-    """The step states a node goes through, in order, for its plan (the builder builds; others wait + install)."""
+    """The step states a node goes through, in order, for its plan (the builder builds, then installs what it
+    built like everyone else — one install path, with the dependency closure; others wait + install)."""
     out: list[State] = []
     for step in plan.steps:
         if step == "build-from-source":
-            out += [State.BUILD] if builder else [State.WAITING, State.INSTALL]
+            out += [State.BUILD, State.INSTALL] if builder else [State.WAITING, State.INSTALL]
         elif step in STEP_TO_STATE and step != "rollback":
             out.append(STEP_TO_STATE[step])
     return out
@@ -347,6 +349,46 @@ def group_builds(plans: Sequence[NodePlan], batches: Sequence[Sequence[str]],
         if key in out:
             out[key] = host
     return out
+
+
+# ---- rollback: the wheel of the previous version -------------------------------------------------
+
+_WHEEL_NAME_RE = re.compile(r"(?P<dist>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)(-[0-9][A-Za-z0-9_.]*)?"
+                            r"-(?P<py>[A-Za-z0-9_.]+)-(?P<abi>[A-Za-z0-9_.]+)-(?P<plat>[A-Za-z0-9_.]+)\.whl")
+
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def pick_previous_wheel(wheels: Iterable[tuple[str, str]], dist: str, version: str, python_tag: str | None,
+                        arch: str | None) -> str | None:
+    """sha256 of the stored wheel (``(filename, sha256)`` pairs) a rollback reinstalls to bring back ``dist``
+    ``version`` on a node that keeps no wheel of it (it was not installed by fleetctl), or None.
+
+    The node reports the version from package metadata, which upstream release wheels keep without the local
+    label their file name carries (``2.8.3`` for ``flash_attn-2.8.3+cu12torch2.7…whl``), so versions match on
+    the public part, and a local label, when the node reports one, must match exactly. The wheel must run on
+    the node: a ``cpXY`` tag of its Python (``python_tag``) or a pure ``py3`` one, a ``linux_<arch>``,
+    ``manylinux…_<arch>`` or ``any`` platform. Preferred: the exact local label, then the node's own CPython tag,
+    then the file name (stable)."""
+    want_public, _, want_local = version.partition("+")
+    found: list[tuple[tuple[int, int, str], str]] = []
+    for filename, sha in wheels:
+        m = _WHEEL_NAME_RE.fullmatch(filename)
+        if m is None or _norm_dist(m["dist"]) != _norm_dist(dist):
+            continue
+        public, _, local = m["version"].partition("+")
+        if public != want_public or (want_local and local != want_local):
+            continue
+        py_tags = m["py"].split(".")
+        if python_tag not in py_tags and "py3" not in py_tags:
+            continue
+        plats = m["plat"].split(".")
+        if not any(p == "any" or (arch is not None and p.endswith("_" + arch)) for p in plats):
+            continue
+        found.append(((0 if local == want_local else 1, 0 if python_tag in py_tags else 1, filename), sha))
+    return min(found)[1] if found else None
 
 
 # ---- the engine's decision step ------------------------------------------------------------------
@@ -400,6 +442,13 @@ def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
     return min(open_batches) if open_batches else None
 
 
+def rollback_outcome(nodes: Sequence[NodeSnapshot]) -> str:
+    """The final status of a rollback once no node is rolling back any more. Every ``done`` or ``failed`` node
+    went to ``rolling-back`` when the rollback was requested (service.rollback), so a node ``failed`` now is one
+    whose rollback failed: the rollout is ``rollback-failed`` (its nodes' causes say why), never ``rolled-back``."""
+    return "rollback-failed" if any(n.state == State.FAILED for n in nodes) else "rolled-back"
+
+
 def next_actions(snap: Snapshot) -> Actions:
     """What to do now. Pure: the engine persists, then acts on the result."""
     fail_waiting = tuple(sorted((n.hostname, n.build_key) for n in snap.nodes
@@ -411,7 +460,7 @@ def next_actions(snap: Snapshot) -> Actions:
         room = max(0, snap.max_parallel - busy)
         back = tuple(n.hostname for n in snap.nodes if n.state == State.ROLLING_BACK and not n.busy)[:room]
         if not any(n.state == State.ROLLING_BACK for n in snap.nodes):
-            return Actions(finish="rolled-back")
+            return Actions(finish=rollback_outcome(snap.nodes))
         return Actions(start=back)
     if snap.status != "running":
         return Actions(fail_waiting=fail_waiting)

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from controller.audit import audit
 from controller.jobs import FINAL_STATUSES, JobDispatcher, JobOutcome
+from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_failure
 from controller.rollout.core import (
     STATE_TO_JOB,
     TERMINAL,
@@ -50,7 +52,9 @@ from controller.rollout.core import (
     next_actions,
     next_state,
     parse_budget,
+    pick_previous_wheel,
 )
+from controller.rollout.expectation import EXPECTED_KEY, record_after_rollback
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
@@ -189,6 +193,24 @@ class StepRun:
     job_id: str | None
     started_at: dt.datetime
     deadline: dt.datetime
+    provision: Provision | None = None  # inputs to get into the artifact store before the job is submitted
+
+
+@dataclass(frozen=True)
+class Provision:
+    """What a real node's step needs from the artifact store (controller/provisioning.py)."""
+
+    needs: NodeNeeds
+    build_key: str | None  # BUILD: its build fails with the node
+    built_sha256: str | None  # INSTALL after a build: the built wheel
+
+
+def real_executor(plan: Mapping[str, Any]) -> bool:
+    """The node runs playbooks for real (``--executor ansible``): its steps need real artifacts."""
+    executor = plan.get("executor")
+    if isinstance(executor, str):
+        return executor == "ansible"
+    return not plan.get("simulated", True)
 
 
 class RolloutEngine:
@@ -196,10 +218,12 @@ class RolloutEngine:
 
     def __init__(self, store: Store, jobs: JobDispatcher, *, artifacts_dir: Path | None = None,
                  artifacts: Any = None, owner: str | None = None, lease_ttl: float = 15.0,
-                 tick: float = 0.5) -> None:
+                 tick: float = 0.5, provisioner: Provisioner | None = None) -> None:
         self.store = store
         self.jobs = jobs
         self.artifacts = artifacts
+        # real nodes' build and install inputs (sdist, wheel, dependency closure): store first, then upstream
+        self.provisioner = provisioner
         self.artifacts_dir = artifacts_dir
         self.owner = owner or new_owner()
         self.lease_ttl = lease_ttl
@@ -317,7 +341,8 @@ class RolloutEngine:
                 self._set_status(s, r, "paused", acts.pause)
                 paused = acts.pause
             elif acts.finish:
-                self._set_status(s, r, acts.finish, self._summary(nodes))
+                self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
+                                 "rollback-failed" else self._summary(nodes))
             else:
                 start = acts.start
             if acts.current_batch is not None:
@@ -356,6 +381,15 @@ class RolloutEngine:
         return not lease_free(n.lease_owner, n.lease_expiry, self.owner, now)
 
     @staticmethod
+    def _rollback_failures(nodes: list[RolloutNode]) -> str:
+        """The reason of a ``rollback-failed`` rollout: each failed node's own error, and what to do."""
+        failed = [n for n in nodes if n.state == State.FAILED]
+        head = "; ".join(f"{n.hostname}: {n.cause[:300]}" for n in failed[:3]) + (
+            f"; … and {len(failed) - 3} more" if len(failed) > 3 else "")
+        return (f"rollback failed on {len(failed)} node(s) — {head} — fix the cause, then "
+                f"`fleetctl rollout rollback ID` again (it retries the failed nodes only)")
+
+    @staticmethod
     def _summary(nodes: list[RolloutNode]) -> str:
         counts: dict[str, int] = {}
         for n in nodes:
@@ -381,6 +415,8 @@ class RolloutEngine:
                 step = self._prepare(rid, host)
                 if step is None:
                     break
+                if step.job_id is None and step.provision is not None and not await self._provide(step):
+                    continue  # failed, saying why; the next _prepare finds the node failed and stops
                 outcome = await self._execute(step)
                 self._finish_step(step, outcome)
         except asyncio.CancelledError:
@@ -453,12 +489,6 @@ class RolloutEngine:
                     return None  # queued: paused or aborting
                 if state == State.BUILD:
                     problem = self._artifact_space_problem(int(opts.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)))
-                    if problem is None and not n.plan.get("simulated", True) and self.artifacts is not None \
-                            and self._sdist(plan) is None:
-                        problem = (f"the flash-attn {plan.version} sdist (flash_attn-{plan.version}.tar.gz) is not in "
-                                   f"the controller's artifact store, and nodes fetch build inputs only from there — "
-                                   f"add it (e.g. ArtifactStore.put_file, kind sdist), then "
-                                   f"`fleetctl rollout resume {rid} --retry-failed`")
                     b = s.get(Build, n.build_key) if n.build_key else None
                     if problem:
                         if b is not None:
@@ -474,8 +504,76 @@ class RolloutEngine:
             started = n.step_started_at
             deadline = n.step_deadline or started + dt.timedelta(seconds=timeout)
             job_vars = self._job_vars(s, r, n, plan, state)
-            return StepRun(rid, host, state, kind, job_vars, timeout, n.job_id, started, deadline)
+            return StepRun(rid, host, state, kind, job_vars, timeout, n.job_id, started, deadline,
+                           self._provision(s, n, state))
         # the session commits here: the step's state and start time are durable before the job is submitted
+
+    def _provision(self, s: Session, n: RolloutNode, state: State) -> Provision | None:
+        """A real node's build or install: what to get into the store first (None: nothing, or simulated)."""
+        if self.provisioner is None or state not in (State.BUILD, State.INSTALL) or not real_executor(n.plan):
+            return None
+        try:
+            needs = NodeNeeds.from_plan(n.plan)
+        except FleetError:
+            return None  # planned by an older controller: the job vars say what it has
+        built = None
+        if state == State.INSTALL and n.build_key:
+            b = s.get(Build, n.build_key)
+            built = b.artifact_sha256 if b is not None and b.status == "succeeded" else None
+        return Provision(needs, n.build_key if state == State.BUILD else None, built)
+
+    async def _provide(self, step: StepRun) -> bool:
+        """Get the step's inputs into the artifact store (fetching from upstream if need be) and add them to its
+        job vars. Visible while it runs (the node's cause) and after (``result.artifacts``); a failure fails the
+        node — and its build, so nodes waiting on it fail too — with what went wrong and what to do."""
+        assert step.provision is not None and self.provisioner is not None
+        prov, provisioner = step.provision, self.provisioner
+        where = provisioner.upstream.config.describe()
+        self._note(step, f"{step.kind}: getting its artifacts into the store ({where})")
+        started = time.monotonic()
+        try:
+            if step.state == State.BUILD:
+                sdist = await asyncio.to_thread(provisioner.sdist, prov.needs)
+                extra: dict[str, Any] = {"sdist_sha256": sdist.sha256}
+                got = [{"filename": sdist.filename, "sha256": sdist.sha256, "size": sdist.size}]
+            else:
+                built = self.artifacts.get(prov.built_sha256) if prov.built_sha256 and self.artifacts else None
+                chosen = await asyncio.to_thread(provisioner.install_set, prov.needs, built)
+                extra, got = chosen.job_vars(), chosen.describe()
+        except FleetError as exc:
+            self._provision_failed(step, exc)
+            return False
+        step.vars.update(extra)
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is not None and n.state == str(step.state):
+                n.result = {**(n.result or {}), "artifacts": {"step": str(step.state), "files": got,
+                                                              "seconds": round(time.monotonic() - started, 3)}}
+                n.cause = f"{step.kind}: {len(got)} artifact(s) ready in the store"
+        return True
+
+    def _note(self, step: StepRun, text: str) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is not None and n.state == str(step.state):
+                n.cause = text[:4000]
+
+    def _provision_failed(self, step: StepRun, exc: FleetError) -> None:
+        cause = f"{step.kind} not started: {describe_failure(exc)}; then `fleetctl rollout resume " \
+                f"{step.rollout_id} --retry-failed`"
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is None or n.state != str(step.state):
+                return
+            n.diagnosis = {"diagnoses": [], "error": cause[:2000]}
+            if step.provision is not None and step.provision.build_key:
+                b = s.get(Build, step.provision.build_key)
+                if b is not None:
+                    b.status, b.error, b.finished_at = "failed", cause, utcnow()
+            record(s, step.rollout_id, n, State.FAILED, cause)
 
     def _skip_wait(self, s: Session, n: RolloutNode, nxt: State) -> State:
         if nxt == State.WAITING and n.build_key:
@@ -512,8 +610,8 @@ class RolloutEngine:
         decision = n.plan.get("decision") or {}
         out: dict[str, Any] = {"rollout_id": r.id, "flash_attn_version": plan.version, "variant": plan.variant,
                                "python": n.plan.get("python"), "attempt": n.attempt}
-        if plan.variant == "fa3-source":
-            out["dist_name"] = "flash_attn_3"
+        if plan.variant in DIST_NAMES:
+            out["dist_name"] = DIST_NAMES[plan.variant]
         if state == State.KEYRING:
             out.update(apt_keyring_vars(n.plan.get("apt_errors") or []))
         elif state == State.TOOLKIT:
@@ -530,6 +628,7 @@ class RolloutEngine:
             sdist = self._sdist(plan)
             if sdist is not None:
                 out["sdist_sha256"] = sdist
+            out["install"] = False  # the install step that follows installs it, with its dependencies
         elif state == State.INSTALL:
             b = s.get(Build, n.build_key) if n.build_key else None
             if b is not None and b.status == "succeeded":
@@ -538,10 +637,45 @@ class RolloutEngine:
                 out.update(wheel_filename=plan.artifact, wheel_sha256=n.plan.get("artifact_sha256"),
                            wheel_url=n.plan.get("artifact_url"))
         elif state == State.ROLLING_BACK:
-            out["previous"] = n.previous
+            return self._rollback_vars(s, r, n)
         elif state == State.VERIFY and (r.options or {}).get("verify_mode"):
             out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
         return out
+
+    def _rollback_vars(self, s: Session, r: Rollout, n: RolloutNode) -> dict[str, Any]:
+        """rollback.yml's variables (docs/playbooks.md) and nothing else: the playbook restores what its own
+        record on the node says was there before the install, and any other variable would become an Ansible
+        extra var that beats the playbook's own facts (the bug where ``previous`` broke every real rollback).
+        ``rollout_id`` and ``attempt`` are the engine's bookkeeping (``_find_job``); the playbook ignores them.
+        When the node had a flash-attn before the rollout, the store's wheel of that exact version goes along
+        (``wheel_sha256``; the agent fetches it into ``wheel_path``): the node needs it when fleetctl did not
+        install that version (it keeps no wheel of it), and uses its own kept wheel otherwise."""
+        out: dict[str, Any] = {"rollout_id": r.id, "attempt": n.attempt, "python": n.plan.get("python")}
+        variant = str(n.plan.get("variant"))
+        if variant in DIST_NAMES:
+            out["dist_name"] = DIST_NAMES[variant]
+        version = (n.previous or {}).get("version")
+        if version:
+            sha = self._previous_wheel(s, n.hostname, str(out.get("dist_name", "flash-attn")), str(version))
+            if sha is not None:
+                out["wheel_sha256"] = sha
+        return out
+
+    def _previous_wheel(self, s: Session, hostname: str, dist: str, version: str) -> str | None:
+        """sha256 of a stored wheel of ``dist`` ``version`` that runs on the node (core.pick_previous_wheel)."""
+        if self.artifacts is None:
+            return None
+        from controller.store.models import Artifact
+
+        prefix = f"{dist.replace('-', '_')}-{version.partition('+')[0]}"
+        rows = s.execute(select(Artifact.filename, Artifact.sha256).where(
+            Artifact.kind == "wheel", Artifact.filename.startswith(prefix, autoescape=True))).all()
+        facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
+        py = str((facts.get("python") or {}).get("version") or "")
+        tag = "cp" + "".join(py.split(".")[:2]) if py.count(".") >= 1 else None
+        arch = (facts.get("os") or {}).get("arch")
+        return pick_previous_wheel([(f, h) for f, h in rows], dist, version, tag,
+                                   str(arch) if arch else None)
 
     def _sdist(self, plan: NodePlan) -> str | None:
         """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it)."""
@@ -612,7 +746,7 @@ class RolloutEngine:
             result[str(step.state)] = {"job_id": outcome.job_id, "status": outcome.status,
                                        **{k: v for k, v in (outcome.result or {}).items()
                                           if k in ("built_wheel", "stats", "verification", "passed", "summary",
-                                                   "vanished", "reasons")}}
+                                                   "vanished", "reasons", "rollback")}}
             n.result = result
             job = outcome.job_id
             if not outcome.ok and step.state == State.VERIFY and _NO_VERIFY_RE.search(outcome.error or ""):
@@ -624,7 +758,13 @@ class RolloutEngine:
                 self._fail(s, n, step, outcome)
                 return
             if step.state == State.ROLLING_BACK:
-                record(s, step.rollout_id, n, State.ROLLED_BACK, "previous flash-attn restored", job_id=job)
+                # what the node must have from now on (no flash-attn after a removal: not degraded)
+                record_after_rollback(result, outcome.result, n.previous)
+                n.result = result
+                expected = result[EXPECTED_KEY]["flash_attn"]
+                record(s, step.rollout_id, n, State.ROLLED_BACK,
+                       f"previous flash-attn {expected} restored" if expected else
+                       "flash-attn removed (the node had none before the rollout)", job_id=job)
                 return
             if step.state == State.VERIFY:
                 passed, why = verification_verdict(outcome.result or {})

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller.audit import audit
+from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
 from controller.rollout.core import (
     TERMINAL,
     NodeInfo,
@@ -54,7 +55,16 @@ class RolloutRequest:
     min_free_bytes: int | None = None
     builders: tuple[str, ...] = ()  # dedicated builder hosts (one per build key)
     verify_mode: str | None = None  # the verify step's bench mode: quick (default) | full
+    fa3: bool = False  # --fa3: FA3 (hopper/) source builds on Hopper nodes
+    fa4: bool = False  # --fa4: flash-attn-4 where it runs
+    source_builds: bool = True  # False: never compile on a node (wheels or nothing)
     actor: str = "admin"
+
+    def policy(self, version: str) -> Any:
+        from controller.resolver import Policy
+
+        return Policy(version=Policy.check_version(version), fa3=self.fa3, fa4=self.fa4,
+                      source_builds=self.source_builds)
 
 
 @dataclass
@@ -69,6 +79,7 @@ class PlannedNode:
     node: dict[str, Any] = field(default_factory=dict)  # facts the playbooks need (driver, toolkit, simulated)
     batch: int = -1
     canary: bool = False
+    preflight: list[dict[str, Any]] = field(default_factory=list)  # where each artifact will come from
 
     def to_json(self) -> dict[str, Any]:
         p = self.plan
@@ -76,7 +87,7 @@ class PlannedNode:
                 "steps": list(p.steps), "build_key": p.build_key, "artifact": p.artifact,
                 "build_minutes": p.build_minutes, "reasons": list(p.reasons), "decision": self.decision,
                 "python": self.python, "apt_errors": self.apt_errors, "artifact_url": self.artifact_url,
-                **self.node}
+                "preflight": self.preflight, **self.node}
 
 
 @dataclass
@@ -122,10 +133,10 @@ def _node_info(row: Node) -> NodeInfo:
 
 
 def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
-                 catalog: Any = None) -> RolloutPlan:
-    """Select, resolve and schedule, without writing anything."""
-    from controller.resolver import Policy, resolve
-
+                 catalog: Any = None, provisioner: Provisioner | None = None) -> RolloutPlan:
+    """Select, resolve and schedule, without writing anything. With ``provisioner`` (a controller's), each
+    real node's plan says where its artifacts will come from (preflight), and a node whose artifacts cannot be
+    had is skipped with the command that fixes it."""
     selector = parse_selector(req.nodes)
     sizes = parse_batches(req.batch)
     budget = parse_budget(req.max_failures)
@@ -141,7 +152,7 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         shown = ", ".join(list(releases)[-15:])
         raise NotFoundError(f"flash-attn {version} is not in the catalog",
                             hint=f"known releases: {shown} (pick one with --version)")
-    policy = Policy(version=Policy.check_version(version))
+    policy = req.policy(version)
     with store.session() as s:
         rows = list(s.scalars(select(Node)))
         chosen = {n.hostname for n in select_nodes(selector, [_node_info(r) for r in rows])}
@@ -155,42 +166,10 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     if local:
         catalog = catalog.with_local_wheels(local)
     local_sha = {e["filename"]: e["sha256"] for e in local}
-    planned: list[PlannedNode] = []
-    for row in rows:
-        info = _node_info(row)
-        try:
-            facts = parse_node(row.facts)
-        except FactsError as exc:
-            planned.append(PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
-                                       skip_reason=f"facts unreadable: {exc.message}"))
-            continue
-        d = resolve(facts, catalog, policy)
-        build = d.build
-        np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
-                      version=d.flash_attn_version, build_key=build.build_key if build else None,
-                      artifact=d.artifact, build_minutes=float(build.estimated_minutes) if build else 0.0,
-                      reasons=tuple(d.reasons))
-        skip = None
-        if np.skipped:
-            skip = f"{d.variant}: {d.reasons[0] if d.reasons else 'nothing to install'}"
-        elif row.status == "offline":
-            skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
-        previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
-        decision = d.to_json()
-        if build is not None and d.variant == "fa2-source" and isinstance(decision.get("build"), dict):
-            from controller.local_wheels import catalog_wheel_name
-
-            # how the built wheel is found again (controller/local_wheels.py)
-            decision["build"].update(wheel_name=catalog_wheel_name(facts, version), glibc=facts.os.glibc)
-        node = {"simulated": bool(row.simulated),
-                "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
-                "toolkit_path": facts.toolkit.path if facts.toolkit else None,
-                "target_version": version}
-        if d.artifact and d.artifact in local_sha:
-            node["artifact_sha256"] = local_sha[d.artifact]  # in our artifact store: the agent fetches it by sha256
-        planned.append(PlannedNode(np, decision, facts.python.executable, previous,
-                                   list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url, node))
+    planned = [_plan_node(row, catalog, policy, version, local_sha, provisioner,
+                          built=set(builds_done)) for row in rows]
     active = [p for p in planned if p.skip_reason is None]
+
     canaries = choose_canaries([p.plan for p in active], req.canary)
     batches = schedule_batches([p.plan.hostname for p in active], sizes, canaries)
     needing = [p.plan for p in active if p.plan.builds and p.plan.build_key not in builds_done]
@@ -219,7 +198,60 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         options["min_free_bytes"] = req.min_free_bytes
     if req.verify_mode:
         options["verify_mode"] = req.verify_mode
+    # what the failed nodes are re-planned with on `resume --retry-failed`
+    options["policy"] = {"fa3": req.fa3, "fa4": req.fa4, "source_builds": req.source_builds}
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
+
+
+def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
+               provisioner: Provisioner | None, *, built: set[str]) -> PlannedNode:
+    """One node's rollout plan from its current facts (at start, and again when a failed node is retried)."""
+    from controller.local_wheels import catalog_wheel_name
+    from controller.resolver import resolve
+
+    info = _node_info(row)
+    try:
+        facts = parse_node(row.facts)
+    except FactsError as exc:
+        return PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
+                           skip_reason=f"facts unreadable: {exc.message}")
+    d = resolve(facts, catalog, policy)
+    build = d.build
+    np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
+                  version=d.flash_attn_version, build_key=build.build_key if build else None,
+                  artifact=d.artifact, build_minutes=float(build.estimated_minutes) if build else 0.0,
+                  reasons=tuple(d.reasons))
+    skip = None
+    if np.skipped:
+        skip = f"{d.variant}: {d.reasons[0] if d.reasons else 'nothing to install'}"
+    elif row.status == "offline":
+        skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
+    previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
+    decision = d.to_json()
+    if build is not None and d.variant == "fa2-source" and isinstance(decision.get("build"), dict):
+        # how the built wheel is found again (controller/local_wheels.py)
+        decision["build"].update(wheel_name=catalog_wheel_name(facts, version), glibc=facts.os.glibc)
+    executor = (row.facts or {}).get("executor") or (facts.extra or {}).get("executor")
+    if not isinstance(executor, str):
+        executor = "ansible" if not row.simulated or (facts.extra or {}).get("rehearsal") else "simulated"
+    node: dict[str, Any] = {"simulated": bool(row.simulated), "executor": executor,
+                            "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
+                            "toolkit_path": facts.toolkit.path if facts.toolkit else None,
+                            "target_version": version, "target_env": plan_env(facts),
+                            "torch_cuda": facts.torch.cuda if facts.torch else None}
+    if d.artifact and d.artifact in local_sha:
+        node["artifact_sha256"] = local_sha[d.artifact]  # in our artifact store: the agent fetches it by sha256
+    planned = PlannedNode(np, decision, facts.python.executable, previous,
+                          list(facts.apt.errors) if facts.apt else [], skip, d.artifact_url, node)
+    if provisioner is not None and skip is None and executor == "ansible" and not np.skipped:
+        items = provisioner.preflight(NodeNeeds.from_plan(planned.to_json()), builds=np.builds,
+                                      built=bool(np.build_key and np.build_key in built))
+        planned.preflight = [i.to_json() for i in items]
+        missing = [i for i in items if i.availability == Availability.MISSING]
+        if missing:
+            planned.skip_reason = (f"artifacts cannot be had: {', '.join(i.name for i in missing)} "
+                                   f"(controller {provisioner.upstream.config.describe()}) — {missing[0].fix}")
+    return planned
 
 
 def _dedicated_builders(hosts: Sequence[str], needing: Sequence[NodePlan],
@@ -248,9 +280,9 @@ def _new_id() -> str:
 
 
 def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
-                  catalog: Any = None) -> dict[str, Any]:
+                  catalog: Any = None, provisioner: Provisioner | None = None) -> dict[str, Any]:
     """Plan and persist a rollout (the engine picks it up). Refuses nodes already in an active rollout."""
-    plan = plan_rollout(store, req, state_dir=state_dir, catalog=catalog)
+    plan = plan_rollout(store, req, state_dir=state_dir, catalog=catalog, provisioner=provisioner)
     if req.dry_run:
         return {"dry_run": True, **plan.to_json()}
     hosts = [p.plan.hostname for p in plan.nodes]
@@ -431,7 +463,11 @@ def pause(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
 
 
 def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = False,
-           max_failures: str | None = None) -> dict[str, Any]:
+           max_failures: str | None = None, state_dir: Path | None = None,
+           provisioner: Provisioner | None = None) -> dict[str, Any]:
+    """Resume a paused rollout. ``retry_failed``: failed nodes are re-planned from their current facts with the
+    current catalog and artifact store (a wheel added since, a fixed upstream, a repaired node all count) and
+    start again."""
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
@@ -442,17 +478,30 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
             opts["max_failures"] = str(parse_budget(max_failures))
         nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)))
         retried = 0
-        if retry_failed:
-            for n in nodes:
-                if n.state == State.FAILED:
-                    record(s, r.id, n, State.PLANNED, f"retry requested by {actor}", actor=actor)
-                    n.attempt += 1
-                    n.diagnosis = None
-                    retried += 1
-                    if n.build_key:
-                        b = s.get(Build, n.build_key)
-                        if b is not None and b.status == "failed":
-                            b.status, b.builder, b.error, b.rollout_id = "pending", n.hostname, None, r.id
+        failed_nodes = [n for n in nodes if n.state == State.FAILED] if retry_failed else []
+        replans = _replan(s, r, failed_nodes, state_dir, provisioner) if failed_nodes else {}
+        for n in failed_nodes:
+            fresh = replans.get(n.hostname)
+            cause = f"retry requested by {actor}"
+            if fresh is not None:
+                if fresh.skip_reason:
+                    n.cause = f"{n.cause} — not retried: {fresh.skip_reason}"
+                    continue
+                changed = _adopt_plan(n, fresh)
+                cause += f", re-planned: {changed}" if changed else ", plan unchanged"
+            record(s, r.id, n, State.PLANNED, cause, actor=actor)
+            n.attempt += 1
+            n.diagnosis = None
+            retried += 1
+            if n.build_key:
+                b = s.get(Build, n.build_key)
+                if b is None:
+                    s.add(Build(build_key=n.build_key, status="pending", rollout_id=r.id, builder=n.hostname,
+                                params=(n.plan.get("decision") or {}).get("build") or {}, created_at=utcnow(),
+                                attempts=0))
+                    s.flush()
+                elif b.status == "failed":
+                    b.status, b.builder, b.error, b.rollout_id = "pending", n.hostname, None, r.id
         failed = sum(1 for n in nodes if n.state == State.FAILED)
         total = sum(1 for n in nodes if n.state != State.SKIPPED)
         budget = parse_budget(opts.get("max_failures"))
@@ -466,6 +515,37 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
         r.status, r.reason, r.updated_at = "running", f"resumed by {actor}", utcnow()
     audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures)
     return get_status(store, rid)
+
+
+def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Path | None,
+            provisioner: Provisioner | None) -> dict[str, PlannedNode]:
+    """Fresh plans for ``failed`` nodes: their current facts, the catalog and store now, the rollout's policy."""
+    from controller.local_wheels import controller_catalog, local_wheel_entries
+
+    catalog = controller_catalog(s, state_dir)
+    local_sha = {e["filename"]: e["sha256"] for e in local_wheel_entries(s)}
+    built = {b.build_key for b in s.scalars(select(Build).where(Build.status == "succeeded"))}
+    pol = (r.options or {}).get("policy") or {}
+    req = RolloutRequest(fa3=bool(pol.get("fa3")), fa4=bool(pol.get("fa4")),
+                         source_builds=bool(pol.get("source_builds", True)))
+    policy = req.policy(r.version)
+    rows = {row.hostname: row for row in s.scalars(select(Node).where(Node.hostname.in_([n.hostname for n in failed])))}
+    out: dict[str, PlannedNode] = {}
+    for n in failed:
+        row = rows.get(n.hostname)
+        if row is not None:
+            out[n.hostname] = _plan_node(row, catalog, policy, r.version, local_sha, provisioner, built=built)
+    return out
+
+
+def _adopt_plan(n: RolloutNode, fresh: PlannedNode) -> str:
+    """Put a fresh plan on a retried node; says what changed (for its transition's cause)."""
+    old = n.plan or {}
+    new = fresh.to_json()
+    changes = [f"{k} {old.get(k)} → {new.get(k)}" for k in ("variant", "version", "artifact", "build_key")
+               if old.get(k) != new.get(k)]
+    n.plan, n.build_key = new, fresh.plan.build_key
+    return ", ".join(changes)
 
 
 def abort(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:

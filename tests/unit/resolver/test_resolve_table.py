@@ -263,10 +263,10 @@ CASES = [
     Case("fa3-beats-fa4", H100_CU130, "fa3-source", policy=Policy(fa3=True, fa4=True), version="3.0.0",
          rejected="takes precedence"),
     # --- FA4 by policy ------------------------------------------------------------------------------
-    Case("fa4-h100", H100_CU130, "fa4", policy=Policy(fa4=True), version="4.0.0b27", steps=WHL, artifact=None,
-         toolkit=None, reason='flash-attn-4[cu13]==4.0.0b27'),
+    Case("fa4-h100", H100_CU130, "fa4", policy=Policy(fa4=True), version="4.0.0b36", steps=WHL, artifact=None,
+         toolkit=None, reason='flash-attn-4[cu13]==4.0.0b36'),
     Case("fa4-cu12", dict(gpu="B200", **{**BLACKWELL, "driver": {"version": "580.1", "cuda_max": "12.9"}}), "fa4",
-         policy=Policy(fa4=True), version="4.0.0b27", reason='"flash-attn-4==4.0.0b27"'),
+         policy=Policy(fa4=True), version="4.0.0b36", reason='"flash-attn-4==4.0.0b36"'),
     Case("fa4-old-driver", dict(gpu="H100"), "fa2-wheel", policy=Policy(fa4=True),
          reason="nvidia-cutlass-dsl needs driver ≥ 575.51.03"),
     Case("fa4-ampere", dict(driver={"version": "580.1", "cuda_max": "12.9"}), "fa2-wheel", policy=Policy(fa4=True),

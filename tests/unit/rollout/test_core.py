@@ -170,7 +170,7 @@ def test_transitions(old: str, new: str, ok: bool) -> None:
 @pytest.mark.parametrize(("steps", "builder", "expected"), [
     (("install-wheel", "verify"), False, ["install", "verify"]),
     (("apt-keyring-fix", "cuda-toolkit", "build-from-source", "verify"), True,
-     ["keyring", "toolkit", "build", "verify"]),
+     ["keyring", "toolkit", "build", "install", "verify"]),
     (("apt-keyring-fix", "cuda-toolkit", "build-from-source", "verify"), False,
      ["keyring", "toolkit", "waiting", "install", "verify"]),
     (("verify",), False, ["verify"]),
