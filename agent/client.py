@@ -188,6 +188,12 @@ class AgentConfig:
     backoff_max: float = 30.0
     event_queue_size: int = EVENT_QUEUE_SIZE
 
+    def __post_init__(self) -> None:
+        # absolute from the start: the agent's files must not move if its working directory changes or vanishes
+        self.state_dir = Path(os.path.abspath(self.state_dir))
+        if self.ca_file is not None:
+            self.ca_file = Path(os.path.abspath(self.ca_file))
+
 
 @dataclass
 class _RunningJob:

@@ -16,7 +16,8 @@
   ``community.general.chroot`` into ``root`` for a simulated node;
 - job vars go in as extra vars (a JSON file, never a command line); names starting with
   ``ansible_`` or ``fleet_`` are refused so a job cannot switch the connection or escape a
-  chroot; the playbooks validate every value again with regexes;
+  chroot, and so are ``rb_``/``iw_`` (the playbooks' own facts, which an extra var would override);
+  the playbooks validate every value again with regexes;
 - events are handed to ``emit_event`` from a bounded buffer (see :class:`EventPump`), so a
   slow consumer never stalls the playbook;
 - cancelling (``cancel(job_id)``, ``cancel_all()`` on agent stop, the asyncio task being
@@ -51,7 +52,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PLAYBOOKS_DIR = Path(__file__).resolve().parent.parent / "playbooks"
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-RESERVED_VAR_PREFIXES = ("ansible_", "fleet_")
+# ansible_*/fleet_*: set by the agent; rb_*/iw_*: the playbooks' own facts (rollback.yml, tasks/install-wheel.yml).
+# A job variable is an Ansible extra var, which beats set_fact and include vars: one named like a playbook's
+# own fact would silently replace it (a job var ``previous`` once broke every real rollback).
+RESERVED_VAR_PREFIXES = ("ansible_", "fleet_", "rb_", "iw_")
 STAT_KEYS = ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored", "processed")
 
 #: Events never dropped while the buffer holds something less important.
@@ -190,11 +194,13 @@ class AnsibleJobRunner:
                  python_interpreter: str = "/usr/bin/python3", event_buffer: int = 1000,
                  poll_interval_s: float = 0.25, extra_env: Mapping[str, str] | None = None,
                  node_state_dir: str | os.PathLike[str] | None = None) -> None:
-        self.state_dir = Path(state_dir)
+        # every path absolute from the start: the playbooks refuse relative ones (their variables must be absolute,
+        # and a job's paths must not depend on the agent's working directory, which may change or vanish)
+        self.state_dir = Path(state_dir).resolve()
         # the playbooks' fleet_state_dir (records, builds, kept wheels); None: their default /var/lib/fleet-agent
         self.node_state_dir = Path(node_state_dir).resolve() if node_state_dir is not None else None
-        self.root = Path(root) if root is not None else None
-        self.playbooks_dir = Path(playbooks_dir)
+        self.root = Path(root).resolve() if root is not None else None
+        self.playbooks_dir = Path(playbooks_dir).resolve()
         self.python_interpreter = python_interpreter
         self.event_buffer = event_buffer
         self.poll_interval_s = poll_interval_s
@@ -298,7 +304,9 @@ class AnsibleJobRunner:
             if not isinstance(name, str) or not VAR_NAME_RE.fullmatch(name):
                 raise ExecutionError(f"refused variable name {name!r}")
             if name.startswith(RESERVED_VAR_PREFIXES):
-                raise ExecutionError(f"refused variable {name!r}: ansible_* and fleet_* are set by the agent")
+                raise ExecutionError(f"refused variable {name!r}: ansible_* and fleet_* are set by the agent, "
+                                     f"rb_* and iw_* are the playbooks' own facts",
+                                     hint="send only the variables the playbook documents (docs/playbooks.md)")
         try:
             json.dumps(job.vars)
         except (TypeError, ValueError) as exc:

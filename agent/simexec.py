@@ -49,6 +49,9 @@ class SimulatedJobRunner:
         self.seconds: dict[str, float] = {**DEFAULT_SECONDS, **_json_env("FLEET_SIM_JOB_SECONDS"),
                                           **(extra.get("job_seconds") or {})}
         self.uploader: Uploader | None = None
+        # what rollback.yml's record on a real node holds: the flash-attn before the last install that changed
+        # it (None inside: there was none); None: no install recorded, nothing to roll back
+        self.before_install: tuple[FlashAttnFacts | None] | None = None
 
     def bind(self, agent: Any) -> None:
         """Upload built wheels through this agent's ``upload_artifact``."""
@@ -79,11 +82,18 @@ class SimulatedJobRunner:
             result["built_wheel"] = {"path": str(wheel), "sha256": sha, "filename": wheel.name}
         if job.kind in ("install-wheel", "build-from-source") and version:
             variant = str(job.vars.get("variant") or "fa2").split("-")[0]
-            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(version), variant))
-        elif job.kind == "rollback":
-            prev = job.vars.get("previous")
-            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(prev["version"]), str(prev["variant"]))
-                                 if isinstance(prev, Mapping) and prev.get("version") else None)
+            installed = FlashAttnFacts(str(version), variant)
+            if self.facts.flash_attn != installed:
+                self.before_install = (self.facts.flash_attn,)
+            self.facts = replace(self.facts, flash_attn=installed)
+        elif job.kind == "rollback":  # like rollback.yml: restore what the node's own record says
+            if self.before_install is None:
+                result["rollback"] = {"action": "none", "restored_version": None}
+            else:
+                (before,) = self.before_install
+                self.facts = replace(self.facts, flash_attn=before)
+                result["rollback"] = {"action": "restored" if before else "removed",
+                                      "restored_version": before.version if before else None}
         elif job.kind == "verify":
             from agent.verify.simulated import simulate_for_facts
 

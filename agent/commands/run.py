@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -50,6 +51,33 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
     p.set_defaults(handler=handle)
+
+
+#: the agent's path options; all made absolute at start (``absolute_paths``)
+PATH_OPTIONS = ("state_dir", "node_state_dir", "root", "ca", "python", "ansible_python")
+
+
+def absolute_paths(args: argparse.Namespace) -> None:
+    """Make every path option absolute, against the directory the agent was started in, before anything uses
+    it. The playbooks take only absolute paths (a relative ``--state-dir``, the default ``state/agent``, once
+    made every install fail validation: the fetched wheel's path was relative), and a job must not depend on
+    the agent's working directory, which may change or vanish. Interpreters are made absolute without
+    resolving symlinks (a venv's ``bin/python`` is one, and resolving it would leave the venv); a bare
+    interpreter name (``python3``) is looked up on PATH."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None or value == "":
+            continue
+        text = os.path.expanduser(str(value))
+        if name in ("python", "ansible_python") and os.sep not in text:
+            found = shutil.which(text)
+            if found is None:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} {text!r}: no such interpreter on PATH",
+                                 hint=f"give {flag} as a path, e.g. /opt/venv/bin/python")
+            text = found
+        absolute = os.path.abspath(text)
+        setattr(args, name, Path(absolute) if isinstance(value, Path) else absolute)
 
 
 def make_facts_source(args: argparse.Namespace) -> Any:
@@ -113,6 +141,7 @@ def ansible_python(args: argparse.Namespace) -> str:
 
 
 def make_runner(args: argparse.Namespace) -> JobRunner:
+    absolute_paths(args)  # idempotent; handle() has done it already
     if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
         return NoExecutor()
     playbooks: JobRunner
@@ -167,6 +196,7 @@ def handle(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ":" not in args.controller:
         raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
+    absolute_paths(args)
     facts, runner = make_facts_source(args), make_runner(args)
     if args.executor == "simulated":  # a simulated node's jobs change its simulated facts (agent/simexec.py)
         from agent.simexec import SimulatedJobRunner

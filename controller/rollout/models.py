@@ -26,7 +26,7 @@ class Rollout(Base):
     version: Mapped[str] = mapped_column(String(64))
     selector: Mapped[str] = mapped_column(Text, default="all")
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # batch, canary, budget, max_parallel…
-    # running | paused | aborted | succeeded | partial | rolling-back | rolled-back
+    # running | paused | aborted | succeeded | partial | rolling-back | rolled-back | rollback-failed
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")  # why paused / aborted / finished
     created_by: Mapped[str] = mapped_column(String(253))

@@ -37,6 +37,8 @@ class SimRunner:
     workdir: Path
     agent: Agent | None = None
     facts: NodeFacts | None = None
+    # rollback.yml's record: the flash-attn before the last install that changed it; None: nothing recorded
+    before_install: tuple[FlashAttnFacts | None] | None = None
 
     @classmethod
     def for_profile(cls, host: str, profile: str, script: Script, workdir: Path) -> SimRunner:
@@ -49,7 +51,10 @@ class SimRunner:
     def _installed(self, job: JobSpec) -> None:
         if self.facts is not None and job.vars.get("flash_attn_version"):
             variant = str(job.vars.get("variant") or "fa2").split("-")[0]
-            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(job.vars["flash_attn_version"]), variant))
+            installed = FlashAttnFacts(str(job.vars["flash_attn_version"]), variant)
+            if self.facts.flash_attn != installed:
+                self.before_install = (self.facts.flash_attn,)
+            self.facts = replace(self.facts, flash_attn=installed)
 
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         self.script.ran.append((self.host, job.kind, job.job_id))
@@ -68,10 +73,11 @@ class SimRunner:
             result["built_wheel"] = {"sha256": sha, "filename": wheel.name, "path": str(wheel)}
         if job.kind in ("install-wheel", "build-from-source"):
             self._installed(job)
-        if job.kind == "rollback" and self.facts is not None:
-            prev = job.vars.get("previous")
-            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(prev["version"]), str(prev["variant"]))
-                                 if isinstance(prev, dict) else None)
+        if job.kind == "rollback" and self.facts is not None and self.before_install is not None:
+            (before,) = self.before_install  # like rollback.yml: what the node's own record says
+            self.facts = replace(self.facts, flash_attn=before)
+            result["rollback"] = {"action": "restored" if before else "removed",
+                                  "restored_version": before.version if before else None}
         if job.kind == "verify":
             if self.facts is not None:
                 result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()

@@ -1,0 +1,270 @@
+"""rollback.yml for real, with exactly the variables the rollout engine sends.
+
+Every real rollback once failed (``object of type 'NoneType' has no attribute 'version'``): the engine sent a
+``previous`` job variable, which as an Ansible extra var replaced the playbook's own ``previous`` fact, and the
+simulated tests never sent it. Here the engine's own ``_job_vars`` for ``rolling-back`` makes the variables,
+the real ``AnsibleJobRunner`` (connection ``local``, the node state dir in a tmp dir) runs the real playbooks
+against a real target venv (``python -m venv``) with stand-in flash_attn wheels, and for the rollout-level
+cases the real engine and job dispatcher drive it (the agent loop below stands in for gRPC; the wheel a
+rollback needs from the artifact store is fetched by the real ``ArtifactJobRunner``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from agent.artifact_jobs import ArtifactJobRunner
+from agent.executor import AnsibleJobRunner
+from agent.jobs import JobOutcome as AgentOutcome
+from agent.jobs import JobSpec as AgentSpec
+from controller.jobs import JobOutcome
+from controller.rollout import service
+from controller.rollout.core import State
+from controller.rollout.engine import RolloutEngine, plan_from_json
+from controller.rollout.expectation import expected_after_rollback
+from controller.rollout.models import Rollout, RolloutNode
+from controller.rollout.service import RolloutRequest
+from controller.store.models import Node
+from tests.integration.harness.wheels import build_wheel, sha256_file
+from tests.unit.rollout.simfleet import SimFleet, wait_for
+
+HOST = "gpu-real-1"
+
+
+def _ansible() -> bool:
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    return shutil.which("ansible-playbook", path=path) is not None
+
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(not _ansible(), reason="ansible-playbook not installed")]
+
+
+class RealNode:
+    """One real node: a target venv, the playbooks' state dir, an agent state dir, stand-in wheels."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.venv = tmp / "target-venv"
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+        self.python = str(self.venv / "bin" / "python")
+        self.node_state = tmp / "node-state"
+        self.wheels = tmp / "wheels"
+        self.runner = AnsibleJobRunner(tmp / "agent", python_interpreter=sys.executable, node_state_dir=self.node_state)
+        self.n = 0
+
+    def wheel(self, version: str) -> Path:
+        return build_wheel(self.wheels / version, version=version, requires=())
+
+    def installed(self) -> str | None:
+        out = subprocess.run([self.python, "-c", "from importlib import metadata\ntry:\n print(metadata.version("
+                              "'flash-attn'))\nexcept metadata.PackageNotFoundError:\n print('')"],
+                             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        return out.stdout.strip() or None
+
+    def record(self, which: str) -> dict[str, Any] | None:
+        p = self.node_state / f"flash-attn-{which}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def pip_install(self, wheel: Path) -> None:
+        """An install fleetctl did not do (the node had it before fleetctl came)."""
+        subprocess.run([self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "--disable-pip-version-check", str(wheel)], check=True, env={**os.environ, "PYTHONPATH": ""})
+
+    async def run(self, kind: str, variables: dict[str, Any]) -> AgentOutcome:
+        self.n += 1
+        return await self.runner.run(AgentSpec(f"job-{self.n}", kind, variables, timeout_s=240), lambda e: None)
+
+    async def install(self, wheel: Path) -> None:
+        out = await self.run("install-wheel", {"wheel_path": str(wheel), "wheel_sha256": sha256_file(wheel),
+                                               "python": self.python})
+        assert out.status == "successful", out.error
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[SimFleet]:
+    f = SimFleet.create(tmp_path / "controller")
+    yield f
+    await f.close()
+
+
+def register(fleet: SimFleet, node: RealNode, before: str | None) -> str:
+    """The node in the controller with its facts at rollout start (``before``: its flash-attn then), and a
+    rollout of it that is done (what a rollback starts from)."""
+    fleet.register(HOST, "h100")
+    with fleet.store.session() as s:
+        row = s.scalar(select(Node).where(Node.hostname == HOST))
+        assert row is not None
+        facts = dict(row.facts)
+        facts["python"] = {**facts["python"], "executable": node.python}
+        facts["flash_attn"] = {"version": before, "variant": "fa2"} if before else None
+        row.facts = facts
+    rid = str(service.start_rollout(fleet.store, RolloutRequest(nodes=HOST, canary=0, batch="100%"))["id"])
+    with fleet.store.session() as s:  # the rollout ran (the install is done below, for real)
+        r = s.get(Rollout, rid)
+        n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid))
+        assert r is not None and n is not None
+        r.status, n.state = "succeeded", "done"
+    return rid
+
+
+def engine_rollback_vars(fleet: SimFleet, rid: str) -> dict[str, Any]:
+    """Exactly what the engine sends for the node's rollback step: its own ``_job_vars``."""
+    engine = fleet.engine()
+    with fleet.store.session() as s:
+        r = s.get(Rollout, rid)
+        n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == HOST))
+        assert r is not None and n is not None
+        return engine._job_vars(s, r, n, plan_from_json(n.plan), State.ROLLING_BACK)
+
+
+async def test_none_before_rollback_removes(fleet: SimFleet, tmp_path: Path) -> None:
+    node = RealNode(tmp_path)
+    rid = register(fleet, node, None)
+    await node.install(node.wheel("2.8.3"))
+    assert node.installed() == "2.8.3" and node.record("previous") == {"dist": "flash-attn", "version": None,
+                                                                        "wheel": None, "sha256": None}
+    variables = engine_rollback_vars(fleet, rid)
+    assert "previous" not in variables and "wheel_sha256" not in variables
+    out = await node.run("rollback", variables)
+    assert out.status == "successful", out.error
+    assert node.installed() is None and node.record("current") is None
+    assert out.result["rollback"]["action"] == "removed" and out.result["rollback"]["restored_version"] is None
+    again = await node.run("rollback", variables)  # idempotent
+    assert again.status == "successful" and again.result["stats"]["changed"] == 0, again.result
+
+
+async def test_previous_fleetctl_install_restores_that_wheel(fleet: SimFleet, tmp_path: Path) -> None:
+    node = RealNode(tmp_path)
+    old, new = node.wheel("2.6.3"), node.wheel("2.8.3")
+    await node.install(old)  # an earlier rollout installed 2.6.3: the node keeps that wheel
+    rid = register(fleet, node, "2.6.3")
+    await node.install(new)
+    assert node.installed() == "2.8.3" and node.record("previous")["sha256"] == sha256_file(old)
+    variables = engine_rollback_vars(fleet, rid)
+    assert "wheel_sha256" not in variables  # not in the store: the node's kept wheel is the one
+    out = await node.run("rollback", variables)
+    assert out.status == "successful", out.error
+    assert node.installed() == "2.6.3"
+    current = node.record("current")
+    assert current is not None and current["sha256"] == sha256_file(old)  # that exact wheel
+    assert out.result["rollback"] == {"dist": "flash-attn", "action": "restored", "restored_version": "2.6.3",
+                                      "wheel_source": "kept"}
+    again = await node.run("rollback", variables)
+    assert again.status == "successful" and again.result["stats"]["changed"] == 0, again.result
+    assert node.installed() == "2.6.3"
+
+
+async def test_previous_not_from_fleetctl_without_a_stored_wheel_fails_clearly(fleet: SimFleet,
+                                                                               tmp_path: Path) -> None:
+    node = RealNode(tmp_path)
+    node.pip_install(node.wheel("2.6.3"))  # there before fleetctl: no wheel kept
+    rid = register(fleet, node, "2.6.3")
+    await node.install(node.wheel("2.8.3"))
+    assert node.record("previous") == {"dist": "flash-attn", "version": "2.6.3", "wheel": None, "sha256": None}
+    out = await node.run("rollback", engine_rollback_vars(fleet, rid))
+    assert out.status == "failed"
+    assert out.error and "cannot restore flash-attn 2.6.3" in out.error and "not installed by fleetctl" in out.error
+    assert "fleetctl artifact add" in out.error
+    assert node.installed() == "2.8.3"  # nothing changed
+
+
+# ---- the rollout level: the real engine and dispatcher, the real runner on the node -----------------------------
+
+
+class StoreClient:
+    """The agent's FetchArtifact, straight from the controller's artifact store (the gRPC hop left out)."""
+
+    def __init__(self, fleet: SimFleet) -> None:
+        self.fleet = fleet
+
+    async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path:
+        info = self.fleet.artifacts.get(sha256)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.fleet.artifacts.path_for(sha256), dest_dir / info.filename)
+        return dest_dir / info.filename
+
+    async def upload_artifact(self, path: Path, kind: str = "other") -> str:
+        return self.fleet.artifacts.put_file(path, kind).sha256
+
+
+@contextlib.asynccontextmanager
+async def real_agent_and_engine(fleet: SimFleet, node: RealNode) -> AsyncIterator[RolloutEngine]:
+    runner = ArtifactJobRunner(node.runner, node.tmp / "agent" / "artifacts", StoreClient(fleet))
+
+    async def agent() -> None:
+        async for spec in fleet.jobs.stream_for(HOST):
+            out = await runner.run(AgentSpec(spec.job_id, spec.kind, dict(spec.vars), spec.timeout_seconds),
+                                   lambda e: None)
+            fleet.jobs.complete(HOST, JobOutcome(spec.job_id, out.status, out.rc, out.result, out.error))
+
+    engine = fleet.engine()
+    tasks = [asyncio.create_task(agent()), asyncio.create_task(engine.run())]
+    try:
+        yield engine
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+def rollout(fleet: SimFleet, rid: str) -> dict[str, Any]:
+    return service.get_status(fleet.store, rid)
+
+
+async def test_rollout_rollback_failed_then_fixed_with_a_stored_wheel(fleet: SimFleet, tmp_path: Path) -> None:
+    node = RealNode(tmp_path)
+    old = node.wheel("2.6.3")
+    node.pip_install(old)  # there before fleetctl
+    rid = register(fleet, node, "2.6.3")
+    await node.install(node.wheel("2.8.3"))
+    async with real_agent_and_engine(fleet, node):
+        service.rollback(fleet.store, rid, "carol")
+        await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
+        st = rollout(fleet, rid)
+        assert st["status"] == "rollback-failed", st  # never rolled-back
+        (n,) = st["nodes"]
+        assert n["state"] == "failed" and "cannot restore flash-attn 2.6.3" in n["cause"]
+        assert HOST in st["reason"] and "cannot restore flash-attn 2.6.3" in st["reason"]
+        assert node.installed() == "2.8.3"
+
+        # the fix the error names: a wheel of 2.6.3 in the artifact store; rolling back again retries the node
+        fleet.artifacts.put_file(old, "wheel")
+        service.rollback(fleet.store, rid, "carol")
+        await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
+        st = rollout(fleet, rid)
+    assert st["status"] == "rolled-back", st
+    assert node.installed() == "2.6.3"
+    current = node.record("current")
+    assert current is not None and current["sha256"] == sha256_file(old)
+    with fleet.store.session() as s:
+        expected = expected_after_rollback(s, HOST)
+    assert expected is not None and expected.flash_attn == "2.6.3" and expected.verify_expect == "flash_attn"
+
+
+async def test_rollout_rollback_to_nothing_expects_no_flash_attn(fleet: SimFleet, tmp_path: Path) -> None:
+    node = RealNode(tmp_path)
+    rid = register(fleet, node, None)
+    await node.install(node.wheel("2.8.3"))
+    async with real_agent_and_engine(fleet, node):
+        service.rollback(fleet.store, rid, "carol")
+        await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
+    st = rollout(fleet, rid)
+    assert st["status"] == "rolled-back", st
+    assert node.installed() is None
+    with fleet.store.session() as s:
+        expected = expected_after_rollback(s, HOST)
+    assert expected is not None and expected.flash_attn is None and expected.verify_expect == "sdpa"
