@@ -134,6 +134,18 @@ def rehearsal_facts(profile: NodeFacts, python: str | None,
     return facts
 
 
+def labelled(facts: Callable[[], NodeFacts], executor: str) -> Callable[[], NodeFacts]:
+    """Facts that say how this agent runs jobs (``extra.executor``): the controller fetches real artifacts only
+    for nodes whose playbooks really run (``ansible``), never for ``simulated`` ones."""
+    import dataclasses
+
+    def report() -> NodeFacts:
+        f = facts()
+        return dataclasses.replace(f, extra={**f.extra, "executor": executor})
+
+    return report
+
+
 def ansible_python(args: argparse.Namespace) -> str:
     if getattr(args, "ansible_python", None):
         return str(args.ansible_python)
@@ -205,7 +217,7 @@ def handle(args: argparse.Namespace) -> int:
             raise UsageError("--executor simulated needs --simulate PROFILE", hint="real nodes use --executor ansible")
         runner = SimulatedJobRunner(facts, args.state_dir / "jobs")
         facts = runner.current_facts
-    cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=facts,
+    cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=labelled(facts, args.executor),
                       runner=runner, ca_file=args.ca,
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
                       enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name)

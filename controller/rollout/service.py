@@ -231,9 +231,10 @@ def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Ma
     if build is not None and d.variant == "fa2-source" and isinstance(decision.get("build"), dict):
         # how the built wheel is found again (controller/local_wheels.py)
         decision["build"].update(wheel_name=catalog_wheel_name(facts, version), glibc=facts.os.glibc)
-    executor = (row.facts or {}).get("executor") or (facts.extra or {}).get("executor")
-    if not isinstance(executor, str):
-        executor = "ansible" if not row.simulated or (facts.extra or {}).get("rehearsal") else "simulated"
+    extra = row.extra or {}
+    executor = extra.get("executor")  # reported by the agent (agent/commands/run.py `labelled`)
+    if not isinstance(executor, str):  # an older agent: simulated nodes ran the simulated executor, rehearsals not
+        executor = "ansible" if not row.simulated or extra.get("rehearsal") else "simulated"
     node: dict[str, Any] = {"simulated": bool(row.simulated), "executor": executor,
                             "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
                             "toolkit_path": facts.toolkit.path if facts.toolkit else None,
