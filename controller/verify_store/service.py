@@ -195,8 +195,12 @@ class VerificationService:
         return chosen
 
     def _expectations(self, hosts: Sequence[str]) -> dict[str, str]:
-        """What each node's verification expects: ``flash_attn`` where it is installed or a rollout would
-        install it, else ``sdpa``. The catalog is built once, and only when some node lacks flash-attn."""
+        """What each node's verification expects: ``flash_attn`` where it is installed; where it is not, what
+        a clean rollback recorded the node must have (``sdpa`` after one that removed flash-attn: that node is
+        as intended, not degraded; controller/rollout/expectation.py), else ``flash_attn`` when a rollout
+        would install it and ``sdpa`` when not. The catalog is built once, and only when needed."""
+        from controller.rollout.expectation import expected_after_rollback
+
         out: dict[str, str] = {}
         catalog: Any = None
         with self.ctx.store.session() as s:
@@ -204,6 +208,10 @@ class VerificationService:
                 facts = s.scalar(select(Node.facts).where(Node.hostname == host)) or {}
                 if facts.get("flash_attn"):
                     out[host] = "flash_attn"
+                    continue
+                after_rollback = expected_after_rollback(s, host)
+                if after_rollback is not None:
+                    out[host] = after_rollback.verify_expect
                     continue
                 if catalog is None:
                     catalog = self._catalog(s)

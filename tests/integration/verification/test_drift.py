@@ -152,3 +152,39 @@ async def test_each_verification_expects_what_the_node_has_or_would_get(
     with controller.ctx.store.session() as s:
         expected = {host: s.get_one(Job, job_id).vars["expect"] for host, job_id in jobs.items()}
     assert expected == {"h100-fa": "flash_attn", "h100-bare": "flash_attn", "v100-bare": "sdpa"}
+
+
+async def test_a_clean_rollback_to_no_flash_attn_is_not_degraded(
+        controller: RunningController, fleet: SimAgents, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rollout installs flash-attn on a node that had none; rolling it back removes it. A verification after
+    that (``fleetctl verify``, a schedule, drift) expects what the rollback recorded — no flash-attn: ``sdpa`` —
+    so the node passes and stays online instead of turning degraded for lacking flash-attn."""
+    host = "h100-rb"
+    facts = profile_facts("h100", host)
+    assert facts.flash_attn is None
+    runner = SimulatedJobRunner(lambda: facts, tmp_path / "jobs")
+    runner.seconds = {"*": 0.05}
+    await fleet.start(host, "h100", runner=runner, facts=runner.current_facts)
+    state = ["--state-dir", str(controller.ctx.settings.state_dir)]
+
+    code, out = await asyncio.to_thread(_run_cli, ["rollout", "flash-attn", "--nodes", host, "--canary", "0",
+                                                   "--batch", "100%", *state], capsys)
+    assert code == 0, out
+    rid = out.split()[1]
+    assert runner.facts.flash_attn is not None
+    code, out = await asyncio.to_thread(_run_cli, ["rollout", "rollback", rid, *state], capsys)
+    assert code == 0, out
+    assert runner.facts.flash_attn is None
+    controller.ctx.registry.request_facts(host)
+    await wait_for(lambda: not controller.ctx.registry.facts_of(host).get("flash_attn"), 10)
+
+    code, out = await asyncio.to_thread(_run_cli, ["verify", host, "--quick", "--json", *state], capsys)
+    assert code == 0, out
+    (v,) = json.loads(out)["verifications"]
+    assert v["status"] == "pass", v
+    with controller.ctx.store.session() as s:
+        job = s.scalars(select(Job).where(Job.kind == "verify", Job.node == host).order_by(Job.created_at.desc())
+                        ).first()
+        assert job is not None and job.vars["trigger"] == "manual" and job.vars["expect"] == "sdpa"
+        assert not vs.health_json(s, host)["degraded"]
+    assert controller.ctx.registry.status_of(host) == "online"
