@@ -145,3 +145,33 @@ async def test_bad_inputs_and_overlap(controller: RunningController, fleet: SimA
 
 def _node_states(st: dict[str, Any]) -> dict[str, str]:
     return {n["hostname"]: n["state"] for n in st["nodes"]}
+
+
+async def test_failed_rollback_exits_nonzero_with_the_nodes_error(controller: RunningController, fleet: SimAgents,
+                                                                  tmp_path: Path) -> None:
+    """A rollback whose job fails ends ``rollback-failed``, never ``rolled-back``: `rollout rollback` and
+    `rollout status` exit 13 and show the node's error; rolling back again after the fix retries that node."""
+    script = Script()
+    await start_fleet(fleet, script, tmp_path, [("h100-1", "h100"), ("h100-2", "h100")])
+    rc, out, err = await fleetctl(controller, "rollout", "flash-attn", "--nodes", "gpu=H100", "--canary", "0",
+                                  "--batch", "100%")
+    assert rc == 0, out + err
+    rid = out.split()[1]
+    error = ("cannot restore flash-attn 2.6.3: it was not installed by fleetctl, so the node keeps no wheel of it, "
+             "and the controller sent none")
+    script.fail[("h100-2", "rollback")] = error
+    rc, out, err = await fleetctl(controller, "rollout", "rollback", rid)
+    assert rc == 13, out + err
+    assert "rollback-failed" in out and "h100-2" in out and "cannot restore flash-attn 2.6.3" in out, out
+    rc, out, err = await fleetctl(controller, "rollout", "status", rid)
+    assert rc == 13, out + err
+    assert "ROLLBACK-FAILED" in out and "cannot restore flash-attn 2.6.3" in out, out
+    rc, out, err = await fleetctl(controller, "rollout", "status", rid, "--json")
+    st = json.loads(out)
+    assert st["status"] == "rollback-failed"
+    assert {n["hostname"]: n["state"] for n in st["nodes"]} == {"h100-1": "rolled-back", "h100-2": "failed"}
+
+    script.fail.clear()
+    rc, out, err = await fleetctl(controller, "rollout", "rollback", rid)
+    assert rc == 0, out + err
+    assert kinds(script, "rollback") == ["h100-1", "h100-2", "h100-2"]

@@ -23,6 +23,7 @@ from controller.rollout.core import (
     parse_batches,
     parse_budget,
     parse_selector,
+    pick_previous_wheel,
     schedule_batches,
     select_nodes,
     work_states,
@@ -237,6 +238,11 @@ P, D, F, W = State.PLANNED, State.DONE, State.FAILED, State.WAITING
     (snap([N("a", State.ROLLING_BACK, 0), N("b", State.ROLLED_BACK, 0)], status="rolling-back"),
      Actions(start=("a",))),
     (snap([N("a", State.ROLLED_BACK, 0)], status="rolling-back"), Actions(finish="rolled-back")),
+    # a node whose rollback failed: never rolled-back (untouched skipped nodes don't count)
+    (snap([N("a", State.ROLLED_BACK, 0), N("b", F, 0), N("c", State.SKIPPED, 0)], status="rolling-back"),
+     Actions(finish="rollback-failed")),
+    (snap([N("a", State.ROLLED_BACK, 0), N("c", State.SKIPPED, 0)], status="rolling-back"),
+     Actions(finish="rolled-back")),
 ])
 def test_next_actions(s: Snapshot, expected: Actions) -> None:
     assert next_actions(s) == expected
@@ -244,3 +250,37 @@ def test_next_actions(s: Snapshot, expected: Actions) -> None:
 
 def test_budget_str() -> None:
     assert str(Budget(percent=12.5)) == "12.5%" and str(Budget(count=3)) == "3"
+
+
+SHA = {name: f"{i:064x}" for i, name in enumerate([
+    "flash_attn-2.6.3+cu123torch2.4cxx11abiFALSE-cp311-cp311-linux_x86_64.whl",
+    "flash_attn-2.6.3-cp311-cp311-linux_x86_64.whl",
+    "flash_attn-2.6.3-py3-none-any.whl",
+    "flash_attn-2.6.3-cp310-cp310-linux_x86_64.whl",
+    "flash_attn-2.6.3-cp311-cp311-linux_aarch64.whl",
+    "flash_attn-2.6.30-cp311-cp311-linux_x86_64.whl",
+    "flash_attn_3-2.6.3-cp311-cp311-linux_x86_64.whl",
+    "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl",
+    "not-a-wheel.tar.gz",
+], start=1)}
+
+
+@pytest.mark.parametrize(("version", "py", "arch", "only", "expected"), [
+    # the node's own CPython tag first, then a pure-Python wheel; other Pythons/arches/versions never
+    ("2.6.3", "cp311", "x86_64", None, "flash_attn-2.6.3-cp311-cp311-linux_x86_64.whl"),
+    ("2.6.3", "cp312", "x86_64", None, "flash_attn-2.6.3-py3-none-any.whl"),
+    ("2.6.3", "cp310", "aarch64", None, "flash_attn-2.6.3-py3-none-any.whl"),
+    ("2.6.3", "cp310", "aarch64", "flash_attn-2.6.3-cp310-cp310-linux_x86_64.whl", None),
+    # a local label the node reports must match exactly; without one, a labelled release wheel serves too
+    ("2.6.3+cu123torch2.4cxx11abiFALSE", "cp311", "x86_64", None,
+     "flash_attn-2.6.3+cu123torch2.4cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"),
+    ("2.6.3+cu124torch2.5cxx11abiFALSE", "cp311", "x86_64", None, None),
+    ("2.6.3", "cp311", "x86_64", "flash_attn-2.6.3+cu123torch2.4cxx11abiFALSE-cp311-cp311-linux_x86_64.whl",
+     "flash_attn-2.6.3+cu123torch2.4cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"),
+    ("2.6.3", "cp311", "x86_64", "flash_attn-2.6.30-cp311-cp311-linux_x86_64.whl", None),
+    ("2.6.3", "cp311", "x86_64", "flash_attn_3-2.6.3-cp311-cp311-linux_x86_64.whl", None),
+    ("2.5.0", "cp311", "x86_64", None, None),
+])
+def test_pick_previous_wheel(version: str, py: str, arch: str, only: str | None, expected: str | None) -> None:
+    wheels = [(n, h) for n, h in SHA.items() if only is None or n == only]
+    assert pick_previous_wheel(wheels, "flash-attn", version, py, arch) == (SHA[expected] if expected else None)

@@ -399,3 +399,54 @@ async def test_agent_without_verify_runner_uses_the_floor(fleet: SimFleet) -> No
 async def test_nodes_in_active_rollouts(fleet: SimFleet) -> None:
     out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100,gpu=V100"))
     assert service.nodes_in_active_rollouts(fleet.store) == {"h100-1": out["id"], "h100-2": out["id"]}
+
+
+async def test_failed_rollback_is_rollback_failed_then_retried(fleet: SimFleet) -> None:
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%"))
+    rid = out["id"]
+    error = ("Refuse a previous version whose wheel nobody has: cannot restore flash-attn 2.6.3: it was not "
+             "installed by fleetctl, so the node keeps no wheel of it")
+    async with running(fleet.engine()):
+        await until(fleet, rid, "succeeded")
+        fleet.fail[("h100-1", "rollback")] = error
+        service.rollback(fleet.store, rid, "carol")
+        st = await until(fleet, rid, "rollback-failed", "rolled-back")
+        assert st["status"] == "rollback-failed"  # never rolled-back
+        assert states(st) == {"h100-1": "failed", "h100-2": "rolled-back"}
+        assert "h100-1: rollback failed: " in st["reason"] and "cannot restore flash-attn 2.6.3" in st["reason"]
+        assert st["finished_at"] is not None and not st["active"]
+        # rolling back again retries only the node that failed
+        fleet.fail.clear()
+        service.rollback(fleet.store, rid, "carol")
+        st = await until(fleet, rid, "rolled-back", "rollback-failed")
+    assert st["status"] == "rolled-back" and set(states(st).values()) == {"rolled-back"}
+    assert sorted(fleet.jobs_of_kind("rollback")) == ["h100-1", "h100-1", "h100-2"]
+
+
+async def test_rollback_job_vars_are_what_the_playbook_documents(fleet: SimFleet, tmp_path: Path) -> None:
+    """No ``previous`` (an Ansible extra var beats the playbook's own facts); the store's wheel of the version
+    the node had before goes along as ``wheel_sha256`` when there is one for the node's Python."""
+    from controller.rollout.core import State
+    from controller.rollout.engine import plan_from_json
+    from controller.rollout.models import Rollout
+    from controller.store.models import Node
+
+    with fleet.store.session() as s:
+        for row in s.scalars(select(Node).where(Node.hostname.in_(("a100-1", "a100-2")))):
+            if row.hostname == "a100-2":
+                row.facts = {**row.facts, "flash_attn": {"version": "2.6.3", "variant": "fa2"}}
+    rid = service.start_rollout(fleet.store, RolloutRequest(nodes="a100-1,a100-2", canary=0, batch="100%"))["id"]
+    wheel = tmp_path / "flash_attn-2.6.3-py3-none-any.whl"
+    wheel.write_bytes(b"stand-in")
+    sha = fleet.artifacts.put_file(wheel, "wheel").sha256
+    engine = fleet.engine()
+    got = {}
+    with fleet.store.session() as s:
+        r = s.get(Rollout, rid)
+        assert r is not None
+        for n in s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)):
+            got[n.hostname] = engine._job_vars(s, r, n, plan_from_json(n.plan), State.ROLLING_BACK)
+    python = got["a100-1"]["python"]
+    assert python and python.startswith("/")
+    assert got["a100-1"] == {"rollout_id": rid, "attempt": 1, "python": python}
+    assert got["a100-2"] == {"rollout_id": rid, "attempt": 1, "python": got["a100-2"]["python"], "wheel_sha256": sha}
