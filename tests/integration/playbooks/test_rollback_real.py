@@ -151,7 +151,8 @@ async def test_previous_fleetctl_install_restores_that_wheel(fleet: SimFleet, tm
     await node.install(old)  # an earlier rollout installed 2.6.3: the node keeps that wheel
     rid = register(fleet, node, "2.6.3")
     await node.install(new)
-    assert node.installed() == "2.8.3" and node.record("previous")["sha256"] == sha256_file(old)
+    previous = node.record("previous")
+    assert node.installed() == "2.8.3" and previous is not None and previous["sha256"] == sha256_file(old)
     variables = engine_rollback_vars(fleet, rid)
     assert "wheel_sha256" not in variables  # not in the store: the node's kept wheel is the one
     out = await node.run("rollback", variables)
