@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.tokens",
     "controller.commands.jobs",
     "controller.commands.artifacts",
+    "controller.commands.bundle",
     "controller.commands.agents",
     "controller.commands.rollout",
     "controller.commands.verify",
