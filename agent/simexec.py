@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.jobs import JobOutcome, JobSpec
 from fleet.facts import FlashAttnFacts, NodeFacts
+from fleet.verification import EXPECTS
 
 DEFAULT_SECONDS: Mapping[str, float] = {"build-from-source": 4.0, "*": 0.6}
 Uploader = Callable[[Path, str], Awaitable[str]]
@@ -98,7 +99,7 @@ class SimulatedJobRunner:
             from agent.verify.simulated import simulate_for_facts
 
             mode = str(job.vars.get("mode") or "quick")
-            expect = job.vars.get("expect") if job.vars.get("expect") in ("flash_attn", "sdpa") else None
+            expect = job.vars.get("expect") if job.vars.get("expect") in EXPECTS else None
             result["verification"] = simulate_for_facts(self.facts, mode=mode if mode in ("quick", "full")
                                                         else "quick", expect=expect).to_json()
         return JobOutcome(status="successful", rc=0, result=result)

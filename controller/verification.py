@@ -8,8 +8,9 @@ shape; ``check_regression`` compares one node with its model's baseline and
 policy's threshold (default 15 %) gets status ``regression``, not ``pass``.
 
 How a node's speed is compared: for every shape of the policy's implementations
-(``flash_attn`` by default; ``sdpa_flash``/``sdpa_efficient`` for nodes that expect
-SDPA) that both the node and a baseline with at least ``min_samples`` nodes have,
+(the implementation the result verified — ``flash_attn``, ``fa3`` or ``fa4`` — by
+default; ``sdpa_flash``/``sdpa_efficient`` for nodes that expect SDPA), forward only,
+that both the node and a baseline with at least ``min_samples`` nodes have,
 ratio = node TFLOP/s / fleet median; the node's score is the geometric mean of these
 ratios (one slow shape among forty is noise, a consistently slower node is not), and
 it regresses when score < 1 − threshold.  No storage, no I/O: table-tested.
@@ -92,6 +93,8 @@ def compute_baselines(results: Iterable[VerificationResult], *, exclude_host: st
                                  hint="pass only each node's latest result")
             seen.add((key, result.hostname))
         for entry in result.ok_speed():
+            if entry.direction != "fwd":  # forward+backward is reported, not part of the fleet comparison
+                continue
             if entry.tflops is not None and math.isfinite(entry.tflops) and entry.tflops > 0:
                 samples[key][entry.shape_key].append(entry.tflops)
     return FleetBaselines({model: {shape: ShapeBaseline(statistics.median(vals), len(vals))
@@ -104,7 +107,7 @@ class RegressionPolicy:
     threshold: float = DEFAULT_THRESHOLD  # fraction below the fleet median that counts as a regression
     min_samples: int = 3  # nodes of the same model needed before a shape's median means anything
     min_shapes: int = 1  # comparable shapes needed to judge at all
-    impls: tuple[str, ...] | None = None  # None: flash_attn, or the SDPA backends for nodes expecting SDPA
+    impls: tuple[str, ...] | None = None  # None: the verified FlashAttention, or SDPA's for nodes expecting SDPA
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -116,7 +119,8 @@ class RegressionPolicy:
     def impls_for(self, result: VerificationResult) -> tuple[str, ...]:
         if self.impls is not None:
             return self.impls
-        return ("flash_attn",) if result.expect == "flash_attn" else ("sdpa_flash", "sdpa_efficient")
+        verified = result.verified_impl
+        return (verified,) if verified is not None else ("sdpa_flash", "sdpa_efficient")
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,8 @@ def check_regression(result: VerificationResult, baselines: FleetBaselines,
     base = baselines.for_result(result)
     compared = []
     for entry in result.ok_speed():
-        if entry.impl not in impls or entry.tflops is None or not math.isfinite(entry.tflops):
+        if entry.impl not in impls or entry.direction != "fwd" or entry.tflops is None \
+                or not math.isfinite(entry.tflops):
             continue
         b = base.get(entry.shape_key)
         if b is None or b.samples < policy.min_samples or b.median_tflops <= 0:

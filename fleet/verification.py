@@ -42,6 +42,15 @@ EXPECTS = frozenset({"flash_attn", "fa3", "fa4", "sdpa"})
 FLASH_IMPLS = ("flash_attn", "fa3", "fa4")  # flash_attn = FA2 (or FA1), the name results always used
 IMPLEMENTATIONS = frozenset({"fa1", "fa2", "fa3", "fa4"})
 
+
+def expect_for_variant(variant: str) -> str:
+    """The verification expectation for an installed or planned variant: "fa3"/"fa3-source" → fa3, "fa4" →
+    fa4, "sdpa"/"blocked" → sdpa, anything else (fa2-wheel, fa2-source, fa1-source, fa2...) → flash_attn."""
+    family = variant.split("-", 1)[0]
+    if family in ("fa3", "fa4"):
+        return family
+    return "sdpa" if family in ("sdpa", "blocked") else "flash_attn"
+
 ENTRY_STATUSES = frozenset({"ok", "fail", "error", "skipped", "unsupported", "oom", "timeout"})
 DTYPES = frozenset({"bfloat16", "float16"})
 SPEED_IMPLS = frozenset({*FLASH_IMPLS, "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"})

@@ -378,10 +378,11 @@ def choose_verified(expect: str, found: dict[str, FlashLoaded]) -> str | None:
 
 
 def reported_impls(verified: str | None, found: dict[str, FlashLoaded]) -> tuple[str, ...]:
-    """FlashAttention implementations that get rows: the verified one (or FA2 when none is, as results
-    always had), and every other one present."""
-    first = verified or FLASH_IMPL
-    return tuple(i for i in FLASH_IMPLS if i == first or (i in found and found[i].present))
+    """FlashAttention implementations that get rows: the verified one and every other one present; with
+    none verified (SDPA nodes) and none present, FA2's skipped rows, as results always had."""
+    present = [i for i in FLASH_IMPLS if i in found and found[i].present]
+    first = verified or (FLASH_IMPL if not present else None)
+    return tuple(i for i in FLASH_IMPLS if i == first or i in present)
 
 
 def import_flash_attn() -> tuple[dict[str, Any], Any, Any]:
@@ -1305,7 +1306,8 @@ class Supervisor:
             "config": {"tokens": self.args.tokens, "heads": HEADS, "seqlens": list(self.args.seqlens),
                        "timeout_per_shape_s": self.args.timeout_per_shape, "timeout_s": self.args.timeout,
                        "thresholds": THRESHOLDS, "model": self.args.model,
-                       "flops_formula": "4*batch*seqlen^2*heads*headdim, /2 if causal (forward)"},
+                       "flops_formula": "4*batch*seqlen^2*heads*headdim, /2 if causal (forward); "
+                                        f"x{FWD_BWD_FLOPS_FACTOR:g} for fwd_bwd"},
             "correctness": correctness,
             "speed": speed,
             "e2e": e2e,

@@ -1,10 +1,10 @@
 """The ``verify`` job on a real node: ``run_verification`` in the node's target Python.
 
 ``VerifyJobRunner`` is the agent's ``JobRunner`` for job kind ``verify``. Job vars:
-``mode`` (quick | full, default quick), ``expect`` (flash_attn | sdpa), ``model_path`` (a local causal
-LM for the end-to-end check), ``python`` (override the target interpreter), ``timeout_s`` (the bench's
-outer timeout; default per mode, always below the job's own timeout). The job succeeds whenever the
-verification produced a result — pass or not: the verdict is in ``result["verification"]`` (the
+``mode`` (quick | full, default quick), ``expect`` (flash_attn | fa3 | fa4 | sdpa: what bench.py verifies),
+``model_path`` (a local causal LM for the end-to-end check), ``python`` (override the target interpreter),
+``timeout_s`` (the bench's outer timeout; default per mode, always below the job's own timeout). The job
+succeeds whenever the verification produced a result — pass or not: the verdict is in ``result["verification"]`` (the
 ``fleet.verification`` JSON) and summarised in ``result["status"]`` / ``result["passed"]``; the
 controller stores and judges it (controller.verify_store).
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fleet.errors import UsageError
 from fleet.verification import (
+    EXPECTS,
     STATUS_ERROR,
     STATUS_TIMEOUT,
     VerificationResult,
@@ -48,7 +49,7 @@ class VerifyRequest:
     mode: str = "quick"
     model_path: str | None = None
     device: str = "cuda:0"
-    expect: str = "flash_attn"  # "sdpa" for nodes planned without FlashAttention
+    expect: str = "flash_attn"  # fa3 / fa4 for nodes planned those; "sdpa" for nodes planned without FlashAttention
     timeout_s: float | None = None  # outside timeout; default per mode
     timeout_per_shape_s: float | None = None
     bench_path: Path = BENCH_PATH
@@ -62,8 +63,8 @@ class VerifyRequest:
     def __post_init__(self) -> None:
         if self.mode not in DEFAULT_TIMEOUT_S:
             raise UsageError(f"unknown verification mode {self.mode!r}", hint="use quick or full")
-        if self.expect not in ("flash_attn", "sdpa"):
-            raise UsageError(f"unknown expectation {self.expect!r}", hint="use flash_attn or sdpa")
+        if self.expect not in EXPECTS:
+            raise UsageError(f"unknown expectation {self.expect!r}", hint="use one of " + ", ".join(sorted(EXPECTS)))
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise UsageError("the verification timeout must be positive")
 

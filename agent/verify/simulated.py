@@ -62,6 +62,13 @@ H100_RANGES: Mapping[tuple[str, bool], tuple[float, float]] = {
     ("sdpa_efficient", True): (125.0, 170.0),  # estimated
     ("sdpa_math", False): (19.0, 23.0),  # measured
     ("sdpa_math", True): (9.5, 11.5),  # estimated: same work, half the counted FLOPs
+    # FA4 4.0.0b36: measured on the project's H200 (tests/fixtures/h200_fa4, 2026-12-02), divided by the
+    # H200's flash_scale; causal at seqlen 512 is launch-bound (162 TFLOP/s on the H200)
+    ("fa4", False): (457.0, 663.0),
+    ("fa4", True): (157.0, 650.0),
+    # FA3: estimated, the FA3 paper's H100 bf16 hd128 forward chart (not measured by this project)
+    ("fa3", False): (497.0, 648.0),
+    ("fa3", True): (330.0, 616.0),
 }
 MEASURED = frozenset({("flash_attn", False), ("flash_attn", True), ("sdpa_flash", False), ("sdpa_flash", True),
                       ("sdpa_cudnn", False), ("sdpa_math", False)})
@@ -231,7 +238,7 @@ def model_tflops(gpu: GpuModel, impl: str, dtype: str, headdim: int, seqlen: int
     if rng is not None:
         pos = max(0.0, min(1.0, pos + rng.uniform(-0.08, 0.08)))
     value = lo + (hi - lo) * pos
-    if impl in ("flash_attn", "sdpa_flash"):
+    if impl in ("flash_attn", "sdpa_flash", "fa3", "fa4"):
         scale = gpu.flash_scale
     elif impl == "sdpa_cudnn":
         if gpu.cudnn_scale is None:
@@ -272,13 +279,15 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                           flash_attn_version: str | None = "2.8.3", torch_version: str = "2.8.0+cu128",
                           cuda: str = "12.8", driver: str = "570.86.15", python: str = "3.11.7",
                           expect: str | None = None, faults: SimFaults | None = None,
-                          model_path: str | None = None) -> VerificationResult:
-    """A verification result computed from the GPU model (no GPU involved)."""
+                          model_path: str | None = None, implementation: str | None = None) -> VerificationResult:
+    """A verification result computed from the GPU model (no GPU involved).  ``implementation`` is the
+    installed FlashAttention's variant (fa1 | fa2 | fa3 | fa4; default: from the version, FA2/FA1)."""
     gpu = gpu_model_for(gpu_name)
     faults = faults or SimFaults()
     started = (at or datetime.now(UTC)).astimezone(UTC)
+    fa_impl = implementation if implementation in (bench.FA3_IMPL, bench.FA4_IMPL) else bench.FLASH_IMPL
     if expect is None:
-        expect = "flash_attn" if gpu.flash_attn else "sdpa"
+        expect = fa_impl if fa_impl != bench.FLASH_IMPL else ("flash_attn" if gpu.flash_attn else "sdpa")
     seed = f"{node}|{started.isoformat()}"
     if faults.no_gpu:
         return failure_result(STATUS_NO_GPU, "torch.cuda.is_available() is False (simulated: no GPU visible)",
@@ -290,21 +299,14 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                               "its process group was killed", mode=mode, started_at=started,
                               finished_at=started + timedelta(seconds=timeout), simulated=True, expect=expect,
                               hostname=node)
-    if flash_attn_version is None:
-        fa = FlashAttnStatus(import_ok=False, error="ModuleNotFoundError: No module named 'flash_attn'",
-                             error_type="ModuleNotFoundError")
-    elif faults.import_error:
-        fa = FlashAttnStatus(import_ok=False, version=None, error=faults.import_error, error_type="ImportError")
-    elif gpu.flash_attn is None:
-        fa = FlashAttnStatus(import_ok=True, version=flash_attn_version, api="fa2")
-    else:
-        fa = FlashAttnStatus(import_ok=True, version=flash_attn_version,
-                             api="fa1-unpadded" if flash_attn_version.startswith("1.") else "fa2")
-    fa_runs = fa.import_ok and gpu.flash_attn is not None
+    fa = _flash_status(fa_impl, flash_attn_version, faults)
+    fa_runs = fa.import_ok and gpu.flash_attn is not None and (fa_impl == bench.FLASH_IMPL or gpu.bf16)
+    if fa_impl != bench.FLASH_IMPL and float(gpu.compute_capability) < 9.0:  # modelled on Hopper and newer only
+        fa_runs = False
 
     correctness = []
-    for impl, dtype, hd, causal in bench.correctness_cases(mode):
-        is_fa = impl.startswith("flash_attn")
+    for impl, dtype, hd, causal in bench.correctness_cases(mode, (fa_impl,)):
+        is_fa = bench.flash_family(impl) is not None
         if is_fa and not fa.import_ok:
             continue
         batch, seqlen = (1, sum(bench.VARLEN_SEQLENS)) if impl == "flash_attn_varlen" else (
@@ -313,8 +315,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                                   "seqlen": seqlen, "heads": bench.CORRECTNESS_HEADS, "simulated": True,
                                   "threshold_fwd": bench.THRESHOLDS[dtype]["fwd"],
                                   "threshold_bwd": bench.THRESHOLDS[dtype]["bwd"]}
-        if is_fa and gpu.flash_attn is None:
-            correctness.append(CorrectnessEntry(status="error", reason="FlashAttention does not run on compute "
+        if is_fa and not fa_runs:
+            correctness.append(CorrectnessEntry(status="error", reason=f"{fa_impl} does not run on compute "
                                                 f"capability {gpu.compute_capability}", **common))
             continue
         why = _unsupported(gpu, impl if not is_fa else "flash_attn", dtype)
@@ -334,26 +336,25 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
             dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7),
             dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
     if not fa.import_ok:
-        correctness.append(CorrectnessEntry(impl="flash_attn", status="skipped", simulated=True,
-                                            reason="flash_attn not importable (see flash_attn.error)"))
+        correctness.append(CorrectnessEntry(impl=fa_impl, status="skipped", simulated=True,
+                                            reason=bench._not_importable(fa_impl)))
 
     speed = []
     for dtype, hd, seqlen, causal in bench.speed_shapes(mode, bench.SEQLENS, gpu.bf16):
         batch = bench.TOTAL_TOKENS // seqlen
-        for impl in (bench.FLASH_IMPL, *bench.SDPA_IMPLS):
+        for impl in (fa_impl, *bench.SDPA_IMPLS):
             shape: dict[str, Any] = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
                                      "heads": bench.HEADS, "causal": causal, "simulated": True}
-            if impl == "flash_attn" and not fa.import_ok:
-                speed.append(SpeedEntry(status="skipped", reason="flash_attn not importable (see flash_attn.error)",
-                                        **shape))
+            if impl == fa_impl and not fa.import_ok:
+                speed.append(SpeedEntry(status="skipped", reason=bench._not_importable(fa_impl), **shape))
                 continue
             if impl == "sdpa_math" and not bench.math_measured(mode, dtype, hd, seqlen, causal):
                 speed.append(SpeedEntry(status="skipped", reason=f"math backend measured only up to seqlen "
                                         f"{bench.MATH_MAX_SEQLEN} (plus the DESIGN §4 shape)", **shape))
                 continue
             why = _unsupported(gpu, impl, dtype)
-            if impl == "flash_attn" and not fa_runs:
-                why = why or f"FlashAttention does not run on compute capability {gpu.compute_capability}"
+            if impl == fa_impl and not fa_runs:
+                why = why or f"{fa_impl} does not run on compute capability {gpu.compute_capability}"
                 speed.append(SpeedEntry(status="error", reason=why, **shape))
                 continue
             if impl == "flash_attn" and gpu.flash_attn == "fa1" and dtype == "bfloat16":
@@ -370,9 +371,9 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                 speed.append(SpeedEntry(status="oom", reason=f"CUDA out of memory (simulated: needs "
                                         f"{peak + inputs:.0f} MiB of {gpu.memory_mib} MiB)", **shape))
                 continue
-            if faults.slowdown and impl in ("flash_attn", "sdpa_flash"):
+            if faults.slowdown and impl in (fa_impl, "sdpa_flash"):
                 tflops *= 1.0 - faults.slowdown
-            if faults.nan and impl == "flash_attn":
+            if faults.nan and impl == fa_impl:
                 speed.append(SpeedEntry(status="error", reason="NaN/Inf in output (simulated)", **shape))
                 continue
             flops = bench.attention_flops(batch, seqlen, bench.HEADS, hd, causal)
@@ -390,7 +391,7 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
         if mode == "quick":
             e2e.append(E2EEntry(status="skipped", reason="quick mode skips the end-to-end check", **common2))
             continue
-        if impl == "flash_attention_2" and not fa_runs:
+        if impl == "flash_attention_2" and not (fa_runs and fa_impl == bench.FLASH_IMPL):
             e2e.append(E2EEntry(status="unsupported", reason="FlashAttention2 cannot be used: flash_attn is not "
                                 "importable or does not run on this GPU", **common2))
             continue
@@ -413,13 +414,37 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
         device=DeviceInfo(name=gpu.name + " (simulated)", compute_capability=gpu.compute_capability,
                           memory_mib=gpu.memory_mib, index=0, driver=driver, torch=torch_version, cuda=cuda,
                           python=python),
-        flash_attn=fa, correctness=tuple(correctness), speed=tuple(speed), e2e=tuple(e2e),
+        flash_attn=fa, flash_attn_implementations=(fa,) if flash_attn_version is not None else (),
+        correctness=tuple(correctness), speed=tuple(speed), e2e=tuple(e2e),
         config={"tokens": bench.TOTAL_TOKENS, "heads": bench.HEADS, "seqlens": list(bench.SEQLENS),
                 "simulated_model": gpu.key, "model_source": gpu.source,
                 "faults": {k: v for k, v in vars(faults).items() if v and k != "extra"}},
         notes=("simulated: numbers come from agent/verify/simulated.py's model of this GPU, not a measurement",),
     )
     return result.with_verdict(evaluate(result))
+
+
+FLASH_MODULES = {bench.FLASH_IMPL: ("flash_attn", "flash-attn"),  # impl → (module, distribution)
+                 bench.FA3_IMPL: ("flash_attn_interface", "flash_attn_3"),
+                 bench.FA4_IMPL: ("flash_attn.cute", "flash-attn-4")}
+
+
+def _flash_status(fa_impl: str, version: str | None, faults: SimFaults) -> FlashAttnStatus:
+    """What bench.py's import check reports for the installed implementation (or its absence)."""
+    module, dist = FLASH_MODULES[fa_impl]
+    if version is None:
+        return FlashAttnStatus(import_ok=False, error=f"ModuleNotFoundError: No module named '{module}'",
+                               error_type="ModuleNotFoundError", impl=fa_impl, module=module, present=False)
+    if faults.import_error:
+        return FlashAttnStatus(import_ok=False, version=version, error=faults.import_error, error_type="ImportError",
+                               impl=fa_impl, module=module, dist=dist, present=True)
+    if fa_impl == bench.FLASH_IMPL:
+        api = "fa1-unpadded" if version.startswith("1.") else "fa2"
+        return FlashAttnStatus(import_ok=True, version=version, api=api, impl=fa_impl,
+                               implementation="fa1" if api == "fa1-unpadded" else "fa2", module=module, dist=dist,
+                               present=True)
+    return FlashAttnStatus(import_ok=True, version=version, api=fa_impl, impl=fa_impl, implementation=fa_impl,
+                           module=module, dist=dist, present=True)
 
 
 def simulate_for_facts(facts: NodeFacts, *, mode: str = "quick", at: datetime | None = None,
@@ -453,4 +478,4 @@ def simulate_for_facts(facts: NodeFacts, *, mode: str = "quick", at: datetime | 
         flash_attn_version=facts.flash_attn.version if facts.flash_attn else None,
         torch_version=facts.torch.version, cuda=facts.torch.cuda or "",
         driver=facts.driver.version if facts.driver else "", python=facts.python.version, expect=expect,
-        faults=faults, model_path=model_path)
+        faults=faults, model_path=model_path, implementation=facts.flash_attn.variant if facts.flash_attn else None)

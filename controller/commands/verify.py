@@ -82,16 +82,21 @@ def rows_of(results: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for v in results:
         fa = v.get("flash_attn") or {}
+        checked = v.get("verified") or {}
         reasons = v.get("reasons") or []
         rows.append([v["hostname"] + (" (sim)" if v.get("simulated") else ""), v.get("gpu_model") or None,
                      v.get("status"), v.get("mode") or None,
                      f"{fa.get('version')} ({fa.get('variant')})" if fa.get("version") else None,
+                     (f"{checked.get('implementation')} {checked.get('version') or ''}".strip()
+                      + (f" ({checked['module']})" if checked.get("module") else "")) if checked
+                     else ("sdpa" if v.get("expect") == "sdpa" else None),
                      num(v.get("tflops")), num(v.get("sdpa_tflops")), num(v.get("peak_mem_mib"), "{:.0f}"),
                      (reasons[0][:90] if reasons else "")])
     return rows
 
 
-HEADERS = ["host", "gpu", "status", "mode", "flash-attn", "FA TFLOP/s", "SDPA TFLOP/s", "peak MiB", "reason"]
+HEADERS = ["host", "gpu", "status", "mode", "flash-attn", "verified", "FA TFLOP/s", "SDPA TFLOP/s", "peak MiB",
+           "reason"]
 
 
 def handle(args: argparse.Namespace) -> int:

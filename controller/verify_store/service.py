@@ -32,7 +32,7 @@ from controller.store.models import Job, Node
 from controller.verification import RegressionPolicy
 from controller.verify_store import schedules, store
 from fleet.errors import FleetError, UsageError
-from fleet.verification import VerificationSchemaError
+from fleet.verification import VerificationSchemaError, expect_for_variant
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,12 @@ class VerificationService:
         return chosen
 
     def _expectations(self, hosts: Sequence[str]) -> dict[str, str]:
-        """What each node's verification expects: ``flash_attn`` where it is installed; where it is not, what
+        """What each node's verification expects (``fleet.verification.expect_for_variant``: ``fa3``/``fa4``
+        for those, else ``flash_attn``) where FlashAttention is installed; where it is not, what
         a clean rollback recorded the node must have (``sdpa`` after one that removed flash-attn: that node is
-        as intended, not degraded; controller/rollout/expectation.py), else ``flash_attn`` when a rollout
-        would install it and ``sdpa`` when not. The catalog is built once, and only when needed."""
+        as intended, not degraded; controller/rollout/expectation.py), else what a rollout would install
+        (``flash_attn``, ``fa3`` for ``fa3-source``, ``fa4``) and ``sdpa`` when nothing. The catalog is built
+        once, and only when needed."""
         from controller.rollout.expectation import expected_after_rollback
 
         out: dict[str, str] = {}
@@ -206,8 +208,10 @@ class VerificationService:
         with self.ctx.store.session() as s:
             for host in hosts:
                 facts = s.scalar(select(Node.facts).where(Node.hostname == host)) or {}
-                if facts.get("flash_attn"):
-                    out[host] = "flash_attn"
+                installed = facts.get("flash_attn")
+                if installed:
+                    out[host] = expect_for_variant(str(installed.get("variant") or "")
+                                                   if isinstance(installed, Mapping) else "")
                     continue
                 after_rollback = expected_after_rollback(s, host)
                 if after_rollback is not None:
@@ -216,7 +220,7 @@ class VerificationService:
                 if catalog is None:
                     catalog = self._catalog(s)
                 plan = store.replan(facts, catalog)
-                out[host] = "sdpa" if plan and plan.get("variant") in ("sdpa", "blocked") else "flash_attn"
+                out[host] = expect_for_variant(str(plan.get("variant") or "") if plan else "")
         return out
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",

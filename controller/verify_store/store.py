@@ -38,6 +38,7 @@ from fleet.errors import FleetError, UsageError
 from fleet.verification import (
     STATUS_PASS,
     STATUS_REGRESSION,
+    FlashAttnStatus,
     VerificationResult,
     VerificationSchemaError,
     evaluate,
@@ -87,15 +88,17 @@ class Summary:
 
 
 def summarize(result: VerificationResult) -> Summary:
-    """What the dashboard charts: median flash_attn fwd TFLOP/s, the SDPA baseline, flash_attn peak memory."""
+    """What the dashboard charts: median fwd TFLOP/s of the verified FlashAttention (flash_attn, fa3 or fa4),
+    the SDPA baseline, its peak memory."""
     fwd = [e for e in result.ok_speed() if e.direction == "fwd"]
-    fa = [e.tflops for e in fwd if e.impl == "flash_attn" and e.tflops is not None]
+    verified = result.flash_attn.impl
+    fa = [e.tflops for e in fwd if e.impl == verified and e.tflops is not None]
     sdpa: list[float] = []
     for impl in SDPA_BASELINE_IMPLS:
         sdpa = [e.tflops for e in fwd if e.impl == impl and e.tflops is not None]
         if sdpa:
             break
-    mem = [e.peak_mem_mib for e in fwd if e.impl == "flash_attn" and e.peak_mem_mib is not None]
+    mem = [e.peak_mem_mib for e in fwd if e.impl == verified and e.peak_mem_mib is not None]
     return Summary(_median(fa), _median(sdpa), max(mem) if mem else None)
 
 
@@ -216,12 +219,28 @@ def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t else None
 
 
+def verified_of(payload: Any) -> dict[str, Any] | None:
+    """What a stored result verified: {implementation, module, dist, version, import_ok}; None for a job that
+    left no result or a node expecting SDPA.  Results from before FA3/FA4 support are FA2/FA1."""
+    if not isinstance(payload, Mapping) or payload.get("expect") == "sdpa":
+        return None
+    fa = payload.get("flash_attn")
+    if not isinstance(fa, Mapping):
+        return None
+    status = FlashAttnStatus(import_ok=bool(fa.get("import_ok")), api=fa.get("api"),
+                             impl=str(fa.get("impl") or "flash_attn"), implementation=fa.get("implementation"))
+    module = fa.get("module") or ("flash_attn" if status.impl == "flash_attn" else None)
+    return {"implementation": status.label, "module": module, "dist": fa.get("dist"), "version": fa.get("version"),
+            "import_ok": status.import_ok}
+
+
 def to_json(row: Verification, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": row.id, "job_id": row.job_id, "hostname": row.hostname, "gpu_model": row.gpu_model,
         "at": _iso(row.at), "status": row.status, "passed": row.passed, "bench_status": row.bench_status,
         "simulated": row.simulated, "mode": row.mode, "expect": row.expect, "trigger": row.trigger,
         "schedule_id": row.schedule_id, "flash_attn": {"version": row.fa_version, "variant": row.fa_variant},
+        "verified": verified_of(row.result),
         "tflops": row.tflops, "sdpa_tflops": row.sdpa_tflops, "peak_mem_mib": row.peak_mem_mib,
         "duration_s": row.duration_s, "reasons": list(row.reasons or []), "warnings": list(row.warnings or []),
         "regression": row.regression,

@@ -47,13 +47,15 @@ def summarize(status: str, result: Any, error: str | None) -> dict[str, Any]:
         speed = [e for e in payload.get("speed") or [] if isinstance(e, Mapping)
                  and e.get("status") == "ok" and e.get("direction", "fwd") == "fwd"
                  and isinstance(e.get("tflops"), int | float)]
-        fa = [float(e["tflops"]) for e in speed if e.get("impl") == "flash_attn"]
+        fa_status = payload.get("flash_attn")  # FA3/FA4 results chart their own rows
+        verified = str(fa_status.get("impl") or "flash_attn") if isinstance(fa_status, Mapping) else "flash_attn"
+        fa = [float(e["tflops"]) for e in speed if e.get("impl") == verified]
         sdpa: list[float] = []
         for impl in SDPA_IMPLS:
             sdpa = [float(e["tflops"]) for e in speed if e.get("impl") == impl]
             if sdpa:
                 break
-        mem = [float(e["peak_mem_mib"]) for e in speed if e.get("impl") == "flash_attn"
+        mem = [float(e["peak_mem_mib"]) for e in speed if e.get("impl") == verified
                and isinstance(e.get("peak_mem_mib"), int | float)]
         out.update(tflops=_median(fa), sdpa_tflops=_median(sdpa), peak_mem_mib=max(mem) if mem else None)
         verdict = str(payload.get("status") or "")

@@ -26,7 +26,7 @@ def _attn(q, k, v, causal):
 def _run(name, q, k, v, causal):
     CALLS.append((name, bool(causal)))
     if type(q).__module__.split(".")[0] != "torch":
-        return (name + "-out", causal)
+        return f"{name}-out causal={bool(causal)}"
     return _attn(q, k, v, causal)
 '''
 
