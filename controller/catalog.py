@@ -100,6 +100,7 @@ class Wheel:
     min_glibc: str | None  # None: unknown, assume compatible (DESIGN §3.2)
     cuda_archs: tuple[int, ...]  # SASS the wheel carries, as cc×10 numbers
     origin: str  # "artifact-store" | "user" | "catalog-file" | "upstream"
+    os_family: str | None = None  # a source-built wheel: only nodes of the builder's OS family; None: any
 
     @property
     def filename(self) -> str:
@@ -107,7 +108,8 @@ class Wheel:
 
     def to_json(self) -> dict[str, Any]:
         return {"filename": self.filename, "url": self.url, "sha256": self.sha256, "min_glibc": self.min_glibc,
-                "cuda_archs": [str(a) for a in self.cuda_archs], "origin": self.origin}
+                "cuda_archs": [str(a) for a in self.cuda_archs], "origin": self.origin,
+                **({"os_family": self.os_family} if self.os_family else {})}
 
 
 def _parse_archs(value: Any, where: str) -> tuple[int, ...] | None:
@@ -142,9 +144,14 @@ def wheel_from_entry(entry: Any, origin: str, where: str) -> Wheel:
     if min_glibc is not None and (not isinstance(min_glibc, str) or not _GLIBC_RE.match(min_glibc)):
         raise CatalogError(f"{where}: field min_glibc must look like \"2.35\", got {min_glibc!r}",
                            hint="the glibc of the OS the wheel was built on (ldd --version)")
+    os_family = entry.get("os_family")
+    if os_family is not None and (not isinstance(os_family, str) or not re.fullmatch(r"[a-z0-9._-]{1,32}", os_family)):
+        raise CatalogError(f"{where}: field os_family must look like \"debian\" or \"rhel\", got {os_family!r}",
+                           hint="the OS family of the host the wheel was built on, or omit it (any)")
     archs = _parse_archs(entry.get("cuda_archs"), where)
     return Wheel(name=name, url=url, sha256=sha256, min_glibc=min_glibc,
-                 cuda_archs=archs if archs is not None else rules.wheel_archs(name.version), origin=origin)
+                 cuda_archs=archs if archs is not None else rules.wheel_archs(name.version), origin=origin,
+                 os_family=os_family)
 
 
 class Catalog:
@@ -297,7 +304,8 @@ def save_user_catalog(state_dir: Path, catalog: Catalog) -> Path:
     """Write user additions atomically (write a temp file, then rename)."""
     path = user_catalog_path(state_dir)
     entries = [{k: v for k, v in {"filename": w.filename, "url": w.url, "sha256": w.sha256,
-                                  "min_glibc": w.min_glibc, "cuda_archs": [str(a) for a in w.cuda_archs]}.items()
+                                  "min_glibc": w.min_glibc, "cuda_archs": [str(a) for a in w.cuda_archs],
+                                  "os_family": w.os_family}.items()
                 if v is not None} for w in catalog.wheels]
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,9 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
         glibc = params.get("glibc")
         if isinstance(glibc, str):
             entry["min_glibc"] = glibc
+        family = params.get("os_family")
+        if isinstance(family, str) and family:
+            entry["os_family"] = family  # libraries of the builder's OS: only nodes of that family
         out.append(entry)
     for sha, a in stored.items():
         try:

@@ -66,6 +66,7 @@ def build_params(facts: NodeFacts, variant: str, version: str, node_archs: tuple
     if variant == "fa3-source" and all(a == 90 for a in node_archs):
         env["FLASH_ATTENTION_DISABLE_SM80"] = "TRUE"  # Hopper-only node: skip the sm80 kernels
     torch = facts.torch
+    family = rules.os_family(facts.os.id)
     key = ";".join((
         f"variant={variant}",
         f"flash_attn={version}",
@@ -74,8 +75,13 @@ def build_params(facts: NodeFacts, variant: str, version: str, node_archs: tuple
         f"cxx11abi={'TRUE' if torch.cxx11abi else 'FALSE'}",
         f"python=cp{''.join(map(str, rules.major_minor(facts.python.version)))}",
         f"platform=linux_{facts.os.arch}",
+        # the wheel links the builder's glibc and system libraries: a wheel built on Ubuntu 20.04 (glibc 2.31)
+        # must not be handed to a CentOS 7 node (glibc 2.17), so nodes share a build only with both equal
+        f"os={family}",
+        f"glibc={facts.os.glibc or 'unknown'}",
         f"archs={','.join(arch_names)}",
         f"nvcc={rules.fmt_mm(nvcc)}",
     ))
     return BuildParams(cuda_archs=arch_names, max_jobs=max_jobs, nvcc_threads=threads or 1,
-                       estimated_minutes=math.ceil(seconds / 60), nvcc=rules.fmt_mm(nvcc), build_key=key, env=env)
+                       estimated_minutes=math.ceil(seconds / 60), nvcc=rules.fmt_mm(nvcc), build_key=key, env=env,
+                       os_family=family, glibc=facts.os.glibc)

@@ -37,6 +37,7 @@ class _Query:
     platform: str
     glibc: str | None
     ccs: tuple[tuple[int, int], ...]
+    os_family: str = ""
 
     def describe(self) -> str:
         abi = "TRUE" if self.cxx11abi else "FALSE"
@@ -438,7 +439,8 @@ def _query(facts: NodeFacts) -> _Query:
     py = _python_mm(facts)
     return _Query(torch_cuda=torch.cuda, torch_mm=rules.fmt_mm(rules.major_minor(torch.version)),
                   cxx11abi=torch.cxx11abi, python_tag=f"cp{py[0]}{py[1]}", platform=f"linux_{facts.os.arch}",
-                  glibc=facts.os.glibc, ccs=tuple(sorted({rules.parse_cc(g.compute_capability) for g in facts.gpus})))
+                  glibc=facts.os.glibc, ccs=tuple(sorted({rules.parse_cc(g.compute_capability) for g in facts.gpus})),
+                  os_family=rules.os_family(facts.os.id))
 
 
 def _toolkit_problems(nvcc: tuple[int, int], torch_cuda: tuple[int, int], driver_max: tuple[int, int],
@@ -469,6 +471,10 @@ def _pick_wheel(catalog: Catalog, release: str, query: _Query) -> tuple[Wheel | 
     for wheel in wheels:
         if wheel.min_glibc and query.glibc and rules._v(query.glibc) < rules._v(wheel.min_glibc):
             problems.append(f"{wheel.filename} needs glibc ≥ {wheel.min_glibc}, the node has {query.glibc}")
+            continue
+        if wheel.os_family and wheel.os_family != query.os_family:
+            problems.append(f"{wheel.filename} was built on {wheel.os_family}, the node's OS family is "
+                            f"{query.os_family}")
             continue
         missing = [cc for cc in query.ccs if rules.best_sass(wheel.cuda_archs, cc) is None]
         if missing:

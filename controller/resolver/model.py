@@ -88,11 +88,15 @@ class BuildParams:
     nvcc: str  # the toolkit the build uses (the node's, or the one the plan installs)
     build_key: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # the builder's OS family and glibc (both in build_key): its wheel serves only nodes of that family with
+    # glibc ≥ this one (controller/local_wheels.py turns them into the catalog entry's os_family/min_glibc)
+    os_family: str = ""
+    glibc: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"env": dict(self.env), "cuda_archs": list(self.cuda_archs), "max_jobs": self.max_jobs,
                 "nvcc_threads": self.nvcc_threads, "nvcc": self.nvcc, "estimated_minutes": self.estimated_minutes,
-                "build_key": self.build_key}
+                "build_key": self.build_key, "os_family": self.os_family, "glibc": self.glibc}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,20 @@ BLACKWELL_MIN_NVCC = (12, 8)  # setup.py adds compute_100/compute_120 gencodes o
 MIN_WHEEL_RELEASE = "2.0.6"  # first release whose setup.py guesses a prebuilt wheel URL
 
 GLIBC_BY_RUNNER = {"ubuntu-20.04": "2.31", "ubuntu-22.04": "2.35", "ubuntu-22.04-arm": "2.35"}
+
+# os-release ID → family. A wheel built from source links what the builder's OS ships (libstdc++, its glibc
+# symbol versions), so a built wheel is only handed to nodes of the same family (and glibc ≥ the builder's).
+OS_FAMILIES = {"ubuntu": "debian", "debian": "debian", "linuxmint": "debian", "pop": "debian",
+               "centos": "rhel", "rhel": "rhel", "rocky": "rhel", "almalinux": "rhel", "ol": "rhel",
+               "fedora": "rhel", "amzn": "rhel", "sles": "suse", "opensuse-leap": "suse",
+               "opensuse-tumbleweed": "suse"}
+
+
+def os_family(os_id: str) -> str:
+    """The family of an os-release ``ID`` (``ubuntu`` → ``debian``, ``centos`` → ``rhel``); unknown IDs are
+    their own family, so nothing unknown is ever assumed compatible."""
+    key = os_id.strip().lower()
+    return OS_FAMILIES.get(key, key or "unknown")
 RELEASE_URL = "https://github.com/Dao-AILab/flash-attention/releases/download/v{version}/{filename}"
 
 _ARCH_RE = re.compile(r"^(sm|compute)_(\d+)([af]?)$")

@@ -57,7 +57,8 @@ def test_second_rollout_installs_the_built_wheel(tmp_path: Path) -> None:
                     created_at=utcnow(), finished_at=utcnow(), attempts=1))
         entries = local_wheel_entries(s)
     assert entries == [{"filename": CATALOG_NAME, "sha256": info.sha256, "url": None, "file": PIP_NAME,
-                        "build_key": first.plan.build_key, "cuda_archs": ["90"], "min_glibc": "2.39"}]
+                        "build_key": first.plan.build_key, "cuda_archs": ["90"], "min_glibc": "2.39",
+                        "os_family": "debian"}]
     second = plan_rollout(store, RolloutRequest(version="2.8.3.post1", canary=0, batch="1")).nodes[0]
     assert second.plan.variant == "fa2-wheel"
     assert second.plan.steps == ("install-wheel", "verify")

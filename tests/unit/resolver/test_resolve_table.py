@@ -186,7 +186,7 @@ CASES = [
          reason="nvcc 13.0 qualifies",
          build={"cuda_archs": ("90",), "max_jobs": 16, "nvcc_threads": 2, "estimated_minutes": 23,
                 "build_key": "variant=fa2-source;flash_attn=2.8.3.post1;torch=2.11;torch_cuda=13.0;cxx11abi=TRUE;"
-                             "python=cp312;platform=linux_x86_64;archs=90;nvcc=13.0"}),
+                             "python=cp312;platform=linux_x86_64;os=debian;glibc=2.35;archs=90;nvcc=13.0"}),
     Case("h100-no-nvcc", {**H100_CU130, "toolkit": None}, "fa2-source", steps=TK_SRC, toolkit="13.0",
          reason="the node has no nvcc: install CUDA toolkit 13.0"),
     Case("nvcc-major-mismatch", {**H100_CU130, "toolkit": {"nvcc": "12.8", **NVCC}}, "fa2-source", toolkit="13.0",
