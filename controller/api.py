@@ -32,6 +32,7 @@ from fleet.errors import (
     InputError,
     NotFoundError,
     StoreError,
+    UpstreamError,
     UsageError,
 )
 
@@ -39,7 +40,7 @@ API_PREFIX = "/api/v1"
 
 _HTTP_STATUS: list[tuple[type[FleetError], int]] = [
     (AuthError, 401), (NotFoundError, 404), (ConflictError, 409), (InputError, 422), (UsageError, 400),
-    (StoreError, 503), (ControllerUnavailable, 503),
+    (StoreError, 503), (ControllerUnavailable, 503), (UpstreamError, 502),
 ]
 
 

@@ -28,7 +28,9 @@ from fleet.errors import (
     FleetError,
     InputError,
     NotFoundError,
+    StaleFactsError,
     StoreError,
+    UpstreamError,
     UsageError,
 )
 
@@ -36,6 +38,7 @@ DEFAULT_STATE_DIR = Path("state/controller")
 _ERRORS: dict[str, type[FleetError]] = {
     "auth": AuthError, "not-found": NotFoundError, "conflict": ConflictError, "bad-input": InputError,
     "bad-facts": InputError, "usage": UsageError, "store": StoreError, "controller-unavailable": ControllerUnavailable,
+    "stale-facts": StaleFactsError, "upstream": UpstreamError,
 }
 _START_HINT = ("start it with `fleet-controller serve --state-dir DIR` (or `fleet-controller fleet up`), "
                "or point fleetctl at it with --controller URL / --state-dir DIR")

@@ -33,8 +33,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from controller.artifacts import ArtifactInfo, ArtifactStore
 from controller.resolver import rules
-from controller.upstream import TargetEnv, Upstream, UpstreamConfig, UpstreamError, normalize, wheel_requires
-from fleet.errors import FleetError
+from controller.upstream import TargetEnv, Upstream, UpstreamConfig, normalize, wheel_requires
+from fleet.errors import FleetError, UpstreamError
 
 #: what a requirement line sent to a node may contain (it ends up in an Ansible variable and a pip argv)
 SAFE_REQUIREMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-\[\],<>=!~ ]{0,199}")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from controller.artifacts import ArtifactInfo, ArtifactStore
 from controller.resolver import rules
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UpstreamError
 from fleet.facts import NodeFacts
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,6 @@ _CHUNK = 1 << 20
 _NAME_NORMALIZE_RE = re.compile(r"[-_.]+")
 #: the oldest manylinux glibc pip knows; tags from here up to the node's glibc are compatible with it
 _MANYLINUX_FLOOR = 17
-
-
-class UpstreamError(FleetError):
-    """An artifact could not be had from upstream (or the store): unreachable, missing, or wrong content."""
-
-    code = "upstream"
-    exit_code = 10
 
 
 def normalize(name: str) -> str:

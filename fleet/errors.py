@@ -71,6 +71,13 @@ class ConflictError(FleetError):
     exit_code = 5
 
 
+class StaleFactsError(ConflictError):
+    """A node's facts predate its last job (an install or rollback it has not reported yet): a plan made from
+    them would be wrong. Its agent reports on its next heartbeat; retrying then succeeds."""
+
+    code = "stale-facts"
+
+
 class AuthError(FleetError):
     """Identity or credentials were refused."""
 
@@ -97,3 +104,11 @@ class ExecutionError(FleetError):
 
     code = "execution"
     exit_code = 9
+
+
+class UpstreamError(FleetError):
+    """An artifact could not be had from upstream or the artifact store: unreachable, missing, or other bytes
+    than announced (controller/upstream.py)."""
+
+    code = "upstream"
+    exit_code = 14  # 10-13 are `fleetctl rollout`'s outcomes (paused, partial, aborted, rollback-failed)

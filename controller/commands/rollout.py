@@ -20,7 +20,7 @@ from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from controller.rollout.progress import ProgressView, footer_lines
 from fleet.cli import print_json
-from fleet.errors import UsageError
+from fleet.errors import StaleFactsError, UsageError
 
 EXIT_PAUSED = 10
 EXIT_PARTIAL = 11
@@ -205,6 +205,23 @@ def _print_preflight(out: dict[str, Any]) -> None:
         print("\n".join(lines))
 
 
+def _post_when_facts_fresh(client: ControllerClient, body: dict[str, Any], patience_s: float = 60.0) -> Any:
+    """Start (or dry-run) the rollout; while a node's facts predate its last install or rollback, wait for its
+    next report and try again (the controller refuses to plan from stale facts)."""
+    deadline = time.monotonic() + patience_s
+    said = False
+    while True:
+        try:
+            return client.post("/rollouts", body)
+        except StaleFactsError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not said:
+                print(f"waiting for fresh facts: {exc.message}", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2)
+
+
 def handle_start(args: argparse.Namespace) -> int:
     if args.canary is not None and args.canary < 0:
         raise UsageError("--canary must be 0 or more", hint="--canary 0 skips the canary batch")
@@ -215,7 +232,7 @@ def handle_start(args: argparse.Namespace) -> int:
             "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()], **_policy_fields(args)}
     if args.verify_mode:
         body["verify_mode"] = args.verify_mode
-    out = client.post("/rollouts", body)
+    out = _post_when_facts_fresh(client, body)
     if args.json and (args.dry_run or args.detach):
         print_json(out)
         return 0

@@ -34,8 +34,8 @@ from controller.rollout.core import (
 from controller.rollout.engine import ACTIVE, record
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
-from controller.store.models import Node
-from fleet.errors import ConflictError, FactsError, NotFoundError, UsageError
+from controller.store.models import Job, Node
+from fleet.errors import ConflictError, FactsError, NotFoundError, StaleFactsError, UsageError
 from fleet.facts import parse_node
 
 _create_lock = threading.Lock()
@@ -284,6 +284,7 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
                   catalog: Any = None, provisioner: Provisioner | None = None) -> dict[str, Any]:
     """Plan and persist a rollout (the engine picks it up). Refuses nodes already in an active rollout."""
     plan = plan_rollout(store, req, state_dir=state_dir, catalog=catalog, provisioner=provisioner)
+    _refuse_stale_facts(store, [p.plan.hostname for p in plan.nodes if p.skip_reason is None])
     if req.dry_run:
         return {"dry_run": True, **plan.to_json()}
     hosts = [p.plan.hostname for p in plan.nodes]
@@ -325,6 +326,34 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
     audit(store, req.actor, "rollout.start", rid, version=plan.version, selector=plan.selector,
           nodes=len(hosts), options=plan.options)
     return {"id": rid, **plan.to_json()}
+
+
+#: jobs that change what a node has installed: its facts must be newer than the last of them to plan from them
+_CHANGING_JOBS = ("install-wheel", "build-from-source", "rollback", "cuda-toolkit", "apt-keyring-fix")
+
+
+def _refuse_stale_facts(store: Store, hosts: Sequence[str]) -> None:
+    """A node whose last install/rollback finished after its last facts report would be planned from what it
+    had before (e.g. "already installed: only verify" right after a rollback removed it): refuse, saying when
+    to retry (``fleetctl rollout flash-attn`` waits and retries by itself)."""
+    if not hosts:
+        return
+    with store.session() as s:
+        last_job = dict(s.execute(select(Job.node, func.max(Job.finished_at))
+                                  .where(Job.node.in_(hosts), Job.kind.in_(_CHANGING_JOBS),
+                                         Job.finished_at.is_not(None)).group_by(Job.node)).all())
+        reported = dict(s.execute(select(Node.hostname, Node.facts_updated_at).where(Node.hostname.in_(hosts))).all())
+    stale = sorted(h for h, done in last_job.items()
+                   if done is not None and reported.get(h) is not None and _aware(reported[h]) < _aware(done))
+    if stale:
+        raise StaleFactsError(f"the facts of {', '.join(stale[:5])}{' …' if len(stale) > 5 else ''} predate their "
+                              f"last install or rollback: a plan now would be made from what they had before",
+                              hint="their agents report fresh facts on the next heartbeat (10 s by default): retry "
+                                   "then (`fleetctl rollout flash-attn` waits and retries by itself)")
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
 def _rollout_active(s: Session, rid: str) -> bool:
