@@ -294,3 +294,29 @@ def test_agent_wheels(site: Site, tmp_path: Path) -> None:
                                                          "packaging", "pyyaml"}
     sources = {f["filename"]: f["source"] for f in lock["files"]}
     assert sources["fleetctl-0.1.0-py3-none-any.whl"].startswith("built from ")
+
+
+def test_source_build_nodes_carry_the_built_wheels_requirements(tmp_path: Path) -> None:
+    """A node that builds from the sdist installs the built wheel later, offline: what that wheel will require
+    (the sdist's PKG-INFO Requires-Dist, markers evaluated for the node, torch dropped) goes in the bundle."""
+    from controller.bundle import sdist_requirements
+    from controller.upstream import TargetEnv
+
+    pkg_info = (b"Metadata-Version: 2.1\nName: flash_attn\nVersion: 2.8.3\nRequires-Dist: torch\n"
+                b"Requires-Dist: einops\nRequires-Dist: ninja; platform_machine == 'aarch64'\n"
+                b"Requires-Dist: pytest; extra == 'test'\n")
+    sdist = tmp_path / "flash_attn-2.8.3.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        info = tarfile.TarInfo("flash_attn-2.8.3/PKG-INFO")
+        info.size = len(pkg_info)
+        tf.addfile(info, io.BytesIO(pkg_info))
+    assert sdist_requirements(sdist, TargetEnv("3.11", "x86_64", "2.35", "2.8.0+cu128")) == ("einops",)
+    assert sdist_requirements(sdist, TargetEnv("3.11", "aarch64", "2.35", None)) == ("einops", "ninja")
+
+
+def test_agent_requirements_keep_pyprojects_ranges() -> None:
+    from controller.bundle import agent_requirements
+
+    reqs = agent_requirements()
+    assert "grpcio<2,>=1.85.3" in reqs and "protobuf<8,>=7.35.1" in reqs and "PyYAML" in reqs
+    assert len(reqs) == len(AGENT_DEPS)
