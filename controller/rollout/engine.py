@@ -762,8 +762,10 @@ class RolloutEngine:
                 record_after_rollback(result, outcome.result, n.previous)
                 n.result = result
                 expected = result[EXPECTED_KEY]["flash_attn"]
+                action = ((outcome.result or {}).get("rollback") or {}).get("action")
                 record(s, step.rollout_id, n, State.ROLLED_BACK,
-                       f"previous flash-attn {expected} restored" if expected else
+                       "nothing to roll back: no install by fleetctl is recorded on the node" if action == "none"
+                       else f"previous flash-attn {expected} restored" if expected else
                        "flash-attn removed (the node had none before the rollout)", job_id=job)
                 return
             if step.state == State.VERIFY:
