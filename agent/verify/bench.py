@@ -944,8 +944,10 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
                     continue  # an FA that is not importable has its skipped rows once, under fwd
                 base = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
                         "heads": HEADS, "causal": causal, "direction": direction}
-                suffix = "" if direction == "fwd" else "/fwd_bwd"
-                tasks.append(Task(f"speed/{impl}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}{suffix}",
+                # forward ids stay as they were (fault-injection substrings such as speed/sdpa_flash/bfloat16 in
+                # scripts and tests name the forward task alone); fwd_bwd ones put the direction before the dtype
+                kind = impl if direction == "fwd" else f"{impl}/fwd_bwd"
+                tasks.append(Task(f"speed/{kind}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}",
                                   "speed", per + JIT_ALLOWANCE_S.get(impl, 0.0), base,
                                   functools.partial(run_speed, ctx, impl, dtype, hd, seqlen, causal, base)))
     model_desc = args.model or "qwen2-small (random weights)"
