@@ -9,7 +9,8 @@
 #   e2e_fa4.sh run          everything below, then `collect`; prints a timing summary
 #   e2e_fa4.sh collect      $OUT/e2e_fa4.tar.gz: statuses, jobs with events, facts, verification, timings, DB
 #
-# Steps of `run`: project wheels from $STASH/whl into $SITE (the device's grpcio is too old); FA4 wheels
+# Steps of `run`: project wheels from $STASH/whl*/ (carried as .whl, .whl-a) into $SITE (the device's grpcio is
+# too old); FA4 wheels
 # reassembled from $STASH/part-* and checked against SHA256SUMS; controller --offline; each wheel
 # `fleetctl artifact add`-ed (an air-gapped site would `fleetctl bundle import`); agent enrolled; dry run (the
 # preflight must show nothing missing); rollout #1 --fa4 (install-wheel with the closure + verify);
@@ -71,7 +72,7 @@ PY
 case "$PHASE" in
   stash)
     mkdir -p "$STASH"
-    for d in "$@"; do cp -r "$d" "$STASH/"; done
+    for d in "$@"; do name=$(basename "$d"); cp -r "$d" "$STASH/${name#.}"; done  # .whl → whl
     du -sh "$STASH"/*
     ;;
 
@@ -80,7 +81,7 @@ case "$PHASE" in
     mark begin
     if [[ -n "$SITE" ]]; then
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "$STASH"/whl/*.whl || { echo "SETUP FAILED: project wheels"; exit 1; }
+        "$STASH"/whl*/*.whl || { echo "SETUP FAILED: project wheels"; exit 1; }
     fi
     if [[ -n "${E2E_FA4_WHEELS:-}" ]]; then cp "$E2E_FA4_WHEELS"/*.whl "$E2E/wheels/"
     else  # reassemble the parts fa4_wheelhouse.sh made
@@ -140,7 +141,7 @@ case "$PHASE" in
     mark facts_after_rollback
     fleetctl node "$H" --json | jq_py '{"status": d["status"], "flash_attn": (d.get("facts") or {}).get("flash_attn")}' \
       | tee "$E2E/node-after-rollback.json"
-    echo "== rollout #3 (--fa4 again)"; rollout 3 "${R[@]}"
+    echo "== rollout #3 (--fa4 again)"; rollout 3 "${R[@]/#$VERIFY_MODE/quick}"
     installed after-rollout3
     mark end
     bash "$0" collect
