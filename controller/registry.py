@@ -175,8 +175,11 @@ class Registry:
                                        old={k: v[0] for k, v in diff.items()},
                                        new={k: v[1] for k, v in diff.items()}))
                     node.facts = new_json
-                    node.facts_updated_at = now
                     log.info("node %s facts changed: %s", ident.hostname, ", ".join(changed))
+                # the facts are current as of now, changed or not: a report that confirms them after an install or
+                # rollback that changed nothing (a failed one) makes them fresh (rollout/service.py
+                # _refuse_stale_facts would otherwise refuse the node until its facts happen to change)
+                node.facts_updated_at = now
                 node.extra = extra
                 node.simulated = simulated
                 node.last_seen = now
