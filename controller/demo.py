@@ -6,7 +6,11 @@
    T4 (FA1 build), RTX 4090, GH200, a node with a broken apt key, a V100 (SDPA only), H200;
 2. prints `fleetctl nodes`, the dry run, then runs `fleetctl rollout flash-attn` with live progress
    (canaries, batches, build once / install many, verification), and `fleetctl nodes` again;
-3. prints where the dashboard is (and a login), then stops everything — or leaves it up with
+3. one node on the **real executor** (controller/demo_realnode.py): a real `fleet-agent --executor ansible`
+   with its own venv — the controller fetches the wheel's dependency closure from the package index, the
+   agent pip-installs it for real, the real benchmark fails (no GPU here, and it says so), and the rollback
+   removes it again (``--no-real-node`` leaves it out);
+4. prints where the dashboard is (and a login), then stops everything — or leaves it up with
    ``--keep-running`` (stop later with `fleet-controller fleet down --state-dir DIR`).
 
 Only the GPUs (and what the playbooks do on them) are simulated; the controller, agents, gRPC (mTLS),
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 from controller.cli import main as fleetctl
+from controller.demo_realnode import HOSTNAME, RealNode
 from controller.simfleet import SimFleet
 from fleet.errors import FleetError
 
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto")
     p.add_argument("--batch", default="2,50%", help="rollout batch sizes after the canaries")
     p.add_argument("--keep-running", action="store_true", help="leave the controller and the fleet up")
+    p.add_argument("--no-real-node", dest="real_node", action="store_false",
+                   help="leave out the node on the real executor (it needs the package index for einops)")
     args = p.parse_args(argv)
     state = args.state_dir.resolve()
     try:
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet = SimFleet(state, nodes=args.nodes, profiles=DEMO_PROFILES, network=args.network,
                      heartbeat_interval=2.0, executor="simulated")
     code = 1
+    real: RealNode | None = None
     try:
         _title(f"starting a controller and {args.nodes} simulated GPU nodes in {state}")
         st = fleet.up(timeout=180)
@@ -82,16 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         ctl = ["--state-dir", str(state)]
         _title("fleetctl nodes")
         fleetctl(["nodes", *ctl])
+        sims = ["--nodes", "sim-*"]
         _title("fleetctl rollout flash-attn --dry-run   (the plan, nothing changes)")
-        fleetctl(["rollout", "flash-attn", "--dry-run", "--batch", args.batch, *ctl])
+        fleetctl(["rollout", "flash-attn", "--dry-run", "--batch", args.batch, *sims, *ctl])
         _title(f"fleetctl rollout flash-attn --batch {args.batch}")
         code = fleetctl(["rollout", "flash-attn", "--batch", args.batch, "--actor", "demo", "--wait-timeout", "600",
-                         *ctl])
+                         *sims, *ctl])
         time.sleep(2.5)  # the agents' fresh facts (flash-attn installed) arrive within a heartbeat
         _title("fleetctl nodes   (flash-attn now installed and verified)")
         fleetctl(["nodes", *ctl])
         _title("fleetctl rollout status")
         fleetctl(["rollout", "status", *ctl])
+        if args.real_node:
+            real = RealNode(state, st.controller_address, st.enroll_address, fleetctl)
+            code = _real_node(real, ctl) or code
         password = _dashboard_user(state)
         _title("dashboard")
         print(f"  {st.http}/   (simulated nodes are marked as such)")
@@ -112,11 +124,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if real is not None and not args.keep_running:
+            real.stop()
         if not args.keep_running and fleet.state is not None:
             _title("stopping the controller and the simulated fleet")
             with contextlib.suppress(FleetError, OSError):
                 fleet.down()
             print(json.dumps({"stopped": True, "state_dir": str(state)}))
+
+
+def _real_node(real: RealNode, ctl: list[str]) -> int:
+    """Section 3 of the module docstring. 0 when the real path did what it must: installed, then rolled back."""
+    host = ["--nodes", HOSTNAME, "--canary", "0", "--batch", "1", "--max-failures", "1"]
+    _title(f"one node on the real executor: {HOSTNAME} (GPU facts from profile a10, simulated; pip is real)")
+    real.make_venv()
+    real.start_agent()
+    print(f"  its venv: {real.packages()}")
+    wheel = real.put_standin_wheel()
+    print(f"  {wheel}: a stand-in (no kernels) put in the artifact store, as an operator would a mirrored wheel")
+    _title(f"fleetctl rollout flash-attn --dry-run --nodes {HOSTNAME}   (artifacts: store, index, or missing)")
+    fleetctl(["rollout", "flash-attn", "--dry-run", *host, *ctl])
+    _title(f"fleetctl rollout flash-attn --nodes {HOSTNAME}   (real pip; the benchmark needs a GPU and says so)")
+    fleetctl(["rollout", "flash-attn", *host, "--verify-mode", "quick", "--actor", "demo", "--wait-timeout", "300",
+              *ctl])
+    installed = real.packages()
+    print(f"  its venv now: {installed}")
+    _title(f"fleetctl rollout rollback   ({HOSTNAME} had no flash-attn: the rollback removes it)")
+    rid = real.cli_json("rollout", "list")["rollouts"][0]["id"]
+    rolled = fleetctl(["rollout", "rollback", rid, "--wait-timeout", "120", *ctl])
+    after = real.packages()
+    print(f"  its venv now: {after}")
+    ok = "flash-attn 2.8.3" in installed and "einops" in installed and "flash-attn absent" in after and rolled == 0
+    if not ok:
+        print(f"  the real-executor node did not install and roll back as expected: see {real.dir / 'agent.log'}",
+              file=sys.stderr)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

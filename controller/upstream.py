@@ -34,7 +34,6 @@ import io
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,25 +159,33 @@ class _LinkParser(html.parser.HTMLParser):
             self._href = None
 
 
-def stub_wheel(dest: Path, name: str, version: str) -> Path:
-    """A dependency-free placeholder wheel: stands in for the node's own ``name`` (torch) during resolution."""
+def write_wheel(dest: Path, name: str, version: str, *, files: Mapping[str, str] | None = None,
+                requires: Sequence[str] = (), tag: str = "py3-none-any", file_version: str | None = None) -> Path:
+    """A minimal PEP 427 wheel (METADATA with ``Requires-Dist``, WHEEL, RECORD, ``files``); ``file_version`` puts
+    another version in the file name only, as flash-attn's release wheels do (``2.8.3+cu12torch…``)."""
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
-    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: fleetctl-stub\nRoot-Is-Purelib: true\n"
-                              "Tag: py3-none-any\n"}
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n"
+                                                                                for r in requires)
+    entries = {**(files or {}), f"{info}/METADATA": meta,
+               f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: fleetctl\nRoot-Is-Purelib: true\nTag: {tag}\n"}
     buf = io.BytesIO()
     record = []
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path, text in files.items():
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, text in entries.items():
             data = text.encode()
             zf.writestr(path, data)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             record.append(f"{path},sha256={digest},{len(data)}")
         zf.writestr(f"{info}/RECORD", "\n".join([*record, f"{info}/RECORD,,"]) + "\n")
-    out = dest / f"{dist}-{version}-py3-none-any.whl"
+    out = dest / f"{dist}-{file_version or version}-{tag}.whl"
     out.write_bytes(buf.getvalue())
     return out
+
+
+def stub_wheel(dest: Path, name: str, version: str) -> Path:
+    """A dependency-free placeholder wheel: stands in for the node's own ``name`` (torch) during resolution."""
+    return write_wheel(dest, name, version)
 
 
 class Upstream:
@@ -418,12 +425,3 @@ def wheel_requires(path: Path) -> list[str]:
             return []
         text = zf.read(meta).decode("utf-8", "replace")
     return [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Requires-Dist:")]
-
-
-@contextlib.contextmanager
-def scratch_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fleet-upstream-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -166,7 +166,8 @@ def _print_plan(out: dict[str, Any]) -> None:
                            ("reuse wheel" if n["build_key"] in out["reused_builds"] else ""))]
             for n in out["nodes"]]
     print(render(rows, ["host", "gpu", "variant", "version", "steps", "batch", "note"]))
-    print(f"\nflash-attn {out['version']} on {len(out['nodes'])} node(s), selector {out['selector']!r}")
+    print(f"\n{out.get('target') or 'flash-attn ' + out['version']} on {len(out['nodes'])} node(s), "
+          f"selector {out['selector']!r}")
     for i, b in enumerate(out["batches"]):
         label = "canary" if i == 0 and out["canaries"] else f"batch {i}"
         print(f"  {label:<8} {len(b):>4} node(s): {', '.join(b[:8])}{' …' if len(b) > 8 else ''}")
@@ -241,7 +242,7 @@ def handle_start(args: argparse.Namespace) -> int:
         _print_preflight(out)
         print("\ndry run: nothing changed")
         return 0
-    print(f"rollout {out['id']} started by {body['actor']}: flash-attn {out['version']} on "
+    print(f"rollout {out['id']} started by {body['actor']}: {out.get('target') or 'flash-attn ' + out['version']} on "
           f"{len(out['nodes'])} node(s) in {len(out['batches'])} batch(es)", flush=True)
     if args.detach:
         print(f"follow it: fleetctl rollout status {out['id']} --watch")

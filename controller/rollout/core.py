@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controller.resolver import rules
 from fleet.errors import ConflictError, UsageError
 
 # ---- nodes and plans ---------------------------------------------------------------------------
@@ -389,6 +390,15 @@ def pick_previous_wheel(wheels: Iterable[tuple[str, str]], dist: str, version: s
             continue
         found.append(((0 if local == want_local else 1, 0 if python_tag in py_tags else 1, filename), sha))
     return min(found)[1] if found else None
+
+
+def describe_target(version: str, policy: Mapping[str, object] | None) -> str:
+    """What a rollout installs, in words: the FA2 release, and FA4/FA3 where its policy asks for them."""
+    extras = [label for key, label in (("fa4", f"FA4 {rules.FA4_VERSION}"), ("fa3", f"FA3 {rules.FA3_VERSION}"))
+              if (policy or {}).get(key)]
+    if not extras:
+        return f"flash-attn {version}"
+    return f"{' / '.join(extras)} where supported, else flash-attn {version}"
 
 
 # ---- the engine's decision step ------------------------------------------------------------------

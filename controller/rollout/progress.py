@@ -53,7 +53,8 @@ def event_lines(status: Mapping[str, Any], transitions: list[Mapping[str, Any]])
 
 
 def footer_lines(status: Mapping[str, Any]) -> list[str]:
-    lines = [f"rollout {status['id']}  flash-attn {status['version']}  {status['status'].upper()}"
+    target = status.get("target") or f"flash-attn {status['version']}"
+    lines = [f"rollout {status['id']}  {target}  {status['status'].upper()}"
              + (f"  ({status['reason']})" if status.get("reason") else "")]
     budget = status.get("budget") or {}
     for b in status.get("batch_progress", []):

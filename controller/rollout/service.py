@@ -24,6 +24,7 @@ from controller.rollout.core import (
     NodePlan,
     State,
     choose_canaries,
+    describe_target,
     group_builds,
     parse_batches,
     parse_budget,
@@ -106,7 +107,8 @@ class RolloutPlan:
         every = sum(n.plan.build_minutes for n in self.nodes if n.plan.builds and n.skip_reason is None)
         once = sum(minutes[k] for k in self.builders)
         return {
-            "version": self.version, "selector": self.selector, "options": self.options,
+            "version": self.version, "target": describe_target(self.version, self.options.get("policy")),
+            "selector": self.selector, "options": self.options,
             "canaries": self.canaries, "batches": self.batches,
             "builds": [{"build_key": k, "builder": h,
                         "waiting": sorted(n.plan.hostname for n in self.nodes
@@ -284,7 +286,9 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
                   catalog: Any = None, provisioner: Provisioner | None = None) -> dict[str, Any]:
     """Plan and persist a rollout (the engine picks it up). Refuses nodes already in an active rollout."""
     plan = plan_rollout(store, req, state_dir=state_dir, catalog=catalog, provisioner=provisioner)
-    _refuse_stale_facts(store, [p.plan.hostname for p in plan.nodes if p.skip_reason is None])
+    # real nodes only: a simulated executor changes its facts in the same step (agent/simexec.py)
+    _refuse_stale_facts(store, [p.plan.hostname for p in plan.nodes
+                                if p.skip_reason is None and p.node.get("executor") == "ansible"])
     if req.dry_run:
         return {"dry_run": True, **plan.to_json()}
     hosts = [p.plan.hostname for p in plan.nodes]
@@ -414,7 +418,8 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
     budget = parse_budget(opts.get("max_failures"))
     total = sum(1 for n in nodes if n.state != State.SKIPPED)
     return {
-        "id": r.id, "version": r.version, "selector": r.selector, "status": r.status, "reason": r.reason,
+        "id": r.id, "version": r.version, "target": describe_target(r.version, opts.get("policy")),
+        "selector": r.selector, "status": r.status, "reason": r.reason,
         "created_by": r.created_by, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
         "finished_at": _iso(r.finished_at), "current_batch": r.current_batch, "batches": r.batches,
         "options": opts, "counts": counts,
