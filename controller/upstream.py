@@ -412,6 +412,15 @@ class _NotThere(Exception):
 def _pip_error(output: str) -> str:
     """The line of pip's output that says what went wrong."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip() and "WARNING" not in ln]
+    if any("DO NOT MATCH THE HASHES" in ln for ln in lines):
+        # pip's headline names no file: the lines after it do ("NAME from URL:", "Expected sha256 X", "Got Y")
+        files = [urllib.parse.unquote(ln.rstrip(":").rsplit("/", 1)[-1].partition("#")[0]) for ln in lines
+                 if " from " in ln and ln.endswith(":")]
+        want = [ln.split()[-1] for ln in lines if ln.startswith("Expected sha256")]
+        got = [ln.split()[-1] for ln in lines if ln.startswith("Got")]
+        if files and want and got:
+            return (f"sha256 mismatch for {files[0]}: the index advertises {want[0]}, the file has {got[0]}; "
+                    f"refused, nothing stored")[:500]
     errors = [ln for ln in lines if ln.startswith("ERROR")]
     text = (errors or lines or ["pip download failed"])[-1]
     return text[:500]

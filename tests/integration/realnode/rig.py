@@ -147,12 +147,12 @@ class TargetVenv:
         ninja.chmod(0o755)
         return venv
 
-    def versions(self) -> dict[str, str]:
-        """Distribution → version of what is installed (``DISTS`` only; absent ones left out)."""
+    def versions(self, *more: str) -> dict[str, str]:
+        """Distribution → version of what is installed (``DISTS`` and ``more`` only; absent ones left out)."""
         code = ("import json, sys\nfrom importlib import metadata as m\nout = {}\nfor d in sys.argv[1:]:\n"
                 "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        out = subprocess.run([str(self.python), "-c", code, *DISTS], capture_output=True, text=True, check=True,
+        out = subprocess.run([str(self.python), "-c", code, *DISTS, *more], capture_output=True, text=True, check=True,
                              env=env, timeout=60).stdout
         found: dict[str, str] = json.loads(out)
         return found
@@ -281,9 +281,8 @@ class Controller:
     # ---- reading its state ----
 
     def rollout(self, rid: str) -> dict[str, Any]:
-        res = self.fleetctl("rollout", "status", rid, "--json")
-        assert res.rc == 0, res.out + res.err
-        st: dict[str, Any] = res.json()
+        """What `fleetctl rollout status ID --json` prints (read from the API: a CLI process per poll is slow)."""
+        st: dict[str, Any] = self.api(f"/rollouts/{rid}")
         return st
 
     def jobs(self, node: str) -> list[dict[str, Any]]:
