@@ -678,6 +678,8 @@ class ArtifactChunk(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Set on the first chunk of an upload/download."""
     sha256: _builtins.str
@@ -685,6 +687,14 @@ class ArtifactChunk(_message.Message):
     kind: _builtins.str
     """"wheel" | "sdist" | "apt-key" | "other" """
     data: _builtins.bytes
+    offset: _builtins.int
+    """Resumable uploads (see QueryUpload; field numbers 10+ leave room for the first-chunk fields).
+    offset: where this chunk's data starts in the file (the first chunk of a resumed upload starts at the
+    offset QueryUpload returned). crc32: running CRC-32 (zlib) of the file from byte 0 to the end of this
+    chunk; set on every chunk of a resumable upload, so the controller detects a corrupt held prefix or a
+    corrupt chunk at once. Agents that set neither get a one-shot upload (offset 0, nothing kept on failure).
+    """
+    crc32: _builtins.int
     def __init__(
         self,
         *,
@@ -693,14 +703,72 @@ class ArtifactChunk(_message.Message):
         size: _builtins.int = ...,
         kind: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        crc32: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32", "data", b"data", "filename", b"filename", "kind", b"kind", "offset", b"offset", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__crc32: _TypeAlias = _typing.Literal["crc32"]  # noqa: Y015
+    _WhichOneofArgType__crc32: _TypeAlias = _typing.Literal["_crc32", b"_crc32"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32) -> _WhichOneofReturnType__crc32 | None: ...
+
+Global___ArtifactChunk: _TypeAlias = ArtifactChunk  # noqa: Y015
+
+@_typing.final
+class QueryUploadRequest(_message.Message):
+    """Before (re)sending a file: how much of it the controller already holds for this agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    size: _builtins.int
+    filename: _builtins.str
+    kind: _builtins.str
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        filename: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "filename", b"filename", "kind", b"kind", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "kind", b"kind", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ArtifactChunk: _TypeAlias = ArtifactChunk  # noqa: Y015
+Global___QueryUploadRequest: _TypeAlias = QueryUploadRequest  # noqa: Y015
+
+@_typing.final
+class QueryUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """bytes of the file the controller holds from an earlier, cut-off upload (0: none)"""
+    stored: _builtins.bool
+    """the artifact is already in the store: nothing to send"""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        stored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUploadResponse: _TypeAlias = QueryUploadResponse  # noqa: Y015
 
 @_typing.final
 class UploadArtifactResponse(_message.Message):

@@ -74,6 +74,11 @@ class AgentServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.ArtifactChunk.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.UploadArtifactResponse.FromString,
                 _registered_method=True)
+        self.QueryUpload = channel.unary_unary(
+                '/fleet.v1.AgentService/QueryUpload',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -128,6 +133,12 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +181,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.UploadArtifact,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.ArtifactChunk.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.UploadArtifactResponse.SerializeToString,
+            ),
+            'QueryUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUpload,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +404,33 @@ class AgentService:
             '/fleet.v1.AgentService/UploadArtifact',
             fleet_dot_v1_dot_fleet__pb2.ArtifactChunk.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.UploadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.AgentService/QueryUpload',
+            fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,7 @@ class AgentServiceStub:
     CompleteJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.JobResult, _fleet_pb2.JobResultAck]
     FetchArtifact: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FetchArtifactRequest, _fleet_pb2.ArtifactChunk]
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_fleet_pb2.ArtifactChunk, _fleet_pb2.UploadArtifactResponse]
+    QueryUpload: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.QueryUploadRequest, _fleet_pb2.QueryUploadResponse]
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -58,6 +59,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CompleteJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.JobResult, _fleet_pb2.JobResultAck]  # type: ignore[assignment]
     FetchArtifact: _aio.UnaryStreamMultiCallable[_fleet_pb2.FetchArtifactRequest, _fleet_pb2.ArtifactChunk]  # type: ignore[assignment]
     UploadArtifact: _aio.StreamUnaryMultiCallable[_fleet_pb2.ArtifactChunk, _fleet_pb2.UploadArtifactResponse]  # type: ignore[assignment]
+    QueryUpload: _aio.UnaryUnaryMultiCallable[_fleet_pb2.QueryUploadRequest, _fleet_pb2.QueryUploadResponse]  # type: ignore[assignment]
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -116,5 +118,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_fleet_pb2.ArtifactChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.UploadArtifactResponse, _abc.Awaitable[_fleet_pb2.UploadArtifactResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def QueryUpload(
+        self,
+        request: _fleet_pb2.QueryUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.QueryUploadResponse, _abc.Awaitable[_fleet_pb2.QueryUploadResponse]]: ...
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
