@@ -29,6 +29,7 @@ from controller.jobs import JobDispatcher, JobOutcome
 from controller.provisioning import Provisioner
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
 from controller.store import Store, open_store
+from controller.uploads import Uploads
 from controller.upstream import UpstreamConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class ControllerSettings:
     flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
     extra_names: list[str] = field(default_factory=list)  # more SANs for the server certificate
     artifact_max_bytes: int | None = None
+    # upload temp files (partial uploads agents may still continue) older than this are removed at start;
+    # agents give up retrying an upload long before (agent/client.py UPLOAD_RETRY_SECONDS)
+    upload_stale_seconds: float = 24 * 3600
     # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
     # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
     gc_tuning: bool = False
@@ -85,6 +89,8 @@ class ControllerContext:
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
         self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+        self.uploads = Uploads(self.artifacts, stale_after_s=settings.upload_stale_seconds)
+        self.uploads.clean_stale()
         self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
         from controller.server import GcMonitor, LoopLag
 

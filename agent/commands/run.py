@@ -49,6 +49,10 @@ def register(subparsers: Any) -> None:
                    help="interpreter Ansible modules run with on this node (default /usr/bin/python3 if present, "
                         "else the agent's own)")
     p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
+    p.add_argument("--upload-retry-minutes", type=float, default=30.0, metavar="M",
+                   help="how long a built wheel's upload to the controller is retried (resumed where it stopped) "
+                        "across controller restarts, lost connections, a full disk or database errors there, "
+                        "within the job's timeout (default 30)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
     p.set_defaults(handler=handle)
 
@@ -172,7 +176,8 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
 
     composite = CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
     # sdists and wheels come from the controller's artifact store; built wheels go back there
-    return ArtifactJobRunner(composite, args.state_dir / "artifacts")
+    return ArtifactJobRunner(composite, args.state_dir / "artifacts",
+                             upload_retry_s=args.upload_retry_minutes * 60)
 
 
 def target_python(args: argparse.Namespace) -> Callable[[], str | None]:
@@ -220,6 +225,7 @@ def handle(args: argparse.Namespace) -> int:
     cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=labelled(facts, args.executor),
                       runner=runner, ca_file=args.ca,
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
-                      enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name)
+                      enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name,
+                      upload_retry_s=args.upload_retry_minutes * 60)
     asyncio.run(_main(cfg))
     return 0
