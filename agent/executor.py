@@ -14,10 +14,16 @@
   ``tmp/remote`` (``ANSIBLE_REMOTE_TEMP``; in a chroot ``/tmp/fleet-ansible/<job_id>`` inside the root);
 - the playbook runs with connection ``local`` on a real node, or
   ``community.general.chroot`` into ``root`` for a simulated node;
-- job vars go in as extra vars (a JSON file, never a command line); names starting with
+- job vars go in as extra vars (a JSON file, ``env/extravars``, never a command line); names starting with
   ``ansible_`` or ``fleet_`` are refused so a job cannot switch the connection or escape a
   chroot, and so are ``rb_``/``iw_`` (the playbooks' own facts, which an extra var would override);
   the playbooks validate every value again with regexes;
+- job vars are data, never code: many of them started as text a node reported (``python``, apt error
+  lines, …), so every string in them, at any depth, is written in Ansible's unsafe form
+  (``{"__ansible_unsafe": "…"}``, see :func:`unsafe_vars`) and Ansible never templates it, wherever a
+  playbook uses it (set_fact, filters, loops and module arguments keep it unsafe); the run's own
+  ``ansible.cfg`` (``ANSIBLE_CONFIG``) pins ``allow_unsafe_lookups`` off, whatever the node's Ansible config
+  says. docs/security.md, "Node-reported data";
 - events are handed to ``emit_event`` from a bounded buffer (see :class:`EventPump`), so a
   slow consumer never stalls the playbook;
 - cancelling (``cancel(job_id)``, ``cancel_all()`` on agent stop, the asyncio task being
@@ -57,6 +63,22 @@ VAR_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # own fact would silently replace it (a job var ``previous`` once broke every real rollback).
 RESERVED_VAR_PREFIXES = ("ansible_", "fleet_", "rb_", "iw_")
 STAT_KEYS = ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored", "processed")
+#: Ansible's JSON spelling of an unsafe string. ``-e @file`` goes through ansible-core's JSON decoder, which turns
+#: ``{"__ansible_unsafe": "text"}`` into a string never trusted as a template (ansible-core 2.19; older versions
+#: made it an ``AnsibleUnsafeText``): ``{{ … }}`` in it stays text. A plain JSON string in that file would be
+#: trusted, and templated wherever a playbook used it. tests/integration/injection proves both.
+UNSAFE_KEY = "__ansible_unsafe"
+# Keys of dicts inside job vars (``build``): a key cannot be marked unsafe, so only plain names are allowed —
+# never ``__ansible_*`` (the decoder's own markers) nor anything with braces.
+VAR_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+MAX_VARS_BYTES = 4 * 1024 * 1024
+MAX_VARS_DEPTH = 16
+# The run's own Ansible config: whatever /etc/ansible/ansible.cfg or a stray ./ansible.cfg says, lookups' results
+# stay unsafe (allow_unsafe_lookups is settable only in a config file since ansible-core 2.19).
+ANSIBLE_CFG = """# written by fleet-agent for this job (agent/executor.py): job variables are data, never templates
+[defaults]
+allow_unsafe_lookups = False
+"""
 
 #: Events never dropped while the buffer holds something less important.
 ESSENTIAL_EVENTS = frozenset({
@@ -147,6 +169,48 @@ class EventPump:
                 self._wakeup.set()
 
 
+def unsafe_vars(value: Any, where: str = "vars", depth: int = 0) -> Any:
+    """``value`` with every string, at any depth, in Ansible's unsafe JSON form (see ``UNSAFE_KEY``).
+
+    Numbers, booleans and null stay as they are (they cannot hold a template). Raise ``ExecutionError`` for what
+    cannot be passed as data: a NUL character (Ansible and the modules it runs cut strings there), a dict key that
+    is not a plain name, nesting deeper than ``MAX_VARS_DEPTH``, or a value JSON has no form for.
+    """
+    if depth > MAX_VARS_DEPTH:
+        raise ExecutionError(f"refused job variable {where}: nested deeper than {MAX_VARS_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ExecutionError(f"refused job variable {where}: it contains a NUL character",
+                                 hint="the controller sends only validated text; check what the node reported")
+        return {UNSAFE_KEY: value}
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [unsafe_vars(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, v in value.items():
+            if not isinstance(key, str) or not VAR_KEY_RE.fullmatch(key):
+                raise ExecutionError(f"refused job variable {where}: key {str(key)[:80]!r} is not a plain name "
+                                     f"(letters, digits, . _ + -)")
+            out[key] = unsafe_vars(v, f"{where}.{key}", depth + 1)
+        return out
+    raise ExecutionError(f"refused job variable {where}: a {type(value).__name__} is not JSON data")
+
+
+def extravars_json(variables: Mapping[str, Any]) -> str:
+    """The extra-vars file's text: ``variables`` as JSON with every string marked unsafe."""
+    marked = {name: unsafe_vars(v, name) for name, v in variables.items()}
+    try:
+        text = json.dumps(marked, ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ExecutionError(f"job vars are not JSON: {exc}") from exc
+    if len(text) > MAX_VARS_BYTES:
+        raise ExecutionError(f"job vars are {len(text)} bytes as JSON, more than {MAX_VARS_BYTES}",
+                             hint="a job's variables are names, paths and short lists; check what the controller sent")
+    return text
+
+
 def _bounded(event: dict[str, Any]) -> dict[str, Any]:
     try:
         size = len(json.dumps(event, default=str))
@@ -164,6 +228,15 @@ def _bounded(event: dict[str, Any]) -> dict[str, Any]:
         trimmed["stdout"] = stdout[:4096] + "\n…[truncated]…\n" + stdout[-4096:]
     trimmed["truncated"] = True
     return trimmed
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by the agent's user only (job vars name the node's paths)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
 
 
 class _RunState:
@@ -184,6 +257,8 @@ class _RunDirs:
         self.local_tmp = job_dir / "tmp" / "local"
         self.remote_tmp = job_dir / "tmp" / "remote"  # as the playbook's connection sees it
         self.remote_tmp_on_disk: Path | None = None  # where that is from the agent (inside the root for chroot)
+        self.extravars = job_dir / "env" / "extravars"  # ansible-runner passes it as `-e @…`
+        self.ansible_cfg = job_dir / "ansible.cfg"
 
 
 class AnsibleJobRunner:
@@ -307,10 +382,7 @@ class AnsibleJobRunner:
                 raise ExecutionError(f"refused variable {name!r}: ansible_* and fleet_* are set by the agent, "
                                      f"rb_* and iw_* are the playbooks' own facts",
                                      hint="send only the variables the playbook documents (docs/playbooks.md)")
-        try:
-            json.dumps(job.vars)
-        except (TypeError, ValueError) as exc:
-            raise ExecutionError(f"job vars are not JSON: {exc}") from exc
+        extravars_json(job.vars)  # every value passable as data, or refused here before anything runs
         if not (job.timeout_s > 0):
             raise ExecutionError(f"job timeout must be positive, got {job.timeout_s}")
         if not (Path(sys.executable).parent / "ansible-playbook").exists() and shutil.which("ansible-playbook") is None:
@@ -342,7 +414,18 @@ class AnsibleJobRunner:
             shutil.rmtree(dirs.project)
         shutil.copytree(self.playbooks_dir, dirs.project, symlinks=False,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # written here, every run (a retried job reuses its directory): ansible-runner adds `-e @env/extravars`
+        # whenever that file exists, and is given no extravars of its own (it would put them on the command line)
+        _write_private(dirs.extravars, extravars_json(self._extravars(job, dirs)))
+        _write_private(dirs.ansible_cfg, ANSIBLE_CFG)
         return dirs
+
+    def _extravars(self, job: JobSpec, dirs: _RunDirs) -> dict[str, Any]:
+        extravars = dict(job.vars)
+        extravars["fleet_artifact_dir"] = str(dirs.outputs)
+        if self.node_state_dir is not None:
+            extravars["fleet_state_dir"] = str(self.node_state_dir)
+        return extravars
 
     @staticmethod
     def _cleanup(dirs: _RunDirs) -> None:
@@ -371,10 +454,6 @@ class AnsibleJobRunner:
                        event_handler: Callable[[dict[str, Any]], bool],
                        cancel_callback: Callable[[], bool]) -> dict[str, Any]:
         bindir = Path(sys.executable).parent
-        extravars = dict(job.vars)
-        extravars["fleet_artifact_dir"] = str(dirs.outputs)
-        if self.node_state_dir is not None:
-            extravars["fleet_state_dir"] = str(self.node_state_dir)
         envvars = {
             "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
             "ANSIBLE_NOCOLOR": "1",
@@ -387,6 +466,8 @@ class AnsibleJobRunner:
             # the job's own, existing temp dirs: never the agent's environment's (e2e.sh exports both)
             "ANSIBLE_LOCAL_TEMP": str(dirs.local_tmp),
             "ANSIBLE_REMOTE_TEMP": str(dirs.remote_tmp),
+            # the job's own config (ANSIBLE_CFG), never extra_env's nor the node's: allow_unsafe_lookups stays off
+            "ANSIBLE_CONFIG": str(dirs.ansible_cfg),
         }
         return {
             "private_data_dir": str(dirs.job_dir),
@@ -397,7 +478,7 @@ class AnsibleJobRunner:
             "playbook": playbook.name,
             "ident": ident,
             "inventory": self._inventory(),
-            "extravars": extravars,
+            # no "extravars": they are in env/extravars, every string marked unsafe (_prepare)
             "envvars": envvars,
             "quiet": True,
             "event_handler": event_handler,
