@@ -9,20 +9,30 @@ Public API::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from controller.resolver import rules
 from controller.resolver.core import resolve
-from controller.resolver.model import STEPS, VARIANTS, BuildParams, Decision, Policy, Rejected
+from controller.resolver.model import (
+    STEPS,
+    VARIANTS,
+    BuildParams,
+    Decision,
+    MeasuredImpl,
+    Measurements,
+    Policy,
+    Rejected,
+)
 from fleet.errors import FactsError
 from fleet.facts import NodeFacts
 
 if TYPE_CHECKING:  # controller.catalog imports controller.resolver.rules
     from controller.catalog import Catalog
 
-__all__ = ["STEPS", "VARIANTS", "BuildParams", "Decision", "Policy", "Rejected", "resolve", "resolve_fleet",
+__all__ = ["STEPS", "VARIANTS", "BuildParams", "Decision", "MeasuredImpl", "Measurements", "Policy", "Rejected",
+           "resolve", "resolve_fleet",
            "unreadable_node"]
 
 
@@ -37,9 +47,12 @@ def unreadable_node(error: FactsError, index: int) -> Decision:
                     rejected=tuple(Rejected(c, "the node's facts could not be read") for c in candidates))
 
 
-def resolve_fleet(entries: Sequence[NodeFacts | FactsError], catalog: Catalog, policy: Policy) -> list[Decision]:
-    """Decide for every node, in input order. Nodes with identical facts (hostname aside) share one
-    resolution: fleets are mostly copies of a few machine images."""
+def resolve_fleet(entries: Sequence[NodeFacts | FactsError], catalog: Catalog, policy: Policy,
+                  measured: Mapping[str, Measurements] | None = None) -> list[Decision]:
+    """Decide for every node, in input order. Nodes with identical facts (hostname aside) and the same
+    measurements share one resolution: fleets are mostly copies of a few machine images. ``measured``
+    (by hostname) feeds ``policy.prefer="fastest"``."""
+    measured = measured or {}
     seen: dict[tuple[object, ...], Decision] = {}
     out: list[Decision] = []
     for index, facts in enumerate(entries):
@@ -47,10 +60,10 @@ def resolve_fleet(entries: Sequence[NodeFacts | FactsError], catalog: Catalog, p
             out.append(unreadable_node(facts, index))
             continue
         key = (facts.os, facts.driver, facts.gpus, facts.toolkit, facts.python, facts.torch, facts.flash_attn,
-               facts.resources, facts.apt)
+               facts.resources, facts.apt, measured.get(facts.hostname))
         cached = seen.get(key)
         if cached is None:
-            cached = seen[key] = resolve(facts, catalog, policy)
+            cached = seen[key] = resolve(facts, catalog, policy, measured.get(facts.hostname))
             out.append(cached)
         else:
             out.append(replace(cached, hostname=facts.hostname))

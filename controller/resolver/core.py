@@ -9,13 +9,13 @@ installed. Every candidate that loses is listed in ``rejected`` with its reason.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from controller.resolver import rules
 from controller.resolver.build import build_params
-from controller.resolver.model import BuildParams, Decision, Policy, Rejected
+from controller.resolver.model import BuildParams, Decision, MeasuredImpl, Measurements, Policy, Rejected
 from fleet.facts import GpuFacts, NodeFacts, version_tuple
 
 if TYPE_CHECKING:  # controller.catalog imports controller.resolver.rules; keep this package import-light
@@ -61,17 +61,25 @@ def _arch_label(archs: tuple[int, ...]) -> str:
     return ", ".join(f"sm_{a}" for a in archs)
 
 
-def resolve(facts: NodeFacts, catalog: Catalog, policy: Policy) -> Decision:
+def resolve(facts: NodeFacts, catalog: Catalog, policy: Policy, measured: Measurements | None = None) -> Decision:
     """Decide how to get FlashAttention onto one node. Never raises on odd facts: a node that
-    cannot be served gets ``variant="blocked"`` with reasons that say what to fix."""
-    return _Resolution(facts, catalog, policy).decide()
+    cannot be served gets ``variant="blocked"`` with reasons that say what to fix. ``measured`` (the
+    attention recommendation's ranking, controller/attention.py) is read only by ``policy.prefer="fastest"``."""
+    return _Resolution(facts, catalog, policy, measured).decide()
+
+
+# an implementation (or transformers setting) → the family the resolver installs; "sdpa": nothing to install
+_FAMILY = {"fa1": "fa1", "fa2": "fa2", "fa3": "fa3", "fa4": "fa4", "flash_attention_2": "fa2", "sdpa": "sdpa",
+           "eager": "sdpa", "sdpa_cudnn": "sdpa", "sdpa_flash": "sdpa", "sdpa_efficient": "sdpa", "sdpa_math": "sdpa"}
 
 
 class _Resolution:
-    def __init__(self, facts: NodeFacts, catalog: Catalog, policy: Policy) -> None:
+    def __init__(self, facts: NodeFacts, catalog: Catalog, policy: Policy,
+                 measured: Measurements | None = None) -> None:
         self.facts = facts
         self.catalog = catalog
         self.policy = policy
+        self.measured = measured
         self.target = policy.version or catalog.newest_release
         self.reasons: list[str] = []
         self.rejected: list[Rejected] = []
@@ -223,6 +231,10 @@ class _Resolution:
     # --- Ampere and newer -------------------------------------------------------------------
 
     def _ampere_or_newer(self, ccs: tuple[tuple[int, int], ...]) -> Decision:
+        if self.policy.prefer == "fastest":
+            fastest = self._fastest()
+            if fastest is not None:
+                return fastest
         fa3 = self._try_fa3(ccs)
         if fa3 is not None:
             return fa3
@@ -346,6 +358,85 @@ class _Resolution:
         return _Toolkit(wanted, rules.fmt_mm(wanted), f"{current}: install CUDA toolkit {rules.fmt_mm(wanted)}"
                         f"{lower} to match torch's CUDA {f.torch.cuda} within the driver's maximum "
                         f"{f.driver.cuda_max}")
+
+    # --- --prefer fastest: the measured ranking decides, the compatible rules install ---------
+
+    def _fastest(self) -> Decision | None:
+        """The fastest measured implementation this node may install, planned by the ordinary rules; None
+        (with a reason) when nothing measured can be had, so the compatible default plans instead."""
+        m = self.measured
+        what = f"--prefer fastest ({self.policy.workload})"
+        if m is None or not m.ranked:
+            why = m.notes[0] if m is not None and m.notes else "no measurements were given"
+            self.reasons.append(f"{what}: no measured ranking of correct implementations for this node ({why}); "
+                                "planning the compatible default")
+            return None
+        tried: dict[str, str] = {}  # family → why it could not be had
+        for x in m.ranked:
+            family = _FAMILY.get(x.impl)
+            if family is None or family in tried:
+                continue
+            sub: Decision | None
+            if family == "sdpa":
+                sub = None
+            elif family == "fa3" and not self.policy.fa3:
+                tried[family] = "FA3 stays opt-in under --prefer fastest (a beta multi-hour source build): add --fa3"
+                continue
+            else:
+                base = Policy(version=self.policy.version, fa3=family == "fa3", fa4=family == "fa4",
+                              source_builds=self.policy.source_builds)
+                sub = _Resolution(self.facts, self.catalog, base).decide()
+                if not sub.variant.startswith(family):
+                    tried[family] = next((r.reason for r in sub.rejected if r.candidate.startswith(family)),
+                                         "; ".join(sub.reasons[-1:]) or f"the rules plan {sub.variant} instead")
+                    continue
+            return self._fastest_decision(x, sub, tried)
+        self.reasons.append(f"{what}: none of the measured implementations can be had here "
+                            f"({'; '.join(f'{k}: {v}' for k, v in tried.items())}); planning the compatible default")
+        return None
+
+    def _fastest_decision(self, chosen: MeasuredImpl, sub: Decision | None, tried: dict[str, str]) -> Decision:
+        m = self.measured
+        assert m is not None
+        family = _FAMILY[chosen.impl]
+        others = [x for x in m.ranked if _FAMILY.get(x.impl) != family]
+        runner = others[0] if others else None
+        margin = f", {(chosen.value / runner.value - 1) * 100:+.0f} % over {runner.impl} ({runner.value:.0f})" if (
+            runner is not None and runner.value) else ""
+        head = [f"--prefer fastest ({m.workload}): {chosen.impl} is the fastest measured implementation this node "
+                f"may install: {chosen.value:.0f} {m.unit} ({chosen.source}, median of {chosen.shapes} shapes)"
+                f"{margin}"]
+        if chosen.setting:
+            head.append(f"use it with: {chosen.setting}")
+        for fam, why in tried.items():
+            best = next(x for x in m.ranked if _FAMILY.get(x.impl) == fam)
+            head.append(f"{best.impl} measured faster ({best.value:.0f} {m.unit}) but cannot be had here: {why}")
+
+        def measured_reason(candidate: str, fallback: str) -> str:
+            fam = _FAMILY.get(candidate.split(" ", 1)[0].split("-", 1)[0], "sdpa" if candidate == "sdpa" else "")
+            best = next((x for x in m.ranked if _FAMILY.get(x.impl) == fam), None)
+            if fam in tried and best is not None:
+                return f"measured {best.value:.0f} {m.unit} ({best.source}) but cannot be had here: {tried[fam]}"
+            if best is None:
+                return (f"not measured for this GPU ({m.workload}): --prefer fastest plans only measured "
+                        f"implementations" if fam in ("fa2", "fa3", "fa4") else fallback)
+            slower = (1 - best.value / chosen.value) * 100 if chosen.value else 0.0
+            return (f"measured {best.value:.0f} {m.unit} ({best.impl}, {best.source}), {slower:.0f} % slower than "
+                    f"{chosen.impl}'s {chosen.value:.0f}")
+
+        if sub is None:  # SDPA wins: nothing to install
+            head.append("nothing to install: SDPA ships with torch"
+                        + (f" (the installed flash-attn {self.facts.flash_attn.version} stays)"
+                           if self.facts.flash_attn else ""))
+            fa2 = self.target or "(no target)"
+            for cand in (f"fa2-wheel {fa2}", f"fa2-source {fa2}", f"fa4 {rules.FA4_VERSION}",
+                         f"fa3-source {rules.FA3_VERSION}", f"fa1-source {rules.FA1_VERSION}"):
+                self._reject(cand, measured_reason(cand, "not measured"))
+            self.reasons[:0] = head
+            return self._finish("sdpa", None, ())
+        rejected = tuple(r if r.candidate.split(" ", 1)[0].startswith(family)
+                         else Rejected(r.candidate, measured_reason(r.candidate, r.reason)) for r in sub.rejected)
+        return replace(sub, reasons=(*self.reasons, *head, *sub.reasons), rejected=rejected)
 
     # --- FA3 and FA4 (only when the policy asks) --------------------------------------------
 

@@ -11,6 +11,8 @@ from typing import Any
 from controller.resolver import rules
 from fleet.errors import InputError, UsageError
 
+PREFER = ("compatible", "fastest")
+WORKLOADS = ("training", "prefill", "decode")
 VARIANTS = ("fa2-wheel", "fa2-source", "fa1-source", "fa3-source", "fa4", "sdpa", "blocked")
 STEPS = ("apt-keyring-fix", "cuda-toolkit", "install-wheel", "build-from-source", "verify")
 
@@ -23,6 +25,10 @@ class Policy:
     fa3: bool = False  # FA3 (hopper/) source builds on Hopper GPUs
     fa4: bool = False  # flash-attn-4 (CuTe DSL) where its arch/python/driver limits allow
     source_builds: bool = True  # allow compiling on the node when no wheel matches
+    # "compatible" (default): FA2, FA3/FA4 only when asked. "fastest": the implementation measured fastest for
+    # ``workload`` among those the node may install (controller/attention.py ranks them; docs/resolver.md)
+    prefer: str = "compatible"
+    workload: str = "training"  # training | prefill | decode: which measurements "fastest" reads
 
     @staticmethod
     def check_version(version: str) -> str:
@@ -38,10 +44,11 @@ class Policy:
 
     @staticmethod
     def from_json(obj: Any, source: str) -> Policy:
-        """Parse a policy file: ``{"version"?, "fa3"?, "fa4"?, "source_builds"?}``; unknown keys are errors."""
+        """Parse a policy file: ``{"version"?, "fa3"?, "fa4"?, "source_builds"?, "prefer"?, "workload"?}``;
+        unknown keys are errors."""
         if not isinstance(obj, Mapping):
             raise InputError(f"{source}: a policy must be a JSON object", hint='e.g. {"version": "2.8.3", "fa4": true}')
-        known = {"version", "fa3", "fa4", "source_builds"}
+        known = {"version", "fa3", "fa4", "source_builds", "prefer", "workload"}
         unknown = sorted(set(obj) - known)
         if unknown:
             raise InputError(f"{source}: unknown policy field(s) {', '.join(unknown)}",
@@ -53,9 +60,14 @@ class Policy:
         version = obj.get("version")
         if version is not None and not isinstance(version, str):
             raise InputError(f"{source}: field version must be a string, got {version!r}", hint='e.g. "2.8.3"')
+        for key, choices in (("prefer", PREFER), ("workload", WORKLOADS)):
+            if key in obj and obj[key] not in choices:
+                raise InputError(f"{source}: field {key} must be one of {', '.join(choices)}, got {obj[key]!r}",
+                                 hint=f'e.g. "{key}": "{choices[-1] if key == "prefer" else choices[0]}"')
         return Policy(version=Policy.check_version(version) if version is not None else None,
                       fa3=obj.get("fa3", False), fa4=obj.get("fa4", False),
-                      source_builds=obj.get("source_builds", True))
+                      source_builds=obj.get("source_builds", True), prefer=obj.get("prefer", "compatible"),
+                      workload=obj.get("workload", "training"))
 
     @staticmethod
     def load(path: Path) -> Policy:
@@ -66,6 +78,30 @@ class Policy:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"policy {path} is not JSON: {exc}", hint='e.g. {"version": "2.8.3"}') from None
         return Policy.from_json(obj, str(path))
+
+
+@dataclass(frozen=True)
+class MeasuredImpl:
+    """One attention implementation's measured speed for the policy's workload (controller/attention.py)."""
+
+    impl: str  # fa2 | fa1 | fa3 | fa4 | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math | an e2e setting
+    value: float  # median over the compared shapes, in Measurements.unit
+    source: str  # "this node, 2026-12-02" | "fleet (h1, h2)" | "prior tests/fixtures/…"
+    shapes: int = 0
+    setting: str = ""  # how to use it ('attn_implementation="sdpa"; with sdpa_kernel(...)')
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """The resolver's typed view of the attention recommendation: correct implementations, fastest first."""
+
+    workload: str
+    unit: str
+    ranked: tuple[MeasuredImpl, ...]
+    notes: tuple[str, ...] = ()
+
+    def get(self, impl: str) -> MeasuredImpl | None:
+        return next((m for m in self.ranked if m.impl == impl), None)
 
 
 @dataclass(frozen=True)
