@@ -59,4 +59,4 @@ def nvcc_probe_in_root(root: str | os.PathLike[str]) -> NvccProbe:
 
 def probes_in_root(root: str | os.PathLike[str]) -> Probes:
     """``Probes`` whose nvcc and target-Python probes look inside ``root``."""
-    return Probes(nvcc=nvcc_probe_in_root(root), target=TargetPythonProbe(chroot_runner(root)))
+    return Probes(nvcc=nvcc_probe_in_root(root), target=TargetPythonProbe(chroot_runner(root), root=str(Path(root))))

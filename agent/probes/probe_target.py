@@ -114,7 +114,42 @@ def probe_torch() -> tuple[dict[str, Any] | None, str | None]:
                       f"{type(exc).__name__}: {exc}")
 
 
+def isolated_site_packages() -> list[str]:
+    """Under ``-S`` (how the agent runs this probe): put the environment's site-packages on ``sys.path`` as
+    ``site`` would — a venv's own (found by its ``pyvenv.cfg``, as ``site.venv`` finds it), plus the system's
+    when the venv includes them, or the system's alone — minus everything ``site`` *executes*: no ``.pth``
+    file, no ``sitecustomize``/``usercustomize``. The agent may run this as root, and those files belong to
+    whoever can write the environment. Returns the directories added.
+    """
+    import os
+    import site  # under -S importing it runs nothing: site.main() is skipped when sys.flags.no_site
+
+    exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+    venv_prefix = os.path.dirname(exe_dir)
+    prefixes = list(site.PREFIXES)
+    for conf in (os.path.join(exe_dir, "pyvenv.cfg"), os.path.join(venv_prefix, "pyvenv.cfg")):
+        if not os.path.isfile(conf):
+            continue
+        system_site = False
+        with open(conf, encoding="utf-8") as fh:
+            for line in fh:
+                key, sep, value = line.partition("=")
+                if sep and key.strip().lower() == "include-system-site-packages":
+                    system_site = value.strip().lower() == "true"
+        sys.prefix = sys.exec_prefix = venv_prefix  # what site.venv() sets; getsitepackages() reads it
+        prefixes = [venv_prefix, *(prefixes if system_site else [])]
+        break
+    added: list[str] = []
+    for path in site.getsitepackages(prefixes):
+        if os.path.isdir(path) and path not in sys.path:
+            sys.path.append(path)
+            added.append(path)
+    return added
+
+
 def main() -> int:
+    if sys.flags.no_site:
+        isolated_site_packages()
     torch_info, torch_error = probe_torch()
     flash_attn, fa_error = probe_flash_attn()
     out = {

@@ -2,6 +2,20 @@
 
 The agent never imports torch: it runs ``probe_target.py`` (its source passed with ``-c``)
 under the target interpreter and parses the JSON line it prints.
+
+The agent usually runs as root; the target environment may belong to someone else, and anything
+that can write it can put code in it. So the probe runs (docs/security.md, "Node-reported data"):
+
+- isolated, ``-I -S``: no ``PYTHON*`` variables, no user site, no working directory on ``sys.path``,
+  and no ``site`` — the probe adds the environment's site-packages itself, without executing any
+  ``.pth`` file or ``sitecustomize`` (``probe_target.isolated_site_packages``). The price: a package
+  importable only through a ``.pth`` (an editable install) is not seen; its metadata still is;
+- as the owner of the environment when that is not root (the venv's ``pyvenv.cfg``, else the
+  interpreter file as named, not its symlink target), through ``setpriv``: importing torch runs the
+  environment's own code, which then runs with no more rights than whoever could write it;
+- and what it prints is data: ``python.executable`` is the path the agent was told (``--python``,
+  strictly validated), never what the interpreter says it is; versions and variants must match
+  their patterns or are left out with a probe error.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from agent.probes.system import CommandRunner, ProbeError, run_command
+from agent.probes.system import CommandNotFound, CommandRunner, ProbeError, run_command
 from fleet.facts import (
     ARCH_RE,
     DOTTED_RE,
@@ -31,6 +45,12 @@ TARGET_TIMEOUT_S = 120.0  # importing torch on a cold disk can take tens of seco
 ENV_TARGET_PYTHON = "FLEET_TARGET_PYTHON"
 # FA2/FA1 first: that is what the product installs and what "already at the target version" compares.
 _VARIANT_ORDER = {"fa2": 0, "fa1": 1, "fa3": 2, "fa4": 3}
+#: The target interpreter as the playbooks accept it (their ``python`` validation): an absolute path of plain
+#: characters. It becomes ``python.executable`` in the facts and the ``python`` of every job.
+PYTHON_PATH_RE = re.compile(r"/[A-Za-z0-9._/-]{1,4095}")
+VARIANT_RE = re.compile(r"fa[0-9]{1,2}")
+#: isolated (no PYTHON* env, user site or cwd) and without site (no .pth, no sitecustomize): see the module doc
+PROBE_FLAGS = ("-I", "-S")
 
 
 @dataclass(frozen=True)
@@ -74,9 +94,10 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
 
     py = data["python"]
     version = str(py.get("version", ""))
-    if not PY_VERSION_RE.match(version):
+    if not PY_VERSION_RE.fullmatch(version):  # fullmatch: `$` would let a trailing newline through
         raise ProbeError(f"target python {interpreter}: unrecognised Python version {version!r}")
-    python = PythonFacts(version=version, executable=str(py.get("executable") or interpreter))
+    # the path the agent was told, never the one printed: the environment's own code may print anything
+    python = PythonFacts(version=version, executable=interpreter)
     extra: dict[str, Any] = {"python_cp_tag": py.get("cp_tag"), "python_implementation": py.get("implementation")}
 
     torch = None
@@ -100,8 +121,12 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
         installed.sort(key=lambda d: _VARIANT_ORDER.get(str(d.get("variant")), 9))
         first = installed[0]
         fa_version = _normalise_version(str(first.get("version", "")))
-        if TORCH_VERSION_RE.match(fa_version):
-            flash_attn = FlashAttnFacts(version=fa_version, variant=str(first.get("variant")))
+        variant = str(first.get("variant"))
+        if not VARIANT_RE.fullmatch(variant):
+            dist = str(first.get("distribution"))[:80]
+            errors.append(f"flash-attn: unrecognised variant {variant[:80]!r} of {dist!r}; left out")
+        elif TORCH_VERSION_RE.fullmatch(fa_version):
+            flash_attn = FlashAttnFacts(version=fa_version, variant=variant)
         else:
             errors.append(f"flash-attn: unrecognised version {first.get('version')!r} of {first.get('distribution')}")
     return TargetResult(python=python, torch=torch, flash_attn=flash_attn, extra=extra, errors=tuple(errors))
@@ -109,7 +134,7 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
 
 def _torch_facts(data: Mapping[str, Any]) -> tuple[TorchFacts | None, list[str]]:
     version = str(data.get("version", ""))
-    if not TORCH_VERSION_RE.match(version):
+    if not TORCH_VERSION_RE.fullmatch(version):
         return None, [f"torch: unrecognised version {version!r}"]
     errors: list[str] = []
     cuda = data.get("cuda")
@@ -129,17 +154,63 @@ def _torch_facts(data: Mapping[str, Any]) -> tuple[TorchFacts | None, list[str]]
                       arch_list=tuple(arch_list)), errors
 
 
+def environment_owner(interpreter: str, root: str | None = None) -> tuple[int, int] | None:
+    """Who the probe runs as when the agent is root: ``(uid, gid)`` of the target environment's owner, or None
+    (run as the agent's own user: it is not root, or everything here is root's, so root's code is all that runs).
+
+    The owner is the first one that is not root of: the venv's ``pyvenv.cfg`` (next to the interpreter or one
+    level up, where ``site`` looks), then the interpreter as named (a venv's ``bin/python`` is a symlink its
+    creator owns; the file it points to is usually root's). ``root``: a simulated node's root directory, the
+    paths being inside it.
+    """
+    if os.geteuid() != 0:
+        return None
+    bindir = os.path.dirname(interpreter)
+    for path in (os.path.join(bindir, "pyvenv.cfg"), os.path.join(os.path.dirname(bindir), "pyvenv.cfg"),
+                 interpreter):
+        try:
+            st = os.lstat((root.rstrip("/") + path) if root else path)
+        except OSError:
+            continue
+        if st.st_uid != 0:
+            return st.st_uid, st.st_gid
+    return None
+
+
+def probe_argv(interpreter: str, script: str, owner: tuple[int, int] | None) -> list[str]:
+    """The probe's command line: isolated, and through ``setpriv`` as ``owner`` when there is one."""
+    argv = [interpreter, *PROBE_FLAGS, "-c", script]
+    if owner is None:
+        return argv
+    uid, gid = owner
+    # --clear-groups: none of root's groups; --no-new-privs: no setuid binary gets them back
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--", *argv]
+
+
 class TargetPythonProbe:
     def __init__(self, runner: CommandRunner = run_command, *, script: str | None = None,
-                 timeout: float = TARGET_TIMEOUT_S) -> None:
+                 timeout: float = TARGET_TIMEOUT_S, root: str | None = None) -> None:
         self._runner = runner
         self._script = script
         self._timeout = timeout
+        self._root = root  # the runner runs inside this root (chroot): ownership is read there
 
     def probe(self, interpreter: str) -> TargetResult:
         """Probe ``interpreter``. When it cannot run at all, raise ``ProbeError`` (the caller decides)."""
+        if not PYTHON_PATH_RE.fullmatch(interpreter):
+            raise ProbeError(f"target python {interpreter[:200]!r} is not an absolute path of letters, digits and "
+                             f". _ - / (what the playbooks accept); not run",
+                             hint="start the agent with --python /path/to/venv/bin/python")
         script = self._script if self._script is not None else probe_script_source()
-        result = self._runner([interpreter, "-c", script], timeout=self._timeout)
+        owner = environment_owner(interpreter, self._root)
+        try:
+            result = self._runner(probe_argv(interpreter, script, owner), timeout=self._timeout)
+        except CommandNotFound as exc:
+            if owner is None or not exc.message.startswith("setpriv"):
+                raise
+            raise ProbeError(f"target python {interpreter} belongs to uid {owner[0]}, and setpriv (util-linux), "
+                             f"which the agent runs it through so that it does not run as root, is missing",
+                             hint="install util-linux, or run the agent as the environment's owner") from exc
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()
             raise ProbeError(f"target python {interpreter}: the probe exited {result.returncode}"
