@@ -7,6 +7,7 @@ A simulated build writes a small stand-in wheel and uploads it through the agent
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ class Script:
     default_delay: float = 0.1
     fail: dict[tuple[str, str], str] = field(default_factory=dict)  # (host, kind) → error text
     ran: list[tuple[str, str, str]] = field(default_factory=list)  # (host, kind, job id) started
+    wheel_bytes: int = 0  # pad the stand-in wheel to this size (random bytes): uploads of a real wheel's size
 
 
 @dataclass
@@ -68,8 +70,9 @@ class SimRunner:
             assert self.agent is not None
             self.workdir.mkdir(parents=True, exist_ok=True)
             wheel = self.workdir / f"flash_attn-{job.vars.get('flash_attn_version')}-cp311-cp311-linux_x86_64.whl"
-            wheel.write_bytes(f"simulated wheel for {job.vars.get('build_key')}".encode())
-            sha = await self.agent.upload_artifact(wheel, "wheel")
+            head = f"simulated wheel for {job.vars.get('build_key')}".encode()
+            wheel.write_bytes(head + os.urandom(max(0, self.script.wheel_bytes - len(head))))
+            sha = await self.agent.upload_artifact(wheel, "wheel", job_id=job.job_id)
             result["built_wheel"] = {"sha256": sha, "filename": wheel.name, "path": str(wheel)}
         if job.kind in ("install-wheel", "build-from-source"):
             self._installed(job)
