@@ -55,6 +55,7 @@ from controller.rollout.core import (
     pick_previous_wheel,
 )
 from controller.rollout.expectation import EXPECTED_KEY, record_after_rollback
+from controller.rollout.jobvars import NODE_VAR_PATTERNS, checked_job_vars
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
@@ -166,18 +167,21 @@ _GPG_ERROR_RE = re.compile(r"GPG error: (\S+)\s+(?:\S+\s+)?(?:In)?Release:?.*?(?
 
 def apt_keyring_vars(errors: list[str]) -> dict[str, Any]:
     """apt-keyring-fix variables from the node's ``apt-get update`` errors: the failing source and, for
-    NVIDIA's CUDA repository, where its key lives (``<repo>/<keyid>.pub``, NVIDIA's convention)."""
+    NVIDIA's CUDA repository, where its key lives (``<repo>/<keyid>.pub``, NVIDIA's convention). The lines are the
+    node's text: a source is taken only when its URI is a plain URL (``NODE_VAR_PATTERNS["repo_uri"]``), NVIDIA's
+    only when that is its host; ``checked_job_vars`` checks the result again with everything else."""
     out: dict[str, Any] = {"apt_errors": errors}
     for line in errors:
         m = _GPG_ERROR_RE.search(line)
-        if m is None:
+        if m is None or not NODE_VAR_PATTERNS["repo_uri"].fullmatch(m.group(1)):
             continue
         uri, key = m.group(1).rstrip("/"), m.group(2).lower()
         out.update(repo_uri=uri, key_id=key.upper())
-        if "developer.download.nvidia.com" in uri:
+        host = uri.split("//", 1)[-1].split("/", 1)[0].lower()
+        if host == "developer.download.nvidia.com":
             out.update(keyring_name="cuda-archive-keyring", key_url=f"{uri}/{key[-8:]}.pub")
         else:
-            out["keyring_name"] = re.sub(r"[^a-z0-9-]+", "-", uri.split("//", 1)[-1].split("/", 1)[0].lower())
+            out["keyring_name"] = re.sub(r"[^a-z0-9-]+", "-", host).strip("-")[:64] or "apt-source"
         break
     return out
 
@@ -637,10 +641,10 @@ class RolloutEngine:
                 out.update(wheel_filename=plan.artifact, wheel_sha256=n.plan.get("artifact_sha256"),
                            wheel_url=n.plan.get("artifact_url"))
         elif state == State.ROLLING_BACK:
-            return self._rollback_vars(s, r, n)
+            return checked_job_vars(self._rollback_vars(s, r, n), n.hostname)
         elif state == State.VERIFY and (r.options or {}).get("verify_mode"):
             out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
-        return out
+        return checked_job_vars(out, n.hostname)  # node-derived values fullmatch their patterns, or go as null
 
     def _rollback_vars(self, s: Session, r: Rollout, n: RolloutNode) -> dict[str, Any]:
         """rollback.yml's variables (docs/playbooks.md) and nothing else: the playbook restores what its own
