@@ -51,7 +51,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 class ArtifactClient(Protocol):
     async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path: ...
 
-    async def upload_artifact(self, path: Path, kind: str = "other") -> str: ...
+    async def upload_artifact(self, path: Path, kind: str = "other", *, job_id: str = "") -> str: ...
 
 
 def _sha256(path: Path) -> str:
@@ -131,7 +131,7 @@ class ArtifactJobRunner:
             if wheelhouse is not None:
                 shutil.rmtree(wheelhouse, ignore_errors=True)
         if outcome.ok and job.kind == "build-from-source":
-            problem = await self._upload_built(outcome, emit)
+            problem = await self._upload_built(job.job_id, outcome, emit)
             if problem:
                 return JobOutcome(status="failed", rc=75, result=outcome.result, error=problem)
         return outcome
@@ -160,7 +160,8 @@ class ArtifactJobRunner:
                 shutil.copyfile(path, target)
         return house
 
-    async def _upload_built(self, outcome: JobOutcome, emit: Callable[[dict[str, Any]], object]) -> str | None:
+    async def _upload_built(self, job_id: str, outcome: JobOutcome,
+                            emit: Callable[[dict[str, Any]], object]) -> str | None:
         wheel = outcome.result.get("built_wheel")
         if not isinstance(wheel, dict):
             return None  # the controller reports the missing built_wheel itself
@@ -174,7 +175,7 @@ class ArtifactJobRunner:
         started = time.monotonic()
         try:
             size = path.stat().st_size
-            sha = await self.client.upload_artifact(path, "wheel")
+            sha = await self.client.upload_artifact(path, "wheel", job_id=job_id)
         except (FleetError, OSError) as exc:
             msg = exc.message if isinstance(exc, FleetError) else str(exc)
             return f"build-from-source: built {path.name} but uploading it to the artifact store failed: {msg}"

@@ -42,7 +42,7 @@ import grpc.aio
 
 from agent import wire
 from agent.jobs import JobOutcome, JobRunner, JobSpec
-from fleet.errors import AuthError, ConflictError, FleetError, InputError
+from fleet.errors import AuthError, ConflictError, FleetError, ForbiddenError, InputError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -497,8 +497,10 @@ class Agent:
         tmp.replace(final)
         return final
 
-    async def upload_artifact(self, path: Path, kind: str = "other") -> str:
-        """Upload a file to the controller's artifact store; returns its sha256."""
+    async def upload_artifact(self, path: Path, kind: str = "other", *, job_id: str = "") -> str:
+        """Upload a file to the controller's artifact store; returns its sha256. ``job_id``: the
+        build-from-source job whose output this is — the controller accepts no other upload from an agent
+        (controller/build_uploads.py; a refusal is ``ForbiddenError``)."""
         import hashlib
 
         h = hashlib.sha256()
@@ -516,7 +518,7 @@ class Agent:
                         return
                     if first:
                         yield pb.ArtifactChunk(filename=path.name, sha256=h.hexdigest(), size=size, kind=kind,
-                                               data=data)
+                                               data=data, job_id=job_id)
                         first = False
                     else:
                         yield pb.ArtifactChunk(data=data)
@@ -527,5 +529,8 @@ class Agent:
         try:
             resp = await stub.UploadArtifact(chunks(), timeout=600)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # not this agent's to upload: not an auth loss
+                raise ForbiddenError(f"uploading {path.name}: {exc.details()}",
+                                     hint="agents upload only their assigned build job's wheel") from exc
             raise rpc_error(exc, f"uploading {path.name}") from exc
         return str(resp.sha256)

@@ -23,14 +23,17 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.jobs import JobOutcome, JobSpec
 from fleet.facts import FlashAttnFacts, NodeFacts
 from fleet.verification import EXPECTS
 
 DEFAULT_SECONDS: Mapping[str, float] = {"build-from-source": 4.0, "*": 0.6}
-Uploader = Callable[[Path, str], Awaitable[str]]
+class Uploader(Protocol):
+    """``Agent.upload_artifact``: the controller accepts a build's wheel only with its job id."""
+
+    def __call__(self, path: Path, kind: str = "other", *, job_id: str = "") -> Awaitable[str]: ...
 
 
 def _json_env(name: str) -> dict[str, Any]:
@@ -75,11 +78,12 @@ class SimulatedJobRunner:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             key = str(job.vars.get("build_key") or "")
             tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-            wheel = self.work_dir / f"flash_attn-{version}+sim{tag}-cp3-none-linux_x86_64.whl"
+            dist = str(job.vars.get("dist_name") or "flash-attn").replace("-", "_")  # the controller checks it
+            wheel = self.work_dir / f"{dist}-{version}+sim{tag}-cp3-none-linux_x86_64.whl"
             wheel.write_bytes(f"simulated flash-attn wheel, build key {key}\n".encode())
             sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
             if self.uploader is not None:
-                sha = await self.uploader(wheel, "wheel")
+                sha = await self.uploader(wheel, "wheel", job_id=job.job_id)
             result["built_wheel"] = {"path": str(wheel), "sha256": sha, "filename": wheel.name}
         if job.kind in ("install-wheel", "build-from-source") and version:
             variant = str(job.vars.get("variant") or "fa2").split("-")[0]

@@ -1,9 +1,14 @@
-"""HTTP upload into the controller's artifact store: ``POST /api/v1/artifacts?filename=F&kind=K[&sha256=H]``.
+"""HTTP upload into the controller's artifact store: ``POST /api/v1/artifacts?filename=F&kind=K[&sha256=H]``
+``[&bundle_lock=L&bundle=NAME]``.
 
 The request body is the file itself (``application/octet-stream``), streamed into ``ArtifactStore.writer``
 (sha256 and size checked, atomic rename, safe names, size limit: controller/artifacts.py). This is how an
 operator puts an sdist, a wheel or an apt key in the store (``fleetctl artifact add FILE``); agents use
 the gRPC ``UploadArtifact``/``FetchArtifact`` instead. ``GET /api/v1/artifacts`` lists them (controller/api.py).
+
+Provenance: the file is recorded as added by the authenticated admin (``user`` and the actor), or, with
+``bundle_lock`` (the sha256 of the bundle's lock.json, which lists this file), as imported from that bundle
+(``fleetctl bundle import``). Either way an operator vouched for it, so it may enter the catalog and plans.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from controller.api import API_PREFIX, Admin, Ctx
+from controller.artifacts import Provenance, check_sha256
 from controller.audit import audit
 from fleet.errors import InputError
 
@@ -22,10 +28,14 @@ def router() -> APIRouter:
 
     @r.post("/artifacts")
     async def upload(request: Request, ctx: Ctx, actor: Admin, filename: str, kind: str = "other",
-                     sha256: str | None = None) -> dict[str, Any]:
+                     sha256: str | None = None, bundle_lock: str | None = None,
+                     bundle: str = "") -> dict[str, Any]:
         length = request.headers.get("content-length")
         size = int(length) if length and length.isdigit() else None
-        writer = ctx.artifacts.writer(filename, kind, expected_sha256=sha256, expected_size=size)
+        provenance = (Provenance.bundle(check_sha256(bundle_lock), actor, bundle[:255]) if bundle_lock
+                      else Provenance.user(actor))
+        writer = ctx.artifacts.writer(filename, kind, provenance=provenance, expected_sha256=sha256,
+                                      expected_size=size)
         try:
             async for chunk in request.stream():
                 if chunk:
@@ -36,7 +46,8 @@ def router() -> APIRouter:
         except BaseException:
             writer.abort()
             raise
-        audit(ctx.store, actor, "artifact.add", info.sha256, filename=info.filename, kind=info.kind, size=info.size)
+        audit(ctx.store, actor, "artifact.add", info.sha256, filename=info.filename, kind=info.kind, size=info.size,
+              source=str(provenance.source), ref=provenance.ref)
         return info.to_json()
 
     return r

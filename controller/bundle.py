@@ -40,7 +40,7 @@ from typing import Any
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 
-from controller.artifacts import KINDS, ArtifactInfo, ArtifactStore, check_sha256, safe_filename
+from controller.artifacts import KINDS, ArtifactInfo, ArtifactStore, Provenance, check_sha256, safe_filename
 from controller.provisioning import NEVER_INSTALLED, NodeNeeds, Provisioner, bundled_pip_wheel
 from controller.upstream import TargetEnv, UpstreamConfig, normalize
 from fleet.errors import ConflictError, FactsError, FleetError, InputError, NotFoundError
@@ -102,6 +102,10 @@ class Lock:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    def digest(self) -> str:
+        """sha256 of the lock's canonical JSON: names the bundle in imported files' provenance (``bundle``)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
     @staticmethod
     def from_json(obj: Any, source: str) -> Lock:
@@ -319,7 +323,8 @@ class Collector:
         wheel = bundled_pip_wheel()
         if wheel is None:
             return []
-        return [(self.provisioner.artifacts.put_file(wheel, kind="wheel"), "ensurepip (bundled with Python)")]
+        return [(self.provisioner.artifacts.put_file(wheel, kind="wheel", provenance=Provenance.upstream(
+            wheel.as_uri())), "ensurepip (bundled with Python)")]
 
     def _agent_files(self, env: TargetEnv) -> list[tuple[ArtifactInfo, str]]:
         out: list[tuple[ArtifactInfo, str]] = []
@@ -333,7 +338,9 @@ class Collector:
             if self._fleetctl is None:
                 dest = self.scratch / "fleetctl-wheel"
                 dest.mkdir(exist_ok=True)
-                self._fleetctl = self.provisioner.artifacts.put_file(build_fleetctl_wheel(root, dest), kind="wheel")
+                built = build_fleetctl_wheel(root, dest)
+                self._fleetctl = self.provisioner.artifacts.put_file(built, kind="wheel",
+                                                                     provenance=Provenance.upstream(root.as_uri()))
             out.append((self._fleetctl, f"built from {root}"))
         # the agent never imports torch: resolve without the torch stub the flash-attn closures use
         agent_env = TargetEnv(python=env.python, arch=env.arch, glibc=env.glibc, torch=None)

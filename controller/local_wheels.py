@@ -13,6 +13,12 @@ file arrives under its pip name.
 
 Wheels put in the store by hand (``fleetctl artifact add``) join the catalog when their file name already
 follows the upstream pattern.
+
+Only trusted provenance enters the catalog (controller/artifacts.py, docs/security.md): a build's wheel only
+through its succeeded ``Build`` whose artifact was uploaded by a job of that build key (or is vouched for),
+and a wheel by its upstream-style name only when vouched for (added by an operator, fetched by the
+controller, imported from a bundle). A file an agent uploaded under an upstream wheel's name, or one stored
+before provenance was recorded (``legacy``), never becomes an entry.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.artifacts import provenance_of, trusted_for
 from controller.catalog import Catalog, default_catalog, parse_wheel_filename
 from controller.resolver import rules
 from fleet.errors import CatalogError
@@ -53,6 +60,7 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
     from controller.store.models import Artifact
 
     stored = {a.sha256: a for a in s.scalars(select(Artifact).where(Artifact.kind == "wheel"))}
+    provenance = provenance_of(s, list(stored))
     out: list[dict[str, Any]] = []
     builds = s.scalars(select(Build).where(Build.status == "succeeded").order_by(Build.finished_at.desc()))
     for b in builds:
@@ -60,6 +68,8 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
         name = params.get("wheel_name")
         if not b.artifact_sha256 or b.artifact_sha256 not in stored or not isinstance(name, str):
             continue
+        if not trusted_for(provenance.get(b.artifact_sha256, ()), b.build_key, legacy_build=True):
+            continue  # not uploaded by this build's own job (nor vouched for): not this build's output
         entry: dict[str, Any] = {"filename": name, "sha256": b.artifact_sha256, "url": None,
                                  "file": stored[b.artifact_sha256].filename, "build_key": b.build_key}
         archs = params.get("cuda_archs")
@@ -73,6 +83,8 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
             entry["os_family"] = family  # libraries of the builder's OS: only nodes of that family
         out.append(entry)
     for sha, a in stored.items():
+        if not trusted_for(provenance.get(sha, ())):
+            continue  # an agent's upload or unknown provenance: never chosen by its name
         try:
             parse_wheel_filename(a.filename)
         except CatalogError:

@@ -31,7 +31,7 @@ from typing import Any
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 
-from controller.artifacts import ArtifactInfo, ArtifactStore
+from controller.artifacts import VOUCHED, ArtifactInfo, ArtifactStore, Provenance
 from controller.resolver import rules
 from controller.upstream import TargetEnv, Upstream, UpstreamConfig, normalize, wheel_requires
 from fleet.errors import FleetError, UpstreamError
@@ -82,8 +82,8 @@ class InstallSet:
                 "deps": [{"sha256": d.sha256, "filename": d.filename} for d in self.deps]}
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"filename": a.filename, "sha256": a.sha256, "size": a.size}
-                for a in (self.wheel, *self.deps)]
+        """Each file with where it came from (``rollout status --json``: ``result.artifacts``)."""
+        return [describe_artifact(a) for a in (self.wheel, *self.deps)]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,12 @@ class NodeNeeds:
     @property
     def sdist_project(self) -> str:
         return "flash_attn_3" if self.variant == "fa3-source" else "flash-attn"
+
+
+def describe_artifact(info: ArtifactInfo) -> dict[str, Any]:
+    """A file a step uses, as the rollout records it on the node: name, digest, size and provenance."""
+    return {"filename": info.filename, "sha256": info.sha256, "size": info.size,
+            "source": str(info.provenance.source), "provenance": info.provenance.to_json()}
 
 
 def plan_env(facts: Any) -> dict[str, Any]:
@@ -229,12 +235,14 @@ class Provisioner:
 
     def _pip(self) -> tuple[ArtifactInfo, ...]:
         """A pip wheel in every wheelhouse: the playbook runs it when the target env has no pip of its own."""
-        found = next((a for a in self.artifacts.list_all() if a.filename.startswith("pip-")
+        found = next((a for a in self.artifacts.list_all(sources=VOUCHED) if a.filename.startswith("pip-")
                       and a.filename.endswith("-py3-none-any.whl")), None)
         if found is not None:
             return (found,)
         wheel = bundled_pip_wheel()
-        return (self.artifacts.put_file(wheel, kind="wheel"),) if wheel is not None else ()
+        if wheel is None:
+            return ()
+        return (self.artifacts.put_file(wheel, kind="wheel", provenance=Provenance.upstream(wheel.as_uri())),)
 
     # ---- the dry run ------------------------------------------------------------------------------
 

@@ -26,11 +26,21 @@ import grpc
 import grpc.aio
 
 from controller import wire
-from controller.artifacts import ArtifactWriter
+from controller.artifacts import ArtifactWriter, Provenance
+from controller.build_uploads import RefusalAudit, authorize
 from controller.context import ControllerContext
 from controller.enrollment import AgentIdentity
 from controller.registry import HostnameMismatch
-from fleet.errors import AuthError, ConflictError, FactsError, FleetError, InputError, NotFoundError, StoreError
+from fleet.errors import (
+    AuthError,
+    ConflictError,
+    FactsError,
+    FleetError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+    StoreError,
+)
 from fleet.facts import MAX_FACTS_BYTES
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -47,6 +57,7 @@ T = TypeVar("T")
 
 _STATUS: list[tuple[type[FleetError], grpc.StatusCode]] = [
     (HostnameMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (ForbiddenError, grpc.StatusCode.PERMISSION_DENIED),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (FactsError, grpc.StatusCode.INVALID_ARGUMENT),
     (InputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -78,6 +89,7 @@ def server_options() -> list[tuple[str, Any]]:
 class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
+        self._upload_refusals = RefusalAudit(self._audit_upload_refusal)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -218,8 +230,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         writer: ArtifactWriter | None = None
         try:
             async for chunk in request_iterator:
-                if writer is None:
-                    writer = self.ctx.artifacts.writer(chunk.filename, chunk.kind or "other",
+                if writer is None:  # the first chunk: is this agent's build job asking for this file?
+                    provenance = await self._authorize_upload(ident, chunk, context)
+                    writer = self.ctx.artifacts.writer(chunk.filename, chunk.kind or "other", provenance=provenance,
                                                        expected_sha256=chunk.sha256 or None,
                                                        expected_size=chunk.size or None)
                 writer.write(chunk.data)
@@ -236,6 +249,28 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise
         log.info("artifact %s (%s, %d bytes) uploaded by %s", info.sha256, info.filename, info.size, ident.hostname)
         return pb.UploadArtifactResponse(sha256=info.sha256, size=info.size)
+
+    async def _authorize_upload(self, ident: AgentIdentity, first: pb.ArtifactChunk,
+                                context: grpc.aio.ServicerContext[Any, Any]) -> Provenance:
+        """The provenance of this upload: the output of the agent's own running build job
+        (controller/build_uploads.py). Anything else is PERMISSION_DENIED, before a byte is stored, audited
+        once per agent per minute with a count (a flood of refused uploads cannot fill the audit log)."""
+        try:
+            return await asyncio.to_thread(authorize, self.ctx.jobs, self.ctx.artifacts, hostname=ident.hostname,
+                                           job_id=first.job_id, filename=first.filename, kind=first.kind or "other",
+                                           sha256=first.sha256)
+        except ForbiddenError as exc:
+            await asyncio.to_thread(self._upload_refusals.refused, f"agent:{ident.agent_id}", ident.hostname,
+                                    exc.message)
+            await self._fail(context, "UploadArtifact", exc, ident.hostname)
+
+    def _audit_upload_refusal(self, actor: str, target: str, detail: dict[str, Any]) -> None:
+        from controller.audit import audit
+
+        try:
+            audit(self.ctx.store, actor, "artifact.upload.refused", target, level=logging.WARNING, **detail)
+        except StoreError:
+            log.exception("could not write the audit log")
 
 
 def _split(listen: str) -> tuple[str, int]:

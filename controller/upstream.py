@@ -18,8 +18,13 @@ addresses. Three sources, all configurable (``fleet-controller serve --upstream-
 
 Integrity: a digest the catalog or the index gives is checked before a file enters the store; a file name
 fetched again with other content is refused (upstream changed a released file); everything in the store is
-addressed by sha256 from then on. ``--offline`` (or no index) makes every missing file an error that names
-the command that fixes it, never a silent network attempt.
+addressed by sha256 from then on. Provenance: what the controller fetches is recorded as ``upstream`` with
+its URL (``Provenance.upstream``), and only *vouched-for* files (``artifacts.VOUCHED``: fetched by the
+controller, added by an operator or imported from a bundle) are ever taken from the store by name or offered
+to pip — never a file an agent uploaded (docs/security.md "Artifacts and provenance").
+
+``--offline`` (or no index) makes every missing file an error that names the command that fixes it, never a
+silent network attempt.
 
 Errors are ``UpstreamError``: what was asked, from where, what came back, and what to do.
 """
@@ -46,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.artifacts import ArtifactInfo, ArtifactStore
+from controller.artifacts import VOUCHED, ArtifactInfo, ArtifactStore, Provenance
 from controller.resolver import rules
 from fleet.errors import FleetError, UpstreamError
 from fleet.facts import NodeFacts
@@ -206,13 +211,17 @@ class Upstream:
     # ---- the store first ---------------------------------------------------------------------
 
     def stored(self, filename: str, sha256: str | None = None) -> ArtifactInfo | None:
-        """The stored artifact with this digest, else with this file name (newest first)."""
+        """The vouched-for stored artifact with this digest, else with this file name (newest first). A file
+        an agent uploaded (or of unknown provenance) is never returned, whatever its name: fetching the
+        same bytes from upstream adds the ``upstream`` provenance it lacks."""
         if sha256:
             try:
-                return self.artifacts.get(sha256)
+                found = self.artifacts.get(sha256)
+                if found.vouched:
+                    return found
             except FleetError:
                 pass
-        for info in sorted(self.artifacts.find(filename), key=lambda a: a.created, reverse=True):
+        for info in sorted(self.artifacts.find(filename, sources=VOUCHED), key=lambda a: a.created, reverse=True):
             if self.artifacts.path_for(info.sha256).is_file():
                 return info
         return None
@@ -262,7 +271,8 @@ class Upstream:
         with resp:
             length = resp.headers.get("Content-Length")
             try:
-                with self.artifacts.writer(filename, kind, expected_sha256=expected_sha256,
+                with self.artifacts.writer(filename, kind, provenance=Provenance.upstream(url),
+                                           expected_sha256=expected_sha256,
                                            expected_size=int(length) if length and length.isdigit() else None) as w:
                     while chunk := resp.read(_CHUNK):
                         w.write(chunk)
@@ -278,8 +288,10 @@ class Upstream:
         return info
 
     def _refuse_changed(self, info: ArtifactInfo) -> None:
-        """A released file name never changes content: a second digest for it means upstream was altered."""
-        others = [a for a in self.artifacts.find(info.filename) if a.sha256 != info.sha256 and a.kind == info.kind]
+        """A released file name never changes content: a second digest for it means upstream was altered. Only
+        vouched-for files count: a node's upload under that name must not block the real file."""
+        others = [a for a in self.artifacts.find(info.filename, sources=VOUCHED)
+                  if a.sha256 != info.sha256 and a.kind == info.kind]
         if others:
             raise UpstreamError(f"upstream's {info.filename} now has sha256 {info.sha256}, but the store already "
                                 f"holds {others[0].sha256} under that name (fetched {others[0].created:%Y-%m-%d})",
@@ -357,7 +369,7 @@ class Upstream:
                 dest = work / f"dl-{len(failures)}"
                 proc = self._pip_download(requirements, env, links, dest, source)
                 if proc.returncode == 0:
-                    return self._store_downloads(dest, where)
+                    return self._store_downloads(dest, where, links)
                 failures.append(f"from {where}: {_pip_error(proc.stdout + proc.stderr)}")
             hint = ("check the requirement and the index" if len(attempts) > 1 else
                     "the controller is offline: on a connected host `fleetctl bundle export`, then `fleetctl bundle "
@@ -366,9 +378,11 @@ class Upstream:
                                 hint=hint)
 
     def _link_store_wheels(self, links: Path, local: Sequence[ArtifactInfo]) -> None:
-        """Offer pip every stored wheel (and ``local``) under its own file name, without copying."""
+        """Offer pip every vouched-for stored wheel (and ``local``) under its own file name, without copying.
+        Build outputs and files of unknown provenance are left out: pip would take one for any requirement
+        its name matches, on any node."""
         seen = {p.name for p in links.iterdir()}
-        infos = [*local, *(a for a in self.artifacts.list_all() if a.kind == "wheel")]
+        infos = [*local, *(a for a in self.artifacts.list_all(sources=VOUCHED) if a.kind == "wheel")]
         for info in infos:
             if info.filename in seen or not info.filename.endswith(".whl"):
                 continue
@@ -395,14 +409,29 @@ class Upstream:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(argv, 1, "", "pip download timed out")
 
-    def _store_downloads(self, dest: Path, where: str) -> list[ArtifactInfo]:
+    def _store_downloads(self, dest: Path, where: str, links: Path) -> list[ArtifactInfo]:
+        """Store what pip downloaded. A file pip took from ``links`` is already in the store with its own
+        provenance (never relabelled); one it got from the index is recorded as fetched from the index."""
         out = []
         for path in sorted(dest.iterdir()) if dest.is_dir() else []:
             if normalize(path.name.split("-", 1)[0]) == "torch":
                 continue  # the stub: the node keeps its own torch
-            out.append(self.artifacts.put_file(path, kind="wheel"))
+            linked = links / path.name
+            if linked.is_symlink() and linked.resolve().name == _file_sha256(path):  # store paths end in the sha
+                out.append(self.artifacts.get(linked.resolve().name))
+                continue
+            out.append(self.artifacts.put_file(path, kind="wheel",
+                                               provenance=Provenance.upstream(self.config.index_url or where)))
         log.info("resolved %d wheel(s) from %s", len(out), where)
         return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
 
 
 class _NotThere(Exception):

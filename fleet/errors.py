@@ -85,6 +85,14 @@ class AuthError(FleetError):
     exit_code = 6
 
 
+class ForbiddenError(FleetError):
+    """An authenticated caller asked for something its identity may not do (e.g. an agent uploading an
+    artifact that is not the output of a build job assigned to it)."""
+
+    code = "forbidden"
+    exit_code = 6
+
+
 class ControllerUnavailable(FleetError):
     """The controller could not be reached."""
 

@@ -61,8 +61,10 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def upload(client: ControllerClient, path: Path, kind: str, name: str | None = None) -> dict[str, Any]:
-    """Stream ``path`` to ``POST /api/v1/artifacts``; returns the stored artifact's JSON."""
+def upload(client: ControllerClient, path: Path, kind: str, name: str | None = None, *,
+           bundle: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Stream ``path`` to ``POST /api/v1/artifacts``; returns the stored artifact's JSON. ``bundle``: (lock
+    digest, bundle file name) — recorded as imported from that bundle instead of added by hand."""
     try:
         size = path.stat().st_size
         sha = _digest(path)
@@ -75,6 +77,8 @@ def upload(client: ControllerClient, path: Path, kind: str, name: str | None = N
                 yield block
 
     params = {"filename": name or path.name, "kind": kind, "sha256": sha}
+    if bundle is not None:
+        params.update(bundle_lock=bundle[0], bundle=bundle[1])
     headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
     try:
         resp = client._http.post("/api/v1/artifacts", params=params, content=body(), headers=headers,
@@ -100,6 +104,12 @@ def handle_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_column(artifact: dict[str, Any]) -> str:
+    """Where the file came from (``user``, ``upstream``, ``build``, ``bundle``, ``legacy``); ``--json`` has the
+    details (actor, URL, build job and key, bundle lock) under ``provenance``."""
+    return str(artifact.get("source") or "legacy")
+
+
 def handle_list(args: argparse.Namespace) -> int:
     arts = ControllerClient.from_args(args).get("/artifacts")["artifacts"]
     if args.kind:
@@ -108,7 +118,8 @@ def handle_list(args: argparse.Namespace) -> int:
         print_json({"artifacts": arts})
         return 0
     for a in arts:
-        print(f"{a['sha256'][:16]}  {a['kind']:<7} {a['size']:>12}  {a['created'][:19]}  {a['filename']}")
+        print(f"{a['sha256'][:16]}  {a['kind']:<7} {a['size']:>12}  {a['created'][:19]}  {source_column(a):<9} "
+              f"{a['filename']}")
     if not arts:
         print("no artifacts")
     return 0

@@ -168,14 +168,18 @@ def handle_import(args: argparse.Namespace) -> int:
         lock, paths = extract_verified(args.file, Path(tmp))  # raises before anything is uploaded
         _progress(f"{args.file}: {len(lock.files)} file(s), {_mib(lock.total_bytes)}, every sha256 matches lock.json")
         client = ControllerClient.from_args(args)
-        present = {a["sha256"] for a in client.get("/artifacts")["artifacts"]}
+        # a file already there but not vouched for (an agent's upload, or stored before provenance) is uploaded
+        # again: the bundle's provenance is what makes it usable (controller/artifacts.py)
+        present = {a["sha256"] for a in client.get("/artifacts")["artifacts"]
+                   if a.get("source") in ("user", "upstream", "bundle")}
+        lock_sha = lock.digest()
         uploaded, skipped = [], []
         for f in lock.files:
             if f.sha256 in present:
                 skipped.append(f.filename)
                 _progress(f"  {f.filename}: already in the store, skipped")
                 continue
-            upload(client, paths[f.filename], f.kind, f.filename)
+            upload(client, paths[f.filename], f.kind, f.filename, bundle=(lock_sha, args.file.name))
             uploaded.append(f.filename)
             _progress(f"  {f.filename}: uploaded ({f.kind}, {f.size} bytes)")
     if args.json:

@@ -37,9 +37,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.artifacts import VOUCHED, provenance_of, trusted_for
 from controller.audit import audit
 from controller.jobs import FINAL_STATUSES, JobDispatcher, JobOutcome
-from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_failure
+from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
 from controller.rollout.core import (
     STATE_TO_JOB,
     TERMINAL,
@@ -539,7 +540,7 @@ class RolloutEngine:
             if step.state == State.BUILD:
                 sdist = await asyncio.to_thread(provisioner.sdist, prov.needs)
                 extra: dict[str, Any] = {"sdist_sha256": sdist.sha256}
-                got = [{"filename": sdist.filename, "sha256": sdist.sha256, "size": sdist.size}]
+                got = [describe_artifact(sdist)]
             else:
                 built = self.artifacts.get(prov.built_sha256) if prov.built_sha256 and self.artifacts else None
                 chosen = await asyncio.to_thread(provisioner.install_set, prov.needs, built)
@@ -674,20 +675,25 @@ class RolloutEngine:
         prefix = f"{dist.replace('-', '_')}-{version.partition('+')[0]}"
         rows = s.execute(select(Artifact.filename, Artifact.sha256).where(
             Artifact.kind == "wheel", Artifact.filename.startswith(prefix, autoescape=True))).all()
+        # only trusted files: vouched for, or the wheel of a build that succeeded (controller/artifacts.py)
+        built = set(s.scalars(select(Build.artifact_sha256).where(Build.status == "succeeded")))
+        prov = provenance_of(s, [h for _, h in rows])
+        trusted = [(f, h) for f, h in rows if h in built or trusted_for(prov.get(h, ()))]
         facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
         py = str((facts.get("python") or {}).get("version") or "")
         tag = "cp" + "".join(py.split(".")[:2]) if py.count(".") >= 1 else None
         arch = (facts.get("os") or {}).get("arch")
-        return pick_previous_wheel([(f, h) for f, h in rows], dist, version, tag,
+        return pick_previous_wheel(trusted, dist, version, tag,
                                    str(arch) if arch else None)
 
     def _sdist(self, plan: NodePlan) -> str | None:
-        """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it)."""
+        """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it). Only a
+        vouched-for one (an operator's, the controller's own fetch, a bundle's): never one of unknown origin."""
         if self.artifacts is None or not plan.version:
             return None
         for name in (f"flash_attn-{plan.version}.tar.gz", f"flash-attn-{plan.version}.tar.gz",
                      f"flash_attn_3-{plan.version}.tar.gz"):
-            found = self.artifacts.find(name)
+            found = self.artifacts.find(name, sources=VOUCHED)
             if found:
                 return str(found[0].sha256)
         return None
@@ -813,11 +819,18 @@ class RolloutEngine:
             problem = "build finished but reported no built wheel (built_wheel.sha256 missing)"
         elif self.artifacts is not None:
             try:
-                self.artifacts.get(sha)
+                info = self.artifacts.get(sha)
             except NotFoundError:
                 problem = (f"built wheel {sha[:12]}… never reached the artifact store (upload failed: disk full or "
                            f"size limit?) — check the controller's state dir, then `fleetctl rollout resume ID "
                            f"--retry-failed`")
+            else:
+                # the build's wheel is what a job of this build key uploaded (controller/build_uploads.py), or
+                # bytes an operator/upstream vouched for; never a file of another origin the node points at
+                if not trusted_for(info.sources, n.build_key):
+                    problem = (f"build reported wheel {sha[:12]}… ({info.filename}), but the artifact store has it "
+                               f"from {info.provenance.describe()}, not from a build job of this build key — "
+                               f"refused; `fleetctl rollout resume ID --retry-failed` builds again")
         if b is not None:
             b.finished_at = utcnow()
             if problem:

@@ -184,3 +184,19 @@ class Artifact(Base):
     kind: Mapped[str] = mapped_column(String(16))  # wheel | sdist | apt-key | other
     size: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[dt.datetime]
+
+
+class ArtifactProvenance(Base):
+    """Who or what put an artifact in the store (controller/artifacts.py ``Provenance``); one row per distinct
+    origin, since the same bytes may arrive more than once (fetched from upstream and imported from a bundle).
+    Migration ``artifacts_0001``: rows that predate it are ``legacy``."""
+
+    __tablename__ = "artifact_provenance"
+    __table_args__ = (Index("ix_artifact_provenance_source_ref", "source", "ref"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # user | upstream | build | bundle | legacy
+    ref: Mapped[str] = mapped_column(String(2048), default="")  # actor | URL | build job id | bundle lock sha256
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[dt.datetime]

@@ -678,6 +678,7 @@ class ArtifactChunk(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
@@ -687,6 +688,10 @@ class ArtifactChunk(_message.Message):
     kind: _builtins.str
     """"wheel" | "sdist" | "apt-key" | "other" """
     data: _builtins.bytes
+    job_id: _builtins.str
+    """Uploads, first chunk: the build-from-source job, assigned to this agent, whose output this is; the
+    controller refuses any other upload (controller/build_uploads.py).
+    """
     offset: _builtins.int
     """Resumable uploads (see QueryUpload; field numbers 10+ leave room for the first-chunk fields).
     offset: where this chunk's data starts in the file (the first chunk of a resumed upload starts at the
@@ -703,12 +708,13 @@ class ArtifactChunk(_message.Message):
         size: _builtins.int = ...,
         kind: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        job_id: _builtins.str = ...,
         offset: _builtins.int = ...,
         crc32: _builtins.int | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32", "data", b"data", "filename", b"filename", "kind", b"kind", "offset", b"offset", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32", "data", b"data", "filename", b"filename", "job_id", b"job_id", "kind", b"kind", "offset", b"offset", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crc32: _TypeAlias = _typing.Literal["crc32"]  # noqa: Y015
     _WhichOneofArgType__crc32: _TypeAlias = _typing.Literal["_crc32", b"_crc32"]  # noqa: Y015

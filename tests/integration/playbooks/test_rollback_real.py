@@ -29,6 +29,7 @@ from agent.artifact_jobs import ArtifactJobRunner
 from agent.executor import AnsibleJobRunner
 from agent.jobs import JobOutcome as AgentOutcome
 from agent.jobs import JobSpec as AgentSpec
+from controller.artifacts import Provenance
 from controller.jobs import JobOutcome
 from controller.rollout import service
 from controller.rollout.core import State
@@ -196,8 +197,8 @@ class StoreClient:
         shutil.copyfile(self.fleet.artifacts.path_for(sha256), dest_dir / info.filename)
         return dest_dir / info.filename
 
-    async def upload_artifact(self, path: Path, kind: str = "other") -> str:
-        return self.fleet.artifacts.put_file(path, kind).sha256
+    async def upload_artifact(self, path: Path, kind: str = "other", **_: Any) -> str:
+        return self.fleet.artifacts.put_file(path, kind, provenance=Provenance.user("test-store-client")).sha256
 
 
 @contextlib.asynccontextmanager
@@ -243,7 +244,7 @@ async def test_rollout_rollback_failed_then_fixed_with_a_stored_wheel(fleet: Sim
         assert node.installed() == "2.8.3"
 
         # the fix the error names: a wheel of 2.6.3 in the artifact store; rolling back again retries the node
-        fleet.artifacts.put_file(old, "wheel")
+        fleet.artifacts.put_file(old, "wheel", provenance=Provenance.user("carol"))
         service.rollback(fleet.store, rid, "carol")
         await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
         st = rollout(fleet, rid)

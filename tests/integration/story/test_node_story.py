@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from agent.probes import collect_facts
 from agent.probes.chroot import nvcc_probe_in_root
+from controller.artifacts import Provenance
 from controller.jobs import JobEventRecord, JobOutcome
 from controller.serve import RunningController
 from controller.store.models import JobEvent
@@ -51,6 +52,8 @@ PROFILE = "h100"
 WHEEL_LOCAL = "cu12torch2.7cxx11abiFALSE"
 KEEP_TASK = "Keep the wheel on the node (for installs and rollback)"
 PIP_TASK = "pip install --no-deps --require-hashes (never touches torch)"
+
+OPERATOR = Provenance.user("operator")  # files an operator put in the store (`fleetctl artifact add`)
 
 
 # ---- the node, the agent process, the controller's CLI --------------------------------------------------------
@@ -319,7 +322,7 @@ async def test_bad_artifacts_are_refused(story: Story, apt_world: AptWorld) -> N
 
     # a wheel whose bytes don't match its sha256 (the store's file was changed behind its back)
     good = wheels.build_wheel(story.work / "w", version="2.8.3", local=WHEEL_LOCAL)
-    sha = (await asyncio.to_thread(arts.put_file, good, "wheel")).sha256
+    sha = (await asyncio.to_thread(arts.put_file, good, "wheel", provenance=OPERATOR)).sha256
     other = wheels.build_wheel(story.work / "evil", version="2.8.3", local=WHEEL_LOCAL, extra="EVIL = True\n")
     arts.path_for(sha).write_bytes(other.read_bytes())
     venv_before = tree_digest(story.root.path, "/opt/venv")
@@ -336,7 +339,7 @@ async def test_bad_artifacts_are_refused(story: Story, apt_world: AptWorld) -> N
 
     # a key artifact that is garbage: the step fails saying why, the sources stay as they were
     garbage = await asyncio.to_thread(arts.put_bytes, b"<html><body>503 Service Unavailable</body></html>\n",
-                                      "cuda-archive-keyring.asc", "apt-key")
+                                      "cuda-archive-keyring.asc", "apt-key", provenance=OPERATOR)
     apt_before = tree_digest(story.root.path, "/etc/apt")
     key, shown = await story.job("apt-keyring-fix", {"repo_uri": apt_world.cuda_uri,
                                                      "keyring_name": "cuda-archive-keyring",
@@ -355,8 +358,8 @@ async def test_agent_stopped_mid_install_keeps_previous_and_rerun_converges(stor
     old = wheels.build_wheel(story.work / "w", version="2.7.4", local=WHEEL_LOCAL)
     new = wheels.build_wheel(story.work / "w", version="2.8.3", local=WHEEL_LOCAL)
     arts = story.rc.ctx.artifacts
-    old_sha = (await asyncio.to_thread(arts.put_file, old, "wheel")).sha256
-    new_sha = (await asyncio.to_thread(arts.put_file, new, "wheel")).sha256
+    old_sha = (await asyncio.to_thread(arts.put_file, old, "wheel", provenance=OPERATOR)).sha256
+    new_sha = (await asyncio.to_thread(arts.put_file, new, "wheel", provenance=OPERATOR)).sha256
     await story.agent.start()
     first, _ = await story.job("install-wheel", {"wheel_sha256": old_sha, "python": TARGET_PYTHON})
     assert first.ok, first.error

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, update
 
-from controller.artifacts import ArtifactStore, safe_filename
+from controller.artifacts import ArtifactStore, Provenance, safe_filename
 from controller.ca import CertAuthority, cert_identity, make_csr, new_key
 from controller.enrollment import Enrollment
 from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome
@@ -193,22 +193,26 @@ async def test_reconnect_holding_the_job_or_saying_nothing_interrupts_nothing(st
     await fresh.aclose()
 
 
+USER = Provenance.user("admin")
+
+
 def test_artifact_store(store: Store, tmp_path: Path) -> None:
     arts = ArtifactStore(tmp_path / "artifacts", store, max_bytes=1000)
-    info = arts.put_bytes(b"hello", "a.whl", "wheel")
+    info = arts.put_bytes(b"hello", "a.whl", "wheel", provenance=USER)
     assert info.sha256 == hashlib.sha256(b"hello").hexdigest()
     assert arts.path_for(info.sha256).relative_to(tmp_path / "artifacts").parts[:2] == ("sha256", info.sha256[:2])
     assert b"".join(arts.iter_chunks(info.sha256, 2)) == b"hello"
-    assert arts.put_bytes(b"hello", "a.whl", "wheel") == info  # same content: same artifact
+    assert arts.put_bytes(b"hello", "a.whl", "wheel", provenance=USER) == info  # same content: same artifact
     for bad in ("../x", "a/b", ".hidden", "", "x" * 300, "a b"):
         with pytest.raises(InputError):
             safe_filename(bad)
     with pytest.raises(InputError, match="limit"):
-        arts.put_bytes(b"x" * 1001, "big.bin")
-    with pytest.raises(InputError, match="announced"), arts.writer("c.bin", expected_sha256="0" * 64) as w:
+        arts.put_bytes(b"x" * 1001, "big.bin", provenance=USER)
+    with pytest.raises(InputError, match="announced"), \
+            arts.writer("c.bin", provenance=USER, expected_sha256="0" * 64) as w:
         w.write(b"data")
     with pytest.raises(InputError):
-        arts.writer("c.bin", kind="exe")
+        arts.writer("c.bin", kind="exe", provenance=USER)
     assert list((tmp_path / "artifacts" / "tmp").iterdir()) == []  # no leftovers
     with pytest.raises(NotFoundError):
         arts.get("f" * 64)

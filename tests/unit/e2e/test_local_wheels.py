@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.artifacts import ArtifactStore
+from controller.artifacts import ArtifactStore, Provenance
 from controller.local_wheels import catalog_wheel_name, local_wheel_entries
 from controller.rollout.models import Build
 from controller.rollout.service import RolloutRequest, plan_rollout
@@ -50,7 +50,8 @@ def test_first_rollout_builds_and_records_how_to_find_the_wheel(tmp_path: Path) 
 def test_second_rollout_installs_the_built_wheel(tmp_path: Path) -> None:
     store, arts = _store(tmp_path)
     first = plan_rollout(store, RolloutRequest(version="2.8.3.post1", canary=0, batch="1")).nodes[0]
-    info = arts.put_bytes(b"PK\x03\x04 stand-in wheel bytes", PIP_NAME, "wheel")
+    info = arts.put_bytes(b"PK\x03\x04 stand-in wheel bytes", PIP_NAME, "wheel",
+                          provenance=Provenance.build("job-1", first.plan.build_key or "", "vm"))
     with store.session() as s:
         s.add(Build(build_key=first.plan.build_key, status="succeeded", rollout_id="r-1", builder="vm",
                     params=first.decision["build"], artifact_sha256=info.sha256, artifact_filename=PIP_NAME,
@@ -69,7 +70,8 @@ def test_second_rollout_installs_the_built_wheel(tmp_path: Path) -> None:
 
 def test_wheel_without_its_build_record_or_file_is_not_offered(tmp_path: Path) -> None:
     store, arts = _store(tmp_path)
-    arts.put_bytes(b"a wheel with pip's name only", PIP_NAME, "wheel")  # no build record: cannot be matched
+    # no build record: cannot be matched
+    arts.put_bytes(b"a wheel with pip's name only", PIP_NAME, "wheel", provenance=Provenance.build("job-1", "k", "vm"))
     with store.session() as s:
         s.add(Build(build_key="k", status="succeeded", builder="vm", params={"wheel_name": CATALOG_NAME},
                     artifact_sha256="0" * 64, artifact_filename=PIP_NAME, created_at=utcnow(), attempts=1))
@@ -79,6 +81,6 @@ def test_wheel_without_its_build_record_or_file_is_not_offered(tmp_path: Path) -
 
 def test_upstream_named_wheel_added_by_hand_is_offered(tmp_path: Path) -> None:
     store, arts = _store(tmp_path)
-    info = arts.put_bytes(b"an upstream-named wheel", CATALOG_NAME, "wheel")
+    info = arts.put_bytes(b"an upstream-named wheel", CATALOG_NAME, "wheel", provenance=Provenance.user("admin"))
     plan = plan_rollout(store, RolloutRequest(version="2.8.3.post1")).nodes[0]
     assert plan.plan.variant == "fa2-wheel" and plan.to_json()["artifact_sha256"] == info.sha256

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.profiles import load_profile
-from controller.artifacts import ArtifactStore
+from controller.artifacts import ArtifactStore, Provenance
 from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome, JobSpec
 from controller.rollout.engine import RolloutEngine
 from controller.store import Store, open_store, utcnow
@@ -114,7 +114,8 @@ class SimFleet:
             data = f"simulated wheel for {key}".encode()
             name = f"flash_attn-{spec.vars.get('flash_attn_version')}-sim{hashlib.sha1(key.encode()).hexdigest()[:8]}" \
                    "-cp311-cp311-linux_x86_64.whl"
-            info = self.artifacts.put_bytes(data, name, kind="wheel")  # what the agent's upload does
+            info = self.artifacts.put_bytes(data, name, kind="wheel",  # what the agent's upload does
+                                            provenance=Provenance.build(spec.job_id, key, host))
             result["built_wheel"] = {"sha256": info.sha256, "filename": info.filename}
         if spec.kind == "verify":
             reason = self.verify_fail.get(host)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from controller.artifacts import Provenance
 from controller.rollout import service
 from controller.rollout.engine import RolloutEngine
 from controller.rollout.models import Build, RolloutNode, RolloutTransition
@@ -438,7 +439,7 @@ async def test_rollback_job_vars_are_what_the_playbook_documents(fleet: SimFleet
     rid = service.start_rollout(fleet.store, RolloutRequest(nodes="a100-1,a100-2", canary=0, batch="100%"))["id"]
     wheel = tmp_path / "flash_attn-2.6.3-py3-none-any.whl"
     wheel.write_bytes(b"stand-in")
-    sha = fleet.artifacts.put_file(wheel, "wheel").sha256
+    sha = fleet.artifacts.put_file(wheel, "wheel", provenance=Provenance.user("carol")).sha256
     engine = fleet.engine()
     got = {}
     with fleet.store.session() as s:
