@@ -238,10 +238,12 @@ class Upstream:
             if not self.config.can_fetch:
                 raise UpstreamError(f"{filename} is not in the controller's artifact store and the controller is "
                                     f"offline", hint=self.offline_hint(filename))
+            # a released file name never changes content: once fetched, later fetches must match (first seen wins)
+            pinned = expected_sha256 or self._first_seen(filename, kind)
             errors: list[str] = []
             for url in urls:
                 try:
-                    return self._download(url, filename, kind, expected_sha256)
+                    return self._download(url, filename, kind, pinned)
                 except _NotThere as exc:
                     errors.append(f"{url}: {exc}")
             raise UpstreamError(f"cannot fetch {filename}: {'; '.join(errors)}",
@@ -279,24 +281,22 @@ class Upstream:
                     info = w.commit()
             except FleetError as exc:
                 raise UpstreamError(f"refused {filename} from {url}: {exc.message}",
-                                    hint="the upstream sent other bytes than announced (corrupt, truncated or "
-                                         "changed); nothing was stored — fix the upstream, then retry") from None
+                                    hint="the upstream sent other bytes than announced or than it sent before "
+                                         "(corrupt, truncated, or a released file replaced upstream: find out why "
+                                         "before trusting it); nothing was stored — fix the upstream, then retry"
+                                    ) from None
             except (OSError, ValueError) as exc:  # http.client.IncompleteRead is a ValueError-free OSError subclass
                 raise UpstreamError(f"download of {filename} from {url} broke off: {exc}",
                                     hint="nothing was stored; retry when the upstream is back") from None
-        self._refuse_changed(info)
         return info
 
-    def _refuse_changed(self, info: ArtifactInfo) -> None:
-        """A released file name never changes content: a second digest for it means upstream was altered. Only
-        vouched-for files count: a node's upload under that name must not block the real file."""
-        others = [a for a in self.artifacts.find(info.filename, sources=VOUCHED)
-                  if a.sha256 != info.sha256 and a.kind == info.kind]
-        if others:
-            raise UpstreamError(f"upstream's {info.filename} now has sha256 {info.sha256}, but the store already "
-                                f"holds {others[0].sha256} under that name (fetched {others[0].created:%Y-%m-%d})",
-                                hint="a released file was replaced upstream: find out why before trusting it; "
-                                     "the stored copy stays in use")
+    def _first_seen(self, filename: str, kind: str) -> str | None:
+        """The digest this file name had when first stored (its file may have gone since): a re-fetch must bring
+        the same bytes, else upstream was altered. Only vouched-for files count: a node's upload under that name
+        must not pin (or block) the real file."""
+        known = sorted((a for a in self.artifacts.find(filename, sources=VOUCHED) if a.kind == kind),
+                       key=lambda a: a.created)
+        return known[0].sha256 if known else None
 
     # ---- the index ----------------------------------------------------------------------------
 
