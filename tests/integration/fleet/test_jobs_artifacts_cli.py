@@ -97,11 +97,15 @@ async def test_job_timeout_and_cancel(controller: RunningController, fleet: SimA
 
 async def test_artifacts_upload_and_fetch_over_mtls(controller: RunningController, fleet: SimAgents,
                                                     tmp_path: Path) -> None:
-    sim = await fleet.start("node-1", "a100")
+    # an agent uploads only its own running build job's wheel (tests/integration/fleet/test_artifact_provenance.py)
+    sim = await fleet.start("node-1", "a100", runner=ScriptedRunner(events=1, delay=5))
+    job_id = await controller.ctx.jobs.submit_job("node-1", "build-from-source",
+                                                  {"flash_attn_version": "2.8.3", "build_key": "k"}, timeout=30)
+    await wait_for(lambda: controller.ctx.jobs.get(job_id, events=False)["status"] in ("dispatched", "running"))
     data = os.urandom(300_000)
-    src = tmp_path / "flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp311-cp311-linux_x86_64.whl"
+    src = tmp_path / "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl"
     src.write_bytes(data)
-    sha = await sim.agent.upload_artifact(src, kind="wheel")
+    sha = await sim.agent.upload_artifact(src, kind="wheel", job_id=job_id)
     assert sha == hashlib.sha256(data).hexdigest()
     info = controller.ctx.artifacts.get(sha)
     assert info.size == len(data) and info.filename == src.name and info.kind == "wheel"

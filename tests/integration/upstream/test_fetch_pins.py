@@ -32,7 +32,7 @@ def test_a_refetch_must_bring_the_bytes_first_stored_under_that_name(tmp_path: P
         changed = build_wheel(tmp_path / "v2", version="2.8.3", local="cu12torch2.11cxx11abiTRUE", extra="X = 1\n")
         assert changed.name == wheel.name
         up.add_release_asset("2.8.3", changed)
-        with pytest.raises(UpstreamError, match="refused .* sha256") as err:
+        with pytest.raises(UpstreamError, match=r"refused .* sha256") as err:
             upstream.fetch_file([url], wheel.name, "wheel")
         assert "replaced upstream" in (err.value.hint or "")
         assert {a.sha256 for a in arts.find(wheel.name)} == {first.sha256}  # nothing new stored
