@@ -27,6 +27,7 @@ from controller.ca import CertAuthority
 from controller.enrollment import Enrollment
 from controller.jobs import JobDispatcher, JobOutcome
 from controller.provisioning import Provisioner
+from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
 from controller.store import Store, open_store
 from controller.uploads import Uploads
@@ -52,6 +53,9 @@ class ControllerSettings:
     # upload temp files (partial uploads agents may still continue) older than this are removed at start;
     # agents give up retrying an upload long before (agent/client.py UPLOAD_RETRY_SECONDS)
     upload_stale_seconds: float = 24 * 3600
+    # enrollment attempts admitted per source address and overall (controller/ratelimit.py; --enroll-rate)
+    enroll_per_source: Rate = ENROLL_PER_SOURCE
+    enroll_overall: Rate = ENROLL_OVERALL
     # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
     # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
     gc_tuning: bool = False

@@ -26,18 +26,25 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from controller.audit import audit
+from controller.audit import AuditCoalescer, audit
 from controller.ca import CertAuthority
+from controller.ratelimit import source_address
 from controller.store import Store, utcnow
 from controller.store.models import EnrollmentToken, Identity, Node
 from fleet.errors import AuthError, ConflictError, InputError, NotFoundError
 from fleet.facts import HOSTNAME_RE
+from fleet.text import safe_text
 
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "fleet_"
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=24)
 REFRESH_SECONDS = 2.0
+# input caps, checked before any work: a token is ``fleet_`` + 43 characters; a CSR with one EC key is < 1 KB
+MAX_TOKEN_CHARS = 128
+MAX_HOSTNAME_CHARS = 253
+MAX_CSR_BYTES = 16 * 1024
+REFUSAL_AUDIT_WINDOW = 60.0  # one enroll.refused row per source address per minute, with a count
 
 
 def hash_token(token: str) -> str:
@@ -74,6 +81,7 @@ class Enrollment:
         self.store = store
         self.ca = ca
         self.identities = IdentityCache(store)
+        self.refusals = AuditCoalescer(REFUSAL_AUDIT_WINDOW)
 
     # ---- tokens ------------------------------------------------------------------------
 
@@ -122,19 +130,39 @@ class Enrollment:
 
     # ---- enrollment --------------------------------------------------------------------
 
+    def _audit_refusal(self, peer: str, hostname: str, **detail: Any) -> None:
+        """An ``enroll.refused`` row — at most one per source address per minute, counting the rest (an
+        unauthenticated flood must not fill the audit table)."""
+        source = source_address(peer)
+        skipped = self.refusals.admit(source)
+        if skipped is None:
+            log.debug("enroll refused for %s from %s: %s (audit row coalesced)", safe_text(hostname, 80),
+                      safe_text(peer, 80), safe_text(detail.get("reason", ""), 200))
+            return
+        if skipped:
+            detail["coalesced"] = skipped  # refusals from this source not written since the last row
+        audit(self.store, f"peer:{peer}", "enroll.refused", hostname[:MAX_HOSTNAME_CHARS], level=logging.WARNING,
+              source=source, **detail)
+
     def _refuse(self, peer: str, reason: str, hostname: str, **detail: Any) -> AuthError:
-        audit(self.store, f"peer:{peer}", "enroll.refused", hostname, level=logging.WARNING, reason=reason, **detail)
+        self._audit_refusal(peer, hostname, reason=reason, **detail)
         return AuthError(f"enrollment refused: {reason}",
                          hint="create a fresh token with `fleetctl token create` and pass it to the agent")
 
     def enroll(self, token: str, hostname: str, csr_pem: bytes, peer: str = "unknown") -> EnrollResult:
         if not token:
-            raise self._refuse(peer, "no enrollment token", hostname)
-        if not hostname or not HOSTNAME_RE.match(hostname):
-            audit(self.store, f"peer:{peer}", "enroll.refused", hostname[:253], level=logging.WARNING,
-                  reason="invalid hostname")
+            raise self._refuse(peer, "no enrollment token", hostname[:MAX_HOSTNAME_CHARS])
+        if len(token) > MAX_TOKEN_CHARS:
+            raise self._refuse(peer, f"token of {len(token)} characters (tokens have at most {MAX_TOKEN_CHARS})",
+                               hostname[:MAX_HOSTNAME_CHARS])
+        if not hostname or len(hostname) > MAX_HOSTNAME_CHARS or not HOSTNAME_RE.fullmatch(hostname):
+            self._audit_refusal(peer, hostname, reason="invalid hostname")
             raise InputError(f"enrollment refused: {hostname[:80]!r} is not a valid hostname",
                              hint="letters, digits, '.', '-', '_'")
+        if len(csr_pem) > MAX_CSR_BYTES:
+            self._audit_refusal(peer, hostname, reason=f"CSR of {len(csr_pem)} bytes")
+            raise InputError(f"enrollment refused: a CSR of {len(csr_pem)} bytes (at most {MAX_CSR_BYTES})",
+                             hint="send one PEM certificate request for an EC or RSA key")
         now = utcnow()
         agent_id = uuid.uuid4().hex
         with self.store.session() as s:
@@ -152,8 +180,8 @@ class Enrollment:
                 raise self._refuse(peer, f"token is for host {row.hostname}, not {hostname}", hostname, **detail)
             holder = s.scalar(select(Identity).where(Identity.hostname == hostname, Identity.revoked.is_(False)))
             if holder is not None:
-                audit(self.store, f"peer:{peer}", "enroll.refused", hostname, level=logging.WARNING,
-                      reason="hostname held by another identity", holder=holder.id, **detail)
+                self._audit_refusal(peer, hostname, reason="hostname held by another identity", holder=holder.id,
+                                    **detail)
                 raise ConflictError(f"enrollment refused: hostname {hostname} is already enrolled "
                                     f"(agent {holder.id[:12]})",
                                     hint=f"if the node was reinstalled, run `fleetctl agent revoke {hostname}` "

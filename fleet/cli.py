@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from fleet.errors import FleetError, UsageError
+from fleet.text import terminal_safe
 
 EXIT_OK = 0
 EXIT_INTERNAL = 70
@@ -47,9 +48,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         handler: Handler = args.handler
         return handler(args)
     except FleetError as exc:
-        print(f"error[{exc.code}]: {exc.message}", file=sys.stderr)
+        # messages may quote node- or client-supplied text: nothing in them may drive the terminal
+        print(f"error[{exc.code}]: {terminal_safe(exc.message)}", file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"hint: {terminal_safe(exc.hint)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

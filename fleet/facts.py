@@ -19,7 +19,7 @@ MAX_FACTS_BYTES = 256 * 1024
 MAX_GPUS = 64
 MAX_APT_ERRORS = 200
 
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?\Z")  # \Z: "$" lets "host\n" through
 DOTTED_RE = re.compile(r"^\d+(?:\.\d+)+$")  # "550.54.15", "2.35", "12.4", "8.0"
 PY_VERSION_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:[a-z]+\d*)?\+?$")
 TORCH_VERSION_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:(?:a|b|rc|\.dev|\.post)\d+)*(?:\+[A-Za-z0-9.]+)?$")

@@ -210,7 +210,10 @@ async def _main(cfg: AgentConfig) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
+    from fleet.text import install_safe_logging
+
+    install_safe_logging(args.log_level.upper())
     if ":" not in args.controller:
         raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
     absolute_paths(args)

@@ -8,6 +8,7 @@ from typing import Any
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from fleet.cli import print_json
+from fleet.text import terminal_safe_tree
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +54,7 @@ def handle_node(args: argparse.Namespace) -> int:
     if args.json:
         print_json(n)
         return 0
+    n = terminal_safe_tree(n)  # node-reported text is printed below: no escape sequences or newlines from it
     ident = n.get("identity") or {}
     print(f"{n['hostname']}{'  [SIMULATED]' if n['simulated'] else ''}")
     print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.context import DEFAULT_STATE_DIR, ControllerSettings
+from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
 from fleet.errors import UsageError
 
@@ -43,16 +44,32 @@ def register(subparsers: Any) -> None:
                    help="fetch flash-attn release wheels from here, not GitHub (URL/vVERSION/FILE, then URL/FILE)")
     p.add_argument("--offline", action="store_true",
                    help="never fetch: plans use only the artifact store (fill it with `fleetctl bundle import`)")
+    p.add_argument("--enroll-rate", type=float, default=None, metavar="PER_S",
+                   help="enrollment attempts allowed per second overall (default 50, burst 200; per source "
+                        "address 1/s, burst 20); a lab load test enrolling thousands of agents from one host "
+                        "raises it (see docs/security.md, Abuse limits)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"))
     p.set_defaults(handler=handle)
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
+    per_source, overall = enroll_rates(getattr(args, "enroll_rate", None))
     return ControllerSettings(state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen,
                               enroll_listen=args.enroll_listen, http_listen=args.http_listen,
                               heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
                               extra_names=list(args.san), gc_tuning=args.gc_tuning,
-                              upstream=upstream_from(args))
+                              upstream=upstream_from(args), enroll_per_source=per_source, enroll_overall=overall)
+
+
+def enroll_rates(per_second: float | None) -> tuple[Rate, Rate]:
+    """``--enroll-rate N``: N/s overall with a burst of 4 N, and per source address the same (one host may be
+    the whole load test)."""
+    if per_second is None:
+        return ENROLL_PER_SOURCE, ENROLL_OVERALL
+    if per_second <= 0:
+        raise UsageError(f"--enroll-rate {per_second:g} must be positive", hint="attempts per second, e.g. 500")
+    rate = Rate(burst=4 * per_second, per_second=per_second)
+    return rate, rate
 
 
 def upstream_from(args: argparse.Namespace) -> UpstreamConfig:
@@ -64,7 +81,10 @@ def upstream_from(args: argparse.Namespace) -> UpstreamConfig:
 
 
 def handle(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
+    from fleet.text import install_safe_logging
+
+    install_safe_logging(args.log_level.upper())
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from controller.serve import serve
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -26,17 +27,20 @@ from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
+from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.web import nodeindex, rolloutview, sources
 from controller.web.auth import (
     LOGIN_CSRF_COOKIE,
+    MAX_PASSWORD_CHARS,
     SESSION_COOKIE,
     LoginThrottle,
     Sessions,
     WebUser,
     authenticate,
     csrf_ok,
+    run_password_work,
 )
 from fleet.errors import FleetError
 
@@ -75,6 +79,9 @@ class WebState:
         self.templates.env.policies["json.dumps_kwargs"] = {"default": str, "sort_keys": True}
         self.closing = False
         self.throttle = LoginThrottle()
+        # attempts per client address and overall, before any password work (controller/ratelimit.py): a
+        # per-name throttle alone is bypassed by trying a new name each time
+        self.login_limits = RateLimits(LOGIN_PER_SOURCE, LOGIN_OVERALL)
         self._counts: tuple[float, dict[str, Any]] | None = None
         self.admin_token: str | None = _admin_token(ctx)
 
@@ -265,21 +272,27 @@ async def login_submit(request: Request) -> Response:
         return _security_headers(render(request, "login.html", status_code=403, login_csrf="", next=nxt,
                                         error="The login form expired; reload the page and try again."))
     addr = request.client.host if request.client else ""
-    wait = st.throttle.retry_after(name, addr, time.monotonic())
+    name, password = name[:64], password[:MAX_PASSWORD_CHARS]  # longer names are invalid anyway
+    wait = st.throttle.retry_after(name, addr, time.monotonic()) or math.ceil(st.login_limits.take(addr))
     if wait:
         token = secrets.token_urlsafe(24)
         resp = render(request, "login.html", status_code=429, login_csrf=token, next=nxt,
-                      error=f"Too many failed logins; try again in {wait} s.")
+                      error=f"Too many login attempts; try again in {wait} s.")
         resp.headers["Retry-After"] = str(wait)
         resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", max_age=3600, path="/login")
         return _security_headers(resp)
-    with st.store.session() as s:
-        user = authenticate(s, name, password)
-        cookie = st.sessions.issue(user) if user is not None else None
-        if user is not None:
-            _audit(s, f"user:{user.name}", "dashboard.login", "")
-        else:
-            _audit(s, f"user:{name[:64]}", "dashboard.login.refused", addr)
+
+    def check() -> str | None:  # scrypt and the database: on the password workers, never on the event loop
+        with st.store.session() as s:
+            user = authenticate(s, name, password)
+            issued = st.sessions.issue(user) if user is not None else None
+            if user is not None:
+                _audit(s, f"user:{user.name}", "dashboard.login", "")
+            else:
+                _audit(s, f"user:{name}", "dashboard.login.refused", addr)
+            return issued
+
+    cookie = await run_password_work(check)
     if cookie is None:
         st.throttle.failed(name, addr, time.monotonic())
         token = secrets.token_urlsafe(24)

@@ -6,15 +6,22 @@
   the user is disabled or deleted, or when the password changed (``pw`` is a hash fingerprint).
 - CSRF: every state-changing request carries the session's ``csrf`` token, in a form field
   ``csrf_token`` or the ``X-CSRF-Token`` header. The login form uses a double-submit cookie.
+- Cost: one scrypt is ~50 ms of CPU and 16 MiB. It never runs on the event loop: ``run_password_work``
+  runs it on ``PASSWORD_WORKERS`` threads of its own (so logins can neither stall ``/health`` nor take the
+  database's threads), and the login route admits attempts through per-source and global token buckets
+  (controller/ratelimit.py) before any of it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
@@ -29,6 +36,18 @@ LOGIN_CSRF_COOKIE = "fleet_login_csrf"
 DEFAULT_SESSION_SECONDS = 8 * 3600
 
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
+MAX_PASSWORD_CHARS = 1024  # scrypt's cost does not grow with the input, but the request body should not either
+PASSWORD_WORKERS = 2  # concurrent scrypt runs: bounded CPU and memory however many logins arrive
+_password_pool: ThreadPoolExecutor | None = None
+T = TypeVar("T")
+
+
+async def run_password_work(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` (password hashing or a login's check, with its database work) off the event loop."""
+    global _password_pool
+    if _password_pool is None:
+        _password_pool = ThreadPoolExecutor(max_workers=PASSWORD_WORKERS, thread_name_prefix="fleet-scrypt")
+    return await asyncio.get_running_loop().run_in_executor(_password_pool, fn, *args)
 
 
 def hash_password(password: str) -> str:
