@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.client import UPLOAD_RETRY_SECONDS
 from agent.executor import JOB_ID_RE
 from agent.jobs import JobOutcome, JobRunner, JobSpec
 from fleet.errors import FleetError
@@ -46,12 +47,15 @@ INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 WHEELHOUSE_KINDS = frozenset({"install-wheel"})
 _WHEEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.whl")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# the agent reports the result before its job timeout ends the job (agent/client.py)
+UPLOAD_TIMEOUT_MARGIN_S = 30.0
 
 
 class ArtifactClient(Protocol):
     async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path: ...
 
-    async def upload_artifact(self, path: Path, kind: str = "other", *, job_id: str = "") -> str: ...
+    async def upload_artifact(self, path: Path, kind: str = "other", *, retry_for: float | None = None,
+                              on_retry: Callable[[str, float], object] | None = None, job_id: str = "") -> str: ...
 
 
 def _sha256(path: Path) -> str:
@@ -65,10 +69,12 @@ def _sha256(path: Path) -> str:
 class ArtifactJobRunner:
     """A ``JobRunner`` that resolves artifact inputs and uploads built wheels around ``inner``."""
 
-    def __init__(self, inner: JobRunner, cache_dir: Path, client: ArtifactClient | None = None) -> None:
+    def __init__(self, inner: JobRunner, cache_dir: Path, client: ArtifactClient | None = None, *,
+                 upload_retry_s: float = UPLOAD_RETRY_SECONDS) -> None:
         self.inner = inner
         self.cache_dir = cache_dir
         self.client = client
+        self.upload_retry_s = upload_retry_s  # how long a built wheel's upload is retried (bounded by the job)
 
     def bind(self, agent: Any) -> None:
         self.client = agent
@@ -99,6 +105,7 @@ class ArtifactJobRunner:
             emit_event(event)
             return None
 
+        started = time.monotonic()
         variables = dict(job.vars)
         for sha_var, path_var in INPUTS.get(job.kind, ()):
             sha = variables.get(sha_var)
@@ -131,7 +138,9 @@ class ArtifactJobRunner:
             if wheelhouse is not None:
                 shutil.rmtree(wheelhouse, ignore_errors=True)
         if outcome.ok and job.kind == "build-from-source":
-            problem = await self._upload_built(job.job_id, outcome, emit)
+            # the upload may retry for as long as the job has left (the agent's job timeout would cut it)
+            left = job.timeout_s - (time.monotonic() - started) - UPLOAD_TIMEOUT_MARGIN_S
+            problem = await self._upload_built(job.job_id, outcome, emit, max(0.0, left))
             if problem:
                 return JobOutcome(status="failed", rc=75, result=outcome.result, error=problem)
         return outcome
@@ -160,8 +169,8 @@ class ArtifactJobRunner:
                 shutil.copyfile(path, target)
         return house
 
-    async def _upload_built(self, job_id: str, outcome: JobOutcome,
-                            emit: Callable[[dict[str, Any]], object]) -> str | None:
+    async def _upload_built(self, job_id: str, outcome: JobOutcome, emit: Callable[[dict[str, Any]], object],
+                            time_left: float) -> str | None:
         wheel = outcome.result.get("built_wheel")
         if not isinstance(wheel, dict):
             return None  # the controller reports the missing built_wheel itself
@@ -173,20 +182,66 @@ class ArtifactJobRunner:
         if self.client is None:
             return "build-from-source: cannot upload the built wheel: the agent is not connected to a controller"
         started = time.monotonic()
+        retries = 0
+
+        def on_retry(reason: str, delay: float) -> None:
+            nonlocal retries
+            retries += 1
+            emit({"event": "fleet_artifact_upload_retry", "event_data": {
+                "file": path.name, "retry": retries, "reason": reason[:500], "delay_s": round(delay, 1)}})
+
+        kept: Path | None = None
         try:
-            size = path.stat().st_size
-            sha = await self.client.upload_artifact(path, "wheel", job_id=job_id)
+            kept = self._keep(job_id, path)
+            size = kept.stat().st_size
+            retry_for = min(self.upload_retry_s, time_left)
+            sha = await self.client.upload_artifact(kept, "wheel", retry_for=retry_for, on_retry=on_retry,
+                                                    job_id=job_id)
         except (FleetError, OSError) as exc:
             msg = exc.message if isinstance(exc, FleetError) else str(exc)
-            return f"build-from-source: built {path.name} but uploading it to the artifact store failed: {msg}"
+            where = f"; the wheel is kept at {kept}" if kept is not None and kept.exists() else ""
+            return (f"build-from-source: built {path.name} but uploading it to the artifact store failed: "
+                    f"{msg}{where}")
         seconds = round(time.monotonic() - started, 3)
         emit({"event": "fleet_artifact_upload", "event_data": {"sha256": sha, "file": path.name, "bytes": size,
-                                                               "seconds": seconds}})
+                                                               "seconds": seconds, "retries": retries}})
+        self._confirmed(kept, sha)
         if wheel.get("sha256") and sha != wheel["sha256"]:
             return (f"build-from-source: the artifact store computed sha256 {sha} for {path.name}, the playbook "
                     f"reported {wheel['sha256']}")
         wheel["artifact_sha256"] = sha
-        wheel["uploaded"] = {"bytes": size, "seconds": seconds}
+        wheel["uploaded"] = {"bytes": size, "seconds": seconds, "retries": retries}
         log.info("uploaded built wheel %s (%d bytes, %s) in %.1fs", path.name, size, sha[:12], seconds)
         return None
 
+    def _keep(self, job_id: str, wheel: Path) -> Path:
+        """Hold the built wheel in ``STATE/outbox/<job id>/`` until the controller confirms it stored it.
+
+        The playbook's build directory is the node's (it may clean it, or run the next build in it); a wheel
+        that cost half an hour of the node must survive a failed upload, for the retry or for an operator
+        (``fleetctl artifacts add``).
+        """
+        if not JOB_ID_RE.fullmatch(job_id):
+            raise FleetError(f"refused job id {job_id!r}")
+        box = self.cache_dir.parent / "outbox" / job_id
+        box.mkdir(parents=True, exist_ok=True)
+        kept = box / wheel.name
+        if kept.resolve() == wheel.resolve():
+            return kept
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(wheel, kept)
+        except OSError:  # another filesystem: copy
+            shutil.copyfile(wheel, kept)
+        return kept
+
+    def _confirmed(self, kept: Path, sha256: str) -> None:
+        """The controller stored the wheel: move it into the fetch cache (an install of it on this node then
+        downloads nothing) and drop the outbox entry."""
+        dest = self.cache_dir / sha256
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(kept, dest / kept.name)
+            kept.parent.rmdir()
+        except OSError as exc:
+            log.warning("could not move the uploaded wheel %s into the cache: %s", kept, exc)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ import grpc.aio
 
 from agent import wire
 from agent.jobs import JobOutcome, JobRunner, JobSpec
-from fleet.errors import AuthError, ConflictError, FleetError, ForbiddenError, InputError
+from fleet.errors import AuthError, ConflictError, ControllerUnavailable, FleetError, ForbiddenError, InputError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -54,6 +56,16 @@ EVENT_QUEUE_SIZE = 1000
 EVENT_BATCH = 100
 RPC_TIMEOUT = 10.0
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+UPLOAD_CHUNK_BYTES = 128 * 1024  # under the 320 KiB message limit (MAX_MESSAGE_BYTES)
+# how long a built wheel's upload is retried (controller restarts, lost links, full disk, database errors):
+# a build costs up to half an hour of a GPU node, so waiting as long for the controller is worth it
+UPLOAD_RETRY_SECONDS = 30 * 60
+UPLOAD_STREAM_TIMEOUT = 600.0  # one stream; a timed-out one is continued where it stopped
+# what a retry can fix: the controller is away or restarting (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED),
+# out of disk or database (UNAVAILABLE), or its held part changed (ABORTED: ask again where to continue)
+UPLOAD_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
+                                grpc.StatusCode.INTERNAL})
 
 
 def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
@@ -106,8 +118,6 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
         return ConflictError(f"{what} refused: {detail}", hint="see the message")
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return InputError(f"{what} refused: {detail}", hint="see the message")
-    from fleet.errors import ControllerUnavailable
-
     return ControllerUnavailable(f"{what} failed: {code.name}: {detail}",
                                  hint="check that the controller is running and reachable")
 
@@ -186,6 +196,7 @@ class AgentConfig:
     server_name: str | None = None  # TLS name override
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    upload_retry_s: float = UPLOAD_RETRY_SECONDS
     event_queue_size: int = EVENT_QUEUE_SIZE
 
     def __post_init__(self) -> None:
@@ -346,8 +357,6 @@ class Agent:
                 continue
             self._held.add(spec.job_id)  # at once, not when the task starts: the next stream must name it
             self._spawn(self._run_job(spec))
-        from fleet.errors import ControllerUnavailable
-
         raise ControllerUnavailable("jobs stream ended by the controller", hint="reconnecting")
 
     def _spawn(self, coro: Any) -> None:
@@ -497,40 +506,108 @@ class Agent:
         tmp.replace(final)
         return final
 
-    async def upload_artifact(self, path: Path, kind: str = "other", *, job_id: str = "") -> str:
-        """Upload a file to the controller's artifact store; returns its sha256. ``job_id``: the
+    async def upload_artifact(self, path: Path, kind: str = "other", *, retry_for: float | None = None,
+                              on_retry: Callable[[str, float], object] | None = None, job_id: str = "") -> str:
+        """Upload a file to the controller's artifact store; returns its sha256 as the controller computed it.
+
+        Resumable and retried (controller/uploads.py has the protocol): ``QueryUpload`` says how much of the
+        file the controller already holds from a cut-off attempt, the stream continues from there, every
+        chunk carrying its offset and the running CRC-32. Lost connections, controller restarts, a full
+        disk or a database error on the controller are retried with backoff for up to ``retry_for``
+        seconds (default ``AgentConfig.upload_retry_s``), each retry reported to ``on_retry(reason, delay)``;
+        a refusal (bad name, size limit, digest mismatch, identity refused) ends it at once. ``job_id``: the
         build-from-source job whose output this is — the controller accepts no other upload from an agent
-        (controller/build_uploads.py; a refusal is ``ForbiddenError``)."""
-        import hashlib
+        (controller/build_uploads.py; a refusal is ``ForbiddenError``).
+        """
+        sha, size = await asyncio.to_thread(_digest_and_size, path)
+        budget = self.cfg.upload_retry_s if retry_for is None else max(0.0, retry_for)
+        deadline = time.monotonic() + budget
+        delay = self.cfg.backoff_initial
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                stub = await asyncio.wait_for(self._stub_ready(), max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                raise ControllerUnavailable(
+                    f"uploading {path.name}: no connection to the controller within {budget:.0f}s "
+                    f"({attempts - 1} attempt(s))",
+                    hint="check that the controller is running and reachable; the file stays on this node") from None
+            try:
+                query = await stub.QueryUpload(pb.QueryUploadRequest(sha256=sha, size=size, filename=path.name,
+                                                                     kind=kind), timeout=RPC_TIMEOUT)
+                if query.stored:
+                    return sha
+                if query.offset:
+                    log.info("upload of %s continues at byte %d of %d (held by the controller)", path.name,
+                             query.offset, size)
+                resp = await stub.UploadArtifact(self._upload_stream(path, sha, size, kind, query.offset, job_id),
+                                                 timeout=UPLOAD_STREAM_TIMEOUT)
+                return str(resp.sha256)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # not this agent's to upload: not an auth loss
+                    raise ForbiddenError(f"uploading {path.name}: {exc.details()}",
+                                         hint="agents upload only their assigned build job's wheel") from exc
+                if exc.code() not in UPLOAD_RETRY_CODES:
+                    raise rpc_error(exc, f"uploading {path.name}") from exc
+                reason = f"{exc.code().name}: {exc.details() or 'no details'}"
+            except asyncio.CancelledError:
+                if not cut_off():
+                    raise
+                reason = "the connection to the controller was lost mid-upload"
+            wait = delay * (0.8 + 0.4 * random.random())
+            if time.monotonic() + wait > deadline:
+                raise ControllerUnavailable(
+                    f"uploading {path.name} ({size} bytes) failed {attempts} time(s) over {budget:.0f}s; "
+                    f"last: {reason}",
+                    hint="the file stays on this node; fix the controller (see the reason), then run the job again")
+            log.warning("uploading %s: %s; retrying in %.1fs", path.name, reason, wait)
+            if on_retry is not None:
+                on_retry(reason, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.cfg.backoff_max)
 
-        h = hashlib.sha256()
+    async def _upload_stream(self, path: Path, sha256: str, size: int, kind: str,
+                             offset: int, job_id: str = "") -> AsyncIterator[pb.ArtifactChunk]:
+        """The file from ``offset`` in chunks; the first carries the file's identity, every one the running CRC."""
+        crc = await asyncio.to_thread(_crc32_prefix, path, offset)
         with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        size = path.stat().st_size
+            f.seek(offset)
+            pos, first = offset, True
+            while True:
+                data = f.read(UPLOAD_CHUNK_BYTES)
+                if not data and not first:
+                    return
+                crc = zlib.crc32(data, crc)
+                if first:
+                    yield pb.ArtifactChunk(filename=path.name, sha256=sha256, size=size, kind=kind, data=data,
+                                           offset=pos, crc32=crc, job_id=job_id)
+                    first = False
+                else:
+                    yield pb.ArtifactChunk(data=data, offset=pos, crc32=crc)
+                if not data:
+                    return
+                pos += len(data)
 
-        def chunks() -> Any:
-            with path.open("rb") as f:
-                first = True
-                while True:
-                    data = f.read(128 * 1024)
-                    if not data and not first:
-                        return
-                    if first:
-                        yield pb.ArtifactChunk(filename=path.name, sha256=h.hexdigest(), size=size, kind=kind,
-                                               data=data, job_id=job_id)
-                        first = False
-                    else:
-                        yield pb.ArtifactChunk(data=data)
-                    if not data:
-                        return
 
-        stub = await self._stub_ready()
-        try:
-            resp = await stub.UploadArtifact(chunks(), timeout=600)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # not this agent's to upload: not an auth loss
-                raise ForbiddenError(f"uploading {path.name}: {exc.details()}",
-                                     hint="agents upload only their assigned build job's wheel") from exc
-            raise rpc_error(exc, f"uploading {path.name}") from exc
-        return str(resp.sha256)
+def _digest_and_size(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _crc32_prefix(path: Path, length: int) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while length > 0:
+            block = f.read(min(1 << 22, length))
+            if not block:
+                raise InputError(f"{path.name} is shorter than the {length} more bytes the controller holds",
+                                 hint="the file changed during the upload; run the job again")
+            crc = zlib.crc32(block, crc)
+            length -= len(block)
+    return crc

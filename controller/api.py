@@ -6,13 +6,15 @@ pages, rollouts their routes: ``app.include_router(router)``; reach the controll
 ``Depends(require_admin)``). ``FleetError`` raised by a handler becomes
 ``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
 
-Routes: GET /api/v1/health (no auth) · GET /api/v1/stats · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
+Routes: GET /api/v1/health, /api/v1/live, /api/v1/ready (no auth; docs/fleet.md "Health")
+· GET /api/v1/stats · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
 · POST /api/v1/nodes/{host}/revoke · GET/POST /api/v1/tokens · POST /api/v1/tokens/{ref}/revoke
 · GET /api/v1/jobs[?node=] · GET /api/v1/jobs/{id} · GET /api/v1/artifacts · GET /api/v1/audit
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 from typing import Annotated, Any
@@ -76,12 +78,45 @@ class TokenCreate(BaseModel):
     hostname: str | None = None
 
 
+READY_TIMEOUT_S = 2.0
+
+
+async def db_probe(ctx: ControllerContext) -> dict[str, Any]:
+    """``Store.probe`` on the store's thread pool, bounded as a whole: when every database worker is stuck
+    (a held lock), the probe cannot even start, and that is the answer."""
+    try:
+        probe = await asyncio.wait_for(ctx.store.call(ctx.store.probe, READY_TIMEOUT_S), READY_TIMEOUT_S + 0.5)
+    except TimeoutError:
+        probe = {"ok": False, "ms": (READY_TIMEOUT_S + 0.5) * 1000,
+                 "reason": f"database blocked: no answer within {READY_TIMEOUT_S:g}s (every database worker is busy)"}
+    result: dict[str, Any] = probe
+    return result
+
+
 def api_router() -> APIRouter:
     router = APIRouter(prefix=API_PREFIX)
 
+    @router.get("/live")
+    async def live() -> dict[str, Any]:
+        """The process answers. Served on the event loop on purpose: a stalled loop shows as a slow /live."""
+        return {"ok": True}
+
+    @router.get("/ready")
+    async def ready(ctx: Ctx) -> JSONResponse:
+        """The database answers and takes a write within READY_TIMEOUT_S; 503 with the reason if not."""
+        db = await db_probe(ctx)
+        return JSONResponse({"ok": db["ok"], "db": db}, status_code=200 if db["ok"] else 503)
+
     @router.get("/health")
-    def health(ctx: Ctx) -> dict[str, Any]:
-        return {"ok": True, "grpc": ctx.grpc_address, "enroll": ctx.enroll_address}
+    async def health(ctx: Ctx) -> JSONResponse:
+        """Ready, and the controller's own writes are not failing: 503 with the reason if either is wrong."""
+        db = await db_probe(ctx)
+        writes = ctx.store.health
+        if db["ok"] and writes.failing:
+            db = {**db, "ok": False, "reason": f"database writes failing: {writes.last_error}"}
+        db["write_errors"] = writes.errors
+        body = {"ok": db["ok"], "db": db, "grpc": ctx.grpc_address, "enroll": ctx.enroll_address}
+        return JSONResponse(body, status_code=200 if db["ok"] else 503)
 
     @router.get("/stats")
     def stats(ctx: Ctx, _: Admin, reset_lag: bool = False) -> dict[str, Any]:
@@ -160,6 +195,8 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     app.include_router(rollout_router())
     from controller.verify_store.api import router as verify_router  # verify, schedules: docs/verification.md
     app.include_router(verify_router())
+    from controller.attention_api import router as attention_router  # attention recommendation (issue 16)
+    app.include_router(attention_router())
     from controller.web import mount as mount_dashboard  # the dashboard: controller/web, docs/dashboard.md
     mount_dashboard(app, ctx)
     return app

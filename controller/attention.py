@@ -112,7 +112,8 @@ class Setting:
 
     def describe(self) -> str:
         head = f'attn_implementation="{self.transformers}"' if self.transformers else "no transformers setting"
-        return f"{head}; {self.code}" + (f" (HF kernels: {self.hf_kernels})" if self.hf_kernels else "")
+        return f"{head}; {self.code}" + (f" (HF kernels: {self.hf_kernels})" if self.hf_kernels else "") + (
+            f"; {self.note}" if self.note else "")
 
 
 _CUDNN = ("from torch.nn.attention import sdpa_kernel, SDPBackend; "
@@ -126,9 +127,11 @@ SETTINGS: Mapping[str, Setting] = {
                    note="transformers' flash_attention_2 needs FA2; with FA1 use attn_implementation=\"sdpa\""),
     "fa3": Setting("flash_attention_3", "from flash_attn_interface import flash_attn_func",
                    "kernels-community/flash-attn3"),
-    "fa4": Setting(None, "from flash_attn.cute import flash_attn_func",
-                   note="transformers has no FA4 attn_implementation: call flash_attn.cute directly or register "
-                        "it with AttentionInterface"),
+    # transformers 5.17 registers "flash_attention_4" (its AttentionInterface listed it on the H200,
+    # tests/fixtures/h200_attention/e2e_h200.json); not yet run end to end by this project (FA4 not carried)
+    "fa4": Setting("flash_attention_4", "from flash_attn.cute import flash_attn_func",
+                   note="attn_implementation=\"flash_attention_4\" needs transformers ≥ 5.x that registers it "
+                        "(5.17 does); older ones: call flash_attn.cute directly"),
     # torch's default SDPA order tries the flash backend first; cuDNN must be asked for (set_priority keeps the
     # others as fallbacks for shapes cuDNN refuses)
     "sdpa_cudnn": Setting("sdpa", _CUDNN),
@@ -137,7 +140,11 @@ SETTINGS: Mapping[str, Setting] = {
     "sdpa_math": Setting("eager", "attn_implementation=\"eager\" (or sdpa_kernel(SDPBackend.MATH))"),
     "flash_attention_2": Setting("flash_attention_2",
                                  "from_pretrained(..., attn_implementation=\"flash_attention_2\")"),
-    "sdpa": Setting("sdpa", "from_pretrained(..., attn_implementation=\"sdpa\")"),
+    # measured on the H200 (tests/fixtures/h200_attention): the mask costs decode 12 %, and the first SDPA call at
+    # a new prompt length 3-5 s (what made the earlier e2e check report sdpa 4-8x slower than eager)
+    "sdpa": Setting("sdpa", "from_pretrained(..., attn_implementation=\"sdpa\")",
+                    note="decode: pass no attention_mask when the batch has no padding (276 → 315 tokens/s on the "
+                         "H200) and warm up at the serving prompt length (first call at a new length: 3-5 s)"),
     "eager": Setting("eager", "from_pretrained(..., attn_implementation=\"eager\")"),
 }
 
@@ -214,6 +221,17 @@ class Evidence:
             versions=dict(obj.get("versions", {})))
 
 
+def evidence_from_e2e(obj: Mapping[str, Any], kind: str, origin: str, machine: str | None = None,
+                      driver: str | None = None) -> Evidence:
+    """Typed evidence from an agent/verify/e2e_gen.py output: decode tokens/s by attn_implementation."""
+    m = obj.get("machine") or {}
+    ms = tuple(Measurement(e["impl"], "decode", obj.get("dtype") or "bfloat16", 0, int(obj.get("prompt_len") or 0),
+                           True, float(e["decode_tokens_per_s"]))
+               for e in obj.get("e2e", []) if e.get("status") == "ok" and e.get("decode_tokens_per_s"))
+    return Evidence(Source(kind, origin, obj.get("finished_at") or obj.get("started_at"), str(m.get("gpu", "")),
+                           m.get("torch"), driver, machine), ms)
+
+
 def _flash_label(result: VerificationResult) -> str:
     """What the entries' ``flash_attn`` rows are: fa2, or fa1 through its unpadded API."""
     for f in result.implementations():
@@ -238,7 +256,7 @@ def evidence_from_result(result: VerificationResult, kind: str, origin: str | No
         if impl is not None and e.tflops is not None and e.tflops > 0:
             ms.append(Measurement(impl, e.direction, e.dtype, e.headdim, e.seqlen, e.causal, float(e.tflops)))
     for x in result.e2e:
-        decode = getattr(x, "decode_tokens_per_s", None)
+        decode = x.decode_tokens_per_s
         if x.status == "ok" and decode:
             ms.append(Measurement(x.impl, "decode", x.dtype or "bfloat16", 0, x.prompt_len or 0, True, float(decode)))
     checked: dict[tuple[str, str], bool] = {}
@@ -564,3 +582,76 @@ def render(recs: Sequence[Recommendation], indent: str = "  ") -> list[str]:
             out.append(f"{indent}  {mark} {c.impl:<17}{val} {r.unit:<12} {src}{tail}")
         out.extend(f"{indent}  note: {n}" for n in r.notes[0 if r.choice is not None else 1:])
     return out
+
+
+# ---------------------------------------------------------------------------
+# What a node runs now, and the fleet report (pure)
+# ---------------------------------------------------------------------------
+
+
+def running_impl(facts: NodeFacts, workload: str) -> str:
+    """The implementation a node uses today: its installed FlashAttention, else what torch's SDPA picks by
+    default (the flash backend first), or ``sdpa`` for the decode workload (an attn_implementation)."""
+    fa = facts.flash_attn
+    family = fa.variant.split("-", 1)[0] if fa is not None else ""
+    if workload == "decode":
+        return "flash_attention_2" if family == "fa2" else "sdpa"
+    return family if family in FLASH else "sdpa_flash"
+
+
+def slower_than_best(rec: Recommendation, current: str) -> bool:
+    """True when the node's current implementation measured more than ``TIE_MARGIN`` under the recommended one
+    (or is not a measured correct candidate while one is)."""
+    if rec.choice is None or rec.choice.value is None:
+        return False
+    now = next((c for c in rec.ranked() if c.impl == current), None)
+    return now is None or (now.value or 0.0) < rec.choice.value * (1 - TIE_MARGIN)
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    gpu_model: str
+    torch: str | None
+    workload: str
+    nodes: int
+    slower: int  # nodes running something slower than their best
+    recommendation: Recommendation
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.recommendation
+        return {"gpu_model": self.gpu_model, "torch": self.torch, "workload": self.workload, "nodes": self.nodes,
+                "slower_than_best": self.slower, "recommended": r.choice.impl if r.choice else None,
+                "unit": r.unit, "margin": None if r.margin is None else round(r.margin, 4),
+                "implementations": [{"impl": c.impl, "median": c.value, "source": c.source.describe()
+                                     if c.source else None, "excluded": c.excluded} for c in r.candidates],
+                "notes": list(r.notes)}
+
+
+def report(nodes: Sequence[tuple[NodeFacts, Sequence[Evidence]]], workload: str,
+           catalog: Catalog) -> list[ReportRow]:
+    """Per GPU model × torch: the group's recommendation (each node's own evidence counts as the fleet's) and
+    how many of its nodes run something slower than their own best."""
+    prof = profile(workload)
+    groups: dict[tuple[str, str | None], list[tuple[NodeFacts, Sequence[Evidence]]]] = {}
+    for facts, ev in nodes:
+        key = (facts.gpus[0].name if facts.gpus else "", facts.torch.version if facts.torch else None)
+        groups.setdefault(key, []).append((facts, ev))
+    prior = builtin_prior()
+    rows = []
+    for (gpu, torch), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        pool = [Evidence(replace_kind(e.source, "fleet"), e.measurements, e.checked, e.problems, e.versions)
+                for _, evs in members for e in evs]
+        first = members[0][0]
+        group_rec = recommend(NodeContext("(group)", gpu, torch, first.driver.version if first.driver else None),
+                              (*pool, *prior), prof)
+        slower = 0
+        for facts, evs in members:
+            own = recommend(NodeContext.of(facts), (*evs, *pool, *prior), prof, install_costs(facts, catalog))
+            slower += slower_than_best(own, running_impl(facts, workload))
+        rows.append(ReportRow(gpu, torch, workload, len(members), slower, group_rec))
+    return rows
+
+
+def replace_kind(source: Source, kind: str) -> Source:
+    return Source(kind, source.origin, source.measured_at, source.gpu_model, source.torch, source.driver,
+                  source.machine)

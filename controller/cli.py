@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.rollout",
     "controller.commands.verify",
     "controller.commands.schedule",
+    "controller.commands.attention",
 ]
 
 

@@ -30,7 +30,9 @@ from controller.artifacts import ArtifactWriter, Provenance
 from controller.build_uploads import RefusalAudit, authorize
 from controller.context import ControllerContext
 from controller.enrollment import AgentIdentity
+from controller.ratelimit import RateLimited, RateLimits, source_address
 from controller.registry import HostnameMismatch
+from controller.uploads import PartialWriter, UploadRestart, is_disk_full, store_full
 from fleet.errors import (
     AuthError,
     ConflictError,
@@ -64,6 +66,8 @@ _STATUS: list[tuple[type[FleetError], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (UploadRestart, grpc.StatusCode.ABORTED),
+    (RateLimited, grpc.StatusCode.UNAVAILABLE),  # agents retry enrollment with backoff
 ]
 
 
@@ -90,6 +94,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
         self._upload_refusals = RefusalAudit(self._audit_upload_refusal)
+        # Enroll is reachable without credentials: a bucket per source address and a global one (ratelimit.py)
+        self.enroll_limits = RateLimits(ctx.settings.enroll_per_source, ctx.settings.enroll_overall)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -140,6 +146,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def Enroll(self, request: pb.EnrollRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.EnrollResponse:
         peer = context.peer()
+        source = source_address(peer)
+        wait = self.enroll_limits.take(source)
+        if wait:
+            # refused before any work; not logged one by one (a flood would fill the log instead)
+            log.debug("Enroll rate-limited for %s", peer)
+            exc = RateLimited(f"too many enrollment attempts from {source} or overall; retry in {wait:.1f}s",
+                              hint="agents retry by themselves with backoff; many agents enrolling at once "
+                                   "get through at the documented rate (docs/security.md, Abuse limits)")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.code}: {exc.message} (hint: {exc.hint})")
+            raise AssertionError("unreachable")
         result = await self._call(context, "Enroll", peer, lambda: self.ctx.enrollment.enroll(
             request.token, request.hostname, request.csr_pem, peer))
         log.info("enrolled %s as agent %s from %s", result.hostname, result.agent_id, peer)
@@ -232,6 +248,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             async for chunk in request_iterator:
                 if writer is None:  # the first chunk: is this agent's build job asking for this file?
                     provenance = await self._authorize_upload(ident, chunk, context)
+                if writer is None and chunk.HasField("crc32"):  # a resumable upload (controller/uploads.py)
+                    return await self._upload_resumable(ident, chunk, request_iterator, context, provenance)
+                if writer is None:
                     writer = self.ctx.artifacts.writer(chunk.filename, chunk.kind or "other", provenance=provenance,
                                                        expected_sha256=chunk.sha256 or None,
                                                        expected_size=chunk.size or None)
@@ -243,6 +262,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if writer is not None:
                 writer.abort()
             await self._fail(context, "UploadArtifact", exc, ident.hostname)
+        except OSError as exc:
+            if writer is not None:
+                writer.abort()  # a full disk gets its space back at once
+            if not is_disk_full(exc):
+                raise
+            await self._fail(context, "UploadArtifact", store_full(self.ctx.artifacts.root, 0, exc), ident.hostname)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -271,6 +296,40 @@ class AgentService(pb_grpc.AgentServiceServicer):
             audit(self.ctx.store, actor, "artifact.upload.refused", target, level=logging.WARNING, **detail)
         except StoreError:
             log.exception("could not write the audit log")
+
+    async def _upload_resumable(self, ident: AgentIdentity, first: pb.ArtifactChunk,
+                                rest: AsyncIterator[pb.ArtifactChunk],
+                                context: grpc.aio.ServicerContext[Any, Any],
+                                provenance: Provenance) -> pb.UploadArtifactResponse:
+        """Append to this agent's partial file of the artifact; kept when the stream is cut (controller/uploads.py)."""
+        writer: PartialWriter | None = None
+        try:
+            # reading the held prefix back (sha256 + CRC, up to the whole file) is disk work: not on the loop
+            writer = await asyncio.to_thread(self.ctx.uploads.open, ident.agent_id, first.sha256, first.size,
+                                             first.filename, first.kind or "other", first.offset,
+                                             provenance=provenance)
+            if writer.started_at:
+                log.info("upload of %s by %s resumed at byte %d of %d", writer.filename, ident.hostname,
+                         writer.started_at, writer.size)
+            writer.write(first.data, first.offset, first.crc32)
+            async for chunk in rest:
+                writer.write(chunk.data, chunk.offset, chunk.crc32 if chunk.HasField("crc32") else None)
+            info = await asyncio.to_thread(writer.commit)
+        except FleetError as exc:
+            await self._fail(context, "UploadArtifact", exc, ident.hostname)
+        finally:
+            if writer is not None:
+                writer.close()  # keeps what arrived (a no-op after commit or discard)
+        log.info("artifact %s (%s, %d bytes) uploaded by %s%s", info.sha256, info.filename, info.size,
+                 ident.hostname, f" (resumed at byte {writer.started_at})" if writer.started_at else "")
+        return pb.UploadArtifactResponse(sha256=info.sha256, size=info.size)
+
+    async def QueryUpload(self, request: pb.QueryUploadRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.QueryUploadResponse:
+        ident = await self._authed(context, "QueryUpload")
+        offset, stored = await self._call(context, "QueryUpload", ident.hostname, lambda: self.ctx.uploads.query(
+            ident.agent_id, request.sha256, request.size, request.filename, request.kind or "other"))
+        return pb.QueryUploadResponse(offset=offset, stored=stored)
 
 
 def _split(listen: str) -> tuple[str, int]:

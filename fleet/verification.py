@@ -198,6 +198,12 @@ class E2EEntry:
     transformers: str | None = None
     reason: str | None = None
     simulated: bool = False
+    # the phases apart (agent/verify/e2e_gen.py; absent in older results): prefill of batch × prompt tokens,
+    # time to first token, decode of the new tokens with the KV cache
+    prefill_tokens_per_s: float | None = None
+    ttft_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    prefill_peak_mem_mib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -463,7 +469,9 @@ def _e2e(r: _R) -> E2EEntry:
         dtype=r.text("dtype", limit=32), tokens_per_s=r.number("tokens_per_s"), seconds=r.number("seconds"),
         generated_tokens=r.integer("generated_tokens"), peak_mem_mib=r.number("peak_mem_mib"),
         weights_mib=r.number("weights_mib"), transformers=r.text("transformers", limit=64), reason=r.text("reason"),
-        simulated=r.req_bool("simulated", False))
+        simulated=r.req_bool("simulated", False), prefill_tokens_per_s=r.number("prefill_tokens_per_s"),
+        ttft_ms=r.number("ttft_ms"), decode_tokens_per_s=r.number("decode_tokens_per_s"),
+        prefill_peak_mem_mib=r.number("prefill_peak_mem_mib"))
 
 
 def parse_result(obj: Any) -> VerificationResult:

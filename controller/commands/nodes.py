@@ -8,6 +8,7 @@ from typing import Any
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from fleet.cli import print_json
+from fleet.errors import FleetError
 from fleet.text import terminal_safe_tree
 
 
@@ -51,6 +52,10 @@ def handle_node(args: argparse.Namespace) -> int:
     n = client.get(f"/nodes/{args.hostname}")
     n["verification"] = client.get(f"/verify/nodes/{args.hostname}")  # degraded, diagnosis, re-plan, results
     n["rollouts"] = client.get(f"/rollouts/nodes/{args.hostname}", limit=10)["rollouts"]  # its state in each
+    try:  # the attention recommendation (controller/attention.py); an older controller has no such route
+        n["attention"] = client.get(f"/attention/nodes/{args.hostname}")
+    except FleetError as exc:
+        n["attention"] = {"error": exc.message}
     if args.json:
         print_json(n)
         return 0
@@ -100,4 +105,10 @@ def handle_node(args: argparse.Namespace) -> int:
     from controller.commands.verify import print_node_health
 
     print_node_health(n["verification"])
+    from controller.commands.attention import render_node
+
+    if "error" in n["attention"]:
+        print(f"\nattention: unavailable ({n['attention']['error']})")
+    else:
+        print("\n".join(render_node(n["attention"])))
     return 0

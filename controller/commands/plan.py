@@ -31,6 +31,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--policy", metavar="FILE", help='policy JSON: {"version", "fa3", "fa4", "source_builds"}')
     parser.add_argument("--fa3", action="store_true", help="build FA3 (hopper/) on Hopper nodes")
     parser.add_argument("--fa4", action="store_true", help="install FA4 (flash-attn-4) where it runs")
+    parser.add_argument("--prefer", choices=("compatible", "fastest"),
+                        help="fastest: plan the implementation measured fastest for --workload among those the "
+                             "node may install (offline: the built-in prior of real measurements); default "
+                             "compatible (FA2)")
+    parser.add_argument("--workload", choices=("training", "prefill", "decode"),
+                        help="what --prefer fastest and the recommendation measure (default training)")
     parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", DEFAULT_STATE_DIR),
                         help="controller state dir holding user catalog additions (catalog.json)")
     parser.add_argument("--explain", metavar="HOST", help="print the full reasoning for one node")
@@ -77,7 +83,8 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     policy = Policy.load(Path(args.policy)) if args.policy else Policy()
     version = Policy.check_version(args.version) if args.version else policy.version
     return Policy(version=version, fa3=policy.fa3 or args.fa3, fa4=policy.fa4 or args.fa4,
-                  source_builds=policy.source_builds)
+                  source_builds=policy.source_builds, prefer=getattr(args, "prefer", None) or policy.prefer,
+                  workload=getattr(args, "workload", None) or policy.workload)
 
 
 def catalog_from_args(args: argparse.Namespace) -> Catalog:
@@ -134,7 +141,14 @@ def run_plan(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     catalog = catalog_from_args(args)
     entries = load_fleet(args.facts)
-    decisions = resolve_fleet(entries, catalog, policy)
+    # offline: no store, so the recommendation reads the built-in prior of real measurements only
+    from controller import attention
+
+    measured = {f.hostname: attention.recommend(attention.NodeContext.of(f), attention.builtin_prior(),
+                                                attention.profile(policy.workload),
+                                                attention.install_costs(f, catalog)).as_measurements()
+                for f in entries if isinstance(f, NodeFacts)} if policy.prefer == "fastest" else None
+    decisions = resolve_fleet(entries, catalog, policy, measured)
     unreadable = [e for e in entries if isinstance(e, FactsError)]
     for error in unreadable:
         print(f"error[{error.code}]: {error.message}", file=sys.stderr)
@@ -143,10 +157,16 @@ def run_plan(args: argparse.Namespace) -> int:
         if not chosen:
             raise NotFoundError(f"no node {args.explain!r} in {args.facts}",
                                 hint="use a hostname from the facts file (fleetctl plan --facts FILE lists them)")
+        facts = next(f for f in entries if isinstance(f, NodeFacts) and f.hostname == args.explain) \
+            if any(isinstance(f, NodeFacts) and f.hostname == args.explain for f in entries) else None
+        recs = attention.recommend_for(facts, catalog, ()) if facts is not None and facts.gpus else []
         if args.json:
-            print_json(chosen[0].to_json())
+            print_json({**chosen[0].to_json(), "attention": [r.to_json() for r in recs]})
         else:
             print(render_explain(chosen[0]))
+            if recs:
+                print("attention (built-in prior of real measurements; `fleetctl node` adds the node's own):")
+                print("\n".join(attention.render(recs)))
     elif args.json:
         print_json({"nodes": [d.to_json() for d in decisions]})
     else:

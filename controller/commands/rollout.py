@@ -84,8 +84,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fa3", action="store_true", help="FA3 (hopper/, source build) on Hopper nodes; FA2 elsewhere")
     p.add_argument("--no-source-builds", dest="source_builds", action="store_false", default=None,
                    help="never compile on a node: nodes without a matching wheel are blocked")
+    p.add_argument("--prefer", choices=("compatible", "fastest"),
+                   help="fastest: per node, the implementation measured fastest for --workload among those it "
+                   "may install (FA4 wheels, FA2, or nothing when SDPA wins); default compatible (FA2)")
+    p.add_argument("--workload", choices=("training", "prefill", "decode"),
+                   help="the measurements --prefer fastest reads (default training)")
     p.add_argument("--policy", type=Path, metavar="FILE", help='policy file {"version", "fa3", "fa4", '
-                   '"source_builds"} (flags given on the command line win)')
+                   '"source_builds", "prefer", "workload"} (flags given on the command line win)')
     p.add_argument("--builder", metavar="HOST[,HOST…]", help="dedicated builders: each builds the wheel of its own "
                    "build key for the other nodes of that key (default: the earliest scheduled node of each key)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
@@ -189,7 +194,9 @@ def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
 
     policy = Policy.load(args.policy) if args.policy else Policy()
     return {"version": args.version or policy.version, "fa3": args.fa3 or policy.fa3, "fa4": args.fa4 or policy.fa4,
-            "source_builds": policy.source_builds if args.source_builds is None else args.source_builds}
+            "source_builds": policy.source_builds if args.source_builds is None else args.source_builds,
+            "prefer": getattr(args, "prefer", None) or policy.prefer,
+            "workload": getattr(args, "workload", None) or policy.workload}
 
 
 def _print_preflight(out: dict[str, Any]) -> None:

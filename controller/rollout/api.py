@@ -44,6 +44,8 @@ class StartBody(BaseModel):
     fa3: bool = False
     fa4: bool = False
     source_builds: bool = True
+    prefer: str = "compatible"  # fastest: the attention recommendation picks (controller/attention.py)
+    workload: str = "training"
 
 
 class ActorBody(BaseModel):
@@ -94,7 +96,8 @@ def router() -> APIRouter:
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
                                      verify_mode=body.verify_mode, fa3=body.fa3, fa4=body.fa4,
-                                     source_builds=body.source_builds, actor=_actor(actor, body.actor))
+                                     source_builds=body.source_builds, prefer=body.prefer,
+                                     workload=body.workload, actor=_actor(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
         wake(request)
         return out

@@ -396,6 +396,9 @@ def describe_target(version: str, policy: Mapping[str, object] | None) -> str:
     """What a rollout installs, in words: the FA2 release, and FA4/FA3 where its policy asks for them."""
     extras = [label for key, label in (("fa4", f"FA4 {rules.FA4_VERSION}"), ("fa3", f"FA3 {rules.FA3_VERSION}"))
               if (policy or {}).get(key)]
+    if (policy or {}).get("prefer") == "fastest":  # the measured ranking decides per node
+        workload = (policy or {}).get('workload', 'training')
+        return f"the fastest measured ({workload}) per node, else flash-attn {version}"
     if not extras:
         return f"flash-attn {version}"
     return f"{' / '.join(extras)} where supported, else flash-attn {version}"

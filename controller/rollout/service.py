@@ -59,13 +59,19 @@ class RolloutRequest:
     fa3: bool = False  # --fa3: FA3 (hopper/) source builds on Hopper nodes
     fa4: bool = False  # --fa4: flash-attn-4 where it runs
     source_builds: bool = True  # False: never compile on a node (wheels or nothing)
+    prefer: str = "compatible"  # --prefer fastest: the measured fastest implementation the node may install
+    workload: str = "training"  # what "fastest" reads: training | prefill | decode
     actor: str = "admin"
 
     def policy(self, version: str) -> Any:
         from controller.resolver import Policy
+        from controller.resolver.model import PREFER, WORKLOADS
 
+        if self.prefer not in PREFER or self.workload not in WORKLOADS:
+            raise UsageError(f"prefer {self.prefer!r} / workload {self.workload!r} is not known",
+                             hint=f"prefer: {', '.join(PREFER)}; workload: {', '.join(WORKLOADS)}")
         return Policy(version=Policy.check_version(version), fa3=self.fa3, fa4=self.fa4,
-                      source_builds=self.source_builds)
+                      source_builds=self.source_builds, prefer=self.prefer, workload=self.workload)
 
 
 @dataclass
@@ -165,11 +171,12 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
 
         # wheels our source builds put in the artifact store: the resolver picks them like upstream wheels
         local = local_wheel_entries(s)
-    if local:
-        catalog = catalog.with_local_wheels(local)
+        if local:
+            catalog = catalog.with_local_wheels(local)
+        measured = _measured(s, rows, catalog, policy)
     local_sha = {e["filename"]: e["sha256"] for e in local}
     planned = [_plan_node(row, catalog, policy, version, local_sha, provisioner,
-                          built=set(builds_done)) for row in rows]
+                          built=set(builds_done), measured=measured.get(row.hostname)) for row in rows]
     active = [p for p in planned if p.skip_reason is None]
 
     canaries = choose_canaries([p.plan for p in active], req.canary)
@@ -201,12 +208,31 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     if req.verify_mode:
         options["verify_mode"] = req.verify_mode
     # what the failed nodes are re-planned with on `resume --retry-failed`
-    options["policy"] = {"fa3": req.fa3, "fa4": req.fa4, "source_builds": req.source_builds}
+    policy_options: dict[str, Any] = {"fa3": req.fa3, "fa4": req.fa4, "source_builds": req.source_builds,
+                                      "prefer": req.prefer, "workload": req.workload}
+    options["policy"] = policy_options
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
 
 
+def _measured(s: Session, rows: Sequence[Node], catalog: Any, policy: Any) -> dict[str, Any]:
+    """Per node, the attention ranking ``--prefer fastest`` plans from (controller/attention_api.py)."""
+    if policy.prefer != "fastest":
+        return {}
+    from controller.attention_api import measurements_for
+
+    out: dict[str, Any] = {}
+    for row in rows:
+        try:
+            facts = parse_node(row.facts)
+        except FactsError:
+            continue
+        if facts.gpus:
+            out[row.hostname] = measurements_for(s, facts, bool(row.simulated), catalog, policy.workload)
+    return out
+
+
 def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
-               provisioner: Provisioner | None, *, built: set[str]) -> PlannedNode:
+               provisioner: Provisioner | None, *, built: set[str], measured: Any = None) -> PlannedNode:
     """One node's rollout plan from its current facts (at start, and again when a failed node is retried)."""
     from controller.local_wheels import catalog_wheel_name
     from controller.resolver import resolve
@@ -217,7 +243,7 @@ def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Ma
     except FactsError as exc:
         return PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
                            skip_reason=f"facts unreadable: {exc.message}")
-    d = resolve(facts, catalog, policy)
+    d = resolve(facts, catalog, policy, measured)
     build = d.build
     np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
                   version=d.flash_attn_version, build_key=build.build_key if build else None,
@@ -562,14 +588,17 @@ def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Pa
     built = {b.build_key for b in s.scalars(select(Build).where(Build.status == "succeeded"))}
     pol = (r.options or {}).get("policy") or {}
     req = RolloutRequest(fa3=bool(pol.get("fa3")), fa4=bool(pol.get("fa4")),
-                         source_builds=bool(pol.get("source_builds", True)))
+                         source_builds=bool(pol.get("source_builds", True)),
+                         prefer=str(pol.get("prefer", "compatible")), workload=str(pol.get("workload", "training")))
     policy = req.policy(r.version)
     rows = {row.hostname: row for row in s.scalars(select(Node).where(Node.hostname.in_([n.hostname for n in failed])))}
+    measured = _measured(s, list(rows.values()), catalog, policy)
     out: dict[str, PlannedNode] = {}
     for n in failed:
         row = rows.get(n.hostname)
         if row is not None:
-            out[n.hostname] = _plan_node(row, catalog, policy, r.version, local_sha, provisioner, built=built)
+            out[n.hostname] = _plan_node(row, catalog, policy, r.version, local_sha, provisioner, built=built,
+                                         measured=measured.get(n.hostname))
     return out
 
 

@@ -88,3 +88,9 @@ def test_policy_file_fields(obj: dict[str, str], ok: bool) -> None:
     else:
         with pytest.raises(InputError):
             Policy.from_json(obj, "p.json")
+
+
+def test_decode_workload_on_h200_plans_nothing_to_install() -> None:
+    f = facts("h200_fa4_e2e/facts.json")
+    d = resolve(f, builtin_catalog(), Policy(prefer="fastest", workload="decode"), ranking(f, "decode"))
+    assert d.variant == "sdpa" and "new tokens/s" in d.reasons[0]

@@ -176,3 +176,15 @@ def test_install_costs_and_json_from_real_facts() -> None:
     prefill = next(r for r in out if r["workload"] == "prefill")
     assert prefill["choice"]["impl"] == "fa4" and prefill["choice"]["install"]["kind"] == "wheel"
     assert prefill["choice"]["setting"]["code"] == "from flash_attn.cute import flash_attn_func"
+
+
+def test_decode_from_the_real_h200_e2e_fixture() -> None:
+    from controller.attention import evidence_from_e2e
+
+    rel = "h200_attention/e2e_h200.json"
+    ev = evidence_from_e2e(json.loads((FIX / rel).read_text()), "node", rel, driver=DRIVER)
+    r = recommend(ctx(), [ev], profile("decode"))
+    assert r.choice is not None and r.runner_up is not None
+    assert (r.choice.impl, r.runner_up.impl) == ("sdpa", "eager")
+    assert r.choice.value == pytest.approx(259.5) and r.margin == pytest.approx(259.5 / 195.3 - 1)
+    assert "no attention_mask" in r.choice.setting.note
