@@ -14,7 +14,8 @@ import pytest
 
 from controller.cli import main as fleetctl
 from controller.serve import RunningController
-from tests.integration.fleet_support import SimAgents
+from tests.integration.fleet.test_jobs_artifacts_cli import ScriptedRunner
+from tests.integration.fleet_support import SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -32,13 +33,17 @@ async def test_64mb_wheel_up_and_down_and_8mb_sdist_by_cli(controller: RunningCo
     info = json.loads(out)
     assert info["kind"] == "sdist" and info["size"] == 8_451_657
     assert info["sha256"] == hashlib.sha256(sdist.read_bytes()).hexdigest()
-    sim = await fleet.start("node-1", "h100-cu130")
+    # an agent uploads only the wheel of its own running build job (controller/build_uploads.py)
+    sim = await fleet.start("node-1", "h100-cu130", runner=ScriptedRunner(events=1, delay=30))
+    job_id = await controller.ctx.jobs.submit_job("node-1", "build-from-source",
+                                                  {"flash_attn_version": "2.8.3.post1", "build_key": "k"}, timeout=60)
+    await wait_for(lambda: controller.ctx.jobs.get(job_id, events=False)["status"] in ("dispatched", "running"))
     wheel = tmp_path / "flash_attn-2.8.3.post1-cp312-cp312-linux_x86_64.whl"
     with wheel.open("wb") as f:
         for _ in range(64):
             f.write(os.urandom(1 << 20))
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert await sim.agent.upload_artifact(wheel, kind="wheel") == digest
+    assert await sim.agent.upload_artifact(wheel, kind="wheel", job_id=job_id) == digest
     got = await sim.agent.fetch_artifact(digest, tmp_path / "dl")
     assert got.name == wheel.name and hashlib.sha256(got.read_bytes()).hexdigest() == digest
 
