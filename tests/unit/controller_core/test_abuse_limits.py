@@ -138,6 +138,8 @@ def test_fleetctl_nodes_and_node_print_no_escape_sequences(monkeypatch: pytest.M
                 return {"rollouts": []}
             if path.startswith("/verify/nodes/"):
                 return {}
+            if path.startswith("/attention/"):
+                return {"error": "not computed \x1b[31m"}
             return node
 
     monkeypatch.setattr("controller.commands.nodes.ControllerClient.from_args", staticmethod(lambda _: Client()))
