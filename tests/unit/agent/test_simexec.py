@@ -16,10 +16,10 @@ async def test_jobs_change_the_simulated_node(tmp_path: Path) -> None:
     facts = replace(facts, extra={**facts.extra, "job_seconds": {"*": 0}, "job_faults": {"cuda-toolkit": "E: boom"}})
     runner = SimulatedJobRunner(lambda: facts, tmp_path)
     events: list[dict[str, Any]] = []
-    uploaded: list[Path] = []
+    uploaded: list[tuple[Path, str]] = []
 
-    async def upload(path: Path, kind: str) -> str:
-        uploaded.append(path)
+    async def upload(path: Path, kind: str = "other", *, job_id: str = "") -> str:
+        uploaded.append((path, job_id))  # the controller accepts a build's wheel only with its job id
         return "ab" * 32
 
     runner.uploader = upload
@@ -27,7 +27,8 @@ async def test_jobs_change_the_simulated_node(tmp_path: Path) -> None:
     assert failed.status == "failed" and failed.error == "E: boom"
     built = await runner.run(JobSpec("j1", "build-from-source", {"flash_attn_version": "2.8.3", "variant": "fa2-source",
                                                                 "build_key": "k"}), events.append)
-    assert built.ok and built.result["built_wheel"]["sha256"] == "ab" * 32 and uploaded[0].exists()
+    assert built.ok and built.result["built_wheel"]["sha256"] == "ab" * 32 and uploaded[0][0].exists()
+    assert uploaded[0][1] == "j1"
     fa = runner.current_facts().flash_attn
     assert fa is not None and fa.version == "2.8.3"
     verified = await runner.run(JobSpec("j2", "verify", {}), events.append)
