@@ -548,6 +548,12 @@ class RolloutEngine:
         except FleetError as exc:
             self._provision_failed(step, exc)
             return False
+        except Exception as exc:  # a bug: fail the node saying so, never re-run the step in a loop (the task restarts)
+            log.exception("rollout %s: getting %s's artifacts failed", step.rollout_id, step.hostname)
+            self._provision_failed(step, FleetError(f"internal error while getting the artifacts: "
+                                                    f"{type(exc).__name__}: {exc}",
+                                                    hint="see the controller's log; report it"))
+            return False
         step.vars.update(extra)
         with self.store.session() as s:
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.integration.harness.upstream import (
     FakeUpstream,
@@ -372,6 +373,12 @@ class AgentProc:
             return "\n".join((self.root / "agent.log").read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+def require_ansible() -> None:
+    """Skip where the agent could not run playbooks (as tests/integration/e2e/test_rehearsal.py does)."""
+    if shutil.which("ansible-playbook", path=f"{BIN}:{os.environ.get('PATH', '')}") is None:
+        pytest.skip("ansible-playbook not installed")
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from tests.integration.realnode.rig import (
     Universes,
     catalog_entry,
     make_universes,
+    require_ansible,
     running,
     utc,
 )
@@ -90,6 +91,7 @@ class Matrix:
     dry_run: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, Phase] = field(default_factory=dict)
     verify_after_rollback: Result | None = None
+    pip_check_after_rollback: dict[str, str] = field(default_factory=dict)   # variant → `pip check` output
     jobs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # hostname → its jobs, oldest first
 
     def node(self, phase: str, variant: str) -> dict[str, Any]:
@@ -130,6 +132,7 @@ def _file_gets(up: TimedUpstream) -> int:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+    require_ansible()
     root = tmp_path_factory.mktemp("realnode-matrix")
     universes = make_universes(root / "universes")
     up = TimedUpstream(root=root / "upstream")
@@ -163,6 +166,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
                 phase.installed = {v: venv.versions() for v, venv in venvs.items()}
                 phase.file_gets = _file_gets(up)
                 if name == "rollback":  # what a verification expects of the nodes now: no flash-attn (sdpa)
+                    m.pip_check_after_rollback = {v: venvs[v].pip_check() for v in INSTALLS}
                     m.verify_after_rollback = c.fleetctl("verify", "--quick", "--json",
                                                          *(BY_VARIANT[v].hostname for v in INSTALLS))
             m.jobs = {n.hostname: c.jobs(n.hostname) for n in NODES}
@@ -225,6 +229,7 @@ def test_rollout_verify_rollback_rollout_again(matrix: Matrix, variant: str) -> 
     assert job["result"]["rollback"]["action"] == "removed", job["result"]
     after = matrix.phases["rollback"].installed[variant]
     assert dist not in after and after["torch"] == TORCH_STANDIN_VERSION, after
+    assert "No broken requirements found" in matrix.pip_check_after_rollback[variant]
     # …and that is what the node is expected to have now: a verification expects SDPA, not flash-attn
     res = matrix.verify_after_rollback
     assert res is not None
