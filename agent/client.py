@@ -227,6 +227,9 @@ class Agent:
         self.sequence = 0
         self.heartbeats = 0
         self.sessions = 0
+        self._session_up = False  # the current session's first RPC was answered (resets the backoff)
+        self._facts_due = False  # a requested facts report failed: send it again on the next heartbeat
+        self._facts_task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
         self.interval = 10.0
 
@@ -274,22 +277,28 @@ class Agent:
         delay = self.cfg.backoff_initial
         try:
             while not stop.is_set():
-                started = time.monotonic()
+                self._session_up = False
+                failure: str | None = None
                 try:
                     await self._session(creds, stop)
                 except grpc.aio.AioRpcError as exc:
                     err = rpc_error(exc, "controller session")
                     if isinstance(err, AuthError):
                         raise err from exc
-                    log.warning("%s; reconnecting in %.1fs", err.message, delay)
+                    failure = err.message
                 except FleetError as exc:
                     if isinstance(exc, AuthError):
                         raise
-                    log.warning("%s; reconnecting in %.1fs", exc.message, delay)
+                    failure = exc.message
                 if stop.is_set():
                     break
-                if time.monotonic() - started > 30:
+                # A session that was established (the controller answered its first RPC) proves the controller
+                # is back: the next reconnect starts from the initial delay. Waiting for a long session instead
+                # left agents at the maximum delay after a few quick controller restarts. Jitter stays.
+                if self._session_up:
                     delay = self.cfg.backoff_initial
+                if failure:
+                    log.warning("%s; reconnecting in %.1fs", failure, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay * (0.8 + 0.4 * random.random()))
                 delay = min(delay * 2, self.cfg.backoff_max)
@@ -305,7 +314,9 @@ class Agent:
                                            options=channel_options(self.cfg.server_name)) as channel:
             stub = pb_grpc.AgentServiceStub(channel)
             self.sessions += 1
+            self._facts_due = False  # reported right here
             await self.report_facts(stub)
+            self._session_up = True
             self._stub = stub
             self._connected.set()
             tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),
@@ -318,6 +329,9 @@ class Agent:
             finally:
                 self._connected.clear()
                 self._stub = None
+                if self._facts_task is not None:
+                    tasks.append(self._facts_task)
+                    self._facts_task = None
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,9 +354,21 @@ class Agent:
                                         timeout=RPC_TIMEOUT)
             self.heartbeats += 1
             self.interval = float(resp.interval_seconds or 10)
-            if resp.facts_requested:
-                await self.report_facts(stub)
+            # reported beside the heartbeats, never in their way: a slow controller database delays the
+            # report (retried on the next beat until it lands), not the heartbeats that keep the node online
+            if (resp.facts_requested or self._facts_due) and (self._facts_task is None or self._facts_task.done()):
+                self._facts_due = False
+                self._facts_task = asyncio.create_task(self._requested_facts(stub))
             await asyncio.sleep(self.interval)
+
+    async def _requested_facts(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        try:
+            await self.report_facts(stub)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in FATAL_CODES:
+                raise
+            self._facts_due = True
+            log.warning("facts report failed (%s); retrying on the next heartbeat", rpc_error(exc, "facts").message)
 
     async def _job_stream(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
         call = stub.Jobs(wire.jobs_request(self._held))

@@ -231,6 +231,15 @@ class IdentityCache:
         self.store = store
         self._by_id: dict[str, AgentIdentity] = {}
         self._refreshed = 0.0
+        # set by the controller's housekeeping, which then calls refresh() off the event loop: an RPC never
+        # waits on the database for the revoked set (a blocked database must not stop heartbeats)
+        self.refresh_in_background = False
+
+    def cached(self, agent_id: str) -> AgentIdentity | None:
+        """The identity if ``lookup`` can answer from memory alone, else None."""
+        if not self.refresh_in_background and time.monotonic() - self._refreshed > REFRESH_SECONDS:
+            return None
+        return self._by_id.get(agent_id)
 
     def mark_revoked(self, agent_id: str) -> None:
         ident = self._by_id.get(agent_id)
@@ -245,7 +254,7 @@ class IdentityCache:
         self._refreshed = time.monotonic()
 
     def lookup(self, agent_id: str) -> AgentIdentity | None:
-        if time.monotonic() - self._refreshed > REFRESH_SECONDS:
+        if not self.refresh_in_background and time.monotonic() - self._refreshed > REFRESH_SECONDS:
             self.refresh()
         ident = self._by_id.get(agent_id)
         if ident is None:

@@ -38,7 +38,11 @@ the agent may never have received them, and they are re-sent on the new stream a
 jobs, so they are left alone; one that says nothing (``held=None``: agents that predate the
 field) changes nothing either. A late result for a job already finished is ignored (``_finish``).
 
-All methods must be called from the controller's event loop thread.
+All methods must be called from the controller's event loop thread. The agent-facing ones
+(``stream_for``, ``record_events_async``, ``complete_async``, ``submit_job``) and the watchdog do their
+database work on the store's thread pool (``Store.call``), so that a slow or locked database delays
+those calls only, never the event loop; writes are retried on transient failures (``Store.write``)
+and idempotent: events by (job, counter), a result by the job's status (only an unfinished job takes one).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapp
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select, update
 
 from controller.store import Store, utcnow
 from controller.store.models import Job, JobEvent, Node
@@ -146,11 +150,15 @@ class JobDispatcher:
         if not 1 <= timeout <= MAX_TIMEOUT_SECONDS:
             raise InputError(f"job timeout {timeout}s out of range", hint=f"use 1..{MAX_TIMEOUT_SECONDS} seconds")
         job_id = uuid.uuid4().hex
-        with self.store.session() as s:
+
+        def insert(s: Any) -> None:
             if s.scalar(select(Node.id).where(Node.hostname == node)) is None:
                 raise NotFoundError(f"no node named {node!r}", hint="see `fleetctl nodes` for registered nodes")
-            s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
-                      status="pending", created_at=utcnow()))
+            if s.get(Job, job_id) is None:  # a retry after a commit whose answer was lost
+                s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
+                          status="pending", created_at=utcnow()))
+
+        await self.store.call(self.store.write, insert, what=f"job {job_id} submit")
         log.info("job %s (%s) submitted for %s", job_id, kind, node)
         queue = self._streams.get(node)
         if queue is not None:
@@ -236,11 +244,8 @@ class JobDispatcher:
         self._streams[node] = queue
         try:
             if held is not None:
-                self.interrupt_unheld(node, held)
-            with self.store.session() as s:
-                rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(("pending", "dispatched")))
-                                 .order_by(Job.created_at)).all()
-                backlog = [JobSpec(r.id, r.node, r.kind, r.vars, r.timeout_seconds) for r in rows]
+                await self.interrupt_unheld_async(node, held)
+            backlog = await self.store.call(self._backlog, node)
             for pending in backlog:
                 queue.put_nowait(pending)
             sent: set[str] = set()
@@ -248,13 +253,50 @@ class JobDispatcher:
                 spec = await queue.get()
                 if spec is None:
                     return
-                if spec.job_id in sent or not self._mark_dispatched(spec):
+                if spec.job_id in sent:
                     continue
+                deadline = await self.store.call(self._dispatch_db, spec)
+                if deadline is None:
+                    continue
+                self._deadlines[spec.job_id] = deadline
+                log.info("job %s dispatched to %s", spec.job_id, spec.node)
                 sent.add(spec.job_id)
                 yield spec
         finally:
             if self._streams.get(node) is queue:
                 del self._streams[node]
+
+    def _backlog(self, node: str) -> list[JobSpec]:
+        with self.store.session() as s:
+            rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(("pending", "dispatched")))
+                             .order_by(Job.created_at)).all()
+            return [JobSpec(r.id, r.node, r.kind, r.vars, r.timeout_seconds) for r in rows]
+
+    async def interrupt_unheld_async(self, node: str, held: Collection[str]) -> list[str]:
+        """``interrupt_unheld`` with the database work on the store's thread pool."""
+        keep = set(held)
+        lost = await self.store.call(self._running_ids, node)
+        interrupted: list[str] = []
+        for job_id in lost:
+            if job_id in keep:
+                continue
+            error = INTERRUPTED_ERROR.format(node=node, job_id=job_id)
+            event = await self.store.call(self._controller_event_db, job_id, INTERRUPTED_EVENT, {
+                "node": node, "reason": "the agent's new process does not hold this job",
+                "held_job_ids": sorted(keep)[:50]})
+            if event is None:  # finished meanwhile
+                continue
+            self._notify([event])
+            log.warning("job %s on %s interrupted: the agent restarted without it", job_id, node)
+            await self.finish_async(job_id, JobOutcome(job_id, "failed", None, {"interrupted": True}, error),
+                                    node=node)
+            interrupted.append(job_id)
+        return interrupted
+
+    def _running_ids(self, node: str) -> list[str]:
+        with self.store.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.node == node, Job.status == "running")
+                                  .order_by(Job.created_at)))
 
     def interrupt_unheld(self, node: str, held: Collection[str]) -> list[str]:
         """Fail ``node``'s ``running`` jobs that its (re)started agent does not hold; returns their ids."""
@@ -277,6 +319,12 @@ class JobDispatcher:
 
     def _controller_event(self, job_id: str, name: str, data: Mapping[str, Any]) -> JobEventRecord | None:
         """Record an event the controller itself writes (after the agent's, by counter) if the job is unfinished."""
+        ev = self._controller_event_db(job_id, name, data)
+        if ev is not None:
+            self._notify([ev])
+        return ev
+
+    def _controller_event_db(self, job_id: str, name: str, data: Mapping[str, Any]) -> JobEventRecord | None:
         with self.store.session() as s:
             row = s.get(Job, job_id)
             if row is None or row.status in FINAL_STATUSES:
@@ -284,7 +332,6 @@ class JobDispatcher:
             last = s.scalar(select(func.max(JobEvent.counter)).where(JobEvent.job_id == job_id)) or 0
             ev = JobEventRecord(job_id, int(last) + 1, name, dict(data), utcnow())
             s.add(JobEvent(job_id=job_id, counter=ev.counter, event=name, data=dict(data), created=ev.created))
-        self._notify([ev])
         return ev
 
     def _notify(self, events: Iterable[JobEventRecord]) -> None:
@@ -296,41 +343,70 @@ class JobDispatcher:
                     log.exception("job event listener failed")
 
     def _mark_dispatched(self, spec: JobSpec) -> bool:
-        with self.store.session() as s:
-            row = s.get(Job, spec.job_id)
-            if row is None or row.status in FINAL_STATUSES:
-                return False
-            now = utcnow()
-            if row.status == "pending":
-                row.status = "dispatched"
-            row.dispatched_at = now
-            self._deadlines[spec.job_id] = now + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
+        deadline = self._dispatch_db(spec)
+        if deadline is None:
+            return False
+        self._deadlines[spec.job_id] = deadline
         log.info("job %s dispatched to %s", spec.job_id, spec.node)
         return True
 
+    def _dispatch_db(self, spec: JobSpec) -> dt.datetime | None:
+        """Mark the job dispatched (thread-safe); its deadline, or None when it has finished meanwhile."""
+        def mark(s: Any) -> dt.datetime | None:
+            row = s.get(Job, spec.job_id)
+            if row is None or row.status in FINAL_STATUSES:
+                return None
+            now = utcnow()
+            # conditional: a result or a cancel stored meanwhile by another worker thread is not overwritten
+            res = s.execute(update(Job).where(Job.id == spec.job_id, Job.status.not_in(tuple(FINAL_STATUSES)))
+                            .values(dispatched_at=now,
+                                    status=case((Job.status == "pending", "dispatched"), else_=Job.status))
+                            .execution_options(synchronize_session=False))
+            if getattr(res, "rowcount", 1) != 1:
+                return None
+            return now + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
+
+        return self.store.write(mark, what=f"job {spec.job_id} dispatch")
+
     def record_events(self, node: str, events: Iterable[JobEventRecord]) -> int:
         """Store events reported by ``node``'s agent; returns how many were new (duplicates skipped)."""
-        stored: list[JobEventRecord] = []
-        with self.store.session() as s:
-            jobs: dict[str, Job] = {}
-            for ev in events:
-                job = jobs.get(ev.job_id) or s.get(Job, ev.job_id)
-                if job is None or job.node != node:
-                    raise NotFoundError(f"job {ev.job_id!r} is not a job of {node}",
-                                        hint="the agent reported events for a job it was not given")
-                jobs[ev.job_id] = job
-                exists = s.scalar(select(JobEvent.id).where(JobEvent.job_id == ev.job_id,
-                                                            JobEvent.counter == ev.counter))
-                if exists is not None:
-                    continue
-                s.add(JobEvent(job_id=ev.job_id, counter=ev.counter, event=ev.event[:64], data=dict(ev.data),
-                               created=ev.created))
-                if job.status in ("pending", "dispatched"):
-                    job.status = "running"
-                    job.started_at = job.started_at or utcnow()
-                stored.append(ev)
+        stored = self.store.write(lambda s: self._record_events_db(s, node, list(events)),
+                                  what=f"events of {node}")
         self._notify(stored)
         return len(stored)
+
+    async def record_events_async(self, node: str, events: Iterable[JobEventRecord]) -> int:
+        """``record_events`` with the database work (retried; duplicates skipped) on the store's thread pool."""
+        batch = list(events)
+        stored = await self.store.call(self.store.write, lambda s: self._record_events_db(s, node, batch),
+                                       what=f"events of {node}")
+        self._notify(stored)
+        return len(stored)
+
+    def _record_events_db(self, s: Any, node: str, events: list[JobEventRecord]) -> list[JobEventRecord]:
+        stored: list[JobEventRecord] = []
+        jobs: dict[str, Job] = {}
+        started: set[str] = set()
+        for ev in events:
+            job = jobs.get(ev.job_id) or s.get(Job, ev.job_id)
+            if job is None or job.node != node:
+                raise NotFoundError(f"job {ev.job_id!r} is not a job of {node}",
+                                    hint="the agent reported events for a job it was not given")
+            jobs[ev.job_id] = job
+            exists = s.scalar(select(JobEvent.id).where(JobEvent.job_id == ev.job_id,
+                                                        JobEvent.counter == ev.counter))
+            if exists is not None:
+                continue
+            s.add(JobEvent(job_id=ev.job_id, counter=ev.counter, event=ev.event[:64], data=dict(ev.data),
+                           created=ev.created))
+            if job.status in ("pending", "dispatched") and job.id not in started:
+                started.add(job.id)
+                # conditional, not an ORM assignment: a result stored meanwhile by another worker thread wins
+                s.execute(update(Job).where(Job.id == job.id, Job.status.in_(("pending", "dispatched")))
+                          .values(status="running", started_at=func.coalesce(Job.started_at, utcnow()))
+                          .execution_options(synchronize_session=False))
+            stored.append(ev)
+        return stored
 
     def complete(self, node: str, outcome: JobOutcome) -> None:
         """Record the result reported by ``node``'s agent."""
@@ -339,23 +415,56 @@ class JobDispatcher:
                              hint=f"use one of {', '.join(sorted(FINAL_STATUSES))}")
         self._finish(outcome.job_id, outcome, node=node)
 
+    async def complete_async(self, node: str, outcome: JobOutcome) -> None:
+        """``complete`` with the database work (retried, idempotent) on the store's thread pool."""
+        if outcome.status not in FINAL_STATUSES:
+            raise InputError(f"job status {outcome.status!r} is not a final status",
+                             hint=f"use one of {', '.join(sorted(FINAL_STATUSES))}")
+        await self.finish_async(outcome.job_id, outcome, node=node)
+
+    async def finish_async(self, job_id: str, outcome: JobOutcome, node: str | None) -> None:
+        ours = job_id in self._deadlines
+        job_node = await self.store.call(self.store.write, lambda s: self._finish_db(s, job_id, outcome, node, ours),
+                                         what=f"job {job_id} result")
+        if job_node is not None:
+            self._finished(job_id, outcome, job_node)
+
     def _finish(self, job_id: str, outcome: JobOutcome, node: str | None) -> None:
-        with self.store.session() as s:
-            row = s.get(Job, job_id)
-            if row is None or (node is not None and row.node != node):
-                raise NotFoundError(f"job {job_id!r} is not a job of {node or 'this controller'}",
-                                    hint="check the job id")
-            if row.status in FINAL_STATUSES:
-                if node is None:
-                    raise ConflictError(f"job {job_id} already finished ({row.status})", hint="nothing to do")
-                log.warning("job %s: late result %s ignored (already %s)", job_id, outcome.status, row.status)
-                return
-            row.status = outcome.status
-            row.rc = outcome.rc
-            row.result = dict(outcome.result)
-            row.error = outcome.error
-            row.finished_at = utcnow()
-            job_node = row.node
+        ours = job_id in self._deadlines
+        job_node = self.store.write(lambda s: self._finish_db(s, job_id, outcome, node, ours),
+                                    what=f"job {job_id} result")
+        if job_node is not None:
+            self._finished(job_id, outcome, job_node)
+
+    def _finish_db(self, s: Any, job_id: str, outcome: JobOutcome, node: str | None, ours: bool) -> str | None:
+        """Store the outcome if the job is unfinished (thread-safe, retry-safe); the job's node, or None for a
+        late result. ``ours``: this process dispatched the job and has not seen it finish, so a final row
+        with this very status is our own earlier attempt whose commit answer was lost (a dropped
+        connection): the outcome counts, once."""
+        row = s.get(Job, job_id)
+        if row is None or (node is not None and row.node != node):
+            raise NotFoundError(f"job {job_id!r} is not a job of {node or 'this controller'}",
+                                hint="check the job id")
+        if row.status in FINAL_STATUSES:
+            if ours and row.status == outcome.status and row.error == outcome.error:
+                return str(row.node)
+            if node is None:
+                raise ConflictError(f"job {job_id} already finished ({row.status})", hint="nothing to do")
+            log.warning("job %s: late result %s ignored (already %s)", job_id, outcome.status, row.status)
+            return None
+        # conditional on the row still being unfinished: two finishes racing (a result and the watchdog,
+        # or a retry) cannot both win, on PostgreSQL as on SQLite
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(tuple(FINAL_STATUSES)))
+                        .values(status=outcome.status, rc=outcome.rc, result=dict(outcome.result),
+                                error=outcome.error, finished_at=utcnow())
+                        .execution_options(synchronize_session=False))
+        if getattr(res, "rowcount", 1) != 1:
+            log.warning("job %s: result %s lost a race with another finish", job_id, outcome.status)
+            return None
+        return str(row.node)
+
+    def _finished(self, job_id: str, outcome: JobOutcome, job_node: str) -> None:
+        """The in-memory half of finishing a job (event loop thread): waiters, callbacks, the registry hook."""
         self._deadlines.pop(job_id, None)
         log.info("job %s on %s finished: %s", job_id, job_node, outcome.status)
         fut = self._futures.pop(job_id, None)
@@ -390,11 +499,25 @@ class JobDispatcher:
                 start = row.dispatched_at or row.created_at
                 self._deadlines[row.id] = start + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
 
+    async def expire_async(self, now: dt.datetime | None = None) -> list[str]:
+        """``expire`` with the database work on the store's thread pool."""
+        now = now or utcnow()
+        expired = [j for j, deadline in self._deadlines.items() if deadline <= now]
+        for job_id in expired:
+            try:
+                await self.finish_async(job_id, JobOutcome(job_id, "timeout", None, {},
+                                                           "no result from the agent before the job's timeout"),
+                                        node=None)
+            except (NotFoundError, ConflictError):
+                self._deadlines.pop(job_id, None)
+        return expired
+
     async def run_watchdog(self, period: float = 1.0) -> None:
-        self.load_deadlines()
+        await self.store.call(self.load_deadlines)
         while True:
             await asyncio.sleep(period)
             try:
-                self.expire()
+                await self.expire_async()
             except Exception:
+                # a database fault ends this tick only; the deadlines stay armed for the next one
                 log.exception("job watchdog failed")

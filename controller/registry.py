@@ -111,6 +111,7 @@ class Registry:
         # these instead of scanning every node
         self._dirty: dict[str, _Live] = {}
         self._pending: list[_PendingTransition] = []
+        self._resumed_at = 0.0  # when the controller last recovered from a stall of its own (``stalled``)
         self.on_transition: list[Callable[[Transition], None]] = []
         # (hostname, changed dotted paths) after a stored facts change; e.g. drift re-verification
         self.on_facts_changed: list[Callable[[str, list[str]], None]] = []
@@ -136,14 +137,38 @@ class Registry:
     # ---- facts ---------------------------------------------------------------------------
 
     def report_facts(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False) -> list[str]:
-        """Register or update the node of ``ident``; return the changed fields (``["*"]`` when new)."""
+        """Register or update the node of ``ident``; return the changed fields (``["*"]`` when new).
+
+        Blocking (the database, in this thread); the gRPC servicer uses ``report_facts_async``."""
+        self._check_hostname(ident, facts)
+        stored = self.store_facts(ident, facts, self.take_transitions(), simulated=simulated)
+        return self.apply_facts(ident, *stored)
+
+    async def report_facts_async(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False) -> list[str]:
+        """``report_facts`` with the database work on the store's thread pool (the event loop never waits on it)."""
+        self._check_hostname(ident, facts)
+        transitions = self.take_transitions()
+        try:
+            stored = await self.store.call(self.store_facts, ident, facts, transitions, simulated=simulated)
+        except BaseException:
+            self.requeue(transitions, [])
+            raise
+        return self.apply_facts(ident, *stored)
+
+    @staticmethod
+    def _check_hostname(ident: AgentIdentity, facts: NodeFacts) -> None:
         if facts.hostname != ident.hostname:
             raise HostnameMismatch(
                 f"facts claim hostname {facts.hostname!r} but this agent enrolled as {ident.hostname!r}",
                 hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
+
+    def store_facts(self, ident: AgentIdentity, facts: NodeFacts, transitions: list[_PendingTransition], *,
+                    simulated: bool = False) -> tuple[list[str], int, str, float]:
+        """The database half of ``report_facts`` (thread-safe): pending ``transitions`` first (a node's status
+        history stays in order), then the node row. Returns (changed, node id, status, last_seen)."""
         new_json = facts.to_json()
         extra = dict(facts.extra)
-        self.write_transitions(self.take_transitions())
+        self.write_transitions(transitions)
         now = utcnow()
         with self.store.session() as s:
             node = s.scalar(select(Node).where(Node.hostname == ident.hostname))
@@ -188,8 +213,21 @@ class Registry:
                                     reason="facts reported"))
                     node.status = "online"
                     node.status_changed_at = now
-            live = _Live(node.id, ident.agent_id, node.status, now.timestamp())
-        self._live[ident.hostname] = live
+            return changed, node.id, node.status, now.timestamp()
+
+    def apply_facts(self, ident: AgentIdentity, changed: list[str], node_id: int, status: str,
+                    seen: float) -> list[str]:
+        """The in-memory half of ``report_facts`` (event loop thread): liveness and the facts-change hooks."""
+        live = self._live.get(ident.hostname)
+        if live is None or live.node_id != node_id:
+            self._live[ident.hostname] = _Live(node_id, ident.agent_id, status, seen)
+        else:
+            # ``seen`` is when the write began: it may have waited on the database while heartbeats arrived,
+            # so it never moves last_seen back (that would turn a heartbeating node offline)
+            live.identity_id = ident.agent_id
+            live.last_seen = max(live.last_seen, seen)
+            if live.status == "offline":
+                live.status = status
         self._dirty.pop(ident.hostname, None)  # last_seen was just written with the facts
         if changed != ["*"] and changed:
             for cb in self.on_facts_changed:
@@ -245,7 +283,9 @@ class Registry:
     def sweep(self) -> list[Transition]:
         """Turn nodes silent for ``missed × interval`` offline; returns the transitions made."""
         cutoff = self.clock() - self.offline_after
-        made = []
+        made: list[Transition] = []
+        if self._resumed_at > cutoff:  # a window since the controller's own stall has not passed yet
+            return made
         for hostname, live in self._live.items():
             if live.status != "offline" and live.last_seen < cutoff:
                 made.append(self._transition(hostname, live, "offline",
@@ -272,6 +312,23 @@ class Registry:
     def take_transitions(self) -> list[_PendingTransition]:
         batch, self._pending = self._pending, []
         return batch
+
+    def requeue(self, transitions: list[_PendingTransition], batch: list[tuple[int, float]]) -> None:
+        """Put back what a failed flush took (event loop thread): the next flush writes it again. Liveness in
+        memory is untouched: a slow or failing database never turns a heartbeating node offline."""
+        self._pending[:0] = transitions
+        if batch:
+            ids = {node_id for node_id, _ in batch}
+            for hostname, live in self._live.items():
+                if live.node_id in ids:
+                    self._dirty.setdefault(hostname, live)
+
+    def stalled(self, seconds: float) -> None:
+        """The controller itself could not receive heartbeats for ``seconds`` (its event loop was held up):
+        like after a restart, every node gets one full window from now before the sweep may call it offline,
+        so that the controller's stall is not blamed on the nodes."""
+        self._resumed_at = self.clock()
+        log.warning("controller stalled %.1fs: offline detection restarts its window", seconds)
 
     def write_transitions(self, batch: list[_PendingTransition]) -> int:
         """Write status changes and their ``node_events`` rows (thread-safe)."""

@@ -19,7 +19,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -119,25 +119,39 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def _authed(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> AgentIdentity:
         try:
-            return self._peer_identity(context)
+            ids = context.peer_identities()
+            cached = self.ctx.enrollment.identities.cached(next(iter(ids)).decode("utf-8", "replace")) if ids else None
+            if cached is not None:  # the common case (every heartbeat): memory only, the database is not asked
+                return self._peer_identity(context)
+            return await self.ctx.store.call(self._peer_identity, context)
         except FleetError as exc:
             if not isinstance(exc, StoreError):
-                self._audit_refusal(context, rpc, exc)
+                await self.ctx.store.call(self._audit_refusal, context.peer(), rpc, exc)
             await self._fail(context, rpc, exc)
 
-    def _audit_refusal(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, exc: FleetError) -> None:
+    def _audit_refusal(self, peer: str, rpc: str, exc: FleetError) -> None:
         from controller.audit import audit
 
         try:
-            audit(self.ctx.store, f"peer:{context.peer()}", "rpc.refused", rpc, level=logging.DEBUG,
+            audit(self.ctx.store, f"peer:{peer}", "rpc.refused", rpc, level=logging.DEBUG,
                   reason=exc.message)
         except StoreError:
             log.exception("could not write the audit log")
 
     async def _call(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, who: str,
                     fn: Callable[[], T]) -> T:
+        """Run blocking ``fn`` (database work) on the store's thread pool: the event loop, and with it every
+        heartbeat and ``/live``, never waits on the database."""
         try:
-            return fn()
+            return await self.ctx.store.call(fn)
+        except FleetError as exc:
+            await self._fail(context, rpc, exc, who)
+
+    async def _acall(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, who: str,
+                     coro: Awaitable[T]) -> T:
+        """Await ``coro`` (which does its own database work off the loop); FleetErrors become gRPC statuses."""
+        try:
+            return await coro
         except FleetError as exc:
             await self._fail(context, rpc, exc, who)
 
@@ -165,13 +179,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportFactsResponse:
         ident = await self._authed(context, "ReportFacts")
 
-        def run() -> list[str]:
+        async def run() -> list[str]:
             if not request.HasField("facts"):
                 raise FactsError("no facts in the request", hint="send ReportFactsRequest.facts")
             facts, simulated = wire.facts_from_proto(request.facts)
-            return self.ctx.registry.report_facts(ident, facts, simulated=simulated)
+            return await self.ctx.registry.report_facts_async(ident, facts, simulated=simulated)
 
-        changed = await self._call(context, "ReportFacts", ident.hostname, run)
+        changed = await self._acall(context, "ReportFacts", ident.hostname, run())
         return pb.ReportFactsResponse(changed=changed)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest,
@@ -203,25 +217,27 @@ class AgentService(pb_grpc.AgentServiceServicer):
         received = 0
         batch: list[pb.JobEvent] = []
 
-        def flush() -> None:
+        async def flush() -> None:
             events = [wire.event_from_proto(m) for m in batch]
-            self.ctx.jobs.record_events(ident.hostname, events)
+            await self.ctx.jobs.record_events_async(ident.hostname, events)
             batch.clear()
 
         async for msg in request_iterator:
             batch.append(msg)
             received += 1
             if len(batch) >= EVENT_BATCH:
-                await self._call(context, "ReportJobEvents", ident.hostname, flush)
+                await self._acall(context, "ReportJobEvents", ident.hostname, flush())
         if batch:
-            await self._call(context, "ReportJobEvents", ident.hostname, flush)
+            await self._acall(context, "ReportJobEvents", ident.hostname, flush())
         return pb.JobEventsAck(received=received)
 
     async def CompleteJob(self, request: pb.JobResult,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.JobResultAck:
         ident = await self._authed(context, "CompleteJob")
-        await self._call(context, "CompleteJob", ident.hostname,
-                         lambda: self.ctx.jobs.complete(ident.hostname, wire.outcome_from_proto(request)))
+        async def run() -> None:
+            await self.ctx.jobs.complete_async(ident.hostname, wire.outcome_from_proto(request))
+
+        await self._acall(context, "CompleteJob", ident.hostname, run())
         return pb.JobResultAck()
 
     async def FetchArtifact(self, request: pb.FetchArtifactRequest,
@@ -367,26 +383,88 @@ async def start_grpc(ctx: ControllerContext) -> grpc.aio.Server:
 
 
 async def housekeeping(ctx: ControllerContext) -> None:
-    """Background loop: flush heartbeat batches, detect offline nodes."""
+    """Background loop: detect offline nodes (from memory), flush heartbeat batches, refresh revocations.
+
+    Offline is decided by heartbeats received, never by database writes: the sweep runs every tick from
+    memory, while the flush and the identity refresh run as their own tasks on the store's thread pool.
+    A blocked or failing database therefore delays the flush (its batch is put back and written by a
+    later one), never the sweep. If the loop itself was held up (the tick came late), the registry is
+    told, so that nodes are not blamed for the controller's own stall."""
+    from controller.enrollment import REFRESH_SECONDS
+
     s = ctx.settings
     period = min(s.flush_interval, max(0.2, s.heartbeat_interval / 2))
-    last_flush = 0.0
     loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(period)
-        try:
+    last_flush = last_refresh = 0.0
+    flusher: asyncio.Task[None] | None = None
+    refresher: asyncio.Task[None] | None = None
+    flush_state = _FlushState()
+    ctx.enrollment.identities.refresh_in_background = True
+    expected = loop.time() + period
+    try:
+        while True:
+            await asyncio.sleep(period)
             now = loop.time()
-            ctx.gc_monitor.after_tick(ctx.registry.node_count)
-            ctx.registry.sweep()
-            if now - last_flush >= s.flush_interval or ctx.registry._pending:
-                transitions, batch = ctx.registry.take_transitions(), ctx.registry.take_dirty()
-                if transitions or batch:
-                    await asyncio.to_thread(_write, ctx, transitions, batch)
-                last_flush = now
-        except FleetError as exc:
-            log.error("housekeeping: %s", exc.message)
-        except Exception:
-            log.exception("housekeeping failed")
+            late, expected = now - expected, now + period
+            try:
+                if late > max(1.0, ctx.registry.offline_after / 2):
+                    ctx.registry.stalled(late)
+                ctx.gc_monitor.after_tick(ctx.registry.node_count)
+                ctx.registry.sweep()
+                if (flusher is None or flusher.done()) and (now - last_flush >= s.flush_interval
+                                                            or ctx.registry._pending):
+                    flusher = asyncio.create_task(_flush(ctx, flush_state), name="liveness-flush")
+                    last_flush = now
+                if (refresher is None or refresher.done()) and now - last_refresh >= REFRESH_SECONDS:
+                    refresher = asyncio.create_task(_refresh_identities(ctx), name="identity-refresh")
+                    last_refresh = now
+            except FleetError as exc:
+                log.error("housekeeping: %s", exc.message)
+            except Exception:
+                log.exception("housekeeping failed")
+    finally:
+        # owned here, ended here; what the flush had taken is put back by it and written by RunningController.stop
+        for task in (flusher, refresher):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (flusher, refresher) if t is not None), return_exceptions=True)
+
+
+class _FlushState:
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+
+
+async def _flush(ctx: ControllerContext, state: _FlushState) -> None:
+    """Write pending status changes, then the last_seen batch, off the event loop; on failure put back what
+    was not written (the next flush retries it) and say so once per outage, not every tick."""
+    reg = ctx.registry
+    transitions, batch = reg.take_transitions(), reg.take_dirty()
+    if not transitions and not batch:
+        return
+    written = False
+    try:
+        await ctx.store.call(reg.write_transitions, transitions)
+        written = True
+        await ctx.store.call(reg.write_last_seen, batch)
+    except Exception as exc:
+        reg.requeue([] if written else transitions, batch)
+        if state.failing_since is None:
+            state.failing_since = time.monotonic()
+            log.error("liveness flush failed (%s); nodes stay as heartbeats say, the batch is kept and retried; "
+                      "check the database (`/api/v1/health`)", getattr(exc, "message", exc))
+        return
+    if state.failing_since is not None:
+        log.warning("liveness flush recovered after %.1fs of database failures",
+                    time.monotonic() - state.failing_since)
+        state.failing_since = None
+
+
+async def _refresh_identities(ctx: ControllerContext) -> None:
+    try:
+        await ctx.store.call(ctx.enrollment.identities.refresh)
+    except FleetError as exc:  # revocations made here apply in memory at once; another controller's wait
+        log.warning("revoked identities not refreshed (%s); retrying", exc.message)
 
 
 class LoopLag:
@@ -496,8 +574,3 @@ class GcMonitor:
 
     def reset(self) -> None:
         self._stats = [[0, 0.0, 0.0] for _ in range(3)]
-
-
-def _write(ctx: ControllerContext, transitions: list[Any], batch: list[tuple[int, float]]) -> None:
-    ctx.registry.write_transitions(transitions)
-    ctx.registry.write_last_seen(batch)

@@ -105,6 +105,8 @@ class StoreError(FleetError):
 
     code = "store"
     exit_code = 8
+    # a retry can succeed (dropped connection, lock or statement timeout); set by controller.store.Store
+    transient = False
 
 
 class ExecutionError(FleetError):

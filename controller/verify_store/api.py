@@ -36,6 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx = app.state.ctx
     svc = VerificationService(ctx).attach()
     app.state.verify_service = svc
+    await svc.recover()  # records an earlier fault left unrecorded (off the loop, retried)
     task = None
     if os.environ.get(SCHEDULER_ENV, "on").lower() not in ("off", "0", "false", "no"):
         task = asyncio.create_task(svc.run_scheduler(), name="verify-scheduler")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
 DRIFT_DELAY_ENV = "FLEET_DRIFT_DEBOUNCE"
 JOB_TIMEOUT = {"quick": 300, "full": 900}
+RECORD_ATTEMPTS = 8  # ~1 minute of backoff: rides out a database restart or a failover
 
 
 def drift_relevant(changed: Sequence[str]) -> list[str]:
@@ -120,22 +121,64 @@ class VerificationService:
     # ---- results -----------------------------------------------------------------------------------------
 
     def job_finished(self, node: str, outcome: JobOutcome) -> None:
-        with self.ctx.store.session() as s:
-            job = s.get(Job, outcome.job_id)
-            if job is None or job.kind != "verify":
-                return
-            vars_ = dict(job.vars or {})
+        """Job hook (event loop thread): record a finished verify job, off the loop and retried."""
         if outcome.status == "canceled":
             return
-        self._spawn(self._record(node, outcome, vars_))
+        self._spawn(self._record(node, outcome))
 
-    async def _record(self, node: str, outcome: JobOutcome, vars_: Mapping[str, Any]) -> None:
-        try:
-            change, reason = await asyncio.to_thread(self.record_outcome, node, outcome, vars_)
-        except FleetError as exc:
-            log.error("verification of %s (job %s) not recorded: %s", node, outcome.job_id, exc.message)
-            return
+    def _verify_vars(self, job_id: str) -> dict[str, Any] | None:
+        with self.ctx.store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.kind != "verify":
+                return None
+            return dict(job.vars or {})
+
+    async def _record(self, node: str, outcome: JobOutcome) -> None:
+        """Record with retries: a database fault (a dropped connection, a lock, a full disk) must not lose the
+        record. ``store.record`` is idempotent per job id, so a retry after a lost commit answer is harmless;
+        what is still not recorded after the last attempt is found by ``recover`` at the next start."""
+        delay = 0.5
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                vars_ = await self.ctx.store.call(self._verify_vars, outcome.job_id)
+                if vars_ is None:
+                    return
+                change, reason = await self.ctx.store.call(self.record_outcome, node, outcome, vars_)
+                break
+            except FleetError as exc:
+                if attempt == RECORD_ATTEMPTS:
+                    log.error("verification of %s (job %s) not recorded after %d attempts: %s; it is recorded "
+                              "when the controller next starts", node, outcome.job_id, attempt, exc.message)
+                    return
+                log.warning("verification of %s (job %s) not recorded yet (%s); retry %d in %.1fs", node,
+                            outcome.job_id, exc.message, attempt, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         self.apply_status(node, change, reason)
+
+    def unrecorded(self, limit: int = 500) -> list[tuple[str, JobOutcome]]:
+        """Finished verify jobs without a verification record (a fault outlasted ``_record``'s retries)."""
+        from controller.verify_store.models import Verification
+
+        with self.ctx.store.session() as s:
+            rows = s.scalars(select(Job).where(
+                Job.kind == "verify", Job.status.in_(("successful", "failed", "timeout")),
+                ~select(Verification.id).where(Verification.job_id == Job.id).exists())
+                .order_by(Job.finished_at).limit(limit))
+            return [(r.node, JobOutcome(r.id, r.status, r.rc, r.result or {}, r.error)) for r in rows]
+
+    async def recover(self) -> int:
+        """Record what earlier faults left unrecorded (started with the controller); returns how many."""
+        try:
+            missing = await self.ctx.store.call(self.unrecorded)
+        except FleetError as exc:
+            log.warning("unrecorded verifications not checked: %s", exc.message)
+            return 0
+        for node, outcome in missing:
+            log.info("recording verification of %s (job %s) that an earlier fault left unrecorded", node,
+                     outcome.job_id)
+            self._spawn(self._record(node, outcome))
+        return len(missing)
 
     def record_outcome(self, node: str, outcome: JobOutcome, vars_: Mapping[str, Any]) -> tuple[str, str]:
         """Store one finished verify job; returns (health change, reason). Thread-safe."""
@@ -146,12 +189,16 @@ class VerificationService:
             result = store.result_from_job(outcome.result)
         except VerificationSchemaError as exc:
             result, error = None, f"unreadable verification result: {exc.message}"
-        with self.ctx.store.session() as s:
+        def write(s: Session) -> tuple[str, str]:
             row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
                                job_error=error, trigger=trigger, schedule_id=schedule_id, policy=self.policy)
             change, state = store.apply_health(s, row, catalog=self._catalog(s))
             log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
             return change, state.reason
+
+        # retried on a dropped connection or a lock timeout; idempotent per job id (verifications.job_id is unique)
+        written: tuple[str, str] = self.ctx.store.write(write, what=f"verification of {node} (job {outcome.job_id})")
+        return written
 
     def _catalog(self, s: Session) -> Any:
         """The rollout's catalog (``controller_catalog``), so a re-plan picks the wheels our builds stored."""

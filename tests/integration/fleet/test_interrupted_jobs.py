@@ -108,13 +108,13 @@ def event_names(rc: RunningController, job_id: str) -> list[str]:
 def spy_held(rc: RunningController, monkeypatch: pytest.MonkeyPatch) -> list[frozenset[str]]:
     """What each Jobs stream of an agent said it holds, as the controller's dispatcher got it."""
     seen: list[frozenset[str]] = []
-    real = rc.ctx.jobs.interrupt_unheld
+    real = rc.ctx.jobs.interrupt_unheld_async
 
-    def spy(node: str, held: Any) -> list[str]:
+    async def spy(node: str, held: Any) -> list[str]:
         seen.append(frozenset(held))
-        return real(node, held)
+        return await real(node, held)
 
-    monkeypatch.setattr(rc.ctx.jobs, "interrupt_unheld", spy)
+    monkeypatch.setattr(rc.ctx.jobs, "interrupt_unheld_async", spy)
     return seen
 
 
