@@ -163,10 +163,6 @@ class TargetVenv:
         assert proc.returncode == 0, f"pip check in {self.root}: {proc.stdout}{proc.stderr}"
         return proc.stdout
 
-    def site_packages(self) -> Path:
-        (found,) = self.root.glob("lib/python*/site-packages")
-        return found
-
 
 # ---- controller ---------------------------------------------------------------------------------
 
@@ -313,16 +309,6 @@ class Controller:
             time.sleep(0.3)
         raise AssertionError(f"node {hostname} not up with {python}: {last}")
 
-    def wait_facts(self, hostname: str, predicate: Any, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            last = self.node(hostname)
-            if predicate(last.get("facts") or {}):
-                return last
-            time.sleep(0.3)
-        raise AssertionError(f"node {hostname}: facts never matched: {last.get('facts')}")
-
 
 # ---- agents -------------------------------------------------------------------------------------
 
@@ -398,8 +384,3 @@ def running(controller: Controller, agents: Sequence[AgentProc]) -> Iterator[Non
         for a in agents:
             a.stop()
         controller.stop()
-
-
-def copy_tree_clean(src: Path, dest: Path) -> None:
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest, symlinks=True)

@@ -16,7 +16,9 @@ One controller for the module; one agent and one target venv per variant:
 The FA2/FA1/blocked/sdpa nodes share one rollout, the FA4 node has its own (``--fa4``), both run at once. Verify
 runs the real benchmark in the target venv with the stand-in torch: no GPU there, so it fails, and says so — the
 node ends ``failed`` at verify, after a successful install (no pass is faked). Rollback then removes flash-attn
-(the nodes had none), and a second rollout installs it again, from the store (nothing more from upstream).
+(the nodes had none; in the venv without pip too), leaving the dependencies it brought (pip uninstall of
+flash-attn only), and a second rollout installs it again, from the store (nothing more from upstream). The agents
+run with HTTP(S) proxies pointing at a closed port: every file reached them from the controller.
 """
 
 from __future__ import annotations
