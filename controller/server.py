@@ -16,6 +16,7 @@ and changes nothing. Conversions live in controller/wire.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -28,6 +29,7 @@ import grpc.aio
 from controller import wire
 from controller.artifacts import ArtifactWriter, Provenance
 from controller.build_uploads import RefusalAudit, authorize
+from controller.ca import cert_identity
 from controller.context import ControllerContext
 from controller.enrollment import AgentIdentity
 from controller.ratelimit import RateLimited, RateLimits, source_address
@@ -56,6 +58,16 @@ ARTIFACT_CHUNK_BYTES = 128 * 1024
 EVENT_BATCH = 200
 
 T = TypeVar("T")
+
+@functools.lru_cache(maxsize=16384)
+def _cert_serial(pem: bytes) -> str:
+    """The serial (hex) of a peer's PEM certificate. Cached by the PEM: every RPC of an agent presents the
+    same bytes, and parsing them on each heartbeat would cost more than the rest of the call."""
+    try:
+        return cert_identity(pem)[1]
+    except ValueError:
+        return ""  # TLS accepted it, so this does not happen; an empty serial matches no identity
+
 
 _STATUS: list[tuple[type[FleetError], grpc.StatusCode]] = [
     (HostnameMismatch, grpc.StatusCode.PERMISSION_DENIED),
@@ -108,14 +120,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
         raise AssertionError("unreachable")  # abort raises
 
     def _peer_identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentIdentity:
-        # The TLS layer has verified the client certificate against our CA; its CN is the agent id.
-        # Agent ids are fresh UUIDs and the CA never issues two certificates with one CN, so the CN
-        # names exactly one certificate (peer_identities() is much cheaper than auth_context()).
+        # The TLS layer has verified the client certificate against our CA; its CN is the agent id. The CN
+        # alone is not enough: a certificate the CA issued earlier (or by mistake) with the same CN must not
+        # pass once the identity holds another one, so the serial must be the identity's current one
+        # (docs/fleet.md, "Transport security and enrollment"; docs/security.md, "State and identity hygiene").
         ids = context.peer_identities()
         if not ids:
             raise AuthError("no client certificate", hint="agents enroll first (Enroll on the enrollment port), "
                             "then call with their certificate on the agent port")
-        return self.ctx.enrollment.identities.authenticate(next(iter(ids)).decode("utf-8", "replace"), None)
+        pems = list(context.auth_context().get("x509_pem_cert") or ())
+        serial = _cert_serial(pems[0]) if pems else ""
+        return self.ctx.enrollment.identities.authenticate(next(iter(ids)).decode("utf-8", "replace"), serial)
 
     async def _authed(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> AgentIdentity:
         try:

@@ -119,6 +119,26 @@ async def test_unknown_identity_refused(controller: RunningController) -> None:
     assert "unknown agent identity" in (err.value.details() or "")
 
 
+async def test_certificate_with_the_identitys_cn_but_another_serial_refused(controller: RunningController) -> None:
+    # a second certificate really signed by the controller's CA with the enrolled agent's CN (a replaced or
+    # mis-issued one): TLS accepts it, the identity check must not, and the current certificate still works
+    creds = await enroll_creds(controller, "node-1")
+    key = new_key()
+    other = controller.ctx.ca.sign_csr(make_csr(key, "node-1"), creds.agent_id)
+    assert cert_identity(other.pem)[0] == creds.agent_id and other.serial != cert_identity(creds.cert_pem)[1]
+    stale = Credentials(creds.agent_id, "node-1", key_pem(key), other.pem, controller.ctx.ca.ca_pem)
+    async with mtls_stub(controller, stale) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Heartbeat(pb.HeartbeatRequest(sequence=1), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert f"certificate serial {other.serial} is not the one issued" in (err.value.details() or "")
+    from agent.wire import facts_to_proto
+
+    async with mtls_stub(controller, creds) as stub:
+        await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(profile_facts("a100", "node-1"))),
+                               timeout=5)
+
+
 async def test_revoked_identity_refused_on_next_call(controller: RunningController) -> None:
     creds = await enroll_creds(controller, "node-1")
     from agent.wire import facts_to_proto
