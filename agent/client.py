@@ -46,6 +46,7 @@ from agent import wire
 from agent.jobs import JobOutcome, JobRunner, JobSpec
 from fleet.errors import AuthError, ConflictError, ControllerUnavailable, FleetError, ForbiddenError, InputError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts
+from fleet.statedir import FILE_MODE, private_dir, state_dir_error, tighten
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
 
@@ -139,15 +140,31 @@ class Credentials:
         except (OSError, ValueError, KeyError):
             return None
 
+    @staticmethod
+    def secure(state_dir: Path) -> None:
+        """The agent's state dir 0700 and its key 0600, tightened (with a log line) if an older agent left them
+        looser; a state dir that cannot be changed is a ``StateDirError`` saying what to do."""
+        try:
+            if state_dir.exists():
+                private_dir(state_dir)
+                tighten(state_dir / "agent.key", FILE_MODE)
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state_dir, "secure") from exc
+
     def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(state_dir / "agent.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.key_pem)
-        (state_dir / "agent.pem").write_bytes(self.cert_pem)
-        (state_dir / "ca.pem").write_bytes(self.ca_pem)
-        (state_dir / "identity.json").write_text(json.dumps({"agent_id": self.agent_id,
-                                                              "hostname": self.hostname}) + "\n")
+        try:
+            private_dir(state_dir)
+            fd = os.open(state_dir / "agent.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.key_pem)
+            os.chmod(state_dir / "agent.key", FILE_MODE)  # an older file keeps its mode through O_TRUNC
+            (state_dir / "agent.pem").write_bytes(self.cert_pem)
+            (state_dir / "ca.pem").write_bytes(self.ca_pem)
+            (state_dir / "identity.json").write_text(json.dumps({"agent_id": self.agent_id,
+                                                                  "hostname": self.hostname}) + "\n")
+        except OSError as exc:
+            # enrolled, but the certificate could not be kept: the token is spent, so say so plainly
+            raise state_dir_error(exc, exc.filename or state_dir, "save the agent's credentials in") from exc
 
 
 def default_enroll_address(controller: str) -> str:
@@ -236,6 +253,7 @@ class Agent:
     # ---- enrollment --------------------------------------------------------------------
 
     async def ensure_enrolled(self) -> Credentials:
+        Credentials.secure(self.cfg.state_dir)
         creds = Credentials.load(self.cfg.state_dir)
         if creds is not None:
             self.creds = creds

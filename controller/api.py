@@ -179,9 +179,15 @@ def api_router() -> APIRouter:
 
 def create_app(ctx: ControllerContext) -> FastAPI:
     """The controller's web app: JSON API under /api/v1; the dashboard mounts its pages here too."""
-    app = FastAPI(title="fleetctl controller", version="1", docs_url=f"{API_PREFIX}/docs",
-                  openapi_url=f"{API_PREFIX}/openapi.json", redoc_url=None)
+    # The schema maps every route an attacker could try, so it is served to admins only (bearer token, like
+    # the API it describes); the Swagger/ReDoc pages are off: they load their scripts from a CDN (nothing in an
+    # air-gapped site) and a browser page cannot send the bearer token (docs/security.md, "OpenAPI schema").
+    app = FastAPI(title="fleetctl controller", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+
+    @app.get(f"{API_PREFIX}/openapi.json", include_in_schema=False)
+    def openapi_schema(_: Admin) -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.exception_handler(FleetError)
     async def fleet_error(request: Request, exc: FleetError) -> JSONResponse:

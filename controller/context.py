@@ -32,6 +32,7 @@ from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
 from controller.store import Store, open_store
 from controller.uploads import Uploads
 from controller.upstream import UpstreamConfig
+from fleet.statedir import prepare_state_dir, state_dir_error
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class ControllerSettings:
         return self.db_url or f"sqlite:///{(self.state_dir / 'controller.db').resolve()}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def ensure_admin_token(state_dir: Path) -> str:
     path = state_dir / "admin.token"
     if path.exists():
@@ -82,19 +91,27 @@ class ControllerContext:
     def __init__(self, settings: ControllerSettings, store: Store | None = None) -> None:
         self.settings = settings
         state = settings.state_dir
-        state.mkdir(parents=True, exist_ok=True)
+        # 0700 dir, 0600 secrets (tightened if an older version left them looser), and a read-only or full
+        # state dir refused here with a StateDirError that says what to do (controller/statedir.py)
+        prepare_state_dir(state, None if store else sqlite_file(settings.database_url))
         self.store = store or open_store(settings.database_url)
-        self.ca = CertAuthority(state / "ca")
-        self.admin_token = ensure_admin_token(state)
+        try:
+            self.ca = CertAuthority(state / "ca")
+            self.admin_token = ensure_admin_token(state)
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state, "write") from exc
         self.enrollment = Enrollment(self.store, self.ca)
         self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
                                  missed_heartbeats=settings.missed_heartbeats)
         self.jobs = JobDispatcher(self.store)
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
-        self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
-        self.uploads = Uploads(self.artifacts, stale_after_s=settings.upload_stale_seconds)
-        self.uploads.clean_stale()
+        try:
+            self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+            self.uploads = Uploads(self.artifacts, stale_after_s=settings.upload_stale_seconds)
+            self.uploads.clean_stale()
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state / "artifacts", "prepare") from exc
         self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
         from controller.server import GcMonitor, LoopLag
 

@@ -27,6 +27,7 @@ from controller.api import create_app
 from controller.context import ControllerContext, ControllerSettings
 from controller.server import housekeeping, start_grpc
 from fleet.errors import InputError
+from fleet.statedir import state_dir_error
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ def write_discovery(ctx: ControllerContext) -> Path:
     data = {"grpc": reachable(ctx.grpc_address), "enroll": reachable(ctx.enroll_address),
             "http": ctx.http_url, "ca": "ca/ca.pem"}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise state_dir_error(exc, path, "write") from exc
     return path
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.errors import ControllerUnavailable, ExecutionError, FleetError, UsageError
+from fleet.statedir import FILE_MODE, private_dir, tighten
 
 DEFAULT_PROFILES = ("h100", "a100", "l40s", "rtx4090", "t4", "v100", "gh200", "apt-nopubkey", "no-toolkit",
                     "cpu-only-torch", "rtx5090", "b200", "l4", "a10", "h200", "toolkit-newer-than-driver")
@@ -193,8 +194,11 @@ class SimFleet:
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        private_dir(log_path.parent)
+        # logs name nodes, users and paths: 0600 like the rest of the state dir (fleet/statedir.py)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        tighten(log_path, FILE_MODE)
+        with os.fdopen(fd, "ab") as log:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=ROOT, env=env, start_new_session=True)
 

@@ -122,3 +122,11 @@ class UpstreamError(FleetError):
 
     code = "upstream"
     exit_code = 14  # 10-13 are `fleetctl rollout`'s outcomes (paused, partial, aborted, rollback-failed)
+
+
+class StateDirError(FleetError):
+    """The controller's or agent's state directory cannot be used: read-only, full, or not writable by this user
+    (an ``OSError`` translated where the state dir is prepared or written, controller/statedir.py)."""
+
+    code = "state-dir"
+    exit_code = 15
