@@ -119,7 +119,9 @@ def register(subparsers: Any) -> None:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("id", metavar="ID")
         if name == "resume":
-            p.add_argument("--retry-failed", action="store_true", help="put failed nodes back to planned")
+            p.add_argument("--retry-failed", action="store_true",
+                           help="put failed nodes back to planned (also resumes a finished partial rollout: "
+                                "its failed nodes, e.g. ones back online after it ended, run again)")
             p.add_argument("--max-failures", metavar="N|P%", help="a new failure budget")
         if name == "rollback":
             p.add_argument("--detach", action="store_true", help="return at once")

@@ -65,6 +65,11 @@ from fleet.errors import ConflictError, FleetError, NotFoundError
 log = logging.getLogger(__name__)
 
 ACTIVE = ("running", "paused", "aborting", "rolling-back")
+# finished rollouts whose failed nodes may come back: their vanished-agent failures are reconciled too
+# (`partial` ones can then be retried with `fleetctl rollout resume ID --retry-failed`)
+RECONCILED_AFTER_END = ("partial", "aborted")
+# how often finished rollouts are looked at: a node coming back is not urgent, and the query spans history
+FINISHED_RECONCILE_S = 10.0
 DEFAULT_TIMEOUTS: Mapping[str, int] = {"apt-keyring-fix": 600, "cuda-toolkit": 1800, "install-wheel": 900,
                                        "verify": 900, "rollback": 900, "build-from-source": 4 * 3600}
 DEFAULT_MIN_FREE_BYTES = 1024**3  # room a source-built wheel needs in the artifact store
@@ -237,6 +242,8 @@ class RolloutEngine:
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.finished_reconcile_s = FINISHED_RECONCILE_S
+        self._finished_reconciled_at = 0.0
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -298,6 +305,9 @@ class RolloutEngine:
                         n.lease_expiry = expiry
         for rid in claimed:
             self._drive(rid, now)
+        if time.monotonic() - self._finished_reconciled_at >= self.finished_reconcile_s:
+            self._finished_reconciled_at = time.monotonic()
+            self._reconcile_finished()
 
     # ---- one rollout ---------------------------------------------------------------------------
 
@@ -359,9 +369,38 @@ class RolloutEngine:
             if task_key not in self._tasks:
                 self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
 
-    def _reconcile(self, s: Session, rid: str, failed: list[RolloutNode]) -> None:
+    def _reconcile_finished(self) -> None:
+        """Failed nodes of finished rollouts (``RECONCILED_AFTER_END``) whose agent vanished and is back online:
+        their cause says what the node has now and how to retry it (``_reconcile`` with ``finished``). A node
+        that a later rollout took on is that rollout's business and left alone."""
+        returned: list[tuple[str, str, str]] = []
+        with self.store.session() as s:
+            rows = s.execute(
+                select(RolloutNode, Rollout.status, Rollout.created_at)
+                .join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                .join(Node, Node.hostname == RolloutNode.hostname)
+                .where(RolloutNode.state == str(State.FAILED), Rollout.status.in_(RECONCILED_AFTER_END),
+                       Node.status == "online", Node.last_seen > RolloutNode.updated_at)).all()
+            for n, status, created in rows:
+                if (n.result or {}).get("reconciled") == n.attempt:
+                    continue
+                newer = s.scalar(select(Rollout.id).join(RolloutNode, RolloutNode.rollout_id == Rollout.id)
+                                 .where(RolloutNode.hostname == n.hostname, Rollout.created_at > created).limit(1))
+                if newer is not None:
+                    continue
+                if self._reconcile(s, n.rollout_id, [n], finished=status):
+                    returned.append((n.rollout_id, n.hostname, n.cause))
+        for rid, host, cause in returned:  # after the commit: the audit log has its own unit of work
+            audit(self.store, "engine", "rollout.node-returned", rid, hostname=host, cause=cause[-500:])
+
+    def _reconcile(self, s: Session, rid: str, failed: list[RolloutNode], *, finished: str | None = None) -> bool:
         """A node failed because its agent vanished mid-step and is back: if its facts now show the target
-        flash-attn, verify it (failed → verify); otherwise say how to retry it. Once per attempt."""
+        flash-attn, verify it (failed → verify); otherwise say how to retry it. Once per attempt.
+
+        ``finished`` (the status of a rollout that has ended): nothing drives its nodes any more, so the node
+        stays failed and its cause says what it has now — the target (installed, not verified) or not — and how
+        to retry it. True when some node was reconciled."""
+        done = False
         for n in failed:
             res = n.result or {}
             if not any(isinstance(v, Mapping) and v.get("vanished") for v in res.values()) \
@@ -372,13 +411,27 @@ class RolloutEngine:
                 continue
             fa = (node.facts or {}).get("flash_attn") or {}
             target = (n.plan or {}).get("version")
+            have = fa.get("version") or "absent"
             n.result = {**res, "reconciled": n.attempt}
-            if target and fa.get("version") == target:
+            done = True
+            if finished is not None:
+                # the cause a node had when its agent vanished is stale now: say what it has and what to do
+                n.result["returned"] = {"flash_attn": fa.get("version"), "target": target,
+                                        "at": node.last_seen.isoformat()}
+                retry = (f"`fleetctl rollout resume {rid} --retry-failed` retries it" if finished == "partial"
+                         else "roll out again to finish it")
+                now_has = (f"flash-attn {target} (the target) installed but not verified" if target and
+                           have == target else f"flash-attn {have}, not the target {target}")
+                n.cause = (f"{n.cause[:2000]} — back online after the rollout ended ({finished}) with {now_has}: "
+                           f"{retry}")
+                n.updated_at = utcnow()
+            elif target and have == target:
                 record(s, rid, n, State.VERIFY, f"reconciled: {n.hostname} is back with flash-attn {target}; "
                                                 f"verifying it")
             else:
-                n.cause = (f"{n.cause} — {n.hostname} is back online (flash-attn {fa.get('version') or 'absent'}): "
+                n.cause = (f"{n.cause} — {n.hostname} is back online (flash-attn {have}): "
                            f"`fleetctl rollout resume {rid} --retry-failed` after a pause, or roll out again")
+        return done
 
     def _busy(self, rid: str, n: RolloutNode, now: dt.datetime) -> bool:
         if (rid, n.hostname) in self._tasks:

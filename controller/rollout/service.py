@@ -528,18 +528,28 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
            provisioner: Provisioner | None = None) -> dict[str, Any]:
     """Resume a paused rollout. ``retry_failed``: failed nodes are re-planned from their current facts with the
     current catalog and artifact store (a wheel added since, a fixed upstream, a repaired node all count) and
-    start again."""
+    start again. A finished ``partial`` rollout resumes too, with ``retry_failed`` only (its failed nodes are
+    all there is to do; a node that came back after the end, say): it runs again until those nodes finish.
+    Failed nodes a later rollout has taken on are not retried here."""
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status != "paused":
-            raise ConflictError(f"rollout {r.id} is {r.status}, not paused", hint="only a paused rollout resumes")
+        if r.status == "partial" and not retry_failed:
+            raise ConflictError(f"rollout {r.id} is partial: it finished, and only its failed nodes are left",
+                                hint=f"`fleetctl rollout resume {r.id} --retry-failed` retries them")
+        if r.status not in ("paused", "partial"):
+            raise ConflictError(f"rollout {r.id} is {r.status}, not paused",
+                                hint="only a paused rollout resumes (a partial one with --retry-failed)")
+        if r.status == "partial":
+            _refuse_if_taken_over(s, r)
         opts = dict(r.options or {})
         if max_failures is not None:
             opts["max_failures"] = str(parse_budget(max_failures))
         nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)))
         retried = 0
         failed_nodes = [n for n in nodes if n.state == State.FAILED] if retry_failed else []
+        if r.status == "partial":
+            failed_nodes = [n for n in failed_nodes if not _in_newer_rollout(s, r, n)]
         replans = _replan(s, r, failed_nodes, state_dir, provisioner) if failed_nodes else {}
         for n in failed_nodes:
             fresh = replans.get(n.hostname)
@@ -573,9 +583,35 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
                                      f"retry the failed nodes (`--retry-failed`)")
         r.options = opts
         r.canary_ack = True
+        if r.status == "partial" and not retried:
+            raise ConflictError(f"rollout {r.id}: no failed node to retry (each is done, re-planned as skipped, or "
+                                f"taken on by a later rollout)", hint=f"`fleetctl rollout status {r.id}` shows why")
         r.status, r.reason, r.updated_at = "running", f"resumed by {actor}", utcnow()
+        r.finished_at = None
     audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures)
     return get_status(store, rid)
+
+
+def _refuse_if_taken_over(s: Session, r: Rollout) -> None:
+    """A finished rollout's nodes may be in an active one now: running both would fight over them."""
+    clash = s.execute(select(RolloutNode.rollout_id).join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                      .where(Rollout.status.in_(ACTIVE), Rollout.id != r.id,
+                             RolloutNode.hostname.in_(select(RolloutNode.hostname)
+                                                      .where(RolloutNode.rollout_id == r.id,
+                                                             RolloutNode.state == str(State.FAILED))))
+                      .limit(1)).first()
+    if clash:
+        raise ConflictError(f"failed nodes of {r.id} are in active rollout {clash[0]}",
+                            hint=f"let {clash[0]} finish (or abort it), then retry")
+
+
+def _in_newer_rollout(s: Session, r: Rollout, n: RolloutNode) -> bool:
+    """``n``'s host is in a rollout started after ``r`` (its cause says so): retrying it here would undo that."""
+    newer = s.scalar(select(Rollout.id).join(RolloutNode, RolloutNode.rollout_id == Rollout.id)
+                     .where(RolloutNode.hostname == n.hostname, Rollout.created_at > r.created_at).limit(1))
+    if newer is not None:
+        n.cause = f"{n.cause[:3000]} — not retried: rollout {newer} has taken this node on since"
+    return newer is not None
 
 
 def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Path | None,

@@ -451,3 +451,75 @@ async def test_rollback_job_vars_are_what_the_playbook_documents(fleet: SimFleet
     assert python and python.startswith("/")
     assert got["a100-1"] == {"rollout_id": rid, "attempt": 1, "python": python}
     assert got["a100-2"] == {"rollout_id": rid, "attempt": 1, "python": got["a100-2"]["python"], "wheel_sha256": sha}
+
+
+async def test_node_that_comes_back_after_the_rollout_ended_is_reconciled_and_retried(fleet: SimFleet) -> None:
+    from controller.store import utcnow
+    from controller.store.models import Node
+
+    fleet.hang.add(("h100-1", "install-wheel"))  # the agent takes the job and is never heard of again
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%",
+                                                            max_failures="1", step_timeouts={"install-wheel": 1}))
+    rid = out["id"]
+    engine = fleet.engine()
+    engine.finished_reconcile_s = 0.2
+    async with running(engine):
+        st = await until(fleet, rid, "partial", "succeeded", "paused")
+        assert st["status"] == "partial"
+        stale = next(n for n in st["nodes"] if n["hostname"] == "h100-1")["cause"]
+        assert "no result for install-wheel within 1s" in stale
+        with pytest.raises(ConflictError, match="only its failed nodes are left") as err:
+            service.resume(fleet.store, rid, "op")  # a finished rollout resumes only to retry its failed nodes
+        assert "--retry-failed" in (err.value.hint or "")
+        # the node comes back after the end, with the target flash-attn the lost job installed after all
+        fleet.hang.clear()
+        with fleet.store.session() as s:
+            node = s.scalar(select(Node).where(Node.hostname == "h100-1"))
+            assert node is not None
+            node.facts = {**node.facts, "flash_attn": {"version": out["version"], "variant": "fa2"}}
+            node.last_seen = utcnow()
+        await wait_for(lambda: "back online after the rollout ended" in
+                       next(n for n in status(fleet, rid)["nodes"] if n["hostname"] == "h100-1")["cause"])
+        st = status(fleet, rid)
+        bad = next(n for n in st["nodes"] if n["hostname"] == "h100-1")
+        assert st["status"] == "partial" and bad["state"] == "failed"  # nothing verified it yet: still failed
+        assert bad["cause"].startswith(stale)
+        assert (f"back online after the rollout ended (partial) with flash-attn {out['version']} (the target) "
+                f"installed but not verified: `fleetctl rollout resume {rid} --retry-failed` retries it") \
+            in bad["cause"]
+        with fleet.store.session() as s:
+            row = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == "h100-1"))
+            assert row is not None and (row.result or {})["returned"]["flash_attn"] == out["version"]
+        # the documented retry: the finished partial rollout runs its failed node again and succeeds
+        resumed = service.resume(fleet.store, rid, "op", retry_failed=True)
+        assert resumed["status"] == "running"
+        st = await until(fleet, rid, "succeeded", "partial", "paused")
+    assert st["status"] == "succeeded", st["reason"]
+    assert states(st) == {"h100-1": "done", "h100-2": "done"}
+    with pytest.raises(ConflictError, match="succeeded, not paused"):
+        service.resume(fleet.store, rid, "op", retry_failed=True)
+
+
+async def test_returning_node_of_a_finished_rollout_taken_on_by_a_later_one_is_left_alone(fleet: SimFleet) -> None:
+    from controller.store import utcnow
+    from controller.store.models import Node
+
+    fleet.hang.add(("h100-1", "install-wheel"))
+    first = service.start_rollout(fleet.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%",
+                                                              max_failures="1", step_timeouts={"install-wheel": 1}))
+    engine = fleet.engine()
+    engine.finished_reconcile_s = 0.2
+    async with running(engine):
+        assert (await until(fleet, first["id"], "partial", "succeeded", "paused"))["status"] == "partial"
+        fleet.hang.clear()
+        later = service.start_rollout(fleet.store, RolloutRequest(nodes="hostname=h100-1", canary=0, batch="100%"))
+        assert (await until(fleet, later["id"], "succeeded", "partial", "paused"))["status"] == "succeeded"
+        with fleet.store.session() as s:
+            node = s.scalar(select(Node).where(Node.hostname == "h100-1"))
+            assert node is not None
+            node.last_seen = utcnow()
+        await asyncio.sleep(0.6)
+        bad = next(n for n in status(fleet, first["id"])["nodes"] if n["hostname"] == "h100-1")
+        assert "back online" not in bad["cause"]  # the later rollout's outcome is the node's news, not this
+        with pytest.raises(ConflictError, match="no failed node to retry"):
+            service.resume(fleet.store, first["id"], "op", retry_failed=True)
