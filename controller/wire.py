@@ -14,6 +14,8 @@ from fleet.facts import MAX_FACTS_BYTES, NodeFacts, parse_node
 from fleet.v1 import fleet_pb2 as pb
 
 MAX_JSON_FIELD_CHARS = 64 * 1024
+# deeper nesting than any fact, event or result has (a few levels): refused, not stored
+MAX_JSON_DEPTH = 64
 
 
 def _json_object(text: str, what: str, *, limit: int = MAX_JSON_FIELD_CHARS) -> dict[str, Any]:
@@ -26,9 +28,28 @@ def _json_object(text: str, what: str, *, limit: int = MAX_JSON_FIELD_CHARS) -> 
         value = json.loads(text)
     except ValueError as exc:
         raise InputError(f"{what} is not valid JSON: {exc}", hint="send a JSON object") from exc
+    except RecursionError as exc:  # "[[[[…" a few thousand deep: the parser's recursion gives out first
+        raise InputError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                         hint="send a flatter JSON object") from exc
     if not isinstance(value, dict):
         raise InputError(f"{what} must be a JSON object, got {type(value).__name__}", hint="send a JSON object")
+    if _depth_over(value, MAX_JSON_DEPTH):
+        # parsed, but storing or re-encoding it (the JSON columns, the API) would recurse as deep again
+        raise InputError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                         hint="send a flatter JSON object")
     return value
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects more than ``limit`` deep (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def facts_to_dict(msg: pb.NodeFacts) -> dict[str, Any]:

@@ -32,6 +32,9 @@ _WHITESPACE_CONTROLS = str.maketrans({"\n": " ", "\r": " ", "\t": " ", "\v": " "
                                       "\u2028": " ", "\u2029": " "})
 DEFAULT_LOG_LIMIT = 512
 LOG_MESSAGE_LIMIT = 4096
+# a whole log line (time, level, logger and message, as UTF-8) at most this long: the message limit counts
+# characters after escaping, so a long prefix or multi-byte text could still push a line past 4 KB
+LOG_LINE_BYTES = 4096
 
 
 def _escape(m: re.Match[str]) -> str:
@@ -77,8 +80,15 @@ class SafeLogFormatter(logging.Formatter):
     whatever a node or client put into a logged value cannot start a forged line or hide in escapes."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = safe_text(record.message, LOG_MESSAGE_LIMIT)
-        return super().formatMessage(record)
+        raw, limit = record.message, LOG_MESSAGE_LIMIT
+        for _ in range(4):  # cut the message, not the line, so safe_text's "(… chars)" mark stays at the end
+            record.message = safe_text(raw, limit)
+            line = super().formatMessage(record)
+            excess = len(line.encode("utf-8", "replace")) - LOG_LINE_BYTES
+            if excess <= 0:
+                return line
+            limit = max(64, limit - excess - 64)
+        return line.encode("utf-8", "replace")[:LOG_LINE_BYTES].decode("utf-8", "ignore")
 
 
 def install_safe_logging(level: str | int, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:

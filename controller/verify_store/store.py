@@ -266,7 +266,7 @@ def list_results(session: Session, *, hostname: str | None = None, limit: int = 
 def get_result(session: Session, ref: str) -> dict[str, Any]:
     from fleet.errors import NotFoundError
 
-    row = session.get(Verification, int(ref)) if ref.isdigit() else session.scalar(
+    row = session.get(Verification, int(ref)) if ref.isdigit() and int(ref) < 2**63 else session.scalar(
         select(Verification).where(Verification.job_id == ref))
     if row is None:
         raise NotFoundError(f"no verification {ref!r}", hint="see `fleetctl verify --json` or /api/v1/verifications")
