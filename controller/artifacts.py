@@ -212,6 +212,7 @@ class ArtifactWriter:
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
+        self._digest: str | None = None
         self.size = 0
         self.info: ArtifactInfo | None = None
 
@@ -223,7 +224,11 @@ class ArtifactWriter:
         self._hash.update(data)
         self._file.write(data)
 
-    def commit(self) -> ArtifactInfo:
+    def seal(self) -> Path:
+        """Close the upload and check the announced sha256 and size; returns the complete (not yet stored) file,
+        e.g. to verify a detached signature over it before ``commit()``. Idempotent."""
+        if self._digest is not None:
+            return self._tmp
         self._file.close()
         digest = self._hash.hexdigest()
         if self.expected_sha256 and digest != self.expected_sha256:
@@ -234,7 +239,19 @@ class ArtifactWriter:
             self.abort()
             raise InputError(f"artifact has {self.size} bytes, not the announced {self.expected_size}",
                              hint="the upload was cut short; upload again")
-        self.info = self._owner._adopt(self._tmp, digest, self.filename, self.kind, self.size, self.provenance)
+        self._digest = digest
+        return self._tmp
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's sha256 once ``seal()``-ed."""
+        return self._digest
+
+    def commit(self) -> ArtifactInfo:
+        self.seal()
+        assert self._digest is not None
+        self.info = self._owner._adopt(self._tmp, self._digest, self.filename, self.kind, self.size,
+                                       self.provenance)
         return self.info
 
     def abort(self) -> None:
@@ -306,10 +323,12 @@ class ArtifactStore:
             elif row.size != size:
                 raise ConflictError(f"artifact {digest} already stored with a different size",
                                     hint="the artifact store is corrupt; remove the file and upload again")
-            known = s.scalar(select(ArtifactProvenance.id).where(
+            known = [d or {} for d in s.scalars(select(ArtifactProvenance.detail).where(
                 ArtifactProvenance.sha256 == digest, ArtifactProvenance.source == str(provenance.source),
-                ArtifactProvenance.ref == provenance.ref[:2048]).limit(1))
-            if known is None:  # same bytes from another origin: one more row, the file stays
+                ArtifactProvenance.ref == provenance.ref[:2048]))]
+            # same bytes from another origin (or the same one with other details, e.g. now signed): one more
+            # row, the file stays
+            if dict(provenance.detail) not in known:
                 s.add(ArtifactProvenance(sha256=digest, source=str(provenance.source), ref=provenance.ref[:2048],
                                          detail=dict(provenance.detail), created=utcnow()))
                 s.flush()

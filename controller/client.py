@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from controller.signatures import SignatureError
 from fleet.errors import (
     AuthError,
     ConflictError,
@@ -38,7 +39,7 @@ DEFAULT_STATE_DIR = Path("state/controller")
 _ERRORS: dict[str, type[FleetError]] = {
     "auth": AuthError, "not-found": NotFoundError, "conflict": ConflictError, "bad-input": InputError,
     "bad-facts": InputError, "usage": UsageError, "store": StoreError, "controller-unavailable": ControllerUnavailable,
-    "stale-facts": StaleFactsError, "upstream": UpstreamError,
+    "stale-facts": StaleFactsError, "upstream": UpstreamError, "bad-signature": SignatureError,
 }
 _START_HINT = ("start it with `fleet-controller serve --state-dir DIR` (or `fleet-controller fleet up`), "
                "or point fleetctl at it with --controller URL / --state-dir DIR")

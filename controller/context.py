@@ -9,6 +9,7 @@ and later components (rollouts, scheduler, dashboard) all reach the controller t
     ctx.registry    # controller.registry.Registry (nodes, facts, liveness)
     ctx.jobs        # controller.jobs.JobDispatcher (submit_job / wait / callbacks)
     ctx.artifacts   # controller.artifacts.ArtifactStore
+    ctx.signatures  # controller.signatures.SignaturePolicy (artifact add --sig; --trusted-keyring)
     ctx.provisioner # controller.provisioning.Provisioner (the store, then upstream: release wheels, index)
     ctx.enrollment  # controller.enrollment.Enrollment (tokens, identities, revocation)
     ctx.ca          # controller.ca.CertAuthority
@@ -29,6 +30,7 @@ from controller.jobs import JobDispatcher, JobOutcome
 from controller.provisioning import Provisioner
 from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
+from controller.signatures import SignaturePolicy
 from controller.store import Store, open_store
 from controller.uploads import Uploads
 from controller.upstream import UpstreamConfig
@@ -62,6 +64,10 @@ class ControllerSettings:
     gc_tuning: bool = False
     # where artifacts a plan needs come from when the store lacks them (controller/upstream.py)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # operator keys that may sign `fleetctl artifact add --sig` uploads (controller/signatures.py;
+    # --trusted-keyring); require_signed refuses unsigned operator uploads (--require-signed)
+    trusted_keyring: Path | None = None
+    require_signed: bool = False
 
     @property
     def database_url(self) -> str:
@@ -112,6 +118,8 @@ class ControllerContext:
             self.uploads.clean_stale()
         except OSError as exc:
             raise state_dir_error(exc, exc.filename or state / "artifacts", "prepare") from exc
+        self.signatures = SignaturePolicy.create(settings.trusted_keyring, settings.require_signed,
+                                                 state / "gnupg")
         self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
         from controller.server import GcMonitor, LoopLag
 

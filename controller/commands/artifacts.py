@@ -1,13 +1,15 @@
-"""``fleetctl artifact add FILE [--kind K] [--name N]`` and ``fleetctl artifact list [--json]``.
+"""``fleetctl artifact add FILE [--kind K] [--name N] [--sig FILE.sig]`` and ``fleetctl artifact list [--json]``.
 
 Through the controller's HTTP API (``POST``/``GET /api/v1/artifacts``) into its content-addressed
 artifact store: sdists that air-gapped nodes build from (``flash_attn-<version>.tar.gz``, kind ``sdist``),
-wheels, apt keys.
+wheels, apt keys. ``--sig`` sends a detached OpenPGP signature with the file: a controller started with
+``--trusted-keyring`` checks it and records the signer (controller/signatures.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kind", choices=KINDS, help="default: from the name (.tar.gz sdist, .whl wheel, .gpg/.asc/.pub "
                                                  "apt-key)")
     p.add_argument("--name", metavar="N", help="file name in the store (default: FILE's base name)")
+    p.add_argument("--sig", type=Path, metavar="FILE.sig",
+                   help="detached OpenPGP signature of FILE (gpg --detach-sign [--armor] FILE): the controller "
+                        "checks it against its --trusted-keyring and records the signer, or refuses the file")
     p.add_argument("--json", action="store_true")
     add_controller_args(p)
     p.set_defaults(handler=handle_add)
@@ -61,15 +66,33 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+MAX_SIG_BYTES = 8 * 1024  # the controller's limit (controller/signatures.py MAX_SIGNATURE_BYTES)
+
+
+def read_signature(sig: Path) -> str:
+    """``--sig FILE``: its bytes, base64 (header ``X-Fleet-Signature``)."""
+    try:
+        data = sig.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the signature {sig}: {exc.strerror or exc}",
+                         hint="check the path; make one with gpg --detach-sign FILE") from exc
+    if not data or len(data) > MAX_SIG_BYTES:
+        raise InputError(f"{sig} has {len(data)} bytes; a detached OpenPGP signature is 1 to {MAX_SIG_BYTES}",
+                         hint="give the detached signature (gpg --detach-sign FILE writes FILE.sig), not the file")
+    return base64.b64encode(data).decode("ascii")
+
+
 def upload(client: ControllerClient, path: Path, kind: str, name: str | None = None, *,
-           bundle: tuple[str, str] | None = None) -> dict[str, Any]:
+           bundle: tuple[str, str] | None = None, sig: Path | None = None) -> dict[str, Any]:
     """Stream ``path`` to ``POST /api/v1/artifacts``; returns the stored artifact's JSON. ``bundle``: (lock
-    digest, bundle file name) — recorded as imported from that bundle instead of added by hand."""
+    digest, bundle file name) — recorded as imported from that bundle instead of added by hand. ``sig``: a
+    detached signature of ``path``, checked by the controller."""
     try:
         size = path.stat().st_size
         sha = _digest(path)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from exc
+    signature = read_signature(sig) if sig is not None else None
 
     def body() -> Iterator[bytes]:
         with path.open("rb") as f:
@@ -80,6 +103,8 @@ def upload(client: ControllerClient, path: Path, kind: str, name: str | None = N
     if bundle is not None:
         params.update(bundle_lock=bundle[0], bundle=bundle[1])
     headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+    if signature is not None:
+        headers["X-Fleet-Signature"] = signature
     try:
         resp = client._http.post("/api/v1/artifacts", params=params, content=body(), headers=headers,
                                  timeout=httpx.Timeout(600.0, connect=10.0))
@@ -96,11 +121,14 @@ def upload(client: ControllerClient, path: Path, kind: str, name: str | None = N
 def handle_add(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
     kind = args.kind or guess_kind(args.name or args.file.name)
-    info = upload(client, args.file, kind, args.name)
+    info = upload(client, args.file, kind, args.name, sig=args.sig)
     if args.json:
         print_json(info)
     else:
         print(f"stored {info['filename']} ({info['kind']}, {info['size']} bytes) sha256 {info['sha256']}")
+        signers = sorted({str(p["signer"]) for p in info.get("provenance", []) if p.get("signer")})
+        if signers:
+            print(f"signed by {', '.join(signers)}")
     return 0
 
 

@@ -48,17 +48,32 @@ def register(subparsers: Any) -> None:
                    help="enrollment attempts allowed per second overall (default 50, burst 200; per source "
                         "address 1/s, burst 20); a lab load test enrolling thousands of agents from one host "
                         "raises it (see docs/security.md, Abuse limits)")
+    p.add_argument("--trusted-keyring", type=Path, metavar="FILE",
+                   help="OpenPGP public keys of the operators (gpg --export --armor KEYID... > FILE): a signature "
+                        "sent with `fleetctl artifact add --sig` must come from one of them, else the upload is "
+                        "refused; the signer's fingerprint is recorded (docs/security.md, Artifacts and provenance)")
+    p.add_argument("--require-signed", action="store_true",
+                   help="refuse `fleetctl artifact add` uploads without a signature (needs --trusted-keyring)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"))
     p.set_defaults(handler=handle)
 
 
 def settings_from(args: argparse.Namespace) -> ControllerSettings:
+    check_signing_args(args)
     per_source, overall = enroll_rates(getattr(args, "enroll_rate", None))
     return ControllerSettings(state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen,
                               enroll_listen=args.enroll_listen, http_listen=args.http_listen,
                               heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
                               extra_names=list(args.san), gc_tuning=args.gc_tuning,
-                              upstream=upstream_from(args), enroll_per_source=per_source, enroll_overall=overall)
+                              upstream=upstream_from(args), enroll_per_source=per_source, enroll_overall=overall,
+                              trusted_keyring=getattr(args, "trusted_keyring", None),
+                              require_signed=getattr(args, "require_signed", False))
+
+
+def check_signing_args(args: argparse.Namespace) -> None:
+    if getattr(args, "require_signed", False) and getattr(args, "trusted_keyring", None) is None:
+        raise UsageError("--require-signed needs --trusted-keyring FILE (the keys a signature must come from)",
+                         hint="export the operators' public keys: gpg --export --armor KEYID... > FILE")
 
 
 def enroll_rates(per_second: float | None) -> tuple[Rate, Rate]:
