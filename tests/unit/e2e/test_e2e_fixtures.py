@@ -23,7 +23,7 @@ from controller.local_wheels import catalog_wheel_name
 from controller.rollout.models import Build
 from controller.rollout.service import RolloutRequest, get_status, plan_rollout
 from controller.store import Store, open_store, utcnow
-from controller.store.models import Artifact, Node
+from controller.store.models import Artifact, ArtifactProvenance, Node
 from controller.verify_store import store as vs
 from controller.web import create_standalone_app
 from controller.web.auth import add_user
@@ -130,6 +130,9 @@ def test_replay_through_store_planner_and_dashboard(d: Path, store: Store, tmp_p
                     "glibc": facts["os"]["glibc"]}
         s.add(Artifact(sha256=b.artifact_sha256, filename=b.artifact_filename, kind="wheel", size=1,
                        created=utcnow()))
+        # uploaded by that build's own job (an agent's upload of anything else never enters the catalog)
+        s.add(ArtifactProvenance(sha256=b.artifact_sha256, source="build", ref=str(b.job_id or "build-job"),
+                                 detail={"build_key": b.build_key, "node": host}, created=utcnow()))
     (p,) = plan_rollout(store, RolloutRequest(version=version, nodes=host)).nodes
     assert p.plan.variant == "fa2-wheel" and p.to_json()["artifact_sha256"] == r1["builds"][0]["artifact_sha256"]
     # the dashboard shows the node, its rollouts and the simulated label when it was a rehearsal
