@@ -173,11 +173,20 @@ class JobDispatcher:
         return fut
 
     async def wait(self, job_id: str, timeout: float | None = None) -> JobOutcome:
-        """Wait for the job to finish and return its outcome (``asyncio.TimeoutError`` after ``timeout``)."""
-        outcome = self.outcome(job_id)
+        """Wait for the job to finish and return its outcome (``asyncio.TimeoutError`` after ``timeout``).
+
+        The look in the store runs on the store's pool (a locked database must not stall the loop); the
+        future is registered *before* it, so a finish that lands while we look still wakes this waiter."""
+        fut = self._future(job_id)  # left registered if the look fails: the job's finish resolves it
+        outcome = await self.store.call(self.outcome, job_id)
         if outcome is not None:
+            # finished before we looked (another process, or before a restart): wake any other waiter too
+            if self._futures.get(job_id) is fut:
+                self._futures.pop(job_id, None)
+            if not fut.done():
+                fut.set_result(outcome)
             return outcome
-        return await asyncio.wait_for(asyncio.shield(self._future(job_id)), timeout)
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
 
     def add_done_callback(self, job_id: str, callback: DoneCallback) -> None:
         """Call ``callback(outcome)`` when the job finishes (at once if it already has)."""
@@ -222,6 +231,12 @@ class JobDispatcher:
         """Mark an unfinished job canceled (the agent is not interrupted yet; its late result is ignored)."""
         outcome = JobOutcome(job_id, "canceled", None, {}, reason)
         self._finish(job_id, outcome, node=None)
+        return outcome
+
+    async def cancel_async(self, job_id: str, reason: str = "canceled by operator") -> JobOutcome:
+        """``cancel`` with the database work on the store's thread pool (``ConflictError`` if already finished)."""
+        outcome = JobOutcome(job_id, "canceled", None, {}, reason)
+        await self.finish_async(job_id, outcome, node=None)
         return outcome
 
     # ---- agent side ----------------------------------------------------------------------

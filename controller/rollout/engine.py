@@ -13,6 +13,13 @@ Crash safety (``kill -9`` at any moment):
   is read back from the jobs table, so no finished step is redone;
 * a step gets ``step_deadline``; past it the job is canceled and the node fails (agent vanished).
 
+Off the event loop (docs/security.md, "Availability and faults"): every database unit of the engine
+(``_claim``, ``_drive_db``, ``_prepare``, ``_finish_step``, ``_release``, ...) is a plain blocking function
+run whole on the store's bounded pool through ``_db``, one at a time: a database locked from outside delays
+the engine (statements wait up to the store's lock timeout, then fail and the step is picked up again), never
+the loop that serves heartbeats and ``/live``. The units keep the single-threaded semantics they were written
+for: ``_db`` runs one unit at a time, and none reads the loop's own state (``_tasks``) other than a snapshot.
+
 The decisions (which node starts, when a batch is complete, budget, canary) come from the pure
 ``controller.rollout.core.next_actions``.
 """
@@ -29,13 +36,15 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.artifacts import VOUCHED, provenance_of, trusted_for
 from controller.audit import audit
@@ -63,6 +72,8 @@ from controller.store.models import Job, Node
 from fleet.errors import ConflictError, FleetError, NotFoundError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ACTIVE = ("running", "paused", "aborting", "rolling-back")
 # finished rollouts whose failed nodes may come back: their vanished-agent failures are reconciled too
@@ -107,6 +118,25 @@ def lease_free(owner: str | None, expiry: dt.datetime | None, me: str, now: dt.d
     if expiry is None or expiry <= now:
         return True
     return not owner_alive(owner)
+
+
+def take_lease(s: Session, row: Rollout | RolloutNode, owner: str, expiry: dt.datetime) -> bool:
+    """Set ``row``'s lease to ``owner`` only if it is still the lease just read (compare-and-set in the database).
+
+    Engines run their units on worker threads (and controllers in separate processes): two of them can read the
+    same expired lease at once; the conditional update lets exactly one take it. The update also opens the write
+    transaction, so the rest of the unit runs under the database's write lock (SQLite) or the row's (PostgreSQL)."""
+    model = type(row)
+    seen_owner = model.lease_owner.is_(None) if row.lease_owner is None else model.lease_owner == row.lease_owner
+    seen_expiry = model.lease_expiry.is_(None) if row.lease_expiry is None else model.lease_expiry == row.lease_expiry
+    res = s.execute(update(model).where(model.id == row.id, seen_owner, seen_expiry)
+                    .values(lease_owner=owner, lease_expiry=expiry).execution_options(synchronize_session=False))
+    if getattr(res, "rowcount", 1) != 1:
+        return False
+    # the object as the row now is, without marking it changed (the update above wrote it)
+    set_committed_value(row, "lease_owner", owner)
+    set_committed_value(row, "lease_expiry", expiry)
+    return True
 
 
 def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: str, *, job_id: str | None = None,
@@ -239,6 +269,8 @@ class RolloutEngine:
         self.lease_ttl = lease_ttl
         self.tick = tick
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # one database unit of the engine at a time (``_db``); waiters queue here, on the loop, not in the pool
+        self._db_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -267,7 +299,7 @@ class RolloutEngine:
         try:
             while not self._stopping:
                 try:
-                    self.tick_once()
+                    await self.tick_once()
                 except FleetError as exc:
                     log.warning("rollout engine: %s", exc)
                 except Exception:
@@ -287,37 +319,83 @@ class RolloutEngine:
             await asyncio.wait(tasks, timeout=5)
         self._tasks.clear()
 
-    def tick_once(self) -> None:
+    async def _db(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run the engine's blocking database unit ``fn(*args)`` on the store's bounded pool, one at a time.
+
+        Off the loop: a locked database delays the engine, never heartbeats or ``/live``. One at a time: the
+        units were written for one thread (the loop used to serialise them) and share rows — a rollout and
+        its nodes, builds across nodes and rollouts — so ``_drive_db``, ``_prepare`` and ``_finish_step`` must
+        not interleave. Waiters queue on the loop, not in the pool's threads (the gRPC servicer shares them).
+        The lock is released when the thread's work ends, not when the awaiting task is cancelled: a
+        cancelled wait (``stop``) never lets a second unit overlap one still running in its thread."""
+        lock = self._db_lock
+        await lock.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            work: Future[T] = self.store.executor.submit(fn, *args)
+        except BaseException:
+            lock.release()
+            raise
+
+        def unlock(_: Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown): nobody waits any more
+                loop.call_soon_threadsafe(lock.release)
+
+        work.add_done_callback(unlock)
+        return await asyncio.wrap_future(work)
+
+    async def tick_once(self) -> None:
+        """One pass: claim and renew leases, drive each claimed rollout, now and then look at finished ones."""
+        claimed = await self._db(self._claim, frozenset(self._tasks))
+        for rid in claimed:
+            await self._drive(rid)
+        if time.monotonic() - self._finished_reconciled_at >= self.finished_reconcile_s:
+            self._finished_reconciled_at = time.monotonic()
+            await self._db(self._reconcile_finished)
+
+    def _claim(self, running: Collection[tuple[str, str]]) -> list[str]:
+        """Take the free active rollouts and renew the leases of nodes this engine runs (``running``: a
+        snapshot of ``_tasks``). Blocking: through ``_db``. ``now`` is taken here, when the lock is ours, so
+        a wait for the database does not shorten the leases written."""
         now = utcnow()
         expiry = now + dt.timedelta(seconds=self.lease_ttl)
         claimed: list[str] = []
         with self.store.session() as s:
             for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE))):
                 if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
-                    if r.lease_owner != self.owner:
-                        log.info("rollout %s: taking over from %s", r.id, r.lease_owner or "nobody")
-                    r.lease_owner, r.lease_expiry = self.owner, expiry
+                    previous = r.lease_owner
+                    if not take_lease(s, r, self.owner, expiry):
+                        continue  # another engine took it between our read and our write
+                    if previous != self.owner:
+                        log.info("rollout %s: taking over from %s", r.id, previous or "nobody")
                     claimed.append(r.id)
-            mine = [(rid, host) for (rid, host) in self._tasks]
-            if mine:
+            if running:
                 for n in s.scalars(select(RolloutNode).where(RolloutNode.lease_owner == self.owner)):
-                    if (n.rollout_id, n.hostname) in self._tasks:
+                    if (n.rollout_id, n.hostname) in running:
                         n.lease_expiry = expiry
-        for rid in claimed:
-            self._drive(rid, now)
-        if time.monotonic() - self._finished_reconciled_at >= self.finished_reconcile_s:
-            self._finished_reconciled_at = time.monotonic()
-            self._reconcile_finished()
+        return claimed
 
     # ---- one rollout ---------------------------------------------------------------------------
 
-    def _drive(self, rid: str, now: dt.datetime) -> None:
+    async def _drive(self, rid: str) -> None:
+        """Decide for one rollout (one unit on the pool) and start the node tasks it says to, on the loop."""
+        start = await self._db(self._drive_db, rid, frozenset(self._tasks))
+        for host in start:
+            task_key = (rid, host)
+            if task_key not in self._tasks:
+                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+
+    def _drive_db(self, rid: str, running: Collection[tuple[str, str]]) -> tuple[str, ...]:
+        """The database half of ``_drive`` (blocking; through ``_db``): the nodes to start. ``running`` is a
+        snapshot of ``_tasks`` taken on the loop; only ``_drive`` adds to it, after this returns, so a node
+        is never missing from it — at most a task that just ended is still counted busy for one tick."""
+        now = utcnow()
         start: tuple[str, ...] = ()
         paused: str | None = None
         with self.store.session() as s:
             r = s.get(Rollout, rid)
             if r is None:
-                return
+                return ()
             nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
             if r.status == "running":
                 self._reconcile(s, rid, [n for n in nodes if n.state == State.FAILED])
@@ -328,7 +406,7 @@ class RolloutEngine:
             snap = Snapshot(
                 status=r.status,
                 nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
-                                    busy=self._busy(rid, n, now),
+                                    busy=self._busy(rid, n, now, running),
                                     builder=bool(n.build_key and builds.get(n.build_key)
                                                  and builds[n.build_key].builder == n.hostname))
                        for n in nodes],
@@ -348,7 +426,7 @@ class RolloutEngine:
                        f"build of {key} on {b.builder or '?'} failed: {b.error or 'see the builder node'}")
             if r.status == "aborting":
                 for n in nodes:
-                    if State(n.state) not in TERMINAL and not self._busy(rid, n, now) and n.job_id is None:
+                    if State(n.state) not in TERMINAL and not self._busy(rid, n, now, running) and n.job_id is None:
                         record(s, rid, n, State.SKIPPED, "rollout aborted before this step started")
                 if all(State(n.state) in TERMINAL for n in nodes):
                     self._set_status(s, r, "aborted", r.reason or "aborted by operator")
@@ -364,10 +442,7 @@ class RolloutEngine:
                 r.current_batch = acts.current_batch
         if paused is not None:  # after the commit: the audit log has its own unit of work
             audit(self.store, "engine", "rollout.pause", rid, reason=paused)
-        for host in start:
-            task_key = (rid, host)
-            if task_key not in self._tasks:
-                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+        return start
 
     def _reconcile_finished(self) -> None:
         """Failed nodes of finished rollouts (``RECONCILED_AFTER_END``) whose agent vanished and is back online:
@@ -433,8 +508,8 @@ class RolloutEngine:
                            f"`fleetctl rollout resume {rid} --retry-failed` after a pause, or roll out again")
         return done
 
-    def _busy(self, rid: str, n: RolloutNode, now: dt.datetime) -> bool:
-        if (rid, n.hostname) in self._tasks:
+    def _busy(self, rid: str, n: RolloutNode, now: dt.datetime, running: Collection[tuple[str, str]]) -> bool:
+        if (rid, n.hostname) in running:
             return True
         return not lease_free(n.lease_owner, n.lease_expiry, self.owner, now)
 
@@ -470,22 +545,26 @@ class RolloutEngine:
     async def _node_task(self, rid: str, host: str) -> None:
         try:
             while not self._stopping:
-                step = self._prepare(rid, host)
+                step = await self._db(self._prepare, rid, host)  # committed before the job is submitted
                 if step is None:
                     break
                 if step.job_id is None and step.provision is not None and not await self._provide(step):
                     continue  # failed, saying why; the next _prepare finds the node failed and stops
                 outcome = await self._execute(step)
-                self._finish_step(step, outcome)
+                await self._db(self._finish_step, step, outcome)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("rollout %s: node %s task failed", rid, host)
+        except Exception:  # a database error too (a lock held past the timeout): the next tick restarts the node,
+            log.exception("rollout %s: node %s task failed", rid, host)  # re-attaching to its job
         finally:
-            self._tasks.pop((rid, host), None)
-            with contextlib.suppress(Exception):
-                self._release(rid, host)
-            self.wake()
+            try:
+                with contextlib.suppress(Exception):
+                    await self._db(self._release, rid, host)
+            finally:
+                # only now: while the lease is being released the node still counts as ours (busy), so a tick
+                # meanwhile cannot start a second task whose fresh lease this release would then clear
+                self._tasks.pop((rid, host), None)
+                self.wake()
 
     def _release(self, rid: str, host: str) -> None:
         with self.store.session() as s:
@@ -508,7 +587,8 @@ class RolloutEngine:
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
             if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, now):
                 return None
-            n.lease_owner, n.lease_expiry = self.owner, now + dt.timedelta(seconds=self.lease_ttl)
+            if not take_lease(s, n, self.owner, now + dt.timedelta(seconds=self.lease_ttl)):
+                return None  # another engine claimed the node between our read and our write
             plan = plan_from_json(n.plan)
             opts = r.options or {}
             for _ in range(4):  # bookkeeping moves: planned → first step, waiting → build/install
@@ -587,7 +667,7 @@ class RolloutEngine:
         assert step.provision is not None and self.provisioner is not None
         prov, provisioner = step.provision, self.provisioner
         where = provisioner.upstream.config.describe()
-        self._note(step, f"{step.kind}: getting its artifacts into the store ({where})")
+        await self._db(self._note, step, f"{step.kind}: getting its artifacts into the store ({where})")
         started = time.monotonic()
         try:
             if step.state == State.BUILD:
@@ -595,27 +675,33 @@ class RolloutEngine:
                 extra: dict[str, Any] = {"sdist_sha256": sdist.sha256}
                 got = [describe_artifact(sdist)]
             else:
-                built = self.artifacts.get(prov.built_sha256) if prov.built_sha256 and self.artifacts else None
-                chosen = await asyncio.to_thread(provisioner.install_set, prov.needs, built)
+                def install_set() -> Any:  # the artifact store's lookup reads the database: off the loop too
+                    built = self.artifacts.get(prov.built_sha256) if prov.built_sha256 and self.artifacts else None
+                    return provisioner.install_set(prov.needs, built)
+
+                chosen = await asyncio.to_thread(install_set)
                 extra, got = chosen.job_vars(), chosen.describe()
         except FleetError as exc:
-            self._provision_failed(step, exc)
+            await self._db(self._provision_failed, step, exc)
             return False
         except Exception as exc:  # a bug: fail the node saying so, never re-run the step in a loop (the task restarts)
             log.exception("rollout %s: getting %s's artifacts failed", step.rollout_id, step.hostname)
-            self._provision_failed(step, FleetError(f"internal error while getting the artifacts: "
-                                                    f"{type(exc).__name__}: {exc}",
-                                                    hint="see the controller's log; report it"))
+            await self._db(self._provision_failed, step, FleetError(
+                f"internal error while getting the artifacts: {type(exc).__name__}: {exc}",
+                hint="see the controller's log; report it"))
             return False
         step.vars.update(extra)
+        await self._db(self._provided, step, got, round(time.monotonic() - started, 3))
+        return True
+
+    def _provided(self, step: StepRun, got: list[dict[str, Any]], seconds: float) -> None:
         with self.store.session() as s:
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
             if n is not None and n.state == str(step.state):
                 n.result = {**(n.result or {}), "artifacts": {"step": str(step.state), "files": got,
-                                                              "seconds": round(time.monotonic() - started, 3)}}
+                                                              "seconds": seconds}}
                 n.cause = f"{step.kind}: {len(got)} artifact(s) ready in the store"
-        return True
 
     def _note(self, step: StepRun, text: str) -> None:
         with self.store.session() as s:
@@ -758,39 +844,44 @@ class RolloutEngine:
         return None
 
     async def _execute(self, step: StepRun) -> JobOutcome:
-        job_id = step.job_id or self._find_job(step)
+        job_id = step.job_id or await self._db(self._find_job, step)
         if job_id is None:
             job_id = await self.jobs.submit_job(step.hostname, step.kind, step.vars, timeout=step.timeout)
-            with self.store.session() as s:
-                n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
-                                                       RolloutNode.hostname == step.hostname))
-                if n is not None:
-                    n.job_id = job_id
-                if step.state == State.BUILD and n is not None and n.build_key:
-                    b = s.get(Build, n.build_key)
-                    if b is not None:
-                        b.job_id = job_id
+            await self._db(self._record_job, step, job_id, True)
         else:
             log.info("rollout %s: %s re-attached to job %s (%s)", step.rollout_id, step.hostname, job_id, step.kind)
-            with self.store.session() as s:
-                n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
-                                                       RolloutNode.hostname == step.hostname))
-                if n is not None and n.job_id is None:
-                    n.job_id = job_id
+            await self._db(self._record_job, step, job_id, False)
         step.job_id = job_id
         remaining = (step.deadline - utcnow()).total_seconds()
         try:
             return await self.jobs.wait(job_id, timeout=max(0.0, remaining))
         except TimeoutError:
             try:
-                self.jobs.cancel(job_id, f"rollout step deadline ({step.timeout}s) passed")
+                await self.jobs.cancel_async(job_id, f"rollout step deadline ({step.timeout}s) passed")
             except ConflictError:
-                finished = self.jobs.outcome(job_id)
+                finished = await self.store.call(self.jobs.outcome, job_id)
                 if finished is not None:
                     return finished
             return JobOutcome(job_id, "timeout", None, {"vanished": True},
                               f"no result for {step.kind} within {step.timeout}s: the node's agent is gone or stuck "
                               f"(`fleetctl node {step.hostname}` shows when it was last seen)")
+
+    def _record_job(self, step: StepRun, job_id: str, submitted: bool) -> None:
+        """The step's job id, right after submission (``submitted``; the build's too) or on re-attaching. If
+        this fails (the database locked past its timeout), the restarted step finds the job (``_find_job``)."""
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if not submitted:
+                if n is not None and n.job_id is None:
+                    n.job_id = job_id
+                return
+            if n is not None:
+                n.job_id = job_id
+            if step.state == State.BUILD and n is not None and n.build_key:
+                b = s.get(Build, n.build_key)
+                if b is not None:
+                    b.job_id = job_id
 
     def _find_job(self, step: StepRun) -> str | None:
         """A job for this step submitted before a crash, before its id was recorded."""

@@ -276,15 +276,15 @@ class VerificationService:
         """Submit one verify job per chosen node; returns {hostname: job id}."""
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
-        chosen = await asyncio.to_thread(self.select, hosts, selector)
+        chosen = await self.ctx.store.call(self.select, hosts, selector)
         if trigger in ("schedule", "drift"):  # a node an active rollout holds is verified by the rollout itself
-            held = await asyncio.to_thread(self.held_by_rollouts)
+            held = await self.ctx.store.call(self.held_by_rollouts)
             skipped = [h for h in chosen if h in held]
             if skipped:
                 log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
             chosen = [h for h in chosen if h not in held]
-        jobs: dict[str, str] = await asyncio.to_thread(self.active_verify_jobs, chosen)  # no pile-up: reuse
-        expect = await asyncio.to_thread(self._expectations, [h for h in chosen if h not in jobs])
+        jobs: dict[str, str] = await self.ctx.store.call(self.active_verify_jobs, chosen)  # no pile-up: reuse
+        expect = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
         for host, expected in expect.items():
             vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
             if schedule_id is not None:
@@ -342,13 +342,22 @@ class VerificationService:
         log.info("node %s: %s changed; re-verifying in %.0fs", hostname, ", ".join(relevant), self.drift_delay)
         self._drift_timers[hostname] = loop.call_later(self.drift_delay, lambda: self._spawn(self._drift(hostname)))
 
+    def _verify_job_since(self, hostname: str, since: dt.datetime) -> str | None:
+        """A verify job of ``hostname`` unfinished or finished since ``since`` (it covers the drift), or None."""
+        with self.ctx.store.session() as s:
+            found: str | None = s.scalar(select(Job.id).where(
+                Job.node == hostname, Job.kind == "verify",
+                (Job.status.in_(tuple(ACTIVE_STATUSES))) | (Job.finished_at >= since)).limit(1))
+            return found
+
     async def _drift(self, hostname: str) -> None:
         self._drift_timers.pop(hostname, None)
         since, paths = self._drift_since.pop(hostname, (utcnow(), []))
-        with self.ctx.store.session() as s:
-            busy = s.scalar(select(Job.id).where(
-                Job.node == hostname, Job.kind == "verify",
-                (Job.status.in_(tuple(ACTIVE_STATUSES))) | (Job.finished_at >= since)).limit(1))
+        try:  # on the store's pool: a locked database must not stall the loop (heartbeats, /live)
+            busy = await self.ctx.store.call(self._verify_job_since, hostname, since)
+        except FleetError as exc:
+            log.warning("drift re-verification of %s not checked: %s", hostname, exc.message)
+            return
         if busy is not None:
             log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
             return

@@ -212,9 +212,16 @@ def require_user(request: Request) -> WebUser:
     return user
 
 
+async def require_user_async(request: Request) -> WebUser:
+    """``require_user`` for ``async def`` routes: the session lookup reads the database, so it runs on the
+    store's pool (a locked database must not stall the event loop); the user is cached on the request, so
+    ``render`` afterwards does not look again."""
+    return await _state(request).store.call(require_user, request)
+
+
 async def require_operator(request: Request) -> tuple[WebUser, FormData]:
     """An operator with a valid CSRF token (form field ``csrf_token`` or header ``X-CSRF-Token``)."""
-    user = require_user(request)
+    user = await require_user_async(request)
     form = await request.form()
     given = request.headers.get("x-csrf-token") or form.get("csrf_token")
     if not csrf_ok(user.csrf, given if isinstance(given, str) else None):
@@ -266,6 +273,7 @@ def login_page(request: Request, next: str = "/") -> Response:
 async def login_submit(request: Request) -> Response:
     st = _state(request)
     form = await request.form()
+    await st.store.call(current_user, request)  # the pages below show who is logged in: look it up off the loop
     name, password = str(form.get("username", "")), str(form.get("password", ""))
     nxt = _safe_next(str(form.get("next", "/")))
     if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE, ""), str(form.get("csrf_token", ""))):
@@ -310,7 +318,7 @@ async def login_submit(request: Request) -> Response:
 
 @router.post("/logout", response_model=None)
 async def logout(request: Request) -> Response:
-    user = require_user(request)
+    user = await require_user_async(request)
     form = await request.form()
     given = request.headers.get("x-csrf-token") or form.get("csrf_token")
     if not csrf_ok(user.csrf, given if isinstance(given, str) else None):
@@ -497,8 +505,12 @@ async def rollout_action(request: Request, rollout_id: str, action: str) -> Resp
         _shared.clear()
     except FleetError as exc:
         message, ok = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""), False
-        with st.store.session() as s:
-            _audit(s, f"user:{user.name}", f"rollout.{action}.refused", rollout_id, {"message": message})
+
+        def refused() -> None:
+            with st.store.session() as s:
+                _audit(s, f"user:{user.name}", f"rollout.{action}.refused", rollout_id, {"message": message})
+
+        await st.store.call(refused)  # an async route: the database work goes to the store's pool
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"ok": ok, "message": message}, status_code=200 if ok else 409)
     return RedirectResponse(f"/rollouts/{rollout_id}?" + urlencode({"msg": message}), status_code=303)

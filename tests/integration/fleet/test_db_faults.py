@@ -25,6 +25,7 @@ from sqlalchemy import event, func, select
 from controller.jobs import JobOutcome
 from controller.registry import Transition
 from controller.serve import RunningController
+from controller.store import Store
 from controller.store.models import Job, JobEvent, Node
 from controller.verify_store.models import Verification
 from tests.integration.fleet_support import PG_ADMIN, SimAgents, wait_for
@@ -33,14 +34,15 @@ LOCK_SECONDS = 8.0
 NODES = 12
 
 
-def _pg_options(rc: RunningController) -> str:
-    return unquote(str(rc.ctx.store.engine.url.query.get("options", "")))
+def _pg_options(store: Store) -> str:
+    return unquote(str(store.engine.url.query.get("options", "")))
 
 
-def _hold_lock(rc: RunningController, locked: threading.Event, seconds: float) -> None:
-    """Hold an exclusive lock from another connection (this thread) for ``seconds``."""
-    if rc.ctx.store.is_sqlite:
-        conn = sqlite3.connect(str(rc.ctx.store.engine.url.database), isolation_level=None, timeout=10)
+def hold_lock(store: Store, locked: threading.Event, seconds: float) -> None:
+    """Hold an exclusive lock on ``store``'s database from another connection (this thread) for ``seconds``
+    (also used by tests/integration/rollout/test_engine_db_lock.py)."""
+    if store.is_sqlite:
+        conn = sqlite3.connect(str(store.engine.url.database), isolation_level=None, timeout=10)
         try:
             conn.execute("BEGIN EXCLUSIVE")
             locked.set()
@@ -51,7 +53,7 @@ def _hold_lock(rc: RunningController, locked: threading.Event, seconds: float) -
         return
     import psycopg
 
-    with psycopg.connect(PG_ADMIN, options=_pg_options(rc)) as pg:
+    with psycopg.connect(PG_ADMIN, options=_pg_options(store)) as pg:
         pg.execute("LOCK TABLE nodes IN ACCESS EXCLUSIVE MODE")
         locked.set()
         time.sleep(seconds)
@@ -75,7 +77,7 @@ async def test_outside_lock_freezes_nothing_and_offlines_no_node(controller: Run
     facts_before = await asyncio.to_thread(_facts_updated_at, rc, "node-00")
 
     locked = threading.Event()
-    holder = asyncio.create_task(asyncio.to_thread(_hold_lock, rc, locked, LOCK_SECONDS))
+    holder = asyncio.create_task(asyncio.to_thread(hold_lock, rc.ctx.store, locked, LOCK_SECONDS))
     await wait_for(locked.is_set, timeout=10)
     lock_started = time.monotonic()
     rc.ctx.loop_lag.reset()
@@ -151,7 +153,7 @@ async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path
 
         stop = threading.Event()
         killed: list[int] = []
-        kills = threading.Thread(target=_kill_backends, args=(_pg_options(rc), stop, killed), daemon=True)
+        kills = threading.Thread(target=_kill_backends, args=(_pg_options(rc.ctx.store), stop, killed), daemon=True)
         kills.start()
         try:
             from controller.jobs import JobEventRecord

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome, JobSpec
 from controller.rollout.engine import RolloutEngine
 from controller.store import Store, open_store, utcnow
 from controller.store.models import Job, Node
+from fleet.errors import StoreError
 
 DEFAULT_DELAYS: Mapping[str, float] = {"apt-keyring-fix": 0.02, "cuda-toolkit": 0.02, "build-from-source": 0.1,
                                        "install-wheel": 0.02, "verify": 0.02, "rollback": 0.02}
@@ -37,6 +39,9 @@ class SimFleet:
     hang: set[tuple[str, str]] = field(default_factory=set)  # (host, kind): never answers
     verify_fail: dict[str, str] = field(default_factory=dict)  # host → reason
     no_verify: set[str] = field(default_factory=set)  # hosts whose agent has no verification runner
+    # the agents' database calls on the store's pool, as the gRPC servicer makes them (the async variants), and
+    # retried like a real agent's: a test that measures the event loop then measures the controller, not the sim
+    off_loop: bool = False
     _agents: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _work: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -89,14 +94,43 @@ class SimFleet:
         self.store.close()
 
     async def _agent(self, host: str, held: Collection[str] | None = None) -> None:
-        async for spec in self.jobs.stream_for(host, held):
-            task = asyncio.create_task(self._run(host, spec), name=f"sim-job-{host}:{spec.job_id}")
-            self._work.add(task)
-            task.add_done_callback(self._work.discard)
+        while True:
+            try:
+                async for spec in self.jobs.stream_for(host, held):
+                    task = asyncio.create_task(self._run(host, spec), name=f"sim-job-{host}:{spec.job_id}")
+                    self._work.add(task)
+                    task.add_done_callback(self._work.discard)
+                return
+            except StoreError:
+                if not self.off_loop:
+                    raise
+                await asyncio.sleep(0.2)  # the stream failed on the database: reconnect, as a real agent does
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """An agent's call: sent again (the same payload) while the controller answers with a database error."""
+        for _ in range(40):
+            try:
+                await fn()
+                return
+            except StoreError:
+                await asyncio.sleep(0.25)
+        await fn()
+
+    async def _started(self, host: str, spec: JobSpec) -> None:
+        ev = [JobEventRecord(spec.job_id, 1, "fleet_job_started", {"kind": spec.kind}, utcnow())]
+        if self.off_loop:
+            await self._call(lambda: self.jobs.record_events_async(host, ev))
+        else:
+            self.jobs.record_events(host, ev)
+
+    async def _complete(self, host: str, outcome: JobOutcome) -> None:
+        if self.off_loop:
+            await self._call(lambda: self.jobs.complete_async(host, outcome))
+        else:
+            self.jobs.complete(host, outcome)
 
     async def _run(self, host: str, spec: JobSpec) -> None:
-        self.jobs.record_events(host, [JobEventRecord(spec.job_id, 1, "fleet_job_started", {"kind": spec.kind},
-                                                      utcnow())])
+        await self._started(host, spec)
         if (host, spec.kind) in self.hang:
             return
         await asyncio.sleep(self.delays.get(spec.kind, 0.01))
@@ -106,7 +140,7 @@ class SimFleet:
         if spec.kind == "verify" and host in self.no_verify:
             err = "unknown job kind 'verify'; known: apt-keyring-fix, cuda-toolkit, install-wheel, build-from-source"
         if err is not None:
-            self.jobs.complete(host, JobOutcome(spec.job_id, "failed", 2, {}, err))
+            await self._complete(host, JobOutcome(spec.job_id, "failed", 2, {}, err))
             return
         result: dict[str, Any] = {"stats": {"changed": 1}}
         if spec.kind == "build-from-source":
@@ -114,14 +148,15 @@ class SimFleet:
             data = f"simulated wheel for {key}".encode()
             name = f"flash_attn-{spec.vars.get('flash_attn_version')}-sim{hashlib.sha1(key.encode()).hexdigest()[:8]}" \
                    "-cp311-cp311-linux_x86_64.whl"
-            info = self.artifacts.put_bytes(data, name, kind="wheel",  # what the agent's upload does
-                                            provenance=Provenance.build(spec.job_id, key, host))
+            put = functools.partial(self.artifacts.put_bytes, data, name, kind="wheel",  # the agent's upload
+                                    provenance=Provenance.build(spec.job_id, key, host))
+            info = await asyncio.to_thread(put) if self.off_loop else put()
             result["built_wheel"] = {"sha256": info.sha256, "filename": info.filename}
         if spec.kind == "verify":
             reason = self.verify_fail.get(host)
             result["passed"] = reason is None
             result["reason"] = reason or "simulated verification"
-        self.jobs.complete(host, JobOutcome(spec.job_id, "successful", 0, result, None))
+        await self._complete(host, JobOutcome(spec.job_id, "successful", 0, result, None))
 
     def job_counts(self) -> dict[tuple[str, str], int]:
         with self.store.session() as s:
