@@ -31,7 +31,7 @@ from typing import Any
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 
-from controller.artifacts import VOUCHED, ArtifactInfo, ArtifactStore, Provenance
+from controller.artifacts import VOUCHED, ArtifactInfo, ArtifactStore, Provenance, Source
 from controller.resolver import rules
 from controller.upstream import TargetEnv, Upstream, UpstreamConfig, normalize, wheel_requires
 from fleet.errors import FleetError, UpstreamError
@@ -211,12 +211,25 @@ class Provisioner:
             raise UpstreamError(f"the {needs.variant} plan names no wheel to install", hint="this is a bug")
         urls = self.upstream.config.release_urls(needs.artifact_url, needs.artifact) if needs.artifact_url else []
         if not urls:
-            found = self.upstream.stored(needs.artifact, needs.artifact_sha256)
+            found = self._planned_wheel(needs) or self.upstream.stored(needs.artifact, needs.artifact_sha256)
             if found is None:
                 raise UpstreamError(f"{needs.artifact} is not in the artifact store and the catalog gives no URL "
                                     f"for it", hint=f"`fleetctl artifact add {needs.artifact}`")
             return found
         return self.upstream.fetch_file(urls, needs.artifact, "wheel", expected_sha256=needs.artifact_sha256)
+
+    def _planned_wheel(self, needs: NodeNeeds) -> ArtifactInfo | None:
+        """The stored wheel a plan names by digest. Plans carry a digest only for entries of the controller's own
+        catalog, which admits a build's wheel only as that succeeded build's own upload (local_wheels.py): such a
+        file is handed out by digest even though, by name, only vouched-for files are (Upstream.stored)."""
+        if not needs.artifact_sha256:
+            return None
+        try:
+            info = self.artifacts.get(needs.artifact_sha256)
+        except FleetError:
+            return None
+        trusted = info.vouched or any(p.source in (Source.BUILD, Source.LEGACY) for p in info.sources)
+        return info if trusted else None
 
     def _fa4(self, needs: NodeNeeds) -> InstallSet:
         extras = f"[{','.join(needs.extras)}]" if needs.extras else ""
@@ -265,7 +278,7 @@ class Provisioner:
             items.append(self._resolvable(f"flash-attn-4{extras}=={needs.version}", "flash-attn-4 and dependencies"))
             return items
         if needs.variant == "fa2-wheel" and needs.artifact:
-            found = self.upstream.stored(needs.artifact, needs.artifact_sha256)
+            found = self._planned_wheel(needs) or self.upstream.stored(needs.artifact, needs.artifact_sha256)
             if found is not None:
                 items.append(PreflightItem("flash-attn wheel", found.filename, Availability.IN_STORE,
                                            "artifact store"))

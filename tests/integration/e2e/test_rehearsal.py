@@ -68,7 +68,8 @@ def test_rehearsal_build_upload_install_then_install_from_store(tmp_path: Path) 
 
     jobs = [json.loads(p.read_text()) for p in (f / "jobs").glob("*.json")]
     kinds = sorted(j["kind"] for j in jobs)
-    assert kinds.count("build-from-source") == 1 and kinds.count("install-wheel") == 1
+    # rollout #1: the build, then the builder installs what it built (with its dependencies); rollout #2: install
+    assert kinds.count("build-from-source") == 1 and kinds.count("install-wheel") == 2
     bj = next(j for j in jobs if j["kind"] == "build-from-source")
     assert bj["status"] == "successful"
     built = bj["result"]["built_wheel"]
