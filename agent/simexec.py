@@ -56,6 +56,38 @@ class SimulatedJobRunner:
         # what rollback.yml's record on a real node holds: the flash-attn before the last install that changed
         # it (None inside: there was none); None: no install recorded, nothing to roll back
         self.before_install: tuple[FlashAttnFacts | None] | None = None
+        self._load()
+
+    # What a job installed (and rollback.yml's record) lives on a real node's disk and survives an agent
+    # restart; kept in the work dir so a restarted (kill -9'ed) simulated agent does not fall back to its
+    # profile's flash-attn and fail the verify of a node it installed (benchmarks/chaos_kill9.py).
+    @property
+    def _state_file(self) -> Path:
+        return self.work_dir / "simulated-node.json"
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return  # never installed anything: the profile's facts
+
+        def fa(v: Any) -> FlashAttnFacts | None:
+            return FlashAttnFacts(str(v["version"]), str(v["variant"])) if isinstance(v, dict) else None
+
+        self.facts = replace(self.facts, flash_attn=fa(data.get("flash_attn")))
+        before = data.get("before_install")
+        self.before_install = (fa(before[0]),) if isinstance(before, list) and before else None
+
+    def _save(self) -> None:
+        def fa(v: FlashAttnFacts | None) -> dict[str, str] | None:
+            return {"version": v.version, "variant": v.variant} if v is not None else None
+
+        data = {"flash_attn": fa(self.facts.flash_attn),
+                "before_install": [fa(self.before_install[0])] if self.before_install is not None else None}
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self._state_file)  # a kill mid-write leaves the old record, never half of one
 
     def bind(self, agent: Any) -> None:
         """Upload built wheels through this agent's ``upload_artifact``."""
@@ -91,6 +123,7 @@ class SimulatedJobRunner:
             if self.facts.flash_attn != installed:
                 self.before_install = (self.facts.flash_attn,)
             self.facts = replace(self.facts, flash_attn=installed)
+            self._save()
         elif job.kind == "rollback":  # like rollback.yml: restore what the node's own record says
             if self.before_install is None:
                 result["rollback"] = {"action": "none", "restored_version": None}
@@ -99,6 +132,7 @@ class SimulatedJobRunner:
                 self.facts = replace(self.facts, flash_attn=before)
                 result["rollback"] = {"action": "restored" if before else "removed",
                                       "restored_version": before.version if before else None}
+                self._save()
         elif job.kind == "verify":
             from agent.verify.simulated import simulate_for_facts
 

@@ -37,3 +37,17 @@ async def test_jobs_change_the_simulated_node(tmp_path: Path) -> None:
     await runner.run(JobSpec("j3", "rollback", {"previous": None}), events.append)
     assert runner.current_facts().flash_attn is None
     assert all(e["event_data"].get("simulated", True) for e in events if e["event"] == "playbook_on_task_start")
+
+
+async def test_installed_flash_attn_survives_an_agent_restart(tmp_path: Path) -> None:
+    facts = load_profile("t4", "n1")
+    facts = replace(facts, flash_attn=None, extra={**facts.extra, "job_seconds": {"*": 0}})
+    runner = SimulatedJobRunner(lambda: facts, tmp_path)
+    await runner.run(JobSpec("j1", "install-wheel", {"flash_attn_version": "2.8.3", "variant": "fa2"}), lambda e: None)
+    # kill -9 and restart: a new runner on the same work dir, facts from the profile again
+    again = SimulatedJobRunner(lambda: facts, tmp_path)
+    fa = again.current_facts().flash_attn
+    assert fa is not None and (fa.version, fa.variant) == ("2.8.3", "fa2")
+    await again.run(JobSpec("j2", "rollback", {"previous": None}), lambda e: None)  # its record survived too
+    assert again.current_facts().flash_attn is None
+    assert SimulatedJobRunner(lambda: facts, tmp_path).current_facts().flash_attn is None
