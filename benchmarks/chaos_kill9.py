@@ -15,11 +15,13 @@ database is read and the run reports:
 * duplicated: more than one *successful* job of the same kind for a node within one attempt, and build keys
   built successfully more than once;
 * stuck: nodes in a step (or waiting on a build) with no live job;
+* jobs run twice: a job id the agents' logs show started more than once (one job row, two runs on the node);
+  build uploads retried (the agents' logs);
 * verification records kept vs expected (one per successful verify job of the rollout);
 * kills of each kind; the controller's longest event-loop stall (``/api/v1/stats`` ``loop_lag.max_ms``,
   polled with ``reset_lag`` every second, so a kill loses at most one second of samples) and longest GC pause.
 
-Exit status 1 when lost, duplicated or stuck is not 0 (or the rollout did not end), 0 otherwise.
+Exit status 1 when lost, duplicated, stuck or jobs run twice is not 0 (or the rollout did not end), 0 otherwise.
 
     .venv/bin/python -m benchmarks.chaos_kill9 [--seed 1] [--kills 20] [--duration 120] [--nodes 8]
         [--json | --json-out FILE]
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -324,8 +327,25 @@ def read_db(db: Path, rid: str) -> dict[str, Any]:
         "builds_succeeded": sum(per_build.values()),
         "builds_started": sum(1 for j in jobs if j["kind"] == "build-from-source"),
         "build_keys": len(per_build),
+        "job_ids": [j["id"] for j in jobs],
         "verification_records": {"kept": sum(1 for j in verify_ok if j in verified), "expected": len(verify_ok)},
     }
+
+
+JOB_STARTED = re.compile(r"job (\S+) \((\S+)\) started")  # agent/client.py, one line per execution
+
+
+def read_agent_logs(logs: Path, job_ids: set[str]) -> dict[str, Any]:
+    """What the database cannot tell: a job *executed* twice (started again by an agent after a controller
+    restart re-sent it: one job row, two runs on the node) and the build uploads that were retried."""
+    started: Counter[str] = Counter()
+    retries = 0
+    for log in logs.glob("chaos-*.log"):
+        text = log.read_text(errors="replace")
+        started.update(m.group(1) for m in JOB_STARTED.finditer(text) if m.group(1) in job_ids)
+        retries += len(re.findall(r"uploading \S+: .*; retrying in", text))
+    return {"reexecuted_jobs": [f"{j} ×{c}" for j, c in started.items() if c > 1], "upload_retries": retries,
+            "job_runs_logged": sum(started.values())}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         poller.stop.set()
         fleet.down()
     figures = read_db(fleet.state / "controller.db", rid)
+    figures.update(read_agent_logs(fleet.logs, set(figures.pop("job_ids"))))
     result = {
         "seed": args.seed, "nodes": args.nodes, "profiles": [PROFILES[i % len(PROFILES)] for i in range(args.nodes)],
         "job_seconds": job_seconds, "kills": {"controller": kills["controller"], "agent": kills["agent"],
@@ -366,15 +387,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "load_at_end": os.getloadavg()[0]},
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    if not args.keep and not (result["lost"] or result["duplicated_steps"] or result["duplicated_builds"]
-                              or result["stuck"]):
+    if not args.keep and not bad(result):
         shutil.rmtree(root, ignore_errors=True)  # a bad run keeps its logs and database for the post-mortem
         result["state_dir"] = None
     return result
 
 
 def bad(r: dict[str, Any]) -> bool:
-    return bool(r["lost"] or r["duplicated_steps"] or r["duplicated_builds"] or r["stuck"]
+    return bool(r["lost"] or r["duplicated_steps"] or r["duplicated_builds"] or r["stuck"] or r["reexecuted_jobs"]
                 or r["rollout_status"] not in ("succeeded", "partial"))
 
 
@@ -392,6 +412,8 @@ def print_table(r: dict[str, Any]) -> None:
         ("duplicated steps", len(r["duplicated_steps"])),
         ("duplicated builds", len(r["duplicated_builds"])),
         ("stuck", len(r["stuck"])),
+        ("jobs run twice", f"{len(r['reexecuted_jobs'])} (of {r['job_runs_logged']} job runs in the agents' logs)"),
+        ("upload retries", r["upload_retries"]),
         ("builds", f"{r['builds_succeeded']} succeeded for {r['build_keys']} keys ({r['builds_started']} started)"),
         ("interrupted jobs", r["interrupted_jobs"]),
         ("verification records", f"{vr['kept']} kept of {vr['expected']}"),
@@ -402,7 +424,7 @@ def print_table(r: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    for key in ("lost", "duplicated_steps", "duplicated_builds", "stuck"):
+    for key in ("lost", "duplicated_steps", "duplicated_builds", "stuck", "reexecuted_jobs"):
         for item in r[key]:
             print(f"  {key}: {item}")
     for host, cause in r["failed_nodes"].items():
