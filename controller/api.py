@@ -1,9 +1,15 @@
-"""The controller's HTTP JSON API (FastAPI), under ``/api/v1`` with ``Authorization: Bearer <admin token>``.
+"""The controller's HTTP JSON API (FastAPI), under ``/api/v1`` with ``Authorization: Bearer <token>``.
+
+The token is a user's API token (``fleet-controller user token create``, controller/api_tokens.py) or the
+admin token (STATE/admin.token, the break-glass credential). ``authenticate`` turns it into a ``Principal``
+(the user's name and role, or ``admin``), the audit actor of whatever the request does; routes take it
+through ``Viewer`` (reads), ``Operator`` (steering rollouts, verification) or ``Admin`` (everything else:
+enrollment tokens, revoking nodes, adding artifacts) and refuse a lesser role with 403.
 
 ``create_app(ctx)`` builds the app; other components mount more on it (the dashboard its
 pages, rollouts their routes: ``app.include_router(router)``; reach the controller through
-``request.app.state.ctx`` or the ``get_ctx`` dependency, and protect JSON routes with
-``Depends(require_admin)``). ``FleetError`` raised by a handler becomes
+``request.app.state.ctx`` or the ``get_ctx`` dependency, and protect JSON routes with one of the
+dependencies above). ``FleetError`` raised by a handler becomes
 ``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
 
 Routes: GET /api/v1/health, /api/v1/live, /api/v1/ready (no auth; docs/fleet.md "Health")
@@ -24,6 +30,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from controller.api_tokens import ADMIN, Principal, looks_like_user_token, require_role
+from controller.api_tokens import authenticate as authenticate_user_token
 from controller.context import ControllerContext
 from controller.store.models import AuditLog
 from fleet.errors import (
@@ -31,6 +39,7 @@ from fleet.errors import (
     ConflictError,
     ControllerUnavailable,
     FleetError,
+    ForbiddenError,
     InputError,
     NotFoundError,
     StoreError,
@@ -41,7 +50,8 @@ from fleet.errors import (
 API_PREFIX = "/api/v1"
 
 _HTTP_STATUS: list[tuple[type[FleetError], int]] = [
-    (AuthError, 401), (NotFoundError, 404), (ConflictError, 409), (InputError, 422), (UsageError, 400),
+    (AuthError, 401), (ForbiddenError, 403), (NotFoundError, 404), (ConflictError, 409), (InputError, 422),
+    (UsageError, 400),
     (StoreError, 503), (ControllerUnavailable, 503), (UpstreamError, 502),
 ]
 
@@ -61,16 +71,45 @@ def get_ctx(request: Request) -> ControllerContext:
 Ctx = Annotated[ControllerContext, Depends(get_ctx)]
 
 
-def require_admin(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> str:
-    """Dependency: the bearer token must be STATE/admin.token. Returns the actor name."""
+_TOKEN_HINT = ("pass a user's API token (`fleet-controller user token create NAME`) as $FLEETCTL_TOKEN or "
+               "--token-file, or the admin token: fleetctl reads STATE/admin.token with --state-dir")
+
+
+def authenticate(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """Dependency: who the bearer token stands for — ``admin`` for STATE/admin.token, else the user whose API
+    token it is (a sync dependency: FastAPI runs it, with its database lookup, off the event loop)."""
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), ctx.admin_token):
-        raise AuthError("missing or wrong admin token",
-                        hint="fleetctl reads STATE/admin.token; pass --state-dir or set FLEETCTL_STATE_DIR")
-    return "admin"
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("missing bearer token", hint=_TOKEN_HINT)
+    if secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
+        return ADMIN
+    if not looks_like_user_token(token):
+        raise AuthError("wrong bearer token: neither the admin token nor a user's API token", hint=_TOKEN_HINT)
+    return authenticate_user_token(ctx.store, token)
 
 
-Admin = Annotated[str, Depends(require_admin)]
+Authenticated = Annotated[Principal, Depends(authenticate)]
+
+
+def require_viewer(principal: Authenticated) -> Principal:
+    """Dependency: any authenticated principal (reads)."""
+    return require_role(principal, "viewer", "reading")
+
+
+def require_operator(principal: Authenticated, request: Request) -> Principal:
+    """Dependency: an operator or admin (steering rollouts, verification runs and schedules)."""
+    return require_role(principal, "operator", f"{request.method} {request.url.path}")
+
+
+def require_admin(principal: Authenticated, request: Request) -> Principal:
+    """Dependency: an admin user's token or the admin token (enrollment, node revocation, artifacts)."""
+    return require_role(principal, "admin", f"{request.method} {request.url.path}")
+
+
+Viewer = Annotated[Principal, Depends(require_viewer)]
+Operator = Annotated[Principal, Depends(require_operator)]
+Admin = Annotated[Principal, Depends(require_admin)]
 
 
 class TokenCreate(BaseModel):
@@ -119,7 +158,7 @@ def api_router() -> APIRouter:
         return JSONResponse(body, status_code=200 if db["ok"] else 503)
 
     @router.get("/stats")
-    def stats(ctx: Ctx, _: Admin, reset_lag: bool = False) -> dict[str, Any]:
+    def stats(ctx: Ctx, _: Viewer, reset_lag: bool = False) -> dict[str, Any]:
         """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness, loop lag)."""
         reg = ctx.registry
         lag, gcs = ctx.loop_lag.summary(), ctx.gc_monitor.summary()
@@ -131,44 +170,45 @@ def api_router() -> APIRouter:
                 "online": sum(1 for v in reg._live.values() if v.status == "online")}
 
     @router.get("/nodes")
-    def nodes(ctx: Ctx, _: Admin, facts: bool = False) -> dict[str, Any]:
+    def nodes(ctx: Ctx, _: Viewer, facts: bool = False) -> dict[str, Any]:
         return {"nodes": ctx.registry.list_nodes(with_facts=facts)}
 
     @router.get("/nodes/{hostname}")
-    def node(hostname: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+    def node(hostname: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return ctx.registry.get_node(hostname)
 
     @router.post("/nodes/{hostname}/revoke")
     def revoke_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
-        return {"hostname": hostname, "revoked": ctx.revoke_agent(hostname, actor)}
+        return {"hostname": hostname, "revoked": ctx.revoke_agent(hostname, actor.name)}
 
     @router.get("/tokens")
-    def tokens(ctx: Ctx, _: Admin) -> dict[str, Any]:
+    def tokens(ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return {"tokens": ctx.enrollment.list_tokens()}
 
     @router.post("/tokens")
     def create_token(body: TokenCreate, ctx: Ctx, actor: Admin) -> dict[str, Any]:
-        token, listing = ctx.enrollment.create_token(dt.timedelta(seconds=body.ttl_seconds), body.hostname, actor)
+        token, listing = ctx.enrollment.create_token(dt.timedelta(seconds=body.ttl_seconds), body.hostname,
+                                                          actor.name)
         return {"token": token, **listing}
 
     @router.post("/tokens/{ref}/revoke")
     def revoke_token(ref: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
-        return ctx.enrollment.revoke_token(ref, actor)
+        return ctx.enrollment.revoke_token(ref, actor.name)
 
     @router.get("/jobs")
-    def jobs(ctx: Ctx, _: Admin, node: str | None = None, limit: int = 100) -> dict[str, Any]:
+    def jobs(ctx: Ctx, _: Viewer, node: str | None = None, limit: int = 100) -> dict[str, Any]:
         return {"jobs": ctx.jobs.list_jobs(node, min(max(limit, 1), 1000))}
 
     @router.get("/jobs/{job_id}")
-    def job(job_id: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+    def job(job_id: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return ctx.jobs.get(job_id)
 
     @router.get("/artifacts")
-    def artifacts(ctx: Ctx, _: Admin) -> dict[str, Any]:
+    def artifacts(ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return {"artifacts": [a.to_json() for a in ctx.artifacts.list_all()]}
 
     @router.get("/audit")
-    def audit_log(ctx: Ctx, _: Admin, limit: int = 100) -> dict[str, Any]:
+    def audit_log(ctx: Ctx, _: Viewer, limit: int = 100) -> dict[str, Any]:
         with ctx.store.session() as s:
             rows = s.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(min(max(limit, 1), 1000)))
             return {"audit": [{"at": r.at.isoformat(), "actor": r.actor, "action": r.action, "target": r.target,
@@ -179,14 +219,15 @@ def api_router() -> APIRouter:
 
 def create_app(ctx: ControllerContext) -> FastAPI:
     """The controller's web app: JSON API under /api/v1; the dashboard mounts its pages here too."""
-    # The schema maps every route an attacker could try, so it is served to admins only (bearer token, like
-    # the API it describes); the Swagger/ReDoc pages are off: they load their scripts from a CDN (nothing in an
-    # air-gapped site) and a browser page cannot send the bearer token (docs/security.md, "OpenAPI schema").
+    # The schema maps every route an attacker could try, so it is served to authenticated callers only (bearer
+    # token, like the API it describes); the Swagger/ReDoc pages are off: they load their scripts from a CDN
+    # (nothing in an air-gapped site) and a browser page cannot send the bearer token (docs/security.md, "OpenAPI
+    # schema").
     app = FastAPI(title="fleetctl controller", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
 
     @app.get(f"{API_PREFIX}/openapi.json", include_in_schema=False)
-    def openapi_schema(_: Admin) -> JSONResponse:
+    def openapi_schema(_: Viewer) -> JSONResponse:
         return JSONResponse(app.openapi())
 
     @app.exception_handler(FleetError)

@@ -6,7 +6,8 @@ The request body is the file itself (``application/octet-stream``), streamed int
 operator puts an sdist, a wheel or an apt key in the store (``fleetctl artifact add FILE``); agents use
 the gRPC ``UploadArtifact``/``FetchArtifact`` instead. ``GET /api/v1/artifacts`` lists them (controller/api.py).
 
-Provenance: the file is recorded as added by the authenticated admin (``user`` and the actor), or, with
+Provenance: the file is recorded as added by the authenticated admin (``user`` and the actor: the admin user
+whose API token it was, or ``admin`` for the admin token), or, with
 ``bundle_lock`` (the sha256 of the bundle's lock.json, which lists this file), as imported from that bundle
 (``fleetctl bundle import``). Either way an operator vouched for it, so it may enter the catalog and plans.
 
@@ -50,9 +51,10 @@ def router() -> APIRouter:
     r = APIRouter(prefix=API_PREFIX)
 
     @r.post("/artifacts")
-    async def upload(request: Request, ctx: Ctx, actor: Admin, filename: str, kind: str = "other",
+    async def upload(request: Request, ctx: Ctx, principal: Admin, filename: str, kind: str = "other",
                      sha256: str | None = None, bundle_lock: str | None = None,
                      bundle: str = "") -> dict[str, Any]:
+        actor = principal.name  # who authenticated: an admin user's API token, or "admin" (the admin token)
         length = request.headers.get("content-length")
         size = int(length) if length and length.isdigit() else None
         signature = _signature(request.headers.get(SIGNATURE_HEADER), filename)

@@ -3,7 +3,7 @@
 The rules are controller/attention.py's; this module only loads typed evidence (the node's latest stored
 verification, the fleet's latest of the same GPU model) and serves the results.
 
-Routes (admin token): GET /api/v1/attention/nodes/{host}[?workload=] · GET /api/v1/attention/report
+Routes (bearer token, any role): GET /api/v1/attention/nodes/{host}[?workload=] · GET /api/v1/attention/report
 [?nodes=SELECTOR&workload=]
 """
 
@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller import attention
-from controller.api import API_PREFIX, Admin, Ctx
+from controller.api import API_PREFIX, Ctx, Viewer
 from controller.store.models import Node
 from fleet.errors import FactsError, NotFoundError
 from fleet.facts import NodeFacts, parse_node
@@ -54,7 +54,7 @@ def router() -> APIRouter:
     r = APIRouter(prefix=API_PREFIX)
 
     @r.get("/attention/nodes/{hostname}")
-    def node(hostname: str, ctx: Ctx, _: Admin, workload: str | None = None) -> dict[str, Any]:
+    def node(hostname: str, ctx: Ctx, _: Viewer, workload: str | None = None) -> dict[str, Any]:
         from controller.local_wheels import controller_catalog
 
         workloads = (attention.profile(workload).name,) if workload else attention.WORKLOADS
@@ -69,7 +69,7 @@ def router() -> APIRouter:
                 "recommendations": [x.to_json() for x in recs]}
 
     @r.get("/attention/report")
-    def report(ctx: Ctx, _: Admin, nodes: str | None = None, workload: str = "prefill") -> dict[str, Any]:
+    def report(ctx: Ctx, _: Viewer, nodes: str | None = None, workload: str = "prefill") -> dict[str, Any]:
         from controller.local_wheels import controller_catalog
         from controller.rollout.core import parse_selector, select_nodes
         from controller.rollout.service import _node_info

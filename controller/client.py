@@ -2,8 +2,10 @@
 
 Finding the controller (docs/architecture.md): ``--controller URL``, else
 ``$FLEETCTL_CONTROLLER``, else ``--state-dir``/``$FLEETCTL_STATE_DIR`` (default
-``./state/controller``) → ``controller.json`` (its ``http``) + ``admin.token``. The token comes
-from ``$FLEETCTL_TOKEN`` or the state dir's ``admin.token``. Connection failures become
+``./state/controller``) → ``controller.json`` (its ``http``) + ``admin.token``. The bearer token comes
+from ``--token-file FILE``, else ``$FLEETCTL_TOKEN``, else ``$FLEETCTL_TOKEN_FILE``, else the state dir's
+``admin.token`` (the break-glass credential); a user's API token (``fleet-controller user token create``)
+makes the controller audit that user as the actor. Connection failures become
 ``ControllerUnavailable``; the API's JSON errors become the matching ``FleetError``.
 
 Commands add the options with ``add_controller_args(parser)`` and build a client with
@@ -27,6 +29,7 @@ from fleet.errors import (
     ControllerUnavailable,
     FactsError,
     FleetError,
+    ForbiddenError,
     InputError,
     NotFoundError,
     StaleFactsError,
@@ -40,6 +43,7 @@ _ERRORS: dict[str, type[FleetError]] = {
     "auth": AuthError, "not-found": NotFoundError, "conflict": ConflictError, "bad-input": InputError,
     "bad-facts": InputError, "usage": UsageError, "store": StoreError, "controller-unavailable": ControllerUnavailable,
     "stale-facts": StaleFactsError, "upstream": UpstreamError, "bad-signature": SignatureError,
+    "forbidden": ForbiddenError,
 }
 _START_HINT = ("start it with `fleet-controller serve --state-dir DIR` (or `fleet-controller fleet up`), "
                "or point fleetctl at it with --controller URL / --state-dir DIR")
@@ -50,6 +54,9 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
                         "else STATE/controller.json)")
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="controller state dir (default: $FLEETCTL_STATE_DIR or ./state/controller)")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="file holding the API token (default: $FLEETCTL_TOKEN, $FLEETCTL_TOKEN_FILE, "
+                             "else STATE/admin.token)")
 
 
 class ControllerClient:
@@ -60,10 +67,23 @@ class ControllerClient:
                                   headers={"Authorization": f"Bearer {token}"} if token else {})
 
     @classmethod
-    def discover(cls, controller: str | None = None, state_dir: Path | None = None) -> ControllerClient:
+    def discover(cls, controller: str | None = None, state_dir: Path | None = None,
+                 token_file: Path | None = None) -> ControllerClient:
         url = controller or os.environ.get("FLEETCTL_CONTROLLER")
         state = state_dir or Path(os.environ.get("FLEETCTL_STATE_DIR") or DEFAULT_STATE_DIR)
-        token = os.environ.get("FLEETCTL_TOKEN")
+        env_file = os.environ.get("FLEETCTL_TOKEN_FILE")
+        token = None if token_file else os.environ.get("FLEETCTL_TOKEN")
+        chosen = token_file or (Path(env_file) if token is None and env_file else None)
+        if chosen is not None:
+            try:
+                token = chosen.read_text().strip()
+            except OSError as exc:
+                raise AuthError(f"cannot read the token file {chosen}: {exc.strerror or exc}",
+                                hint="give a readable file holding the token from "
+                                     "`fleet-controller user token create NAME`") from exc
+            if not token:
+                raise AuthError(f"the token file {chosen} is empty",
+                                hint="put the token from `fleet-controller user token create NAME` in it")
         if token is None:
             try:
                 token = (state / "admin.token").read_text().strip()
@@ -84,7 +104,8 @@ class ControllerClient:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ControllerClient:
-        return cls.discover(getattr(args, "controller", None), getattr(args, "state_dir", None))
+        return cls.discover(getattr(args, "controller", None), getattr(args, "state_dir", None),
+                            getattr(args, "token_file", None))
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 body: dict[str, Any] | None = None) -> Any:

@@ -1,4 +1,5 @@
-"""``fleet-controller user add|list|remove``: dashboard accounts (roles ``viewer`` and ``operator``).
+"""``fleet-controller user add|list|remove``: dashboard accounts (roles ``viewer``, ``operator``, ``admin``);
+``fleet-controller user token create|list|revoke``: their API tokens for fleetctl (controller/api_tokens.py).
 
 Runs on the controller host against its database (``--state-dir``/``--db`` as for ``serve``).
 The password is read from stdin with ``--password-stdin`` (first line), else prompted twice.
@@ -7,7 +8,9 @@ The password is read from stdin with ``--password-stdin`` (first line), else pro
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,14 +23,15 @@ DEFAULT_STATE_DIR = Path("state/controller")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("user", help="dashboard users: add, list, remove",
-                                   description="Manage dashboard users (viewer: read-only, operator: may act).")
+                                   description="Manage dashboard users and their API tokens (viewer: read-only, "
+                                               "operator: may steer rollouts and verification, admin: everything).")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="controller state dir")
     parser.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db)")
     sub = parser.add_subparsers(dest="user_command", metavar="ACTION")
     sub.required = True
     add = sub.add_parser("add", help="create a user (or --replace an existing one)")
     add.add_argument("name")
-    add.add_argument("--role", choices=["viewer", "operator"], default="viewer")
+    add.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
     add.add_argument("--replace", action="store_true", help="change role and password of an existing user")
     add.set_defaults(handler=_add)
@@ -37,6 +41,24 @@ def register(subparsers: Any) -> None:
     rm = sub.add_parser("remove", help="delete a user (their sessions end at once)")
     rm.add_argument("name")
     rm.set_defaults(handler=_remove)
+    tok = sub.add_parser("token", help="API tokens for fleetctl: create, list, revoke",
+                         description="Bearer tokens for the JSON API that act as the user, with the user's role "
+                                     "(fleetctl: $FLEETCTL_TOKEN or --token-file). Only a hash is stored.")
+    tsub = tok.add_subparsers(dest="token_command", metavar="ACTION")
+    tsub.required = True
+    tc = tsub.add_parser("create", help="create a token for user NAME (printed once)")
+    tc.add_argument("name")
+    tc.add_argument("--ttl", default="30d", help="validity, e.g. 12h, 30d, 365d at most (default 30d)")
+    tc.add_argument("--json", action="store_true")
+    tc.set_defaults(handler=_token_create)
+    tl = tsub.add_parser("list", help="list tokens (never the token itself)")
+    tl.add_argument("name", nargs="?", help="only this user's tokens")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(handler=_token_list)
+    tr = tsub.add_parser("revoke", help="revoke a token by id or prefix (as listed), effective at once")
+    tr.add_argument("ref")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(handler=_token_revoke)
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -95,4 +117,61 @@ def _remove(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"user {args.name} removed")
+    return 0
+
+
+def _local_actor() -> str:
+    """Audit actor of token commands run on the controller host: the OS user who ran them."""
+    try:
+        return f"host:{os.environ.get('USER') or getpass.getuser()}"
+    except (KeyError, OSError):
+        return "host:unknown"
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from controller.api_tokens import create_token
+    from controller.commands.tokens import parse_ttl
+    ttl = dt.timedelta(seconds=parse_ttl(args.ttl))
+    store = _store(args)
+    try:
+        token, listing = create_token(store, args.name, ttl, actor=_local_actor())
+    finally:
+        store.close()
+    if args.json:
+        print_json({"token": token, **listing})
+        return 0
+    print(token)
+    print(f"API token {listing['id']} ({listing['prefix']}…) for {listing['user']} ({listing['role']}), expires "
+          f"{listing['expires_at']}; shown once — give it to fleetctl as $FLEETCTL_TOKEN or --token-file FILE",
+          file=sys.stderr)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from controller.api_tokens import list_tokens
+    store = _store(args)
+    try:
+        rows = list_tokens(store, args.name)
+    finally:
+        store.close()
+    if args.json:
+        print_json({"tokens": rows})
+        return 0
+    for r in rows:
+        print(f"{r['id']:>4}  {r['prefix']}…  {r['user']:<20} {r['role']:<9} {r['state']:<8} "
+              f"expires {r['expires_at'][:19]}  last used {(r['last_used_at'] or 'never')[:19]}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from controller.api_tokens import revoke_token
+    store = _store(args)
+    try:
+        listing = revoke_token(store, args.ref, actor=_local_actor())
+    finally:
+        store.close()
+    if args.json:
+        print_json(listing)
+        return 0
+    print(f"API token {listing['id']} ({listing['prefix']}…) of {listing['user']} revoked")
     return 0

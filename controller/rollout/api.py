@@ -3,7 +3,8 @@
 ``router()`` carries a lifespan that starts the ``RolloutEngine`` on the controller's event loop when
 the HTTP app starts and stops it on shutdown (``create_app`` includes this router).
 
-Routes (bearer token): POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
+Routes (bearer token; reads: any role, POST: operator or admin — controller/api.py):
+POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
 GET /rollouts/{id}[?since=TRANSITION_ID] ·
 GET /rollouts/nodes/{hostname} (that node's part in each) · POST /rollouts/{id}/pause|resume|abort|rollback ·
 GET /rollouts/{id}/audit
@@ -21,7 +22,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
-from controller.api import API_PREFIX, Admin, Ctx
+from controller.api import API_PREFIX, Ctx, Operator, Viewer
+from controller.api_tokens import Principal
 from controller.rollout import service
 from controller.rollout.engine import RolloutEngine
 
@@ -54,9 +56,10 @@ class ActorBody(BaseModel):
     max_failures: str | None = None
 
 
-def _actor(token_actor: str, claimed: str | None) -> str:
-    """The token says who may act; the name the CLI sends ($USER / --actor) says who did."""
-    return f"{claimed}" if claimed else token_actor
+def _on_behalf_of(principal: Principal, claimed: str | None) -> str | None:
+    """The audit actor is who authenticated (``principal``); the name the client sends ($USER / --actor) is only
+    a claim, kept as the audit row's ``on_behalf_of`` detail when it says something else."""
+    return claimed if claimed and claimed != principal.name else None
 
 
 def engine_for(app: FastAPI) -> RolloutEngine | None:
@@ -90,58 +93,59 @@ def router() -> APIRouter:
             eng.wake()
 
     @r.post("")
-    def start(body: StartBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
+    def start(body: StartBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
         req = service.RolloutRequest(version=body.version, nodes=body.nodes, canary=body.canary, batch=body.batch,
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
                                      verify_mode=body.verify_mode, fa3=body.fa3, fa4=body.fa4,
                                      source_builds=body.source_builds, prefer=body.prefer,
-                                     workload=body.workload, actor=_actor(actor, body.actor))
+                                     workload=body.workload, actor=actor.name,
+                                     on_behalf_of=_on_behalf_of(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
         wake(request)
         return out
 
     @r.get("")
-    def list_(ctx: Ctx, _: Admin, limit: int = 50) -> dict[str, Any]:
+    def list_(ctx: Ctx, _: Viewer, limit: int = 50) -> dict[str, Any]:
         return {"rollouts": service.list_rollouts(ctx.store, min(max(limit, 1), 1000))}
 
     @r.get("/latest")
-    def latest(ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:
+    def latest(ctx: Ctx, _: Viewer, since: int | None = None) -> dict[str, Any]:
         return service.get_status(ctx.store, None, since=since)
 
     @r.get("/nodes/{hostname}")
-    def of_node(hostname: str, ctx: Ctx, _: Admin, limit: int = 20) -> dict[str, Any]:
+    def of_node(hostname: str, ctx: Ctx, _: Viewer, limit: int = 20) -> dict[str, Any]:
         with ctx.store.session() as s:
             return {"hostname": hostname, "rollouts": service.node_rollouts(s, hostname, min(max(limit, 1), 200))}
 
     @r.get("/{rid}")
-    def status(rid: str, ctx: Ctx, _: Admin, since: int | None = None) -> dict[str, Any]:
+    def status(rid: str, ctx: Ctx, _: Viewer, since: int | None = None) -> dict[str, Any]:
         return service.get_status(ctx.store, rid, since=since)
 
     @r.get("/{rid}/audit")
-    def audit_(rid: str, ctx: Ctx, _: Admin) -> dict[str, Any]:
+    def audit_(rid: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return {"audit": service.audit_entries(ctx.store, rid)}
 
     @r.post("/{rid}/pause")
-    def pause(rid: str, body: ActorBody, ctx: Ctx, actor: Admin) -> dict[str, Any]:
-        return service.pause(ctx.store, rid, _actor(actor, body.actor))
+    def pause(rid: str, body: ActorBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
+        return service.pause(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
 
     @r.post("/{rid}/resume")
-    def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
-        out = service.resume(ctx.store, rid, _actor(actor, body.actor), retry_failed=body.retry_failed,
+    def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
+        out = service.resume(ctx.store, rid, actor.name, retry_failed=body.retry_failed,
                              max_failures=body.max_failures, state_dir=ctx.settings.state_dir,
-                             provisioner=ctx.provisioner)
+                             provisioner=ctx.provisioner, on_behalf_of=_on_behalf_of(actor, body.actor))
         wake(request)
         return out
 
     @r.post("/{rid}/abort")
-    def abort(rid: str, body: ActorBody, ctx: Ctx, actor: Admin) -> dict[str, Any]:
-        return service.abort(ctx.store, rid, _actor(actor, body.actor))
+    def abort(rid: str, body: ActorBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
+        return service.abort(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
 
     @r.post("/{rid}/rollback")
-    def rollback(rid: str, body: ActorBody, ctx: Ctx, actor: Admin, request: Request) -> dict[str, Any]:
-        out = service.rollback(ctx.store, rid, _actor(actor, body.actor))
+    def rollback(rid: str, body: ActorBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
+        out = service.rollback(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
         wake(request)
         return out
 

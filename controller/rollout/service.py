@@ -61,7 +61,8 @@ class RolloutRequest:
     source_builds: bool = True  # False: never compile on a node (wheels or nothing)
     prefer: str = "compatible"  # --prefer fastest: the measured fastest implementation the node may install
     workload: str = "training"  # what "fastest" reads: training | prefill | decode
-    actor: str = "admin"
+    actor: str = "admin"  # who authenticated (the audit actor)
+    on_behalf_of: str | None = None  # the name the client claimed, when it differs (an audit detail only)
 
     def policy(self, version: str) -> Any:
         from controller.resolver import Policy
@@ -354,7 +355,7 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
             elif b.status in ("failed", "pending") or b.rollout_id is None or not _rollout_active(s, b.rollout_id):
                 b.status, b.builder, b.rollout_id, b.error, b.params = "pending", builder, rid, None, params
     audit(store, req.actor, "rollout.start", rid, version=plan.version, selector=plan.selector,
-          nodes=len(hosts), options=plan.options)
+          nodes=len(hosts), options=plan.options, **_claimed(req.on_behalf_of))
     return {"id": rid, **plan.to_json()}
 
 
@@ -512,20 +513,25 @@ def _store(target: Any) -> Store:
     return store
 
 
-def pause(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+def _claimed(on_behalf_of: str | None) -> dict[str, Any]:
+    """The audit detail for a name the client claimed to act for (never the actor: controller/rollout/api.py)."""
+    return {"on_behalf_of": on_behalf_of} if on_behalf_of else {}
+
+
+def pause(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None = None) -> dict[str, Any]:
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
         if r.status != "running":
             raise ConflictError(f"rollout {r.id} is {r.status}, not running", hint="only a running rollout pauses")
         r.status, r.reason, r.updated_at = "paused", f"paused by {actor}", utcnow()
-    audit(store, actor, "rollout.pause", rid)
+    audit(store, actor, "rollout.pause", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
 
 def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = False,
            max_failures: str | None = None, state_dir: Path | None = None,
-           provisioner: Provisioner | None = None) -> dict[str, Any]:
+           provisioner: Provisioner | None = None, on_behalf_of: str | None = None) -> dict[str, Any]:
     """Resume a paused rollout. ``retry_failed``: failed nodes are re-planned from their current facts with the
     current catalog and artifact store (a wheel added since, a fixed upstream, a repaired node all count) and
     start again. A finished ``partial`` rollout resumes too, with ``retry_failed`` only (its failed nodes are
@@ -588,7 +594,8 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
                                 f"taken on by a later rollout)", hint=f"`fleetctl rollout status {r.id}` shows why")
         r.status, r.reason, r.updated_at = "running", f"resumed by {actor}", utcnow()
         r.finished_at = None
-    audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures)
+    audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures,
+          **_claimed(on_behalf_of))
     return get_status(store, rid)
 
 
@@ -648,18 +655,18 @@ def _adopt_plan(n: RolloutNode, fresh: PlannedNode) -> str:
     return ", ".join(changes)
 
 
-def abort(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+def abort(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None = None) -> dict[str, Any]:
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
         if r.status not in ("running", "paused"):
             raise ConflictError(f"rollout {r.id} is {r.status}", hint="only a running or paused rollout aborts")
         r.status, r.reason, r.updated_at = "aborting", f"aborted by {actor}", utcnow()
-    audit(store, actor, "rollout.abort", rid)
+    audit(store, actor, "rollout.abort", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
 
-def rollback(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
+def rollback(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None = None) -> dict[str, Any]:
     """Restore each touched node's previous flash-attn (rollback playbook). The rollout must be finished."""
     store = _store(target)
     with store.session() as s:
@@ -695,7 +702,7 @@ def rollback(target: Store | Any, rid: str, actor: str) -> dict[str, Any]:
         r.status = "rolling-back" if touched else "rolled-back"
         r.reason, r.updated_at = f"rollback requested by {actor}", utcnow()
         r.finished_at = None if touched else r.updated_at
-    audit(store, actor, "rollout.rollback", rid, nodes=touched)
+    audit(store, actor, "rollout.rollback", rid, nodes=touched, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
 

@@ -148,7 +148,7 @@ class WebUser:
 
     @property
     def can_act(self) -> bool:
-        return self.role == "operator"
+        return self.role in ("operator", "admin")
 
 
 class Sessions:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from controller.store.models import Base, Job
 from controller.verify_store.models import Verification
 
-ROLES = ("viewer", "operator")
+ROLES = ("viewer", "operator", "admin")  # each may do what the ones before it may
 FAILING_STATUSES = ("offline", "degraded")
 
 
@@ -40,10 +40,28 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(512))
-    role: Mapped[str] = mapped_column(String(16))  # viewer | operator
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
     created_at: Mapped[dt.datetime]
     last_login_at: Mapped[dt.datetime | None]
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiToken(Base):
+    """A user's bearer token for the JSON API (``fleet-controller user token create``; controller/api_tokens.py).
+
+    Only the token's sha256 is stored (it is 256 random bits: no dictionary to try, so a slow hash adds
+    nothing), with its first characters (``prefix``) to name it in listings. Migration ``web_0005``."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+    last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
 
 
 class DashboardNode(Base):

@@ -110,9 +110,10 @@ async def test_canary_batches_budget_stop_resume_rollback(db_url: str, controlle
     assert sorted(kinds(script, "rollback")) == sorted(h for h, s in states.items())
 
     rc, out, err = await fleetctl(controller, "rollout", "audit", rid, "--json")
-    audit = [(a["actor"], a["action"]) for a in json.loads(out)["audit"]]
-    assert audit == [("tester", "rollout.start"), ("engine", "rollout.pause"), ("tester", "rollout.resume"),
-                     ("tester", "rollout.rollback")]
+    audit = [(a["actor"], a["action"], a["detail"].get("on_behalf_of")) for a in json.loads(out)["audit"]]
+    # fleetctl used the admin token: the actor is "admin"; $USER is only the name it claimed (issue 13)
+    assert audit == [("admin", "rollout.start", "tester"), ("engine", "rollout.pause", None),
+                     ("admin", "rollout.resume", "tester"), ("admin", "rollout.rollback", "tester")]
     rc, out, _ = await fleetctl(controller, "rollout", "list")
     assert rc == 0 and rid in out and "rolled-back" in out
 
