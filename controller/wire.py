@@ -105,13 +105,25 @@ def held_jobs_from_proto(msg: pb.JobsRequest) -> frozenset[str] | None:
     return frozenset(msg.held_job_ids)
 
 
+_EARLIEST_AGENT_TIME = 946_684_800.0  # 2000-01-01: no agent event predates the project
+
+
+def _agent_time(unix: float) -> dt.datetime:
+    """When the agent says something happened — its own clock, kept only when plausible: unset, NaN, before 2000
+    or more than a day ahead (a wrong clock, or a hostile value out of datetime's range) become the controller's
+    now, so the event is kept rather than refused."""
+    now = dt.datetime.now(dt.UTC)
+    if not (_EARLIEST_AGENT_TIME < unix < now.timestamp() + 86_400):  # NaN fails every comparison
+        return now
+    return dt.datetime.fromtimestamp(unix, dt.UTC)
+
+
 def event_from_proto(msg: pb.JobEvent) -> JobEventRecord:
     if not msg.job_id or not msg.event:
         raise InputError("job event without job_id or event name", hint="agents send both")
-    created = (dt.datetime.fromtimestamp(msg.created_unix, dt.UTC) if msg.created_unix > 0
-               else dt.datetime.now(dt.UTC))
     return JobEventRecord(job_id=msg.job_id, counter=msg.counter, event=msg.event,
-                          data=_json_object(msg.data_json, "job event data_json"), created=created)
+                          data=_json_object(msg.data_json, "job event data_json"),
+                          created=_agent_time(msg.created_unix))
 
 
 def outcome_from_proto(msg: pb.JobResult) -> JobOutcome:
