@@ -80,6 +80,17 @@ def utc(text: str) -> dt.datetime:
 # ---- upstream -----------------------------------------------------------------------------------
 
 
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 15 s: the controller and the agents stop the same way."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
 class TimedUpstream(FakeUpstream):
     """FakeUpstream with the (time, method, path) of every request."""
 
@@ -224,13 +235,7 @@ class Controller:
     def stop(self) -> None:
         if self._http is not None:
             self._http.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        _stop(self.proc)
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -346,13 +351,7 @@ class AgentProc:
                 start_new_session=True)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        _stop(self.proc)
 
     def log_tail(self, n: int = 60) -> str:
         try:
