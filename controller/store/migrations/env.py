@@ -5,7 +5,11 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-import controller.rollout.models  # noqa: F401  (rollout tables join Base.metadata)
+# Every module that declares tables, so that Alembic sees the whole schema: a table missing here would be
+# rendered as a drop by `alembic revision --autogenerate` (tests/integration/store/test_alembic_check.py).
+import controller.rollout.models
+import controller.verify_store.models
+import controller.web.models  # noqa: F401
 from controller.store.models import Base
 
 config = context.config
