@@ -23,7 +23,14 @@ HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?\Z")
 DOTTED_RE = re.compile(r"^\d+(?:\.\d+)+$")  # "550.54.15", "2.35", "12.4", "8.0"
 PY_VERSION_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:[a-z]+\d*)?\+?$")
 TORCH_VERSION_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:(?:a|b|rc|\.dev|\.post)\d+)*(?:\+[A-Za-z0-9.]+)?$")
-ARCH_RE = re.compile(r"^(?:sm|compute)_\d+[a-z]?$")
+# CUDA archs (sm_90, compute_120, sm_90a) and, on ROCm builds of torch, AMD gfx targets (gfx90a, gfx942, with
+# optional feature suffixes as torch.cuda.get_arch_list() prints them: "gfx90a:sramecc+:xnack-")
+TORCH_HIP_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:-[0-9a-f]+)?$")  # torch.version.hip: "6.2.41133-dd7f95766"
+ARCH_RE = re.compile(r"^(?:(?:sm|compute)_\d+[a-z]?|gfx[0-9a-f]{3,5}(?::[a-z]+[+-])*)$")
+GFX_RE = re.compile(r"^gfx[0-9a-f]{3,5}$")
+PY_ABI_RE = re.compile(r"^cp\d{2,3}t?$")  # "cp312"; "cp313t" for a free-threaded (Py_GIL_DISABLED) build
+OS_FAMILIES = ("linux", "windows")
+GPU_VENDORS = ("nvidia", "amd")
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,15 @@ class OsFacts:
     arch: str
     kernel: str
     glibc: str | None
+    # additions (DESIGN §3.1: optional, so older files still parse); None: not reported
+    family: str | None = None  # "linux" | "windows"
+    msvc: str | None = None  # MSVC toolset version ("14.40") from vswhere on Windows; None: no Build Tools found
+    l4t: str | None = None  # Jetson: L4T release from /etc/nv_tegra_release ("36.4.0")
+    jetpack: str | None = None  # Jetson: the JetPack that ships that L4T ("6.1")
+
+    @property
+    def is_windows(self) -> bool:
+        return self.family == "windows" or self.id.lower() == "windows"
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,12 @@ class GpuFacts:
     compute_capability: str
     memory_mib: int
     uuid: str
+    vendor: str | None = None  # "nvidia" | "amd"; None (older agents): NVIDIA
+    arch: str | None = None  # AMD GPUs: the gfx target ("gfx942")
+
+    @property
+    def is_amd(self) -> bool:
+        return self.vendor == "amd"
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,11 @@ class ToolkitFacts:
 class PythonFacts:
     version: str
     executable: str
+    abi: str | None = None  # "cp312"; "cp313t" on a free-threaded build; None: not reported (assume GIL build)
+
+    @property
+    def free_threaded(self) -> bool:
+        return self.abi is not None and self.abi.endswith("t")
 
 
 @dataclass(frozen=True)
@@ -68,12 +95,21 @@ class TorchFacts:
     cuda: str | None
     cxx11abi: bool
     arch_list: tuple[str, ...]
+    hip: str | None = None  # torch.version.hip on ROCm builds ("6.2.41133-dd7f95766")
 
 
 @dataclass(frozen=True)
 class FlashAttnFacts:
     version: str
     variant: str
+
+
+@dataclass(frozen=True)
+class RocmFacts:
+    """The AMD ROCm stack: its version (/opt/rocm/.info/version, amd-smi) and which tool reported the GPUs."""
+
+    version: str
+    smi: str  # "amd-smi" | "rocm-smi" | "amdsmi"
 
 
 @dataclass(frozen=True)
@@ -99,16 +135,38 @@ class NodeFacts:
     flash_attn: FlashAttnFacts | None
     resources: ResourceFacts
     apt: AptFacts | None
+    rocm: RocmFacts | None = None  # addition: AMD GPUs' software stack; null on NVIDIA-only nodes
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The DESIGN §3.1 object, with tuples as lists."""
         out: dict[str, Any] = _lists(asdict(self))
         out.pop("extra")
+        _drop_unset_additions(out)
         return out
 
     def with_hostname(self, hostname: str) -> NodeFacts:
         return NodeFacts(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "hostname": hostname})
+
+
+# Fields added to §3.1 after its first version: written only when known, so the facts of a node that has none of
+# them (every NVIDIA Linux node of an older agent) print exactly as before.
+_ADDITIONS = {"os": ("family", "msvc", "l4t", "jetpack"), "python": ("abi",), "torch": ("hip",)}
+_GPU_ADDITIONS = ("vendor", "arch")
+
+
+def _drop_unset_additions(out: dict[str, Any]) -> None:
+    if out.get("rocm") is None:
+        out.pop("rocm", None)
+    for section, keys in _ADDITIONS.items():
+        if isinstance(out.get(section), dict):
+            for key in keys:
+                if out[section].get(key) is None:
+                    out[section].pop(key, None)
+    for gpu in out.get("gpus") or []:
+        for key in _GPU_ADDITIONS:
+            if gpu.get(key) is None:
+                gpu.pop(key, None)
 
 
 def _lists(value: Any) -> Any:
@@ -221,6 +279,10 @@ def parse_node(obj: Any) -> NodeFacts:
         arch=arch,
         kernel=os_r.req_text("kernel"),
         glibc=os_r.text("glibc", DOTTED_RE, required=False, what="glibc version"),
+        family=_choice(os_r, "family", OS_FAMILIES),
+        msvc=os_r.text("msvc", DOTTED_RE, required=False, what="MSVC version"),
+        l4t=os_r.text("l4t", DOTTED_RE, required=False, what="L4T release"),
+        jetpack=os_r.text("jetpack", DOTTED_RE, required=False, what="JetPack version"),
     )
 
     driver_r = top.section("driver", required=False)
@@ -238,6 +300,8 @@ def parse_node(obj: Any) -> NodeFacts:
             compute_capability=g.req_text("compute_capability", DOTTED_RE, "compute capability"),
             memory_mib=g.integer("memory_mib"),
             uuid=g.req_text("uuid"),
+            vendor=_choice(g, "vendor", GPU_VENDORS),
+            arch=g.text("arch", GFX_RE, required=False, what="AMD GPU arch (gfxNNN)"),
         ))
 
     tk_r = top.section("toolkit", required=False)
@@ -247,14 +311,16 @@ def parse_node(obj: Any) -> NodeFacts:
     py_r = top.section("python", required=True)
     assert py_r is not None
     python = PythonFacts(version=py_r.req_text("version", PY_VERSION_RE, "Python version"),
-                         executable=py_r.req_text("executable"))
+                         executable=py_r.req_text("executable"),
+                         abi=py_r.text("abi", PY_ABI_RE, required=False, what="CPython ABI tag (cp312, cp313t)"))
 
     torch_r = top.section("torch", required=False)
     torch = None if torch_r is None else TorchFacts(
         version=torch_r.req_text("version", TORCH_VERSION_RE, "torch version"),
         cuda=torch_r.text("cuda", DOTTED_RE, required=False, what="CUDA version"),
         cxx11abi=torch_r.boolean("cxx11abi"),
-        arch_list=_strings(torch_r, "arch_list", 64, ARCH_RE, "CUDA arch (sm_XY or compute_XY)"),
+        arch_list=_strings(torch_r, "arch_list", 64, ARCH_RE, "GPU arch (sm_XY, compute_XY or gfxNNN)"),
+        hip=torch_r.text("hip", TORCH_HIP_RE, required=False, what="HIP version"),
     )
 
     fa_r = top.section("flash_attn", required=False)
@@ -270,11 +336,23 @@ def parse_node(obj: Any) -> NodeFacts:
     apt_r = top.section("apt", required=False)
     apt = None if apt_r is None else AptFacts(errors=_strings(apt_r, "errors", MAX_APT_ERRORS))
 
-    known = {"hostname", "os", "driver", "gpus", "toolkit", "python", "torch", "flash_attn", "resources", "apt"}
+    rocm_r = top.section("rocm", required=False)
+    rocm = None if rocm_r is None else RocmFacts(version=rocm_r.req_text("version", DOTTED_RE, "ROCm version"),
+                                                 smi=rocm_r.req_text("smi"))
+
+    known = {"hostname", "os", "driver", "gpus", "toolkit", "python", "torch", "flash_attn", "resources", "apt",
+             "rocm"}
     extra = {k: v for k, v in obj.items() if k not in known}
     return NodeFacts(hostname=hostname, os=os_facts, driver=driver, gpus=tuple(gpus), toolkit=toolkit,
                      python=python, torch=torch, flash_attn=flash_attn, resources=resources, apt=apt,
-                     extra=extra)
+                     rocm=rocm, extra=extra)
+
+
+def _choice(reader: _Reader, key: str, choices: tuple[str, ...]) -> str | None:
+    value = reader.text(key, required=False)
+    if value is not None and value not in choices:
+        raise reader._error(key, f"{value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def parse_fleet(obj: Any) -> list[NodeFacts | FactsError]:

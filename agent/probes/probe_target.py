@@ -147,6 +147,15 @@ def isolated_site_packages() -> list[str]:
     return added
 
 
+def python_abi() -> str:
+    """The CPython ABI tag pip matches wheels against: "cp312", or "cp313t" on a free-threaded build
+    (``Py_GIL_DISABLED`` in the build's config vars, PEP 703), which cannot load "cp313" wheels."""
+    import sysconfig
+
+    free_threaded = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}{'t' if free_threaded else ''}"
+
+
 def main() -> int:
     if sys.flags.no_site:
         isolated_site_packages()
@@ -159,6 +168,7 @@ def main() -> int:
             "executable": sys.executable,
             "implementation": platform.python_implementation(),
             "cp_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
+            "abi": python_abi(),
         },
         "torch": torch_info,
         "torch_error": torch_error,

@@ -34,7 +34,9 @@ from agent.probes.system import CommandNotFound, CommandRunner, ProbeError, run_
 from fleet.facts import (
     ARCH_RE,
     DOTTED_RE,
+    PY_ABI_RE,
     PY_VERSION_RE,
+    TORCH_HIP_RE,
     TORCH_VERSION_RE,
     FlashAttnFacts,
     PythonFacts,
@@ -97,7 +99,11 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
     if not PY_VERSION_RE.fullmatch(version):  # fullmatch: `$` would let a trailing newline through
         raise ProbeError(f"target python {interpreter}: unrecognised Python version {version!r}")
     # the path the agent was told, never the one printed: the environment's own code may print anything
-    python = PythonFacts(version=version, executable=interpreter)
+    abi = py.get("abi")
+    if abi is not None and not (isinstance(abi, str) and PY_ABI_RE.fullmatch(abi)):
+        errors.append(f"python: unrecognised ABI tag {str(abi)[:40]!r}; left out")
+        abi = None
+    python = PythonFacts(version=version, executable=interpreter, abi=abi)
     extra: dict[str, Any] = {"python_cp_tag": py.get("cp_tag"), "python_implementation": py.get("implementation")}
 
     torch = None
@@ -105,8 +111,6 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
     if isinstance(torch_data, dict):
         torch, torch_errors = _torch_facts(torch_data)
         errors.extend(torch_errors)
-        if torch_data.get("hip"):
-            extra["torch_hip"] = torch_data["hip"]
         extra["torch_cuda_available"] = torch_data.get("cuda_available")
         extra["torch_device_count"] = torch_data.get("device_count")
     else:
@@ -147,11 +151,15 @@ def _torch_facts(data: Mapping[str, Any]) -> tuple[TorchFacts | None, list[str]]
             if arch not in arch_list:
                 arch_list.append(arch)
         else:
-            errors.append(f"torch: arch {arch!r} is not sm_XY/compute_XY; left out")
-    if cuda is not None and not arch_list:
-        errors.append("torch: CUDA build but no arch list could be read")
+            errors.append(f"torch: arch {str(arch)[:40]!r} is not sm_XY/compute_XY/gfxNNN; left out")
+    hip = data.get("hip")
+    if hip is not None and not (isinstance(hip, str) and TORCH_HIP_RE.match(hip)):
+        errors.append(f"torch: unrecognised torch.version.hip {str(hip)[:40]!r}; reported as null")
+        hip = None
+    if (cuda is not None or hip is not None) and not arch_list:
+        errors.append("torch: GPU build but no arch list could be read")
     return TorchFacts(version=version, cuda=cuda, cxx11abi=bool(data.get("cxx11abi")),
-                      arch_list=tuple(arch_list)), errors
+                      arch_list=tuple(arch_list), hip=hip), errors
 
 
 def environment_owner(interpreter: str, root: str | None = None) -> tuple[int, int] | None:

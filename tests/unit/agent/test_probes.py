@@ -347,7 +347,7 @@ def test_parse_probe_output_garbage() -> None:
     with pytest.raises(ProbeError, match="no JSON"):
         parse_probe_output("Segmentation fault\n", interpreter="python")
     bad_arch = json.loads(fixture_text("probe_h100_torch211.json"))
-    bad_arch["torch"]["arch_list"] = ["sm_90", "gfx90a"]
+    bad_arch["torch"]["arch_list"] = ["sm_90", "ampere"]  # gfx targets are valid (ROCm torch): see test_rocm_*
     bad_arch["torch"]["cuda"] = "thirteen"
     result = parse_probe_output("noise\n" + json.dumps(bad_arch), interpreter="python")
     assert result.torch is not None and result.torch.arch_list == ("sm_90",) and result.torch.cuda is None
