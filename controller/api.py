@@ -32,6 +32,7 @@ from sqlalchemy import select
 
 from controller.api_tokens import ADMIN, Principal, looks_like_user_token, require_role
 from controller.api_tokens import authenticate as authenticate_user_token
+from controller import node_summary
 from controller.context import ControllerContext
 from controller.store.models import AuditLog
 from fleet.errors import (
@@ -171,11 +172,15 @@ def api_router() -> APIRouter:
 
     @router.get("/nodes")
     def nodes(ctx: Ctx, _: Viewer, facts: bool = False) -> dict[str, Any]:
-        return {"nodes": ctx.registry.list_nodes(with_facts=facts)}
+        records = ctx.registry.records()
+        with ctx.store.session() as s:
+            return {"nodes": node_summary.list_json(s, records, with_facts=facts)}
 
     @router.get("/nodes/{hostname}")
     def node(hostname: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
-        return ctx.registry.get_node(hostname)
+        record, history = ctx.registry.record(hostname), ctx.registry.history(hostname)
+        with ctx.store.session() as s:
+            return node_summary.detail_json(s, record, history)
 
     @router.post("/nodes/{hostname}/revoke")
     def revoke_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:

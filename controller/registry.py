@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select, update
@@ -29,14 +30,91 @@ from sqlalchemy import Table, bindparam, select, update
 from controller.enrollment import AgentIdentity
 from controller.store import Store, utcnow
 from controller.store.models import FactsHistory, Identity, Node, NodeEvent
-from fleet.errors import ConflictError, FleetError, NotFoundError
-from fleet.facts import NodeFacts
+from fleet.errors import ConflictError, FactsError, FleetError, NotFoundError
+from fleet.facts import NodeFacts, parse_node
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("online", "offline", "degraded")
 DEFAULT_INTERVAL = 10.0
 DEFAULT_MISSED = 3
+
+
+class NodeStatus(StrEnum):
+    """A node's status as stored in ``nodes.status`` and shown everywhere (StrEnum: the strings stay the same)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DEGRADED = "degraded"  # set by other components (a failed verification), not by liveness
+
+
+def liveness(status: NodeStatus, last_seen: float, now: float, offline_after: float) -> NodeStatus:
+    """The one liveness rule: a node silent for longer than ``offline_after`` seconds is offline; contact
+    (``last_seen`` within the window) brings an offline node back online; ``degraded`` is kept while the
+    node is heard from (only a passing verification or ``set_status`` clears it)."""
+    if now - last_seen > offline_after:
+        return NodeStatus.OFFLINE
+    return NodeStatus.ONLINE if status is NodeStatus.OFFLINE else status
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """The agent identity a node is bound to (from enrollment)."""
+
+    agent_id: str
+    cert_serial: str
+    cert_fingerprint: str
+    enrolled_at: dt.datetime | None
+    revoked: bool
+    revoked_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as the registry hands it out: typed, its facts parsed once from the stored JSON.
+
+    ``facts`` is None when the stored object does not parse (a row written by an older version, or
+    corrupted); ``facts_error`` then says why, and ``facts_json`` still holds what is stored so that a page
+    can show it. Consumers read ``facts`` attributes, never the JSON."""
+
+    hostname: str
+    status: NodeStatus
+    last_seen: dt.datetime | None
+    status_changed_at: dt.datetime | None
+    simulated: bool
+    registered_at: dt.datetime
+    facts_updated_at: dt.datetime
+    agent: AgentInfo | None
+    facts: NodeFacts | None
+    facts_error: str | None
+    facts_json: Mapping[str, Any]
+    extra: Mapping[str, Any]  # the agent's probe diagnostics (``NodeFacts.extra`` as reported)
+
+
+def read_facts(stored: Any) -> tuple[NodeFacts | None, str | None]:
+    """Parse a ``nodes.facts`` value: (facts, None), or (None, what is wrong and what to do)."""
+    if not stored:
+        return None, "no facts stored for this node; they appear with the agent's next report"
+    try:
+        return parse_node(stored), None
+    except FactsError as exc:
+        where = f" at {exc.field}" if exc.field else ""
+        return None, (f"stored facts unreadable{where}: {exc.message}; the node's next facts report replaces "
+                      f"them (restart its agent to report now)")
+
+
+def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.datetime | None = None) -> NodeRecord:
+    """The typed record of one ``nodes`` row; ``status``/``last_seen`` override the row's (the registry's
+    in-memory liveness is newer than the batched writes)."""
+    facts, error = read_facts(row.facts)
+    ident = row.identity
+    agent = None if ident is None else AgentInfo(
+        agent_id=ident.id, cert_serial=ident.cert_serial, cert_fingerprint=ident.cert_fingerprint,
+        enrolled_at=ident.created_at, revoked=ident.revoked, revoked_at=ident.revoked_at)
+    return NodeRecord(
+        hostname=row.hostname, status=status or NodeStatus(row.status), last_seen=last_seen or row.last_seen,
+        status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
+        facts_updated_at=row.facts_updated_at, agent=agent, facts=facts, facts_error=error,
+        facts_json=row.facts or {}, extra=row.extra or {})
 
 
 class HostnameMismatch(FleetError):
@@ -70,7 +148,7 @@ def diff_facts(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any
 class _Live:
     node_id: int
     identity_id: str | None
-    status: str
+    status: NodeStatus
     last_seen: float  # unix time
     facts_requested: bool = False
 
@@ -78,8 +156,8 @@ class _Live:
 @dataclass(frozen=True)
 class _PendingTransition:
     node_id: int
-    old: str
-    new: str
+    old: NodeStatus
+    new: NodeStatus
     reason: str
     at: dt.datetime
     last_seen: float
@@ -88,13 +166,9 @@ class _PendingTransition:
 @dataclass(frozen=True)
 class Transition:
     hostname: str
-    old: str
-    new: str
+    old: NodeStatus
+    new: NodeStatus
     reason: str
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return t.isoformat() if t else None
 
 
 class Registry:
@@ -132,7 +206,7 @@ class Registry:
             for row in s.scalars(select(Node)):
                 seen = row.last_seen.timestamp() if row.last_seen else now
                 # after a restart, give every node one full window before declaring it offline
-                self._live[row.hostname] = _Live(row.id, row.identity_id, row.status, max(seen, now))
+                self._live[row.hostname] = _Live(row.id, row.identity_id, NodeStatus(row.status), max(seen, now))
 
     # ---- facts ---------------------------------------------------------------------------
 
@@ -163,7 +237,7 @@ class Registry:
                 hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
 
     def store_facts(self, ident: AgentIdentity, facts: NodeFacts, transitions: list[_PendingTransition], *,
-                    simulated: bool = False) -> tuple[list[str], int, str, float]:
+                    simulated: bool = False) -> tuple[list[str], int, NodeStatus, float]:
         """The database half of ``report_facts`` (thread-safe): pending ``transitions`` first (a node's status
         history stays in order), then the node row. Returns (changed, node id, status, last_seen)."""
         new_json = facts.to_json()
@@ -173,13 +247,14 @@ class Registry:
         with self.store.session() as s:
             node = s.scalar(select(Node).where(Node.hostname == ident.hostname))
             if node is None:
-                node = Node(hostname=ident.hostname, identity_id=ident.agent_id, status="online",
+                node = Node(hostname=ident.hostname, identity_id=ident.agent_id, status=NodeStatus.ONLINE,
                             status_changed_at=now, last_seen=now, facts=new_json, extra=extra,
                             simulated=simulated, registered_at=now, facts_updated_at=now)
                 s.add(node)
                 s.flush()
                 s.add(FactsHistory(node_id=node.id, at=now, changed=["*"], old={}, new={"*": new_json}))
-                s.add(NodeEvent(node_id=node.id, at=now, old_status=None, new_status="online", reason="registered"))
+                s.add(NodeEvent(node_id=node.id, at=now, old_status=None, new_status=NodeStatus.ONLINE,
+                                reason="registered"))
                 changed = ["*"]
                 log.info("node %s registered (agent %s%s)", ident.hostname, ident.agent_id,
                          ", simulated" if simulated else "")
@@ -208,14 +283,16 @@ class Registry:
                 node.extra = extra
                 node.simulated = simulated
                 node.last_seen = now
-                if node.status == "offline":
-                    s.add(NodeEvent(node_id=node.id, at=now, old_status="offline", new_status="online",
+                old_status = NodeStatus(node.status)
+                new_status = liveness(old_status, now.timestamp(), now.timestamp(), self.offline_after)
+                if new_status != old_status:
+                    s.add(NodeEvent(node_id=node.id, at=now, old_status=old_status, new_status=new_status,
                                     reason="facts reported"))
-                    node.status = "online"
+                    node.status = new_status
                     node.status_changed_at = now
-            return changed, node.id, node.status, now.timestamp()
+            return changed, node.id, NodeStatus(node.status), now.timestamp()
 
-    def apply_facts(self, ident: AgentIdentity, changed: list[str], node_id: int, status: str,
+    def apply_facts(self, ident: AgentIdentity, changed: list[str], node_id: int, status: NodeStatus,
                     seen: float) -> list[str]:
         """The in-memory half of ``report_facts`` (event loop thread): liveness and the facts-change hooks."""
         live = self._live.get(ident.hostname)
@@ -226,7 +303,7 @@ class Registry:
             # so it never moves last_seen back (that would turn a heartbeating node offline)
             live.identity_id = ident.agent_id
             live.last_seen = max(live.last_seen, seen)
-            if live.status == "offline":
+            if live.status is NodeStatus.OFFLINE:
                 live.status = status
         self._dirty.pop(ident.hostname, None)  # last_seen was just written with the facts
         if changed != ["*"] and changed:
@@ -248,8 +325,9 @@ class Registry:
         self.heartbeats += 1
         live.last_seen = self.clock()
         self._dirty[ident.hostname] = live
-        if live.status == "offline":
-            self._transition(ident.hostname, live, "online", "heartbeat received")
+        status = liveness(live.status, live.last_seen, live.last_seen, self.offline_after)
+        if status != live.status:
+            self._transition(ident.hostname, live, status, "heartbeat received")
         wanted = live.facts_requested
         live.facts_requested = False
         return self.interval, wanted
@@ -282,26 +360,27 @@ class Registry:
 
     def sweep(self) -> list[Transition]:
         """Turn nodes silent for ``missed × interval`` offline; returns the transitions made."""
-        cutoff = self.clock() - self.offline_after
+        now = self.clock()
         made: list[Transition] = []
-        if self._resumed_at > cutoff:  # a window since the controller's own stall has not passed yet
+        if self._resumed_at > now - self.offline_after:  # a window since the controller's own stall has not passed
             return made
         for hostname, live in self._live.items():
-            if live.status != "offline" and live.last_seen < cutoff:
-                made.append(self._transition(hostname, live, "offline",
+            if (live.status is not NodeStatus.OFFLINE
+                    and liveness(live.status, live.last_seen, now, self.offline_after) is NodeStatus.OFFLINE):
+                made.append(self._transition(hostname, live, NodeStatus.OFFLINE,
                                              f"no heartbeat for {self.clock() - live.last_seen:.1f}s "
                                              f"({self.missed} × {self.interval:g}s interval)"))
         return made
 
-    def _transition(self, hostname: str, live: _Live, new: str, reason: str) -> Transition:
+    def _transition(self, hostname: str, live: _Live, new: NodeStatus, reason: str) -> Transition:
         """Change status in memory at once; the DB rows follow in the next ``flush`` (batched, so that a
         mass reconnect or a partition does not stall the event loop with thousands of commits)."""
         old = live.status
         live.status = new
         self._pending.append(_PendingTransition(live.node_id, old, new, reason, utcnow(), live.last_seen))
         tr = Transition(hostname, old, new, reason)
-        log.log(logging.WARNING if new == "offline" else logging.INFO, "node %s: %s → %s (%s)", hostname, old, new,
-                reason)
+        log.log(logging.WARNING if new is NodeStatus.OFFLINE else logging.INFO, "node %s: %s → %s (%s)",
+                hostname, old, new, reason)
         for cb in self.on_transition:
             try:
                 cb(tr)
@@ -346,10 +425,8 @@ class Registry:
         """Write everything pending (transitions, then last_seen) now, in this thread."""
         return self.write_transitions(self.take_transitions()) + self.flush_last_seen()
 
-    def set_status(self, hostname: str, status: str, reason: str) -> Transition | None:
+    def set_status(self, hostname: str, status: NodeStatus, reason: str) -> Transition | None:
         """Set a node's status (e.g. ``degraded`` after a failed verification); None if unchanged."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
         live = self._live.get(hostname)
         if live is None:
             raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
@@ -359,7 +436,7 @@ class Registry:
         self.write_transitions(self.take_transitions())  # rare and deliberate: persist at once
         return tr
 
-    def status_of(self, hostname: str) -> str | None:
+    def status_of(self, hostname: str) -> NodeStatus | None:
         live = self._live.get(hostname)
         return live.status if live else None
 
@@ -368,77 +445,41 @@ class Registry:
         for hostname, live in self._live.items():
             if live.identity_id == agent_id:
                 live.identity_id = None
-                if live.status != "offline":
-                    self._transition(hostname, live, "offline", f"agent identity {agent_id} revoked")
+                if live.status is not NodeStatus.OFFLINE:
+                    self._transition(hostname, live, NodeStatus.OFFLINE, f"agent identity {agent_id} revoked")
 
     # ---- reading -------------------------------------------------------------------------
 
-    def _node_json(self, row: Node, *, full: bool) -> dict[str, Any]:
-        live = self._live.get(row.hostname)
-        last_seen = (dt.datetime.fromtimestamp(live.last_seen, dt.UTC) if live else row.last_seen)
-        facts = row.facts or {}
-        gpus = facts.get("gpus") or []
-        out: dict[str, Any] = {
-            "hostname": row.hostname,
-            "status": live.status if live else row.status,
-            "last_seen": _iso(last_seen),
-            "simulated": row.simulated,
-            "gpu": f"{len(gpus)}× {gpus[0]['name']}" if gpus else None,
-            "compute_capability": gpus[0]["compute_capability"] if gpus else None,
-            "driver": (facts.get("driver") or {}).get("version"),
-            "cuda_max": (facts.get("driver") or {}).get("cuda_max"),
-            "nvcc": (facts.get("toolkit") or {}).get("nvcc"),
-            "torch": (facts.get("torch") or {}).get("version"),
-            "python": (facts.get("python") or {}).get("version"),
-            "flash_attn": (facts.get("flash_attn") or {}).get("version"),
-            "arch": (facts.get("os") or {}).get("arch"),
-            "agent_id": row.identity_id,
-        }
-        if full:
-            ident = row.identity
-            out.update({
-                "facts": facts,
-                "extra": row.extra,
-                "registered_at": _iso(row.registered_at),
-                "facts_updated_at": _iso(row.facts_updated_at),
-                "status_changed_at": _iso(row.status_changed_at),
-                "identity": None if ident is None else {
-                    "agent_id": ident.id, "hostname": ident.hostname, "cert_serial": ident.cert_serial,
-                    "cert_fingerprint": ident.cert_fingerprint, "enrolled_at": _iso(ident.created_at),
-                    "revoked": ident.revoked, "revoked_at": _iso(ident.revoked_at)},
-            })
-        return out
+    def _record(self, row: Node) -> NodeRecord:
+        live = self._live.get(row.hostname)  # memory is newer than the batched writes
+        if live is None:
+            return record_of(row)
+        return record_of(row, status=live.status, last_seen=dt.datetime.fromtimestamp(live.last_seen, dt.UTC))
 
-    def list_nodes(self, *, with_facts: bool = False) -> list[dict[str, Any]]:
+    def records(self) -> list[NodeRecord]:
+        """Every node, by hostname."""
         with self.store.session() as s:
-            rows = s.scalars(select(Node).order_by(Node.hostname)).all()
-            out = [self._node_json(r, full=False) for r in rows]
-            if with_facts:
-                for item, r in zip(out, rows, strict=True):
-                    item["facts"] = r.facts
-            return out
+            return [self._record(r) for r in s.scalars(select(Node).order_by(Node.hostname))]
 
-    def get_node(self, hostname: str, *, history_limit: int = 50) -> dict[str, Any]:
-        self.write_transitions(self.take_transitions())  # status history must include what memory knows
+    def record(self, hostname: str) -> NodeRecord:
         with self.store.session() as s:
             row = s.scalar(select(Node).where(Node.hostname == hostname))
             if row is None:
                 raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes` for registered nodes")
-            out = self._node_json(row, full=True)
-            hist = s.scalars(select(FactsHistory).where(FactsHistory.node_id == row.id)
-                             .order_by(FactsHistory.at.desc(), FactsHistory.id.desc()).limit(history_limit))
-            out["history"] = [{"at": h.at.isoformat(), "changed": h.changed, "old": h.old, "new": h.new}
-                              for h in hist]
-            events = s.scalars(select(NodeEvent).where(NodeEvent.node_id == row.id)
-                               .order_by(NodeEvent.at.desc(), NodeEvent.id.desc()).limit(history_limit))
-            out["status_history"] = [{"at": e.at.isoformat(), "old": e.old_status, "new": e.new_status,
-                                      "reason": e.reason} for e in events]
-            return out
+            return self._record(row)
 
-    def facts_of(self, hostname: str) -> dict[str, Any]:
-        """The node's current §3.1 facts object."""
+    def history(self, hostname: str, *, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
+        """The node's facts changes (``history``) and status transitions (``status_history``), newest first."""
+        self.write_transitions(self.take_transitions())  # status history must include what memory knows
         with self.store.session() as s:
-            row = s.scalar(select(Node).where(Node.hostname == hostname))
-            if row is None:
-                raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
-            return dict(row.facts)
+            node_id = s.scalar(select(Node.id).where(Node.hostname == hostname))
+            if node_id is None:
+                raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes` for registered nodes")
+            hist = s.scalars(select(FactsHistory).where(FactsHistory.node_id == node_id)
+                             .order_by(FactsHistory.at.desc(), FactsHistory.id.desc()).limit(limit))
+            events = s.scalars(select(NodeEvent).where(NodeEvent.node_id == node_id)
+                               .order_by(NodeEvent.at.desc(), NodeEvent.id.desc()).limit(limit))
+            return {
+                "history": [{"at": h.at.isoformat(), "changed": h.changed, "old": h.old, "new": h.new} for h in hist],
+                "status_history": [{"at": e.at.isoformat(), "old": e.old_status, "new": e.new_status,
+                                    "reason": e.reason} for e in events]}

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.jobs import ACTIVE_STATUSES, JobOutcome
+from controller.registry import NodeStatus
 from controller.rollout.core import NodeInfo, parse_selector, select_nodes
 from controller.store import utcnow
 from controller.store.models import Job, Node
@@ -213,9 +214,9 @@ class VerificationService:
         """Registry status from a health change (event loop thread)."""
         try:
             if change == "degraded":
-                self.ctx.registry.set_status(node, "degraded", reason[:500])
-            elif change == "cleared" and self.ctx.registry.status_of(node) == "degraded":
-                self.ctx.registry.set_status(node, "online", "verification passed")
+                self.ctx.registry.set_status(node, NodeStatus.DEGRADED, reason[:500])
+            elif change == "cleared" and self.ctx.registry.status_of(node) is NodeStatus.DEGRADED:
+                self.ctx.registry.set_status(node, NodeStatus.ONLINE, "verification passed")
         except FleetError as exc:
             log.warning("status of %s not changed: %s", node, exc.message)
 

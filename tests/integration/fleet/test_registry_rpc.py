@@ -48,14 +48,15 @@ async def test_facts_changes_are_kept_as_history(controller: RunningController, 
         assert list(same.changed) == []
         resp = await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(changed)), timeout=5)
     assert sorted(resp.changed) == ["driver.cuda_max", "driver.version"]
-    node = controller.ctx.registry.get_node("node-1")
-    assert node["facts"]["driver"]["version"] == "560.35.03"
-    assert node["simulated"] is True
-    latest = node["history"][0]
+    node = controller.ctx.registry.record("node-1")
+    assert node.facts is not None and node.facts.driver == DriverFacts("560.35.03", "12.6")
+    assert node.simulated is True
+    history = controller.ctx.registry.history("node-1")["history"]
+    latest = history[0]
     assert latest["changed"] == ["driver.cuda_max", "driver.version"]
     assert latest["old"]["driver.version"] == base.driver.version and latest["new"]["driver.version"] == "560.35.03"
-    assert node["history"][1]["changed"] == ["*"]
-    assert len(node["history"]) == 2  # the identical report added nothing
+    assert history[1]["changed"] == ["*"]
+    assert len(history) == 2  # the identical report added nothing
 
 
 async def test_offline_and_back_online(controller: RunningController, fleet: SimAgents, db_url: str) -> None:
@@ -66,8 +67,8 @@ async def test_offline_and_back_online(controller: RunningController, fleet: Sim
     await wait_for(lambda: controller.ctx.registry.status_of("node-1") == "offline", timeout=8)
     await fleet.start("node-1", "h100")  # same state dir: no re-enrollment
     assert controller.ctx.registry.status_of("node-1") == "online"
-    node = controller.ctx.registry.get_node("node-1")
-    transitions = [(e["old"], e["new"]) for e in reversed(node["status_history"])]
+    history = controller.ctx.registry.history("node-1")
+    transitions = [(e["old"], e["new"]) for e in reversed(history["status_history"])]
     assert transitions[:3] == [(None, "online"), ("online", "offline"), ("offline", "online")]
     with controller.ctx.store.session() as s:
         assert s.scalar(select(func.count()).select_from(Identity)) == 1
@@ -166,9 +167,9 @@ async def test_unknown_fields_are_ignored(controller: RunningController) -> None
     async with mtls_stub(controller, creds) as stub:
         resp = await stub.ReportFacts(request, timeout=5)
     assert list(resp.changed) == []  # the contract's fields did not change
-    node = controller.ctx.registry.get_node("node-1")
-    assert node["extra"]["future_field"] == {"x": 1}
-    assert "future_field" not in node["facts"]
+    node = controller.ctx.registry.record("node-1")
+    assert node.extra["future_field"] == {"x": 1}
+    assert "future_field" not in node.facts_json
 
 
 def _varint(n: int) -> bytes:

@@ -196,7 +196,7 @@ class Story:
             return list(s.scalars(select(JobEvent.event).where(JobEvent.job_id == job_id).order_by(JobEvent.counter)))
 
     def facts(self) -> dict[str, Any]:
-        return dict(self.rc.ctx.registry.facts_of(HOST))
+        return dict(self.rc.ctx.registry.record(HOST).facts_json)
 
     async def apt_errors(self) -> list[str]:
         """The agent's apt probe inside the node root."""

@@ -176,7 +176,12 @@ async def test_a_clean_rollback_to_no_flash_attn_is_not_degraded(
     assert code == 0, out
     assert runner.facts.flash_attn is None
     controller.ctx.registry.request_facts(host)
-    await wait_for(lambda: not controller.ctx.registry.facts_of(host).get("flash_attn"), 10)
+
+    def flash_attn_gone() -> bool:
+        facts = controller.ctx.registry.record(host).facts
+        return facts is not None and facts.flash_attn is None
+
+    await wait_for(flash_attn_gone, 10)
 
     code, out = await asyncio.to_thread(_run_cli, ["verify", host, "--quick", "--json", *state], capsys)
     assert code == 0, out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.enrollment import AgentIdentity
-from controller.registry import HostnameMismatch, Registry, diff_facts
+from controller.registry import HostnameMismatch, NodeStatus, Registry, diff_facts
 from controller.store import Store, open_store
 from fleet.errors import ConflictError, NotFoundError
 from fleet.facts import DriverFacts, NodeFacts, ToolkitFacts
@@ -47,10 +47,10 @@ def test_register_update_history(store: Store) -> None:
     f2: NodeFacts = dataclasses.replace(facts("n1"), toolkit=ToolkitFacts("12.6", "/usr/local/cuda-12.6/bin/nvcc"))
     assert reg.report_facts(ident, f2) == ["toolkit.nvcc", "toolkit.path"]
     assert reg.report_facts(ident, f2) == []
-    node = reg.get_node("n1")
-    assert [h["changed"] for h in node["history"]] == [["toolkit.nvcc", "toolkit.path"], ["*"]]
-    assert node["facts"]["toolkit"]["nvcc"] == "12.6"
-    assert reg.list_nodes()[0]["nvcc"] == "12.6"
+    assert [h["changed"] for h in reg.history("n1")["history"]] == [["toolkit.nvcc", "toolkit.path"], ["*"]]
+    assert reg.record("n1").facts == f2
+    [only] = reg.records()
+    assert only.facts is not None and only.facts.toolkit is not None and only.facts.toolkit.nvcc == "12.6"
 
 
 def test_hostname_mismatch_and_duplicates_leave_registry_unchanged(store: Store) -> None:
@@ -62,8 +62,8 @@ def test_hostname_mismatch_and_duplicates_leave_registry_unchanged(store: Store)
     b = add_identity(store, "n1", agent_id="b" * 32)
     with pytest.raises(ConflictError):
         reg.report_facts(b, dataclasses.replace(facts("n1"), driver=DriverFacts("999.1", "13.0")))
-    assert reg.get_node("n1")["facts"]["driver"]["version"] == facts("n1").driver.version  # type: ignore[union-attr]
-    assert [n["hostname"] for n in reg.list_nodes()] == ["n1"]
+    assert reg.record("n1").facts == facts("n1")
+    assert [n.hostname for n in reg.records()] == ["n1"]
 
 
 def test_offline_after_missed_heartbeats_and_back(store: Store) -> None:
@@ -83,7 +83,7 @@ def test_offline_after_missed_heartbeats_and_back(store: Store) -> None:
     interval, wanted = reg.heartbeat(ident)
     assert interval == 10 and wanted is False
     assert reg.status_of("n1") == "online"
-    hist = [(e["old"], e["new"]) for e in reversed(reg.get_node("n1")["status_history"])]
+    hist = [(e["old"], e["new"]) for e in reversed(reg.history("n1")["status_history"])]
     assert hist == [(None, "online"), ("online", "offline"), ("offline", "online")]
 
 
@@ -124,8 +124,8 @@ def test_heartbeat_unknown_node_and_set_status(store: Store) -> None:
         reg.heartbeat(AgentIdentity("x", "ghost", "1", False))
     ident = add_identity(store, "n1")
     reg.report_facts(ident, facts("n1"))
-    assert reg.set_status("n1", "degraded", "verification failed") is not None
-    assert reg.set_status("n1", "degraded", "again") is None
+    assert reg.set_status("n1", NodeStatus.DEGRADED, "verification failed") is not None
+    assert reg.set_status("n1", NodeStatus.DEGRADED, "again") is None
     # liveness state survives a restart
     again = Registry(store)
     assert again.status_of("n1") == "degraded"

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.context import ControllerContext, ControllerSettings
+from controller.registry import NodeStatus
 from controller.rollout.models import Rollout, RolloutNode
 from controller.store import utcnow
 from controller.store.models import Job
@@ -59,7 +60,7 @@ async def test_no_pile_up_and_rollout_nodes_left_alone(ctx: ControllerContext) -
 async def test_offline_nodes_skipped_by_selectors(ctx: ControllerContext) -> None:
     svc = VerificationService(ctx)
     for h in ("gpu-1", "gpu-2", "gpu-3"):
-        ctx.registry.set_status(h, "offline", "test")
+        ctx.registry.set_status(h, NodeStatus.OFFLINE, "test")
     with pytest.raises(UsageError, match="offline"):
         await svc.submit(selector="gpu-*")
     assert list(await svc.submit(["gpu-2"])) == ["gpu-2"]  # named explicitly: queued for its return
