@@ -27,11 +27,12 @@ from fleet.errors import CatalogError
 
 CATALOG_FILE_NAME = "catalog.json"
 
-# flash_attn-{ver}+cu{X}torch{A.B}cxx11abi{TRUE|FALSE}-cp{PY}-cp{PY}-{platform}.whl (facts §1.2)
+# flash_attn-{ver}+cu{X}torch{A.B}cxx11abi{TRUE|FALSE}-cp{PY}-cp{PY}-{platform}.whl (facts §1.2); win_amd64 for
+# community Windows wheels an operator adds (upstream publishes none; only Windows nodes are matched to them)
 _WHEEL_RE = re.compile(
     r"^flash_attn-(?P<version>[0-9][0-9A-Za-z.]*)"
     r"\+(?P<cuda>cu\d{2,3})torch(?P<torch>\d+\.\d+)cxx11abi(?P<abi>TRUE|FALSE)"
-    r"-(?P<py>cp\d{2,3})-(?P<abi_tag>cp\d{2,3}t?)-(?P<platform>linux_(?:x86_64|aarch64))\.whl$"
+    r"-(?P<py>cp\d{2,3})-(?P<abi_tag>cp\d{2,3}t?)-(?P<platform>linux_(?:x86_64|aarch64)|win_amd64)\.whl$"
 )
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _GLIBC_RE = re.compile(r"^\d+\.\d+$")
@@ -73,7 +74,7 @@ def _wheel_name_problem(filename: str) -> str:
         return "has no 'cxx11abiTRUE' or 'cxx11abiFALSE' after the torch version"
     if not re.search(r"-cp\d{2,3}-cp\d{2,3}t?-", local):
         return "has no CPython tags like '-cp312-cp312-'"
-    return "platform is not linux_x86_64 or linux_aarch64"
+    return "platform is not linux_x86_64, linux_aarch64 or win_amd64"
 
 
 @lru_cache(maxsize=65536)

@@ -73,7 +73,8 @@ def build_params(facts: NodeFacts, variant: str, version: str, node_archs: tuple
         f"torch={rules.fmt_mm(rules.major_minor(torch.version))}",
         f"torch_cuda={rules.fmt_mm(rules.major_minor(torch.cuda))}",
         f"cxx11abi={'TRUE' if torch.cxx11abi else 'FALSE'}",
-        f"python=cp{''.join(map(str, rules.major_minor(facts.python.version)))}",
+        # the probed ABI tag: a free-threaded cp313t build is not interchangeable with a cp313 one
+        f"python={facts.python.abi or 'cp' + ''.join(map(str, rules.major_minor(facts.python.version)))}",
         f"platform=linux_{facts.os.arch}",
         # the wheel links the builder's glibc and system libraries: a wheel built on Ubuntu 20.04 (glibc 2.31)
         # must not be handed to a CentOS 7 node (glibc 2.17), so nodes share a build only with both equal
@@ -84,4 +85,36 @@ def build_params(facts: NodeFacts, variant: str, version: str, node_archs: tuple
     ))
     return BuildParams(cuda_archs=arch_names, max_jobs=max_jobs, nvcc_threads=threads or 1,
                        estimated_minutes=math.ceil(seconds / 60), nvcc=rules.fmt_mm(nvcc), build_key=key, env=env,
+                       os_family=family, glibc=facts.os.glibc)
+
+
+# Compile cost of the Composable Kernel backend per gfx target, relative to one CUDA arch of FA2: a rough
+# ratio (CK instantiates a similar number of kernels per arch); the Triton backend compiles nothing at install.
+ROCM_CORE_SECONDS_FACTOR = {"ck": 1.0, "triton": 0.0}
+
+
+def rocm_build_params(facts: NodeFacts, version: str, gfx_archs: tuple[str, ...], backend: str) -> BuildParams:
+    """A ROCm source build: ``GPU_ARCHS`` narrowed to the node's gfx targets (CK), or the Triton AMD backend."""
+    assert facts.torch is not None and facts.torch.hip is not None
+    cores = facts.resources.cpu_cores
+    memory_gib = facts.resources.memory_mib / 1024 * MEMORY_SHARE
+    max_jobs = max(1, min(cores, int(memory_gib // GIB_PER_COMPILE)))
+    env = {"MAX_JOBS": str(max_jobs), "FLASH_ATTENTION_FORCE_BUILD": "TRUE", "BUILD_TARGET": "rocm"}
+    if backend == "ck":
+        env["GPU_ARCHS"] = ";".join(gfx_archs)
+    else:
+        env["FLASH_ATTENTION_TRITON_AMD_ENABLE"] = "TRUE"
+    seconds = FA2_CORE_SECONDS_PER_ARCH * ROCM_CORE_SECONDS_FACTOR[backend] * len(gfx_archs) / max_jobs
+    hip = rules.fmt_mm(rules.major_minor(facts.torch.hip))
+    family = rules.os_family(facts.os.id)
+    key = ";".join((
+        "variant=fa2-source", f"backend=rocm-{backend}", f"flash_attn={version}",
+        f"torch={rules.fmt_mm(rules.major_minor(facts.torch.version))}", f"torch_hip={hip}",
+        f"cxx11abi={'TRUE' if facts.torch.cxx11abi else 'FALSE'}",
+        f"python={facts.python.abi or 'cp' + ''.join(map(str, rules.major_minor(facts.python.version)))}",
+        f"platform=linux_{facts.os.arch}", f"os={family}", f"glibc={facts.os.glibc or 'unknown'}",
+        f"archs={','.join(gfx_archs)}",
+    ))
+    return BuildParams(cuda_archs=gfx_archs, max_jobs=max_jobs, nvcc_threads=1,
+                       estimated_minutes=max(1, math.ceil(seconds / 60)), nvcc=f"hip {hip}", build_key=key, env=env,
                        os_family=family, glibc=facts.os.glibc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from controller.resolver import rules
+from controller.resolver import platforms, rules
 from controller.resolver.build import build_params
 from controller.resolver.model import BuildParams, Decision, MeasuredImpl, Measurements, Policy, Rejected
 from fleet.facts import GpuFacts, NodeFacts, version_tuple
@@ -130,6 +130,11 @@ class _Resolution:
     # --- the rules --------------------------------------------------------------------------
 
     def decide(self) -> Decision:
+        if any(g.is_amd for g in self.facts.gpus):
+            return platforms.rocm(self)
+        jetson = platforms.jetson_facts(self)
+        if jetson is not None:
+            self.facts = jetson
         blockers = self._blockers()
         if blockers:
             self.reasons.extend(blockers)
@@ -143,6 +148,8 @@ class _Resolution:
                                 " one install serves them all, so the oldest decides the FlashAttention generation")
         if oldest < (7, 5):
             return self._sdpa_old_gpu(oldest)
+        if self.facts.os.is_windows:
+            return platforms.windows(self, tuple(ccs))
         if oldest < (8, 0):
             return self._turing()
         return self._ampere_or_newer(tuple(ccs))
@@ -249,7 +256,36 @@ class _Resolution:
             self._reject("fa2-source (no target)", "no FA2 release to target")
             self._reject("sdpa", "not chosen silently: pick an FA2 release first")
             return self._finish("blocked", None, ())
-        return self._fa2(self.target, ccs)
+        target = self.release_for_torch(self.target)
+        if target is None:
+            return self._finish("blocked", None, ())
+        return self._fa2(target, ccs)
+
+    def release_for_torch(self, target: str) -> str | None:
+        """``target``, or — when the node's torch is older than its floor and no --version pinned it — the newest
+        catalog release that supports that torch, said in the reasons. None (reasons and rejections added): no
+        release fits, or the operator pinned one."""
+        torch = self.facts.torch
+        assert torch is not None
+        have = rules.major_minor(torch.version)
+        floor = rules.torch_floor(target)
+        if have >= floor:
+            return target
+        why = (f"flash-attn {target} needs torch ≥ {rules.fmt_mm(floor)} (README \"PyTorch "
+               f"{rules.fmt_mm(floor)} and above\"), the node has torch {torch.version}")
+        older = [r for r in self.catalog.releases if rules.torch_floor(r) <= have
+                 and rules.python_floor(r) <= _python_mm(self.facts)]
+        newest = max(older, key=rules._v) if older else None
+        self._reject(f"fa2-wheel {target}", why)
+        self._reject(f"fa2-source {target}", why)
+        if self.policy.version is None and newest is not None:
+            self.reasons.append(f"{why}: planning flash-attn {newest}, the newest release that supports torch "
+                                f"{rules.fmt_mm(have)}; upgrade torch to ≥ {rules.fmt_mm(floor)} to get {target}")
+            return newest
+        hint = f" or pass --version {newest}" if newest is not None else ""
+        self.reasons.append(f"{why}: upgrade torch to ≥ {rules.fmt_mm(floor)}{hint}")
+        self._reject("sdpa", "not chosen silently: the policy keeps the target release")
+        return None
 
     def _fa2(self, target: str, ccs: tuple[tuple[int, int], ...]) -> Decision:
         f = self.facts
@@ -295,6 +331,11 @@ class _Resolution:
             return self._decision("fa2-wheel", target, ("install-wheel", "verify"), artifact=wheel)
 
         self._reject(f"fa2-wheel {target}", why_no_wheel)
+        if f.python.free_threaded:
+            self.reasons.append(f"free-threaded Python ({f.python.abi}): upstream publishes no {f.python.abi} wheels "
+                                "(its release matrix builds cpXY GIL wheels only) and pip refuses cpXY wheels on it; "
+                                "a source build compiles the extension for this interpreter (torch ships "
+                                "free-threaded builds from 2.6 on, experimental)")
         if not self.policy.source_builds:
             self.reasons.append(f"no prebuilt flash-attn {target} wheel fits ({why_no_wheel}) and the policy "
                                 "forbids source builds: add a wheel to the catalog or allow source builds")
@@ -524,12 +565,21 @@ def _python_mm(facts: NodeFacts) -> tuple[int, int]:
     return rules.major_minor(facts.python.version)
 
 
+def python_tag(facts: NodeFacts) -> str:
+    """The wheel tag pip matches: the probed ABI ("cp313t" on a free-threaded build, which cannot load cp313
+    wheels), else cpXY from the version (agents before the ABI probe; always a GIL build then)."""
+    if facts.python.abi:
+        return facts.python.abi
+    py = _python_mm(facts)
+    return f"cp{py[0]}{py[1]}"
+
+
 def _query(facts: NodeFacts) -> _Query:
     torch = facts.torch
     assert torch is not None and torch.cuda is not None
-    py = _python_mm(facts)
     return _Query(torch_cuda=torch.cuda, torch_mm=rules.fmt_mm(rules.major_minor(torch.version)),
-                  cxx11abi=torch.cxx11abi, python_tag=f"cp{py[0]}{py[1]}", platform=f"linux_{facts.os.arch}",
+                  cxx11abi=torch.cxx11abi, python_tag=python_tag(facts),
+                  platform="win_amd64" if facts.os.is_windows else f"linux_{facts.os.arch}",
                   glibc=facts.os.glibc, ccs=tuple(sorted({rules.parse_cc(g.compute_capability) for g in facts.gpus})),
                   os_family=rules.os_family(facts.os.id))
 

@@ -147,6 +147,10 @@ class Decision:
     rejected: tuple[Rejected, ...]
     build: BuildParams | None = None
     artifact_url: str | None = None  # where install-wheel fetches the artifact from (not a §3.2 field)
+    # additions for plans the agent cannot carry out yet (Windows): the exact commands for a person to run, and
+    # a label saying so. Written to JSON only when set, so every other plan prints as before.
+    commands: tuple[str, ...] = ()
+    execution: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The §3.2 decision object, plus ``build`` (null unless a source build)."""
@@ -160,4 +164,5 @@ class Decision:
             "reasons": list(self.reasons),
             "rejected": [r.to_json() for r in self.rejected],
             "build": self.build.to_json() if self.build is not None else None,
+            **({"execution": self.execution, "commands": list(self.commands)} if self.execution else {}),
         }

@@ -207,3 +207,65 @@ def best_sass(archs: tuple[int, ...], cc: tuple[int, int]) -> int | None:
 
 def needs_blackwell_nvcc(archs: tuple[int, ...]) -> bool:
     return any(a >= 100 for a in archs)
+
+
+# --- torch floors (facts §1.5 "Documented requirements"; wheel matrix) ------------------------
+
+@lru_cache(maxsize=512)
+def torch_floor(release: str) -> tuple[int, int]:
+    """The oldest torch an FA2 release supports: the README's "PyTorch 1.12 and above" up to 2.6.3 and "PyTorch
+    2.2 and above" at 2.8.3; 2.7.x's README is not in the reference, so its floor is the oldest torch its release
+    CI built wheels for (2.1; 2.2 from 2.7.4.post1). setup.py itself does not check torch: a too-old torch fails
+    deep in the compile or at import, which is why the resolver checks it first."""
+    if _at_least(release, "2.8.0"):
+        return (2, 2)
+    if _at_least(release, "2.7.4.post1"):
+        return (2, 2)
+    if _at_least(release, "2.7.0"):
+        return (2, 1)
+    return (1, 12)
+
+
+# --- ROCm (facts §3 "ROCm", §7 rule 7) ---------------------------------------------------------
+
+ROCM_MIN = (6, 0)  # README: both AMD backends need "ROCm 6.0 and above"
+CK_FIRST_RELEASE = "2.6.2"  # BUILD_TARGET / GPU_ARCHS appear in setup.py at 2.6.2
+TRITON_AMD_FIRST_RELEASE = "2.7.1"  # FLASH_ATTENTION_TRITON_AMD_ENABLE is read from 2.7.1
+# the Triton backend covers CDNA (MI200 gfx90a, MI300 gfx94x, MI350 gfx950) and RDNA 3/4 (gfx11xx, gfx12xx)
+_TRITON_AMD_RE = re.compile(r"^gfx(?:90a|94[0-2]|950|11[0-5][0-9a-f]|12[0-9a-f]{2})$")
+
+
+@lru_cache(maxsize=512)
+def ck_archs(release: str) -> frozenset[str]:
+    """``GPU_ARCHS`` values the Composable Kernel backend of ``release`` builds (README at each tag)."""
+    if not _at_least(release, CK_FIRST_RELEASE):
+        return frozenset()
+    if _at_least(release, "2.8.3"):
+        return frozenset({"gfx90a", "gfx942", "gfx950"})
+    return frozenset({"gfx90a", "gfx940", "gfx941", "gfx942"})
+
+
+def triton_amd_covers(release: str, gfx: str) -> bool:
+    return _at_least(release, TRITON_AMD_FIRST_RELEASE) and _TRITON_AMD_RE.match(gfx) is not None
+
+
+# --- Jetson (facts §3 "Jetson sm_87", §7 rule 6) -----------------------------------------------
+
+# L4T major.minor → (JetPack, the CUDA it ships). NVIDIA's JetPack archive; L4T 36.4.3 is JetPack 6.2, same CUDA.
+JETPACK_BY_L4T = {(35, 3): ("5.1.1", "11.4"), (35, 4): ("5.1.2", "11.4"), (35, 5): ("5.1.3", "11.4"),
+                  (35, 6): ("5.1.4", "11.4"), (36, 2): ("6.0 DP", "12.2"), (36, 3): ("6.0", "12.2"),
+                  (36, 4): ("6.1", "12.6")}
+
+
+def jetpack_for_l4t(l4t: str) -> tuple[str, str] | None:
+    """``"36.4.0"`` → ``("6.1", "12.6")``; None for an L4T release not in the table."""
+    return JETPACK_BY_L4T.get(major_minor(l4t))
+
+
+# --- Windows (seed tutorial §2.2.2; README "Might work for Windows starting v2.3.2") ------------
+
+WINDOWS_FIRST_RELEASE = "2.3.2"
+# VS 2022 17.10 ships MSVC 14.40, which nvcc before 12.4 rejects ("unsupported Microsoft Visual Studio version!");
+# flash-attention #553 and Wan-Video/Wan2.1 #207 fixed it by moving to CUDA 12.4
+MSVC_NEEDS_NVCC_12_4 = (14, 40)
+WINDOWS_MIN_NVCC_NEW_MSVC = (12, 4)

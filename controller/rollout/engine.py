@@ -70,6 +70,7 @@ from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransi
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
 from fleet.errors import ConflictError, FleetError, NotFoundError
+from fleet.verification import judge_job
 
 log = logging.getLogger(__name__)
 
@@ -167,34 +168,13 @@ def diagnose_text(text: str) -> list[dict[str, Any]]:
 
 
 def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
-    """Pass/fail of a successful ``verify`` job. A full verification result (agent/verify, the
-    ``fleet.verification`` schema; under ``verification`` or as the result itself) is judged by
-    ``controller.verification.judge``; otherwise the verdict the job reports, else the import check
-    (the floor)."""
-    payload = result.get("verification") if isinstance(result.get("verification"), Mapping) else (
-        result if "schema_version" in result else None)
-    if payload is not None:
-        try:
-            from controller.verification import judge
-            from fleet.verification import parse_result
-
-            parsed = parse_result(payload)
-            judged = judge(parsed)
-        except FleetError as exc:
-            return False, f"verification result unreadable: {exc.message}"
-        why = "; ".join(judged.reasons) or ("flash-attn imports, is correct and fast"
-                                            if judged.passed else judged.status)
-        return judged.passed, why + (" (simulated GPU model)" if parsed.simulated else "")
-    for key in ("passed", "pass", "ok"):
-        if isinstance(result.get(key), bool):
-            return bool(result[key]), str(result.get("reason") or result.get("reasons") or "")
-    verdict = result.get("verdict") or result.get("status")
-    if isinstance(verdict, str):
-        return verdict.lower() in ("pass", "passed", "ok"), str(result.get("reasons", ""))
-    imp = result.get("import")
-    if isinstance(imp, Mapping) and isinstance(imp.get("ok"), bool):
-        return bool(imp["ok"]), str(imp.get("error") or "")
-    return True, "verify job succeeded"
+    """Pass/fail of a successful ``verify`` job, from ``fleet.verification.judge_job`` (the one judge)."""
+    verdict = judge_job("successful", result)
+    why = "; ".join(r for r in verdict.reasons if r) or (
+        "flash-attn imports, is correct and fast" if verdict.passed else verdict.status)
+    nested = result.get("verification")
+    payload: Mapping[str, Any] = nested if isinstance(nested, Mapping) else result
+    return verdict.passed, why + (" (simulated GPU model)" if payload.get("simulated") is True else "")
 
 
 _NO_VERIFY_RE = re.compile(r"unknown job kind '?verify|cannot run '?verify|no executor")

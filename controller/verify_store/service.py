@@ -185,14 +185,15 @@ class VerificationService:
         """Store one finished verify job; returns (health change, reason). Thread-safe."""
         trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
         schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
-        error = outcome.error
         try:
             result = store.result_from_job(outcome.result)
-        except VerificationSchemaError as exc:
-            result, error = None, f"unreadable verification result: {exc.message}"
+        except VerificationSchemaError:  # judge_job names what is unreadable
+            result = None
+
         def write(s: Session) -> tuple[str, str]:
             row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
-                               job_error=error, trigger=trigger, schedule_id=schedule_id, policy=self.policy)
+                               job_error=outcome.error, job_result=outcome.result, trigger=trigger,
+                               schedule_id=schedule_id, policy=self.policy)
             change, state = store.apply_health(s, row, catalog=self._catalog(s))
             log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
             return change, state.reason

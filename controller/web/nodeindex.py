@@ -1,9 +1,10 @@
 """The node table's index: ``dashboard_nodes`` kept in step with ``nodes`` and verifications.
 
 ``sync(session)`` finds, in one indexed SQL query, the nodes whose row is missing or stale
-(status or facts changed) and rewrites only those; verification columns are refreshed for the
-nodes with a verification newer than the last one seen. ``query_nodes`` then filters, sorts
-and pages on plain indexed columns.
+(status or facts changed) and rewrites only those; verification columns are a verbatim copy of
+each node's latest result from ``controller.verify_store.views``, refreshed for the results the
+controller stored since the newest one copied (by row id, never by a clock). ``query_nodes``
+then filters, sorts and pages on plain indexed columns.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from controller.store.models import Job, Node
-from controller.web import verifications
+from controller.verify_store import views as verification_views
 from controller.web.models import DashboardNode, rank_of
 
 SORTABLE: dict[str, Any] = {
@@ -37,6 +38,10 @@ SORTABLE: dict[str, Any] = {
     "rank": DashboardNode.rank,
 }
 MAX_PER_PAGE = 200
+SYNC_EVERY_SECONDS = 2.0
+# verifications stored up to this many rows before the newest one copied are looked at again: on PostgreSQL a
+# row with a lower id can commit after one with a higher id
+VERIFY_RESCAN_ROWS = 100
 
 _lock = threading.Lock()
 FULL_CHECK_SECONDS = 5.0
@@ -82,7 +87,7 @@ def sync(session: Session) -> int:
         prev = _fingerprints.get(key)
         now = time.monotonic()
         if prev is not None and prev[0] == fp and now - prev[1] < FULL_CHECK_SECONDS:
-            return verifications.sync(session) + _sync_jobs(session)
+            return _sync_verifications(session) + _sync_jobs(session)
         stale = select(Node.id).outerjoin(DashboardNode, DashboardNode.node_id == Node.id).where(or_(
             DashboardNode.node_id.is_(None),
             DashboardNode.status != Node.status,
@@ -101,7 +106,7 @@ def sync(session: Session) -> int:
                 values = row_values(nid, host, status, simulated, facts, facts_at)
                 row = existing.get(nid)
                 if row is None:
-                    row = DashboardNode(verify_result="", src_verify_key="", job_kind="", job_status="", **values)
+                    row = DashboardNode(verify_result="", job_kind="", job_status="", **values)
                     session.add(row)
                 else:
                     for column, value in values.items():
@@ -110,9 +115,37 @@ def sync(session: Session) -> int:
                 changed += 1
             session.flush()
         _fingerprints[key] = (fp, now)
-        changed += verifications.sync(session, force=bool(ids))
+        changed += _sync_verifications(session, force=bool(ids))
         changed += _sync_jobs(session, force=bool(ids))
         return changed
+
+
+_verifications_checked: dict[int, float] = {}
+
+
+def _sync_verifications(session: Session, *, force: bool = False) -> int:
+    """Copy each node's latest verification (verify_store's view: its verdict, the controller's time) into
+    the node rows, for the results stored since the newest one copied; returns how many rows changed."""
+    key = id(session.get_bind())
+    now = time.monotonic()
+    if not force and now - _verifications_checked.get(key, -1e9) < SYNC_EVERY_SECONDS:
+        return 0
+    _verifications_checked[key] = now
+    newest_copied = session.scalar(select(func.max(DashboardNode.verify_id)))
+    latest = {v.hostname: v for v in verification_views.latest_stored_after(
+        session, None if newest_copied is None else newest_copied - VERIFY_RESCAN_ROWS)}
+    changed = 0
+    hosts = list(latest)
+    for start in range(0, len(hosts), 500):
+        for row in session.scalars(select(DashboardNode).where(DashboardNode.hostname.in_(hosts[start:start + 500]))):
+            v = latest[row.hostname]
+            if row.verify_id is not None and row.verify_id >= v.id:
+                continue
+            row.verify_id, row.verify_result, row.verify_at, row.verify_tflops = v.id, v.result, v.at, v.tflops
+            row.rank = rank_of(row.status, row.verify_result, row.fa_version, row.job_status or "")
+            changed += 1
+    session.flush()
+    return changed
 
 
 _jobs_checked: dict[int, float] = {}
@@ -122,7 +155,7 @@ def _sync_jobs(session: Session, *, force: bool = False) -> int:
     """Each node's latest finished non-verify job (a failed install or build puts the node first)."""
     key = id(session.get_bind())
     now = time.monotonic()
-    if not force and now - _jobs_checked.get(key, -1e9) < verifications.SYNC_EVERY_SECONDS:
+    if not force and now - _jobs_checked.get(key, -1e9) < SYNC_EVERY_SECONDS:
         return 0
     _jobs_checked[key] = now
     since = session.scalar(select(func.max(DashboardNode.job_at)))

@@ -13,19 +13,20 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from controller.verify_store import views as verification_views
+from controller.verify_store.views import GpuVerificationCounts, MedianPoint, VerificationView
+
 log = logging.getLogger(__name__)
 
 
-def verification_history(session: Session, hostname: str, limit: int = 200) -> list[dict[str, Any]] | None:
-    """A node's verification results, oldest first: at, passed, tflops, sdpa_tflops, simulated, detail."""
-    from controller.web import verifications
-    return verifications.history(session, hostname, limit)
+def verification_history(session: Session, hostname: str, limit: int = 200) -> list[VerificationView]:
+    """A node's verification results, oldest first (verify_store's view)."""
+    return verification_views.history(session, hostname, limit)
 
 
-def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None) -> list[dict[str, Any]] | None:
-    """Median TFLOP/s per day over the nodes with the same GPU model: [{at, tflops, nodes}]."""
-    from controller.web import verifications
-    return verifications.fleet_median(session, gpu_model, simulated=simulated)
+def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None) -> list[MedianPoint]:
+    """Median TFLOP/s per day over the nodes with the same GPU model (verify_store's view)."""
+    return verification_views.fleet_median(session, gpu_model, simulated=simulated)
 
 
 def plan_for(session: Session, facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, Any] | None:
@@ -295,7 +296,6 @@ def schedules(session: Session) -> list[dict[str, Any]] | None:
     return out
 
 
-def verification_metrics(session: Session) -> list[dict[str, Any]] | None:
-    """[{gpu, passed, failed, tflops_median}] for /metrics."""
-    from controller.web import verifications
-    return verifications.metrics(session)
+def verification_metrics(session: Session) -> list[GpuVerificationCounts]:
+    """Per GPU model: nodes whose latest verification passed / failed, median TFLOP/s (for /metrics)."""
+    return verification_views.fleet_counts(session)

@@ -67,7 +67,7 @@ def test_builtin_catalog() -> None:
     ("flash_attn-2.8.3+cu12cxx11abiTRUE-cp312-cp312-linux_x86_64.whl", "has no torch major.minor"),
     ("flash_attn-2.8.3+cu12torch2.7-cp312-cp312-linux_x86_64.whl", "has no 'cxx11abiTRUE'"),
     ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-py3-none-any.whl", "has no CPython tags"),
-    ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-win_amd64.whl", "platform is not"),
+    ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-macosx_14_0_arm64.whl", "platform is not"),
     ("flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.zip", "does not end with '.whl'"),
 ])
 def test_malformed_wheel_names(name: str, problem: str) -> None:
