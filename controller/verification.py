@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 from fleet.errors import UsageError
 from fleet.verification import (
-    STATUS_PASS,
-    STATUS_REGRESSION,
     Verdict,
     VerificationResult,
     evaluate,
 )
+from fleet.verification import judge as fleet_judge
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -189,12 +188,10 @@ def check_regression(result: VerificationResult, baselines: FleetBaselines,
 
 def judge(result: VerificationResult, baselines: FleetBaselines | None = None,
           policy: RegressionPolicy | None = None) -> Verdict:
-    """The verdict the controller stores: ``evaluate`` and, for a passing node, the fleet
-    comparison (``regression`` instead of ``pass`` when it is too slow)."""
-    verdict = evaluate(result)
-    if verdict.status != STATUS_PASS or baselines is None:
-        return verdict
+    """The verdict the controller stores: ``fleet.verification.judge`` given this fleet comparison (a passing
+    node slower than its model's baseline is ``regression``). The comparison runs only for a result that
+    passes on its own."""
+    if baselines is None or not evaluate(result).passed:
+        return fleet_judge(result)
     check = check_regression(result, baselines, policy)
-    if check.regressed:
-        return Verdict(STATUS_REGRESSION, (check.reason,), verdict.warnings)
-    return verdict
+    return fleet_judge(result, fleet_regression=check.reason if check.regressed else None)

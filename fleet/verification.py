@@ -35,6 +35,8 @@ STATUS_ERROR = "error"
 STATUS_REGRESSION = "regression"  # set by the controller against fleet baselines, never by a node
 RESULT_STATUSES = frozenset({STATUS_PASS, STATUS_FAIL, STATUS_NO_GPU, STATUS_NO_TORCH, STATUS_TIMEOUT, STATUS_ERROR,
                              STATUS_REGRESSION})
+# a node whose latest verification ended so is degraded (a regression is slow, not broken: it does not degrade)
+DEGRADING_STATUSES = frozenset({STATUS_FAIL, STATUS_ERROR, STATUS_TIMEOUT, STATUS_NO_GPU, STATUS_NO_TORCH})
 MODES = frozenset({"quick", "full"})
 # flash_attn: FA2/FA1 when installed, else the FlashAttention that is (FA3, then FA4); fa3/fa4: that one
 EXPECTS = frozenset({"flash_attn", "fa3", "fa4", "sdpa"})
@@ -56,7 +58,7 @@ DTYPES = frozenset({"bfloat16", "float16"})
 SPEED_IMPLS = frozenset({*FLASH_IMPLS, "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math"})
 CORRECTNESS_IMPLS = frozenset({*FLASH_IMPLS, "flash_attn_varlen", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
                                "sdpa_math"})
-E2E_IMPLS = frozenset({"flash_attention_2", "sdpa", "eager"})
+E2E_IMPLS = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4", "sdpa", "eager"})
 
 # Relative-error thresholds (same numbers as agent/verify/bench.py; docs/verification.md says why).
 THRESHOLDS: Mapping[str, Mapping[str, float]] = {
@@ -207,6 +209,65 @@ class E2EEntry:
 
 
 @dataclass(frozen=True)
+class GqaEntry:
+    """A GQA/MQA row (issue 16): ``heads`` query heads against ``heads_k`` KV heads, timed at ``seqlen`` and
+    checked against float32 math at ``check_seqlen`` tokens (``fail``: over the thresholds)."""
+
+    impl: str
+    dtype: str
+    headdim: int
+    seqlen: int
+    batch: int
+    heads: int
+    heads_k: int
+    causal: bool
+    status: str
+    direction: str = "fwd"
+    ms: float | None = None
+    tflops: float | None = None
+    peak_mem_mib: float | None = None
+    repeats: int | None = None
+    fwd_rel_err: float | None = None
+    dq_rel_err: float | None = None
+    dk_rel_err: float | None = None
+    dv_rel_err: float | None = None
+    threshold_fwd: float | None = None
+    threshold_bwd: float | None = None
+    check_seqlen: int | None = None
+    nonfinite: tuple[str, ...] = ()
+    reason: str | None = None
+    simulated: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeEntry:
+    """A decode row (issue 16): one query token per sequence against a ``cache_len`` KV cache (``paged``: in
+    ``page_size``-token pages); latency and the bandwidth of the KV read, and the error against float32 math."""
+
+    impl: str
+    dtype: str
+    headdim: int
+    batch: int
+    heads: int
+    heads_k: int
+    cache_len: int
+    status: str
+    paged: bool = False
+    page_size: int | None = None
+    seqlen_q: int = 1
+    api: str | None = None
+    kv_mib: float | None = None
+    latency_us: float | None = None
+    kv_gb_per_s: float | None = None
+    repeats: int | None = None
+    fwd_rel_err: float | None = None
+    threshold_fwd: float | None = None
+    nonfinite: tuple[str, ...] = ()
+    reason: str | None = None
+    simulated: bool = False
+
+
+@dataclass(frozen=True)
 class VerificationResult:
     schema_version: int
     simulated: bool
@@ -230,6 +291,8 @@ class VerificationResult:
     notes: tuple[str, ...] = ()
     log_tail: str | None = None
     flash_attn_implementations: tuple[FlashAttnStatus, ...] = ()  # every one found; () in older results
+    gqa: tuple[GqaEntry, ...] = ()  # GQA/MQA rows; () in results written before issue 16's second step
+    decode: tuple[DecodeEntry, ...] = ()  # decode (seqlen_q = 1) rows; likewise
 
     # -- JSON ---------------------------------------------------------------
 
@@ -253,6 +316,8 @@ class VerificationResult:
             "correctness": [_plain(e) for e in self.correctness],
             "speed": [_plain(e) for e in self.speed],
             "e2e": [_plain(e) for e in self.e2e],
+            "gqa": [_plain(e) for e in self.gqa],
+            "decode": [_plain(e) for e in self.decode],
             "config": dict(self.config),
             "restarts": self.restarts,
             "notes": list(self.notes),
@@ -474,6 +539,31 @@ def _e2e(r: _R) -> E2EEntry:
         prefill_peak_mem_mib=r.number("prefill_peak_mem_mib"))
 
 
+def _gqa(r: _R) -> GqaEntry:
+    return GqaEntry(
+        impl=r.req_str("impl", SPEED_IMPLS), dtype=r.req_str("dtype", DTYPES), headdim=r.req_int("headdim", 1),
+        seqlen=r.req_int("seqlen", 1), batch=r.req_int("batch", 1), heads=r.req_int("heads", 1),
+        heads_k=r.req_int("heads_k", 1), causal=r.req_bool("causal"), status=r.req_str("status", ENTRY_STATUSES),
+        direction=r.text("direction", choices=frozenset({"fwd", "fwd_bwd"})) or "fwd", ms=r.number("ms"),
+        tflops=r.number("tflops"), peak_mem_mib=r.number("peak_mem_mib"), repeats=r.integer("repeats"),
+        fwd_rel_err=r.number("fwd_rel_err"), dq_rel_err=r.number("dq_rel_err"), dk_rel_err=r.number("dk_rel_err"),
+        dv_rel_err=r.number("dv_rel_err"), threshold_fwd=r.number("threshold_fwd"),
+        threshold_bwd=r.number("threshold_bwd"), check_seqlen=r.integer("check_seqlen", minimum=1),
+        nonfinite=r.strs("nonfinite", 8), reason=r.text("reason"), simulated=r.req_bool("simulated", False))
+
+
+def _decode(r: _R) -> DecodeEntry:
+    return DecodeEntry(
+        impl=r.req_str("impl", SPEED_IMPLS), dtype=r.req_str("dtype", DTYPES), headdim=r.req_int("headdim", 1),
+        batch=r.req_int("batch", 1), heads=r.req_int("heads", 1), heads_k=r.req_int("heads_k", 1),
+        cache_len=r.req_int("cache_len", 1), status=r.req_str("status", ENTRY_STATUSES),
+        paged=r.req_bool("paged", False), page_size=r.integer("page_size", minimum=1),
+        seqlen_q=r.integer("seqlen_q", minimum=1) or 1, api=r.text("api", limit=200), kv_mib=r.number("kv_mib"),
+        latency_us=r.number("latency_us"), kv_gb_per_s=r.number("kv_gb_per_s"), repeats=r.integer("repeats"),
+        fwd_rel_err=r.number("fwd_rel_err"), threshold_fwd=r.number("threshold_fwd"),
+        nonfinite=r.strs("nonfinite", 8), reason=r.text("reason"), simulated=r.req_bool("simulated", False))
+
+
 def parse_result(obj: Any) -> VerificationResult:
     """Strictly parse one decoded JSON result; raises ``VerificationSchemaError``."""
     r = _R(obj, "")
@@ -501,12 +591,13 @@ def parse_result(obj: Any) -> VerificationResult:
         correctness=tuple(_correctness(x) for x in r.objs("correctness")),
         speed=tuple(_speed(x) for x in r.objs("speed")),
         e2e=tuple(_e2e(x) for x in r.objs("e2e")),
+        gqa=tuple(_gqa(x) for x in r.objs("gqa")), decode=tuple(_decode(x) for x in r.objs("decode")),
         config=dict(config or {}), restarts=r.integer("restarts") or 0, notes=r.strs("notes"),
         log_tail=r.text("worker_stderr_tail", limit=20000),
     )
     if result.passed != (result.status == STATUS_PASS):
         raise VerificationSchemaError(f"passed={result.passed} contradicts status {result.status!r}", field="passed")
-    for name in ("correctness", "speed", "e2e"):
+    for name in ("correctness", "speed", "e2e", "gqa", "decode"):
         for i, entry in enumerate(getattr(result, name)):
             if entry.simulated != simulated:
                 raise VerificationSchemaError(f"entry says simulated={entry.simulated} in a result with "
@@ -528,6 +619,11 @@ class Verdict:
     @property
     def passed(self) -> bool:
         return self.status == STATUS_PASS
+
+    @property
+    def degrades_node(self) -> bool:
+        """Whether this verdict marks the node degraded (controller.verify_store.store.apply_health)."""
+        return self.status in DEGRADING_STATUSES
 
 
 def flash_family(impl: str) -> str | None:
@@ -629,6 +725,51 @@ def evaluate(result: VerificationResult) -> Verdict:
         extra = [r for r in result.reasons if "timeout" in r] or ["overall timeout reached"]
         return Verdict(STATUS_TIMEOUT, tuple(_dedupe([*extra, *reasons])), tuple(_dedupe(warns)))
     return Verdict(STATUS_FAIL if reasons else STATUS_PASS, tuple(_dedupe(reasons)), tuple(_dedupe(warns)))
+
+
+def judge(result: VerificationResult, *, fleet_regression: str | None = None) -> Verdict:
+    """THE verification verdict: pass, fail (or timeout/error/no-gpu/no-torch) from the result's entries
+    (``evaluate``), and ``regression`` for a passing result the fleet comparison found too slow
+    (``fleet_regression``: that comparison's reason, from ``controller.verification.check_regression``).
+    The agent, the controller's store, the rollout engine and the dashboard all take their verdict from here."""
+    verdict = evaluate(result)
+    if verdict.status == STATUS_PASS and fleet_regression:
+        return Verdict(STATUS_REGRESSION, (fleet_regression,), verdict.warnings)
+    return verdict
+
+
+_PASSING_WORDS = frozenset({"pass", "passed", "ok"})
+
+
+def judge_job(job_status: str, job_result: Any, job_error: str | None = None, *,
+              fleet_regression: str | None = None) -> Verdict:
+    """The verdict of a finished ``verify`` job: a job that did not succeed ends with its own state (``failed``,
+    ``timeout``...); a full result (``{"verification": {...}}`` or the result itself) is ``judge``d; a
+    malformed one is an ``error``. Runners without the full result (test doubles, old agents) report
+    ``passed``/``ok``, a ``verdict``/``status`` word or ``import.ok``; a successful job that reports none of
+    these passes: the job's success is the only evidence there is."""
+    if job_status != "successful":
+        return Verdict(job_status, (job_error or f"verify job {job_status}",))
+    res: Mapping[str, Any] = job_result if isinstance(job_result, Mapping) else {}
+    payload = res.get("verification") if isinstance(res.get("verification"), Mapping) else (
+        res if "schema_version" in res else None)
+    if payload is not None:
+        try:
+            return judge(parse_result(payload), fleet_regression=fleet_regression)
+        except VerificationSchemaError as exc:
+            return Verdict(STATUS_ERROR, (f"unreadable verification result: {exc.message}",))
+    reason = str(res.get("reason") or res.get("reasons") or "")
+    for key in ("passed", "pass", "ok"):
+        if isinstance(res.get(key), bool):
+            return Verdict(STATUS_PASS if res[key] else STATUS_FAIL, (reason,) if reason else ())
+    word = res.get("verdict") or res.get("status")
+    if isinstance(word, str):
+        return Verdict(STATUS_PASS if word.lower() in _PASSING_WORDS else STATUS_FAIL, (reason,) if reason else ())
+    imported = res.get("import")
+    if isinstance(imported, Mapping) and isinstance(imported.get("ok"), bool):
+        error = str(imported.get("error") or "")
+        return Verdict(STATUS_PASS if imported["ok"] else STATUS_FAIL, (error,) if error else ())
+    return Verdict(STATUS_PASS, ("verify job succeeded",))
 
 
 def _dedupe(items: Sequence[str]) -> list[str]:

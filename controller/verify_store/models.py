@@ -1,9 +1,12 @@
 """Tables of verification storage, schedules and per-node verification state.
 
-``verifications`` is the one table of verification results: the dashboard reads it too
-(``controller.web.models.DashboardVerification`` is this class; its columns ``job_id``,
-``hostname``, ``gpu_model``, ``at``, ``passed``, ``status``, ``simulated``, ``tflops``,
-``sdpa_tflops``, ``peak_mem_mib``, ``detail`` are the ones the dashboard charts).
+``verifications`` is the one table of verification results, written only by
+``controller.verify_store.store.record``; everyone else (dashboard, /metrics, API) reads it
+through ``controller.verify_store.views``.
+
+Two clocks: ``recorded_at`` is the controller's (set when the result is stored) and orders
+results; ``measured_at`` is the agent's (the result's ``finished_at``), kept to show the
+node's clock skew, never used for ordering.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ class Verification(Base):
 
     __tablename__ = "verifications"
     __table_args__ = (
-        Index("ix_verifications_host_at", "hostname", "at"),
-        Index("ix_verifications_gpu_at", "gpu_model", "at"),
+        Index("ix_verifications_host_at", "hostname", "recorded_at"),
+        Index("ix_verifications_gpu_at", "gpu_model", "recorded_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     hostname: Mapped[str] = mapped_column(String(253))
     gpu_model: Mapped[str] = mapped_column(String(128), default="")
-    at: Mapped[dt.datetime]  # when the run finished
+    # the controller's clock when it stored the result: the one that orders results (agents' clocks drift)
+    recorded_at: Mapped[dt.datetime]
+    measured_at: Mapped[dt.datetime | None]  # the agent's clock: when the run finished on the node
     passed: Mapped[bool] = mapped_column(Boolean)
     # pass | fail | regression | no-gpu | no-torch | timeout | error (+ job states for jobs without a result)
     status: Mapped[str] = mapped_column(String(16), default="")

@@ -31,17 +31,19 @@ from controller.verification import (
     check_regression,
     compute_baselines,
     gpu_model_key,
-    judge,
 )
 from controller.verify_store.models import NodeVerifyState, Verification
 from fleet.errors import FleetError, UsageError
 from fleet.verification import (
+    DEGRADING_STATUSES,
     STATUS_PASS,
     STATUS_REGRESSION,
     FlashAttnStatus,
     VerificationResult,
     VerificationSchemaError,
     evaluate,
+    judge,
+    judge_job,
     parse_result,
 )
 
@@ -49,7 +51,6 @@ log = logging.getLogger(__name__)
 
 THRESHOLD_ENV = "FLEET_VERIFY_REGRESSION_THRESHOLD"
 MIN_SAMPLES_ENV = "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"
-FAILED_STATUSES = frozenset({"fail", "error", "timeout", "no-gpu", "no-torch"})
 SDPA_BASELINE_IMPLS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 BASELINE_WINDOW = 5000  # newest results considered for a model's baseline
 
@@ -147,11 +148,12 @@ def fleet_baselines(session: Session, *, gpu_model: str | None = None, simulated
 
 
 def record(session: Session, hostname: str, result: VerificationResult | None, *, job_id: str | None = None,
-           job_status: str = "successful", job_error: str | None = None, facts: Mapping[str, Any] | None = None,
-           trigger: str = "", schedule_id: int | None = None, policy: RegressionPolicy | None = None,
-           at: dt.datetime | None = None) -> Verification:
-    """Judge and store one result (or a verify job that produced none). Idempotent per ``job_id``: a row
-    the dashboard already added for the job is completed in place."""
+           job_status: str = "successful", job_error: str | None = None, job_result: Any = None,
+           facts: Mapping[str, Any] | None = None, trigger: str = "", schedule_id: int | None = None,
+           policy: RegressionPolicy | None = None, recorded_at: dt.datetime | None = None) -> Verification:
+    """Judge and store one result (or a verify job that produced none: its verdict is ``judge_job``'s on the
+    raw ``job_result``). ``recorded_at`` is the controller's clock (now unless given: imports keep theirs); the
+    result's own ``finished_at`` is stored as ``measured_at``. Idempotent per ``job_id``."""
     if facts is None:
         node = session.scalar(select(Node).where(Node.hostname == hostname))
         facts = dict(node.facts) if node is not None and node.facts else {}
@@ -160,20 +162,20 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
     fa = (facts or {}).get("flash_attn") if isinstance((facts or {}).get("flash_attn"), Mapping) else None
     values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],
                               "schedule_id": schedule_id, "facts": dict(facts or {}),
-                              "fa_version": (fa or {}).get("version"), "fa_variant": (fa or {}).get("variant")}
+                              "fa_version": (fa or {}).get("version"), "fa_variant": (fa or {}).get("variant"),
+                              "recorded_at": recorded_at or utcnow()}
     if result is None:
-        status = "error" if job_status == "successful" else job_status
-        reason = job_error or ("the verify job returned no verification result" if job_status == "successful"
-                               else f"verify job {job_status}")
-        values.update(at=at or utcnow(), passed=False, status=status[:16], bench_status=status[:16],
-                      simulated=False, reasons=[reason], warnings=[], detail=reason[:500], result=None,
-                      regression=None, mode="", expect="", tflops=None, sdpa_tflops=None, peak_mem_mib=None,
-                      started_at=None, duration_s=None)
+        verdict = judge_job(job_status, job_result, job_error)
+        detail = "; ".join(r for r in verdict.reasons if r)
+        values.update(measured_at=None, passed=verdict.passed, status=verdict.status[:16],
+                      bench_status=verdict.status[:16], simulated=False, reasons=list(verdict.reasons),
+                      warnings=[], detail=detail[:500], result=None, regression=None, mode="", expect="",
+                      tflops=None, sdpa_tflops=None, peak_mem_mib=None, started_at=None, duration_s=None)
     else:
         own = evaluate(result)
         key = gpu_model_key(result)
-        baselines = None
         regression: dict[str, Any] | None = None
+        slower: str | None = None
         if own.status == STATUS_PASS:
             baselines = compute_baselines(latest_results(session, gpu_model=model, simulated=result.simulated,
                                                          exclude_host=hostname))
@@ -181,11 +183,12 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
             regression = {"judged": check.judged, "regressed": check.regressed, "score": check.score,
                           "threshold": check.threshold, "reason": check.reason,
                           "worst": [c.describe() for c in check.worst], "model": key[0]}
-        verdict = judge(result, baselines, policy)
+            slower = check.reason if check.regressed else None
+        verdict = judge(result, fleet_regression=slower)
         s = summarize(result)
         if not fa and result.flash_attn.version:
             values.update(fa_version=result.flash_attn.version)
-        values.update(at=at or result.finished_at, passed=verdict.passed, status=verdict.status,
+        values.update(measured_at=result.finished_at, passed=verdict.passed, status=verdict.status,
                       bench_status=own.status, simulated=result.simulated, reasons=list(verdict.reasons),
                       warnings=list(verdict.warnings), detail="; ".join(verdict.reasons)[:500],
                       result=result.with_verdict(verdict).to_json(), regression=regression, mode=result.mode,
@@ -201,7 +204,7 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
     try:
         with session.begin_nested():
             session.add(row)
-    except IntegrityError:  # the dashboard added this job's summary row meanwhile: complete it
+    except IntegrityError:  # another controller recorded this job meanwhile: complete its row
         found = session.scalar(select(Verification).where(Verification.job_id == job_id))
         if found is None:
             raise
@@ -217,6 +220,10 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
 
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t else None
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
 def verified_of(payload: Any) -> dict[str, Any] | None:
@@ -237,7 +244,10 @@ def verified_of(payload: Any) -> dict[str, Any] | None:
 def to_json(row: Verification, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": row.id, "job_id": row.job_id, "hostname": row.hostname, "gpu_model": row.gpu_model,
-        "at": _iso(row.at), "status": row.status, "passed": row.passed, "bench_status": row.bench_status,
+        "at": _iso(row.recorded_at), "recorded_at": _iso(row.recorded_at), "measured_at": _iso(row.measured_at),
+        "clock_skew_s": None if row.measured_at is None else round(
+            (_aware(row.measured_at) - _aware(row.recorded_at)).total_seconds(), 3),
+        "status": row.status, "passed": row.passed, "bench_status": row.bench_status,
         "simulated": row.simulated, "mode": row.mode, "expect": row.expect, "trigger": row.trigger,
         "schedule_id": row.schedule_id, "flash_attn": {"version": row.fa_version, "variant": row.fa_variant},
         "verified": verified_of(row.result),
@@ -259,7 +269,7 @@ def list_results(session: Session, *, hostname: str | None = None, limit: int = 
         stmt = stmt.where(Verification.hostname == hostname)
     if latest:
         stmt = stmt.where(Verification.id.in_(select(func.max(Verification.id)).group_by(Verification.hostname)))
-    rows = session.scalars(stmt.order_by(Verification.at.desc(), Verification.id.desc()).limit(limit))
+    rows = session.scalars(stmt.order_by(Verification.recorded_at.desc(), Verification.id.desc()).limit(limit))
     return [to_json(r) for r in rows]
 
 
@@ -323,7 +333,7 @@ def replan(facts: Mapping[str, Any], catalog: Any = None) -> dict[str, Any] | No
 
 
 def is_failure(row: Verification) -> bool:
-    return row.status in FAILED_STATUSES
+    return row.status in DEGRADING_STATUSES
 
 
 def apply_health(session: Session, row: Verification, *, catalog: Any = None) -> tuple[str, NodeVerifyState]:

@@ -30,6 +30,7 @@ from starlette.datastructures import FormData
 from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
+from controller.verify_store import views as verification_views
 from controller.web import nodeindex, rolloutview, sources
 from controller.web.auth import (
     LOGIN_CSRF_COOKIE,
@@ -73,6 +74,7 @@ class WebState:
             os.environ.get("FLEET_DASHBOARD_SESSION_SECONDS", "28800")))
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["age"] = _age
+        self.templates.env.filters["skew"] = _skew
         self.templates.env.filters["event_task"] = _event_task
         self.templates.env.filters["event_text"] = _event_text
         self.templates.env.filters["rollout_options"] = rolloutview.describe_options
@@ -426,7 +428,9 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
         "job_events": job_events, "plan": sources.plan_for(s, node.facts, state_dir), "verifications": verifications,
         "rollouts": sources.node_rollouts(s, hostname),
         "median": median, "gpu_model": gpu_model,
-        "chart": chart_svg(verifications or [], median or []) if verifications else None,
+        "chart": chart_svg([{"at": v.at, "tflops": v.tflops, "sdpa_tflops": v.sdpa_tflops, "passed": v.passed}
+                            for v in verifications], [{"at": m.at, "tflops": m.tflops} for m in median or []])
+        if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),
         "health": sources.node_verify_health(s, hostname),
     }
@@ -531,7 +535,6 @@ def _node_snapshot(s: Session, hostname: str) -> Any:
     """What makes a node page change (not last_seen: heartbeats would refresh it every few seconds)."""
     from sqlalchemy import func
 
-    from controller.web.models import DashboardVerification
     node = s.execute(select(Node.id, Node.status, Node.facts_updated_at).where(Node.hostname == hostname)).first()
     if node is None:
         return None
@@ -540,8 +543,7 @@ def _node_snapshot(s: Session, hostname: str) -> Any:
     last_event = s.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id.in_([j[0] for j in jobs]))) \
         if jobs else None
     return {"status": node[1], "facts_at": node[2], "jobs": [list(j) for j in jobs], "event": last_event,
-            "verified": s.scalar(select(func.max(DashboardVerification.at))
-                                 .where(DashboardVerification.hostname == hostname)),
+            "verified": verification_views.last_recorded_at(s, hostname),
             "transitions": s.scalar(select(func.count()).select_from(NodeEvent).where(NodeEvent.node_id == node[0]))}
 
 
@@ -637,6 +639,11 @@ def metrics(request: Request) -> Response:
 
 
 # ---- charts --------------------------------------------------------------------------------------
+
+def _skew(seconds: float) -> str:
+    """An agent's clock against the controller's: "1 h ahead", "12 s behind"."""
+    return f"{_span(abs(seconds))} {'ahead' if seconds >= 0 else 'behind'}"
+
 
 def chart_svg(points: list[dict[str, Any]], median: list[dict[str, Any]], width: int = 640,
               height: int = 220) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from controller.store.db import Store, utcnow
 from controller.store.models import Job, Node
+from controller.verify_store.views import GpuVerificationCounts
 from controller.web import nodeindex, sources
 from controller.web.models import DashboardNode
 
@@ -66,7 +67,7 @@ class _Collector:
             yield lag_max
 
             yield from _rollout_metrics(sources.rollouts(s, limit=20) or [])
-            yield from _verification_metrics(sources.verification_metrics(s) or [])
+            yield from _verification_metrics(sources.verification_metrics(s))
             yield _job_histogram(s.execute(select(Job.kind, Job.started_at, Job.finished_at).where(
                 Job.finished_at.is_not(None), Job.started_at.is_not(None))).all())
 
@@ -86,16 +87,16 @@ def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Iterator[Metric]:
     yield ratio
 
 
-def _verification_metrics(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+def _verification_metrics(rows: list[GpuVerificationCounts]) -> Iterator[Metric]:
     count = GaugeMetricFamily("fleet_verifications", "Latest verification per node, by GPU model and result",
                               labels=["gpu", "result"])
     tflops = GaugeMetricFamily("fleet_verification_tflops_median", "Median FlashAttention TFLOP/s of the latest "
                                "verification, by GPU model", labels=["gpu"])
     for row in rows:
-        count.add_metric([row["gpu"], "passed"], row.get("passed", 0))
-        count.add_metric([row["gpu"], "failed"], row.get("failed", 0))
-        if row.get("tflops_median") is not None:
-            tflops.add_metric([row["gpu"]], row["tflops_median"])
+        count.add_metric([row.gpu, "passed"], row.passed)
+        count.add_metric([row.gpu, "failed"], row.failed)
+        if row.tflops_median is not None:
+            tflops.add_metric([row.gpu], row.tflops_median)
     yield count
     yield tflops
 

@@ -1,8 +1,9 @@
 """Tables owned by the dashboard: ``users`` and the denormalised ``dashboard_nodes`` index.
 
 ``dashboard_nodes`` holds one row per node with the columns the node table filters and sorts
-on, copied out of ``nodes.facts`` (and the latest verification) by
-``controller.web.nodeindex.sync`` so that a page of 10,000 nodes never parses JSON per row.
+on, copied out of ``nodes.facts`` (and, verbatim, each node's latest verification from
+``controller.verify_store.views``) by ``controller.web.nodeindex.sync`` so that a page of
+10,000 nodes never parses JSON per row.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from controller.store.models import Base, Job
-from controller.verify_store.models import Verification
 
 ROLES = ("viewer", "operator", "admin")  # each may do what the ones before it may
 FAILING_STATUSES = ("offline", "degraded")
@@ -110,12 +110,7 @@ class DashboardNode(Base):
     job_status: Mapped[str] = mapped_column(String(16), default="")
     job_at: Mapped[dt.datetime | None]
     src_facts_at: Mapped[dt.datetime | None]
-    src_verify_key: Mapped[str] = mapped_column(String(64), default="")
-
-
-# One table of verification results, shared with controller.verify_store (which writes the full record:
-# facts snapshot, result JSON, fleet verdict); the dashboard reads and charts these columns of it.
-DashboardVerification = Verification
+    verify_id: Mapped[int | None] = mapped_column(Integer)  # verifications.id of the copied latest result
 
 
 # verify jobs are looked up by kind and finish time (``nodeindex.sync``); index on the core's table
