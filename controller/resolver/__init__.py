@@ -60,7 +60,7 @@ def resolve_fleet(entries: Sequence[NodeFacts | FactsError], catalog: Catalog, p
             out.append(unreadable_node(facts, index))
             continue
         key = (facts.os, facts.driver, facts.gpus, facts.toolkit, facts.python, facts.torch, facts.flash_attn,
-               facts.resources, facts.apt, measured.get(facts.hostname))
+               facts.resources, facts.apt, facts.rocm, measured.get(facts.hostname))
         cached = seen.get(key)
         if cached is None:
             cached = seen[key] = resolve(facts, catalog, policy, measured.get(facts.hostname))

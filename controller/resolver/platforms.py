@@ -108,7 +108,9 @@ def jetson_facts(res: _Resolution) -> NodeFacts | None:
                        + (f", JetPack {jetpack[0]} with CUDA {jetpack[1]})" if jetpack else ", JetPack unknown)")
                        + ": no upstream aarch64 wheels up to 2.8.3.post1, so a source build on the device (or a "
                        "community wheel such as pypi.jetson-ai-lab's, once added to the catalog); the CUDA toolkit "
-                       "comes with JetPack (sudo apt install nvidia-jetpack), not from NVIDIA's desktop repository")
+                       "comes with JetPack (sudo apt install nvidia-jetpack), not from NVIDIA's desktop repository; "
+                       "Orin (cc 8.7) runs FA2's sm_80 code (same major, lower minor) — upstream setup.py emits "
+                       "gencodes only for 80/90/100/120, so FLASH_ATTN_CUDA_ARCHS=87 would build nothing (#1146)")
     if f.driver is not None or jetpack is None:
         return None
     return replace(f, driver=DriverFacts(version=f.os.l4t, cuda_max=jetpack[1]))
