@@ -721,10 +721,42 @@ def evaluate(result: VerificationResult) -> Verdict:
     for x in result.e2e:
         if x.status in ("error", "timeout", "oom"):
             warns.append(f"e2e {x.impl}: {x.status}: {x.reason or 'no detail'}")
+    rows: tuple[GqaEntry | DecodeEntry, ...] = (*result.gqa, *result.decode)
+    for row in rows:  # measured alongside: never fail the node (docs/verification.md)
+        warns.extend(f"{row_label(row)}: {p}" for p in row_problems(row))
     if result.status == STATUS_TIMEOUT:
         extra = [r for r in result.reasons if "timeout" in r] or ["overall timeout reached"]
         return Verdict(STATUS_TIMEOUT, tuple(_dedupe([*extra, *reasons])), tuple(_dedupe(warns)))
     return Verdict(STATUS_FAIL if reasons else STATUS_PASS, tuple(_dedupe(reasons)), tuple(_dedupe(warns)))
+
+
+def row_label(e: GqaEntry | DecodeEntry) -> str:
+    """"gqa fa4 h32/k8 s4096 fwd_bwd", "decode flash_attn paged kv16384" (bench.py's shape_label)."""
+    if isinstance(e, DecodeEntry):
+        return f"decode {e.impl} {'paged' if e.paged else 'dense'} kv{e.cache_len}"
+    return f"gqa {e.impl} h{e.heads}/k{e.heads_k} s{e.seqlen} {e.direction}"
+
+
+def row_problems(e: GqaEntry | DecodeEntry) -> list[str]:
+    """Why a GQA/decode row is not a correct measurement, re-derived like ``correctness_problems`` (a row
+    claiming ``ok`` with NaN or an error over the threshold is still a problem); [] when it is fine or was
+    not run (skipped/unsupported)."""
+    if e.status in ("skipped", "unsupported"):
+        return []
+    if e.status != "ok":
+        return [f"{e.status}: {e.reason or 'no detail'}"]
+    limits = THRESHOLDS.get(e.dtype, {})
+    errs = {"fwd": e.fwd_rel_err}
+    if isinstance(e, GqaEntry) and e.direction == "fwd_bwd":
+        errs.update(dq=e.dq_rel_err, dk=e.dk_rel_err, dv=e.dv_rel_err)
+    out = [f"NaN/Inf in {', '.join(e.nonfinite)}"] if e.nonfinite else []
+    for name, err in errs.items():
+        limit = limits.get("fwd" if name == "fwd" else "bwd")
+        if err is None or not math.isfinite(err):
+            out.append(f"{name}: no finite relative error")
+        elif limit is not None and err > limit:
+            out.append(f"{name} relative error {err:.3g} > {limit:g}")
+    return out
 
 
 def judge(result: VerificationResult, *, fleet_regression: str | None = None) -> Verdict:

@@ -132,22 +132,42 @@ CORRECTNESS_HEADS = 4
 VARLEN_SEQLENS = (100, 333, 57)
 
 DEFAULT_TIMEOUT_PER_SHAPE = 30.0
-DEFAULT_TIMEOUT = {"quick": 90.0, "full": 300.0}
+# full: the kernel grid (~2 min with FA4's compiles), GQA/decode rows (~1-2 min), e2e (~30 s per implementation)
+DEFAULT_TIMEOUT = {"quick": 90.0, "full": 900.0}
 MAX_RESTARTS = 3
 
-E2E_IMPLS = ("flash_attention_2", "sdpa", "eager")
+# GQA/MQA (issue 16): what LLM attention runs today, 32 query heads against 8 KV heads (Llama-3-8B's ratio) or
+# one (MQA), bf16, head dim 128, causal, at a prefill length; batch = TOTAL_TOKENS // GQA_SEQLEN.  The math
+# backend is left out (it is the reference; at 32 heads × 4k it is seconds of O(seqlen²) work a shape).
+GQA_DTYPE = "bfloat16"
+GQA_HEADDIM = 128
+GQA_HEADS = 32
+GQA_KV_HEADS = (8, 1)
+GQA_SEQLEN = 4096
+GQA_IMPLS = (*FLASH_IMPLS, "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+# Decode: one new query token per sequence against a KV cache (batch 8, GQA 32/8, bf16, head dim 128), dense
+# and paged (DECODE_PAGE_SIZE tokens a page: FA2's paged KV needs a multiple of 256).  It is memory-bound, so
+# rows report latency and the bandwidth of the KV read, not TFLOP/s.
+DECODE_BATCH = 8
+DECODE_HEADS = 32
+DECODE_KV_HEADS = 8
+DECODE_CACHE_LENS = (4096, 16384)
+DECODE_PAGE_SIZE = 256
+# (impl, paged): FA2/FA3 through flash_attn_with_kvcache (block_table / page_table), FA4 through its dense
+# flash_attn_func with seqlen_q = 1 and its varlen func with a page_table; SDPA backends take a dense cache only
+DECODE_IMPLS = ((FLASH_IMPL, False), (FLASH_IMPL, True), (FA3_IMPL, False), (FA3_IMPL, True), (FA4_IMPL, False),
+                (FA4_IMPL, True), *((i, False) for i in SDPA_IMPLS))
+
+# End to end (full mode): agent/verify/e2e_gen.py's measurement per attn_implementation, on a
+# Qwen2-1.5B-dimensioned model with random weights (or --model PATH).  flash_attention_N needs its
+# FlashAttention importable here and the name registered in transformers' AttentionInterface.
+E2E_IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+E2E_NEEDS = {"flash_attention_2": FLASH_IMPL, "flash_attention_3": FA3_IMPL, "flash_attention_4": FA4_IMPL}
+E2E_CONFIG = "qwen2-1.5b"  # e2e_gen.CONFIGS
 E2E_BATCH = 8
-E2E_PROMPT = 1024
+E2E_PROMPT = 4096  # where attention is a large share of the work (issue 16)
 E2E_NEW_TOKENS = 32
-E2E_QWEN2 = {  # a small Qwen2-architecture model, random weights (no network on nodes)
-    "vocab_size": 32000,
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 4096,
-}
+E2E_TIMEOUT_S = 240.0  # per implementation: model build, prefill ×2, generate(1) ×2, generate(1+N) ×2
 
 STATUS_PASS = "pass"
 STATUS_FAIL = "fail"
@@ -205,6 +225,24 @@ def correctness_cases(mode: str, flash: tuple[str, ...] = (FLASH_IMPL,)) -> list
     return out
 
 
+def gqa_cases(mode: str) -> list[tuple[str, int, str]]:
+    """(impl, kv heads, direction) of the GQA/MQA rows.  Quick: GQA 32/8 forward only."""
+    if mode == "quick":
+        return [(impl, GQA_KV_HEADS[0], "fwd") for impl in GQA_IMPLS]
+    return [(impl, hk, direction) for hk in GQA_KV_HEADS for direction in ("fwd", "fwd_bwd") for impl in GQA_IMPLS]
+
+
+def decode_cases(mode: str) -> list[tuple[str, int, bool]]:
+    """(impl, KV-cache length, paged) of the decode rows.  Quick: the 4k cache only."""
+    lens = DECODE_CACHE_LENS[:1] if mode == "quick" else DECODE_CACHE_LENS
+    return [(impl, n, paged) for n in lens for impl, paged in DECODE_IMPLS]
+
+
+def decode_kv_bytes(batch: int, cache_len: int, heads_k: int, headdim: int, itemsize: int = 2) -> int:
+    """Bytes of K and V one decode step must read: what bounds its speed."""
+    return 2 * batch * cache_len * heads_k * headdim * itemsize
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -231,6 +269,7 @@ class FlashLoaded:
     info: dict[str, Any]
     dense: Callable[..., Any] | None = None
     varlen: Callable[..., Any] | None = None
+    kvcache: Callable[..., Any] | None = None  # FA2/FA3 flash_attn_with_kvcache (the decode rows)
 
     @property
     def ok(self) -> bool:
@@ -321,6 +360,7 @@ def import_fa3() -> FlashLoaded:
 
         func = flash_attn_interface.flash_attn_func
         varlen = getattr(flash_attn_interface, "flash_attn_varlen_func", None)
+        kvcache = getattr(flash_attn_interface, "flash_attn_with_kvcache", None)
     except BaseException as exc:
         _import_failed(info, exc, ("flash_attn_interface",))
         return FlashLoaded(info)
@@ -330,7 +370,7 @@ def import_fa3() -> FlashLoaded:
     def dense(q: Any, k: Any, v: Any, causal: bool = False) -> Any:
         return _first(func(q, k, v, causal=causal))
 
-    return FlashLoaded(info, dense, varlen)
+    return FlashLoaded(info, dense, varlen, kvcache)
 
 
 def import_fa4() -> FlashLoaded:
@@ -360,7 +400,10 @@ def import_fa4() -> FlashLoaded:
 def detect_flash() -> dict[str, FlashLoaded]:
     """Every FlashAttention implementation this interpreter has (or claims to have), by impl name."""
     info, func, varlen = import_flash_attn()
-    return {FLASH_IMPL: FlashLoaded(info, func, varlen), FA3_IMPL: import_fa3(), FA4_IMPL: import_fa4()}
+    kvcache = None
+    if info.get("api") == "fa2" and info.get("import_ok"):
+        kvcache = getattr(sys.modules.get("flash_attn"), "flash_attn_with_kvcache", None)
+    return {FLASH_IMPL: FlashLoaded(info, func, varlen, kvcache), FA3_IMPL: import_fa3(), FA4_IMPL: import_fa4()}
 
 
 def choose_verified(expect: str, found: dict[str, FlashLoaded]) -> str | None:
@@ -819,82 +862,335 @@ def run_speed(ctx: WorkerCtx, impl: str, dtype: str, headdim: int, seqlen: int, 
         _free(ctx, collect=entry.get("status") != "ok")
 
 
-def run_e2e(ctx: WorkerCtx, impl: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+class _Unsupported(Exception):
+    """This implementation (or this torch) cannot run the shape at all: recorded as ``unsupported``."""
+
+
+def _error_problems(errs: dict[str, float | None], nonfinite: list[str], dtype: str) -> list[str]:
+    """Why a checked output fails the thresholds (empty: it passes)."""
+    thr = THRESHOLDS[dtype]
+    out = ["NaN/Inf in " + ", ".join(nonfinite)] if nonfinite else []
+    for name, e in errs.items():
+        limit = thr["fwd"] if name == "fwd" else thr["bwd"]
+        if e is not None and e > limit:
+            out.append(f"{name} relative error {e:.3g} > {limit:g}")
+    return out
+
+
+def _gqa_call(ctx: WorkerCtx, impl: str) -> Callable[[Any, Any, Any, bool], Any]:
+    """attention(q (b, s, h, d), k/v (b, s, hk, d), causal) → (b, s, h, d) with hk dividing h."""
+    if impl == FLASH_IMPL:
+        if ctx.flash[FLASH_IMPL].info.get("api") == "fa1-unpadded":
+            raise _Unsupported("FlashAttention 1.x has no GQA/MQA (its k/v need as many heads as q)")
+        fa = ctx.fa_func
+        return lambda q, k, v, causal: fa(q, k, v, causal=causal)
+    if impl in (FA3_IMPL, FA4_IMPL):
+        return _flash_dense(ctx, impl)
+    torch = ctx.torch
+    F = torch.nn.functional
+
+    def call(q: Any, k: Any, v: Any, causal: bool) -> Any:
+        try:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=causal, enable_gqa=True)
+        except TypeError as exc:  # enable_gqa arrived in torch 2.5
+            raise _Unsupported(f"torch {torch.__version__} has no enable_gqa (needs torch >= 2.5): "
+                               f"{_clean_exc(exc)}") from exc
+        return out.transpose(1, 2)
+
+    return call
+
+
+def _gqa_check(ctx: WorkerCtx, call: Callable[..., Any], heads_k: int,
+               backward: bool) -> tuple[dict[str, float | None], list[str]]:
+    """Relative errors (fwd, and dq/dk/dv with ``backward``) at the correctness shape (batch 2 × 333 tokens) with
+    the row's head ratio, against float32 math on K/V repeated per query-head group."""
+    torch = ctx.torch
+    gen = torch.Generator(device=ctx.device)
+    gen.manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+    dt = _dtype(torch, GQA_DTYPE)
+    b, s, h, d = CORRECTNESS_BATCH, CORRECTNESS_SEQLEN, GQA_HEADS, GQA_HEADDIM
+    _poison(ctx)
+    q = torch.randn((b, s, h, d), generator=gen, device=ctx.device, dtype=dt)
+    k, v = (torch.randn((b, s, heads_k, d), generator=gen, device=ctx.device, dtype=dt) for _ in range(2))
+    dout = torch.randn((b, s, h, d), generator=gen, device=ctx.device, dtype=dt)
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+    out = call(q, k, v, True)
+    if ctx.inject_nan:
+        out = out * float("nan")
+    got = {"fwd": out}
+    if backward:
+        got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), strict=True))
+    _sync(ctx)
+    leaves = [t.detach().float().requires_grad_(backward) for t in (q, k, v)]
+    groups = h // heads_k
+    ref = _ref_attention(torch, leaves[0], leaves[1].repeat_interleave(groups, dim=2),
+                         leaves[2].repeat_interleave(groups, dim=2), True)
+    want = {"fwd": ref}
+    if backward:
+        want.update(zip(("dq", "dk", "dv"), torch.autograd.grad(ref, leaves, dout.float()), strict=True))
+    nonfinite = [name for name, t in got.items() if not _finite(torch, t)]
+    return {name: _rel_err(torch, got[name], want[name]) for name in got}, nonfinite
+
+
+def run_gqa(ctx: WorkerCtx, impl: str, heads_k: int, direction: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One GQA/MQA row: its correctness at the small shape, then its speed at GQA_SEQLEN."""
     torch = ctx.torch
     entry = dict(base)
+    thr = THRESHOLDS[GQA_DTYPE]
+    backward = direction == "fwd_bwd"
+    entry.update(threshold_fwd=thr["fwd"], threshold_bwd=thr["bwd"] if backward else None,
+                 check_seqlen=CORRECTNESS_SEQLEN)
+    family = flash_family(impl)
+    if family is not None and not _flash_ok(ctx, family):
+        entry.update(status="skipped", reason=_not_importable(family))
+        return [entry]
+    if time.time() > ctx.deadline - 2.0:
+        entry.update(status="skipped", reason="overall time budget exhausted")
+        return [entry]
+    batch = base["batch"]
+    dt = _dtype(torch, GQA_DTYPE)
+    qkv: list[Any] = []
+    cm = _sdpa_backend(ctx, impl) if family is None else contextlib.nullcontext()
+    try:
+        with cm, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                call = _gqa_call(ctx, impl)
+                errs, nonfinite = _gqa_check(ctx, call, heads_k, backward)
+                _free(ctx)
+                qkv.append(torch.randn(batch, GQA_SEQLEN, GQA_HEADS, GQA_HEADDIM, device=ctx.device, dtype=dt,
+                                       requires_grad=backward))
+                qkv.extend(torch.randn(batch, GQA_SEQLEN, heads_k, GQA_HEADDIM, device=ctx.device, dtype=dt,
+                                       requires_grad=backward) for _ in range(2))
+                if backward:
+                    dout = torch.randn_like(qkv[0])
+
+                    def fn() -> Any:
+                        out = call(qkv[0], qkv[1], qkv[2], True)
+                        torch.autograd.grad(out, qkv, dout)
+                        return out.detach()
+                else:
+                    def fn() -> Any:
+                        with torch.no_grad():
+                            return call(qkv[0], qkv[1], qkv[2], True)
+                _sync(ctx)
+                if ctx.is_cuda:
+                    torch.cuda.reset_peak_memory_stats(ctx.device)
+                    before = torch.cuda.memory_allocated(ctx.device)
+                fn()
+                _sync(ctx)
+                if ctx.is_cuda:
+                    entry["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20, 2)
+            except (_Unsupported, RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
+                if _is_oom(ctx, exc):
+                    raise
+                if isinstance(exc, _Unsupported) or _may_be_unsupported(impl, exc):
+                    entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
+                    return [entry]
+                raise
+            ms, reps = _time_calls(ctx, fn, target_s=0.03, min_reps=5, max_reps=50)
+        flops = attention_flops(batch, GQA_SEQLEN, GQA_HEADS, GQA_HEADDIM, True)
+        flops *= FWD_BWD_FLOPS_FACTOR if backward else 1
+        entry.update(fwd_rel_err=errs.get("fwd"), dq_rel_err=errs.get("dq"), dk_rel_err=errs.get("dk"),
+                     dv_rel_err=errs.get("dv"), nonfinite=nonfinite, ms=round(ms, 4),
+                     tflops=round(flops / (ms * 1e-3) / 1e12, 3), repeats=reps)
+        problems = _error_problems(errs, nonfinite, GQA_DTYPE)
+        entry["status"] = "fail" if problems else "ok"
+        if problems:
+            entry["reason"] = "; ".join(problems)
+        return [entry]
+    except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
+        entry.update(status="oom" if _is_oom(ctx, exc) else "error",
+                     reason=_clean_exc(exc) if _is_oom(ctx, exc) else _short(exc))
+        return [entry]
+    finally:
+        qkv.clear()
+        _free(ctx, collect=entry.get("status") != "ok")
+
+
+def _ref_decode(torch: Any, q: Any, k: Any, v: Any) -> Any:
+    """float32 attention of q (b, 1, h, d) over a whole cache k/v (b, n, hk, d), query head i reading KV head
+    i // (h / hk), without materialising the repeated cache (16k tokens × 32 heads would be GBs)."""
+    b, _, h, d = q.shape
+    hk = k.shape[2]
+    qf = q.float().reshape(b, hk, h // hk, d)
+    scores = torch.einsum("bkgd,bnkd->bkgn", qf, k.float()) * (1.0 / math.sqrt(d))
+    out = torch.einsum("bkgn,bnkd->bkgd", scores.softmax(dim=-1), v.float())
+    return out.reshape(b, 1, h, d)
+
+
+def _decode_call(ctx: WorkerCtx, impl: str, kc: Any, vc: Any, table: Any, seqlens: Any) -> tuple[str, Callable[
+        [Any], Any]]:
+    """(the API named in the row, one decode step q (b, 1, h, d) → out).  ``table`` is the page table of a paged
+    cache (None: dense).  A single new token attends to the whole cache: causal (bottom-right aligned in
+    FlashAttention) and no mask (SDPA's is_causal would align top-left and see one key) are the same thing."""
+    if flash_family(impl) is not None:
+        loaded = ctx.flash[impl]
+        if impl in (FLASH_IMPL, FA3_IMPL):
+            fn = loaded.kvcache
+            if fn is None:
+                raise _Unsupported(f"{import_label(loaded.info)} {loaded.info.get('version') or ''} has no "
+                                   "flash_attn_with_kvcache")
+            paging = {"block_table": table} if impl == FLASH_IMPL else {"page_table": table}
+            return "flash_attn_with_kvcache", lambda q: _first(fn(q, kc, vc, cache_seqlens=seqlens, causal=True,
+                                                                  **paging))
+        if table is None:
+            dense = _flash_dense(ctx, impl)
+            return "flash_attn_func", lambda q: dense(q, kc, vc, causal=True)
+        varlen = loaded.varlen
+        if varlen is None:
+            raise _Unsupported("flash_attn.cute has no flash_attn_varlen_func (its paged-KV entry point)")
+        return "flash_attn_varlen_func(page_table)", lambda q: _first(varlen(q, kc, vc, page_table=table,
+                                                                              seqused_k=seqlens, causal=True))
+    gqa = _gqa_call(ctx, impl)
+
+    def sdpa(q: Any) -> Any:
+        return gqa(q, kc, vc, False)
+
+    return "scaled_dot_product_attention(enable_gqa=True)", sdpa
+
+
+def run_decode(ctx: WorkerCtx, impl: str, cache_len: int, paged: bool,
+               base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One decode row: a step's latency and KV-read bandwidth, and its error against float32 math."""
+    torch = ctx.torch
+    entry = dict(base)
+    entry["threshold_fwd"] = THRESHOLDS[GQA_DTYPE]["fwd"]
+    family = flash_family(impl)
+    if family is not None and not _flash_ok(ctx, family):
+        entry.update(status="skipped", reason=_not_importable(family))
+        return [entry]
+    if time.time() > ctx.deadline - 2.0:
+        entry.update(status="skipped", reason="overall time budget exhausted")
+        return [entry]
+    b, h, hk, d = DECODE_BATCH, DECODE_HEADS, DECODE_KV_HEADS, GQA_HEADDIM
+    dt = _dtype(torch, GQA_DTYPE)
+    cm = _sdpa_backend(ctx, impl) if family is None else contextlib.nullcontext()
+    try:
+        gen = torch.Generator(device=ctx.device)
+        gen.manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+        _poison(ctx)
+        q = torch.randn((b, 1, h, d), generator=gen, device=ctx.device, dtype=dt)
+        if paged:
+            per_seq = cache_len // DECODE_PAGE_SIZE
+            kc, vc = (torch.randn((b * per_seq, DECODE_PAGE_SIZE, hk, d), generator=gen, device=ctx.device,
+                                  dtype=dt) for _ in range(2))
+            # pages scattered as an allocator leaves them, not laid out in sequence order
+            table = torch.randperm(b * per_seq, generator=gen, device=ctx.device).reshape(b, per_seq).to(torch.int32)
+            k_seq, v_seq = (c[table.long()].reshape(b, cache_len, hk, d) for c in (kc, vc))
+        else:
+            kc, vc = (torch.randn((b, cache_len, hk, d), generator=gen, device=ctx.device, dtype=dt)
+                      for _ in range(2))
+            table, k_seq, v_seq = None, kc, vc
+        seqlens = torch.full((b,), cache_len, dtype=torch.int32, device=ctx.device)
+        ref = _ref_decode(torch, q, k_seq, v_seq)
+        del k_seq, v_seq  # the gathered copy of a paged cache: as big as the cache
+        with cm, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                api, step = _decode_call(ctx, impl, kc, vc, table, seqlens)
+                entry["api"] = api
+                out = step(q)
+                if ctx.inject_nan:
+                    out = out * float("nan")
+                _sync(ctx)
+            except (_Unsupported, RuntimeError, AssertionError, ValueError, NotImplementedError, TypeError) as exc:
+                if _is_oom(ctx, exc):
+                    raise
+                # a paged call an FA3/FA4 version does not take (no such keyword, a page size it asserts on) is a
+                # missing feature of that version, not a broken install
+                feature = paged and family in (FA3_IMPL, FA4_IMPL) and isinstance(exc, TypeError | AssertionError)
+                if isinstance(exc, _Unsupported) or feature or _may_be_unsupported(impl, exc):
+                    entry.update(status="unsupported", reason=_unsupported_reason(exc, caught))
+                    return [entry]
+                if isinstance(exc, TypeError):
+                    raise RuntimeError(_short(exc)) from exc
+                raise
+            errs = {"fwd": _rel_err(torch, out, ref)}
+            nonfinite = [] if _finite(torch, out) else ["fwd"]
+            del out
+            ms, reps = _time_calls(ctx, lambda: step(q), target_s=0.05, min_reps=20, max_reps=400)
+        kv_bytes = decode_kv_bytes(b, cache_len, hk, d, 2)
+        entry.update(fwd_rel_err=errs["fwd"], nonfinite=nonfinite, latency_us=round(ms * 1000.0, 2),
+                     kv_gb_per_s=round(kv_bytes / (ms * 1e-3) / 1e9, 1), repeats=reps)
+        problems = _error_problems(errs, nonfinite, GQA_DTYPE)
+        entry["status"] = "fail" if problems else "ok"
+        if problems:
+            entry["reason"] = "; ".join(problems)
+        return [entry]
+    except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
+        entry.update(status="oom" if _is_oom(ctx, exc) else "error",
+                     reason=_clean_exc(exc) if _is_oom(ctx, exc) else _short(exc))
+        return [entry]
+    finally:
+        _free(ctx, collect=entry.get("status") != "ok")
+
+
+def _load_e2e_gen() -> Any:
+    """agent/verify/e2e_gen.py, the file next to this one, loaded by path: standalone like bench.py, and the
+    target Python has no fleet package to import it from."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_gen.py")
+    spec = importlib.util.spec_from_file_location("fleet_verify_e2e_gen", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the end-to-end check {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def e2e_entry(base: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """An e2e row from e2e_gen.measure's dict.  ``tokens_per_s`` (the one figure older readers show) is the
+    decode rate, the phase the new tokens come from; ``seconds`` is the decode time of ``generated_tokens``."""
+    entry = {**base, "status": measured.get("status", "error"), "dtype": "bfloat16"}
+    for key in ("reason", "attn_implementation_used", "weights_mib", "prefill_tokens_per_s", "ttft_ms",
+                "decode_tokens_per_s", "decode_ms_per_step", "prefill_peak_mem_mib"):
+        if measured.get(key) is not None:
+            entry[key] = measured[key]
+    if measured.get("generate_peak_mem_mib") is not None:
+        entry["peak_mem_mib"] = measured["generate_peak_mem_mib"]
+    decode = measured.get("decode_tokens_per_s")
+    if entry["status"] == "ok" and decode:
+        produced = int(base["batch"]) * int(base["new_tokens"])
+        entry.update(tokens_per_s=decode, generated_tokens=produced, seconds=round(produced / decode, 4))
+    return entry
+
+
+def run_e2e(ctx: WorkerCtx, impl: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One attn_implementation through e2e_gen.measure: prefill tokens/s, TTFT, decode tokens/s, peak memory."""
+    entry = dict(base)
+    if not ctx.is_cuda:
+        return _fixed(base, "skipped", "the end-to-end check needs a CUDA device")
+    if not _native_bf16(ctx):
+        return _fixed(base, "skipped", "the end-to-end check runs bf16: this GPU has no bf16 tensor cores")
+    needs = E2E_NEEDS.get(impl)
+    if needs is not None and not _flash_ok(ctx, needs):
+        return _fixed(base, "unsupported", f"{impl} needs {_not_importable(needs)}")
     try:
         import transformers  # type: ignore[import-not-found]
     except Exception as exc:
-        entry.update(status="skipped", reason=f"transformers not importable: {_clean_exc(exc)}")
-        return [entry]
+        return _fixed(base, "skipped", f"transformers not importable: {_clean_exc(exc)}")
     entry["transformers"] = getattr(transformers, "__version__", None)
-    dt = torch.bfloat16 if _native_bf16(ctx) else torch.float16
-    entry["dtype"] = str(dt).replace("torch.", "")
-    model = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = _load_e2e_model(ctx, transformers, impl, dt)
-        model.eval()
-        used = getattr(model.config, "_attn_implementation", None)
-        entry["attn_implementation_used"] = used
-        vocab = int(model.config.vocab_size)
-        gen = torch.Generator(device=ctx.device)
-        gen.manual_seed(0)
-        batch, prompt, new = base["batch"], base["prompt_len"], base["new_tokens"]
-        ids = torch.randint(3, vocab, (batch, prompt), generator=gen, device=ctx.device)
-        mask = torch.ones_like(ids)
-        kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0, "eos_token_id": None,
-                  "use_cache": True}
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.generate(ids[:, :64], max_new_tokens=2, min_new_tokens=2,
-                           **{**kwargs, "attention_mask": mask[:, :64]})
-            _sync(ctx)
-            if ctx.is_cuda:
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-                before = torch.cuda.memory_allocated(ctx.device)
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-            _sync(ctx)
-            elapsed = time.perf_counter() - t0
-        produced = int(out.shape[1] - prompt) * batch
-        entry.update(status="ok", seconds=round(elapsed, 4), generated_tokens=produced,
-                     tokens_per_s=round(produced / elapsed, 2))
-        if ctx.is_cuda:
-            entry["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20, 2)
-            entry["weights_mib"] = round(before / 2**20, 2)
-        return [entry]
+        gen = _load_e2e_gen()
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and _is_oom(ctx, exc):
-            entry.update(status="oom", reason=_clean_exc(exc))
-        elif impl == "flash_attention_2" and isinstance(exc, (ImportError, ValueError)):
-            entry.update(status="unsupported", reason=_short(exc, 1500))
-        else:
-            entry.update(status="error", reason=_short(exc, 1500))
+        entry.update(status="error", reason=f"cannot load e2e_gen.py: {_short(exc, 1000)}")
         return [entry]
-    finally:
-        del model
-        _free(ctx, collect=True)
-
-
-def _load_e2e_model(ctx: WorkerCtx, transformers: Any, impl: str, dt: Any) -> Any:
-    torch = ctx.torch
-    if ctx.args.model:
-        loader = transformers.AutoModelForCausalLM.from_pretrained
-        try:
-            model = loader(ctx.args.model, dtype=dt, attn_implementation=impl, local_files_only=True)
-        except TypeError:
-            model = loader(ctx.args.model, torch_dtype=dt, attn_implementation=impl, local_files_only=True)
-        return model.to(ctx.device)
-    config = transformers.Qwen2Config(**E2E_QWEN2)
-    torch.manual_seed(0)
-    cls = transformers.Qwen2ForCausalLM
+    registered = gen.registered_attention(transformers)
+    if impl.startswith("flash_attention") and registered is not None and impl not in registered:
+        entry.update(status="unsupported", reason=f"transformers {entry['transformers']} does not register "
+                     f"attn_implementation={impl!r} (it has: {', '.join(registered)})")
+        return [entry]
+    run = gen.Run(argparse.Namespace(model=ctx.args.model, config=E2E_CONFIG, batch=base["batch"],
+                                     prompt=base["prompt_len"], new_tokens=base["new_tokens"], device=str(ctx.device),
+                                     budget_s=E2E_TIMEOUT_S))
     try:
-        model = cls._from_config(config, attn_implementation=impl, dtype=dt)
-    except TypeError:
-        model = cls._from_config(config, attn_implementation=impl, torch_dtype=dt)
-    return model.to(device=ctx.device, dtype=dt)
+        return [e2e_entry(entry, gen.measure(run, impl))]
+    finally:
+        _free(ctx, collect=True)
 
 
 def _native_bf16(ctx: WorkerCtx) -> bool:
@@ -950,7 +1246,29 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
                 tasks.append(Task(f"speed/{kind}/{dtype}/hd{hd}/s{seqlen}/{'causal' if causal else 'full'}",
                                   "speed", per + JIT_ALLOWANCE_S.get(impl, 0.0), base,
                                   functools.partial(run_speed, ctx, impl, dtype, hd, seqlen, causal, base)))
-    model_desc = args.model or "qwen2-small (random weights)"
+    # GQA/MQA and decode rows, for the FlashAttentions that import (the skipped summary above says why the
+    # others do not) and every SDPA backend; bf16 only, so GPUs without bf16 tensor cores have none
+    usable = [i for i in GQA_IMPLS if flash_family(i) is None or (i in ctx.reported and _flash_ok(ctx, i))]
+    for impl, hk, direction in gqa_cases(args.mode) if bf16 else []:
+        if impl not in usable:
+            continue
+        base = {"impl": impl, "dtype": GQA_DTYPE, "headdim": GQA_HEADDIM, "seqlen": GQA_SEQLEN,
+                "batch": max(1, tokens // GQA_SEQLEN), "heads": GQA_HEADS, "heads_k": hk, "causal": True,
+                "direction": direction}
+        tasks.append(Task(f"gqa/{impl}/{direction}/h{GQA_HEADS}k{hk}/s{GQA_SEQLEN}", "gqa",
+                          per + JIT_ALLOWANCE_S.get(impl, 0.0), base,
+                          functools.partial(run_gqa, ctx, impl, hk, direction, base)))
+    for impl, cache_len, paged in decode_cases(args.mode) if bf16 else []:
+        if impl not in (*usable, "sdpa_math"):
+            continue
+        base = {"impl": impl, "dtype": GQA_DTYPE, "headdim": GQA_HEADDIM, "batch": DECODE_BATCH,
+                "heads": DECODE_HEADS, "heads_k": DECODE_KV_HEADS, "seqlen_q": 1, "cache_len": cache_len,
+                "paged": paged, "page_size": DECODE_PAGE_SIZE if paged else None,
+                "kv_mib": round(decode_kv_bytes(DECODE_BATCH, cache_len, DECODE_KV_HEADS, GQA_HEADDIM) / 2**20, 1)}
+        tasks.append(Task(f"decode/{impl}/{'paged' if paged else 'dense'}/kv{cache_len}", "decode",
+                          per + JIT_ALLOWANCE_S.get(impl, 0.0), base,
+                          functools.partial(run_decode, ctx, impl, cache_len, paged, base)))
+    model_desc = args.model or f"{E2E_CONFIG} dimensions (random weights)"
     for impl in E2E_IMPLS:
         base = {"impl": impl, "model": model_desc, "random_weights": not args.model, "batch": args.e2e_batch,
                 "prompt_len": args.e2e_prompt, "new_tokens": args.e2e_new_tokens}
@@ -958,7 +1276,7 @@ def build_tasks(ctx: WorkerCtx) -> list[Task]:
             why = "quick mode skips the end-to-end check" if args.mode == "quick" else "--skip-e2e"
             tasks.append(Task(f"e2e/{impl}", "e2e", per, base, functools.partial(_fixed, base, "skipped", why)))
         else:
-            tasks.append(Task(f"e2e/{impl}", "e2e", max(per, 180.0 if args.model else 60.0), base,
+            tasks.append(Task(f"e2e/{impl}", "e2e", max(per, E2E_TIMEOUT_S + (60.0 if args.model else 0.0)), base,
                               functools.partial(run_e2e, ctx, impl, base)))
     return tasks
 
@@ -1269,7 +1587,9 @@ class Supervisor:
         correctness: list[dict[str, Any]] = []
         speed: list[dict[str, Any]] = []
         e2e: list[dict[str, Any]] = []
-        buckets = {"correctness": correctness, "speed": speed, "e2e": e2e}
+        gqa: list[dict[str, Any]] = []
+        decode: list[dict[str, Any]] = []
+        buckets = {"correctness": correctness, "speed": speed, "e2e": e2e, "gqa": gqa, "decode": decode}
         for index, task in enumerate(self.plan):
             entries = self.results.get(index)
             if not entries:
@@ -1309,9 +1629,13 @@ class Supervisor:
                        "timeout_per_shape_s": self.args.timeout_per_shape, "timeout_s": self.args.timeout,
                        "thresholds": THRESHOLDS, "model": self.args.model,
                        "flops_formula": "4*batch*seqlen^2*heads*headdim, /2 if causal (forward); "
-                                        f"x{FWD_BWD_FLOPS_FACTOR:g} for fwd_bwd"},
+                                        f"x{FWD_BWD_FLOPS_FACTOR:g} for fwd_bwd (heads = query heads)",
+                       "decode_bandwidth": "K and V bytes of the cache read once per step / step latency",
+                       "e2e_config": None if self.args.model else E2E_CONFIG},
             "correctness": correctness,
             "speed": speed,
+            "gqa": gqa,
+            "decode": decode,
             "e2e": e2e,
             "restarts": self.restarts,
             "notes": self.notes,
@@ -1361,12 +1685,22 @@ def verdict(result: dict[str, Any], meta: dict[str, Any], overall_timeout: bool)
             (reasons if crit else warns).append(msg)
     if (fa.get("import_ok") or not expect_fa) and ok_speed == 0:
             reasons.append("no speed measurement of the expected implementation succeeded")
+    for e in (*result.get("gqa", ()), *result.get("decode", ())):
+        if e["status"] in ("fail", "error", "timeout", "oom"):
+            warns.append(f"{shape_label(e)}: {e['status']}: {e.get('reason')}")
     for e in result["e2e"]:
         if e["status"] in ("error", "timeout", "oom"):
             warns.append(f"e2e {e['impl']}: {e['status']}: {e.get('reason')}")
     if overall_timeout:
         return STATUS_TIMEOUT, [*reasons, f"overall timeout ({result['config']['timeout_s']} s) reached"], warns
     return (STATUS_FAIL if reasons else STATUS_PASS), reasons, warns
+
+
+def shape_label(e: dict[str, Any]) -> str:
+    """"gqa fa4 h32/k8 s4096 fwd_bwd", "decode flash_attn paged kv16384": a GQA or decode row in messages."""
+    if "cache_len" in e:
+        return f"decode {e['impl']} {'paged' if e.get('paged') else 'dense'} kv{e['cache_len']}"
+    return f"gqa {e['impl']} h{e['heads']}/k{e['heads_k']} s{e['seqlen']} {e.get('direction') or 'fwd'}"
 
 
 def import_label(info: dict[str, Any]) -> str:
@@ -1427,8 +1761,16 @@ def summarize(r: dict[str, Any]) -> str:
         d, h, s, c, direction = key
         lines.append(f"  {d:<9} {h:>3} {s:>5} {'C' if c else 'N'} {direction:<7} | "
                      + " | ".join(cells.get(i, "") for i in impls))
+    for e in r.get("gqa") or []:
+        lines.append(f"{shape_label(e):<36} {e['status']:<11} {_fmt(e.get('tflops'), '.0f'):>5} TFLOP/s  "
+                     f"err {_fmt(e.get('fwd_rel_err'), '.1e')}  {(e.get('reason') or '')[:90]}")
+    for e in r.get("decode") or []:
+        lines.append(f"{shape_label(e):<36} {e['status']:<11} {_fmt(e.get('latency_us'), '.1f'):>7} us "
+                     f"{_fmt(e.get('kv_gb_per_s'), '.0f'):>5} GB/s  err {_fmt(e.get('fwd_rel_err'), '.1e')}  "
+                     f"{(e.get('reason') or '')[:90]}")
     for e in r.get("e2e") or []:
-        lines.append(f"e2e {e['impl']:<18} {e['status']:<11} tok/s {_fmt(e.get('tokens_per_s'))}  "
+        lines.append(f"e2e {e['impl']:<18} {e['status']:<11} prefill {_fmt(e.get('prefill_tokens_per_s'))} tok/s  "
+                     f"ttft {_fmt(e.get('ttft_ms'))} ms  decode {_fmt(e.get('decode_tokens_per_s'))} tok/s  "
                      f"peak {_fmt(e.get('peak_mem_mib'))} MiB  {e.get('model')}  {(e.get('reason') or '')[:100]}")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import platform
@@ -43,7 +44,7 @@ CONFIGS: dict[str, dict[str, Any]] = {  # public model dimensions (qwen2-small: 
                    "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
                    "tie_word_embeddings": True, "rope_theta": 1000000.0},
 }
-IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
@@ -154,6 +155,40 @@ class Run:
         return rows[:top]
 
 
+def registered_attention(tf: Any) -> list[str] | None:
+    """The attn_implementation names transformers' AttentionInterface registers ("eager" is built in and not
+    listed); None when this transformers has no such registry."""
+    with contextlib.suppress(Exception):
+        return sorted(tf.AttentionInterface._global_mapping)
+    return None
+
+
+def measure(run: Run, impl: str, then: Callable[[Any, Any, Any], None] | None = None) -> dict[str, Any]:
+    """One attn_implementation: its model built, prefill / TTFT / decode / peak memory (``Run.phases``), then
+    ``then(model, ids, mask)`` while the model is loaded.  Never raises: a failure is the entry's status
+    (``unsupported`` when transformers refuses the implementation).  bench.py's e2e rows call this too."""
+    torch = run.torch
+    entry: dict[str, Any] = {"impl": impl}
+    model = None
+    try:
+        model = run.model(impl)
+        entry["attn_implementation_used"] = getattr(model.config, "_attn_implementation", None)
+        entry["weights_mib"] = round(torch.cuda.memory_allocated(run.device) / 2**20, 1)
+        ids, mask = run.inputs(int(model.config.vocab_size))
+        entry.update(status="ok", **run.phases(model, ids, mask))
+        if then is not None:
+            then(model, ids, mask)
+    except Exception as exc:
+        oom = "out of memory" in str(exc).lower()
+        entry.update(status="oom" if oom else ("unsupported" if isinstance(exc, ImportError | ValueError)
+                                               else "error"), reason=_short(exc))
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    return entry
+
+
 def repro(run: Run, out: list[dict[str, Any]]) -> None:
     """The earlier e2e check's method (bench.py before issue 16): warm up on a 64-token prompt, then time
     whole ``generate`` calls (prefill included) at the full prompt, three in a row, so a first-call cost at a
@@ -192,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     run = Run(a)
     torch, tf = run.torch, run.tf
-    registered = None
-    with contextlib.suppress(Exception):
-        registered = sorted(tf.AttentionInterface._global_mapping)  # what attn_implementation accepts
+    registered = registered_attention(tf)  # what attn_implementation accepts
     set_priority = None
     with contextlib.suppress(Exception):
         import inspect
@@ -226,48 +259,36 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['tokens_per_s']} tok/s ({r['seconds']} s)")
         return 0
 
+    def investigate(impl: str, model: Any, ids: Any, mask: Any) -> None:
+        """Why decode through sdpa is slow: the kernels of decode steps, and sdpa per forced backend."""
+        if a.no_investigation or impl not in ("sdpa", "eager"):
+            return
+        with contextlib.suppress(Exception):
+            result["kernels"][f"{impl}/mask"] = run.kernels(model, ids, mask)
+        with contextlib.suppress(Exception):
+            result["kernels"][f"{impl}/no-mask"] = run.kernels(model, ids, None)
+        if impl != "sdpa":
+            return
+        for with_mask in (True, False):
+            for backend in (None, *SDPA_BACKENDS):
+                row: dict[str, Any] = {"impl": "sdpa", "backend": backend or "default", "mask": with_mask}
+                result["decode_investigation"].append(row)
+                if run.left() < 20:
+                    row.update(status="skipped", reason="time budget spent")
+                    continue
+                try:
+                    d = run.phases(model, ids, mask if with_mask else None, backend, reps=1, prefill=False)
+                    row.update(status="ok", **d)
+                except Exception as exc:  # a backend refusing a mask/shape is a finding, not a crash
+                    row.update(status="error", reason=_short(exc))
+                save()
+
     for impl in a.impls.split(","):
-        entry: dict[str, Any] = {"impl": impl}
-        result["e2e"].append(entry)
         if run.left() < 30:
-            entry.update(status="skipped", reason="time budget spent")
+            result["e2e"].append({"impl": impl, "status": "skipped", "reason": "time budget spent"})
             continue
-        model = None
-        try:
-            model = run.model(impl)
-            entry["attn_implementation_used"] = getattr(model.config, "_attn_implementation", None)
-            entry["weights_mib"] = round(torch.cuda.memory_allocated(run.device) / 2**20, 1)
-            ids, mask = run.inputs(int(model.config.vocab_size))
-            entry.update(status="ok", **run.phases(model, ids, mask))
-            if impl in ("sdpa", "eager") and not a.no_investigation:
-                with contextlib.suppress(Exception):
-                    result["kernels"][f"{impl}/mask"] = run.kernels(model, ids, mask)
-                with contextlib.suppress(Exception):
-                    result["kernels"][f"{impl}/no-mask"] = run.kernels(model, ids, None)
-            if impl == "sdpa" and not a.no_investigation:
-                for with_mask in (True, False):
-                    for backend in (None, *SDPA_BACKENDS):
-                        row: dict[str, Any] = {"impl": "sdpa", "backend": backend or "default", "mask": with_mask}
-                        result["decode_investigation"].append(row)
-                        if run.left() < 20:
-                            row.update(status="skipped", reason="time budget spent")
-                            continue
-                        try:
-                            d = run.phases(model, ids, mask if with_mask else None, backend, reps=1,
-                                           prefill=False)
-                            row.update(status="ok", **d)
-                        except Exception as exc:  # a backend refusing a mask/shape is a finding, not a crash
-                            row.update(status="error", reason=_short(exc))
-                        save()
-        except Exception as exc:
-            oom = "out of memory" in str(exc).lower()
-            entry.update(status="oom" if oom else ("unsupported" if isinstance(exc, ImportError | ValueError)
-                                                   else "error"), reason=_short(exc))
-            traceback.print_exc(file=sys.stderr)
-        finally:
-            del model
-            torch.cuda.empty_cache()
-            save()
+        result["e2e"].append(measure(run, impl, functools.partial(investigate, impl)))
+        save()
     result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     save()
     for e in result["e2e"]:

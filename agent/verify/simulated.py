@@ -381,7 +381,7 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                                     tflops=round(tflops, 2), peak_mem_mib=round(peak, 2), repeats=10, **shape))
 
     e2e = []
-    desc = model_path or "qwen2-small (random weights)"
+    desc = model_path or f"{bench.E2E_CONFIG} dimensions (random weights)"
     # estimated (not measured): decode of the small Qwen2 is launch-bound, so it scales weakly with the GPU
     base_tps = 420.0 * max(gpu.flash_scale, gpu.efficient_scale) ** 0.3
     for impl in bench.E2E_IMPLS:
@@ -390,6 +390,9 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                                    "new_tokens": bench.E2E_NEW_TOKENS, "simulated": True}
         if mode == "quick":
             e2e.append(E2EEntry(status="skipped", reason="quick mode skips the end-to-end check", **common2))
+            continue
+        if impl in ("flash_attention_3", "flash_attention_4"):  # the model covers FA2 and SDPA end to end
+            e2e.append(E2EEntry(status="unsupported", reason=f"{impl}: not modelled on simulated nodes", **common2))
             continue
         if impl == "flash_attention_2" and not (fa_runs and fa_impl == bench.FLASH_IMPL):
             e2e.append(E2EEntry(status="unsupported", reason="FlashAttention2 cannot be used: flash_attn is not "
