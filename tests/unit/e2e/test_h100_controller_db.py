@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from controller.local_wheels import catalog_wheel_name, controller_catalog
+from controller.registry import record_of
 from controller.rollout.service import RolloutRequest, get_status, node_rollouts, plan_rollout
 from controller.store import Store, open_store
 from controller.store.models import Job, JobEvent, Node
@@ -82,7 +83,7 @@ def test_every_view_plans_the_wheel_rollout_1_built(store: Store, tmp_path: Path
         facts = copy.deepcopy(s.scalars(select(Node)).one().facts)
     # installed: the dashboard's current plan is the built wheel, only verify
     with store.session() as s:
-        shown = plan_for(s, facts, tmp_path)
+        shown = plan_for(s, record_of(s.scalars(select(Node)).one()), tmp_path)
     assert shown is not None
     assert shown["variant"] == "fa2-wheel" and shown["steps"] == ["verify"], shown["reasons"]
     assert "(from artifact-store)" in shown["reasons"][0]
