@@ -28,8 +28,9 @@ from typing import Any, Protocol
 
 from agent.client import UPLOAD_RETRY_SECONDS
 from agent.executor import JOB_ID_RE
-from agent.jobs import JobOutcome, JobRunner, JobSpec
+from agent.jobs import JobRunner
 from fleet.errors import FleetError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,20 @@ class ArtifactJobRunner:
             try:
                 variables[path_var] = str(await self._fetch(sha, emit))
             except FleetError as exc:
-                return JobOutcome(status="failed", rc=66,
+                return JobOutcome(job.job_id, JobStatus.FAILED, rc=66,
                                   error=f"{job.kind}: cannot fetch {path_var} ({sha[:12]}…) from the controller's "
                                         f"artifact store: {exc.message}")
             except OSError as exc:
-                return JobOutcome(status="failed", rc=74,
+                return JobOutcome(job.job_id, JobStatus.FAILED, rc=74,
                                   error=f"{job.kind}: cannot store artifact {sha[:12]}… in {self.cache_dir}: {exc}")
         wheelhouse: Path | None = None
         if job.kind in WHEELHOUSE_KINDS and variables.get("deps"):
             try:
                 wheelhouse = await self._wheelhouse(job.job_id, variables["deps"], emit)
             except FleetError as exc:
-                return JobOutcome(status="failed", rc=66, error=f"{job.kind}: {exc.message}")
+                return JobOutcome(job.job_id, JobStatus.FAILED, rc=66, error=f"{job.kind}: {exc.message}")
             except OSError as exc:
-                return JobOutcome(status="failed", rc=74,
+                return JobOutcome(job.job_id, JobStatus.FAILED, rc=74,
                                   error=f"{job.kind}: cannot lay out the wheelhouse in {self.cache_dir.parent}: {exc}")
             variables["wheelhouse_dir"] = str(wheelhouse)
         variables.pop("deps", None)  # the playbook reads the wheelhouse, not the list
@@ -142,7 +143,7 @@ class ArtifactJobRunner:
             left = job.timeout_s - (time.monotonic() - started) - UPLOAD_TIMEOUT_MARGIN_S
             problem = await self._upload_built(job.job_id, outcome, emit, max(0.0, left))
             if problem:
-                return JobOutcome(status="failed", rc=75, result=outcome.result, error=problem)
+                return JobOutcome(job.job_id, JobStatus.FAILED, rc=75, result=outcome.result, error=problem)
         return outcome
 
     async def _wheelhouse(self, job_id: str, deps: Any, emit: Callable[[dict[str, Any]], object]) -> Path:

@@ -43,9 +43,10 @@ import grpc
 import grpc.aio
 
 from agent import wire
-from agent.jobs import JobOutcome, JobRunner, JobSpec
+from agent.jobs import JobRunner
 from fleet.errors import AuthError, ConflictError, ControllerUnavailable, FleetError, ForbiddenError, InputError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.statedir import FILE_MODE, private_dir, state_dir_error, tighten
 from fleet.v1 import fleet_pb2 as pb
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
@@ -99,7 +100,7 @@ class NoExecutor:
 
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         emit_event({"event": "fleet_no_executor", "event_data": {"kind": job.kind}})
-        return JobOutcome(status="failed", rc=127,
+        return JobOutcome(job.job_id, JobStatus.FAILED, rc=127,
                           error=f"no executor: this agent cannot run {job.kind!r} jobs "
                                 "(start it with a playbook executor; see docs/fleet.md)")
 
@@ -441,17 +442,20 @@ class Agent:
         try:
             outcome = await asyncio.wait_for(self.cfg.runner.run(spec, emit), timeout=spec.timeout_s)
         except TimeoutError:
-            outcome = JobOutcome(status="timeout", rc=124, error=f"job exceeded its timeout of {spec.timeout_s:g}s")
+            outcome = JobOutcome(spec.job_id, JobStatus.TIMEOUT, rc=124,
+                                 error=f"job exceeded its timeout of {spec.timeout_s:g}s")
         except asyncio.CancelledError:
             if not cut_off():
                 sender.cancel()
                 raise
             log.warning("job %s: a call to the controller was cut off mid-job", spec.job_id)
-            outcome = JobOutcome(status="failed", rc=70, error="executor error: a call to the controller was cut "
+            outcome = JobOutcome(spec.job_id, JobStatus.FAILED, rc=70,
+                                 error="executor error: a call to the controller was cut "
                                  "off (the connection was lost) while the job needed it; run the job again")
         except Exception as exc:
             log.exception("job %s: runner crashed", spec.job_id)
-            outcome = JobOutcome(status="failed", rc=70, error=f"executor error: {exc.__class__.__name__}: {exc}")
+            outcome = JobOutcome(spec.job_id, JobStatus.FAILED, rc=70,
+                                 error=f"executor error: {exc.__class__.__name__}: {exc}")
         if job.dropped:
             outcome.result.setdefault("events_dropped", job.dropped)
         emit({"event": "fleet_job_finished",

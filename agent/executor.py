@@ -50,8 +50,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.jobs import PLAYBOOK_KINDS, JobOutcome, JobSpec, JobStatus
+from agent.jobs import PLAYBOOK_KINDS
 from fleet.errors import ExecutionError, UsageError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -307,19 +308,20 @@ class AnsibleJobRunner:
         try:
             playbook = self._check(job)
         except ExecutionError as exc:
-            return JobOutcome(status="error", rc=-1, result={}, error=exc.message)
+            return JobOutcome(job.job_id, JobStatus.ERROR, rc=-1, result={}, error=exc.message)
         job_dir = self.job_dir(job.job_id)
         cancel_ev = threading.Event()
         with self._lock:
             if job.job_id in self._cancel:
-                return JobOutcome(status="error", rc=-1, error=f"job {job.job_id} is already running")
+                return JobOutcome(job.job_id, JobStatus.ERROR, rc=-1, error=f"job {job.job_id} is already running")
             self._cancel[job.job_id] = cancel_ev
         try:
             dirs = self._prepare(job, job_dir)
         except OSError as exc:
             with self._lock:
                 self._cancel.pop(job.job_id, None)
-            return JobOutcome(status="error", rc=-1, error=f"cannot prepare the run directory {job_dir}: {exc}")
+            return JobOutcome(job.job_id, JobStatus.ERROR, rc=-1,
+                              error=f"cannot prepare the run directory {job_dir}: {exc}")
         ident = self._next_ident(job_dir)
         loop = asyncio.get_running_loop()
         pump = EventPump(loop, self.event_buffer, job.job_id)
@@ -533,17 +535,17 @@ class AnsibleJobRunner:
         final: JobStatus
         error: str | None = None
         if why and why[0] == "timeout":
-            final, error = "timeout", f"{job.kind} ran past its timeout of {job.timeout_s:g} s and was killed"
+            final, error = JobStatus.TIMEOUT, f"{job.kind} ran past its timeout of {job.timeout_s:g} s and was killed"
         elif why or status == "canceled":
-            final, error = "canceled", f"{job.kind} was canceled and killed"
+            final, error = JobStatus.CANCELED, f"{job.kind} was canceled and killed"
         elif status == "successful" and rc == 0:
-            final = "successful"
+            final = JobStatus.SUCCESSFUL
         elif status == "error":
-            final = "error"
+            final = JobStatus.ERROR
             error = str(stats.get("exception") or f"{job.kind}: ansible-runner could not start the playbook")
         else:
-            final = "timeout" if status == "timeout" else "failed"
+            final = JobStatus.TIMEOUT if status == "timeout" else JobStatus.FAILED
             # the last failure is the one that stopped the play (earlier ones may have been rescued)
             error = state.failures[-1] if state.failures else (
                 f"{job.kind} failed (ansible-playbook exit {rc}){self._tail(job)}")
-        return JobOutcome(status=final, rc=rc, result=result, error=error)
+        return JobOutcome(job.job_id, final, rc=rc, result=result, error=error)

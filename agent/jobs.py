@@ -1,20 +1,18 @@
-"""What the agent is asked to run, and what it reports back.
+"""How the agent runs a job: the playbooks a job may name and the runner interface.
 
-A job arrives from the controller as ``(job_id, kind, vars, timeout_s)``: ``kind`` names a
-playbook in ``playbooks/`` (``install-wheel`` → ``playbooks/install-wheel.yml``), ``vars``
-are its variables (files the playbook needs — wheels, sdists, apt keys — are already local
-paths on the agent's machine: ``wheel_path``, ``sdist_path``, ``key_path``, …). The runner
-streams ansible-runner events through ``emit_event`` while it runs and returns a
-:class:`JobOutcome`.
+A job arrives from the controller as a ``fleet.jobs.JobSpec``: ``kind`` names a playbook in
+``playbooks/`` (``install-wheel`` → ``playbooks/install-wheel.yml``), ``vars`` are its variables
+(files the playbook needs — wheels, sdists, apt keys — are already local paths on the agent's
+machine: ``wheel_path``, ``sdist_path``, ``key_path``, …). A runner streams ansible-runner events
+through ``emit_event`` while it runs and returns a ``fleet.jobs.JobOutcome``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-JobStatus = Literal["successful", "failed", "timeout", "canceled", "error"]
+from fleet.jobs import JobOutcome, JobSpec
 
 #: Playbooks a job may name (``kind``), one per step of the plan (DESIGN §3.2).
 PLAYBOOK_KINDS: tuple[str, ...] = (
@@ -24,40 +22,6 @@ PLAYBOOK_KINDS: tuple[str, ...] = (
     "build-from-source",
     "rollback",
 )
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    job_id: str
-    kind: str
-    vars: dict[str, Any] = field(default_factory=dict)
-    timeout_s: float = 3600.0
-
-
-@dataclass
-class JobOutcome:
-    """``status``: successful | failed | timeout | canceled | error (could not start).
-
-    ``result`` holds what the playbook reported with ``set_stats`` (for example
-    ``result["built_wheel"] = {"path", "sha256", "filename", …}`` from build-from-source,
-    where ``path`` is a file on the agent's machine ready for upload), plus
-    ``result["stats"]`` (ok/changed/failures/unreachable/skipped/rescued/ignored counts
-    summed over hosts) and ``result["events_dropped"]``.
-    """
-
-    status: JobStatus
-    rc: int
-    result: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "successful"
-
-    @property
-    def changed(self) -> int:
-        stats = self.result.get("stats", {})
-        return int(stats.get("changed", 0)) if isinstance(stats, dict) else 0
 
 
 EmitEvent = Callable[[dict[str, Any]], object]

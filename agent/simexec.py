@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.jobs import JobOutcome, JobSpec
 from fleet.facts import FlashAttnFacts, NodeFacts
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.verification import EXPECTS
 
 DEFAULT_SECONDS: Mapping[str, float] = {"build-from-source": 4.0, "*": 0.6}
@@ -103,7 +103,7 @@ class SimulatedJobRunner:
         fault = self.faults.get(job.kind)
         if fault:
             emit_event({"event": "runner_on_failed", "event_data": {"task": job.kind, "msg": fault}})
-            return JobOutcome(status="failed", rc=2, result={"simulated": True}, error=str(fault))
+            return JobOutcome(job.job_id, JobStatus.FAILED, rc=2, result={"simulated": True}, error=str(fault))
         result: dict[str, Any] = {"simulated": True, "stats": {"changed": 1}}
         version = job.vars.get("flash_attn_version")
         if job.kind == "build-from-source":
@@ -140,4 +140,4 @@ class SimulatedJobRunner:
             expect = job.vars.get("expect") if job.vars.get("expect") in EXPECTS else None
             result["verification"] = simulate_for_facts(self.facts, mode=mode if mode in ("quick", "full")
                                                         else "quick", expect=expect).to_json()
-        return JobOutcome(status="successful", rc=0, result=result)
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result=result)

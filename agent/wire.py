@@ -7,12 +7,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from agent.jobs import JobOutcome, JobSpec
 from fleet.errors import InputError
 from fleet.facts import NodeFacts
+from fleet.jobs import FINISHED, JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
-
-PROTO_STATUSES = ("successful", "failed", "timeout", "canceled")
 
 
 def _jsonable(value: Any) -> str:
@@ -76,6 +74,8 @@ def event_to_proto(job_id: str, counter: int, event: Mapping[str, Any]) -> pb.Jo
 
 
 def result_to_proto(job_id: str, outcome: JobOutcome) -> pb.JobResult:
-    status = outcome.status if outcome.status in PROTO_STATUSES else "failed"
-    return pb.JobResult(job_id=job_id, status=status, rc=outcome.rc, result_json=_jsonable(outcome.result),
+    # the controller takes a finished status only: "could not start" (ERROR) is a failure to it
+    status = outcome.status if outcome.status in FINISHED else JobStatus.FAILED
+    rc = outcome.rc if outcome.rc is not None else -1  # every agent runner sets one; -1 as for "could not start"
+    return pb.JobResult(job_id=job_id, status=status, rc=rc, result_json=_jsonable(outcome.result),
                         error=outcome.error or "")

@@ -259,8 +259,8 @@ class Target:
 
     async def _start(self, state_dir: Path) -> None:
         from agent.wire import facts_to_proto
+        from controller.app import start_controller
         from controller.ratelimit import Rate
-        from controller.serve import start_controller
         from tests.integration.fleet_support import controller_settings, enroll_creds, profile_facts
 
         lots = Rate(burst=1e9, per_second=1e9)  # the fuzzer is one source: it must reach Enroll's checks

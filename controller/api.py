@@ -1,15 +1,10 @@
-"""The controller's HTTP JSON API (FastAPI), under ``/api/v1`` with ``Authorization: Bearer <token>``.
+"""The controller's HTTP app (FastAPI): it assembles the routers; each router is a leaf.
 
-The token is a user's API token (``fleet-controller user token create``, controller/api_tokens.py) or the
-admin token (STATE/admin.token, the break-glass credential). ``authenticate`` turns it into a ``Principal``
-(the user's name and role, or ``admin``), the audit actor of whatever the request does; routes take it
-through ``Viewer`` (reads), ``Operator`` (steering rollouts, verification) or ``Admin`` (everything else:
-enrollment tokens, revoking nodes, adding artifacts) and refuse a lesser role with 403.
-
-``create_app(ctx)`` builds the app; other components mount more on it (the dashboard its
-pages, rollouts their routes: ``app.include_router(router)``; reach the controller through
-``request.app.state.ctx`` or the ``get_ctx`` dependency, and protect JSON routes with one of the
-dependencies above). ``FleetError`` raised by a handler becomes
+``create_app(ctx)`` builds the app from the parts the composition root (controller/app.py) built: this
+module's own JSON routes, the sub-routers (artifacts, rollouts, verification, attention) and the dashboard.
+Routes take the controller and the caller from controller/http_deps.py (``Ctx``, ``Viewer``, ``Operator``,
+``Admin``), never from this module, so that no router imports the app back. No router starts anything: the
+background loops are the root's. ``FleetError`` raised by a handler becomes
 ``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
 
 Routes: GET /api/v1/health, /api/v1/live, /api/v1/ready (no auth; docs/fleet.md "Health")
@@ -22,19 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import secrets
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from controller.api_tokens import ADMIN, Principal, looks_like_user_token, require_role
-from controller.api_tokens import authenticate as authenticate_user_token
-from controller import node_summary
+from controller import node_summary, web
+from controller.artifacts_api import router as artifacts_router
+from controller.attention_api import router as attention_router
 from controller.context import ControllerContext
+from controller.http_deps import API_PREFIX, Admin, Ctx, Viewer
+from controller.rollout.api import router as rollout_router
 from controller.store.models import AuditLog
+from controller.verify_store.api import router as verify_router
 from fleet.errors import (
     AuthError,
     ConflictError,
@@ -48,8 +45,6 @@ from fleet.errors import (
     UsageError,
 )
 
-API_PREFIX = "/api/v1"
-
 _HTTP_STATUS: list[tuple[type[FleetError], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (NotFoundError, 404), (ConflictError, 409), (InputError, 422),
     (UsageError, 400),
@@ -62,55 +57,6 @@ def http_status_for(exc: FleetError) -> int:
         if isinstance(exc, cls):
             return status
     return 500
-
-
-def get_ctx(request: Request) -> ControllerContext:
-    ctx: ControllerContext = request.app.state.ctx
-    return ctx
-
-
-Ctx = Annotated[ControllerContext, Depends(get_ctx)]
-
-
-_TOKEN_HINT = ("pass a user's API token (`fleet-controller user token create NAME`) as $FLEETCTL_TOKEN or "
-               "--token-file, or the admin token: fleetctl reads STATE/admin.token with --state-dir")
-
-
-def authenticate(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """Dependency: who the bearer token stands for — ``admin`` for STATE/admin.token, else the user whose API
-    token it is (a sync dependency: FastAPI runs it, with its database lookup, off the event loop)."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthError("missing bearer token", hint=_TOKEN_HINT)
-    if secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
-        return ADMIN
-    if not looks_like_user_token(token):
-        raise AuthError("wrong bearer token: neither the admin token nor a user's API token", hint=_TOKEN_HINT)
-    return authenticate_user_token(ctx.store, token)
-
-
-Authenticated = Annotated[Principal, Depends(authenticate)]
-
-
-def require_viewer(principal: Authenticated) -> Principal:
-    """Dependency: any authenticated principal (reads)."""
-    return require_role(principal, "viewer", "reading")
-
-
-def require_operator(principal: Authenticated, request: Request) -> Principal:
-    """Dependency: an operator or admin (steering rollouts, verification runs and schedules)."""
-    return require_role(principal, "operator", f"{request.method} {request.url.path}")
-
-
-def require_admin(principal: Authenticated, request: Request) -> Principal:
-    """Dependency: an admin user's token or the admin token (enrollment, node revocation, artifacts)."""
-    return require_role(principal, "admin", f"{request.method} {request.url.path}")
-
-
-Viewer = Annotated[Principal, Depends(require_viewer)]
-Operator = Annotated[Principal, Depends(require_operator)]
-Admin = Annotated[Principal, Depends(require_admin)]
 
 
 class TokenCreate(BaseModel):
@@ -241,14 +187,10 @@ def create_app(ctx: ControllerContext) -> FastAPI:
                             content={"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}})
 
     app.include_router(api_router())
-    from controller.artifacts_api import router as artifacts_router  # POST /api/v1/artifacts (fleetctl artifact add)
-    app.include_router(artifacts_router())
-    from controller.rollout.api import router as rollout_router  # rollouts: routes + engine (docs/rollout.md)
-    app.include_router(rollout_router())
-    from controller.verify_store.api import router as verify_router  # verify, schedules: docs/verification.md
-    app.include_router(verify_router())
-    from controller.attention_api import router as attention_router  # attention recommendation (issue 16)
-    app.include_router(attention_router())
-    from controller.web import mount as mount_dashboard  # the dashboard: controller/web, docs/dashboard.md
-    mount_dashboard(app, ctx)
+    app.include_router(artifacts_router())  # POST /api/v1/artifacts (fleetctl artifact add)
+    app.include_router(rollout_router())  # rollouts: docs/rollout.md
+    app.include_router(verify_router())  # verify, schedules: docs/verification.md
+    app.include_router(attention_router())  # attention recommendation
+    # the dashboard: controller/web, docs/dashboard.md
+    web.mount(app, ctx, session_seconds=ctx.settings.dashboard_session_seconds)
     return app

@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from controller.api import API_PREFIX, Admin, Ctx
+from controller.http_deps import API_PREFIX, Admin, Ctx
 from controller.artifacts import Provenance, check_sha256
 from controller.audit import audit
 from controller.signatures import SignatureError

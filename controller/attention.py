@@ -34,7 +34,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import Session
+
 from controller.resolver.model import MeasuredImpl, Measurements
+from controller.verify_store import store as verification_store
 from fleet.errors import InputError
 from fleet.verification import VerificationResult, correctness_problems
 
@@ -531,6 +534,23 @@ def builtin_prior(path: Path = PRIOR_PATH) -> tuple[Evidence, ...]:
         raise InputError(f"cannot read the attention prior {path}: {exc}",
                          hint="regenerate it: .venv/bin/python scripts/attention_prior.py") from None
     return tuple(Evidence.from_json(e) for e in obj["evidence"])
+
+
+def node_evidence(s: Session, facts: NodeFacts, simulated: bool) -> list[Evidence]:
+    """The node's latest stored result (kind node) and the fleet's latest per other node of its GPU model."""
+    gpu = facts.gpus[0].name if facts.gpus else None
+    out = []
+    for r in verification_store.latest_results(s, gpu_model=gpu, simulated=simulated):
+        kind = "node" if r.hostname == facts.hostname else "fleet"
+        out.append(evidence_from_result(r, kind, origin=r.hostname))
+    return out
+
+
+def measurements_for(s: Session, facts: NodeFacts, simulated: bool, catalog: Catalog, workload: str) -> Measurements:
+    """The resolver's typed input for ``--prefer fastest`` on one node (rollouts plan from it)."""
+    rec = recommend(NodeContext.of(facts), (*node_evidence(s, facts, simulated), *builtin_prior()),
+                    profile(workload), install_costs(facts, catalog))
+    return rec.as_measurements()
 
 
 def install_costs(facts: NodeFacts, catalog: Catalog) -> dict[str, InstallCost]:

@@ -1,7 +1,7 @@
 """The attention recommendation inside the controller: evidence from the verification store, and its routes.
 
-The rules are controller/attention.py's; this module only loads typed evidence (the node's latest stored
-verification, the fleet's latest of the same GPU model) and serves the results.
+The rules, and the loading of their evidence from the verification store, are controller/attention.py's;
+this module only serves the results.
 
 Routes (bearer token, any role): GET /api/v1/attention/nodes/{host}[?workload=] · GET /api/v1/attention/report
 [?nodes=SELECTOR&workload=]
@@ -13,33 +13,12 @@ from typing import Any
 
 from fastapi import APIRouter
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from controller import attention
-from controller.api import API_PREFIX, Ctx, Viewer
+from controller.http_deps import API_PREFIX, Ctx, Viewer
 from controller.store.models import Node
 from fleet.errors import FactsError, NotFoundError
 from fleet.facts import NodeFacts, parse_node
-
-
-def node_evidence(s: Session, facts: NodeFacts, simulated: bool) -> list[attention.Evidence]:
-    """The node's latest stored result (kind node) and the fleet's latest per other node of its GPU model."""
-    from controller.verify_store import store
-
-    gpu = facts.gpus[0].name if facts.gpus else None
-    out = []
-    for r in store.latest_results(s, gpu_model=gpu, simulated=simulated):
-        kind = "node" if r.hostname == facts.hostname else "fleet"
-        out.append(attention.evidence_from_result(r, kind, origin=r.hostname))
-    return out
-
-
-def measurements_for(s: Session, facts: NodeFacts, simulated: bool, catalog: Any, workload: str) -> Any:
-    """The resolver's typed input for ``--prefer fastest`` on one node."""
-    rec = attention.recommend(attention.NodeContext.of(facts),
-                              (*node_evidence(s, facts, simulated), *attention.builtin_prior()),
-                              attention.profile(workload), attention.install_costs(facts, catalog))
-    return rec.as_measurements()
 
 
 def _facts(row: Node) -> NodeFacts:
@@ -64,7 +43,8 @@ def router() -> APIRouter:
                 raise NotFoundError(f"no node {hostname!r}", hint="`fleetctl nodes` lists the registered nodes")
             facts = _facts(row)
             catalog = controller_catalog(s, ctx.settings.state_dir)
-            recs = attention.recommend_for(facts, catalog, node_evidence(s, facts, bool(row.simulated)), workloads)
+            evidence = attention.node_evidence(s, facts, bool(row.simulated))
+            recs = attention.recommend_for(facts, catalog, evidence, workloads)
         return {"hostname": hostname, "running": {w: attention.running_impl(facts, w) for w in workloads},
                 "recommendations": [x.to_json() for x in recs]}
 
@@ -89,7 +69,7 @@ def router() -> APIRouter:
                 except FactsError:
                     skipped.append(row.hostname)
                     continue
-                own = [e for e in node_evidence(s, facts, bool(row.simulated)) if e.source.kind == "node"]
+                own = [e for e in attention.node_evidence(s, facts, bool(row.simulated)) if e.source.kind == "node"]
                 members.append((facts, own))
             out = attention.report(members, workload, catalog)
         return {"workload": workload, "selector": nodes or "all", "groups": [g.to_json() for g in out],

@@ -37,8 +37,8 @@ from fleet.errors import (
     UpstreamError,
     UsageError,
 )
+from fleet.statedir import DEFAULT_STATE_DIR
 
-DEFAULT_STATE_DIR = Path("state/controller")
 _ERRORS: dict[str, type[FleetError]] = {
     "auth": AuthError, "not-found": NotFoundError, "conflict": ConflictError, "bad-input": InputError,
     "bad-facts": InputError, "usage": UsageError, "store": StoreError, "controller-unavailable": ControllerUnavailable,

@@ -1,7 +1,8 @@
 """In-process job dispatcher: persist jobs, push them to agents, record events and results.
 
-A job is one unit of work for one node's agent (a playbook run, a verification). The
-dispatcher is the only writer of the ``jobs`` and ``job_events`` tables. Life of a job::
+A job is one unit of work for one node's agent (a playbook run, a verification); its spec, outcome
+and statuses are ``fleet.jobs`` (shared with the agent). The dispatcher is the only writer of the
+``jobs`` and ``job_events`` tables. Life of a job::
 
     pending ──(sent on the agent's Jobs stream)──► dispatched ──(first event)──► running
        └───────────────► successful | failed | timeout | canceled ◄──────────────┘
@@ -52,7 +53,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select, update
@@ -60,11 +61,12 @@ from sqlalchemy import case, func, select, update
 from controller.store import Store, utcnow
 from controller.store.models import Job, JobEvent, Node
 from fleet.errors import ConflictError, InputError, NotFoundError
+from fleet.jobs import FINISHED, JobOutcome, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = frozenset({"successful", "failed", "timeout", "canceled"})
-ACTIVE_STATUSES = frozenset({"pending", "dispatched", "running"})
+# sent to no agent process yet that reported on it: re-sent when the node's agent (re)opens its stream
+_UNSENT = (JobStatus.PENDING, JobStatus.DISPATCHED)
 GRACE_SECONDS = 30
 INTERRUPTED_EVENT = "fleet_job_interrupted"
 INTERRUPTED_ERROR = ("interrupted: the agent on {node} restarted before reporting this job's result, and its new "
@@ -76,38 +78,12 @@ MAX_EVENT_DATA_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """What an agent receives: the job to run."""
-
-    job_id: str
-    node: str
-    kind: str
-    vars: Mapping[str, Any]
-    timeout_seconds: int
-
-
-@dataclass(frozen=True)
 class JobEventRecord:
     job_id: str
     counter: int
     event: str
     data: Mapping[str, Any]
     created: dt.datetime
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """How a job ended. ``status`` is one of FINAL_STATUSES."""
-
-    job_id: str
-    status: str
-    rc: int | None = None
-    result: Mapping[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "successful"
 
 
 DoneCallback = Callable[[JobOutcome], None]
@@ -156,13 +132,13 @@ class JobDispatcher:
                 raise NotFoundError(f"no node named {node!r}", hint="see `fleetctl nodes` for registered nodes")
             if s.get(Job, job_id) is None:  # a retry after a commit whose answer was lost
                 s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
-                          status="pending", created_at=utcnow()))
+                          status=JobStatus.PENDING, created_at=utcnow()))
 
         await self.store.call(self.store.write, insert, what=f"job {job_id} submit")
         log.info("job %s (%s) submitted for %s", job_id, kind, node)
         queue = self._streams.get(node)
         if queue is not None:
-            queue.put_nowait(JobSpec(job_id, node, kind, dict(vars or {}), timeout))
+            queue.put_nowait(JobSpec(job_id, kind, dict(vars or {}), timeout))
         return job_id
 
     def _future(self, job_id: str) -> asyncio.Future[JobOutcome]:
@@ -206,9 +182,9 @@ class JobDispatcher:
             row = s.get(Job, job_id)
             if row is None:
                 raise NotFoundError(f"no job {job_id!r}", hint="check the job id")
-            if row.status not in FINAL_STATUSES:
+            if row.status not in FINISHED:
                 return None
-            return JobOutcome(row.id, row.status, row.rc, row.result or {}, row.error)
+            return JobOutcome(row.id, JobStatus(row.status), row.rc, row.result or {}, row.error)
 
     def get(self, job_id: str, *, events: bool = True) -> dict[str, Any]:
         """The job (and its events) as a JSON-ready dict."""
@@ -229,13 +205,13 @@ class JobDispatcher:
 
     def cancel(self, job_id: str, reason: str = "canceled by operator") -> JobOutcome:
         """Mark an unfinished job canceled (the agent is not interrupted yet; its late result is ignored)."""
-        outcome = JobOutcome(job_id, "canceled", None, {}, reason)
+        outcome = JobOutcome(job_id, JobStatus.CANCELED, None, {}, reason)
         self._finish(job_id, outcome, node=None)
         return outcome
 
     async def cancel_async(self, job_id: str, reason: str = "canceled by operator") -> JobOutcome:
         """``cancel`` with the database work on the store's thread pool (``ConflictError`` if already finished)."""
-        outcome = JobOutcome(job_id, "canceled", None, {}, reason)
+        outcome = JobOutcome(job_id, JobStatus.CANCELED, None, {}, reason)
         await self.finish_async(job_id, outcome, node=None)
         return outcome
 
@@ -274,7 +250,7 @@ class JobDispatcher:
                 if deadline is None:
                     continue
                 self._deadlines[spec.job_id] = deadline
-                log.info("job %s dispatched to %s", spec.job_id, spec.node)
+                log.info("job %s dispatched to %s", spec.job_id, node)
                 sent.add(spec.job_id)
                 yield spec
         finally:
@@ -283,9 +259,9 @@ class JobDispatcher:
 
     def _backlog(self, node: str) -> list[JobSpec]:
         with self.store.session() as s:
-            rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(("pending", "dispatched")))
+            rows = s.scalars(select(Job).where(Job.node == node, Job.status.in_(_UNSENT))
                              .order_by(Job.created_at)).all()
-            return [JobSpec(r.id, r.node, r.kind, r.vars, r.timeout_seconds) for r in rows]
+            return [JobSpec(r.id, r.kind, r.vars, r.timeout_seconds) for r in rows]
 
     async def interrupt_unheld_async(self, node: str, held: Collection[str]) -> list[str]:
         """``interrupt_unheld`` with the database work on the store's thread pool."""
@@ -303,21 +279,21 @@ class JobDispatcher:
                 continue
             self._notify([event])
             log.warning("job %s on %s interrupted: the agent restarted without it", job_id, node)
-            await self.finish_async(job_id, JobOutcome(job_id, "failed", None, {"interrupted": True}, error),
+            await self.finish_async(job_id, JobOutcome(job_id, JobStatus.FAILED, None, {"interrupted": True}, error),
                                     node=node)
             interrupted.append(job_id)
         return interrupted
 
     def _running_ids(self, node: str) -> list[str]:
         with self.store.session() as s:
-            return list(s.scalars(select(Job.id).where(Job.node == node, Job.status == "running")
+            return list(s.scalars(select(Job.id).where(Job.node == node, Job.status == JobStatus.RUNNING)
                                   .order_by(Job.created_at)))
 
     def interrupt_unheld(self, node: str, held: Collection[str]) -> list[str]:
         """Fail ``node``'s ``running`` jobs that its (re)started agent does not hold; returns their ids."""
         keep = set(held)
         with self.store.session() as s:
-            lost = [r.id for r in s.scalars(select(Job).where(Job.node == node, Job.status == "running")
+            lost = [r.id for r in s.scalars(select(Job).where(Job.node == node, Job.status == JobStatus.RUNNING)
                                             .order_by(Job.created_at)) if r.id not in keep]
         interrupted: list[str] = []
         for job_id in lost:
@@ -328,7 +304,7 @@ class JobDispatcher:
             if event is None:  # finished meanwhile
                 continue
             log.warning("job %s on %s interrupted: the agent restarted without it", job_id, node)
-            self._finish(job_id, JobOutcome(job_id, "failed", None, {"interrupted": True}, error), node=node)
+            self._finish(job_id, JobOutcome(job_id, JobStatus.FAILED, None, {"interrupted": True}, error), node=node)
             interrupted.append(job_id)
         return interrupted
 
@@ -342,7 +318,7 @@ class JobDispatcher:
     def _controller_event_db(self, job_id: str, name: str, data: Mapping[str, Any]) -> JobEventRecord | None:
         with self.store.session() as s:
             row = s.get(Job, job_id)
-            if row is None or row.status in FINAL_STATUSES:
+            if row is None or row.status in FINISHED:
                 return None
             last = s.scalar(select(func.max(JobEvent.counter)).where(JobEvent.job_id == job_id)) or 0
             ev = JobEventRecord(job_id, int(last) + 1, name, dict(data), utcnow())
@@ -357,25 +333,18 @@ class JobDispatcher:
                 except Exception:
                     log.exception("job event listener failed")
 
-    def _mark_dispatched(self, spec: JobSpec) -> bool:
-        deadline = self._dispatch_db(spec)
-        if deadline is None:
-            return False
-        self._deadlines[spec.job_id] = deadline
-        log.info("job %s dispatched to %s", spec.job_id, spec.node)
-        return True
-
     def _dispatch_db(self, spec: JobSpec) -> dt.datetime | None:
         """Mark the job dispatched (thread-safe); its deadline, or None when it has finished meanwhile."""
         def mark(s: Any) -> dt.datetime | None:
             row = s.get(Job, spec.job_id)
-            if row is None or row.status in FINAL_STATUSES:
+            if row is None or row.status in FINISHED:
                 return None
             now = utcnow()
             # conditional: a result or a cancel stored meanwhile by another worker thread is not overwritten
-            res = s.execute(update(Job).where(Job.id == spec.job_id, Job.status.not_in(tuple(FINAL_STATUSES)))
+            res = s.execute(update(Job).where(Job.id == spec.job_id, Job.status.not_in(tuple(FINISHED)))
                             .values(dispatched_at=now,
-                                    status=case((Job.status == "pending", "dispatched"), else_=Job.status))
+                                    status=case((Job.status == JobStatus.PENDING, JobStatus.DISPATCHED),
+                                                else_=Job.status))
                             .execution_options(synchronize_session=False))
             if getattr(res, "rowcount", 1) != 1:
                 return None
@@ -414,27 +383,27 @@ class JobDispatcher:
                 continue
             s.add(JobEvent(job_id=ev.job_id, counter=ev.counter, event=ev.event[:64], data=dict(ev.data),
                            created=ev.created))
-            if job.status in ("pending", "dispatched") and job.id not in started:
+            if job.status in _UNSENT and job.id not in started:
                 started.add(job.id)
                 # conditional, not an ORM assignment: a result stored meanwhile by another worker thread wins
-                s.execute(update(Job).where(Job.id == job.id, Job.status.in_(("pending", "dispatched")))
-                          .values(status="running", started_at=func.coalesce(Job.started_at, utcnow()))
+                s.execute(update(Job).where(Job.id == job.id, Job.status.in_(_UNSENT))
+                          .values(status=JobStatus.RUNNING, started_at=func.coalesce(Job.started_at, utcnow()))
                           .execution_options(synchronize_session=False))
             stored.append(ev)
         return stored
 
     def complete(self, node: str, outcome: JobOutcome) -> None:
         """Record the result reported by ``node``'s agent."""
-        if outcome.status not in FINAL_STATUSES:
-            raise InputError(f"job status {outcome.status!r} is not a final status",
-                             hint=f"use one of {', '.join(sorted(FINAL_STATUSES))}")
+        if outcome.status not in FINISHED:
+            raise InputError(f"job status {str(outcome.status)!r} is not a final status",
+                             hint=f"use one of {', '.join(sorted(FINISHED))}")
         self._finish(outcome.job_id, outcome, node=node)
 
     async def complete_async(self, node: str, outcome: JobOutcome) -> None:
         """``complete`` with the database work (retried, idempotent) on the store's thread pool."""
-        if outcome.status not in FINAL_STATUSES:
-            raise InputError(f"job status {outcome.status!r} is not a final status",
-                             hint=f"use one of {', '.join(sorted(FINAL_STATUSES))}")
+        if outcome.status not in FINISHED:
+            raise InputError(f"job status {str(outcome.status)!r} is not a final status",
+                             hint=f"use one of {', '.join(sorted(FINISHED))}")
         await self.finish_async(outcome.job_id, outcome, node=node)
 
     async def finish_async(self, job_id: str, outcome: JobOutcome, node: str | None) -> None:
@@ -460,7 +429,7 @@ class JobDispatcher:
         if row is None or (node is not None and row.node != node):
             raise NotFoundError(f"job {job_id!r} is not a job of {node or 'this controller'}",
                                 hint="check the job id")
-        if row.status in FINAL_STATUSES:
+        if row.status in FINISHED:
             if ours and row.status == outcome.status and row.error == outcome.error:
                 return str(row.node)
             if node is None:
@@ -469,7 +438,7 @@ class JobDispatcher:
             return None
         # conditional on the row still being unfinished: two finishes racing (a result and the watchdog,
         # or a retry) cannot both win, on PostgreSQL as on SQLite
-        res = s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(tuple(FINAL_STATUSES)))
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(tuple(FINISHED)))
                         .values(status=outcome.status, rc=outcome.rc, result=dict(outcome.result),
                                 error=outcome.error, finished_at=utcnow())
                         .execution_options(synchronize_session=False))
@@ -501,7 +470,7 @@ class JobDispatcher:
         expired = [j for j, deadline in self._deadlines.items() if deadline <= now]
         for job_id in expired:
             try:
-                self._finish(job_id, JobOutcome(job_id, "timeout", None, {},
+                self._finish(job_id, JobOutcome(job_id, JobStatus.TIMEOUT, None, {},
                                                 "no result from the agent before the job's timeout"), node=None)
             except (NotFoundError, ConflictError):
                 self._deadlines.pop(job_id, None)
@@ -510,7 +479,7 @@ class JobDispatcher:
     def load_deadlines(self) -> None:
         """After a restart: re-arm deadlines of jobs that were dispatched or running."""
         with self.store.session() as s:
-            for row in s.scalars(select(Job).where(Job.status.in_(("dispatched", "running")))):
+            for row in s.scalars(select(Job).where(Job.status.in_((JobStatus.DISPATCHED, JobStatus.RUNNING)))):
                 start = row.dispatched_at or row.created_at
                 self._deadlines[row.id] = start + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
 
@@ -520,7 +489,7 @@ class JobDispatcher:
         expired = [j for j, deadline in self._deadlines.items() if deadline <= now]
         for job_id in expired:
             try:
-                await self.finish_async(job_id, JobOutcome(job_id, "timeout", None, {},
+                await self.finish_async(job_id, JobOutcome(job_id, JobStatus.TIMEOUT, None, {},
                                                            "no result from the agent before the job's timeout"),
                                         node=None)
             except (NotFoundError, ConflictError):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from controller.enrollment import EnrollResult
-from controller.jobs import JobEventRecord, JobOutcome, JobSpec
+from controller.jobs import JobEventRecord
 from fleet.errors import FactsError, InputError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts, parse_node
+from fleet.jobs import FINISHED, JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
 
 MAX_JSON_FIELD_CHARS = 64 * 1024
@@ -95,7 +95,7 @@ def enroll_response(result: EnrollResult) -> pb.EnrollResponse:
 
 def job_to_proto(spec: JobSpec) -> pb.Job:
     return pb.Job(job_id=spec.job_id, kind=spec.kind, vars_json=json.dumps(dict(spec.vars)),
-                  timeout_seconds=spec.timeout_seconds)
+                  timeout_seconds=round(spec.timeout_s))
 
 
 def held_jobs_from_proto(msg: pb.JobsRequest) -> frozenset[str] | None:
@@ -129,8 +129,12 @@ def event_from_proto(msg: pb.JobEvent) -> JobEventRecord:
 def outcome_from_proto(msg: pb.JobResult) -> JobOutcome:
     if not msg.job_id:
         raise InputError("job result without job_id", hint="agents send the job id")
-    result: Mapping[str, Any] = _json_object(msg.result_json, "job result_json", limit=MAX_FACTS_BYTES)
-    return JobOutcome(job_id=msg.job_id, status=msg.status, rc=msg.rc, result=result, error=msg.error or None)
+    if msg.status not in FINISHED:
+        raise InputError(f"job status {msg.status!r} is not a final status",
+                         hint=f"use one of {', '.join(sorted(FINISHED))}")
+    result = _json_object(msg.result_json, "job result_json", limit=MAX_FACTS_BYTES)
+    return JobOutcome(job_id=msg.job_id, status=JobStatus(msg.status), rc=msg.rc, result=result,
+                      error=msg.error or None)
 
 
 def heartbeat_response(interval: float, facts_requested: bool) -> pb.HeartbeatResponse:

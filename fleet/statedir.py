@@ -23,6 +23,10 @@ from fleet.errors import StateDirError
 
 log = logging.getLogger(__name__)
 
+# a controller's state dir when neither --state-dir nor $FLEETCTL_STATE_DIR names one: `fleet-controller serve`
+# creates it, and fleetctl and the admin commands on the same host read it (the CLI's default, relative to the
+# working directory)
+DEFAULT_STATE_DIR = Path("state/controller")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # secret or private files a controller state dir holds (globs relative to it); SQLite's -wal/-shm/-journal

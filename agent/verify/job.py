@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.jobs import JobOutcome, JobRunner, JobSpec
+from agent.jobs import JobRunner
 from fleet.errors import FleetError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ class VerifyJobRunner:
         try:
             req = self.request(job)
         except FleetError as exc:
-            return JobOutcome(status="error", rc=2, result={}, error=f"bad verify job: {exc.message}")
+            return JobOutcome(job.job_id, JobStatus.ERROR, rc=2, result={}, error=f"bad verify job: {exc.message}")
         emit_event({"event": "fleet_verify_started", "event_data": {"mode": req.mode, "python": req.python,
                                                                     "expect": req.expect}})
         result = await asyncio.to_thread(run_verification, req)
         emit_event({"event": "fleet_verify_finished", "event_data": {"status": result.status,
                                                                      "duration_s": result.duration_s}})
-        return JobOutcome(status="successful", rc=0,
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0,
                           result={"verification": result.to_json(), "status": result.status,
                                   "passed": result.passed, "simulated": result.simulated})
 

@@ -14,17 +14,17 @@ from controller.catalog import (
     load_catalog_file,
     wheel_from_entry,
 )
-from controller.commands.plan import DEFAULT_STATE_DIR
 from controller.resolver import Policy
 from fleet.cli import print_json
 from fleet.errors import NotFoundError
+from fleet.statedir import DEFAULT_STATE_DIR
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("catalog", help="list or extend the wheel catalog",
                                    description="Built-in upstream wheels plus user additions stored in "
                                                "<state-dir>/catalog.json. No network needed.")
-    parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", DEFAULT_STATE_DIR),
+    parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", str(DEFAULT_STATE_DIR)),
                         help="controller state dir (user additions live in catalog.json there)")
     sub = parser.add_subparsers(dest="catalog_command", metavar="ACTION")
     sub.required = True

@@ -19,6 +19,9 @@ def register(subparsers: Any) -> None:
                                                "signature found in the log. Exit 1 when none matched.")
     parser.add_argument("file", metavar="FILE", help="log file, or - for stdin")
     parser.add_argument("--json", action="store_true", help='print {"diagnoses": [...]}')
+    parser.add_argument("--explain", action="store_true",
+                        help="also show which signature matched and why: its regex, the matched text and its "
+                             "offsets, and the upstream source")
     parser.set_defaults(handler=run_diagnose)
 
 
@@ -34,4 +37,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
         print(f"  cause:  {d.cause}")
         print(f"  remedy: {d.remedy}")
         print(f"  plan:   {d.plan_change} ({d.action})")
+        if args.explain:
+            print(f"  regex:  {d.pattern}")
+            print(f"  match:  {d.match!r} (characters {d.span[0]}–{d.span[1]}, line {d.line})")
+            print(f"  source: {d.source}")
     return 0 if found else EXIT_NOTHING_FOUND

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.context import DEFAULT_STATE_DIR
 from controller.simfleet import DEFAULT_PROFILES, SimFleet
 from fleet.cli import print_json
+from fleet.statedir import DEFAULT_STATE_DIR
 
 
 def register(subparsers: Any) -> None:

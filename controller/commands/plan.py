@@ -14,8 +14,8 @@ from controller.resolver import Decision, Policy, resolve_fleet
 from fleet.cli import print_json
 from fleet.errors import FactsError, InputError, NotFoundError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts, parse_fleet
+from fleet.statedir import DEFAULT_STATE_DIR
 
-DEFAULT_STATE_DIR = "./state/controller"
 MAX_FLEET_BYTES = 64 * 1024 * 1024
 
 
@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
                              "compatible (FA2)")
     parser.add_argument("--workload", choices=("training", "prefill", "decode"),
                         help="what --prefer fastest and the recommendation measure (default training)")
-    parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", DEFAULT_STATE_DIR),
+    parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", str(DEFAULT_STATE_DIR)),
                         help="controller state dir holding user catalog additions (catalog.json)")
     parser.add_argument("--explain", metavar="HOST", help="print the full reasoning for one node")
     parser.add_argument("--json", action="store_true", help="print the §3.2 JSON object")

@@ -17,8 +17,7 @@ from typing import Any
 
 from fleet.cli import print_json
 from fleet.errors import UsageError
-
-DEFAULT_STATE_DIR = Path("state/controller")
+from fleet.statedir import DEFAULT_STATE_DIR
 
 
 def register(subparsers: Any) -> None:

@@ -1,9 +1,9 @@
-"""HTTP routes of rollouts under /api/v1/rollouts, and the engine's life inside the controller.
+"""HTTP routes of rollouts under /api/v1/rollouts.
 
-``router()`` carries a lifespan that starts the ``RolloutEngine`` on the controller's event loop when
-the HTTP app starts and stops it on shutdown (``create_app`` includes this router).
+A change the engine should act on at once wakes ``ctx.rollout_engine`` (its loop is the composition root's,
+controller/app.py; it also finds the change at its next tick).
 
-Routes (bearer token; reads: any role, POST: operator or admin — controller/api.py):
+Routes (bearer token; reads: any role, POST: operator or admin — controller/http_deps.py):
 POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
 GET /rollouts/{id}[?since=TRANSITION_ID] ·
 GET /rollouts/nodes/{hostname} (that node's part in each) · POST /rollouts/{id}/pause|resume|abort|rollback ·
@@ -12,22 +12,14 @@ GET /rollouts/{id}/audit
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from controller.api import API_PREFIX, Ctx, Operator, Viewer
 from controller.api_tokens import Principal
+from controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
 from controller.rollout import service
-from controller.rollout.engine import RolloutEngine
-
-log = logging.getLogger(__name__)
 
 
 class StartBody(BaseModel):
@@ -62,38 +54,11 @@ def _on_behalf_of(principal: Principal, claimed: str | None) -> str | None:
     return claimed if claimed and claimed != principal.name else None
 
 
-def engine_for(app: FastAPI) -> RolloutEngine | None:
-    eng: RolloutEngine | None = getattr(app.state, "rollout_engine", None)
-    return eng
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    ctx = app.state.ctx
-    ttl = float(os.environ.get("FLEET_ROLLOUT_LEASE_TTL", "15"))
-    engine = RolloutEngine(ctx.store, ctx.jobs, artifacts=ctx.artifacts,
-                           artifacts_dir=ctx.settings.state_dir / "artifacts", lease_ttl=ttl,
-                           provisioner=ctx.provisioner)
-    app.state.rollout_engine = engine
-    task = asyncio.create_task(engine.run(), name="rollout-engine")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, timeout=6)
-
-
 def router() -> APIRouter:
-    r = APIRouter(prefix=f"{API_PREFIX}/rollouts", lifespan=lifespan)
-
-    def wake(request: Request) -> None:
-        eng = engine_for(request.app)
-        if eng is not None:
-            eng.wake()
+    r = APIRouter(prefix=f"{API_PREFIX}/rollouts")
 
     @r.post("")
-    def start(body: StartBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
+    def start(body: StartBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
         req = service.RolloutRequest(version=body.version, nodes=body.nodes, canary=body.canary, batch=body.batch,
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
@@ -103,7 +68,7 @@ def router() -> APIRouter:
                                      workload=body.workload, actor=actor.name,
                                      on_behalf_of=_on_behalf_of(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
-        wake(request)
+        ctx.rollout_engine.wake()
         return out
 
     @r.get("")
@@ -132,11 +97,11 @@ def router() -> APIRouter:
         return service.pause(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
 
     @r.post("/{rid}/resume")
-    def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
+    def resume(rid: str, body: ActorBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
         out = service.resume(ctx.store, rid, actor.name, retry_failed=body.retry_failed,
                              max_failures=body.max_failures, state_dir=ctx.settings.state_dir,
                              provisioner=ctx.provisioner, on_behalf_of=_on_behalf_of(actor, body.actor))
-        wake(request)
+        ctx.rollout_engine.wake()
         return out
 
     @r.post("/{rid}/abort")
@@ -144,9 +109,9 @@ def router() -> APIRouter:
         return service.abort(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
 
     @r.post("/{rid}/rollback")
-    def rollback(rid: str, body: ActorBody, ctx: Ctx, actor: Operator, request: Request) -> dict[str, Any]:
+    def rollback(rid: str, body: ActorBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
         out = service.rollback(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
-        wake(request)
+        ctx.rollout_engine.wake()
         return out
 
     return r

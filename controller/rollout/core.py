@@ -5,7 +5,10 @@
 * ``choose_canaries``: default one node per distinct (GPU model, variant).
 * ``parse_batches`` / ``schedule_batches``: ``--batch 1,5,25%`` → batch sizes.
 * ``parse_budget`` / ``budget_exceeded``: ``--max-failures N|P%`` across the whole rollout.
+* ``RolloutStatus`` / ``ACTIVE_ROLLOUT``: a rollout's status, and which ones still hold their nodes.
 * ``State`` / ``check_transition``: the per-node state machine.
+* ``BuildStatus``: a build key's build.
+* ``progress``: a rollout's (or a batch's) node counts, the one definition of done/failed/to go.
 * ``group_builds``: build once per build key, one builder per key.
 * ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
 * ``next_actions``: given a snapshot of a rollout, what the engine must do now.
@@ -260,6 +263,30 @@ def budget_exceeded(failures: int, total: int, budget: Budget) -> bool:
     return failures > budget.allowed(total)
 
 
+# ---- the rollout's status ------------------------------------------------------------------------
+
+
+class RolloutStatus(enum.StrEnum):
+    """A rollout's status (``rollouts.status``)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # by an operator, the failure budget or a failed canary; resumable
+    ABORTING = "aborting"  # asked to stop: running steps finish, no new one starts
+    ROLLING_BACK = "rolling-back"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"  # ended with failed nodes; `resume --retry-failed` retries them
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled-back"
+    ROLLBACK_FAILED = "rollback-failed"
+
+
+#: Rollouts that still hold their nodes: a node in one may not join another, the engine drives them, and
+#: ``fleetctl rollout status`` reports them ``active``. ABORTING belongs here: its running steps still hold
+#: their nodes until they finish (the engine then sets ABORTED).
+ACTIVE_ROLLOUT = frozenset({RolloutStatus.RUNNING, RolloutStatus.PAUSED, RolloutStatus.ABORTING,
+                            RolloutStatus.ROLLING_BACK})
+
+
 # ---- the per-node state machine -----------------------------------------------------------------
 
 
@@ -332,6 +359,55 @@ def next_state(plan: NodePlan, builder: bool, current: State) -> State:
         raise ConflictError(f"state {current} is not a step of this node's plan", hint="this is a bug")
     i = seq.index(current)
     return seq[i + 1] if i + 1 < len(seq) else State.DONE
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+
+class BatchStatus(enum.StrEnum):
+    """A batch (or any group of a rollout's nodes) as a whole, from its nodes' states."""
+
+    PENDING = "pending"  # no node started
+    RUNNING = "running"
+    DONE = "done"  # every node terminal, none failed
+    FAILED = "failed"  # every node terminal, some failed
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a group of a rollout's nodes (the rollout, one batch) got: the one definition of done, failed
+    and to go that ``fleetctl rollout status``, the API, the dashboard and ``/metrics`` all show."""
+
+    total: int
+    done: int  # DONE: installed and verified
+    failed: int  # FAILED
+    skipped: int  # SKIPPED or ROLLED_BACK: nothing (more) to do there
+    planned: int  # not started yet
+
+    @property
+    def finished(self) -> int:
+        """Nodes in a terminal state (done, failed or skipped)."""
+        return self.done + self.failed + self.skipped
+
+    @property
+    def active(self) -> int:
+        """Nodes still to go (not started, in a step, waiting for a build or rolling back)."""
+        return self.total - self.finished
+
+    @property
+    def status(self) -> BatchStatus:
+        if self.finished == self.total:
+            return BatchStatus.FAILED if self.failed else BatchStatus.DONE
+        return BatchStatus.PENDING if self.planned == self.total else BatchStatus.RUNNING
+
+
+def progress(counts: Mapping[str, int]) -> Progress:
+    """The progress of nodes counted by state (``{"done": 3, "install": 1}``); unknown states are refused."""
+    by_state = {State(k): n for k, n in counts.items()}
+    return Progress(total=sum(by_state.values()), done=by_state.get(State.DONE, 0),
+                    failed=by_state.get(State.FAILED, 0),
+                    skipped=by_state.get(State.SKIPPED, 0) + by_state.get(State.ROLLED_BACK, 0),
+                    planned=by_state.get(State.PLANNED, 0))
 
 
 # ---- build once, install many --------------------------------------------------------------------
@@ -417,16 +493,25 @@ class NodeSnapshot:
     builder: bool = False  # this node is the builder of its build key
 
 
+class BuildStatus(enum.StrEnum):
+    """The build of one build key (``rollout_builds.status``): built once, installed by every node of the key."""
+
+    PENDING = "pending"
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class BuildSnapshot:
     build_key: str
-    status: str  # pending | building | succeeded | failed
+    status: BuildStatus
     builder: str | None
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    status: str  # rollout status
+    status: RolloutStatus
     nodes: Sequence[NodeSnapshot]
     builds: Mapping[str, BuildSnapshot]
     failures: int
@@ -442,11 +527,8 @@ class Actions:
     start: tuple[str, ...] = ()  # hostnames whose next step should start now
     fail_waiting: tuple[tuple[str, str], ...] = ()  # (hostname, build_key) whose build failed
     pause: str | None = None  # reason
-    finish: str | None = None  # final rollout status
+    finish: RolloutStatus | None = None
     current_batch: int | None = None
-
-
-ACTIVE_ROLLOUT = ("running", "paused", "rolling-back")
 
 
 def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
@@ -455,27 +537,29 @@ def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
     return min(open_batches) if open_batches else None
 
 
-def rollback_outcome(nodes: Sequence[NodeSnapshot]) -> str:
+def rollback_outcome(nodes: Sequence[NodeSnapshot]) -> RolloutStatus:
     """The final status of a rollback once no node is rolling back any more. Every ``done`` or ``failed`` node
     went to ``rolling-back`` when the rollback was requested (service.rollback), so a node ``failed`` now is one
     whose rollback failed: the rollout is ``rollback-failed`` (its nodes' causes say why), never ``rolled-back``."""
-    return "rollback-failed" if any(n.state == State.FAILED for n in nodes) else "rolled-back"
+    failed = any(n.state == State.FAILED for n in nodes)
+    return RolloutStatus.ROLLBACK_FAILED if failed else RolloutStatus.ROLLED_BACK
 
 
 def next_actions(snap: Snapshot) -> Actions:
     """What to do now. Pure: the engine persists, then acts on the result."""
+    def build_failed(key: str) -> bool:
+        return snap.builds.get(key, BuildSnapshot(key, BuildStatus.FAILED, None)).status == BuildStatus.FAILED
+
     fail_waiting = tuple(sorted((n.hostname, n.build_key) for n in snap.nodes
-                                if n.state == State.WAITING and n.build_key
-                                and snap.builds.get(n.build_key, BuildSnapshot(n.build_key, "failed", None)).status
-                                == "failed"))
-    if snap.status == "rolling-back":
+                                if n.state == State.WAITING and n.build_key and build_failed(n.build_key)))
+    if snap.status == RolloutStatus.ROLLING_BACK:
         busy = sum(1 for n in snap.nodes if n.busy)
         room = max(0, snap.max_parallel - busy)
         back = tuple(n.hostname for n in snap.nodes if n.state == State.ROLLING_BACK and not n.busy)[:room]
         if not any(n.state == State.ROLLING_BACK for n in snap.nodes):
             return Actions(finish=rollback_outcome(snap.nodes))
         return Actions(start=back)
-    if snap.status != "running":
+    if snap.status != RolloutStatus.RUNNING:
         return Actions(fail_waiting=fail_waiting)
     if budget_exceeded(snap.failures, snap.total, snap.budget):
         return Actions(fail_waiting=fail_waiting, pause=(
@@ -483,8 +567,8 @@ def next_actions(snap: Snapshot) -> Actions:
             f"{snap.budget.allowed(snap.total)} of {snap.total}"))
     batch = current_batch(snap.nodes)
     if batch is None:
-        final = "succeeded" if snap.failures == 0 and all(
-            n.state in (State.DONE, State.SKIPPED) for n in snap.nodes) else "partial"
+        final = RolloutStatus.SUCCEEDED if snap.failures == 0 and all(
+            n.state in (State.DONE, State.SKIPPED) for n in snap.nodes) else RolloutStatus.PARTIAL
         return Actions(finish=final)
     if snap.canary_batch and batch > 0 and not snap.canary_ack:
         canary_failed = [n.hostname for n in snap.nodes if n.batch == 0 and n.state == State.FAILED]
@@ -494,7 +578,7 @@ def next_actions(snap: Snapshot) -> Actions:
                            current_batch=batch)
     busy = sum(1 for n in snap.nodes if n.busy)
     room = max(0, snap.max_parallel - busy)
-    waiting_ok = {k for k, b in snap.builds.items() if b.status == "succeeded"}
+    waiting_ok = {k for k, b in snap.builds.items() if b.status == BuildStatus.SUCCEEDED}
     failing = {h for h, _ in fail_waiting}
     start: list[str] = []
     for n in sorted(snap.nodes, key=lambda n: (n.batch, n.hostname)):

@@ -48,14 +48,17 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.artifacts import VOUCHED, provenance_of, trusted_for
 from controller.audit import audit
-from controller.jobs import FINAL_STATUSES, JobDispatcher, JobOutcome
+from controller.jobs import JobDispatcher
 from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
 from controller.rollout.core import (
+    ACTIVE_ROLLOUT,
     STATE_TO_JOB,
     TERMINAL,
     BuildSnapshot,
+    BuildStatus,
     NodePlan,
     NodeSnapshot,
+    RolloutStatus,
     Snapshot,
     State,
     check_transition,
@@ -70,16 +73,16 @@ from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransi
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
 from fleet.errors import ConflictError, FleetError, NotFoundError
+from fleet.jobs import JobOutcome, JobStatus
 from fleet.verification import judge_job
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ACTIVE = ("running", "paused", "aborting", "rolling-back")
 # finished rollouts whose failed nodes may come back: their vanished-agent failures are reconciled too
 # (`partial` ones can then be retried with `fleetctl rollout resume ID --retry-failed`)
-RECONCILED_AFTER_END = ("partial", "aborted")
+RECONCILED_AFTER_END = (RolloutStatus.PARTIAL, RolloutStatus.ABORTED)
 # how often finished rollouts are looked at: a node coming back is not urgent, and the query spans history
 FINISHED_RECONCILE_S = 10.0
 DEFAULT_TIMEOUTS: Mapping[str, int] = {"apt-keyring-fix": 600, "cuda-toolkit": 1800, "install-wheel": 900,
@@ -341,7 +344,7 @@ class RolloutEngine:
         expiry = now + dt.timedelta(seconds=self.lease_ttl)
         claimed: list[str] = []
         with self.store.session() as s:
-            for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE))):
+            for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE_ROLLOUT))):
                 if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
                     previous = r.lease_owner
                     if not take_lease(s, r, self.owner, expiry):
@@ -377,20 +380,20 @@ class RolloutEngine:
             if r is None:
                 return ()
             nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
-            if r.status == "running":
+            if r.status == RolloutStatus.RUNNING:
                 self._reconcile(s, rid, [n for n in nodes if n.state == State.FAILED])
             keys = {n.build_key for n in nodes if n.build_key}
             builds = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys \
                 else {}
             opts = r.options or {}
             snap = Snapshot(
-                status=r.status,
+                status=RolloutStatus(r.status),
                 nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
                                     busy=self._busy(rid, n, now, running),
                                     builder=bool(n.build_key and builds.get(n.build_key)
                                                  and builds[n.build_key].builder == n.hostname))
                        for n in nodes],
-                builds={k: BuildSnapshot(k, b.status, b.builder) for k, b in builds.items()},
+                builds={k: BuildSnapshot(k, BuildStatus(b.status), b.builder) for k, b in builds.items()},
                 failures=sum(1 for n in nodes if n.state == State.FAILED),
                 total=sum(1 for n in nodes if n.state != State.SKIPPED or n.step is not None),
                 budget=parse_budget(opts.get("max_failures")),
@@ -404,18 +407,18 @@ class RolloutEngine:
                 b = builds[key]
                 record(s, rid, by_host[host], State.FAILED,
                        f"build of {key} on {b.builder or '?'} failed: {b.error or 'see the builder node'}")
-            if r.status == "aborting":
+            if r.status == RolloutStatus.ABORTING:
                 for n in nodes:
                     if State(n.state) not in TERMINAL and not self._busy(rid, n, now, running) and n.job_id is None:
                         record(s, rid, n, State.SKIPPED, "rollout aborted before this step started")
                 if all(State(n.state) in TERMINAL for n in nodes):
-                    self._set_status(s, r, "aborted", r.reason or "aborted by operator")
+                    self._set_status(s, r, RolloutStatus.ABORTED, r.reason or "aborted by operator")
             if acts.pause:
-                self._set_status(s, r, "paused", acts.pause)
+                self._set_status(s, r, RolloutStatus.PAUSED, acts.pause)
                 paused = acts.pause
             elif acts.finish:
                 self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
-                                 "rollback-failed" else self._summary(nodes))
+                                 RolloutStatus.ROLLBACK_FAILED else self._summary(nodes))
             else:
                 start = acts.start
             if acts.current_batch is not None:
@@ -473,8 +476,8 @@ class RolloutEngine:
                 # the cause a node had when its agent vanished is stale now: say what it has and what to do
                 n.result["returned"] = {"flash_attn": fa.get("version"), "target": target,
                                         "at": node.last_seen.isoformat()}
-                retry = (f"`fleetctl rollout resume {rid} --retry-failed` retries it" if finished == "partial"
-                         else "roll out again to finish it")
+                retry = (f"`fleetctl rollout resume {rid} --retry-failed` retries it"
+                         if finished == RolloutStatus.PARTIAL else "roll out again to finish it")
                 now_has = (f"flash-attn {target} (the target) installed but not verified" if target and
                            have == target else f"flash-attn {have}, not the target {target}")
                 n.cause = (f"{n.cause[:2000]} — back online after the rollout ended ({finished}) with {now_has}: "
@@ -510,12 +513,12 @@ class RolloutEngine:
         return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
     @staticmethod
-    def _set_status(s: Session, r: Rollout, status: str, reason: str) -> None:
+    def _set_status(s: Session, r: Rollout, status: RolloutStatus, reason: str) -> None:
         log.info("rollout %s: %s → %s (%s)", r.id, r.status, status, reason)
         r.status = status
         r.reason = reason
         r.updated_at = utcnow()
-        if status not in ACTIVE:
+        if status not in ACTIVE_ROLLOUT:
             r.finished_at = r.updated_at
             r.lease_owner = None
             r.lease_expiry = None
@@ -557,7 +560,7 @@ class RolloutEngine:
         if not n.build_key:
             return False
         b = s.get(Build, n.build_key)
-        return b is not None and b.builder == n.hostname and b.status in ("pending", "building")
+        return b is not None and b.builder == n.hostname and b.status in (BuildStatus.PENDING, BuildStatus.BUILDING)
 
     def _prepare(self, rid: str, host: str) -> StepRun | None:
         """Claim the node, advance it through bookkeeping states, and return the step to run (or None)."""
@@ -576,7 +579,7 @@ class RolloutEngine:
                 if state in TERMINAL:
                     return None
                 if state == State.PLANNED:
-                    if r.status != "running":
+                    if r.status != RolloutStatus.RUNNING:
                         return None
                     nxt = next_state(plan, self._is_builder(s, n), State.PLANNED)
                     nxt = self._skip_wait(s, n, nxt)
@@ -586,14 +589,14 @@ class RolloutEngine:
                     continue
                 if state == State.WAITING:
                     b = s.get(Build, n.build_key) if n.build_key else None
-                    if b is None or b.status == "failed":
+                    if b is None or b.status == BuildStatus.FAILED:
                         record(s, rid, n, State.FAILED, f"build of {n.build_key} failed: "
                                f"{(b.error if b else None) or 'no build record'}")
                         return None
-                    if b.status == "succeeded":
+                    if b.status == BuildStatus.SUCCEEDED:
                         record(s, rid, n, State.INSTALL, f"wheel {b.artifact_filename} built on {b.builder}")
                         continue
-                    if b.builder == host and r.status == "running":
+                    if b.builder == host and r.status == RolloutStatus.RUNNING:
                         record(s, rid, n, State.BUILD, "this node builds the wheel for its build key")
                         continue
                     return None
@@ -603,18 +606,18 @@ class RolloutEngine:
             if kind is None:
                 return None
             if n.job_id is None and n.step_started_at is None:
-                if r.status != ("rolling-back" if state == State.ROLLING_BACK else "running"):
+                if r.status != (RolloutStatus.ROLLING_BACK if state == State.ROLLING_BACK else RolloutStatus.RUNNING):
                     return None  # queued: paused or aborting
                 if state == State.BUILD:
                     problem = self._artifact_space_problem(int(opts.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)))
                     b = s.get(Build, n.build_key) if n.build_key else None
                     if problem:
                         if b is not None:
-                            b.status, b.error, b.finished_at = "failed", problem, now
+                            b.status, b.error, b.finished_at = BuildStatus.FAILED, problem, now
                         record(s, rid, n, State.FAILED, problem)
                         return None
                     if b is not None:
-                        b.status, b.builder, b.attempts, b.rollout_id = "building", host, b.attempts + 1, rid
+                        b.status, b.builder, b.attempts, b.rollout_id = BuildStatus.BUILDING, host, b.attempts + 1, rid
             timeout = int((opts.get("step_timeouts") or {}).get(kind) or self._default_timeout(kind, plan))
             if n.step_started_at is None:
                 n.step_started_at = now
@@ -637,7 +640,7 @@ class RolloutEngine:
         built = None
         if state == State.INSTALL and n.build_key:
             b = s.get(Build, n.build_key)
-            built = b.artifact_sha256 if b is not None and b.status == "succeeded" else None
+            built = b.artifact_sha256 if b is not None and b.status == BuildStatus.SUCCEEDED else None
         return Provision(needs, n.build_key if state == State.BUILD else None, built)
 
     async def _provide(self, step: StepRun) -> bool:
@@ -702,13 +705,13 @@ class RolloutEngine:
             if step.provision is not None and step.provision.build_key:
                 b = s.get(Build, step.provision.build_key)
                 if b is not None:
-                    b.status, b.error, b.finished_at = "failed", cause, utcnow()
+                    b.status, b.error, b.finished_at = BuildStatus.FAILED, cause, utcnow()
             record(s, step.rollout_id, n, State.FAILED, cause)
 
     def _skip_wait(self, s: Session, n: RolloutNode, nxt: State) -> State:
         if nxt == State.WAITING and n.build_key:
             b = s.get(Build, n.build_key)
-            if b is not None and b.status == "succeeded":
+            if b is not None and b.status == BuildStatus.SUCCEEDED:
                 return State.INSTALL
         return nxt
 
@@ -761,7 +764,7 @@ class RolloutEngine:
             out["install"] = False  # the install step that follows installs it, with its dependencies
         elif state == State.INSTALL:
             b = s.get(Build, n.build_key) if n.build_key else None
-            if b is not None and b.status == "succeeded":
+            if b is not None and b.status == BuildStatus.SUCCEEDED:
                 out.update(wheel_sha256=b.artifact_sha256, wheel_filename=b.artifact_filename)
             else:
                 out.update(wheel_filename=plan.artifact, wheel_sha256=n.plan.get("artifact_sha256"),
@@ -801,7 +804,7 @@ class RolloutEngine:
         rows = s.execute(select(Artifact.filename, Artifact.sha256).where(
             Artifact.kind == "wheel", Artifact.filename.startswith(prefix, autoescape=True))).all()
         # only trusted files: vouched for, or the wheel of a build that succeeded (controller/artifacts.py)
-        built = set(s.scalars(select(Build.artifact_sha256).where(Build.status == "succeeded")))
+        built = set(s.scalars(select(Build.artifact_sha256).where(Build.status == BuildStatus.SUCCEEDED)))
         prov = provenance_of(s, [h for _, h in rows])
         trusted = [(f, h) for f, h in rows if h in built or trusted_for(prov.get(h, ()))]
         facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
@@ -842,7 +845,7 @@ class RolloutEngine:
                 finished = await self.store.call(self.jobs.outcome, job_id)
                 if finished is not None:
                     return finished
-            return JobOutcome(job_id, "timeout", None, {"vanished": True},
+            return JobOutcome(job_id, JobStatus.TIMEOUT, None, {"vanished": True},
                               f"no result for {step.kind} within {step.timeout}s: the node's agent is gone or stuck "
                               f"(`fleetctl node {step.hostname}` shows when it was last seen)")
 
@@ -964,9 +967,9 @@ class RolloutEngine:
         if b is not None:
             b.finished_at = utcnow()
             if problem:
-                b.status, b.error = "failed", problem
+                b.status, b.error = BuildStatus.FAILED, problem
             else:
-                b.status, b.artifact_sha256 = "succeeded", sha
+                b.status, b.artifact_sha256 = BuildStatus.SUCCEEDED, sha
                 b.artifact_filename = str(wheel.get("filename") or "")
         return problem
 
@@ -980,8 +983,8 @@ class RolloutEngine:
             cause += f" — diagnosis: {findings[0].get('cause', '')}"
         if step.state == State.BUILD and n.build_key:
             b = s.get(Build, n.build_key)
-            if b is not None and b.status != "failed":
-                b.status, b.error, b.finished_at = "failed", cause, utcnow()
+            if b is not None and b.status != BuildStatus.FAILED:
+                b.status, b.error, b.finished_at = BuildStatus.FAILED, cause, utcnow()
         elif n.build_key and self._is_builder(s, n):
             self._reelect(s, n)
         record(s, step.rollout_id, n, State.FAILED, cause, job_id=outcome.job_id)
@@ -1000,9 +1003,5 @@ class RolloutEngine:
             log.info("build %s: builder %s failed before building; %s builds instead", b.build_key,
                      failed.hostname, b.builder)
         else:
-            b.status, b.error, b.finished_at = "failed", f"builder {failed.hostname} failed and no node is left", \
-                utcnow()
-
-
-def job_is_final(status: str) -> bool:
-    return status in FINAL_STATUSES
+            b.status, b.error = BuildStatus.FAILED, f"builder {failed.hostname} failed and no node is left"
+            b.finished_at = utcnow()

@@ -7,7 +7,7 @@ rolls back on error; SQLAlchemy errors are translated to ``fleet.errors.StoreErr
 
 Availability (docs/security.md, "Availability and faults"):
 
-- every statement is bounded: SQLite waits at most ``SQLITE_BUSY_TIMEOUT_MS`` for a lock,
+- every statement is bounded: SQLite waits at most ``DbTimeouts.lock_ms`` for a lock,
   PostgreSQL connections carry ``lock_timeout`` and ``statement_timeout``; a blocked database
   therefore ends in a ``StoreError`` after seconds, never in a hang;
 - ``await store.call(fn, ...)`` runs blocking database work on the store's own bounded thread
@@ -27,7 +27,6 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,17 +47,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# How long one statement may wait for a lock before it fails (and is retried by its caller): long enough
-# to ride out an ordinary write burst, short enough that a stuck lock shows up as an error within seconds.
-SQLITE_BUSY_TIMEOUT_MS = int(os.environ.get("FLEET_DB_LOCK_TIMEOUT_MS", "5000"))
-PG_LOCK_TIMEOUT_MS = SQLITE_BUSY_TIMEOUT_MS
-PG_STATEMENT_TIMEOUT_MS = int(os.environ.get("FLEET_DB_STATEMENT_TIMEOUT_MS", "15000"))
 PG_CONNECT_TIMEOUT_S = 5
 # Threads for blocking database work (``Store.call``). Bounded so that a blocked database queues work
 # instead of growing threads without end; matches the PostgreSQL pool (10 + overflow) with room to spare.
 DB_WORKERS = 8
 WRITE_RETRIES = 4
 PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class DbTimeouts:
+    """How long one statement may wait (``ControllerSettings.db_timeouts``, docs/operations.md).
+
+    ``lock_ms``: for a lock before it fails (and is retried by its caller): long enough to ride out an ordinary
+    write burst, short enough that a stuck lock shows up as an error within seconds (SQLite's busy timeout,
+    PostgreSQL's lock_timeout). ``statement_ms``: PostgreSQL's statement_timeout, and the wait for a pooled
+    connection."""
+
+    lock_ms: int = 5000
+    statement_ms: int = 15000
 
 
 def _transient(exc: BaseException) -> bool:
@@ -102,8 +109,9 @@ def utcnow() -> dt.datetime:
 class Store:
     """An engine plus a session factory. Thread-safe; one per controller process."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, timeouts: DbTimeouts = DbTimeouts()) -> None:
         self.engine = engine
+        self.timeouts = timeouts
         self.url = engine.url.render_as_string(hide_password=True)
         self._factory = sessionmaker(engine, expire_on_commit=False)
         self.health = StoreHealth()
@@ -188,7 +196,7 @@ class Store:
                     finally:
                         with contextlib.suppress(SQLAlchemyError):
                             conn.exec_driver_sql("ROLLBACK")
-                        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={self.timeouts.lock_ms}")
                 else:
                     with conn.begin():
                         conn.execute(text(f"SET LOCAL lock_timeout = {ms}"))
@@ -216,26 +224,26 @@ class Store:
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(timeouts: DbTimeouts, dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute(f"PRAGMA busy_timeout={timeouts.lock_ms}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 
-def _pg_timeouts(dbapi_conn: Any, _record: Any) -> None:
+def _pg_timeouts(timeouts: DbTimeouts, dbapi_conn: Any, _record: Any) -> None:
     # Set per connection, not in the URL: a URL's ``options`` (the tests' search_path) must stay as given.
     autocommit = dbapi_conn.autocommit
     dbapi_conn.autocommit = True
     with dbapi_conn.cursor() as cur:
-        cur.execute(f"SET lock_timeout = {PG_LOCK_TIMEOUT_MS}")
-        cur.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
+        cur.execute(f"SET lock_timeout = {timeouts.lock_ms}")
+        cur.execute(f"SET statement_timeout = {timeouts.statement_ms}")
     dbapi_conn.autocommit = autocommit
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, timeouts: DbTimeouts = DbTimeouts()) -> Engine:
     """An engine for ``url`` with the project's connection settings (no migration)."""
     try:
         if url.startswith("sqlite"):
@@ -243,15 +251,15 @@ def make_engine(url: str) -> Engine:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(url, connect_args={"check_same_thread": False,
-                                                      "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-            event.listen(engine, "connect", _sqlite_pragmas)
+                                                      "timeout": timeouts.lock_ms / 1000})
+            event.listen(engine, "connect", functools.partial(_sqlite_pragmas, timeouts))
         else:
             # bounded waits on every connection (a lock held outside, a runaway query); pre-ping replaces
             # connections the server dropped (restart, pg_terminate_backend) before a unit of work uses them
             engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
                                    connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
-                                   pool_timeout=PG_STATEMENT_TIMEOUT_MS / 1000)
-            event.listen(engine, "connect", _pg_timeouts)
+                                   pool_timeout=timeouts.statement_ms / 1000)
+            event.listen(engine, "connect", functools.partial(_pg_timeouts, timeouts))
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot open database {url!r}: {exc}",
                          hint="use sqlite:///PATH or postgresql+psycopg://user@host/db") from exc
@@ -274,10 +282,10 @@ def migrate(engine: Engine, revision: str = "head") -> None:
                          hint="check that the database is reachable and writable") from exc
 
 
-def open_store(url: str, *, migrate_schema: bool = True) -> Store:
+def open_store(url: str, *, migrate_schema: bool = True, timeouts: DbTimeouts = DbTimeouts()) -> Store:
     """Open the store at ``url`` and bring its schema to Alembic head."""
-    engine = make_engine(url)
+    engine = make_engine(url, timeouts)
     if migrate_schema:
         migrate(engine)
     log.info("store opened: %s", engine.url.render_as_string(hide_password=True))
-    return Store(engine)
+    return Store(engine, timeouts)

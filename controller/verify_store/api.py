@@ -1,9 +1,9 @@
-"""HTTP routes of verification and schedules, and the service's life inside the controller.
+"""HTTP routes of verification and schedules.
 
-``router()`` carries a lifespan that attaches the ``VerificationService`` (recording verify jobs,
-drift) and starts the scheduler task on the controller's event loop; ``create_app`` includes it.
+The routes use the ``VerificationService`` the controller's parts hold (``ctx.verification``); the composition
+root (controller/app.py) attaches it and runs its scheduler.
 
-Routes (bearer token; reads: any role, writes: operator or admin — controller/api.py): POST /api/v1/verify
+Routes (bearer token; reads: any role, writes: operator or admin — controller/http_deps.py): POST /api/v1/verify
 · GET /api/v1/verifications[?node=&limit=&latest=]
 · GET /api/v1/verifications/{id or job id} · GET /api/v1/verify/baselines · GET /api/v1/verify/nodes/{host}
 · GET/POST /api/v1/schedules · DELETE /api/v1/schedules/{id} · GET /api/v1/schedules/{id}/runs
@@ -11,45 +11,14 @@ Routes (bearer token; reads: any role, writes: operator or admin — controller/
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from controller.api import API_PREFIX, Ctx, Operator, Viewer
 from controller.audit import audit
+from controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
 from controller.verify_store import schedules, store
-from controller.verify_store.service import VerificationService
-
-SCHEDULER_ENV = "FLEET_SCHEDULER"  # "off": this controller runs no schedules
-
-
-def service_for(app: FastAPI) -> VerificationService | None:
-    svc: VerificationService | None = getattr(app.state, "verify_service", None)
-    return svc
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    ctx = app.state.ctx
-    svc = VerificationService(ctx).attach()
-    app.state.verify_service = svc
-    await svc.recover()  # records an earlier fault left unrecorded (off the loop, retried)
-    task = None
-    if os.environ.get(SCHEDULER_ENV, "on").lower() not in ("off", "0", "false", "no"):
-        task = asyncio.create_task(svc.run_scheduler(), name="verify-scheduler")
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 5)
-        svc.close()
 
 
 class VerifyBody(BaseModel):
@@ -67,15 +36,11 @@ class ScheduleBody(BaseModel):
 
 
 def router() -> APIRouter:
-    r = APIRouter(prefix=API_PREFIX, lifespan=lifespan)
-
-    def svc(request: Request, ctx: Any) -> VerificationService:
-        found = service_for(request.app)
-        return found if found is not None else VerificationService(ctx)
+    r = APIRouter(prefix=API_PREFIX)
 
     @r.post("/verify")
-    async def verify(body: VerifyBody, request: Request, ctx: Ctx, actor: Operator) -> dict[str, Any]:
-        jobs = await svc(request, ctx).submit(body.hosts, body.selector, mode=body.mode, trigger="manual",
+    async def verify(body: VerifyBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
+        jobs = await ctx.verification.submit(body.hosts, body.selector, mode=body.mode, trigger="manual",
                                               model_path=body.model_path)
         await ctx.store.call(audit, ctx.store, actor.name, "verify.submit", body.selector or ",".join(body.hosts),
                              mode=body.mode, jobs=len(jobs))

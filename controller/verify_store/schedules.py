@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _FIELD_HELP = {"minute": "0-59", "hour": "0-23", "day-of-month": "1-31", "month": "1-12 or jan-dec",
                "day-of-week": "0-6 (0 = Sunday) or sun-sat"}
-TICK_SECONDS = float(os.environ.get("FLEET_SCHEDULER_TICK", "5"))
+TICK_SECONDS = 5.0  # ControllerSettings.scheduler_tick
 MODES = ("quick", "full")
 
 

@@ -33,6 +33,7 @@ from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.verify_store import views as verification_views
 from controller.web import nodeindex, rolloutview, sources
 from controller.web.auth import (
+    DEFAULT_SESSION_SECONDS,
     LOGIN_CSRF_COOKIE,
     MAX_PASSWORD_CHARS,
     SESSION_COOKIE,
@@ -70,8 +71,8 @@ class WebState:
     def __init__(self, ctx: Any, *, session_seconds: int | None = None) -> None:
         self.ctx = ctx
         self.store: Store = ctx.store
-        self.sessions = Sessions(_secret(ctx), max_age=session_seconds or int(
-            os.environ.get("FLEET_DASHBOARD_SESSION_SECONDS", "28800")))
+        # the controller passes ControllerSettings.dashboard_session_seconds; standalone apps take the default
+        self.sessions = Sessions(_secret(ctx), max_age=session_seconds or DEFAULT_SESSION_SECONDS)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["age"] = _age
         self.templates.env.filters["skew"] = _skew
@@ -504,7 +505,7 @@ async def rollout_action(request: Request, rollout_id: str, action: str) -> Resp
     st = _state(request)
     try:
         message = await asyncio.to_thread(sources.rollout_action, st.ctx, rollout_id, action, f"user:{user.name}",
-                                          engine=getattr(request.app.state, "rollout_engine", None))
+                                          engine=getattr(st.ctx, "rollout_engine", None))
         ok = True
         _shared.clear()
     except FleetError as exc:

@@ -36,8 +36,8 @@ import pytest_asyncio
 
 from agent.client import Agent, AgentConfig, Credentials, channel_options, enroll
 from agent.jobs import JobRunner
-from controller.context import ControllerSettings
-from controller.serve import RunningController, start_controller
+from controller.app import RunningController, start_controller
+from controller.settings import ControllerSettings
 from fleet.facts import NodeFacts
 from fleet.v1 import fleet_pb2_grpc as pb_grpc
 

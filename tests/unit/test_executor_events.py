@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.executor import AnsibleJobRunner, EventPump
-from agent.jobs import JobSpec
+from fleet.jobs import JobSpec
 
 
 async def test_slow_consumer_never_blocks_producer_and_drops_oldest_unimportant() -> None:

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from controller.app import RunningController, start_controller
 from controller.cli import main
 from controller.provisioning import NodeNeeds
-from controller.serve import RunningController, start_controller
 from controller.upstream import UpstreamConfig
 from fleet.errors import FleetError
 from fleet.facts import parse_node

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.app import RunningController
 from controller.cli import main as fleetctl
-from controller.serve import RunningController
 from tests.integration.fleet.test_jobs_artifacts_cli import ScriptedRunner
 from tests.integration.fleet_support import SimAgents, wait_for
 

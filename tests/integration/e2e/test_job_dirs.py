@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.executor import AnsibleJobRunner
-from agent.jobs import JobSpec
+from fleet.jobs import JobSpec
 
 PLAYBOOK = """\
 - name: Copy with content after the installed playbooks are gone

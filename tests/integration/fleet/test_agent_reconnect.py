@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from agent.client import Agent, AgentConfig
-from controller.serve import start_controller
+from controller.app import start_controller
 from tests.integration.fleet_support import controller_settings, new_token, profile_facts, wait_for
 
 RESTARTS = 3

@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import select
 
 from agent.jobs import JobOutcome, JobSpec
+from controller.app import RunningController
 from controller.artifacts import Source
 from controller.cli import main as fleetctl
 from controller.local_wheels import local_wheel_entries
-from controller.serve import RunningController
 from controller.store.models import AuditLog
 from fleet.errors import FleetError, ForbiddenError
 from tests.integration.fleet_support import SimAgents

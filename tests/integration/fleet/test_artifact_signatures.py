@@ -19,11 +19,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
+from controller.app import RunningController, start_controller
 from controller.cli import main as fleetctl
 from controller.commands import serve
-from controller.commands.serve import settings_from
 from controller.main import main as controller_main
-from controller.serve import RunningController, start_controller
+from controller.settings import settings_from
 from controller.signatures import SignaturePolicy
 from controller.store.models import AuditLog
 from fleet.cli import build_parser
@@ -175,7 +175,8 @@ def test_serve_flags(keys: tuple[GpgKey, GpgKey], tmp_path: Path, capsys: pytest
     assert "--require-signed needs --trusted-keyring" in capsys.readouterr().err
     keyring = keys[0].export_binary(tmp_path / "operators.gpg")
     parser = build_parser("fleet-controller", "", [serve])
-    settings = settings_from(parser.parse_args(["serve", "--trusted-keyring", str(keyring), "--require-signed"]))
+    settings = settings_from(parser.parse_args(["serve", "--trusted-keyring", str(keyring), "--require-signed"]),
+                             {})
     assert settings.trusted_keyring == keyring and settings.require_signed
     policy = SignaturePolicy.create(keyring, True, tmp_path / "gnupg")
     assert policy.fingerprints == (keys[0].fingerprint,) and (tmp_path / "gnupg").stat().st_mode & 0o777 == 0o700

@@ -22,9 +22,9 @@ import httpx
 import pytest
 from sqlalchemy import event, func, select
 
+from controller.app import RunningController
 from controller.jobs import JobOutcome
 from controller.registry import Transition
-from controller.serve import RunningController
 from controller.store import Store
 from controller.store.models import Job, JobEvent, Node
 from controller.verify_store.models import Verification
@@ -132,7 +132,7 @@ def _all_seen_after(rc: RunningController, t: float) -> bool:
 async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path: Any) -> None:
     """Kill every other backend of the controller's database repeatedly during a burst of job events, job
     results and verification records; count what was stored."""
-    from controller.serve import start_controller
+    from controller.app import start_controller
     from tests.integration.fleet_support import controller_settings, enroll_creds, profile_facts
 
     rc = await start_controller(controller_settings(tmp_path / "controller", pg_url))
@@ -143,10 +143,7 @@ async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path
             ident = rc.ctx.enrollment.identities.lookup(creds.agent_id)
             assert ident is not None
             await rc.ctx.registry.report_facts_async(ident, profile_facts("a100", h))
-        from controller.verify_store.api import service_for
-
-        svc = service_for(rc.app)
-        assert svc is not None
+        svc = rc.ctx.verification
         jobs = {h: await rc.ctx.jobs.submit_job(h, "verify", {"mode": "quick", "expect": "flash_attn"}) for h in hosts}
         for job_id in jobs.values():  # as if dispatched by this controller (the agents' part is played here)
             rc.ctx.jobs._deadlines[job_id] = rc.ctx.jobs._deadlines.get(job_id) or _far()

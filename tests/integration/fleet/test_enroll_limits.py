@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from agent.client import enroll
-from controller.serve import RunningController
+from controller.app import RunningController
 from controller.store.models import AuditLog
 from fleet.errors import AuthError, ControllerUnavailable
 

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select, update
 
 from agent.client import Credentials, channel_options
+from controller.app import RunningController
 from controller.ca import CertAuthority, cert_identity, key_pem, make_csr, new_key
-from controller.serve import RunningController
 from controller.store.models import AuditLog, EnrollmentToken, Identity
 from fleet.errors import AuthError, ConflictError, InputError
 from fleet.v1 import fleet_pb2 as pb

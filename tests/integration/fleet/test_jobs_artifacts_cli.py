@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from agent.jobs import JobOutcome, JobSpec
+from controller.app import RunningController
 from controller.cli import main as fleetctl
-from controller.serve import RunningController
 from tests.integration.fleet_support import SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(60)

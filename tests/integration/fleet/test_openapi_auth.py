@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from controller.serve import RunningController
+from controller.app import RunningController
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from agent.client import Credentials
 from agent.wire import facts_to_proto
-from controller.serve import RunningController
+from controller.app import RunningController
 from controller.store import utcnow
 from controller.store.models import FactsHistory, Identity, Node, NodeEvent
 from fleet.facts import DriverFacts

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from agent.client import Credentials
+from controller.app import start_controller
 from controller.context import ControllerContext
-from controller.serve import start_controller
 from fleet.errors import StateDirError
 from fleet.statedir import state_dir_error
 from tests.integration.fleet_support import controller_settings

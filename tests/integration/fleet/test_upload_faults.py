@@ -21,9 +21,9 @@ import pytest
 from agent.artifact_jobs import ArtifactJobRunner
 from agent.client import Agent
 from agent.jobs import JobOutcome, JobSpec
+from controller.app import RunningController
 from controller.artifacts import ArtifactStore
 from controller.jobs import JobOutcome as ControllerOutcome
-from controller.serve import RunningController
 from controller.uploads import PartialWriter
 from fleet.errors import StoreError
 from fleet.v1 import fleet_pb2 as pb

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.executor import AnsibleJobRunner
-from agent.jobs import JobOutcome, JobSpec
+from fleet.jobs import JobOutcome, JobSpec
 from tests.integration.harness import aptrepo, debian, wheels
 
 TARGET_PYTHON = "/opt/venv/bin/python"

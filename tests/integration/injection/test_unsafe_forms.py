@@ -29,8 +29,8 @@ from agent.executor import (
     extravars_json,
     unsafe_vars,
 )
-from agent.jobs import JobSpec
 from fleet.errors import ExecutionError
+from fleet.jobs import JobSpec
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 

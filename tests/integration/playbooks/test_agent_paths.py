@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from agent.commands import run as agent_run
-from agent.jobs import JobSpec
 from fleet.errors import UsageError
+from fleet.jobs import JobSpec
 from tests.integration.harness.wheels import build_wheel, sha256_file
 
 

@@ -27,10 +27,7 @@ from sqlalchemy import select
 
 from agent.artifact_jobs import ArtifactJobRunner
 from agent.executor import AnsibleJobRunner
-from agent.jobs import JobOutcome as AgentOutcome
-from agent.jobs import JobSpec as AgentSpec
 from controller.artifacts import Provenance
-from controller.jobs import JobOutcome
 from controller.rollout import service
 from controller.rollout.core import State
 from controller.rollout.engine import RolloutEngine, plan_from_json
@@ -38,6 +35,7 @@ from controller.rollout.expectation import expected_after_rollback
 from controller.rollout.models import Rollout, RolloutNode
 from controller.rollout.service import RolloutRequest
 from controller.store.models import Node
+from fleet.jobs import JobOutcome, JobSpec
 from tests.integration.harness.wheels import build_wheel, sha256_file
 from tests.unit.rollout.simfleet import SimFleet, wait_for
 
@@ -83,9 +81,9 @@ class RealNode:
         subprocess.run([self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                         "--disable-pip-version-check", str(wheel)], check=True, env={**os.environ, "PYTHONPATH": ""})
 
-    async def run(self, kind: str, variables: dict[str, Any]) -> AgentOutcome:
+    async def run(self, kind: str, variables: dict[str, Any]) -> JobOutcome:
         self.n += 1
-        return await self.runner.run(AgentSpec(f"job-{self.n}", kind, variables, timeout_s=240), lambda e: None)
+        return await self.runner.run(JobSpec(f"job-{self.n}", kind, variables, timeout_s=240), lambda e: None)
 
     async def install(self, wheel: Path) -> None:
         out = await self.run("install-wheel", {"wheel_path": str(wheel), "wheel_sha256": sha256_file(wheel),
@@ -207,9 +205,7 @@ async def real_agent_and_engine(fleet: SimFleet, node: RealNode) -> AsyncIterato
 
     async def agent() -> None:
         async for spec in fleet.jobs.stream_for(HOST):
-            out = await runner.run(AgentSpec(spec.job_id, spec.kind, dict(spec.vars), spec.timeout_seconds),
-                                   lambda e: None)
-            fleet.jobs.complete(HOST, JobOutcome(spec.job_id, out.status, out.rc, out.result, out.error))
+            fleet.jobs.complete(HOST, await runner.run(spec, lambda e: None))
 
     engine = fleet.engine()
     tasks = [asyncio.create_task(agent()), asyncio.create_task(engine.run())]

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import Agent
-from agent.jobs import JobOutcome, JobSpec
 from agent.profiles import load_profile
 from agent.verify.simulated import simulate_for_facts
 from fleet.facts import FlashAttnFacts, NodeFacts
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SimRunner:
         await asyncio.sleep(self.script.delays.get(job.kind, self.script.default_delay))
         err = self.script.fail.get((self.host, job.kind))
         if err is not None:
-            return JobOutcome(status="failed", rc=2, error=err)
+            return JobOutcome(job.job_id, JobStatus.FAILED, rc=2, error=err)
         result: dict[str, Any] = {"stats": {"changed": 1}, "simulated": True}
         if job.kind == "build-from-source":
             assert self.agent is not None
@@ -86,4 +86,4 @@ class SimRunner:
                 result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()
             else:
                 result.update(passed=True, reason="simulated GPU model")
-        return JobOutcome(status="successful", rc=0, result=result)
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result=result)

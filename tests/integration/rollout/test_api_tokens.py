@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select, update
 
 from controller.api_tokens import create_token, revoke_token
-from controller.serve import RunningController
+from controller.app import RunningController
 from controller.store import utcnow
 from controller.web.auth import add_user
 from controller.web.models import ApiToken

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from controller.loop_monitors import LoopLag
 from controller.rollout import service
 from controller.rollout.models import RolloutTransition
 from controller.rollout.service import RolloutRequest
-from controller.server import LoopLag
 from tests.integration.fleet.test_db_faults import hold_lock
 from tests.unit.rollout.simfleet import SimFleet, wait_for
 

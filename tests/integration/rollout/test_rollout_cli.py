@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controller.serve import RunningController
+from controller.app import RunningController
 from tests.integration.fleet_support import SimAgents, wait_for
 from tests.integration.rollout.simrunner import Script, SimRunner
 

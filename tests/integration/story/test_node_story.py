@@ -35,9 +35,9 @@ from sqlalchemy import select
 
 from agent.probes import collect_facts
 from agent.probes.chroot import nvcc_probe_in_root
+from controller.app import RunningController
 from controller.artifacts import Provenance
 from controller.jobs import JobEventRecord, JobOutcome
-from controller.serve import RunningController
 from controller.store.models import JobEvent
 from tests.integration.fleet_support import AgentProcess, wait_for
 from tests.integration.harness import debian, wheels

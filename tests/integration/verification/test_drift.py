@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select
 
 from agent.simexec import SimulatedJobRunner
+from controller.app import RunningController
 from controller.cli import main as fleetctl
-from controller.serve import RunningController
 from controller.store.models import Job
 from controller.verify_store import store as vs
-from controller.verify_store.api import service_for
 from controller.verify_store.service import VerificationService
 from fleet.facts import FlashAttnFacts
 from tests.integration.fleet_support import SimAgents, profile_facts, wait_for
@@ -31,11 +29,7 @@ HOST = "h100-drift"
 
 
 def _service(rc: RunningController) -> VerificationService:
-    app = rc.http_server.config.app
-    assert isinstance(app, FastAPI)
-    svc = service_for(app)
-    assert svc is not None
-    return svc
+    return rc.ctx.verification
 
 
 def _verify_jobs(rc: RunningController) -> list[tuple[str, dict[str, Any], str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from controller.serve import start_controller
+from controller.app import start_controller
 from controller.store import Store, open_store, utcnow
 from controller.store.models import Job, Node
 from controller.verify_store import schedules as sch
@@ -65,9 +65,8 @@ def _add_nodes(store: Store, hosts: list[str]) -> None:
 async def test_two_controller_processes_run_a_schedule_once(pg_url: str, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Two real controllers (their scheduler tasks ticking every 0.1 s) on one PostgreSQL database."""
-    monkeypatch.setenv("FLEET_SCHEDULER_TICK", "0.1")
-    first = await start_controller(controller_settings(tmp_path / "a", pg_url))
-    second = await start_controller(controller_settings(tmp_path / "b", pg_url))
+    first = await start_controller(controller_settings(tmp_path / "a", pg_url, scheduler_tick=0.1))
+    second = await start_controller(controller_settings(tmp_path / "b", pg_url, scheduler_tick=0.1))
     try:
         _add_nodes(first.ctx.store, ["gpu-1", "gpu-2", "gpu-3"])
         # created two minutes ago: this minute's run is due at once, for both controllers

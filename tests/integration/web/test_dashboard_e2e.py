@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.serve import RunningController
+from controller.app import RunningController
 from controller.web.auth import add_user
 from tests.integration.fleet_support import SimAgents
 from tests.integration.rollout.simrunner import Script, SimRunner

@@ -11,8 +11,8 @@ from typing import Any, cast
 import pytest
 
 from agent.client import Agent, AgentConfig
-from agent.jobs import JobOutcome, JobSpec
 from agent.profiles import load_profile
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
@@ -58,7 +58,7 @@ class Gate:
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         emit_event({"event": "runner_on_ok", "event_data": {"task": "t"}})
         await self.release.wait()
-        return JobOutcome(status="successful", rc=0, result={"ok": True})
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={"ok": True})
 
 
 def connected_agent(tmp_path: Path, stub: CuttingStub, runner: Gate) -> Agent:

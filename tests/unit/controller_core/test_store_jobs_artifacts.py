@@ -13,11 +13,12 @@ from sqlalchemy import inspect, update
 from controller.artifacts import ArtifactStore, Provenance, safe_filename
 from controller.ca import CertAuthority, cert_identity, make_csr, new_key
 from controller.enrollment import Enrollment
-from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome
+from controller.jobs import JobDispatcher, JobEventRecord
 from controller.registry import Registry
 from controller.store import Store, open_store, utcnow
 from controller.store.models import EnrollmentToken
 from fleet.errors import AuthError, ConflictError, InputError, NotFoundError
+from fleet.jobs import JobOutcome, JobStatus
 from tests.unit.controller_core.util import add_identity, facts
 
 
@@ -98,12 +99,12 @@ async def test_dispatcher_submit_stream_complete(store: Store) -> None:
         jobs.record_events("other", [JobEventRecord(first, 2, "x", {}, now)])
     assert jobs.get(first)["status"] == "running"
     waiter = asyncio.create_task(jobs.wait(first, timeout=5))
-    jobs.complete("n1", JobOutcome(first, "successful", 0, {"ok": True}))
+    jobs.complete("n1", JobOutcome(first, JobStatus.SUCCESSFUL, 0, {"ok": True}))
     assert (await waiter).result == {"ok": True}
-    jobs.complete("n1", JobOutcome(first, "failed", 1))  # late duplicate: ignored
+    jobs.complete("n1", JobOutcome(first, JobStatus.FAILED, 1))  # late duplicate: ignored
     assert jobs.get(first)["status"] == "successful"
     with pytest.raises(InputError):
-        jobs.complete("n1", JobOutcome(second, "running"))
+        jobs.complete("n1", JobOutcome(second, JobStatus.RUNNING))
     jobs.expire(utcnow() + dt.timedelta(hours=2))
     assert jobs.get(second)["status"] == "timeout"
     with pytest.raises(ConflictError):
@@ -157,10 +158,10 @@ async def test_restarted_agent_without_the_job_interrupts_it(store: Store) -> No
     assert lost not in jobs._deadlines  # the watchdog has nothing left to do for it
 
     # a late result from the old process is ignored; the job stays failed
-    jobs.complete("n1", JobOutcome(lost, "successful", 0, {"late": True}))
+    jobs.complete("n1", JobOutcome(lost, JobStatus.SUCCESSFUL, 0, {"late": True}))
     assert jobs.get(lost)["status"] == "failed" and jobs.get(lost, events=False)["result"] == {"interrupted": True}
     # the kept job's result still lands
-    jobs.complete("n1", JobOutcome(kept, "successful", 0, {}))
+    jobs.complete("n1", JobOutcome(kept, JobStatus.SUCCESSFUL, 0, {}))
     assert jobs.get(kept)["status"] == "successful"
     await stream.aclose()
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent import wire as agent_wire
-from agent.jobs import JobOutcome
 from controller import wire as controller_wire
-from controller.jobs import JobSpec
 from fleet.errors import FactsError, InputError
 from fleet.facts import parse_node
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
 
 EXAMPLES = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json").read_text())
@@ -49,14 +48,14 @@ def test_bad_facts_messages() -> None:
 
 
 def test_jobs_events_results() -> None:
-    job = controller_wire.job_to_proto(JobSpec("j1", "n1", "install-wheel", {"a": [1]}, 60))
+    job = controller_wire.job_to_proto(JobSpec("j1", "install-wheel", {"a": [1]}, 60))
     spec = agent_wire.job_from_proto(pb.Job.FromString(job.SerializeToString()))
     assert (spec.job_id, spec.kind, spec.vars, spec.timeout_s) == ("j1", "install-wheel", {"a": [1]}, 60.0)
     ev = agent_wire.event_to_proto("j1", 3, {"event": "runner_on_ok", "event_data": {"task": "x"}})
     rec = controller_wire.event_from_proto(ev)
     assert (rec.job_id, rec.counter, rec.event, dict(rec.data)) == ("j1", 3, "runner_on_ok", {"task": "x"})
     assert abs((rec.created - dt.datetime.now(dt.UTC)).total_seconds()) < 5
-    res = agent_wire.result_to_proto("j1", JobOutcome(status="error", rc=2, result={"k": 1}, error="boom"))
+    res = agent_wire.result_to_proto("j1", JobOutcome("j1", JobStatus.ERROR, rc=2, result={"k": 1}, error="boom"))
     out = controller_wire.outcome_from_proto(res)
     assert (out.status, out.rc, dict(out.result), out.error) == ("failed", 2, {"k": 1}, "boom")
     with pytest.raises(InputError):

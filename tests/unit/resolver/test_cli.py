@@ -127,3 +127,16 @@ def test_diagnose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1 and "no known" in out
     code, _, err = run(["diagnose", "/nonexistent.log"], capsys)
     assert code == 3 and "cannot read log" in err
+
+
+def test_diagnose_explain_shows_the_regex_and_the_matched_text(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    text = "ok\nERROR: flash_attn-2.8.3+cu12torch2.7cxx11abiTRUE-cp312-cp312-linux_x86_64.whl is not a supported " \
+           "wheel on this platform.\n"
+    code, out, _ = run(["diagnose", write(tmp_path, "pip.log", text), "--explain"], capsys)
+    assert code == 0 and "[wheel_not_supported_platform] line 2" in out
+    assert "regex:  flash_attn-" in out and "is not a supported wheel on this platform'" in out
+    assert "characters 10–" in out and "source: https://github.com/McGill-NLP/nano-aha-moment/issues/3" in out
+    code, out, _ = run(["diagnose", write(tmp_path, "pip.log", text), "--json"], capsys)
+    found = json.loads(out)["diagnoses"][0]
+    assert found["span"][0] == 10 and found["match"].startswith("flash_attn-2.8.3")

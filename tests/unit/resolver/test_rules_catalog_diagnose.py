@@ -17,7 +17,7 @@ from controller.catalog import (
     parse_catalog_text,
     parse_wheel_filename,
 )
-from controller.diagnose import PLAN_CHANGES, diagnose, signatures
+from controller.diagnose import diagnose, signatures
 from controller.resolver import rules
 from fleet.errors import CatalogError
 
@@ -162,9 +162,60 @@ SAMPLES = {
 }
 
 
-def test_every_signature_has_a_sample_and_a_plan_change() -> None:
-    ids = {s.id for s in signatures()}
-    assert ids == set(SAMPLES) == set(PLAN_CHANGES)
+# Issue 19: the ten texts `fleetctl diagnose` did not match and the one it got wrong, verbatim from the cited
+# upstream issues (paths as the reporters posted them); each maps to the signature that must explain it.
+ISSUE_19 = {
+    "glibcxx_too_old": "ImportError: /usr/lib/x86_64-linux-gnu/libstdc++.so.6: version `GLIBCXX_3.4.26' not found "
+                       "(required by /home/whuav/anaconda3/envs/MeshAnything/lib/python3.10/site-packages/"
+                       "flash_attn_2_cuda.cpython-310-x86_64-linux-gnu.so)",  # buaacyw/MeshAnything#20
+    "gxx_older_than_cuda_minimum": "  RuntimeError: The current installed version of g++ (4.8.5) is less than the "
+                                   "minimum required version by CUDA 11.7 (6.0.0). Please make sure to use an "
+                                   "adequate version of g++ (>=6.0.0, <12.0).",  # torch cpp_extension
+    "fa1_backward_headdim_64": "RuntimeError: FlashAttention backward for head dim > 64 requires A100 or H100 GPUs as "
+                               "the implementation needs a large amount of shared memory.",  # LlamaFactory#371
+    "fa1_api_with_fa2_imports": "ImportError: cannot import name 'flash_attn_func' from 'flash_attn' "
+                                "(/usr/local/lib/python3.10/dist-packages/flash_attn/__init__.py)",  # FlashFace#10
+    "msvc_unsupported_by_nvcc": "host_config.h(153): fatal error C1189: #error:  -- unsupported Microsoft Visual "
+                                "Studio version! Only the versions between 2017 and 2022 (inclusive) are supported! "
+                                "The nvcc flag '-allow-unsupported-compiler' can be used to override this version "
+                                "check",  # Wan-Video/Wan2.1#207
+    "wheel_not_supported_platform": "ERROR: flash_attn-2.7.2.post1+cu12torch2.5cxx11abiFALSE-cp310-cp310-linux_x86_64"
+                                    ".whl is not a supported wheel on this platform.",  # nano-aha-moment#3
+    "gcc11_parameter_packs": "      /usr/include/c++/11/bits/std_function.h:435:145: error: parameter packs not "
+                             "expanded with ‘...’:",  # flash-attention#191
+    "torch_abi_undefined_symbol": "ImportError: /root/miniconda3/envs/r1v/lib/python3.11/site-packages/flash_attn_2_"
+                                  "cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZNK3c1011StorageImpl27"
+                                  "throw_data_ptr_access_errorEv",  # StarsfieldAI/R1-V#127, flash-attention#1509
+    "fa2_backward_headdim_192": "RuntimeError: FlashAttention backward for head dim > 192 requires A100/A800 or "
+                                "H100/H800",  # README before 2.5.5, flash-attention#579
+    "verify_target_python_without_torch": "torch is not importable in /opt/ml/venv/bin/python: "
+                                          "ModuleNotFoundError: No module named 'torch'",  # agent/verify/bench.py
+    "fa2_api_with_fa1_imports": "ImportError: cannot import name 'flash_attn_unpadded_qkvpacked_func' from "
+                                "'flash_attn.flash_attn_interface' (/data1/yanzh/.conda/envs/mgie/lib/python3.10/"
+                                "site-packages/flash_attn/flash_attn_interface.py)",  # flash-attention#1280
+}
+WHAT_SYMBOL = ("ImportError: /opt/conda/envs/viscot/lib/python3.10/site-packages/flash_attn_2_cuda.cpython-310-x86_64-"
+               "linux-gnu.so: undefined symbol: _ZNK3c105Error4whatEv")  # deepcs233/Visual-CoT#25
+SAMPLES.update(ISSUE_19)
+
+
+def test_every_signature_has_a_sample_a_plan_change_and_a_source() -> None:
+    assert {s.id for s in signatures()} == set(SAMPLES)
+    for sig in signatures():
+        assert sig.action and sig.plan_change and sig.source and sig.cause and sig.remedy, sig.id
+
+
+@pytest.mark.parametrize("sig_id", sorted(ISSUE_19))
+def test_issue_19_text_is_explained_by_its_signature_alone(sig_id: str) -> None:
+    found = [d for d in diagnose(ISSUE_19[sig_id]) if not d.red_herring]
+    assert [d.id for d in found] == [sig_id]
+    assert found[0].match and found[0].match in ISSUE_19[sig_id] and found[0].pattern
+
+
+def test_second_c10_symbol_and_no_more_build_isolation_misdiagnosis() -> None:
+    assert [d.id for d in diagnose(WHAT_SYMBOL)] == ["torch_abi_undefined_symbol"]
+    pip_log = "  File \"<string>\", line 9, in <module>\n      ModuleNotFoundError: No module named 'torch'"
+    assert [d.id for d in diagnose(pip_log)] == ["build_isolation_no_torch"]
 
 
 @pytest.mark.parametrize("sig_id", sorted(SAMPLES))

@@ -18,11 +18,12 @@ from typing import Any
 
 from agent.profiles import load_profile
 from controller.artifacts import ArtifactStore, Provenance
-from controller.jobs import JobDispatcher, JobEventRecord, JobOutcome, JobSpec
+from controller.jobs import JobDispatcher, JobEventRecord
 from controller.rollout.engine import RolloutEngine
 from controller.store import Store, open_store, utcnow
 from controller.store.models import Job, Node
 from fleet.errors import StoreError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 DEFAULT_DELAYS: Mapping[str, float] = {"apt-keyring-fix": 0.02, "cuda-toolkit": 0.02, "build-from-source": 0.1,
                                        "install-wheel": 0.02, "verify": 0.02, "rollback": 0.02}
@@ -140,7 +141,7 @@ class SimFleet:
         if spec.kind == "verify" and host in self.no_verify:
             err = "unknown job kind 'verify'; known: apt-keyring-fix, cuda-toolkit, install-wheel, build-from-source"
         if err is not None:
-            await self._complete(host, JobOutcome(spec.job_id, "failed", 2, {}, err))
+            await self._complete(host, JobOutcome(spec.job_id, JobStatus.FAILED, 2, {}, err))
             return
         result: dict[str, Any] = {"stats": {"changed": 1}}
         if spec.kind == "build-from-source":
@@ -156,7 +157,7 @@ class SimFleet:
             reason = self.verify_fail.get(host)
             result["passed"] = reason is None
             result["reason"] = reason or "simulated verification"
-        await self._complete(host, JobOutcome(spec.job_id, "successful", 0, result, None))
+        await self._complete(host, JobOutcome(spec.job_id, JobStatus.SUCCESSFUL, 0, result, None))
 
     def job_counts(self) -> dict[tuple[str, str], int]:
         with self.store.session() as s:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 
 from controller.rollout.core import (
+    ACTIVE_ROLLOUT,
     Actions,
     BatchSize,
     Budget,
     BuildSnapshot,
+    BuildStatus,
     NodeInfo,
     NodePlan,
     NodeSnapshot,
+    RolloutStatus,
     Snapshot,
     State,
     budget_exceeded,
@@ -192,8 +195,9 @@ def test_group_builds_one_builder_per_key_earliest_batch() -> None:
     assert group_builds(plans, batches, {"k2": "e"}) == {"k1": "b", "k2": "e"}
 
 
-def snap(nodes: list[NodeSnapshot], *, status: str = "running", builds: dict[str, BuildSnapshot] | None = None,
-         budget: str = "1", parallel: int = 10, canary: bool = True, ack: bool = False) -> Snapshot:
+def snap(nodes: list[NodeSnapshot], *, status: RolloutStatus = RolloutStatus.RUNNING,
+         builds: dict[str, BuildSnapshot] | None = None, budget: str = "1", parallel: int = 10,
+         canary: bool = True, ack: bool = False) -> Snapshot:
     return Snapshot(status, nodes, builds or {}, sum(n.state == State.FAILED for n in nodes), len(nodes),
                     parse_budget(budget), parallel, canary, ack)
 
@@ -219,30 +223,32 @@ P, D, F, W = State.PLANNED, State.DONE, State.FAILED, State.WAITING
      Actions(pause="failure budget exceeded: 2 failed, --max-failures 1 allows 1 of 3")),
     # waiting on a running build: not started; builder waiting node is started
     (snap([N("a", State.BUILD, 0, "k", busy=True, builder=True), N("b", W, 0, "k")], canary=False,
-          builds={"k": BuildSnapshot("k", "building", "a")}), Actions(current_batch=0)),
-    (snap([N("b", W, 0, "k", builder=True)], canary=False, builds={"k": BuildSnapshot("k", "pending", "b")}),
+          builds={"k": BuildSnapshot("k", BuildStatus.BUILDING, "a")}), Actions(current_batch=0)),
+    (snap([N("b", W, 0, "k", builder=True)], canary=False, builds={"k": BuildSnapshot("k", BuildStatus.PENDING, "b")}),
      Actions(start=("b",), current_batch=0)),
     # build succeeded → waiting nodes start (install)
-    (snap([N("a", D, 0, "k"), N("b", W, 0, "k")], canary=False, builds={"k": BuildSnapshot("k", "succeeded", "a")}),
+    (snap([N("a", D, 0, "k"), N("b", W, 0, "k")], canary=False,
+          builds={"k": BuildSnapshot("k", BuildStatus.SUCCEEDED, "a")}),
      Actions(start=("b",), current_batch=0)),
     # build failed → only the nodes waiting on it fail
     (snap([N("a", F, 0, "k"), N("b", W, 0, "k"), N("c", P, 0, "j")], canary=False, budget="5",
-          builds={"k": BuildSnapshot("k", "failed", "a")}),
+          builds={"k": BuildSnapshot("k", BuildStatus.FAILED, "a")}),
      Actions(start=("c",), fail_waiting=(("b", "k"),), current_batch=0)),
     # all terminal → finish
-    (snap([N("a", D, 0), N("b", State.SKIPPED, 1)]), Actions(finish="succeeded")),
-    (snap([N("a", D, 0), N("b", F, 1)]), Actions(finish="partial")),
+    (snap([N("a", D, 0), N("b", State.SKIPPED, 1)]), Actions(finish=RolloutStatus.SUCCEEDED)),
+    (snap([N("a", D, 0), N("b", F, 1)]), Actions(finish=RolloutStatus.PARTIAL)),
     # paused: nothing starts
-    (snap([N("a", P, 0)], status="paused"), Actions()),
+    (snap([N("a", P, 0)], status=RolloutStatus.PAUSED), Actions()),
     # rolling back
-    (snap([N("a", State.ROLLING_BACK, 0), N("b", State.ROLLED_BACK, 0)], status="rolling-back"),
+    (snap([N("a", State.ROLLING_BACK, 0), N("b", State.ROLLED_BACK, 0)], status=RolloutStatus.ROLLING_BACK),
      Actions(start=("a",))),
-    (snap([N("a", State.ROLLED_BACK, 0)], status="rolling-back"), Actions(finish="rolled-back")),
+    (snap([N("a", State.ROLLED_BACK, 0)], status=RolloutStatus.ROLLING_BACK),
+     Actions(finish=RolloutStatus.ROLLED_BACK)),
     # a node whose rollback failed: never rolled-back (untouched skipped nodes don't count)
-    (snap([N("a", State.ROLLED_BACK, 0), N("b", F, 0), N("c", State.SKIPPED, 0)], status="rolling-back"),
-     Actions(finish="rollback-failed")),
-    (snap([N("a", State.ROLLED_BACK, 0), N("c", State.SKIPPED, 0)], status="rolling-back"),
-     Actions(finish="rolled-back")),
+    (snap([N("a", State.ROLLED_BACK, 0), N("b", F, 0), N("c", State.SKIPPED, 0)], status=RolloutStatus.ROLLING_BACK),
+     Actions(finish=RolloutStatus.ROLLBACK_FAILED)),
+    (snap([N("a", State.ROLLED_BACK, 0), N("c", State.SKIPPED, 0)], status=RolloutStatus.ROLLING_BACK),
+     Actions(finish=RolloutStatus.ROLLED_BACK)),
 ])
 def test_next_actions(s: Snapshot, expected: Actions) -> None:
     assert next_actions(s) == expected

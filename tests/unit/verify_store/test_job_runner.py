@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.jobs import JobOutcome, JobSpec
 from agent.verify.job import CompositeRunner, VerifyJobRunner
 from agent.verify.simulated import simulate_verification
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 
 def fake_python(tmp_path: Path, doc: dict[str, Any]) -> str:
@@ -30,7 +30,7 @@ class Playbooks:
 
     async def run(self, job: JobSpec, emit_event: Any) -> JobOutcome:
         self.kinds.append(job.kind)
-        return JobOutcome(status="successful", rc=0, result={"stats": {}})
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={"stats": {}})
 
 
 def test_verify_job_runs_bench_in_target_python(tmp_path: Path) -> None:

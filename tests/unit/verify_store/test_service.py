@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from controller.context import ControllerContext, ControllerSettings
+from controller.context import ControllerContext
 from controller.registry import NodeStatus
 from controller.rollout.models import Rollout, RolloutNode
+from controller.settings import ControllerSettings
 from controller.store import utcnow
 from controller.store.models import Job
 from controller.verify_store.service import VerificationService, drift_relevant

@@ -1,0 +1,243 @@
+"""Every knob of the controller in one typed, frozen object, read once at start-up.
+
+``ControllerSettings`` is what the composition root (controller/app.py) builds the controller from; no part
+reads flags or the environment itself. ``fleet-controller serve`` declares its flags with
+``add_arguments(parser)`` and turns them, with the environment, into settings with ``settings_from(args,
+environ)``: a flag given on the command line wins over its environment variable, which wins over the default
+(docs/operations.md, "Controller settings", lists them). A value that does not parse stops the start with a
+``UsageError`` naming the knob and what to set instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
+from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED
+from controller.store.db import DbTimeouts
+from controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
+from fleet.errors import UsageError
+from fleet.statedir import DEFAULT_STATE_DIR
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    db_url: str | None = None  # default sqlite:///STATE/controller.db
+    grpc_listen: str = "127.0.0.1:7443"  # mutual TLS: every RPC but Enroll
+    enroll_listen: str | None = None  # server TLS only, for Enroll; default: grpc port + 1
+    http_listen: str = "127.0.0.1:7480"
+    heartbeat_interval: float = DEFAULT_INTERVAL
+    missed_heartbeats: int = DEFAULT_MISSED
+    flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
+    extra_names: tuple[str, ...] = ()  # more SANs for the server certificate
+    artifact_max_bytes: int | None = None
+    # upload temp files (partial uploads agents may still continue) older than this are removed at start;
+    # agents give up retrying an upload long before (agent/client.py UPLOAD_RETRY_SECONDS)
+    upload_stale_seconds: float = 24 * 3600
+    # enrollment attempts admitted per source address and overall (controller/ratelimit.py; --enroll-rate)
+    enroll_per_source: Rate = ENROLL_PER_SOURCE
+    enroll_overall: Rate = ENROLL_OVERALL
+    # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
+    # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
+    gc_tuning: bool = False
+    # where artifacts a plan needs come from when the store lacks them (controller/upstream.py)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # operator keys that may sign `fleetctl artifact add --sig` uploads (controller/signatures.py;
+    # --trusted-keyring); require_signed refuses unsigned operator uploads (--require-signed)
+    trusted_keyring: Path | None = None
+    require_signed: bool = False
+    # a rollout engine holds its rollout's lease this long without renewing it before another controller's
+    # engine may take the rollout over (docs/rollout.md; FLEET_ROLLOUT_LEASE_TTL)
+    rollout_lease_ttl: float = 15.0
+    # this controller runs due verification schedules (FLEET_SCHEDULER=off: another controller does)
+    scheduler: bool = True
+    scheduler_tick: float = 5.0  # how often the scheduler looks for due runs (FLEET_SCHEDULER_TICK)
+    # a relevant facts change is re-verified this long after the last change (FLEET_DRIFT_DEBOUNCE): an
+    # upgrade reports several changes within seconds, and one verification covers them all
+    drift_debounce: float = 10.0
+    dashboard_session_seconds: int = 8 * 3600  # a dashboard login lasts this long (FLEET_DASHBOARD_SESSION_SECONDS)
+    # how long a statement may wait for a lock / run (FLEET_DB_LOCK_TIMEOUT_MS, FLEET_DB_STATEMENT_TIMEOUT_MS)
+    db_timeouts: DbTimeouts = field(default_factory=DbTimeouts)
+    log_level: str = "INFO"  # FLEET_LOG_LEVEL
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.state_dir / 'controller.db').resolve()}"
+
+
+# ---- reading: flags, then the environment, then the default ---------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``fleet-controller serve``. A flag that has an environment variable defaults to None here,
+    so that ``settings_from`` can tell "not given" from "given"."""
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help="state directory (default ./state/controller)")
+    p.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db; "
+                   "postgresql+psycopg://user@host/db for PostgreSQL)")
+    p.add_argument("--grpc-listen", default="127.0.0.1:7443", metavar="HOST:PORT",
+                   help="agent port, mutual TLS (default 127.0.0.1:7443)")
+    p.add_argument("--enroll-listen", metavar="HOST:PORT", help="enrollment port (default: agent port + 1)")
+    p.add_argument("--http-listen", default="127.0.0.1:7480", metavar="HOST:PORT",
+                   help="HTTP API and dashboard (default 127.0.0.1:7480)")
+    p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_INTERVAL, metavar="S",
+                   help=f"heartbeat interval asked of agents (default {DEFAULT_INTERVAL:g} s)")
+    p.add_argument("--missed-heartbeats", type=int, default=DEFAULT_MISSED, metavar="N",
+                   help=f"a node missing N intervals turns offline (default {DEFAULT_MISSED})")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="another DNS name or IP for the server certificate (repeatable)")
+    p.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false",
+                   help="keep CPython's default garbage collector settings (by default objects alive after "
+                        "start-up and registration bursts are frozen and the gen-0 threshold is raised)")
+    p.add_argument("--upstream-index", default=DEFAULT_INDEX_URL, metavar="URL",
+                   help="PEP 503 package index for sdists, flash-attn-4 and dependency wheels (default "
+                        f"{DEFAULT_INDEX_URL}; a local mirror such as devpi or Artifactory works; 'none': no index)")
+    p.add_argument("--wheel-mirror", metavar="URL",
+                   help="fetch flash-attn release wheels from here, not GitHub (URL/vVERSION/FILE, then URL/FILE)")
+    p.add_argument("--offline", action="store_true",
+                   help="never fetch: plans use only the artifact store (fill it with `fleetctl bundle import`)")
+    p.add_argument("--enroll-rate", type=float, default=None, metavar="PER_S",
+                   help="enrollment attempts allowed per second overall (default 50, burst 200; per source "
+                        "address 1/s, burst 20); a lab load test enrolling thousands of agents from one host "
+                        "raises it (see docs/security.md, Abuse limits)")
+    p.add_argument("--trusted-keyring", type=Path, metavar="FILE",
+                   help="OpenPGP public keys of the operators (gpg --export --armor KEYID... > FILE): a signature "
+                        "sent with `fleetctl artifact add --sig` must come from one of them, else the upload is "
+                        "refused; the signer's fingerprint is recorded (docs/security.md, Artifacts and provenance)")
+    p.add_argument("--require-signed", action="store_true",
+                   help="refuse `fleetctl artifact add` uploads without a signature (needs --trusted-keyring)")
+    # knobs that also have an environment variable (the flag wins)
+    p.add_argument("--rollout-lease-ttl", metavar="S", help="rollout lease TTL (default 15; FLEET_ROLLOUT_LEASE_TTL)")
+    p.add_argument("--no-scheduler", dest="scheduler", action="store_const", const="off",
+                   help="run no verification schedules in this controller (FLEET_SCHEDULER=off)")
+    p.add_argument("--scheduler-tick", metavar="S", help="scheduler period (default 5; FLEET_SCHEDULER_TICK)")
+    p.add_argument("--drift-debounce", metavar="S",
+                   help="delay of a drift re-verification (default 10; FLEET_DRIFT_DEBOUNCE)")
+    p.add_argument("--dashboard-session-seconds", metavar="S",
+                   help="dashboard login lifetime (default 28800; FLEET_DASHBOARD_SESSION_SECONDS)")
+    p.add_argument("--db-lock-timeout-ms", metavar="MS",
+                   help="wait for a database lock at most this long (default 5000; FLEET_DB_LOCK_TIMEOUT_MS)")
+    p.add_argument("--db-statement-timeout-ms", metavar="MS",
+                   help="PostgreSQL statement timeout (default 15000; FLEET_DB_STATEMENT_TIMEOUT_MS)")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR (default INFO; FLEET_LOG_LEVEL)")
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
+    """The one place the controller's flags and environment are read (at start-up, before anything is built)."""
+    check_signing_args(args)
+    per_source, overall = enroll_rates(args.enroll_rate)
+    knob = _Knobs(args, environ)
+    defaults = ControllerSettings()
+    return ControllerSettings(
+        state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen, enroll_listen=args.enroll_listen,
+        http_listen=args.http_listen, heartbeat_interval=args.heartbeat_interval,
+        missed_heartbeats=args.missed_heartbeats, extra_names=tuple(args.san), gc_tuning=args.gc_tuning,
+        upstream=upstream_from(args), enroll_per_source=per_source, enroll_overall=overall,
+        trusted_keyring=args.trusted_keyring, require_signed=args.require_signed,
+        rollout_lease_ttl=knob.read("rollout_lease_ttl", "FLEET_ROLLOUT_LEASE_TTL", _seconds,
+                                    defaults.rollout_lease_ttl),
+        scheduler=knob.read("scheduler", "FLEET_SCHEDULER", _switch, defaults.scheduler, flag="--no-scheduler"),
+        scheduler_tick=knob.read("scheduler_tick", "FLEET_SCHEDULER_TICK", _seconds, defaults.scheduler_tick),
+        drift_debounce=knob.read("drift_debounce", "FLEET_DRIFT_DEBOUNCE", _seconds, defaults.drift_debounce),
+        dashboard_session_seconds=knob.read("dashboard_session_seconds", "FLEET_DASHBOARD_SESSION_SECONDS",
+                                            _whole_seconds, defaults.dashboard_session_seconds),
+        db_timeouts=DbTimeouts(
+            lock_ms=knob.read("db_lock_timeout_ms", "FLEET_DB_LOCK_TIMEOUT_MS", _milliseconds,
+                              defaults.db_timeouts.lock_ms),
+            statement_ms=knob.read("db_statement_timeout_ms", "FLEET_DB_STATEMENT_TIMEOUT_MS", _milliseconds,
+                                   defaults.db_timeouts.statement_ms)),
+        log_level=knob.read("log_level", "FLEET_LOG_LEVEL", _log_level, defaults.log_level),
+    )
+
+
+class _Knobs:
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        self.args = args
+        self.environ = environ
+
+    def read(self, dest: str, env: str, parse: Callable[[str], T], default: T, *, flag: str = "") -> T:
+        flag = flag or "--" + dest.replace("_", "-")
+        given: str | None = getattr(self.args, dest, None)
+        source, text = (flag, given) if given is not None else (env, self.environ.get(env))
+        if text is None or text == "":
+            return default
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise UsageError(f"{source}={text!r}: {exc}",
+                             hint=f"set {flag} or ${env} to a valid value, or leave both unset for the default "
+                                  f"({default})") from None
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a positive number of seconds, e.g. 5")
+    return value
+
+
+def _whole_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a positive whole number of seconds, e.g. 28800") from None
+    if value <= 0:
+        raise ValueError("expected a positive whole number of seconds, e.g. 28800")
+    return value
+
+
+def _milliseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a positive whole number of milliseconds, e.g. 5000") from None
+    if value <= 0:
+        raise ValueError("expected a positive whole number of milliseconds, e.g. 5000")
+    return value
+
+
+def _switch(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("on", "1", "true", "yes"):
+        return True
+    if low in ("off", "0", "false", "no"):
+        return False
+    raise ValueError("expected on or off")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def check_signing_args(args: argparse.Namespace) -> None:
+    if args.require_signed and args.trusted_keyring is None:
+        raise UsageError("--require-signed needs --trusted-keyring FILE (the keys a signature must come from)",
+                         hint="export the operators' public keys: gpg --export --armor KEYID... > FILE")
+
+
+def enroll_rates(per_second: float | None) -> tuple[Rate, Rate]:
+    """``--enroll-rate N``: N/s overall with a burst of 4 N, and per source address the same (one host may be
+    the whole load test)."""
+    if per_second is None:
+        return ENROLL_PER_SOURCE, ENROLL_OVERALL
+    if per_second <= 0:
+        raise UsageError(f"--enroll-rate {per_second:g} must be positive", hint="attempts per second, e.g. 500")
+    rate = Rate(burst=4 * per_second, per_second=per_second)
+    return rate, rate
+
+
+def upstream_from(args: argparse.Namespace) -> UpstreamConfig:
+    index = None if args.upstream_index in ("", "none") else args.upstream_index
+    for name, url in (("--upstream-index", index), ("--wheel-mirror", args.wheel_mirror)):
+        if url is not None and not url.startswith(("http://", "https://", "file://")):
+            raise UsageError(f"{name} {url!r} is not an http(s) or file URL", hint=f"e.g. {name} https://host/path")
+    return UpstreamConfig(index_url=index, wheel_mirror=args.wheel_mirror, offline=args.offline)
