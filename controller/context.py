@@ -1,18 +1,21 @@
-"""The controller's parts wired together: one ``ControllerContext`` per process.
+"""The controller's parts, built from one ``ControllerSettings``: one ``ControllerContext`` per process.
 
-``ControllerContext(settings)`` opens the store (migrating it), the CA, the registry, the
-job dispatcher and the artifact store, and makes sure ``STATE/admin.token`` exists. The
-gRPC server (controller/server.py), the HTTP API (controller/api.py, ``create_app(ctx)``)
-and later components (rollouts, scheduler, dashboard) all reach the controller through it::
+``ControllerContext(settings)`` builds every part that holds state and runs nothing: the store (migrated),
+the CA, the registry, the job dispatcher, the artifact store, the rollout engine and the verification
+service, and makes sure ``STATE/admin.token`` exists. The composition root (controller/app.py) builds it,
+starts the parts' loops and the servers in order and stops them in reverse; the gRPC servicer
+(controller/server.py) and every HTTP route (controller/http_deps.py ``Ctx``) reach the controller through it::
 
-    ctx.store       # controller.store.Store  (ctx.store.session() for a unit of work)
-    ctx.registry    # controller.registry.Registry (nodes, facts, liveness)
-    ctx.jobs        # controller.jobs.JobDispatcher (submit_job / wait / callbacks)
-    ctx.artifacts   # controller.artifacts.ArtifactStore
-    ctx.signatures  # controller.signatures.SignaturePolicy (artifact add --sig; --trusted-keyring)
-    ctx.provisioner # controller.provisioning.Provisioner (the store, then upstream: release wheels, index)
-    ctx.enrollment  # controller.enrollment.Enrollment (tokens, identities, revocation)
-    ctx.ca          # controller.ca.CertAuthority
+    ctx.store         # controller.store.Store  (ctx.store.session() for a unit of work)
+    ctx.registry      # controller.registry.Registry (nodes, facts, liveness)
+    ctx.jobs          # controller.jobs.JobDispatcher (submit_job / wait / callbacks)
+    ctx.artifacts     # controller.artifacts.ArtifactStore
+    ctx.signatures    # controller.signatures.SignaturePolicy (artifact add --sig; --trusted-keyring)
+    ctx.provisioner   # controller.provisioning.Provisioner (the store, then upstream: release wheels, index)
+    ctx.enrollment    # controller.enrollment.Enrollment (tokens, identities, revocation)
+    ctx.ca            # controller.ca.CertAuthority
+    ctx.rollout_engine  # controller.rollout.engine.RolloutEngine (its loop: started by controller/app.py)
+    ctx.verification  # controller.verify_store.service.VerificationService (its scheduler: likewise)
 """
 
 from __future__ import annotations
@@ -20,58 +23,25 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.artifacts import ArtifactStore
 from controller.ca import CertAuthority
 from controller.enrollment import Enrollment
-from controller.jobs import JobDispatcher, JobOutcome
+from controller.jobs import JobDispatcher
+from controller.loop_monitors import GcMonitor, LoopLag
 from controller.provisioning import Provisioner
-from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
-from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED, Registry
+from controller.registry import Registry
+from controller.rollout.engine import RolloutEngine
+from controller.settings import ControllerSettings
 from controller.signatures import SignaturePolicy
 from controller.store import Store, open_store
 from controller.uploads import Uploads
-from controller.upstream import UpstreamConfig
+from controller.verify_store.service import VerificationService
+from fleet.jobs import JobOutcome
 from fleet.statedir import prepare_state_dir, state_dir_error
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STATE_DIR = Path("state/controller")
-
-
-@dataclass
-class ControllerSettings:
-    state_dir: Path = DEFAULT_STATE_DIR
-    db_url: str | None = None  # default sqlite:///STATE/controller.db
-    grpc_listen: str = "127.0.0.1:7443"  # mutual TLS: every RPC but Enroll
-    enroll_listen: str | None = None  # server TLS only, for Enroll; default: grpc port + 1
-    http_listen: str = "127.0.0.1:7480"
-    heartbeat_interval: float = DEFAULT_INTERVAL
-    missed_heartbeats: int = DEFAULT_MISSED
-    flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
-    extra_names: list[str] = field(default_factory=list)  # more SANs for the server certificate
-    artifact_max_bytes: int | None = None
-    # upload temp files (partial uploads agents may still continue) older than this are removed at start;
-    # agents give up retrying an upload long before (agent/client.py UPLOAD_RETRY_SECONDS)
-    upload_stale_seconds: float = 24 * 3600
-    # enrollment attempts admitted per source address and overall (controller/ratelimit.py; --enroll-rate)
-    enroll_per_source: Rate = ENROLL_PER_SOURCE
-    enroll_overall: Rate = ENROLL_OVERALL
-    # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
-    # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
-    gc_tuning: bool = False
-    # where artifacts a plan needs come from when the store lacks them (controller/upstream.py)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    # operator keys that may sign `fleetctl artifact add --sig` uploads (controller/signatures.py;
-    # --trusted-keyring); require_signed refuses unsigned operator uploads (--require-signed)
-    trusted_keyring: Path | None = None
-    require_signed: bool = False
-
-    @property
-    def database_url(self) -> str:
-        return self.db_url or f"sqlite:///{(self.state_dir / 'controller.db').resolve()}"
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -100,7 +70,7 @@ class ControllerContext:
         # 0700 dir, 0600 secrets (tightened if an older version left them looser), and a read-only or full
         # state dir refused here with a StateDirError that says what to do (controller/statedir.py)
         prepare_state_dir(state, None if store else sqlite_file(settings.database_url))
-        self.store = store or open_store(settings.database_url)
+        self.store = store or open_store(settings.database_url, timeouts=settings.db_timeouts)
         try:
             self.ca = CertAuthority(state / "ca")
             self.admin_token = ensure_admin_token(state)
@@ -121,11 +91,13 @@ class ControllerContext:
         self.signatures = SignaturePolicy.create(settings.trusted_keyring, settings.require_signed,
                                                  state / "gnupg")
         self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
-        from controller.server import GcMonitor, LoopLag
-
+        self.rollout_engine = RolloutEngine(self.store, self.jobs, artifacts=self.artifacts,
+                                            artifacts_dir=state / "artifacts", lease_ttl=settings.rollout_lease_ttl,
+                                            provisioner=self.provisioner)
+        self.verification = VerificationService(self, drift_delay=settings.drift_debounce)
         self.loop_lag = LoopLag()
         self.gc_monitor = GcMonitor()
-        # filled in by controller.serve when listening
+        # filled in by controller/app.py when listening
         self.grpc_address: str | None = None
         self.enroll_address: str | None = None
         self.http_url: str | None = None

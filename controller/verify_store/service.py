@@ -18,14 +18,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.jobs import ACTIVE_STATUSES, JobOutcome
 from controller.registry import NodeStatus
 from controller.rollout.core import NodeInfo, parse_selector, select_nodes
 from controller.store import utcnow
@@ -33,12 +31,13 @@ from controller.store.models import Job, Node
 from controller.verification import RegressionPolicy
 from controller.verify_store import schedules, store
 from fleet.errors import FleetError, UsageError
+from fleet.jobs import ACTIVE, JobOutcome
 from fleet.verification import VerificationSchemaError, expect_for_variant
 
 log = logging.getLogger(__name__)
 
 DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
-DRIFT_DELAY_ENV = "FLEET_DRIFT_DEBOUNCE"
+DRIFT_DELAY_SECONDS = 10.0  # ControllerSettings.drift_debounce
 JOB_TIMEOUT = {"quick": 300, "full": 900}
 RECORD_ATTEMPTS = 8  # ~1 minute of backoff: rides out a database restart or a failover
 
@@ -62,11 +61,10 @@ def _node_info(row: Node) -> NodeInfo:
 
 
 class VerificationService:
-    def __init__(self, ctx: Any, *, drift_delay: float | None = None,
+    def __init__(self, ctx: Any, *, drift_delay: float = DRIFT_DELAY_SECONDS,
                  policy: RegressionPolicy | None = None) -> None:
         self.ctx = ctx
-        self.drift_delay = float(drift_delay if drift_delay is not None
-                                 else os.environ.get(DRIFT_DELAY_ENV, "10"))
+        self.drift_delay = drift_delay
         self.policy = policy
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drift_timers: dict[str, asyncio.TimerHandle] = {}
@@ -310,7 +308,7 @@ class VerificationService:
         with self.ctx.store.session() as s:
             for start in range(0, len(hosts), 500):
                 rows = s.execute(select(Job.node, Job.id).where(
-                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE_STATUSES)),
+                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE)),
                     Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
                 for node, job_id in rows:
                     out[node] = job_id
@@ -321,9 +319,9 @@ class VerificationService:
         jobs = await self.submit(selector=selector, mode=mode, trigger="schedule", schedule_id=schedule_id)
         return jobs, None
 
-    async def run_scheduler(self, tick_seconds: float | None = None, stop: asyncio.Event | None = None) -> None:
-        tick = tick_seconds or float(os.environ.get("FLEET_SCHEDULER_TICK", schedules.TICK_SECONDS))
-        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule, tick_seconds=tick, stop=stop)
+    async def run_scheduler(self, tick_seconds: float = schedules.TICK_SECONDS,
+                            stop: asyncio.Event | None = None) -> None:
+        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule, tick_seconds=tick_seconds, stop=stop)
 
     # ---- drift -------------------------------------------------------------------------------------------
 
@@ -349,7 +347,7 @@ class VerificationService:
         with self.ctx.store.session() as s:
             found: str | None = s.scalar(select(Job.id).where(
                 Job.node == hostname, Job.kind == "verify",
-                (Job.status.in_(tuple(ACTIVE_STATUSES))) | (Job.finished_at >= since)).limit(1))
+                (Job.status.in_(tuple(ACTIVE))) | (Job.finished_at >= since)).limit(1))
             return found
 
     async def _drift(self, hostname: str) -> None:
