@@ -28,7 +28,7 @@ from pathlib import Path
 from controller.artifacts import ArtifactStore
 from controller.ca import CertAuthority
 from controller.enrollment import Enrollment
-from controller.jobs import JobDispatcher, JobOutcome
+from controller.jobs import JobDispatcher
 from controller.loop_monitors import GcMonitor, LoopLag
 from controller.provisioning import Provisioner
 from controller.registry import Registry
@@ -38,6 +38,7 @@ from controller.signatures import SignaturePolicy
 from controller.store import Store, open_store
 from controller.uploads import Uploads
 from controller.verify_store.service import VerificationService
+from fleet.jobs import JobOutcome
 from fleet.statedir import prepare_state_dir, state_dir_error
 
 log = logging.getLogger(__name__)

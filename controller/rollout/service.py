@@ -17,12 +17,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller import attention
+from controller import attention
+from controller import attention
 from controller.audit import audit
 from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
 from controller.rollout.core import (
+    ACTIVE_ROLLOUT,
     TERMINAL,
+    BuildStatus,
     NodeInfo,
     NodePlan,
+    Progress,
+    RolloutStatus,
     State,
     choose_canaries,
     describe_target,
@@ -30,10 +36,11 @@ from controller.rollout.core import (
     parse_batches,
     parse_budget,
     parse_selector,
+    progress,
     schedule_batches,
     select_nodes,
 )
-from controller.rollout.engine import ACTIVE, record
+from controller.rollout.engine import record
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
@@ -168,7 +175,7 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         chosen = {n.hostname for n in select_nodes(selector, [_node_info(r) for r in rows])}
         rows = sorted((r for r in rows if r.hostname in chosen), key=lambda r: r.hostname)
         builds_done = {b.build_key: b.artifact_filename or b.artifact_sha256 or "" for b in
-                       s.scalars(select(Build).where(Build.status == "succeeded"))}
+                       s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED))}
         from controller.local_wheels import local_wheel_entries
 
         # wheels our source builds put in the artifact store: the resolver picks them like upstream wheels
@@ -323,7 +330,7 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
         s.execute(select(Node.id).where(Node.hostname.in_(hosts)).with_for_update()).all()
         clash = s.execute(select(RolloutNode.rollout_id, RolloutNode.hostname)
                           .join(Rollout, Rollout.id == RolloutNode.rollout_id)
-                          .where(Rollout.status.in_(ACTIVE), RolloutNode.hostname.in_(hosts))).all()
+                          .where(Rollout.status.in_(ACTIVE_ROLLOUT), RolloutNode.hostname.in_(hosts))).all()
         if clash:
             ids = sorted({c[0] for c in clash})
             shown = ", ".join(sorted(c[1] for c in clash)[:8])
@@ -331,9 +338,9 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
                                 hint=f"wait for it, or `fleetctl rollout abort {ids[0]}`; or narrow --nodes")
         now = utcnow()
         rid = _new_id()
-        s.add(Rollout(id=rid, version=plan.version, selector=plan.selector, options=plan.options, status="running",
-                      reason="", created_by=req.actor, created_at=now, updated_at=now, finished_at=None,
-                      current_batch=0, batches=len(plan.batches), canary_ack=False))
+        s.add(Rollout(id=rid, version=plan.version, selector=plan.selector, options=plan.options,
+                      status=RolloutStatus.RUNNING, reason="", created_by=req.actor, created_at=now,
+                      updated_at=now, finished_at=None, current_batch=0, batches=len(plan.batches), canary_ack=False))
         s.flush()
         for p in plan.nodes:
             row = RolloutNode(rollout_id=rid, hostname=p.plan.hostname, batch=p.batch, canary=p.canary,
@@ -349,10 +356,11 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
             b = s.get(Build, key)
             params = next((p.decision.get("build") or {}) for p in plan.nodes if p.plan.build_key == key)
             if b is None:
-                s.add(Build(build_key=key, status="pending", rollout_id=rid, builder=builder, params=params,
+                s.add(Build(build_key=key, status=BuildStatus.PENDING, rollout_id=rid, builder=builder, params=params,
                             created_at=now, attempts=0))
-            elif b.status in ("failed", "pending") or b.rollout_id is None or not _rollout_active(s, b.rollout_id):
-                b.status, b.builder, b.rollout_id, b.error, b.params = "pending", builder, rid, None, params
+            elif (b.status in (BuildStatus.FAILED, BuildStatus.PENDING) or b.rollout_id is None
+                  or not _rollout_active(s, b.rollout_id)):
+                b.status, b.builder, b.rollout_id, b.error, b.params = BuildStatus.PENDING, builder, rid, None, params
     audit(store, req.actor, "rollout.start", rid, version=plan.version, selector=plan.selector,
           nodes=len(hosts), options=plan.options, **_claimed(req.on_behalf_of))
     return {"id": rid, **plan.to_json()}
@@ -388,7 +396,7 @@ def _aware(t: dt.datetime) -> dt.datetime:
 
 def _rollout_active(s: Session, rid: str) -> bool:
     r = s.get(Rollout, rid)
-    return r is not None and r.status in ACTIVE
+    return r is not None and r.status in ACTIVE_ROLLOUT
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -425,21 +433,11 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
     if since is not None:
         tq = tq.where(RolloutTransition.id > since)
     transitions = list(s.scalars(tq.limit(5000)))
-    batches: dict[int, dict[str, int]] = {}
+    by_batch: dict[int, dict[str, int]] = {}
     for n in nodes:
-        if n.batch < 0:  # skipped at the start: in no batch
-            continue
-        b = batches.setdefault(n.batch, {"total": 0, "done": 0, "failed": 0, "skipped": 0, "active": 0})
-        b["total"] += 1
-        st = State(n.state)
-        if st == State.DONE:
-            b["done"] += 1
-        elif st == State.FAILED:
-            b["failed"] += 1
-        elif st in (State.SKIPPED, State.ROLLED_BACK):
-            b["skipped"] += 1
-        else:
-            b["active"] += 1
+        if n.batch >= 0:  # a node skipped at the start is in no batch
+            in_batch = by_batch.setdefault(n.batch, {})
+            in_batch[n.state] = in_batch.get(n.state, 0) + 1
     opts = r.options or {}
     budget = parse_budget(opts.get("max_failures"))
     total = sum(1 for n in nodes if n.state != State.SKIPPED)
@@ -450,7 +448,8 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
         "finished_at": _iso(r.finished_at), "current_batch": r.current_batch, "batches": r.batches,
         "options": opts, "counts": counts,
         "budget": {"max_failures": str(budget), "allowed": budget.allowed(total), "failed": counts.get("failed", 0)},
-        "batch_progress": [{"batch": k, **v} for k, v in sorted(batches.items())],
+        "progress": progress_json(progress(counts)),
+        "batch_progress": [{"batch": k, **progress_json(progress(v))} for k, v in sorted(by_batch.items())],
         "builds": [{"build_key": b.build_key, "status": b.status, "builder": b.builder,
                     "artifact_sha256": b.artifact_sha256, "artifact_filename": b.artifact_filename,
                     "job_id": b.job_id, "error": b.error, "attempts": b.attempts} for b in builds],
@@ -463,8 +462,14 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
         "transitions": [{"id": t.id, "hostname": t.hostname, "from": t.from_state, "to": t.to_state,
                          "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
                         for t in transitions],
-        "active": r.status in ACTIVE,
+        "active": r.status in ACTIVE_ROLLOUT,
     }
+
+
+def progress_json(p: Progress) -> dict[str, Any]:
+    """A ``Progress`` as the API shows it (``fleetctl rollout status`` and the dashboard read these numbers)."""
+    return {"total": p.total, "done": p.done, "failed": p.failed, "skipped": p.skipped, "active": p.active,
+            "finished": p.finished, "status": str(p.status)}
 
 
 def get_status(store: Store, rid: str | None, *, since: int | None = None) -> dict[str, Any]:
@@ -521,9 +526,9 @@ def pause(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status != "running":
+        if r.status != RolloutStatus.RUNNING:
             raise ConflictError(f"rollout {r.id} is {r.status}, not running", hint="only a running rollout pauses")
-        r.status, r.reason, r.updated_at = "paused", f"paused by {actor}", utcnow()
+        r.status, r.reason, r.updated_at = RolloutStatus.PAUSED, f"paused by {actor}", utcnow()
     audit(store, actor, "rollout.pause", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
@@ -539,13 +544,13 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status == "partial" and not retry_failed:
+        if r.status == RolloutStatus.PARTIAL and not retry_failed:
             raise ConflictError(f"rollout {r.id} is partial: it finished, and only its failed nodes are left",
                                 hint=f"`fleetctl rollout resume {r.id} --retry-failed` retries them")
-        if r.status not in ("paused", "partial"):
+        if r.status not in (RolloutStatus.PAUSED, RolloutStatus.PARTIAL):
             raise ConflictError(f"rollout {r.id} is {r.status}, not paused",
                                 hint="only a paused rollout resumes (a partial one with --retry-failed)")
-        if r.status == "partial":
+        if r.status == RolloutStatus.PARTIAL:
             _refuse_if_taken_over(s, r)
         opts = dict(r.options or {})
         if max_failures is not None:
@@ -553,7 +558,7 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
         nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)))
         retried = 0
         failed_nodes = [n for n in nodes if n.state == State.FAILED] if retry_failed else []
-        if r.status == "partial":
+        if r.status == RolloutStatus.PARTIAL:
             failed_nodes = [n for n in failed_nodes if not _in_newer_rollout(s, r, n)]
         replans = _replan(s, r, failed_nodes, state_dir, provisioner) if failed_nodes else {}
         for n in failed_nodes:
@@ -572,12 +577,12 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
             if n.build_key:
                 b = s.get(Build, n.build_key)
                 if b is None:
-                    s.add(Build(build_key=n.build_key, status="pending", rollout_id=r.id, builder=n.hostname,
+                    s.add(Build(build_key=n.build_key, status=BuildStatus.PENDING, rollout_id=r.id, builder=n.hostname,
                                 params=(n.plan.get("decision") or {}).get("build") or {}, created_at=utcnow(),
                                 attempts=0))
                     s.flush()
-                elif b.status == "failed":
-                    b.status, b.builder, b.error, b.rollout_id = "pending", n.hostname, None, r.id
+                elif b.status == BuildStatus.FAILED:
+                    b.status, b.builder, b.error, b.rollout_id = BuildStatus.PENDING, n.hostname, None, r.id
         failed = sum(1 for n in nodes if n.state == State.FAILED)
         total = sum(1 for n in nodes if n.state != State.SKIPPED)
         budget = parse_budget(opts.get("max_failures"))
@@ -588,10 +593,10 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
                                      f"retry the failed nodes (`--retry-failed`)")
         r.options = opts
         r.canary_ack = True
-        if r.status == "partial" and not retried:
+        if r.status == RolloutStatus.PARTIAL and not retried:
             raise ConflictError(f"rollout {r.id}: no failed node to retry (each is done, re-planned as skipped, or "
                                 f"taken on by a later rollout)", hint=f"`fleetctl rollout status {r.id}` shows why")
-        r.status, r.reason, r.updated_at = "running", f"resumed by {actor}", utcnow()
+        r.status, r.reason, r.updated_at = RolloutStatus.RUNNING, f"resumed by {actor}", utcnow()
         r.finished_at = None
     audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures,
           **_claimed(on_behalf_of))
@@ -601,7 +606,7 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
 def _refuse_if_taken_over(s: Session, r: Rollout) -> None:
     """A finished rollout's nodes may be in an active one now: running both would fight over them."""
     clash = s.execute(select(RolloutNode.rollout_id).join(Rollout, Rollout.id == RolloutNode.rollout_id)
-                      .where(Rollout.status.in_(ACTIVE), Rollout.id != r.id,
+                      .where(Rollout.status.in_(ACTIVE_ROLLOUT), Rollout.id != r.id,
                              RolloutNode.hostname.in_(select(RolloutNode.hostname)
                                                       .where(RolloutNode.rollout_id == r.id,
                                                              RolloutNode.state == str(State.FAILED))))
@@ -627,7 +632,7 @@ def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Pa
 
     catalog = controller_catalog(s, state_dir)
     local_sha = {e["filename"]: e["sha256"] for e in local_wheel_entries(s)}
-    built = {b.build_key for b in s.scalars(select(Build).where(Build.status == "succeeded"))}
+    built = {b.build_key for b in s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED))}
     pol = (r.options or {}).get("policy") or {}
     req = RolloutRequest(fa3=bool(pol.get("fa3")), fa4=bool(pol.get("fa4")),
                          source_builds=bool(pol.get("source_builds", True)),
@@ -658,9 +663,9 @@ def abort(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status not in ("running", "paused"):
+        if r.status not in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
             raise ConflictError(f"rollout {r.id} is {r.status}", hint="only a running or paused rollout aborts")
-        r.status, r.reason, r.updated_at = "aborting", f"aborted by {actor}", utcnow()
+        r.status, r.reason, r.updated_at = RolloutStatus.ABORTING, f"aborted by {actor}", utcnow()
     audit(store, actor, "rollout.abort", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
@@ -670,15 +675,15 @@ def rollback(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | N
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status in ("running", "aborting", "rolling-back"):
+        if r.status in (RolloutStatus.RUNNING, RolloutStatus.ABORTING, RolloutStatus.ROLLING_BACK):
             raise ConflictError(f"rollout {r.id} is {r.status}",
                                 hint=f"pause or abort it first (`fleetctl rollout abort {r.id}`), then roll back")
-        if r.status == "rolled-back":
+        if r.status == RolloutStatus.ROLLED_BACK:
             raise ConflictError(f"rollout {r.id} is already rolled back", hint="nothing to do")
         hosts = [n for n in s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id))]
         clash = s.execute(select(RolloutNode.rollout_id, RolloutNode.hostname)
                           .join(Rollout, Rollout.id == RolloutNode.rollout_id)
-                          .where(Rollout.status.in_(ACTIVE), Rollout.id != r.id,
+                          .where(Rollout.status.in_(ACTIVE_ROLLOUT), Rollout.id != r.id,
                                  RolloutNode.hostname.in_([n.hostname for n in hosts]))).all()
         if clash:
             raise ConflictError(f"nodes of {r.id} are in active rollout {clash[0][0]}",
@@ -698,7 +703,7 @@ def rollback(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | N
             elif st not in TERMINAL:
                 record(s, r.id, n, State.SKIPPED, f"rollback requested by {actor} before this node was touched",
                        actor=actor)
-        r.status = "rolling-back" if touched else "rolled-back"
+        r.status = RolloutStatus.ROLLING_BACK if touched else RolloutStatus.ROLLED_BACK
         r.reason, r.updated_at = f"rollback requested by {actor}", utcnow()
         r.finished_at = None if touched else r.updated_at
     audit(store, actor, "rollout.rollback", rid, nodes=touched, **_claimed(on_behalf_of))
@@ -711,5 +716,5 @@ def nodes_in_active_rollouts(store: Store) -> dict[str, str]:
     with store.session() as s:
         rows = s.execute(select(RolloutNode.hostname, RolloutNode.rollout_id, RolloutNode.state)
                          .join(Rollout, Rollout.id == RolloutNode.rollout_id)
-                         .where(Rollout.status.in_(ACTIVE))).all()
+                         .where(Rollout.status.in_(ACTIVE_ROLLOUT))).all()
     return {h: rid for h, rid, st in rows if State(st) not in TERMINAL}

@@ -24,7 +24,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.jobs import ACTIVE_STATUSES, JobOutcome
 from controller.registry import NodeStatus
 from controller.rollout.core import NodeInfo, parse_selector, select_nodes
 from controller.store import utcnow
@@ -32,6 +31,7 @@ from controller.store.models import Job, Node
 from controller.verification import RegressionPolicy
 from controller.verify_store import schedules, store
 from fleet.errors import FleetError, UsageError
+from fleet.jobs import ACTIVE, JobOutcome
 from fleet.verification import VerificationSchemaError, expect_for_variant
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class VerificationService:
         with self.ctx.store.session() as s:
             for start in range(0, len(hosts), 500):
                 rows = s.execute(select(Job.node, Job.id).where(
-                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE_STATUSES)),
+                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE)),
                     Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
                 for node, job_id in rows:
                     out[node] = job_id
@@ -347,7 +347,7 @@ class VerificationService:
         with self.ctx.store.session() as s:
             found: str | None = s.scalar(select(Job.id).where(
                 Job.node == hostname, Job.kind == "verify",
-                (Job.status.in_(tuple(ACTIVE_STATUSES))) | (Job.finished_at >= since)).limit(1))
+                (Job.status.in_(tuple(ACTIVE))) | (Job.finished_at >= since)).limit(1))
             return found
 
     async def _drift(self, hostname: str) -> None:

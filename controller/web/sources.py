@@ -1,8 +1,8 @@
 """Adapters onto the other parts of the controller (verification, rollouts, schedules, resolver).
 
-The dashboard reads those parts through these few functions only. A part that is not there
-(module missing, table not migrated yet) makes its function return ``None``, and the page
-says so instead of failing.
+The dashboard reads those parts through these few functions only; each part owns its rules (a
+rollout's progress is ``controller.rollout.core.progress``). Migrations run before the controller
+serves, so a missing table is a real fault and surfaces as one.
 """
 
 from __future__ import annotations
@@ -11,10 +11,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from controller.diagnose import diagnose
+from controller.local_wheels import controller_catalog
+from controller.registry import NodeRecord
+from controller.resolver import Policy, resolve
+from controller.rollout import service as rollout_service
+from controller.rollout.core import State, progress
+from controller.rollout.models import Rollout, RolloutNode
+from controller.store.models import Node
 from controller.verify_store import views as verification_views
 from controller.verify_store.views import GpuVerificationCounts, MedianPoint, VerificationView
+from fleet.errors import ConflictError, FleetError
 
 log = logging.getLogger(__name__)
 
@@ -29,97 +39,66 @@ def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None
     return verification_views.fleet_median(session, gpu_model, simulated=simulated)
 
 
-def plan_for(session: Session, facts: dict[str, Any] | None, state_dir: Any = None) -> dict[str, Any] | None:
-    """The resolver's current decision for these facts (DESIGN §3.2 decision, default policy, the
+def plan_for(session: Session, record: NodeRecord, state_dir: Any = None) -> dict[str, Any] | None:
+    """The resolver's current decision for this node's facts (DESIGN §3.2 decision, default policy, the
     controller's catalog: its additions in STATE/catalog.json, the built-in list and the wheels in the
-    artifact store, as a rollout sees them), or None when the resolver is not there; unreadable facts give
-    a ``blocked`` decision."""
-    try:
-        from controller.local_wheels import controller_catalog
-        from controller.resolver import Policy, resolve
-        from fleet.facts import parse_node
-    except ImportError:
-        return None
-    from fleet.errors import FleetError
-    if not facts:
-        return None
+    artifact store, as a rollout sees them), or None when no facts are stored; unreadable facts give a
+    ``blocked`` decision that says why."""
+    if record.facts is None:
+        if not record.facts_json:
+            return None
+        return _blocked(record.facts_error or "stored facts unreadable")
     try:
         catalog = controller_catalog(session, Path(state_dir) if state_dir else None)
-        decision = resolve(parse_node(facts), catalog, Policy())
+        decision = resolve(record.facts, catalog, Policy())
     except FleetError as exc:
-        return {"variant": "blocked", "flash_attn_version": None, "artifact": None, "toolkit": None, "steps": [],
-                "reasons": [exc.message + (f" ({exc.hint})" if exc.hint else "")], "rejected": []}
+        return _blocked(exc.message + (f" ({exc.hint})" if exc.hint else ""))
     out: dict[str, Any] = decision.to_json()
     return out
 
 
-def node_rollouts(session: Session, hostname: str) -> list[dict[str, Any]] | None:
-    """This node's part in each rollout, newest first (``controller.rollout.service.node_rollouts``), or None
-    when the rollout package is not there."""
-    try:
-        from controller.rollout.service import node_rollouts as of_node
-    except ImportError:
-        return None
-    return of_node(session, hostname, limit=10)
+def _blocked(reason: str) -> dict[str, Any]:
+    return {"variant": "blocked", "flash_attn_version": None, "artifact": None, "toolkit": None, "steps": [],
+            "reasons": [reason], "rejected": []}
 
 
-def _rollout_models() -> Any:
-    try:
-        from controller.rollout import models
-    except ImportError:
-        return None
-    return models
-
-
-TERMINAL_STATES = frozenset({"done", "failed", "skipped", "rolled-back"})
-FAILED_STATES = frozenset({"failed"})
+def node_rollouts(session: Session, hostname: str) -> list[dict[str, Any]]:
+    """This node's part in each rollout, newest first (``controller.rollout.service.node_rollouts``)."""
+    return rollout_service.node_rollouts(session, hostname, limit=10)
 
 
 def _simulated_hosts(session: Session, hosts: list[str]) -> set[str]:
-    from sqlalchemy import select
-
-    from controller.store.models import Node
     if not hosts:
         return set()
     return set(session.scalars(select(Node.hostname).where(Node.hostname.in_(hosts), Node.simulated.is_(True))))
 
 
-def _summary(r: Any, by_state: dict[str, int], simulated: bool) -> dict[str, Any]:
-    total = sum(by_state.values())
-    done = sum(n for s, n in by_state.items() if s in TERMINAL_STATES)
+def _summary(r: Rollout, by_state: dict[str, int], simulated: bool) -> dict[str, Any]:
+    """The rollout's row: ``done`` counts its finished nodes (done, failed or skipped) out of ``total``, the
+    numbers ``fleetctl rollout status`` shows as ``progress.finished``/``progress.total``."""
+    p = progress(by_state)
     return {"id": r.id, "status": r.status, "version": r.version, "reason": r.reason or "",
             "created_at": r.created_at, "finished_at": r.finished_at, "created_by": r.created_by,
             "current_batch": r.current_batch, "batches_total": r.batches, "by_state": by_state,
-            "total": total, "done": done, "failed": sum(n for s, n in by_state.items() if s in FAILED_STATES),
-            "simulated": simulated}
+            "total": p.total, "done": p.finished, "failed": p.failed, "simulated": simulated}
 
 
-def rollouts(session: Session, limit: int = 50) -> list[dict[str, Any]] | None:
+def rollouts(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     """Newest rollouts first, each with node counts by state."""
-    m = _rollout_models()
-    if m is None:
-        return None
-    from sqlalchemy import func, select
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-    try:
-        rows = list(session.scalars(select(m.Rollout).order_by(m.Rollout.created_at.desc()).limit(limit)))
-        ids = [r.id for r in rows]
-        counts: dict[str, dict[str, int]] = {i: {} for i in ids}
-        sims: dict[str, int] = {}
-        if ids:
-            for rid, state, n in session.execute(select(m.RolloutNode.rollout_id, m.RolloutNode.state, func.count())
-                                                 .where(m.RolloutNode.rollout_id.in_(ids))
-                                                 .group_by(m.RolloutNode.rollout_id, m.RolloutNode.state)):
-                counts[rid][state] = n
-            from controller.store.models import Node
-            for rid, n in session.execute(select(m.RolloutNode.rollout_id, func.count())
-                                          .join(Node, Node.hostname == m.RolloutNode.hostname)
-                                          .where(m.RolloutNode.rollout_id.in_(ids), Node.simulated.is_(True))
-                                          .group_by(m.RolloutNode.rollout_id)):
-                sims[rid] = n
-    except (OperationalError, ProgrammingError):  # table not migrated in this database
-        session.rollback()
-        return None
+    rows = list(session.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)))
+    ids = [r.id for r in rows]
+    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    sims: dict[str, int] = {}
+    if ids:
+        for rid, state, n in session.execute(select(RolloutNode.rollout_id, RolloutNode.state, func.count())
+                                             .where(RolloutNode.rollout_id.in_(ids))
+                                             .group_by(RolloutNode.rollout_id, RolloutNode.state)):
+            counts[rid][state] = n
+        for rid, n in session.execute(select(RolloutNode.rollout_id, func.count())
+                                      .join(Node, Node.hostname == RolloutNode.hostname)
+                                      .where(RolloutNode.rollout_id.in_(ids), Node.simulated.is_(True))
+                                      .group_by(RolloutNode.rollout_id)):
+            sims[rid] = n
     return [_summary(r, counts[r.id], sims.get(r.id, 0) > 0) for r in rows]
 
 
@@ -135,21 +114,13 @@ def _diagnosis(raw: Any) -> dict[str, Any] | None:
 
 
 def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
-    """One rollout: summary, batches, nodes (with plan and state), failures with their diagnosis."""
-    m = _rollout_models()
-    if m is None:
+    """One rollout (None when there is no such rollout): summary, batches, nodes (with plan and state),
+    failures with their diagnosis."""
+    r = session.get(Rollout, rollout_id)
+    if r is None:
         return None
-    from sqlalchemy import select
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-    try:
-        r = session.get(m.Rollout, rollout_id)
-        if r is None:
-            return None
-        nodes = list(session.scalars(select(m.RolloutNode).where(m.RolloutNode.rollout_id == rollout_id)
-                                     .order_by(m.RolloutNode.batch, m.RolloutNode.hostname)))
-    except (OperationalError, ProgrammingError):
-        session.rollback()
-        return None
+    nodes = list(session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rollout_id)
+                                 .order_by(RolloutNode.batch, RolloutNode.hostname)))
     sims = _simulated_hosts(session, [n.hostname for n in nodes])
     by_state: dict[str, int] = {}
     batches: dict[int, dict[str, Any]] = {}
@@ -169,16 +140,10 @@ def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
                 "error": n.cause or "", "simulated": n.hostname in sims, "diagnosis": diag,
                 "updated_at": n.updated_at}
         out_nodes.append(item)
-        if n.state in FAILED_STATES:
+        if n.state == State.FAILED:
             failures.append(item)
     for b in batches.values():
-        states = b["by_state"]
-        if all(s in TERMINAL_STATES for s in states):
-            b["status"] = "failed" if any(s in FAILED_STATES for s in states) else "done"
-        elif all(s == "planned" for s in states):
-            b["status"] = "pending"
-        else:
-            b["status"] = "running"
+        b["status"] = str(progress(b["by_state"]).status)
         b["label"] = "canary" if b["canary"] else f"batch {b['index']}"
     detail = _summary(r, by_state, bool(sims))
     detail.update({"options": r.options or {}, "selector": r.selector, "batches": [batches[k] for k in sorted(batches)],
@@ -189,13 +154,7 @@ def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
 def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str, *, engine: Any = None) -> str:
     """pause | resume | abort | rollback through controller.rollout.service (which audits it); wakes the
     rollout engine when one runs in this process. Returns a message for the page."""
-    from fleet.errors import ConflictError
-    try:
-        from controller.rollout import service
-    except ImportError:
-        raise ConflictError("rollout controls are not available in this controller yet",
-                            hint="use `fleetctl rollout pause|resume|abort|rollback` once rollouts land") from None
-    fn = getattr(service, action, None)
+    fn = getattr(rollout_service, action, None)
     if fn is None:
         raise ConflictError(f"the rollout service has no {action!r}", hint="update the controller")
     result = fn(ctx.store, rollout_id, actor)
@@ -209,18 +168,9 @@ def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str, *, engine
 
 def node_rollout_failures(session: Session, hostname: str) -> list[dict[str, Any]]:
     """This node's failed states in rollouts (newest first), with their diagnosis."""
-    m = _rollout_models()
-    if m is None:
-        return []
-    from sqlalchemy import select
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-    try:
-        rows = list(session.scalars(select(m.RolloutNode).where(m.RolloutNode.hostname == hostname,
-                                                                 m.RolloutNode.state == "failed")
-                                    .order_by(m.RolloutNode.updated_at.desc()).limit(5)))
-    except (OperationalError, ProgrammingError):
-        session.rollback()
-        return []
+    rows = list(session.scalars(select(RolloutNode).where(RolloutNode.hostname == hostname,
+                                                          RolloutNode.state == State.FAILED)
+                                .order_by(RolloutNode.updated_at.desc()).limit(5)))
     return [{"rollout": n.rollout_id, "step": n.step or "", "error": n.cause or "", "job": n.job_id,
              "diagnosis": _diagnosis(n.diagnosis)} for n in rows]
 
@@ -246,10 +196,6 @@ def node_verify_health(session: Session, hostname: str) -> dict[str, Any] | None
 
 def diagnose_text(text: str) -> dict[str, Any] | None:
     """The first real cause controller.diagnose finds in a failed job's output."""
-    try:
-        from controller.diagnose import diagnose
-    except ImportError:
-        return None
     found = [d.to_json() for d in diagnose(text)] if text else []
     return _diagnosis(found)
 

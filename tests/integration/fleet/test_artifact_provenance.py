@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent.jobs import JobOutcome, JobSpec
 from controller.app import RunningController
 from controller.artifacts import Source
 from controller.cli import main as fleetctl
 from controller.local_wheels import local_wheel_entries
 from controller.store.models import AuditLog
 from fleet.errors import FleetError, ForbiddenError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import SimAgents
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,7 +52,7 @@ class HoldingRunner:
         emit_event({"event": "runner_on_ok", "event_data": {"task": "compile"}})
         self.started.set()
         await self.release.wait()
-        return JobOutcome(status="successful", rc=0, result={})
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={})
 
 
 async def test_agent_upload_without_a_job_is_refused_stores_nothing_and_is_audited(

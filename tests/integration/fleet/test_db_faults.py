@@ -23,11 +23,11 @@ import pytest
 from sqlalchemy import event, func, select
 
 from controller.app import RunningController
-from controller.jobs import JobOutcome
 from controller.registry import Transition
 from controller.store import Store
 from controller.store.models import Job, JobEvent, Node
 from controller.verify_store.models import Verification
+from fleet.jobs import JobOutcome, JobStatus
 from tests.integration.fleet_support import PG_ADMIN, SimAgents, wait_for
 
 LOCK_SECONDS = 8.0
@@ -161,7 +161,8 @@ async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path
                 evs = [JobEventRecord(job_id, n, "runner_on_ok", {"n": n}, utcnow()) for n in range(1, 6)]
                 await _retrying(lambda: rc.ctx.jobs.record_events_async(h, evs[:3]))
                 await _retrying(lambda: rc.ctx.jobs.record_events_async(h, evs))  # overlapping resend
-                await _retrying(lambda: rc.ctx.jobs.complete_async(h, JobOutcome(job_id, "failed", 2, {}, "boom")))
+                failed = JobOutcome(job_id, JobStatus.FAILED, 2, {}, "boom")
+                await _retrying(lambda: rc.ctx.jobs.complete_async(h, failed))
 
             await asyncio.gather(*(one(h) for h in hosts))
             await asyncio.sleep(1.0)  # recording runs after the results: keep killing a while longer

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent.jobs import JobOutcome, JobSpec
 from controller.app import RunningController
 from controller.cli import main as fleetctl
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import AgentProcess, SimAgent, SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -94,7 +94,7 @@ class GatedRunner:
         emit_event({"event": "runner_on_ok", "event_data": {"task": "first task"}})
         await self.release.wait()
         self.finished.set()
-        return JobOutcome(status="successful", rc=0, result={"finished": job.job_id})
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={"finished": job.job_id})
 
 
 def status(rc: RunningController, job_id: str) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from agent.jobs import JobOutcome, JobSpec
 from controller.app import RunningController
 from controller.cli import main as fleetctl
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +34,7 @@ class ScriptedRunner:
         for i in range(self.events):
             emit_event({"event": "runner_on_ok", "event_data": {"task": f"t{i}"}})
         await asyncio.sleep(self.delay)
-        return JobOutcome(status="successful", rc=0, result={"echo": job.vars})
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={"echo": job.vars})
 
 
 async def test_job_round_trip_with_events(controller: RunningController, fleet: SimAgents, db_url: str) -> None:

@@ -20,12 +20,11 @@ import pytest
 
 from agent.artifact_jobs import ArtifactJobRunner
 from agent.client import Agent
-from agent.jobs import JobOutcome, JobSpec
 from controller.app import RunningController
 from controller.artifacts import ArtifactStore
-from controller.jobs import JobOutcome as ControllerOutcome
 from controller.uploads import PartialWriter
 from fleet.errors import StoreError
+from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
 from tests.integration.fleet_support import SimAgents, wait_for
 
@@ -49,7 +48,7 @@ class FakeBuild:
         data = os.urandom(SIZE)
         wheel.write_bytes(data)
         self.sha256 = hashlib.sha256(data).hexdigest()
-        return JobOutcome(status="successful", rc=0, result={"built_wheel": {
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result={"built_wheel": {
             "path": str(wheel), "sha256": self.sha256, "filename": WHEEL}})
 
 
@@ -76,7 +75,7 @@ def sent_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counts
 
 
-async def run_build(controller: RunningController) -> tuple[str, ControllerOutcome]:
+async def run_build(controller: RunningController) -> tuple[str, JobOutcome]:
     job_id = await controller.ctx.jobs.submit_job("builder-1", "build-from-source",
                                                   {"build_key": "fa2-t4-cu124", "flash_attn_version": VERSION},
                                                   timeout=600)
