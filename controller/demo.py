@@ -55,6 +55,21 @@ def _fresh_state(state: Path) -> None:
     (state / MARKER).write_text("made by python -m controller.demo\n")
 
 
+# Nodes the agent cannot provision yet (or not in this demo's rollout), whose plans the resolver still makes:
+# an AMD MI300X (ROCm), a Windows workstation and a Jetson Orin (issue 19). Their facts are simulated profiles.
+MIXED_PLATFORM_PROFILES = ("mi300x", "windows-rtx4090", "jetson-orin")
+
+
+def _mixed_platform_plans(state: Path) -> None:
+    profiles = Path(__file__).resolve().parent.parent / "agent" / "profiles"
+    nodes = [json.loads((profiles / f"{name}.json").read_text(encoding="utf-8")) for name in MIXED_PLATFORM_PROFILES]
+    facts = state / "mixed-platforms.json"
+    facts.write_text(json.dumps({"nodes": nodes}), encoding="utf-8")
+    _title("fleetctl plan --facts mixed-platforms.json   (simulated MI300X, Windows and Jetson nodes)")
+    print("(simulated facts from agent/profiles; the Windows plan lists commands the agent does not run yet)")
+    fleetctl(["plan", "--facts", str(facts)])
+
+
 def _dashboard_user(state: Path) -> str | None:
     password = secrets.token_urlsafe(12)
     proc = subprocess.run([sys.executable, "-m", "controller.main", "user", "--state-dir", str(state), "add", "demo",
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         _title("fleetctl nodes")
         fleetctl(["nodes", *ctl])
         sims = ["--nodes", "sim-*"]
+        _mixed_platform_plans(state)
         _title("fleetctl rollout flash-attn --dry-run   (the plan, nothing changes)")
         fleetctl(["rollout", "flash-attn", "--dry-run", "--batch", args.batch, *sims, *ctl])
         _title(f"fleetctl rollout flash-attn --batch {args.batch}")

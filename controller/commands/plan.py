@@ -107,7 +107,7 @@ def render_table(entries: list[NodeFacts | FactsError], decisions: list[Decision
     for facts, d in zip(entries, decisions, strict=True):
         what = d.artifact or (f"toolkit {d.toolkit}" if d.toolkit else "") or "-"
         rows.append((d.hostname, gpu_summary(facts), d.variant, d.flash_attn_version or "-", what,
-                     ",".join(d.steps) or "-"))
+                     ",".join(d.steps) or ("manual: not executed by the agent yet" if d.execution else "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     counts: dict[str, int] = {}
@@ -125,6 +125,9 @@ def render_explain(d: Decision) -> str:
     if d.toolkit:
         out.append(f"  toolkit:  CUDA {d.toolkit}")
     out.append(f"  steps:    {' → '.join(d.steps) or '(none)'}")
+    if d.execution:
+        out.append(f"  {d.execution}; run by hand:")
+        out.extend(f"    {c}" for c in d.commands)
     out.append("why:")
     out.extend(f"  - {r}" for r in d.reasons)
     if d.build is not None:
