@@ -307,7 +307,7 @@ def test_verifications_flow_into_table_chart_and_metrics(client: TestClient, sto
     assert first["hostname"] == hosts[0]  # failing first
     page = client.get(f"/nodes/{hosts[0]}").text
     assert '<svg class="chart"' in page and 'class="median"' in page and 'class="sdpa"' in page
-    assert "NaN/Inf" in page and page.count('class="fail"') >= 2
+    assert "NaN/Inf" in page and page.count("badge v-failed") >= 2  # its two failed days (no FA speed to chart)
     assert client.get("/ui/api/nodes", params={"verify": "failed"}).json()["total"] == 1
     text = client.get("/metrics").text
     assert 'fleet_verifications{gpu="NVIDIA H100 80GB HBM3",result="passed"}' in text
