@@ -8,6 +8,7 @@ from controller.rollout.core import (
     ACTIVE_ROLLOUT,
     Actions,
     BatchSize,
+    BatchStatus,
     Budget,
     BuildSnapshot,
     BuildStatus,
@@ -27,6 +28,7 @@ from controller.rollout.core import (
     parse_budget,
     parse_selector,
     pick_previous_wheel,
+    progress,
     schedule_batches,
     select_nodes,
     work_states,
@@ -290,3 +292,28 @@ SHA = {name: f"{i:064x}" for i, name in enumerate([
 def test_pick_previous_wheel(version: str, py: str, arch: str, only: str | None, expected: str | None) -> None:
     wheels = [(n, h) for n, h in SHA.items() if only is None or n == only]
     assert pick_previous_wheel(wheels, "flash-attn", version, py, arch) == (SHA[expected] if expected else None)
+
+
+@pytest.mark.parametrize(("status", "active"), [
+    (RolloutStatus.RUNNING, True), (RolloutStatus.PAUSED, True),
+    (RolloutStatus.ABORTING, True),  # its running steps still hold their nodes until they finish
+    (RolloutStatus.ROLLING_BACK, True),
+    (RolloutStatus.SUCCEEDED, False), (RolloutStatus.PARTIAL, False), (RolloutStatus.ABORTED, False),
+    (RolloutStatus.ROLLED_BACK, False), (RolloutStatus.ROLLBACK_FAILED, False),
+])
+def test_active_rollout_statuses(status: RolloutStatus, active: bool) -> None:
+    assert (status in ACTIVE_ROLLOUT) is active
+    assert (str(status) in ACTIVE_ROLLOUT) is active  # the column's plain string, as read back from the DB
+
+
+@pytest.mark.parametrize(("counts", "expected"), [
+    ({}, (0, 0, 0, 0, 0, BatchStatus.DONE)),
+    ({"planned": 3}, (3, 0, 0, 0, 3, BatchStatus.PENDING)),
+    ({"done": 1, "install": 1, "planned": 1}, (3, 1, 0, 1, 2, BatchStatus.RUNNING)),
+    ({"done": 2, "skipped": 1, "rolled-back": 1}, (4, 2, 0, 4, 0, BatchStatus.DONE)),
+    ({"done": 1, "failed": 1}, (2, 1, 1, 2, 0, BatchStatus.FAILED)),
+    ({"rolling-back": 1, "rolled-back": 1}, (2, 0, 0, 1, 1, BatchStatus.RUNNING)),
+])
+def test_progress(counts: dict[str, int], expected: tuple[int, int, int, int, int, BatchStatus]) -> None:
+    p = progress(counts)
+    assert (p.total, p.done, p.failed, p.finished, p.active, p.status) == expected
