@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,28 +14,64 @@ from fastapi.testclient import TestClient
 from itsdangerous import TimestampSigner
 from sqlalchemy import select
 
-from controller.store.db import Store, open_store, utcnow
+from agent.profiles import load_profile
+from controller.rollout import service
+from controller.rollout.service import RolloutRequest
+from controller.store.db import Store, utcnow
 from controller.store.models import Node
+from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
 from controller.web import app as web_app
-from controller.web import create_standalone_app, nodeindex, sample
+from controller.web import create_standalone_app, nodeindex
 from controller.web.auth import SESSION_COOKIE, add_user, hash_password, verify_password
 from controller.web.models import DashboardNode
 
 PASSWORD = "correct horse battery"
+# one simulated node of each profile in turn: 120 nodes make 15 of each GPU model
+PROFILES = ("h100", "a100", "l40s", "t4", "rtx4090", "a10", "l4", "h200")
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = open_store(f"sqlite:///{tmp_path / 'controller.db'}")
+def fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    """A real controller (store, registry, job dispatcher, rollout engine, verification) with fake agents."""
+    with FleetThread(state_dir=tmp_path / "controller") as ft:
+        yield ft
+
+
+@pytest.fixture
+def store(fleet: FleetThread) -> Store:
+    st = fleet.fleet.ctx.store
     add_user(st, "olga", "operator", PASSWORD)
     add_user(st, "vic", "viewer", PASSWORD)
-    yield st
-    st.close()
+    return st
 
 
 @pytest.fixture
-def ctx(store: Store, tmp_path: Path) -> Any:
-    return types.SimpleNamespace(store=store, state_dir=tmp_path, admin_token="admintoken123")
+def ctx(fleet: FleetThread, store: Store) -> Any:
+    return fleet.fleet.ctx
+
+
+def add_nodes(fleet: FleetThread, n: int, *, offline: tuple[int, ...] = (),
+              profiles: tuple[str, ...] = PROFILES) -> list[str]:
+    """``n`` simulated nodes ``sim-node-00000``… enrolled and registered by their (fake) agents; the nodes at
+    the ``offline`` indexes lose their agent."""
+    facts = [load_profile(profiles[i % len(profiles)], f"sim-node-{i:05d}") for i in range(n)]
+    hosts = fleet.call(fleet.fleet.add_nodes(facts))
+    for i in offline:
+        fleet.call(fleet.fleet.set_offline(hosts[i]))
+    return hosts
+
+
+def start_rollout(fleet: FleetThread, hosts: list[str], **options: Any) -> str:
+    """``fleetctl rollout start --nodes HOSTS`` (the engine moves it once started: ``run_engine``)."""
+    return fleet.call(fleet.fleet.start_rollout(RolloutRequest(nodes=",".join(hosts), actor="user:demo", **options)))
+
+
+def run_engine(fleet: FleetThread) -> None:
+    fleet.call(fleet.fleet.start_engine())
+
+
+def rollout_status(store: Store, rollout_id: str) -> str:
+    return str(service.get_status(store, rollout_id)["status"])
 
 
 @pytest.fixture
@@ -144,42 +180,36 @@ def test_logout_needs_csrf(client: TestClient) -> None:
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
-def test_viewer_cannot_act(client: TestClient, store: Store) -> None:
-    hosts = sample.populate(store, 4)
-    sample.ScriptedRollout(store, hosts, rollout_id="r-t1", batch=2)
+def test_viewer_cannot_act(client: TestClient, store: Store, fleet: FleetThread) -> None:
+    rid = start_rollout(fleet, add_nodes(fleet, 4), batch="2")
     login(client, "vic")
-    page = client.get("/rollouts/r-t1")
+    page = client.get(f"/rollouts/{rid}")
     assert page.status_code == 200
     assert 'data-action="pause"' not in page.text and "viewer role" in page.text
     token = csrf_of(client)
-    r = client.post("/rollouts/r-t1/pause", data={"csrf_token": token})
+    r = client.post(f"/rollouts/{rid}/pause", data={"csrf_token": token})
     assert r.status_code == 403 and "viewer" in r.text
-    assert sample.ScriptedRollout.status(_handle(store, "r-t1")) == "running"
+    assert rollout_status(store, rid) == "running"
 
 
-def _handle(store: Store, rid: str) -> Any:
-    return types.SimpleNamespace(store=store, rid=rid)
-
-
-def test_operator_needs_csrf_then_pauses(client: TestClient, store: Store) -> None:
-    hosts = sample.populate(store, 4)
-    sample.ScriptedRollout(store, hosts, rollout_id="r-t2", batch=2)
+def test_operator_needs_csrf_then_pauses(client: TestClient, store: Store, fleet: FleetThread) -> None:
+    rid = start_rollout(fleet, add_nodes(fleet, 4), batch="2")
     login(client, "olga")
-    assert client.post("/rollouts/r-t2/pause", data={}).status_code == 403
-    assert client.post("/rollouts/r-t2/pause", data={"csrf_token": "forged"}).status_code == 403
+    assert client.post(f"/rollouts/{rid}/pause", data={}).status_code == 403
+    assert client.post(f"/rollouts/{rid}/pause", data={"csrf_token": "forged"}).status_code == 403
     token = csrf_of(client)
-    r = client.post("/rollouts/r-t2/pause", data={"csrf_token": token}, follow_redirects=False)
+    r = client.post(f"/rollouts/{rid}/pause", data={"csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303
-    assert sample.ScriptedRollout.status(_handle(store, "r-t2")) == "paused"
+    assert rollout_status(store, rid) == "paused"
     # pausing twice: the service refuses, the page says why
-    r = client.post("/rollouts/r-t2/pause", headers={"X-CSRF-Token": token, "Accept": "application/json"})
+    r = client.post(f"/rollouts/{rid}/pause", headers={"X-CSRF-Token": token, "Accept": "application/json"})
     assert r.status_code == 409 and "not running" in r.json()["message"]
-    r = client.post("/rollouts/r-t2/resume", headers={"X-CSRF-Token": token, "Accept": "application/json"})
+    r = client.post(f"/rollouts/{rid}/resume", headers={"X-CSRF-Token": token, "Accept": "application/json"})
     assert r.status_code == 200 and r.json()["ok"]
 
 
-def test_pagination_sort_filter_search(client: TestClient, store: Store) -> None:
-    sample.populate(store, 120, offline=0.1, degraded=0.0)
+def test_pagination_sort_filter_search(client: TestClient, store: Store, fleet: FleetThread) -> None:
+    add_nodes(fleet, 120, offline=tuple(range(5, 120, 10)))
     login(client, "vic")
     r = client.get("/ui/api/nodes", params={"per_page": 50, "sort": "hostname"}).json()
     assert r["total"] == 120 and r["pages"] == 3 and len(r["nodes"]) == 50
@@ -206,8 +236,8 @@ def test_pagination_sort_filter_search(client: TestClient, store: Store) -> None
     assert "page 1 of" in html and "sim-node-" in html and "simulated" in html
 
 
-def test_index_follows_facts_and_status(client: TestClient, store: Store) -> None:
-    sample.populate(store, 3)
+def test_index_follows_facts_and_status(client: TestClient, store: Store, fleet: FleetThread) -> None:
+    add_nodes(fleet, 3)
     login(client, "vic")
     client.get("/ui/api/nodes")
     with store.session() as s:
@@ -225,28 +255,33 @@ def test_index_follows_facts_and_status(client: TestClient, store: Store) -> Non
         assert s.scalar(select(DashboardNode.rank).where(DashboardNode.hostname == "sim-node-00001")) == 0
 
 
-def test_node_page_shows_diagnosis(client: TestClient, store: Store) -> None:
-    hosts = sample.populate(store, 3)
-    sample.add_history(store, hosts[1])
-    ro = sample.ScriptedRollout(store, hosts, rollout_id="r-t3", batch=2, fail=(hosts[1],))
-    while ro.tick():
-        pass
+def test_node_page_shows_diagnosis(client: TestClient, store: Store, fleet: FleetThread) -> None:
+    hosts = add_nodes(fleet, 3)
+    facts = load_profile(PROFILES[1], hosts[1])  # its driver was upgraded since it registered
+    assert facts.driver is not None
+    fleet.call(fleet.fleet.change_facts(hosts[1], dataclasses.replace(
+        facts, driver=dataclasses.replace(facts.driver, version="999.1.2"))))
+    for step in ("build-from-source", "install-wheel"):  # whichever its plan has first fails
+        fleet.fleet.script(hosts[1], step, JobScript(error=f"{step} failed (rc 2)", log=CUDA_MISMATCH_LOG))
+    rid = start_rollout(fleet, hosts, batch="2", max_failures="2")
+    run_engine(fleet)
+    fleet.call(fleet.fleet.wait_rollout(rid, "succeeded", "partial", "paused", "aborted"))
     login(client, "vic")
     page = client.get(f"/nodes/{hosts[1]}").text
     assert "nvcc_torch_cuda_major_mismatch" in page and "What to do" in page
     assert "driver.version" in page and "Current plan" in page and "runner_on_failed" in page
-    detail = client.get("/ui/api/rollouts/r-t3").json()
+    detail = client.get(f"/ui/api/rollouts/{rid}").json()
     assert detail["status"] == "partial" and detail["failures"][0]["hostname"] == hosts[1]
     first = client.get("/ui/api/nodes", params={"per_page": 1}).json()["nodes"][0]
     assert first["hostname"] == hosts[1] and first["job_status"] == "failed" and first["rank"] == 0
-    assert "build-from-source failed" in client.get("/nodes", params={"status": "failing"}).text
+    assert f"{first['job_kind']} failed" in client.get("/nodes", params={"status": "failing"}).text
     assert client.get("/nodes/no-such-host").status_code == 404
 
 
-def test_sse_sends_snapshot(client: TestClient, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sse_sends_snapshot(client: TestClient, fleet: FleetThread, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(web_app, "SSE_MAX_SECONDS", 0.5)
     monkeypatch.setattr(web_app, "SSE_POLL_SECONDS", 0.1)
-    sample.populate(store, 5)
+    add_nodes(fleet, 5)
     login(client, "vic")
     with client.stream("GET", "/ui/events", params={"topic": "overview"}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -254,15 +289,19 @@ def test_sse_sends_snapshot(client: TestClient, store: Store, monkeypatch: pytes
     assert "event: update" in body and '"total": 5' in body
 
 
-def test_metrics(client: TestClient, store: Store) -> None:
-    hosts = sample.populate(store, 6)
-    ro = sample.ScriptedRollout(store, hosts, rollout_id="r-t4", batch=5)
-    ro.tick()
-    r = client.get("/metrics", headers={"Authorization": "Bearer admintoken123"})
+def test_metrics(client: TestClient, ctx: Any, fleet: FleetThread) -> None:
+    hosts = add_nodes(fleet, 6, profiles=("h100", "a100"))  # both install a released wheel
+    for host in hosts:  # the canaries' installs never end: the rollout stays at its first batch
+        fleet.fleet.script(host, "install-wheel", JobScript(hang=True))
+    rid = start_rollout(fleet, hosts, batch="1,5")
+    run_engine(fleet)
+    st = fleet.call(fleet.fleet.wait_rollout(rid, until=lambda st: any(n["state"] == "install" for n in st["nodes"])))
+    installing = sum(n["state"] == "install" for n in st["nodes"])  # the canaries: one per GPU model
+    r = client.get("/metrics", headers={"Authorization": f"Bearer {ctx.admin_token}"})
     assert r.status_code == 200
     text = r.text
     assert 'fleet_nodes{status="online"}' in text
-    assert 'fleet_rollout_nodes{rollout="r-t4",state="install"} 1.0' in text
+    assert f'fleet_rollout_nodes{{rollout="{rid}",state="install"}} {installing:.1f}' in text
     assert "fleet_heartbeat_lag_max_seconds" in text and "fleet_job_duration_seconds" in text
     assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
@@ -314,11 +353,11 @@ def test_verifications_flow_into_table_chart_and_metrics(client: TestClient, sto
     assert "fleet_verification_tflops_median" in text
 
 
-def test_schedules_page(client: TestClient, store: Store) -> None:
+def test_schedules_page(client: TestClient, store: Store, fleet: FleetThread) -> None:
     import datetime as dt
 
     schedules = pytest.importorskip("controller.verify_store.schedules")
-    hosts = sample.populate(store, 4)
+    hosts = add_nodes(fleet, 4)
     record_verifications(store, hosts, days=1, broken=(hosts[1],))
     sched = schedules.add_schedule(store, "0 3 * * *", "gpu=*H100*", mode="quick", actor="user:olga")
     run = schedules.claim(store, sched["id"], utcnow() - dt.timedelta(hours=1), "test")
@@ -330,9 +369,9 @@ def test_schedules_page(client: TestClient, store: Store) -> None:
     assert "1 passed" in page and "1 failed" in page and "1 running" in page and hosts[1] in page
 
 
-def test_node_page_shows_verification_health(client: TestClient, store: Store) -> None:
+def test_node_page_shows_verification_health(client: TestClient, store: Store, fleet: FleetThread) -> None:
     vmodels = pytest.importorskip("controller.verify_store.models")
-    hosts = sample.populate(store, 2)
+    hosts = add_nodes(fleet, 2)
     with store.session() as s:
         s.add(vmodels.NodeVerifyState(
             hostname=hosts[0], degraded=True, since=utcnow(), reason="flash-attn import failed after a torch upgrade",
