@@ -39,7 +39,14 @@ from sqlalchemy.orm import Session
 from controller.resolver.model import MeasuredImpl, Measurements
 from controller.verify_store import store as verification_store
 from fleet.errors import InputError
-from fleet.verification import VerificationResult, correctness_problems
+from fleet.verification import (
+    DecodeEntry,
+    GqaEntry,
+    VerificationResult,
+    correctness_problems,
+    row_label,
+    row_problems,
+)
 
 if TYPE_CHECKING:
     from controller.catalog import Catalog
@@ -79,6 +86,9 @@ class Profile:
     def describe(self) -> str:
         if self.direction == "decode":
             return "decode (end-to-end decode tokens/s by attn_implementation)"
+        if self.direction == "decode_kernel":
+            return (f"{self.name}: one decode step (seqlen_q 1) against a dense KV cache ≥ {self.min_seqlen} tokens, "
+                    f"{self.dtype}, head dim {self.headdim}, GQA 32/8: KV bandwidth")
         what = "forward+backward" if self.direction == "fwd_bwd" else "forward"
         return (f"{self.name}: {what}, {self.dtype}, head dim {self.headdim}, "
                 f"{'causal' if self.causal else 'non-causal'}, seqlen ≥ {self.min_seqlen}")
@@ -88,6 +98,9 @@ PROFILES: Mapping[str, Profile] = {
     "training": Profile("training", "fwd_bwd", min_seqlen=1024),
     "prefill": Profile("prefill", "fwd", min_seqlen=4096),
     "decode": Profile("decode", "decode", unit="new tokens/s"),
+    # the attention kernel alone in decode (bench.py's decode rows): what a serving engine calling the kernel
+    # sees; not folded into "decode", whose end-to-end figure includes the model around attention
+    "decode-kernel": Profile("decode-kernel", "decode_kernel", min_seqlen=4096, unit="GB/s KV read"),
 }
 WORKLOADS = tuple(PROFILES)
 
@@ -262,8 +275,21 @@ def evidence_from_result(result: VerificationResult, kind: str, origin: str | No
         decode = x.decode_tokens_per_s
         if x.status == "ok" and decode:
             ms.append(Measurement(x.impl, "decode", x.dtype or "bfloat16", 0, x.prompt_len or 0, True, float(decode)))
+    for step in result.decode:  # dense caches only: SDPA has no paged rows to compare with
+        impl = _impl_of(step.impl, label)
+        if impl is not None and step.status == "ok" and not step.paged and step.kv_gb_per_s and not row_problems(step):
+            ms.append(Measurement(impl, "decode_kernel", step.dtype, step.headdim, step.cache_len, True,
+                                  float(step.kv_gb_per_s)))
     checked: dict[tuple[str, str], bool] = {}
     problems: dict[tuple[str, str], str] = {}
+    # a wrong GQA or decode output distrusts the implementation for its dtype, like a failed correctness case
+    rows: tuple[GqaEntry | DecodeEntry, ...] = (*result.gqa, *result.decode)
+    for row in rows:
+        impl = _impl_of(row.impl, label)
+        found_row = row_problems(row) if row.status not in ("error", "timeout", "oom") else []
+        if impl is not None and found_row:
+            checked[(impl, row.dtype)] = False
+            problems.setdefault((impl, row.dtype), f"{row_label(row)}: {found_row[0]}")
     for c in result.correctness:
         impl = _impl_of(c.impl, label)
         if impl is None or c.dtype is None or c.status in ("skipped", "unsupported"):
@@ -513,7 +539,8 @@ def recommend(ctx: NodeContext, evidence: Sequence[Evidence], prof: Profile,
     if not measured and not excluded:
         where = "stored verifications or the built-in prior"
         notes.insert(0, f"no {prof.describe()} measurements for {ctx.gpu_model or 'this GPU'} in {where}" + (
-            ": the kernel benchmark measures no decode shapes; run the end-to-end check (verify --mode full)"
+            f": run `fleetctl verify {ctx.hostname} --mode full` (its end-to-end section measures decode per "
+            "attn_implementation); the decode-kernel workload ranks the attention kernels alone"
             if prof.direction == "decode" else f": run `fleetctl verify {ctx.hostname} --mode full`"))
     elif choice is None:
         notes.insert(0, "every measured implementation is excluded (see candidates)")
