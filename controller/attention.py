@@ -61,7 +61,7 @@ WHEEL_INSTALL_S = 15.0  # measured: FA4's wheelhouse installed in 12.0 s on the 
 FLASH = ("fa2", "fa1", "fa3", "fa4")
 SDPA = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 IMPLS = (*FLASH, *SDPA)
-E2E_SETTINGS = ("flash_attention_2", "sdpa", "eager")
+E2E_SETTINGS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "sdpa", "eager")
 SOURCES = ("node", "fleet", "prior")
 INSTALL_ORDER = {"none": 0, "installed": 1, "wheel": 2, "source-build": 3, "unknown": 4, "unavailable": 5}
 
@@ -156,6 +156,10 @@ SETTINGS: Mapping[str, Setting] = {
     "sdpa_math": Setting("eager", "attn_implementation=\"eager\" (or sdpa_kernel(SDPBackend.MATH))"),
     "flash_attention_2": Setting("flash_attention_2",
                                  "from_pretrained(..., attn_implementation=\"flash_attention_2\")"),
+    "flash_attention_3": Setting("flash_attention_3",
+                                 "from_pretrained(..., attn_implementation=\"flash_attention_3\")"),
+    "flash_attention_4": Setting("flash_attention_4",
+                                 "from_pretrained(..., attn_implementation=\"flash_attention_4\")"),
     # measured on the H200 (tests/fixtures/h200_attention): the mask costs decode 12 %, and the first SDPA call at
     # a new prompt length 3-5 s (what made the earlier e2e check report sdpa 4-8x slower than eager)
     "sdpa": Setting("sdpa", "from_pretrained(..., attn_implementation=\"sdpa\")",

@@ -77,3 +77,10 @@ def test_decode_uses_the_nodes_own_e2e_phases_over_the_prior() -> None:
 def test_without_decode_rows_the_kernel_workload_says_how_to_get_them() -> None:
     rec = recommend(CTX, [_evidence()], profile("decode-kernel"))
     assert rec.choice is None and "fleetctl verify h100-1 --mode full" in rec.notes[0]
+
+
+def test_fa3_and_fa4_e2e_rows_are_named_with_their_settings() -> None:
+    ev = _evidence(e2e=[_e2e("sdpa", 700.0), _e2e("flash_attention_4", 800.0), _e2e("flash_attention_3", 650.0)])
+    rec = recommend(CTX, [ev], profile("decode"))
+    assert rec.choice is not None and rec.choice.impl == "flash_attention_4"
+    assert rec.choice.setting.transformers == "flash_attention_4"
