@@ -259,7 +259,7 @@ async def start_controller(settings: ControllerSettings, ctx: ControllerContext 
 
 
 async def serve(settings: ControllerSettings) -> int:
-    """Run until SIGINT/SIGTERM (exit status 0) or until a loop fails (1); either way stop in reverse order."""
+    """``fleet-controller serve``: run until SIGINT/SIGTERM (exit status 0) or until a loop fails (1)."""
     running = await start_controller(settings)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -267,14 +267,20 @@ async def serve(settings: ControllerSettings) -> int:
         loop.add_signal_handler(sig, signalled.set)
     print(f"fleet-controller: grpc {running.ctx.grpc_address} (mTLS), enroll {running.ctx.enroll_address}, "
           f"http {running.ctx.http_url}, state {settings.state_dir}", flush=True)
+    return await run_until_stopped(running, signalled)
+
+
+async def run_until_stopped(running: RunningController, signalled: asyncio.Event) -> int:
+    """Wait for ``signalled`` or the first loop to end, whichever comes first; then stop every part in reverse
+    start order. 1 when a loop ended (it is said in one log line, with its traceback), else 0."""
     failure = asyncio.create_task(running.first_failure(), name="first-failure")
     signal_wait = asyncio.create_task(signalled.wait(), name="signal")
     await asyncio.wait({failure, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if failure.done():
         status = 1
-        log.error("%s; stopping the controller (every part in reverse start order)", failure.result(),
-                  exc_info=failure.result().error)
+        ended = failure.result()
+        log.error("%s; stopping the controller (every part in reverse start order)", ended, exc_info=ended.error)
     else:
         log.info("stopping")
     for task in (failure, signal_wait):
