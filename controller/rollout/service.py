@@ -17,8 +17,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller import attention
-from controller import attention
-from controller import attention
 from controller.audit import audit
 from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
 from controller.rollout.core import (
