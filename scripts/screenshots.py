@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/screenshots.py [--out docs/screenshots]
 
-The data is a simulated fleet (controller.web.sample: 60 nodes, labelled ``simulated``) with a
-scripted simulated rollout stopped half-way, one node failing its build with a diagnosed error.
+The data is a simulated fleet (controller.testing: a real controller with 60 fake agents, labelled ``simulated``):
+verifications recorded by the controller, a rollout driven by the real engine and paused half-way, one node
+failing its first step with a diagnosed CUDA mismatch.
 
     .venv/bin/python scripts/screenshots.py --from-db tests/fixtures/h100_e2e/controller.db.gz --prefix h100-e2e-
 
@@ -14,6 +15,7 @@ and every rollout's page, named PREFIX + overview / node-HOST / rollout-ID.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import shutil
 import sys
@@ -26,28 +28,60 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.profiles import load_profile  # noqa: E402
+from controller.rollout import service  # noqa: E402
+from controller.rollout.service import RolloutRequest  # noqa: E402
 from controller.store.db import open_store  # noqa: E402
-from controller.web import create_standalone_app, sample  # noqa: E402
+from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer, usual_figures  # noqa: E402
+from controller.web import create_standalone_app  # noqa: E402
 from controller.web.auth import add_user  # noqa: E402
 from tests.integration.web.browser import chromium, missing_reason  # noqa: E402
 
 PASSWORD = "screenshot-pass"
+PROFILES = ("h100", "a100", "l40s", "t4", "rtx4090", "a10", "l4", "h200", "apt-nopubkey", "no-toolkit")
 
 
-def _schedules(store: Any, verified: list[str]) -> None:
-    """Two re-verification schedules, the first with a run whose jobs are the last day's verifications."""
-    try:
-        from controller.verify_store import schedules
-    except ImportError:  # verification storage not in this checkout: the page says so
-        return
+def _schedules(store: Any, jobs: dict[str, str]) -> None:
+    """Two re-verification schedules, the first with a run whose jobs are the last verifications."""
     import datetime as dt
 
     from controller.store.db import utcnow
+    from controller.verify_store import schedules
     nightly = schedules.add_schedule(store, "0 3 * * *", "all", mode="quick", actor="user:olga")
     schedules.add_schedule(store, "30 4 * * 0", "gpu=*H100*", mode="full", actor="user:olga")
     run = schedules.claim(store, nightly["id"], utcnow() - dt.timedelta(hours=2), "screenshots")
     if run is not None:
-        schedules.set_run_jobs(store, run, {h: f"job-verify-{h}-1" for h in verified}, None)
+        schedules.set_run_jobs(store, run, jobs, None)
+
+
+def _simulated_fleet(ft: FleetThread) -> tuple[list[str], str]:
+    """60 simulated nodes, their verifications and a rollout paused half-way; (hostnames, rollout id)."""
+    fleet = ft.fleet
+    hosts = ft.call(fleet.add_nodes(load_profile(PROFILES[i % len(PROFILES)], f"sim-gpu-{i:05d}")
+                                    for i in range(60)))
+    failing, slow = hosts[4], hosts[23]
+    facts = load_profile(PROFILES[4], failing)  # a driver upgrade in its facts history
+    if facts.driver is not None:
+        ft.call(fleet.change_facts(failing, dataclasses.replace(
+            facts, driver=dataclasses.replace(facts.driver, version="560.35.05"))))
+    slow_facts = load_profile(PROFILES[23 % len(PROFILES)], slow)
+    slow_gpu = slow_facts.gpus[0].name if slow_facts.gpus else None
+    jobs: dict[str, str] = {}
+    for round_ in range(4):  # the last two rounds of one node 40 % slower: a regression against its GPU model
+        if round_ == 2:
+            fleet.script(slow, "verify", JobScript(figures=usual_figures(slow_gpu).scaled(0.6)))
+        jobs = ft.call(fleet.verify(hosts[20:]))
+    for step in ("build-from-source", "install-wheel"):
+        fleet.script(failing, step, JobScript(seconds=0.2, error=f"{step} failed (rc 2)", log=CUDA_MISMATCH_LOG))
+    fleet.default_seconds = 0.2
+    rid = ft.call(fleet.start_rollout(RolloutRequest(nodes=",".join(hosts[:20]), batch="4", max_failures="3",
+                                                     actor="user:olga")))
+    ft.call(fleet.start_engine())
+    ft.call(fleet.wait_rollout(rid, "paused", until=lambda st: sum(n["state"] == "done" for n in st["nodes"]) >= 8))
+    if service.get_status(fleet.ctx.store, rid)["status"] == "running":
+        service.pause(fleet.ctx.store, rid, "user:olga")
+    _schedules(fleet.ctx.store, jobs)
+    return hosts, rid
 
 
 def main() -> int:
@@ -67,21 +101,13 @@ def main() -> int:
             print(f"cannot take screenshots: no database at {args.from_db}", file=sys.stderr)
             return 1
         return _shoot_db(args.from_db, tmp, args.out, args.prefix)
-    store = open_store(f"sqlite:///{tmp / 'controller.db'}")
-    add_user(store, "olga", "operator", PASSWORD)
-    hosts = sample.populate(store, 60, seed=3, prefix="sim-gpu")
-    failing = hosts[4]
-    sample.add_history(store, failing)
-    sample.add_verifications(store, hosts[20:], days=10, regress=(hosts[23],))
-    rollout = sample.ScriptedRollout(store, hosts[:20], rollout_id="r-20261125-demo", batch=4, fail=(failing,))
-    for _ in range(6):
-        rollout.tick()
-    _schedules(store, hosts[20:])
-    shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{failing}"),
-             ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
-             ("rollout", "/rollouts/r-20261125-demo"), ("schedules", "/schedules")]
-    _shoot(store, tmp, args.out, [(args.prefix + name, path) for name, path in shots], login_shot="login")
-    store.close()
+    with FleetThread(state_dir=tmp / "controller") as ft:
+        add_user(ft.fleet.ctx.store, "olga", "operator", PASSWORD)
+        hosts, rid = _simulated_fleet(ft)
+        shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{hosts[4]}"),
+                 ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
+                 ("rollout", f"/rollouts/{rid}"), ("schedules", "/schedules")]
+        _shoot(ft.fleet.ctx, args.out, [(args.prefix + name, path) for name, path in shots], login_shot="login")
     return 0
 
 
@@ -99,14 +125,14 @@ def _shoot_db(db: Path, tmp: Path, out: Path, prefix: str) -> int:
         rollouts = [r.id for r in s.query(Rollout).order_by(Rollout.created_at)]
     shots = [(prefix + "overview", "/")] + [(f"{prefix}node-{h}", f"/nodes/{h}") for h in hosts]
     shots += [(f"{prefix}rollout-{r}", f"/rollouts/{r}") for r in rollouts]
-    _shoot(store, tmp, out, shots, login_shot=None)
+    _shoot(types.SimpleNamespace(store=store, state_dir=tmp), out, shots, login_shot=None)
     store.close()
     return 0
 
 
-def _shoot(store: Any, tmp: Path, out: Path, shots: list[tuple[str, str]], login_shot: str | None) -> None:
-    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
-    with sample.ThreadServer(app) as server, chromium() as browser:
+def _shoot(ctx: Any, out: Path, shots: list[tuple[str, str]], login_shot: str | None) -> None:
+    app = create_standalone_app(ctx)
+    with ThreadServer(app) as server, chromium() as browser:
         ctx = browser.new_context(viewport={"width": 1360, "height": 900}, device_scale_factor=1)
         page = ctx.new_page()
         page.goto(server.url + "/login")
