@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/dashboard_10k.py [--nodes 10000] [--db URL] [--no-browser]
 
-Fills a fresh SQLite database (or ``--db``, emptied first is up to you) with simulated nodes
-(controller.web.sample), builds the ``dashboard_nodes`` index once, then:
+Fills a fresh SQLite database (or ``--db``, emptied first is up to you) with simulated nodes, each
+enrolled and registered by a fake agent of controller.testing (a real controller, agents at the job seam;
+facts of the agent/profiles in turn, every tenth node offline), builds the ``dashboard_nodes`` index once, then:
 
 * server side: the node-table query (index sync + filter + sort + page + count) for a set of typical
   requests, timed in-process, and the same requests over HTTP (uvicorn, ``Server-Timing`` header);
@@ -20,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from controller.store.db import Store, open_store  # noqa: E402
-from controller.web import create_standalone_app, nodeindex, sample  # noqa: E402
+from agent.profiles import list_profiles, load_profile  # noqa: E402
+from controller.store.db import Store  # noqa: E402
+from controller.testing import FleetThread, ThreadServer  # noqa: E402
+from controller.web import create_standalone_app, nodeindex  # noqa: E402
 from controller.web.auth import add_user  # noqa: E402
 
 QUERIES: list[dict[str, Any]] = [
@@ -125,10 +127,19 @@ def main() -> int:
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dash10k-"))
-    store = open_store(args.db or f"sqlite:///{tmp / 'controller.db'}")
+    with FleetThread(state_dir=tmp / "controller", db_url=args.db) as ft:
+        return _run(args, ft)
+
+
+def _run(args: argparse.Namespace, ft: FleetThread) -> int:
+    store = ft.fleet.ctx.store
     add_user(store, "bench", "viewer", PASSWORD)
+    profiles = list_profiles()
     t0 = time.perf_counter()
-    sample.populate(store, args.nodes, seed=11, prefix="node")
+    hosts = ft.call(ft.fleet.add_nodes(load_profile(profiles[i % len(profiles)], f"node-{i:05d}")
+                                       for i in range(args.nodes)), timeout=None)
+    for host in hosts[::10]:
+        ft.call(ft.fleet.set_offline(host))
     t_fill = time.perf_counter() - t0
     t0 = time.perf_counter()
     with store.session() as s:
@@ -140,12 +151,11 @@ def main() -> int:
         "fill_s": round(t_fill, 2), "first_index_build_s": round(t_index, 2),
         "in_process": in_process(store, args.rounds),
     }
-    app = create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp))
-    with sample.ThreadServer(app) as server:
+    app = create_standalone_app(ft.fleet.ctx)
+    with ThreadServer(app) as server:
         result["http"] = over_http(server.url, args.rounds)
         if not args.no_browser:
             result["browser"] = in_browser(server.url, args.rounds)
-    store.close()
     worst_server = max(v["p95_ms"] for v in result["in_process"].values())
     result["verdict"] = {"server_p95_worst_ms": worst_server, "server_goal_ms": 300,
                          "server_ok": worst_server < 300}
