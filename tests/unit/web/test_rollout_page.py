@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from agent.profiles import load_profile
+from controller.rollout.service import RolloutRequest
 from controller.store.db import Store, open_store
+from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
 from controller.web import app as web_app
-from controller.web import create_standalone_app, rolloutview, sample
+from controller.web import create_standalone_app, rolloutview
 from controller.web.auth import add_user
 
 PASSWORD = "correct horse battery"
@@ -85,50 +88,60 @@ def _header(page: str) -> str:
     return m.group(1)
 
 
-def test_canary0_rollout_snapshot_builds_live(store: Store, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetThread]:
+    """A real controller (rollout service and engine) with fake agents (controller.testing)."""
+    with FleetThread(state_dir=tmp_path / "controller") as ft:
+        add_user(ft.fleet.ctx.store, "vic", "viewer", PASSWORD)
+        yield ft
+
+
+def _rollout(ft: FleetThread, profiles: tuple[str, ...], **options: Any) -> tuple[list[str], str]:
+    hosts = ft.call(ft.fleet.add_nodes(load_profile(p, f"sim-node-{i:05d}") for i, p in enumerate(profiles)))
+    rid = ft.call(ft.fleet.start_rollout(RolloutRequest(nodes=",".join(hosts), actor="user:demo", **options)))
+    return hosts, rid
+
+
+def test_canary0_rollout_snapshot_builds_live(fleet: FleetThread, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(web_app, "SSE_MAX_SECONDS", 0.5)
     monkeypatch.setattr(web_app, "SSE_POLL_SECONDS", 0.1)
-    hosts = sample.populate(store, 4)
-    ro = sample.ScriptedRollout(store, hosts, rollout_id="r-nocanary", batch=2, canary=False, build=(hosts[0],),
-                                fail=(hosts[3],))
-    with TestClient(create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp_path))) as c:
+    # the L40S and the T4 build from source (a build key each); the T4's build fails with a CUDA mismatch
+    hosts, rid = _rollout(fleet, ("l40s", "a100", "a100", "t4"), batch="2", canary=0, max_failures="2")
+    fleet.fleet.script(hosts[3], "build-from-source", JobScript(error="build-from-source failed (rc 2)",
+                                                                log=CUDA_MISMATCH_LOG))
+    with TestClient(create_standalone_app(fleet.fleet.ctx)) as c:
         _login(c)
-        d = c.get("/ui/api/rollouts/r-nocanary").json()
+        d = c.get(f"/ui/api/rollouts/{rid}").json()
         assert [(n["batch"], n["canary"]) for n in d["nodes"]] == [(0, False), (0, False), (1, False), (1, False)]
         assert [(b["index"], b["canary"]) for b in d["batches"]] == [(0, False), (1, False)]
         assert {b["builder"]: b["status"] for b in d["builds"]} == {hosts[0]: "pending", hosts[3]: "pending"}
-        page = c.get("/rollouts/r-nocanary").text
-        assert _header(page).endswith("· batch size 2 · no canary · max failures 2 · simulated yes")
+        page = c.get(f"/rollouts/{rid}").text
+        assert "· batch size 2 · no canary · max failures 2" in _header(page)
         assert 'id="builds-card">' in page  # shown: the rollout has builds
-        ro.tick()
-        assert {b["builder"]: b["status"] for b in c.get("/ui/api/rollouts/r-nocanary").json()["builds"]} == \
-            {hosts[0]: "building", hosts[3]: "pending"}
-        while ro.tick():
-            pass
-        builds = {b["builder"]: b for b in c.get("/ui/api/rollouts/r-nocanary").json()["builds"]}
+        fleet.call(fleet.fleet.start_engine())
+        fleet.call(fleet.fleet.wait_rollout(rid, "succeeded", "partial", "paused", "aborted"))
+        builds = {b["builder"]: b for b in c.get(f"/ui/api/rollouts/{rid}").json()["builds"]}
         ok, failed = builds[hosts[0]], builds[hosts[3]]
         assert ok["status"] == "succeeded"
-        assert ok["artifact_filename"] == "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl"
-        assert ok["attempts"] == 1 and ok["sha256_short"] == ok["artifact_sha256"][:12] and ok["duration"]
+        assert ok["artifact_filename"].startswith("flash_attn-") and ok["artifact_filename"].endswith(".whl")
+        assert ok["attempts"] == 1 and ok["sha256_short"] == ok["artifact_sha256"][:12]
         assert ok["build_key"].startswith("variant=fa2-source;") and not ok["reused"]
-        assert failed["status"] == "failed" and "CUDA version mismatch" in failed["error"]
+        assert failed["status"] == "failed" and "nvcc major version differs" in failed["error"]
         # the live updates carry the builds too
-        with c.stream("GET", "/ui/events", params={"topic": "rollout:r-nocanary"}) as r:
+        with c.stream("GET", "/ui/events", params={"topic": f"rollout:{rid}"}) as r:
             body = "".join(r.iter_text())
-        assert "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl" in body and '"builds": [' in body
+        assert ok["artifact_filename"] in body and '"builds": [' in body
 
 
-def test_rollout_without_builds_hides_the_card(store: Store, tmp_path: Path) -> None:
-    hosts = sample.populate(store, 3)
-    sample.ScriptedRollout(store, hosts, rollout_id="r-wheels", batch=2)
-    with TestClient(create_standalone_app(types.SimpleNamespace(store=store, state_dir=tmp_path))) as c:
+def test_rollout_without_builds_hides_the_card(fleet: FleetThread) -> None:
+    _, rid = _rollout(fleet, ("h100", "h100", "h100"), batch="2", max_failures="2")
+    with TestClient(create_standalone_app(fleet.fleet.ctx)) as c:
         _login(c)
-        d = c.get("/ui/api/rollouts/r-wheels").json()
+        d = c.get(f"/ui/api/rollouts/{rid}").json()
         assert d["builds"] == [] and [n["canary"] for n in d["nodes"]] == [True, False, False]
-        page = c.get("/rollouts/r-wheels").text
+        page = c.get(f"/rollouts/{rid}").text
         assert 'id="builds-card" hidden>' in page
-        assert "· batch sizes 1, 2 · 1 canary · max failures 2" in _header(page)
+        assert "max failures 2" in _header(page)
 
 
 @pytest.fixture
