@@ -27,9 +27,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from controller.http_deps import API_PREFIX, Admin, Ctx
 from controller.artifacts import Provenance, check_sha256
 from controller.audit import audit
+from controller.http_deps import API_PREFIX, Admin, Ctx
 from controller.signatures import SignatureError
 from fleet.errors import InputError
 

@@ -27,7 +27,9 @@ from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
+from controller.node_summary import summarize
 from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
+from controller.registry import record_of
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.verify_store import views as verification_views
@@ -420,13 +422,14 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
     for job in jobs[:10]:
         job_events[job.id] = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
                                             .order_by(JobEvent.counter).limit(300)))
-    gpus = node.facts.get("gpus") or []
-    gpu_model = str(gpus[0].get("name", "")) if gpus and isinstance(gpus[0], dict) else ""
+    record = record_of(node)
+    gpu_model = summarize(record).gpu_model or ""
     verifications = sources.verification_history(s, hostname)
     median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
-        "node": node, "facts": node.facts, "history": history, "events": events, "jobs": jobs,
-        "job_events": job_events, "plan": sources.plan_for(s, node.facts, state_dir), "verifications": verifications,
+        "node": node, "facts": record.facts, "facts_error": record.facts_error, "history": history, "events": events,
+        "jobs": jobs,
+        "job_events": job_events, "plan": sources.plan_for(s, record, state_dir), "verifications": verifications,
         "rollouts": sources.node_rollouts(s, hostname),
         "median": median, "gpu_model": gpu_model,
         "chart": chart_svg([{"at": v.at, "tflops": v.tflops, "sdpa_tflops": v.sdpa_tflops, "passed": v.passed}

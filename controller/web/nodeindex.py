@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
+from controller.node_summary import NodeSummary, summarize
+from controller.registry import record_of
 from controller.store.models import Job, Node
 from controller.verify_store import views as verification_views
 from controller.web.models import DashboardNode, rank_of
@@ -52,27 +54,17 @@ def _s(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def row_values(node_id: int, hostname: str, status: str, simulated: bool, facts: Mapping[str, Any] | None,
-               facts_at: dt.datetime | None) -> dict[str, Any]:
-    """The facts-derived columns of one node (DESIGN §3.1 object → flat strings)."""
-    f: Mapping[str, Any] = facts or {}
-    gpus = f.get("gpus") or []
-    gpu0: Mapping[str, Any] = gpus[0] if gpus and isinstance(gpus[0], Mapping) else {}
-    driver: Mapping[str, Any] = f.get("driver") or {}
-    toolkit: Mapping[str, Any] = f.get("toolkit") or {}
-    torch: Mapping[str, Any] = f.get("torch") or {}
-    python: Mapping[str, Any] = f.get("python") or {}
-    fa: Mapping[str, Any] = f.get("flash_attn") or {}
-    abi = torch.get("cxx11abi")
+def row_values(node_id: int, summary: NodeSummary) -> dict[str, Any]:
+    """The summary-derived columns of one node (the node summary flattened to indexed strings)."""
     return {
-        "node_id": node_id, "hostname": hostname, "status": status, "simulated": bool(simulated),
-        "gpu_model": _s(gpu0.get("name"))[:128], "gpu_count": len(gpus),
-        "compute_capability": _s(gpu0.get("compute_capability"))[:8],
-        "driver": _s(driver.get("version"))[:32], "cuda_max": _s(driver.get("cuda_max"))[:16],
-        "nvcc": _s(toolkit.get("nvcc"))[:16], "torch": _s(torch.get("version"))[:64],
-        "torch_cuda": _s(torch.get("cuda"))[:16], "cxx11abi": abi if isinstance(abi, bool) else None,
-        "python": _s(python.get("version"))[:32], "fa_version": _s(fa.get("version"))[:32],
-        "fa_variant": _s(fa.get("variant"))[:32], "src_facts_at": facts_at,
+        "node_id": node_id, "hostname": summary.hostname, "status": summary.status, "simulated": summary.simulated,
+        "gpu_model": _s(summary.gpu_model)[:128], "gpu_count": summary.gpu_count,
+        "compute_capability": _s(summary.compute_capability)[:8],
+        "driver": _s(summary.driver)[:32], "cuda_max": _s(summary.cuda_max)[:16],
+        "nvcc": _s(summary.nvcc)[:16], "torch": _s(summary.torch)[:64],
+        "torch_cuda": _s(summary.torch_cuda)[:16], "cxx11abi": summary.cxx11abi,
+        "python": _s(summary.python)[:32], "fa_version": _s(summary.flash_attn)[:32],
+        "fa_variant": _s(summary.flash_attn_variant)[:32], "src_facts_at": summary.facts_updated_at,
     }
 
 
@@ -98,13 +90,12 @@ def sync(session: Session) -> int:
         changed = 0
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
-            nodes = session.execute(select(Node.id, Node.hostname, Node.status, Node.simulated, Node.facts,
-                                           Node.facts_updated_at).where(Node.id.in_(chunk))).all()
+            nodes = session.scalars(select(Node).where(Node.id.in_(chunk))).all()
             existing = {d.node_id: d for d in session.scalars(
                 select(DashboardNode).where(DashboardNode.node_id.in_(chunk)))}
-            for nid, host, status, simulated, facts, facts_at in nodes:
-                values = row_values(nid, host, status, simulated, facts, facts_at)
-                row = existing.get(nid)
+            for node in nodes:
+                values = row_values(node.id, summarize(record_of(node)))
+                row = existing.get(node.id)
                 if row is None:
                     row = DashboardNode(verify_result="", job_kind="", job_status="", **values)
                     session.add(row)

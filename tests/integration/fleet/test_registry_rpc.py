@@ -117,7 +117,7 @@ def _bad(kind: str) -> pb.NodeFacts:
     elif kind == "bad torch version":
         msg.torch.version = "latest!"
     elif kind == "bad arch_list entry":
-        msg.torch.arch_list.append("gfx90a")
+        msg.torch.arch_list.append("sm_9x!")  # neither sm_NN/compute_NN nor a gfx target
     elif kind == "oversized":
         msg.apt.errors.extend(["E: " + "x" * 1000] * 200)
         msg.extra_json = json.dumps({"blob": "y" * 100_000})

@@ -67,7 +67,7 @@ def test_the_database_says_what_the_cli_printed(store: Store) -> None:
             assert stored is not None and stored.status == job["status"] == "successful"
             n = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job["id"]))
             assert n == len(job["events"])
-        rows = list(s.scalars(select(Verification).order_by(Verification.at)))
+        rows = list(s.scalars(select(Verification).order_by(Verification.recorded_at)))
     assert [(r.mode, r.passed, r.simulated) for r in rows] == [("full", True, False), ("quick", True, False)]
     assert rows[0].duration_s == pytest.approx(read(D, "verification.json")["duration_s"], abs=0.01)
     with store.session() as s:  # what `fleetctl node vm` lists under rollouts
