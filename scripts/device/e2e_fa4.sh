@@ -7,6 +7,10 @@
 #   e2e_fa4.sh stash DIR…   copy carried folders into $STASH (default /root/stash): one call per part, as the
 #                           device takes at most 64 MiB a call (scripts/device/fa4_wheelhouse.sh splits them)
 #   e2e_fa4.sh run          everything below, then `collect`; prints a timing summary
+#   e2e_fa4.sh attention    issue 16: a full verification of what the node has (SDPA backends, e2e), plans
+#                           `--prefer fastest` per workload, rollout `--prefer fastest --workload prefill` (FA4
+#                           from the store) with a full verification of every implementation, the report after;
+#                           then `collect`
 #   e2e_fa4.sh collect      $OUT/e2e_fa4.tar.gz: statuses, jobs with events, facts, verification, timings, DB
 #
 # Steps of `run`: project wheels from $STASH/whl*/ (carried as .whl, .whl-a) into $SITE (the device's grpcio is
@@ -18,7 +22,7 @@
 # Rehearsal without a GPU: E2E_SIMULATE=PROFILE, E2E_PYTHON=venv python with a stand-in torch,
 # E2E_FA4_WHEELS=DIR of stand-in wheels, E2E_SITE="" (tests/integration/e2e/test_rehearsal_fa4.py).
 set -uo pipefail
-PHASE=${1:?phase: stash DIR…|run|collect}
+PHASE=${1:?phase: stash DIR…|run|attention|collect}
 shift
 REPO=$(pwd)
 E2E=$(realpath -m "${E2E_DIR:-/tmp/e2e-fa4}")
@@ -69,6 +73,35 @@ PY
   echo "-- target env $1:"; cat "$E2E/venv-$1.txt"
 }
 
+attention_flow() {  # issue 16: measure what the node has, plan --prefer fastest, install it, measure everything
+  local h=$1 w
+  echo "== verification #1 (${VERIFY1_MODE:-quick}: what the node has before — the SDPA backends)"
+  mark verify1_start
+  fleetctl verify "$h" $([[ "${VERIFY1_MODE:-quick}" == quick ]] && echo --quick) --timeout 1500 --json \
+    > "$E2E/verify1.json"; echo "rc=$?"
+  mark verify1_end
+  fleetctl attention report --json > "$E2E/attention-before.json"
+  fleetctl node "$h" > "$E2E/node-before.txt" 2>&1
+  for w in training prefill decode; do
+    fleetctl rollout flash-attn --nodes "$h" --prefer fastest --workload "$w" --dry-run \
+      > "$E2E/plan-fastest-$w-before.txt" 2>&1
+  done
+  R=(flash-attn --prefer fastest --workload prefill --nodes "$h" --canary 0 --batch 1 --max-failures 1
+     --verify-mode full --step-timeout install-wheel=900,verify=1500,rollback=600)
+  fleetctl rollout "${R[@]}" --dry-run | tee "$E2E/plan1.txt"
+  fleetctl rollout "${R[@]}" --dry-run --json > "$E2E/plan1.json"
+  echo "== rollout #1 (--prefer fastest --workload prefill)"; rollout 1 "${R[@]}"
+  installed after-rollout1
+  fleetctl node "$h" > "$E2E/node-after.txt" 2>&1
+  fleetctl attention report > "$E2E/attention-after.txt" 2>&1
+  fleetctl attention report --json > "$E2E/attention-after.json"
+  for w in training prefill decode; do
+    fleetctl rollout flash-attn --nodes "$h" --prefer fastest --workload "$w" --dry-run \
+      > "$E2E/plan-fastest-$w-after.txt" 2>&1
+  done
+  tail -40 "$E2E/attention-after.txt"
+}
+
 case "$PHASE" in
   stash)
     mkdir -p "$STASH"
@@ -76,7 +109,7 @@ case "$PHASE" in
     du -sh "$STASH"/*
     ;;
 
-  run)
+  run|attention)
     rm -rf "$E2E"; mkdir -p "$E2E"/{logs,run,wheels,node}
     mark begin
     if [[ -n "$SITE" ]]; then
@@ -123,6 +156,7 @@ case "$PHASE" in
     mark agent_online
     H=$(fleetctl nodes --json | jq_py 'd["nodes"][0]["hostname"]'); echo "$H" > "$E2E/hostname"
     fleetctl nodes
+    if [[ "$PHASE" == attention ]]; then attention_flow "$H"; mark end; bash "$0" collect; exit; fi
     R=(flash-attn --fa4 --nodes "$H" --canary 0 --batch 1 --max-failures 1 --verify-mode "$VERIFY_MODE"
        --step-timeout install-wheel=900,verify=900,rollback=600)
     fleetctl rollout "${R[@]}" --dry-run | tee "$E2E/plan1.txt"
@@ -158,6 +192,7 @@ print(' '.join(j['id'] for j in C.discover().get('/jobs', node='$H', limit=1000)
       fleetctl job "$j" --json > "$C/jobs/$j.json"
     done
     cp "$E2E"/rollout*.json "$E2E"/rollout*.txt "$E2E"/plan1.* "$E2E"/venv-*.txt "$E2E"/node-after-rollback.json \
+       "$E2E"/verify1.json "$E2E"/attention-*.* "$E2E"/plan-fastest-*.txt "$E2E"/node-before.txt "$E2E"/node-after.txt \
        "$E2E/times" "$C/" 2>/dev/null
     fleetctl artifact list --json > "$C/artifacts.json"
     "$PY" - "$E2E/controller/controller.db" "$C/controller.db" <<'PY'

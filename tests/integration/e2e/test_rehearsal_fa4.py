@@ -101,3 +101,40 @@ def test_fa4_rollout_rollback_again_through_the_device_script(tmp_path: Path) ->
     assert not any(f.startswith("apache_tvm_ffi-0.2.0") for f in fetched)  # the resolver kept the <0.2 bound
     assert json.loads((c / "meta.json").read_text())["simulated"] is True
     assert "rollout #1 --fa4" in (c / "timing.txt").read_text()
+
+
+@pytest.mark.timeout(900)
+def test_attention_phase_of_the_device_script(tmp_path: Path) -> None:
+    """Issue 16's H200 run (`e2e_fa4.sh attention`) rehearsed: verification of what the node has, the
+    `--prefer fastest` plans per workload, the rollout they choose, the report — the script must reach its
+    end and bring every file back, whatever the benchmark can measure here (nothing: no GPU)."""
+    universe = fa4_universe(tmp_path / "universe")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for f in universe.index_files:
+        (wheels / f.name).write_bytes(f.read_bytes())
+    py = _venv_with_torch(tmp_path)
+    env = {**pip_env(), "E2E_PY": sys.executable, "E2E_PYTHON": str(py), "E2E_FA4_WHEELS": str(wheels),
+           "E2E_SITE": "", "E2E_SIMULATE": "h100-cu130", "E2E_DIR": str(tmp_path / "run"),
+           "E2E_HTTP_PORT": str(_port()), "E2E_GRPC_PORT": str(_port()), "E2E_WAIT": "300",
+           "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", "scripts/device/e2e_fa4.sh", "attention"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=850)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    with tarfile.open(tmp_path / "out" / "e2e_fa4.tar.gz") as tf:
+        tf.extractall(tmp_path / "c", filter="data")
+    c = tmp_path / "c"
+    (v1,) = json.loads((c / "verify1.json").read_text())["verifications"]
+    assert v1  # one stored result for the node, pass or fail
+    for w in ("training", "prefill", "decode"):
+        for when in ("before", "after"):
+            text = (c / f"plan-fastest-{w}-{when}.txt").read_text()
+            assert "rehearsal-h200" in text, text
+    plan = json.loads((c / "plan1.json").read_text())
+    (node,) = plan["nodes"]
+    assert node["variant"]  # what --prefer fastest chose, with its reasons
+    assert json.loads((c / "rollout1.json").read_text())["status"]
+    assert "report" in json.loads((c / "attention-after.json").read_text()) or (c / "attention-after.txt").read_text()
+    assert (c / "node-before.txt").read_text() and (c / "node-after.txt").read_text()
