@@ -22,10 +22,12 @@ def facts_to_proto(facts: NodeFacts, *, simulated: bool | None = None) -> pb.Nod
     o = facts.os
     msg = pb.NodeFacts(
         hostname=facts.hostname,
-        os=pb.OsFacts(id=o.id, version_id=o.version_id, arch=o.arch, kernel=o.kernel, glibc=o.glibc),
+        os=pb.OsFacts(id=o.id, version_id=o.version_id, arch=o.arch, kernel=o.kernel, glibc=o.glibc,
+                      family=o.family, msvc=o.msvc, l4t=o.l4t, jetpack=o.jetpack),
         gpus=[pb.GpuFacts(index=g.index, name=g.name, compute_capability=g.compute_capability,
-                          memory_mib=g.memory_mib, uuid=g.uuid) for g in facts.gpus],
-        python=pb.PythonFacts(version=facts.python.version, executable=facts.python.executable),
+                          memory_mib=g.memory_mib, uuid=g.uuid, vendor=g.vendor, arch=g.arch) for g in facts.gpus],
+        python=pb.PythonFacts(version=facts.python.version, executable=facts.python.executable,
+                              abi=facts.python.abi),
         resources=pb.ResourceFacts(cpu_cores=facts.resources.cpu_cores, memory_mib=facts.resources.memory_mib),
         extra_json=_jsonable(dict(facts.extra)) if facts.extra else "",
         simulated=bool(facts.extra.get("simulated")) if simulated is None else simulated,
@@ -37,12 +39,14 @@ def facts_to_proto(facts: NodeFacts, *, simulated: bool | None = None) -> pb.Nod
     if facts.torch is not None:
         t = facts.torch
         msg.torch.CopyFrom(pb.TorchFacts(version=t.version, cuda=t.cuda, cxx11abi=t.cxx11abi,
-                                         arch_list=list(t.arch_list)))
+                                         arch_list=list(t.arch_list), hip=t.hip))
     if facts.flash_attn is not None:
         msg.flash_attn.CopyFrom(pb.FlashAttnFacts(version=facts.flash_attn.version,
                                                   variant=facts.flash_attn.variant))
     if facts.apt is not None:
         msg.apt.CopyFrom(pb.AptFacts(errors=list(facts.apt.errors)))
+    if facts.rocm is not None:
+        msg.rocm.CopyFrom(pb.RocmFacts(version=facts.rocm.version, smi=facts.rocm.smi))
     return msg
 
 

@@ -60,23 +60,30 @@ def facts_to_dict(msg: pb.NodeFacts) -> dict[str, Any]:
     obj["hostname"] = msg.hostname
     obj["os"] = None if not msg.HasField("os") else {
         "id": msg.os.id, "version_id": msg.os.version_id, "arch": msg.os.arch, "kernel": msg.os.kernel,
-        "glibc": msg.os.glibc if msg.os.HasField("glibc") else None}
+        **{key: _optional(msg.os, key) for key in ("glibc", "family", "msvc", "l4t", "jetpack")}}
     obj["driver"] = None if not msg.HasField("driver") else {
         "version": msg.driver.version, "cuda_max": msg.driver.cuda_max}
     obj["gpus"] = [{"index": g.index, "name": g.name, "compute_capability": g.compute_capability,
-                    "memory_mib": g.memory_mib, "uuid": g.uuid} for g in msg.gpus]
+                    "memory_mib": g.memory_mib, "uuid": g.uuid, "vendor": _optional(g, "vendor"),
+                    "arch": _optional(g, "arch")} for g in msg.gpus]
     obj["toolkit"] = None if not msg.HasField("toolkit") else {"nvcc": msg.toolkit.nvcc, "path": msg.toolkit.path}
     obj["python"] = None if not msg.HasField("python") else {
-        "version": msg.python.version, "executable": msg.python.executable}
+        "version": msg.python.version, "executable": msg.python.executable, "abi": _optional(msg.python, "abi")}
     obj["torch"] = None if not msg.HasField("torch") else {
         "version": msg.torch.version, "cuda": msg.torch.cuda if msg.torch.HasField("cuda") else None,
-        "cxx11abi": msg.torch.cxx11abi, "arch_list": list(msg.torch.arch_list)}
+        "cxx11abi": msg.torch.cxx11abi, "arch_list": list(msg.torch.arch_list), "hip": _optional(msg.torch, "hip")}
     obj["flash_attn"] = None if not msg.HasField("flash_attn") else {
         "version": msg.flash_attn.version, "variant": msg.flash_attn.variant}
     obj["resources"] = None if not msg.HasField("resources") else {
         "cpu_cores": msg.resources.cpu_cores, "memory_mib": msg.resources.memory_mib}
     obj["apt"] = None if not msg.HasField("apt") else {"errors": list(msg.apt.errors)}
+    obj["rocm"] = None if not msg.HasField("rocm") else {"version": msg.rocm.version, "smi": msg.rocm.smi}
     return obj
+
+
+def _optional(msg: Any, key: str) -> str | None:
+    """An ``optional string`` field: None when the agent left it unset (older agents never set the additions)."""
+    return getattr(msg, key) if msg.HasField(key) else None
 
 
 def facts_from_proto(msg: pb.NodeFacts) -> tuple[NodeFacts, bool]:

@@ -47,6 +47,12 @@ def handle_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_additions(os_: dict[str, Any]) -> str:
+    """Windows/Jetson facts (issue 19) after the Linux ones; nothing on a node that reports none of them."""
+    parts = [f"{key} {os_[key]}" for key in ("family", "msvc", "l4t", "jetpack") if os_.get(key)]
+    return ("  " + " ".join(parts)) if parts else ""
+
+
 def handle_node(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
     n = client.get(f"/nodes/{args.hostname}")
@@ -68,18 +74,23 @@ def handle_node(args: argparse.Namespace) -> int:
     f = n["facts"]
     os_ = f.get("os") or {}
     print(f"  os          {os_.get('id')} {os_.get('version_id')} {os_.get('arch')} kernel {os_.get('kernel')} "
-          f"glibc {os_.get('glibc')}")
+          f"glibc {os_.get('glibc')}" + _os_additions(os_))
     drv = f.get("driver")
     print(f"  driver      {drv['version'] + ' (CUDA ≤ ' + drv['cuda_max'] + ')' if drv else 'none'}")
     for g in f.get("gpus") or []:
-        print(f"  gpu {g['index']:<7} {g['name']} cc {g['compute_capability']} {g['memory_mib']} MiB")
+        arch = f" {g['arch']}" if g.get("arch") else ""
+        print(f"  gpu {g['index']:<7} {g['name']} cc {g['compute_capability']}{arch} {g['memory_mib']} MiB")
     tk = f.get("toolkit")
     print(f"  toolkit     {tk['nvcc'] + ' at ' + tk['path'] if tk else 'none'}")
     py = f.get("python") or {}
-    print(f"  python      {py.get('version')} ({py.get('executable')})")
+    abi = f" {py['abi']}" if py.get("abi") else ""
+    print(f"  python      {py.get('version')}{abi} ({py.get('executable')})")
     t = f.get("torch")
-    torch = f"{t['version']} cuda {t['cuda']} cxx11abi {t['cxx11abi']}" if t else "none"
+    hip = f" hip {t['hip']}" if t and t.get("hip") else ""
+    torch = f"{t['version']} cuda {t['cuda']}{hip} cxx11abi {t['cxx11abi']}" if t else "none"
     print(f"  torch       {torch}")
+    if f.get("rocm"):
+        print(f"  rocm        {f['rocm']['version']} (GPUs from {f['rocm']['smi']})")
     fa = f.get("flash_attn")
     print(f"  flash-attn  {fa['version'] + ' (' + fa['variant'] + ')' if fa else 'none'}")
     apt = f.get("apt")

@@ -34,11 +34,25 @@ class OsFacts(_message.Message):
     ARCH_FIELD_NUMBER: _builtins.int
     KERNEL_FIELD_NUMBER: _builtins.int
     GLIBC_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    MSVC_FIELD_NUMBER: _builtins.int
+    L4T_FIELD_NUMBER: _builtins.int
+    JETPACK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     version_id: _builtins.str
     arch: _builtins.str
     kernel: _builtins.str
     glibc: _builtins.str
+    family: _builtins.str
+    """Additions to §3.1 (unset: not reported by the agent).
+    "linux" | "windows"
+    """
+    msvc: _builtins.str
+    """MSVC toolset version from vswhere ("14.40")"""
+    l4t: _builtins.str
+    """Jetson: L4T release ("36.4.0")"""
+    jetpack: _builtins.str
+    """Jetson: the JetPack that ships it ("6.1")"""
     def __init__(
         self,
         *,
@@ -47,14 +61,35 @@ class OsFacts(_message.Message):
         arch: _builtins.str = ...,
         kernel: _builtins.str = ...,
         glibc: _builtins.str | None = ...,
+        family: _builtins.str | None = ...,
+        msvc: _builtins.str | None = ...,
+        l4t: _builtins.str | None = ...,
+        jetpack: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_glibc", b"_glibc", "glibc", b"glibc"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_family", b"_family", "_glibc", b"_glibc", "_jetpack", b"_jetpack", "_l4t", b"_l4t", "_msvc", b"_msvc", "family", b"family", "glibc", b"glibc", "jetpack", b"jetpack", "l4t", b"l4t", "msvc", b"msvc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_glibc", b"_glibc", "arch", b"arch", "glibc", b"glibc", "id", b"id", "kernel", b"kernel", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_family", b"_family", "_glibc", b"_glibc", "_jetpack", b"_jetpack", "_l4t", b"_l4t", "_msvc", b"_msvc", "arch", b"arch", "family", b"family", "glibc", b"glibc", "id", b"id", "jetpack", b"jetpack", "kernel", b"kernel", "l4t", b"l4t", "msvc", b"msvc", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__family: _TypeAlias = _typing.Literal["family"]  # noqa: Y015
+    _WhichOneofArgType__family: _TypeAlias = _typing.Literal["_family", b"_family"]  # noqa: Y015
     _WhichOneofReturnType__glibc: _TypeAlias = _typing.Literal["glibc"]  # noqa: Y015
     _WhichOneofArgType__glibc: _TypeAlias = _typing.Literal["_glibc", b"_glibc"]  # noqa: Y015
+    _WhichOneofReturnType__jetpack: _TypeAlias = _typing.Literal["jetpack"]  # noqa: Y015
+    _WhichOneofArgType__jetpack: _TypeAlias = _typing.Literal["_jetpack", b"_jetpack"]  # noqa: Y015
+    _WhichOneofReturnType__l4t: _TypeAlias = _typing.Literal["l4t"]  # noqa: Y015
+    _WhichOneofArgType__l4t: _TypeAlias = _typing.Literal["_l4t", b"_l4t"]  # noqa: Y015
+    _WhichOneofReturnType__msvc: _TypeAlias = _typing.Literal["msvc"]  # noqa: Y015
+    _WhichOneofArgType__msvc: _TypeAlias = _typing.Literal["_msvc", b"_msvc"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__family) -> _WhichOneofReturnType__family | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__glibc) -> _WhichOneofReturnType__glibc | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jetpack) -> _WhichOneofReturnType__jetpack | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__l4t) -> _WhichOneofReturnType__l4t | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__msvc) -> _WhichOneofReturnType__msvc | None: ...
 
 Global___OsFacts: _TypeAlias = OsFacts  # noqa: Y015
 
@@ -89,11 +124,17 @@ class GpuFacts(_message.Message):
     COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
+    ARCH_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     name: _builtins.str
     compute_capability: _builtins.str
     memory_mib: _builtins.int
     uuid: _builtins.str
+    vendor: _builtins.str
+    """"nvidia" | "amd"; unset: NVIDIA (older agents)"""
+    arch: _builtins.str
+    """AMD GPUs: the gfx target ("gfx942")"""
     def __init__(
         self,
         *,
@@ -102,12 +143,21 @@ class GpuFacts(_message.Message):
         compute_capability: _builtins.str = ...,
         memory_mib: _builtins.int = ...,
         uuid: _builtins.str = ...,
+        vendor: _builtins.str | None = ...,
+        arch: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_arch", b"_arch", "_vendor", b"_vendor", "arch", b"arch", "vendor", b"vendor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_capability", b"compute_capability", "index", b"index", "memory_mib", b"memory_mib", "name", b"name", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arch", b"_arch", "_vendor", b"_vendor", "arch", b"arch", "compute_capability", b"compute_capability", "index", b"index", "memory_mib", b"memory_mib", "name", b"name", "uuid", b"uuid", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__arch: _TypeAlias = _typing.Literal["arch"]  # noqa: Y015
+    _WhichOneofArgType__arch: _TypeAlias = _typing.Literal["_arch", b"_arch"]  # noqa: Y015
+    _WhichOneofReturnType__vendor: _TypeAlias = _typing.Literal["vendor"]  # noqa: Y015
+    _WhichOneofArgType__vendor: _TypeAlias = _typing.Literal["_vendor", b"_vendor"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__arch) -> _WhichOneofReturnType__arch | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vendor) -> _WhichOneofReturnType__vendor | None: ...
 
 Global___GpuFacts: _TypeAlias = GpuFacts  # noqa: Y015
 
@@ -139,19 +189,25 @@ class PythonFacts(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     EXECUTABLE_FIELD_NUMBER: _builtins.int
+    ABI_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     executable: _builtins.str
+    abi: _builtins.str
+    """"cp312"; "cp313t" on a free-threaded build"""
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         executable: _builtins.str = ...,
+        abi: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "abi", b"abi"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executable", b"executable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "abi", b"abi", "executable", b"executable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__abi: _TypeAlias = _typing.Literal["abi"]  # noqa: Y015
+    _WhichOneofArgType__abi: _TypeAlias = _typing.Literal["_abi", b"_abi"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__abi) -> _WhichOneofReturnType__abi | None: ...
 
 Global___PythonFacts: _TypeAlias = PythonFacts  # noqa: Y015
 
@@ -163,9 +219,12 @@ class TorchFacts(_message.Message):
     CUDA_FIELD_NUMBER: _builtins.int
     CXX11ABI_FIELD_NUMBER: _builtins.int
     ARCH_LIST_FIELD_NUMBER: _builtins.int
+    HIP_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     cuda: _builtins.str
     cxx11abi: _builtins.bool
+    hip: _builtins.str
+    """torch.version.hip on ROCm builds"""
     @_builtins.property
     def arch_list(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -175,14 +234,20 @@ class TorchFacts(_message.Message):
         cuda: _builtins.str | None = ...,
         cxx11abi: _builtins.bool = ...,
         arch_list: _abc.Iterable[_builtins.str] | None = ...,
+        hip: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cuda", b"_cuda", "cuda", b"cuda"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cuda", b"_cuda", "_hip", b"_hip", "cuda", b"cuda", "hip", b"hip"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cuda", b"_cuda", "arch_list", b"arch_list", "cuda", b"cuda", "cxx11abi", b"cxx11abi", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cuda", b"_cuda", "_hip", b"_hip", "arch_list", b"arch_list", "cuda", b"cuda", "cxx11abi", b"cxx11abi", "hip", b"hip", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cuda: _TypeAlias = _typing.Literal["cuda"]  # noqa: Y015
     _WhichOneofArgType__cuda: _TypeAlias = _typing.Literal["_cuda", b"_cuda"]  # noqa: Y015
+    _WhichOneofReturnType__hip: _TypeAlias = _typing.Literal["hip"]  # noqa: Y015
+    _WhichOneofArgType__hip: _TypeAlias = _typing.Literal["_hip", b"_hip"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cuda) -> _WhichOneofReturnType__cuda | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hip) -> _WhichOneofReturnType__hip | None: ...
 
 Global___TorchFacts: _TypeAlias = TorchFacts  # noqa: Y015
 
@@ -251,6 +316,30 @@ class AptFacts(_message.Message):
 Global___AptFacts: _TypeAlias = AptFacts  # noqa: Y015
 
 @_typing.final
+class RocmFacts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SMI_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """/opt/rocm/.info/version or amd-smi's ROCm version"""
+    smi: _builtins.str
+    """the tool that reported the GPUs: "amd-smi" | "rocm-smi" | "amdsmi" """
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        smi: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["smi", b"smi", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RocmFacts: _TypeAlias = RocmFacts  # noqa: Y015
+
+@_typing.final
 class NodeFacts(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -264,6 +353,7 @@ class NodeFacts(_message.Message):
     FLASH_ATTN_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     APT_FIELD_NUMBER: _builtins.int
+    ROCM_FIELD_NUMBER: _builtins.int
     EXTRA_JSON_FIELD_NUMBER: _builtins.int
     SIMULATED_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
@@ -289,6 +379,8 @@ class NodeFacts(_message.Message):
     def resources(self) -> Global___ResourceFacts: ...
     @_builtins.property
     def apt(self) -> Global___AptFacts: ...
+    @_builtins.property
+    def rocm(self) -> Global___RocmFacts: ...
     def __init__(
         self,
         *,
@@ -302,12 +394,13 @@ class NodeFacts(_message.Message):
         flash_attn: Global___FlashAttnFacts | None = ...,
         resources: Global___ResourceFacts | None = ...,
         apt: Global___AptFacts | None = ...,
+        rocm: Global___RocmFacts | None = ...,
         extra_json: _builtins.str = ...,
         simulated: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_apt", b"_apt", "_driver", b"_driver", "_flash_attn", b"_flash_attn", "_toolkit", b"_toolkit", "_torch", b"_torch", "apt", b"apt", "driver", b"driver", "flash_attn", b"flash_attn", "os", b"os", "python", b"python", "resources", b"resources", "toolkit", b"toolkit", "torch", b"torch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_apt", b"_apt", "_driver", b"_driver", "_flash_attn", b"_flash_attn", "_rocm", b"_rocm", "_toolkit", b"_toolkit", "_torch", b"_torch", "apt", b"apt", "driver", b"driver", "flash_attn", b"flash_attn", "os", b"os", "python", b"python", "resources", b"resources", "rocm", b"rocm", "toolkit", b"toolkit", "torch", b"torch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apt", b"_apt", "_driver", b"_driver", "_flash_attn", b"_flash_attn", "_toolkit", b"_toolkit", "_torch", b"_torch", "apt", b"apt", "driver", b"driver", "extra_json", b"extra_json", "flash_attn", b"flash_attn", "gpus", b"gpus", "hostname", b"hostname", "os", b"os", "python", b"python", "resources", b"resources", "simulated", b"simulated", "toolkit", b"toolkit", "torch", b"torch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apt", b"_apt", "_driver", b"_driver", "_flash_attn", b"_flash_attn", "_rocm", b"_rocm", "_toolkit", b"_toolkit", "_torch", b"_torch", "apt", b"apt", "driver", b"driver", "extra_json", b"extra_json", "flash_attn", b"flash_attn", "gpus", b"gpus", "hostname", b"hostname", "os", b"os", "python", b"python", "resources", b"resources", "rocm", b"rocm", "simulated", b"simulated", "toolkit", b"toolkit", "torch", b"torch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apt: _TypeAlias = _typing.Literal["apt"]  # noqa: Y015
     _WhichOneofArgType__apt: _TypeAlias = _typing.Literal["_apt", b"_apt"]  # noqa: Y015
@@ -315,6 +408,8 @@ class NodeFacts(_message.Message):
     _WhichOneofArgType__driver: _TypeAlias = _typing.Literal["_driver", b"_driver"]  # noqa: Y015
     _WhichOneofReturnType__flash_attn: _TypeAlias = _typing.Literal["flash_attn"]  # noqa: Y015
     _WhichOneofArgType__flash_attn: _TypeAlias = _typing.Literal["_flash_attn", b"_flash_attn"]  # noqa: Y015
+    _WhichOneofReturnType__rocm: _TypeAlias = _typing.Literal["rocm"]  # noqa: Y015
+    _WhichOneofArgType__rocm: _TypeAlias = _typing.Literal["_rocm", b"_rocm"]  # noqa: Y015
     _WhichOneofReturnType__toolkit: _TypeAlias = _typing.Literal["toolkit"]  # noqa: Y015
     _WhichOneofArgType__toolkit: _TypeAlias = _typing.Literal["_toolkit", b"_toolkit"]  # noqa: Y015
     _WhichOneofReturnType__torch: _TypeAlias = _typing.Literal["torch"]  # noqa: Y015
@@ -325,6 +420,8 @@ class NodeFacts(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__driver) -> _WhichOneofReturnType__driver | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__flash_attn) -> _WhichOneofReturnType__flash_attn | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rocm) -> _WhichOneofReturnType__rocm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__toolkit) -> _WhichOneofReturnType__toolkit | None: ...
     @_typing.overload

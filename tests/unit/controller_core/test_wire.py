@@ -11,10 +11,13 @@ import pytest
 
 from agent import wire as agent_wire
 from controller import wire as controller_wire
+from controller.registry import Registry
+from controller.store import open_store
 from fleet.errors import FactsError, InputError
-from fleet.facts import parse_node
+from fleet.facts import NodeFacts, RocmFacts, parse_node
 from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
+from tests.unit.controller_core.util import add_identity
 
 EXAMPLES = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json").read_text())
 
@@ -70,3 +73,39 @@ def test_jobs_request_carries_held_jobs() -> None:
     assert controller_wire.held_jobs_from_proto(pb.JobsRequest.FromString(nothing)) == frozenset()
     # an agent from before the field says nothing: not the same as "I hold no jobs"
     assert controller_wire.held_jobs_from_proto(pb.JobsRequest()) is None
+
+
+def _every_addition() -> NodeFacts:
+    """An AMD node with a Windows/Jetson-only field each too: every field added to §3.1 set at once."""
+    facts = parse_node(EXAMPLES["nodes"][0])
+    assert facts.torch is not None
+    return dataclasses.replace(
+        facts,
+        os=dataclasses.replace(facts.os, family="linux", msvc="14.40", l4t="36.4.0", jetpack="6.1"),
+        gpus=tuple(dataclasses.replace(g, vendor="amd", arch="gfx942") for g in facts.gpus),
+        python=dataclasses.replace(facts.python, abi="cp313t"),
+        torch=dataclasses.replace(facts.torch, hip="6.2.41133-dd7f95766", arch_list=("gfx942", "gfx90a")),
+        rocm=RocmFacts(version="6.2.4", smi="amd-smi"),
+    )
+
+
+def test_every_added_field_survives_agent_proto_controller_store_and_read_back(tmp_path: Path) -> None:
+    facts = _every_addition()
+    wire_bytes = agent_wire.facts_to_proto(facts).SerializeToString()
+    received, _ = controller_wire.facts_from_proto(pb.NodeFacts.FromString(wire_bytes))
+    assert received == facts and received.to_json() == facts.to_json()
+    store = open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    Registry(store).report_facts(add_identity(store, facts.hostname), received)
+    stored = Registry(open_store(f"sqlite:///{tmp_path / 'c.db'}")).record(facts.hostname).facts
+    assert stored == facts
+    assert stored is not None and stored.rocm == RocmFacts(version="6.2.4", smi="amd-smi")
+    assert stored.python.free_threaded and stored.gpus[0].arch == "gfx942" and stored.os.jetpack == "6.1"
+
+
+def test_an_older_agent_sends_none_of_the_additions_and_they_stay_unset() -> None:
+    facts = parse_node(EXAMPLES["nodes"][0])
+    msg = agent_wire.facts_to_proto(facts)
+    back, _ = controller_wire.facts_from_proto(msg)
+    assert back.rocm is None and back.os.family is None and back.python.abi is None
+    assert all(g.vendor is None and g.arch is None for g in back.gpus)
+    assert "rocm" not in back.to_json() and "abi" not in back.to_json()["python"]
