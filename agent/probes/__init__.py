@@ -17,6 +17,7 @@ from agent.probes.apt import AptProbe
 from agent.probes.nvcc import NvccProbe
 from agent.probes.nvml import NvmlProbe
 from agent.probes.os_info import OsProbe
+from agent.probes.rocm import RocmProbe
 from agent.probes.system import ProbeError
 from agent.probes.target_python import TargetPythonProbe, default_target_python, fallback_python
 from fleet.facts import HOSTNAME_RE, NodeFacts
@@ -33,6 +34,7 @@ class Probes:
     target: TargetPythonProbe = field(default_factory=TargetPythonProbe)
     os: OsProbe = field(default_factory=OsProbe)
     apt: AptProbe = field(default_factory=AptProbe)
+    rocm: RocmProbe = field(default_factory=RocmProbe)
 
 
 def local_hostname() -> str:
@@ -58,6 +60,9 @@ def collect_facts(python_executable: str | None = None, *, check_apt: bool = Fal
     nvml = probes.nvml.probe()
     errors.extend(nvml.errors)
 
+    rocm = probes.rocm.probe()  # runs amd-smi/rocm-smi only where they are installed
+    errors.extend(rocm.errors)
+
     nvcc = probes.nvcc.probe()
     errors.extend(nvcc.errors)
     extra["toolkits"] = [t.to_json() for t in nvcc.toolkits]
@@ -82,12 +87,13 @@ def collect_facts(python_executable: str | None = None, *, check_apt: bool = Fal
         hostname=hostname or local_hostname(),
         os=os_result.os,
         driver=nvml.driver,
-        gpus=nvml.gpus,
+        gpus=nvml.gpus + rocm.gpus,
         toolkit=nvcc.active,
         python=target.python,
         torch=target.torch,
         flash_attn=target.flash_attn,
         resources=os_result.resources,
         apt=apt,
+        rocm=rocm.rocm,
         extra=extra,
     )

@@ -13,6 +13,7 @@ from controller.resolver import rules
 from controller.resolver.build import rocm_build_params
 from controller.resolver.model import Decision
 from fleet.facts import DriverFacts, NodeFacts
+from fleet.jetson import jetpack_for_l4t
 
 if TYPE_CHECKING:
     from controller.resolver.core import _Resolution
@@ -103,7 +104,7 @@ def jetson_facts(res: _Resolution) -> NodeFacts | None:
     f = res.facts
     if f.os.l4t is None:
         return None
-    jetpack = rules.jetpack_for_l4t(f.os.l4t)
+    jetpack = jetpack_for_l4t(f.os.l4t)
     res.reasons.append(f"Jetson (L4T {f.os.l4t}"
                        + (f", JetPack {jetpack[0]} with CUDA {jetpack[1]})" if jetpack else ", JetPack unknown)")
                        + ": no upstream aarch64 wheels up to 2.8.3.post1, so a source build on the device (or a "

@@ -249,19 +249,6 @@ def triton_amd_covers(release: str, gfx: str) -> bool:
     return _at_least(release, TRITON_AMD_FIRST_RELEASE) and _TRITON_AMD_RE.match(gfx) is not None
 
 
-# --- Jetson (facts §3 "Jetson sm_87", §7 rule 6) -----------------------------------------------
-
-# L4T major.minor → (JetPack, the CUDA it ships). NVIDIA's JetPack archive; L4T 36.4.3 is JetPack 6.2, same CUDA.
-JETPACK_BY_L4T = {(35, 3): ("5.1.1", "11.4"), (35, 4): ("5.1.2", "11.4"), (35, 5): ("5.1.3", "11.4"),
-                  (35, 6): ("5.1.4", "11.4"), (36, 2): ("6.0 DP", "12.2"), (36, 3): ("6.0", "12.2"),
-                  (36, 4): ("6.1", "12.6")}
-
-
-def jetpack_for_l4t(l4t: str) -> tuple[str, str] | None:
-    """``"36.4.0"`` → ``("6.1", "12.6")``; None for an L4T release not in the table."""
-    return JETPACK_BY_L4T.get(major_minor(l4t))
-
-
 # --- Windows (seed tutorial §2.2.2; README "Might work for Windows starting v2.3.2") ------------
 
 WINDOWS_FIRST_RELEASE = "2.3.2"
