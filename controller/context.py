@@ -94,7 +94,8 @@ class ControllerContext:
         self.rollout_engine = RolloutEngine(self.store, self.jobs, artifacts=self.artifacts,
                                             artifacts_dir=state / "artifacts", lease_ttl=settings.rollout_lease_ttl,
                                             provisioner=self.provisioner)
-        self.verification = VerificationService(self, drift_delay=settings.drift_debounce)
+        self.verification = VerificationService(self, drift_delay=settings.drift_debounce,
+                                                policy=settings.regression)
         self.loop_lag = LoopLag()
         self.gc_monitor = GcMonitor()
         # filled in by controller/app.py when listening

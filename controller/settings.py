@@ -20,6 +20,7 @@ from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED
 from controller.store.db import DbTimeouts
 from controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
+from controller.verification import RegressionPolicy
 from fleet.errors import UsageError
 from fleet.statedir import DEFAULT_STATE_DIR
 
@@ -66,6 +67,9 @@ class ControllerSettings:
     # how long a statement may wait for a lock / run (FLEET_DB_LOCK_TIMEOUT_MS, FLEET_DB_STATEMENT_TIMEOUT_MS)
     db_timeouts: DbTimeouts = field(default_factory=DbTimeouts)
     log_level: str = "INFO"  # FLEET_LOG_LEVEL
+    # a passing verification this far below its GPU model's fleet median (FLEET_VERIFY_REGRESSION_THRESHOLD), on
+    # shapes that at least this many other nodes measured (FLEET_VERIFY_REGRESSION_MIN_SAMPLES), is a regression
+    regression: RegressionPolicy = field(default_factory=RegressionPolicy)
 
     @property
     def database_url(self) -> str:
@@ -126,6 +130,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db-statement-timeout-ms", metavar="MS",
                    help="PostgreSQL statement timeout (default 15000; FLEET_DB_STATEMENT_TIMEOUT_MS)")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR (default INFO; FLEET_LOG_LEVEL)")
+    p.add_argument("--verify-regression-threshold", metavar="FRACTION",
+                   help="a verification this fraction below its GPU model's fleet median is a regression "
+                        "(default 0.15; FLEET_VERIFY_REGRESSION_THRESHOLD)")
+    p.add_argument("--verify-regression-min-samples", metavar="N",
+                   help="other nodes of the model that must have measured a shape before it is compared "
+                        "(default 3; FLEET_VERIFY_REGRESSION_MIN_SAMPLES)")
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
@@ -153,6 +163,11 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
             statement_ms=knob.read("db_statement_timeout_ms", "FLEET_DB_STATEMENT_TIMEOUT_MS", _milliseconds,
                                    defaults.db_timeouts.statement_ms)),
         log_level=knob.read("log_level", "FLEET_LOG_LEVEL", _log_level, defaults.log_level),
+        regression=RegressionPolicy(
+            threshold=knob.read("verify_regression_threshold", "FLEET_VERIFY_REGRESSION_THRESHOLD", _fraction,
+                                defaults.regression.threshold),
+            min_samples=knob.read("verify_regression_min_samples", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES", _count,
+                                  defaults.regression.min_samples)),
     )
 
 
@@ -199,6 +214,26 @@ def _milliseconds(text: str) -> int:
         raise ValueError("expected a positive whole number of milliseconds, e.g. 5000") from None
     if value <= 0:
         raise ValueError("expected a positive whole number of milliseconds, e.g. 5000")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a fraction between 0 and 1, e.g. 0.15 for 15 %") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError("expected a fraction between 0 and 1, e.g. 0.15 for 15 %")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number of at least 1, e.g. 3") from None
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1, e.g. 3")
     return value
 
 

@@ -34,6 +34,7 @@ from fleet.verification import (
 from fleet.verification import judge as fleet_judge
 
 __all__ = [
+    "DEFAULT_POLICY",
     "DEFAULT_THRESHOLD",
     "FleetBaselines",
     "RegressionCheck",
@@ -120,6 +121,9 @@ class RegressionPolicy:
             return self.impls
         verified = result.verified_impl
         return (verified,) if verified is not None else ("sdpa_flash", "sdpa_efficient")
+
+
+DEFAULT_POLICY = RegressionPolicy()  # what ControllerSettings.regression is unless flags or environment say otherwise
 
 
 @dataclass(frozen=True)

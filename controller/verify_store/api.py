@@ -62,7 +62,7 @@ def router() -> APIRouter:
     def baselines(ctx: Ctx, _: Viewer) -> dict[str, Any]:
         with ctx.store.session() as s:
             return {"baselines": store.baselines_json(s), "policy": {
-                "threshold": store.policy_from_env().threshold, "min_samples": store.policy_from_env().min_samples}}
+                "threshold": ctx.verification.policy.threshold, "min_samples": ctx.verification.policy.min_samples}}
 
     @r.get("/verify/nodes/{hostname}")
     def node_health(hostname: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:

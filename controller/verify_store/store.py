@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 from controller.store import utcnow
 from controller.store.models import Node
 from controller.verification import (
-    DEFAULT_THRESHOLD,
+    DEFAULT_POLICY,
     FleetBaselines,
     RegressionPolicy,
     check_regression,
@@ -33,7 +32,7 @@ from controller.verification import (
     gpu_model_key,
 )
 from controller.verify_store.models import NodeVerifyState, Verification
-from fleet.errors import FleetError, UsageError
+from fleet.errors import FleetError
 from fleet.verification import (
     DEGRADING_STATUSES,
     STATUS_PASS,
@@ -49,22 +48,8 @@ from fleet.verification import (
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_ENV = "FLEET_VERIFY_REGRESSION_THRESHOLD"
-MIN_SAMPLES_ENV = "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"
 SDPA_BASELINE_IMPLS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 BASELINE_WINDOW = 5000  # newest results considered for a model's baseline
-
-
-def policy_from_env(env: Mapping[str, str] | None = None) -> RegressionPolicy:
-    """The regression policy: threshold (fraction below the fleet median, default 0.15) and min samples."""
-    env = os.environ if env is None else env
-    try:
-        threshold = float(env.get(THRESHOLD_ENV) or DEFAULT_THRESHOLD)
-        min_samples = int(env.get(MIN_SAMPLES_ENV) or 3)
-    except ValueError as exc:
-        raise UsageError(f"bad {THRESHOLD_ENV}/{MIN_SAMPLES_ENV}: {exc}",
-                         hint="e.g. FLEET_VERIFY_REGRESSION_THRESHOLD=0.15") from exc
-    return RegressionPolicy(threshold=threshold, min_samples=min_samples)
 
 
 def result_from_job(result: Any) -> VerificationResult | None:
@@ -150,14 +135,14 @@ def fleet_baselines(session: Session, *, gpu_model: str | None = None, simulated
 def record(session: Session, hostname: str, result: VerificationResult | None, *, job_id: str | None = None,
            job_status: str = "successful", job_error: str | None = None, job_result: Any = None,
            facts: Mapping[str, Any] | None = None, trigger: str = "", schedule_id: int | None = None,
-           policy: RegressionPolicy | None = None, recorded_at: dt.datetime | None = None) -> Verification:
+           policy: RegressionPolicy = DEFAULT_POLICY, recorded_at: dt.datetime | None = None) -> Verification:
     """Judge and store one result (or a verify job that produced none: its verdict is ``judge_job``'s on the
-    raw ``job_result``). ``recorded_at`` is the controller's clock (now unless given: imports keep theirs); the
+    raw ``job_result``). ``policy`` is ControllerSettings.regression (the service passes it).
+    ``recorded_at`` is the controller's clock (now unless given: imports keep theirs); the
     result's own ``finished_at`` is stored as ``measured_at``. Idempotent per ``job_id``."""
     if facts is None:
         node = session.scalar(select(Node).where(Node.hostname == hostname))
         facts = dict(node.facts) if node is not None and node.facts else {}
-    policy = policy or policy_from_env()
     model = gpu_name(facts, result)
     fa = (facts or {}).get("flash_attn") if isinstance((facts or {}).get("flash_attn"), Mapping) else None
     values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],
