@@ -6,8 +6,8 @@ bench supervisor and its GPU worker — is killed: SIGTERM first (the supervisor
 writes what it has measured so far), SIGKILL after a grace period.  Whatever
 happens, ``run_verification`` returns a ``VerificationResult``: a timeout, a crash or
 unreadable output become results with status ``timeout``/``error`` and a reason, so
-the agent always has something to report.  The verdict is re-derived from the
-entries by ``fleet.verification.evaluate``.
+the agent always has something to report.  The verdict is the judge's
+(``fleet.verification.judge``, re-derived from the entries), never bench.py's own.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from fleet.verification import (
     STATUS_TIMEOUT,
     VerificationResult,
     VerificationSchemaError,
-    evaluate,
     failure_result,
+    judge,
     parse_result,
 )
 
@@ -176,5 +176,7 @@ def run_verification(req: VerifyRequest) -> VerificationResult:
             how = f"signal {-rc}" if rc is not None and rc < 0 else f"exit code {rc}"
             return failure_result(STATUS_ERROR, f"{problem} (bench {how})", mode=req.mode, started_at=started,
                                   finished_at=finished, expect=req.expect, hostname=host, log_tail=tail)
-        return result.with_verdict(evaluate(result))
+        # bench.py's own status (it runs on the node's Python, without fleet's code) is replaced by the one
+        # verdict: fleet.verification.judge re-derives it from the entries
+        return result.with_verdict(judge(result))
 

@@ -43,8 +43,8 @@ from fleet.verification import (
     FlashAttnStatus,
     SpeedEntry,
     VerificationResult,
-    evaluate,
     failure_result,
+    judge,
 )
 
 FAULTS_ENV = "FLEET_SIM_VERIFY_FAULTS"
@@ -424,7 +424,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                 "faults": {k: v for k, v in vars(faults).items() if v and k != "extra"}},
         notes=("simulated: numbers come from agent/verify/simulated.py's model of this GPU, not a measurement",),
     )
-    return result.with_verdict(evaluate(result))
+    # the verdict is the one every result gets (fleet.verification.judge), not a simulated rule of its own
+    return result.with_verdict(judge(result))
 
 
 FLASH_MODULES = {bench.FLASH_IMPL: ("flash_attn", "flash-attn"),  # impl → (module, distribution)
