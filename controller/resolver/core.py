@@ -9,13 +9,14 @@ installed. Every candidate that loses is listed in ``rejected`` with its reason.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from controller.resolver import platforms, rules
 from controller.resolver.build import build_params
 from controller.resolver.model import BuildParams, Decision, MeasuredImpl, Measurements, Policy, Rejected
+from controller.resolver.resolution import Toolkit, WheelQuery, arch_label, pick_wheel, python_mm, wheel_query
 from fleet.facts import GpuFacts, NodeFacts, version_tuple
 
 if TYPE_CHECKING:  # controller.catalog imports controller.resolver.rules; keep this package import-light
@@ -26,39 +27,8 @@ APT_KEY_RE = re.compile(r"(?:NO_PUBKEY|EXPKEYSIG|KEYEXPIRED)\s+\S+|is not signed
 SDPA_HINT = 'use PyTorch SDPA (attn_implementation="sdpa")'
 
 
-@dataclass(frozen=True)
-class _Query:
-    """The node properties a wheel must match (hashable, for the cached release scan)."""
-
-    torch_cuda: str
-    torch_mm: str
-    cxx11abi: bool
-    python_tag: str
-    platform: str
-    glibc: str | None
-    ccs: tuple[tuple[int, int], ...]
-    os_family: str = ""
-
-    def describe(self) -> str:
-        abi = "TRUE" if self.cxx11abi else "FALSE"
-        return f"torch{self.torch_mm} (CUDA {self.torch_cuda}) cxx11abi{abi} {self.python_tag} {self.platform}"
-
-
-@dataclass(frozen=True)
-class _Toolkit:
-    """The nvcc a source build will use, and the cuda-toolkit step that provides it if needed."""
-
-    nvcc: tuple[int, int] | None  # None: no toolkit can qualify
-    install: str | None  # "12.4" when a cuda-toolkit step is needed
-    reason: str
-
-
 def _gpu_label(gpu: GpuFacts) -> str:
     return f"GPU {gpu.index} ({gpu.name}, cc {gpu.compute_capability})"
-
-
-def _arch_label(archs: tuple[int, ...]) -> str:
-    return ", ".join(f"sm_{a}" for a in archs)
 
 
 def resolve(facts: NodeFacts, catalog: Catalog, policy: Policy, measured: Measurements | None = None) -> Decision:
@@ -86,7 +56,7 @@ class _Resolution:
 
     # --- outcomes ---------------------------------------------------------------------------
 
-    def _reject(self, candidate: str, reason: str) -> None:
+    def reject(self, candidate: str, reason: str) -> None:
         self.rejected.append(Rejected(candidate, reason))
 
     def _decision(self, variant: str, version: str | None, steps: tuple[str, ...], *, artifact: Wheel | None = None,
@@ -97,25 +67,25 @@ class _Resolution:
         if installs and version is not None and installed is not None:
             if installed.version == version and _generation(installed.variant) in (None, _generation(variant)):
                 self.reasons.append(f"flash-attn {version} ({installed.variant}) is already installed: only verify it")
-                return self._finish(variant, version, ("verify",))
+                return self.finish(variant, version, ("verify",))
             self.reasons.append(f"replaces the installed flash-attn {installed.version} ({installed.variant})")
         if installs:
-            steps = self._apt_first(steps)
+            steps = self.apt_first(steps)
         build = None
         if build_nvcc is not None:
             build = build_params(self.facts, variant, version or "", node_archs, build_nvcc)
             self.reasons.append(f"build with {', '.join(f'{k}={v}' for k, v in build.env.items())} "
                                 f"(about {build.estimated_minutes} min on {self.facts.resources.cpu_cores} cores)")
-        return self._finish(variant, version, steps, artifact=artifact, toolkit=toolkit, build=build)
+        return self.finish(variant, version, steps, artifact=artifact, toolkit=toolkit, build=build)
 
-    def _finish(self, variant: str, version: str | None, steps: tuple[str, ...], *, artifact: Wheel | None = None,
+    def finish(self, variant: str, version: str | None, steps: tuple[str, ...], *, artifact: Wheel | None = None,
                 toolkit: str | None = None, build: BuildParams | None = None) -> Decision:
         return Decision(hostname=self.facts.hostname, variant=variant, flash_attn_version=version,
                         artifact=artifact.filename if artifact else None, toolkit=toolkit, steps=steps,
                         reasons=tuple(self.reasons), rejected=tuple(self.rejected), build=build,
                         artifact_url=artifact.url if artifact else None)
 
-    def _apt_first(self, steps: tuple[str, ...]) -> tuple[str, ...]:
+    def apt_first(self, steps: tuple[str, ...]) -> tuple[str, ...]:
         errors = self.facts.apt.errors if self.facts.apt else ()
         found = [m.group(0) for e in errors if (m := APT_KEY_RE.search(e))]
         if found:
@@ -139,8 +109,8 @@ class _Resolution:
         if blockers:
             self.reasons.extend(blockers)
             for candidate in self._all_candidates():
-                self._reject(candidate, "the node cannot run CUDA torch on its GPU (see reasons)")
-            return self._finish("blocked", None, ())
+                self.reject(candidate, "the node cannot run CUDA torch on its GPU (see reasons)")
+            return self.finish("blocked", None, ())
         ccs = [rules.parse_cc(g.compute_capability) for g in self.facts.gpus]
         oldest = min(ccs)
         if len(set(ccs)) > 1:
@@ -195,27 +165,27 @@ class _Resolution:
         self.reasons.append(f"GPU compute capability {rules.fmt_mm(cc)} < 7.5: {gen}; {SDPA_HINT}, "
                             "which picks its mem-efficient or math backend; nothing to install")
         fa2 = self.target or "(no target)"
-        self._reject(f"fa2-wheel {fa2}", "FA2 needs compute capability ≥ 8.0 (Ampere or newer)")
-        self._reject(f"fa2-source {fa2}", "FA2 needs compute capability ≥ 8.0 (Ampere or newer)")
-        self._reject(f"fa1-source {rules.FA1_VERSION}", "FA1 needs compute capability 7.5 (Turing) or newer")
-        self._reject(f"fa3-source {rules.FA3_VERSION}", "FA3 is for Hopper GPUs (cc 9.0) only")
-        self._reject(f"fa4 {rules.FA4_VERSION}", "FA4 needs compute capability ≥ 9.0 (8.x forward only)")
-        return self._finish("sdpa", None, ())
+        self.reject(f"fa2-wheel {fa2}", "FA2 needs compute capability ≥ 8.0 (Ampere or newer)")
+        self.reject(f"fa2-source {fa2}", "FA2 needs compute capability ≥ 8.0 (Ampere or newer)")
+        self.reject(f"fa1-source {rules.FA1_VERSION}", "FA1 needs compute capability 7.5 (Turing) or newer")
+        self.reject(f"fa3-source {rules.FA3_VERSION}", "FA3 is for Hopper GPUs (cc 9.0) only")
+        self.reject(f"fa4 {rules.FA4_VERSION}", "FA4 needs compute capability ≥ 9.0 (8.x forward only)")
+        return self.finish("sdpa", None, ())
 
     # --- Turing: FA1 ------------------------------------------------------------------------
 
     def _turing(self) -> Decision:
         fa2 = self.target or "(no target)"
         why_not_fa2 = "FA2 needs compute capability ≥ 8.0; Turing (7.5) needs FlashAttention 1.x"
-        self._reject(f"fa2-wheel {fa2}", why_not_fa2)
-        self._reject(f"fa2-source {fa2}", why_not_fa2)
-        self._reject(f"fa3-source {rules.FA3_VERSION}", "FA3 is for Hopper GPUs (cc 9.0) only")
-        self._reject(f"fa4 {rules.FA4_VERSION}", "FA4 needs compute capability ≥ 9.0 (8.x forward only)")
+        self.reject(f"fa2-wheel {fa2}", why_not_fa2)
+        self.reject(f"fa2-source {fa2}", why_not_fa2)
+        self.reject(f"fa3-source {rules.FA3_VERSION}", "FA3 is for Hopper GPUs (cc 9.0) only")
+        self.reject(f"fa4 {rules.FA4_VERSION}", "FA4 needs compute capability ≥ 9.0 (8.x forward only)")
         problem = self._fa1_problem()
         if problem is None:
-            toolkit = self._toolkit(rules.FA1_MIN_NVCC, f"flash-attn {rules.FA1_VERSION}", needs_blackwell=False)
+            toolkit = self.toolkit(rules.FA1_MIN_NVCC, f"flash-attn {rules.FA1_VERSION}", needs_blackwell=False)
             if toolkit.nvcc is not None:
-                self._reject("sdpa", "FlashAttention 1.x supports Turing; SDPA is the fallback when it cannot")
+                self.reject("sdpa", "FlashAttention 1.x supports Turing; SDPA is the fallback when it cannot")
                 self.reasons.append(f"Turing GPU (cc 7.5): FA2 does not run on it, so build FlashAttention "
                                     f"{rules.FA1_VERSION} from source (1.x publishes no wheels)")
                 self.reasons.append(toolkit.reason)
@@ -223,15 +193,15 @@ class _Resolution:
                 return self._decision("fa1-source", rules.FA1_VERSION, (*steps, "build-from-source", "verify"),
                                       toolkit=toolkit.install, build_nvcc=toolkit.nvcc, node_archs=(75,))
             problem = toolkit.reason
-        self._reject(f"fa1-source {rules.FA1_VERSION}", problem)
+        self.reject(f"fa1-source {rules.FA1_VERSION}", problem)
         self.reasons.append(f"Turing GPU (cc 7.5): FlashAttention {rules.FA1_VERSION} cannot be built here "
                             f"({problem}); {SDPA_HINT}, which runs on Turing without installing anything")
-        return self._finish("sdpa", None, ())
+        return self.finish("sdpa", None, ())
 
     def _fa1_problem(self) -> str | None:
         if not self.policy.source_builds:
             return "the policy forbids source builds and FlashAttention 1.x has no wheels"
-        if _python_mm(self.facts) < rules.FA1_PYTHON_FLOOR:
+        if python_mm(self.facts) < rules.FA1_PYTHON_FLOOR:
             return f"FlashAttention 1.x needs Python ≥ {rules.fmt_mm(rules.FA1_PYTHON_FLOOR)}"
         return None
 
@@ -248,17 +218,17 @@ class _Resolution:
         fa4 = self._try_fa4(ccs)
         if fa4 is not None:
             return fa4
-        self._reject(f"fa1-source {rules.FA1_VERSION}", "FA2 supports this GPU; FA1 is only for Turing")
+        self.reject(f"fa1-source {rules.FA1_VERSION}", "FA2 supports this GPU; FA1 is only for Turing")
         if self.target is None:
             self.reasons.append("the catalog has no FA2 release and no --version was given: "
                                 "pass --version or use a catalog with FA2 wheels")
-            self._reject("fa2-wheel (no target)", "no FA2 release to target")
-            self._reject("fa2-source (no target)", "no FA2 release to target")
-            self._reject("sdpa", "not chosen silently: pick an FA2 release first")
-            return self._finish("blocked", None, ())
+            self.reject("fa2-wheel (no target)", "no FA2 release to target")
+            self.reject("fa2-source (no target)", "no FA2 release to target")
+            self.reject("sdpa", "not chosen silently: pick an FA2 release first")
+            return self.finish("blocked", None, ())
         target = self.release_for_torch(self.target)
         if target is None:
-            return self._finish("blocked", None, ())
+            return self.finish("blocked", None, ())
         return self._fa2(target, ccs)
 
     def release_for_torch(self, target: str) -> str | None:
@@ -274,17 +244,17 @@ class _Resolution:
         why = (f"flash-attn {target} needs torch ≥ {rules.fmt_mm(floor)} (README \"PyTorch "
                f"{rules.fmt_mm(floor)} and above\"), the node has torch {torch.version}")
         older = [r for r in self.catalog.releases if rules.torch_floor(r) <= have
-                 and rules.python_floor(r) <= _python_mm(self.facts)]
+                 and rules.python_floor(r) <= python_mm(self.facts)]
         newest = max(older, key=rules._v) if older else None
-        self._reject(f"fa2-wheel {target}", why)
-        self._reject(f"fa2-source {target}", why)
+        self.reject(f"fa2-wheel {target}", why)
+        self.reject(f"fa2-source {target}", why)
         if self.policy.version is None and newest is not None:
             self.reasons.append(f"{why}: planning flash-attn {newest}, the newest release that supports torch "
                                 f"{rules.fmt_mm(have)}; upgrade torch to ≥ {rules.fmt_mm(floor)} to get {target}")
             return newest
         hint = f" or pass --version {newest}" if newest is not None else ""
         self.reasons.append(f"{why}: upgrade torch to ≥ {rules.fmt_mm(floor)}{hint}")
-        self._reject("sdpa", "not chosen silently: the policy keeps the target release")
+        self.reject("sdpa", "not chosen silently: the policy keeps the target release")
         return None
 
     def _fa2(self, target: str, ccs: tuple[tuple[int, int], ...]) -> Decision:
@@ -292,45 +262,45 @@ class _Resolution:
         torch = f.torch
         assert torch is not None and torch.cuda is not None
         floor = rules.python_floor(target)
-        if _python_mm(f) < floor:
+        if python_mm(f) < floor:
             why = (f"flash-attn {target} requires Python ≥ {rules.fmt_mm(floor)} (python_requires) but the "
                    f"target Python is {f.python.version}")
             self.reasons.append(f"{why}: use a newer Python for torch, or pass --version with an older release")
             self._reject_fa2_wheels(target, ccs, why)
-            self._reject(f"fa2-source {target}", why)
-            self._reject("sdpa", "not chosen silently: the policy keeps the target release")
-            return self._finish("blocked", None, ())
+            self.reject(f"fa2-source {target}", why)
+            self.reject("sdpa", "not chosen silently: the policy keeps the target release")
+            return self.finish("blocked", None, ())
         if any(cc[0] >= 10 for cc in ccs) and not rules.runtime_supports_blackwell(target):
             why = (f"flash-attn {target} rejects Blackwell GPUs at runtime (≤ 2.7.2 checks is_sm90 || is_sm8x; "
                    "fixed in 2.7.3)")
             self.reasons.append(f"{why}: pass --version 2.8.0 or newer (wheels with sm_100/sm_120), or --fa4")
             self._reject_fa2_wheels(target, ccs, why)
-            self._reject(f"fa2-source {target}", why)
-            self._reject("sdpa", "not chosen silently: the policy keeps the target release")
-            return self._finish("blocked", None, ())
+            self.reject(f"fa2-source {target}", why)
+            self.reject("sdpa", "not chosen silently: the policy keeps the target release")
+            return self.finish("blocked", None, ())
         node_archs = tuple(sorted({a for cc in ccs if (a := rules.best_sass(rules.source_archs(target), cc))}))
         unsupported = [cc for cc in ccs if rules.best_sass(rules.source_archs(target), cc) is None]
         if unsupported:
             why = (f"flash-attn {target} has no kernels for cc {', '.join(rules.fmt_mm(c) for c in unsupported)} "
-                   f"(it builds {_arch_label(rules.source_archs(target))})")
+                   f"(it builds {arch_label(rules.source_archs(target))})")
             self._reject_fa2_wheels(target, ccs, why)
-            self._reject(f"fa2-source {target}", why)
+            self.reject(f"fa2-source {target}", why)
             self.reasons.append(f"{why}; {SDPA_HINT}" + ("" if self.policy.fa4 else ", or try --fa4"))
-            return self._finish("sdpa", None, ())
+            return self.finish("sdpa", None, ())
 
-        query = _query(f)
-        wheel, why_no_wheel = _pick_wheel(self.catalog, target, query)
+        query = wheel_query(f)
+        wheel, why_no_wheel = pick_wheel(self.catalog, target, query)
         self._reject_other_releases(target, query)
         if wheel is not None:
             self.reasons.append(f"prebuilt wheel {wheel.filename} matches flash-attn {target}, "
                                 f"{query.describe()}, glibc ≥ {wheel.min_glibc or 'unknown'} and carries "
-                                f"{_arch_label(wheel.cuda_archs)} (from {wheel.origin}): install it by "
+                                f"{arch_label(wheel.cuda_archs)} (from {wheel.origin}): install it by "
                                 "path/URL, no compiler needed")
-            self._reject(f"fa2-source {target}", "a matching prebuilt wheel exists; building takes far longer")
-            self._reject("sdpa", f"flash-attn {target} is available for this node")
+            self.reject(f"fa2-source {target}", "a matching prebuilt wheel exists; building takes far longer")
+            self.reject("sdpa", f"flash-attn {target} is available for this node")
             return self._decision("fa2-wheel", target, ("install-wheel", "verify"), artifact=wheel)
 
-        self._reject(f"fa2-wheel {target}", why_no_wheel)
+        self.reject(f"fa2-wheel {target}", why_no_wheel)
         if f.python.free_threaded:
             self.reasons.append(f"free-threaded Python ({f.python.abi}): upstream publishes no {f.python.abi} wheels "
                                 "(its release matrix builds cpXY GIL wheels only) and pip refuses cpXY wheels on it; "
@@ -339,37 +309,37 @@ class _Resolution:
         if not self.policy.source_builds:
             self.reasons.append(f"no prebuilt flash-attn {target} wheel fits ({why_no_wheel}) and the policy "
                                 "forbids source builds: add a wheel to the catalog or allow source builds")
-            self._reject(f"fa2-source {target}", "the policy forbids source builds")
-            self._reject("sdpa", "not chosen silently: the policy keeps the target release")
-            return self._finish("blocked", None, ())
-        toolkit = self._toolkit(rules.min_nvcc(target), f"flash-attn {target}",
+            self.reject(f"fa2-source {target}", "the policy forbids source builds")
+            self.reject("sdpa", "not chosen silently: the policy keeps the target release")
+            return self.finish("blocked", None, ())
+        toolkit = self.toolkit(rules.min_nvcc(target), f"flash-attn {target}",
                                 needs_blackwell=rules.needs_blackwell_nvcc(node_archs))
         if toolkit.nvcc is None:
-            self._reject(f"fa2-source {target}", toolkit.reason)
-            self._reject("sdpa", "not chosen silently: the policy keeps the target release")
+            self.reject(f"fa2-source {target}", toolkit.reason)
+            self.reject("sdpa", "not chosen silently: the policy keeps the target release")
             self.reasons.append(f"no prebuilt wheel fits ({why_no_wheel}) and a source build is impossible: "
                                 f"{toolkit.reason}")
-            return self._finish("blocked", None, ())
-        self._reject("sdpa", f"flash-attn {target} can be built for this node")
+            return self.finish("blocked", None, ())
+        self.reject("sdpa", f"flash-attn {target} can be built for this node")
         self.reasons.append(f"no prebuilt flash-attn {target} wheel fits this node ({why_no_wheel}): build it "
-                            f"from source for {_arch_label(node_archs)} only")
+                            f"from source for {arch_label(node_archs)} only")
         self.reasons.append(toolkit.reason)
         steps = ("cuda-toolkit",) if toolkit.install else ()
         return self._decision("fa2-source", target, (*steps, "build-from-source", "verify"), toolkit=toolkit.install,
                               build_nvcc=toolkit.nvcc, node_archs=node_archs)
 
     def _reject_fa2_wheels(self, target: str, ccs: tuple[tuple[int, int], ...], why: str) -> None:
-        self._reject(f"fa2-wheel {target}", why)
+        self.reject(f"fa2-wheel {target}", why)
         if self.facts.torch is not None and self.facts.torch.cuda is not None:
-            self._reject_other_releases(target, _query(self.facts))
+            self._reject_other_releases(target, wheel_query(self.facts))
 
-    def _reject_other_releases(self, target: str, query: _Query) -> None:
+    def _reject_other_releases(self, target: str, query: WheelQuery) -> None:
         for candidate, reason in _other_releases(self.catalog, target, query):
-            self._reject(candidate, reason)
+            self.reject(candidate, reason)
 
     # --- toolkit (DESIGN §3.2 rule 5) -------------------------------------------------------
 
-    def _toolkit(self, release_floor: tuple[int, int], what: str, *, needs_blackwell: bool) -> _Toolkit:
+    def toolkit(self, release_floor: tuple[int, int], what: str, *, needs_blackwell: bool) -> Toolkit:
         f = self.facts
         assert f.torch is not None and f.torch.cuda is not None and f.driver is not None
         torch_cuda = rules.major_minor(f.torch.cuda)
@@ -381,7 +351,7 @@ class _Resolution:
         if have is not None:
             problems = _toolkit_problems(have, torch_cuda, driver_max, floor, floor_why)
             if not problems:
-                return _Toolkit(have, None, f"nvcc {rules.fmt_mm(have)} qualifies: same major as torch's CUDA "
+                return Toolkit(have, None, f"nvcc {rules.fmt_mm(have)} qualifies: same major as torch's CUDA "
                                 f"{f.torch.cuda}, ≤ the driver's CUDA {f.driver.cuda_max}, ≥ "
                                 f"{rules.fmt_mm(floor)}")
             current = f"the node's nvcc {rules.fmt_mm(have)} does not qualify ({'; '.join(problems)})"
@@ -392,11 +362,11 @@ class _Resolution:
             wanted = floor
         problems = _toolkit_problems(wanted, torch_cuda, driver_max, floor, floor_why)
         if problems:
-            return _Toolkit(None, None, f"{current}, and no CUDA toolkit can qualify: {'; '.join(problems)} "
+            return Toolkit(None, None, f"{current}, and no CUDA toolkit can qualify: {'; '.join(problems)} "
                             f"(torch CUDA {f.torch.cuda}, driver max {f.driver.cuda_max}); upgrade the driver or "
                             "install a torch built for a newer CUDA")
         lower = " (the driver's maximum, lower than torch's CUDA)" if wanted == driver_max < torch_cuda else ""
-        return _Toolkit(wanted, rules.fmt_mm(wanted), f"{current}: install CUDA toolkit {rules.fmt_mm(wanted)}"
+        return Toolkit(wanted, rules.fmt_mm(wanted), f"{current}: install CUDA toolkit {rules.fmt_mm(wanted)}"
                         f"{lower} to match torch's CUDA {f.torch.cuda} within the driver's maximum "
                         f"{f.driver.cuda_max}")
 
@@ -472,9 +442,9 @@ class _Resolution:
             fa2 = self.target or "(no target)"
             for cand in (f"fa2-wheel {fa2}", f"fa2-source {fa2}", f"fa4 {rules.FA4_VERSION}",
                          f"fa3-source {rules.FA3_VERSION}", f"fa1-source {rules.FA1_VERSION}"):
-                self._reject(cand, measured_reason(cand, "not measured"))
+                self.reject(cand, measured_reason(cand, "not measured"))
             self.reasons[:0] = head
-            return self._finish("sdpa", None, ())
+            return self.finish("sdpa", None, ())
         rejected = tuple(r if r.candidate.split(" ", 1)[0].startswith(family)
                          else Rejected(r.candidate, measured_reason(r.candidate, r.reason)) for r in sub.rejected)
         return replace(sub, reasons=(*self.reasons, *head, *sub.reasons), rejected=rejected)
@@ -484,31 +454,31 @@ class _Resolution:
     def _try_fa3(self, ccs: tuple[tuple[int, int], ...]) -> Decision | None:
         candidate = f"fa3-source {rules.FA3_VERSION}"
         if not self.policy.fa3:
-            self._reject(candidate, "FA3 is opt-in (--fa3 or policy fa3): beta, Hopper only, source build only")
+            self.reject(candidate, "FA3 is opt-in (--fa3 or policy fa3): beta, Hopper only, source build only")
             return None
         if any(cc != (9, 0) for cc in ccs):
-            self._reject(candidate, "FA3 (hopper/) runs on Hopper GPUs (cc 9.0) only")
+            self.reject(candidate, "FA3 (hopper/) runs on Hopper GPUs (cc 9.0) only")
             return None
         problem = None
         if not self.policy.source_builds:
             problem = "FA3 has no release wheels and the policy forbids source builds"
-        elif _python_mm(self.facts) < rules.FA3_PYTHON_FLOOR:
+        elif python_mm(self.facts) < rules.FA3_PYTHON_FLOOR:
             problem = f"FA3 needs Python ≥ {rules.fmt_mm(rules.FA3_PYTHON_FLOOR)}"
         toolkit = None
         if problem is None:
-            toolkit = self._toolkit(rules.FA3_MIN_NVCC, "FA3", needs_blackwell=False)
+            toolkit = self.toolkit(rules.FA3_MIN_NVCC, "FA3", needs_blackwell=False)
             if toolkit.nvcc is None:
                 problem = toolkit.reason
         if problem is not None or toolkit is None or toolkit.nvcc is None:
-            self._reject(candidate, problem or "FA3 cannot be built here")
+            self.reject(candidate, problem or "FA3 cannot be built here")
             self.reasons.append(f"FA3 was requested but cannot be used here ({problem}); planning FA2 instead")
             return None
         fa2 = self.target or "(no target)"
-        self._reject(f"fa2-wheel {fa2}", "the policy asks for FA3 on Hopper")
-        self._reject(f"fa2-source {fa2}", "the policy asks for FA3 on Hopper")
-        self._reject(f"fa1-source {rules.FA1_VERSION}", "FA1 is only for Turing")
-        self._reject(f"fa4 {rules.FA4_VERSION}", "the policy asks for FA3 on Hopper, which takes precedence")
-        self._reject("sdpa", "FA3 can be built for this Hopper node")
+        self.reject(f"fa2-wheel {fa2}", "the policy asks for FA3 on Hopper")
+        self.reject(f"fa2-source {fa2}", "the policy asks for FA3 on Hopper")
+        self.reject(f"fa1-source {rules.FA1_VERSION}", "FA1 is only for Turing")
+        self.reject(f"fa4 {rules.FA4_VERSION}", "the policy asks for FA3 on Hopper, which takes precedence")
+        self.reject("sdpa", "FA3 can be built for this Hopper node")
         self.reasons.append("the policy asks for FA3 and every GPU is Hopper (cc 9.0): build hopper/ from source "
                             "(no release wheels); without nvcc 12.8 or ≥ 13.0 its setup.py downloads nvcc/ptxas, so "
                             "offline nodes need FLASH_ATTENTION_OFFLINE_BUILD=1 and a local toolchain")
@@ -520,7 +490,7 @@ class _Resolution:
     def _try_fa4(self, ccs: tuple[tuple[int, int], ...]) -> Decision | None:
         candidate = f"fa4 {rules.FA4_VERSION}"
         if not self.policy.fa4:
-            self._reject(candidate, "FA4 is opt-in (--fa4 or policy fa4): beta releases only")
+            self.reject(candidate, "FA4 is opt-in (--fa4 or policy fa4): beta releases only")
             return None
         f = self.facts
         assert f.torch is not None and f.torch.cuda is not None and f.driver is not None
@@ -529,7 +499,7 @@ class _Resolution:
             problems.append("FA4 runs forward and backward on cc 9.x–12.x only (8.x is forward only)")
         elif any(cc[0] > 12 for cc in ccs):
             problems.append("FA4 supports cc 9.x–12.x")
-        if _python_mm(f) < rules.FA4_PYTHON_FLOOR:
+        if python_mm(f) < rules.FA4_PYTHON_FLOOR:
             problems.append(f"FA4 needs Python ≥ {rules.fmt_mm(rules.FA4_PYTHON_FLOOR)}")
         if version_tuple(f.driver.version) < version_tuple(rules.FA4_MIN_DRIVER):
             problems.append(f"nvidia-cutlass-dsl needs driver ≥ {rules.FA4_MIN_DRIVER} (found {f.driver.version})")
@@ -537,15 +507,15 @@ class _Resolution:
         if cuda_major not in (12, 13):
             problems.append(f"FA4 needs a CUDA 12 or 13 torch (found CUDA {f.torch.cuda})")
         if problems:
-            self._reject(candidate, "; ".join(problems))
+            self.reject(candidate, "; ".join(problems))
             self.reasons.append(f"FA4 was requested but cannot be used here ({'; '.join(problems)}); "
                                 "planning FA2 instead")
             return None
         fa2 = self.target or "(no target)"
-        self._reject(f"fa2-wheel {fa2}", "the policy asks for FA4")
-        self._reject(f"fa2-source {fa2}", "the policy asks for FA4")
-        self._reject(f"fa1-source {rules.FA1_VERSION}", "FA1 is only for Turing")
-        self._reject("sdpa", "FA4 supports this GPU")
+        self.reject(f"fa2-wheel {fa2}", "the policy asks for FA4")
+        self.reject(f"fa2-source {fa2}", "the policy asks for FA4")
+        self.reject(f"fa1-source {rules.FA1_VERSION}", "FA1 is only for Turing")
+        self.reject("sdpa", "FA4 supports this GPU")
         extra = "[cu13]" if cuda_major == 13 else ""
         self.reasons.append(f"the policy asks for FA4 and it supports this GPU: pip install "
                             f"\"flash-attn-4{extra}=={rules.FA4_VERSION}\" (pure Python, kernels JIT-compiled by "
@@ -561,29 +531,6 @@ def _generation(variant: str) -> str | None:
     return head if head in ("fa1", "fa2", "fa3", "fa4") else None
 
 
-def _python_mm(facts: NodeFacts) -> tuple[int, int]:
-    return rules.major_minor(facts.python.version)
-
-
-def python_tag(facts: NodeFacts) -> str:
-    """The wheel tag pip matches: the probed ABI ("cp313t" on a free-threaded build, which cannot load cp313
-    wheels), else cpXY from the version (agents before the ABI probe; always a GIL build then)."""
-    if facts.python.abi:
-        return facts.python.abi
-    py = _python_mm(facts)
-    return f"cp{py[0]}{py[1]}"
-
-
-def _query(facts: NodeFacts) -> _Query:
-    torch = facts.torch
-    assert torch is not None and torch.cuda is not None
-    return _Query(torch_cuda=torch.cuda, torch_mm=rules.fmt_mm(rules.major_minor(torch.version)),
-                  cxx11abi=torch.cxx11abi, python_tag=python_tag(facts),
-                  platform="win_amd64" if facts.os.is_windows else f"linux_{facts.os.arch}",
-                  glibc=facts.os.glibc, ccs=tuple(sorted({rules.parse_cc(g.compute_capability) for g in facts.gpus})),
-                  os_family=rules.os_family(facts.os.id))
-
-
 def _toolkit_problems(nvcc: tuple[int, int], torch_cuda: tuple[int, int], driver_max: tuple[int, int],
                       floor: tuple[int, int], floor_why: str) -> list[str]:
     problems = []
@@ -597,44 +544,15 @@ def _toolkit_problems(nvcc: tuple[int, int], torch_cuda: tuple[int, int], driver
     return problems
 
 
-@lru_cache(maxsize=8192)
-def _pick_wheel(catalog: Catalog, release: str, query: _Query) -> tuple[Wheel | None, str]:
-    """The first catalog wheel of ``release`` that installs and runs on the node, or why none does."""
-    tag = rules.wheel_cuda_tag(release, query.torch_cuda, query.torch_mm)
-    torch_major = rules.major_minor(query.torch_cuda)[0]
-    if rules.cuda_tag_major(tag) != torch_major:
-        return None, (f"flash-attn {release}'s setup.py maps CUDA {query.torch_cuda} to {tag}, whose binaries need "
-                      f"libcudart.so.{rules.cuda_tag_major(tag)}, not CUDA {torch_major}'s (fixed in 2.8.3.post1)")
-    wheels = catalog.lookup(release, tag, query.torch_mm, query.cxx11abi, query.python_tag, query.platform)
-    if not wheels:
-        return None, f"no {tag} wheel for {query.describe()} in the catalog"
-    problems = []
-    for wheel in wheels:
-        if wheel.min_glibc and query.glibc and rules._v(query.glibc) < rules._v(wheel.min_glibc):
-            problems.append(f"{wheel.filename} needs glibc ≥ {wheel.min_glibc}, the node has {query.glibc}")
-            continue
-        if wheel.os_family and wheel.os_family != query.os_family:
-            problems.append(f"{wheel.filename} was built on {wheel.os_family}, the node's OS family is "
-                            f"{query.os_family}")
-            continue
-        missing = [cc for cc in query.ccs if rules.best_sass(wheel.cuda_archs, cc) is None]
-        if missing:
-            problems.append(f"{wheel.filename} carries {_arch_label(wheel.cuda_archs)}, no code for cc "
-                            f"{', '.join(rules.fmt_mm(c) for c in missing)}")
-            continue
-        return wheel, ""
-    return None, "; ".join(problems)
-
-
 @lru_cache(maxsize=4096)
-def _other_releases(catalog: Catalog, target: str, query: _Query) -> tuple[tuple[str, str], ...]:
+def _other_releases(catalog: Catalog, target: str, query: WheelQuery) -> tuple[tuple[str, str], ...]:
     """Every other catalog release's wheel, grouped by why it lost: fits-but-not-target, or no fit."""
     fits: list[str] = []
     no_fit: list[str] = []
     for release in catalog.releases:
         if release == target:
             continue
-        wheel, _ = _pick_wheel(catalog, release, query)
+        wheel, _ = pick_wheel(catalog, release, query)
         (fits if wheel is not None else no_fit).append(release)
     out = []
     if fits:

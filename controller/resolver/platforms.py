@@ -1,22 +1,19 @@
 """Plans for nodes that are not "Linux + NVIDIA + GIL CPython": ROCm, Jetson and Windows (issue 19). Pure.
 
-Each function takes the resolution in progress (``core._Resolution``: facts, catalog, policy, reasons, rejected)
-and returns its decision; the rules and their upstream sources are in docs/resolver.md, "Other platforms".
+Each function takes the resolution in progress (a ``resolution.Resolution``: facts, catalog, policy, reasons,
+rejections) and returns its decision; the rules and their upstream sources are in docs/resolver.md, "Other platforms".
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from controller.resolver import rules
 from controller.resolver.build import rocm_build_params
 from controller.resolver.model import Decision
+from controller.resolver.resolution import Resolution, pick_wheel, wheel_query
 from fleet.facts import DriverFacts, NodeFacts
 from fleet.jetson import jetpack_for_l4t
-
-if TYPE_CHECKING:
-    from controller.resolver.core import _Resolution
 
 SDPA_HINT = 'use PyTorch SDPA (attn_implementation="sdpa")'
 WINDOWS_LABEL = "manual: not executed by the agent yet (Windows nodes get the plan and the exact commands)"
@@ -25,7 +22,7 @@ ROCM_TORCH_HINT = "install a ROCm build of torch (pip index https://download.pyt
 
 # --- ROCm ----------------------------------------------------------------------------------------
 
-def rocm(res: _Resolution) -> Decision:
+def rocm(res: Resolution) -> Decision:
     """AMD GPUs: FA2's Composable Kernel backend where the release's GPU_ARCHS cover every GPU, else its Triton
     AMD backend, else SDPA. Upstream publishes no ROCm wheels (publish.yml is CUDA-only): always a source build."""
     f = res.facts
@@ -33,7 +30,7 @@ def rocm(res: _Resolution) -> Decision:
     wheel, source = f"fa2-wheel {target}", f"fa2-source {target}"
     others = (f"fa1-source {rules.FA1_VERSION}", f"fa3-source {rules.FA3_VERSION}", f"fa4 {rules.FA4_VERSION}")
     for candidate in others:
-        res._reject(candidate, "CUDA-only (NVIDIA GPUs)")
+        res.reject(candidate, "CUDA-only (NVIDIA GPUs)")
     problems: list[str] = []
     if any(not g.is_amd for g in f.gpus):
         problems.append("the node mixes AMD and NVIDIA GPUs: one torch build (ROCm or CUDA) cannot serve both; "
@@ -55,13 +52,13 @@ def rocm(res: _Resolution) -> Decision:
             problems.append("the catalog has no FA2 release and no --version was given: pass --version")
         res.reasons.extend(problems)
         for candidate in (wheel, source, "sdpa"):
-            res._reject(candidate, "the node cannot run a ROCm torch on its GPUs (see reasons)")
-        return res._finish("blocked", None, ())
-    res._reject(wheel, "upstream publishes no ROCm wheels (its release workflow builds CUDA wheels only): "
+            res.reject(candidate, "the node cannot run a ROCm torch on its GPUs (see reasons)")
+        return res.finish("blocked", None, ())
+    res.reject(wheel, "upstream publishes no ROCm wheels (its release workflow builds CUDA wheels only): "
                        "ROCm is always a source build")
     release = res.release_for_torch(res.target)
     if release is None:
-        return res._finish("blocked", None, ())
+        return res.finish("blocked", None, ())
     ck = rules.ck_archs(release)
     if archs and all(a in ck for a in archs):
         backend = "ck"
@@ -79,26 +76,26 @@ def rocm(res: _Resolution) -> Decision:
         why = (f"flash-attn {release} has neither a Composable Kernel build (GPU_ARCHS {ck_list})"
                f" nor Triton AMD support (from {rules.TRITON_AMD_FIRST_RELEASE}: CDNA gfx90a/gfx94x/gfx950, RDNA 3/4) "
                f"for {', '.join(archs)}")
-        res._reject(f"fa2-source {release}", why)
+        res.reject(f"fa2-source {release}", why)
         res.reasons.append(f"{why}; {SDPA_HINT}, which runs on ROCm torch without installing anything")
-        return res._finish("sdpa", None, ())
+        return res.finish("sdpa", None, ())
     if not res.policy.source_builds:
         res.reasons.append("the policy forbids source builds and there are no ROCm wheels: allow source builds, "
                            f"or {SDPA_HINT}")
-        res._reject(f"fa2-source {release}", "the policy forbids source builds")
-        res._reject("sdpa", "not chosen silently: the policy keeps the target release")
-        return res._finish("blocked", None, ())
-    res._reject("sdpa", f"flash-attn {release} can be built for this AMD GPU")
+        res.reject(f"fa2-source {release}", "the policy forbids source builds")
+        res.reject("sdpa", "not chosen silently: the policy keeps the target release")
+        return res.finish("blocked", None, ())
+    res.reject("sdpa", f"flash-attn {release} can be built for this AMD GPU")
     build = rocm_build_params(f, release, tuple(archs), backend)
     res.reasons.append(f"build with {', '.join(f'{k}={v}' for k, v in build.env.items())} "
                        f"(about {build.estimated_minutes} min on {f.resources.cpu_cores} cores)")
-    steps = res._apt_first(("build-from-source", "verify"))
-    return res._finish("fa2-source", release, steps, build=build)
+    steps = res.apt_first(("build-from-source", "verify"))
+    return res.finish("fa2-source", release, steps, build=build)
 
 
 # --- Jetson --------------------------------------------------------------------------------------
 
-def jetson_facts(res: _Resolution) -> NodeFacts | None:
+def jetson_facts(res: Resolution) -> NodeFacts | None:
     """On a Jetson (L4T reported) without an NVML driver entry, the CUDA driver is L4T's own: stand in the CUDA
     its JetPack ships as the driver's maximum, so the ordinary rules (toolkit, archs) apply. None elsewhere."""
     f = res.facts
@@ -119,58 +116,56 @@ def jetson_facts(res: _Resolution) -> NodeFacts | None:
 
 # --- Windows -------------------------------------------------------------------------------------
 
-def windows(res: _Resolution, ccs: tuple[tuple[int, int], ...]) -> Decision:
+def windows(res: Resolution, ccs: tuple[tuple[int, int], ...]) -> Decision:
     """Windows: a win_amd64 wheel the operator added to the catalog, else a source build with MSVC (the seed's
     steps), else SDPA — never a Linux wheel. The agent does not run Windows plans yet: commands for a person."""
     f = res.facts
     assert f.torch is not None and f.torch.cuda is not None and f.driver is not None
     target = res.target
     for candidate in (f"fa1-source {rules.FA1_VERSION}", f"fa3-source {rules.FA3_VERSION}", f"fa4 {rules.FA4_VERSION}"):
-        res._reject(candidate, "not planned on Windows (FA2 is the generation upstream reports working there)")
+        res.reject(candidate, "not planned on Windows (FA2 is the generation upstream reports working there)")
     if any(cc < (8, 0) for cc in ccs):
         why = "FA2 needs compute capability ≥ 8.0; FA1 (for Turing) is not planned on Windows"
-        res._reject(f"fa2-source {target}", why)
+        res.reject(f"fa2-source {target}", why)
         res.reasons.append(f"{why}: {SDPA_HINT}, nothing to install")
-        return res._finish("sdpa", None, ())
+        return res.finish("sdpa", None, ())
     if target is None:
         res.reasons.append("the catalog has no FA2 release and no --version was given: pass --version")
-        return res._finish("blocked", None, ())
+        return res.finish("blocked", None, ())
     release = res.release_for_torch(target)
     if release is None:
-        return res._finish("blocked", None, ())
+        return res.finish("blocked", None, ())
     if rules._v(release) < rules._v(rules.WINDOWS_FIRST_RELEASE):
         why = f"flash-attn {release} predates Windows support (README: \"might work for Windows starting v2.3.2\")"
-        res._reject(f"fa2-source {release}", why)
+        res.reject(f"fa2-source {release}", why)
         res.reasons.append(f"{why}: pass --version 2.3.2 or newer, or {SDPA_HINT}")
-        return res._finish("sdpa", None, ())
+        return res.finish("sdpa", None, ())
     res.reasons.append("Windows node: upstream publishes no Windows wheels and its Linux wheels cannot install here; "
                        "the agent does not run Windows plans yet, so this plan lists the commands to run by hand")
-    from controller.resolver.core import _pick_wheel, _query  # core imports this module
-
-    query = _query(f)
-    wheel, why_no_wheel = _pick_wheel(res.catalog, release, query)
+    query = wheel_query(f)
+    wheel, why_no_wheel = pick_wheel(res.catalog, release, query)
     python = f.python.executable
     if wheel is not None:
         res.reasons.append(f"win_amd64 wheel {wheel.filename} from the catalog ({wheel.origin}) matches "
                            f"{query.describe()}")
-        res._reject(f"fa2-source {release}", "a matching win_amd64 wheel is in the catalog")
-        res._reject("sdpa", f"flash-attn {release} is available for this node")
+        res.reject(f"fa2-source {release}", "a matching win_amd64 wheel is in the catalog")
+        res.reject("sdpa", f"flash-attn {release} is available for this node")
         commands: tuple[str, ...] = (f'"{python}" -m pip install --no-deps "{wheel.url or wheel.filename}"',
                     f'"{python}" -c "import flash_attn; print(flash_attn.__version__)"')
-        decision = res._finish("fa2-wheel", release, (), artifact=wheel)
+        decision = res.finish("fa2-wheel", release, (), artifact=wheel)
         return replace(decision, commands=commands, execution=WINDOWS_LABEL)
-    res._reject(f"fa2-wheel {release}", f"{why_no_wheel} (only win_amd64 wheels the operator adds to the catalog "
+    res.reject(f"fa2-wheel {release}", f"{why_no_wheel} (only win_amd64 wheels the operator adds to the catalog "
                                         "are considered; a linux_* wheel never installs on Windows)")
     problem = _windows_build_problem(res)
     if problem is not None:
-        res._reject(f"fa2-source {release}", problem)
+        res.reject(f"fa2-source {release}", problem)
         res.reasons.append(f"{problem}; meanwhile {SDPA_HINT}, or add a community win_amd64 wheel to the catalog")
-        return res._finish("sdpa", None, ())
-    toolkit = res._toolkit(rules.min_nvcc(release), f"flash-attn {release}",
+        return res.finish("sdpa", None, ())
+    toolkit = res.toolkit(rules.min_nvcc(release), f"flash-attn {release}",
                            needs_blackwell=any(cc[0] >= 10 for cc in ccs))
     res.reasons.append(f"build flash-attn {release} from source with MSVC {f.os.msvc} and nvcc "
                        f"{f.toolkit.nvcc if f.toolkit else '?'} (the seed tutorial's Windows steps)")
-    res._reject("sdpa", f"flash-attn {release} can be built on this node")
+    res.reject("sdpa", f"flash-attn {release} can be built on this node")
     jobs = min(4, f.resources.cpu_cores)  # the seed's MAX_JOBS=4: each MSVC+nvcc job needs several GB
     commands = (
         "nvcc -V",
@@ -185,12 +180,12 @@ def windows(res: _Resolution, ccs: tuple[tuple[int, int], ...]) -> Decision:
         f'"{python}" -m pip install . --no-build-isolation --no-deps',
         f'"{python}" -c "import flash_attn; print(flash_attn.__version__)"',
     )
-    decision = res._finish("fa2-source", release, (), toolkit=None)
+    decision = res.finish("fa2-source", release, (), toolkit=None)
     return replace(decision, commands=(*(("rem " + toolkit.reason,) if toolkit.install else ()), *commands),
                    execution=WINDOWS_LABEL)
 
 
-def _windows_build_problem(res: _Resolution) -> str | None:
+def _windows_build_problem(res: Resolution) -> str | None:
     f = res.facts
     assert f.torch is not None and f.torch.cuda is not None and f.driver is not None
     if not res.policy.source_builds:
