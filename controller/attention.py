@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.resolver.model import MeasuredImpl, Measurements
+from controller.store.models import Node
 from controller.verify_store import store as verification_store
-from fleet.errors import InputError
+from fleet.errors import FactsError, InputError
+from fleet.facts import parse_node
 from fleet.verification import (
     DecodeEntry,
     GqaEntry,
@@ -584,6 +587,13 @@ def measurements_for(s: Session, facts: NodeFacts, simulated: bool, catalog: Cat
     return rec.as_measurements()
 
 
+def node_recommendations(s: Session, facts: NodeFacts, simulated: bool, catalog: Catalog,
+                         workloads: Sequence[str] = WORKLOADS) -> list[Recommendation]:
+    """A registered node's recommendation per workload: its stored evidence, the fleet's, then the prior (the
+    API's node route and the dashboard's node page)."""
+    return recommend_for(facts, catalog, node_evidence(s, facts, simulated), workloads)
+
+
 def install_costs(facts: NodeFacts, catalog: Catalog) -> dict[str, InstallCost]:
     """Each FlashAttention's install cost on this node, from the resolver's own plans (pure: resolve is)."""
     from controller.resolver import Policy, resolve
@@ -664,24 +674,55 @@ class ReportRow:
     gpu_model: str
     torch: str | None
     workload: str
-    nodes: int
-    slower: int  # nodes running something slower than their best
+    hostnames: tuple[str, ...]
+    slower_hosts: tuple[str, ...]  # nodes running something slower than their own best
     recommendation: Recommendation
+
+    @property
+    def nodes(self) -> int:
+        return len(self.hostnames)
+
+    @property
+    def slower(self) -> int:
+        return len(self.slower_hosts)
 
     def to_json(self) -> dict[str, Any]:
         r = self.recommendation
+        c = r.choice
         return {"gpu_model": self.gpu_model, "torch": self.torch, "workload": self.workload, "nodes": self.nodes,
-                "slower_than_best": self.slower, "recommended": r.choice.impl if r.choice else None,
+                "slower_than_best": self.slower, "slower_hosts": list(self.slower_hosts),
+                "recommended": c.impl if c else None, "setting": c.setting.to_json() if c else None,
                 "unit": r.unit, "margin": None if r.margin is None else round(r.margin, 4),
-                "implementations": [{"impl": c.impl, "median": c.value, "source": c.source.describe()
-                                     if c.source else None, "excluded": c.excluded} for c in r.candidates],
+                "runner_up": r.runner_up.impl if r.runner_up else None,
+                "implementations": [{"impl": x.impl, "median": x.value, "source": x.source.describe()
+                                     if x.source else None, "excluded": x.excluded, "install": x.install.to_json(),
+                                     "version": x.version} for x in r.candidates],
                 "notes": list(r.notes)}
+
+
+def group_install_costs(per_node: Sequence[Mapping[str, InstallCost]]) -> dict[str, InstallCost]:
+    """A GPU class's install cost per implementation: what it takes on its nodes that lack it — the cheapest
+    of those, so one node that cannot install it does not hide that the others can — and "installed" only
+    when every node has it."""
+    out: dict[str, InstallCost] = {}
+    for impl in sorted({i for costs in per_node for i in costs}):
+        seen = [costs[impl] for costs in per_node if impl in costs]
+        lacking = [c for c in seen if c.kind != "installed"]
+        if not lacking:
+            out[impl] = seen[0]
+            continue
+        cheapest = min(lacking, key=lambda c: (INSTALL_ORDER.get(c.kind, 9), c.seconds or 0.0))
+        have = len(seen) - len(lacking)
+        out[impl] = cheapest if not have else InstallCost(
+            cheapest.kind, cheapest.seconds, "; ".join(x for x in (cheapest.detail,
+                                                                  f"installed on {have} of {len(seen)} nodes") if x))
+    return out
 
 
 def report(nodes: Sequence[tuple[NodeFacts, Sequence[Evidence]]], workload: str,
            catalog: Catalog) -> list[ReportRow]:
-    """Per GPU model × torch: the group's recommendation (each node's own evidence counts as the fleet's) and
-    how many of its nodes run something slower than their own best."""
+    """Per GPU model × torch: the group's recommendation (each node's own evidence counts as the fleet's; install
+    costs from ``group_install_costs``) and which of its nodes run something slower than their own best."""
     prof = profile(workload)
     groups: dict[tuple[str, str | None], list[tuple[NodeFacts, Sequence[Evidence]]]] = {}
     for facts, ev in nodes:
@@ -692,15 +733,49 @@ def report(nodes: Sequence[tuple[NodeFacts, Sequence[Evidence]]], workload: str,
     for (gpu, torch), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         pool = [Evidence(replace_kind(e.source, "fleet"), e.measurements, e.checked, e.problems, e.versions)
                 for _, evs in members for e in evs]
+        slower: list[str] = []
+        per_node: list[dict[str, InstallCost]] = []
+        for facts, evs in members:
+            costs = install_costs(facts, catalog)
+            per_node.append(costs)
+            own = recommend(NodeContext.of(facts), (*evs, *pool, *prior), prof, costs)
+            if slower_than_best(own, running_impl(facts, workload)):
+                slower.append(facts.hostname)
         first = members[0][0]
         group_rec = recommend(NodeContext("(group)", gpu, torch, first.driver.version if first.driver else None),
-                              (*pool, *prior), prof)
-        slower = 0
-        for facts, evs in members:
-            own = recommend(NodeContext.of(facts), (*evs, *pool, *prior), prof, install_costs(facts, catalog))
-            slower += slower_than_best(own, running_impl(facts, workload))
-        rows.append(ReportRow(gpu, torch, workload, len(members), slower, group_rec))
+                              (*pool, *prior), prof, group_install_costs(per_node))
+        rows.append(ReportRow(gpu, torch, workload, tuple(f.hostname for f, _ in members), tuple(slower),
+                              group_rec))
     return rows
+
+
+@dataclass(frozen=True)
+class FleetReport:
+    """``fleetctl attention report`` and the dashboard's attention page: one workload, every chosen node."""
+
+    workload: str
+    rows: tuple[ReportRow, ...]
+    unreadable_facts: tuple[str, ...]  # nodes left out: their stored facts do not parse
+
+
+def fleet_report(s: Session, catalog: Catalog, workload: str,
+                 hostnames: Collection[str] | None = None) -> FleetReport:
+    """The report over the registered nodes (only ``hostnames`` when given), each with its own latest stored
+    verification as evidence."""
+    profile(workload)  # an unknown workload is the caller's error, before any work
+    members: list[tuple[NodeFacts, Sequence[Evidence]]] = []
+    skipped: list[str] = []
+    for row in s.scalars(select(Node).order_by(Node.hostname)):
+        if hostnames is not None and row.hostname not in hostnames:
+            continue
+        try:
+            facts = parse_node(row.facts)
+        except FactsError:
+            skipped.append(row.hostname)
+            continue
+        own = [e for e in node_evidence(s, facts, bool(row.simulated)) if e.source.kind == "node"]
+        members.append((facts, own))
+    return FleetReport(workload, tuple(report(members, workload, catalog)), tuple(skipped))
 
 
 def replace_kind(source: Source, kind: str) -> Source:
