@@ -22,8 +22,7 @@ from sqlalchemy import select
 
 from controller.audit import audit
 from controller.store import Store, utcnow
-from controller.web.auth import validate_name
-from controller.web.models import ROLES, ApiToken, User
+from controller.users import ROLES, ApiToken, User, validate_name
 from fleet.errors import AuthError, ForbiddenError, NotFoundError, UsageError
 
 TOKEN_PREFIX = "fleetu_"

@@ -19,6 +19,9 @@ from fleet.cli import print_json
 from fleet.errors import UsageError
 from fleet.statedir import DEFAULT_STATE_DIR
 
+# The handlers import the server side (SQLAlchemy, scrypt, the store) when they run, not here: the command line
+# imports every command module to build its parser, and `--help` or another command should not pay for them.
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("user", help="dashboard users: add, list, remove",
@@ -78,7 +81,8 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from controller.web.auth import add_user, validate_name
+    from controller.users import validate_name
+    from controller.web.auth import add_user
     validate_name(args.name)
     password = _password(args)
     store = _store(args)

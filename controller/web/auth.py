@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.store.db import Store, utcnow
-from controller.web.models import ROLES, User
+from controller.users import User, validate_name, validate_role
 from fleet.errors import ConflictError, NotFoundError, UsageError
 
 SESSION_COOKIE = "fleet_session"
@@ -74,18 +74,6 @@ _DUMMY_HASH = hash_password(secrets.token_hex(8))
 
 def _pw_fingerprint(stored: str) -> str:
     return hashlib.sha256(stored.encode()).hexdigest()[:16]
-
-
-def validate_name(name: str) -> str:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_.@" for c in name):
-        raise UsageError(f"invalid user name {name!r}", hint="use 1-64 letters, digits, '-', '_', '.' or '@'")
-    return name
-
-
-def validate_role(role: str) -> str:
-    if role not in ROLES:
-        raise UsageError(f"unknown role {role!r}", hint=f"use one of: {', '.join(ROLES)}")
-    return role
 
 
 def add_user(store: Store, name: str, role: str, password: str, *, replace: bool = False) -> User:

@@ -1,4 +1,4 @@
-"""Tables owned by the dashboard: ``users`` and the denormalised ``dashboard_nodes`` index.
+"""The table owned by the dashboard: the denormalised ``dashboard_nodes`` index (users: controller/users.py).
 
 ``dashboard_nodes`` holds one row per node with the columns the node table filters and sorts
 on, copied out of ``nodes.facts`` (and, verbatim, each node's latest verification from
@@ -15,7 +15,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from controller.store.models import Base, Job
 
-ROLES = ("viewer", "operator", "admin")  # each may do what the ones before it may
 FAILING_STATUSES = ("offline", "degraded")
 
 
@@ -30,38 +29,6 @@ def rank_of(status: str, verify_result: str, fa_version: str, job_status: str = 
     if not fa_version or not verify_result:
         return 1
     return 2
-
-
-class User(Base):
-    """A dashboard user. ``password_hash`` is ``scrypt$n$r$p$salt_hex$hash_hex``."""
-
-    __tablename__ = "users"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    password_hash: Mapped[str] = mapped_column(String(512))
-    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
-    created_at: Mapped[dt.datetime]
-    last_login_at: Mapped[dt.datetime | None]
-    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
-
-
-class ApiToken(Base):
-    """A user's bearer token for the JSON API (``fleet-controller user token create``; controller/api_tokens.py).
-
-    Only the token's sha256 is stored (it is 256 random bits: no dictionary to try, so a slow hash adds
-    nothing), with its first characters (``prefix``) to name it in listings. Migration ``web_0005``."""
-
-    __tablename__ = "api_tokens"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[dt.datetime]
-    expires_at: Mapped[dt.datetime]
-    last_used_at: Mapped[dt.datetime | None]
-    revoked_at: Mapped[dt.datetime | None]
 
 
 class DashboardNode(Base):

@@ -8,6 +8,7 @@ from sqlalchemy import engine_from_config, pool
 # Every module that declares tables, so that Alembic sees the whole schema: a table missing here would be
 # rendered as a drop by `alembic revision --autogenerate` (tests/integration/store/test_alembic_check.py).
 import controller.rollout.models
+import controller.users
 import controller.verify_store.models
 import controller.web.models  # noqa: F401
 from controller.store.models import Base

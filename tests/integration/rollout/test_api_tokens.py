@@ -20,8 +20,8 @@ from sqlalchemy import select, update
 from controller.api_tokens import create_token, revoke_token
 from controller.app import RunningController
 from controller.store import utcnow
+from controller.users import ApiToken
 from controller.web.auth import add_user
-from controller.web.models import ApiToken
 from tests.integration.fleet_support import SimAgents
 from tests.integration.rollout.simrunner import Script, SimRunner
 
