@@ -29,6 +29,7 @@ from controller.artifacts_api import router as artifacts_router
 from controller.attention_api import router as attention_router
 from controller.context import ControllerContext
 from controller.http_deps import API_PREFIX, Admin, Ctx, Viewer
+from controller.node_status import NodeStatus
 from controller.rollout.api import router as rollout_router
 from controller.store.models import AuditLog
 from controller.verify_store.api import router as verify_router
@@ -108,13 +109,13 @@ def api_router() -> APIRouter:
     def stats(ctx: Ctx, _: Viewer, reset_lag: bool = False) -> dict[str, Any]:
         """Counters for monitoring and benchmarks (heartbeats received, DB rows written by liveness, loop lag)."""
         reg = ctx.registry
+        counts = reg.counts()
         lag, gcs = ctx.loop_lag.summary(), ctx.gc_monitor.summary()
         if reset_lag:
             ctx.loop_lag.reset()
             ctx.gc_monitor.reset()
-        return {"loop_lag": lag, "gc": gcs, "nodes": len(reg._live), "heartbeats": reg.heartbeats,
-                "liveness_db_writes": reg.db_writes,
-                "online": sum(1 for v in reg._live.values() if v.status == "online")}
+        return {"loop_lag": lag, "gc": gcs, "nodes": reg.node_count, "heartbeats": reg.heartbeats,
+                "liveness_db_writes": reg.db_writes, "online": counts[NodeStatus.ONLINE]}
 
     @router.get("/nodes")
     def nodes(ctx: Ctx, _: Viewer, facts: bool = False) -> dict[str, Any]:

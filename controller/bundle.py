@@ -155,17 +155,20 @@ def plan_facts(entries: Sequence[NodeFacts | FactsError], catalog: Any, policy: 
                version: str) -> list[dict[str, Any]]:
     """Each node's rollout plan (``PlannedNode.to_json``) from its facts, by the controller's own planner.
 
-    The planner reads a registry row; a transient one (never added to a session) carries the facts, as for
-    a real node whose agent runs playbooks (``executor: ansible``: those are the nodes that take artifacts)."""
+    The planner reads a registry record; one made here (never stored) carries the facts, as for a real node
+    whose agent runs playbooks (``executor: ansible``: those are the nodes that take artifacts)."""
+    from controller.node_status import NodeStatus
+    from controller.registry import NodeRecord
     from controller.rollout.service import _plan_node
-    from controller.store.models import Node
 
     out = []
     for i, facts in enumerate(entries):
         if isinstance(facts, FactsError):
             raise FactsError(f"node #{i}: {facts.message}", hint=facts.hint or "fix the facts file")
-        row = Node(hostname=facts.hostname, facts=facts.to_json(), extra={"executor": "ansible"}, simulated=False,
-                   status="online")
+        now = dt.datetime.now(dt.UTC)
+        row = NodeRecord(hostname=facts.hostname, status=NodeStatus.ONLINE, last_seen=now, status_changed_at=now,
+                         simulated=False, registered_at=now, facts_updated_at=now, agent=None, facts=facts,
+                         facts_error=None, facts_json=facts.to_json(), extra={"executor": "ansible"})
         out.append(_plan_node(row, catalog, policy, version, {}, None, built=set()).to_json())
     return out
 

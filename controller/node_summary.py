@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.registry import NodeRecord, NodeStatus
+from controller.node_status import NodeStatus
+from controller.registry import NodeRecord
 from controller.rollout.models import Rollout, RolloutNode
 from controller.verify_store.views import VerificationView, latest_by_node
 

@@ -22,12 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select, update
 
 from controller.enrollment import AgentIdentity
+from controller.node_status import NodeStatus, liveness
+from controller.rollout.core import NodeInfo
 from controller.store import Store, utcnow
 from controller.store.models import FactsHistory, Identity, Node, NodeEvent
 from fleet.errors import ConflictError, FactsError, FleetError, NotFoundError
@@ -37,23 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 10.0
 DEFAULT_MISSED = 3
-
-
-class NodeStatus(StrEnum):
-    """A node's status as stored in ``nodes.status`` and shown everywhere (StrEnum: the strings stay the same)."""
-
-    ONLINE = "online"
-    OFFLINE = "offline"
-    DEGRADED = "degraded"  # set by other components (a failed verification), not by liveness
-
-
-def liveness(status: NodeStatus, last_seen: float, now: float, offline_after: float) -> NodeStatus:
-    """The one liveness rule: a node silent for longer than ``offline_after`` seconds is offline; contact
-    (``last_seen`` within the window) brings an offline node back online; ``degraded`` is kept while the
-    node is heard from (only a passing verification or ``set_status`` clears it)."""
-    if now - last_seen > offline_after:
-        return NodeStatus.OFFLINE
-    return NodeStatus.ONLINE if status is NodeStatus.OFFLINE else status
 
 
 @dataclass(frozen=True)
@@ -115,6 +99,14 @@ def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.date
         status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
         facts_updated_at=row.facts_updated_at, agent=agent, facts=facts, facts_error=error,
         facts_json=row.facts or {}, extra=row.extra or {})
+
+
+def selection_info(node: NodeRecord) -> NodeInfo:
+    """What ``--nodes SELECTOR`` matches a node on (rollouts, verifications, the attention report): its first GPU's
+    model (none when its facts are unreadable), its simulation profile and its status."""
+    gpu = node.facts.gpus[0].name if node.facts is not None and node.facts.gpus else None
+    profile = node.extra.get("profile")
+    return NodeInfo(node.hostname, gpu, profile if isinstance(profile, str) else None, node.status)
 
 
 class HostnameMismatch(FleetError):
@@ -435,6 +427,14 @@ class Registry:
         tr = self._transition(hostname, live, status, reason)
         self.write_transitions(self.take_transitions())  # rare and deliberate: persist at once
         return tr
+
+    def counts(self) -> dict[NodeStatus, int]:
+        """How many nodes are in each status now (from memory: newer than the batched writes); every status
+        is a key, zero included."""
+        counts = dict.fromkeys(NodeStatus, 0)
+        for live in self._live.values():
+            counts[live.status] += 1
+        return counts
 
     def status_of(self, hostname: str) -> NodeStatus | None:
         live = self._live.get(hostname)

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controller.node_status import NodeStatus
 from controller.resolver import rules
 from fleet.errors import ConflictError, UsageError
 
@@ -36,7 +37,7 @@ class NodeInfo:
     hostname: str
     gpu: str | None = None  # model name of the first GPU ("NVIDIA H100 80GB HBM3")
     profile: str | None = None  # simulation profile, if simulated
-    status: str = "online"  # online | offline | degraded
+    status: NodeStatus = NodeStatus.ONLINE
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,6 @@ class NodePlan:
 # ---- selection ---------------------------------------------------------------------------------
 
 SELECTOR_KEYS = ("host", "gpu", "profile", "status")
-STATUSES = ("online", "offline", "degraded")
 _TERM_RE = re.compile(r"^[A-Za-z0-9*?\[\]._:+ -]{1,253}$")
 
 
@@ -125,8 +125,9 @@ def parse_selector(text: str | None) -> Selector:
         if not value or not _TERM_RE.match(value):
             raise UsageError(f"bad value {value!r} for selector key {key!r}",
                              hint="values are hostnames, globs (* ? [..]) or GPU/profile names")
-        if key == "status" and value not in STATUSES:
-            raise UsageError(f"unknown status {value!r} in node selector", hint=f"use one of {', '.join(STATUSES)}")
+        if key == "status" and value not in tuple(NodeStatus):
+            raise UsageError(f"unknown status {value!r} in node selector",
+                             hint=f"use one of {', '.join(NodeStatus)}")
         terms.setdefault(key, []).append(value)
     return Selector({k: tuple(v) for k, v in terms.items()}, text)
 

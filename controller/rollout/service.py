@@ -18,12 +18,13 @@ from sqlalchemy.orm import Session
 
 from controller import attention
 from controller.audit import audit
+from controller.node_status import NodeStatus
 from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
+from controller.registry import NodeRecord, record_of, selection_info
 from controller.rollout.core import (
     ACTIVE_ROLLOUT,
     TERMINAL,
     BuildStatus,
-    NodeInfo,
     NodePlan,
     Progress,
     RolloutStatus,
@@ -42,8 +43,7 @@ from controller.rollout.engine import record
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
 from controller.store.models import Job, Node
-from fleet.errors import ConflictError, FactsError, NotFoundError, StaleFactsError, UsageError
-from fleet.facts import parse_node
+from fleet.errors import ConflictError, NotFoundError, StaleFactsError, UsageError
 
 _create_lock = threading.Lock()
 MAX_PARALLEL_DEFAULT = 50
@@ -140,13 +140,6 @@ def _catalog(state_dir: Path | None) -> Any:
     return default_catalog(state_dir)
 
 
-def _node_info(row: Node) -> NodeInfo:
-    gpus = (row.facts or {}).get("gpus") or []
-    gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], Mapping) else None
-    profile = (row.extra or {}).get("profile")
-    return NodeInfo(row.hostname, gpu, profile if isinstance(profile, str) else None, row.status)
-
-
 def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
                  catalog: Any = None, provisioner: Provisioner | None = None) -> RolloutPlan:
     """Select, resolve and schedule, without writing anything. With ``provisioner`` (a controller's), each
@@ -169,9 +162,9 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
                             hint=f"known releases: {shown} (pick one with --version)")
     policy = req.policy(version)
     with store.session() as s:
-        rows = list(s.scalars(select(Node)))
-        chosen = {n.hostname for n in select_nodes(selector, [_node_info(r) for r in rows])}
-        rows = sorted((r for r in rows if r.hostname in chosen), key=lambda r: r.hostname)
+        every = [record_of(r) for r in s.scalars(select(Node))]
+        chosen = {n.hostname for n in select_nodes(selector, [selection_info(r) for r in every])}
+        rows = sorted((r for r in every if r.hostname in chosen), key=lambda r: r.hostname)
         builds_done = {b.build_key: b.artifact_filename or b.artifact_sha256 or "" for b in
                        s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED))}
         from controller.local_wheels import local_wheel_entries
@@ -221,33 +214,28 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
 
 
-def _measured(s: Session, rows: Sequence[Node], catalog: Any, policy: Any) -> dict[str, Any]:
+def _measured(s: Session, nodes: Sequence[NodeRecord], catalog: Any, policy: Any) -> dict[str, Any]:
     """Per node, the attention ranking ``--prefer fastest`` plans from (controller/attention.py)."""
     if policy.prefer != "fastest":
         return {}
     out: dict[str, Any] = {}
-    for row in rows:
-        try:
-            facts = parse_node(row.facts)
-        except FactsError:
-            continue
-        if facts.gpus:
-            out[row.hostname] = attention.measurements_for(s, facts, bool(row.simulated), catalog, policy.workload)
+    for node in nodes:
+        if node.facts is not None and node.facts.gpus:  # unreadable facts: _plan_node skips the node, says why
+            out[node.hostname] = attention.measurements_for(s, node.facts, node.simulated, catalog, policy.workload)
     return out
 
 
-def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
+def _plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
                provisioner: Provisioner | None, *, built: set[str], measured: Any = None) -> PlannedNode:
     """One node's rollout plan from its current facts (at start, and again when a failed node is retried)."""
     from controller.local_wheels import catalog_wheel_name
     from controller.resolver import resolve
 
-    info = _node_info(row)
-    try:
-        facts = parse_node(row.facts)
-    except FactsError as exc:
+    info = selection_info(row)
+    facts = row.facts
+    if facts is None:
         return PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
-                           skip_reason=f"facts unreadable: {exc.message}")
+                           skip_reason=row.facts_error)
     d = resolve(facts, catalog, policy, measured)
     build = d.build
     np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
@@ -257,18 +245,18 @@ def _plan_node(row: Node, catalog: Any, policy: Any, version: str, local_sha: Ma
     skip = None
     if np.skipped:
         skip = f"{d.variant}: {d.reasons[0] if d.reasons else 'nothing to install'}"
-    elif row.status == "offline":
+    elif row.status is NodeStatus.OFFLINE:
         skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
     previous = facts.flash_attn.__dict__.copy() if facts.flash_attn else None
     decision = d.to_json()
     if build is not None and d.variant == "fa2-source" and isinstance(decision.get("build"), dict):
         # how the built wheel is found again (controller/local_wheels.py)
         decision["build"].update(wheel_name=catalog_wheel_name(facts, version), glibc=facts.os.glibc)
-    extra = row.extra or {}
+    extra = row.extra
     executor = extra.get("executor")  # reported by the agent (agent/commands/run.py `labelled`)
     if not isinstance(executor, str):  # an older agent: simulated nodes ran the simulated executor, rehearsals not
         executor = "ansible" if not row.simulated or extra.get("rehearsal") else "simulated"
-    node: dict[str, Any] = {"simulated": bool(row.simulated), "executor": executor,
+    node: dict[str, Any] = {"simulated": row.simulated, "executor": executor,
                             "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
                             "toolkit_path": facts.toolkit.path if facts.toolkit else None,
                             "target_version": version, "target_env": plan_env(facts),
@@ -636,7 +624,8 @@ def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Pa
                          source_builds=bool(pol.get("source_builds", True)),
                          prefer=str(pol.get("prefer", "compatible")), workload=str(pol.get("workload", "training")))
     policy = req.policy(r.version)
-    rows = {row.hostname: row for row in s.scalars(select(Node).where(Node.hostname.in_([n.hostname for n in failed])))}
+    rows = {row.hostname: record_of(row)
+            for row in s.scalars(select(Node).where(Node.hostname.in_([n.hostname for n in failed])))}
     measured = _measured(s, list(rows.values()), catalog, policy)
     out: dict[str, PlannedNode] = {}
     for n in failed:

@@ -40,11 +40,11 @@ def router() -> APIRouter:
 
     @r.post("/verify")
     async def verify(body: VerifyBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
-        jobs = await ctx.verification.submit(body.hosts, body.selector, mode=body.mode, trigger="manual",
+        done = await ctx.verification.submit(body.hosts, body.selector, mode=body.mode, trigger="manual",
                                               model_path=body.model_path)
         await ctx.store.call(audit, ctx.store, actor.name, "verify.submit", body.selector or ",".join(body.hosts),
-                             mode=body.mode, jobs=len(jobs))
-        return {"jobs": jobs, "mode": body.mode}
+                             mode=body.mode, jobs=len(done.jobs))
+        return {"jobs": done.jobs, "mode": body.mode, "skipped": done.skipped}
 
     @r.get("/verifications")
     def verifications(ctx: Ctx, _: Viewer, node: str | None = None, limit: int = 100,

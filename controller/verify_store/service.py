@@ -19,16 +19,18 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.registry import NodeStatus
-from controller.rollout.core import NodeInfo, parse_selector, select_nodes
+from controller.node_status import NodeStatus
+from controller.registry import record_of, selection_info
+from controller.rollout.core import parse_selector, select_nodes
 from controller.store import utcnow
 from controller.store.models import Job, Node
-from controller.verification import RegressionPolicy
+from controller.verification import DEFAULT_POLICY, RegressionPolicy
 from controller.verify_store import schedules, store
 from fleet.errors import FleetError, UsageError
 from fleet.jobs import ACTIVE, JobOutcome
@@ -53,16 +55,17 @@ def drift_relevant(changed: Sequence[str]) -> list[str]:
     return out
 
 
-def _node_info(row: Node) -> NodeInfo:
-    gpus = (row.facts or {}).get("gpus") or []
-    gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], Mapping) else None
-    profile = (row.extra or {}).get("profile")
-    return NodeInfo(row.hostname, gpu, profile if isinstance(profile, str) else None, row.status)
+@dataclass(frozen=True)
+class Submitted:
+    """What ``VerificationService.submit`` queued."""
+
+    jobs: dict[str, str]  # hostname → verify job id (an unfinished one of the node's is reused)
+    skipped: dict[str, str]  # hostname → why no job (its stored facts are unreadable)
 
 
 class VerificationService:
     def __init__(self, ctx: Any, *, drift_delay: float = DRIFT_DELAY_SECONDS,
-                 policy: RegressionPolicy | None = None) -> None:
+                 policy: RegressionPolicy = DEFAULT_POLICY) -> None:
         self.ctx = ctx
         self.drift_delay = drift_delay
         self.policy = policy
@@ -223,8 +226,7 @@ class VerificationService:
 
     def select(self, hosts: Sequence[str] = (), selector: str | None = None) -> list[str]:
         with self.ctx.store.session() as s:
-            rows = list(s.scalars(select(Node)))
-        infos = [_node_info(r) for r in rows]
+            infos = [selection_info(record_of(r)) for r in s.scalars(select(Node))]
         if hosts:
             known = {i.hostname for i in infos}
             missing = [h for h in hosts if h not in known]
@@ -235,30 +237,36 @@ class VerificationService:
                 chosen = [n.hostname for n in select_nodes(parse_selector(selector),
                                                            [i for i in infos if i.hostname in chosen])]
             return chosen
-        chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos) if n.status != "offline"]
+        chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos)
+                  if n.status is not NodeStatus.OFFLINE]
         if not chosen:
             raise UsageError(f"every node matching {selector or 'all'!r} is offline",
                              hint="name offline nodes explicitly to queue a verification for when they return")
         return chosen
 
-    def _expectations(self, hosts: Sequence[str]) -> dict[str, str]:
+    def _expectations(self, hosts: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
         """What each node's verification expects (``fleet.verification.expect_for_variant``: ``fa3``/``fa4``
         for those, else ``flash_attn``) where FlashAttention is installed; where it is not, what
         a clean rollback recorded the node must have (``sdpa`` after one that removed flash-attn: that node is
         as intended, not degraded; controller/rollout/expectation.py), else what a rollout would install
         (``flash_attn``, ``fa3`` for ``fa3-source``, ``fa4``) and ``sdpa`` when nothing. The catalog is built
-        once, and only when needed."""
+        once, and only when needed. Returns (expectations, {hostname: why skipped}): a node whose stored facts
+        are unreadable expects nothing that can be known, so it is skipped until its agent reports again."""
         from controller.rollout.expectation import expected_after_rollback
 
         out: dict[str, str] = {}
+        skipped: dict[str, str] = {}
         catalog: Any = None
         with self.ctx.store.session() as s:
+            nodes = {row.hostname: record_of(row) for row in s.scalars(select(Node).where(Node.hostname.in_(hosts)))}
             for host in hosts:
-                facts = s.scalar(select(Node.facts).where(Node.hostname == host)) or {}
-                installed = facts.get("flash_attn")
-                if installed:
-                    out[host] = expect_for_variant(str(installed.get("variant") or "")
-                                                   if isinstance(installed, Mapping) else "")
+                node = nodes.get(host)
+                if node is None or node.facts is None:
+                    skipped[host] = node.facts_error or "no facts" if node is not None else "no longer registered"
+                    continue
+                facts = node.facts
+                if facts.flash_attn is not None:
+                    out[host] = expect_for_variant(facts.flash_attn.variant)
                     continue
                 after_rollback = expected_after_rollback(s, host)
                 if after_rollback is not None:
@@ -267,13 +275,13 @@ class VerificationService:
                 if catalog is None:
                     catalog = self._catalog(s)
                 plan = store.replan(facts, catalog)
-                out[host] = expect_for_variant(str(plan.get("variant") or "") if plan else "")
-        return out
+                out[host] = expect_for_variant(str(plan.get("variant") or ""))
+        return out, skipped
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
                      trigger: str = "manual", schedule_id: int | None = None, model_path: str | None = None,
-                     timeout: int | None = None) -> dict[str, str]:
-        """Submit one verify job per chosen node; returns {hostname: job id}."""
+                     timeout: int | None = None) -> Submitted:
+        """Submit one verify job per chosen node; returns their jobs, and the nodes skipped with why."""
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
         chosen = await self.ctx.store.call(self.select, hosts, selector)
@@ -284,7 +292,9 @@ class VerificationService:
                 log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
             chosen = [h for h in chosen if h not in held]
         jobs: dict[str, str] = await self.ctx.store.call(self.active_verify_jobs, chosen)  # no pile-up: reuse
-        expect = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
+        expect, skipped = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
+        for host, why in skipped.items():
+            log.warning("%s verification skips %s: %s", trigger, host, why)
         for host, expected in expect.items():
             vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
             if schedule_id is not None:
@@ -292,7 +302,7 @@ class VerificationService:
             if model_path:
                 vars_["model_path"] = model_path
             jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
-        return jobs
+        return Submitted(jobs, skipped)
 
     def held_by_rollouts(self) -> dict[str, str]:
         try:
@@ -316,8 +326,9 @@ class VerificationService:
 
     async def submit_for_schedule(self, selector: str, mode: str, schedule_id: int,
                                   run_id: int) -> tuple[dict[str, str], str | None]:
-        jobs = await self.submit(selector=selector, mode=mode, trigger="schedule", schedule_id=schedule_id)
-        return jobs, None
+        done = await self.submit(selector=selector, mode=mode, trigger="schedule", schedule_id=schedule_id)
+        note = "; ".join(f"{host} skipped: {why}" for host, why in done.skipped.items())
+        return done.jobs, note or None
 
     async def run_scheduler(self, tick_seconds: float = schedules.TICK_SECONDS,
                             stop: asyncio.Event | None = None) -> None:
@@ -362,7 +373,7 @@ class VerificationService:
             log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
             return
         try:
-            jobs = await self.submit([hostname], mode="quick", trigger="drift")
+            jobs = (await self.submit([hostname], mode="quick", trigger="drift")).jobs
         except FleetError as exc:
             log.warning("drift re-verification of %s not submitted: %s", hostname, exc.message)
             return

@@ -32,7 +32,8 @@ from controller.verification import (
     gpu_model_key,
 )
 from controller.verify_store.models import NodeVerifyState, Verification
-from fleet.errors import FleetError
+from fleet.errors import FactsError, FleetError
+from fleet.facts import NodeFacts, parse_node
 from fleet.verification import (
     DEGRADING_STATUSES,
     STATUS_PASS,
@@ -301,20 +302,33 @@ def diagnose_failure(row: Verification) -> list[dict[str, Any]]:
     return [d.to_json() for d in diagnose(failure_text(row))]
 
 
-def replan(facts: Mapping[str, Any], catalog: Any = None) -> dict[str, Any] | None:
+def replan(facts: NodeFacts, catalog: Any = None) -> dict[str, Any]:
     """The resolver's decision on these facts (what a rollout would do now to fix the node)."""
     from controller.catalog import builtin_catalog
     from controller.resolver import Policy, resolve
-    from fleet.facts import parse_node
 
-    if not facts:
-        return None
     try:
-        decision = resolve(parse_node(facts), catalog or builtin_catalog(), Policy())
+        decision = resolve(facts, catalog or builtin_catalog(), Policy())
     except FleetError as exc:
-        return {"variant": "blocked", "steps": [], "reasons": [exc.message], "rejected": []}
+        return _blocked(exc.message)
     out: dict[str, Any] = decision.to_json()
     return out
+
+
+def _blocked(reason: str) -> dict[str, Any]:
+    return {"variant": "blocked", "steps": [], "reasons": [reason], "rejected": []}
+
+
+def replan_snapshot(stored: Any, catalog: Any = None) -> dict[str, Any] | None:
+    """``replan`` on the facts snapshot a verification stored (JSON, parsed here once); None when there is none.
+    An unreadable snapshot is blocked with the parser's reason, as the resolver blocks facts it cannot plan."""
+    if not stored:
+        return None
+    try:
+        facts = parse_node(stored)
+    except FactsError as exc:
+        return _blocked(exc.message)
+    return replan(facts, catalog)
 
 
 def is_failure(row: Verification) -> bool:
@@ -332,7 +346,7 @@ def apply_health(session: Session, row: Verification, *, catalog: Any = None) ->
     change = "unchanged"
     if is_failure(row):
         diagnosis = diagnose_failure(row)
-        plan = replan(row.facts or {}, catalog)
+        plan = replan_snapshot(row.facts, catalog)
         reason = f"verification {row.status}: " + ("; ".join(row.reasons or []) or "no detail")
         if diagnosis:
             first = next((d for d in diagnosis if not d.get("red_herring")), diagnosis[0])

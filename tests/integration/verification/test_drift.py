@@ -142,7 +142,7 @@ async def test_each_verification_expects_what_the_node_has_or_would_get(
         runner = SimulatedJobRunner(lambda: facts, tmp_path / host)  # noqa: B023 (called once, at init)
         runner.seconds = {"*": 0.05}
         await fleet.start(host, profile, runner=runner, facts=runner.current_facts)
-    jobs = await _service(controller).submit(list(nodes), mode="quick")
+    jobs = (await _service(controller).submit(list(nodes), mode="quick")).jobs
     with controller.ctx.store.session() as s:
         expected = {host: s.get_one(Job, job_id).vars["expect"] for host, job_id in jobs.items()}
     assert expected == {"h100-fa": "flash_attn", "h100-bare": "flash_attn", "v100-bare": "sdpa"}

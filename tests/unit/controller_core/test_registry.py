@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from controller.enrollment import AgentIdentity
-from controller.registry import HostnameMismatch, NodeStatus, Registry, diff_facts
+from controller.node_status import NodeStatus
+from controller.registry import HostnameMismatch, Registry, diff_facts
 from controller.store import Store, open_store
 from fleet.errors import ConflictError, NotFoundError
 from fleet.facts import DriverFacts, NodeFacts, ToolkitFacts

@@ -96,8 +96,8 @@ def test_every_view_plans_the_wheel_rollout_1_built(store: Store, tmp_path: Path
     assert planned.plan.variant == "fa2-wheel" and planned.plan.steps == ("install-wheel", "verify")
     assert planned.to_json()["artifact_sha256"] == build["artifact_sha256"]
     with store.session() as s:
-        replanned = vs.replan(facts, controller_catalog(s, tmp_path))
-    assert replanned is not None and replanned["variant"] == "fa2-wheel"
+        replanned = vs.replan(parse_node(facts), controller_catalog(s, tmp_path))
+    assert replanned["variant"] == "fa2-wheel"
     assert replanned["artifact"] == catalog_wheel_name(parse_node(facts), "2.8.3.post1")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from controller.node_status import NodeStatus
 from controller.rollout.core import (
     ACTIVE_ROLLOUT,
     Actions,
@@ -36,11 +37,11 @@ from controller.rollout.core import (
 from fleet.errors import ConflictError, UsageError
 
 NODES = [
-    NodeInfo("h100-a", "NVIDIA H100 80GB HBM3", "h100", "online"),
-    NodeInfo("h100-b", "NVIDIA H100 80GB HBM3", "h100", "offline"),
-    NodeInfo("a100-a", "NVIDIA A100-SXM4-80GB", "a100", "online"),
-    NodeInfo("t4-a", "Tesla T4", "t4", "degraded"),
-    NodeInfo("rtx-a", "NVIDIA GeForce RTX 4090", None, "online"),
+    NodeInfo("h100-a", "NVIDIA H100 80GB HBM3", "h100", NodeStatus.ONLINE),
+    NodeInfo("h100-b", "NVIDIA H100 80GB HBM3", "h100", NodeStatus.OFFLINE),
+    NodeInfo("a100-a", "NVIDIA A100-SXM4-80GB", "a100", NodeStatus.ONLINE),
+    NodeInfo("t4-a", "Tesla T4", "t4", NodeStatus.DEGRADED),
+    NodeInfo("rtx-a", "NVIDIA GeForce RTX 4090", None, NodeStatus.ONLINE),
 ]
 
 
