@@ -19,7 +19,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from controller.store import utcnow
-from controller.verify_store.models import Verification
+from controller.verify_store.models import NodeVerifyState, Verification, VerifySchedule, VerifyScheduleRun
+from controller.verify_store.schedules import next_due
 
 # an agent clock this far from the controller's is flagged on the node page (results still count: the
 # controller's clock orders them)
@@ -88,6 +89,48 @@ class GpuVerificationCounts:
     passed: int
     failed: int
     tflops_median: float | None
+
+
+@dataclass(frozen=True)
+class NodeHealthView:
+    """A degraded node's verification health, as ``store.apply_health`` decided it: why, the diagnoses of the
+    failure (``controller.diagnose``, red herrings included) and the resolver's re-plan on its facts."""
+
+    since: dt.datetime | None
+    reason: str
+    diagnosis: tuple[dict[str, Any], ...]
+    replan: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ScheduleRunResult:
+    """What the verify jobs of a schedule's last run came to (from the verifications they produced)."""
+
+    nodes: int
+    passed: int
+    failed: int
+    failed_hosts: tuple[str, ...]  # the first ten
+    pending: int  # jobs with no stored verification yet
+    error: str | None  # why the run submitted nothing, if so
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    """One re-verification schedule with its next run and its last run's result."""
+
+    id: int
+    cron: str
+    selector: str
+    mode: str
+    enabled: bool
+    created_by: str
+    next_run: dt.datetime | None  # None: disabled, or a cron that never fires
+    last_run: dt.datetime | None
+    last_result: ScheduleRunResult | None
+
+    @property
+    def name(self) -> str:
+        return f"#{self.id}"
 
 
 def _aware(t: dt.datetime) -> dt.datetime:
@@ -178,3 +221,43 @@ def fleet_counts(session: Session) -> list[GpuVerificationCounts]:
     return [GpuVerificationCounts(gpu, passed.get(gpu, 0), failed.get(gpu, 0),
                                   float(statistics.median(speeds[gpu])) if speeds.get(gpu) else None)
             for gpu in sorted(set(passed) | set(failed))]
+
+
+def degraded_health(session: Session, hostname: str) -> NodeHealthView | None:
+    """The node's verification health when it is degraded; None when it is not (or was never verified)."""
+    row = session.get(NodeVerifyState, hostname)
+    if row is None or not row.degraded:
+        return None
+    return NodeHealthView(since=_aware(row.since) if row.since is not None else None, reason=row.reason,
+                          diagnosis=tuple(row.diagnosis or ()), replan=row.replan)
+
+
+def schedule_overview(session: Session, now: dt.datetime | None = None) -> list[ScheduleView]:
+    """Every re-verification schedule, oldest first, with its next run and the result of its last run."""
+    now = now or utcnow()
+    out = []
+    for row in session.scalars(select(VerifySchedule).order_by(VerifySchedule.id)):
+        last = session.scalars(select(VerifyScheduleRun).where(VerifyScheduleRun.schedule_id == row.id)
+                               .order_by(VerifyScheduleRun.due_at.desc()).limit(1)).first()
+        next_run = None
+        if row.enabled:
+            try:
+                next_run = next_due(row.cron, max(now, _aware(last.due_at) if last else now))
+            except ValueError:  # croniter's errors: a cron saved by an older version that cannot fire
+                next_run = None
+        out.append(ScheduleView(id=row.id, cron=row.cron, selector=row.selector, mode=row.mode,
+                                enabled=row.enabled, created_by=row.created_by, next_run=next_run,
+                                last_run=_aware(last.due_at) if last else None,
+                                last_result=_run_result(session, last) if last else None))
+    return out
+
+
+def _run_result(session: Session, run: VerifyScheduleRun) -> ScheduleRunResult:
+    jobs: dict[str, str] = dict(run.jobs or {})
+    rows = session.execute(select(Verification.job_id, Verification.passed)
+                           .where(Verification.job_id.in_(list(jobs.values())))) if jobs else ()
+    verdicts = {job_id: passed for job_id, passed in rows}
+    failed = sorted(h for h, j in jobs.items() if verdicts.get(j) is False)
+    return ScheduleRunResult(nodes=len(jobs), passed=sum(1 for j in jobs.values() if verdicts.get(j) is True),
+                             failed=len(failed), failed_hosts=tuple(failed[:10]),
+                             pending=sum(1 for j in jobs.values() if j not in verdicts), error=run.error)

@@ -23,7 +23,7 @@ from controller.rollout.core import State, progress
 from controller.rollout.models import Rollout, RolloutNode
 from controller.store.models import Node
 from controller.verify_store import views as verification_views
-from controller.verify_store.views import GpuVerificationCounts, MedianPoint, VerificationView
+from controller.verify_store.views import GpuVerificationCounts, MedianPoint, ScheduleView, VerificationView
 from fleet.errors import ConflictError, FleetError
 
 log = logging.getLogger(__name__)
@@ -176,22 +176,13 @@ def node_rollout_failures(session: Session, hostname: str) -> list[dict[str, Any
 
 
 def node_verify_health(session: Session, hostname: str) -> dict[str, Any] | None:
-    """The node's verification health from controller.verify_store when it is degraded: reason, first
-    real diagnosis, and the resolver's re-plan on the current facts."""
-    try:
-        from controller.verify_store.models import NodeVerifyState
-    except ImportError:
+    """The node's verification health when it is degraded (verify_store's view): reason, first real
+    diagnosis, and the resolver's re-plan on the current facts; None when it is not degraded."""
+    health = verification_views.degraded_health(session, hostname)
+    if health is None:
         return None
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-    try:
-        row = session.get(NodeVerifyState, hostname)
-    except (OperationalError, ProgrammingError):
-        session.rollback()
-        return None
-    if row is None or not row.degraded:
-        return None
-    return {"since": row.since, "reason": row.reason, "diagnosis": _diagnosis(row.diagnosis),
-            "replan": row.replan}
+    return {"since": health.since, "reason": health.reason, "diagnosis": _diagnosis(list(health.diagnosis)),
+            "replan": health.replan}
 
 
 def diagnose_text(text: str) -> dict[str, Any] | None:
@@ -200,46 +191,10 @@ def diagnose_text(text: str) -> dict[str, Any] | None:
     return _diagnosis(found)
 
 
-def schedules(session: Session) -> list[dict[str, Any]] | None:
-    """Re-verification schedules (controller.verify_store): cron, selector, next run, and the last run's
-    results (passed / failed / still running, from the verifications its jobs produced)."""
-    try:
-        from controller.verify_store.models import Verification, VerifySchedule, VerifyScheduleRun
-        from controller.verify_store.schedules import next_due
-    except ImportError:
-        return None
-    from sqlalchemy import select
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
-    from controller.store.db import utcnow
-    now = utcnow()
-    try:
-        rows = list(session.scalars(select(VerifySchedule).order_by(VerifySchedule.id)))
-        out = []
-        for row in rows:
-            last = session.scalars(select(VerifyScheduleRun).where(VerifyScheduleRun.schedule_id == row.id)
-                                   .order_by(VerifyScheduleRun.due_at.desc()).limit(1)).first()
-            result: dict[str, Any] | None = None
-            if last is not None:
-                jobs = dict(last.jobs or {})
-                verdicts = dict(session.execute(select(Verification.job_id, Verification.passed)
-                                                .where(Verification.job_id.in_(list(jobs.values())))).all()) \
-                    if jobs else {}
-                failed = sorted(h for h, j in jobs.items() if verdicts.get(j) is False)
-                result = {"nodes": len(jobs), "passed": sum(1 for j in jobs.values() if verdicts.get(j) is True),
-                          "failed": len(failed), "failed_hosts": failed[:10],
-                          "pending": sum(1 for j in jobs.values() if j not in verdicts), "error": last.error}
-            try:
-                nxt = next_due(row.cron, max(now, last.due_at if last else now)) if row.enabled else None
-            except Exception:  # a bad cron saved by an older version must not take the page down
-                nxt = None
-            out.append({"id": row.id, "name": f"#{row.id}", "cron": row.cron, "selector": row.selector,
-                        "mode": row.mode, "enabled": row.enabled, "created_by": row.created_by,
-                        "next_run": nxt, "last_run": last.due_at if last else None, "last_result": result})
-    except (OperationalError, ProgrammingError):
-        session.rollback()
-        return None
-    return out
+def schedules(session: Session) -> list[ScheduleView]:
+    """Re-verification schedules (verify_store's view): cron, selector, next run, and the last run's results
+    (passed / failed / still running, from the verifications its jobs produced)."""
+    return verification_views.schedule_overview(session)
 
 
 def verification_metrics(session: Session) -> list[GpuVerificationCounts]:
