@@ -33,7 +33,7 @@ from controller.registry import record_of
 from controller.store.db import Store, utcnow
 from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.verify_store import views as verification_views
-from controller.web import nodeindex, rolloutview, sources
+from controller.web import attentionview, nodeindex, rolloutview, sources
 from controller.web.auth import (
     DEFAULT_SESSION_SECONDS,
     LOGIN_CSRF_COOKIE,
@@ -437,6 +437,7 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
         if verifications else None,
         "diagnosis": _diagnoses(s, hostname, jobs, job_events),
         "health": sources.node_verify_health(s, hostname),
+        "attention": attentionview.node_attention(s, record, bool(node.simulated), state_dir),
     }
 
 
@@ -467,6 +468,16 @@ def node_page(request: Request, hostname: str) -> Response:
         return _security_headers(render(request, "error.html", status_code=404, title="No such node",
                                         message=f"No node is registered as {hostname}."))
     return _security_headers(render(request, "node.html", nav="nodes", d=detail))
+
+
+@router.get("/attention", response_class=HTMLResponse)
+def attention_page(request: Request, workload: str | None = None) -> Response:
+    require_user(request)
+    st = _state(request)
+    chosen = attentionview.workload_of(workload)
+    with st.store.session() as s:
+        table = attentionview.fleet_table(s, _state_dir(st.ctx), chosen)
+    return _security_headers(render(request, "attention.html", nav="attention", t=table))
 
 
 # ---- rollouts and schedules ----------------------------------------------------------------------
