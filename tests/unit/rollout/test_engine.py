@@ -523,3 +523,24 @@ async def test_returning_node_of_a_finished_rollout_taken_on_by_a_later_one_is_l
         assert "back online" not in bad["cause"]  # the later rollout's outcome is the node's news, not this
         with pytest.raises(ConflictError, match="no failed node to retry"):
             service.resume(fleet.store, first["id"], "op", retry_failed=True)
+
+
+async def test_a_node_with_unreadable_facts_is_skipped_with_the_reason(fleet: SimFleet) -> None:
+    """Stored facts that no longer parse (an older version's row, corruption): the node is in the selection but
+    planned as skipped with the registry's reason; the rollout runs on the others."""
+    from controller.store.models import Node
+
+    with fleet.store.session() as s:
+        node = s.scalars(select(Node).where(Node.hostname == "h100-2")).one()
+        node.facts = {**node.facts, "gpus": [{"name": "NVIDIA H100 80GB HBM3", "index": "zero"}]}
+    plan = service.plan_rollout(fleet.store, RolloutRequest(nodes="h100-*")).to_json()
+    skips = {n["hostname"]: n["skip"] for n in plan["nodes"]}
+    assert skips["h100-1"] is None
+    assert skips["h100-2"].startswith("stored facts unreadable at gpus") and "restart its agent" in skips["h100-2"]
+    # a selector on what the facts say cannot match the unreadable node
+    by_gpu = service.plan_rollout(fleet.store, RolloutRequest(nodes="gpu=H100")).nodes
+    assert [n.plan.hostname for n in by_gpu] == ["h100-1"]
+    out = service.start_rollout(fleet.store, RolloutRequest(nodes="h100-*", canary=0, batch="100%"))
+    async with running(fleet.engine()):
+        st = await until(fleet, out["id"], "partial", "succeeded", "paused")
+    assert states(st) == {"h100-1": "done", "h100-2": "skipped"}
