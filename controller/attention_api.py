@@ -38,41 +38,26 @@ def router() -> APIRouter:
 
         workloads = (attention.profile(workload).name,) if workload else attention.WORKLOADS
         with ctx.store.session() as s:
-            row = s.get(Node, hostname)
+            row = s.scalars(select(Node).where(Node.hostname == hostname)).first()  # id is the key
             if row is None:
                 raise NotFoundError(f"no node {hostname!r}", hint="`fleetctl nodes` lists the registered nodes")
             facts = _facts(row)
             catalog = controller_catalog(s, ctx.settings.state_dir)
-            evidence = attention.node_evidence(s, facts, bool(row.simulated))
-            recs = attention.recommend_for(facts, catalog, evidence, workloads)
+            recs = attention.node_recommendations(s, facts, bool(row.simulated), catalog, workloads)
         return {"hostname": hostname, "running": {w: attention.running_impl(facts, w) for w in workloads},
                 "recommendations": [x.to_json() for x in recs]}
 
     @r.get("/attention/report")
     def report(ctx: Ctx, _: Viewer, nodes: str | None = None, workload: str = "prefill") -> dict[str, Any]:
         from controller.local_wheels import controller_catalog
+        from controller.registry import record_of, selection_info
         from controller.rollout.core import parse_selector, select_nodes
-        from controller.rollout.service import _node_info
 
-        attention.profile(workload)
         with ctx.store.session() as s:
-            rows = list(s.scalars(select(Node)))
-            chosen = {n.hostname for n in select_nodes(parse_selector(nodes), [_node_info(x) for x in rows])}
-            catalog = controller_catalog(s, ctx.settings.state_dir)
-            members = []
-            skipped = []
-            for row in sorted(rows, key=lambda x: x.hostname):
-                if row.hostname not in chosen:
-                    continue
-                try:
-                    facts = parse_node(row.facts)
-                except FactsError:
-                    skipped.append(row.hostname)
-                    continue
-                own = [e for e in attention.node_evidence(s, facts, bool(row.simulated)) if e.source.kind == "node"]
-                members.append((facts, own))
-            out = attention.report(members, workload, catalog)
-        return {"workload": workload, "selector": nodes or "all", "groups": [g.to_json() for g in out],
-                "unreadable_facts": skipped}
+            registered = [selection_info(record_of(row)) for row in s.scalars(select(Node))]
+            chosen = {n.hostname for n in select_nodes(parse_selector(nodes), registered)}
+            out = attention.fleet_report(s, controller_catalog(s, ctx.settings.state_dir), workload, chosen)
+        return {"workload": workload, "selector": nodes or "all", "groups": [g.to_json() for g in out.rows],
+                "unreadable_facts": list(out.unreadable_facts)}
 
     return r
