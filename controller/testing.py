@@ -49,7 +49,7 @@ from controller.ca import make_csr
 from controller.context import ControllerContext
 from controller.enrollment import AgentIdentity
 from controller.jobs import JobEventRecord
-from controller.registry import NodeStatus
+from controller.node_status import NodeStatus
 from controller.rollout import service as rollouts
 from controller.rollout.engine import RolloutEngine
 from controller.rollout.service import RolloutRequest
@@ -67,7 +67,7 @@ from fleet.verification import (
     FlashAttnStatus,
     SpeedEntry,
     VerificationResult,
-    evaluate,
+    judge,
 )
 
 T = TypeVar("T")
@@ -103,25 +103,31 @@ def usual_figures(gpu: str | None) -> Figures:
 class JobScript:
     """What a fake agent does with a job of one kind: wait ``seconds``, then succeed — or fail with ``error``
     (rc 2; ``log`` is the failed task's output, which the controller diagnoses) — or never answer (``hang``).
-    For ``verify``: report ``figures`` (default: the usual ones of the node's GPU)."""
+    For ``verify``: report ``result`` (a real node's, replayed: flagged simulated and re-addressed to this node),
+    else one with ``figures`` (default: the usual ones of the node's GPU); with ``import_error`` the node's
+    flash-attn fails to import with that message instead (the verification fails: the node degrades)."""
 
     seconds: float = 0.0
     error: str | None = None
     log: str = ""
     figures: Figures | None = None
+    result: VerificationResult | None = None
     hang: bool = False
+    import_error: str | None = None
 
 
 def verification_result(facts: NodeFacts, figures: Figures, *, mode: str = "quick", expect: str = "flash_attn",
-                        at: dt.datetime | None = None) -> VerificationResult:
-    """A simulated ``fleet.verification`` result of ``facts``'s node with ``figures``: it imports, is correct,
-    and is as fast as the figures say; the node's own verdict (``evaluate``), never the fleet's."""
+                        at: dt.datetime | None = None, import_error: str | None = None) -> VerificationResult:
+    """A simulated ``fleet.verification`` result of ``facts``'s node with ``figures``: it imports (unless
+    ``import_error``: the installed flash-attn fails to import with it), is correct, and is as fast as the
+    figures say; the node's own verdict (``judge`` without the fleet comparison, which the controller adds)."""
     finished = at or utcnow()
     gpu = facts.gpus[0] if facts.gpus else None
     fa = facts.flash_attn
-    status = FlashAttnStatus(import_ok=fa is not None, version=fa.version if fa else None,
-                             error=None if fa else "No module named 'flash_attn' (simulated)")
-    impls = ("flash_attn", "sdpa_flash") if fa is not None else ("sdpa_flash",)
+    imports = fa is not None and import_error is None
+    status = FlashAttnStatus(import_ok=imports, version=fa.version if fa else None,
+                             error=None if imports else import_error or "No module named 'flash_attn' (simulated)")
+    impls = ("flash_attn", "sdpa_flash") if imports else ("sdpa_flash",)
     tflops = {"flash_attn": figures.flash_tflops, "sdpa_flash": figures.sdpa_tflops}
     correctness = tuple(CorrectnessEntry(impl=i, status="ok", dtype="bfloat16", headdim=128, causal=False, batch=4,
                                          seqlen=2048, heads=16, fwd_rel_err=2.2e-3, threshold_fwd=2e-2,
@@ -135,7 +141,21 @@ def verification_result(facts: NodeFacts, figures: Figures, *, mode: str = "quic
         device=DeviceInfo(name=gpu.name if gpu else None, compute_capability=gpu.compute_capability if gpu else None),
         flash_attn=status, expect=expect if fa is not None else "sdpa", hostname=facts.hostname,
         correctness=correctness, speed=speed)
-    return result.with_verdict(evaluate(result))
+    return result.with_verdict(judge(result))
+
+
+def replayed(result: VerificationResult, hostname: str) -> dict[str, Any]:
+    """A real node's result as a fake agent reports it: for ``hostname``, and flagged simulated throughout (a
+    result and its entries must agree on that, and the controller keeps simulated results apart)."""
+    def simulated(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: True if k == "simulated" else simulated(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [simulated(x) for x in obj]
+        return obj
+
+    out: dict[str, Any] = simulated(replace(result, hostname=hostname).to_json())
+    return out
 
 
 class FakeAgent:
@@ -205,9 +225,12 @@ class FakeAgent:
         if spec.kind == "verify":
             gpu = self.facts.gpus[0].name if self.facts.gpus else None
             expect = str(spec.vars.get("expect") or "flash_attn")
-            result["verification"] = verification_result(
-                self.facts, script.figures or usual_figures(gpu), mode=str(spec.vars.get("mode") or "quick"),
-                expect=expect).to_json()
+            if script.result is not None:
+                result["verification"] = replayed(script.result, self.hostname)
+            else:
+                result["verification"] = verification_result(
+                    self.facts, script.figures or usual_figures(gpu), mode=str(spec.vars.get("mode") or "quick"),
+                    expect=expect, import_error=script.import_error).to_json()
         return JobOutcome(spec.job_id, JobStatus.SUCCESSFUL, 0, result, None)
 
 
@@ -227,13 +250,14 @@ class FakeFleet:
 
     @classmethod
     def create(cls, state_dir: Path, db_url: str | None = None, *, engine_tick: float = 0.1,
-               job_seconds: float = 0.0) -> FakeFleet:
-        """A controller in ``state_dir`` (SQLite there unless ``db_url``) with no agents yet."""
-        ctx = ControllerContext(ControllerSettings(state_dir=state_dir, db_url=db_url))
+               job_seconds: float = 0.0, settings: ControllerSettings | None = None) -> FakeFleet:
+        """A controller in ``state_dir`` (SQLite there unless ``db_url``) with no agents yet; its other knobs
+        are ``settings``' (default: ControllerSettings' defaults)."""
+        ctx = ControllerContext(replace(settings or ControllerSettings(), state_dir=state_dir, db_url=db_url))
         engine = RolloutEngine(ctx.store, ctx.jobs, artifacts=ctx.artifacts, artifacts_dir=state_dir / "artifacts",
                                tick=engine_tick, lease_ttl=5.0)
         # drift re-verification off: a fake install changing flash-attn must not queue verify jobs of its own
-        verification = VerificationService(ctx, drift_delay=3600.0).attach()
+        verification = VerificationService(ctx, drift_delay=3600.0, policy=ctx.settings.regression).attach()
         return cls(ctx, engine, verification, default_seconds=job_seconds)
 
     # ---- nodes ------------------------------------------------------------------------------------
@@ -317,7 +341,7 @@ class FakeFleet:
     async def verify(self, hosts: Sequence[str], *, mode: str = "quick", timeout: float = 60.0) -> dict[str, str]:
         """``fleetctl verify HOSTS``: one verify job per node, recorded and judged by the controller before this
         returns; {hostname: job id}."""
-        jobs = await self.verification.submit(hosts, mode=mode)
+        jobs = (await self.verification.submit(hosts, mode=mode)).jobs
         for job_id in jobs.values():
             await self.ctx.jobs.wait(job_id, timeout=timeout)
         await self.verification.idle(timeout)

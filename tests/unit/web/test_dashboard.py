@@ -369,20 +369,22 @@ def test_schedules_page(client: TestClient, store: Store, fleet: FleetThread) ->
     assert "1 passed" in page and "1 failed" in page and "1 running" in page and hosts[1] in page
 
 
+ABI_ERROR = ("ImportError: /venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
+             "undefined symbol: _ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_traits"
+             "IcESaIcEEE")
+
+
 def test_node_page_shows_verification_health(client: TestClient, store: Store, fleet: FleetThread) -> None:
-    vmodels = pytest.importorskip("controller.verify_store.models")
-    hosts = add_nodes(fleet, 2)
-    with store.session() as s:
-        s.add(vmodels.NodeVerifyState(
-            hostname=hosts[0], degraded=True, since=utcnow(), reason="flash-attn import failed after a torch upgrade",
-            diagnosis=[{"id": "undefined_symbol_abi", "cause": "ABI mismatch", "remedy": "reinstall the wheel",
-                        "red_herring": False}],
-            replan={"variant": "fa2-wheel", "steps": ["install-wheel", "verify"]}, verification_id=None,
-            updated_at=utcnow()))
+    # a node whose flash-attn stopped importing: verify_store judges its verification and degrades the node with
+    # the diagnosis of the import error and the resolver's re-plan on its facts; the page shows that
+    hosts = fleet.call(fleet.fleet.add_nodes([load_profile("flash-attn-installed", "sim-node-00000"),
+                                               load_profile("flash-attn-installed", "sim-node-00001")]))
+    fleet.fleet.script(hosts[0], "verify", JobScript(import_error=ABI_ERROR))
+    fleet.call(fleet.fleet.verify(hosts))
     login(client, "vic")
     page = client.get(f"/nodes/{hosts[0]}").text
-    assert "degraded" in page and "torch upgrade" in page and "undefined_symbol_abi" in page
-    assert "reinstall the wheel" in page and "install-wheel" in page
+    assert "degraded" in page and "flash_attn import failed" in page and "abi_mismatch_cxx11" in page
+    assert "What to do: Pick the wheel whose cxx11abi tag" in page and "Re-plan on the current facts" in page
     assert "verify-health" not in client.get(f"/nodes/{hosts[1]}").text
 
 
