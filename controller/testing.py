@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import func, select
 
 from controller.artifacts import Provenance
 from controller.ca import make_csr
@@ -55,9 +56,10 @@ from controller.rollout.engine import RolloutEngine
 from controller.rollout.service import RolloutRequest
 from controller.settings import ControllerSettings
 from controller.store import utcnow
+from controller.store.models import Job
 from controller.verify_store.service import VerificationService
 from controller.web.app import close as close_dashboard
-from fleet.errors import FleetError
+from fleet.errors import FleetError, StoreError
 from fleet.facts import FlashAttnFacts, NodeFacts
 from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.verification import (
@@ -79,6 +81,10 @@ USUAL_TFLOPS: Mapping[str, tuple[float, float]] = {
     "NVIDIA L40S": (165.0, 150.0), "NVIDIA GeForce RTX 4090": (152.0, 140.0), "NVIDIA A10": (62.0, 58.0),
     "NVIDIA L4": (45.0, 42.0), "Tesla T4": (21.0, 19.0)}
 OTHER_GPU_TFLOPS = (50.0, 45.0)
+# a fake agent's call the controller answers with a database error is sent again (the same payload), as
+# agent/client.py does for a real agent: this many times, this far apart, then the error stands
+AGENT_CALL_RETRIES = 40
+AGENT_RETRY_SECONDS = 0.25
 CUDA_MISMATCH_LOG = ("Building wheel for flash-attn (setup.py) ... error\n"
                      "RuntimeError:\nThe detected CUDA version (11.8) mismatches the version that was used to compile\n"
                      "PyTorch (12.1). Please make sure to use the same CUDA versions.")
@@ -174,13 +180,28 @@ class FakeAgent:
 
     async def run(self) -> None:
         jobs = self.fleet.ctx.jobs
-        async for spec in jobs.stream_for(self.hostname, set(self.held)):
-            if spec.job_id in self.held:
-                continue
-            self.held.add(spec.job_id)
-            task = asyncio.create_task(self._job(spec), name=f"fake-job-{self.hostname}:{spec.job_id}")
-            self._work.add(task)
-            task.add_done_callback(self._work.discard)
+        while True:
+            try:
+                async for spec in jobs.stream_for(self.hostname, set(self.held)):
+                    if spec.job_id in self.held:
+                        continue
+                    self.held.add(spec.job_id)
+                    task = asyncio.create_task(self._job(spec), name=f"fake-job-{self.hostname}:{spec.job_id}")
+                    self._work.add(task)
+                    task.add_done_callback(self._work.discard)
+                return
+            except StoreError:  # the stream failed on the database: reconnect, as a real agent does
+                await asyncio.sleep(AGENT_RETRY_SECONDS * 4)
+
+    async def _call(self, send: Callable[[], Awaitable[Any]]) -> None:
+        """One call to the controller, sent again while it answers with a database error (a real agent's retry)."""
+        for _ in range(AGENT_CALL_RETRIES):
+            try:
+                await send()
+                return
+            except StoreError:
+                await asyncio.sleep(AGENT_RETRY_SECONDS)
+        await send()
 
     async def stop(self) -> None:
         for task in list(self._work):
@@ -189,7 +210,7 @@ class FakeAgent:
 
     async def _event(self, spec: JobSpec, counter: int, name: str, data: Mapping[str, Any]) -> None:
         record = JobEventRecord(spec.job_id, counter, name, {**data, "simulated": True}, utcnow())
-        await self.fleet.ctx.jobs.record_events_async(self.hostname, [record])
+        await self._call(lambda: self.fleet.ctx.jobs.record_events_async(self.hostname, [record]))
 
     async def _job(self, spec: JobSpec) -> None:
         script = self.fleet.script_for(self.hostname, spec.kind)
@@ -200,10 +221,10 @@ class FakeAgent:
         outcome = await self._outcome(spec, script)
         await self._event(spec, 2, "runner_on_ok" if outcome.ok else "runner_on_failed",
                           {"task": f"simulated {spec.kind}", "stdout": script.log or (outcome.error or "")})
-        await self.fleet.ctx.jobs.complete_async(self.hostname, outcome)
+        await self._call(lambda: self.fleet.ctx.jobs.complete_async(self.hostname, outcome))
         self.held.discard(spec.job_id)
         # the controller asks for fresh facts after every job (ControllerContext._job_finished): report them
-        await self.fleet.ctx.registry.report_facts_async(self.ident, self.facts, simulated=True)
+        await self._call(lambda: self.fleet.ctx.registry.report_facts_async(self.ident, self.facts, simulated=True))
 
     async def _outcome(self, spec: JobSpec, script: JobScript) -> JobOutcome:
         if script.error is not None:
@@ -244,6 +265,7 @@ class FakeFleet:
     agents: dict[str, FakeAgent] = field(default_factory=dict)
     scripts: dict[tuple[str, str], JobScript] = field(default_factory=dict)  # (hostname, job kind)
     default_seconds: float = 0.0
+    kind_seconds: dict[str, float] = field(default_factory=dict)  # how long an unscripted job of a kind takes
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _engine_task: asyncio.Task[None] | None = None
     _key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
@@ -304,9 +326,46 @@ class FakeFleet:
         self.scripts[(hostname, kind)] = script
 
     def script_for(self, hostname: str, kind: str) -> JobScript:
-        return self.scripts.get((hostname, kind)) or JobScript(seconds=self.default_seconds)
+        return self.scripts.get((hostname, kind)) or JobScript(
+            seconds=self.kind_seconds.get(kind, self.default_seconds))
+
+    async def stop_agent(self, hostname: str) -> None:
+        """The node's agent vanishes (simulated: its connection drops, the jobs it holds are never answered);
+        the node's status is the registry's to decide, as for a real agent that stops heartbeating."""
+        task = self._tasks.pop(hostname, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.agents[hostname].stop()
+
+    async def restart_agent(self, hostname: str, held: Iterable[str] = ()) -> None:
+        """The agent process dies with its jobs and comes back at once (simulated), holding ``held`` (what it
+        tells the controller it still runs when it reconnects; a fresh process: nothing)."""
+        await self.stop_agent(hostname)
+        agent = self.agents[hostname]
+        agent.held = set(held)
+        self._tasks[hostname] = asyncio.create_task(agent.run(), name=f"fake-agent-{hostname}")
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs of each kind each node was given: {(hostname, kind): n}."""
+        with self.ctx.store.session() as s:
+            rows = s.execute(select(Job.node, Job.kind, func.count()).group_by(Job.node, Job.kind)).all()
+        return {(node, kind): n for node, kind, n in rows}
+
+    def jobs_of_kind(self, kind: str) -> list[str]:
+        """The nodes given jobs of ``kind``, once per job, sorted."""
+        return sorted(h for (h, k), n in self.job_counts().items() if k == kind for _ in range(n))
 
     # ---- work ---------------------------------------------------------------------------------------
+
+    def new_engine(self, **options: Any) -> RolloutEngine:
+        """Another rollout engine on this controller's store and dispatcher (what a second controller process
+        runs, or one with other timings: ``tick``, ``lease_ttl``, ``owner``...)."""
+        options.setdefault("tick", self.engine.tick)
+        options.setdefault("lease_ttl", 5.0)
+        return RolloutEngine(self.ctx.store, self.ctx.jobs, artifacts=self.ctx.artifacts,
+                             artifacts_dir=self.ctx.settings.state_dir / "artifacts", **options)
 
     async def start_engine(self) -> None:
         """Run the rollout engine on this loop (until ``close``): rollouts started so far and later move."""

@@ -1,11 +1,12 @@
 """The rollout engine under an outside database lock (issue 13, docs/security.md "Availability and faults").
 
-A rollout runs (real store, dispatcher, resolver and engine; simulated agents, tests/unit/rollout/simfleet.py,
-whose database calls go through the pool as the gRPC servicer's do) and another connection holds SQLite's
-``BEGIN EXCLUSIVE`` for ~6 s while nodes are in their steps. The engine's database work runs on the store's
-pool, so the event loop's longest stall stays under 1 s (it was the 5 s lock timeout, once per blocked
-statement, when the engine's sessions ran on the loop); afterwards the rollout completes with every step
-run once: no job lost, none submitted twice, no transition recorded twice.
+A rollout runs (real store, dispatcher, resolver and engine; fake agents of controller/testing.py, whose
+database calls go through the pool as the gRPC servicer's do, sent again on a database error as an agent's
+are) and another connection holds SQLite's ``BEGIN EXCLUSIVE`` for ~6 s while nodes are in their steps.
+The engine's database work runs on the store's pool, so the event loop's longest stall stays under 1 s (it
+was the 5 s lock timeout, once per blocked statement, when the engine's sessions ran on the loop);
+afterwards the rollout completes with every step run once: no job lost, none submitted twice, no
+transition recorded twice.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from agent.profiles import load_profile
 from controller.loop_monitors import LoopLag
 from controller.rollout import service
 from controller.rollout.models import RolloutTransition
 from controller.rollout.service import RolloutRequest
+from controller.testing import FakeFleet
 from tests.integration.fleet.test_db_faults import hold_lock
-from tests.unit.rollout.simfleet import SimFleet, wait_for
+from tests.unit.rollout.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,37 +39,34 @@ FLEET = [("a100-1", "a100"), ("a100-2", "a100"), ("a100-3", "a100"), ("h100-1", 
 
 
 @pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[SimFleet]:
-    f = SimFleet.create(tmp_path)
-    f.off_loop = True
+async def fleet(tmp_path: Path) -> AsyncIterator[FakeFleet]:
+    f = FakeFleet.create(tmp_path / "controller")
     # steps long enough that the lock lands while nodes are in them, short enough for a quick test
-    f.delays.update({"install-wheel": 1.5, "verify": 1.5, "build-from-source": 1.5})
-    for host, profile in FLEET:
-        f.register(host, profile)
-    f.start(*(h for h, _ in FLEET))
+    f.kind_seconds.update({"install-wheel": 1.5, "verify": 1.5, "build-from-source": 1.5})
+    await f.add_nodes(load_profile(profile, host) for host, profile in FLEET)
     yield f
     await f.close()
 
 
-async def _status(f: SimFleet, rid: str) -> dict[str, Any]:
+async def _status(f: FakeFleet, rid: str) -> dict[str, Any]:
     # off the loop: the test's own reads must not count as the controller's stall
-    out: dict[str, Any] = await asyncio.to_thread(service.get_status, f.store, rid)
+    out: dict[str, Any] = await asyncio.to_thread(service.get_status, f.ctx.store, rid)
     return out
 
 
-def _transitions(f: SimFleet, rid: str) -> list[tuple[str, str, str]]:
-    with f.store.session() as s:
+def _transitions(f: FakeFleet, rid: str) -> list[tuple[str, str, str]]:
+    with f.ctx.store.session() as s:
         return [(t.hostname, t.from_state, t.to_state) for t in s.scalars(
             select(RolloutTransition).where(RolloutTransition.rollout_id == rid).order_by(RolloutTransition.id))]
 
 
-async def test_outside_lock_stalls_no_loop_and_loses_no_step(fleet: SimFleet) -> None:
-    out = await asyncio.to_thread(service.start_rollout, fleet.store,
+async def test_outside_lock_stalls_no_loop_and_loses_no_step(fleet: FakeFleet) -> None:
+    out = await asyncio.to_thread(service.start_rollout, fleet.ctx.store,
                                   RolloutRequest(nodes="gpu=A100,gpu=H100,gpu=L40S", canary=0, batch="100%"))
     rid = out["id"]
     lag = LoopLag(period=0.02)
     ticker = asyncio.create_task(lag.run(), name="loop-lag")
-    engine = fleet.engine(tick=0.1)
+    engine = fleet.new_engine(tick=0.1)
     task = asyncio.create_task(engine.run(), name="rollout-engine")
     try:
         in_step: list[str] = []
@@ -82,7 +82,7 @@ async def test_outside_lock_stalls_no_loop_and_loses_no_step(fleet: SimFleet) ->
             await asyncio.sleep(0.05)
 
         locked = threading.Event()
-        holder = asyncio.create_task(asyncio.to_thread(hold_lock, fleet.store, locked, LOCK_SECONDS))
+        holder = asyncio.create_task(asyncio.to_thread(hold_lock, fleet.ctx.store, locked, LOCK_SECONDS))
         await wait_for(locked.is_set, timeout=10)
         lag.reset()
         await holder  # the engine ticks, node steps finish and their results come in, all against the lock

@@ -11,32 +11,32 @@ from pathlib import Path
 
 import pytest
 
+from agent.profiles import load_profile
 from controller.rollout import service
 from controller.rollout.service import RolloutRequest
-from tests.unit.rollout.simfleet import SimFleet, wait_for
+from controller.testing import FakeFleet
+from tests.unit.rollout.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def test_two_engines_never_run_a_step_twice(db_url: str, tmp_path: Path) -> None:
-    fleet = SimFleet.create(tmp_path, db_url)
+    fleet = FakeFleet.create(tmp_path / "controller", db_url)
     nodes = [(f"l40s-{i}", "l40s") for i in range(4)] + [(f"a100-{i}", "a100") for i in range(6)] + \
         [(f"t4-{i}", "t4") for i in range(3)]
-    for host, profile in nodes:
-        fleet.register(host, profile)
-    fleet.start(*(h for h, _ in nodes))
-    out = service.start_rollout(fleet.store, RolloutRequest(batch="3,50%"))
-    engines = [fleet.engine(owner=f"host-{i}:{i}:x", lease_ttl=2.0, tick=0.02) for i in range(2)]
+    await fleet.add_nodes(load_profile(profile, host) for host, profile in nodes)
+    out = service.start_rollout(fleet.ctx.store, RolloutRequest(batch="3,50%"))
+    engines = [fleet.new_engine(owner=f"host-{i}:{i}:x", lease_ttl=2.0, tick=0.02) for i in range(2)]
     tasks = [asyncio.create_task(e.run()) for e in engines]
     try:
-        await wait_for(lambda: not service.get_status(fleet.store, out["id"])["active"], timeout=90)
+        await wait_for(lambda: not service.get_status(fleet.ctx.store, out["id"])["active"], timeout=90)
     finally:
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        st = service.get_status(fleet.store, out["id"])
+        st = service.get_status(fleet.ctx.store, out["id"])
         counts = Counter(fleet.job_counts())
         await fleet.close()
     assert st["status"] == "succeeded", st["reason"]
