@@ -313,12 +313,7 @@ class FakeFleet:
 
     async def set_offline(self, hostname: str, reason: str = "no heartbeat (simulated agent stopped)") -> None:
         """The node's agent goes away: its job stream ends and the registry marks the node offline."""
-        task = self._tasks.pop(hostname, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.agents[hostname].stop()
+        await self.stop_agent(hostname)
         self.ctx.registry.set_status(hostname, NodeStatus.OFFLINE, reason)
 
     def script(self, hostname: str, kind: str, script: JobScript) -> None:
