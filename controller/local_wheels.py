@@ -32,6 +32,8 @@ from sqlalchemy.orm import Session
 from controller.artifacts import provenance_of, trusted_for
 from controller.catalog import Catalog, default_catalog, parse_wheel_filename
 from controller.resolver import rules
+from controller.rollout.models import Build
+from controller.store.models import Artifact
 from fleet.errors import CatalogError
 from fleet.facts import NodeFacts
 
@@ -56,9 +58,6 @@ def catalog_wheel_name(facts: NodeFacts, version: str) -> str | None:
 def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
     """Catalog entries for the wheels in the artifact store: succeeded source builds (by their catalog name)
     and upstream-named wheels added by hand. Newest build first."""
-    from controller.rollout.models import Build
-    from controller.store.models import Artifact
-
     stored = {a.sha256: a for a in s.scalars(select(Artifact).where(Artifact.kind == "wheel"))}
     provenance = provenance_of(s, list(stored))
     out: list[dict[str, Any]] = []

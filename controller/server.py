@@ -27,10 +27,11 @@ import grpc.aio
 
 from controller import wire
 from controller.artifacts import ArtifactWriter, Provenance
+from controller.audit import audit
 from controller.build_uploads import RefusalAudit, authorize
 from controller.ca import cert_identity
 from controller.context import ControllerContext
-from controller.enrollment import AgentIdentity
+from controller.enrollment import REFRESH_SECONDS, AgentIdentity
 from controller.ratelimit import RateLimited, RateLimits, source_address
 from controller.registry import HostnameMismatch
 from controller.uploads import PartialWriter, UploadRestart, is_disk_full, store_full
@@ -144,8 +145,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await self._fail(context, rpc, exc)
 
     def _audit_refusal(self, peer: str, rpc: str, exc: FleetError) -> None:
-        from controller.audit import audit
-
         try:
             audit(self.ctx.store, f"peer:{peer}", "rpc.refused", rpc, level=logging.DEBUG,
                   reason=exc.message)
@@ -320,8 +319,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await self._fail(context, "UploadArtifact", exc, ident.hostname)
 
     def _audit_upload_refusal(self, actor: str, target: str, detail: dict[str, Any]) -> None:
-        from controller.audit import audit
-
         try:
             audit(self.ctx.store, actor, "artifact.upload.refused", target, level=logging.WARNING, **detail)
         except StoreError:
@@ -404,8 +401,6 @@ async def housekeeping(ctx: ControllerContext) -> None:
     A blocked or failing database therefore delays the flush (its batch is put back and written by a
     later one), never the sweep. If the loop itself was held up (the tick came late), the registry is
     told, so that nodes are not blamed for the controller's own stall."""
-    from controller.enrollment import REFRESH_SECONDS
-
     s = ctx.settings
     period = min(s.flush_interval, max(0.2, s.heartbeat_interval / 2))
     loop = asyncio.get_running_loop()
