@@ -27,6 +27,7 @@ NODE_VAR_PATTERNS: dict[str, re.Pattern[str]] = {
     "key_url": re.compile(r"https?://[A-Za-z0-9._~:/%+-]{1,2000}"),
     "keyring_name": re.compile(r"[a-z0-9][a-z0-9._-]{0,63}"),
     "key_id": re.compile(r"[0-9A-Fa-f]{8,40}"),
+    "gpu_archs": re.compile(r"gfx[0-9a-f]{3,4}(;gfx[0-9a-f]{3,4}){0,15}"),  # the node's gfx targets (ROCm CK)
 }
 MAX_APT_LINES = 50
 MAX_APT_LINE = 1000
@@ -38,6 +39,19 @@ def plain_line(text: str, limit: int = MAX_APT_LINE) -> str:
     and newlines spaces, at most ``limit`` characters. (Still text a node wrote: never use it as a name or path.)"""
     flat = _CONTROL_RE.sub("?", text.replace("\t", " ").replace("\n", " ").replace("\r", " "))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def build_target_vars(build: Mapping[str, Any]) -> dict[str, Any]:
+    """build-from-source.yml's target variables for a plan's ``build`` (``BuildParams.to_json``): a ROCm build
+    (its env says ``BUILD_TARGET=rocm``, controller/resolver/build.py) goes as ``gpu_backend`` ``rocm-ck`` with
+    ``gpu_archs`` (its ``GPU_ARCHS``) or ``rocm-triton``, and never with ``cuda_archs`` (its archs are gfx
+    targets, which FLASH_ATTN_CUDA_ARCHS cannot take); every other build as ``cuda_archs``."""
+    env = build.get("env") or {}
+    if env.get("BUILD_TARGET") == "rocm":
+        if env.get("FLASH_ATTENTION_TRITON_AMD_ENABLE") == "TRUE":
+            return {"gpu_backend": "rocm-triton"}
+        return {"gpu_backend": "rocm-ck", "gpu_archs": env.get("GPU_ARCHS")}
+    return {"cuda_archs": ";".join(build.get("cuda_archs") or [])}
 
 
 def checked_job_vars(variables: Mapping[str, Any], hostname: str = "?") -> dict[str, Any]:

@@ -543,16 +543,19 @@ def einops_wheel(outdir: Path, version: str = EINOPS_VERSION) -> Path:
     return _write_wheel(outdir, "einops", version, {"einops/__init__.py": _module("einops", version)})
 
 
-def torch_wheel(outdir: Path, version: str = TORCH_STANDIN_VERSION) -> Path:
+def torch_wheel(outdir: Path, version: str = TORCH_STANDIN_VERSION, *, hip: str | None = None) -> Path:
     """Stand-in torch for target venvs (no deps; file name and METADATA both carry the local version).
 
+    ``version.cuda`` comes from a ``+cuXYZ`` local version; a ROCm torch (``2.5.1+rocm6.2``, ``hip`` its
+    ``torch.version.hip`` such as ``6.2.41133-dd7f95766``) has ``version.cuda`` None, as the real one.
     Never published in the index: fleetctl never fetches torch.
     """
     local = version.partition("+")[2]
     cuda = f"{local[2:-1]}.{local[-1]}" if local.startswith("cu") and len(local) >= 4 else None
     files = {
         "torch/__init__.py": _module("torch", version, "from torch import cuda, version\n"),
-        "torch/version.py": f'__version__ = "{version}"\ncuda = {cuda!r}\ngit_version = "stand-in"\n',
+        "torch/version.py": (f'__version__ = "{version}"\ncuda = {cuda!r}\nhip = {hip!r}\n'
+                             'git_version = "stand-in"\n'),
         "torch/cuda/__init__.py": "def is_available() -> bool:\n    return False\n",
     }
     return _write_wheel(outdir, "torch", version, files)

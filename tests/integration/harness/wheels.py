@@ -4,7 +4,9 @@
 writes an sdist whose in-tree build backend (no setuptools needed, works with
 ``--no-build-isolation``) "builds" in well under a second and records the build
 environment (FLASH_ATTENTION_FORCE_BUILD, FLASH_ATTN_CUDA_ARCHS, MAX_JOBS, NVCC_THREADS,
-CUDA_HOME, nvcc and ninja on PATH) into ``<package>/_build_env.json`` inside the wheel.
+CUDA_HOME, the ROCm ones — BUILD_TARGET, GPU_ARCHS, ROCM_HOME, FLASH_ATTENTION_TRITON_AMD_ENABLE —, nvcc and
+ninja on PATH, and the importable torch's ``version.cuda``/``version.hip``) into ``<package>/_build_env.json``
+inside the wheel.
 """
 
 from __future__ import annotations
@@ -82,7 +84,13 @@ def get_requires_for_build_wheel(config_settings=None):
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     env = {{k: os.environ.get(k) for k in ("FLASH_ATTENTION_FORCE_BUILD", "FLASH_ATTN_CUDA_ARCHS", "MAX_JOBS",
-                                          "NVCC_THREADS", "CUDA_HOME")}}
+                                          "NVCC_THREADS", "CUDA_HOME", "BUILD_TARGET", "GPU_ARCHS", "ROCM_HOME",
+                                          "FLASH_ATTENTION_TRITON_AMD_ENABLE")}}
+    try:  # the torch the build ran against (upstream's setup.py picks CUDA or ROCm from torch.version)
+        import torch.version
+        env["torch_cuda"], env["torch_hip"] = torch.version.cuda, getattr(torch.version, "hip", None)
+    except ImportError:
+        env["torch_cuda"] = env["torch_hip"] = None
     env["nvcc"] = shutil.which("nvcc")
     env["ninja"] = shutil.which("ninja")
     env["cwd"] = os.path.basename(os.getcwd())

@@ -21,7 +21,7 @@ from tests.integration.injection.payloads import TEMPLATES, payload
 NVIDIA = "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2204/x86_64"
 GOOD = {"python": "/opt/torch/.venv/bin/python3", "cuda_home": "/usr/local/cuda-12.4", "driver_cuda_max": "12.4",
         "repo_uri": NVIDIA, "key_url": NVIDIA + "/3bf863cc.pub", "keyring_name": "cuda-archive-keyring",
-        "key_id": "A4B469963BF863CC"}
+        "key_id": "A4B469963BF863CC", "gpu_archs": "gfx90a;gfx942"}
 
 
 def test_good_values_pass_untouched() -> None:
