@@ -366,6 +366,12 @@ class NodeContext:
     gpu_model: str
     torch: str | None
     driver: str | None
+    verify_args: str = ""  # what `fleetctl verify` is given to measure it: the hostname unless set (a GPU class)
+
+    @property
+    def verify_command(self) -> str:
+        """The command that measures it (``fleetctl verify`` runs the full mode unless told ``--quick``)."""
+        return f"fleetctl verify {self.verify_args or self.hostname}"
 
     @staticmethod
     def of(facts: NodeFacts) -> NodeContext:
@@ -458,7 +464,7 @@ def _usable(ev: Evidence, ctx: NodeContext, notes: list[str]) -> bool:
         if s.kind == "node":
             notes.append(f"this node's measurements of {s.measured_at and s.measured_at[:10]} are stale (torch "
                          f"{s.torch}, driver {s.driver}; now torch {ctx.torch}, driver {ctx.driver}): not used; "
-                         f"run `fleetctl verify {ctx.hostname} --mode full`")
+                         f"run `{ctx.verify_command}`")
         return False
     return True
 
@@ -546,9 +552,9 @@ def recommend(ctx: NodeContext, evidence: Sequence[Evidence], prof: Profile,
     if not measured and not excluded:
         where = "stored verifications or the built-in prior"
         notes.insert(0, f"no {prof.describe()} measurements for {ctx.gpu_model or 'this GPU'} in {where}" + (
-            f": run `fleetctl verify {ctx.hostname} --mode full` (its end-to-end section measures decode per "
+            f": run `{ctx.verify_command}` (its end-to-end section measures decode per "
             "attn_implementation); the decode-kernel workload ranks the attention kernels alone"
-            if prof.direction == "decode" else f": run `fleetctl verify {ctx.hostname} --mode full`"))
+            if prof.direction == "decode" else f": run `{ctx.verify_command}`"))
     elif choice is None:
         notes.insert(0, "every measured implementation is excluded (see candidates)")
     return Recommendation(ctx.hostname, ctx.gpu_model, prof, choice, runner, margin, tuple(cands), tuple(notes))
@@ -742,8 +748,9 @@ def report(nodes: Sequence[tuple[NodeFacts, Sequence[Evidence]]], workload: str,
             if slower_than_best(own, running_impl(facts, workload)):
                 slower.append(facts.hostname)
         first = members[0][0]
-        group_rec = recommend(NodeContext("(group)", gpu, torch, first.driver.version if first.driver else None),
-                              (*pool, *prior), prof, group_install_costs(per_node))
+        group = NodeContext("(group)", gpu, torch, first.driver.version if first.driver else None,
+                            verify_args=f"--nodes 'gpu={gpu}'")
+        group_rec = recommend(group, (*pool, *prior), prof, group_install_costs(per_node))
         rows.append(ReportRow(gpu, torch, workload, tuple(f.hostname for f, _ in members), tuple(slower),
                               group_rec))
     return rows

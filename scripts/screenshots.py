@@ -86,6 +86,23 @@ def _simulated_fleet(ft: FleetThread) -> tuple[list[str], str]:
     return hosts, rid
 
 
+def _attention_nodes(ft: FleetThread) -> None:
+    """Two nodes with the real H200's facts (tests/fixtures/h200_fa4_e2e): one with FA4 and its real full
+    verification replayed through a verify job, one without FlashAttention — the attention page's H200 table
+    (the other nodes' simulated figures are no causal prefill shapes: their classes show the prior or none)."""
+    import json
+
+    from fleet.facts import parse_node
+    from fleet.verification import parse_result
+    fixture = ROOT / "tests" / "fixtures" / "h200_fa4_e2e"
+    facts = parse_node(json.loads((fixture / "facts.json").read_text()))
+    job = json.loads((fixture / "jobs" / "eff4c8d0c3c9471384bb02b2a3eade5f.json").read_text())
+    ft.call(ft.fleet.add_nodes([dataclasses.replace(facts, hostname="h200-fa4"),
+                                dataclasses.replace(facts, hostname="h200-nofa", flash_attn=None)]))
+    ft.fleet.script("h200-fa4", "verify", JobScript(result=parse_result(job["result"]["verification"])))
+    ft.call(ft.fleet.verify(["h200-fa4"], mode="full"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
@@ -106,9 +123,10 @@ def main() -> int:
     with FleetThread(state_dir=tmp / "controller") as ft:
         add_user(ft.fleet.ctx.store, "olga", "operator", PASSWORD)
         hosts, rid = _simulated_fleet(ft)
+        _attention_nodes(ft)
         shots = [("overview", "/"), ("nodes", "/nodes"), ("node", f"/nodes/{hosts[4]}"),
                  ("node-verification", f"/nodes/{hosts[23]}"), ("rollouts", "/rollouts"),
-                 ("rollout", f"/rollouts/{rid}"), ("schedules", "/schedules")]
+                 ("rollout", f"/rollouts/{rid}"), ("schedules", "/schedules"), ("attention", "/attention")]
         _shoot(ft.fleet.ctx, args.out, [(args.prefix + name, path) for name, path in shots], login_shot="login")
     return 0
 
@@ -146,7 +164,7 @@ def _shoot(ctx: Any, out: Path, shots: list[tuple[str, str]], login_shot: str | 
         page.wait_for_url(server.url + "/")
         for name, path in shots:
             page.goto(server.url + path, wait_until="load")
-            if page.locator("#live").count():
+            if page.locator("#live").count() and page.get_attribute("body", "data-topic"):  # a live page
                 page.wait_for_selector("#live.on", timeout=10_000)
             page.wait_for_timeout(300)
             target = out / f"{name}.png"

@@ -76,7 +76,7 @@ def test_decode_uses_the_nodes_own_e2e_phases_over_the_prior() -> None:
 
 def test_without_decode_rows_the_kernel_workload_says_how_to_get_them() -> None:
     rec = recommend(CTX, [_evidence()], profile("decode-kernel"))
-    assert rec.choice is None and "fleetctl verify h100-1 --mode full" in rec.notes[0]
+    assert rec.choice is None and "run `fleetctl verify h100-1`" in rec.notes[0]
 
 
 def test_fa3_and_fa4_e2e_rows_are_named_with_their_settings() -> None:
