@@ -278,6 +278,10 @@ def handle_status(args: argparse.Namespace) -> int:
              (n["step"] or "") + (" (running)" if n["in_step"] else ""), n["attempt"], n["cause"][:90]]
             for n in st["nodes"]]
     print(render(rows, ["host", "batch", "variant", "state", "step", "try", "cause"]))
+    for n in st["nodes"]:
+        if n.get("commands"):  # a plan the agent does not carry out (Windows): a person runs these
+            print(f"{n['hostname']}: run by hand (not executed by the agent):")
+            print("\n".join(f"  {c}" for c in n["commands"]))
     for b in st["builds"]:
         print(f"build {b['status']:<9} on {b['builder']}: {b['artifact_filename'] or b['error'] or ''}"
               f"  [{b['build_key']}]")

@@ -12,6 +12,7 @@
 * ``group_builds``: build once per build key, one builder per key.
 * ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
 * ``next_actions``: given a snapshot of a rollout, what the engine must do now.
+* ``manual_commands``: what a person runs on a node whose plan the agent does not carry out (Windows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.node_status import NodeStatus
 from controller.resolver import rules
@@ -62,6 +64,20 @@ class NodePlan:
     def skipped(self) -> bool:
         """Nothing to install here (blocked or SDPA only)."""
         return self.variant in ("blocked", "sdpa") or not self.steps
+
+
+#: How a rollout node whose plan is for a person (a Windows node's) begins its cause: it is ``skipped`` — the agent
+#: has nothing to run — and ``manual_commands`` gives the commands, which the status JSON and the rollout page show.
+MANUAL_CAUSE = "manual: run these commands by hand"
+
+
+def manual_commands(stored_plan: Mapping[str, Any]) -> list[str]:
+    """The commands of a rollout node's stored plan (``PlannedNode.to_json``) that the agent does not execute —
+    the resolver's ``Decision.commands``, set only with its ``execution`` label (Windows) — else ``[]``."""
+    decision = stored_plan.get("decision") or {}
+    if not isinstance(decision, Mapping) or not decision.get("execution"):
+        return []
+    return [str(c) for c in decision.get("commands") or []]
 
 
 # ---- selection ---------------------------------------------------------------------------------

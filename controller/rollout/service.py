@@ -23,6 +23,7 @@ from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_e
 from controller.registry import NodeRecord, record_of, selection_info
 from controller.rollout.core import (
     ACTIVE_ROLLOUT,
+    MANUAL_CAUSE,
     TERMINAL,
     BuildStatus,
     NodePlan,
@@ -32,6 +33,7 @@ from controller.rollout.core import (
     choose_canaries,
     describe_target,
     group_builds,
+    manual_commands,
     parse_batches,
     parse_budget,
     parse_selector,
@@ -243,7 +245,10 @@ def _plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_s
                   artifact=d.artifact, build_minutes=float(build.estimated_minutes) if build else 0.0,
                   reasons=tuple(d.reasons))
     skip = None
-    if np.skipped:
+    if d.execution is not None and d.commands:  # a plan for a person (Windows): its node shows the commands
+        skip = (f"{MANUAL_CAUSE} — {len(d.commands)} commands for {d.variant} {d.flash_attn_version}, listed with "
+                f"this node by `fleetctl rollout status` and on the rollout page ({d.execution})")
+    elif np.skipped:
         skip = f"{d.variant}: {d.reasons[0] if d.reasons else 'nothing to install'}"
     elif row.status is NodeStatus.OFFLINE:
         skip = f"node offline at rollout start (last seen {row.last_seen.isoformat() if row.last_seen else '?'})"
@@ -444,7 +449,8 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
                    "step_started_at": _iso(n.step_started_at), "step_deadline": _iso(n.step_deadline),
                    "attempt": n.attempt, "cause": n.cause, "diagnosis": n.diagnosis,
                    "variant": n.plan.get("variant"), "gpu": n.plan.get("gpu"), "build_key": n.build_key,
-                   "lease_owner": n.lease_owner, "updated_at": _iso(n.updated_at)} for n in nodes],
+                   "lease_owner": n.lease_owner, "updated_at": _iso(n.updated_at),
+                   "commands": manual_commands(n.plan or {})} for n in nodes],
         "transitions": [{"id": t.id, "hostname": t.hostname, "from": t.from_state, "to": t.to_state,
                          "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
                         for t in transitions],

@@ -19,7 +19,7 @@ from controller.local_wheels import controller_catalog
 from controller.registry import NodeRecord
 from controller.resolver import Policy, resolve
 from controller.rollout import service as rollout_service
-from controller.rollout.core import State, progress
+from controller.rollout.core import State, manual_commands, progress
 from controller.rollout.models import Rollout, RolloutNode
 from controller.store.models import Node
 from controller.verify_store import views as verification_views
@@ -138,7 +138,7 @@ def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
                 "steps": list(plan.get("steps") or []), "version": plan.get("flash_attn_version")
                 or plan.get("version"),
                 "error": n.cause or "", "simulated": n.hostname in sims, "diagnosis": diag,
-                "updated_at": n.updated_at}
+                "updated_at": n.updated_at, "commands": manual_commands(plan)}
         out_nodes.append(item)
         if n.state == State.FAILED:
             failures.append(item)

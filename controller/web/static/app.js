@@ -126,7 +126,9 @@
       el("td", {}, el("a", { href: "/nodes/" + encodeURIComponent(n.hostname) }, n.hostname), " ", sim(n.simulated)),
       el("td", {}, batchLabel(n.canary, n.batch)), el("td", {}, badge(n.state)),
       el("td", {}, n.variant || "", " ", el("span", { class: "muted" }, (n.steps || []).join(" → "))),
-      el("td", { class: "small" }, n.error || n.detail || ""))));
+      el("td", { class: "small" }, n.error || n.detail || "",
+        // a plan for a person (Windows): the commands to run by hand, one per line
+        ...(n.commands && n.commands.length ? [el("pre", { class: "commands" }, n.commands.join("\n"))] : [])))));
     for (const b of document.querySelectorAll("button.act")) {
       const a = b.dataset.action;
       const s = r.status;
