@@ -8,8 +8,9 @@ from typing import Any
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from fleet.cli import print_json
-from fleet.errors import FleetError
-from fleet.text import terminal_safe_tree
+from fleet.errors import FactsError, FleetError
+from fleet.facts import NodeFacts, OsFacts, parse_node
+from fleet.text import terminal_safe, terminal_safe_tree
 
 
 def register(subparsers: Any) -> None:
@@ -47,11 +48,33 @@ def handle_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _os_additions(os_: dict[str, Any]) -> str:
+def _os_additions(os_: OsFacts) -> str:
     """Windows/Jetson facts (issue 19) after the Linux ones; nothing on a node that reports none of them."""
-    parts = [f"{key} {os_[key]}" for key in ("family", "msvc", "l4t", "jetpack") if os_.get(key)]
+    parts = [f"{key} {value}" for key, value in (("family", os_.family), ("msvc", os_.msvc), ("l4t", os_.l4t),
+                                                 ("jetpack", os_.jetpack)) if value]
     return ("  " + " ".join(parts)) if parts else ""
 
+
+def facts_lines(facts: NodeFacts) -> list[str]:
+    """The facts part of ``fleetctl node HOST``."""
+    os_, drv, tk, py, t, fa = facts.os, facts.driver, facts.toolkit, facts.python, facts.torch, facts.flash_attn
+    lines = [f"  os          {os_.id} {os_.version_id} {os_.arch} kernel {os_.kernel} glibc {os_.glibc}"
+             + _os_additions(os_),
+             f"  driver      {drv.version + ' (CUDA ≤ ' + drv.cuda_max + ')' if drv else 'none'}"]
+    for g in facts.gpus:
+        arch = f" {g.arch}" if g.arch else ""
+        lines.append(f"  gpu {g.index:<7} {g.name} cc {g.compute_capability}{arch} {g.memory_mib} MiB")
+    lines.append(f"  toolkit     {tk.nvcc + ' at ' + tk.path if tk else 'none'}")
+    abi = f" {py.abi}" if py.abi else ""
+    lines.append(f"  python      {py.version}{abi} ({py.executable})")
+    hip = f" hip {t.hip}" if t and t.hip else ""
+    lines.append(f"  torch       {f'{t.version} cuda {t.cuda}{hip} cxx11abi {t.cxx11abi}' if t else 'none'}")
+    if facts.rocm:
+        lines.append(f"  rocm        {facts.rocm.version} (GPUs from {facts.rocm.smi})")
+    lines.append(f"  flash-attn  {fa.version + ' (' + fa.variant + ')' if fa else 'none'}")
+    if facts.apt and facts.apt.errors:
+        lines += [("  apt errors  " if i == 0 else " " * 14) + e for i, e in enumerate(facts.apt.errors)]
+    return lines
 
 def handle_node(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
@@ -65,37 +88,21 @@ def handle_node(args: argparse.Namespace) -> int:
     if args.json:
         print_json(n)
         return 0
+    try:  # the stored facts JSON, parsed once; the controller says why when they do not parse (facts_error)
+        facts: NodeFacts | None = parse_node(n["facts"])
+    except FactsError as exc:
+        facts = None
+        n["facts_error"] = n.get("facts_error") or f"{exc.message} (the node's next facts report replaces them)"
     n = terminal_safe_tree(n)  # node-reported text is printed below: no escape sequences or newlines from it
     ident = n.get("identity") or {}
     print(f"{n['hostname']}{'  [SIMULATED]' if n['simulated'] else ''}")
     print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")
     print(f"  agent       {ident.get('agent_id')} enrolled {ident.get('enrolled_at')}"
           f"{'  REVOKED' if ident.get('revoked') else ''}")
-    f = n["facts"]
-    os_ = f.get("os") or {}
-    print(f"  os          {os_.get('id')} {os_.get('version_id')} {os_.get('arch')} kernel {os_.get('kernel')} "
-          f"glibc {os_.get('glibc')}" + _os_additions(os_))
-    drv = f.get("driver")
-    print(f"  driver      {drv['version'] + ' (CUDA ≤ ' + drv['cuda_max'] + ')' if drv else 'none'}")
-    for g in f.get("gpus") or []:
-        arch = f" {g['arch']}" if g.get("arch") else ""
-        print(f"  gpu {g['index']:<7} {g['name']} cc {g['compute_capability']}{arch} {g['memory_mib']} MiB")
-    tk = f.get("toolkit")
-    print(f"  toolkit     {tk['nvcc'] + ' at ' + tk['path'] if tk else 'none'}")
-    py = f.get("python") or {}
-    abi = f" {py['abi']}" if py.get("abi") else ""
-    print(f"  python      {py.get('version')}{abi} ({py.get('executable')})")
-    t = f.get("torch")
-    hip = f" hip {t['hip']}" if t and t.get("hip") else ""
-    torch = f"{t['version']} cuda {t['cuda']}{hip} cxx11abi {t['cxx11abi']}" if t else "none"
-    print(f"  torch       {torch}")
-    if f.get("rocm"):
-        print(f"  rocm        {f['rocm']['version']} (GPUs from {f['rocm']['smi']})")
-    fa = f.get("flash_attn")
-    print(f"  flash-attn  {fa['version'] + ' (' + fa['variant'] + ')' if fa else 'none'}")
-    apt = f.get("apt")
-    if apt and apt.get("errors"):
-        print("  apt errors  " + "\n              ".join(apt["errors"]))
+    if facts is None:
+        print(f"  facts       unreadable: {n['facts_error']}")
+    else:
+        print("\n".join(terminal_safe(line) for line in facts_lines(facts)))  # node-reported text, made safe
     print("\nfacts history (newest first):")
     for h in n["history"]:
         changed = ", ".join(h["changed"]) if h["changed"] != ["*"] else "(first report)"
