@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.resolver.model import MeasuredImpl, Measurements
+from controller.resolver.model import WORKLOADS, MeasuredImpl, Measurements
 from controller.store.models import Node
 from controller.verify_store import store as verification_store
 from fleet.errors import FactsError, InputError
@@ -105,7 +105,6 @@ PROFILES: Mapping[str, Profile] = {
     # sees; not folded into "decode", whose end-to-end figure includes the model around attention
     "decode-kernel": Profile("decode-kernel", "decode_kernel", min_seqlen=4096, unit="GB/s KV read"),
 }
-WORKLOADS = tuple(PROFILES)
 
 
 def profile(name: str, headdim: int | None = None, dtype: str | None = None) -> Profile:

@@ -8,9 +8,8 @@ from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
+from controller.resolver.model import WORKLOADS
 from fleet.cli import print_json
-
-WORKLOADS = ("training", "prefill", "decode")
 
 
 def register(subparsers: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from controller.catalog import Catalog, default_catalog, load_catalog_file
 from controller.resolver import Decision, Policy, resolve_fleet
+from controller.resolver.model import WORKLOADS
 from fleet.cli import print_json
 from fleet.errors import FactsError, InputError, NotFoundError
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts, parse_fleet
@@ -35,7 +36,7 @@ def register(subparsers: Any) -> None:
                         help="fastest: plan the implementation measured fastest for --workload among those the "
                              "node may install (offline: the built-in prior of real measurements); default "
                              "compatible (FA2)")
-    parser.add_argument("--workload", choices=("training", "prefill", "decode"),
+    parser.add_argument("--workload", choices=WORKLOADS,
                         help="what --prefer fastest and the recommendation measure (default training)")
     parser.add_argument("--state-dir", default=os.environ.get("FLEETCTL_STATE_DIR", str(DEFAULT_STATE_DIR)),
                         help="controller state dir holding user catalog additions (catalog.json)")

@@ -18,6 +18,7 @@ from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
+from controller.resolver.model import WORKLOADS
 from controller.rollout.progress import ProgressView, footer_lines
 from fleet.cli import print_json
 from fleet.errors import StaleFactsError, UsageError
@@ -87,7 +88,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefer", choices=("compatible", "fastest"),
                    help="fastest: per node, the implementation measured fastest for --workload among those it "
                    "may install (FA4 wheels, FA2, or nothing when SDPA wins); default compatible (FA2)")
-    p.add_argument("--workload", choices=("training", "prefill", "decode"),
+    p.add_argument("--workload", choices=WORKLOADS,
                    help="the measurements --prefer fastest reads (default training)")
     p.add_argument("--policy", type=Path, metavar="FILE", help='policy file {"version", "fa3", "fa4", '
                    '"source_builds", "prefer", "workload"} (flags given on the command line win)')

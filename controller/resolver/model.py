@@ -12,7 +12,7 @@ from controller.resolver import rules
 from fleet.errors import InputError, UsageError
 
 PREFER = ("compatible", "fastest")
-WORKLOADS = ("training", "prefill", "decode")
+WORKLOADS = ("training", "prefill", "decode", "decode-kernel")  # controller/attention.py PROFILES, one each
 VARIANTS = ("fa2-wheel", "fa2-source", "fa1-source", "fa3-source", "fa4", "sdpa", "blocked")
 STEPS = ("apt-keyring-fix", "cuda-toolkit", "install-wheel", "build-from-source", "verify")
 

@@ -84,3 +84,25 @@ def test_fa3_and_fa4_e2e_rows_are_named_with_their_settings() -> None:
     rec = recommend(CTX, [ev], profile("decode"))
     assert rec.choice is not None and rec.choice.impl == "flash_attention_4"
     assert rec.choice.setting.transformers == "flash_attention_4"
+
+
+
+def test_every_workload_has_one_profile_and_every_cli_offers_it() -> None:
+    """One list of workloads (resolver/model.py): each has its measurement profile, and the three commands that
+    take --workload accept each one (decode-kernel was missing from them)."""
+    import argparse
+
+    from controller import attention
+    from controller.commands import attention as attention_cmd
+    from controller.commands import plan as plan_cmd
+    from controller.commands import rollout as rollout_cmd
+    from controller.resolver.model import WORKLOADS
+
+    assert set(attention.PROFILES) == set(WORKLOADS) and "decode-kernel" in WORKLOADS
+    for register, argv in ((attention_cmd.register, ["attention", "report"]),
+                           (rollout_cmd.register, ["rollout", "flash-attn"]),
+                           (plan_cmd.register, ["plan", "--facts", "f.json"])):
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers(dest="cmd"))
+        for w in WORKLOADS:
+            assert parser.parse_args([*argv, "--workload", w]).workload == w
