@@ -91,7 +91,7 @@ mods = ["grpc", "google.protobuf", "sqlalchemy", "alembic", "fastapi", "starlett
         "jinja2", "yaml", "packaging", "cryptography", "croniter", "itsdangerous", "multipart", "prometheus_client",
         "ansible", "ansible_runner", "pexpect", "daemon", "lockfile", "resolvelib", "pynvml", "annotated_doc",
         "opentelemetry", "dateutil", "click", "h11", "anyio", "markupsafe", "typing_extensions",
-        "controller.serve", "controller.cli", "controller.web", "agent.main", "agent.executor", "agent.artifact_jobs"]
+        "controller.app", "controller.cli", "controller.web", "agent.main", "agent.executor", "agent.artifact_jobs"]
 bad = []
 for m in mods:
     try:
