@@ -49,7 +49,9 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.artifacts import VOUCHED, provenance_of, trusted_for
 from controller.audit import audit
 from controller.jobs import JobDispatcher
+from controller.node_status import NodeStatus
 from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
+from controller.registry import read_facts
 from controller.rollout.core import (
     ACTIVE_ROLLOUT,
     STATE_TO_JOB,
@@ -438,7 +440,7 @@ class RolloutEngine:
                 .join(Rollout, Rollout.id == RolloutNode.rollout_id)
                 .join(Node, Node.hostname == RolloutNode.hostname)
                 .where(RolloutNode.state == str(State.FAILED), Rollout.status.in_(RECONCILED_AFTER_END),
-                       Node.status == "online", Node.last_seen > RolloutNode.updated_at)).all()
+                       Node.status == NodeStatus.ONLINE, Node.last_seen > RolloutNode.updated_at)).all()
             for n, status, created in rows:
                 if (n.result or {}).get("reconciled") == n.attempt:
                     continue
@@ -465,16 +467,18 @@ class RolloutEngine:
                     or res.get("reconciled") == n.attempt:
                 continue
             node = s.scalar(select(Node).where(Node.hostname == n.hostname))
-            if node is None or node.status != "online" or node.last_seen is None or node.last_seen <= n.updated_at:
+            if (node is None or node.status != NodeStatus.ONLINE or node.last_seen is None
+                    or node.last_seen <= n.updated_at):
                 continue
-            fa = (node.facts or {}).get("flash_attn") or {}
+            facts, unreadable = read_facts(node.facts)
+            installed = facts.flash_attn.version if facts is not None and facts.flash_attn else None
             target = (n.plan or {}).get("version")
-            have = fa.get("version") or "absent"
+            have = installed or ("absent" if facts is not None else f"unknown ({unreadable})")
             n.result = {**res, "reconciled": n.attempt}
             done = True
             if finished is not None:
                 # the cause a node had when its agent vanished is stale now: say what it has and what to do
-                n.result["returned"] = {"flash_attn": fa.get("version"), "target": target,
+                n.result["returned"] = {"flash_attn": installed, "target": target,
                                         "at": node.last_seen.isoformat()}
                 retry = (f"`fleetctl rollout resume {rid} --retry-failed` retries it"
                          if finished == RolloutStatus.PARTIAL else "roll out again to finish it")
@@ -807,12 +811,10 @@ class RolloutEngine:
         built = set(s.scalars(select(Build.artifact_sha256).where(Build.status == BuildStatus.SUCCEEDED)))
         prov = provenance_of(s, [h for _, h in rows])
         trusted = [(f, h) for f, h in rows if h in built or trusted_for(prov.get(h, ()))]
-        facts = s.scalar(select(Node.facts).where(Node.hostname == hostname)) or {}
-        py = str((facts.get("python") or {}).get("version") or "")
+        facts, _ = read_facts(s.scalar(select(Node.facts).where(Node.hostname == hostname)))
+        py = facts.python.version if facts is not None else ""  # unreadable facts: any python, any arch
         tag = "cp" + "".join(py.split(".")[:2]) if py.count(".") >= 1 else None
-        arch = (facts.get("os") or {}).get("arch")
-        return pick_previous_wheel(trusted, dist, version, tag,
-                                   str(arch) if arch else None)
+        return pick_previous_wheel(trusted, dist, version, tag, facts.os.arch if facts is not None else None)
 
     def _sdist(self, plan: NodePlan) -> str | None:
         """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it). Only a
@@ -936,9 +938,9 @@ class RolloutEngine:
     def _metadata_floor(s: Session, n: RolloutNode, plan: NodePlan) -> str | None:
         """The agent cannot run ``verify`` jobs (no verification runner there yet): pass when the node's
         fresh facts report the target flash-attn installed — a metadata check, and said so."""
-        node = s.scalar(select(Node).where(Node.hostname == n.hostname))
-        fa = ((node.facts if node is not None else None) or {}).get("flash_attn") or {}
-        if plan.version and fa.get("version") == plan.version:
+        facts, _ = read_facts(s.scalar(select(Node.facts).where(Node.hostname == n.hostname)))
+        fa = facts.flash_attn if facts is not None else None  # unreadable facts vouch for nothing
+        if plan.version and fa is not None and fa.version == plan.version:
             return (f"verified by the floor only: this agent cannot run verify jobs; the node reports flash-attn "
                     f"{plan.version} installed (package metadata)")
         return None
