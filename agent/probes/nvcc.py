@@ -1,13 +1,19 @@
-"""CUDA toolkits: every ``nvcc`` found on PATH, under ``$CUDA_HOME`` and in ``/usr/local/cuda*``.
+r"""CUDA toolkits: every ``nvcc`` found on PATH, under ``$CUDA_HOME`` and in ``/usr/local/cuda*``.
 
 The active toolkit is the one a build would use: ``nvcc`` on PATH first, then
 ``$CUDA_HOME/bin/nvcc``, then ``/usr/local/cuda/bin/nvcc``, then the newest other one found.
+
+On Windows the CUDA installer puts each toolkit under ``%ProgramFiles%\NVIDIA GPU Computing Toolkit\CUDA\vX.Y``,
+sets ``CUDA_PATH`` to the newest one it installed and ``CUDA_PATH_VX_Y`` to each: there the active toolkit is
+``nvcc.exe`` on PATH, then ``%CUDA_PATH%\bin\nvcc.exe``, then the newest other one found (the ``CUDA_PATH_V*``
+ones and the installer's folders).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
 import shutil
 from collections.abc import Callable, Mapping
@@ -19,6 +25,8 @@ from fleet.facts import ToolkitFacts, version_tuple
 NVCC_TIMEOUT_S = 20.0
 _RELEASE_RE = re.compile(r"Cuda compilation tools, release (\d+\.\d+), V(\d+(?:\.\d+)*)")
 _BUILD_RE = re.compile(r"^Build (cuda_(\d+\.\d+)\S*)", re.MULTILINE)
+# under %ProgramFiles%: where the CUDA installer puts toolkit vX.Y (its default; CUDA_PATH_VX_Y names each)
+WINDOWS_TOOLKITS_DIR = ("NVIDIA GPU Computing Toolkit", "CUDA")
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ class NvccProbe:
                  which: Callable[[str, str | None], str | None] | None = None,
                  glob_paths: Callable[[str], list[str]] | None = None,
                  is_executable: Callable[[str], bool] | None = None,
-                 realpath: Callable[[str], str] = os.path.realpath) -> None:
+                 realpath: Callable[[str], str] = os.path.realpath, windows: bool | None = None) -> None:
+        self._windows = platform.system() == "Windows" if windows is None else windows
         self._runner = runner
         self._env = os.environ if env is None else env
         self._which = which or (lambda name, path: shutil.which(name, path=path))
@@ -74,7 +83,7 @@ class NvccProbe:
     def candidates(self) -> list[str]:
         """Paths to try, most preferred first; a symlink to one already listed is left out."""
         ordered = self._preferred()
-        ordered.extend(self._glob("/usr/local/cuda-*/bin/nvcc"))
+        ordered.extend(self._others())
         seen: set[str] = set()
         unique: list[str] = []
         for path in ordered:
@@ -102,9 +111,12 @@ class NvccProbe:
             found.append((path, version))
         if not found:
             if not errors:
-                errors.append("nvcc: no CUDA toolkit found (PATH, $CUDA_HOME, /usr/local/cuda*)")
+                where = (r"PATH, %CUDA_PATH%, %CUDA_PATH_V*%, %ProgramFiles%\NVIDIA GPU Computing Toolkit\CUDA"
+                         if self._windows else "PATH, $CUDA_HOME, /usr/local/cuda*")
+                errors.append(f"nvcc: no CUDA toolkit found ({where})")
             return NvccResult(None, (), tuple(errors))
-        # Candidates are already in preference order except the /usr/local/cuda-* tail: newest wins there.
+        # Candidates are already in preference order except the tail (/usr/local/cuda-*, or Windows' per-version
+        # toolkits): newest wins there.
         preferred_heads = set(self._preferred())
         active_path, active_version = next(
             ((p, v) for p, v in found if p in preferred_heads),
@@ -115,6 +127,10 @@ class NvccProbe:
 
     def _preferred(self) -> list[str]:
         heads: list[str] = []
+        if self._windows:
+            on_path = self._which("nvcc.exe", self._getenv("PATH"))
+            cuda_path = self._getenv("CUDA_PATH") or self._getenv("CUDA_HOME")
+            return ([on_path] if on_path else []) + ([os.path.join(cuda_path, "bin", "nvcc.exe")] if cuda_path else [])
         on_path = self._which("nvcc", self._env.get("PATH"))
         if on_path:
             heads.append(on_path)
@@ -123,3 +139,19 @@ class NvccProbe:
             heads.append(os.path.join(cuda_home, "bin", "nvcc"))
         heads.append("/usr/local/cuda/bin/nvcc")
         return heads
+
+    def _others(self) -> list[str]:
+        """Every other toolkit this OS's installers leave, in no order of preference."""
+        if not self._windows:
+            return self._glob("/usr/local/cuda-*/bin/nvcc")
+        per_version = [os.path.join(v, "bin", "nvcc.exe") for k, v in sorted(self._env.items())
+                       if k.upper().startswith("CUDA_PATH_V") and v]
+        program_files = self._getenv("ProgramFiles") or r"C:\Program Files"
+        pattern = os.path.join(glob.escape(program_files), *WINDOWS_TOOLKITS_DIR, "v*", "bin", "nvcc.exe")
+        return per_version + self._glob(pattern)
+
+    def _getenv(self, name: str) -> str | None:
+        """An environment variable by name, ignoring case as Windows does (``Path``, ``ProgramFiles``)."""
+        if name in self._env:
+            return self._env[name]
+        return next((v for k, v in self._env.items() if k.upper() == name.upper()), None)

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.probes import Probes, collect_facts
+from agent.probes.nvcc import NvccProbe
 from agent.probes.os_info import OsProbe
 from agent.probes.platform_os import (
     NV_TEGRA_RELEASE,
@@ -27,9 +29,9 @@ from agent.probes.rocm import (
     parse_rocm_version_file,
 )
 from agent.probes.system import FileUnreadable
-from fleet.facts import RocmFacts, parse_node
+from fleet.facts import RocmFacts, ToolkitFacts, parse_node
 from fleet.jetson import jetpack_for_l4t
-from tests.unit.agent.conftest import ScriptedRunner, ok
+from tests.unit.agent.conftest import ScriptedRunner, fixture_text, ok
 
 # `amd-smi static --json` on a Radeon RX 7800 XT, as posted (SyntaxWarnings first, cut after the fields shown) in
 # https://github.com/nathaninline/ajean/issues/39
@@ -236,6 +238,47 @@ def test_os_probe_on_windows_reports_the_family_and_msvc() -> None:
     assert (result.os.family, result.os.id, result.os.msvc, result.os.glibc) == ("windows", "windows", "14.42", None)
     without = _os_probe({}, system="Windows").probe()
     assert without.os.msvc is None and "Build Tools not installed" in without.errors[0]
+
+
+def _nvcc_exe(toolkit: Path, fixture: str) -> Path:
+    """A stand-in ``bin/nvcc.exe`` under ``toolkit`` that answers ``-V`` with a real nvcc's output."""
+    exe = toolkit / "bin" / "nvcc.exe"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text(f"#!/bin/sh\ncat <<'EOF'\n{fixture_text(fixture)}EOF\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_windows_nvcc_from_cuda_path_and_the_installers_folders(tmp_path: Path) -> None:
+    """A Windows node's toolkits as the CUDA installer lays them out (a tree of real files, the real probe with its
+    real which/glob/runner): %CUDA_PATH%\\bin\\nvcc.exe is the active one, every vX.Y folder and CUDA_PATH_VX_Y
+    is listed once, and nvcc.exe on PATH beats them all."""
+    program_files = tmp_path / "Program Files"
+    cuda = program_files / "NVIDIA GPU Computing Toolkit" / "CUDA"
+    v124, v118 = _nvcc_exe(cuda / "v12.4", "nvcc_12.4.txt"), _nvcc_exe(cuda / "v11.8", "nvcc_11.8.txt")
+    env = {"Path": str(tmp_path / "empty"), "ProgramFiles": str(program_files), "CUDA_PATH": str(cuda / "v11.8"),
+           "CUDA_PATH_V11_8": str(cuda / "v11.8"), "CUDA_PATH_V12_4": str(cuda / "v12.4")}
+    result = NvccProbe(env=env, windows=True).probe()
+    assert result.active == ToolkitFacts(nvcc="11.8", path=str(v118)) and result.errors == ()
+    assert sorted((t.nvcc, t.path, t.active) for t in result.toolkits) == [("11.8", str(v118), True),
+                                                                          ("12.4", str(v124), False)]
+
+    on_path = _nvcc_exe(tmp_path / "conda" / "Library", "nvcc_13.0.txt")
+    result = NvccProbe(env={**env, "Path": str(on_path.parent)}, windows=True).probe()
+    assert result.active == ToolkitFacts(nvcc="13.0", path=str(on_path)) and len(result.toolkits) == 3
+
+    without_cuda_path = NvccProbe(env={k: v for k, v in env.items() if k != "CUDA_PATH"}, windows=True).probe()
+    assert without_cuda_path.active == ToolkitFacts(nvcc="12.4", path=str(v124))  # the newest installed
+
+    none = NvccProbe(env={"Path": str(tmp_path / "empty"), "ProgramFiles": str(tmp_path / "nothing")},
+                     windows=True).probe()
+    assert none.active is None and none.errors == (
+        r"nvcc: no CUDA toolkit found (PATH, %CUDA_PATH%, %CUDA_PATH_V*%, %ProgramFiles%\NVIDIA GPU Computing "
+        r"Toolkit\CUDA)",)
+    # the Linux probe does not take a Windows tree's nvcc.exe for a toolkit
+    linux = NvccProbe(env={"PATH": str(tmp_path / "empty"), "CUDA_PATH": str(cuda / "v12.4")}, windows=False,
+                      glob_paths=lambda pattern: []).candidates()
+    assert str(v124) not in linux
 
 
 def test_collect_facts_with_an_amd_probe_gives_facts_the_contract_accepts() -> None:
