@@ -35,6 +35,7 @@ from packaging.version import InvalidVersion, Version
 from controller.artifacts import ArtifactStore, Provenance
 from controller.store import utcnow
 from fleet.errors import ForbiddenError, NotFoundError
+from fleet.jobs import JobStatus
 
 if TYPE_CHECKING:
     from controller.jobs import JobDispatcher
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUILD_KIND = "build-from-source"
-OPEN_STATUSES = frozenset({"dispatched", "running"})
+OPEN_STATUSES = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING})
 UPLOAD_GRACE = dt.timedelta(minutes=15)
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _HINT = ("agents upload only the wheel of a build-from-source job the controller assigned to them, while it "
@@ -115,7 +116,8 @@ def check_upload(job: BuildJob | None, *, job_id: str, hostname: str, filename: 
         raise refuse(f"job {job_id} is assigned to another node, not to {hostname}")
     if job.kind != BUILD_KIND:
         raise refuse(f"job {job_id} is a {job.kind} job, not {BUILD_KIND}")
-    recent = (job.status == "successful" and job.finished_at is not None and now - job.finished_at <= UPLOAD_GRACE)
+    recent = (job.status == JobStatus.SUCCESSFUL and job.finished_at is not None
+              and now - job.finished_at <= UPLOAD_GRACE)
     if job.status not in OPEN_STATUSES and not recent:
         raise refuse(f"job {job_id} is {job.status}: its output can no longer be uploaded")
     if kind != "wheel":

@@ -19,6 +19,7 @@ from typing import Any
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from controller.resolver.model import WORKLOADS
+from controller.rollout.core import RolloutStatus
 from controller.rollout.progress import ProgressView, footer_lines
 from fleet.cli import print_json
 from fleet.errors import StaleFactsError, UsageError
@@ -27,8 +28,9 @@ EXIT_PAUSED = 10
 EXIT_PARTIAL = 11
 EXIT_ABORTED = 12
 EXIT_ROLLBACK_FAILED = 13  # a node's rollback failed: the rollout is rollback-failed, never rolled-back
-FINAL_EXIT = {"succeeded": 0, "rolled-back": 0, "partial": EXIT_PARTIAL, "aborted": EXIT_ABORTED,
-              "paused": EXIT_PAUSED, "rollback-failed": EXIT_ROLLBACK_FAILED}
+FINAL_EXIT = {RolloutStatus.SUCCEEDED: 0, RolloutStatus.ROLLED_BACK: 0, RolloutStatus.PARTIAL: EXIT_PARTIAL,
+              RolloutStatus.ABORTED: EXIT_ABORTED, RolloutStatus.PAUSED: EXIT_PAUSED,
+              RolloutStatus.ROLLBACK_FAILED: EXIT_ROLLBACK_FAILED}
 
 
 def _actor(args: argparse.Namespace) -> str:
@@ -149,10 +151,10 @@ def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, strea
             view.update(st)
             if st["transitions"]:
                 since = st["transitions"][-1]["id"]
-            if not st["active"] or st["status"] == "paused":
+            if not st["active"] or st["status"] == RolloutStatus.PAUSED:
                 view.summary(st)
                 code = FINAL_EXIT.get(st["status"], 0)
-                if st["status"] == "paused":
+                if st["status"] == RolloutStatus.PAUSED:
                     stream.write(f"paused: {st['reason']}\nnext: fix the cause, then `fleetctl rollout resume {rid}` "
                                  f"(--retry-failed, --max-failures N), or `fleetctl rollout abort {rid}`\n")
                 elif st["status"] == "rollback-failed":
