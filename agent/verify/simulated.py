@@ -138,6 +138,11 @@ GPUS: tuple[GpuModel, ...] = (
              "65 TFLOPS FP16; FlashAttention 1.x only (FP16), no SDPA flash/cuDNN"),
     GpuModel("v100", "Tesla V100-SXM2-32GB", ("v100",), "7.0", 32768, 0.0, None, 0.17, 0.27, None,
              "125 TFLOPS FP16; no FlashAttention: SDPA efficient/math only"),
+    GpuModel("mi300x", "AMD Instinct MI300X", ("mi300x",), "9.4", 196592, 0.8, None, 0.6, 1.6, "fa2",
+             "estimate: 1307 TFLOPS bf16 peak, FA2's Composable Kernel backend at ~0.8x H100; no cuDNN on ROCm; "
+             "5.3 TB/s"),
+    GpuModel("orin", "Orin (nvgpu)", ("orin",), "8.7", 62841, 0.045, 0.025, 0.06, 0.06, "fa2",
+             "estimate: Jetson AGX Orin, ~42 TFLOPS fp16 dense at ~0.35 efficiency; 205 GB/s"),
 )
 
 
@@ -464,11 +469,16 @@ def simulate_for_facts(facts: NodeFacts, *, mode: str = "quick", at: datetime | 
                               mode=mode, started_at=now, finished_at=now + timedelta(seconds=1), simulated=True,
                               expect=expect or "flash_attn", hostname=facts.hostname)
     why_no_gpu = None
-    if not facts.gpus or facts.driver is None:
+    # torch sees a GPU without an NVIDIA driver entry on ROCm (torch.cuda is HIP there) and on Jetson (the
+    # driver is part of L4T; JetPack's CUDA is what the resolver plans against)
+    rocm = facts.torch.hip is not None and any(g.is_amd for g in facts.gpus)
+    jetson = facts.os.l4t is not None and facts.torch.cuda is not None
+    if not facts.gpus or (facts.driver is None and not rocm and not jetson):
         why_no_gpu = "no NVIDIA driver or GPU"
-    elif facts.torch.cuda is None:
+    elif facts.torch.cuda is None and not rocm:
         why_no_gpu = f"torch {facts.torch.version} is a CPU-only build"
-    elif int(facts.torch.cuda.split(".")[0]) > int(facts.driver.cuda_max.split(".")[0]):
+    elif facts.driver is not None and facts.torch.cuda is not None \
+            and int(facts.torch.cuda.split(".")[0]) > int(facts.driver.cuda_max.split(".")[0]):
         why_no_gpu = (f"torch built for CUDA {facts.torch.cuda} but the driver supports CUDA "
                       f"{facts.driver.cuda_max} at most (CUDA driver version is insufficient)")
     if why_no_gpu is not None:

@@ -142,7 +142,7 @@ def test_every_agent_profile_simulates(profile: Path, at: datetime) -> None:
     result = simulate_for_facts(facts, mode="full", at=at)
     assert result.simulated and result.hostname == facts.hostname
     assert parse_result(json.loads(json.dumps(result.to_json(), allow_nan=False))) == result
-    if facts.torch is not None and facts.torch.cuda is None:
+    if facts.torch is not None and facts.torch.cuda is None and facts.torch.hip is None:
         assert result.status == "no-gpu" and "CPU-only" in result.reasons[0]
     elif profile.stem == "torch-cuda-above-driver":
         assert result.status == "no-gpu" and "insufficient" in result.reasons[0]
@@ -157,3 +157,13 @@ def test_profile_faults_field(at: datetime) -> None:
     doc["verify_faults"] = {"import_error": True}
     result = simulate_for_facts(parse_node(doc), at=at)
     assert result.status == "fail" and "undefined symbol" in result.reasons[0]
+
+
+def test_rocm_and_jetson_nodes_have_a_gpu_without_an_nvidia_driver_entry(at: datetime) -> None:
+    """torch.cuda is HIP on ROCm and the driver is part of L4T on Jetson: neither is "no GPU" (it was, so their
+    simulated verification said no-gpu instead of what a real run says: flash_attn missing)."""
+    for name in ("mi300x", "jetson-orin"):
+        doc = json.loads((Path(__file__).parents[3] / "agent" / "profiles" / f"{name}.json").read_text())
+        assert doc.get("driver") is None
+        result = simulate_for_facts(parse_node(doc), mode="full", at=at)
+        assert result.status == "fail" and "No module named 'flash_attn'" in result.reasons[0], result.reasons
