@@ -17,6 +17,10 @@ class NodeStatus(StrEnum):
     DEGRADED = "degraded"  # set by other components (a failed verification), not by liveness
 
 
+#: The statuses that put a node among the failing ones (first in the dashboard's node table).
+NOT_ONLINE = frozenset({NodeStatus.OFFLINE, NodeStatus.DEGRADED})
+
+
 def liveness(status: NodeStatus, last_seen: float, now: float, offline_after: float) -> NodeStatus:
     """The one liveness rule: a node silent for longer than ``offline_after`` seconds is offline; contact
     (``last_seen`` within the window) brings an offline node back online; ``degraded`` is kept while the

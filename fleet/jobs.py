@@ -38,6 +38,8 @@ ACTIVE = frozenset({JobStatus.PENDING, JobStatus.DISPATCHED, JobStatus.RUNNING})
 FINISHED = frozenset({JobStatus.SUCCESSFUL, JobStatus.FAILED, JobStatus.TIMEOUT, JobStatus.CANCELED})
 #: Finished without success because of what ran (not an operator's cancel).
 UNSUCCESSFUL = frozenset({JobStatus.FAILED, JobStatus.TIMEOUT})
+#: Finished by what ran, successfully or not: an operator's cancel says nothing about the node.
+RAN_TO_END = frozenset({JobStatus.SUCCESSFUL, *UNSUCCESSFUL})
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from fleet.cli import print_json
 from fleet.errors import ControllerUnavailable, NotFoundError
+from fleet.jobs import JobStatus
 
 EXIT_FAILED = 9
-FINAL = ("successful", "failed", "timeout", "canceled")
 POLL_SECONDS = 1.0
 
 
@@ -63,8 +63,8 @@ def wait_results(client: ControllerClient, jobs: dict[str, str], deadline: float
             except NotFoundError:
                 pass
             job = client.get(f"/jobs/{job_id}")
-            if job.get("status") == "canceled":
-                out[host] = {"hostname": host, "job_id": job_id, "status": "canceled", "passed": False,
+            if job.get("status") == JobStatus.CANCELED:
+                out[host] = {"hostname": host, "job_id": job_id, "status": JobStatus.CANCELED, "passed": False,
                              "reasons": [job.get("error") or "canceled"]}
                 del pending[host]
         if pending:

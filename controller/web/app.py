@@ -31,7 +31,7 @@ from controller.node_summary import summarize
 from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from controller.registry import record_of
 from controller.store.db import Store, utcnow
-from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
+from controller.store.models import AuditLog, FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.verify_store import views as verification_views
 from controller.web import attentionview, nodeindex, rolloutview, sources
 from controller.web.auth import (
@@ -46,7 +46,9 @@ from controller.web.auth import (
     csrf_ok,
     run_password_work,
 )
+from controller.web.metrics import render_metrics
 from fleet.errors import FleetError
+from fleet.jobs import UNSUCCESSFUL
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +337,6 @@ async def logout(request: Request) -> Response:
 
 def _audit(session: Session, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
     try:
-        from controller.store.models import AuditLog
         session.add(AuditLog(at=utcnow(), actor=actor[:253], action=action, target=target[:253],
                              detail=detail or {}))
     except Exception:  # auditing must never take the dashboard down
@@ -449,7 +450,7 @@ def _diagnoses(s: Session, hostname: str, jobs: list[Job],
             "diagnosis": f["diagnosis"]} for f in sources.node_rollout_failures(s, hostname)]
     covered = {f["job"] for f in out}
     for job in jobs[:10]:
-        if job.status in ("failed", "timeout") and job.id not in covered:
+        if job.status in UNSUCCESSFUL and job.id not in covered:
             text = "\n".join([job.error or ""] + [str(e.data.get("stdout") or e.data.get("msg") or "")
                                                    for e in job_events.get(job.id, [])
                                                    if e.event in ("runner_on_failed", "fleet_failed", "fleet_output")])
@@ -648,7 +649,6 @@ def metrics(request: Request) -> Response:
         auth[7:].strip().encode(), (st.admin_token or "").encode())
     if not token_ok:
         require_user(request)
-    from controller.web.metrics import render_metrics
     body, content_type = render_metrics(st.store)
     return Response(body, media_type=content_type)
 

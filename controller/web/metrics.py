@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
+from controller.node_status import NodeStatus
 from controller.store.db import Store, utcnow
 from controller.store.models import Job, Node
 from controller.verify_store.views import GpuVerificationCounts
@@ -41,7 +42,7 @@ class _Collector:
             nodes = GaugeMetricFamily("fleet_nodes", "Nodes by status", labels=["status"])
             counts = dict(s.execute(select(DashboardNode.status, func.count()).group_by(DashboardNode.status))
                           .all())
-            for status in sorted({"online", "offline", "degraded", *counts}):
+            for status in sorted({*NodeStatus, *counts}):
                 nodes.add_metric([status], counts.get(status, 0))
             yield nodes
             by_gpu = GaugeMetricFamily("fleet_nodes_by_gpu", "Nodes by GPU model", labels=["gpu"])
@@ -56,7 +57,7 @@ class _Collector:
 
             now = utcnow()
             lags = sorted((now - seen).total_seconds() for seen in s.scalars(
-                select(Node.last_seen).where(Node.status != "offline", Node.last_seen.is_not(None))) if seen)
+                select(Node.last_seen).where(Node.status != NodeStatus.OFFLINE, Node.last_seen.is_not(None))) if seen)
             lag = GaugeMetricFamily("fleet_heartbeat_lag_seconds", "Seconds since the last heartbeat, quantiles "
                                     "over nodes not offline", labels=["quantile"])
             for q in (0.5, 0.9, 0.99):

@@ -13,18 +13,15 @@ import datetime as dt
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from controller.node_status import NOT_ONLINE
 from controller.store.models import Base, Job
-
-FAILING_STATUSES = ("offline", "degraded")
-
-
-FAILED_JOB_STATUSES = ("failed", "timeout")
+from fleet.jobs import UNSUCCESSFUL
 
 
 def rank_of(status: str, verify_result: str, fa_version: str, job_status: str = "") -> int:
     """Node table order: 0 failing (offline, degraded, last verification failed, last install/build job
     failed), 1 attention (no FlashAttention or never verified), 2 fine."""
-    if status in FAILING_STATUSES or verify_result == "failed" or job_status in FAILED_JOB_STATUSES:
+    if status in NOT_ONLINE or verify_result == "failed" or job_status in UNSUCCESSFUL:
         return 0
     if not fa_version or not verify_result:
         return 1

@@ -19,11 +19,13 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
+from controller.node_status import NodeStatus
 from controller.node_summary import NodeSummary, summarize
 from controller.registry import record_of
 from controller.store.models import Job, Node
 from controller.verify_store import views as verification_views
 from controller.web.models import DashboardNode, rank_of
+from fleet.jobs import RAN_TO_END
 
 SORTABLE: dict[str, Any] = {
     "hostname": DashboardNode.hostname,
@@ -151,7 +153,7 @@ def _sync_jobs(session: Session, *, force: bool = False) -> int:
     _jobs_checked[key] = now
     since = session.scalar(select(func.max(DashboardNode.job_at)))
     stmt = select(Job.node, Job.kind, Job.status, Job.finished_at).where(
-        Job.finished_at.is_not(None), Job.kind != "verify", Job.status.in_(("successful", "failed", "timeout")))
+        Job.finished_at.is_not(None), Job.kind != "verify", Job.status.in_(sorted(RAN_TO_END)))
     if since is not None:
         stmt = stmt.where(Job.finished_at >= since)
     latest: dict[str, tuple[str, str, dt.datetime]] = {}
@@ -294,8 +296,7 @@ def overview(session: Session, *, do_sync: bool = True, failing_limit: int = 20)
                                    .where(DashboardNode.rank == 0)) or 0)
     return {
         "total": total,
-        "by_status": {s: by_status.get(s, 0) for s in ("online", "offline", "degraded")}
-        | {s: n for s, n in by_status.items() if s not in ("online", "offline", "degraded")},
+        "by_status": {s.value: 0 for s in NodeStatus} | by_status,  # every status shown, zero or not
         "by_gpu": [{"gpu": g or "(no GPU)", "count": n} for g, n in counts(DashboardNode.gpu_model)],
         "by_fa": [{"variant": v or "", "version": ver or "", "count": n}
                   for v, ver, n in counts(DashboardNode.fa_variant, DashboardNode.fa_version)],
