@@ -13,6 +13,8 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, I
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from fleet.jobs import JobStatus
+
 
 class UtcDateTime(TypeDecorator[dt.datetime]):
     """A timezone-aware UTC datetime on every backend."""
@@ -82,7 +84,8 @@ class Node(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     hostname: Mapped[str] = mapped_column(String(253), unique=True)
     identity_id: Mapped[str | None] = mapped_column(ForeignKey("identities.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="online")  # online | offline | degraded
+    # a controller.node_status.NodeStatus; spelled out here because the store sits below that pure core
+    status: Mapped[str] = mapped_column(String(16), default="online")
     status_changed_at: Mapped[dt.datetime | None]
     last_seen: Mapped[dt.datetime | None]
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)  # DESIGN §3.1 object
@@ -150,7 +153,7 @@ class Job(Base):
     vars: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timeout_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     # pending → dispatched → running → successful | failed | timeout | canceled
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
     created_at: Mapped[dt.datetime]
     dispatched_at: Mapped[dt.datetime | None]
     started_at: Mapped[dt.datetime | None]

@@ -25,15 +25,19 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.local_wheels import controller_catalog
 from controller.node_status import NodeStatus
 from controller.registry import record_of, selection_info
 from controller.rollout.core import parse_selector, select_nodes
+from controller.rollout.expectation import expected_after_rollback
+from controller.rollout.service import nodes_in_active_rollouts
 from controller.store import utcnow
 from controller.store.models import Job, Node
 from controller.verification import DEFAULT_POLICY, RegressionPolicy
 from controller.verify_store import schedules, store
+from controller.verify_store.models import Verification
 from fleet.errors import FleetError, UsageError
-from fleet.jobs import ACTIVE, JobOutcome
+from fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobStatus
 from fleet.verification import VerificationSchemaError, expect_for_variant
 
 log = logging.getLogger(__name__)
@@ -124,7 +128,7 @@ class VerificationService:
 
     def job_finished(self, node: str, outcome: JobOutcome) -> None:
         """Job hook (event loop thread): record a finished verify job, off the loop and retried."""
-        if outcome.status == "canceled":
+        if outcome.status == JobStatus.CANCELED:
             return
         self._spawn(self._record(node, outcome))
 
@@ -160,14 +164,12 @@ class VerificationService:
 
     def unrecorded(self, limit: int = 500) -> list[tuple[str, JobOutcome]]:
         """Finished verify jobs without a verification record (a fault outlasted ``_record``'s retries)."""
-        from controller.verify_store.models import Verification
-
         with self.ctx.store.session() as s:
             rows = s.scalars(select(Job).where(
-                Job.kind == "verify", Job.status.in_(("successful", "failed", "timeout")),
+                Job.kind == "verify", Job.status.in_(sorted(RAN_TO_END)),
                 ~select(Verification.id).where(Verification.job_id == Job.id).exists())
                 .order_by(Job.finished_at).limit(limit))
-            return [(r.node, JobOutcome(r.id, r.status, r.rc, r.result or {}, r.error)) for r in rows]
+            return [(r.node, JobOutcome(r.id, JobStatus(r.status), r.rc, r.result or {}, r.error)) for r in rows]
 
     async def recover(self) -> int:
         """Record what earlier faults left unrecorded (started with the controller); returns how many."""
@@ -182,7 +184,8 @@ class VerificationService:
             self._spawn(self._record(node, outcome))
         return len(missing)
 
-    def record_outcome(self, node: str, outcome: JobOutcome, vars_: Mapping[str, Any]) -> tuple[str, str]:
+    def record_outcome(self, node: str, outcome: JobOutcome,
+                       vars_: Mapping[str, Any]) -> tuple[store.HealthChange, str]:
         """Store one finished verify job; returns (health change, reason). Thread-safe."""
         trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
         schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
@@ -191,7 +194,7 @@ class VerificationService:
         except VerificationSchemaError:  # judge_job names what is unreadable
             result = None
 
-        def write(s: Session) -> tuple[str, str]:
+        def write(s: Session) -> tuple[store.HealthChange, str]:
             row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
                                job_error=outcome.error, job_result=outcome.result, trigger=trigger,
                                schedule_id=schedule_id, policy=self.policy)
@@ -200,24 +203,23 @@ class VerificationService:
             return change, state.reason
 
         # retried on a dropped connection or a lock timeout; idempotent per job id (verifications.job_id is unique)
-        written: tuple[str, str] = self.ctx.store.write(write, what=f"verification of {node} (job {outcome.job_id})")
+        written: tuple[store.HealthChange, str] = self.ctx.store.write(
+            write, what=f"verification of {node} (job {outcome.job_id})")
         return written
 
     def _catalog(self, s: Session) -> Any:
         """The rollout's catalog (``controller_catalog``), so a re-plan picks the wheels our builds stored."""
         try:
-            from controller.local_wheels import controller_catalog
-
             return controller_catalog(s, self.ctx.settings.state_dir)
         except (FleetError, OSError):
             return None
 
-    def apply_status(self, node: str, change: str, reason: str) -> None:
+    def apply_status(self, node: str, change: store.HealthChange, reason: str) -> None:
         """Registry status from a health change (event loop thread)."""
         try:
-            if change == "degraded":
+            if change is store.HealthChange.DEGRADED:
                 self.ctx.registry.set_status(node, NodeStatus.DEGRADED, reason[:500])
-            elif change == "cleared" and self.ctx.registry.status_of(node) is NodeStatus.DEGRADED:
+            elif change is store.HealthChange.CLEARED and self.ctx.registry.status_of(node) is NodeStatus.DEGRADED:
                 self.ctx.registry.set_status(node, NodeStatus.ONLINE, "verification passed")
         except FleetError as exc:
             log.warning("status of %s not changed: %s", node, exc.message)
@@ -252,8 +254,6 @@ class VerificationService:
         (``flash_attn``, ``fa3`` for ``fa3-source``, ``fa4``) and ``sdpa`` when nothing. The catalog is built
         once, and only when needed. Returns (expectations, {hostname: why skipped}): a node whose stored facts
         are unreadable expects nothing that can be known, so it is skipped until its agent reports again."""
-        from controller.rollout.expectation import expected_after_rollback
-
         out: dict[str, str] = {}
         skipped: dict[str, str] = {}
         catalog: Any = None
@@ -305,12 +305,7 @@ class VerificationService:
         return Submitted(jobs, skipped)
 
     def held_by_rollouts(self) -> dict[str, str]:
-        try:
-            from controller.rollout.service import nodes_in_active_rollouts
-        except ImportError:
-            return {}
-        held: dict[str, str] = nodes_in_active_rollouts(self.ctx.store)
-        return held
+        return nodes_in_active_rollouts(self.ctx.store)
 
     def active_verify_jobs(self, hosts: Sequence[str]) -> dict[str, str]:
         """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""

@@ -15,12 +15,17 @@ import logging
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller.registry import read_facts
+from controller.catalog import builtin_catalog
+from controller.diagnose import diagnose
+from controller.resolver import Policy, resolve
 from controller.store import utcnow
 from controller.store.models import Node
 from controller.verification import (
@@ -32,8 +37,9 @@ from controller.verification import (
     gpu_model_key,
 )
 from controller.verify_store.models import NodeVerifyState, Verification
-from fleet.errors import FactsError, FleetError
+from fleet.errors import FactsError, FleetError, NotFoundError
 from fleet.facts import NodeFacts, parse_node
+from fleet.jobs import JobStatus
 from fleet.verification import (
     DEGRADING_STATUSES,
     STATUS_PASS,
@@ -89,10 +95,10 @@ def summarize(result: VerificationResult) -> Summary:
     return Summary(_median(fa), _median(sdpa), max(mem) if mem else None)
 
 
-def gpu_name(facts: Mapping[str, Any] | None, result: VerificationResult | None) -> str:
-    gpus = (facts or {}).get("gpus") or []
-    if gpus and isinstance(gpus[0], Mapping) and gpus[0].get("name"):
-        return str(gpus[0]["name"])[:128]
+def gpu_name(facts: NodeFacts | None, result: VerificationResult | None) -> str:
+    """The GPU model a result is filed under: the node's first GPU, else the device the result names."""
+    if facts is not None and facts.gpus and facts.gpus[0].name:
+        return facts.gpus[0].name[:128]
     if result is not None and result.device.name:
         return result.device.name.replace(" (simulated)", "")[:128]
     return ""
@@ -134,21 +140,23 @@ def fleet_baselines(session: Session, *, gpu_model: str | None = None, simulated
 
 
 def record(session: Session, hostname: str, result: VerificationResult | None, *, job_id: str | None = None,
-           job_status: str = "successful", job_error: str | None = None, job_result: Any = None,
-           facts: Mapping[str, Any] | None = None, trigger: str = "", schedule_id: int | None = None,
+           job_status: JobStatus = JobStatus.SUCCESSFUL, job_error: str | None = None, job_result: Any = None,
+           facts: NodeFacts | None = None, trigger: str = "", schedule_id: int | None = None,
            policy: RegressionPolicy = DEFAULT_POLICY, recorded_at: dt.datetime | None = None) -> Verification:
     """Judge and store one result (or a verify job that produced none: its verdict is ``judge_job``'s on the
     raw ``job_result``). ``policy`` is ControllerSettings.regression (the service passes it).
     ``recorded_at`` is the controller's clock (now unless given: imports keep theirs); the
-    result's own ``finished_at`` is stored as ``measured_at``. Idempotent per ``job_id``."""
+    result's own ``finished_at`` is stored as ``measured_at``. ``facts`` default to the node's stored facts;
+    the snapshot stored with the result is ``facts.to_json()`` (empty when the node's facts are unreadable:
+    a snapshot that does not parse could not be re-planned on). Idempotent per ``job_id``."""
     if facts is None:
         node = session.scalar(select(Node).where(Node.hostname == hostname))
-        facts = dict(node.facts) if node is not None and node.facts else {}
+        facts = read_facts(node.facts)[0] if node is not None else None
     model = gpu_name(facts, result)
-    fa = (facts or {}).get("flash_attn") if isinstance((facts or {}).get("flash_attn"), Mapping) else None
+    fa = facts.flash_attn if facts is not None else None
     values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],
-                              "schedule_id": schedule_id, "facts": dict(facts or {}),
-                              "fa_version": (fa or {}).get("version"), "fa_variant": (fa or {}).get("variant"),
+                              "schedule_id": schedule_id, "facts": facts.to_json() if facts is not None else {},
+                              "fa_version": fa.version if fa else None, "fa_variant": fa.variant if fa else None,
                               "recorded_at": recorded_at or utcnow()}
     if result is None:
         verdict = judge_job(job_status, job_result, job_error)
@@ -260,8 +268,6 @@ def list_results(session: Session, *, hostname: str | None = None, limit: int = 
 
 
 def get_result(session: Session, ref: str) -> dict[str, Any]:
-    from fleet.errors import NotFoundError
-
     row = session.get(Verification, int(ref)) if ref.isdigit() and int(ref) < 2**63 else session.scalar(
         select(Verification).where(Verification.job_id == ref))
     if row is None:
@@ -297,16 +303,11 @@ def failure_text(row: Verification) -> str:
 
 
 def diagnose_failure(row: Verification) -> list[dict[str, Any]]:
-    from controller.diagnose import diagnose
-
     return [d.to_json() for d in diagnose(failure_text(row))]
 
 
 def replan(facts: NodeFacts, catalog: Any = None) -> dict[str, Any]:
     """The resolver's decision on these facts (what a rollout would do now to fix the node)."""
-    from controller.catalog import builtin_catalog
-    from controller.resolver import Policy, resolve
-
     try:
         decision = resolve(facts, catalog or builtin_catalog(), Policy())
     except FleetError as exc:
@@ -335,15 +336,23 @@ def is_failure(row: Verification) -> bool:
     return row.status in DEGRADING_STATUSES
 
 
-def apply_health(session: Session, row: Verification, *, catalog: Any = None) -> tuple[str, NodeVerifyState]:
-    """Update the node's verification health from a new result: ``"degraded"`` (failure: diagnosis and
-    re-plan stored), ``"cleared"`` (a pass after degraded), or ``"unchanged"``."""
+class HealthChange(StrEnum):
+    """What a new result did to its node's verification health (``apply_health``)."""
+
+    DEGRADED = "degraded"  # a failure: diagnosis and re-plan stored
+    CLEARED = "cleared"  # a pass after degraded
+    UNCHANGED = "unchanged"
+
+
+def apply_health(session: Session, row: Verification, *,
+                 catalog: Any = None) -> tuple[HealthChange, NodeVerifyState]:
+    """Update the node's verification health from a new result (see ``HealthChange``)."""
     now = utcnow()
     state = session.get(NodeVerifyState, row.hostname)
     if state is None:
         state = NodeVerifyState(hostname=row.hostname, degraded=False, reason="", diagnosis=[], updated_at=now)
         session.add(state)
-    change = "unchanged"
+    change = HealthChange.UNCHANGED
     if is_failure(row):
         diagnosis = diagnose_failure(row)
         plan = replan_snapshot(row.facts, catalog)
@@ -355,11 +364,11 @@ def apply_health(session: Session, row: Verification, *, catalog: Any = None) ->
             reason += f" — re-plan: {plan['variant']} {plan.get('flash_attn_version') or ''}".rstrip()
         if not state.degraded:
             state.since = now
-        change = "degraded"
+        change = HealthChange.DEGRADED
         state.degraded, state.reason, state.diagnosis, state.replan = True, reason[:4000], diagnosis, plan
         state.verification_id = row.id
     elif row.status in (STATUS_PASS, STATUS_REGRESSION) and state.degraded:
-        change = "cleared"
+        change = HealthChange.CLEARED
         state.degraded, state.since, state.reason, state.diagnosis, state.replan = False, None, "", [], None
         state.verification_id = row.id
     elif row.status in (STATUS_PASS, STATUS_REGRESSION):

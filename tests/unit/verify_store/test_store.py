@@ -9,6 +9,7 @@ from controller.store import Store
 from controller.verification import RegressionPolicy
 from controller.verify_store import store as vs
 from controller.verify_store.models import Verification
+from fleet.jobs import JobStatus
 from fleet.verification import VerificationResult
 from tests.unit.verify_store.conftest import AT, add_node, h100_facts
 
@@ -41,6 +42,17 @@ def test_record_stores_everything_and_reads_back(store: Store) -> None:
     assert got["regression"]["judged"] is False
 
 
+def test_record_on_unreadable_facts_files_the_result_under_its_own_device(store: Store) -> None:
+    add_node(store, "n1", facts={"hostname": "n1", "gpus": "not a list"})
+    with store.session() as s:
+        vs.record(s, "n1", sim("n1"), job_id="job-1")
+    with store.session() as s:
+        got = vs.get_result(s, "job-1")
+    assert got["gpu_model"] == H100  # the result's device, the snapshot vouching for nothing
+    assert got["facts"] == {} and got["flash_attn"]["version"] == "2.8.3.post1"
+    assert got["status"] == "pass"
+
+
 def test_record_is_idempotent_per_job(store: Store) -> None:
     add_node(store, "n1")
     with store.session() as s:
@@ -53,7 +65,8 @@ def test_record_is_idempotent_per_job(store: Store) -> None:
 def test_job_without_result_is_an_error_row(store: Store) -> None:
     add_node(store, "n1")
     with store.session() as s:
-        row = vs.record(s, "n1", None, job_id="j", job_status="timeout", job_error="no result before the timeout")
+        row = vs.record(s, "n1", None, job_id="j", job_status=JobStatus.TIMEOUT,
+                        job_error="no result before the timeout")
         assert row.status == "timeout" and not row.passed and row.reasons == ["no result before the timeout"]
 
 
