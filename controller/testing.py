@@ -111,7 +111,9 @@ class JobScript:
     (rc 2; ``log`` is the failed task's output, which the controller diagnoses) — or never answer (``hang``).
     For ``verify``: report ``result`` (a real node's, replayed: flagged simulated and re-addressed to this node),
     else one with ``figures`` (default: the usual ones of the node's GPU); with ``import_error`` the node's
-    flash-attn fails to import with that message instead (the verification fails: the node degrades)."""
+    flash-attn fails to import with that message instead (the verification fails: the node degrades).
+    For ``install-wheel`` and ``build-from-source``: with ``installs=False`` the job succeeds but the node's
+    flash-attn stays what it was (the wheel went into another Python than the one its facts describe)."""
 
     seconds: float = 0.0
     error: str | None = None
@@ -120,6 +122,7 @@ class JobScript:
     result: VerificationResult | None = None
     hang: bool = False
     import_error: str | None = None
+    installs: bool = True
 
 
 def verification_result(facts: NodeFacts, figures: Figures, *, mode: str = "quick", expect: str = "flash_attn",
@@ -240,7 +243,7 @@ class FakeAgent:
             info = await asyncio.to_thread(put, data, name, kind="wheel",
                                            provenance=Provenance.build(spec.job_id, key, self.hostname))
             result["built_wheel"] = {"sha256": info.sha256, "filename": info.filename}
-        if spec.kind in ("install-wheel", "build-from-source") and version:
+        if spec.kind in ("install-wheel", "build-from-source") and version and script.installs:
             variant = str(spec.vars.get("variant") or "fa2").split("-")[0]
             self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(version), variant))
         if spec.kind == "verify":

@@ -6,7 +6,8 @@ simulated tests never sent it. Here the engine's own ``_job_vars`` for ``rolling
 the real ``AnsibleJobRunner`` (connection ``local``, the node state dir in a tmp dir) runs the real playbooks
 against a real target venv (``python -m venv``) with stand-in flash_attn wheels, and for the rollout-level
 cases the real engine and job dispatcher drive it (the agent loop below stands in for gRPC; the wheel a
-rollback needs from the artifact store is fetched by the real ``ArtifactJobRunner``).
+rollback needs from the artifact store is fetched by the real ``ArtifactJobRunner``). The controller is
+controller.testing's: the node is enrolled and registered through the registry, its facts reported by its agent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from sqlalchemy import select
 
 from agent.artifact_jobs import ArtifactJobRunner
 from agent.executor import AnsibleJobRunner
+from agent.profiles import load_profile
 from controller.artifacts import Provenance
 from controller.rollout import service
 from controller.rollout.core import State
@@ -34,10 +37,11 @@ from controller.rollout.engine import RolloutEngine, plan_from_json
 from controller.rollout.expectation import expected_after_rollback
 from controller.rollout.models import Rollout, RolloutNode
 from controller.rollout.service import RolloutRequest
-from controller.store.models import Node
+from controller.testing import FakeFleet
+from fleet.facts import FlashAttnFacts
 from fleet.jobs import JobOutcome, JobSpec
 from tests.integration.harness.wheels import build_wheel, sha256_file
-from tests.unit.rollout.simfleet import SimFleet, wait_for
+from tests.unit.rollout.wait import wait_for
 
 HOST = "gpu-real-1"
 
@@ -92,25 +96,22 @@ class RealNode:
 
 
 @pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[SimFleet]:
-    f = SimFleet.create(tmp_path / "controller")
+async def fleet(tmp_path: Path) -> AsyncIterator[FakeFleet]:
+    f = FakeFleet.create(tmp_path / "controller")
     yield f
     await f.close()
 
 
-def register(fleet: SimFleet, node: RealNode, before: str | None) -> str:
+async def register(fleet: FakeFleet, node: RealNode, before: str | None) -> str:
     """The node in the controller with its facts at rollout start (``before``: its flash-attn then), and a
     rollout of it that is done (what a rollback starts from)."""
-    fleet.register(HOST, "h100")
-    with fleet.store.session() as s:
-        row = s.scalar(select(Node).where(Node.hostname == HOST))
-        assert row is not None
-        facts = dict(row.facts)
-        facts["python"] = {**facts["python"], "executable": node.python}
-        facts["flash_attn"] = {"version": before, "variant": "fa2"} if before else None
-        row.facts = facts
-    rid = str(service.start_rollout(fleet.store, RolloutRequest(nodes=HOST, canary=0, batch="100%"))["id"])
-    with fleet.store.session() as s:  # the rollout ran (the install is done below, for real)
+    facts = load_profile("h100", HOST)
+    await fleet.add_node(replace(facts, python=replace(facts.python, executable=node.python),
+                                 flash_attn=FlashAttnFacts(before, "fa2") if before else None))
+    # the real agent loop below takes the node's jobs: the fake one must not
+    await fleet.stop_agent(HOST)
+    rid = str(service.start_rollout(fleet.ctx.store, RolloutRequest(nodes=HOST, canary=0, batch="100%"))["id"])
+    with fleet.ctx.store.session() as s:  # the rollout ran (the install is done below, for real)
         r = s.get(Rollout, rid)
         n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid))
         assert r is not None and n is not None
@@ -118,19 +119,19 @@ def register(fleet: SimFleet, node: RealNode, before: str | None) -> str:
     return rid
 
 
-def engine_rollback_vars(fleet: SimFleet, rid: str) -> dict[str, Any]:
+def engine_rollback_vars(fleet: FakeFleet, rid: str) -> dict[str, Any]:
     """Exactly what the engine sends for the node's rollback step: its own ``_job_vars``."""
-    engine = fleet.engine()
-    with fleet.store.session() as s:
+    engine = fleet.new_engine()
+    with fleet.ctx.store.session() as s:
         r = s.get(Rollout, rid)
         n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == HOST))
         assert r is not None and n is not None
         return engine._job_vars(s, r, n, plan_from_json(n.plan), State.ROLLING_BACK)
 
 
-async def test_none_before_rollback_removes(fleet: SimFleet, tmp_path: Path) -> None:
+async def test_none_before_rollback_removes(fleet: FakeFleet, tmp_path: Path) -> None:
     node = RealNode(tmp_path)
-    rid = register(fleet, node, None)
+    rid = await register(fleet, node, None)
     await node.install(node.wheel("2.8.3"))
     assert node.installed() == "2.8.3" and node.record("previous") == {"dist": "flash-attn", "version": None,
                                                                         "wheel": None, "sha256": None}
@@ -144,11 +145,11 @@ async def test_none_before_rollback_removes(fleet: SimFleet, tmp_path: Path) -> 
     assert again.status == "successful" and again.result["stats"]["changed"] == 0, again.result
 
 
-async def test_previous_fleetctl_install_restores_that_wheel(fleet: SimFleet, tmp_path: Path) -> None:
+async def test_previous_fleetctl_install_restores_that_wheel(fleet: FakeFleet, tmp_path: Path) -> None:
     node = RealNode(tmp_path)
     old, new = node.wheel("2.6.3"), node.wheel("2.8.3")
     await node.install(old)  # an earlier rollout installed 2.6.3: the node keeps that wheel
-    rid = register(fleet, node, "2.6.3")
+    rid = await register(fleet, node, "2.6.3")
     await node.install(new)
     previous = node.record("previous")
     assert node.installed() == "2.8.3" and previous is not None and previous["sha256"] == sha256_file(old)
@@ -166,11 +167,11 @@ async def test_previous_fleetctl_install_restores_that_wheel(fleet: SimFleet, tm
     assert node.installed() == "2.6.3"
 
 
-async def test_previous_not_from_fleetctl_without_a_stored_wheel_fails_clearly(fleet: SimFleet,
+async def test_previous_not_from_fleetctl_without_a_stored_wheel_fails_clearly(fleet: FakeFleet,
                                                                                tmp_path: Path) -> None:
     node = RealNode(tmp_path)
     node.pip_install(node.wheel("2.6.3"))  # there before fleetctl: no wheel kept
-    rid = register(fleet, node, "2.6.3")
+    rid = await register(fleet, node, "2.6.3")
     await node.install(node.wheel("2.8.3"))
     assert node.record("previous") == {"dist": "flash-attn", "version": "2.6.3", "wheel": None, "sha256": None}
     out = await node.run("rollback", engine_rollback_vars(fleet, rid))
@@ -186,28 +187,29 @@ async def test_previous_not_from_fleetctl_without_a_stored_wheel_fails_clearly(f
 class StoreClient:
     """The agent's FetchArtifact, straight from the controller's artifact store (the gRPC hop left out)."""
 
-    def __init__(self, fleet: SimFleet) -> None:
+    def __init__(self, fleet: FakeFleet) -> None:
         self.fleet = fleet
 
     async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path:
-        info = self.fleet.artifacts.get(sha256)
+        artifacts = self.fleet.ctx.artifacts
+        info = artifacts.get(sha256)
         dest_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.fleet.artifacts.path_for(sha256), dest_dir / info.filename)
+        shutil.copyfile(artifacts.path_for(sha256), dest_dir / info.filename)
         return dest_dir / info.filename
 
     async def upload_artifact(self, path: Path, kind: str = "other", **_: Any) -> str:
-        return self.fleet.artifacts.put_file(path, kind, provenance=Provenance.user("test-store-client")).sha256
+        return self.fleet.ctx.artifacts.put_file(path, kind, provenance=Provenance.user("test-store-client")).sha256
 
 
 @contextlib.asynccontextmanager
-async def real_agent_and_engine(fleet: SimFleet, node: RealNode) -> AsyncIterator[RolloutEngine]:
+async def real_agent_and_engine(fleet: FakeFleet, node: RealNode) -> AsyncIterator[RolloutEngine]:
     runner = ArtifactJobRunner(node.runner, node.tmp / "agent" / "artifacts", StoreClient(fleet))
 
     async def agent() -> None:
-        async for spec in fleet.jobs.stream_for(HOST):
-            fleet.jobs.complete(HOST, await runner.run(spec, lambda e: None))
+        async for spec in fleet.ctx.jobs.stream_for(HOST):
+            fleet.ctx.jobs.complete(HOST, await runner.run(spec, lambda e: None))
 
-    engine = fleet.engine()
+    engine = fleet.new_engine()
     tasks = [asyncio.create_task(agent()), asyncio.create_task(engine.run())]
     try:
         yield engine
@@ -219,18 +221,18 @@ async def real_agent_and_engine(fleet: SimFleet, node: RealNode) -> AsyncIterato
                 await t
 
 
-def rollout(fleet: SimFleet, rid: str) -> dict[str, Any]:
-    return service.get_status(fleet.store, rid)
+def rollout(fleet: FakeFleet, rid: str) -> dict[str, Any]:
+    return service.get_status(fleet.ctx.store, rid)
 
 
-async def test_rollout_rollback_failed_then_fixed_with_a_stored_wheel(fleet: SimFleet, tmp_path: Path) -> None:
+async def test_rollout_rollback_failed_then_fixed_with_a_stored_wheel(fleet: FakeFleet, tmp_path: Path) -> None:
     node = RealNode(tmp_path)
     old = node.wheel("2.6.3")
     node.pip_install(old)  # there before fleetctl
-    rid = register(fleet, node, "2.6.3")
+    rid = await register(fleet, node, "2.6.3")
     await node.install(node.wheel("2.8.3"))
     async with real_agent_and_engine(fleet, node):
-        service.rollback(fleet.store, rid, "carol")
+        service.rollback(fleet.ctx.store, rid, "carol")
         await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
         st = rollout(fleet, rid)
         assert st["status"] == "rollback-failed", st  # never rolled-back
@@ -240,29 +242,29 @@ async def test_rollout_rollback_failed_then_fixed_with_a_stored_wheel(fleet: Sim
         assert node.installed() == "2.8.3"
 
         # the fix the error names: a wheel of 2.6.3 in the artifact store; rolling back again retries the node
-        fleet.artifacts.put_file(old, "wheel", provenance=Provenance.user("carol"))
-        service.rollback(fleet.store, rid, "carol")
+        fleet.ctx.artifacts.put_file(old, "wheel", provenance=Provenance.user("carol"))
+        service.rollback(fleet.ctx.store, rid, "carol")
         await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
         st = rollout(fleet, rid)
     assert st["status"] == "rolled-back", st
     assert node.installed() == "2.6.3"
     current = node.record("current")
     assert current is not None and current["sha256"] == sha256_file(old)
-    with fleet.store.session() as s:
+    with fleet.ctx.store.session() as s:
         expected = expected_after_rollback(s, HOST)
     assert expected is not None and expected.flash_attn == "2.6.3" and expected.verify_expect == "flash_attn"
 
 
-async def test_rollout_rollback_to_nothing_expects_no_flash_attn(fleet: SimFleet, tmp_path: Path) -> None:
+async def test_rollout_rollback_to_nothing_expects_no_flash_attn(fleet: FakeFleet, tmp_path: Path) -> None:
     node = RealNode(tmp_path)
-    rid = register(fleet, node, None)
+    rid = await register(fleet, node, None)
     await node.install(node.wheel("2.8.3"))
     async with real_agent_and_engine(fleet, node):
-        service.rollback(fleet.store, rid, "carol")
+        service.rollback(fleet.ctx.store, rid, "carol")
         await wait_for(lambda: rollout(fleet, rid)["status"] not in ("rolling-back",), timeout=240)
     st = rollout(fleet, rid)
     assert st["status"] == "rolled-back", st
     assert node.installed() is None
-    with fleet.store.session() as s:
+    with fleet.ctx.store.session() as s:
         expected = expected_after_rollback(s, HOST)
     assert expected is not None and expected.flash_attn is None and expected.verify_expect == "sdpa"
