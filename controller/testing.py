@@ -14,6 +14,21 @@ written by its owner. Only the agents are fake. A ``FakeAgent`` sits where the g
 * a ``verify`` job reports a ``fleet.verification`` result with the figures scripted for the node (or the
   usual figures of its GPU model); the controller judges it (``verify_store``), as it judges a real node's.
 
+What a test can make the simulated fleet do (all of it simulated, none of it a real agent's code):
+
+* per node and job kind (``FakeFleet.script``, a ``JobScript``): take ``seconds``; fail with an ``error``
+  and a failed task's ``log``; ``hang`` (take the job and never answer); succeed without changing the
+  node's flash-attn (``installs=False``); for ``verify``: other ``figures``, a replayed real ``result``, or
+  a flash-attn that fails to import (``import_error``) — an agent without a verification runner is a
+  verify ``JobScript(error="unknown job kind 'verify'...")``;
+* per job kind, how long an unscripted job takes (``kind_seconds``; ``default_seconds`` for the rest);
+* nodes: add them (``add_node(s)``, from ``agent.profiles.load_profile`` or any ``NodeFacts``), change their
+  facts under the agent (``change_facts``, also "the node is heard of again"), stop an agent
+  (``stop_agent``: its jobs are never answered), restart one holding jobs or none (``restart_agent``), take a
+  node offline (``set_offline``); an agent's call answered with a database error is sent again;
+* the controller's side: ``start_engine`` / ``new_engine`` (a second controller's engine, other timings),
+  ``start_rollout`` / ``wait_rollout``, ``verify``, and what was dispatched (``job_counts``, ``jobs_of_kind``).
+
 Nothing here touches a GPU or runs a playbook; every node, result and job is flagged ``simulated: true``.
 Async API (``FakeFleet``, for tests running in an event loop) and a thread-backed one for synchronous
 callers (``FleetThread``: TestClient tests, scripts/screenshots.py, benchmarks/dashboard_10k.py)::
