@@ -67,7 +67,7 @@ class _Collector:
             lag_max.add_metric([], lags[-1] if lags else 0.0)
             yield lag_max
 
-            yield from _rollout_metrics(sources.rollouts(s, limit=20) or [])
+            yield from _rollout_metrics(sources.rollouts(s, limit=20))
             yield from _verification_metrics(sources.verification_metrics(s))
             yield _job_histogram(s.execute(select(Job.kind, Job.started_at, Job.finished_at).where(
                 Job.finished_at.is_not(None), Job.started_at.is_not(None))).all())

@@ -39,14 +39,12 @@ def fleet_median(session: Session, gpu_model: str, simulated: bool | None = None
     return verification_views.fleet_median(session, gpu_model, simulated=simulated)
 
 
-def plan_for(session: Session, record: NodeRecord, state_dir: Any = None) -> dict[str, Any] | None:
+def plan_for(session: Session, record: NodeRecord, state_dir: Any = None) -> dict[str, Any]:
     """The resolver's current decision for this node's facts (DESIGN §3.2 decision, default policy, the
     controller's catalog: its additions in STATE/catalog.json, the built-in list and the wheels in the
-    artifact store, as a rollout sees them), or None when no facts are stored; unreadable facts give a
-    ``blocked`` decision that says why."""
+    artifact store, as a rollout sees them); facts that are missing or unreadable give a ``blocked`` decision
+    that says why (the registry's reason)."""
     if record.facts is None:
-        if not record.facts_json:
-            return None
         return _blocked(record.facts_error or "stored facts unreadable")
     try:
         catalog = controller_catalog(session, Path(state_dir) if state_dir else None)

@@ -84,7 +84,6 @@ def test_every_view_plans_the_wheel_rollout_1_built(store: Store, tmp_path: Path
     # installed: the dashboard's current plan is the built wheel, only verify
     with store.session() as s:
         shown = plan_for(s, record_of(s.scalars(select(Node)).one()), tmp_path)
-    assert shown is not None
     assert shown["variant"] == "fa2-wheel" and shown["steps"] == ["verify"], shown["reasons"]
     assert "(from artifact-store)" in shown["reasons"][0]
     # uninstalled (what rollout #2 saw): the rollout planner and the re-plan agree on install, no build
