@@ -327,14 +327,14 @@ class AnsibleJobRunner:
         pump = EventPump(loop, self.event_buffer, job.job_id)
         state = _RunState()
         deadline = time.monotonic() + job.timeout_s
-        why: list[str] = []
+        why: list[JobStatus] = []  # why the run was stopped from here: CANCELED or TIMEOUT
 
         def cancel_callback() -> bool:
             if cancel_ev.is_set():
-                why.append("canceled")
+                why.append(JobStatus.CANCELED)
                 return True
             if time.monotonic() > deadline:
-                why.append("timeout")
+                why.append(JobStatus.TIMEOUT)
                 return True
             return False
 
@@ -524,7 +524,9 @@ class AnsibleJobRunner:
         return ": " + " | ".join(lines[-5:])[-1000:] if lines else ""
 
     def _outcome(self, status: str, rc: int, stats: dict[str, Any], state: _RunState, pump: EventPump,
-                 why: list[str], job: JobSpec) -> JobOutcome:
+                 why: list[JobStatus], job: JobSpec) -> JobOutcome:
+        """Our job's outcome from ansible-runner's: ``status`` is the runner's own word (successful, failed,
+        timeout, canceled, error), ``why`` what this executor stopped the run for."""
         totals: dict[str, int] = {}
         for key in STAT_KEYS:
             per_host = stats.get(key) or {}
@@ -534,7 +536,7 @@ class AnsibleJobRunner:
         result["events_dropped"] = pump.dropped
         final: JobStatus
         error: str | None = None
-        if why and why[0] == "timeout":
+        if why and why[0] is JobStatus.TIMEOUT:
             final, error = JobStatus.TIMEOUT, f"{job.kind} ran past its timeout of {job.timeout_s:g} s and was killed"
         elif why or status == "canceled":
             final, error = JobStatus.CANCELED, f"{job.kind} was canceled and killed"

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.node_status import NodeStatus
 from controller.upstream import write_wheel
 from fleet.errors import FleetError
 
@@ -82,7 +83,8 @@ class RealNode:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             nodes = self.cli_json("nodes")["nodes"]
-            if any(n["hostname"] == HOSTNAME and n["status"] in ("online", "degraded") for n in nodes):
+            if any(n["hostname"] == HOSTNAME and n["status"] in (NodeStatus.ONLINE, NodeStatus.DEGRADED)
+                   for n in nodes):
                 return
             if self.proc.poll() is not None:
                 break

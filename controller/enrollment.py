@@ -28,6 +28,7 @@ from sqlalchemy import select, update
 
 from controller.audit import AuditCoalescer, audit
 from controller.ca import CertAuthority
+from controller.node_status import NodeStatus
 from controller.ratelimit import source_address
 from controller.store import Store, utcnow
 from controller.store.models import EnrollmentToken, Identity, Node
@@ -215,8 +216,8 @@ class Enrollment:
                 r.revoked_at = now
                 ids.append(r.id)
             node = s.scalar(select(Node).where(Node.hostname == hostname))
-            if node is not None and node.status != "offline":
-                node.status = "offline"
+            if node is not None and node.status != NodeStatus.OFFLINE:
+                node.status = NodeStatus.OFFLINE
                 node.status_changed_at = now
         for agent_id in ids:
             self.identities.mark_revoked(agent_id)

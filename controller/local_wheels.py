@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from controller.artifacts import provenance_of, trusted_for
 from controller.catalog import Catalog, default_catalog, parse_wheel_filename
 from controller.resolver import rules
+from controller.rollout.core import BuildStatus
 from controller.rollout.models import Build
 from controller.store.models import Artifact
 from fleet.errors import CatalogError
@@ -61,7 +62,7 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
     stored = {a.sha256: a for a in s.scalars(select(Artifact).where(Artifact.kind == "wheel"))}
     provenance = provenance_of(s, list(stored))
     out: list[dict[str, Any]] = []
-    builds = s.scalars(select(Build).where(Build.status == "succeeded").order_by(Build.finished_at.desc()))
+    builds = s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED).order_by(Build.finished_at.desc()))
     for b in builds:
         params = b.params or {}
         name = params.get("wheel_name")

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.node_status import NodeStatus
 from fleet.errors import ControllerUnavailable, ExecutionError, FleetError, UsageError
 from fleet.statedir import FILE_MODE, private_dir, tighten
 
@@ -241,6 +242,7 @@ class SimFleet:
         self.state.enroll_address = f"{controller_host}:{enroll_port}"
         self.state.http = f"http://127.0.0.1:{http_port}"
         self._save()
+        # local: httpx (~0.1 s) only once a controller is started, not at every `fleet-controller` start-up
         from controller.client import ControllerClient
 
         deadline = time.monotonic() + timeout
@@ -271,7 +273,7 @@ class SimFleet:
             node.pid = agent.pid
             self._save()
         while True:
-            registered = {n["hostname"] for n in client.get("/nodes")["nodes"] if n["status"] == "online"}
+            registered = {n["hostname"] for n in client.get("/nodes")["nodes"] if n["status"] == NodeStatus.ONLINE}
             missing = [n.hostname for n in self.state.nodes if n.hostname not in registered]
             if not missing:
                 break

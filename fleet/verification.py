@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet.errors import InputError
+from fleet.jobs import JobStatus
 
 SCHEMA_VERSION = 1
 
@@ -773,14 +774,14 @@ def judge(result: VerificationResult, *, fleet_regression: str | None = None) ->
 _PASSING_WORDS = frozenset({"pass", "passed", "ok"})
 
 
-def judge_job(job_status: str, job_result: Any, job_error: str | None = None, *,
+def judge_job(job_status: JobStatus, job_result: Any, job_error: str | None = None, *,
               fleet_regression: str | None = None) -> Verdict:
     """The verdict of a finished ``verify`` job: a job that did not succeed ends with its own state (``failed``,
     ``timeout``...); a full result (``{"verification": {...}}`` or the result itself) is ``judge``d; a
     malformed one is an ``error``. Runners without the full result (test doubles, old agents) report
     ``passed``/``ok``, a ``verdict``/``status`` word or ``import.ok``; a successful job that reports none of
     these passes: the job's success is the only evidence there is."""
-    if job_status != "successful":
+    if job_status != JobStatus.SUCCESSFUL:
         return Verdict(job_status, (job_error or f"verify job {job_status}",))
     res: Mapping[str, Any] = job_result if isinstance(job_result, Mapping) else {}
     payload = res.get("verification") if isinstance(res.get("verification"), Mapping) else (

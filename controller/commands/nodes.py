@@ -7,6 +7,7 @@ from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
+from controller.rollout.core import TERMINAL
 from fleet.cli import print_json
 from fleet.errors import FactsError, FleetError
 from fleet.facts import NodeFacts, OsFacts, parse_node
@@ -115,7 +116,7 @@ def handle_node(args: argparse.Namespace) -> int:
         print(f"  {e['at'][:19]}  {e['old'] or '-'} → {e['new']}  ({e['reason']})")
     print("\nrollouts (newest first):")
     for r in n["rollouts"]:
-        step = f" at {r['step']}" if r["step"] and r["state"] not in ("done", "failed", "skipped") else ""
+        step = f" at {r['step']}" if r["step"] and r["state"] not in TERMINAL else ""
         print(f"  {r['rollout_id']}  flash-attn {r['version']}  {r['variant'] or '-'}: {r['state']}{step}"
               f"  (rollout {r['rollout_status']})  {r['cause']}")
     if not n["rollouts"]:

@@ -157,7 +157,7 @@ def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, strea
                 if st["status"] == RolloutStatus.PAUSED:
                     stream.write(f"paused: {st['reason']}\nnext: fix the cause, then `fleetctl rollout resume {rid}` "
                                  f"(--retry-failed, --max-failures N), or `fleetctl rollout abort {rid}`\n")
-                elif st["status"] == "rollback-failed":
+                elif st["status"] == RolloutStatus.ROLLBACK_FAILED:
                     stream.write(f"{st['reason']}\n")
                 return code
             if wait_timeout and time.monotonic() - started > wait_timeout:
@@ -288,7 +288,8 @@ def handle_status(args: argparse.Namespace) -> int:
     for b in st["builds"]:
         print(f"build {b['status']:<9} on {b['builder']}: {b['artifact_filename'] or b['error'] or ''}"
               f"  [{b['build_key']}]")
-    if st["status"] == "rollback-failed":  # the footer carries each failed node's error; a script sees it too
+    # the footer carries each failed node's error; a script sees it too
+    if st["status"] == RolloutStatus.ROLLBACK_FAILED:
         return EXIT_ROLLBACK_FAILED
     return 0
 

@@ -48,6 +48,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.artifacts import VOUCHED, provenance_of, trusted_for
 from controller.audit import audit
+from controller.diagnose import diagnose
 from controller.jobs import JobDispatcher
 from controller.node_status import NodeStatus
 from controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
@@ -73,7 +74,7 @@ from controller.rollout.expectation import EXPECTED_KEY, record_after_rollback
 from controller.rollout.jobvars import NODE_VAR_PATTERNS, build_target_vars, checked_job_vars
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
-from controller.store.models import Job, Node
+from controller.store.models import Artifact, Job, Node
 from fleet.errors import ConflictError, FleetError, NotFoundError
 from fleet.jobs import JobOutcome, JobStatus
 from fleet.verification import judge_job
@@ -165,16 +166,12 @@ def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: st
 def diagnose_text(text: str) -> list[dict[str, Any]]:
     if not text:
         return []
-    try:
-        from controller.diagnose import diagnose
-    except ImportError:  # pragma: no cover - diagnosis lands separately
-        return []
     return [d.to_json() for d in diagnose(text)[:3]]
 
 
 def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
     """Pass/fail of a successful ``verify`` job, from ``fleet.verification.judge_job`` (the one judge)."""
-    verdict = judge_job("successful", result)
+    verdict = judge_job(JobStatus.SUCCESSFUL, result)
     why = "; ".join(r for r in verdict.reasons if r) or (
         "flash-attn imports, is correct and fast" if verdict.passed else verdict.status)
     nested = result.get("verification")
@@ -802,8 +799,6 @@ class RolloutEngine:
         """sha256 of a stored wheel of ``dist`` ``version`` that runs on the node (core.pick_previous_wheel)."""
         if self.artifacts is None:
             return None
-        from controller.store.models import Artifact
-
         prefix = f"{dist.replace('-', '_')}-{version.partition('+')[0]}"
         rows = s.execute(select(Artifact.filename, Artifact.sha256).where(
             Artifact.kind == "wheel", Artifact.filename.startswith(prefix, autoescape=True))).all()

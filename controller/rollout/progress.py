@@ -11,6 +11,8 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from controller.rollout.core import State
+
 BAR_WIDTH = 24
 
 
@@ -41,10 +43,10 @@ def event_lines(status: Mapping[str, Any], transitions: list[Mapping[str, Any]])
         line = f"{_time(t.get('at'))} [{tag}] {t['hostname']}: {t['from'] or 'new'} -> {t['to']}"
         if t.get("cause"):
             line += f"  ({t['cause']})"
-        if t["to"] == "failed":
+        if t["to"] == State.FAILED:
             line = line.replace(f"{t['hostname']}:", f"{t['hostname']}: FAILED", 1)
         out.append(line)
-        if t["to"] == "failed":
+        if t["to"] == State.FAILED:
             diag = n.get("diagnosis") or {}
             for d in (diag.get("diagnoses") or [])[:1]:
                 if isinstance(d, Mapping):
@@ -114,7 +116,7 @@ class ProgressView:
         if not self.tty:
             for line in footer_lines(status):
                 self.stream.write(line + "\n")
-        failed = [n for n in status.get("nodes", []) if n["state"] == "failed"]
+        failed = [n for n in status.get("nodes", []) if n["state"] == State.FAILED]
         if failed:
             self.stream.write(f"{len(failed)} node(s) failed:\n")
             for n in failed:

@@ -18,9 +18,13 @@ from sqlalchemy.orm import Session
 
 from controller import attention
 from controller.audit import audit
+from controller.catalog import default_catalog
+from controller.local_wheels import catalog_wheel_name, controller_catalog, local_wheel_entries
 from controller.node_status import NodeStatus
 from controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
 from controller.registry import NodeRecord, record_of, selection_info
+from controller.resolver import Policy, resolve
+from controller.resolver.model import PREFER, WORKLOADS
 from controller.rollout.core import (
     ACTIVE_ROLLOUT,
     MANUAL_CAUSE,
@@ -44,7 +48,7 @@ from controller.rollout.core import (
 from controller.rollout.engine import record
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
-from controller.store.models import Job, Node
+from controller.store.models import AuditLog, Job, Node
 from fleet.errors import ConflictError, NotFoundError, StaleFactsError, UsageError
 
 _create_lock = threading.Lock()
@@ -72,10 +76,7 @@ class RolloutRequest:
     actor: str = "admin"  # who authenticated (the audit actor)
     on_behalf_of: str | None = None  # the name the client claimed, when it differs (an audit detail only)
 
-    def policy(self, version: str) -> Any:
-        from controller.resolver import Policy
-        from controller.resolver.model import PREFER, WORKLOADS
-
+    def policy(self, version: str) -> Policy:
         if self.prefer not in PREFER or self.workload not in WORKLOADS:
             raise UsageError(f"prefer {self.prefer!r} / workload {self.workload!r} is not known",
                              hint=f"prefer: {', '.join(PREFER)}; workload: {', '.join(WORKLOADS)}")
@@ -136,11 +137,6 @@ class RolloutPlan:
         }
 
 
-def _catalog(state_dir: Path | None) -> Any:
-    from controller.catalog import default_catalog
-
-    return default_catalog(state_dir)
-
 
 def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = None,
                  catalog: Any = None, provisioner: Provisioner | None = None) -> RolloutPlan:
@@ -152,7 +148,7 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     budget = parse_budget(req.max_failures)
     if req.max_parallel is not None and req.max_parallel < 1:
         raise UsageError(f"--max-parallel {req.max_parallel} must be at least 1", hint="e.g. --max-parallel 10")
-    catalog = catalog if catalog is not None else _catalog(state_dir)
+    catalog = catalog if catalog is not None else default_catalog(state_dir)
     releases: Sequence[str] = catalog.releases
     version = req.version or catalog.newest_release
     if version is None:
@@ -169,15 +165,13 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         rows = sorted((r for r in every if r.hostname in chosen), key=lambda r: r.hostname)
         builds_done = {b.build_key: b.artifact_filename or b.artifact_sha256 or "" for b in
                        s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED))}
-        from controller.local_wheels import local_wheel_entries
-
         # wheels our source builds put in the artifact store: the resolver picks them like upstream wheels
         local = local_wheel_entries(s)
         if local:
             catalog = catalog.with_local_wheels(local)
         measured = _measured(s, rows, catalog, policy)
     local_sha = {e["filename"]: e["sha256"] for e in local}
-    planned = [_plan_node(row, catalog, policy, version, local_sha, provisioner,
+    planned = [plan_node(row, catalog, policy, version, local_sha, provisioner,
                           built=set(builds_done), measured=measured.get(row.hostname)) for row in rows]
     active = [p for p in planned if p.skip_reason is None]
 
@@ -222,17 +216,14 @@ def _measured(s: Session, nodes: Sequence[NodeRecord], catalog: Any, policy: Any
         return {}
     out: dict[str, Any] = {}
     for node in nodes:
-        if node.facts is not None and node.facts.gpus:  # unreadable facts: _plan_node skips the node, says why
+        if node.facts is not None and node.facts.gpus:  # unreadable facts: plan_node skips the node, says why
             out[node.hostname] = attention.measurements_for(s, node.facts, node.simulated, catalog, policy.workload)
     return out
 
 
-def _plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
-               provisioner: Provisioner | None, *, built: set[str], measured: Any = None) -> PlannedNode:
+def plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sha: Mapping[str, str],
+              provisioner: Provisioner | None, *, built: set[str], measured: Any = None) -> PlannedNode:
     """One node's rollout plan from its current facts (at start, and again when a failed node is retried)."""
-    from controller.local_wheels import catalog_wheel_name
-    from controller.resolver import resolve
-
     info = selection_info(row)
     facts = row.facts
     if facts is None:
@@ -438,7 +429,8 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
         "created_by": r.created_by, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
         "finished_at": _iso(r.finished_at), "current_batch": r.current_batch, "batches": r.batches,
         "options": opts, "counts": counts,
-        "budget": {"max_failures": str(budget), "allowed": budget.allowed(total), "failed": counts.get("failed", 0)},
+        "budget": {"max_failures": str(budget), "allowed": budget.allowed(total),
+                   "failed": counts.get(State.FAILED, 0)},
         "progress": progress_json(progress(counts)),
         "batch_progress": [{"batch": k, **progress_json(progress(v))} for k, v in sorted(by_batch.items())],
         "builds": [{"build_key": b.build_key, "status": b.status, "builder": b.builder,
@@ -496,8 +488,6 @@ def node_rollouts(s: Session, hostname: str, limit: int = 20) -> list[dict[str, 
 
 
 def audit_entries(store: Store, rid: str) -> list[dict[str, Any]]:
-    from controller.store.models import AuditLog
-
     with store.session() as s:
         rows = s.scalars(select(AuditLog).where(AuditLog.target == rid).order_by(AuditLog.id))
         return [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action, "detail": a.detail} for a in rows]
@@ -620,8 +610,6 @@ def _in_newer_rollout(s: Session, r: Rollout, n: RolloutNode) -> bool:
 def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Path | None,
             provisioner: Provisioner | None) -> dict[str, PlannedNode]:
     """Fresh plans for ``failed`` nodes: their current facts, the catalog and store now, the rollout's policy."""
-    from controller.local_wheels import controller_catalog, local_wheel_entries
-
     catalog = controller_catalog(s, state_dir)
     local_sha = {e["filename"]: e["sha256"] for e in local_wheel_entries(s)}
     built = {b.build_key for b in s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED))}
@@ -637,7 +625,7 @@ def _replan(s: Session, r: Rollout, failed: Sequence[RolloutNode], state_dir: Pa
     for n in failed:
         row = rows.get(n.hostname)
         if row is not None:
-            out[n.hostname] = _plan_node(row, catalog, policy, r.version, local_sha, provisioner, built=built,
+            out[n.hostname] = plan_node(row, catalog, policy, r.version, local_sha, provisioner, built=built,
                                          measured=measured.get(n.hostname))
     return out
 

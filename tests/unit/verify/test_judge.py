@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from agent.verify.simulated import SimFaults, simulate_verification
+from fleet.jobs import JobStatus
 from fleet.verification import judge, judge_job
 
 AT = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.UTC)
@@ -32,7 +33,7 @@ def full(faults: SimFaults | None = None) -> dict[str, Any]:
     ("failed", {"passed": True}, "rc 1", "failed", False),
 ])
 def test_judge_job(job_status: str, job_result: Any, error: str | None, status: str, degrades: bool) -> None:
-    verdict = judge_job(job_status, job_result, error)
+    verdict = judge_job(JobStatus(job_status), job_result, error)
     assert verdict.status == status and verdict.passed == (status == "pass")
     assert verdict.degrades_node == degrades
 
