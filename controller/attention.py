@@ -32,16 +32,18 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.catalog import Catalog
+from controller.resolver import Policy, resolve
 from controller.resolver.model import WORKLOADS, MeasuredImpl, Measurements
 from controller.store.models import Node
 from controller.verify_store import store as verification_store
 from fleet.errors import FactsError, InputError
-from fleet.facts import parse_node
+from fleet.facts import NodeFacts, parse_node
 from fleet.verification import (
     DecodeEntry,
     GqaEntry,
@@ -50,10 +52,6 @@ from fleet.verification import (
     row_label,
     row_problems,
 )
-
-if TYPE_CHECKING:
-    from controller.catalog import Catalog
-    from fleet.facts import NodeFacts
 
 PRIOR_PATH = Path(__file__).parent / "data" / "attention_prior.json"
 # Two runs of one shape on the lent H200 differed by ~1 % (docs/gpu-e2e.md); 3 % keeps noise from picking a
@@ -601,8 +599,6 @@ def node_recommendations(s: Session, facts: NodeFacts, simulated: bool, catalog:
 
 def install_costs(facts: NodeFacts, catalog: Catalog) -> dict[str, InstallCost]:
     """Each FlashAttention's install cost on this node, from the resolver's own plans (pure: resolve is)."""
-    from controller.resolver import Policy, resolve
-
     out: dict[str, InstallCost] = {}
     installed = facts.flash_attn
     for impl, policy, variants in (("fa2", Policy(), ("fa2-wheel", "fa2-source")),

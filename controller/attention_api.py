@@ -16,6 +16,10 @@ from sqlalchemy import select
 
 from controller import attention
 from controller.http_deps import API_PREFIX, Ctx, Viewer
+from controller.local_wheels import controller_catalog
+from controller.registry import record_of, selection_info
+from controller.resolver.model import WORKLOADS
+from controller.rollout.core import parse_selector, select_nodes
 from controller.store.models import Node
 from fleet.errors import FactsError, NotFoundError
 from fleet.facts import NodeFacts, parse_node
@@ -34,9 +38,7 @@ def router() -> APIRouter:
 
     @r.get("/attention/nodes/{hostname}")
     def node(hostname: str, ctx: Ctx, _: Viewer, workload: str | None = None) -> dict[str, Any]:
-        from controller.local_wheels import controller_catalog
-
-        workloads = (attention.profile(workload).name,) if workload else attention.WORKLOADS
+        workloads = (attention.profile(workload).name,) if workload else WORKLOADS
         with ctx.store.session() as s:
             row = s.scalars(select(Node).where(Node.hostname == hostname)).first()  # id is the key
             if row is None:
@@ -49,10 +51,6 @@ def router() -> APIRouter:
 
     @r.get("/attention/report")
     def report(ctx: Ctx, _: Viewer, nodes: str | None = None, workload: str = "prefill") -> dict[str, Any]:
-        from controller.local_wheels import controller_catalog
-        from controller.registry import record_of, selection_info
-        from controller.rollout.core import parse_selector, select_nodes
-
         with ctx.store.session() as s:
             registered = [selection_info(record_of(row)) for row in s.scalars(select(Node))]
             chosen = {n.hostname for n in select_nodes(parse_selector(nodes), registered)}

@@ -27,18 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from controller.artifacts import ArtifactStore, Provenance
+from controller.jobs import JobDispatcher
 from controller.store import utcnow
 from fleet.errors import ForbiddenError, NotFoundError
 from fleet.jobs import JobStatus
-
-if TYPE_CHECKING:
-    from controller.jobs import JobDispatcher
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Air-gapped controllers: every artifact some nodes' rollouts need, carried in one tar (docs/rollout.md).
 
 ``fleetctl bundle export`` runs on a connected host. It plans each node with the controller's own planning
-code (``controller.rollout.service._plan_node`` over the node's facts, or a controller's dry run), then gets
+code (``controller.rollout.service.plan_node`` over the node's facts, or a controller's dry run), then gets
 what each distinct kind of node needs with the controller's own ``Provisioner`` over a throw-away artifact
 store: the release wheel (or the sdist for a source build), the dependency closure resolved for the node's
 Python and platform, the pip wheel, and optionally the agent's own wheels. Same code as the controller, so
@@ -41,7 +41,9 @@ from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 
 from controller.artifacts import KINDS, ArtifactInfo, ArtifactStore, Provenance, check_sha256, safe_filename
+from controller.node_status import NodeStatus
 from controller.provisioning import NEVER_INSTALLED, NodeNeeds, Provisioner, bundled_pip_wheel
+from controller.store import open_store
 from controller.upstream import TargetEnv, UpstreamConfig, normalize
 from fleet.errors import ConflictError, FactsError, FleetError, InputError, NotFoundError
 from fleet.facts import NodeFacts
@@ -157,9 +159,9 @@ def plan_facts(entries: Sequence[NodeFacts | FactsError], catalog: Any, policy: 
 
     The planner reads a registry record; one made here (never stored) carries the facts, as for a real node
     whose agent runs playbooks (``executor: ansible``: those are the nodes that take artifacts)."""
-    from controller.node_status import NodeStatus
+    # local: the planner pulls in the rollout engine, jobs and the registry (~0.3 s); `fleetctl` imports this module
     from controller.registry import NodeRecord
-    from controller.rollout.service import _plan_node
+    from controller.rollout.service import plan_node
 
     out = []
     for i, facts in enumerate(entries):
@@ -169,7 +171,7 @@ def plan_facts(entries: Sequence[NodeFacts | FactsError], catalog: Any, policy: 
         row = NodeRecord(hostname=facts.hostname, status=NodeStatus.ONLINE, last_seen=now, status_changed_at=now,
                          simulated=False, registered_at=now, facts_updated_at=now, agent=None, facts=facts,
                          facts_error=None, facts_json=facts.to_json(), extra={"executor": "ansible"})
-        out.append(_plan_node(row, catalog, policy, version, {}, None, built=set()).to_json())
+        out.append(plan_node(row, catalog, policy, version, {}, None, built=set()).to_json())
     return out
 
 
@@ -359,8 +361,6 @@ def _now() -> str:
 @contextlib.contextmanager
 def scratch_provisioner(config: UpstreamConfig) -> Iterator[tuple[Provisioner, Path]]:
     """A ``Provisioner`` over a throw-away SQLite artifact store (removed afterwards)."""
-    from controller.store import open_store
-
     with tempfile.TemporaryDirectory(prefix="fleet-bundle-") as tmp:
         root = Path(tmp)
         store = open_store(f"sqlite:///{root / 'store.db'}")

@@ -24,6 +24,7 @@ from croniter.croniter import CroniterError
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from controller.rollout.core import parse_selector
 from controller.store import Store, utcnow
 from controller.verify_store.models import VerifySchedule, VerifyScheduleRun
 from fleet.errors import NotFoundError, StoreError, UsageError
@@ -86,8 +87,6 @@ def schedule_json(row: VerifySchedule, last_due: dt.datetime | None = None,
 
 def add_schedule(store: Store, cron: str, selector: str, *, mode: str = "full", actor: str = "admin",
                  now: dt.datetime | None = None) -> dict[str, Any]:
-    from controller.rollout.core import parse_selector
-
     expr = parse_cron(cron)
     parse_selector(selector)  # the rollout's selector syntax; errors name the bad term
     if mode not in MODES:

@@ -22,9 +22,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.registry import read_facts
 from controller.catalog import builtin_catalog
 from controller.diagnose import diagnose
+from controller.registry import read_facts
 from controller.resolver import Policy, resolve
 from controller.store import utcnow
 from controller.store.models import Node

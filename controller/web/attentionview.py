@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from controller import attention
 from controller.local_wheels import controller_catalog
 from controller.registry import NodeRecord
+from controller.resolver.model import WORKLOADS
 from fleet.errors import FleetError
 
 DEFAULT_WORKLOAD = "prefill"
@@ -32,7 +33,7 @@ class NodeAttention:
 def workload_of(value: str | None) -> str:
     """The page's workload: the query's when it is one (an unknown one falls back to the default, as the page's
     own links only offer the known ones)."""
-    return value if value in attention.WORKLOADS else DEFAULT_WORKLOAD
+    return value if value in WORKLOADS else DEFAULT_WORKLOAD
 
 
 def fleet_table(s: Session, state_dir: Path | None, workload: str) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def fleet_table(s: Session, state_dir: Path | None, workload: str) -> dict[str, 
     the install cost and which nodes run something slower than their best."""
     report = attention.fleet_report(s, controller_catalog(s, state_dir), workload)
     return {"workload": workload, "profile": attention.profile(workload).describe(),
-            "workloads": attention.WORKLOADS, "groups": [row.to_json() for row in report.rows],
+            "workloads": WORKLOADS, "groups": [row.to_json() for row in report.rows],
             "unreadable_facts": list(report.unreadable_facts)}
 
 

@@ -13,8 +13,12 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
+from controller.rollout.models import RolloutNode
+from controller.rollout.service import rollout_builds as builds_of
 from controller.web import sources
 
 VERIFY_MODES = {"full": "full verification", "quick": "quick verification"}
@@ -136,11 +140,6 @@ def rollout_builds(session: Session, rollout_id: str) -> list[dict[str, Any]]:
     """The builds of the rollout nodes' build keys (those ``fleetctl rollout status`` lists), in the order
     the rollout scheduled their nodes; ``duration_s``/``duration`` (created → finished) once one finished,
     ``reused`` when an earlier rollout built it."""
-    from sqlalchemy import select
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
-    from controller.rollout.models import RolloutNode
-    from controller.rollout.service import rollout_builds as builds_of
     try:
         builds = builds_of(session, list(session.scalars(
             select(RolloutNode.build_key).where(RolloutNode.rollout_id == rollout_id)
