@@ -115,7 +115,7 @@ def test_replay_through_store_planner_and_dashboard(d: Path, store: Store, tmp_p
     verify_job = next(j for j in sorted(loaded["jobs"], key=lambda j: j["created_at"]) if j["kind"] == "verify")
     with store.session() as s:
         row = vs.record(s, host, parse_result(read(d, "verification.json")), job_id=verify_job["id"],
-                        trigger="rollout", facts=loaded["facts"])
+                        trigger="rollout", facts=parse_node(loaded["facts"]))
         assert row.passed is (not meta["simulated"])
     # a later rollout on this store picks the wheel rollout #1 built (facts without flash-attn, as after uninstall)
     version = r1["version"]
