@@ -38,12 +38,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.catalog import Catalog
+from controller.registry import record_of
 from controller.resolver import Policy, resolve
 from controller.resolver.model import WORKLOADS, MeasuredImpl, Measurements
 from controller.store.models import Node
 from controller.verify_store import store as verification_store
-from fleet.errors import FactsError, InputError
-from fleet.facts import NodeFacts, parse_node
+from fleet.errors import InputError
+from fleet.facts import NodeFacts
 from fleet.verification import (
     DecodeEntry,
     GqaEntry,
@@ -770,13 +771,12 @@ def fleet_report(s: Session, catalog: Catalog, workload: str,
     for row in s.scalars(select(Node).order_by(Node.hostname)):
         if hostnames is not None and row.hostname not in hostnames:
             continue
-        try:
-            facts = parse_node(row.facts)
-        except FactsError:
+        record = record_of(row)
+        if record.facts is None:
             skipped.append(row.hostname)
             continue
-        own = [e for e in node_evidence(s, facts, bool(row.simulated)) if e.source.kind == "node"]
-        members.append((facts, own))
+        own = [e for e in node_evidence(s, record.facts, record.simulated) if e.source.kind == "node"]
+        members.append((record.facts, own))
     return FleetReport(workload, tuple(report(members, workload, catalog)), tuple(skipped))
 
 

@@ -17,20 +17,20 @@ from sqlalchemy import select
 from controller import attention
 from controller.http_deps import API_PREFIX, Ctx, Viewer
 from controller.local_wheels import controller_catalog
-from controller.registry import record_of, selection_info
+from controller.registry import read_facts, record_of, selection_info
 from controller.resolver.model import WORKLOADS
 from controller.rollout.core import parse_selector, select_nodes
 from controller.store.models import Node
-from fleet.errors import FactsError, NotFoundError
-from fleet.facts import NodeFacts, parse_node
+from fleet.errors import NotFoundError
+from fleet.facts import NodeFacts
 
 
 def _facts(row: Node) -> NodeFacts:
-    try:
-        return parse_node(row.facts)
-    except FactsError as exc:
-        raise NotFoundError(f"node {row.hostname} has unreadable facts: {exc.message}",
-                            hint="wait for the agent's next facts report, or fix the agent") from None
+    facts, error = read_facts(row.facts)
+    if facts is None:
+        raise NotFoundError(f"node {row.hostname} has no readable facts: {error}",
+                            hint="wait for the agent's next facts report, or fix the agent")
+    return facts
 
 
 def router() -> APIRouter:

@@ -34,4 +34,4 @@ async def test_node_with_unreadable_facts_prints_why_instead_of_crashing(
     facts_line = next(line for line in out.splitlines() if line.startswith("  facts "))
     assert "unreadable" in facts_line and "python" in facts_line and "next facts report" in facts_line
     assert "  status      online" in out and "facts history (newest first):" in out and "\nverification:" in out
-    assert "attention: unavailable (node old has unreadable facts" in out  # the other sections still print
+    assert "attention: unavailable (node old has no readable facts" in out  # the other sections still print
