@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from controller.bundle import Lock, export_bundle, extract_verified, needing_artifacts, plan_facts, read_lock
+from controller.catalog import default_catalog, load_catalog_file
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.artifacts import upload
+from controller.commands.plan import load_fleet, policy_from_args
 from controller.commands.table import render
 from controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
 from fleet.cli import print_json
@@ -95,9 +97,6 @@ def _plans(args: argparse.Namespace) -> list[Mapping[str, Any]]:
 
 
 def _plans_from_facts(args: argparse.Namespace) -> list[Mapping[str, Any]]:
-    from controller.catalog import default_catalog, load_catalog_file
-    from controller.commands.plan import load_fleet, policy_from_args
-
     policy = policy_from_args(args)
     catalog = load_catalog_file(args.catalog) if args.catalog else default_catalog(args.state_dir)
     version = policy.version or catalog.newest_release
@@ -127,8 +126,6 @@ def _plans_from_file(path: Path) -> list[Mapping[str, Any]]:
 
 
 def _plans_from_controller(args: argparse.Namespace) -> list[Mapping[str, Any]]:
-    from controller.commands.plan import policy_from_args
-
     policy = policy_from_args(args)
     body = {"version": policy.version, "nodes": args.nodes, "dry_run": True, "actor": "bundle-export",
             "fa3": policy.fa3, "fa4": policy.fa4, "source_builds": policy.source_builds}

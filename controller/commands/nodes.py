@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
+from controller.commands.attention import render_node
 from controller.commands.table import render
+from controller.commands.verify import print_node_health
 from controller.rollout.core import TERMINAL
 from fleet.cli import print_json
 from fleet.errors import FactsError, FleetError
@@ -121,11 +123,7 @@ def handle_node(args: argparse.Namespace) -> int:
               f"  (rollout {r['rollout_status']})  {r['cause']}")
     if not n["rollouts"]:
         print(f"  none (`fleetctl rollout flash-attn --nodes {n['hostname']}`)")
-    from controller.commands.verify import print_node_health
-
     print_node_health(n["verification"])
-    from controller.commands.attention import render_node
-
     if "error" in n["attention"]:
         print(f"\nattention: unavailable ({n['attention']['error']})")
     else:

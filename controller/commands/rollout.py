@@ -18,6 +18,7 @@ from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
+from controller.resolver import Policy
 from controller.resolver.model import WORKLOADS
 from controller.rollout.core import RolloutStatus
 from controller.rollout.progress import ProgressView, footer_lines
@@ -195,8 +196,6 @@ def _print_plan(out: dict[str, Any]) -> None:
 
 def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
     """version/fa3/fa4/source_builds from --policy FILE, then the flags (which win)."""
-    from controller.resolver import Policy
-
     policy = Policy.load(args.policy) if args.policy else Policy()
     return {"version": args.version or policy.version, "fa3": args.fa3 or policy.fa3, "fa4": args.fa4 or policy.fa4,
             "source_builds": policy.source_builds if args.source_builds is None else args.source_builds,

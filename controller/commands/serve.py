@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from controller import settings
+from fleet.text import install_safe_logging
 
 
 def register(subparsers: Any) -> None:
@@ -26,10 +27,8 @@ def register(subparsers: Any) -> None:
 def handle(args: argparse.Namespace) -> int:
     chosen = settings.settings_from(args, os.environ)
     # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
-    from fleet.text import install_safe_logging
-
     install_safe_logging(chosen.log_level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    from controller.app import serve
+    from controller.app import serve  # local: the whole controller (FastAPI, gRPC: ~1 s), not at every start-up
 
     return asyncio.run(serve(chosen))

@@ -15,12 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from controller.api_tokens import create_token, list_tokens, revoke_token
+from controller.store.db import Store, open_store
+from controller.users import validate_name
 from fleet.cli import print_json
 from fleet.errors import UsageError
 from fleet.statedir import DEFAULT_STATE_DIR
 
-# The handlers import the server side (SQLAlchemy, scrypt, the store) when they run, not here: the command line
-# imports every command module to build its parser, and `--help` or another command should not pay for them.
+# The user handlers import the dashboard's accounts (controller.web.auth: FastAPI and scrypt, ~1 s) when they run,
+# not here: the command line imports every command module to build its parser, and `--help` should not pay for them.
 
 
 def register(subparsers: Any) -> None:
@@ -63,8 +66,7 @@ def register(subparsers: Any) -> None:
     tr.set_defaults(handler=_token_revoke)
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from controller.store.db import open_store
+def _store(args: argparse.Namespace) -> Store:
     url = args.db or f"sqlite:///{(args.state_dir / 'controller.db').resolve()}"
     return open_store(url)
 
@@ -81,8 +83,7 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from controller.users import validate_name
-    from controller.web.auth import add_user
+    from controller.web.auth import add_user  # local: FastAPI and scrypt (~1 s), see above
     validate_name(args.name)
     password = _password(args)
     store = _store(args)
@@ -95,7 +96,7 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from controller.web.auth import list_users
+    from controller.web.auth import list_users  # local: FastAPI and scrypt (~1 s), see above
     store = _store(args)
     try:
         users = list_users(store)
@@ -113,7 +114,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from controller.web.auth import remove_user
+    from controller.web.auth import remove_user  # local: FastAPI and scrypt (~1 s), see above
     store = _store(args)
     try:
         remove_user(store, args.name)
@@ -132,8 +133,7 @@ def _local_actor() -> str:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from controller.api_tokens import create_token
-    from controller.commands.tokens import parse_ttl
+    from controller.commands.tokens import parse_ttl  # local: fleetctl's module, its HTTP client (httpx) with it
     ttl = dt.timedelta(seconds=parse_ttl(args.ttl))
     store = _store(args)
     try:
@@ -151,7 +151,6 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    from controller.api_tokens import list_tokens
     store = _store(args)
     try:
         rows = list_tokens(store, args.name)
@@ -167,7 +166,6 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    from controller.api_tokens import revoke_token
     store = _store(args)
     try:
         listing = revoke_token(store, args.ref, actor=_local_actor())
