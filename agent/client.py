@@ -44,7 +44,15 @@ import grpc.aio
 
 from agent import wire
 from agent.jobs import JobRunner
-from fleet.errors import AuthError, ConflictError, ControllerUnavailable, FleetError, ForbiddenError, InputError
+from fleet.errors import (
+    AuthError,
+    ConflictError,
+    ControllerUnavailable,
+    FleetError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+)
 from fleet.facts import MAX_FACTS_BYTES, NodeFacts
 from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.statedir import FILE_MODE, private_dir, state_dir_error, tighten
@@ -113,8 +121,6 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
         return AuthError(f"{what} refused by the controller: {detail}",
                          hint="enroll again with a fresh token (`fleetctl token create`)")
     if code == grpc.StatusCode.NOT_FOUND:
-        from fleet.errors import NotFoundError
-
         return NotFoundError(f"{what}: {detail}", hint="see the message")
     if code == grpc.StatusCode.ALREADY_EXISTS:
         return ConflictError(f"{what} refused: {detail}", hint="see the message")

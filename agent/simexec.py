@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.verify.simulated import simulate_for_facts
 from fleet.facts import FlashAttnFacts, NodeFacts
 from fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleet.verification import EXPECTS
@@ -134,8 +135,6 @@ class SimulatedJobRunner:
                                       "restored_version": before.version if before else None}
                 self._save()
         elif job.kind == "verify":
-            from agent.verify.simulated import simulate_for_facts
-
             mode = str(job.vars.get("mode") or "quick")
             expect = job.vars.get("expect") if job.vars.get("expect") in EXPECTS else None
             result["verification"] = simulate_for_facts(self.facts, mode=mode if mode in ("quick", "full")

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from agent.probes import collect_facts
+from agent.profiles import load_profile
 from fleet.cli import print_json
 from fleet.facts import NodeFacts, parse_node
 
@@ -32,12 +34,8 @@ def register(subparsers: Any) -> None:
 
 def gather(args: argparse.Namespace) -> NodeFacts:
     if args.simulate:
-        from agent.profiles import load_profile
-
         facts = load_profile(args.simulate, args.hostname)
     else:
-        from agent.probes import collect_facts
-
         facts = collect_facts(args.python, check_apt=args.apt, root=args.root, hostname=args.hostname,
                               apt_options=args.apt_option)
     # What we print must be what the controller accepts: re-parse our own output (FactsError if not).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -13,10 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.artifact_jobs import ArtifactJobRunner
 from agent.client import Agent, AgentConfig, NoExecutor
+from agent.executor import AnsibleJobRunner
 from agent.jobs import JobRunner
+from agent.probes import Probes, collect_facts
+from agent.probes.chroot import probes_in_root
+from agent.probes.target_python import default_target_python
+from agent.profiles import load_profile
+from agent.simexec import SimulatedJobRunner
+from agent.verify.job import CompositeRunner, VerifyJobRunner
 from fleet.errors import UsageError
 from fleet.facts import NodeFacts
+from fleet.text import install_safe_logging
 
 
 def register(subparsers: Any) -> None:
@@ -86,8 +96,6 @@ def absolute_paths(args: argparse.Namespace) -> None:
 
 def make_facts_source(args: argparse.Namespace) -> Any:
     if args.simulate:
-        from agent.profiles import load_profile
-
         facts = load_profile(args.simulate, args.hostname)
         if args.executor == "ansible":
             return rehearsal_facts(facts, args.python, getattr(args, "root", None))
@@ -98,8 +106,6 @@ def make_facts_source(args: argparse.Namespace) -> Any:
         return simulated
 
     def probed() -> NodeFacts:
-        from agent.probes import collect_facts
-
         return collect_facts(args.python, hostname=args.hostname)
 
     return probed
@@ -112,17 +118,9 @@ def rehearsal_facts(profile: NodeFacts, python: str | None,
     With ``root`` (the node's Debian root the playbooks chroot into) the target Python and ``nvcc`` are probed
     inside that root (agent/probes/chroot.py), so the toolkit the cuda-toolkit playbook installs is reported too.
     ``extra`` says ``simulated: true`` and ``rehearsal: true``."""
-    import dataclasses
 
     def facts() -> NodeFacts:
-        from agent.probes import Probes
-        from agent.probes.target_python import default_target_python
-
-        probes = Probes()
-        if root is not None:
-            from agent.probes.chroot import probes_in_root
-
-            probes = probes_in_root(root)
+        probes = probes_in_root(root) if root is not None else Probes()
         interpreter = python or default_target_python()
         target = probes.target.probe(interpreter)
         extra = {**profile.extra, "simulated": True, "rehearsal": True, "target_python": interpreter,
@@ -141,7 +139,6 @@ def rehearsal_facts(profile: NodeFacts, python: str | None,
 def labelled(facts: Callable[[], NodeFacts], executor: str) -> Callable[[], NodeFacts]:
     """Facts that say how this agent runs jobs (``extra.executor``): the controller fetches real artifacts only
     for nodes whose playbooks really run (``ansible``), never for ``simulated`` ones."""
-    import dataclasses
 
     def report() -> NodeFacts:
         f = facts()
@@ -160,20 +157,10 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
     absolute_paths(args)  # idempotent; handle() has done it already
     if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
         return NoExecutor()
-    playbooks: JobRunner
-    try:
-        from agent.executor import AnsibleJobRunner
-
-        # job runs go to STATE/jobs/<job_id>/ (the runner adds jobs/ itself)
-        playbooks = AnsibleJobRunner(args.state_dir, root=args.root, python_interpreter=ansible_python(args),
-                                     node_state_dir=getattr(args, "node_state_dir", None))
-    except ImportError as exc:
-        logging.getLogger(__name__).warning("no playbook executor (%s): playbook jobs will fail", exc)
-        playbooks = NoExecutor()
+    # job runs go to STATE/jobs/<job_id>/ (the runner adds jobs/ itself)
+    playbooks = AnsibleJobRunner(args.state_dir, root=args.root, python_interpreter=ansible_python(args),
+                                 node_state_dir=getattr(args, "node_state_dir", None))
     # verify jobs run agent/verify/bench.py in the node's target Python (agent/verify/job.py)
-    from agent.artifact_jobs import ArtifactJobRunner
-    from agent.verify.job import CompositeRunner, VerifyJobRunner
-
     composite = CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
     # sdists and wheels come from the controller's artifact store; built wheels go back there
     return ArtifactJobRunner(composite, args.state_dir / "artifacts",
@@ -211,16 +198,12 @@ async def _main(cfg: AgentConfig) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
-    from fleet.text import install_safe_logging
-
     install_safe_logging(args.log_level.upper())
     if ":" not in args.controller:
         raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
     absolute_paths(args)
     facts, runner = make_facts_source(args), make_runner(args)
     if args.executor == "simulated":  # a simulated node's jobs change its simulated facts (agent/simexec.py)
-        from agent.simexec import SimulatedJobRunner
-
         if not args.simulate:
             raise UsageError("--executor simulated needs --simulate PROFILE", hint="real nodes use --executor ansible")
         runner = SimulatedJobRunner(facts, args.state_dir / "jobs")

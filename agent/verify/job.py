@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.jobs import JobRunner
+from agent.verify.runner import DEFAULT_TIMEOUT_S, VerifyRequest, run_verification
 from fleet.errors import FleetError
 from fleet.jobs import JobOutcome, JobSpec, JobStatus
 
@@ -43,9 +44,7 @@ class VerifyJobRunner:
     python: PythonSource  # the node's target interpreter (from --python or the probed facts)
     work_dir: Path | None = None
 
-    def request(self, job: JobSpec) -> Any:
-        from agent.verify.runner import DEFAULT_TIMEOUT_S, VerifyRequest
-
+    def request(self, job: JobSpec) -> VerifyRequest:
         v = job.vars
         mode = str(v.get("mode") or "quick")
         python = str(v.get("python") or self.python() or sys.executable)
@@ -63,8 +62,6 @@ class VerifyJobRunner:
                              workdir=workdir, env=target_env())
 
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
-        from agent.verify.runner import run_verification
-
         try:
             req = self.request(job)
         except FleetError as exc:
