@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.node_status import NodeStatus
-from fleet.errors import ControllerUnavailable, ExecutionError, FleetError, UsageError
+from fleet.errors import ControllerUnavailable, ExecutionError, FleetError, InputError, NotFoundError, UsageError
 from fleet.statedir import FILE_MODE, private_dir, tighten
 
 DEFAULT_PROFILES = ("h100", "a100", "l40s", "rtx4090", "t4", "v100", "gh200", "apt-nopubkey", "no-toolkit",
@@ -124,6 +124,24 @@ class SimFleet:
         self.executor = executor
         self.python = python
         self.state: FleetState | None = None
+
+    def check_profiles(self) -> None:
+        """Fail before anything starts on a profile the agents would refuse. The agent is asked (``fleet-agent
+        facts --simulate NAME`` in ``self.python``, the interpreter the agents run in), never imported: the
+        controller does not import the agent, and the profiles are the agent's package data (agent/profiles/)."""
+        procs = {name: subprocess.Popen([self.python, "-m", "agent.main", "facts", "--simulate", name],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for name in sorted(set(self.profiles))}
+        for name, proc in procs.items():
+            _, err = proc.communicate()
+            if proc.returncode == 0:
+                continue
+            lines = err.strip().splitlines()
+            message = next((line.partition(": ")[2] for line in lines if line.startswith("error[")),
+                           f"the agent could not load simulation profile {name!r} (exit {proc.returncode})")
+            hint = next((line.removeprefix("hint: ") for line in lines if line.startswith("hint: ")),
+                        f"see `{self.python} -m agent.main facts --simulate {name}`")
+            raise (NotFoundError if proc.returncode == NotFoundError.exit_code else InputError)(message, hint=hint)
 
     @property
     def fleet_file(self) -> Path:

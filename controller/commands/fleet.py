@@ -47,14 +47,11 @@ def register(subparsers: Any) -> None:
 
 def handle_up(args: argparse.Namespace) -> int:
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    if profiles:
-        from agent.profiles import load_profile
-
-        for name in profiles:  # fail early on an unknown profile
-            load_profile(name)
     fleet = SimFleet(args.state_dir, nodes=args.nodes, profiles=profiles, db_url=args.db, network=args.network,
                      heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
                      executor=args.executor)
+    if profiles:  # fail early on an unknown profile
+        fleet.check_profiles()
     state = fleet.up(timeout=args.timeout)
     if args.json:
         print_json(fleet.status())

@@ -56,3 +56,15 @@ def test_fleet_up_registers_every_node_with_its_own_address(tmp_path: Path, netw
     if network == "netns":
         listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert not any(n.netns and n.netns in listing for n in st.nodes)
+
+
+def test_fleet_up_refuses_a_profile_the_agent_does_not_know_before_starting_anything(tmp_path: Path) -> None:
+    state = tmp_path / "controller"
+    done = subprocess.run([sys.executable, "-m", "controller.main", "fleet", "up", "--nodes", "2",
+                           "--profiles", "h100,no-such-gpu", "--state-dir", str(state)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 4, done.stderr  # not-found, as the agent says it
+    assert "error[not-found]: no simulation profile 'no-such-gpu'" in done.stderr
+    assert "hint: available profiles: " in done.stderr and "h100" in done.stderr
+    assert not (state / "fleet.json").exists()  # no controller, no agents
+    assert not (state / "logs").exists()
