@@ -22,16 +22,14 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
-from controller import node_summary, web
+from controller import audit, node_summary, web
 from controller.artifacts_api import router as artifacts_router
 from controller.attention_api import router as attention_router
 from controller.context import ControllerContext
 from controller.http_deps import API_PREFIX, Admin, Ctx, Viewer
 from controller.node_status import NodeStatus
 from controller.rollout.api import router as rollout_router
-from controller.store.models import AuditLog
 from controller.verify_store.api import router as verify_router
 from fleet.errors import (
     AuthError,
@@ -162,9 +160,8 @@ def api_router() -> APIRouter:
     @router.get("/audit")
     def audit_log(ctx: Ctx, _: Viewer, limit: int = 100) -> dict[str, Any]:
         with ctx.store.session() as s:
-            rows = s.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(min(max(limit, 1), 1000)))
-            return {"audit": [{"at": r.at.isoformat(), "actor": r.actor, "action": r.action, "target": r.target,
-                               "detail": r.detail} for r in rows]}
+            rows = audit.entries(s, limit=min(max(limit, 1), 1000), newest_first=True)
+        return {"audit": [r.to_json() for r in rows]}
 
     return router
 

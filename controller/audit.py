@@ -10,11 +10,16 @@ each. The log line's actor, target and detail are ``safe_text`` (no raw newlines
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from controller.store import Store, utcnow
 from controller.store.models import AuditLog
@@ -23,12 +28,47 @@ from fleet.text import safe_text
 log = logging.getLogger("fleet.audit")
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log, as every reader (API, rollout audit, dashboard) shows it."""
+
+    at: dt.datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(), "actor": self.actor, "action": self.action, "target": self.target,
+                "detail": self.detail}
+
+
 def audit(store: Store, actor: str, action: str, target: str = "", *, level: int = logging.INFO,
           **detail: Any) -> None:
+    """Record an action in its own transaction (and in the log)."""
+    with store.session() as s:
+        record(s, actor, action, target, detail, level=level)
+
+
+def record(session: Session, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None, *,
+           level: int = logging.INFO) -> None:
+    """Record an action inside the caller's transaction: it lands with the change it describes, or not at all."""
+    detail = detail or {}
     log.log(level, "%s %s %s %s", safe_text(actor, 260), action, safe_text(target, 260),
             safe_text(detail, 2000) if detail else "")
-    with store.session() as s:
-        s.add(AuditLog(at=utcnow(), actor=actor[:253], action=action[:64], target=target[:253], detail=detail))
+    session.add(AuditLog(at=utcnow(), actor=actor[:253], action=action[:64], target=target[:253], detail=detail))
+
+
+def entries(session: Session, *, target: str | None = None, limit: int | None = None,
+            newest_first: bool = False) -> list[AuditEntry]:
+    """The audit log, all of it or one target's (a rollout id, a hostname), oldest first unless asked."""
+    query = select(AuditLog)
+    if target is not None:
+        query = query.where(AuditLog.target == target)
+    query = query.order_by(AuditLog.id.desc() if newest_first else AuditLog.id)
+    if limit is not None:
+        query = query.limit(limit)
+    return [AuditEntry(r.at, r.actor, r.action, r.target, dict(r.detail or {})) for r in session.scalars(query)]
 
 
 class AuditCoalescer:

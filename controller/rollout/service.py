@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from controller import attention
 from controller.audit import audit
+from controller.audit import entries as audit_entries_of
 from controller.catalog import default_catalog
 from controller.local_wheels import catalog_wheel_name, controller_catalog, local_wheel_entries
 from controller.node_status import NodeStatus
@@ -48,7 +49,7 @@ from controller.rollout.core import (
 from controller.rollout.engine import record
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
-from controller.store.models import AuditLog, Job, Node
+from controller.store.models import Job, Node
 from fleet.errors import ConflictError, NotFoundError, StaleFactsError, UsageError
 
 _create_lock = threading.Lock()
@@ -489,8 +490,7 @@ def node_rollouts(s: Session, hostname: str, limit: int = 20) -> list[dict[str, 
 
 def audit_entries(store: Store, rid: str) -> list[dict[str, Any]]:
     with store.session() as s:
-        rows = s.scalars(select(AuditLog).where(AuditLog.target == rid).order_by(AuditLog.id))
-        return [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action, "detail": a.detail} for a in rows]
+        return [{k: v for k, v in e.to_json().items() if k != "target"} for e in audit_entries_of(s, target=rid)]
 
 
 def _store(target: Any) -> Store:

@@ -27,11 +27,12 @@ from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
+from controller import audit
 from controller.node_summary import summarize
 from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from controller.registry import record_of
 from controller.store.db import Store, utcnow
-from controller.store.models import AuditLog, FactsHistory, Job, JobEvent, Node, NodeEvent
+from controller.store.models import FactsHistory, Job, JobEvent, Node, NodeEvent
 from controller.verify_store import views as verification_views
 from controller.web import attentionview, nodeindex, rolloutview, sources
 from controller.web.auth import (
@@ -337,8 +338,7 @@ async def logout(request: Request) -> Response:
 
 def _audit(session: Session, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
     try:
-        session.add(AuditLog(at=utcnow(), actor=actor[:253], action=action, target=target[:253],
-                             detail=detail or {}))
+        audit.record(session, actor, action, target, detail)
     except Exception:  # auditing must never take the dashboard down
         log.exception("audit write failed")
 

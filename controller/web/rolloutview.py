@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from controller.rollout.models import RolloutNode
@@ -140,13 +139,9 @@ def rollout_builds(session: Session, rollout_id: str) -> list[dict[str, Any]]:
     """The builds of the rollout nodes' build keys (those ``fleetctl rollout status`` lists), in the order
     the rollout scheduled their nodes; ``duration_s``/``duration`` (created → finished) once one finished,
     ``reused`` when an earlier rollout built it."""
-    try:
-        builds = builds_of(session, list(session.scalars(
-            select(RolloutNode.build_key).where(RolloutNode.rollout_id == rollout_id)
-            .order_by(RolloutNode.batch, RolloutNode.hostname))))
-    except (OperationalError, ProgrammingError):  # tables not migrated in this database
-        session.rollback()
-        return []
+    builds = builds_of(session, list(session.scalars(
+        select(RolloutNode.build_key).where(RolloutNode.rollout_id == rollout_id)
+        .order_by(RolloutNode.batch, RolloutNode.hostname))))
     out = []
     for b in builds:
         secs = None
