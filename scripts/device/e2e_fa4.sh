@@ -111,6 +111,7 @@ case "$PHASE" in
 
   run|attention)
     rm -rf "$E2E"; mkdir -p "$E2E"/{logs,run,wheels,node}
+    echo "$PHASE" > "$E2E/flow"  # collect names the spans and the run after the flow that ran
     mark begin
     if [[ -n "$SITE" ]]; then
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
@@ -202,17 +203,24 @@ src.backup(dst); dst.close(); src.close()
 PY
     tail -c 1000000 "$E2E/logs/controller.log" > "$C/controller.log"
     tail -c 1000000 "$E2E/logs/agent.log" > "$C/agent.log"
-    "$PY" - "$E2E" "$C" "${E2E_COMMIT:-}" > "$C/timing.txt" <<'PY'
+    "$PY" - "$E2E" "$C" "${E2E_COMMIT:-}" "$(cat "$E2E/flow" 2>/dev/null || echo run)" > "$C/timing.txt" <<'PY'
 import datetime as dt, json, pathlib, socket, sys
-E, C = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+E, C, flow = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[4]
 marks = dict(l.split("=", 1) for l in (E / "times").read_text().split() if "=" in l)
 def span(a, b):
     return f"{float(marks[b]) - float(marks[a]):.1f} s" if a in marks and b in marks else "?"
 print(f"store filled (fleetctl artifact add of every wheel): {span('store_start', 'store_end')}")
 print(f"controller start → agent online: {span('controller_start', 'agent_online')}")
-print(f"rollback end → facts without flash-attn-4: {span('rollout2_end', 'facts_after_rollback')}")
-for n, what in ((1, "rollout #1 --fa4"), (2, "rollback"), (3, "rollout #3 --fa4 again")):
-    print(f"{what}: {span(f'rollout{n}_start', f'rollout{n}_end')}")
+if flow == "attention":
+    print(f"verify1 (fleetctl verify, before the rollout): {span('verify1_start', 'verify1_end')}")
+    print(f"rollout #1 (--prefer fastest --workload prefill): {span('rollout1_start', 'rollout1_end')}")
+    what = ("scripts/device/e2e_fa4.sh attention: issue 16, verification of what the node has, --prefer fastest "
+            "plans per workload, rollout --prefer fastest --workload prefill, full verification (docs/gpu-e2e.md)")
+else:
+    print(f"rollback end → facts without flash-attn-4: {span('rollout2_end', 'facts_after_rollback')}")
+    for n, label in ((1, "rollout #1 --fa4"), (2, "rollback"), (3, "rollout #3 --fa4 again")):
+        print(f"{label}: {span(f'rollout{n}_start', f'rollout{n}_end')}")
+    what = "scripts/device/e2e_fa4.sh: issue 12, rollout --fa4 / rollback / again (docs/gpu-e2e.md)"
 def t(x):
     return dt.datetime.fromisoformat(x) if x else None
 for p in sorted(C.glob("jobs/*.json"), key=lambda p: json.loads(p.read_text()).get("created_at") or ""):
@@ -227,7 +235,7 @@ node = json.loads((C / "node.json").read_text())
 meta = {"simulated": bool(node.get("simulated")), "rehearsal": bool((node.get("extra") or {}).get("rehearsal")),
         "hostname": node.get("hostname"), "machine": socket.gethostname(), "commit": sys.argv[3] or None,
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "what": "scripts/device/e2e_fa4.sh: issue 12, rollout --fa4 / rollback / again (docs/gpu-e2e.md)"}
+        "what": what}
 (C / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 PY
     cat "$C/timing.txt"

@@ -138,3 +138,6 @@ def test_attention_phase_of_the_device_script(tmp_path: Path) -> None:
     assert json.loads((c / "rollout1.json").read_text())["status"]
     assert "report" in json.loads((c / "attention-after.json").read_text()) or (c / "attention-after.txt").read_text()
     assert (c / "node-before.txt").read_text() and (c / "node-after.txt").read_text()
+    timing = (c / "timing.txt").read_text()  # the attention flow's spans, not the --fa4 flow's
+    assert "verify1 (" in timing and "rollout #1 (--prefer fastest --workload prefill)" in timing, timing
+    assert "rollback" not in timing and "issue 16" in json.loads((c / "meta.json").read_text())["what"]
