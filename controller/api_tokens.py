@@ -41,7 +41,7 @@ class Principal:
     """Who authenticated a request: a user through one of their API tokens, or ``admin`` (the admin token)."""
 
     name: str
-    role: str  # viewer | operator | admin
+    role: str  # metrics | viewer | operator | admin
     token_id: int | None = None  # None: the admin token
 
     def may(self, role: str) -> bool:

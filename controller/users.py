@@ -14,7 +14,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from controller.store.models import Base
 from fleet.errors import UsageError
 
-ROLES = ("viewer", "operator", "admin")  # each may do what the ones before it may
+#: each may do what the ones before it may; ``metrics`` may only scrape /metrics (a Prometheus credential
+#: that cannot read the API or log in to the dashboard)
+ROLES = ("metrics", "viewer", "operator", "admin")
+METRICS_ROLE = ROLES[0]
 
 
 def validate_name(name: str) -> str:
@@ -37,7 +40,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(512))
-    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
+    role: Mapped[str] = mapped_column(String(16))  # metrics | viewer | operator | admin
     created_at: Mapped[dt.datetime]
     last_login_at: Mapped[dt.datetime | None]
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)

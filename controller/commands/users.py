@@ -1,4 +1,5 @@
-"""``fleet-controller user add|list|remove``: dashboard accounts (roles ``viewer``, ``operator``, ``admin``);
+"""``fleet-controller user add|list|remove``: dashboard accounts (roles ``viewer``, ``operator``, ``admin``,
+and ``metrics``: a scrape-only account for Prometheus, with an API token and no password);
 ``fleet-controller user token create|list|revoke``: their API tokens for fleetctl (controller/api_tokens.py).
 
 Runs on the controller host against its database (``--state-dir``/``--db`` as for ``serve``).
@@ -11,13 +12,14 @@ import argparse
 import datetime as dt
 import getpass
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
 from controller.api_tokens import create_token, list_tokens, revoke_token
 from controller.store.db import Store, open_store
-from controller.users import validate_name
+from controller.users import METRICS_ROLE, ROLES, validate_name
 from fleet.cli import print_json
 from fleet.errors import UsageError
 from fleet.statedir import DEFAULT_STATE_DIR
@@ -28,15 +30,18 @@ from fleet.statedir import DEFAULT_STATE_DIR
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("user", help="dashboard users: add, list, remove",
-                                   description="Manage dashboard users and their API tokens (viewer: read-only, "
-                                               "operator: may steer rollouts and verification, admin: everything).")
+                                   description="Manage dashboard users and their API tokens (metrics: may only scrape "
+                                               "/metrics, viewer: read-only, operator: may steer rollouts and "
+                                               "verification, admin: everything).")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="controller state dir")
     parser.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db)")
     sub = parser.add_subparsers(dest="user_command", metavar="ACTION")
     sub.required = True
     add = sub.add_parser("add", help="create a user (or --replace an existing one)")
     add.add_argument("name")
-    add.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
+    add.add_argument("--role", choices=ROLES, default="viewer",
+                     help="metrics: a Prometheus scrape account (no password asked; give it an API token with "
+                          "`user token create NAME`)")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
     add.add_argument("--replace", action="store_true", help="change role and password of an existing user")
     add.set_defaults(handler=_add)
@@ -85,7 +90,8 @@ def _password(args: argparse.Namespace) -> str:
 def _add(args: argparse.Namespace) -> int:
     from controller.web.auth import add_user  # local: FastAPI and scrypt (~1 s), see above
     validate_name(args.name)
-    password = _password(args)
+    # a metrics account never logs in (the dashboard refuses it): its password is a random secret nobody knows
+    password = secrets.token_urlsafe(32) if args.role == METRICS_ROLE else _password(args)
     store = _store(args)
     try:
         user = add_user(store, args.name, args.role, password, replace=args.replace)

@@ -2,7 +2,7 @@
 
 ``mount(app, ctx)`` adds it to the controller's app. ``ctx`` needs ``store``
 (``controller.store.db.Store``); ``state_dir`` (for the session key, ``dashboard.key``) and
-``admin_token`` (a bearer token /metrics also accepts) are used when present.
+``admin_token`` (a bearer token /metrics also accepts, as it accepts users' API tokens) are used when present.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
 from controller import audit
+from controller.api_tokens import authenticate as authenticate_api_token
 from controller.node_summary import summarize
 from controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from controller.registry import record_of
@@ -48,7 +49,7 @@ from controller.web.auth import (
     run_password_work,
 )
 from controller.web.metrics import render_metrics
-from fleet.errors import FleetError
+from fleet.errors import AuthError, FleetError
 from fleet.jobs import UNSUCCESSFUL
 
 log = logging.getLogger(__name__)
@@ -643,11 +644,19 @@ def events(request: Request, topic: str = "overview") -> StreamingResponse:
 
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
+    """Prometheus scrapes with a bearer token: any user's API token (a ``metrics`` user's is the read-only
+    scrape credential: it can read nothing else) or the admin token; a logged-in dashboard session works too."""
     st = _state(request)
-    auth = request.headers.get("authorization", "")
-    token_ok = bool(st.admin_token) and auth.startswith("Bearer ") and secrets.compare_digest(
-        auth[7:].strip().encode(), (st.admin_token or "").encode())
-    if not token_ok:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        if not (st.admin_token and secrets.compare_digest(token.encode(), st.admin_token.encode())):
+            try:
+                authenticate_api_token(st.store, token)  # every role may scrape: metrics is the least
+            except AuthError as exc:
+                return JSONResponse({"error": "unauthenticated", "message": exc.message, "hint": exc.hint},
+                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="fleet-metrics"'})
+    else:
         require_user(request)
     body, content_type = render_metrics(st.store)
     return Response(body, media_type=content_type)

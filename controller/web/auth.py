@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.store.db import Store, utcnow
-from controller.users import User, validate_name, validate_role
+from controller.users import METRICS_ROLE, User, validate_name, validate_role
 from fleet.errors import ConflictError, NotFoundError, UsageError
 
 SESSION_COOKIE = "fleet_session"
@@ -116,7 +116,8 @@ def remove_user(store: Store, name: str) -> None:
 
 def authenticate(session: Session, name: str, password: str) -> User | None:
     user = session.scalars(select(User).where(User.name == name)).first()
-    if user is None or user.disabled:
+    # a metrics account is a scrape credential (an API token for /metrics), never a dashboard login
+    if user is None or user.disabled or user.role == METRICS_ROLE:
         verify_password(password, _DUMMY_HASH)  # same work either way: no user-name oracle by timing
         return None
     if not verify_password(password, user.password_hash):

@@ -1,17 +1,24 @@
-"""/metrics: Prometheus exposition computed from the database at scrape time.
+"""/metrics: Prometheus exposition computed from the database at scrape time (docs/dashboard.md, "Metrics").
 
-Families: ``fleet_nodes{status}``, ``fleet_nodes_by_gpu{gpu}``, ``fleet_heartbeat_lag_seconds``
-(summary quantiles over online nodes) and ``fleet_heartbeat_lag_max_seconds``,
-``fleet_rollout_nodes{rollout,state}`` and ``fleet_rollout_progress_ratio{rollout}``,
-``fleet_verifications{gpu,result}`` and ``fleet_verification_tflops_median{gpu}``,
-``fleet_job_duration_seconds{kind}`` (histogram over finished jobs).
+Fleet families: ``fleet_nodes{status}``, ``fleet_nodes_by_gpu_model{gpu_model}``, ``fleet_nodes_simulated``;
+per node (label ``hostname``, one series per node and family, so cardinality = fleet size):
+``fleet_node_info{hostname,gpu_model,flash_attn_version,flash_attn_variant}`` (value 1),
+``fleet_node_status{hostname,status}`` (value 1, the current status), ``fleet_node_last_heartbeat_timestamp_seconds``,
+``fleet_node_verification_passed`` (1/0, nodes ever verified) and ``fleet_node_verification_timestamp_seconds``;
+rollouts: ``fleet_rollouts{status}``, ``fleet_rollout_nodes{rollout,state}`` and
+``fleet_rollout_progress_ratio{rollout,status}`` (the 20 newest); ``fleet_verifications{gpu_model,result}`` and
+``fleet_verification_tflops_median{gpu_model}``; jobs: ``fleet_jobs{status}`` (queue depth) and
+``fleet_job_duration_seconds{kind}`` (histogram over finished jobs). ``gpu_model``, never ``gpu``: DCGM's exporter
+uses ``gpu`` for the GPU index, and a join with its series must not collide.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,11 +27,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
 from controller.node_status import NodeStatus
-from controller.store.db import Store, utcnow
+from controller.rollout.core import RolloutStatus
+from controller.store.db import Store
 from controller.store.models import Job, Node
 from controller.verify_store.views import GpuVerificationCounts
 from controller.web import nodeindex, sources
 from controller.web.models import DashboardNode
+from fleet.jobs import JobStatus
 
 JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
@@ -45,7 +54,7 @@ class _Collector:
             for status in sorted({*NodeStatus, *counts}):
                 nodes.add_metric([status], counts.get(status, 0))
             yield nodes
-            by_gpu = GaugeMetricFamily("fleet_nodes_by_gpu", "Nodes by GPU model", labels=["gpu"])
+            by_gpu = GaugeMetricFamily("fleet_nodes_by_gpu_model", "Nodes by GPU model", labels=["gpu_model"])
             for gpu, n in s.execute(select(DashboardNode.gpu_model, func.count())
                                     .group_by(DashboardNode.gpu_model)):
                 by_gpu.add_metric([gpu or "none"], n)
@@ -54,26 +63,73 @@ class _Collector:
             sim.add_metric([], s.scalar(select(func.count()).select_from(DashboardNode)
                                         .where(DashboardNode.simulated.is_(True))) or 0)
             yield sim
-
-            now = utcnow()
-            lags = sorted((now - seen).total_seconds() for seen in s.scalars(
-                select(Node.last_seen).where(Node.status != NodeStatus.OFFLINE, Node.last_seen.is_not(None))) if seen)
-            lag = GaugeMetricFamily("fleet_heartbeat_lag_seconds", "Seconds since the last heartbeat, quantiles "
-                                    "over nodes not offline", labels=["quantile"])
-            for q in (0.5, 0.9, 0.99):
-                lag.add_metric([str(q)], lags[min(len(lags) - 1, int(q * len(lags)))] if lags else 0.0)
-            yield lag
-            lag_max = GaugeMetricFamily("fleet_heartbeat_lag_max_seconds", "Largest heartbeat lag (nodes not offline)")
-            lag_max.add_metric([], lags[-1] if lags else 0.0)
-            yield lag_max
-
-            yield from _rollout_metrics(sources.rollouts(s, limit=20))
+            rows = s.execute(select(DashboardNode.hostname, DashboardNode.status, DashboardNode.gpu_model,
+                                    DashboardNode.fa_version, DashboardNode.fa_variant, DashboardNode.verify_result,
+                                    DashboardNode.verify_at, Node.last_seen)
+                             .join(Node, Node.id == DashboardNode.node_id).order_by(DashboardNode.hostname)).all()
+            yield from _node_metrics([PerNode(*row) for row in rows])
+            yield from _rollout_metrics(sources.rollouts(s, limit=20), sources.rollout_counts(s))
             yield from _verification_metrics(sources.verification_metrics(s))
+            queue = GaugeMetricFamily("fleet_jobs", "Jobs by status (pending and dispatched: the queue)",
+                                      labels=["status"])
+            counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            for status in sorted({*JobStatus, *counts}):
+                queue.add_metric([status], counts.get(status, 0))
+            yield queue
             yield _job_histogram(s.execute(select(Job.kind, Job.started_at, Job.finished_at).where(
                 Job.finished_at.is_not(None), Job.started_at.is_not(None))).all())
 
 
-def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Iterator[Metric]:
+@dataclass(frozen=True)
+class PerNode:
+    """What the per-node series show of one node (its dashboard index row and its last heartbeat)."""
+
+    hostname: str
+    status: str
+    gpu_model: str
+    fa_version: str
+    fa_variant: str
+    verify_result: str  # passed | failed | "" (never verified)
+    verify_at: dt.datetime | None
+    last_seen: dt.datetime | None
+
+
+def _timestamp(at: dt.datetime) -> float:
+    return (at if at.tzinfo else at.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
+    """One series per node and family (label ``hostname``). Timestamps rather than ages, as Prometheus advises:
+    ``time() - fleet_node_last_heartbeat_timestamp_seconds`` is the heartbeat age, and it keeps growing in
+    Prometheus even when the controller stops being scraped."""
+    info = GaugeMetricFamily("fleet_node_info", "A node's GPU model and installed FlashAttention (value 1)",
+                             labels=["hostname", "gpu_model", "flash_attn_version", "flash_attn_variant"])
+    status = GaugeMetricFamily("fleet_node_status", "A node's current status (value 1)",
+                               labels=["hostname", "status"])
+    heartbeat = GaugeMetricFamily("fleet_node_last_heartbeat_timestamp_seconds",
+                                  "Unix time of the node's last heartbeat", labels=["hostname"])
+    passed = GaugeMetricFamily("fleet_node_verification_passed",
+                               "1 if the node's latest verification passed, 0 if it failed (verified nodes only)",
+                               labels=["hostname"])
+    verified_at = GaugeMetricFamily("fleet_node_verification_timestamp_seconds",
+                                    "Unix time of the node's latest verification", labels=["hostname"])
+    for n in nodes:
+        info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant], 1)
+        status.add_metric([n.hostname, n.status], 1)
+        if n.last_seen is not None:
+            heartbeat.add_metric([n.hostname], _timestamp(n.last_seen))
+        if n.verify_result:
+            passed.add_metric([n.hostname], 1 if n.verify_result == "passed" else 0)
+        if n.verify_at is not None:
+            verified_at.add_metric([n.hostname], _timestamp(n.verify_at))
+    yield from (info, status, heartbeat, passed, verified_at)
+
+
+def _rollout_metrics(rollouts: list[dict[str, Any]], by_status: dict[str, int]) -> Iterator[Metric]:
+    count = GaugeMetricFamily("fleet_rollouts", "Rollouts by status", labels=["status"])
+    for status in sorted({*RolloutStatus, *by_status}):
+        count.add_metric([status], by_status.get(status, 0))
+    yield count
     states = GaugeMetricFamily("fleet_rollout_nodes", "Nodes of a rollout by state", labels=["rollout", "state"])
     ratio = GaugeMetricFamily("fleet_rollout_progress_ratio", "Finished fraction of a rollout's nodes",
                               labels=["rollout", "status"])
@@ -90,9 +146,9 @@ def _rollout_metrics(rollouts: list[dict[str, Any]]) -> Iterator[Metric]:
 
 def _verification_metrics(rows: list[GpuVerificationCounts]) -> Iterator[Metric]:
     count = GaugeMetricFamily("fleet_verifications", "Latest verification per node, by GPU model and result",
-                              labels=["gpu", "result"])
+                              labels=["gpu_model", "result"])
     tflops = GaugeMetricFamily("fleet_verification_tflops_median", "Median FlashAttention TFLOP/s of the latest "
-                               "verification, by GPU model", labels=["gpu"])
+                               "verification, by GPU model", labels=["gpu_model"])
     for row in rows:
         count.add_metric([row.gpu, "passed"], row.passed)
         count.add_metric([row.gpu, "failed"], row.failed)

@@ -100,6 +100,12 @@ def rollouts(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     return [_summary(r, counts[r.id], sims.get(r.id, 0) > 0) for r in rows]
 
 
+def rollout_counts(session: Session) -> dict[str, int]:
+    """Rollouts by status, all of them (for /metrics: a paused rollout is alerted on however old it is)."""
+    return {status: n for status, n in session.execute(select(Rollout.status, func.count())
+                                                         .group_by(Rollout.status))}
+
+
 def _diagnosis(raw: Any) -> dict[str, Any] | None:
     """The first real cause of a rollout node's diagnosis (dict or list of controller.diagnose entries)."""
     if isinstance(raw, dict) and isinstance(raw.get("diagnoses"), list):

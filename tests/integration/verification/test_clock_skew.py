@@ -84,8 +84,8 @@ def test_a_node_with_its_clock_an_hour_ahead_shows_its_verification(client: Test
     assert not re.search(r">in \d+ (s|min|h)<", page)  # no result "in 59 min"
     assert 'id="clock-skew"' not in client.get("/nodes/normal").text
     text = client.get("/metrics").text
-    assert f'fleet_verifications{{gpu="{H100}",result="passed"}} 2.0' in text
-    assert f'fleet_verification_tflops_median{{gpu="{H100}"}}' in text
+    assert f'fleet_verifications{{gpu_model="{H100}",result="passed"}} 2.0' in text
+    assert f'fleet_verification_tflops_median{{gpu_model="{H100}"}}' in text
 
 
 def test_a_clock_ahead_does_not_hide_a_later_verification_of_a_normal_node(client: TestClient,
@@ -101,4 +101,4 @@ def test_a_clock_ahead_does_not_hide_a_later_verification_of_a_normal_node(clien
         vs.record(s, "normal", result, job_id="job-normal-2")
     rows = nodes(client)
     assert rows["normal"]["verify_result"] == "failed" and rows["normal"]["rank"] == 0
-    assert 'fleet_verifications{gpu="NVIDIA H100 80GB HBM3",result="failed"} 1.0' in client.get("/metrics").text
+    assert 'fleet_verifications{gpu_model="NVIDIA H100 80GB HBM3",result="failed"} 1.0' in client.get("/metrics").text

@@ -302,7 +302,7 @@ def test_metrics(client: TestClient, ctx: Any, fleet: FleetThread) -> None:
     text = r.text
     assert 'fleet_nodes{status="online"}' in text
     assert f'fleet_rollout_nodes{{rollout="{rid}",state="install"}} {installing:.1f}' in text
-    assert "fleet_heartbeat_lag_max_seconds" in text and "fleet_job_duration_seconds" in text
+    assert "fleet_node_last_heartbeat_timestamp_seconds" in text and "fleet_job_duration_seconds" in text
     assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
@@ -349,7 +349,7 @@ def test_verifications_flow_into_table_chart_and_metrics(client: TestClient, sto
     assert "NaN/Inf" in page and page.count("badge v-failed") >= 2  # its two failed days (no FA speed to chart)
     assert client.get("/ui/api/nodes", params={"verify": "failed"}).json()["total"] == 1
     text = client.get("/metrics").text
-    assert 'fleet_verifications{gpu="NVIDIA H100 80GB HBM3",result="passed"}' in text
+    assert 'fleet_verifications{gpu_model="NVIDIA H100 80GB HBM3",result="passed"}' in text
     assert "fleet_verification_tflops_median" in text
 
 

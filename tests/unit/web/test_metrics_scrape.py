@@ -1,0 +1,130 @@
+"""/metrics for Prometheus (issue 18, observability): a ``metrics`` user's API token scrapes and can read nothing
+else; the exposition parses with prometheus_client's own parser, has one series per node (label ``hostname``), and
+follows Prometheus' naming and type conventions (no ``quantile`` label on a gauge, ``gpu_model`` never ``gpu``).
+A real controller (FakeFleet: store, registry, job dispatcher, rollout engine) with fake agents, its whole HTTP app."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from agent.profiles import load_profile
+from controller.api import create_app
+from controller.api_tokens import create_token
+from controller.testing import FleetThread
+from controller.web.auth import add_user, authenticate
+from tests.unit.web.test_dashboard import record_verifications
+
+PASSWORD = "correct horse battery"
+HOSTS = 5
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    with FleetThread(state_dir=tmp_path_factory.mktemp("controller")) as ft:
+        facts = [load_profile(p, f"node-{i}") for i, p in enumerate(("h100", "a100", "h100", "l4", "t4"))]
+        hosts = ft.call(ft.fleet.add_nodes(facts))
+        ft.call(ft.fleet.set_offline(hosts[4]))
+        record_verifications(ft.fleet.ctx.store, hosts[:3], days=1, broken=(hosts[2],))
+        add_user(ft.fleet.ctx.store, "prometheus", "metrics", PASSWORD)
+        yield ft
+
+
+@pytest.fixture(scope="module")
+def scrape_token(fleet: FleetThread) -> str:
+    return create_token(fleet.fleet.ctx.store, "prometheus", dt.timedelta(hours=1))[0]
+
+
+@pytest.fixture(scope="module")
+def client(fleet: FleetThread) -> Iterator[TestClient]:
+    with TestClient(create_app(fleet.fleet.ctx)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def exposition(client: TestClient, scrape_token: str) -> str:
+    r = client.get("/metrics", headers={"Authorization": f"Bearer {scrape_token}"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    text: str = r.text
+    return text
+
+
+def samples(text: str, family: str) -> list[Sample]:
+    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def test_metrics_token_scrapes_and_nothing_else(client: TestClient, scrape_token: str) -> None:
+    auth = {"Authorization": f"Bearer {scrape_token}"}
+    assert client.get("/metrics", headers=auth).status_code == 200
+    refused = client.get("/api/v1/nodes", headers=auth)
+    assert refused.status_code == 403
+    assert "metrics role" in refused.text
+    assert client.get("/ui/api/nodes", headers=auth).status_code == 401  # the dashboard wants a login
+
+
+def test_metrics_without_or_with_a_wrong_token_is_401(client: TestClient, fleet: FleetThread) -> None:
+    assert client.get("/metrics").status_code == 401
+    wrong = client.get("/metrics", headers={"Authorization": "Bearer fleetu_" + "x" * 43})
+    assert wrong.status_code == 401 and "missing or wrong API token" in wrong.json()["message"]
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {fleet.fleet.ctx.admin_token}"}
+                      ).status_code == 200
+
+
+def test_metrics_user_cannot_log_in(fleet: FleetThread) -> None:
+    with fleet.fleet.ctx.store.session() as s:
+        assert authenticate(s, "prometheus", PASSWORD) is None
+
+
+def test_per_node_series(exposition: str) -> None:
+    info = {s.labels["hostname"]: s for s in samples(exposition, "fleet_node_info")}
+    assert sorted(info) == [f"node-{i}" for i in range(HOSTS)]  # one series per node
+    assert info["node-0"].labels["gpu_model"].startswith("NVIDIA H100") and info["node-0"].value == 1
+    assert all("flash_attn_version" in s.labels for s in info.values())  # "" where none is installed
+    status = {s.labels["hostname"]: s.labels["status"] for s in samples(exposition, "fleet_node_status")}
+    assert status["node-4"] == "offline" and status["node-0"] == "online" and len(status) == HOSTS
+    passed = {s.labels["hostname"]: s.value for s in samples(exposition, "fleet_node_verification_passed")}
+    assert passed == {"node-0": 1.0, "node-1": 1.0, "node-2": 0.0}  # node-2's latest verification failed
+    now = dt.datetime.now(dt.UTC).timestamp()
+    verified = samples(exposition, "fleet_node_verification_timestamp_seconds")
+    assert len(verified) == 3 and all(now - 86400 < s.value <= now for s in verified)
+    heartbeats = samples(exposition, "fleet_node_last_heartbeat_timestamp_seconds")
+    assert len(heartbeats) >= HOSTS - 1 and all(now - 3600 < s.value <= now + 5 for s in heartbeats)
+    jobs = {s.labels["status"]: s.value for s in samples(exposition, "fleet_jobs")}
+    assert "pending" in jobs and "running" in jobs
+    rollouts = {s.labels["status"]: s.value for s in samples(exposition, "fleet_rollouts")}
+    assert rollouts["paused"] == 0
+
+
+def test_names_and_types_follow_prometheus_conventions(exposition: str) -> None:
+    families = list(text_string_to_metric_families(exposition))
+    assert families
+    for family in families:
+        labels = {name for s in family.samples for name in s.labels}
+        assert "gpu" not in labels, family.name  # DCGM's label for the GPU index
+        if family.type == "gauge":
+            assert "quantile" not in labels, family.name
+        if family.name.endswith("_info"):
+            assert family.type == "gauge" and {s.value for s in family.samples} <= {1.0}
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
+        assert family.name.startswith("fleet_"), family.name
+
+
+def test_promtool_check_metrics(exposition: str, tmp_path: Path) -> None:
+    """``promtool check metrics`` (Prometheus' own linter) finds nothing to say about the real exposition."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; scripts/bootstrap installs it as root)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
