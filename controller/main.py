@@ -10,6 +10,7 @@ from fleet.cli import main_for
 COMMAND_MODULES: list[str] = [
     # one line per command group; each module exposes register(subparsers)
     "controller.commands.serve",
+    "controller.commands.config",
     "controller.commands.fleet",
     "controller.commands.users",
 ]

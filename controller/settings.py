@@ -6,15 +6,24 @@ reads flags or the environment itself. ``fleet-controller serve`` declares its f
 environ)``: a flag given on the command line wins over its environment variable, which wins over the default
 (docs/operations.md, "Controller settings", lists them). A value that does not parse stops the start with a
 ``UsageError`` naming the knob and what to set instead.
+
+Every knob can also come from a TOML config file (``--config FILE`` or ``$FLEET_CONFIG``; no file is read
+unless one is named): a flag wins over its environment variable, which wins over the file, which wins over the
+default. ``FILE_KEYS`` is the one list of the file's keys (each the ``dest`` of its flag);
+``config_example()`` prints it as a commented file (``fleet-controller config example``), so the documented
+keys and the read ones cannot drift apart. docs/deploy.md describes the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED
@@ -79,34 +88,37 @@ class ControllerSettings:
 # ---- reading: flags, then the environment, then the default ---------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``fleet-controller serve``. A flag that has an environment variable defaults to None here,
-    so that ``settings_from`` can tell "not given" from "given"."""
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+    """The flags of ``fleet-controller serve``. Every flag defaults to None here, so that ``settings_from`` can
+    tell "not given" (the environment, the config file or the default decides) from "given"."""
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"TOML config file with any of the settings below (${CONFIG_ENV}; default: none; "
+                        "`fleet-controller config example` prints every key with its default)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="state directory (default ./state/controller)")
     p.add_argument("--db", metavar="URL", help="database URL (default sqlite:///STATE/controller.db; "
                    "postgresql+psycopg://user@host/db for PostgreSQL)")
-    p.add_argument("--grpc-listen", default="127.0.0.1:7443", metavar="HOST:PORT",
+    p.add_argument("--grpc-listen", metavar="HOST:PORT",
                    help="agent port, mutual TLS (default 127.0.0.1:7443)")
     p.add_argument("--enroll-listen", metavar="HOST:PORT", help="enrollment port (default: agent port + 1)")
-    p.add_argument("--http-listen", default="127.0.0.1:7480", metavar="HOST:PORT",
+    p.add_argument("--http-listen", metavar="HOST:PORT",
                    help="HTTP API and dashboard (default 127.0.0.1:7480)")
-    p.add_argument("--heartbeat-interval", type=float, default=DEFAULT_INTERVAL, metavar="S",
+    p.add_argument("--heartbeat-interval", type=float, metavar="S",
                    help=f"heartbeat interval asked of agents (default {DEFAULT_INTERVAL:g} s)")
-    p.add_argument("--missed-heartbeats", type=int, default=DEFAULT_MISSED, metavar="N",
+    p.add_argument("--missed-heartbeats", type=int, metavar="N",
                    help=f"a node missing N intervals turns offline (default {DEFAULT_MISSED})")
-    p.add_argument("--san", action="append", default=[], metavar="NAME",
+    p.add_argument("--san", action="append", metavar="NAME",
                    help="another DNS name or IP for the server certificate (repeatable)")
-    p.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false",
+    p.add_argument("--no-gc-tuning", dest="gc_tuning", action="store_false", default=None,
                    help="keep CPython's default garbage collector settings (by default objects alive after "
                         "start-up and registration bursts are frozen and the gen-0 threshold is raised)")
-    p.add_argument("--upstream-index", default=DEFAULT_INDEX_URL, metavar="URL",
+    p.add_argument("--upstream-index", metavar="URL",
                    help="PEP 503 package index for sdists, flash-attn-4 and dependency wheels (default "
                         f"{DEFAULT_INDEX_URL}; a local mirror such as devpi or Artifactory works; 'none': no index)")
     p.add_argument("--wheel-mirror", metavar="URL",
                    help="fetch flash-attn release wheels from here, not GitHub (URL/vVERSION/FILE, then URL/FILE)")
-    p.add_argument("--offline", action="store_true",
+    p.add_argument("--offline", action="store_true", default=None,
                    help="never fetch: plans use only the artifact store (fill it with `fleetctl bundle import`)")
-    p.add_argument("--enroll-rate", type=float, default=None, metavar="PER_S",
+    p.add_argument("--enroll-rate", type=float, metavar="PER_S",
                    help="enrollment attempts allowed per second overall (default 50, burst 200; per source "
                         "address 1/s, burst 20); a lab load test enrolling thousands of agents from one host "
                         "raises it (see docs/security.md, Abuse limits)")
@@ -114,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenPGP public keys of the operators (gpg --export --armor KEYID... > FILE): a signature "
                         "sent with `fleetctl artifact add --sig` must come from one of them, else the upload is "
                         "refused; the signer's fingerprint is recorded (docs/security.md, Artifacts and provenance)")
-    p.add_argument("--require-signed", action="store_true",
+    p.add_argument("--require-signed", action="store_true", default=None,
                    help="refuse `fleetctl artifact add` uploads without a signature (needs --trusted-keyring)")
     # knobs that also have an environment variable (the flag wins)
     p.add_argument("--rollout-lease-ttl", metavar="S", help="rollout lease TTL (default 15; FLEET_ROLLOUT_LEASE_TTL)")
@@ -139,17 +151,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
-    """The one place the controller's flags and environment are read (at start-up, before anything is built)."""
-    check_signing_args(args)
-    per_source, overall = enroll_rates(args.enroll_rate)
-    knob = _Knobs(args, environ)
+    """The one place the controller's flags, environment and config file are read (at start-up, before
+    anything is built)."""
+    knob = _Knobs(args, environ, read_config(config_path(args, environ)))
     defaults = ControllerSettings()
+    trusted_keyring: Path | None = knob.given("trusted_keyring")
+    require_signed: bool = knob.given("require_signed")
+    check_signing(require_signed, trusted_keyring)
+    per_source, overall = enroll_rates(knob.given("enroll_rate"))
     return ControllerSettings(
-        state_dir=args.state_dir, db_url=args.db, grpc_listen=args.grpc_listen, enroll_listen=args.enroll_listen,
-        http_listen=args.http_listen, heartbeat_interval=args.heartbeat_interval,
-        missed_heartbeats=args.missed_heartbeats, extra_names=tuple(args.san), gc_tuning=args.gc_tuning,
-        upstream=upstream_from(args), enroll_per_source=per_source, enroll_overall=overall,
-        trusted_keyring=args.trusted_keyring, require_signed=args.require_signed,
+        state_dir=knob.given("state_dir"), db_url=knob.given("db"), grpc_listen=knob.given("grpc_listen"),
+        enroll_listen=knob.given("enroll_listen"), http_listen=knob.given("http_listen"),
+        heartbeat_interval=knob.given("heartbeat_interval"), missed_heartbeats=knob.given("missed_heartbeats"),
+        extra_names=tuple(knob.given("san")), gc_tuning=knob.given("gc_tuning"),
+        upstream=upstream_config(knob.given("upstream_index"), knob.given("wheel_mirror"), knob.given("offline")),
+        enroll_per_source=per_source, enroll_overall=overall,
+        trusted_keyring=trusted_keyring, require_signed=require_signed,
         rollout_lease_ttl=knob.read("rollout_lease_ttl", "FLEET_ROLLOUT_LEASE_TTL", _seconds,
                                     defaults.rollout_lease_ttl),
         scheduler=knob.read("scheduler", "FLEET_SCHEDULER", _switch, defaults.scheduler, flag="--no-scheduler"),
@@ -172,22 +189,180 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
 
 
 class _Knobs:
-    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str], config: ConfigFile) -> None:
         self.args = args
         self.environ = environ
+        self.config = config
+
+    def given(self, dest: str) -> Any:
+        """A knob without an environment variable: the flag, else the config file, else the default. Both are
+        already typed (argparse's ``type=``, ``read_config``'s type check)."""
+        flag_value = getattr(self.args, dest, None)
+        if flag_value is not None:
+            return flag_value
+        return self.config.values.get(dest, FILE_KEYS[dest].default)
 
     def read(self, dest: str, env: str, parse: Callable[[str], T], default: T, *, flag: str = "") -> T:
         flag = flag or "--" + dest.replace("_", "-")
         given: str | None = getattr(self.args, dest, None)
         source, text = (flag, given) if given is not None else (env, self.environ.get(env))
+        if (text is None or text == "") and dest in self.config.values:
+            # the file's value is already of the key's type; its range is checked by the same parser
+            source, text = f"{dest} in {self.config.path}", str(self.config.values[dest])
         if text is None or text == "":
             return default
         try:
             return parse(text)
         except ValueError as exc:
             raise UsageError(f"{source}={text!r}: {exc}",
-                             hint=f"set {flag} or ${env} to a valid value, or leave both unset for the default "
-                                  f"({default})") from None
+                             hint=f"set {flag} or ${env} (or {dest} in the config file) to a valid value, or "
+                                  f"leave both unset for the default ({default})") from None
+
+
+# ---- the config file ------------------------------------------------------------------------------------
+
+CONFIG_ENV = "FLEET_CONFIG"
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """One key of the config file: the ``dest`` of its flag, the TOML type it takes, its default (None: unset,
+    the example shows it commented out) and one line saying what it is."""
+
+    key: str
+    kind: type
+    default: Any
+    what: str
+    env: str = ""
+
+
+_D = ControllerSettings()
+FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
+    FileKey("state_dir", Path, _D.state_dir, "state directory (CA, database, artifacts, controller.json)"),
+    FileKey("db", str, None, "database URL (unset: sqlite:///STATE/controller.db; "
+            "postgresql+psycopg://user@host/db for PostgreSQL)"),
+    FileKey("grpc_listen", str, _D.grpc_listen, "agent port, mutual TLS (HOST:PORT)"),
+    FileKey("enroll_listen", str, None, "enrollment port, server TLS (unset: agent port + 1)"),
+    FileKey("http_listen", str, _D.http_listen, "HTTP API and dashboard (HOST:PORT)"),
+    FileKey("heartbeat_interval", float, _D.heartbeat_interval, "heartbeat interval asked of agents, seconds"),
+    FileKey("missed_heartbeats", int, _D.missed_heartbeats, "a node missing this many intervals turns offline"),
+    FileKey("san", list, [], "more DNS names or IPs for the server certificate"),
+    FileKey("gc_tuning", bool, True, "freeze start-up objects out of the garbage collector's reach and raise "
+            "its gen-0 threshold (false: CPython's defaults)"),
+    FileKey("upstream_index", str, DEFAULT_INDEX_URL, "PEP 503 index for sdists and dependency wheels "
+            "(a local mirror works; \"none\": no index)"),
+    FileKey("wheel_mirror", str, None, "fetch flash-attn release wheels from here, not GitHub"),
+    FileKey("offline", bool, False, "never fetch: plans use only the artifact store"),
+    FileKey("enroll_rate", float, None, "enrollment attempts per second overall (unset: 50, burst 200; "
+            "per source address 1/s, burst 20)"),
+    FileKey("trusted_keyring", Path, None, "OpenPGP public keys that may sign `fleetctl artifact add --sig`"),
+    FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
+    FileKey("rollout_lease_ttl", float, _D.rollout_lease_ttl, "rollout lease TTL, seconds",
+            "FLEET_ROLLOUT_LEASE_TTL"),
+    FileKey("scheduler", bool, _D.scheduler, "run due verification schedules in this controller",
+            "FLEET_SCHEDULER"),
+    FileKey("scheduler_tick", float, _D.scheduler_tick, "how often the scheduler looks for due runs, seconds",
+            "FLEET_SCHEDULER_TICK"),
+    FileKey("drift_debounce", float, _D.drift_debounce, "delay of a drift re-verification, seconds",
+            "FLEET_DRIFT_DEBOUNCE"),
+    FileKey("dashboard_session_seconds", int, _D.dashboard_session_seconds, "dashboard login lifetime, seconds",
+            "FLEET_DASHBOARD_SESSION_SECONDS"),
+    FileKey("db_lock_timeout_ms", int, _D.db_timeouts.lock_ms, "longest wait for a database lock, ms",
+            "FLEET_DB_LOCK_TIMEOUT_MS"),
+    FileKey("db_statement_timeout_ms", int, _D.db_timeouts.statement_ms, "PostgreSQL statement timeout, ms",
+            "FLEET_DB_STATEMENT_TIMEOUT_MS"),
+    FileKey("log_level", str, _D.log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL", "FLEET_LOG_LEVEL"),
+    FileKey("verify_regression_threshold", float, _D.regression.threshold, "a passing verification this "
+            "fraction below its GPU model's fleet median is a regression", "FLEET_VERIFY_REGRESSION_THRESHOLD"),
+    FileKey("verify_regression_min_samples", int, _D.regression.min_samples, "other nodes of the model that "
+            "must have measured a shape before it is compared", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"),
+)}
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    path: Path | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
+    """``--config``, else ``$FLEET_CONFIG``, else none: no file is read implicitly, so what a controller runs
+    with is always on its command line or in its environment (the systemd unit and the image pass --config)."""
+    given: Path | None = getattr(args, "config", None)
+    return given or (Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None)
+
+
+def read_config(path: Path | None) -> ConfigFile:
+    """The file's keys, each checked against its TOML type; an unknown key or a wrong type stops the start."""
+    if path is None:
+        return ConfigFile()
+    hint = "fix it (`fleet-controller config example` prints every key with its default and type)"
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"config file {path}: {exc.strerror or exc}",
+                         hint=f"name a readable file with --config or ${CONFIG_ENV}, or unset both") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}", hint=hint) from None
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        spec = FILE_KEYS.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, FILE_KEYS, n=1)
+            raise UsageError(f"config file {path}: unknown key {key!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""),
+                             hint="remove it or correct its name; " + hint)
+        values[key] = _typed(spec, value, path, hint)
+    return ConfigFile(path, values)
+
+
+_KIND_TEXT = {Path: "a string (a path)", str: "a string", int: "a whole number", float: "a number",
+              bool: "true or false", list: "a list of strings"}
+
+
+def _typed(spec: FileKey, value: object, path: Path, hint: str) -> Any:
+    expected = _KIND_TEXT[spec.kind]
+    # bool is an int in Python, but `missed_heartbeats = true` is a mistake
+    if spec.kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if spec.kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if spec.kind is bool and isinstance(value, bool):
+        return value
+    if spec.kind in (str, Path) and isinstance(value, str):
+        return Path(value) if spec.kind is Path else value
+    if spec.kind is list and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise UsageError(f"config file {path}: {spec.key} = {value!r} is not {expected}",
+                     hint=f"write {spec.key} = {_toml(spec.default) if spec.default is not None else expected}; "
+                          + hint)
+
+
+def config_example() -> str:
+    """A config file with every key at its default (unset keys commented out), made from ``FILE_KEYS``."""
+    lines = ["# fleet-controller config file (TOML): fleet-controller serve --config FILE, or $FLEET_CONFIG.",
+             "# A flag wins over its environment variable, which wins over this file, which wins over the default.",
+             "# Every key is shown at its default; a commented-out key is unset by default. docs/deploy.md.", ""]
+    for spec in FILE_KEYS.values():
+        flag = "--no-" + spec.key.replace("_", "-") if spec.kind is bool and spec.default else \
+            "--" + spec.key.replace("_", "-")
+        lines.append(f"# {spec.what} ({flag}" + (f"; ${spec.env})" if spec.env else ")"))
+        if spec.default is None:
+            lines.append(f"# {spec.key} =   ({_KIND_TEXT[spec.kind]})")
+        else:
+            lines.append(f"{spec.key} = {_toml(spec.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(str(value))  # a JSON string of printable text is a TOML basic string
 
 
 def _seconds(text: str) -> float:
@@ -253,8 +428,8 @@ def _log_level(text: str) -> str:
     return level
 
 
-def check_signing_args(args: argparse.Namespace) -> None:
-    if args.require_signed and args.trusted_keyring is None:
+def check_signing(require_signed: bool, trusted_keyring: Path | None) -> None:
+    if require_signed and trusted_keyring is None:
         raise UsageError("--require-signed needs --trusted-keyring FILE (the keys a signature must come from)",
                          hint="export the operators' public keys: gpg --export --armor KEYID... > FILE")
 
@@ -270,9 +445,9 @@ def enroll_rates(per_second: float | None) -> tuple[Rate, Rate]:
     return rate, rate
 
 
-def upstream_from(args: argparse.Namespace) -> UpstreamConfig:
-    index = None if args.upstream_index in ("", "none") else args.upstream_index
-    for name, url in (("--upstream-index", index), ("--wheel-mirror", args.wheel_mirror)):
+def upstream_config(index_url: str, wheel_mirror: str | None, offline: bool) -> UpstreamConfig:
+    index = None if index_url in ("", "none") else index_url
+    for name, url in (("--upstream-index", index), ("--wheel-mirror", wheel_mirror)):
         if url is not None and not url.startswith(("http://", "https://", "file://")):
             raise UsageError(f"{name} {url!r} is not an http(s) or file URL", hint=f"e.g. {name} https://host/path")
-    return UpstreamConfig(index_url=index, wheel_mirror=args.wheel_mirror, offline=args.offline)
+    return UpstreamConfig(index_url=index, wheel_mirror=wheel_mirror, offline=offline)
