@@ -30,6 +30,7 @@ from controller.context import ControllerContext
 from controller.http_deps import API_PREFIX, Admin, Ctx, Viewer
 from controller.node_status import NodeStatus
 from controller.rollout.api import router as rollout_router
+from controller.telemetry import HttpMetrics
 from controller.verify_store.api import router as verify_router
 from fleet.errors import (
     AuthError,
@@ -43,6 +44,7 @@ from fleet.errors import (
     UpstreamError,
     UsageError,
 )
+from fleet.version import package_version
 
 _HTTP_STATUS: list[tuple[type[FleetError], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (NotFoundError, 404), (ConflictError, 409), (InputError, 422),
@@ -83,8 +85,9 @@ def api_router() -> APIRouter:
 
     @router.get("/live")
     async def live() -> dict[str, Any]:
-        """The process answers. Served on the event loop on purpose: a stalled loop shows as a slow /live."""
-        return {"ok": True}
+        """The process answers (and says its version, for `fleetctl version`). Served on the event loop on
+        purpose: a stalled loop shows as a slow /live."""
+        return {"ok": True, "version": package_version()}
 
     @router.get("/ready")
     async def ready(ctx: Ctx) -> JSONResponse:
@@ -173,6 +176,7 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     # (nothing in an air-gapped site) and a browser page cannot send the bearer token (docs/security.md, "OpenAPI
     # schema").
     app = FastAPI(title="fleetctl controller", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HttpMetrics)  # fleet_controller_http_request_duration_seconds on /metrics
     app.state.ctx = ctx
 
     @app.get(f"{API_PREFIX}/openapi.json", include_in_schema=False)

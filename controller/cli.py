@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from controller.client import add_controller_args
 from fleet.cli import main_for
 
 COMMAND_MODULES: list[str] = [
@@ -22,11 +23,13 @@ COMMAND_MODULES: list[str] = [
     "controller.commands.verify",
     "controller.commands.schedule",
     "controller.commands.attention",
+    "controller.commands.version",
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_for("fleetctl", "Get FlashAttention onto every GPU node of a fleet.", COMMAND_MODULES, argv)
+    return main_for("fleetctl", "Get FlashAttention onto every GPU node of a fleet.", COMMAND_MODULES, argv,
+                    global_options=add_controller_args)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class ControllerClient:
 
     @classmethod
     def discover(cls, controller: str | None = None, state_dir: Path | None = None,
-                 token_file: Path | None = None) -> ControllerClient:
+                 token_file: Path | None = None, *, token_required: bool = True) -> ControllerClient:
         url = controller or os.environ.get("FLEETCTL_CONTROLLER")
         state = state_dir or Path(os.environ.get("FLEETCTL_STATE_DIR") or DEFAULT_STATE_DIR)
         env_file = os.environ.get("FLEETCTL_TOKEN_FILE")
@@ -97,15 +97,16 @@ class ControllerClient:
                                             hint=_START_HINT) from exc
         if not url:
             raise ControllerUnavailable("controller.json has no http address", hint=_START_HINT)
-        if token is None:
+        if token is None and token_required:
             raise AuthError(f"no admin token: cannot read {state / 'admin.token'}",
                             hint="pass --state-dir of the controller or set FLEETCTL_TOKEN")
         return cls(url, token)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ControllerClient:
+    def from_args(cls, args: argparse.Namespace, *, token_required: bool = True) -> ControllerClient:
+        """``token_required=False`` for routes open to anyone (``/live``): a token is sent only when one is known."""
         return cls.discover(getattr(args, "controller", None), getattr(args, "state_dir", None),
-                            getattr(args, "token_file", None))
+                            getattr(args, "token_file", None), token_required=token_required)
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 body: dict[str, Any] | None = None) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from controller.client import ControllerClient, add_controller_args
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_json, print_structured
 from fleet.errors import ControllerUnavailable, FleetError, InputError
 
 KINDS = ("sdist", "wheel", "apt-key", "other")
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=handle_add)
     p = sub.add_parser("list", help="list stored artifacts")
     p.add_argument("--kind", choices=KINDS)
-    p.add_argument("--json", action="store_true")
+    add_output_args(p, what="{\"artifacts\": [...]} (wide: full sha256)")
     add_controller_args(p)
     p.set_defaults(handler=handle_list)
 
@@ -142,12 +142,12 @@ def handle_list(args: argparse.Namespace) -> int:
     arts = ControllerClient.from_args(args).get("/artifacts")["artifacts"]
     if args.kind:
         arts = [a for a in arts if a["kind"] == args.kind]
-    if args.json:
-        print_json({"artifacts": arts})
+    if print_structured(args, {"artifacts": arts}):
         return 0
+    digest_chars = 64 if args.output == "wide" else 16
     for a in arts:
-        print(f"{a['sha256'][:16]}  {a['kind']:<7} {a['size']:>12}  {a['created'][:19]}  {source_column(a):<9} "
-              f"{a['filename']}")
+        print(f"{a['sha256'][:digest_chars]}  {a['kind']:<7} {a['size']:>12}  {a['created'][:19]}  "
+              f"{source_column(a):<9} {a['filename']}")
     if not arts:
         print("no artifacts")
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
 from controller.resolver.model import WORKLOADS
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_structured
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--nodes", "-l", metavar="SELECTOR", help="node selector (default: all), e.g. gpu=H200")
     r.add_argument("--workload", choices=WORKLOADS, default="prefill",
                    help="training (fwd+bwd), prefill (fwd, seqlen ≥ 4096) or decode (e2e tokens/s)")
-    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_args(r, what="the report")
     add_controller_args(r)
     r.set_defaults(handler=handle_report)
 
@@ -47,9 +47,7 @@ def render_report(data: dict[str, Any]) -> str:
 
 def handle_report(args: argparse.Namespace) -> int:
     data = ControllerClient.from_args(args).get("/attention/report", nodes=args.nodes, workload=args.workload)
-    if args.json:
-        print_json(data)
-    else:
+    if not print_structured(args, data):
         print(render_report(data))
     return 0
 

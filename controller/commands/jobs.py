@@ -7,21 +7,20 @@ import json
 from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_structured
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("job", help="show a job and its events")
     p.add_argument("job_id", metavar="ID")
-    p.add_argument("--json", action="store_true")
+    add_output_args(p, what="the job")
     add_controller_args(p)
     p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
     j = ControllerClient.from_args(args).get(f"/jobs/{args.job_id}")
-    if args.json:
-        print_json(j)
+    if print_structured(args, j):
         return 0
     print(f"job {j['id']}  {j['kind']} on {j['node']}: {j['status']}" + (f" rc={j['rc']}" if j["rc"] is not None
                                                                          else ""))

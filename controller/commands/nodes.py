@@ -10,7 +10,7 @@ from controller.commands.attention import render_node
 from controller.commands.table import render
 from controller.commands.verify import print_node_health
 from controller.rollout.core import TERMINAL
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_structured
 from fleet.errors import FactsError, FleetError
 from fleet.facts import NodeFacts, OsFacts, parse_node
 from fleet.text import terminal_safe, terminal_safe_tree
@@ -19,8 +19,8 @@ from fleet.text import terminal_safe, terminal_safe_tree
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("nodes", help="list the fleet's nodes", description="List every registered node: "
                               "status, GPU, driver, toolkit, torch, flash-attn. Simulated nodes are marked.")
-    p.add_argument("--json", action="store_true", help="print {\"nodes\": [...]} as JSON")
-    p.add_argument("--facts", action="store_true", help="with --json: include each node's full facts")
+    add_output_args(p, what="{\"nodes\": [...]} (wide adds agent version and last verification)")
+    p.add_argument("--facts", action="store_true", help="with -o json|yaml: include each node's full facts")
     add_controller_args(p)
     p.set_defaults(handler=handle_nodes)
 
@@ -28,22 +28,26 @@ def register(subparsers: Any) -> None:
                               description="Show one node: status, identity, current facts, facts history "
                                           "and status transitions.")
     q.add_argument("hostname", metavar="HOST")
-    q.add_argument("--json", action="store_true", help="print the node as JSON")
+    add_output_args(q, what="the node")
     add_controller_args(q)
     q.set_defaults(handler=handle_node)
 
 
 def handle_nodes(args: argparse.Namespace) -> int:
     data = ControllerClient.from_args(args).get("/nodes", facts="true" if args.facts else None)
-    if args.json:
-        print_json(data)
+    if print_structured(args, data):
         return 0
     nodes = data["nodes"]
+    headers = ["host", "status", "gpu", "cc", "driver", "nvcc", "torch", "python", "flash-attn", "last seen (UTC)"]
     rows = [[n["hostname"] + (" (sim)" if n["simulated"] else ""), n["status"], n["gpu"], n["compute_capability"],
              n["driver"], n["nvcc"], n["torch"], n["python"], n["flash_attn"], n["last_seen"][:19] if n["last_seen"]
              else None] for n in nodes]
-    print(render(rows, ["host", "status", "gpu", "cc", "driver", "nvcc", "torch", "python", "flash-attn",
-                        "last seen (UTC)"]))
+    if args.output == "wide":
+        headers += ["agent", "last verification"]
+        for row, n in zip(rows, nodes, strict=True):
+            v = n.get("last_verification")
+            row += [n.get("agent_version"), f"{v['status']} {(v['at'] or '')[:19]}" if v else None]
+    print(render(rows, headers))
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n["status"]] = counts.get(n["status"], 0) + 1
@@ -88,8 +92,7 @@ def handle_node(args: argparse.Namespace) -> int:
         n["attention"] = client.get(f"/attention/nodes/{args.hostname}")
     except FleetError as exc:
         n["attention"] = {"error": exc.message}
-    if args.json:
-        print_json(n)
+    if print_structured(args, n):
         return 0
     try:  # the stored facts JSON, parsed once; the controller says why when they do not parse (facts_error)
         facts: NodeFacts | None = parse_node(n["facts"])

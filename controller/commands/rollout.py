@@ -22,7 +22,7 @@ from controller.resolver import Policy
 from controller.resolver.model import WORKLOADS
 from controller.rollout.core import RolloutStatus
 from controller.rollout.progress import ProgressView, footer_lines
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_json, print_structured
 from fleet.errors import StaleFactsError, UsageError
 
 EXIT_PAUSED = 10
@@ -108,12 +108,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("id", nargs="?", metavar="ID")
     p.add_argument("-w", "--watch", action="store_true", help="follow it live until it ends or pauses")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S", help="with --watch: stop after S seconds")
-    _common(p)
+    add_output_args(p, what="the rollout")
+    _common(p, json_flag=False)
     p.set_defaults(handler=handle_status)
 
     p = sub.add_parser("list", help="list rollouts, newest first")
     p.add_argument("--limit", type=int, default=50)
-    _common(p)
+    add_output_args(p, what="the rollouts")
+    _common(p, json_flag=False)
     p.set_defaults(handler=handle_list)
 
     for name, helptext in (("pause", "pause: running steps finish, nothing new starts"),
@@ -270,14 +272,14 @@ def handle_status(args: argparse.Namespace) -> int:
     st = client.get(path)
     if args.watch:
         return follow(client, st["id"], wait_timeout=args.wait_timeout)
-    if args.json:
-        print_json(st)
+    if print_structured(args, st):
         return 0
     for line in footer_lines(st):
         print(line)
     rows = [[n["hostname"], "canary" if n["canary"] else (n["batch"] if n["batch"] >= 0 else "-"), n["variant"],
              n["state"],
-             (n["step"] or "") + (" (running)" if n["in_step"] else ""), n["attempt"], n["cause"][:90]]
+             (n["step"] or "") + (" (running)" if n["in_step"] else ""), n["attempt"],
+             n["cause"] if args.output == "wide" else n["cause"][:90]]
             for n in st["nodes"]]
     print(render(rows, ["host", "batch", "variant", "state", "step", "try", "cause"]))
     for n in st["nodes"]:
@@ -295,8 +297,7 @@ def handle_status(args: argparse.Namespace) -> int:
 
 def handle_list(args: argparse.Namespace) -> int:
     data = ControllerClient.from_args(args).get("/rollouts", limit=args.limit)
-    if args.json:
-        print_json(data)
+    if print_structured(args, data):
         return 0
     rows = [[r["id"], r["status"], r["version"], r["selector"], r["created_by"], (r["created_at"] or "")[:19],
              ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))] for r in data["rollouts"]]

@@ -15,7 +15,7 @@ from typing import Any
 
 from controller.client import ControllerClient, add_controller_args
 from controller.commands.table import render
-from fleet.cli import print_json
+from fleet.cli import add_output_args, print_json, print_structured
 from fleet.errors import ControllerUnavailable, NotFoundError
 from fleet.jobs import JobStatus
 
@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--node", metavar="HOST", help="only this node")
     r.add_argument("--latest", action="store_true", help="only each node's latest result")
     r.add_argument("--limit", type=int, default=50)
-    r.add_argument("--json", action="store_true", help="print {\"verifications\": [...]} as JSON")
+    add_output_args(r, what="{\"verifications\": [...]}")
     add_controller_args(r)
     r.set_defaults(handler=handle_list)
 
@@ -133,8 +133,7 @@ def handle(args: argparse.Namespace) -> int:
 def handle_list(args: argparse.Namespace) -> int:
     data = ControllerClient.from_args(args).get("/verifications", node=args.node, limit=args.limit,
                                                 latest="true" if args.latest else None)
-    if args.json:
-        print_json(data)
+    if print_structured(args, data):
         return 0
     print(render([[v["at"][:19] if v.get("at") else None, *row]
                   for v, row in zip(data["verifications"], rows_of(data["verifications"]), strict=True)],

@@ -144,8 +144,8 @@ def test_fleetctl_nodes_and_node_print_no_escape_sequences(monkeypatch: pytest.M
 
     monkeypatch.setattr("controller.commands.nodes.ControllerClient.from_args", staticmethod(lambda _: Client()))
     monkeypatch.setattr("controller.commands.verify.print_node_health", lambda _: None)
-    nodes_cmd.handle_nodes(argparse.Namespace(json=False, facts=False))
-    nodes_cmd.handle_node(argparse.Namespace(json=False, hostname="node-1"))
+    nodes_cmd.handle_nodes(argparse.Namespace(output="table", facts=False))
+    nodes_cmd.handle_node(argparse.Namespace(output="table", hostname="node-1"))
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "NVIDIA H100" in out
