@@ -34,6 +34,7 @@ from controller.context import ControllerContext
 from controller.enrollment import REFRESH_SECONDS, AgentIdentity
 from controller.ratelimit import RateLimited, RateLimits, source_address
 from controller.registry import HostnameMismatch
+from controller.rpc_metrics import RpcMetrics
 from controller.uploads import PartialWriter, UploadRestart, is_disk_full, store_full
 from fleet.errors import (
     AuthError,
@@ -372,7 +373,7 @@ async def start_grpc(ctx: ControllerContext) -> grpc.aio.Server:
     host, port = _split(s.grpc_listen)
     names = [host, *s.extra_names]
     key, cert = ctx.ca.server_credentials(names)
-    server = grpc.aio.server(options=server_options())
+    server = grpc.aio.server(options=server_options(), interceptors=[RpcMetrics()])
     pb_grpc.add_AgentServiceServicer_to_server(AgentService(ctx), server)
     mtls = grpc.ssl_server_credentials([(key, cert)], root_certificates=ctx.ca.ca_pem, require_client_auth=True)
     tls = grpc.ssl_server_credentials([(key, cert)])

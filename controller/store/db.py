@@ -40,6 +40,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.telemetry import DB_CALL_SECONDS
 from fleet.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ class Store:
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run blocking ``fn(*args, **kwargs)`` (database work) on the store's bounded thread pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        with DB_CALL_SECONDS.time():
+            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
     def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
         """Check that the database answers and takes a write within ``timeout_s`` (blocking; use ``call``).

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
+from controller import telemetry
 from controller.node_status import NodeStatus
 from controller.rollout.core import RolloutStatus
 from controller.store.db import Store
@@ -173,7 +174,7 @@ def _job_histogram(rows: Iterable[tuple[str, Any, Any]]) -> Metric:
 def render_metrics(store: Store) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(store))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(registry) + generate_latest(telemetry.REGISTRY), CONTENT_TYPE_LATEST
 
 
 def median(values: list[float]) -> float | None:

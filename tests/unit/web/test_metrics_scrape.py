@@ -128,3 +128,21 @@ def test_promtool_check_metrics(exposition: str, tmp_path: Path) -> None:
     proc = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+
+
+def test_controller_self_metrics(client: TestClient, scrape_token: str, fleet: FleetThread) -> None:
+    """HTTP latency by route template (bounded: never the filled-in path) and the store's call latency."""
+    auth = {"Authorization": f"Bearer {scrape_token}"}
+    client.get("/api/v1/nodes/node-0", headers=auth)  # 403: counted under its template
+    fleet.call(fleet.fleet.ctx.store.call(lambda: None))
+    text = client.get("/metrics", headers=auth).text
+    http = samples(text, "fleet_controller_http_request_duration_seconds")
+    counts = {(s.labels["method"], s.labels["route"], s.labels["code"]): s.value for s in http
+              if s.name.endswith("_count")}
+    assert counts[("GET", "/api/v1/nodes/{hostname}", "403")] >= 1
+    assert counts[("GET", "/metrics", "200")] >= 1
+    assert not any("node-0" in route for _, route, _ in counts)
+    db = [s for s in samples(text, "fleet_controller_db_call_duration_seconds") if s.name.endswith("_count")]
+    assert db and db[0].value >= 1
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["fleet_controller_grpc_request_duration_seconds"] == "histogram"
