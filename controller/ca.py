@@ -29,6 +29,13 @@ CLIENT_DAYS = 365
 MAX_CSR_BYTES = 16 * 1024
 
 
+def client_cert_not_after(issued_at: dt.datetime) -> dt.datetime:
+    """When an agent's certificate expires: it is signed once, at enrollment (``sign_csr``, ``CLIENT_DAYS``), so
+    its identity's ``created_at`` plus that (/metrics' ``fleet_node_agent_cert_expiry_timestamp_seconds``; an
+    agent is re-enrolled to renew it)."""
+    return issued_at + dt.timedelta(days=CLIENT_DAYS)
+
+
 @dataclass(frozen=True)
 class IssuedCert:
     pem: bytes

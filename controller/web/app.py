@@ -658,7 +658,8 @@ def metrics(request: Request) -> Response:
                                     status_code=401, headers={"WWW-Authenticate": 'Bearer realm="fleet-metrics"'})
     else:
         require_user(request)
-    body, content_type = render_metrics(st.store)
+    ca = getattr(st.ctx, "ca", None)  # a standalone dashboard (tests, screenshots) may have no CA
+    body, content_type = render_metrics(st.store, ca.cert.not_valid_after_utc if ca is not None else None)
     return Response(body, media_type=content_type)
 
 

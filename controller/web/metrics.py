@@ -4,7 +4,8 @@ Fleet families: ``fleet_nodes{status}``, ``fleet_nodes_by_gpu_model{gpu_model}``
 per node (label ``hostname``, one series per node and family, so cardinality = fleet size):
 ``fleet_node_info{hostname,gpu_model,flash_attn_version,flash_attn_variant}`` (value 1),
 ``fleet_node_status{hostname,status}`` (value 1, the current status), ``fleet_node_last_heartbeat_timestamp_seconds``,
-``fleet_node_verification_passed`` (1/0, nodes ever verified) and ``fleet_node_verification_timestamp_seconds``;
+``fleet_node_verification_passed`` (1/0, nodes ever verified), ``fleet_node_verification_timestamp_seconds`` and
+``fleet_node_agent_cert_expiry_timestamp_seconds``; ``fleet_controller_ca_cert_expiry_timestamp_seconds``;
 rollouts: ``fleet_rollouts{status}``, ``fleet_rollout_nodes{rollout,state}`` and
 ``fleet_rollout_progress_ratio{rollout,status}`` (the 20 newest); ``fleet_verifications{gpu_model,result}`` and
 ``fleet_verification_tflops_median{gpu_model}``; jobs: ``fleet_jobs{status}`` (queue depth) and
@@ -27,10 +28,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
 from controller import telemetry
+from controller.ca import client_cert_not_after
 from controller.node_status import NodeStatus
 from controller.rollout.core import RolloutStatus
 from controller.store.db import Store
-from controller.store.models import Job, Node
+from controller.store.models import Identity, Job, Node
 from controller.verify_store.views import GpuVerificationCounts
 from controller.web import nodeindex, sources
 from controller.web.models import DashboardNode
@@ -40,13 +42,19 @@ JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 
 
 
 class _Collector:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ca_expires_at: dt.datetime | None) -> None:
         self.store = store
+        self.ca_expires_at = ca_expires_at
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        if self.ca_expires_at is not None:
+            ca = GaugeMetricFamily("fleet_controller_ca_cert_expiry_timestamp_seconds",
+                                   "Unix time the controller's CA certificate expires")
+            ca.add_metric([], _timestamp(self.ca_expires_at))
+            yield ca
         with self.store.session() as s:
             nodeindex.sync(s)
             nodes = GaugeMetricFamily("fleet_nodes", "Nodes by status", labels=["status"])
@@ -66,8 +74,10 @@ class _Collector:
             yield sim
             rows = s.execute(select(DashboardNode.hostname, DashboardNode.status, DashboardNode.gpu_model,
                                     DashboardNode.fa_version, DashboardNode.fa_variant, DashboardNode.verify_result,
-                                    DashboardNode.verify_at, Node.last_seen)
-                             .join(Node, Node.id == DashboardNode.node_id).order_by(DashboardNode.hostname)).all()
+                                    DashboardNode.verify_at, Node.last_seen, Identity.created_at)
+                             .join(Node, Node.id == DashboardNode.node_id)
+                             .outerjoin(Identity, Identity.id == Node.identity_id)
+                             .order_by(DashboardNode.hostname)).all()
             yield from _node_metrics([PerNode(*row) for row in rows])
             yield from _rollout_metrics(sources.rollouts(s, limit=20), sources.rollout_counts(s))
             yield from _verification_metrics(sources.verification_metrics(s))
@@ -93,6 +103,7 @@ class PerNode:
     verify_result: str  # passed | failed | "" (never verified)
     verify_at: dt.datetime | None
     last_seen: dt.datetime | None
+    enrolled_at: dt.datetime | None  # its agent's identity (None: registered without one)
 
 
 def _timestamp(at: dt.datetime) -> float:
@@ -114,6 +125,9 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
                                labels=["hostname"])
     verified_at = GaugeMetricFamily("fleet_node_verification_timestamp_seconds",
                                     "Unix time of the node's latest verification", labels=["hostname"])
+    cert_expiry = GaugeMetricFamily("fleet_node_agent_cert_expiry_timestamp_seconds",
+                                    "Unix time the node's agent certificate expires (re-enroll the agent before)",
+                                    labels=["hostname"])
     for n in nodes:
         info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant], 1)
         status.add_metric([n.hostname, n.status], 1)
@@ -123,7 +137,9 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
             passed.add_metric([n.hostname], 1 if n.verify_result == "passed" else 0)
         if n.verify_at is not None:
             verified_at.add_metric([n.hostname], _timestamp(n.verify_at))
-    yield from (info, status, heartbeat, passed, verified_at)
+        if n.enrolled_at is not None:
+            cert_expiry.add_metric([n.hostname], _timestamp(client_cert_not_after(n.enrolled_at)))
+    yield from (info, status, heartbeat, passed, verified_at, cert_expiry)
 
 
 def _rollout_metrics(rollouts: list[dict[str, Any]], by_status: dict[str, int]) -> Iterator[Metric]:
@@ -171,9 +187,9 @@ def _job_histogram(rows: Iterable[tuple[str, Any, Any]]) -> Metric:
     return hist
 
 
-def render_metrics(store: Store) -> tuple[bytes, str]:
+def render_metrics(store: Store, ca_expires_at: dt.datetime | None = None) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(store))
+    registry.register(_Collector(store, ca_expires_at))
     return generate_latest(registry) + generate_latest(telemetry.REGISTRY), CONTENT_TYPE_LATEST
 
 

@@ -96,6 +96,11 @@ def test_per_node_series(exposition: str) -> None:
     assert len(verified) == 3 and all(now - 86400 < s.value <= now for s in verified)
     heartbeats = samples(exposition, "fleet_node_last_heartbeat_timestamp_seconds")
     assert len(heartbeats) >= HOSTS - 1 and all(now - 3600 < s.value <= now + 5 for s in heartbeats)
+    year = 365 * 86400  # agent certificates are signed at enrollment for a year; the CA for ten
+    certs = samples(exposition, "fleet_node_agent_cert_expiry_timestamp_seconds")
+    assert len(certs) == HOSTS and all(now + year - 3600 < s.value <= now + year for s in certs)
+    (ca,) = samples(exposition, "fleet_controller_ca_cert_expiry_timestamp_seconds")
+    assert now + 9 * year < ca.value <= now + 10 * year + 3 * 86400
     jobs = {s.labels["status"]: s.value for s in samples(exposition, "fleet_jobs")}
     assert "pending" in jobs and "running" in jobs
     rollouts = {s.labels["status"]: s.value for s in samples(exposition, "fleet_rollouts")}
