@@ -6,10 +6,16 @@ A real controller (FakeFleet: store, registry, job dispatcher, rollout engine) w
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -124,9 +130,6 @@ def test_names_and_types_follow_prometheus_conventions(exposition: str) -> None:
 
 def test_promtool_check_metrics(exposition: str, tmp_path: Path) -> None:
     """``promtool check metrics`` (Prometheus' own linter) finds nothing to say about the real exposition."""
-    import shutil
-    import subprocess
-
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus; scripts/bootstrap installs it as root)")
@@ -151,3 +154,51 @@ def test_controller_self_metrics(client: TestClient, scrape_token: str, fleet: F
     assert db and db[0].value >= 1
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert families["fleet_controller_grpc_request_duration_seconds"] == "histogram"
+
+
+ROOT = Path(__file__).resolve().parents[3]
+ALERTS = ROOT / "docs" / "alerts.yml"
+ALERT_TESTS = ROOT / "tests" / "fixtures" / "alerts" / "alerts_test.yml"
+DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
+HISTOGRAM_SERIES = re.compile(r"_(bucket|count|sum)$")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The fleet metric families a PromQL expression reads (a histogram's ``_bucket``/``_count``/``_sum`` series
+    name their family)."""
+    return {HISTOGRAM_SERIES.sub("", name) for name in re.findall(r"\bfleet_[a-z0-9_]+", expr)}
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def test_alerts_and_dashboard_read_only_exported_metrics(exposition: str) -> None:
+    exported = {f.name for f in text_string_to_metric_families(exposition)}
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} >= {"FleetNodeDegraded", "FleetVerificationRegression", "FleetRolloutPaused",
+                                            "FleetAgentOffline", "FleetAgentCertExpiring", "FleetCACertExpiring"}
+    for expr in [r["expr"] for r in rules] + dashboard_exprs():
+        names = metric_names(expr)
+        assert names and names <= exported, (expr, names - exported)
+    assert {n for e in dashboard_exprs() for n in metric_names(e)} >= {
+        "fleet_node_info", "fleet_controller_grpc_request_duration_seconds",
+        "fleet_controller_http_request_duration_seconds", "fleet_controller_db_call_duration_seconds",
+        "fleet_jobs", "fleet_job_duration_seconds"}
+
+
+def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
+    """``promtool check rules`` on docs/alerts.yml and ``promtool test rules`` on its unit tests (two alerts fire
+    and stay quiet when they should; tests/fixtures/alerts/alerts_test.yml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; scripts/bootstrap installs it as root)")
+    checked = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "SUCCESS: 6 rules found" in checked.stdout, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
