@@ -4,8 +4,8 @@
 reads flags or the environment itself. ``fleet-controller serve`` declares its flags with
 ``add_arguments(parser)`` and turns them, with the environment, into settings with ``settings_from(args,
 environ)``: a flag given on the command line wins over its environment variable, which wins over the default
-(docs/operations.md, "Controller settings", lists them). A value that does not parse stops the start with a
-``UsageError`` naming the knob and what to set instead.
+(docs/architecture.md, "Controller assembly and settings", lists them). A value that does not parse stops the
+start with a ``UsageError`` naming the knob and what to set instead.
 
 Every knob can also come from a TOML config file (``--config FILE`` or ``$FLEET_CONFIG``; no file is read
 unless one is named): a flag wins over its environment variable, which wins over the file, which wins over the

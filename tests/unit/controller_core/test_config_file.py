@@ -38,6 +38,11 @@ def test_every_flag_of_serve_is_a_key_of_the_file() -> None:
     assert dests == set(FILE_KEYS)
 
 
+def test_docs_deploy_lists_every_key() -> None:
+    text = (Path(__file__).resolve().parents[3] / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert all(f"| `{key}` |" in text for key in FILE_KEYS)
+
+
 def test_the_example_reads_back_as_the_defaults(tmp_path: Path) -> None:
     example = config_example()
     assert all(f"{key} =" in example for key in FILE_KEYS)
