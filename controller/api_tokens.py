@@ -87,7 +87,8 @@ def create_token(store: Store, name: str, ttl: dt.timedelta = DEFAULT_TTL, *,
         user = s.scalars(select(User).where(User.name == name)).first()
         if user is None:
             raise NotFoundError(f"no user {name!r}",
-                                hint="add one with `fleet-controller user add NAME --role viewer|operator|admin`")
+                                hint="add one with "
+                                     "`fleet-controller user add NAME --role metrics|viewer|operator|admin`")
         if user.disabled:
             raise UsageError(f"user {name!r} is disabled",
                              hint="re-enable it with `fleet-controller user add NAME --replace`")

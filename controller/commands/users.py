@@ -97,7 +97,11 @@ def _add(args: argparse.Namespace) -> int:
         user = add_user(store, args.name, args.role, password, replace=args.replace)
     finally:
         store.close()
-    print(f"user {user.name} ({user.role}) saved; log in at the controller's http address /login")
+    if user.role == METRICS_ROLE:
+        print(f"user {user.name} ({user.role}) saved; give Prometheus its token: "
+              f"`fleet-controller user token create {user.name} --ttl 365d` (docs/dashboard.md, /metrics)")
+    else:
+        print(f"user {user.name} ({user.role}) saved; log in at the controller's http address /login")
     return 0
 
 
