@@ -154,7 +154,6 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
     """The one place the controller's flags, environment and config file are read (at start-up, before
     anything is built)."""
     knob = _Knobs(args, environ, read_config(config_path(args, environ)))
-    defaults = ControllerSettings()
     trusted_keyring: Path | None = knob.given("trusted_keyring")
     require_signed: bool = knob.given("require_signed")
     check_signing(require_signed, trusted_keyring)
@@ -167,24 +166,16 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         upstream=upstream_config(knob.given("upstream_index"), knob.given("wheel_mirror"), knob.given("offline")),
         enroll_per_source=per_source, enroll_overall=overall,
         trusted_keyring=trusted_keyring, require_signed=require_signed,
-        rollout_lease_ttl=knob.read("rollout_lease_ttl", "FLEET_ROLLOUT_LEASE_TTL", _seconds,
-                                    defaults.rollout_lease_ttl),
-        scheduler=knob.read("scheduler", "FLEET_SCHEDULER", _switch, defaults.scheduler, flag="--no-scheduler"),
-        scheduler_tick=knob.read("scheduler_tick", "FLEET_SCHEDULER_TICK", _seconds, defaults.scheduler_tick),
-        drift_debounce=knob.read("drift_debounce", "FLEET_DRIFT_DEBOUNCE", _seconds, defaults.drift_debounce),
-        dashboard_session_seconds=knob.read("dashboard_session_seconds", "FLEET_DASHBOARD_SESSION_SECONDS",
-                                            _whole_seconds, defaults.dashboard_session_seconds),
-        db_timeouts=DbTimeouts(
-            lock_ms=knob.read("db_lock_timeout_ms", "FLEET_DB_LOCK_TIMEOUT_MS", _milliseconds,
-                              defaults.db_timeouts.lock_ms),
-            statement_ms=knob.read("db_statement_timeout_ms", "FLEET_DB_STATEMENT_TIMEOUT_MS", _milliseconds,
-                                   defaults.db_timeouts.statement_ms)),
-        log_level=knob.read("log_level", "FLEET_LOG_LEVEL", _log_level, defaults.log_level),
-        regression=RegressionPolicy(
-            threshold=knob.read("verify_regression_threshold", "FLEET_VERIFY_REGRESSION_THRESHOLD", _fraction,
-                                defaults.regression.threshold),
-            min_samples=knob.read("verify_regression_min_samples", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES", _count,
-                                  defaults.regression.min_samples)),
+        rollout_lease_ttl=knob.read("rollout_lease_ttl", _seconds),
+        scheduler=knob.read("scheduler", _switch),
+        scheduler_tick=knob.read("scheduler_tick", _seconds),
+        drift_debounce=knob.read("drift_debounce", _seconds),
+        dashboard_session_seconds=knob.read("dashboard_session_seconds", _whole_seconds),
+        db_timeouts=DbTimeouts(lock_ms=knob.read("db_lock_timeout_ms", _milliseconds),
+                               statement_ms=knob.read("db_statement_timeout_ms", _milliseconds)),
+        log_level=knob.read("log_level", _log_level),
+        regression=RegressionPolicy(threshold=knob.read("verify_regression_threshold", _fraction),
+                                    min_samples=knob.read("verify_regression_min_samples", _count)),
     )
 
 
@@ -202,8 +193,12 @@ class _Knobs:
             return flag_value
         return self.config.values.get(dest, FILE_KEYS[dest].default)
 
-    def read(self, dest: str, env: str, parse: Callable[[str], T], default: T, *, flag: str = "") -> T:
-        flag = flag or "--" + dest.replace("_", "-")
+    def read(self, dest: str, parse: Callable[[str], T]) -> T:
+        """A knob with an environment variable: the flag, else the variable, else the config file, else the
+        default; every text goes through ``parse``, which checks the range too."""
+        spec = FILE_KEYS[dest]
+        flag, env = spec.flag, spec.env
+        default: T = spec.default
         given: str | None = getattr(self.args, dest, None)
         source, text = (flag, given) if given is not None else (env, self.environ.get(env))
         if (text is None or text == "") and dest in self.config.values:
@@ -216,7 +211,7 @@ class _Knobs:
         except ValueError as exc:
             raise UsageError(f"{source}={text!r}: {exc}",
                              hint=f"set {flag} or ${env} (or {dest} in the config file) to a valid value, or "
-                                  f"leave both unset for the default ({default})") from None
+                                  f"leave them unset for the default ({default})") from None
 
 
 # ---- the config file ------------------------------------------------------------------------------------
@@ -234,6 +229,11 @@ class FileKey:
     default: Any
     what: str
     env: str = ""
+
+    @property
+    def flag(self) -> str:
+        """The flag of ``serve`` that sets it: a switch that is on by default has only a --no- flag."""
+        return ("--no-" if self.kind is bool and self.default else "--") + self.key.replace("_", "-")
 
 
 _D = ControllerSettings()
@@ -344,9 +344,7 @@ def config_example() -> str:
              "# A flag wins over its environment variable, which wins over this file, which wins over the default.",
              "# Every key is shown at its default; a commented-out key is unset by default. docs/deploy.md.", ""]
     for spec in FILE_KEYS.values():
-        flag = "--no-" + spec.key.replace("_", "-") if spec.kind is bool and spec.default else \
-            "--" + spec.key.replace("_", "-")
-        lines.append(f"# {spec.what} ({flag}" + (f"; ${spec.env})" if spec.env else ")"))
+        lines.append(f"# {spec.what} ({spec.flag}" + (f"; ${spec.env})" if spec.env else ")"))
         if spec.default is None:
             lines.append(f"# {spec.key} =   ({_KIND_TEXT[spec.kind]})")
         else:

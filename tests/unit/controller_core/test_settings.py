@@ -72,7 +72,7 @@ def test_bad_value_names_the_knob_and_what_to_do(argv: list[str], environ: dict[
     text = f"{caught.value.message} {caught.value.hint}"
     for name in names:
         assert name in text
-    assert "leave both unset for the default" in (caught.value.hint or "")
+    assert "leave them unset for the default" in (caught.value.hint or "")
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
