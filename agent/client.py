@@ -365,7 +365,7 @@ class Agent:
         facts = await asyncio.to_thread(self.cfg.facts)
         if self.creds is not None and facts.hostname != self.creds.hostname:
             facts = facts.with_hostname(self.creds.hostname)  # the enrolled name is authoritative
-        resp = await stub.ReportFacts(pb.ReportFactsRequest(facts=wire.facts_to_proto(facts)), timeout=RPC_TIMEOUT)
+        resp = await stub.ReportFacts(wire.report_facts_request(facts), timeout=RPC_TIMEOUT)
         self.registered.set()
         if resp.changed:
             log.info("facts reported; changed: %s", ", ".join(resp.changed))

@@ -11,10 +11,16 @@ from fleet.errors import InputError
 from fleet.facts import NodeFacts
 from fleet.jobs import FINISHED, JobOutcome, JobSpec, JobStatus
 from fleet.v1 import fleet_pb2 as pb
+from fleet.version import package_version
 
 
 def _jsonable(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def report_facts_request(facts: NodeFacts) -> pb.ReportFactsRequest:
+    """What the agent reports on (re)connecting and when asked: its facts and its own version."""
+    return pb.ReportFactsRequest(facts=facts_to_proto(facts), agent_version=package_version())
 
 
 def facts_to_proto(facts: NodeFacts, *, simulated: bool | None = None) -> pb.NodeFacts:

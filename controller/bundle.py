@@ -170,7 +170,8 @@ def plan_facts(entries: Sequence[NodeFacts | FactsError], catalog: Any, policy: 
         now = dt.datetime.now(dt.UTC)
         row = NodeRecord(hostname=facts.hostname, status=NodeStatus.ONLINE, last_seen=now, status_changed_at=now,
                          simulated=False, registered_at=now, facts_updated_at=now, agent=None, facts=facts,
-                         facts_error=None, facts_json=facts.to_json(), extra={"executor": "ansible"})
+                         facts_error=None, facts_json=facts.to_json(), extra={"executor": "ansible"},
+                         agent_version=None)
         out.append(plan_node(row, catalog, policy, version, {}, None, built=set()).to_json())
     return out
 

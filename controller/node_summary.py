@@ -37,6 +37,7 @@ class NodeSummary:
     simulated: bool
     last_seen: dt.datetime | None
     agent_id: str | None
+    agent_version: str | None
     gpu_model: str | None
     gpu_count: int
     compute_capability: str | None
@@ -69,7 +70,8 @@ class NodeSummary:
             "compute_capability": self.compute_capability, "driver": self.driver, "cuda_max": self.cuda_max,
             "nvcc": self.nvcc, "torch": self.torch, "torch_cuda": self.torch_cuda, "cxx11abi": self.cxx11abi,
             "python": self.python, "flash_attn": self.flash_attn, "flash_attn_variant": self.flash_attn_variant,
-            "arch": self.arch, "agent_id": self.agent_id, "facts_updated_at": _iso(self.facts_updated_at),
+            "arch": self.arch, "agent_id": self.agent_id, "agent_version": self.agent_version,
+            "facts_updated_at": _iso(self.facts_updated_at),
             "facts_error": self.facts_error,
             "last_verification": None if v is None else {"result": v.result, "status": v.status, "at": _iso(v.at),
                                                           "tflops": v.tflops},
@@ -87,7 +89,7 @@ def summarize(record: NodeRecord, *, last_verification: VerificationView | None 
     gpu0 = f.gpus[0] if f is not None and f.gpus else None
     return NodeSummary(
         hostname=record.hostname, status=record.status, simulated=record.simulated, last_seen=record.last_seen,
-        agent_id=record.agent.agent_id if record.agent else None,
+        agent_id=record.agent.agent_id if record.agent else None, agent_version=record.agent_version,
         gpu_model=gpu0.name if gpu0 else None, gpu_count=len(f.gpus) if f is not None else 0,
         compute_capability=gpu0.compute_capability if gpu0 else None,
         driver=f.driver.version if f is not None and f.driver else None,

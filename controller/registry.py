@@ -72,6 +72,7 @@ class NodeRecord:
     facts_error: str | None
     facts_json: Mapping[str, Any]
     extra: Mapping[str, Any]  # the agent's probe diagnostics (``NodeFacts.extra`` as reported)
+    agent_version: str | None  # as its agent last reported it; None until an agent that reports one does
 
 
 def read_facts(stored: Any) -> tuple[NodeFacts | None, str | None]:
@@ -98,7 +99,7 @@ def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.date
         hostname=row.hostname, status=status or NodeStatus(row.status), last_seen=last_seen or row.last_seen,
         status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
         facts_updated_at=row.facts_updated_at, agent=agent, facts=facts, facts_error=error,
-        facts_json=row.facts or {}, extra=row.extra or {})
+        facts_json=row.facts or {}, extra=row.extra or {}, agent_version=row.agent_version)
 
 
 def selection_info(node: NodeRecord) -> NodeInfo:
@@ -202,20 +203,24 @@ class Registry:
 
     # ---- facts ---------------------------------------------------------------------------
 
-    def report_facts(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False) -> list[str]:
+    def report_facts(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False,
+                     agent_version: str | None = None) -> list[str]:
         """Register or update the node of ``ident``; return the changed fields (``["*"]`` when new).
 
         Blocking (the database, in this thread); the gRPC servicer uses ``report_facts_async``."""
         self._check_hostname(ident, facts)
-        stored = self.store_facts(ident, facts, self.take_transitions(), simulated=simulated)
+        stored = self.store_facts(ident, facts, self.take_transitions(), simulated=simulated,
+                                  agent_version=agent_version)
         return self.apply_facts(ident, *stored)
 
-    async def report_facts_async(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False) -> list[str]:
+    async def report_facts_async(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False,
+                                 agent_version: str | None = None) -> list[str]:
         """``report_facts`` with the database work on the store's thread pool (the event loop never waits on it)."""
         self._check_hostname(ident, facts)
         transitions = self.take_transitions()
         try:
-            stored = await self.store.call(self.store_facts, ident, facts, transitions, simulated=simulated)
+            stored = await self.store.call(self.store_facts, ident, facts, transitions, simulated=simulated,
+                                           agent_version=agent_version)
         except BaseException:
             self.requeue(transitions, [])
             raise
@@ -229,7 +234,8 @@ class Registry:
                 hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
 
     def store_facts(self, ident: AgentIdentity, facts: NodeFacts, transitions: list[_PendingTransition], *,
-                    simulated: bool = False) -> tuple[list[str], int, NodeStatus, float]:
+                    simulated: bool = False, agent_version: str | None = None
+                    ) -> tuple[list[str], int, NodeStatus, float]:
         """The database half of ``report_facts`` (thread-safe): pending ``transitions`` first (a node's status
         history stays in order), then the node row. Returns (changed, node id, status, last_seen)."""
         new_json = facts.to_json()
@@ -241,7 +247,8 @@ class Registry:
             if node is None:
                 node = Node(hostname=ident.hostname, identity_id=ident.agent_id, status=NodeStatus.ONLINE,
                             status_changed_at=now, last_seen=now, facts=new_json, extra=extra,
-                            simulated=simulated, registered_at=now, facts_updated_at=now)
+                            simulated=simulated, registered_at=now, facts_updated_at=now,
+                            agent_version=agent_version)
                 s.add(node)
                 s.flush()
                 s.add(FactsHistory(node_id=node.id, at=now, changed=["*"], old={}, new={"*": new_json}))
@@ -274,6 +281,7 @@ class Registry:
                 node.facts_updated_at = now
                 node.extra = extra
                 node.simulated = simulated
+                node.agent_version = agent_version
                 node.last_seen = now
                 old_status = NodeStatus(node.status)
                 new_status = liveness(old_status, now.timestamp(), now.timestamp(), self.offline_after)

@@ -197,7 +197,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if not request.HasField("facts"):
                 raise FactsError("no facts in the request", hint="send ReportFactsRequest.facts")
             facts, simulated = wire.facts_from_proto(request.facts)
-            return await self.ctx.registry.report_facts_async(ident, facts, simulated=simulated)
+            return await self.ctx.registry.report_facts_async(ident, facts, simulated=simulated,
+                                                              agent_version=wire.agent_version_from_proto(request))
 
         changed = await self._acall(context, "ReportFacts", ident.hostname, run())
         return pb.ReportFactsResponse(changed=changed)

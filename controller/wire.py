@@ -95,6 +95,18 @@ def facts_from_proto(msg: pb.NodeFacts) -> tuple[NodeFacts, bool]:
     return parse_node(facts_to_dict(msg)), msg.simulated
 
 
+MAX_AGENT_VERSION_CHARS = 64
+
+
+def agent_version_from_proto(msg: pb.ReportFactsRequest) -> str | None:
+    """The reporting agent's version; None from an agent older than the field (it sends nothing)."""
+    version = msg.agent_version
+    if len(version) > MAX_AGENT_VERSION_CHARS or not version.isprintable():
+        raise InputError(f"agent version {version[:MAX_AGENT_VERSION_CHARS]!r}… is not a version string",
+                         hint=f"report at most {MAX_AGENT_VERSION_CHARS} printable characters, e.g. 0.1.0")
+    return version or None
+
+
 def enroll_response(result: EnrollResult) -> pb.EnrollResponse:
     return pb.EnrollResponse(agent_id=result.agent_id, certificate_pem=result.certificate_pem,
                              ca_pem=result.ca_pem, hostname=result.hostname)

@@ -104,7 +104,7 @@ def handle_node(args: argparse.Namespace) -> int:
     print(f"{n['hostname']}{'  [SIMULATED]' if n['simulated'] else ''}")
     print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")
     print(f"  agent       {ident.get('agent_id')} enrolled {ident.get('enrolled_at')}"
-          f"{'  REVOKED' if ident.get('revoked') else ''}")
+          f"{'  REVOKED' if ident.get('revoked') else ''}, version {n.get('agent_version') or 'not reported'}")
     if facts is None:
         print(f"  facts       unreadable: {n['facts_error']}")
     else:

@@ -93,6 +93,7 @@ class Node(Base):
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[dt.datetime]
     facts_updated_at: Mapped[dt.datetime]
+    agent_version: Mapped[str | None] = mapped_column(String(64))  # as last reported with the facts
 
     identity: Mapped[Identity | None] = relationship(lazy="joined")
 
