@@ -69,8 +69,8 @@ def build_parser(prog: str, description: str, modules: Sequence[ModuleType],
         ver.set_defaults(handler=_print_local_version)
     comp = subparsers.add_parser("completion", help="print a shell completion script",
                                  description=f"Print a completion script for {prog}'s subcommands and flags. "
-                                             f"bash: `source <({prog} completion bash)`; zsh: "
-                                             f"`{prog} completion zsh > \"${{fpath[1]}}/_{prog}\"`.")
+                                             f"bash: `source <({prog} completion bash)`; zsh (after compinit "
+                                             f"in ~/.zshrc): `source <({prog} completion zsh)`.")
     comp.add_argument("shell", choices=completion.SHELLS)
     comp.set_defaults(handler=lambda args: _print_completion(parser, args.shell))
     return parser

@@ -86,8 +86,8 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
 
 
 def zsh_script(parser: argparse.ArgumentParser) -> str:
-    return "\n".join([f"#compdef {parser.prog}",
-                      f"# {parser.prog} completion (zsh): the bash functions, through zsh's bashcompinit",
+    return "\n".join([f"# {parser.prog} completion (zsh, sourced after compinit): the bash functions, through "
+                      "zsh's bashcompinit",
                       "autoload -U +X bashcompinit && bashcompinit", bash_script(parser)])
 
 
