@@ -659,7 +659,8 @@ def metrics(request: Request) -> Response:
     else:
         require_user(request)
     ca = getattr(st.ctx, "ca", None)  # a standalone dashboard (tests, screenshots) may have no CA
-    body, content_type = render_metrics(st.store, ca.cert.not_valid_after_utc if ca is not None else None)
+    body, content_type = render_metrics(st.store, ca.cert.not_valid_after_utc if ca is not None else None,
+                                        _state_dir(st.ctx))
     return Response(body, media_type=content_type)
 
 

@@ -5,7 +5,8 @@ per node (label ``hostname``, one series per node and family, so cardinality = f
 ``fleet_node_info{hostname,gpu_model,flash_attn_version,flash_attn_variant}`` (value 1),
 ``fleet_node_status{hostname,status}`` (value 1, the current status), ``fleet_node_last_heartbeat_timestamp_seconds``,
 ``fleet_node_verification_passed`` (1/0, nodes ever verified), ``fleet_node_verification_timestamp_seconds`` and
-``fleet_node_agent_cert_expiry_timestamp_seconds``; ``fleet_controller_ca_cert_expiry_timestamp_seconds``;
+``fleet_node_agent_cert_expiry_timestamp_seconds``, ``fleet_node_attention_slower_than_best{hostname,workload}``
+and per GPU class ``fleet_attention_recommended_info``; ``fleet_controller_ca_cert_expiry_timestamp_seconds``;
 rollouts: ``fleet_rollouts{status}``, ``fleet_rollout_nodes{rollout,state}`` and
 ``fleet_rollout_progress_ratio{rollout,status}`` (the 20 newest); ``fleet_verifications{gpu_model,result}`` and
 ``fleet_verification_tflops_median{gpu_model}``; jobs: ``fleet_jobs{status}`` (queue depth) and
@@ -16,35 +17,50 @@ uses ``gpu`` for the GPU index, and a join with its series must not collide.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import statistics
+import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from controller import telemetry
+from controller import attention, telemetry
 from controller.ca import client_cert_not_after
+from controller.local_wheels import controller_catalog
 from controller.node_status import NodeStatus
 from controller.rollout.core import RolloutStatus
 from controller.store.db import Store
 from controller.store.models import Identity, Job, Node
 from controller.verify_store.views import GpuVerificationCounts
 from controller.web import nodeindex, sources
+from controller.web.attentionview import DEFAULT_WORKLOAD
 from controller.web.models import DashboardNode
+from fleet.errors import FleetError
 from fleet.jobs import JobStatus
+
+log = logging.getLogger(__name__)
+
+ATTENTION_EVERY_S = 300.0
+#: per database engine (one per controller; tests run several): when the attention report was made, and it
+_attention_reports: weakref.WeakKeyDictionary[Any, tuple[float, attention.FleetReport]] = weakref.WeakKeyDictionary()
 
 JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
 class _Collector:
-    def __init__(self, store: Store, ca_expires_at: dt.datetime | None) -> None:
+    def __init__(self, store: Store, ca_expires_at: dt.datetime | None, state_dir: Path | None) -> None:
         self.store = store
         self.ca_expires_at = ca_expires_at
+        self.state_dir = state_dir
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -79,6 +95,7 @@ class _Collector:
                              .outerjoin(Identity, Identity.id == Node.identity_id)
                              .order_by(DashboardNode.hostname)).all()
             yield from _node_metrics([PerNode(*row) for row in rows])
+            yield from _attention_metrics(s, self.state_dir)
             yield from _rollout_metrics(sources.rollouts(s, limit=20), sources.rollout_counts(s))
             yield from _verification_metrics(sources.verification_metrics(s))
             queue = GaugeMetricFamily("fleet_jobs", "Jobs by status (pending and dispatched: the queue)",
@@ -142,6 +159,39 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
     yield from (info, status, heartbeat, passed, verified_at, cert_expiry)
 
 
+def _attention_metrics(s: Session, state_dir: Path | None) -> Iterator[Metric]:
+    """What ``fleetctl attention report`` says for the default workload: the recommended implementation per GPU
+    model × torch, and per node whether what it runs measured slower than its own best. One workload only: the
+    report runs a recommendation per node (~1.7 ms a node: 17 s for 10,000), so it is computed at most every
+    ``ATTENTION_EVERY_S`` per store and the scrapes in between reuse it (it moves with new verifications, hours
+    apart, not with heartbeats)."""
+    now = time.monotonic()
+    cached = _attention_reports.get(s.get_bind())
+    if cached is not None and now - cached[0] < ATTENTION_EVERY_S:
+        report = cached[1]
+    else:
+        try:
+            report = attention.fleet_report(s, controller_catalog(s, state_dir), DEFAULT_WORKLOAD)
+        except FleetError as exc:  # an unusable catalog: the page and fleetctl say why; the rest still goes out
+            log.warning("/metrics: no attention recommendation: %s", exc)
+            return
+        _attention_reports[s.get_bind()] = (now, report)
+    recommended = GaugeMetricFamily("fleet_attention_recommended_info", "The recommended attention implementation "
+                                    "per GPU model and torch version (value 1)",
+                                    labels=["gpu_model", "torch", "workload", "implementation"])
+    slower = GaugeMetricFamily("fleet_node_attention_slower_than_best", "1 if the node runs an attention "
+                               "implementation measured slower than its recommended one, else 0",
+                               labels=["hostname", "workload"])
+    for row in report.rows:
+        choice = row.recommendation.choice
+        if choice is not None:
+            recommended.add_metric([row.gpu_model or "none", row.torch or "", row.workload, choice.impl], 1)
+        for host in row.hostnames:
+            slower.add_metric([host, row.workload], 1 if host in row.slower_hosts else 0)
+    yield recommended
+    yield slower
+
+
 def _rollout_metrics(rollouts: list[dict[str, Any]], by_status: dict[str, int]) -> Iterator[Metric]:
     count = GaugeMetricFamily("fleet_rollouts", "Rollouts by status", labels=["status"])
     for status in sorted({*RolloutStatus, *by_status}):
@@ -187,9 +237,10 @@ def _job_histogram(rows: Iterable[tuple[str, Any, Any]]) -> Metric:
     return hist
 
 
-def render_metrics(store: Store, ca_expires_at: dt.datetime | None = None) -> tuple[bytes, str]:
+def render_metrics(store: Store, ca_expires_at: dt.datetime | None = None,
+                   state_dir: Path | None = None) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(store, ca_expires_at))
+    registry.register(_Collector(store, ca_expires_at, state_dir))
     return generate_latest(registry) + generate_latest(telemetry.REGISTRY), CONTENT_TYPE_LATEST
 
 

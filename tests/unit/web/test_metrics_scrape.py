@@ -107,6 +107,11 @@ def test_per_node_series(exposition: str) -> None:
     assert len(certs) == HOSTS and all(now + year - 3600 < s.value <= now + year for s in certs)
     (ca,) = samples(exposition, "fleet_controller_ca_cert_expiry_timestamp_seconds")
     assert now + 9 * year < ca.value <= now + 10 * year + 3 * 86400
+    slower = {s.labels["hostname"]: s for s in samples(exposition, "fleet_node_attention_slower_than_best")}
+    assert sorted(slower) == sorted(info) and {s.labels["workload"] for s in slower.values()} == {"prefill"}
+    recommended = samples(exposition, "fleet_attention_recommended_info")
+    h100 = [s for s in recommended if s.labels["gpu_model"] == info["node-0"].labels["gpu_model"]]
+    assert len(h100) == 1 and h100[0].labels["implementation"] and h100[0].value == 1
     jobs = {s.labels["status"]: s.value for s in samples(exposition, "fleet_jobs")}
     assert "pending" in jobs and "running" in jobs
     rollouts = {s.labels["status"]: s.value for s in samples(exposition, "fleet_rollouts")}
