@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,33 @@ def test_dockerfile_copies_files_that_exist_and_ignores_none_of_them() -> None:
         for source in sources:
             assert (ROOT / source).exists(), source
             assert source.split("/")[0] not in ignored, source
+
+
+def test_the_wheel_stage_builds_from_exactly_what_it_copies(tmp_path: Path) -> None:
+    """The image's first stage, without a container: the wheel builds from its COPY sources alone and holds
+    what the controller loads at run time (migrations, dashboard templates and static files)."""
+    stage = dockerfile()
+    wheel_stage = stage[:[word for word, _ in stage].index("FROM", 1)]
+    (tmp_path / "src").mkdir()  # WORKDIR /src: the COPY destinations are relative to it
+    for word, rest in wheel_stage:
+        if word == "COPY":
+            *sources, dest = rest.split()
+            for source in sources:
+                target = tmp_path / "src" / dest / (Path(source).name if dest.endswith("/") else "")
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(ROOT / source, target)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(tmp_path / "src")],
+                   check=True, timeout=300, capture_output=True, env={"PIP_CONFIG_FILE": "/dev/null",
+                                                                     "PATH": str(Path(sys.executable).parent)})
+    (wheel,) = (tmp_path / "wheels").glob("fleetctl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "controller/store/migrations/env.py" in names and "controller/web/templates/attention.html" in names
+    assert any(name.startswith("controller/store/migrations/versions/") for name in names)
+    assert any(name.startswith("controller/web/static/") for name in names)
 
 
 def test_dockerfile_runs_the_controller_as_a_user_with_its_config_and_ports() -> None:
