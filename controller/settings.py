@@ -236,17 +236,18 @@ class FileKey:
         return ("--no-" if self.kind is bool and self.default else "--") + self.key.replace("_", "-")
 
 
-_D = ControllerSettings()
+_DEFAULTS = ControllerSettings()
 FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
-    FileKey("state_dir", Path, _D.state_dir, "state directory (CA, database, artifacts, controller.json)"),
+    FileKey("state_dir", Path, _DEFAULTS.state_dir, "state directory (CA, database, artifacts, controller.json)"),
     FileKey("db", str, None, "database URL (unset: sqlite:///STATE/controller.db; "
             "postgresql+psycopg://user@host/db for PostgreSQL)"),
-    FileKey("grpc_listen", str, _D.grpc_listen, "agent port, mutual TLS (HOST:PORT)"),
+    FileKey("grpc_listen", str, _DEFAULTS.grpc_listen, "agent port, mutual TLS (HOST:PORT)"),
     FileKey("enroll_listen", str, None, "enrollment port, server TLS (unset: agent port + 1)"),
-    FileKey("http_listen", str, _D.http_listen, "HTTP API and dashboard (HOST:PORT)"),
-    FileKey("heartbeat_interval", float, _D.heartbeat_interval, "heartbeat interval asked of agents, seconds"),
-    FileKey("missed_heartbeats", int, _D.missed_heartbeats, "a node missing this many intervals turns offline"),
-    FileKey("san", list, [], "more DNS names or IPs for the server certificate"),
+    FileKey("http_listen", str, _DEFAULTS.http_listen, "HTTP API and dashboard (HOST:PORT)"),
+    FileKey("heartbeat_interval", float, _DEFAULTS.heartbeat_interval, "heartbeat interval asked of agents, seconds"),
+    FileKey("missed_heartbeats", int, _DEFAULTS.missed_heartbeats, "a node missing this many intervals turns offline"),
+    FileKey("san", list, (), "more DNS names or IPs for the server certificate"),
+    # on for `serve`; ControllerSettings' own default (off) is for controllers embedded in tests
     FileKey("gc_tuning", bool, True, "freeze start-up objects out of the garbage collector's reach and raise "
             "its gen-0 threshold (false: CPython's defaults)"),
     FileKey("upstream_index", str, DEFAULT_INDEX_URL, "PEP 503 index for sdists and dependency wheels "
@@ -257,24 +258,24 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "per source address 1/s, burst 20)"),
     FileKey("trusted_keyring", Path, None, "OpenPGP public keys that may sign `fleetctl artifact add --sig`"),
     FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
-    FileKey("rollout_lease_ttl", float, _D.rollout_lease_ttl, "rollout lease TTL, seconds",
+    FileKey("rollout_lease_ttl", float, _DEFAULTS.rollout_lease_ttl, "rollout lease TTL, seconds",
             "FLEET_ROLLOUT_LEASE_TTL"),
-    FileKey("scheduler", bool, _D.scheduler, "run due verification schedules in this controller",
+    FileKey("scheduler", bool, _DEFAULTS.scheduler, "run due verification schedules in this controller",
             "FLEET_SCHEDULER"),
-    FileKey("scheduler_tick", float, _D.scheduler_tick, "how often the scheduler looks for due runs, seconds",
+    FileKey("scheduler_tick", float, _DEFAULTS.scheduler_tick, "how often the scheduler looks for due runs, seconds",
             "FLEET_SCHEDULER_TICK"),
-    FileKey("drift_debounce", float, _D.drift_debounce, "delay of a drift re-verification, seconds",
+    FileKey("drift_debounce", float, _DEFAULTS.drift_debounce, "delay of a drift re-verification, seconds",
             "FLEET_DRIFT_DEBOUNCE"),
-    FileKey("dashboard_session_seconds", int, _D.dashboard_session_seconds, "dashboard login lifetime, seconds",
+    FileKey("dashboard_session_seconds", int, _DEFAULTS.dashboard_session_seconds, "dashboard login lifetime, seconds",
             "FLEET_DASHBOARD_SESSION_SECONDS"),
-    FileKey("db_lock_timeout_ms", int, _D.db_timeouts.lock_ms, "longest wait for a database lock, ms",
+    FileKey("db_lock_timeout_ms", int, _DEFAULTS.db_timeouts.lock_ms, "longest wait for a database lock, ms",
             "FLEET_DB_LOCK_TIMEOUT_MS"),
-    FileKey("db_statement_timeout_ms", int, _D.db_timeouts.statement_ms, "PostgreSQL statement timeout, ms",
+    FileKey("db_statement_timeout_ms", int, _DEFAULTS.db_timeouts.statement_ms, "PostgreSQL statement timeout, ms",
             "FLEET_DB_STATEMENT_TIMEOUT_MS"),
-    FileKey("log_level", str, _D.log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL", "FLEET_LOG_LEVEL"),
-    FileKey("verify_regression_threshold", float, _D.regression.threshold, "a passing verification this "
+    FileKey("log_level", str, _DEFAULTS.log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL", "FLEET_LOG_LEVEL"),
+    FileKey("verify_regression_threshold", float, _DEFAULTS.regression.threshold, "a passing verification this "
             "fraction below its GPU model's fleet median is a regression", "FLEET_VERIFY_REGRESSION_THRESHOLD"),
-    FileKey("verify_regression_min_samples", int, _D.regression.min_samples, "other nodes of the model that "
+    FileKey("verify_regression_min_samples", int, _DEFAULTS.regression.min_samples, "other nodes of the model that "
             "must have measured a shape before it is compared", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"),
 )}
 
@@ -358,7 +359,7 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
     return json.dumps(str(value))  # a JSON string of printable text is a TOML basic string
 
