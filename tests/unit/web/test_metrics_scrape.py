@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,19 @@ def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
     tested = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_cli_adds_a_metrics_user_without_a_password(tmp_path: Path) -> None:
+    """``fleet-controller user add NAME --role metrics`` asks no password (stdin is not a terminal here, which
+    refuses any other role) and says how to make Prometheus' token; that token then scrapes."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "controller.main", "user", "--state-dir", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    refused = cli("add", "vic", "--role", "viewer")
+    assert refused.returncode != 0 and "--password-stdin" in refused.stderr
+    added = cli("add", "prometheus", "--role", "metrics")
+    assert added.returncode == 0, added.stderr
+    assert "user token create prometheus" in added.stdout
+    listed = cli("list", "--json")
+    assert listed.returncode == 0 and "prometheus" in listed.stdout and "metrics" in listed.stdout
