@@ -2,7 +2,7 @@
 
 Fleet families: ``fleet_nodes{status}``, ``fleet_nodes_by_gpu_model{gpu_model}``, ``fleet_nodes_simulated``;
 per node (label ``hostname``, one series per node and family, so cardinality = fleet size):
-``fleet_node_info{hostname,gpu_model,flash_attn_version,flash_attn_variant}`` (value 1),
+``fleet_node_info{hostname,gpu_model,flash_attn_version,flash_attn_variant,agent_version}`` (value 1),
 ``fleet_node_status{hostname,status}`` (value 1, the current status), ``fleet_node_last_heartbeat_timestamp_seconds``,
 ``fleet_node_verification_passed`` (1/0, nodes ever verified), ``fleet_node_verification_timestamp_seconds`` and
 ``fleet_node_agent_cert_expiry_timestamp_seconds``, ``fleet_node_attention_slower_than_best{hostname,workload}``
@@ -90,11 +90,12 @@ class _Collector:
             yield sim
             rows = s.execute(select(DashboardNode.hostname, DashboardNode.status, DashboardNode.gpu_model,
                                     DashboardNode.fa_version, DashboardNode.fa_variant, DashboardNode.verify_result,
-                                    DashboardNode.verify_at, Node.last_seen, Identity.created_at)
+                                    DashboardNode.verify_at, Node.last_seen, Identity.created_at, Node.agent_version)
                              .join(Node, Node.id == DashboardNode.node_id)
                              .outerjoin(Identity, Identity.id == Node.identity_id)
                              .order_by(DashboardNode.hostname)).all()
-            yield from _node_metrics([PerNode(*row) for row in rows])
+            # tuple(): past nine columns select()'s typed rows end, and mypy miscounts a Row's length
+            yield from _node_metrics([PerNode(*tuple(row)) for row in rows])
             yield from _attention_metrics(s, self.state_dir)
             yield from _rollout_metrics(sources.rollouts(s, limit=20), sources.rollout_counts(s))
             yield from _verification_metrics(sources.verification_metrics(s))
@@ -121,6 +122,7 @@ class PerNode:
     verify_at: dt.datetime | None
     last_seen: dt.datetime | None
     enrolled_at: dt.datetime | None  # its agent's identity (None: registered without one)
+    agent_version: str | None  # as its agent last reported it (None: an agent too old to say)
 
 
 def _timestamp(at: dt.datetime) -> float:
@@ -131,8 +133,9 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
     """One series per node and family (label ``hostname``). Timestamps rather than ages, as Prometheus advises:
     ``time() - fleet_node_last_heartbeat_timestamp_seconds`` is the heartbeat age, and it keeps growing in
     Prometheus even when the controller stops being scraped."""
-    info = GaugeMetricFamily("fleet_node_info", "A node's GPU model and installed FlashAttention (value 1)",
-                             labels=["hostname", "gpu_model", "flash_attn_version", "flash_attn_variant"])
+    info = GaugeMetricFamily("fleet_node_info", "A node's GPU model, installed FlashAttention and agent version "
+                             "(value 1)", labels=["hostname", "gpu_model", "flash_attn_version", "flash_attn_variant",
+                                                  "agent_version"])
     status = GaugeMetricFamily("fleet_node_status", "A node's current status (value 1)",
                                labels=["hostname", "status"])
     heartbeat = GaugeMetricFamily("fleet_node_last_heartbeat_timestamp_seconds",
@@ -146,7 +149,7 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
                                     "Unix time the node's agent certificate expires (re-enroll the agent before)",
                                     labels=["hostname"])
     for n in nodes:
-        info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant], 1)
+        info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant, n.agent_version or ""], 1)
         status.add_metric([n.hostname, n.status], 1)
         if n.last_seen is not None:
             heartbeat.add_metric([n.hostname], _timestamp(n.last_seen))

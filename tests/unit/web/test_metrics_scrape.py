@@ -94,6 +94,7 @@ def test_per_node_series(exposition: str) -> None:
     assert sorted(info) == [f"node-{i}" for i in range(HOSTS)]  # one series per node
     assert info["node-0"].labels["gpu_model"].startswith("NVIDIA H100") and info["node-0"].value == 1
     assert all("flash_attn_version" in s.labels for s in info.values())  # "" where none is installed
+    assert all(s.labels["agent_version"] == "" for s in info.values())  # fake agents report no version
     status = {s.labels["hostname"]: s.labels["status"] for s in samples(exposition, "fleet_node_status")}
     assert status["node-4"] == "offline" and status["node-0"] == "online" and len(status) == HOSTS
     passed = {s.labels["hostname"]: s.value for s in samples(exposition, "fleet_node_verification_passed")}
