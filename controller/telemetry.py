@@ -27,6 +27,12 @@ GRPC_SECONDS = Histogram("fleet_controller_grpc_request_duration_seconds",
 HTTP_SECONDS = Histogram("fleet_controller_http_request_duration_seconds",
                          "Time the controller took to answer an HTTP request (API, dashboard, /metrics)",
                          ["method", "route", "code"], registry=REGISTRY)
+#: install, build, verify… steps: seconds to an hour and more
+STEP_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+ROLLOUT_STEP_SECONDS = Histogram("fleet_rollout_step_duration_seconds",
+                                 "Time a rollout step (the job kind: install-wheel, build, verify, …) took on a node, "
+                                 "from its start to the node's next state, however it ended",
+                                 ["kind"], buckets=STEP_BUCKETS, registry=REGISTRY)
 DB_CALL_SECONDS = Histogram("fleet_controller_db_call_duration_seconds",
                             "Time of a database call on the store's thread pool, the wait for a free worker included",
                             registry=REGISTRY)

@@ -75,6 +75,7 @@ from controller.rollout.jobvars import NODE_VAR_PATTERNS, build_target_vars, che
 from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from controller.store import Store, utcnow
 from controller.store.models import Artifact, Job, Node
+from controller.telemetry import ROLLOUT_STEP_SECONDS
 from fleet.errors import ConflictError, FleetError, NotFoundError
 from fleet.jobs import JobOutcome, JobStatus
 from fleet.verification import judge_job
@@ -154,6 +155,8 @@ def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: st
     now = utcnow()
     s.add(RolloutTransition(rollout_id=rollout_id, hostname=node.hostname, from_state=str(old), to_state=str(new),
                             at=now, cause=cause[:4000], job_id=job_id, actor=actor[:128]))
+    if node.step and node.step_started_at is not None:  # a step ends here, however it went
+        ROLLOUT_STEP_SECONDS.labels(node.step).observe(max(0.0, (now - node.step_started_at).total_seconds()))
     node.state = str(new)
     node.cause = cause[:4000]
     node.updated_at = now

@@ -24,6 +24,7 @@ from prometheus_client.samples import Sample
 from agent.profiles import load_profile
 from controller.api import create_app
 from controller.api_tokens import create_token
+from controller.rollout.service import RolloutRequest
 from controller.testing import FleetThread
 from controller.web.auth import add_user, authenticate
 from tests.unit.web.test_dashboard import record_verifications
@@ -195,7 +196,7 @@ def test_alerts_and_dashboard_read_only_exported_metrics(exposition: str) -> Non
     assert {n for e in dashboard_exprs() for n in metric_names(e)} >= {
         "fleet_node_info", "fleet_controller_grpc_request_duration_seconds",
         "fleet_controller_http_request_duration_seconds", "fleet_controller_db_call_duration_seconds",
-        "fleet_jobs", "fleet_job_duration_seconds"}
+        "fleet_jobs", "fleet_job_duration_seconds", "fleet_rollout_step_duration_seconds"}
 
 
 def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
@@ -225,3 +226,23 @@ def test_cli_adds_a_metrics_user_without_a_password(tmp_path: Path) -> None:
     assert "user token create prometheus" in added.stdout
     listed = cli("list", "--json")
     assert listed.returncode == 0 and "prometheus" in listed.stdout and "metrics" in listed.stdout
+
+
+def step_counts(text: str) -> dict[str, float]:
+    return {s.labels["kind"]: s.value for s in samples(text, "fleet_rollout_step_duration_seconds")
+            if s.name.endswith("_count")}
+
+
+def test_rollout_step_durations_by_kind(tmp_path: Path) -> None:
+    """Each step a rollout runs on a node (install, verify) is timed when the node moves on, by job kind."""
+    with FleetThread(state_dir=tmp_path / "controller") as ft:
+        hosts = ft.call(ft.fleet.add_nodes([load_profile("h100", f"step-{i}") for i in range(2)]))
+        with TestClient(create_app(ft.fleet.ctx)) as c:
+            auth = {"Authorization": f"Bearer {ft.fleet.ctx.admin_token}"}
+            before = step_counts(c.get("/metrics", headers=auth).text)  # process-wide: other tests' rollouts too
+            rid = ft.call(ft.fleet.start_rollout(RolloutRequest(nodes=",".join(hosts), actor="user:demo")))
+            ft.call(ft.fleet.start_engine())
+            assert ft.call(ft.fleet.wait_rollout(rid, "succeeded"))["status"] == "succeeded"
+            after = step_counts(c.get("/metrics", headers=auth).text)
+    grew = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
+    assert grew.get("install-wheel") == 2 and grew.get("verify") == 2, grew
