@@ -1,5 +1,5 @@
-"""The controller's own metrics (issue 18): how fast it answers agents (gRPC), browsers and fleetctl (HTTP), and
-how long its database calls take. /metrics (controller/web/metrics.py) appends them to the fleet's families; the
+"""The controller's own metrics (issue 18): how fast it answers agents (gRPC), browsers and fleetctl (HTTP), how
+long its database calls and its rollouts' steps take. /metrics (controller/web/metrics.py) appends them to the fleet's families; the
 gRPC interceptor that fills ``GRPC_SECONDS`` is controller/rpc_metrics.py (this module stays free of grpc: the
 store imports it).
 
