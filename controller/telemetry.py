@@ -1,7 +1,7 @@
 """The controller's own metrics (issue 18): how fast it answers agents (gRPC), browsers and fleetctl (HTTP), how
-long its database calls and its rollouts' steps take. /metrics (controller/web/metrics.py) appends them to the fleet's families; the
-gRPC interceptor that fills ``GRPC_SECONDS`` is controller/rpc_metrics.py (this module stays free of grpc: the
-store imports it).
+long its database calls and its rollouts' steps take. /metrics (controller/web/metrics.py) appends them to the
+fleet's families; the gRPC interceptor that fills ``GRPC_SECONDS`` is controller/rpc_metrics.py (this module stays
+free of grpc: the store imports it).
 
 Process-wide histograms in their own registry (not prometheus_client's global one, which also carries the Python
 process collectors under other names). Labels are bounded: gRPC ``method`` is one of the service's RPCs, HTTP
