@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session
 
 from controller.store import Store, utcnow
 from controller.store.models import Job, JobEvent, Node
@@ -88,6 +89,20 @@ class JobEventRecord:
 
 DoneCallback = Callable[[JobOutcome], None]
 EventListener = Callable[[JobEventRecord], None]
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    """How many jobs are in each status (pending and dispatched: the queue)."""
+    return {str(status): int(n) for status, n in session.execute(select(Job.status, func.count())
+                                                                  .group_by(Job.status))}
+
+
+def run_spans(session: Session) -> list[tuple[str, dt.datetime, dt.datetime]]:
+    """(kind, started, finished) of every job that ran to an end."""
+    rows = session.execute(select(Job.kind, Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None),
+                                                                                 Job.started_at.is_not(None)))
+    return [(kind, started, finished) for kind, started, finished in rows
+            if started is not None and finished is not None]  # (the query's filter, for the type checker)
 
 
 def job_to_json(row: Job, events: Iterable[JobEvent] = ()) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.orm import Session
 
 from controller.enrollment import AgentIdentity
 from controller.node_status import NodeStatus, liveness
@@ -100,6 +101,23 @@ def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.date
         status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
         facts_updated_at=row.facts_updated_at, agent=agent, facts=facts, facts_error=error,
         facts_json=row.facts or {}, extra=row.extra or {}, agent_version=row.agent_version)
+
+
+@dataclass(frozen=True)
+class AgentPulse:
+    """What the per-node metrics need of a node's agent, for every node in one query (a scrape reads them all)."""
+
+    last_seen: dt.datetime | None
+    enrolled_at: dt.datetime | None  # its agent's identity (None: registered without one)
+    agent_version: str | None
+
+
+def agent_pulses(session: Session) -> dict[str, AgentPulse]:
+    """Every node's last heartbeat as written (batched: up to a flush interval old), enrolment time and agent
+    version, by hostname."""
+    rows = session.execute(select(Node.hostname, Node.last_seen, Identity.created_at, Node.agent_version)
+                           .outerjoin(Identity, Identity.id == Node.identity_id))
+    return {host: AgentPulse(seen, enrolled, version) for host, seen, enrolled, version in rows}
 
 
 def selection_info(node: NodeRecord) -> NodeInfo:

@@ -33,13 +33,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from controller import attention, telemetry
+from controller import attention, jobs, telemetry
 from controller.ca import client_cert_not_after
 from controller.local_wheels import controller_catalog
 from controller.node_status import NodeStatus
+from controller.registry import AgentPulse, agent_pulses
 from controller.rollout.core import RolloutStatus
 from controller.store.db import Store
-from controller.store.models import Identity, Job, Node
 from controller.verify_store.views import GpuVerificationCounts
 from controller.web import nodeindex, sources
 from controller.web.attentionview import DEFAULT_WORKLOAD
@@ -88,25 +88,23 @@ class _Collector:
             sim.add_metric([], s.scalar(select(func.count()).select_from(DashboardNode)
                                         .where(DashboardNode.simulated.is_(True))) or 0)
             yield sim
+            pulses = agent_pulses(s)
             rows = s.execute(select(DashboardNode.hostname, DashboardNode.status, DashboardNode.gpu_model,
                                     DashboardNode.fa_version, DashboardNode.fa_variant, DashboardNode.verify_result,
-                                    DashboardNode.verify_at, Node.last_seen, Identity.created_at, Node.agent_version)
-                             .join(Node, Node.id == DashboardNode.node_id)
-                             .outerjoin(Identity, Identity.id == Node.identity_id)
-                             .order_by(DashboardNode.hostname)).all()
-            # tuple(): past nine columns select()'s typed rows end, and mypy miscounts a Row's length
-            yield from _node_metrics([PerNode(*tuple(row)) for row in rows])
+                                    DashboardNode.verify_at).order_by(DashboardNode.hostname)).all()
+            unknown = AgentPulse(None, None, None)
+            yield from _node_metrics([PerNode(host, status, gpu, fa, variant, result, at, pulses.get(host, unknown))
+                                      for host, status, gpu, fa, variant, result, at in rows])
             yield from _attention_metrics(s, self.state_dir)
             yield from _rollout_metrics(sources.rollouts(s, limit=20), sources.rollout_counts(s))
             yield from _verification_metrics(sources.verification_metrics(s))
             queue = GaugeMetricFamily("fleet_jobs", "Jobs by status (pending and dispatched: the queue)",
                                       labels=["status"])
-            counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            counts = jobs.status_counts(s)
             for status in sorted({*JobStatus, *counts}):
                 queue.add_metric([status], counts.get(status, 0))
             yield queue
-            yield _job_histogram(s.execute(select(Job.kind, Job.started_at, Job.finished_at).where(
-                Job.finished_at.is_not(None), Job.started_at.is_not(None))).all())
+            yield _job_histogram(jobs.run_spans(s))
 
 
 @dataclass(frozen=True)
@@ -120,9 +118,7 @@ class PerNode:
     fa_variant: str
     verify_result: str  # passed | failed | "" (never verified)
     verify_at: dt.datetime | None
-    last_seen: dt.datetime | None
-    enrolled_at: dt.datetime | None  # its agent's identity (None: registered without one)
-    agent_version: str | None  # as its agent last reported it (None: an agent too old to say)
+    pulse: AgentPulse  # the registry's: last heartbeat, enrolment time, agent version
 
 
 def _timestamp(at: dt.datetime) -> float:
@@ -149,16 +145,16 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
                                     "Unix time the node's agent certificate expires (re-enroll the agent before)",
                                     labels=["hostname"])
     for n in nodes:
-        info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant, n.agent_version or ""], 1)
+        info.add_metric([n.hostname, n.gpu_model or "none", n.fa_version, n.fa_variant, n.pulse.agent_version or ""], 1)
         status.add_metric([n.hostname, n.status], 1)
-        if n.last_seen is not None:
-            heartbeat.add_metric([n.hostname], _timestamp(n.last_seen))
+        if n.pulse.last_seen is not None:
+            heartbeat.add_metric([n.hostname], _timestamp(n.pulse.last_seen))
         if n.verify_result:
             passed.add_metric([n.hostname], 1 if n.verify_result == "passed" else 0)
         if n.verify_at is not None:
             verified_at.add_metric([n.hostname], _timestamp(n.verify_at))
-        if n.enrolled_at is not None:
-            cert_expiry.add_metric([n.hostname], _timestamp(client_cert_not_after(n.enrolled_at)))
+        if n.pulse.enrolled_at is not None:
+            cert_expiry.add_metric([n.hostname], _timestamp(client_cert_not_after(n.pulse.enrolled_at)))
     yield from (info, status, heartbeat, passed, verified_at, cert_expiry)
 
 
