@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from controller.api import create_app
 from controller.context import ControllerContext
-from controller.node_summary import summarize
 from controller.node_status import NodeStatus
+from controller.node_summary import summarize
 from controller.registry import Registry
 from controller.settings import ControllerSettings
 from controller.store import Store, open_store
