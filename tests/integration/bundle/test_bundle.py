@@ -318,5 +318,5 @@ def test_agent_requirements_keep_pyprojects_ranges() -> None:
     from controller.bundle import agent_requirements
 
     reqs = agent_requirements()
-    assert "grpcio<2,>=1.85.3" in reqs and "protobuf<8,>=7.35.1" in reqs and "PyYAML" in reqs
+    assert "grpcio<2,>=1.85.3" in reqs and "protobuf<8,>=7.35.1" in reqs and "PyYAML>=6" in reqs
     assert len(reqs) == len(AGENT_DEPS)
