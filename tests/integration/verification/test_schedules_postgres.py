@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from agent.profiles import load_profile
 from controller.app import start_controller
 from controller.store import Store, open_store, utcnow
 from controller.store.models import Job, Node
@@ -57,7 +58,8 @@ async def test_two_schedulers_claim_each_due_time_once(pg_url: str) -> None:
 def _add_nodes(store: Store, hosts: list[str]) -> None:
     with store.session() as s:
         for h in hosts:
-            s.add(Node(hostname=h, status="online", facts={"hostname": h, "gpus": [{"name": "NVIDIA H100 80GB HBM3"}]},
+            # whole facts (a node with unreadable facts is skipped by scheduled verification, with the reason)
+            s.add(Node(hostname=h, status="online", facts=load_profile("h100", hostname=h).to_json(),
                        extra={}, simulated=True, registered_at=utcnow(), facts_updated_at=utcnow(),
                        last_seen=utcnow()))
 
