@@ -877,6 +877,19 @@ def _error_problems(errs: dict[str, float | None], nonfinite: list[str], dtype: 
     return out
 
 
+def _judge_row(entry: dict[str, Any], problems: list[str]) -> None:
+    """A checked GQA/decode row's status: ``fail`` with the problems as its reason, else ``ok``."""
+    entry["status"] = "fail" if problems else "ok"
+    if problems:
+        entry["reason"] = "; ".join(problems)
+
+
+def _row_failed(ctx: WorkerCtx, entry: dict[str, Any], exc: BaseException) -> None:
+    """A GQA/decode row whose call raised: ``oom`` (with the cleaned message) or ``error``."""
+    oom = _is_oom(ctx, exc)
+    entry.update(status="oom" if oom else "error", reason=_clean_exc(exc) if oom else _short(exc))
+
+
 def _gqa_call(ctx: WorkerCtx, impl: str) -> Callable[[Any, Any, Any, bool], Any]:
     """attention(q (b, s, h, d), k/v (b, s, hk, d), causal) → (b, s, h, d) with hk dividing h."""
     if impl == FLASH_IMPL:
@@ -996,14 +1009,10 @@ def run_gqa(ctx: WorkerCtx, impl: str, heads_k: int, direction: str, base: dict[
         entry.update(fwd_rel_err=errs.get("fwd"), dq_rel_err=errs.get("dq"), dk_rel_err=errs.get("dk"),
                      dv_rel_err=errs.get("dv"), nonfinite=nonfinite, ms=round(ms, 4),
                      tflops=round(flops / (ms * 1e-3) / 1e12, 3), repeats=reps)
-        problems = _error_problems(errs, nonfinite, GQA_DTYPE)
-        entry["status"] = "fail" if problems else "ok"
-        if problems:
-            entry["reason"] = "; ".join(problems)
+        _judge_row(entry, _error_problems(errs, nonfinite, GQA_DTYPE))
         return [entry]
     except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
-        entry.update(status="oom" if _is_oom(ctx, exc) else "error",
-                     reason=_clean_exc(exc) if _is_oom(ctx, exc) else _short(exc))
+        _row_failed(ctx, entry, exc)
         return [entry]
     finally:
         qkv.clear()
@@ -1115,14 +1124,10 @@ def run_decode(ctx: WorkerCtx, impl: str, cache_len: int, paged: bool,
         kv_bytes = decode_kv_bytes(b, cache_len, hk, d, 2)
         entry.update(fwd_rel_err=errs["fwd"], nonfinite=nonfinite, latency_us=round(ms * 1000.0, 2),
                      kv_gb_per_s=round(kv_bytes / (ms * 1e-3) / 1e9, 1), repeats=reps)
-        problems = _error_problems(errs, nonfinite, GQA_DTYPE)
-        entry["status"] = "fail" if problems else "ok"
-        if problems:
-            entry["reason"] = "; ".join(problems)
+        _judge_row(entry, _error_problems(errs, nonfinite, GQA_DTYPE))
         return [entry]
     except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
-        entry.update(status="oom" if _is_oom(ctx, exc) else "error",
-                     reason=_clean_exc(exc) if _is_oom(ctx, exc) else _short(exc))
+        _row_failed(ctx, entry, exc)
         return [entry]
     finally:
         _free(ctx, collect=entry.get("status") != "ok")
