@@ -113,17 +113,25 @@ def sync(session: Session) -> int:
         return changed
 
 
+def _due(last_checked: dict[int, float], session: Session, force: bool) -> bool:
+    """Whether a copy into the index is due for this database (at most every SYNC_EVERY_SECONDS; ``force``:
+    now); marks it checked when it is."""
+    key = id(session.get_bind())
+    now = time.monotonic()
+    if not force and now - last_checked.get(key, -1e9) < SYNC_EVERY_SECONDS:
+        return False
+    last_checked[key] = now
+    return True
+
+
 _verifications_checked: dict[int, float] = {}
 
 
 def _sync_verifications(session: Session, *, force: bool = False) -> int:
     """Copy each node's latest verification (verify_store's view: its verdict, the controller's time) into
     the node rows, for the results stored since the newest one copied; returns how many rows changed."""
-    key = id(session.get_bind())
-    now = time.monotonic()
-    if not force and now - _verifications_checked.get(key, -1e9) < SYNC_EVERY_SECONDS:
+    if not _due(_verifications_checked, session, force):
         return 0
-    _verifications_checked[key] = now
     newest_copied = session.scalar(select(func.max(DashboardNode.verify_id)))
     latest = {v.hostname: v for v in verification_views.latest_stored_after(
         session, None if newest_copied is None else newest_copied - VERIFY_RESCAN_ROWS)}
@@ -146,11 +154,8 @@ _jobs_checked: dict[int, float] = {}
 
 def _sync_jobs(session: Session, *, force: bool = False) -> int:
     """Each node's latest finished non-verify job (a failed install or build puts the node first)."""
-    key = id(session.get_bind())
-    now = time.monotonic()
-    if not force and now - _jobs_checked.get(key, -1e9) < SYNC_EVERY_SECONDS:
+    if not _due(_jobs_checked, session, force):
         return 0
-    _jobs_checked[key] = now
     since = session.scalar(select(func.max(DashboardNode.job_at)))
     stmt = select(Job.node, Job.kind, Job.status, Job.finished_at).where(
         Job.finished_at.is_not(None), Job.kind != "verify", Job.status.in_(sorted(RAN_TO_END)))
