@@ -43,8 +43,9 @@ def _venv_with_torch(tmp: Path) -> Path:
     return py
 
 
-@pytest.mark.timeout(900)
-def test_fa4_rollout_rollback_again_through_the_device_script(tmp_path: Path) -> None:
+def _device_script(tmp_path: Path, phase: str) -> Path:
+    """Run ``scripts/device/e2e_fa4.sh PHASE`` as the device would (stand-in FA4 wheels, a venv with a stand-in
+    torch, the h100-cu130 facts) and unpack what it brings back; returns that folder."""
     universe = fa4_universe(tmp_path / "universe")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -56,13 +57,19 @@ def test_fa4_rollout_rollback_again_through_the_device_script(tmp_path: Path) ->
            "E2E_HTTP_PORT": str(_port()), "E2E_GRPC_PORT": str(_port()), "E2E_WAIT": "300",
            "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", "scripts/device/e2e_fa4.sh", "run"], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "scripts/device/e2e_fa4.sh", phase], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=850)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     with tarfile.open(tmp_path / "out" / "e2e_fa4.tar.gz") as tf:
         tf.extractall(tmp_path / "c", filter="data")
     c = tmp_path / "c"
+    return c
+
+
+@pytest.mark.timeout(900)
+def test_fa4_rollout_rollback_again_through_the_device_script(tmp_path: Path) -> None:
+    c = _device_script(tmp_path, "run")
 
     plan = json.loads((c / "plan1.json").read_text())
     (node,) = plan["nodes"]
@@ -108,24 +115,7 @@ def test_attention_phase_of_the_device_script(tmp_path: Path) -> None:
     """Issue 16's H200 run (`e2e_fa4.sh attention`) rehearsed: verification of what the node has, the
     `--prefer fastest` plans per workload, the rollout they choose, the report — the script must reach its
     end and bring every file back, whatever the benchmark can measure here (nothing: no GPU)."""
-    universe = fa4_universe(tmp_path / "universe")
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for f in universe.index_files:
-        (wheels / f.name).write_bytes(f.read_bytes())
-    py = _venv_with_torch(tmp_path)
-    env = {**pip_env(), "E2E_PY": sys.executable, "E2E_PYTHON": str(py), "E2E_FA4_WHEELS": str(wheels),
-           "E2E_SITE": "", "E2E_SIMULATE": "h100-cu130", "E2E_DIR": str(tmp_path / "run"),
-           "E2E_HTTP_PORT": str(_port()), "E2E_GRPC_PORT": str(_port()), "E2E_WAIT": "300",
-           "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", "scripts/device/e2e_fa4.sh", "attention"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=850)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    with tarfile.open(tmp_path / "out" / "e2e_fa4.tar.gz") as tf:
-        tf.extractall(tmp_path / "c", filter="data")
-    c = tmp_path / "c"
+    c = _device_script(tmp_path, "attention")
     (v1,) = json.loads((c / "verify1.json").read_text())["verifications"]
     assert v1  # one stored result for the node, pass or fail
     for w in ("training", "prefill", "decode"):
