@@ -371,26 +371,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _whole_seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("expected a positive whole number of seconds, e.g. 28800") from None
-    if value <= 0:
-        raise ValueError("expected a positive whole number of seconds, e.g. 28800")
-    return value
-
-
-def _milliseconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("expected a positive whole number of milliseconds, e.g. 5000") from None
-    if value <= 0:
-        raise ValueError("expected a positive whole number of milliseconds, e.g. 5000")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -401,14 +381,22 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("expected a whole number of at least 1, e.g. 3") from None
-    if value < 1:
-        raise ValueError("expected a whole number of at least 1, e.g. 3")
-    return value
+def _positive_int(expected: str) -> Callable[[str], int]:
+    """A parser of whole numbers of at least 1 whose error says ``expected``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value < 1:
+            raise ValueError(expected)
+        return value
+    return parse
+
+
+_whole_seconds = _positive_int("expected a positive whole number of seconds, e.g. 28800")
+_milliseconds = _positive_int("expected a positive whole number of milliseconds, e.g. 5000")
+_count = _positive_int("expected a whole number of at least 1, e.g. 3")
 
 
 def _switch(text: str) -> bool:
