@@ -1,7 +1,7 @@
 """Chaos run: random ``kill -9`` of the controller and of agents during a rollout with source builds.
 
-A real controller process (``python -m controller.main serve``, SQLite in a temp state dir) and N real
-agent processes (``python -m agent.main run --simulate PROFILE --executor simulated``: gRPC mTLS, the agent's
+A real controller process (``python -m fleetctl.controller.main serve``, SQLite in a temp state dir) and N real
+agent processes (``python -m fleetctl.agent.main run --simulate PROFILE --executor simulated``: gRPC mTLS, the agent's
 real upload of built wheels; job durations from ``$FLEET_SIM_JOB_SECONDS``). The profiles mix wheel installs
 (h100, a100) and source builds (l40s, t4, gh200; two nodes per build key, so one builds and the other waits
 for it). ``fleetctl rollout flash-attn --detach`` starts a rollout; then, at seeded random intervals, the
@@ -116,7 +116,7 @@ class Fleet:
         self.url = f"http://127.0.0.1:{self.ports['http']}"
         py = sys.executable
         self.controller = Proc("controller", [
-            py, "-m", "controller.main", "serve", "--state-dir", str(self.state),
+            py, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
             "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
             f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
             "--heartbeat-interval", "1", "--missed-heartbeats", "5"],
@@ -129,7 +129,7 @@ class Fleet:
             profile = PROFILES[i % len(PROFILES)]
             host = f"chaos-{profile}-{i + 1:02d}"
             self.agents[host] = Proc(host, [
-                py, "-m", "agent.main", "run", "--controller", f"127.0.0.1:{self.ports['grpc']}",
+                py, "-m", "fleetctl.agent.main", "run", "--controller", f"127.0.0.1:{self.ports['grpc']}",
                 "--enroll-address", f"127.0.0.1:{self.ports['enroll']}", "--ca", str(self.state / "ca" / "ca.pem"),
                 "--state-dir", str(root / "agents" / host), "--simulate", profile, "--hostname", host,
                 "--executor", "simulated", "--server-name", "127.0.0.1"], self.logs / f"{host}.log", dict(sim))
@@ -177,7 +177,8 @@ class Fleet:
         raise RuntimeError(f"not every agent came online; see {self.logs}")
 
     def fleetctl(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "controller.cli", *args, "--state-dir", str(self.state), "--json"],
+        out = subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", *args,
+                              "--state-dir", str(self.state), "--json"],
                              capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"fleetctl {' '.join(args)} exited {out.returncode}: {out.stderr.strip()[-2000:]}")

@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.profiles import list_profiles, load_profile  # noqa: E402
-from controller.store.db import Store  # noqa: E402
-from controller.testing import FleetThread, ThreadServer  # noqa: E402
-from controller.web import create_standalone_app, nodeindex  # noqa: E402
-from controller.web.auth import add_user  # noqa: E402
+from fleetctl.agent.profiles import list_profiles, load_profile  # noqa: E402
+from fleetctl.controller.store.db import Store  # noqa: E402
+from fleetctl.controller.testing import FleetThread, ThreadServer  # noqa: E402
+from fleetctl.controller.web import create_standalone_app, nodeindex  # noqa: E402
+from fleetctl.controller.web.auth import add_user  # noqa: E402
 
 QUERIES: list[dict[str, Any]] = [
     {},  # default: failing first

@@ -52,8 +52,8 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fleet.text import SafeLogFormatter  # noqa: E402
-from fleet.v1 import fleet_pb2 as pb  # noqa: E402
+from fleetctl.fleet.text import SafeLogFormatter  # noqa: E402
+from fleetctl.fleet.v1 import fleet_pb2 as pb  # noqa: E402
 
 T = TypeVar("T")
 MAX_LOG_LINE = 4096
@@ -258,9 +258,9 @@ class Target:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self, state_dir: Path) -> None:
-        from agent.wire import facts_to_proto
-        from controller.app import start_controller
-        from controller.ratelimit import Rate
+        from fleetctl.agent.wire import facts_to_proto
+        from fleetctl.controller.app import start_controller
+        from fleetctl.controller.ratelimit import Rate
         from tests.integration.fleet_support import controller_settings, enroll_creds, profile_facts
 
         lots = Rate(burst=1e9, per_second=1e9)  # the fuzzer is one source: it must reach Enroll's checks
@@ -273,7 +273,7 @@ class Target:
         self.enroll_channel = grpc.aio.secure_channel(
             self.rc.ctx.enroll_address, grpc.ssl_channel_credentials(root_certificates=self.creds.ca_pem),
             options=_options())
-        from fleet.v1 import fleet_pb2_grpc as pb_grpc
+        from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
         self.stub = pb_grpc.AgentServiceStub(self.channel)
         self.enroll_stub = pb_grpc.AgentServiceStub(self.enroll_channel)
@@ -375,7 +375,7 @@ class Target:
 
 
 def _options() -> list[tuple[str, Any]]:
-    from agent.client import channel_options
+    from fleetctl.agent.client import channel_options
 
     return list(channel_options())
 

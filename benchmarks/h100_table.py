@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleet.verification import SpeedEntry, VerificationResult, evaluate, parse_result
+from fleetctl.fleet.verification import SpeedEntry, VerificationResult, evaluate, parse_result
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "h100" / "verify_full_fa2.json"
 IMPLS = ("flash_attn", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
@@ -75,7 +75,7 @@ def correctness_table(r: VerificationResult) -> list[str]:
             continue
         bwd = max(x for x in (c.dq_rel_err, c.dk_rel_err, c.dv_rel_err, 0.0) if x is not None)
         groups.setdefault((c.impl, c.dtype), []).append((c.fwd_rel_err, bwd))
-    from fleet.verification import THRESHOLDS
+    from fleetctl.fleet.verification import THRESHOLDS
 
     for (impl, dtype), errs in groups.items():
         th = THRESHOLDS[dtype]

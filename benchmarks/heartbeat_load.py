@@ -53,8 +53,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bulk_tokens(db_url: str, n: int) -> list[str]:
-    from controller.store import open_store, utcnow
-    from controller.store.models import EnrollmentToken
+    from fleetctl.controller.store import open_store, utcnow
+    from fleetctl.controller.store.models import EnrollmentToken
 
     store = open_store(db_url)
     tokens = ["fleet_" + secrets.token_urlsafe(24) for _ in range(n)]
@@ -71,11 +71,11 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
     import grpc
     import grpc.aio
 
-    from agent.client import channel_options, enroll
-    from agent.profiles import load_profile
-    from agent.wire import facts_to_proto
-    from fleet.v1 import fleet_pb2 as pb
-    from fleet.v1 import fleet_pb2_grpc as pb_grpc
+    from fleetctl.agent.client import channel_options, enroll
+    from fleetctl.agent.profiles import load_profile
+    from fleetctl.agent.wire import facts_to_proto
+    from fleetctl.fleet.v1 import fleet_pb2 as pb
+    from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
     ca = Path(args["ca"]).read_bytes()
     tokens: list[str] = args["tokens"]
@@ -154,7 +154,7 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
     state = Path(tempfile.mkdtemp(prefix="hbload-"))
     gport, eport, hport = free_port(), free_port(), free_port()
     db_url = db or f"sqlite:///{state / 'controller.db'}"
-    cmd = [sys.executable, "-m", "controller.main", "serve", "--state-dir", str(state), "--db", db_url,
+    cmd = [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(state), "--db", db_url,
            "--grpc-listen", f"127.0.0.1:{gport}", "--enroll-listen", f"127.0.0.1:{eport}",
            "--http-listen", f"127.0.0.1:{hport}", "--heartbeat-interval", str(interval), "--log-level", "WARNING",
            "--enroll-rate", "100000",  # thousands of agents enroll from this one host at once

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve_fleet
-from fleet.facts import parse_fleet
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve_fleet
+from fleetctl.fleet.facts import parse_fleet
 
 N = 10_000
 EXAMPLE = Path(__file__).parents[1] / "tests" / "fixtures" / "node_facts_example.json"

@@ -1,6 +1,6 @@
 """Benchmark: `rollout flash-attn` over 100 simulated nodes with 5 distinct build keys.
 
-A real controller process (`python -m controller.main serve`, SQLite), 100 real agents in this process
+A real controller process (`python -m fleetctl.controller.main serve`, SQLite), 100 real agents in this process
 (gRPC mTLS) with the simulated executor (tests/integration/rollout/simrunner.py: a build takes
 ``--build-seconds``, an install or a verify ``--step-seconds``; verify results come from the GPU model).
 Reports: wall time, controller CPU seconds per node (from /proc), the number of builds (must be exactly

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.attention import PRIOR_PATH, evidence_from_e2e, evidence_from_result  # noqa: E402
-from fleet.verification import parse_result  # noqa: E402
+from fleetctl.controller.attention import PRIOR_PATH, evidence_from_e2e, evidence_from_result  # noqa: E402
+from fleetctl.fleet.verification import parse_result  # noqa: E402
 
 # (fixture, machine): the real runs behind the prior (docs/benchmarks.md has their tables)
 SOURCES = (

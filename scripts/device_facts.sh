@@ -14,4 +14,4 @@ AGENT_PY=${FLEET_AGENT_PYTHON:-}
 if [ -z "$AGENT_PY" ]; then
     if "$TARGET" -c 'import pynvml' 2>/dev/null; then AGENT_PY=$TARGET; else AGENT_PY=python3; fi
 fi
-PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" exec "$AGENT_PY" -m agent.main facts --json --python "$TARGET" "$@"
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" exec "$AGENT_PY" -m fleetctl.agent.main facts --json --python "$TARGET" "$@"

@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$ROOT/out}"
 mkdir -p "$OUT"
-BENCH="$ROOT/agent/verify/bench.py"
+BENCH="$ROOT/fleetctl/agent/verify/bench.py"
 
 {
   echo "== date"; date -u +%FT%TZ

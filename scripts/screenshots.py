@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.profiles import load_profile  # noqa: E402
-from controller.rollout import service  # noqa: E402
-from controller.rollout.service import RolloutRequest  # noqa: E402
-from controller.store.db import open_store  # noqa: E402
-from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer, usual_figures  # noqa: E402
-from controller.web import create_standalone_app  # noqa: E402
-from controller.web.auth import add_user  # noqa: E402
-from fleet.errors import ConflictError  # noqa: E402
+from fleetctl.agent.profiles import load_profile  # noqa: E402
+from fleetctl.controller.rollout import service  # noqa: E402
+from fleetctl.controller.rollout.service import RolloutRequest  # noqa: E402
+from fleetctl.controller.store.db import open_store  # noqa: E402
+from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer, usual_figures  # noqa: E402
+from fleetctl.controller.web import create_standalone_app  # noqa: E402
+from fleetctl.controller.web.auth import add_user  # noqa: E402
+from fleetctl.fleet.errors import ConflictError  # noqa: E402
 from tests.integration.web.browser import chromium, missing_reason  # noqa: E402
 
 PASSWORD = "screenshot-pass"
@@ -47,8 +47,8 @@ def _schedules(store: Any, jobs: dict[str, str]) -> None:
     """Two re-verification schedules, the first with a run whose jobs are the last verifications."""
     import datetime as dt
 
-    from controller.store.db import utcnow
-    from controller.verify_store import schedules
+    from fleetctl.controller.store.db import utcnow
+    from fleetctl.controller.verify_store import schedules
     nightly = schedules.add_schedule(store, "0 3 * * *", "all", mode="quick", actor="user:olga")
     schedules.add_schedule(store, "30 4 * * 0", "gpu=*H100*", mode="full", actor="user:olga")
     run = schedules.claim(store, nightly["id"], utcnow() - dt.timedelta(hours=2), "screenshots")
@@ -92,8 +92,8 @@ def _attention_nodes(ft: FleetThread) -> None:
     (the other nodes' simulated figures are no causal prefill shapes: their classes show the prior or none)."""
     import json
 
-    from fleet.facts import parse_node
-    from fleet.verification import parse_result
+    from fleetctl.fleet.facts import parse_node
+    from fleetctl.fleet.verification import parse_result
     fixture = ROOT / "tests" / "fixtures" / "h200_fa4_e2e"
     facts = parse_node(json.loads((fixture / "facts.json").read_text()))
     job = json.loads((fixture / "jobs" / "eff4c8d0c3c9471384bb02b2a3eade5f.json").read_text())
@@ -138,8 +138,8 @@ def _shoot_db(db: Path, tmp: Path, out: Path, prefix: str) -> int:
         shutil.copyfileobj(src, dst)
     store = open_store(f"sqlite:///{copy}")
     add_user(store, "olga", "operator", PASSWORD)
-    from controller.rollout.models import Rollout
-    from controller.store.models import Node
+    from fleetctl.controller.rollout.models import Rollout
+    from fleetctl.controller.store.models import Node
     with store.session() as s:
         hosts = [n.hostname for n in s.query(Node).order_by(Node.hostname)]
         rollouts = [r.id for r in s.query(Rollout).order_by(Rollout.created_at)]

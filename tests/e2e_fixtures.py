@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
-from controller.store import Store
-from controller.store.models import Job, JobEvent, Node
+from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
+from fleetctl.controller.store import Store
+from fleetctl.controller.store.models import Job, JobEvent, Node
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -39,7 +39,7 @@ export FLEETCTL_STATE_DIR="$E2E/controller"
 export ANSIBLE_LOCAL_TEMP="$E2E/ansible-tmp" ANSIBLE_REMOTE_TEMP="$E2E/ansible-tmp"
 mkdir -p "$E2E/logs" "$E2E/ansible-tmp" "$E2E/run"
 
-fleetctl() { "$PY" -m controller.cli "$@"; }
+fleetctl() { "$PY" -m fleetctl.controller.cli "$@"; }
 now() { date +%s; }
 jq_py() {  # jq_py EXPR < json: evaluate a Python expression on `d` (the parsed JSON)
   "$PY" -c "import json,sys; d=json.load(sys.stdin); v=($1); print(v if not isinstance(v,(dict,list)) else json.dumps(v))"
@@ -56,7 +56,7 @@ start_agent() {
   [[ -n "${1:-}" ]] && args+=(--token "$1")
   # cwd $E2E/run, not the checkout: each device call re-sends the working tree, and a daemon (or the playbook
   # it starts) whose working directory was replaced under it fails on os.getcwd() (docs/gpu-e2e.md, 2026-11-25)
-  (cd "$E2E/run" && exec setsid nohup "$PY" -m agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null) &
+  (cd "$E2E/run" && exec setsid nohup "$PY" -m fleetctl.agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null) &
   echo $! > "$E2E/agent.pid"
 }
 
@@ -91,7 +91,7 @@ mods = ["grpc", "google.protobuf", "sqlalchemy", "alembic", "fastapi", "starlett
         "jinja2", "yaml", "packaging", "cryptography", "croniter", "itsdangerous", "multipart", "prometheus_client",
         "ansible", "ansible_runner", "pexpect", "daemon", "lockfile", "resolvelib", "pynvml", "annotated_doc",
         "opentelemetry", "dateutil", "click", "h11", "anyio", "markupsafe", "typing_extensions",
-        "controller.app", "controller.cli", "controller.web", "agent.main", "agent.executor", "agent.artifact_jobs"]
+        "fleetctl.controller.app", "fleetctl.controller.cli", "fleetctl.controller.web", "fleetctl.agent.main", "fleetctl.agent.executor", "fleetctl.agent.artifact_jobs"]
 bad = []
 for m in mods:
     try:
@@ -121,7 +121,7 @@ PY
     if alive "$E2E/controller.pid"; then echo "controller already running (pid $(cat "$E2E/controller.pid"))"
     else
       mark controller_start
-      (cd "$E2E/run" && exec setsid nohup "$PY" -m controller.main serve --state-dir "$E2E/controller" \
+      (cd "$E2E/run" && exec setsid nohup "$PY" -m fleetctl.controller.main serve --state-dir "$E2E/controller" \
         --grpc-listen "127.0.0.1:$GRPC_PORT" --enroll-listen "127.0.0.1:$ENROLL_PORT" \
         --http-listen "127.0.0.1:$HTTP_PORT" >> "$E2E/logs/controller.log" 2>&1 < /dev/null) &
       echo $! > "$E2E/controller.pid"
@@ -227,7 +227,7 @@ PY
     cp "$C/extra/rollout2_status.json" "$F/rollout2_status.json" 2>/dev/null
     fleetctl node "$H" --json > "$F/node.json"
     jq_py 'd["facts"]' < "$F/node.json" > "$F/facts.json"
-    for j in $("$PY" -c "from controller.client import ControllerClient as C
+    for j in $("$PY" -c "from fleetctl.controller.client import ControllerClient as C
 print(' '.join(j['id'] for j in C.discover().get('/jobs', node='$H', limit=1000)['jobs']))"); do
       fleetctl job "$j" --json > "$F/jobs/$j.json"
     done

@@ -42,7 +42,7 @@ export LC_ALL=C.UTF-8 LANG=C.UTF-8
 export PYTHONPATH="$REPO${SITE:+:$SITE}"
 [[ -n "$SITE" ]] && export PATH="$SITE/bin:$PATH"
 export FLEETCTL_STATE_DIR="$E2E/controller"
-fleetctl() { "$PY" -m controller.cli "$@"; }
+fleetctl() { "$PY" -m fleetctl.controller.cli "$@"; }
 now() { date +%s.%N; }
 mark() { echo "$1=$(now)" >> "$E2E/times"; }
 jq_py() { "$PY" -c "import json,sys; d=json.load(sys.stdin); v=($1); print(v if not isinstance(v,(dict,list)) else json.dumps(v))"; }
@@ -133,7 +133,7 @@ case "$PHASE" in
     installed before
 
     mark controller_start
-    (cd "$E2E/run" && exec setsid nohup "$PY" -m controller.main serve --state-dir "$E2E/controller" --offline \
+    (cd "$E2E/run" && exec setsid nohup "$PY" -m fleetctl.controller.main serve --state-dir "$E2E/controller" --offline \
       --grpc-listen "127.0.0.1:$GRPC_PORT" --enroll-listen "127.0.0.1:$((GRPC_PORT + 1))" \
       --http-listen "127.0.0.1:$HTTP_PORT" >> "$E2E/logs/controller.log" 2>&1 < /dev/null) &
     echo $! > "$E2E/controller.pid"
@@ -148,7 +148,7 @@ case "$PHASE" in
     args=(run --controller "127.0.0.1:$GRPC_PORT" --ca "$E2E/controller/ca/ca.pem" --state-dir "$E2E/agent"
           --python "$TARGET_PY" --executor ansible --node-state-dir "$E2E/node" --token "$token")
     [[ -n "$SIMULATE" ]] && args+=(--simulate "$SIMULATE" --hostname "${E2E_HOSTNAME:-rehearsal-h200}")
-    (cd "$E2E/run" && exec setsid nohup "$PY" -m agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null) &
+    (cd "$E2E/run" && exec setsid nohup "$PY" -m fleetctl.agent.main "${args[@]}" >> "$E2E/logs/agent.log" 2>&1 < /dev/null) &
     echo $! > "$E2E/agent.pid"
     for _ in $(seq 1 120); do
       [[ $(fleetctl nodes --json 2>/dev/null | jq_py "any(n['status'] in ('online','degraded') for n in d['nodes'])") == True ]] && break
@@ -188,7 +188,7 @@ case "$PHASE" in
     H=$(cat "$E2E/hostname")
     fleetctl node "$H" --json > "$C/node.json"
     jq_py 'd["facts"]' < "$C/node.json" > "$C/facts.json"
-    for j in $("$PY" -c "from controller.client import ControllerClient as C
+    for j in $("$PY" -c "from fleetctl.controller.client import ControllerClient as C
 print(' '.join(j['id'] for j in C.discover().get('/jobs', node='$H', limit=1000)['jobs']))"); do
       fleetctl job "$j" --json > "$C/jobs/$j.json"
     done

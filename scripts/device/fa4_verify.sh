@@ -17,7 +17,7 @@ PARTS="${PARTS:-/root/fa4}"
 OUT="${OUT:-$ROOT/out}"
 FULL_TIMEOUT="${FULL_TIMEOUT:-270}"
 QUICK_TIMEOUT="${QUICK_TIMEOUT:-90}"
-BENCH="$ROOT/agent/verify/bench.py"
+BENCH="$ROOT/fleetctl/agent/verify/bench.py"
 mkdir -p "$OUT"
 WHEELS="$PARTS/wheels"
 

@@ -34,12 +34,12 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 
-from agent.client import Agent, AgentConfig, Credentials, channel_options, enroll
-from agent.jobs import JobRunner
-from controller.app import RunningController, start_controller
-from controller.settings import ControllerSettings
-from fleet.facts import NodeFacts
-from fleet.v1 import fleet_pb2_grpc as pb_grpc
+from fleetctl.agent.client import Agent, AgentConfig, Credentials, channel_options, enroll
+from fleetctl.agent.jobs import JobRunner
+from fleetctl.controller.app import RunningController, start_controller
+from fleetctl.controller.settings import ControllerSettings
+from fleetctl.fleet.facts import NodeFacts
+from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
@@ -172,7 +172,7 @@ async def mtls_stub(rc: RunningController, creds: Credentials,
 
 
 def profile_facts(profile: str, hostname: str) -> NodeFacts:
-    from agent.profiles import load_profile
+    from fleetctl.agent.profiles import load_profile
 
     return load_profile(profile, hostname)
 

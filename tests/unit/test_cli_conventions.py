@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.main import main as fleet_agent
-from controller.cli import main as fleetctl
-from controller.main import main as fleet_controller
-from fleet.version import package_version
+from fleetctl.agent.main import main as fleet_agent
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.main import main as fleet_controller
+from fleetctl.fleet.version import package_version
 
 
 def _run(main: object, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -97,7 +97,8 @@ def test_bash_completion_completes_subcommands_flags_and_choices(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     _run(fleetctl, capsys, "completion", "bash")  # warm the import; the script below comes from a fresh process
     script = tmp_path / "fleetctl.bash"
-    script.write_text(subprocess.run([sys.executable, "-m", "controller.cli", "completion", "bash"], check=True,
+    script.write_text(subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", "completion", "bash"],
+                                     check=True,
                                      capture_output=True, text=True).stdout)
     assert {"nodes", "node"} <= set(_complete(script, "fleetctl", "no"))
     assert _complete(script, "fleetctl", "rollout", "st") == ["status"]

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.executor import AnsibleJobRunner, EventPump
-from fleet.jobs import JobSpec
+from fleetctl.agent.executor import AnsibleJobRunner, EventPump
+from fleetctl.fleet.jobs import JobSpec
 
 
 async def test_slow_consumer_never_blocks_producer_and_drops_oldest_unimportant() -> None:
@@ -69,7 +69,7 @@ async def test_consumer_errors_do_not_stop_delivery() -> None:
 
 
 def test_oversized_event_trimmed() -> None:
-    from agent.executor import MAX_EVENT_BYTES, _bounded
+    from fleetctl.agent.executor import MAX_EVENT_BYTES, _bounded
 
     ev = {"event": "runner_on_ok", "stdout": "x" * 200_000, "event_data": {"res": {"content": "y" * 200_000}}}
     out = _bounded(ev)

@@ -12,7 +12,7 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fleet", "agent", "controller")
+PACKAGE = "fleetctl"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -30,18 +30,17 @@ def test_the_contracts_hold() -> None:
 
 
 def test_an_upward_import_and_protobuf_in_the_core_break_them(tmp_path: Path) -> None:
-    for package in PACKAGES:
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
+    shutil.copytree(ROOT / PACKAGE, tmp_path / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    with (tmp_path / "controller" / "registry.py").open("a") as f:
-        f.write("\nfrom controller.rollout import service  # noqa: E402  (an owner of records importing a workflow)\n")
-    with (tmp_path / "fleet" / "facts.py").open("a") as f:
-        f.write("\nfrom fleet.v1 import fleet_pb2  # noqa: E402  (the core touching generated classes)\n")
+    with (tmp_path / PACKAGE / "controller" / "registry.py").open("a") as f:
+        f.write("\nfrom fleetctl.controller.rollout import service  # noqa: E402  (an owner of records importing a workflow)\n")
+    with (tmp_path / PACKAGE / "fleet" / "facts.py").open("a") as f:
+        f.write("\nfrom fleetctl.fleet.v1 import fleet_pb2  # noqa: E402  (the core touching generated classes)\n")
     result = lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     out = " ".join(result.stdout.split())
-    assert "controller.registry -> controller.rollout.service" in out
-    assert "fleet.facts -> fleet.v1.fleet_pb2" in out
+    assert "fleetctl.controller.registry -> fleetctl.controller.rollout.service" in out
+    assert "fleetctl.fleet.facts -> fleetctl.fleet.v1.fleet_pb2" in out
 
 
 def circles(graph: grimp.ImportGraph) -> list[list[str]]:
@@ -80,7 +79,7 @@ def circles(graph: grimp.ImportGraph) -> list[list[str]]:
 
 
 def test_no_modules_import_each_other_in_a_circle() -> None:
-    graph = grimp.build_graph(*PACKAGES, cache_dir=None)  # every import: module level, TYPE_CHECKING, in functions
+    graph = grimp.build_graph(PACKAGE, cache_dir=None)  # every import: module level, TYPE_CHECKING, in functions
     assert circles(graph) == []
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main as fleetctl
-from fleet.errors import FactsError
-from fleet.facts import NodeFacts, parse_fleet
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.fleet.errors import FactsError
+from fleetctl.fleet.facts import NodeFacts, parse_fleet
 
 H100_FACTS = Path(__file__).resolve().parents[1] / "fixtures" / "h100" / "facts.json"
 

@@ -29,5 +29,5 @@ def test_generated_code_matches_proto_sources(tmp_path: Path) -> None:
         assert committed.read_text() == path.read_text(), (
             f"{relative} has drifted from proto/: run `python scripts/gen_proto.py` and commit the result"
         )
-    committed_files = {p.relative_to(ROOT) for p in (ROOT / "fleet" / "v1").glob("*_pb2*.py*")}
+    committed_files = {p.relative_to(ROOT) for p in (ROOT / "fleetctl" / "fleet" / "v1").glob("*_pb2*.py*")}
     assert committed_files == {p.relative_to(tmp_path) for p in fresh}, "stale generated files in fleet/v1"

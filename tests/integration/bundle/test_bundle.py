@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from controller.app import RunningController, start_controller
-from controller.cli import main
-from controller.provisioning import NodeNeeds
-from controller.upstream import UpstreamConfig
-from fleet.errors import FleetError
-from fleet.facts import parse_node
+from fleetctl.controller.app import RunningController, start_controller
+from fleetctl.controller.cli import main
+from fleetctl.controller.provisioning import NodeNeeds
+from fleetctl.controller.upstream import UpstreamConfig
+from fleetctl.fleet.errors import FleetError
+from fleetctl.fleet.facts import parse_node
 from tests.integration.fleet_support import SimAgents, controller_settings
 from tests.integration.harness.upstream import (
     FakeUpstream,
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(120)
 
 #: UpstreamError's exit code (the class is moving from controller.upstream to fleet.errors)
 UPSTREAM_EXIT = next(c.exit_code for c in FleetError.__subclasses__() if c.code == "upstream")
-PROFILES = Path(__file__).resolve().parents[3] / "agent" / "profiles"
+PROFILES = Path(__file__).resolve().parents[3] / "fleetctl" / "agent" / "profiles"
 TAG = local_python_tag()
 FA2_WHEEL = f"flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-{TAG}-{TAG}-linux_x86_64.whl"
 EINOPS = "einops-0.8.1-py3-none-any.whl"
@@ -299,8 +299,8 @@ def test_agent_wheels(site: Site, tmp_path: Path) -> None:
 def test_source_build_nodes_carry_the_built_wheels_requirements(tmp_path: Path) -> None:
     """A node that builds from the sdist installs the built wheel later, offline: what that wheel will require
     (the sdist's PKG-INFO Requires-Dist, markers evaluated for the node, torch dropped) goes in the bundle."""
-    from controller.bundle import sdist_requirements
-    from controller.upstream import TargetEnv
+    from fleetctl.controller.bundle import sdist_requirements
+    from fleetctl.controller.upstream import TargetEnv
 
     pkg_info = (b"Metadata-Version: 2.1\nName: flash_attn\nVersion: 2.8.3\nRequires-Dist: torch\n"
                 b"Requires-Dist: einops\nRequires-Dist: ninja; platform_machine == 'aarch64'\n"
@@ -315,7 +315,7 @@ def test_source_build_nodes_carry_the_built_wheels_requirements(tmp_path: Path) 
 
 
 def test_agent_requirements_keep_pyprojects_ranges() -> None:
-    from controller.bundle import agent_requirements
+    from fleetctl.controller.bundle import agent_requirements
 
     reqs = agent_requirements()
     assert "grpcio<2,>=1.85.3" in reqs and "protobuf<8,>=7.35.1" in reqs and "PyYAML>=6" in reqs

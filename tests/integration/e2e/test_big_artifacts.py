@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.app import RunningController
-from controller.cli import main as fleetctl
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.cli import main as fleetctl
 from tests.integration.fleet.test_jobs_artifacts_cli import ScriptedRunner
 from tests.integration.fleet_support import SimAgents, wait_for
 
@@ -53,8 +53,8 @@ async def test_64mb_wheel_up_and_down_and_8mb_sdist_by_cli(controller: RunningCo
     # a wrong announced digest is refused and nothing is stored
     bad = tmp_path / "x.whl"
     bad.write_bytes(b"abc")
-    from controller.client import ControllerClient
-    from controller.commands.artifacts import upload
+    from fleetctl.controller.client import ControllerClient
+    from fleetctl.controller.commands.artifacts import upload
 
     client = ControllerClient.discover()  # sync HTTP: off the event loop that serves it
     resp = await asyncio.to_thread(client._http.post, "/api/v1/artifacts", content=b"abc",

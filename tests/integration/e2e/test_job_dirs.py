@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.executor import AnsibleJobRunner
-from fleet.jobs import JobSpec
+from fleetctl.agent.executor import AnsibleJobRunner
+from fleetctl.fleet.jobs import JobSpec
 
 PLAYBOOK = """\
 - name: Copy with content after the installed playbooks are gone

@@ -9,8 +9,8 @@ import socket
 import time
 from pathlib import Path
 
-from agent.client import Agent, AgentConfig
-from controller.app import start_controller
+from fleetctl.agent.client import Agent, AgentConfig
+from fleetctl.controller.app import start_controller
 from tests.integration.fleet_support import controller_settings, new_token, profile_facts, wait_for
 
 RESTARTS = 3

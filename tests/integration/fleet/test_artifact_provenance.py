@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from controller.app import RunningController
-from controller.artifacts import Source
-from controller.cli import main as fleetctl
-from controller.local_wheels import local_wheel_entries
-from controller.store.models import AuditLog
-from fleet.errors import FleetError, ForbiddenError
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.artifacts import Source
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.local_wheels import local_wheel_entries
+from fleetctl.controller.store.models import AuditLog
+from fleetctl.fleet.errors import FleetError, ForbiddenError
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import SimAgents
 
 pytestmark = pytest.mark.timeout(60)
@@ -158,10 +158,10 @@ def test_migration_marks_existing_artifacts_legacy_and_untrusted(db_url: str, tm
 
     from sqlalchemy import text
 
-    from controller.artifacts import ArtifactStore
-    from controller.rollout.models import Build
-    from controller.store import Store, utcnow
-    from controller.store.db import make_engine, migrate
+    from fleetctl.controller.artifacts import ArtifactStore
+    from fleetctl.controller.rollout.models import Build
+    from fleetctl.controller.store import Store, utcnow
+    from fleetctl.controller.store.db import make_engine, migrate
 
     engine = make_engine(db_url)
     migrate(engine, "web_0004")

@@ -19,15 +19,15 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
-from controller.app import RunningController, start_controller
-from controller.cli import main as fleetctl
-from controller.commands import serve
-from controller.main import main as controller_main
-from controller.settings import settings_from
-from controller.signatures import SignaturePolicy
-from controller.store.models import AuditLog
-from fleet.cli import build_parser
-from fleet.errors import UsageError
+from fleetctl.controller.app import RunningController, start_controller
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.commands import serve
+from fleetctl.controller.main import main as controller_main
+from fleetctl.controller.settings import settings_from
+from fleetctl.controller.signatures import SignaturePolicy
+from fleetctl.controller.store.models import AuditLog
+from fleetctl.fleet.cli import build_parser
+from fleetctl.fleet.errors import UsageError
 from tests.integration.fleet_support import controller_settings
 from tests.integration.harness.aptrepo import GpgKey
 

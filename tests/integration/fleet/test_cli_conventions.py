@@ -12,10 +12,10 @@ import httpx
 import pytest
 import yaml
 
-from controller.app import RunningController
-from controller.cli import main as fleetctl
-from controller.web.auth import add_user
-from fleet.version import package_version
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.web.auth import add_user
+from fleetctl.fleet.version import package_version
 from tests.integration.fleet_support import SimAgents
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.api import create_app
-from controller.app import RunningController, run_until_stopped, start_controller
-from controller.context import ControllerContext
+from fleetctl.controller.api import create_app
+from fleetctl.controller.app import RunningController, run_until_stopped, start_controller
+from fleetctl.controller.context import ControllerContext
 from tests.integration.fleet_support import controller_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,7 +54,7 @@ async def test_a_failing_loop_stops_the_controller_with_a_clear_line(tmp_path: P
         raise OSError("disk on fire")
 
     rc.run("doomed", disk_on_fire())
-    with caplog.at_level(logging.INFO, logger="controller.app"):
+    with caplog.at_level(logging.INFO, logger="fleetctl.controller.app"):
         status = await asyncio.wait_for(run_until_stopped(rc, asyncio.Event()), 30)
     assert status == 1
     assert "background loop 'doomed' failed: OSError: disk on fire; stopping the controller" in caplog.text
@@ -66,7 +66,7 @@ async def test_a_loop_that_returns_counts_as_a_failure(tmp_path: Path, caplog: p
     rc = await start_controller(controller_settings(tmp_path / "controller"))
     assert rc.http_server is not None
     rc.http_server.should_exit = True  # the HTTP server ends by itself, not through stop()
-    with caplog.at_level(logging.ERROR, logger="controller.app"):
+    with caplog.at_level(logging.ERROR, logger="fleetctl.controller.app"):
         status = await asyncio.wait_for(run_until_stopped(rc, asyncio.Event()), 30)
     assert status == 1 and "background loop 'http' ended unexpectedly" in caplog.text
     assert rc.stopped == list(reversed(ORDER))

@@ -20,7 +20,7 @@ UNIT_STOP_SECONDS = 30  # TimeoutStopSec of deploy/systemd/fleet-controller.serv
 
 
 def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "controller.main", "serve"],
+    return subprocess.Popen([sys.executable, "-m", "fleetctl.controller.main", "serve"],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "FLEET_CONFIG": str(config)}, cwd=config.parent)
 

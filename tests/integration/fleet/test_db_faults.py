@@ -22,12 +22,12 @@ import httpx
 import pytest
 from sqlalchemy import event, func, select
 
-from controller.app import RunningController
-from controller.registry import Transition
-from controller.store import Store
-from controller.store.models import Job, JobEvent, Node
-from controller.verify_store.models import Verification
-from fleet.jobs import JobOutcome, JobStatus
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.registry import Transition
+from fleetctl.controller.store import Store
+from fleetctl.controller.store.models import Job, JobEvent, Node
+from fleetctl.controller.verify_store.models import Verification
+from fleetctl.fleet.jobs import JobOutcome, JobStatus
 from tests.integration.fleet_support import PG_ADMIN, SimAgents, wait_for
 
 LOCK_SECONDS = 8.0
@@ -132,7 +132,7 @@ def _all_seen_after(rc: RunningController, t: float) -> bool:
 async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path: Any) -> None:
     """Kill every other backend of the controller's database repeatedly during a burst of job events, job
     results and verification records; count what was stored."""
-    from controller.app import start_controller
+    from fleetctl.controller.app import start_controller
     from tests.integration.fleet_support import controller_settings, enroll_creds, profile_facts
 
     rc = await start_controller(controller_settings(tmp_path / "controller", pg_url))
@@ -153,8 +153,8 @@ async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path
         kills = threading.Thread(target=_kill_backends, args=(_pg_options(rc.ctx.store), stop, killed), daemon=True)
         kills.start()
         try:
-            from controller.jobs import JobEventRecord
-            from controller.store import utcnow
+            from fleetctl.controller.jobs import JobEventRecord
+            from fleetctl.controller.store import utcnow
 
             async def one(h: str) -> None:
                 job_id = jobs[h]
@@ -190,14 +190,14 @@ async def test_dropped_connections_lose_and_double_nothing(pg_url: str, tmp_path
 def _far() -> Any:
     import datetime as dt
 
-    from controller.store import utcnow
+    from fleetctl.controller.store import utcnow
 
     return utcnow() + dt.timedelta(hours=1)
 
 
 async def _retrying(fn: Any, attempts: int = 20) -> None:
     """What an agent does: a call that fails (UNAVAILABLE) is sent again, the same payload."""
-    from fleet.errors import StoreError
+    from fleetctl.fleet.errors import StoreError
 
     for attempt in range(attempts):
         try:

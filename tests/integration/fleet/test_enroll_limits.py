@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from agent.client import enroll
-from controller.app import RunningController
-from controller.store.models import AuditLog
-from fleet.errors import AuthError, ControllerUnavailable
+from fleetctl.agent.client import enroll
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.store.models import AuditLog
+from fleetctl.fleet.errors import AuthError, ControllerUnavailable
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,13 +10,13 @@ import grpc.aio
 import pytest
 from sqlalchemy import select, update
 
-from agent.client import Credentials, channel_options
-from controller.app import RunningController
-from controller.ca import CertAuthority, cert_identity, key_pem, make_csr, new_key
-from controller.store.models import AuditLog, EnrollmentToken, Identity
-from fleet.errors import AuthError, ConflictError, InputError
-from fleet.v1 import fleet_pb2 as pb
-from fleet.v1 import fleet_pb2_grpc as pb_grpc
+from fleetctl.agent.client import Credentials, channel_options
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.ca import CertAuthority, cert_identity, key_pem, make_csr, new_key
+from fleetctl.controller.store.models import AuditLog, EnrollmentToken, Identity
+from fleetctl.fleet.errors import AuthError, ConflictError, InputError
+from fleetctl.fleet.v1 import fleet_pb2 as pb
+from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 from tests.integration.fleet_support import enroll_creds, mtls_stub, new_token, profile_facts
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,7 +53,7 @@ async def test_enroll_issues_client_certificate_bound_to_hostname(controller: Ru
     # the certificate works for mTLS calls
     async with mtls_stub(controller, creds) as stub:
         facts = profile_facts("a100", "node-1")
-        from agent.wire import facts_to_proto
+        from fleetctl.agent.wire import facts_to_proto
 
         resp = await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(facts)), timeout=5)
         assert list(resp.changed) == ["*"]
@@ -132,7 +132,7 @@ async def test_certificate_with_the_identitys_cn_but_another_serial_refused(cont
             await stub.Heartbeat(pb.HeartbeatRequest(sequence=1), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert f"certificate serial {other.serial} is not the one issued" in (err.value.details() or "")
-    from agent.wire import facts_to_proto
+    from fleetctl.agent.wire import facts_to_proto
 
     async with mtls_stub(controller, creds) as stub:
         await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(profile_facts("a100", "node-1"))),
@@ -141,7 +141,7 @@ async def test_certificate_with_the_identitys_cn_but_another_serial_refused(cont
 
 async def test_revoked_identity_refused_on_next_call(controller: RunningController) -> None:
     creds = await enroll_creds(controller, "node-1")
-    from agent.wire import facts_to_proto
+    from fleetctl.agent.wire import facts_to_proto
 
     async with mtls_stub(controller, creds) as stub:
         await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(profile_facts("a100", "node-1"))),
@@ -185,7 +185,7 @@ async def test_enrollment_port_serves_nothing_but_enroll(controller: RunningCont
 
 
 async def test_agent_without_token_or_ca_fails_clearly(controller: RunningController, tmp_path: Path) -> None:
-    from agent.client import Agent, AgentConfig
+    from fleetctl.agent.client import Agent, AgentConfig
 
     assert controller.ctx.grpc_address
     agent = Agent(AgentConfig(controller=controller.ctx.grpc_address, state_dir=tmp_path / "a",

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from controller.app import RunningController
-from controller.cli import main as fleetctl
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import AgentProcess, SimAgent, SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(90)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from controller.app import RunningController
-from controller.cli import main as fleetctl
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,7 +112,7 @@ async def test_artifacts_upload_and_fetch_over_mtls(controller: RunningControlle
     assert controller.ctx.artifacts.path_for(sha).read_bytes() == data
     got = await sim.agent.fetch_artifact(sha, tmp_path / "dl")
     assert got.name == src.name and got.read_bytes() == data
-    from fleet.errors import ControllerUnavailable, FleetError
+    from fleetctl.fleet.errors import ControllerUnavailable, FleetError
 
     with pytest.raises(FleetError) as err:
         await sim.agent.fetch_artifact("0" * 64, tmp_path / "dl")
@@ -163,7 +163,7 @@ async def test_fleetctl_nodes_node_tokens_job_revoke(controller: RunningControll
     assert rc == 0 and "revoked" in out
     sim = fleet.agents["sim-t4-02"]
     await wait_for(lambda: sim.task.done(), timeout=15)
-    from fleet.errors import AuthError
+    from fleetctl.fleet.errors import AuthError
 
     assert isinstance(sim.task.exception(), AuthError)
     # wrong admin token
@@ -177,7 +177,7 @@ async def test_fleetctl_nodes_node_tokens_job_revoke(controller: RunningControll
 
 async def test_fleetctl_without_controller_says_how_to_start_one(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", "nodes", "--state-dir", str(tmp_path),
+        sys.executable, "-m", "fleetctl.controller.cli", "nodes", "--state-dir", str(tmp_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 7

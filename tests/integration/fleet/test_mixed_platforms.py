@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from controller.simfleet import SimFleet
+from fleetctl.controller.simfleet import SimFleet
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def fleetctl(state: Path, *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args, "--state-dir", str(state)],
+    return subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", *args, "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=True).stdout
 
 

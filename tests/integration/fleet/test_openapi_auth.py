@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from controller.app import RunningController
+from fleetctl.controller.app import RunningController
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,13 +10,13 @@ import grpc.aio
 import pytest
 from sqlalchemy import func, select
 
-from agent.client import Credentials
-from agent.wire import facts_to_proto
-from controller.app import RunningController
-from controller.store import utcnow
-from controller.store.models import FactsHistory, Identity, Node, NodeEvent
-from fleet.facts import DriverFacts
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.agent.client import Credentials
+from fleetctl.agent.wire import facts_to_proto
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.store import utcnow
+from fleetctl.controller.store.models import FactsHistory, Identity, Node, NodeEvent
+from fleetctl.fleet.facts import DriverFacts
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 from tests.integration.fleet_support import SimAgents, enroll_creds, mtls_stub, profile_facts, wait_for
 
 pytestmark = pytest.mark.timeout(60)

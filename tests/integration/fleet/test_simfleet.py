@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.client import ControllerClient
-from controller.simfleet import SimFleet, netns_available
+from fleetctl.controller.client import ControllerClient
+from fleetctl.controller.simfleet import SimFleet, netns_available
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[3]
@@ -46,7 +46,8 @@ def test_fleet_up_registers_every_node_with_its_own_address(tmp_path: Path, netw
         if network == "netns":
             assert _peers(state) == {n.hostname: n.address for n in st.nodes}  # the controller sees each address
         # fleetctl against the fleet, as a real process
-        out = subprocess.run([sys.executable, "-m", "controller.cli", "nodes", "--json", "--state-dir", str(state)],
+        out = subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", "nodes", "--json",
+                              "--state-dir", str(state)],
                              capture_output=True, text=True, timeout=60, cwd=ROOT, check=True).stdout
         assert len(json.loads(out)["nodes"]) == 3
         client.close()
@@ -60,7 +61,7 @@ def test_fleet_up_registers_every_node_with_its_own_address(tmp_path: Path, netw
 
 def test_fleet_up_refuses_a_profile_the_agent_does_not_know_before_starting_anything(tmp_path: Path) -> None:
     state = tmp_path / "controller"
-    done = subprocess.run([sys.executable, "-m", "controller.main", "fleet", "up", "--nodes", "2",
+    done = subprocess.run([sys.executable, "-m", "fleetctl.controller.main", "fleet", "up", "--nodes", "2",
                            "--profiles", "h100,no-such-gpu", "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 4, done.stderr  # not-found, as the agent says it

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import Credentials
-from controller.app import start_controller
-from controller.context import ControllerContext
-from fleet.errors import StateDirError
-from fleet.statedir import state_dir_error
+from fleetctl.agent.client import Credentials
+from fleetctl.controller.app import start_controller
+from fleetctl.controller.context import ControllerContext
+from fleetctl.fleet.errors import StateDirError
+from fleetctl.fleet.statedir import state_dir_error
 from tests.integration.fleet_support import controller_settings
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,7 +52,7 @@ def remount(where: Path, opts: str) -> None:
 
 
 def serve(state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller.main", "serve", "--state-dir", str(state),
+    return subprocess.run([sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(state),
                            "--grpc-listen", "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0",
                            "--http-listen", "127.0.0.1:0", "--upstream-index", "none"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -79,12 +79,12 @@ def test_loose_modes_left_by_an_older_version_are_tightened_at_start(tmp_path: P
                         (state / "ca" / "ca.key", 0o640), (state / "logs", 0o755),
                         (state / "logs" / "controller.log", 0o644)):
         os.chmod(path, loose)
-    with caplog.at_level(logging.WARNING, logger="fleet.statedir"):
+    with caplog.at_level(logging.WARNING, logger="fleetctl.fleet.statedir"):
         ControllerContext(controller_settings(state)).close()
     assert mode(state) == 0o700 and mode(state / "logs") == 0o700
     for name in ("controller.db", "admin.token", "ca/ca.key", "logs/controller.log"):
         assert mode(state / name) == 0o600, name
-    lines = [r.getMessage() for r in caplog.records if r.name == "fleet.statedir"]  # other loggers may be captured
+    lines = [r.getMessage() for r in caplog.records if r.name == "fleetctl.fleet.statedir"]  # others are captured too
     assert any(f"tightened {state / 'controller.db'} from 0644 to 0600" in m for m in lines), lines
     assert len(lines) == 6  # one line per loosened path, nothing for the ones already private
 

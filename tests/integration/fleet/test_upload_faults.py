@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from agent.artifact_jobs import ArtifactJobRunner
-from agent.client import Agent
-from controller.app import RunningController
-from controller.artifacts import ArtifactStore
-from controller.uploads import PartialWriter
-from fleet.errors import StoreError
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.agent.artifact_jobs import ArtifactJobRunner
+from fleetctl.agent.client import Agent
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.artifacts import ArtifactStore
+from fleetctl.controller.uploads import PartialWriter
+from fleetctl.fleet.errors import StoreError
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 from tests.integration.fleet_support import SimAgents, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.executor import AnsibleJobRunner
-from fleet.jobs import JobOutcome, JobSpec
+from fleetctl.agent.executor import AnsibleJobRunner
+from fleetctl.fleet.jobs import JobOutcome, JobSpec
 from tests.integration.harness import aptrepo, debian, wheels
 
 TARGET_PYTHON = "/opt/venv/bin/python"

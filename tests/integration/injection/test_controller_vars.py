@@ -13,9 +13,9 @@ from typing import Any, cast
 
 import pytest
 
-from controller.rollout.core import State
-from controller.rollout.engine import RolloutEngine, apt_keyring_vars
-from controller.rollout.jobvars import MAX_APT_LINE, MAX_APT_LINES, NODE_VAR_PATTERNS, checked_job_vars
+from fleetctl.controller.rollout.core import State
+from fleetctl.controller.rollout.engine import RolloutEngine, apt_keyring_vars
+from fleetctl.controller.rollout.jobvars import MAX_APT_LINE, MAX_APT_LINES, NODE_VAR_PATTERNS, checked_job_vars
 from tests.integration.injection.payloads import TEMPLATES, payload
 
 NVIDIA = "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2204/x86_64"

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from agent.executor import DEFAULT_PLAYBOOKS_DIR, AnsibleJobRunner
-from controller.rollout.engine import apt_keyring_vars
-from fleet.jobs import JobOutcome, JobSpec
+from fleetctl.agent.executor import DEFAULT_PLAYBOOKS_DIR, AnsibleJobRunner
+from fleetctl.controller.rollout.engine import apt_keyring_vars
+from fleetctl.fleet.jobs import JobOutcome, JobSpec
 from tests.integration.injection.payloads import RENDERED, TEMPLATES, fired, payload
 
 pytestmark = pytest.mark.skipif(shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) is None,

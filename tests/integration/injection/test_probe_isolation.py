@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.probes.system import ProbeError
-from agent.probes.target_python import PROBE_FLAGS, TargetPythonProbe, parse_probe_output, probe_argv
+from fleetctl.agent.probes.system import ProbeError
+from fleetctl.agent.probes.target_python import PROBE_FLAGS, TargetPythonProbe, parse_probe_output, probe_argv
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 needs_system_python = pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="no /usr/bin/python3")

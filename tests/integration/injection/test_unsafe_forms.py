@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.executor import (
+from fleetctl.agent.executor import (
     DEFAULT_PLAYBOOKS_DIR,
     AnsibleJobRunner,
     _RunDirs,
     extravars_json,
     unsafe_vars,
 )
-from fleet.errors import ExecutionError
-from fleet.jobs import JobSpec
+from fleetctl.fleet.errors import ExecutionError
+from fleetctl.fleet.jobs import JobSpec
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 

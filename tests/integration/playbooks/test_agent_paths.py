@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.commands import run as agent_run
-from fleet.errors import UsageError
-from fleet.jobs import JobSpec
+from fleetctl.agent.commands import run as agent_run
+from fleetctl.fleet.errors import UsageError
+from fleetctl.fleet.jobs import JobSpec
 from tests.integration.harness.wheels import build_wheel, sha256_file
 
 

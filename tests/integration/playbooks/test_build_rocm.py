@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from agent.commands import run as agent_run
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve
-from controller.rollout.jobvars import build_target_vars, checked_job_vars
-from fleet.facts import parse_node
-from fleet.jobs import JobSpec
+from fleetctl.agent.commands import run as agent_run
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve
+from fleetctl.controller.rollout.jobvars import build_target_vars, checked_job_vars
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.jobs import JobSpec
 from tests.integration.harness import upstream, wheels
 from tests.unit.resolver.test_platforms import profile
 

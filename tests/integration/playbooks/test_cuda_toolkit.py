@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from agent.probes.nvcc import NvccProbe
-from agent.probes.system import DEFAULT_TIMEOUT_S, CommandResult, run_command
+from fleetctl.agent.probes.nvcc import NvccProbe
+from fleetctl.agent.probes.system import DEFAULT_TIMEOUT_S, CommandResult, run_command
 from tests.integration.harness.fixtures import AptWorld, NodeDriver, skip_reason, write_failing_source
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]

@@ -27,19 +27,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent.artifact_jobs import ArtifactJobRunner
-from agent.executor import AnsibleJobRunner
-from agent.profiles import load_profile
-from controller.artifacts import Provenance
-from controller.rollout import service
-from controller.rollout.core import State
-from controller.rollout.engine import RolloutEngine, plan_from_json
-from controller.rollout.expectation import expected_after_rollback
-from controller.rollout.models import Rollout, RolloutNode
-from controller.rollout.service import RolloutRequest
-from controller.testing import FakeFleet
-from fleet.facts import FlashAttnFacts
-from fleet.jobs import JobOutcome, JobSpec
+from fleetctl.agent.artifact_jobs import ArtifactJobRunner
+from fleetctl.agent.executor import AnsibleJobRunner
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.artifacts import Provenance
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.core import State
+from fleetctl.controller.rollout.engine import RolloutEngine, plan_from_json
+from fleetctl.controller.rollout.expectation import expected_after_rollback
+from fleetctl.controller.rollout.models import Rollout, RolloutNode
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import FakeFleet
+from fleetctl.fleet.facts import FlashAttnFacts
+from fleetctl.fleet.jobs import JobOutcome, JobSpec
 from tests.integration.harness.wheels import build_wheel, sha256_file
 from tests.unit.rollout.wait import wait_for
 

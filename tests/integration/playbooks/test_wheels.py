@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fleet.jobs import JobSpec
+from fleetctl.fleet.jobs import JobSpec
 from tests.integration.harness import wheels
 from tests.integration.harness.fixtures import TARGET_PYTHON, TORCH_VERSION, NodeDriver, skip_reason, tree_digest
 

@@ -1,6 +1,7 @@
 """A real controller, real ``fleet-agent --executor ansible`` processes and real target venvs, fed by FakeUpstream.
 
-``Controller``: ``python -m controller.main serve`` as its own process on free ports, its upstreams pointed at a
+``Controller``: ``python -m fleetctl.controller.main serve`` as its own process on free ports, its upstreams
+pointed at a
 ``FakeUpstream`` (``--upstream-index`` = the fake index, ``--wheel-mirror`` = the fake GitHub releases base, so
 the catalog's ``https://github.com/Dao-AILab/flash-attention/releases/download/vV/FILE`` maps to
 ``MIRROR/vV/FILE``); ``fleetctl(...)`` runs the real CLI against it, ``api(...)`` reads its HTTP API.
@@ -214,7 +215,7 @@ class Controller:
             if self.upstream is not None else ["--offline"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller.main", "serve", "--state-dir", str(self.state),
+                [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
                  "--grpc-listen", self.grpc, "--enroll-listen", f"127.0.0.1:{self.ports['enroll']}",
                  "--http-listen", f"127.0.0.1:{self.ports['http']}", "--heartbeat-interval", "1",
                  "--missed-heartbeats", "10", "--no-gc-tuning", *flags, *self.extra],
@@ -257,14 +258,16 @@ class Controller:
 
     def fleetctl(self, *args: str, timeout: float = 240) -> Result:
         env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
-        proc = subprocess.run([sys.executable, "-m", "controller.cli", *args, "--state-dir", str(self.state)],
+        proc = subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", *args,
+                                 "--state-dir", str(self.state)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """``fleetctl ARGS`` started, not waited for (its output: ``communicate()``)."""
         env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
-        return subprocess.Popen([sys.executable, "-m", "controller.cli", *args, "--state-dir", str(self.state)],
+        return subprocess.Popen([sys.executable, "-m", "fleetctl.controller.cli", *args,
+                                 "--state-dir", str(self.state)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def together(self, *commands: Sequence[str], timeout: float = 420) -> list[Result]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from controller.catalog import add_user_wheels, parse_catalog_json
+from fleetctl.controller.catalog import add_user_wheels, parse_catalog_json
 from tests.integration.harness.upstream import (
     EINOPS_VERSION,
     TORCH_STANDIN_VERSION,

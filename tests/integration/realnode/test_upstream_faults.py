@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.catalog import add_user_wheels, parse_catalog_json
+from fleetctl.controller.catalog import add_user_wheels, parse_catalog_json
 from tests.integration.harness.upstream import (
     TORCH_STANDIN_VERSION,
     WHEEL_PLATFORM,

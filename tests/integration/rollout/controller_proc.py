@@ -1,4 +1,4 @@
-"""A controller as a real subprocess (`python -m controller.main serve`) on fixed free ports, so it can be
+"""A controller as a real subprocess (`python -m fleetctl.controller.main serve`) on fixed free ports, so it can be
 killed (-9) and restarted on the same addresses; plus a tiny async client for its HTTP API."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from agent.client import Agent, AgentConfig
+from fleetctl.agent.client import Agent, AgentConfig
 from tests.integration.rollout.simrunner import Script, SimRunner
 
 
@@ -48,7 +48,7 @@ class ControllerProc:
         self.starts += 1
         log = (self.state.parent / f"controller-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.main", "serve", "--state-dir", str(self.state),
+            [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
              "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
              f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
              "--heartbeat-interval", str(self.heartbeat), "--missed-heartbeats", "5"],

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.client import Agent
-from agent.profiles import load_profile
-from agent.verify.simulated import simulate_for_facts
-from fleet.facts import FlashAttnFacts, NodeFacts
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.agent.client import Agent
+from fleetctl.agent.profiles import load_profile
+from fleetctl.agent.verify.simulated import simulate_for_facts
+from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 
 @dataclass

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from controller.api_tokens import create_token, revoke_token
-from controller.app import RunningController
-from controller.store import utcnow
-from controller.users import ApiToken
-from controller.web.auth import add_user
+from fleetctl.controller.api_tokens import create_token, revoke_token
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.store import utcnow
+from fleetctl.controller.users import ApiToken
+from fleetctl.controller.web.auth import add_user
 from tests.integration.fleet_support import SimAgents
 from tests.integration.rollout.simrunner import Script, SimRunner
 
@@ -33,7 +33,7 @@ PASSWORD = "correct horse battery"
 async def fleetctl(rc: RunningController, token: str, *args: str) -> tuple[int, str, str]:
     env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_TOKEN": token}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", *args, "--state-dir", str(rc.ctx.settings.state_dir),
+        sys.executable, "-m", "fleetctl.controller.cli", *args, "--state-dir", str(rc.ctx.settings.state_dir),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode is not None
@@ -41,7 +41,7 @@ async def fleetctl(rc: RunningController, token: str, *args: str) -> tuple[int, 
 
 
 def audit_rows(rc: RunningController, rid: str) -> list[dict[str, Any]]:
-    from controller.rollout import service
+    from fleetctl.controller.rollout import service
     return service.audit_entries(rc.ctx.store, rid)
 
 
@@ -126,8 +126,8 @@ async def test_token_principal_is_the_audit_actor(controller: RunningController,
 
 def test_fleetctl_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--token-file wins over $FLEETCTL_TOKEN, which wins over STATE/admin.token (the break-glass credential)."""
-    from controller.client import ControllerClient
-    from fleet.errors import AuthError
+    from fleetctl.controller.client import ControllerClient
+    from fleetctl.fleet.errors import AuthError
 
     (tmp_path / "admin.token").write_text("admintoken\n")
     (tmp_path / "controller.json").write_text('{"http": "http://127.0.0.1:9"}')

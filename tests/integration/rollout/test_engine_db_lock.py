@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent.profiles import load_profile
-from controller.loop_monitors import LoopLag
-from controller.rollout import service
-from controller.rollout.models import RolloutTransition
-from controller.rollout.service import RolloutRequest
-from controller.testing import FakeFleet
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.loop_monitors import LoopLag
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.models import RolloutTransition
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import FakeFleet
 from tests.integration.fleet.test_db_faults import hold_lock
 from tests.unit.rollout.wait import wait_for
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controller.app import RunningController
+from fleetctl.controller.app import RunningController
 from tests.integration.fleet_support import SimAgents, wait_for
 from tests.integration.rollout.simrunner import Script, SimRunner
 
@@ -26,7 +26,7 @@ NODES = [("h100-1", "h100"), ("h100-2", "h100"), ("a100-1", "a100"), ("a100-2", 
 async def fleetctl(rc: RunningController, *args: str, timeout: float = 90) -> tuple[int, str, str]:
     env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", *args, "--state-dir", str(rc.ctx.settings.state_dir),
+        sys.executable, "-m", "fleetctl.controller.cli", *args, "--state-dir", str(rc.ctx.settings.state_dir),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.profiles import load_profile
-from controller.rollout import service
-from controller.rollout.service import RolloutRequest
-from controller.testing import FakeFleet
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import FakeFleet
 from tests.unit.rollout.wait import wait_for
 
 pytestmark = pytest.mark.timeout(120)

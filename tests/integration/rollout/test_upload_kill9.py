@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.client import Agent
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.agent.client import Agent
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 from tests.integration.rollout.controller_proc import (
     all_online,
     api,

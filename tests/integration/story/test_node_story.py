@@ -33,13 +33,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
-from agent.probes import collect_facts
-from agent.probes.chroot import nvcc_probe_in_root
-from controller.app import RunningController
-from controller.artifacts import Provenance
-from controller.jobs import JobEventRecord
-from controller.store.models import JobEvent
-from fleet.jobs import JobOutcome
+from fleetctl.agent.probes import collect_facts
+from fleetctl.agent.probes.chroot import nvcc_probe_in_root
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.artifacts import Provenance
+from fleetctl.controller.jobs import JobEventRecord
+from fleetctl.controller.store.models import JobEvent
+from fleetctl.fleet.jobs import JobOutcome
 from tests.integration.fleet_support import AgentProcess, wait_for
 from tests.integration.harness import debian, wheels
 from tests.integration.harness.fixtures import TARGET_PYTHON, TORCH_VERSION, AptWorld, skip_reason, tree_digest

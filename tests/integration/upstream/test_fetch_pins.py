@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.artifacts import ArtifactStore
-from controller.store import open_store
-from controller.upstream import Upstream, UpstreamConfig
-from fleet.errors import UpstreamError
+from fleetctl.controller.artifacts import ArtifactStore
+from fleetctl.controller.store import open_store
+from fleetctl.controller.upstream import Upstream, UpstreamConfig
+from fleetctl.fleet.errors import UpstreamError
 from tests.integration.harness.upstream import FakeUpstream
 from tests.integration.harness.wheels import build_wheel
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.verify.simulated import simulate_verification
-from controller.store.db import Store, open_store, utcnow
-from controller.store.models import Node
-from controller.verify_store import store as vs
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
+from fleetctl.agent.verify.simulated import simulate_verification
+from fleetctl.controller.store.db import Store, open_store, utcnow
+from fleetctl.controller.store.models import Node
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
 
 H100 = "NVIDIA H100 80GB HBM3"
 PASSWORD = "correct horse battery"
@@ -44,7 +44,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def client(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     import types
 
-    from controller.web import nodeindex
+    from fleetctl.controller.web import nodeindex
 
     monkeypatch.setattr(nodeindex, "SYNC_EVERY_SECONDS", 0.0)  # each request sees what was stored before it
 
@@ -94,7 +94,7 @@ def test_a_clock_ahead_does_not_hide_a_later_verification_of_a_normal_node(clien
     verified(store, "ahead", clock_ahead=dt.timedelta(hours=1), job_id="job-ahead")
     assert nodes(client)["normal"]["verify_result"] == "passed"
     # the normal node fails later (on both clocks, earlier than the ahead node's agent time)
-    from agent.verify.simulated import SimFaults
+    from fleetctl.agent.verify.simulated import SimFaults
 
     result = simulate_verification(H100, node="normal", at=utcnow(), faults=SimFaults(nan=True))
     with store.session() as s:

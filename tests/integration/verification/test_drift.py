@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent.simexec import SimulatedJobRunner
-from controller.app import RunningController
-from controller.cli import main as fleetctl
-from controller.store.models import Job
-from controller.verify_store import store as vs
-from controller.verify_store.service import VerificationService
-from fleet.facts import FlashAttnFacts
+from fleetctl.agent.simexec import SimulatedJobRunner
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.store.models import Job
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.verify_store.service import VerificationService
+from fleetctl.fleet.facts import FlashAttnFacts
 from tests.integration.fleet_support import SimAgents, profile_facts, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from agent.profiles import load_profile
-from controller.app import start_controller
-from controller.store import Store, open_store, utcnow
-from controller.store.models import Job, Node
-from controller.verify_store import schedules as sch
-from controller.verify_store.models import VerifySchedule, VerifyScheduleRun
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.app import start_controller
+from fleetctl.controller.store import Store, open_store, utcnow
+from fleetctl.controller.store.models import Job, Node
+from fleetctl.controller.verify_store import schedules as sch
+from fleetctl.controller.verify_store.models import VerifySchedule, VerifyScheduleRun
 from tests.integration.fleet_support import controller_settings, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.postgres]

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from agent.profiles import load_profile
-from controller.rollout import service
-from controller.rollout.service import RolloutRequest
-from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript, ThreadServer
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
 from tests.integration.web.browser import chromium, missing_reason
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -204,8 +204,8 @@ def test_node_table_filters_sorts_and_pages(fleet: dict[str, Any]) -> None:
 def test_node_table_and_node_page_update_live(fleet: dict[str, Any]) -> None:
     from sqlalchemy import select
 
-    from controller.store.db import utcnow
-    from controller.store.models import Node
+    from fleetctl.controller.store.db import utcnow
+    from fleetctl.controller.store.models import Node
 
     base, store = fleet["url"], fleet["store"]
     ctx = fleet["browser"].new_context()
@@ -233,7 +233,7 @@ def test_node_table_and_node_page_update_live(fleet: dict[str, Any]) -> None:
 
 
 def test_removed_user_is_sent_to_login(fleet: dict[str, Any]) -> None:
-    from controller.web.auth import add_user, remove_user
+    from fleetctl.controller.web.auth import add_user, remove_user
 
     base, store = fleet["url"], fleet["store"]
     add_user(store, "tmp-viewer", "viewer", PASSWORD)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from agent.profiles import load_profile
-from controller.rollout.service import RolloutRequest
-from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
-from controller.verify_store import views
-from controller.web import create_standalone_app, nodeindex
-from controller.web.auth import add_user
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
+from fleetctl.controller.verify_store import views
+from fleetctl.controller.web import create_standalone_app, nodeindex
+from fleetctl.controller.web.auth import add_user
 
 PROFILES = ("h100", "a100", "l40s", "t4", "rtx4090", "a10", "l4", "h200")
 

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.app import RunningController
-from controller.web.auth import add_user
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.web.auth import add_user
 from tests.integration.fleet_support import SimAgents
 from tests.integration.rollout.simrunner import Script, SimRunner
 from tests.integration.web.browser import CHROMIUM, CHROMIUM_ARGS, missing_reason

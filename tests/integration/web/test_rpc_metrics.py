@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.api_tokens import create_token
-from controller.app import RunningController
-from controller.web.auth import add_user
-from fleet.version import package_version
+from fleetctl.controller.api_tokens import create_token
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.web.auth import add_user
+from fleetctl.fleet.version import package_version
 from tests.integration.fleet_support import SimAgents
 
 pytestmark = pytest.mark.timeout(120)

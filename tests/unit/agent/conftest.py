@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.probes.system import DEFAULT_TIMEOUT_S, CommandResult
+from fleetctl.agent.probes.system import DEFAULT_TIMEOUT_S, CommandResult
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "probes"
 

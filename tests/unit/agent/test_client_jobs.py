@@ -10,10 +10,10 @@ from typing import Any, cast
 
 import pytest
 
-from agent.client import Agent, AgentConfig
-from agent.profiles import load_profile
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.agent.client import Agent, AgentConfig
+from fleetctl.agent.profiles import load_profile
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
 

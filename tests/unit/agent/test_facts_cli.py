@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.facts import parse_node
+from fleetctl.fleet.facts import parse_node
 
 ROOT = Path(__file__).resolve().parents[3]
 FLEET_AGENT = ROOT / ".venv" / "bin" / "fleet-agent"
@@ -19,7 +19,7 @@ FLEET_AGENT = ROOT / ".venv" / "bin" / "fleet-agent"
 def _agent(*args: str) -> list[str]:
     if FLEET_AGENT.exists():
         return [str(FLEET_AGENT), *args]
-    return [sys.executable, "-m", "agent.main", *args]
+    return [sys.executable, "-m", "fleetctl.agent.main", *args]
 
 
 def _run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +42,7 @@ def test_console_script_prints_contract_json() -> None:
 
 
 def test_python_m_agent_main_and_target_python() -> None:
-    proc = _run([sys.executable, "-m", "agent.main", "facts", "--json", "--python", sys.executable])
+    proc = _run([sys.executable, "-m", "fleetctl.agent.main", "facts", "--json", "--python", sys.executable])
     assert proc.returncode == 0, proc.stderr
     facts = parse_node(json.loads(proc.stdout))
     assert facts.python.executable == sys.executable
@@ -83,8 +83,8 @@ def test_human_summary() -> None:
 
 
 def test_importing_probes_stays_light() -> None:
-    code = ("import sys, agent.probes, agent.profiles, agent.commands.facts; "
-            "bad = [m for m in ('grpc', 'sqlalchemy', 'ansible', 'ansible_runner', 'torch', 'controller') "
+    code = ("import sys, fleetctl.agent.probes, fleetctl.agent.profiles, fleetctl.agent.commands.facts; "
+            "bad = [m for m in ('grpc', 'sqlalchemy', 'ansible', 'ansible_runner', 'torch', 'fleetctl.controller') "
             "if m in sys.modules]; print(bad)")
     proc = _run([sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stderr

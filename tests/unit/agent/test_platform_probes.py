@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.probes import Probes, collect_facts
-from agent.probes.nvcc import NvccProbe
-from agent.probes.os_info import OsProbe
-from agent.probes.platform_os import (
+from fleetctl.agent.probes import Probes, collect_facts
+from fleetctl.agent.probes.nvcc import NvccProbe
+from fleetctl.agent.probes.os_info import OsProbe
+from fleetctl.agent.probes.platform_os import (
     NV_TEGRA_RELEASE,
     VSWHERE,
     VSWHERE_ARGS,
@@ -20,7 +20,7 @@ from agent.probes.platform_os import (
     parse_vc_tools_version,
     parse_vswhere,
 )
-from agent.probes.rocm import (
+from fleetctl.agent.probes.rocm import (
     ROCM_VERSION_FILE,
     RocmProbe,
     gfx_target,
@@ -28,9 +28,9 @@ from agent.probes.rocm import (
     parse_rocm_smi,
     parse_rocm_version_file,
 )
-from agent.probes.system import FileUnreadable
-from fleet.facts import RocmFacts, ToolkitFacts, parse_node
-from fleet.jetson import jetpack_for_l4t
+from fleetctl.agent.probes.system import FileUnreadable
+from fleetctl.fleet.facts import RocmFacts, ToolkitFacts, parse_node
+from fleetctl.fleet.jetson import jetpack_for_l4t
 from tests.unit.agent.conftest import ScriptedRunner, fixture_text, ok
 
 # `amd-smi static --json` on a Radeon RX 7800 XT, as posted (SyntaxWarnings first, cut after the fields shown) in

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from agent.probes import Probes, collect_facts
-from agent.probes.apt import AptProbe, apt_error_lines
-from agent.probes.nvcc import NvccProbe, parse_nvcc_version
-from agent.probes.nvml import NvmlProbe, cuda_version_text
-from agent.probes.os_info import OsProbe, parse_glibc, parse_meminfo_mib, parse_os_release
-from agent.probes.system import CommandNotFound, CommandTimeout, FileUnreadable, ProbeError
-from agent.probes.target_python import TargetPythonProbe, default_target_python, parse_probe_output
-from fleet.errors import UsageError
-from fleet.facts import parse_node
+from fleetctl.agent.probes import Probes, collect_facts
+from fleetctl.agent.probes.apt import AptProbe, apt_error_lines
+from fleetctl.agent.probes.nvcc import NvccProbe, parse_nvcc_version
+from fleetctl.agent.probes.nvml import NvmlProbe, cuda_version_text
+from fleetctl.agent.probes.os_info import OsProbe, parse_glibc, parse_meminfo_mib, parse_os_release
+from fleetctl.agent.probes.system import CommandNotFound, CommandTimeout, FileUnreadable, ProbeError
+from fleetctl.agent.probes.target_python import TargetPythonProbe, default_target_python, parse_probe_output
+from fleetctl.fleet.errors import UsageError
+from fleetctl.fleet.facts import parse_node
 from tests.unit.agent.conftest import ScriptedRunner, fixture_text, ok
 
 # ---------------------------------------------------------------- nvcc

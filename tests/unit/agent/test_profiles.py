@@ -7,9 +7,9 @@ from importlib import resources
 
 import pytest
 
-from agent.profiles import list_profiles, load_profile
-from fleet.errors import NotFoundError
-from fleet.facts import parse_node, version_tuple
+from fleetctl.agent.profiles import list_profiles, load_profile
+from fleetctl.fleet.errors import NotFoundError
+from fleetctl.fleet.facts import parse_node, version_tuple
 
 REQUIRED = {"a100", "h100", "h200", "gh200", "l4", "l40s", "a10", "rtx3090", "rtx4090", "rtx5090", "b200", "t4",
             "v100", "apt-nopubkey", "no-toolkit", "toolkit-newer-than-driver", "old-glibc-ubuntu2004",
@@ -79,7 +79,7 @@ def test_unknown_profile_lists_the_available_ones() -> None:
 
 
 def test_profiles_are_package_data() -> None:
-    root = resources.files("agent.profiles")
+    root = resources.files("fleetctl.agent.profiles")
     assert all(root.joinpath(f"{name}.json").is_file() for name in REQUIRED)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.client import Agent, AgentConfig, Credentials
-from fleet.errors import ControllerUnavailable
+from fleetctl.agent.client import Agent, AgentConfig, Credentials
+from fleetctl.fleet.errors import ControllerUnavailable
 
 
 async def test_backoff_resets_after_an_established_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

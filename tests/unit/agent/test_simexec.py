@@ -6,9 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.profiles import load_profile
-from agent.simexec import SimulatedJobRunner
-from fleet.jobs import JobSpec
+from fleetctl.agent.profiles import load_profile
+from fleetctl.agent.simexec import SimulatedJobRunner
+from fleetctl.fleet.jobs import JobSpec
 
 
 async def test_jobs_change_the_simulated_node(tmp_path: Path) -> None:

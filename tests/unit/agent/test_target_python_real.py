@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.probes import Probes, collect_facts
-from agent.probes.target_python import TargetPythonProbe
-from fleet.facts import parse_node
+from fleetctl.agent.probes import Probes, collect_facts
+from fleetctl.agent.probes.target_python import TargetPythonProbe
+from fleetctl.fleet.facts import parse_node
 
 FAKE_TORCH = '''
 __version__ = "2.11.0+cu130"

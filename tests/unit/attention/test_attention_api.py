@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.profiles import load_profile
-from controller.api import create_app
-from controller.api_tokens import create_token
-from controller.testing import FleetThread, JobScript
-from controller.web.auth import add_user
-from fleet.facts import NodeFacts, parse_node
-from fleet.verification import VerificationResult, parse_result
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.api import create_app
+from fleetctl.controller.api_tokens import create_token
+from fleetctl.controller.testing import FleetThread, JobScript
+from fleetctl.controller.web.auth import add_user
+from fleetctl.fleet.facts import NodeFacts, parse_node
+from fleetctl.fleet.verification import VerificationResult, parse_result
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures"
 H200_VERIFY_JOB = FIX / "h200_fa4_e2e" / "jobs" / "eff4c8d0c3c9471384bb02b2a3eade5f.json"  # full, FA4 4.0.0b36

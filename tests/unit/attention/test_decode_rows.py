@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controller.attention import NodeContext, builtin_prior, evidence_from_result, profile, recommend
-from fleet.verification import parse_result
+from fleetctl.controller.attention import NodeContext, builtin_prior, evidence_from_result, profile, recommend
+from fleetctl.fleet.verification import parse_result
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -92,11 +92,11 @@ def test_every_workload_has_one_profile_and_every_cli_offers_it() -> None:
     take --workload accept each one (decode-kernel was missing from them)."""
     import argparse
 
-    from controller import attention
-    from controller.commands import attention as attention_cmd
-    from controller.commands import plan as plan_cmd
-    from controller.commands import rollout as rollout_cmd
-    from controller.resolver.model import WORKLOADS
+    from fleetctl.controller import attention
+    from fleetctl.controller.commands import attention as attention_cmd
+    from fleetctl.controller.commands import plan as plan_cmd
+    from fleetctl.controller.commands import rollout as rollout_cmd
+    from fleetctl.controller.resolver.model import WORKLOADS
 
     assert set(attention.PROFILES) == set(WORKLOADS) and "decode-kernel" in WORKLOADS
     for register, argv in ((attention_cmd.register, ["attention", "report"]),

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.attention import NodeContext, builtin_prior, install_costs, profile, recommend
-from controller.catalog import builtin_catalog
-from controller.resolver import MeasuredImpl, Measurements, Policy, resolve
-from fleet.errors import InputError
-from fleet.facts import NodeFacts, parse_node
+from fleetctl.controller.attention import NodeContext, builtin_prior, install_costs, profile, recommend
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import MeasuredImpl, Measurements, Policy, resolve
+from fleetctl.fleet.errors import InputError
+from fleetctl.fleet.facts import NodeFacts, parse_node
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures"
 FASTEST = Policy(prefer="fastest", workload="prefill")

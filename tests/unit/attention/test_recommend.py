@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.attention import (
+from fleetctl.controller.attention import (
     Evidence,
     InstallCost,
     Measurement,
@@ -22,9 +22,9 @@ from controller.attention import (
     recommend,
     recommend_for,
 )
-from controller.catalog import builtin_catalog
-from fleet.facts import parse_node
-from fleet.verification import parse_result
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.verification import parse_result
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures"
 H200 = "NVIDIA H200"
@@ -179,7 +179,7 @@ def test_install_costs_and_json_from_real_facts() -> None:
 
 
 def test_decode_from_the_real_h200_e2e_fixture() -> None:
-    from controller.attention import evidence_from_e2e
+    from fleetctl.controller.attention import evidence_from_e2e
 
     rel = "h200_attention/e2e_h200.json"
     ev = evidence_from_e2e(json.loads((FIX / rel).read_text()), "node", rel, driver=DRIVER)

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from controller.ca import CertAuthority
-from controller.commands import nodes as nodes_cmd
-from controller.commands.table import render
-from controller.enrollment import MAX_TOKEN_CHARS, Enrollment
-from controller.ratelimit import Rate, RateLimits, source_address
-from controller.store import Store, open_store
-from controller.store.models import AuditLog
-from fleet.errors import AuthError, InputError
-from fleet.text import SafeLogFormatter, safe_text, terminal_safe
+from fleetctl.controller.ca import CertAuthority
+from fleetctl.controller.commands import nodes as nodes_cmd
+from fleetctl.controller.commands.table import render
+from fleetctl.controller.enrollment import MAX_TOKEN_CHARS, Enrollment
+from fleetctl.controller.ratelimit import Rate, RateLimits, source_address
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.store.models import AuditLog
+from fleetctl.fleet.errors import AuthError, InputError
+from fleetctl.fleet.text import SafeLogFormatter, safe_text, terminal_safe
 
 PEER = "ipv4:203.0.113.9:51234"
 FORGED = "node-1\n2025-01-01 00:00:00 INFO fleet.audit admin token.create token:x"
@@ -142,8 +142,9 @@ def test_fleetctl_nodes_and_node_print_no_escape_sequences(monkeypatch: pytest.M
                 return {"error": "not computed \x1b[31m"}
             return node
 
-    monkeypatch.setattr("controller.commands.nodes.ControllerClient.from_args", staticmethod(lambda _: Client()))
-    monkeypatch.setattr("controller.commands.verify.print_node_health", lambda _: None)
+    monkeypatch.setattr("fleetctl.controller.commands.nodes.ControllerClient.from_args",
+                        staticmethod(lambda _: Client()))
+    monkeypatch.setattr("fleetctl.controller.commands.verify.print_node_health", lambda _: None)
     nodes_cmd.handle_nodes(argparse.Namespace(output="table", facts=False))
     nodes_cmd.handle_node(argparse.Namespace(output="table", hostname="node-1"))
     out = capsys.readouterr().out

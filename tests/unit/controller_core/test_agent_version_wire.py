@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire as agent_wire
-from controller import node_summary
-from controller import wire as controller_wire
-from controller.registry import Registry
-from controller.store import open_store
-from fleet.errors import InputError
-from fleet.facts import parse_node
-from fleet.v1 import fleet_pb2 as pb
-from fleet.version import package_version
+from fleetctl.agent import wire as agent_wire
+from fleetctl.controller import node_summary
+from fleetctl.controller import wire as controller_wire
+from fleetctl.controller.registry import Registry
+from fleetctl.controller.store import open_store
+from fleetctl.fleet.errors import InputError
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.v1 import fleet_pb2 as pb
+from fleetctl.fleet.version import package_version
 from tests.unit.controller_core.util import add_identity
 
 EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json").read_text())

@@ -15,18 +15,18 @@ from typing import Any, cast
 
 import pytest
 
-from controller.artifacts import ArtifactStore, Provenance, Source, trusted_for
-from controller.build_uploads import BuildJob, RefusalAudit, check_upload, wheel_problem
-from controller.jobs import JobDispatcher
-from controller.local_wheels import local_wheel_entries
-from controller.provisioning import InstallSet, NodeNeeds, Provisioner
-from controller.rollout.engine import RolloutEngine
-from controller.rollout.models import Build
-from controller.rollout.service import RolloutRequest, plan_rollout
-from controller.store import Store, open_store, utcnow
-from controller.store.models import Node
-from controller.upstream import TargetEnv, Upstream, UpstreamConfig
-from fleet.errors import ForbiddenError, UpstreamError
+from fleetctl.controller.artifacts import ArtifactStore, Provenance, Source, trusted_for
+from fleetctl.controller.build_uploads import BuildJob, RefusalAudit, check_upload, wheel_problem
+from fleetctl.controller.jobs import JobDispatcher
+from fleetctl.controller.local_wheels import local_wheel_entries
+from fleetctl.controller.provisioning import InstallSet, NodeNeeds, Provisioner
+from fleetctl.controller.rollout.engine import RolloutEngine
+from fleetctl.controller.rollout.models import Build
+from fleetctl.controller.rollout.service import RolloutRequest, plan_rollout
+from fleetctl.controller.store import Store, open_store, utcnow
+from fleetctl.controller.store.models import Node
+from fleetctl.controller.upstream import TargetEnv, Upstream, UpstreamConfig
+from fleetctl.fleet.errors import ForbiddenError, UpstreamError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "h100" / "facts.json"
 CATALOG_NAME = "flash_attn-2.8.3.post1+cu13torch2.11cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"

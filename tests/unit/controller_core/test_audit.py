@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controller import audit
-from controller.store.db import open_store
+from fleetctl.controller import audit
+from fleetctl.controller.store.db import open_store
 
 
 def test_records_in_the_callers_transaction_and_reads_back_typed(tmp_path: Path,

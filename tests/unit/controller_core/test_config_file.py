@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from controller.main import main
-from controller.ratelimit import Rate
-from controller.settings import FILE_KEYS, ControllerSettings, add_arguments, config_example, settings_from
-from controller.store.db import DbTimeouts
-from controller.upstream import UpstreamConfig
-from controller.verification import RegressionPolicy
-from fleet.errors import UsageError
+from fleetctl.controller.main import main
+from fleetctl.controller.ratelimit import Rate
+from fleetctl.controller.settings import FILE_KEYS, ControllerSettings, add_arguments, config_example, settings_from
+from fleetctl.controller.store.db import DbTimeouts
+from fleetctl.controller.upstream import UpstreamConfig
+from fleetctl.controller.verification import RegressionPolicy
+from fleetctl.fleet.errors import UsageError
 
 
 def read(argv: list[str], environ: dict[str, str] | None = None) -> ControllerSettings:

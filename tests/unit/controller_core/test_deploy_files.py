@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.settings import ControllerSettings, read_config
+from fleetctl.controller.settings import ControllerSettings, read_config
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -127,9 +127,11 @@ def test_the_wheel_stage_builds_from_exactly_what_it_copies(tmp_path: Path) -> N
     (wheel,) = (tmp_path / "wheels").glob("fleetctl-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert "controller/store/migrations/env.py" in names and "controller/web/templates/attention.html" in names
-    assert any(name.startswith("controller/store/migrations/versions/") for name in names)
-    assert any(name.startswith("controller/web/static/") for name in names)
+    assert "fleetctl/controller/store/migrations/env.py" in names
+    assert "fleetctl/controller/web/templates/attention.html" in names
+    assert any(name.startswith("fleetctl/controller/store/migrations/versions/") for name in names)
+    assert any(name.startswith("fleetctl/controller/web/static/") for name in names)
+    assert "fleetctl/playbooks/install-wheel.yml" in names  # the agent's playbooks are package data too
 
 
 def test_dockerfile_runs_the_controller_as_a_user_with_its_config_and_ports() -> None:

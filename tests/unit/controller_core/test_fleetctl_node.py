@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from controller.app import start_controller
-from controller.cli import main as fleetctl
-from controller.settings import ControllerSettings
-from controller.store.models import Node
+from fleetctl.controller.app import start_controller
+from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.settings import ControllerSettings
+from fleetctl.controller.store.models import Node
 from tests.unit.controller_core.util import add_identity, facts
 
 

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from controller.loop_monitors import GC_FREEZE_GROWTH, GC_GEN0_THRESHOLD, GcMonitor
+from fleetctl.controller.loop_monitors import GC_FREEZE_GROWTH, GC_GEN0_THRESHOLD, GcMonitor
 
 
 def test_collections_are_timed_per_generation() -> None:

@@ -9,16 +9,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.api import create_app
-from controller.context import ControllerContext
-from controller.node_status import NodeStatus
-from controller.node_summary import summarize
-from controller.registry import Registry
-from controller.settings import ControllerSettings
-from controller.store import Store, open_store
-from controller.store.models import Node
-from controller.web.auth import add_user
-from fleet.facts import parse_node
+from fleetctl.controller.api import create_app
+from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.node_summary import summarize
+from fleetctl.controller.registry import Registry
+from fleetctl.controller.settings import ControllerSettings
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.store.models import Node
+from fleetctl.controller.web.auth import add_user
+from fleetctl.fleet.facts import parse_node
 from tests.unit.controller_core.util import EXAMPLE, add_identity
 from tests.unit.web.test_dashboard import PASSWORD, login
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.enrollment import AgentIdentity
-from controller.node_status import NodeStatus
-from controller.registry import HostnameMismatch, Registry, diff_facts
-from controller.store import Store, open_store
-from fleet.errors import ConflictError, NotFoundError
-from fleet.facts import DriverFacts, NodeFacts, ToolkitFacts
+from fleetctl.controller.enrollment import AgentIdentity
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.registry import HostnameMismatch, Registry, diff_facts
+from fleetctl.controller.store import Store, open_store
+from fleetctl.fleet.errors import ConflictError, NotFoundError
+from fleetctl.fleet.facts import DriverFacts, NodeFacts, ToolkitFacts
 from tests.unit.controller_core.util import add_identity, facts
 
 

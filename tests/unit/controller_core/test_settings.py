@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.settings import ControllerSettings, add_arguments, settings_from
-from controller.store.db import DbTimeouts
-from controller.verification import RegressionPolicy
-from fleet.errors import UsageError
-from fleet.statedir import DEFAULT_STATE_DIR
+from fleetctl.controller.settings import ControllerSettings, add_arguments, settings_from
+from fleetctl.controller.store.db import DbTimeouts
+from fleetctl.controller.verification import RegressionPolicy
+from fleetctl.fleet.errors import UsageError
+from fleetctl.fleet.statedir import DEFAULT_STATE_DIR
 
 
 def read(argv: list[str], environ: dict[str, str] | None = None) -> ControllerSettings:

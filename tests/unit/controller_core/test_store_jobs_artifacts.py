@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, update
 
-from controller.artifacts import ArtifactStore, Provenance, safe_filename
-from controller.ca import CertAuthority, cert_identity, make_csr, new_key
-from controller.enrollment import Enrollment
-from controller.jobs import JobDispatcher, JobEventRecord
-from controller.registry import Registry
-from controller.store import Store, open_store, utcnow
-from controller.store.models import EnrollmentToken
-from fleet.errors import AuthError, ConflictError, InputError, NotFoundError
-from fleet.jobs import JobOutcome, JobStatus
+from fleetctl.controller.artifacts import ArtifactStore, Provenance, safe_filename
+from fleetctl.controller.ca import CertAuthority, cert_identity, make_csr, new_key
+from fleetctl.controller.enrollment import Enrollment
+from fleetctl.controller.jobs import JobDispatcher, JobEventRecord
+from fleetctl.controller.registry import Registry
+from fleetctl.controller.store import Store, open_store, utcnow
+from fleetctl.controller.store.models import EnrollmentToken
+from fleetctl.fleet.errors import AuthError, ConflictError, InputError, NotFoundError
+from fleetctl.fleet.jobs import JobOutcome, JobStatus
 from tests.unit.controller_core.util import add_identity, facts
 
 

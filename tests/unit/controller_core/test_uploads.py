@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from controller.artifacts import ArtifactStore, Provenance
-from controller.store import Store, open_store
-from controller.uploads import PartialWriter, StoreFull, UploadRestart, Uploads
-from fleet.errors import InputError, StoreError
+from fleetctl.controller.artifacts import ArtifactStore, Provenance
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.uploads import PartialWriter, StoreFull, UploadRestart, Uploads
+from fleetctl.fleet.errors import InputError, StoreError
 
 OWNER = "agent-1"
 NAME = "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl"
@@ -135,7 +135,7 @@ def test_query_refuses_early_when_the_disk_cannot_hold_the_rest(uploads: Uploads
     class Usage:
         free = 10_000
 
-    monkeypatch.setattr("controller.uploads.shutil.disk_usage", lambda _: Usage())
+    monkeypatch.setattr("fleetctl.controller.uploads.shutil.disk_usage", lambda _: Usage())
     with pytest.raises(StoreFull, match="10000 bytes free, the upload needs 100000 more"):
         uploads.query(OWNER, sha, len(data), NAME, "wheel")
 

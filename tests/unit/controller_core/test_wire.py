@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire as agent_wire
-from controller import wire as controller_wire
-from controller.registry import Registry
-from controller.store import open_store
-from fleet.errors import FactsError, InputError
-from fleet.facts import NodeFacts, RocmFacts, parse_node
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.agent import wire as agent_wire
+from fleetctl.controller import wire as controller_wire
+from fleetctl.controller.registry import Registry
+from fleetctl.controller.store import open_store
+from fleetctl.fleet.errors import FactsError, InputError
+from fleetctl.fleet.facts import NodeFacts, RocmFacts, parse_node
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 from tests.unit.controller_core.util import add_identity
 
 EXAMPLES = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json").read_text())

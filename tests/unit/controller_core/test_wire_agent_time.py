@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from controller.wire import event_from_proto
-from fleet.v1 import fleet_pb2 as pb
+from fleetctl.controller.wire import event_from_proto
+from fleetctl.fleet.v1 import fleet_pb2 as pb
 
 
 @pytest.mark.parametrize("unix", [3.497677882154928e16, float("nan"), float("inf"), -5.0, 0.0, 1e3,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.enrollment import AgentIdentity
-from controller.store import Store, utcnow
-from controller.store.models import Identity
-from fleet.facts import NodeFacts, parse_node
+from fleetctl.controller.enrollment import AgentIdentity
+from fleetctl.controller.store import Store, utcnow
+from fleetctl.controller.store.models import Identity
+from fleetctl.fleet.facts import NodeFacts, parse_node
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fixtures" / "node_facts_example.json"
 

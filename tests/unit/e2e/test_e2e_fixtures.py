@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.local_wheels import catalog_wheel_name
-from controller.rollout.models import Build
-from controller.rollout.service import RolloutRequest, get_status, plan_rollout
-from controller.store import Store, open_store, utcnow
-from controller.store.models import Artifact, ArtifactProvenance, Node
-from controller.verify_store import store as vs
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
-from fleet.facts import parse_node
-from fleet.verification import parse_result
+from fleetctl.controller.local_wheels import catalog_wheel_name
+from fleetctl.controller.rollout.models import Build
+from fleetctl.controller.rollout.service import RolloutRequest, get_status, plan_rollout
+from fleetctl.controller.store import Store, open_store, utcnow
+from fleetctl.controller.store.models import Artifact, ArtifactProvenance, Node
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.verification import parse_result
 from tests.e2e_fixtures import fixture_dirs, load_into, read
 
 DIRS = fixture_dirs()

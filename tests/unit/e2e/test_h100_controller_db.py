@@ -21,17 +21,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from controller.local_wheels import catalog_wheel_name, controller_catalog
-from controller.registry import record_of
-from controller.rollout.service import RolloutRequest, get_status, node_rollouts, plan_rollout
-from controller.store import Store, open_store
-from controller.store.models import Job, JobEvent, Node
-from controller.verify_store import store as vs
-from controller.verify_store.models import Verification
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
-from controller.web.sources import plan_for
-from fleet.facts import parse_node
+from fleetctl.controller.local_wheels import catalog_wheel_name, controller_catalog
+from fleetctl.controller.registry import record_of
+from fleetctl.controller.rollout.service import RolloutRequest, get_status, node_rollouts, plan_rollout
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.store.models import Job, JobEvent, Node
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.verify_store.models import Verification
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
+from fleetctl.controller.web.sources import plan_for
+from fleetctl.fleet.facts import parse_node
 from tests.e2e_fixtures import FIXTURES, read
 
 D = FIXTURES / "h100_e2e"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from controller.attention import (
+from fleetctl.controller.attention import (
     NodeContext,
     Recommendation,
     evidence_from_result,
@@ -30,15 +30,15 @@ from controller.attention import (
     profile,
     recommend,
 )
-from controller.local_wheels import controller_catalog
-from controller.registry import record_of
-from controller.rollout.service import RolloutRequest, plan_rollout
-from controller.store import Store, open_store
-from controller.store.models import Node
-from controller.verify_store import store as vs
-from controller.verify_store.models import Verification
-from fleet.facts import NodeFacts, parse_node
-from fleet.verification import judge, parse_result, row_problems
+from fleetctl.controller.local_wheels import controller_catalog
+from fleetctl.controller.registry import record_of
+from fleetctl.controller.rollout.service import RolloutRequest, plan_rollout
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.store.models import Node
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.verify_store.models import Verification
+from fleetctl.fleet.facts import NodeFacts, parse_node
+from fleetctl.fleet.verification import judge, parse_result, row_problems
 
 F = Path(__file__).resolve().parents[2] / "fixtures" / "h200_attention_e2e"
 QUICK_JOB, INSTALL_JOB, FULL_JOB = ("376ba3e652194d0f822f4d459261c741", "a11199e37c9744088559e7bea252e949",

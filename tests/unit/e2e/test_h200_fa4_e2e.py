@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controller.verification import judge
-from fleet.verification import parse_result
+from fleetctl.controller.verification import judge
+from fleetctl.fleet.verification import parse_result
 
 F = Path(__file__).resolve().parents[2] / "fixtures" / "h200_fa4_e2e"
 

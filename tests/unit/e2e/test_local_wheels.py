@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.artifacts import ArtifactStore, Provenance
-from controller.local_wheels import catalog_wheel_name, local_wheel_entries
-from controller.rollout.models import Build
-from controller.rollout.service import RolloutRequest, plan_rollout
-from controller.store import open_store, utcnow
-from controller.store.models import Node
-from fleet.facts import parse_node
+from fleetctl.controller.artifacts import ArtifactStore, Provenance
+from fleetctl.controller.local_wheels import catalog_wheel_name, local_wheel_entries
+from fleetctl.controller.rollout.models import Build
+from fleetctl.controller.rollout.service import RolloutRequest, plan_rollout
+from fleetctl.controller.store import open_store, utcnow
+from fleetctl.controller.store.models import Node
+from fleetctl.fleet.facts import parse_node
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "h100" / "facts.json"
 PIP_NAME = "flash_attn-2.8.3.post1-cp312-cp312-linux_x86_64.whl"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fleet.facts import NodeFacts, parse_node
+from fleetctl.fleet.facts import NodeFacts, parse_node
 
 BASE: dict[str, Any] = {
     "hostname": "node-1",

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve, rules
-from controller.rollout.core import NodePlan, group_builds
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve, rules
+from fleetctl.controller.rollout.core import NodePlan, group_builds
 from tests.unit.resolver.nodes import node
 from tests.unit.resolver.test_resolve_table import H100_CU130
 

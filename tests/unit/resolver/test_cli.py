@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main
+from fleetctl.controller.cli import main
 from tests.unit.resolver.nodes import node_dict
 
 EXAMPLE = Path(__file__).parents[2] / "fixtures" / "node_facts_example.json"

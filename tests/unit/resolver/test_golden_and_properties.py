@@ -8,9 +8,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve, resolve_fleet, rules
-from fleet.facts import parse_fleet
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve, resolve_fleet, rules
+from fleetctl.fleet.facts import parse_fleet
 from tests.unit.resolver.nodes import GPU, node
 
 FIXTURES = Path(__file__).parents[2] / "fixtures"
@@ -77,7 +77,7 @@ def any_node(draw: st.DrawFn) -> object:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(facts=any_node(), target=targets, fa3=st.booleans(), fa4=st.booleans())
 def test_properties(facts: object, target: str | None, fa3: bool, fa4: bool) -> None:
-    from fleet.facts import NodeFacts
+    from fleetctl.fleet.facts import NodeFacts
 
     assert isinstance(facts, NodeFacts)
     decision = resolve(facts, builtin_catalog(), Policy(version=target, fa3=fa3, fa4=fa4))

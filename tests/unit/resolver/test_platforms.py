@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from controller.catalog import builtin_catalog, parse_catalog_text
-from controller.resolver import Decision, Policy, resolve
-from fleet.errors import FactsError
-from fleet.facts import parse_node
+from fleetctl.controller.catalog import builtin_catalog, parse_catalog_text
+from fleetctl.controller.resolver import Decision, Policy, resolve
+from fleetctl.fleet.errors import FactsError
+from fleetctl.fleet.facts import parse_node
 
-PROFILES = Path(__file__).resolve().parents[3] / "agent" / "profiles"
+PROFILES = Path(__file__).resolve().parents[3] / "fleetctl" / "agent" / "profiles"
 NEWEST = "2.8.3.post1"
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from controller.catalog import Catalog, builtin_catalog, parse_catalog_text
-from controller.resolver import Decision, Policy, resolve
+from fleetctl.controller.catalog import Catalog, builtin_catalog, parse_catalog_text
+from fleetctl.controller.resolver import Decision, Policy, resolve
 from tests.unit.resolver.nodes import node
 
 NEWEST = "2.8.3.post1"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.catalog import (
+from fleetctl.controller.catalog import (
     Catalog,
     add_user_wheels,
     builtin_catalog,
@@ -17,11 +17,11 @@ from controller.catalog import (
     parse_catalog_text,
     parse_wheel_filename,
 )
-from controller.diagnose import diagnose, signatures
-from controller.resolver import rules
-from fleet.errors import CatalogError
+from fleetctl.controller.diagnose import diagnose, signatures
+from fleetctl.controller.resolver import rules
+from fleetctl.fleet.errors import CatalogError
 
-MATRIX = json.loads(resources.files("controller.data").joinpath("flash_attn_wheel_matrix.json").read_text())
+MATRIX = json.loads(resources.files("fleetctl.controller.data").joinpath("flash_attn_wheel_matrix.json").read_text())
 RELEASES = [r for r in MATRIX if r.get("tag")]
 
 

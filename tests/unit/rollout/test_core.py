@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.node_status import NodeStatus
-from controller.rollout.core import (
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.rollout.core import (
     ACTIVE_ROLLOUT,
     Actions,
     BatchSize,
@@ -34,7 +34,7 @@ from controller.rollout.core import (
     select_nodes,
     work_states,
 )
-from fleet.errors import ConflictError, UsageError
+from fleetctl.fleet.errors import ConflictError, UsageError
 
 NODES = [
     NodeInfo("h100-a", "NVIDIA H100 80GB HBM3", "h100", NodeStatus.ONLINE),

@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent.profiles import load_profile
-from controller.artifacts import Provenance
-from controller.rollout import service
-from controller.rollout.engine import RolloutEngine
-from controller.rollout.models import Build, RolloutNode, RolloutTransition
-from controller.rollout.service import RolloutRequest
-from controller.store.models import Job
-from controller.testing import FakeFleet, JobScript
-from fleet.errors import ConflictError, NotFoundError, UsageError
-from fleet.facts import FlashAttnFacts
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.artifacts import Provenance
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.engine import RolloutEngine
+from fleetctl.controller.rollout.models import Build, RolloutNode, RolloutTransition
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.store.models import Job
+from fleetctl.controller.testing import FakeFleet, JobScript
+from fleetctl.fleet.errors import ConflictError, NotFoundError, UsageError
+from fleetctl.fleet.facts import FlashAttnFacts
 from tests.unit.rollout.wait import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -434,9 +434,9 @@ async def test_failed_rollback_is_rollback_failed_then_retried(fleet: FakeFleet)
 async def test_rollback_job_vars_are_what_the_playbook_documents(fleet: FakeFleet, tmp_path: Path) -> None:
     """No ``previous`` (an Ansible extra var beats the playbook's own facts); the store's wheel of the version
     the node had before goes along as ``wheel_sha256`` when there is one for the node's Python."""
-    from controller.rollout.core import State
-    from controller.rollout.engine import plan_from_json
-    from controller.rollout.models import Rollout
+    from fleetctl.controller.rollout.core import State
+    from fleetctl.controller.rollout.engine import plan_from_json
+    from fleetctl.controller.rollout.models import Rollout
 
     await install_reported(fleet, "a100-2", "2.6.3")
     rid = service.start_rollout(fleet.ctx.store, RolloutRequest(nodes="a100-1,a100-2", canary=0, batch="100%"))["id"]
@@ -518,7 +518,7 @@ async def test_returning_node_of_a_finished_rollout_taken_on_by_a_later_one_is_l
 async def test_a_node_with_unreadable_facts_is_skipped_with_the_reason(fleet: FakeFleet) -> None:
     """Stored facts that no longer parse (an older version's row, corruption): the node is in the selection but
     planned as skipped with the registry's reason; the rollout runs on the others."""
-    from controller.store.models import Node
+    from fleetctl.controller.store.models import Node
 
     with fleet.ctx.store.session() as s:
         node = s.scalars(select(Node).where(Node.hostname == "h100-2")).one()

@@ -18,15 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from agent.profiles import load_profile
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve
-from controller.rollout.core import MANUAL_CAUSE
-from controller.rollout.service import RolloutRequest
-from controller.store.models import Job
-from controller.testing import FleetThread
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve
+from fleetctl.controller.rollout.core import MANUAL_CAUSE
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.store.models import Job
+from fleetctl.controller.testing import FleetThread
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
 
 PASSWORD = "correct horse battery"
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controller.commands.rollout import _print_plan
+from fleetctl.controller.commands.rollout import _print_plan
 
 
 def _plan(waiting: list[str], on_every_node: float, once: float) -> dict[str, Any]:

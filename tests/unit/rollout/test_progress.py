@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from controller.rollout.progress import ProgressView, footer_lines
+from fleetctl.controller.rollout.progress import ProgressView, footer_lines
 
 
 def status(transitions: list[dict[str, Any]], state: str = "running") -> dict[str, Any]:

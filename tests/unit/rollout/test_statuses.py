@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from agent import wire as agent_wire
-from controller import wire as controller_wire
-from controller.rollout import service
-from controller.rollout.core import BuildStatus, RolloutStatus, State
-from controller.rollout.models import Build, Rollout, RolloutNode
-from controller.store import Store, open_store, utcnow
-from controller.store.models import Job, Node
-from controller.web import sources
-from fleet.jobs import FINISHED, JobOutcome, JobStatus
+from fleetctl.agent import wire as agent_wire
+from fleetctl.controller import wire as controller_wire
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.core import BuildStatus, RolloutStatus, State
+from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode
+from fleetctl.controller.store import Store, open_store, utcnow
+from fleetctl.controller.store.models import Job, Node
+from fleetctl.controller.web import sources
+from fleetctl.fleet.jobs import FINISHED, JobOutcome, JobStatus
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.verify import bench
-from fleet.verification import STATUS_NO_GPU, STATUS_NO_TORCH, STATUS_TIMEOUT, judge, parse_result
+from fleetctl.agent.verify import bench
+from fleetctl.fleet.verification import STATUS_NO_GPU, STATUS_NO_TORCH, STATUS_TIMEOUT, judge, parse_result
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 

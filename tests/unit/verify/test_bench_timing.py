@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from agent.verify.bench import WorkerCtx, _time_calls
+from fleetctl.agent.verify.bench import WorkerCtx, _time_calls
 
 
 def test_timed_calls_come_after_a_warm_up_and_the_median_ignores_a_slow_start() -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.verify import bench
-from agent.verify.simulated import simulate_verification
-from controller.verification import RegressionPolicy, check_regression, compute_baselines, judge
-from controller.verify_store.store import summarize, verified_of
-from fleet.verification import (
+from fleetctl.agent.verify import bench
+from fleetctl.agent.verify.simulated import simulate_verification
+from fleetctl.controller.verification import RegressionPolicy, check_regression, compute_baselines, judge
+from fleetctl.controller.verify_store.store import summarize, verified_of
+from fleetctl.fleet.verification import (
     FlashAttnStatus,
     VerificationResult,
     evaluate,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.verify.runner import BENCH_PATH, VerifyRequest, run_verification
-from fleet.verification import evaluate
+from fleetctl.agent.verify.runner import BENCH_PATH, VerifyRequest, run_verification
+from fleetctl.fleet.verification import evaluate
 
 from . import fake_flash
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.verify import bench
-from fleet.verification import evaluate, parse_result
+from fleetctl.agent.verify import bench
+from fleetctl.fleet.verification import evaluate, parse_result
 
 FIXTURES = Path(__file__).parents[2] / "fixtures"
 E2E_GEN = Path(bench.__file__).with_name("e2e_gen.py")

@@ -1,4 +1,4 @@
-"""fleet.verification.judge / judge_job: the one verification verdict (table cases)."""
+"""fleetctl.fleet.verification.judge / judge_job: the one verification verdict (table cases)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.verify.simulated import SimFaults, simulate_verification
-from fleet.jobs import JobStatus
-from fleet.verification import judge, judge_job
+from fleetctl.agent.verify.simulated import SimFaults, simulate_verification
+from fleetctl.fleet.jobs import JobStatus
+from fleetctl.fleet.verification import judge, judge_job
 
 AT = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.UTC)
 

@@ -1,4 +1,4 @@
-"""controller.verification: fleet baselines and regression flagging (table tests)."""
+"""fleetctl.controller.verification: fleet baselines and regression flagging (table tests)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from agent.verify.simulated import SimFaults, simulate_verification
-from controller.verification import (
+from fleetctl.agent.verify.simulated import SimFaults, simulate_verification
+from fleetctl.controller.verification import (
     RegressionPolicy,
     check_regression,
     compute_baselines,
     gpu_model_key,
     judge,
 )
-from fleet.errors import UsageError
-from fleet.verification import VerificationResult
+from fleetctl.fleet.errors import UsageError
+from fleetctl.fleet.verification import VerificationResult
 
 
 def fleet(at: datetime, gpu: str = "H100", n: int = 5, mode: str = "quick") -> list[VerificationResult]:

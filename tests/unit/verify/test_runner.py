@@ -1,4 +1,4 @@
-"""agent.verify.runner: subprocess, timeout with process-group kill, parsing, real bench.py without torch."""
+"""fleetctl.agent.verify.runner: subprocess, timeout with process-group kill, parsing, real bench.py without torch."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.verify.runner import BENCH_PATH, VerifyRequest, run_verification
-from agent.verify.simulated import simulate_verification
-from fleet.errors import UsageError
+from fleetctl.agent.verify.runner import BENCH_PATH, VerifyRequest, run_verification
+from fleetctl.agent.verify.simulated import simulate_verification
+from fleetctl.fleet.errors import UsageError
 
 
 def _fake_python(tmp_path: Path, body: str) -> str:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.verify.model import VerificationResult, VerificationSchemaError, evaluate, parse_result
-from agent.verify.simulated import SimFaults, simulate_verification
+from fleetctl.agent.verify.model import VerificationResult, VerificationSchemaError, evaluate, parse_result
+from fleetctl.agent.verify.simulated import SimFaults, simulate_verification
 
 
 def _doc(at: datetime, **kw: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.verify import bench
-from agent.verify.simulated import (
+from fleetctl.agent.verify import bench
+from fleetctl.agent.verify.simulated import (
     GPUS,
     H100_RANGES,
     SimFaults,
@@ -17,9 +17,9 @@ from agent.verify.simulated import (
     simulate_for_facts,
     simulate_verification,
 )
-from fleet.errors import InputError
-from fleet.facts import parse_node
-from fleet.verification import parse_result
+from fleetctl.fleet.errors import InputError
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.verification import parse_result
 
 
 def _median_fa(gpu: str, at: datetime, impl: str = "flash_attn") -> float:
@@ -133,7 +133,7 @@ def test_unknown_gpu() -> None:
     assert gpu_model_for("NVIDIA A100-SXM4-40GB").key == "a100"
 
 
-PROFILES = sorted((Path(__file__).parents[3] / "agent" / "profiles").glob("*.json"))
+PROFILES = sorted((Path(__file__).parents[3] / "fleetctl" / "agent" / "profiles").glob("*.json"))
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
@@ -153,7 +153,8 @@ def test_every_agent_profile_simulates(profile: Path, at: datetime) -> None:
 
 
 def test_profile_faults_field(at: datetime) -> None:
-    doc = json.loads((Path(__file__).parents[3] / "agent" / "profiles" / "flash-attn-installed.json").read_text())
+    profiles = Path(__file__).parents[3] / "fleetctl" / "agent" / "profiles"
+    doc = json.loads((profiles / "flash-attn-installed.json").read_text())
     doc["verify_faults"] = {"import_error": True}
     result = simulate_for_facts(parse_node(doc), at=at)
     assert result.status == "fail" and "undefined symbol" in result.reasons[0]
@@ -163,7 +164,7 @@ def test_rocm_and_jetson_nodes_have_a_gpu_without_an_nvidia_driver_entry(at: dat
     """torch.cuda is HIP on ROCm and the driver is part of L4T on Jetson: neither is "no GPU" (it was, so their
     simulated verification said no-gpu instead of what a real run says: flash_attn missing)."""
     for name in ("mi300x", "jetson-orin"):
-        doc = json.loads((Path(__file__).parents[3] / "agent" / "profiles" / f"{name}.json").read_text())
+        doc = json.loads((Path(__file__).parents[3] / "fleetctl" / "agent" / "profiles" / f"{name}.json").read_text())
         assert doc.get("driver") is None
         result = simulate_for_facts(parse_node(doc), mode="full", at=at)
         assert result.status == "fail" and "No module named 'flash_attn'" in result.reasons[0], result.reasons

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from controller.store import Store, open_store
-from controller.store.models import Node
+from fleetctl.controller.store import Store, open_store
+from fleetctl.controller.store.models import Node
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "h100"
 AT = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.UTC)
@@ -31,7 +31,7 @@ def h100_facts(hostname: str = "vm") -> dict[str, Any]:
 
 
 def add_node(store: Store, hostname: str, facts: dict[str, Any] | None = None, simulated: bool = False) -> None:
-    from controller.store import utcnow
+    from fleetctl.controller.store import utcnow
 
     with store.session() as s:
         s.add(Node(hostname=hostname, status="online", facts=facts or h100_facts(hostname), extra={},

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from controller.catalog import builtin_catalog
-from controller.resolver import Policy, resolve
-from controller.store import Store
-from controller.verify_store import store as vs
-from fleet.facts import parse_node
-from fleet.verification import VerificationResult, evaluate, parse_result
+from fleetctl.controller.catalog import builtin_catalog
+from fleetctl.controller.resolver import Policy, resolve
+from fleetctl.controller.store import Store
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.verification import VerificationResult, evaluate, parse_result
 from tests.unit.verify_store.conftest import FIXTURES, add_node, h100_facts
 
 

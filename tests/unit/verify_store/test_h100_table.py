@@ -22,7 +22,7 @@ def test_docs_carry_the_rendered_speed_table() -> None:
     docs = (Path(h100_table.__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
     import json
 
-    from fleet.verification import parse_result
+    from fleetctl.fleet.verification import parse_result
 
     rows = h100_table.speed_table(parse_result(json.loads(h100_table.FIXTURE.read_text())))
     assert all(row in docs for row in rows), "re-run `python -m benchmarks.h100_table` and paste its output"

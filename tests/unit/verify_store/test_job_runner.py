@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.verify.job import CompositeRunner, VerifyJobRunner
-from agent.verify.simulated import simulate_verification
-from fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.agent.verify.job import CompositeRunner, VerifyJobRunner
+from fleetctl.agent.verify.simulated import simulate_verification
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 
 def fake_python(tmp_path: Path, doc: dict[str, Any]) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.profiles import load_profile
-from controller.settings import add_arguments, settings_from
-from controller.testing import FakeFleet, JobScript, usual_figures
-from controller.verify_store import store as vs
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.settings import add_arguments, settings_from
+from fleetctl.controller.testing import FakeFleet, JobScript, usual_figures
+from fleetctl.controller.verify_store import store as vs
 
 SLOWDOWN = 0.7  # the slow node measures 30 % below the other H100s
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.store import open_store
-from controller.verify_store import schedules as sch
-from fleet.errors import NotFoundError, UsageError
+from fleetctl.controller.store import open_store
+from fleetctl.controller.verify_store import schedules as sch
+from fleetctl.fleet.errors import NotFoundError, UsageError
 
 T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 

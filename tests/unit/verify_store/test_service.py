@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from controller.context import ControllerContext
-from controller.node_status import NodeStatus
-from controller.rollout.models import Rollout, RolloutNode
-from controller.settings import ControllerSettings
-from controller.store import utcnow
-from controller.store.models import Job, Node
-from controller.verify_store.service import VerificationService, drift_relevant
-from fleet.errors import UsageError
+from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.rollout.models import Rollout, RolloutNode
+from fleetctl.controller.settings import ControllerSettings
+from fleetctl.controller.store import utcnow
+from fleetctl.controller.store.models import Job, Node
+from fleetctl.controller.verify_store.service import VerificationService, drift_relevant
+from fleetctl.fleet.errors import UsageError
 from tests.unit.verify_store.conftest import add_node
 
 

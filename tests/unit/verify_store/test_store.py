@@ -1,16 +1,16 @@
-"""controller.verify_store.store: storage and retrieval, fleet baselines and regression, degraded state."""
+"""fleetctl.controller.verify_store.store: storage and retrieval, fleet baselines and regression, degraded state."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from agent.verify.simulated import SimFaults, simulate_verification
-from controller.store import Store
-from controller.verification import RegressionPolicy
-from controller.verify_store import store as vs
-from controller.verify_store.models import Verification
-from fleet.jobs import JobStatus
-from fleet.verification import VerificationResult
+from fleetctl.agent.verify.simulated import SimFaults, simulate_verification
+from fleetctl.controller.store import Store
+from fleetctl.controller.verification import RegressionPolicy
+from fleetctl.controller.verify_store import store as vs
+from fleetctl.controller.verify_store.models import Verification
+from fleetctl.fleet.jobs import JobStatus
+from fleetctl.fleet.verification import VerificationResult
 from tests.unit.verify_store.conftest import AT, add_node, h100_facts
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -132,7 +132,7 @@ def test_failure_marks_degraded_with_diagnosis_and_replan_then_pass_clears(store
 
 
 def test_dashboard_reads_the_view_of_the_stored_rows(store: Store) -> None:
-    from controller.verify_store import views
+    from fleetctl.controller.verify_store import views
 
     add_node(store, "n1")
     with store.session() as s:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.testing import FleetThread
-from controller.web import create_standalone_app
+from fleetctl.controller.testing import FleetThread
+from fleetctl.controller.web import create_standalone_app
 from tests.unit.attention.test_attention_api import H100, H100_PRIOR, H200, L40S, OLD_TORCH, TORCH, fleet
 from tests.unit.web.test_dashboard import login
 

@@ -14,16 +14,16 @@ from fastapi.testclient import TestClient
 from itsdangerous import TimestampSigner
 from sqlalchemy import select
 
-from agent.profiles import load_profile
-from controller.rollout import service
-from controller.rollout.service import RolloutRequest
-from controller.store.db import Store, utcnow
-from controller.store.models import Node
-from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
-from controller.web import app as web_app
-from controller.web import create_standalone_app, nodeindex
-from controller.web.auth import SESSION_COOKIE, add_user, hash_password, verify_password
-from controller.web.models import DashboardNode
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.store.db import Store, utcnow
+from fleetctl.controller.store.models import Node
+from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
+from fleetctl.controller.web import app as web_app
+from fleetctl.controller.web import create_standalone_app, nodeindex
+from fleetctl.controller.web.auth import SESSION_COOKIE, add_user, hash_password, verify_password
+from fleetctl.controller.web.models import DashboardNode
 
 PASSWORD = "correct horse battery"
 # one simulated node of each profile in turn: 120 nodes make 15 of each GPU model
@@ -320,8 +320,8 @@ def record_verifications(store: Store, hosts: list[str], *, days: int, broken: t
     two days (a correctness failure)."""
     import datetime as dt
 
-    from agent.verify.simulated import SimFaults, simulate_verification
-    from controller.verify_store import store as vs
+    from fleetctl.agent.verify.simulated import SimFaults, simulate_verification
+    from fleetctl.controller.verify_store import store as vs
 
     now = utcnow()
     with store.session() as s:
@@ -356,7 +356,7 @@ def test_verifications_flow_into_table_chart_and_metrics(client: TestClient, sto
 def test_schedules_page(client: TestClient, store: Store, fleet: FleetThread) -> None:
     import datetime as dt
 
-    schedules = pytest.importorskip("controller.verify_store.schedules")
+    schedules = pytest.importorskip("fleetctl.controller.verify_store.schedules")
     hosts = add_nodes(fleet, 4)
     record_verifications(store, hosts, days=1, broken=(hosts[1],))
     sched = schedules.add_schedule(store, "0 3 * * *", "gpu=*H100*", mode="quick", actor="user:olga")

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.ratelimit import LOGIN_PER_SOURCE
-from controller.store.db import Store, open_store
-from controller.web import app as web_app
-from controller.web import create_standalone_app
-from controller.web.auth import add_user
+from fleetctl.controller.ratelimit import LOGIN_PER_SOURCE
+from fleetctl.controller.store.db import Store, open_store
+from fleetctl.controller.web import app as web_app
+from fleetctl.controller.web import create_standalone_app
+from fleetctl.controller.web.auth import add_user
 
 PASSWORD = "correct horse battery"
 

@@ -21,12 +21,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.profiles import load_profile
-from controller.api import create_app
-from controller.api_tokens import create_token
-from controller.rollout.service import RolloutRequest
-from controller.testing import FleetThread
-from controller.web.auth import add_user, authenticate
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.api import create_app
+from fleetctl.controller.api_tokens import create_token
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.testing import FleetThread
+from fleetctl.controller.web.auth import add_user, authenticate
 from tests.unit.web.test_dashboard import record_verifications
 
 PASSWORD = "correct horse battery"
@@ -216,7 +216,8 @@ def test_cli_adds_a_metrics_user_without_a_password(tmp_path: Path) -> None:
     """``fleet-controller user add NAME --role metrics`` asks no password (stdin is not a terminal here, which
     refuses any other role) and says how to make Prometheus' token; that token then scrapes."""
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "controller.main", "user", "--state-dir", str(tmp_path), *args],
+        return subprocess.run([sys.executable, "-m", "fleetctl.controller.main", "user", "--state-dir", str(tmp_path),
+                               *args],
                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
     refused = cli("add", "vic", "--role", "viewer")

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.profiles import load_profile
-from controller.rollout.service import RolloutRequest
-from controller.store.db import Store, open_store
-from controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
-from controller.web import app as web_app
-from controller.web import create_standalone_app, rolloutview
-from controller.web.auth import add_user
+from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.rollout.service import RolloutRequest
+from fleetctl.controller.store.db import Store, open_store
+from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
+from fleetctl.controller.web import app as web_app
+from fleetctl.controller.web import create_standalone_app, rolloutview
+from fleetctl.controller.web.auth import add_user
 
 PASSWORD = "correct horse battery"
 E2E_DB = Path(__file__).resolve().parents[2] / "fixtures" / "h100_e2e" / "controller.db.gz"

@@ -1,0 +1,667 @@
+"""The agent's network side: enroll once, then report facts, heartbeat and run jobs, reconnecting with backoff.
+
+::
+
+    cfg = AgentConfig(controller="10.0.0.1:7443", state_dir=Path("state/agent"), ca_file=Path("ca.pem"),
+                      token="fleet_...", facts=lambda: collect_facts(None), runner=my_runner)
+    await Agent(cfg).run(stop_event)
+
+Enrollment (``Enroll`` on the controller's enrollment port, server TLS verified with
+``ca_file``) stores ``agent.key`` (0600), ``agent.pem``, ``ca.pem`` and ``identity.json`` in
+the state dir; later starts reuse them and need no token. Every other call uses mutual
+TLS on the agent port. Jobs arrive on the ``Jobs`` stream and go to the ``JobRunner``
+(agent/jobs.py); their events go through a bounded queue that never blocks the runner
+(when full, events are dropped and counted), and are sent in batches by a separate task.
+Running jobs survive reconnections: each ``Jobs`` stream opens with the ids of the jobs this
+process still holds (received, and not yet acknowledged by ``CompleteJob``: running, or finished
+with the result still being re-sent), so the controller can tell a reconnect (it leaves those
+jobs alone) from a restart (it fails the jobs the new process does not hold as interrupted;
+controller/jobs.py). Held jobs live in memory only: a result not delivered when the process dies
+is lost, and the controller says so. Events and results cut off mid-call by a session ending (grpc.aio
+raises ``CancelledError`` from a call whose channel closes) are sent again on the next session
+(``cut_off``); only a cancellation of the job's own task (agent stop) ends it. Refusals of identity (UNAUTHENTICATED,
+PERMISSION_DENIED) end the agent with ``AuthError``; everything else is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from fleetctl.agent import wire
+from fleetctl.agent.jobs import JobRunner
+from fleetctl.fleet.errors import (
+    AuthError,
+    ConflictError,
+    ControllerUnavailable,
+    FleetError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+)
+from fleetctl.fleet.facts import MAX_FACTS_BYTES, NodeFacts
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.statedir import FILE_MODE, private_dir, state_dir_error, tighten
+from fleetctl.fleet.v1 import fleet_pb2 as pb
+from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = MAX_FACTS_BYTES + 64 * 1024
+EVENT_QUEUE_SIZE = 1000
+EVENT_BATCH = 100
+RPC_TIMEOUT = 10.0
+FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+UPLOAD_CHUNK_BYTES = 128 * 1024  # under the 320 KiB message limit (MAX_MESSAGE_BYTES)
+# how long a built wheel's upload is retried (controller restarts, lost links, full disk, database errors):
+# a build costs up to half an hour of a GPU node, so waiting as long for the controller is worth it
+UPLOAD_RETRY_SECONDS = 30 * 60
+UPLOAD_STREAM_TIMEOUT = 600.0  # one stream; a timed-out one is continued where it stopped
+# what a retry can fix: the controller is away or restarting (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED),
+# out of disk or database (UNAVAILABLE), or its held part changed (ABORTED: ask again where to continue)
+UPLOAD_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN,
+                                grpc.StatusCode.INTERNAL})
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 10_000),
+    ]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return opts
+
+
+def cut_off() -> bool:
+    """Inside ``except asyncio.CancelledError``: True when the running task was not cancelled itself.
+
+    grpc.aio raises ``CancelledError`` from a call whose channel is closed under it — the session ends
+    when the controller goes away — which is a lost connection to retry, not a request to stop.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+class NoExecutor:
+    """Default ``JobRunner``: fails every job, saying that no executor is installed."""
+
+    async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        emit_event({"event": "fleet_no_executor", "event_data": {"kind": job.kind}})
+        return JobOutcome(job.job_id, JobStatus.FAILED, rc=127,
+                          error=f"no executor: this agent cannot run {job.kind!r} jobs "
+                                "(start it with a playbook executor; see docs/fleet.md)")
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
+    """A gRPC failure as a FleetError (the controller puts ``code: message (hint: ...)`` in details)."""
+    code = exc.code()
+    detail = exc.details() or code.name
+    if code in FATAL_CODES:
+        return AuthError(f"{what} refused by the controller: {detail}",
+                         hint="enroll again with a fresh token (`fleetctl token create`)")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"{what}: {detail}", hint="see the message")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return ConflictError(f"{what} refused: {detail}", hint="see the message")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return InputError(f"{what} refused: {detail}", hint="see the message")
+    return ControllerUnavailable(f"{what} failed: {code.name}: {detail}",
+                                 hint="check that the controller is running and reachable")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    agent_id: str
+    hostname: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @staticmethod
+    def load(state_dir: Path) -> Credentials | None:
+        try:
+            ident = json.loads((state_dir / "identity.json").read_text())
+            return Credentials(ident["agent_id"], ident["hostname"], (state_dir / "agent.key").read_bytes(),
+                               (state_dir / "agent.pem").read_bytes(), (state_dir / "ca.pem").read_bytes())
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @staticmethod
+    def secure(state_dir: Path) -> None:
+        """The agent's state dir 0700 and its key 0600, tightened (with a log line) if an older agent left them
+        looser; a state dir that cannot be changed is a ``StateDirError`` saying what to do."""
+        try:
+            if state_dir.exists():
+                private_dir(state_dir)
+                tighten(state_dir / "agent.key", FILE_MODE)
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state_dir, "secure") from exc
+
+    def save(self, state_dir: Path) -> None:
+        try:
+            private_dir(state_dir)
+            fd = os.open(state_dir / "agent.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.key_pem)
+            os.chmod(state_dir / "agent.key", FILE_MODE)  # an older file keeps its mode through O_TRUNC
+            (state_dir / "agent.pem").write_bytes(self.cert_pem)
+            (state_dir / "ca.pem").write_bytes(self.ca_pem)
+            (state_dir / "identity.json").write_text(json.dumps({"agent_id": self.agent_id,
+                                                                  "hostname": self.hostname}) + "\n")
+        except OSError as exc:
+            # enrolled, but the certificate could not be kept: the token is spent, so say so plainly
+            raise state_dir_error(exc, exc.filename or state_dir, "save the agent's credentials in") from exc
+
+
+def default_enroll_address(controller: str) -> str:
+    host, _, port = controller.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+async def enroll(controller_enroll: str, ca_pem: bytes, token: str, hostname: str,
+                 server_name: str | None = None, timeout: float = RPC_TIMEOUT) -> Credentials:
+    """Enroll with ``token``: make a key and CSR, get a client certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    from cryptography.hazmat.primitives import hashes
+
+    csr = CertificateSigningRequestBuilder().subject_name(
+        Name([NameAttribute(NameOID.COMMON_NAME, hostname[:64])])).sign(key, hashes.SHA256())
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    async with grpc.aio.secure_channel(controller_enroll, creds, options=channel_options(server_name)) as ch:
+        stub = pb_grpc.AgentServiceStub(ch)
+        try:
+            resp = await stub.Enroll(pb.EnrollRequest(token=token, hostname=hostname,
+                                                      csr_pem=csr.public_bytes(serialization.Encoding.PEM)),
+                                     timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "enrollment") from exc
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return Credentials(resp.agent_id, resp.hostname, key_pem, bytes(resp.certificate_pem),
+                       bytes(resp.ca_pem) or ca_pem)
+
+
+@dataclass
+class AgentConfig:
+    controller: str  # HOST:PORT of the agent (mTLS) port
+    state_dir: Path
+    facts: Callable[[], NodeFacts]
+    runner: JobRunner = field(default_factory=NoExecutor)
+    ca_file: Path | None = None  # needed to enroll; afterwards state_dir/ca.pem is used
+    token: str | None = None
+    enroll_address: str | None = None  # default: agent port + 1
+    hostname: str | None = None  # default: the hostname in the facts
+    server_name: str | None = None  # TLS name override
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    upload_retry_s: float = UPLOAD_RETRY_SECONDS
+    event_queue_size: int = EVENT_QUEUE_SIZE
+
+    def __post_init__(self) -> None:
+        # absolute from the start: the agent's files must not move if its working directory changes or vanishes
+        self.state_dir = Path(os.path.abspath(self.state_dir))
+        if self.ca_file is not None:
+            self.ca_file = Path(os.path.abspath(self.ca_file))
+
+
+@dataclass
+class _RunningJob:
+    spec: JobSpec
+    queue: asyncio.Queue[pb.JobEvent | None]
+    counter: int = 0
+    dropped: int = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.creds: Credentials | None = None
+        self._stub: pb_grpc.AgentServiceAsyncStub | None = None
+        self._connected = asyncio.Event()
+        self._seen_jobs: set[str] = set()
+        self._held: set[str] = set()  # received, result not acknowledged yet (sent when a Jobs stream opens)
+        self._jobs: dict[str, _RunningJob] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sequence = 0
+        self.heartbeats = 0
+        self.sessions = 0
+        self._session_up = False  # the current session's first RPC was answered (resets the backoff)
+        self._facts_due = False  # a requested facts report failed: send it again on the next heartbeat
+        self._facts_task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+        self.interval = 10.0
+
+    # ---- enrollment --------------------------------------------------------------------
+
+    async def ensure_enrolled(self) -> Credentials:
+        Credentials.secure(self.cfg.state_dir)
+        creds = Credentials.load(self.cfg.state_dir)
+        if creds is not None:
+            self.creds = creds
+            return creds
+        if not self.cfg.token:
+            raise AuthError(f"agent not enrolled yet (nothing in {self.cfg.state_dir}) and no token given",
+                            hint="create one with `fleetctl token create` and pass --token")
+        if self.cfg.ca_file is None:
+            raise AuthError("no controller CA certificate to verify the controller with",
+                            hint="pass --ca STATE/ca/ca.pem of the controller")
+        try:
+            ca_pem = self.cfg.ca_file.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read CA file {self.cfg.ca_file}: {exc.strerror}", hint="check --ca") from exc
+        hostname = self.cfg.hostname or self.cfg.facts().hostname
+        address = self.cfg.enroll_address or default_enroll_address(self.cfg.controller)
+        delay = self.cfg.backoff_initial
+        while True:
+            try:
+                creds = await enroll(address, ca_pem, self.cfg.token, hostname, self.cfg.server_name)
+                break
+            except FleetError as exc:
+                if exc.code != "controller-unavailable":
+                    raise
+                log.warning("%s; retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
+        creds.save(self.cfg.state_dir)
+        log.info("enrolled as %s (agent %s)", creds.hostname, creds.agent_id)
+        self.creds = creds
+        return creds
+
+    # ---- main loop ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set; raises ``AuthError`` if the controller refuses this identity."""
+        stop = stop or asyncio.Event()
+        creds = await self.ensure_enrolled()
+        delay = self.cfg.backoff_initial
+        try:
+            while not stop.is_set():
+                self._session_up = False
+                failure: str | None = None
+                try:
+                    await self._session(creds, stop)
+                except grpc.aio.AioRpcError as exc:
+                    err = rpc_error(exc, "controller session")
+                    if isinstance(err, AuthError):
+                        raise err from exc
+                    failure = err.message
+                except FleetError as exc:
+                    if isinstance(exc, AuthError):
+                        raise
+                    failure = exc.message
+                if stop.is_set():
+                    break
+                # A session that was established (the controller answered its first RPC) proves the controller
+                # is back: the next reconnect starts from the initial delay. Waiting for a long session instead
+                # left agents at the maximum delay after a few quick controller restarts. Jitter stays.
+                if self._session_up:
+                    delay = self.cfg.backoff_initial
+                if failure:
+                    log.warning("%s; reconnecting in %.1fs", failure, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, self.cfg.backoff_max)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _session(self, creds: Credentials, stop: asyncio.Event) -> None:
+        channel_creds = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem,
+                                                     private_key=creds.key_pem, certificate_chain=creds.cert_pem)
+        async with grpc.aio.secure_channel(self.cfg.controller, channel_creds,
+                                           options=channel_options(self.cfg.server_name)) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            self.sessions += 1
+            self._facts_due = False  # reported right here
+            await self.report_facts(stub)
+            self._session_up = True
+            self._stub = stub
+            self._connected.set()
+            tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),
+                     asyncio.create_task(stop.wait())]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            finally:
+                self._connected.clear()
+                self._stub = None
+                if self._facts_task is not None:
+                    tasks.append(self._facts_task)
+                    self._facts_task = None
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def report_facts(self, stub: pb_grpc.AgentServiceAsyncStub) -> list[str]:
+        facts = await asyncio.to_thread(self.cfg.facts)
+        if self.creds is not None and facts.hostname != self.creds.hostname:
+            facts = facts.with_hostname(self.creds.hostname)  # the enrolled name is authoritative
+        resp = await stub.ReportFacts(wire.report_facts_request(facts), timeout=RPC_TIMEOUT)
+        self.registered.set()
+        if resp.changed:
+            log.info("facts reported; changed: %s", ", ".join(resp.changed))
+        return list(resp.changed)
+
+    async def _heartbeats(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        while True:
+            self.sequence += 1
+            running = next(iter(self._jobs), "")
+            resp = await stub.Heartbeat(pb.HeartbeatRequest(sequence=self.sequence, running_job_id=running),
+                                        timeout=RPC_TIMEOUT)
+            self.heartbeats += 1
+            self.interval = float(resp.interval_seconds or 10)
+            # reported beside the heartbeats, never in their way: a slow controller database delays the
+            # report (retried on the next beat until it lands), not the heartbeats that keep the node online
+            if (resp.facts_requested or self._facts_due) and (self._facts_task is None or self._facts_task.done()):
+                self._facts_due = False
+                self._facts_task = asyncio.create_task(self._requested_facts(stub))
+            await asyncio.sleep(self.interval)
+
+    async def _requested_facts(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        try:
+            await self.report_facts(stub)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in FATAL_CODES:
+                raise
+            self._facts_due = True
+            log.warning("facts report failed (%s); retrying on the next heartbeat", rpc_error(exc, "facts").message)
+
+    async def _job_stream(self, stub: pb_grpc.AgentServiceAsyncStub) -> None:
+        call = stub.Jobs(wire.jobs_request(self._held))
+        async for msg in call:
+            if msg.job_id in self._seen_jobs:
+                continue
+            self._seen_jobs.add(msg.job_id)
+            try:
+                spec = wire.job_from_proto(msg)
+            except FleetError as exc:
+                log.error("bad job from controller: %s", exc.message)
+                continue
+            self._held.add(spec.job_id)  # at once, not when the task starts: the next stream must name it
+            self._spawn(self._run_job(spec))
+        raise ControllerUnavailable("jobs stream ended by the controller", hint="reconnecting")
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- jobs --------------------------------------------------------------------------
+
+    def held_job_ids(self) -> list[str]:
+        """Jobs this process holds: received, result not acknowledged by the controller yet."""
+        return sorted(self._held)
+
+    async def _run_job(self, spec: JobSpec) -> None:
+        try:
+            await self._run_held_job(spec)
+        finally:
+            self._held.discard(spec.job_id)
+
+    async def _run_held_job(self, spec: JobSpec) -> None:
+        job = _RunningJob(spec, asyncio.Queue())
+        self._jobs[spec.job_id] = job
+        sender = asyncio.create_task(self._send_events(job))
+
+        limit = self.cfg.event_queue_size
+
+        def emit(event: Mapping[str, Any], force: bool = False) -> None:
+            # never blocks: beyond `limit` queued events, drop and count (the queue itself is unbounded so
+            # that our own start/finish events and the end marker always fit)
+            if not force and job.queue.qsize() >= limit:
+                job.dropped += 1
+                return
+            job.counter += 1
+            job.queue.put_nowait(wire.event_to_proto(spec.job_id, job.counter, event))
+
+        log.info("job %s (%s) started", spec.job_id, spec.kind)
+        emit({"event": "fleet_job_started", "event_data": {"kind": spec.kind}}, force=True)
+        try:
+            outcome = await asyncio.wait_for(self.cfg.runner.run(spec, emit), timeout=spec.timeout_s)
+        except TimeoutError:
+            outcome = JobOutcome(spec.job_id, JobStatus.TIMEOUT, rc=124,
+                                 error=f"job exceeded its timeout of {spec.timeout_s:g}s")
+        except asyncio.CancelledError:
+            if not cut_off():
+                sender.cancel()
+                raise
+            log.warning("job %s: a call to the controller was cut off mid-job", spec.job_id)
+            outcome = JobOutcome(spec.job_id, JobStatus.FAILED, rc=70,
+                                 error="executor error: a call to the controller was cut "
+                                 "off (the connection was lost) while the job needed it; run the job again")
+        except Exception as exc:
+            log.exception("job %s: runner crashed", spec.job_id)
+            outcome = JobOutcome(spec.job_id, JobStatus.FAILED, rc=70,
+                                 error=f"executor error: {exc.__class__.__name__}: {exc}")
+        if job.dropped:
+            outcome.result.setdefault("events_dropped", job.dropped)
+        emit({"event": "fleet_job_finished",
+              "event_data": {"status": outcome.status, "rc": outcome.rc, "events_dropped": job.dropped}}, force=True)
+        job.queue.put_nowait(None)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(sender), timeout=30)
+        sender.cancel()
+        await self._complete(spec.job_id, outcome)
+        del self._jobs[spec.job_id]
+        log.info("job %s finished: %s", spec.job_id, outcome.status)
+
+    async def _stub_ready(self) -> pb_grpc.AgentServiceAsyncStub:
+        while True:
+            await self._connected.wait()
+            if self._stub is not None:
+                return self._stub
+
+    async def _send_events(self, job: _RunningJob) -> None:
+        done = False
+        while not done:
+            first = await job.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < EVENT_BATCH and not job.queue.empty():
+                item = job.queue.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            delay = self.cfg.backoff_initial
+            while True:
+                stub = await self._stub_ready()
+                try:
+                    await stub.ReportJobEvents(iter(batch), timeout=RPC_TIMEOUT)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                        log.error("job %s: events refused: %s", job.spec.job_id, exc.details())
+                        break
+                except asyncio.CancelledError:
+                    if not cut_off():
+                        raise
+                    # the session ended mid-call (channel closed): send again on the next one
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
+
+    async def _complete(self, job_id: str, outcome: JobOutcome) -> None:
+        """Deliver the result; retried across sessions until the controller acknowledges (or refuses) it."""
+        delay = self.cfg.backoff_initial
+        msg = wire.result_to_proto(job_id, outcome)
+        while True:
+            stub = await self._stub_ready()
+            try:
+                await stub.CompleteJob(msg, timeout=RPC_TIMEOUT)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                  *FATAL_CODES):
+                    log.error("job %s: result refused: %s", job_id, exc.details())
+                    return
+            except asyncio.CancelledError:
+                if not cut_off():
+                    raise
+                # the session ended mid-call (channel closed): send again on the next one (a result the
+                # controller already recorded is acknowledged and ignored there)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.backoff_max)
+
+    # ---- artifacts ---------------------------------------------------------------------
+
+    async def fetch_artifact(self, sha256: str, dest_dir: Path) -> Path:
+        """Download an artifact into ``dest_dir`` (verifying its sha256); returns the file's path."""
+        import hashlib
+
+        stub = await self._stub_ready()
+        digest = hashlib.sha256()
+        tmp = dest_dir / f".{sha256}.part"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        name = None
+        try:
+            with tmp.open("wb") as f:
+                async for chunk in stub.FetchArtifact(pb.FetchArtifactRequest(sha256=sha256)):
+                    if name is None:
+                        name = chunk.filename
+                    digest.update(chunk.data)
+                    f.write(chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            tmp.unlink(missing_ok=True)
+            raise rpc_error(exc, f"fetching artifact {sha256}") from exc
+        if digest.hexdigest() != sha256 or not name or "/" in name:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"artifact {sha256} arrived corrupted", hint="fetch it again")
+        final = dest_dir / str(name)
+        tmp.replace(final)
+        return final
+
+    async def upload_artifact(self, path: Path, kind: str = "other", *, retry_for: float | None = None,
+                              on_retry: Callable[[str, float], object] | None = None, job_id: str = "") -> str:
+        """Upload a file to the controller's artifact store; returns its sha256 as the controller computed it.
+
+        Resumable and retried (controller/uploads.py has the protocol): ``QueryUpload`` says how much of the
+        file the controller already holds from a cut-off attempt, the stream continues from there, every
+        chunk carrying its offset and the running CRC-32. Lost connections, controller restarts, a full
+        disk or a database error on the controller are retried with backoff for up to ``retry_for``
+        seconds (default ``AgentConfig.upload_retry_s``), each retry reported to ``on_retry(reason, delay)``;
+        a refusal (bad name, size limit, digest mismatch, identity refused) ends it at once. ``job_id``: the
+        build-from-source job whose output this is — the controller accepts no other upload from an agent
+        (controller/build_uploads.py; a refusal is ``ForbiddenError``).
+        """
+        sha, size = await asyncio.to_thread(_digest_and_size, path)
+        budget = self.cfg.upload_retry_s if retry_for is None else max(0.0, retry_for)
+        deadline = time.monotonic() + budget
+        delay = self.cfg.backoff_initial
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                stub = await asyncio.wait_for(self._stub_ready(), max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                raise ControllerUnavailable(
+                    f"uploading {path.name}: no connection to the controller within {budget:.0f}s "
+                    f"({attempts - 1} attempt(s))",
+                    hint="check that the controller is running and reachable; the file stays on this node") from None
+            try:
+                query = await stub.QueryUpload(pb.QueryUploadRequest(sha256=sha, size=size, filename=path.name,
+                                                                     kind=kind), timeout=RPC_TIMEOUT)
+                if query.stored:
+                    return sha
+                if query.offset:
+                    log.info("upload of %s continues at byte %d of %d (held by the controller)", path.name,
+                             query.offset, size)
+                resp = await stub.UploadArtifact(self._upload_stream(path, sha, size, kind, query.offset, job_id),
+                                                 timeout=UPLOAD_STREAM_TIMEOUT)
+                return str(resp.sha256)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # not this agent's to upload: not an auth loss
+                    raise ForbiddenError(f"uploading {path.name}: {exc.details()}",
+                                         hint="agents upload only their assigned build job's wheel") from exc
+                if exc.code() not in UPLOAD_RETRY_CODES:
+                    raise rpc_error(exc, f"uploading {path.name}") from exc
+                reason = f"{exc.code().name}: {exc.details() or 'no details'}"
+            except asyncio.CancelledError:
+                if not cut_off():
+                    raise
+                reason = "the connection to the controller was lost mid-upload"
+            wait = delay * (0.8 + 0.4 * random.random())
+            if time.monotonic() + wait > deadline:
+                raise ControllerUnavailable(
+                    f"uploading {path.name} ({size} bytes) failed {attempts} time(s) over {budget:.0f}s; "
+                    f"last: {reason}",
+                    hint="the file stays on this node; fix the controller (see the reason), then run the job again")
+            log.warning("uploading %s: %s; retrying in %.1fs", path.name, reason, wait)
+            if on_retry is not None:
+                on_retry(reason, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.cfg.backoff_max)
+
+    async def _upload_stream(self, path: Path, sha256: str, size: int, kind: str,
+                             offset: int, job_id: str = "") -> AsyncIterator[pb.ArtifactChunk]:
+        """The file from ``offset`` in chunks; the first carries the file's identity, every one the running CRC."""
+        crc = await asyncio.to_thread(_crc32_prefix, path, offset)
+        with path.open("rb") as f:
+            f.seek(offset)
+            pos, first = offset, True
+            while True:
+                data = f.read(UPLOAD_CHUNK_BYTES)
+                if not data and not first:
+                    return
+                crc = zlib.crc32(data, crc)
+                if first:
+                    yield pb.ArtifactChunk(filename=path.name, sha256=sha256, size=size, kind=kind, data=data,
+                                           offset=pos, crc32=crc, job_id=job_id)
+                    first = False
+                else:
+                    yield pb.ArtifactChunk(data=data, offset=pos, crc32=crc)
+                if not data:
+                    return
+                pos += len(data)
+
+
+def _digest_and_size(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _crc32_prefix(path: Path, length: int) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while length > 0:
+            block = f.read(min(1 << 22, length))
+            if not block:
+                raise InputError(f"{path.name} is shorter than the {length} more bytes the controller holds",
+                                 hint="the file changed during the upload; run the job again")
+            crc = zlib.crc32(block, crc)
+            length -= len(block)
+    return crc

@@ -1,0 +1,609 @@
+"""The pure core of a rollout: no I/O, no clock, no database — every function is table-tested.
+
+* ``parse_selector`` / ``select_nodes``: ``--nodes SELECTOR`` (hostname globs, ``gpu=``, ``profile=``,
+  ``status=``, comma lists). Terms of the same kind are OR-ed, different kinds AND-ed.
+* ``choose_canaries``: default one node per distinct (GPU model, variant).
+* ``parse_batches`` / ``schedule_batches``: ``--batch 1,5,25%`` → batch sizes.
+* ``parse_budget`` / ``budget_exceeded``: ``--max-failures N|P%`` across the whole rollout.
+* ``RolloutStatus`` / ``ACTIVE_ROLLOUT``: a rollout's status, and which ones still hold their nodes.
+* ``State`` / ``check_transition``: the per-node state machine.
+* ``BuildStatus``: a build key's build.
+* ``progress``: a rollout's (or a batch's) node counts, the one definition of done/failed/to go.
+* ``group_builds``: build once per build key, one builder per key.
+* ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
+* ``next_actions``: given a snapshot of a rollout, what the engine must do now.
+* ``manual_commands``: what a person runs on a node whose plan the agent does not carry out (Windows).
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.resolver import rules
+from fleetctl.fleet.errors import ConflictError, UsageError
+
+# ---- nodes and plans ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What selection needs to know about a registered node."""
+
+    hostname: str
+    gpu: str | None = None  # model name of the first GPU ("NVIDIA H100 80GB HBM3")
+    profile: str | None = None  # simulation profile, if simulated
+    status: NodeStatus = NodeStatus.ONLINE
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """The resolver's decision for one node, reduced to what the rollout acts on."""
+
+    hostname: str
+    variant: str
+    steps: tuple[str, ...]
+    gpu: str = ""
+    version: str | None = None
+    build_key: str | None = None
+    artifact: str | None = None
+    build_minutes: float = 0.0
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def builds(self) -> bool:
+        return "build-from-source" in self.steps
+
+    @property
+    def skipped(self) -> bool:
+        """Nothing to install here (blocked or SDPA only)."""
+        return self.variant in ("blocked", "sdpa") or not self.steps
+
+
+#: How a rollout node whose plan is for a person (a Windows node's) begins its cause: it is ``skipped`` — the agent
+#: has nothing to run — and ``manual_commands`` gives the commands, which the status JSON and the rollout page show.
+MANUAL_CAUSE = "manual: run these commands by hand"
+
+
+def manual_commands(stored_plan: Mapping[str, Any]) -> list[str]:
+    """The commands of a rollout node's stored plan (``PlannedNode.to_json``) that the agent does not execute —
+    the resolver's ``Decision.commands``, set only with its ``execution`` label (Windows) — else ``[]``."""
+    decision = stored_plan.get("decision") or {}
+    if not isinstance(decision, Mapping) or not decision.get("execution"):
+        return []
+    return [str(c) for c in decision.get("commands") or []]
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+SELECTOR_KEYS = ("host", "gpu", "profile", "status")
+_TERM_RE = re.compile(r"^[A-Za-z0-9*?\[\]._:+ -]{1,253}$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Parsed ``--nodes``: for each key, the patterns any of which must match (empty: no constraint)."""
+
+    terms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    text: str = ""
+
+    def matches(self, node: NodeInfo) -> bool:
+        return all(any(_match(key, p, node) for p in patterns) for key, patterns in self.terms.items())
+
+
+def _glob_or_sub(pattern: str, value: str | None, *, substring: bool) -> bool:
+    if value is None:
+        return False
+    p, v = pattern.lower(), value.lower()
+    if any(c in p for c in "*?["):
+        return fnmatch.fnmatchcase(v, p)
+    if substring:
+        return re.search(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])", v) is not None
+    return p == v
+
+
+def _match(key: str, pattern: str, node: NodeInfo) -> bool:
+    if key == "host":
+        return _glob_or_sub(pattern, node.hostname, substring=False)
+    if key == "gpu":  # "H100" matches "NVIDIA H100 80GB HBM3" (whole word), globs match the full name
+        return _glob_or_sub(pattern, node.gpu, substring=True)
+    if key == "profile":
+        return _glob_or_sub(pattern, node.profile, substring=False)
+    return node.status == pattern
+
+
+def parse_selector(text: str | None) -> Selector:
+    """``"gpu=H100,node-*,status=online"`` → Selector. ``None``/``""``/``"all"`` select every node."""
+    if text is None or text.strip() in ("", "all", "*"):
+        return Selector({}, text or "all")
+    terms: dict[str, list[str]] = {}
+    for raw in text.split(","):
+        term = raw.strip()
+        if not term:
+            raise UsageError(f"empty term in node selector {text!r}",
+                             hint="separate terms with single commas, e.g. --nodes 'gpu=H100,node-*'")
+        if "=" in term:
+            key, _, value = term.partition("=")
+            key, value = key.strip().lower(), value.strip()
+        else:
+            key, value = "host", term
+        if key in ("hostname", "name"):
+            key = "host"
+        if key not in SELECTOR_KEYS:
+            raise UsageError(f"unknown selector key {key!r} in {text!r}",
+                             hint=f"use one of: {', '.join(k + '=' for k in SELECTOR_KEYS)} or a hostname glob")
+        if not value or not _TERM_RE.match(value):
+            raise UsageError(f"bad value {value!r} for selector key {key!r}",
+                             hint="values are hostnames, globs (* ? [..]) or GPU/profile names")
+        if key == "status" and value not in tuple(NodeStatus):
+            raise UsageError(f"unknown status {value!r} in node selector",
+                             hint=f"use one of {', '.join(NodeStatus)}")
+        terms.setdefault(key, []).append(value)
+    return Selector({k: tuple(v) for k, v in terms.items()}, text)
+
+
+def select_nodes(selector: Selector, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
+    """The nodes the selector matches, sorted by hostname; an empty result is an error."""
+    pool = list(nodes)
+    chosen = sorted((n for n in pool if selector.matches(n)), key=lambda n: n.hostname)
+    if not chosen:
+        known = ", ".join(sorted(n.hostname for n in pool)[:10]) or "none registered"
+        raise UsageError(f"node selector {selector.text!r} matches no node",
+                         hint=f"known nodes: {known}; see `fleetctl nodes`")
+    return chosen
+
+
+# ---- canaries and batches -----------------------------------------------------------------------
+
+
+def choose_canaries(plans: Sequence[NodePlan], count: int | None = None) -> list[str]:
+    """Canary hostnames. Default (``count`` None): one per distinct (GPU model, variant); with a
+    count: up to ``count`` nodes, covering distinct (GPU, variant) groups round-robin first."""
+    eligible = sorted((p for p in plans if not p.skipped), key=lambda p: p.hostname)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in eligible:
+        groups.setdefault((p.gpu, p.variant), []).append(p.hostname)
+    if count is None:
+        return sorted(g[0] for g in groups.values())
+    if count < 0:
+        raise UsageError(f"--canary {count} is negative", hint="use 0 to skip canaries, or a positive count")
+    out: list[str] = []
+    rank = 0
+    while len(out) < min(count, len(eligible)):
+        for key in sorted(groups):
+            if rank < len(groups[key]) and len(out) < count:
+                out.append(groups[key][rank])
+        rank += 1
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    count: int | None = None
+    percent: float | None = None
+
+    def resolve(self, total: int) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return max(1, math.ceil(total * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_batches(text: str | None) -> list[BatchSize]:
+    """``"1,5,25%"`` → sizes; default ``"1,5,25%"``."""
+    text = text or "1,5,25%"
+    out: list[BatchSize] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        try:
+            if item.endswith("%"):
+                pct = float(item[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                out.append(BatchSize(percent=pct))
+            else:
+                n = int(item)
+                if n < 1:
+                    raise ValueError
+                out.append(BatchSize(count=n))
+        except ValueError:
+            raise UsageError(f"bad batch size {item!r} in --batch {text!r}",
+                             hint="use positive counts and percentages in (0, 100], e.g. --batch 1,5,25%") from None
+    return out
+
+
+def schedule_batches(hostnames: Sequence[str], sizes: Sequence[BatchSize], canaries: Sequence[str] = ()) -> list[
+        list[str]]:
+    """Batches in order: the canaries (if any) first, then ``sizes`` over the rest (percentages of
+    the rest), the last size repeated until every node is scheduled."""
+    canary_set = set(canaries)
+    rest = [h for h in hostnames if h not in canary_set]
+    batches: list[list[str]] = [sorted(canary_set)] if canary_set else []
+    if not sizes:
+        sizes = [BatchSize(percent=100)]
+    i = 0
+    k = 0
+    while i < len(rest):
+        n = sizes[min(k, len(sizes) - 1)].resolve(len(rest))
+        batches.append(list(rest[i:i + n]))
+        i += n
+        k += 1
+    return batches
+
+
+# ---- failure budget -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    count: int | None = None
+    percent: float | None = None
+
+    def allowed(self, total: int) -> int:
+        """How many failures the rollout tolerates; one more pauses it."""
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return math.floor(total * self.percent / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_budget(text: str | None) -> Budget:
+    """``--max-failures``: ``N`` (count) or ``P%`` (of the rollout's nodes). Default ``10%``."""
+    text = (text or "10%").strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return Budget(percent=pct)
+        n = int(text)
+        if n < 0:
+            raise ValueError
+        return Budget(count=n)
+    except ValueError:
+        raise UsageError(f"bad --max-failures {text!r}", hint="use a count (0, 3) or a percentage (10%)") from None
+
+
+def budget_exceeded(failures: int, total: int, budget: Budget) -> bool:
+    return failures > budget.allowed(total)
+
+
+# ---- the rollout's status ------------------------------------------------------------------------
+
+
+class RolloutStatus(enum.StrEnum):
+    """A rollout's status (``rollouts.status``)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # by an operator, the failure budget or a failed canary; resumable
+    ABORTING = "aborting"  # asked to stop: running steps finish, no new one starts
+    ROLLING_BACK = "rolling-back"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"  # ended with failed nodes; `resume --retry-failed` retries them
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled-back"
+    ROLLBACK_FAILED = "rollback-failed"
+
+
+#: Rollouts that still hold their nodes: a node in one may not join another, the engine drives them, and
+#: ``fleetctl rollout status`` reports them ``active``. ABORTING belongs here: its running steps still hold
+#: their nodes until they finish (the engine then sets ABORTED).
+ACTIVE_ROLLOUT = frozenset({RolloutStatus.RUNNING, RolloutStatus.PAUSED, RolloutStatus.ABORTING,
+                            RolloutStatus.ROLLING_BACK})
+
+
+# ---- the per-node state machine -----------------------------------------------------------------
+
+
+class State(enum.StrEnum):
+    PLANNED = "planned"
+    KEYRING = "keyring"
+    TOOLKIT = "toolkit"
+    WAITING = "waiting"  # waiting for the build of its build key on another node
+    BUILD = "build"
+    INSTALL = "install"
+    VERIFY = "verify"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ROLLING_BACK = "rolling-back"
+    ROLLED_BACK = "rolled-back"
+
+
+STEP_STATES = frozenset({State.KEYRING, State.TOOLKIT, State.BUILD, State.INSTALL, State.VERIFY,
+                         State.ROLLING_BACK})
+TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.ROLLED_BACK})
+STEP_TO_STATE = {"apt-keyring-fix": State.KEYRING, "cuda-toolkit": State.TOOLKIT, "build-from-source": State.BUILD,
+                 "install-wheel": State.INSTALL, "verify": State.VERIFY, "rollback": State.ROLLING_BACK}
+STATE_TO_JOB = {v: k for k, v in STEP_TO_STATE.items()}
+
+_WORK = {State.KEYRING, State.TOOLKIT, State.BUILD, State.WAITING, State.INSTALL, State.VERIFY}
+ALLOWED: Mapping[State, frozenset[State]] = {
+    State.PLANNED: frozenset(_WORK | {State.SKIPPED, State.FAILED}),
+    State.KEYRING: frozenset({State.TOOLKIT, State.BUILD, State.WAITING, State.INSTALL, State.VERIFY, State.FAILED,
+                              State.SKIPPED}),
+    State.TOOLKIT: frozenset({State.BUILD, State.WAITING, State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.WAITING: frozenset({State.INSTALL, State.BUILD, State.FAILED, State.SKIPPED}),
+    State.BUILD: frozenset({State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.INSTALL: frozenset({State.VERIFY, State.FAILED, State.SKIPPED}),
+    State.VERIFY: frozenset({State.DONE, State.FAILED, State.SKIPPED}),
+    State.DONE: frozenset({State.ROLLING_BACK}),
+    State.FAILED: frozenset({State.ROLLING_BACK, State.PLANNED, State.VERIFY}),  # rollback | retry | reconcile
+    State.SKIPPED: frozenset({State.ROLLING_BACK}),
+    State.ROLLING_BACK: frozenset({State.ROLLED_BACK, State.FAILED}),
+    State.ROLLED_BACK: frozenset(),
+}
+
+
+def check_transition(old: State | str, new: State | str) -> None:
+    """Raise ``ConflictError`` unless ``old → new`` is an allowed transition."""
+    o, n = State(old), State(new)
+    if n not in ALLOWED[o]:
+        raise ConflictError(f"node state {o} → {n} is not allowed",
+                            hint=f"from {o} a node may go to: {', '.join(sorted(ALLOWED[o])) or 'nothing (final)'}")
+
+
+def work_states(plan: NodePlan, builder: bool) -> list[State]:
+    """The step states a node goes through, in order, for its plan (the builder builds, then installs what it
+    built like everyone else — one install path, with the dependency closure; others wait + install)."""
+    out: list[State] = []
+    for step in plan.steps:
+        if step == "build-from-source":
+            out += [State.BUILD, State.INSTALL] if builder else [State.WAITING, State.INSTALL]
+        elif step in STEP_TO_STATE and step != "rollback":
+            out.append(STEP_TO_STATE[step])
+    return out
+
+
+def next_state(plan: NodePlan, builder: bool, current: State) -> State:
+    """The state after ``current`` finished successfully (``DONE`` after the last step)."""
+    seq = work_states(plan, builder)
+    if current == State.PLANNED:
+        return seq[0] if seq else State.DONE
+    if current not in seq:
+        raise ConflictError(f"state {current} is not a step of this node's plan", hint="this is a bug")
+    i = seq.index(current)
+    return seq[i + 1] if i + 1 < len(seq) else State.DONE
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+
+class BatchStatus(enum.StrEnum):
+    """A batch (or any group of a rollout's nodes) as a whole, from its nodes' states."""
+
+    PENDING = "pending"  # no node started
+    RUNNING = "running"
+    DONE = "done"  # every node terminal, none failed
+    FAILED = "failed"  # every node terminal, some failed
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a group of a rollout's nodes (the rollout, one batch) got: the one definition of done, failed
+    and to go that ``fleetctl rollout status``, the API, the dashboard and ``/metrics`` all show."""
+
+    total: int
+    done: int  # DONE: installed and verified
+    failed: int  # FAILED
+    skipped: int  # SKIPPED or ROLLED_BACK: nothing (more) to do there
+    planned: int  # not started yet
+
+    @property
+    def finished(self) -> int:
+        """Nodes in a terminal state (done, failed or skipped)."""
+        return self.done + self.failed + self.skipped
+
+    @property
+    def active(self) -> int:
+        """Nodes still to go (not started, in a step, waiting for a build or rolling back)."""
+        return self.total - self.finished
+
+    @property
+    def status(self) -> BatchStatus:
+        if self.finished == self.total:
+            return BatchStatus.FAILED if self.failed else BatchStatus.DONE
+        return BatchStatus.PENDING if self.planned == self.total else BatchStatus.RUNNING
+
+
+def progress(counts: Mapping[str, int]) -> Progress:
+    """The progress of nodes counted by state (``{"done": 3, "install": 1}``); unknown states are refused."""
+    by_state = {State(k): n for k, n in counts.items()}
+    return Progress(total=sum(by_state.values()), done=by_state.get(State.DONE, 0),
+                    failed=by_state.get(State.FAILED, 0),
+                    skipped=by_state.get(State.SKIPPED, 0) + by_state.get(State.ROLLED_BACK, 0),
+                    planned=by_state.get(State.PLANNED, 0))
+
+
+# ---- build once, install many --------------------------------------------------------------------
+
+
+def group_builds(plans: Sequence[NodePlan], batches: Sequence[Sequence[str]],
+                 dedicated: Mapping[str, str] | None = None) -> dict[str, str]:
+    """build_key → builder hostname: the node of that key scheduled earliest (so no node ever waits on a
+    later batch); ``dedicated`` overrides (a builder host per key)."""
+    order = {h: i for i, b in enumerate(batches) for h in b}
+    out: dict[str, str] = {}
+    for p in sorted(plans, key=lambda p: (order.get(p.hostname, len(order)), p.hostname)):
+        if p.builds and p.build_key and p.build_key not in out:
+            out[p.build_key] = p.hostname
+    for key, host in (dedicated or {}).items():
+        if key in out:
+            out[key] = host
+    return out
+
+
+# ---- rollback: the wheel of the previous version -------------------------------------------------
+
+_WHEEL_NAME_RE = re.compile(r"(?P<dist>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)(-[0-9][A-Za-z0-9_.]*)?"
+                            r"-(?P<py>[A-Za-z0-9_.]+)-(?P<abi>[A-Za-z0-9_.]+)-(?P<plat>[A-Za-z0-9_.]+)\.whl")
+
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def pick_previous_wheel(wheels: Iterable[tuple[str, str]], dist: str, version: str, python_tag: str | None,
+                        arch: str | None) -> str | None:
+    """sha256 of the stored wheel (``(filename, sha256)`` pairs) a rollback reinstalls to bring back ``dist``
+    ``version`` on a node that keeps no wheel of it (it was not installed by fleetctl), or None.
+
+    The node reports the version from package metadata, which upstream release wheels keep without the local
+    label their file name carries (``2.8.3`` for ``flash_attn-2.8.3+cu12torch2.7…whl``), so versions match on
+    the public part, and a local label, when the node reports one, must match exactly. The wheel must run on
+    the node: a ``cpXY`` tag of its Python (``python_tag``) or a pure ``py3`` one, a ``linux_<arch>``,
+    ``manylinux…_<arch>`` or ``any`` platform. Preferred: the exact local label, then the node's own CPython tag,
+    then the file name (stable)."""
+    want_public, _, want_local = version.partition("+")
+    found: list[tuple[tuple[int, int, str], str]] = []
+    for filename, sha in wheels:
+        m = _WHEEL_NAME_RE.fullmatch(filename)
+        if m is None or _norm_dist(m["dist"]) != _norm_dist(dist):
+            continue
+        public, _, local = m["version"].partition("+")
+        if public != want_public or (want_local and local != want_local):
+            continue
+        py_tags = m["py"].split(".")
+        if python_tag not in py_tags and "py3" not in py_tags:
+            continue
+        plats = m["plat"].split(".")
+        if not any(p == "any" or (arch is not None and p.endswith("_" + arch)) for p in plats):
+            continue
+        found.append(((0 if local == want_local else 1, 0 if python_tag in py_tags else 1, filename), sha))
+    return min(found)[1] if found else None
+
+
+def describe_target(version: str, policy: Mapping[str, object] | None) -> str:
+    """What a rollout installs, in words: the FA2 release, and FA4/FA3 where its policy asks for them."""
+    extras = [label for key, label in (("fa4", f"FA4 {rules.FA4_VERSION}"), ("fa3", f"FA3 {rules.FA3_VERSION}"))
+              if (policy or {}).get(key)]
+    if (policy or {}).get("prefer") == "fastest":  # the measured ranking decides per node
+        workload = (policy or {}).get('workload', 'training')
+        return f"the fastest measured ({workload}) per node, else flash-attn {version}"
+    if not extras:
+        return f"flash-attn {version}"
+    return f"{' / '.join(extras)} where supported, else flash-attn {version}"
+
+
+# ---- the engine's decision step ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    hostname: str
+    state: State
+    batch: int
+    build_key: str | None = None
+    busy: bool = False  # a step task is running (or a lease is held) for this node
+    builder: bool = False  # this node is the builder of its build key
+
+
+class BuildStatus(enum.StrEnum):
+    """The build of one build key (``rollout_builds.status``): built once, installed by every node of the key."""
+
+    PENDING = "pending"
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class BuildSnapshot:
+    build_key: str
+    status: BuildStatus
+    builder: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: RolloutStatus
+    nodes: Sequence[NodeSnapshot]
+    builds: Mapping[str, BuildSnapshot]
+    failures: int
+    total: int
+    budget: Budget
+    max_parallel: int
+    canary_batch: bool  # batch 0 holds canaries
+    canary_ack: bool = False  # an operator resumed past a failed canary
+
+
+@dataclass(frozen=True)
+class Actions:
+    start: tuple[str, ...] = ()  # hostnames whose next step should start now
+    fail_waiting: tuple[tuple[str, str], ...] = ()  # (hostname, build_key) whose build failed
+    pause: str | None = None  # reason
+    finish: RolloutStatus | None = None
+    current_batch: int | None = None
+
+
+def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
+    """The lowest batch with a node not yet terminal."""
+    open_batches = [n.batch for n in nodes if n.state not in TERMINAL]
+    return min(open_batches) if open_batches else None
+
+
+def rollback_outcome(nodes: Sequence[NodeSnapshot]) -> RolloutStatus:
+    """The final status of a rollback once no node is rolling back any more. Every ``done`` or ``failed`` node
+    went to ``rolling-back`` when the rollback was requested (service.rollback), so a node ``failed`` now is one
+    whose rollback failed: the rollout is ``rollback-failed`` (its nodes' causes say why), never ``rolled-back``."""
+    failed = any(n.state == State.FAILED for n in nodes)
+    return RolloutStatus.ROLLBACK_FAILED if failed else RolloutStatus.ROLLED_BACK
+
+
+def next_actions(snap: Snapshot) -> Actions:
+    """What to do now. Pure: the engine persists, then acts on the result."""
+    def build_failed(key: str) -> bool:
+        return snap.builds.get(key, BuildSnapshot(key, BuildStatus.FAILED, None)).status == BuildStatus.FAILED
+
+    fail_waiting = tuple(sorted((n.hostname, n.build_key) for n in snap.nodes
+                                if n.state == State.WAITING and n.build_key and build_failed(n.build_key)))
+    if snap.status == RolloutStatus.ROLLING_BACK:
+        busy = sum(1 for n in snap.nodes if n.busy)
+        room = max(0, snap.max_parallel - busy)
+        back = tuple(n.hostname for n in snap.nodes if n.state == State.ROLLING_BACK and not n.busy)[:room]
+        if not any(n.state == State.ROLLING_BACK for n in snap.nodes):
+            return Actions(finish=rollback_outcome(snap.nodes))
+        return Actions(start=back)
+    if snap.status != RolloutStatus.RUNNING:
+        return Actions(fail_waiting=fail_waiting)
+    if budget_exceeded(snap.failures, snap.total, snap.budget):
+        return Actions(fail_waiting=fail_waiting, pause=(
+            f"failure budget exceeded: {snap.failures} failed, --max-failures {snap.budget} allows "
+            f"{snap.budget.allowed(snap.total)} of {snap.total}"))
+    batch = current_batch(snap.nodes)
+    if batch is None:
+        final = RolloutStatus.SUCCEEDED if snap.failures == 0 and all(
+            n.state in (State.DONE, State.SKIPPED) for n in snap.nodes) else RolloutStatus.PARTIAL
+        return Actions(finish=final)
+    if snap.canary_batch and batch > 0 and not snap.canary_ack:
+        canary_failed = [n.hostname for n in snap.nodes if n.batch == 0 and n.state == State.FAILED]
+        if canary_failed and not any(n.batch > 0 and n.state not in (State.PLANNED, State.SKIPPED)
+                                     for n in snap.nodes):
+            return Actions(fail_waiting=fail_waiting, pause=f"canary failed: {', '.join(canary_failed)}",
+                           current_batch=batch)
+    busy = sum(1 for n in snap.nodes if n.busy)
+    room = max(0, snap.max_parallel - busy)
+    waiting_ok = {k for k, b in snap.builds.items() if b.status == BuildStatus.SUCCEEDED}
+    failing = {h for h, _ in fail_waiting}
+    start: list[str] = []
+    for n in sorted(snap.nodes, key=lambda n: (n.batch, n.hostname)):
+        if len(start) >= room:
+            break
+        if n.busy or n.state in TERMINAL or n.batch > batch or n.hostname in failing:
+            continue
+        if n.state == State.WAITING and n.build_key not in waiting_ok and not n.builder:
+            continue
+        start.append(n.hostname)
+    return Actions(start=tuple(start), fail_waiting=fail_waiting, current_batch=batch)

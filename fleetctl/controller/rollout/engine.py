@@ -1,0 +1,1007 @@
+"""The rollout engine: an asyncio loop inside the controller that drives rollouts step by step.
+
+Crash safety (``kill -9`` at any moment):
+
+* every state change is written (``rollout_nodes`` + ``rollout_transitions``) *before* the step it
+  announces is acted on; a step's job is submitted only after its state is committed, and its job
+  id is committed right after submission;
+* a node's step runs under a DB lease (``lease_owner`` = ``host:pid:nonce``, ``lease_expiry``),
+  renewed every tick; another engine (a restarted controller, a second controller on PostgreSQL)
+  takes a node over only when the lease has expired or its owner process is dead on this host;
+* on takeover a step already submitted is re-attached (its job id, or the job of that node/kind
+  created for this rollout after the step started), never resubmitted; a finished job's outcome
+  is read back from the jobs table, so no finished step is redone;
+* a step gets ``step_deadline``; past it the job is canceled and the node fails (agent vanished).
+
+Off the event loop (docs/security.md, "Availability and faults"): every database unit of the engine
+(``_claim``, ``_drive_db``, ``_prepare``, ``_finish_step``, ``_release``, ...) is a plain blocking function
+run whole on the store's bounded pool through ``_db``, one at a time: a database locked from outside delays
+the engine (statements wait up to the store's lock timeout, then fail and the step is picked up again), never
+the loop that serves heartbeats and ``/live``. The units keep the single-threaded semantics they were written
+for: ``_db`` runs one unit at a time, and none reads the loop's own state (``_tasks``) other than a snapshot.
+
+The decisions (which node starts, when a batch is complete, budget, canary) come from the pure
+``controller.rollout.core.next_actions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from fleetctl.controller.artifacts import VOUCHED, provenance_of, trusted_for
+from fleetctl.controller.audit import audit
+from fleetctl.controller.diagnose import diagnose
+from fleetctl.controller.jobs import JobDispatcher
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
+from fleetctl.controller.registry import read_facts
+from fleetctl.controller.rollout.core import (
+    ACTIVE_ROLLOUT,
+    STATE_TO_JOB,
+    TERMINAL,
+    BuildSnapshot,
+    BuildStatus,
+    NodePlan,
+    NodeSnapshot,
+    RolloutStatus,
+    Snapshot,
+    State,
+    check_transition,
+    next_actions,
+    next_state,
+    parse_budget,
+    pick_previous_wheel,
+)
+from fleetctl.controller.rollout.expectation import EXPECTED_KEY, record_after_rollback
+from fleetctl.controller.rollout.jobvars import NODE_VAR_PATTERNS, build_target_vars, checked_job_vars
+from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
+from fleetctl.controller.store import Store, utcnow
+from fleetctl.controller.store.models import Artifact, Job, Node
+from fleetctl.controller.telemetry import ROLLOUT_STEP_SECONDS
+from fleetctl.fleet.errors import ConflictError, FleetError, NotFoundError
+from fleetctl.fleet.jobs import JobOutcome, JobStatus
+from fleetctl.fleet.verification import judge_job
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# finished rollouts whose failed nodes may come back: their vanished-agent failures are reconciled too
+# (`partial` ones can then be retried with `fleetctl rollout resume ID --retry-failed`)
+RECONCILED_AFTER_END = (RolloutStatus.PARTIAL, RolloutStatus.ABORTED)
+# how often finished rollouts are looked at: a node coming back is not urgent, and the query spans history
+FINISHED_RECONCILE_S = 10.0
+DEFAULT_TIMEOUTS: Mapping[str, int] = {"apt-keyring-fix": 600, "cuda-toolkit": 1800, "install-wheel": 900,
+                                       "verify": 900, "rollback": 900, "build-from-source": 4 * 3600}
+DEFAULT_MIN_FREE_BYTES = 1024**3  # room a source-built wheel needs in the artifact store
+
+
+def plan_from_json(obj: Mapping[str, Any]) -> NodePlan:
+    return NodePlan(hostname=obj["hostname"], variant=obj["variant"], steps=tuple(obj["steps"]),
+                    gpu=obj.get("gpu", ""), version=obj.get("version"), build_key=obj.get("build_key"),
+                    artifact=obj.get("artifact"), build_minutes=float(obj.get("build_minutes", 0)),
+                    reasons=tuple(obj.get("reasons", ())))
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str) -> bool:
+    """False when ``owner`` names a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid_text.isdigit():
+        return True  # another host: trust its lease expiry
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_free(owner: str | None, expiry: dt.datetime | None, me: str, now: dt.datetime) -> bool:
+    if owner is None or owner == me:
+        return True
+    if expiry is None or expiry <= now:
+        return True
+    return not owner_alive(owner)
+
+
+def take_lease(s: Session, row: Rollout | RolloutNode, owner: str, expiry: dt.datetime) -> bool:
+    """Set ``row``'s lease to ``owner`` only if it is still the lease just read (compare-and-set in the database).
+
+    Engines run their units on worker threads (and controllers in separate processes): two of them can read the
+    same expired lease at once; the conditional update lets exactly one take it. The update also opens the write
+    transaction, so the rest of the unit runs under the database's write lock (SQLite) or the row's (PostgreSQL)."""
+    model = type(row)
+    seen_owner = model.lease_owner.is_(None) if row.lease_owner is None else model.lease_owner == row.lease_owner
+    seen_expiry = model.lease_expiry.is_(None) if row.lease_expiry is None else model.lease_expiry == row.lease_expiry
+    res = s.execute(update(model).where(model.id == row.id, seen_owner, seen_expiry)
+                    .values(lease_owner=owner, lease_expiry=expiry).execution_options(synchronize_session=False))
+    if getattr(res, "rowcount", 1) != 1:
+        return False
+    # the object as the row now is, without marking it changed (the update above wrote it)
+    set_committed_value(row, "lease_owner", owner)
+    set_committed_value(row, "lease_expiry", expiry)
+    return True
+
+
+def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: str, *, job_id: str | None = None,
+           actor: str = "engine") -> None:
+    """Persist one transition of ``node`` (checked against the state machine)."""
+    old = State(node.state)
+    check_transition(old, new)
+    now = utcnow()
+    s.add(RolloutTransition(rollout_id=rollout_id, hostname=node.hostname, from_state=str(old), to_state=str(new),
+                            at=now, cause=cause[:4000], job_id=job_id, actor=actor[:128]))
+    if node.step and node.step_started_at is not None:  # a step ends here, however it went
+        ROLLOUT_STEP_SECONDS.labels(node.step).observe(max(0.0, (now - node.step_started_at).total_seconds()))
+    node.state = str(new)
+    node.cause = cause[:4000]
+    node.updated_at = now
+    node.step = STATE_TO_JOB.get(new)
+    node.job_id = None
+    node.step_started_at = None
+    node.step_deadline = None
+
+
+def diagnose_text(text: str) -> list[dict[str, Any]]:
+    if not text:
+        return []
+    return [d.to_json() for d in diagnose(text)[:3]]
+
+
+def verification_verdict(result: Mapping[str, Any]) -> tuple[bool, str]:
+    """Pass/fail of a successful ``verify`` job, from ``fleet.verification.judge_job`` (the one judge)."""
+    verdict = judge_job(JobStatus.SUCCESSFUL, result)
+    why = "; ".join(r for r in verdict.reasons if r) or (
+        "flash-attn imports, is correct and fast" if verdict.passed else verdict.status)
+    nested = result.get("verification")
+    payload: Mapping[str, Any] = nested if isinstance(nested, Mapping) else result
+    return verdict.passed, why + (" (simulated GPU model)" if payload.get("simulated") is True else "")
+
+
+_NO_VERIFY_RE = re.compile(r"unknown job kind '?verify|cannot run '?verify|no executor")
+_GPG_ERROR_RE = re.compile(r"GPG error: (\S+)\s+(?:\S+\s+)?(?:In)?Release:?.*?(?:NO_PUBKEY|EXPKEYSIG) ([0-9A-Fa-f]+)")
+
+
+def apt_keyring_vars(errors: list[str]) -> dict[str, Any]:
+    """apt-keyring-fix variables from the node's ``apt-get update`` errors: the failing source and, for
+    NVIDIA's CUDA repository, where its key lives (``<repo>/<keyid>.pub``, NVIDIA's convention). The lines are the
+    node's text: a source is taken only when its URI is a plain URL (``NODE_VAR_PATTERNS["repo_uri"]``), NVIDIA's
+    only when that is its host; ``checked_job_vars`` checks the result again with everything else."""
+    out: dict[str, Any] = {"apt_errors": errors}
+    for line in errors:
+        m = _GPG_ERROR_RE.search(line)
+        if m is None or not NODE_VAR_PATTERNS["repo_uri"].fullmatch(m.group(1)):
+            continue
+        uri, key = m.group(1).rstrip("/"), m.group(2).lower()
+        out.update(repo_uri=uri, key_id=key.upper())
+        host = uri.split("//", 1)[-1].split("/", 1)[0].lower()
+        if host == "developer.download.nvidia.com":
+            out.update(keyring_name="cuda-archive-keyring", key_url=f"{uri}/{key[-8:]}.pub")
+        else:
+            out["keyring_name"] = re.sub(r"[^a-z0-9-]+", "-", host).strip("-")[:64] or "apt-source"
+        break
+    return out
+
+
+@dataclass
+class StepRun:
+    rollout_id: str
+    hostname: str
+    state: State
+    kind: str
+    vars: dict[str, Any]
+    timeout: int
+    job_id: str | None
+    started_at: dt.datetime
+    deadline: dt.datetime
+    provision: Provision | None = None  # inputs to get into the artifact store before the job is submitted
+
+
+@dataclass(frozen=True)
+class Provision:
+    """What a real node's step needs from the artifact store (controller/provisioning.py)."""
+
+    needs: NodeNeeds
+    build_key: str | None  # BUILD: its build fails with the node
+    built_sha256: str | None  # INSTALL after a build: the built wheel
+
+
+def real_executor(plan: Mapping[str, Any]) -> bool:
+    """The node runs playbooks for real (``--executor ansible``): its steps need real artifacts."""
+    executor = plan.get("executor")
+    if isinstance(executor, str):
+        return executor == "ansible"
+    return not plan.get("simulated", True)
+
+
+class RolloutEngine:
+    """Drives every active rollout of the store. One per controller process; ``await run()``."""
+
+    def __init__(self, store: Store, jobs: JobDispatcher, *, artifacts_dir: Path | None = None,
+                 artifacts: Any = None, owner: str | None = None, lease_ttl: float = 15.0,
+                 tick: float = 0.5, provisioner: Provisioner | None = None) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.artifacts = artifacts
+        # real nodes' build and install inputs (sdist, wheel, dependency closure): store first, then upstream
+        self.provisioner = provisioner
+        self.artifacts_dir = artifacts_dir
+        self.owner = owner or new_owner()
+        self.lease_ttl = lease_ttl
+        self.tick = tick
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # one database unit of the engine at a time (``_db``); waiters queue here, on the loop, not in the pool
+        self._db_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.finished_reconcile_s = FINISHED_RECONCILE_S
+        self._finished_reconciled_at = 0.0
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run a tick soon; safe from any thread (HTTP handlers run in a worker thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        log.info("rollout engine %s started", self.owner)
+        try:
+            while not self._stopping:
+                try:
+                    await self.tick_once()
+                except FleetError as exc:
+                    log.warning("rollout engine: %s", exc)
+                except Exception:
+                    log.exception("rollout engine tick failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.tick)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self._tasks.clear()
+
+    async def _db(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run the engine's blocking database unit ``fn(*args)`` on the store's bounded pool, one at a time.
+
+        Off the loop: a locked database delays the engine, never heartbeats or ``/live``. One at a time: the
+        units were written for one thread (the loop used to serialise them) and share rows — a rollout and
+        its nodes, builds across nodes and rollouts — so ``_drive_db``, ``_prepare`` and ``_finish_step`` must
+        not interleave. Waiters queue on the loop, not in the pool's threads (the gRPC servicer shares them).
+        The lock is released when the thread's work ends, not when the awaiting task is cancelled: a
+        cancelled wait (``stop``) never lets a second unit overlap one still running in its thread."""
+        lock = self._db_lock
+        await lock.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            work: Future[T] = self.store.executor.submit(fn, *args)
+        except BaseException:
+            lock.release()
+            raise
+
+        def unlock(_: Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown): nobody waits any more
+                loop.call_soon_threadsafe(lock.release)
+
+        work.add_done_callback(unlock)
+        return await asyncio.wrap_future(work)
+
+    async def tick_once(self) -> None:
+        """One pass: claim and renew leases, drive each claimed rollout, now and then look at finished ones."""
+        claimed = await self._db(self._claim, frozenset(self._tasks))
+        for rid in claimed:
+            await self._drive(rid)
+        if time.monotonic() - self._finished_reconciled_at >= self.finished_reconcile_s:
+            self._finished_reconciled_at = time.monotonic()
+            await self._db(self._reconcile_finished)
+
+    def _claim(self, running: Collection[tuple[str, str]]) -> list[str]:
+        """Take the free active rollouts and renew the leases of nodes this engine runs (``running``: a
+        snapshot of ``_tasks``). Blocking: through ``_db``. ``now`` is taken here, when the lock is ours, so
+        a wait for the database does not shorten the leases written."""
+        now = utcnow()
+        expiry = now + dt.timedelta(seconds=self.lease_ttl)
+        claimed: list[str] = []
+        with self.store.session() as s:
+            for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE_ROLLOUT))):
+                if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
+                    previous = r.lease_owner
+                    if not take_lease(s, r, self.owner, expiry):
+                        continue  # another engine took it between our read and our write
+                    if previous != self.owner:
+                        log.info("rollout %s: taking over from %s", r.id, previous or "nobody")
+                    claimed.append(r.id)
+            if running:
+                for n in s.scalars(select(RolloutNode).where(RolloutNode.lease_owner == self.owner)):
+                    if (n.rollout_id, n.hostname) in running:
+                        n.lease_expiry = expiry
+        return claimed
+
+    # ---- one rollout ---------------------------------------------------------------------------
+
+    async def _drive(self, rid: str) -> None:
+        """Decide for one rollout (one unit on the pool) and start the node tasks it says to, on the loop."""
+        start = await self._db(self._drive_db, rid, frozenset(self._tasks))
+        for host in start:
+            task_key = (rid, host)
+            if task_key not in self._tasks:
+                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+
+    def _drive_db(self, rid: str, running: Collection[tuple[str, str]]) -> tuple[str, ...]:
+        """The database half of ``_drive`` (blocking; through ``_db``): the nodes to start. ``running`` is a
+        snapshot of ``_tasks`` taken on the loop; only ``_drive`` adds to it, after this returns, so a node
+        is never missing from it — at most a task that just ended is still counted busy for one tick."""
+        now = utcnow()
+        start: tuple[str, ...] = ()
+        paused: str | None = None
+        with self.store.session() as s:
+            r = s.get(Rollout, rid)
+            if r is None:
+                return ()
+            nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
+            if r.status == RolloutStatus.RUNNING:
+                self._reconcile(s, rid, [n for n in nodes if n.state == State.FAILED])
+            keys = {n.build_key for n in nodes if n.build_key}
+            builds = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys \
+                else {}
+            opts = r.options or {}
+            snap = Snapshot(
+                status=RolloutStatus(r.status),
+                nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
+                                    busy=self._busy(rid, n, now, running),
+                                    builder=bool(n.build_key and builds.get(n.build_key)
+                                                 and builds[n.build_key].builder == n.hostname))
+                       for n in nodes],
+                builds={k: BuildSnapshot(k, BuildStatus(b.status), b.builder) for k, b in builds.items()},
+                failures=sum(1 for n in nodes if n.state == State.FAILED),
+                total=sum(1 for n in nodes if n.state != State.SKIPPED or n.step is not None),
+                budget=parse_budget(opts.get("max_failures")),
+                max_parallel=int(opts.get("max_parallel", 0)) or 10_000,
+                canary_batch=bool(opts.get("canary_batch", False)),
+                canary_ack=r.canary_ack,
+            )
+            acts = next_actions(snap)
+            by_host = {n.hostname: n for n in nodes}
+            for host, key in acts.fail_waiting:
+                b = builds[key]
+                record(s, rid, by_host[host], State.FAILED,
+                       f"build of {key} on {b.builder or '?'} failed: {b.error or 'see the builder node'}")
+            if r.status == RolloutStatus.ABORTING:
+                for n in nodes:
+                    if State(n.state) not in TERMINAL and not self._busy(rid, n, now, running) and n.job_id is None:
+                        record(s, rid, n, State.SKIPPED, "rollout aborted before this step started")
+                if all(State(n.state) in TERMINAL for n in nodes):
+                    self._set_status(s, r, RolloutStatus.ABORTED, r.reason or "aborted by operator")
+            if acts.pause:
+                self._set_status(s, r, RolloutStatus.PAUSED, acts.pause)
+                paused = acts.pause
+            elif acts.finish:
+                self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
+                                 RolloutStatus.ROLLBACK_FAILED else self._summary(nodes))
+            else:
+                start = acts.start
+            if acts.current_batch is not None:
+                r.current_batch = acts.current_batch
+        if paused is not None:  # after the commit: the audit log has its own unit of work
+            audit(self.store, "engine", "rollout.pause", rid, reason=paused)
+        return start
+
+    def _reconcile_finished(self) -> None:
+        """Failed nodes of finished rollouts (``RECONCILED_AFTER_END``) whose agent vanished and is back online:
+        their cause says what the node has now and how to retry it (``_reconcile`` with ``finished``). A node
+        that a later rollout took on is that rollout's business and left alone."""
+        returned: list[tuple[str, str, str]] = []
+        with self.store.session() as s:
+            rows = s.execute(
+                select(RolloutNode, Rollout.status, Rollout.created_at)
+                .join(Rollout, Rollout.id == RolloutNode.rollout_id)
+                .join(Node, Node.hostname == RolloutNode.hostname)
+                .where(RolloutNode.state == str(State.FAILED), Rollout.status.in_(RECONCILED_AFTER_END),
+                       Node.status == NodeStatus.ONLINE, Node.last_seen > RolloutNode.updated_at)).all()
+            for n, status, created in rows:
+                if (n.result or {}).get("reconciled") == n.attempt:
+                    continue
+                newer = s.scalar(select(Rollout.id).join(RolloutNode, RolloutNode.rollout_id == Rollout.id)
+                                 .where(RolloutNode.hostname == n.hostname, Rollout.created_at > created).limit(1))
+                if newer is not None:
+                    continue
+                if self._reconcile(s, n.rollout_id, [n], finished=status):
+                    returned.append((n.rollout_id, n.hostname, n.cause))
+        for rid, host, cause in returned:  # after the commit: the audit log has its own unit of work
+            audit(self.store, "engine", "rollout.node-returned", rid, hostname=host, cause=cause[-500:])
+
+    def _reconcile(self, s: Session, rid: str, failed: list[RolloutNode], *, finished: str | None = None) -> bool:
+        """A node failed because its agent vanished mid-step and is back: if its facts now show the target
+        flash-attn, verify it (failed → verify); otherwise say how to retry it. Once per attempt.
+
+        ``finished`` (the status of a rollout that has ended): nothing drives its nodes any more, so the node
+        stays failed and its cause says what it has now — the target (installed, not verified) or not — and how
+        to retry it. True when some node was reconciled."""
+        done = False
+        for n in failed:
+            res = n.result or {}
+            if not any(isinstance(v, Mapping) and v.get("vanished") for v in res.values()) \
+                    or res.get("reconciled") == n.attempt:
+                continue
+            node = s.scalar(select(Node).where(Node.hostname == n.hostname))
+            if (node is None or node.status != NodeStatus.ONLINE or node.last_seen is None
+                    or node.last_seen <= n.updated_at):
+                continue
+            facts, unreadable = read_facts(node.facts)
+            installed = facts.flash_attn.version if facts is not None and facts.flash_attn else None
+            target = (n.plan or {}).get("version")
+            have = installed or ("absent" if facts is not None else f"unknown ({unreadable})")
+            n.result = {**res, "reconciled": n.attempt}
+            done = True
+            if finished is not None:
+                # the cause a node had when its agent vanished is stale now: say what it has and what to do
+                n.result["returned"] = {"flash_attn": installed, "target": target,
+                                        "at": node.last_seen.isoformat()}
+                retry = (f"`fleetctl rollout resume {rid} --retry-failed` retries it"
+                         if finished == RolloutStatus.PARTIAL else "roll out again to finish it")
+                now_has = (f"flash-attn {target} (the target) installed but not verified" if target and
+                           have == target else f"flash-attn {have}, not the target {target}")
+                n.cause = (f"{n.cause[:2000]} — back online after the rollout ended ({finished}) with {now_has}: "
+                           f"{retry}")
+                n.updated_at = utcnow()
+            elif target and have == target:
+                record(s, rid, n, State.VERIFY, f"reconciled: {n.hostname} is back with flash-attn {target}; "
+                                                f"verifying it")
+            else:
+                n.cause = (f"{n.cause} — {n.hostname} is back online (flash-attn {have}): "
+                           f"`fleetctl rollout resume {rid} --retry-failed` after a pause, or roll out again")
+        return done
+
+    def _busy(self, rid: str, n: RolloutNode, now: dt.datetime, running: Collection[tuple[str, str]]) -> bool:
+        if (rid, n.hostname) in running:
+            return True
+        return not lease_free(n.lease_owner, n.lease_expiry, self.owner, now)
+
+    @staticmethod
+    def _rollback_failures(nodes: list[RolloutNode]) -> str:
+        """The reason of a ``rollback-failed`` rollout: each failed node's own error, and what to do."""
+        failed = [n for n in nodes if n.state == State.FAILED]
+        head = "; ".join(f"{n.hostname}: {n.cause[:300]}" for n in failed[:3]) + (
+            f"; … and {len(failed) - 3} more" if len(failed) > 3 else "")
+        return (f"rollback failed on {len(failed)} node(s) — {head} — fix the cause, then "
+                f"`fleetctl rollout rollback ID` again (it retries the failed nodes only)")
+
+    @staticmethod
+    def _summary(nodes: list[RolloutNode]) -> str:
+        counts: dict[str, int] = {}
+        for n in nodes:
+            counts[n.state] = counts.get(n.state, 0) + 1
+        return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+    @staticmethod
+    def _set_status(s: Session, r: Rollout, status: RolloutStatus, reason: str) -> None:
+        log.info("rollout %s: %s → %s (%s)", r.id, r.status, status, reason)
+        r.status = status
+        r.reason = reason
+        r.updated_at = utcnow()
+        if status not in ACTIVE_ROLLOUT:
+            r.finished_at = r.updated_at
+            r.lease_owner = None
+            r.lease_expiry = None
+
+    # ---- one node ----------------------------------------------------------------------------
+
+    async def _node_task(self, rid: str, host: str) -> None:
+        try:
+            while not self._stopping:
+                step = await self._db(self._prepare, rid, host)  # committed before the job is submitted
+                if step is None:
+                    break
+                if step.job_id is None and step.provision is not None and not await self._provide(step):
+                    continue  # failed, saying why; the next _prepare finds the node failed and stops
+                outcome = await self._execute(step)
+                await self._db(self._finish_step, step, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a database error too (a lock held past the timeout): the next tick restarts the node,
+            log.exception("rollout %s: node %s task failed", rid, host)  # re-attaching to its job
+        finally:
+            try:
+                with contextlib.suppress(Exception):
+                    await self._db(self._release, rid, host)
+            finally:
+                # only now: while the lease is being released the node still counts as ours (busy), so a tick
+                # meanwhile cannot start a second task whose fresh lease this release would then clear
+                self._tasks.pop((rid, host), None)
+                self.wake()
+
+    def _release(self, rid: str, host: str) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
+            if n is not None and n.lease_owner == self.owner:
+                n.lease_owner = None
+                n.lease_expiry = None
+
+    def _is_builder(self, s: Session, n: RolloutNode) -> bool:
+        if not n.build_key:
+            return False
+        b = s.get(Build, n.build_key)
+        return b is not None and b.builder == n.hostname and b.status in (BuildStatus.PENDING, BuildStatus.BUILDING)
+
+    def _prepare(self, rid: str, host: str) -> StepRun | None:
+        """Claim the node, advance it through bookkeeping states, and return the step to run (or None)."""
+        now = utcnow()
+        with self.store.session() as s:
+            r = s.get(Rollout, rid)
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
+            if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, now):
+                return None
+            if not take_lease(s, n, self.owner, now + dt.timedelta(seconds=self.lease_ttl)):
+                return None  # another engine claimed the node between our read and our write
+            plan = plan_from_json(n.plan)
+            opts = r.options or {}
+            for _ in range(4):  # bookkeeping moves: planned → first step, waiting → build/install
+                state = State(n.state)
+                if state in TERMINAL:
+                    return None
+                if state == State.PLANNED:
+                    if r.status != RolloutStatus.RUNNING:
+                        return None
+                    nxt = next_state(plan, self._is_builder(s, n), State.PLANNED)
+                    nxt = self._skip_wait(s, n, nxt)
+                    record(s, rid, n, nxt, f"batch {n.batch} started" + (" (canary)" if n.canary else ""))
+                    if nxt == State.DONE:
+                        return None
+                    continue
+                if state == State.WAITING:
+                    b = s.get(Build, n.build_key) if n.build_key else None
+                    if b is None or b.status == BuildStatus.FAILED:
+                        record(s, rid, n, State.FAILED, f"build of {n.build_key} failed: "
+                               f"{(b.error if b else None) or 'no build record'}")
+                        return None
+                    if b.status == BuildStatus.SUCCEEDED:
+                        record(s, rid, n, State.INSTALL, f"wheel {b.artifact_filename} built on {b.builder}")
+                        continue
+                    if b.builder == host and r.status == RolloutStatus.RUNNING:
+                        record(s, rid, n, State.BUILD, "this node builds the wheel for its build key")
+                        continue
+                    return None
+                break
+            state = State(n.state)
+            kind = STATE_TO_JOB.get(state)
+            if kind is None:
+                return None
+            if n.job_id is None and n.step_started_at is None:
+                if r.status != (RolloutStatus.ROLLING_BACK if state == State.ROLLING_BACK else RolloutStatus.RUNNING):
+                    return None  # queued: paused or aborting
+                if state == State.BUILD:
+                    problem = self._artifact_space_problem(int(opts.get("min_free_bytes", DEFAULT_MIN_FREE_BYTES)))
+                    b = s.get(Build, n.build_key) if n.build_key else None
+                    if problem:
+                        if b is not None:
+                            b.status, b.error, b.finished_at = BuildStatus.FAILED, problem, now
+                        record(s, rid, n, State.FAILED, problem)
+                        return None
+                    if b is not None:
+                        b.status, b.builder, b.attempts, b.rollout_id = BuildStatus.BUILDING, host, b.attempts + 1, rid
+            timeout = int((opts.get("step_timeouts") or {}).get(kind) or self._default_timeout(kind, plan))
+            if n.step_started_at is None:
+                n.step_started_at = now
+                n.step_deadline = now + dt.timedelta(seconds=timeout)
+            started = n.step_started_at
+            deadline = n.step_deadline or started + dt.timedelta(seconds=timeout)
+            job_vars = self._job_vars(s, r, n, plan, state)
+            return StepRun(rid, host, state, kind, job_vars, timeout, n.job_id, started, deadline,
+                           self._provision(s, n, state))
+        # the session commits here: the step's state and start time are durable before the job is submitted
+
+    def _provision(self, s: Session, n: RolloutNode, state: State) -> Provision | None:
+        """A real node's build or install: what to get into the store first (None: nothing, or simulated)."""
+        if self.provisioner is None or state not in (State.BUILD, State.INSTALL) or not real_executor(n.plan):
+            return None
+        try:
+            needs = NodeNeeds.from_plan(n.plan)
+        except FleetError:
+            return None  # planned by an older controller: the job vars say what it has
+        built = None
+        if state == State.INSTALL and n.build_key:
+            b = s.get(Build, n.build_key)
+            built = b.artifact_sha256 if b is not None and b.status == BuildStatus.SUCCEEDED else None
+        return Provision(needs, n.build_key if state == State.BUILD else None, built)
+
+    async def _provide(self, step: StepRun) -> bool:
+        """Get the step's inputs into the artifact store (fetching from upstream if need be) and add them to its
+        job vars. Visible while it runs (the node's cause) and after (``result.artifacts``); a failure fails the
+        node — and its build, so nodes waiting on it fail too — with what went wrong and what to do."""
+        assert step.provision is not None and self.provisioner is not None
+        prov, provisioner = step.provision, self.provisioner
+        where = provisioner.upstream.config.describe()
+        await self._db(self._note, step, f"{step.kind}: getting its artifacts into the store ({where})")
+        started = time.monotonic()
+        try:
+            if step.state == State.BUILD:
+                sdist = await asyncio.to_thread(provisioner.sdist, prov.needs)
+                extra: dict[str, Any] = {"sdist_sha256": sdist.sha256}
+                got = [describe_artifact(sdist)]
+            else:
+                def install_set() -> Any:  # the artifact store's lookup reads the database: off the loop too
+                    built = self.artifacts.get(prov.built_sha256) if prov.built_sha256 and self.artifacts else None
+                    return provisioner.install_set(prov.needs, built)
+
+                chosen = await asyncio.to_thread(install_set)
+                extra, got = chosen.job_vars(), chosen.describe()
+        except FleetError as exc:
+            await self._db(self._provision_failed, step, exc)
+            return False
+        except Exception as exc:  # a bug: fail the node saying so, never re-run the step in a loop (the task restarts)
+            log.exception("rollout %s: getting %s's artifacts failed", step.rollout_id, step.hostname)
+            await self._db(self._provision_failed, step, FleetError(
+                f"internal error while getting the artifacts: {type(exc).__name__}: {exc}",
+                hint="see the controller's log; report it"))
+            return False
+        step.vars.update(extra)
+        await self._db(self._provided, step, got, round(time.monotonic() - started, 3))
+        return True
+
+    def _provided(self, step: StepRun, got: list[dict[str, Any]], seconds: float) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is not None and n.state == str(step.state):
+                n.result = {**(n.result or {}), "artifacts": {"step": str(step.state), "files": got,
+                                                              "seconds": seconds}}
+                n.cause = f"{step.kind}: {len(got)} artifact(s) ready in the store"
+
+    def _note(self, step: StepRun, text: str) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is not None and n.state == str(step.state):
+                n.cause = text[:4000]
+
+    def _provision_failed(self, step: StepRun, exc: FleetError) -> None:
+        cause = f"{step.kind} not started: {describe_failure(exc)}; then `fleetctl rollout resume " \
+                f"{step.rollout_id} --retry-failed`"
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is None or n.state != str(step.state):
+                return
+            n.diagnosis = {"diagnoses": [], "error": cause[:2000]}
+            if step.provision is not None and step.provision.build_key:
+                b = s.get(Build, step.provision.build_key)
+                if b is not None:
+                    b.status, b.error, b.finished_at = BuildStatus.FAILED, cause, utcnow()
+            record(s, step.rollout_id, n, State.FAILED, cause)
+
+    def _skip_wait(self, s: Session, n: RolloutNode, nxt: State) -> State:
+        if nxt == State.WAITING and n.build_key:
+            b = s.get(Build, n.build_key)
+            if b is not None and b.status == BuildStatus.SUCCEEDED:
+                return State.INSTALL
+        return nxt
+
+    @staticmethod
+    def _default_timeout(kind: str, plan: NodePlan) -> int:
+        if kind == "build-from-source" and plan.build_minutes:
+            return int(min(24 * 3600, max(3600, plan.build_minutes * 60 * 3)))
+        return int(DEFAULT_TIMEOUTS.get(kind, 900))
+
+    def _artifact_space_problem(self, min_free: int) -> str | None:
+        root = self.artifacts_dir
+        if root is None:
+            return None
+        probe = root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError as exc:
+            return f"artifact store {root} unusable: {exc.strerror or exc}"
+        if free < min_free:
+            return (f"artifact store {root} is full: {free // 2**20} MiB free, a built wheel needs up to "
+                    f"{min_free // 2**20} MiB — free space there (or move --state-dir), then "
+                    f"`fleetctl rollout resume ID --retry-failed`")
+        return None
+
+    def _job_vars(self, s: Session, r: Rollout, n: RolloutNode, plan: NodePlan, state: State) -> dict[str, Any]:
+        """The job's variables: what its playbook reads (docs/playbooks.md), plus rollout bookkeeping."""
+        decision = n.plan.get("decision") or {}
+        out: dict[str, Any] = {"rollout_id": r.id, "flash_attn_version": plan.version, "variant": plan.variant,
+                               "python": n.plan.get("python"), "attempt": n.attempt}
+        if plan.variant in DIST_NAMES:
+            out["dist_name"] = DIST_NAMES[plan.variant]
+        if state == State.KEYRING:
+            out.update(apt_keyring_vars(n.plan.get("apt_errors") or []))
+        elif state == State.TOOLKIT:
+            out.update(cuda_version=decision.get("toolkit"), driver_cuda_max=n.plan.get("driver_cuda_max"))
+        elif state == State.BUILD:
+            build = decision.get("build") or {}
+            out.update(build_key=plan.build_key, build=build, max_jobs=build.get("max_jobs"),
+                       nvcc_threads=build.get("nvcc_threads"), **build_target_vars(build))
+            if plan.variant == "fa3-source":
+                out["sdist_subdir"] = "hopper"
+            tk = n.plan.get("toolkit_path")
+            if tk and not decision.get("toolkit") and str(tk).endswith("/bin/nvcc"):
+                out["cuda_home"] = str(tk)[: -len("/bin/nvcc")]
+            sdist = self._sdist(plan)
+            if sdist is not None:
+                out["sdist_sha256"] = sdist
+            out["install"] = False  # the install step that follows installs it, with its dependencies
+        elif state == State.INSTALL:
+            b = s.get(Build, n.build_key) if n.build_key else None
+            if b is not None and b.status == BuildStatus.SUCCEEDED:
+                out.update(wheel_sha256=b.artifact_sha256, wheel_filename=b.artifact_filename)
+            else:
+                out.update(wheel_filename=plan.artifact, wheel_sha256=n.plan.get("artifact_sha256"),
+                           wheel_url=n.plan.get("artifact_url"))
+        elif state == State.ROLLING_BACK:
+            return checked_job_vars(self._rollback_vars(s, r, n), n.hostname)
+        elif state == State.VERIFY and (r.options or {}).get("verify_mode"):
+            out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
+        return checked_job_vars(out, n.hostname)  # node-derived values fullmatch their patterns, or go as null
+
+    def _rollback_vars(self, s: Session, r: Rollout, n: RolloutNode) -> dict[str, Any]:
+        """rollback.yml's variables (docs/playbooks.md) and nothing else: the playbook restores what its own
+        record on the node says was there before the install, and any other variable would become an Ansible
+        extra var that beats the playbook's own facts (the bug where ``previous`` broke every real rollback).
+        ``rollout_id`` and ``attempt`` are the engine's bookkeeping (``_find_job``); the playbook ignores them.
+        When the node had a flash-attn before the rollout, the store's wheel of that exact version goes along
+        (``wheel_sha256``; the agent fetches it into ``wheel_path``): the node needs it when fleetctl did not
+        install that version (it keeps no wheel of it), and uses its own kept wheel otherwise."""
+        out: dict[str, Any] = {"rollout_id": r.id, "attempt": n.attempt, "python": n.plan.get("python")}
+        variant = str(n.plan.get("variant"))
+        if variant in DIST_NAMES:
+            out["dist_name"] = DIST_NAMES[variant]
+        version = (n.previous or {}).get("version")
+        if version:
+            sha = self._previous_wheel(s, n.hostname, str(out.get("dist_name", "flash-attn")), str(version))
+            if sha is not None:
+                out["wheel_sha256"] = sha
+        return out
+
+    def _previous_wheel(self, s: Session, hostname: str, dist: str, version: str) -> str | None:
+        """sha256 of a stored wheel of ``dist`` ``version`` that runs on the node (core.pick_previous_wheel)."""
+        if self.artifacts is None:
+            return None
+        prefix = f"{dist.replace('-', '_')}-{version.partition('+')[0]}"
+        rows = s.execute(select(Artifact.filename, Artifact.sha256).where(
+            Artifact.kind == "wheel", Artifact.filename.startswith(prefix, autoescape=True))).all()
+        # only trusted files: vouched for, or the wheel of a build that succeeded (controller/artifacts.py)
+        built = set(s.scalars(select(Build.artifact_sha256).where(Build.status == BuildStatus.SUCCEEDED)))
+        prov = provenance_of(s, [h for _, h in rows])
+        trusted = [(f, h) for f, h in rows if h in built or trusted_for(prov.get(h, ()))]
+        facts, _ = read_facts(s.scalar(select(Node.facts).where(Node.hostname == hostname)))
+        py = facts.python.version if facts is not None else ""  # unreadable facts: any python, any arch
+        tag = "cp" + "".join(py.split(".")[:2]) if py.count(".") >= 1 else None
+        return pick_previous_wheel(trusted, dist, version, tag, facts.os.arch if facts is not None else None)
+
+    def _sdist(self, plan: NodePlan) -> str | None:
+        """sha256 of the flash-attn sdist in the artifact store (air-gapped nodes build from it). Only a
+        vouched-for one (an operator's, the controller's own fetch, a bundle's): never one of unknown origin."""
+        if self.artifacts is None or not plan.version:
+            return None
+        for name in (f"flash_attn-{plan.version}.tar.gz", f"flash-attn-{plan.version}.tar.gz",
+                     f"flash_attn_3-{plan.version}.tar.gz"):
+            found = self.artifacts.find(name, sources=VOUCHED)
+            if found:
+                return str(found[0].sha256)
+        return None
+
+    async def _execute(self, step: StepRun) -> JobOutcome:
+        job_id = step.job_id or await self._db(self._find_job, step)
+        if job_id is None:
+            job_id = await self.jobs.submit_job(step.hostname, step.kind, step.vars, timeout=step.timeout)
+            await self._db(self._record_job, step, job_id, True)
+        else:
+            log.info("rollout %s: %s re-attached to job %s (%s)", step.rollout_id, step.hostname, job_id, step.kind)
+            await self._db(self._record_job, step, job_id, False)
+        step.job_id = job_id
+        remaining = (step.deadline - utcnow()).total_seconds()
+        try:
+            return await self.jobs.wait(job_id, timeout=max(0.0, remaining))
+        except TimeoutError:
+            try:
+                await self.jobs.cancel_async(job_id, f"rollout step deadline ({step.timeout}s) passed")
+            except ConflictError:
+                finished = await self.store.call(self.jobs.outcome, job_id)
+                if finished is not None:
+                    return finished
+            return JobOutcome(job_id, JobStatus.TIMEOUT, None, {"vanished": True},
+                              f"no result for {step.kind} within {step.timeout}s: the node's agent is gone or stuck "
+                              f"(`fleetctl node {step.hostname}` shows when it was last seen)")
+
+    def _record_job(self, step: StepRun, job_id: str, submitted: bool) -> None:
+        """The step's job id, right after submission (``submitted``; the build's too) or on re-attaching. If
+        this fails (the database locked past its timeout), the restarted step finds the job (``_find_job``)."""
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if not submitted:
+                if n is not None and n.job_id is None:
+                    n.job_id = job_id
+                return
+            if n is not None:
+                n.job_id = job_id
+            if step.state == State.BUILD and n is not None and n.build_key:
+                b = s.get(Build, n.build_key)
+                if b is not None:
+                    b.job_id = job_id
+
+    def _find_job(self, step: StepRun) -> str | None:
+        """A job for this step submitted before a crash, before its id was recorded."""
+        with self.store.session() as s:
+            rows = s.scalars(select(Job).where(Job.node == step.hostname, Job.kind == step.kind,
+                                               Job.created_at >= step.started_at).order_by(Job.created_at))
+            for row in rows:
+                v = row.vars or {}
+                if v.get("rollout_id") == step.rollout_id and v.get("attempt") == step.vars.get("attempt"):
+                    return row.id
+        return None
+
+    def _finish_step(self, step: StepRun, outcome: JobOutcome) -> None:
+        with self.store.session() as s:
+            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
+                                                   RolloutNode.hostname == step.hostname))
+            if n is None or n.state != str(step.state) or n.job_id not in (None, step.job_id):
+                return
+            r = s.get(Rollout, step.rollout_id)
+            plan = plan_from_json(n.plan)
+            result = dict(n.result or {})
+            result[str(step.state)] = {"job_id": outcome.job_id, "status": outcome.status,
+                                       **{k: v for k, v in (outcome.result or {}).items()
+                                          if k in ("built_wheel", "stats", "verification", "passed", "summary",
+                                                   "vanished", "reasons", "rollback")}}
+            n.result = result
+            job = outcome.job_id
+            if not outcome.ok and step.state == State.VERIFY and _NO_VERIFY_RE.search(outcome.error or ""):
+                floor = self._metadata_floor(s, n, plan)
+                if floor is not None:
+                    record(s, step.rollout_id, n, State.DONE, floor, job_id=job)
+                    return
+            if not outcome.ok:
+                self._fail(s, n, step, outcome)
+                return
+            if step.state == State.ROLLING_BACK:
+                # what the node must have from now on (no flash-attn after a removal: not degraded)
+                record_after_rollback(result, outcome.result, n.previous)
+                n.result = result
+                expected = result[EXPECTED_KEY]["flash_attn"]
+                action = ((outcome.result or {}).get("rollback") or {}).get("action")
+                record(s, step.rollout_id, n, State.ROLLED_BACK,
+                       "nothing to roll back: no install by fleetctl is recorded on the node" if action == "none"
+                       else f"previous flash-attn {expected} restored" if expected else
+                       "flash-attn removed (the node had none before the rollout)", job_id=job)
+                return
+            if step.state == State.VERIFY:
+                passed, why = verification_verdict(outcome.result or {})
+                if passed:
+                    record(s, step.rollout_id, n, State.DONE, f"verification passed{': ' + why if why else ''}",
+                           job_id=job)
+                else:
+                    n.diagnosis = {"diagnoses": diagnose_text(why)}
+                    record(s, step.rollout_id, n, State.FAILED, f"verification failed: {why}", job_id=job)
+                return
+            if step.state == State.BUILD:
+                problem = self._record_build(s, n, outcome)
+                if problem:
+                    record(s, step.rollout_id, n, State.FAILED, problem, job_id=job)
+                    return
+            builder = step.state == State.BUILD
+            nxt = self._skip_wait(s, n, next_state(plan, builder, step.state))
+            cause = f"{step.kind} succeeded"
+            if nxt == State.WAITING and self._is_builder(s, n) and r is not None:
+                nxt = State.BUILD
+            record(s, step.rollout_id, n, nxt, cause, job_id=job)
+
+    @staticmethod
+    def _metadata_floor(s: Session, n: RolloutNode, plan: NodePlan) -> str | None:
+        """The agent cannot run ``verify`` jobs (no verification runner there yet): pass when the node's
+        fresh facts report the target flash-attn installed — a metadata check, and said so."""
+        facts, _ = read_facts(s.scalar(select(Node.facts).where(Node.hostname == n.hostname)))
+        fa = facts.flash_attn if facts is not None else None  # unreadable facts vouch for nothing
+        if plan.version and fa is not None and fa.version == plan.version:
+            return (f"verified by the floor only: this agent cannot run verify jobs; the node reports flash-attn "
+                    f"{plan.version} installed (package metadata)")
+        return None
+
+    def _record_build(self, s: Session, n: RolloutNode, outcome: JobOutcome) -> str | None:
+        b = s.get(Build, n.build_key) if n.build_key else None
+        wheel = (outcome.result or {}).get("built_wheel") or {}
+        sha = wheel.get("sha256") if isinstance(wheel, Mapping) else None
+        problem = None
+        if not sha:
+            problem = "build finished but reported no built wheel (built_wheel.sha256 missing)"
+        elif self.artifacts is not None:
+            try:
+                info = self.artifacts.get(sha)
+            except NotFoundError:
+                problem = (f"built wheel {sha[:12]}… never reached the artifact store (upload failed: disk full or "
+                           f"size limit?) — check the controller's state dir, then `fleetctl rollout resume ID "
+                           f"--retry-failed`")
+            else:
+                # the build's wheel is what a job of this build key uploaded (controller/build_uploads.py), or
+                # bytes an operator/upstream vouched for; never a file of another origin the node points at
+                if not trusted_for(info.sources, n.build_key):
+                    problem = (f"build reported wheel {sha[:12]}… ({info.filename}), but the artifact store has it "
+                               f"from {info.provenance.describe()}, not from a build job of this build key — "
+                               f"refused; `fleetctl rollout resume ID --retry-failed` builds again")
+        if b is not None:
+            b.finished_at = utcnow()
+            if problem:
+                b.status, b.error = BuildStatus.FAILED, problem
+            else:
+                b.status, b.artifact_sha256 = BuildStatus.SUCCEEDED, sha
+                b.artifact_filename = str(wheel.get("filename") or "")
+        return problem
+
+    def _fail(self, s: Session, n: RolloutNode, step: StepRun, outcome: JobOutcome) -> None:
+        text = "\n".join(str(x) for x in (outcome.error, (outcome.result or {}).get("stderr"),
+                                          (outcome.result or {}).get("log")) if x)
+        findings = diagnose_text(text)
+        n.diagnosis = {"diagnoses": findings, "error": (outcome.error or "")[:2000]}
+        cause = f"{step.kind} {outcome.status}: {(outcome.error or 'no error text').splitlines()[0][:500]}"
+        if findings:
+            cause += f" — diagnosis: {findings[0].get('cause', '')}"
+        if step.state == State.BUILD and n.build_key:
+            b = s.get(Build, n.build_key)
+            if b is not None and b.status != BuildStatus.FAILED:
+                b.status, b.error, b.finished_at = BuildStatus.FAILED, cause, utcnow()
+        elif n.build_key and self._is_builder(s, n):
+            self._reelect(s, n)
+        record(s, step.rollout_id, n, State.FAILED, cause, job_id=outcome.job_id)
+
+    def _reelect(self, s: Session, failed: RolloutNode) -> None:
+        """The builder failed before building: hand the build to another node of the same key."""
+        b = s.get(Build, failed.build_key)
+        if b is None:
+            return
+        others = [o for o in s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == failed.rollout_id,
+                                                                  RolloutNode.build_key == failed.build_key))
+                  if o.hostname != failed.hostname and State(o.state) not in TERMINAL]
+        others.sort(key=lambda o: (o.batch, o.hostname))
+        if others:
+            b.builder = others[0].hostname
+            log.info("build %s: builder %s failed before building; %s builds instead", b.build_key,
+                     failed.hostname, b.builder)
+        else:
+            b.status, b.error = BuildStatus.FAILED, f"builder {failed.hostname} failed and no node is left"
+            b.finished_at = utcnow()

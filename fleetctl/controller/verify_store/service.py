@@ -1,0 +1,378 @@
+"""The controller side of verification, wired into a running controller.
+
+``VerificationService(ctx).attach()``:
+
+* every finished ``verify`` job (whoever submitted it: ``fleetctl verify``, a schedule, drift, a
+  rollout) is recorded (``store.record``: judged against the fleet baseline, with the facts snapshot)
+  and the node's health updated: a failure marks the node ``degraded`` (status + diagnosis + re-plan),
+  a later pass clears it;
+* a facts change that matters (driver, torch version/CUDA, toolkit, flash-attn) triggers a
+  re-verification of that node, debounced: changes within ``drift_delay`` seconds collapse into one,
+  and none is submitted while a verify job of the node is active or has finished since the change;
+* ``submit`` starts verify jobs on nodes chosen by hostnames or a rollout-style selector;
+* ``run_scheduler`` runs the schedules (controller.verify_store.schedules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleetctl.controller.local_wheels import controller_catalog
+from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.registry import record_of, selection_info
+from fleetctl.controller.rollout.core import parse_selector, select_nodes
+from fleetctl.controller.rollout.expectation import expected_after_rollback
+from fleetctl.controller.rollout.service import nodes_in_active_rollouts
+from fleetctl.controller.store import utcnow
+from fleetctl.controller.store.models import Job, Node
+from fleetctl.controller.verification import DEFAULT_POLICY, RegressionPolicy
+from fleetctl.controller.verify_store import schedules, store
+from fleetctl.controller.verify_store.models import Verification
+from fleetctl.fleet.errors import FleetError, UsageError
+from fleetctl.fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobStatus
+from fleetctl.fleet.verification import VerificationSchemaError, expect_for_variant
+
+log = logging.getLogger(__name__)
+
+DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
+DRIFT_DELAY_SECONDS = 10.0  # ControllerSettings.drift_debounce
+JOB_TIMEOUT = {"quick": 300, "full": 900}
+RECORD_ATTEMPTS = 8  # ~1 minute of backoff: rides out a database restart or a failover
+
+
+def drift_relevant(changed: Sequence[str]) -> list[str]:
+    """The changed facts paths that can break or slow flash-attn (``["*"]``, a first report, is none)."""
+    out = []
+    for path in changed:
+        if path == "*":
+            continue
+        if any(path == p or path.startswith(p + ".") for p in DRIFT_PATHS):
+            out.append(path)
+    return out
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What ``VerificationService.submit`` queued."""
+
+    jobs: dict[str, str]  # hostname → verify job id (an unfinished one of the node's is reused)
+    skipped: dict[str, str]  # hostname → why no job (its stored facts are unreadable)
+
+
+class VerificationService:
+    def __init__(self, ctx: Any, *, drift_delay: float = DRIFT_DELAY_SECONDS,
+                 policy: RegressionPolicy = DEFAULT_POLICY) -> None:
+        self.ctx = ctx
+        self.drift_delay = drift_delay
+        self.policy = policy
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._drift_timers: dict[str, asyncio.TimerHandle] = {}
+        self._drift_since: dict[str, tuple[dt.datetime, list[str]]] = {}
+        self.drift_submitted: list[tuple[str, str]] = []  # (hostname, job id), for tests and logs
+        self._attached = False
+
+    # ---- wiring -----------------------------------------------------------------------------------------
+
+    def attach(self) -> VerificationService:
+        if self._attached:
+            return self
+        self._attached = True
+        previous = self.ctx.jobs.on_job_finished
+
+        def finished(node: str, outcome: JobOutcome) -> None:
+            if previous is not None:
+                previous(node, outcome)
+            self.job_finished(node, outcome)
+
+        self.ctx.jobs.on_job_finished = finished
+        hooks = getattr(self.ctx.registry, "on_facts_changed", None)
+        if hooks is not None:
+            hooks.append(self.facts_changed)
+        return self
+
+    def _spawn(self, coro: Any) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called from a worker thread (e.g. a job finished outside the loop): run it here
+            asyncio.run(coro)
+            return
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle(self, timeout: float = 30.0) -> None:
+        """Wait until recording and drift work started so far is done (tests)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._tasks:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError("verification service still busy")
+            await asyncio.wait(set(self._tasks), timeout=left)
+
+    def close(self) -> None:
+        for timer in self._drift_timers.values():
+            timer.cancel()
+        self._drift_timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ---- results -----------------------------------------------------------------------------------------
+
+    def job_finished(self, node: str, outcome: JobOutcome) -> None:
+        """Job hook (event loop thread): record a finished verify job, off the loop and retried."""
+        if outcome.status == JobStatus.CANCELED:
+            return
+        self._spawn(self._record(node, outcome))
+
+    def _verify_vars(self, job_id: str) -> dict[str, Any] | None:
+        with self.ctx.store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.kind != "verify":
+                return None
+            return dict(job.vars or {})
+
+    async def _record(self, node: str, outcome: JobOutcome) -> None:
+        """Record with retries: a database fault (a dropped connection, a lock, a full disk) must not lose the
+        record. ``store.record`` is idempotent per job id, so a retry after a lost commit answer is harmless;
+        what is still not recorded after the last attempt is found by ``recover`` at the next start."""
+        delay = 0.5
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                vars_ = await self.ctx.store.call(self._verify_vars, outcome.job_id)
+                if vars_ is None:
+                    return
+                change, reason = await self.ctx.store.call(self.record_outcome, node, outcome, vars_)
+                break
+            except FleetError as exc:
+                if attempt == RECORD_ATTEMPTS:
+                    log.error("verification of %s (job %s) not recorded after %d attempts: %s; it is recorded "
+                              "when the controller next starts", node, outcome.job_id, attempt, exc.message)
+                    return
+                log.warning("verification of %s (job %s) not recorded yet (%s); retry %d in %.1fs", node,
+                            outcome.job_id, exc.message, attempt, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.apply_status(node, change, reason)
+
+    def unrecorded(self, limit: int = 500) -> list[tuple[str, JobOutcome]]:
+        """Finished verify jobs without a verification record (a fault outlasted ``_record``'s retries)."""
+        with self.ctx.store.session() as s:
+            rows = s.scalars(select(Job).where(
+                Job.kind == "verify", Job.status.in_(sorted(RAN_TO_END)),
+                ~select(Verification.id).where(Verification.job_id == Job.id).exists())
+                .order_by(Job.finished_at).limit(limit))
+            return [(r.node, JobOutcome(r.id, JobStatus(r.status), r.rc, r.result or {}, r.error)) for r in rows]
+
+    async def recover(self) -> int:
+        """Record what earlier faults left unrecorded (started with the controller); returns how many."""
+        try:
+            missing = await self.ctx.store.call(self.unrecorded)
+        except FleetError as exc:
+            log.warning("unrecorded verifications not checked: %s", exc.message)
+            return 0
+        for node, outcome in missing:
+            log.info("recording verification of %s (job %s) that an earlier fault left unrecorded", node,
+                     outcome.job_id)
+            self._spawn(self._record(node, outcome))
+        return len(missing)
+
+    def record_outcome(self, node: str, outcome: JobOutcome,
+                       vars_: Mapping[str, Any]) -> tuple[store.HealthChange, str]:
+        """Store one finished verify job; returns (health change, reason). Thread-safe."""
+        trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
+        schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
+        try:
+            result = store.result_from_job(outcome.result)
+        except VerificationSchemaError:  # judge_job names what is unreadable
+            result = None
+
+        def write(s: Session) -> tuple[store.HealthChange, str]:
+            row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
+                               job_error=outcome.error, job_result=outcome.result, trigger=trigger,
+                               schedule_id=schedule_id, policy=self.policy)
+            change, state = store.apply_health(s, row, catalog=self._catalog(s))
+            log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
+            return change, state.reason
+
+        # retried on a dropped connection or a lock timeout; idempotent per job id (verifications.job_id is unique)
+        written: tuple[store.HealthChange, str] = self.ctx.store.write(
+            write, what=f"verification of {node} (job {outcome.job_id})")
+        return written
+
+    def _catalog(self, s: Session) -> Any:
+        """The rollout's catalog (``controller_catalog``), so a re-plan picks the wheels our builds stored."""
+        try:
+            return controller_catalog(s, self.ctx.settings.state_dir)
+        except (FleetError, OSError):
+            return None
+
+    def apply_status(self, node: str, change: store.HealthChange, reason: str) -> None:
+        """Registry status from a health change (event loop thread)."""
+        try:
+            if change is store.HealthChange.DEGRADED:
+                self.ctx.registry.set_status(node, NodeStatus.DEGRADED, reason[:500])
+            elif change is store.HealthChange.CLEARED and self.ctx.registry.status_of(node) is NodeStatus.DEGRADED:
+                self.ctx.registry.set_status(node, NodeStatus.ONLINE, "verification passed")
+        except FleetError as exc:
+            log.warning("status of %s not changed: %s", node, exc.message)
+
+    # ---- submitting --------------------------------------------------------------------------------------
+
+    def select(self, hosts: Sequence[str] = (), selector: str | None = None) -> list[str]:
+        with self.ctx.store.session() as s:
+            infos = [selection_info(record_of(r)) for r in s.scalars(select(Node))]
+        if hosts:
+            known = {i.hostname for i in infos}
+            missing = [h for h in hosts if h not in known]
+            if missing:
+                raise UsageError(f"unknown node(s): {', '.join(missing)}", hint="see `fleetctl nodes`")
+            chosen = list(dict.fromkeys(hosts))
+            if selector:
+                chosen = [n.hostname for n in select_nodes(parse_selector(selector),
+                                                           [i for i in infos if i.hostname in chosen])]
+            return chosen
+        chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos)
+                  if n.status is not NodeStatus.OFFLINE]
+        if not chosen:
+            raise UsageError(f"every node matching {selector or 'all'!r} is offline",
+                             hint="name offline nodes explicitly to queue a verification for when they return")
+        return chosen
+
+    def _expectations(self, hosts: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """What each node's verification expects (``fleet.verification.expect_for_variant``: ``fa3``/``fa4``
+        for those, else ``flash_attn``) where FlashAttention is installed; where it is not, what
+        a clean rollback recorded the node must have (``sdpa`` after one that removed flash-attn: that node is
+        as intended, not degraded; controller/rollout/expectation.py), else what a rollout would install
+        (``flash_attn``, ``fa3`` for ``fa3-source``, ``fa4``) and ``sdpa`` when nothing. The catalog is built
+        once, and only when needed. Returns (expectations, {hostname: why skipped}): a node whose stored facts
+        are unreadable expects nothing that can be known, so it is skipped until its agent reports again."""
+        out: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        catalog: Any = None
+        with self.ctx.store.session() as s:
+            nodes = {row.hostname: record_of(row) for row in s.scalars(select(Node).where(Node.hostname.in_(hosts)))}
+            for host in hosts:
+                node = nodes.get(host)
+                if node is None or node.facts is None:
+                    skipped[host] = node.facts_error or "no facts" if node is not None else "no longer registered"
+                    continue
+                facts = node.facts
+                if facts.flash_attn is not None:
+                    out[host] = expect_for_variant(facts.flash_attn.variant)
+                    continue
+                after_rollback = expected_after_rollback(s, host)
+                if after_rollback is not None:
+                    out[host] = after_rollback.verify_expect
+                    continue
+                if catalog is None:
+                    catalog = self._catalog(s)
+                plan = store.replan(facts, catalog)
+                out[host] = expect_for_variant(str(plan.get("variant") or ""))
+        return out, skipped
+
+    async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
+                     trigger: str = "manual", schedule_id: int | None = None, model_path: str | None = None,
+                     timeout: int | None = None) -> Submitted:
+        """Submit one verify job per chosen node; returns their jobs, and the nodes skipped with why."""
+        if mode not in JOB_TIMEOUT:
+            raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
+        chosen = await self.ctx.store.call(self.select, hosts, selector)
+        if trigger in ("schedule", "drift"):  # a node an active rollout holds is verified by the rollout itself
+            held = await self.ctx.store.call(self.held_by_rollouts)
+            skipped = [h for h in chosen if h in held]
+            if skipped:
+                log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
+            chosen = [h for h in chosen if h not in held]
+        jobs: dict[str, str] = await self.ctx.store.call(self.active_verify_jobs, chosen)  # no pile-up: reuse
+        expect, skipped = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
+        for host, why in skipped.items():
+            log.warning("%s verification skips %s: %s", trigger, host, why)
+        for host, expected in expect.items():
+            vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
+            if schedule_id is not None:
+                vars_["schedule_id"] = schedule_id
+            if model_path:
+                vars_["model_path"] = model_path
+            jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
+        return Submitted(jobs, skipped)
+
+    def held_by_rollouts(self) -> dict[str, str]:
+        return nodes_in_active_rollouts(self.ctx.store)
+
+    def active_verify_jobs(self, hosts: Sequence[str]) -> dict[str, str]:
+        """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""
+        out: dict[str, str] = {}
+        with self.ctx.store.session() as s:
+            for start in range(0, len(hosts), 500):
+                rows = s.execute(select(Job.node, Job.id).where(
+                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE)),
+                    Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
+                for node, job_id in rows:
+                    out[node] = job_id
+        return out
+
+    async def submit_for_schedule(self, selector: str, mode: str, schedule_id: int,
+                                  run_id: int) -> tuple[dict[str, str], str | None]:
+        done = await self.submit(selector=selector, mode=mode, trigger="schedule", schedule_id=schedule_id)
+        note = "; ".join(f"{host} skipped: {why}" for host, why in done.skipped.items())
+        return done.jobs, note or None
+
+    async def run_scheduler(self, tick_seconds: float = schedules.TICK_SECONDS,
+                            stop: asyncio.Event | None = None) -> None:
+        await schedules.run_scheduler(self.ctx.store, self.submit_for_schedule, tick_seconds=tick_seconds, stop=stop)
+
+    # ---- drift -------------------------------------------------------------------------------------------
+
+    def facts_changed(self, hostname: str, changed: Sequence[str]) -> None:
+        """Registry hook (event loop thread): debounce a re-verification after a relevant change."""
+        relevant = drift_relevant(changed)
+        if not relevant:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        since, paths = self._drift_since.get(hostname, (utcnow(), []))
+        self._drift_since[hostname] = (since, sorted(set(paths) | set(relevant)))
+        old = self._drift_timers.pop(hostname, None)
+        if old is not None:
+            old.cancel()
+        log.info("node %s: %s changed; re-verifying in %.0fs", hostname, ", ".join(relevant), self.drift_delay)
+        self._drift_timers[hostname] = loop.call_later(self.drift_delay, lambda: self._spawn(self._drift(hostname)))
+
+    def _verify_job_since(self, hostname: str, since: dt.datetime) -> str | None:
+        """A verify job of ``hostname`` unfinished or finished since ``since`` (it covers the drift), or None."""
+        with self.ctx.store.session() as s:
+            found: str | None = s.scalar(select(Job.id).where(
+                Job.node == hostname, Job.kind == "verify",
+                (Job.status.in_(tuple(ACTIVE))) | (Job.finished_at >= since)).limit(1))
+            return found
+
+    async def _drift(self, hostname: str) -> None:
+        self._drift_timers.pop(hostname, None)
+        since, paths = self._drift_since.pop(hostname, (utcnow(), []))
+        try:  # on the store's pool: a locked database must not stall the loop (heartbeats, /live)
+            busy = await self.ctx.store.call(self._verify_job_since, hostname, since)
+        except FleetError as exc:
+            log.warning("drift re-verification of %s not checked: %s", hostname, exc.message)
+            return
+        if busy is not None:
+            log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
+            return
+        try:
+            jobs = (await self.submit([hostname], mode="quick", trigger="drift")).jobs
+        except FleetError as exc:
+            log.warning("drift re-verification of %s not submitted: %s", hostname, exc.message)
+            return
+        if hostname not in jobs:
+            return
+        log.info("node %s: drift (%s) → verify job %s", hostname, ", ".join(paths), jobs[hostname])
+        self.drift_submitted.append((hostname, jobs[hostname]))
