@@ -33,7 +33,7 @@ def test_an_upward_import_and_protobuf_in_the_core_break_them(tmp_path: Path) ->
     shutil.copytree(ROOT / PACKAGE, tmp_path / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     with (tmp_path / PACKAGE / "controller" / "registry.py").open("a") as f:
-        f.write("\nfrom fleetctl.controller.rollout import service  # noqa: E402  (an owner of records importing a workflow)\n")
+        f.write("\nfrom fleetctl.controller.rollout import service  # noqa: E402  (records owner → workflow)\n")
     with (tmp_path / PACKAGE / "fleet" / "facts.py").open("a") as f:
         f.write("\nfrom fleetctl.fleet.v1 import fleet_pb2  # noqa: E402  (the core touching generated classes)\n")
     result = lint_imports(tmp_path)
