@@ -65,6 +65,7 @@ def test_skip_and_fail_do_not_run_the_step() -> None:
         assert record is not None and record["action"] == action and record["busy_gpus"] == [0]
         assert skipped_busy(outcome.result) is (when == "skip")
         assert f"(--when-busy {when})" in (outcome.error or "")
+        assert events[-1]["event"] == "fleet_gpu_busy" and events[-1]["event_data"]["action"] == action
     assert inner.jobs == []
 
 
