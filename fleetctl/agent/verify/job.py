@@ -3,7 +3,10 @@
 ``VerifyJobRunner`` is the agent's ``JobRunner`` for job kind ``verify``. Job vars:
 ``mode`` (quick | full, default quick), ``expect`` (flash_attn | fa3 | fa4 | sdpa: what bench.py verifies),
 ``model_path`` (a local causal LM for the end-to-end check), ``python`` (override the target interpreter),
-``timeout_s`` (the bench's outer timeout; default per mode, always below the job's own timeout). The job
+``timeout_s`` (the bench's outer timeout; default per mode, always below the job's own timeout), ``gpu_indices``
+(set by the agent's busy check, agent/busy_guard.py: the idle GPUs to measure, one bench each, one after the
+other, sharing the timeout; the result lists them in ``gpus`` and each one's verdict in ``per_gpu``, and its
+``verification`` is the worst GPU's). The job
 succeeds whenever the verification produced a result — pass or not: the verdict is in ``result["verification"]`` (the
 ``fleet.verification`` JSON) and summarised in ``result["status"]`` / ``result["passed"]``; the
 controller stores and judges it (controller.verify_store).
@@ -15,6 +18,7 @@ controller stores and judges it (controller.verify_store).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -27,6 +31,8 @@ from fleetctl.agent.jobs import JobRunner
 from fleetctl.agent.verify.runner import DEFAULT_TIMEOUT_S, VerifyRequest, run_verification
 from fleetctl.fleet.errors import FleetError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.verification import VerificationResult
+from fleetctl.fleet.workload import GPUS_VAR
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,9 @@ PythonSource = Callable[[], str | None]
 
 def target_env() -> dict[str, str]:
     """The agent's environment without PYTHONPATH: the target Python sees only its own packages (the agent's
-    may come from a PYTHONPATH of carried wheels that must not shadow torch's dependencies)."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    may come from a PYTHONPATH of carried wheels that must not shadow torch's dependencies). CUDA numbers the
+    GPUs in PCI bus order, as NVML does, so ``cuda:N`` is the GPU the busy check calls N."""
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 @dataclass
@@ -61,19 +68,43 @@ class VerifyJobRunner:
                              else None, expect=str(v.get("expect") or "flash_attn"), timeout_s=timeout,
                              workdir=workdir, env=target_env())
 
+    def devices(self, job: JobSpec) -> list[tuple[int | None, str]]:
+        """(GPU index, torch device) pairs to measure: the GPUs the agent's busy check chose (``gpu_indices``;
+        agent/busy_guard.py), else the default device."""
+        chosen = job.vars.get(GPUS_VAR)
+        if isinstance(chosen, list) and chosen and all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in chosen):
+            return [(i, f"cuda:{i}") for i in chosen]
+        return [(None, "cuda:0")]
+
     async def run(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         try:
             req = self.request(job)
         except FleetError as exc:
             return JobOutcome(job.job_id, JobStatus.ERROR, rc=2, result={}, error=f"bad verify job: {exc.message}")
-        emit_event({"event": "fleet_verify_started", "event_data": {"mode": req.mode, "python": req.python,
-                                                                    "expect": req.expect}})
-        result = await asyncio.to_thread(run_verification, req)
-        emit_event({"event": "fleet_verify_finished", "event_data": {"status": result.status,
-                                                                     "duration_s": result.duration_s}})
-        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0,
-                          result={"verification": result.to_json(), "status": result.status,
-                                  "passed": result.passed, "simulated": result.simulated})
+        devices = self.devices(job)
+        # one bench per GPU, one after the other, sharing the bench's time
+        share = max(5.0, req.total_timeout / len(devices))
+        measured: list[tuple[int | None, VerificationResult]] = []
+        for index, device in devices:
+            one = dataclasses.replace(req, device=device, timeout_s=share,
+                                      workdir=req.workdir / f"gpu{index}" if req.workdir and index is not None
+                                      else req.workdir)
+            emit_event({"event": "fleet_verify_started", "event_data": {"mode": one.mode, "python": one.python,
+                                                                        "expect": one.expect, "gpu": index}})
+            result = await asyncio.to_thread(run_verification, one)
+            emit_event({"event": "fleet_verify_finished", "event_data": {"status": result.status, "gpu": index,
+                                                                         "duration_s": result.duration_s}})
+            measured.append((index, result))
+        # the stored verdict is the worst GPU's: a node passes only when every GPU measured passes
+        worst = next((r for _, r in measured if not r.passed), measured[0][1])
+        out: dict[str, Any] = {"verification": worst.to_json(), "status": worst.status,
+                               "passed": all(r.passed for _, r in measured), "simulated": worst.simulated}
+        if devices[0][0] is not None:
+            out["gpus"] = [i for i, _ in measured]
+            out["per_gpu"] = [{"index": i, "status": r.status, "passed": r.passed, "reasons": list(r.reasons)[:3]}
+                              for i, r in measured]
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result=out)
 
 
 class CompositeRunner:
