@@ -1,0 +1,255 @@
+"""Scheduler hooks against a real Slurm (munged, slurmctld, slurmd from Debian's packages, started here:
+tests/integration/harness/slurm.py) and real shell commands.
+
+- A real ``fleet-agent run --executor ansible --scheduler slurm`` process (GPU facts simulated, labelled so; target
+  venv, pip and playbooks real) gets an install-wheel job while a real ``sbatch --wrap "sleep …"`` job runs on its
+  node: the node goes DRAINING (MIXED+DRAIN), then DRAINED (IDLE+DRAIN) once the sleep ends, the playbook runs,
+  the node is resumed; then a verify job drains and resumes it again. A watcher polling ``scontrol show node``
+  and the job's events show that order. A node an operator drained beforehand stays drained (with their reason);
+  a failing step still resumes. The agent's --pre/--post-step-hook commands ran around every step.
+- In this process, with the real hooks: a wrong node name, a missing scontrol, a drain timeout (the drain undone),
+  and the command hook's order and environment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetctl.agent.command_hook import CommandHook
+from fleetctl.agent.scheduler_hooks import HOOK_FAILED_RC, HookedJobRunner, SchedulerHookError, Step
+from fleetctl.agent.slurm_hook import SlurmHook
+from fleetctl.controller.app import RunningController
+from fleetctl.controller.artifacts import Provenance
+from fleetctl.fleet.errors import FleetError
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from tests.integration.fleet_support import AgentProcess, wait_for
+from tests.integration.harness.slurm import SlurmCluster, slurm_cluster
+from tests.integration.harness.upstream import torch_wheel
+from tests.integration.harness.wheels import build_wheel
+from tests.integration.realnode.rig import TargetVenv, require_ansible
+
+pytestmark = pytest.mark.timeout(150)
+
+NODE = "gpu-slurm-1"
+#: flags of scontrol's State that come and go on their own (a resume pings the node; a job's end is cleaned up)
+TRANSIENT = ("+NOT_RESPONDING", "+COMPLETING")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SlurmCluster]:
+    with slurm_cluster(NODE) as c:
+        yield c
+
+
+@pytest.fixture
+def slurm(cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    """The cluster with no job and its node idle; scontrol in this process (the in-process hooks) finds it."""
+    cluster.cancel_all()
+    if "DRAIN" in cluster.state():
+        cluster.resume()
+    cluster.wait_state("IDLE")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    return cluster
+
+
+class Watcher:
+    """Polls the node's state and reason in a thread; ``seen`` is every change, with the time it was seen."""
+
+    def __init__(self, cluster: SlurmCluster, period: float = 0.15) -> None:
+        self.cluster = cluster
+        self.period = period
+        self.seen: list[tuple[float, str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            state, reason = self.cluster.state(), self.cluster.reason()
+            for flag in TRANSIENT:
+                state = state.replace(flag, "")
+            if state and (not self.seen or self.seen[-1][1:] != (state, reason)):
+                self.seen.append((time.time(), state, reason))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def states(self) -> list[str]:
+        out: list[str] = []
+        for _, state, _ in self.seen:
+            if not out or out[-1] != state:
+                out.append(state)
+        return out
+
+    def first(self, state: str, after: float = 0.0) -> float:
+        return next(t for t, s, _ in self.seen if s == state and t >= after)
+
+
+def hook_events(job: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(e["data"]["phase"], e["data"]["msg"]) for e in job["events"] if e["event"] == "fleet_scheduler_hook"]
+
+
+def event_time(job: dict[str, Any], name: str, last: bool = False) -> float:
+    times = [dt.datetime.fromisoformat(e["created"]).timestamp() for e in job["events"] if e["event"] == name]
+    assert times, f"no {name} event in job {job['id']}: {[e['event'] for e in job['events']]}"
+    return times[-1] if last else times[0]
+
+
+async def run_job(rc: RunningController, agent: AgentProcess, kind: str, vars: dict[str, Any]) -> dict[str, Any]:
+    job_id = await rc.ctx.jobs.submit_job(NODE, kind, vars, timeout=120)
+    try:
+        await rc.ctx.jobs.wait(job_id, timeout=110)
+    except TimeoutError:
+        raise AssertionError(f"{kind} job did not finish; agent log:\n{agent.log_tail()}") from None
+    return rc.ctx.jobs.get(job_id)
+
+
+async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
+        slurm: SlurmCluster, controller: RunningController, tmp_path: Path) -> None:
+    require_ansible()
+    venv = TargetVenv.make(tmp_path / "venv", torch_wheel(tmp_path / "torch"), with_pip=True)
+    wheel = controller.ctx.artifacts.put_file(build_wheel(tmp_path / "wheels"), "wheel",
+                                              provenance=Provenance.user("test"))
+    hook_log = tmp_path / "hooks.log"
+    line = 'echo "$FLEET_HOOK_PHASE $FLEET_JOB_KIND $FLEET_JOB_ID ${FLEET_STEP_STATUS:-}" >> ' + str(hook_log)
+    agent = AgentProcess(controller, NODE, tmp_path / "agent", tmp_path / "logs", [
+        "--simulate", "h200", "--executor", "ansible", "--python", str(venv.python),
+        "--node-state-dir", str(tmp_path / "node"), "--scheduler", "slurm", "--slurm-node-name", NODE,
+        "--drain-timeout", "60", "--pre-step-hook", line, "--post-step-hook", line],
+        env={"SLURM_CONF": str(slurm.conf)})
+    await agent.start()
+    try:
+        await wait_for(lambda: controller.ctx.registry.status_of(NODE) in ("online", "degraded"), 60)
+        install_vars = {"wheel_sha256": wheel.sha256, "python": str(venv.python)}
+
+        # 1. a user's job runs: drain, wait for it, install, resume; then verify: drain, verify, resume
+        sleeper = slurm.sbatch_sleep(4)
+        with Watcher(slurm) as watch:
+            install = await run_job(controller, agent, "install-wheel", install_vars)
+            slurm.wait_state("IDLE")
+            verify = await run_job(controller, agent, "verify", {"mode": "quick"})
+            slurm.wait_state("IDLE")
+        assert install["status"] == "successful", (install["error"], agent.log_tail())
+        assert watch.states() == ["MIXED", "MIXED+DRAIN", "IDLE+DRAIN", "IDLE", "IDLE+DRAIN", "IDLE"], watch.seen
+        assert sleeper not in slurm.jobs()
+        reasons = {reason.split(" [")[0] for _, state, reason in watch.seen if "DRAIN" in state}
+        assert reasons == {f"fleetctl: install-wheel {install['id']}", f"fleetctl: verify {verify['id']}"}
+        # drained (the sleep over) before the playbook started; resumed after it ended
+        drained = watch.first("IDLE+DRAIN")
+        assert drained <= event_time(install, "playbook_on_start") + watch.period
+        assert watch.first("IDLE", after=drained) >= event_time(install, "playbook_on_stats")
+        phases = [p for p, _ in hook_events(install)]
+        assert phases == ["acquire", "progress", "acquired", "acquire", "acquired", "released", "released"]
+        events = [e["event"] for e in install["events"]]
+        first_play, last_hook = events.index("playbook_on_start"), max(
+            i for i, e in enumerate(events) if e == "fleet_scheduler_hook")
+        assert events.index("fleet_scheduler_hook") < first_play < last_hook
+        record = install["result"]["scheduler"]["slurm"]
+        assert record["ours"] is True and record["released"] is True and record["waited_s"] >= 1.0
+        assert record["release_note"].startswith(f"{NODE} drained for ") and "resumed" in record["release_note"]
+        assert verify["result"]["scheduler"]["slurm"]["released"] is True
+        assert venv.versions()["flash-attn"] == "2.8.3"
+
+        # 2. an operator's drain is theirs: the step waits for nothing, and the node stays drained after it
+        slurm.drain("operator: bad DIMM")
+        verify2 = await run_job(controller, agent, "verify", {"mode": "quick"})
+        assert verify2["result"]["scheduler"]["slurm"]["ours"] is False
+        assert slurm.state().startswith("IDLE+DRAIN") and slurm.reason().startswith("operator: bad DIMM")
+        slurm.resume()
+        slurm.wait_state("IDLE")
+
+        # 3. a failing step: the node is resumed all the same
+        failed = await run_job(controller, agent, "install-wheel", {**install_vars, "python": "/nowhere/python"})
+        assert failed["status"] == "failed"
+        assert [p for p, _ in hook_events(failed)][-1] == "released"
+        slurm.wait_state("IDLE")
+
+        # the generic hook ran around every step, with the step's kind, id and (after) status
+        jobs = [install, verify, verify2, failed]
+        assert hook_log.read_text().splitlines() == [
+            x for j in jobs for x in (f"pre {j['kind']} {j['id']} ", f"post {j['kind']} {j['id']} {j['status']}")]
+    finally:
+        await agent.close()
+
+
+class Recorder:
+    """The inner runner of the in-process tests: notes what Slurm said while the step ran."""
+
+    def __init__(self, cluster: SlurmCluster | None = None, log: Path | None = None) -> None:
+        self.cluster = cluster
+        self.log = log
+        self.ran: list[str] = []
+
+    async def run(self, job: JobSpec, emit_event: Any) -> JobOutcome:
+        self.ran.append(self.cluster.state() if self.cluster else job.kind)
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.write("step\n")
+        return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0)
+
+
+async def test_a_wrong_node_name_or_a_missing_scontrol_stops_the_step_with_a_hint(slurm: SlurmCluster) -> None:
+    step = Recorder(slurm)
+    out = await HookedJobRunner(step, [SlurmHook("no-such-node")]).run(JobSpec("j1", "install-wheel"), lambda e: None)
+    assert out.status == JobStatus.FAILED and out.rc == HOOK_FAILED_RC and step.ran == []
+    assert "Node no-such-node not found" in (out.error or "") and "--slurm-node-name" in (out.error or "")
+
+    missing = SlurmHook(NODE, scontrol="/nowhere/scontrol")
+    with pytest.raises(FleetError) as err:
+        await missing.acquire(Step("verify", "j2"), lambda line: None)
+    assert isinstance(err.value, SchedulerHookError) and "cannot run /nowhere/scontrol" in err.value.message
+    assert "slurm-client" in (err.value.hint or "")
+    assert slurm.state() == "IDLE"  # nothing was changed
+
+
+async def test_a_drain_timeout_undoes_the_drain_and_names_the_jobs_command(slurm: SlurmCluster) -> None:
+    slurm.sbatch_sleep(60)
+    step = Recorder(slurm)
+    started = time.monotonic()
+    out = await HookedJobRunner(step, [SlurmHook(NODE, drain_timeout_s=1.5, poll_s=0.3)]).run(
+        JobSpec("j3", "rollback"), lambda e: None)
+    assert time.monotonic() - started < 15
+    assert out.status == JobStatus.FAILED and step.ran == []
+    assert "still run on gpu-slurm-1 after the drain timeout of 1.5 s" in (out.error or "")
+    assert f"squeue -w {NODE}" in (out.error or "")
+    slurm.wait_state("MIXED", timeout=10)  # the user's job runs on, and the node takes new ones again
+
+
+async def test_the_command_hook_runs_pre_step_post_with_the_steps_environment(tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    show = f'echo "$FLEET_HOOK_PHASE $FLEET_JOB_KIND $FLEET_JOB_ID $FLEET_ROLLOUT_ID ${{FLEET_STEP_STATUS:-}}" >> {log}'
+    step = Recorder(log=log)
+    runner = HookedJobRunner(step, [CommandHook(show, show)])
+    out = await runner.run(JobSpec("j4", "build-from-source", {"rollout_id": "r9"}), lambda e: None)
+    assert out.status == JobStatus.SUCCESSFUL
+    assert log.read_text().splitlines() == ["pre build-from-source j4 r9 ", "step",
+                                            "post build-from-source j4 r9 successful"]
+    assert out.result["scheduler"]["command"]["note"].startswith("--pre-step-hook succeeded")
+
+    log.unlink()
+    refusing = HookedJobRunner(step, [CommandHook(f"echo no >> {log}; echo busy >&2; exit 3", f"echo post >> {log}")])
+    out = await refusing.run(JobSpec("j5", "verify"), lambda e: None)
+    assert out.status == JobStatus.FAILED and log.read_text() == "no\n"  # no step, no post
+    assert "--pre-step-hook exited 3: busy" in (out.error or "")
+
+    failing_post = HookedJobRunner(step, [CommandHook(None, "exit 4")])
+    out = await failing_post.run(JobSpec("j6", "verify"), lambda e: None)
+    assert out.status == JobStatus.FAILED and out.result["step_status"] == "successful"
+    assert "--post-step-hook exited 4" in (out.error or "") and "FLEET_STEP_STATUS=successful" in (out.error or "")
+
+    slow = HookedJobRunner(step, [CommandHook("sleep 30", None, timeout_s=0.5)])
+    started = time.monotonic()
+    out = await slow.run(JobSpec("j7", "verify"), lambda e: None)
+    assert time.monotonic() - started < 5 and "did not finish within 0.5 s" in (out.error or "")
