@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +17,16 @@ from typing import Any
 
 from fleetctl.agent.artifact_jobs import ArtifactJobRunner
 from fleetctl.agent.client import Agent, AgentConfig, NoExecutor
+from fleetctl.agent.command_hook import CommandHook
 from fleetctl.agent.executor import AnsibleJobRunner
 from fleetctl.agent.jobs import JobRunner
 from fleetctl.agent.probes import Probes, collect_facts
 from fleetctl.agent.probes.chroot import probes_in_root
 from fleetctl.agent.probes.target_python import default_target_python
 from fleetctl.agent.profiles import load_profile
+from fleetctl.agent.scheduler_hooks import HookedJobRunner, SchedulerHook
 from fleetctl.agent.simexec import SimulatedJobRunner
+from fleetctl.agent.slurm_hook import SlurmHook
 from fleetctl.agent.verify.job import CompositeRunner, VerifyJobRunner
 from fleetctl.fleet.errors import UsageError
 from fleetctl.fleet.facts import NodeFacts
@@ -63,6 +67,24 @@ def register(subparsers: Any) -> None:
                    help="how long a built wheel's upload to the controller is retried (resumed where it stopped) "
                         "across controller restarts, lost connections, a full disk or database errors there, "
                         "within the job's timeout (default 30)")
+    hooks = p.add_argument_group(
+        "scheduler hooks", "around each install, build, rollback and verification (docs/operations.md, Schedulers)")
+    hooks.add_argument("--scheduler", choices=("none", "slurm"), default="none",
+                       help="the workload scheduler this node belongs to; slurm: drain the node and wait for its "
+                            "running jobs before the step, resume it after (default none)")
+    hooks.add_argument("--slurm-node-name", metavar="NAME",
+                       help="this node's NodeName in Slurm (default: the short hostname)")
+    hooks.add_argument("--drain-timeout", type=float, default=1800.0, metavar="S",
+                       help="longest wait for the scheduler's running jobs to end; then the step fails and the node "
+                            "is resumed (default 1800)")
+    hooks.add_argument("--pre-step-hook", metavar="CMD",
+                       help="shell command run before each step; a non-zero exit stops the step (environment: "
+                            "FLEET_HOOK_PHASE, FLEET_JOB_KIND, FLEET_JOB_ID, FLEET_ROLLOUT_ID)")
+    hooks.add_argument("--post-step-hook", metavar="CMD",
+                       help="shell command run after each step whose pre hook succeeded, failed steps too "
+                            "(FLEET_STEP_STATUS says how it ended)")
+    hooks.add_argument("--step-hook-timeout", type=float, default=600.0, metavar="S",
+                       help="longest run of --pre-step-hook or --post-step-hook (default 600)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
     p.set_defaults(handler=handle)
 
@@ -162,9 +184,27 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
                                  node_state_dir=getattr(args, "node_state_dir", None))
     # verify jobs run agent/verify/bench.py in the node's target Python (agent/verify/job.py)
     composite = CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
+    # the node leaves its scheduler around each disturbing step, once the step's artifacts are here
+    hooked = HookedJobRunner(composite, scheduler_hooks(args))
     # sdists and wheels come from the controller's artifact store; built wheels go back there
-    return ArtifactJobRunner(composite, args.state_dir / "artifacts",
+    return ArtifactJobRunner(hooked, args.state_dir / "artifacts",
                              upload_retry_s=args.upload_retry_minutes * 60)
+
+
+def scheduler_hooks(args: argparse.Namespace) -> list[SchedulerHook]:
+    """The hooks of --scheduler and --pre/--post-step-hook, in the order they take the node (scheduler first)."""
+    for flag in ("drain_timeout", "step_hook_timeout"):
+        if getattr(args, flag) <= 0:
+            option = "--" + flag.replace("_", "-")
+            raise UsageError(f"{option} {getattr(args, flag):g}: must be more than 0 seconds",
+                             hint=f"e.g. {option} 600")
+    hooks: list[SchedulerHook] = []
+    if args.scheduler == "slurm":
+        node = args.slurm_node_name or socket.gethostname().split(".")[0]
+        hooks.append(SlurmHook(node, drain_timeout_s=args.drain_timeout))
+    if args.pre_step_hook or args.post_step_hook:
+        hooks.append(CommandHook(args.pre_step_hook, args.post_step_hook, timeout_s=args.step_hook_timeout))
+    return hooks
 
 
 def target_python(args: argparse.Namespace) -> Callable[[], str | None]:
@@ -208,6 +248,9 @@ def handle(args: argparse.Namespace) -> int:
             raise UsageError("--executor simulated needs --simulate PROFILE", hint="real nodes use --executor ansible")
         runner = SimulatedJobRunner(facts, args.state_dir / "jobs")
         facts = runner.current_facts
+    if args.executor != "ansible" and (args.scheduler != "none" or args.pre_step_hook or args.post_step_hook):
+        raise UsageError(f"scheduler hooks need --executor ansible (this agent runs --executor {args.executor})",
+                         hint="drop --scheduler and --pre/--post-step-hook, or run jobs with --executor ansible")
     cfg = AgentConfig(controller=args.controller, state_dir=args.state_dir, facts=labelled(facts, args.executor),
                       runner=runner, ca_file=args.ca,
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
