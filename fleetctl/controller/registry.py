@@ -21,17 +21,19 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from fleetctl.controller.audit import record as audit_record
 from fleetctl.controller.enrollment import AgentIdentity
+from fleetctl.controller.labels import LabelChanges, LabelSelector, check_label, parse_label_selector
 from fleetctl.controller.node_status import NodeStatus, liveness
 from fleetctl.controller.rollout.core import NodeInfo
 from fleetctl.controller.store import Store, utcnow
-from fleetctl.controller.store.models import FactsHistory, Identity, Node, NodeEvent
+from fleetctl.controller.store.models import FactsHistory, Identity, Node, NodeEvent, NodeLabel
 from fleetctl.fleet.errors import ConflictError, FactsError, FleetError, NotFoundError
 from fleetctl.fleet.facts import NodeFacts, parse_node
 
@@ -74,6 +76,7 @@ class NodeRecord:
     facts_json: Mapping[str, Any]
     extra: Mapping[str, Any]  # the agent's probe diagnostics (``NodeFacts.extra`` as reported)
     agent_version: str | None  # as its agent last reported it; None until an agent that reports one does
+    labels: Mapping[str, str] = field(default_factory=dict)  # the user's (`fleetctl label`), by key
 
 
 def read_facts(stored: Any) -> tuple[NodeFacts | None, str | None]:
@@ -100,7 +103,8 @@ def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.date
         hostname=row.hostname, status=status or NodeStatus(row.status), last_seen=last_seen or row.last_seen,
         status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
         facts_updated_at=row.facts_updated_at, agent=agent, facts=facts, facts_error=error,
-        facts_json=row.facts or {}, extra=row.extra or {}, agent_version=row.agent_version)
+        facts_json=row.facts or {}, extra=row.extra or {}, agent_version=row.agent_version,
+        labels={label.key: label.value for label in row.labels})
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,12 @@ def agent_pulses(session: Session) -> dict[str, AgentPulse]:
 
 
 def selection_info(node: NodeRecord) -> NodeInfo:
-    """What ``--nodes SELECTOR`` matches a node on (rollouts, verifications, the attention report): its first GPU's
-    model (none when its facts are unreadable), its simulation profile and its status."""
+    """What ``--nodes SELECTOR`` and ``-l LABELS`` match a node on (rollouts, verifications, schedules, the attention
+    report): its first GPU's model (none when its facts are unreadable), its simulation profile, its status and its
+    labels."""
     gpu = node.facts.gpus[0].name if node.facts is not None and node.facts.gpus else None
     profile = node.extra.get("profile")
-    return NodeInfo(node.hostname, gpu, profile if isinstance(profile, str) else None, node.status)
+    return NodeInfo(node.hostname, gpu, profile if isinstance(profile, str) else None, node.status, node.labels)
 
 
 class HostnameMismatch(FleetError):
@@ -493,6 +498,41 @@ class Registry:
             if row is None:
                 raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes` for registered nodes")
             return self._record(row)
+
+    # ---- labels (the user's: `fleetctl label`, `-l SELECTOR`) -----------------------------------------------
+
+    def select(self, selector: LabelSelector | str | None) -> list[NodeRecord]:
+        """Every node whose labels the label selector (``-l``; controller/labels.py) matches, by hostname; an
+        empty list when none does (listing is not an error; rollouts and verifications say so themselves)."""
+        chosen = selector if isinstance(selector, LabelSelector) else parse_label_selector(selector)
+        return [r for r in self.records() if chosen.matches(r.labels)]
+
+    def labels_of(self, hostname: str) -> dict[str, str]:
+        """The node's user labels (``NotFoundError`` for an unknown node)."""
+        return dict(self.record(hostname).labels)
+
+    def set_labels(self, hostname: str, changes: LabelChanges, actor: str) -> dict[str, str]:
+        """Apply ``fleetctl label`` changes in one transaction with their audit row; returns the node's labels
+        after them. Every label is checked first (a bad one changes nothing); removing a label the node does not
+        have is no error, as in kubectl."""
+        for key, value in changes.set.items():
+            check_label(key, value)
+        with self.store.session() as s:
+            node = s.scalar(select(Node).where(Node.hostname == hostname))
+            if node is None:
+                raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes` for registered nodes")
+            current = {label.key: label for label in node.labels}
+            for key, value in changes.set.items():
+                if key in current:
+                    current[key].value = value
+                else:
+                    node.labels.append(NodeLabel(key=key, value=value))
+            for key in changes.remove:
+                if key in current:
+                    node.labels.remove(current[key])
+            audit_record(s, actor, "node.label", hostname, {"set": dict(changes.set), "removed": list(changes.remove)})
+            s.flush()
+            return {label.key: label.value for label in sorted(node.labels, key=lambda label: label.key)}
 
     def history(self, hostname: str, *, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
         """The node's facts changes (``history``) and status transitions (``status_history``), newest first."""

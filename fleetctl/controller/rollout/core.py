@@ -1,7 +1,8 @@
 """The pure core of a rollout: no I/O, no clock, no database — every function is table-tested.
 
 * ``parse_selector`` / ``select_nodes``: ``--nodes SELECTOR`` (hostname globs, ``gpu=``, ``profile=``,
-  ``status=``, comma lists). Terms of the same kind are OR-ed, different kinds AND-ed.
+  ``status=``, comma lists; terms of the same kind are OR-ed, different kinds AND-ed) and the label selector
+  ``-l`` (controller/labels.py), AND-ed with them; ``selection_text`` is the one text of both.
 * ``choose_canaries``: default one node per distinct (GPU model, variant).
 * ``parse_batches`` / ``schedule_batches``: ``--batch 1,5,25%`` → batch sizes.
 * ``parse_budget`` / ``budget_exceeded``: ``--max-failures N|P%`` across the whole rollout.
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetctl.controller.labels import LabelSelector, parse_label_selector
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.resolver import rules
 from fleetctl.fleet.errors import ConflictError, UsageError
@@ -40,6 +42,7 @@ class NodeInfo:
     gpu: str | None = None  # model name of the first GPU ("NVIDIA H100 80GB HBM3")
     profile: str | None = None  # simulation profile, if simulated
     status: NodeStatus = NodeStatus.ONLINE
+    labels: Mapping[str, str] = field(default_factory=dict)  # the user's (`fleetctl label`)
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,17 @@ _TERM_RE = re.compile(r"^[A-Za-z0-9*?\[\]._:+ -]{1,253}$")
 
 @dataclass(frozen=True)
 class Selector:
-    """Parsed ``--nodes``: for each key, the patterns any of which must match (empty: no constraint)."""
+    """Parsed ``--nodes`` (for each key, the patterns any of which must match; empty: no constraint) and ``-l``
+    (every label requirement must hold). ``text`` is ``selection_text``'s: the ``--nodes`` text, then `` -l `` and
+    the label selector when there is one."""
 
     terms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     text: str = ""
+    labels: LabelSelector = field(default_factory=LabelSelector)
 
     def matches(self, node: NodeInfo) -> bool:
-        return all(any(_match(key, p, node) for p in patterns) for key, patterns in self.terms.items())
+        return (all(any(_match(key, p, node) for p in patterns) for key, patterns in self.terms.items())
+                and self.labels.matches(node.labels))
 
 
 def _glob_or_sub(pattern: str, value: str | None, *, substring: bool) -> bool:
@@ -118,9 +125,32 @@ def _match(key: str, pattern: str, node: NodeInfo) -> bool:
     return node.status == pattern
 
 
-def parse_selector(text: str | None) -> Selector:
-    """``"gpu=H100,node-*,status=online"`` → Selector. ``None``/``""``/``"all"`` select every node."""
-    if text is None or text.strip() in ("", "all", "*"):
+LABELS_SEPARATOR = " -l "
+
+
+def parse_selector(text: str | None, labels: str | None = None) -> Selector:
+    """``"gpu=H100,node-*,status=online"`` → Selector. ``None``/``""``/``"all"`` select every node. ``labels`` is a
+    label selector (``-l``), AND-ed; ``text`` may carry one itself after `` -l `` (a stored ``selection_text``)."""
+    nodes, separator, stored_labels = (text or "").partition(LABELS_SEPARATOR)
+    if separator and labels:
+        raise UsageError(f"two label selectors: {stored_labels!r} and {labels!r}", hint="give -l once")
+    label_selector = parse_label_selector(stored_labels if separator else labels)
+    selector = _parse_terms(nodes)
+    if not label_selector:
+        return selector
+    return Selector(selector.terms, f"{selector.text}{LABELS_SEPARATOR}{label_selector}", label_selector)
+
+
+def selection_text(nodes: str | None, labels: str | None) -> str | None:
+    """The one text of a node selection (``--nodes`` and ``-l``), as rollouts and schedules store and show it:
+    ``nodes`` itself when there is no label selector, else ``"NODES -l LABELS"`` (``all`` for no ``--nodes``)."""
+    if labels is None or not labels.strip():
+        return nodes
+    return parse_selector(nodes, labels).text
+
+
+def _parse_terms(text: str) -> Selector:
+    if text.strip() in ("", "all", "*"):
         return Selector({}, text or "all")
     terms: dict[str, list[str]] = {}
     for raw in text.split(","):

@@ -96,6 +96,20 @@ class Node(Base):
     agent_version: Mapped[str | None] = mapped_column(String(64))  # as last reported with the facts
 
     identity: Mapped[Identity | None] = relationship(lazy="joined")
+    # the user's labels (`fleetctl label`), loaded with every node: selection and every node view show them
+    labels: Mapped[list[NodeLabel]] = relationship(lazy="selectin", cascade="all, delete-orphan",
+                                                   passive_deletes=True, order_by="NodeLabel.key")
+
+
+class NodeLabel(Base):
+    """A user label on a node (``fleetctl label NODE k=v``): Kubernetes' key and value syntax
+    (controller/labels.py); the registry owns them (``Registry.set_labels``, ``labels_of``, ``select``)."""
+
+    __tablename__ = "node_labels"
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(317), primary_key=True)  # a DNS prefix (≤ 253) "/" a name (≤ 63)
+    value: Mapped[str] = mapped_column(String(63))
 
 
 class FactsHistory(Base):
