@@ -4,7 +4,7 @@ For every scheduler fleetctl does not know: ``fleet-agent run --pre-step-hook CM
 command runs with ``/bin/sh -c`` in the agent's environment plus (``step_environment``)::
 
     FLEET_HOOK_PHASE   pre | post
-    FLEET_JOB_KIND     install-wheel, build-from-source, rollback, cuda-toolkit, verify
+    FLEET_JOB_KIND     install-wheel, build-from-source, rollback, verify
     FLEET_JOB_ID       the job's id
     FLEET_ROLLOUT_ID   the rollout the job belongs to ("" when none)
     FLEET_STEP_STATUS  post only: how the step ended (successful, failed, timeout, canceled)

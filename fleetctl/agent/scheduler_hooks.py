@@ -1,13 +1,13 @@
 """Scheduler hooks: take the node out of its scheduler before a step that disturbs it, give it back after.
 
-A GPU node belongs to a workload scheduler. Before a job that disturbs the node (``DISTURBING_KINDS``: an install,
-a build, a rollback, a verification) ``HookedJobRunner`` asks each ``SchedulerHook`` to ``acquire`` the node
-(Slurm: drain it and wait until its running jobs have ended), runs the job, then asks each hook to ``release``
+A GPU node belongs to a workload scheduler. Before a job that disturbs the node (``fleet.workload.DISTURBING_KINDS``:
+an install, a build, a rollback, a verification) ``HookedJobRunner`` asks each ``SchedulerHook`` to ``acquire`` the
+node (Slurm: drain it and wait until its running jobs have ended), runs the job, then asks each hook to ``release``
 it (Slurm: resume) — also when the job failed, timed out or was cancelled. A hook remembers what it found: a node
 an operator had drained before is left drained. A release that fails fails the job, with the command to run by
 hand, so a node is never left out of its scheduler silently.
 
-Implementations: ``SlurmHook`` (``scontrol``, agent/slurm.py) and ``CommandHook`` (an operator's own pre/post
+Implementations: ``SlurmHook`` (``scontrol``, agent/slurm_hook.py) and ``CommandHook`` (an operator's own pre/post
 commands, agent/command_hook.py); Kubernetes' cordon/uncordon implements the same protocol. Each hook's outcome
 goes into the job's events (``fleet_scheduler_hook``: ``task`` and ``msg`` as the dashboard shows them) and its
 result (``result["scheduler"][hook name]``). docs/operations.md, "Schedulers".
@@ -31,11 +31,10 @@ from typing import Any, Protocol
 from fleetctl.agent.jobs import JobRunner
 from fleetctl.fleet.errors import FleetError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.workload import DISTURBING_KINDS
 
 log = logging.getLogger(__name__)
 
-#: job kinds that disturb a node's running work: the node leaves its scheduler around them
-DISTURBING_KINDS = frozenset({"install-wheel", "build-from-source", "rollback", "cuda-toolkit", "verify"})
 #: the rc of a job whose step never ran because a hook could not acquire the node (EX_TEMPFAIL)
 HOOK_FAILED_RC = 75
 
