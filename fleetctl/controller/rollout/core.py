@@ -11,6 +11,7 @@
 * ``BuildStatus``: a build key's build.
 * ``progress``: a rollout's (or a batch's) node counts, the one definition of done/failed/to go.
 * ``group_builds``: build once per build key, one builder per key.
+* ``shared_env_installers``: nodes sharing one target env (an NFS venv) install it once, the others verify.
 * ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
 * ``next_actions``: given a snapshot of a rollout, what the engine must do now.
 * ``manual_commands``: what a person runs on a node whose plan the agent does not carry out (Windows).
@@ -348,13 +349,14 @@ class State(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+    SKIPPED_BUSY = "skipped-busy"  # its GPUs were busy under --when-busy skip: not failed, still to do (retryable)
     ROLLING_BACK = "rolling-back"
     ROLLED_BACK = "rolled-back"
 
 
 STEP_STATES = frozenset({State.KEYRING, State.TOOLKIT, State.BUILD, State.INSTALL, State.VERIFY,
                          State.ROLLING_BACK})
-TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.ROLLED_BACK})
+TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.SKIPPED_BUSY, State.ROLLED_BACK})
 STEP_TO_STATE = {"apt-keyring-fix": State.KEYRING, "cuda-toolkit": State.TOOLKIT, "build-from-source": State.BUILD,
                  "install-wheel": State.INSTALL, "verify": State.VERIFY, "rollback": State.ROLLING_BACK}
 STATE_TO_JOB = {v: k for k, v in STEP_TO_STATE.items()}
@@ -366,12 +368,13 @@ ALLOWED: Mapping[State, frozenset[State]] = {
                               State.SKIPPED}),
     State.TOOLKIT: frozenset({State.BUILD, State.WAITING, State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
     State.WAITING: frozenset({State.INSTALL, State.BUILD, State.FAILED, State.SKIPPED}),
-    State.BUILD: frozenset({State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED}),
-    State.INSTALL: frozenset({State.VERIFY, State.FAILED, State.SKIPPED}),
-    State.VERIFY: frozenset({State.DONE, State.FAILED, State.SKIPPED}),
+    State.BUILD: frozenset({State.INSTALL, State.VERIFY, State.FAILED, State.SKIPPED, State.SKIPPED_BUSY}),
+    State.INSTALL: frozenset({State.VERIFY, State.FAILED, State.SKIPPED, State.SKIPPED_BUSY}),
+    State.VERIFY: frozenset({State.DONE, State.FAILED, State.SKIPPED, State.SKIPPED_BUSY}),
     State.DONE: frozenset({State.ROLLING_BACK}),
     State.FAILED: frozenset({State.ROLLING_BACK, State.PLANNED, State.VERIFY}),  # rollback | retry | reconcile
     State.SKIPPED: frozenset({State.ROLLING_BACK}),
+    State.SKIPPED_BUSY: frozenset({State.ROLLING_BACK, State.PLANNED}),  # rollback | retry
     State.ROLLING_BACK: frozenset({State.ROLLED_BACK, State.FAILED}),
     State.ROLLED_BACK: frozenset(),
 }
@@ -453,7 +456,8 @@ def progress(counts: Mapping[str, int]) -> Progress:
     by_state = {State(k): n for k, n in counts.items()}
     return Progress(total=sum(by_state.values()), done=by_state.get(State.DONE, 0),
                     failed=by_state.get(State.FAILED, 0),
-                    skipped=by_state.get(State.SKIPPED, 0) + by_state.get(State.ROLLED_BACK, 0),
+                    skipped=by_state.get(State.SKIPPED, 0) + by_state.get(State.SKIPPED_BUSY, 0)
+                    + by_state.get(State.ROLLED_BACK, 0),
                     planned=by_state.get(State.PLANNED, 0))
 
 
@@ -473,6 +477,21 @@ def group_builds(plans: Sequence[NodePlan], batches: Sequence[Sequence[str]],
         if key in out:
             out[key] = host
     return out
+
+
+def shared_env_installers(env_keys: Mapping[str, str | None], installing: Iterable[str],
+                          batches: Sequence[Sequence[str]]) -> dict[str, str]:
+    """hostname → the node that installs for it. Nodes whose target env is one and the same (equal ``env_keys``:
+    its filesystem and path, fleet.facts ``python.env_fs``/``env_path``; an NFS venv) install it once — the node
+    of the group scheduled earliest, so nobody waits on a later batch — and the others only verify, after it.
+    Nodes without a key, or alone with theirs, are not in the result."""
+    order = {h: i for i, b in enumerate(batches) for h in b}
+    groups: dict[str, list[str]] = {}
+    for host in sorted(installing, key=lambda h: (order.get(h, len(order)), h)):
+        key = env_keys.get(host)
+        if key:
+            groups.setdefault(key, []).append(host)
+    return {h: group[0] for group in groups.values() for h in group[1:]}
 
 
 # ---- rollback: the wheel of the previous version -------------------------------------------------
@@ -538,6 +557,7 @@ class NodeSnapshot:
     build_key: str | None = None
     busy: bool = False  # a step task is running (or a lease is held) for this node
     builder: bool = False  # this node is the builder of its build key
+    after: str | None = None  # the installer of the shared env this node only verifies: it starts after that one
 
 
 class BuildStatus(enum.StrEnum):
@@ -628,10 +648,13 @@ def next_actions(snap: Snapshot) -> Actions:
     waiting_ok = {k for k, b in snap.builds.items() if b.status == BuildStatus.SUCCEEDED}
     failing = {h for h, _ in fail_waiting}
     start: list[str] = []
+    states = {n.hostname: n.state for n in snap.nodes}
     for n in sorted(snap.nodes, key=lambda n: (n.batch, n.hostname)):
         if len(start) >= room:
             break
         if n.busy or n.state in TERMINAL or n.batch > batch or n.hostname in failing:
+            continue
+        if n.after is not None and n.state == State.PLANNED and states.get(n.after, State.DONE) not in TERMINAL:
             continue
         if n.state == State.WAITING and n.build_key not in waiting_ok and not n.builder:
             continue
