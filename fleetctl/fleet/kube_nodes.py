@@ -179,9 +179,14 @@ class KubernetesNode:
         return self._call(what, self._core.patch_node, self.name, body, _content_type=STRATEGIC_MERGE)
 
     def cordon(self, reason: str) -> bool:
-        """Mark the node unschedulable. False (and nothing changed) when it already was: someone else's cordon."""
+        """Mark the node unschedulable; True when the cordon is ours to lift. A cordon of ours left by an agent that
+        stopped before its uncordon is taken over (True, nothing written); anyone else's is left alone (False)."""
         node = self._call(f"read node {self.name}", self._core.read_node, self.name)
         if node.spec is not None and node.spec.unschedulable:
+            annotations = (node.metadata.annotations if node.metadata else None) or {}
+            if CORDONED_BY in annotations:
+                log.info("node %s: taking over fleetctl's cordon (%s)", self.name, annotations[CORDONED_BY])
+                return True
             log.info("node %s is already cordoned (not by fleetctl): leaving the cordon alone", self.name)
             return False
         self._patch(f"cordon {self.name}", {"spec": {"unschedulable": True},
@@ -205,10 +210,12 @@ class KubernetesNode:
                             field_selector=f"spec.nodeName={self.name}")
         return list(listed.items or ())
 
-    def drain(self, policy: DrainPolicy = DrainPolicy()) -> list[PodRef]:
+    def drain(self, policy: DrainPolicy = DrainPolicy(),
+              progress: Callable[[str], None] = lambda line: None) -> list[PodRef]:
         """Evict the node's pods (``pods_to_evict``) and wait until they are gone; returns them. A pod its
         PodDisruptionBudget protects is retried every ``policy.retry_s``; past ``policy.timeout_s`` the drain
-        fails naming the pods still there (the node stays cordoned: the caller decides)."""
+        fails naming the pods still there (the node stays cordoned: the caller decides). ``progress`` gets a line
+        for each wait."""
         from kubernetes.client.exceptions import ApiException
 
         deadline = self._clock() + policy.timeout_s
@@ -238,9 +245,11 @@ class KubernetesNode:
                         f"drain of {self.name} timed out after {policy.timeout_s:g}s: the PodDisruptionBudget of "
                         f"{', '.join(map(str, pending))} refuses the eviction",
                         hint="scale the workload up or relax its PodDisruptionBudget, then retry the step")
-                log.info("%s: eviction of %s refused by a PodDisruptionBudget; retrying in %gs",
-                         self.name, ", ".join(map(str, pending)), policy.retry_s)
+                progress(f"eviction of {', '.join(map(str, pending))} refused by a PodDisruptionBudget; "
+                         f"retrying in {policy.retry_s:g}s")
                 self._sleep(policy.retry_s)
+        if targets:
+            progress(f"evicted {', '.join(map(str, targets))}; waiting until they are gone")
         self._wait_gone(targets, deadline, policy)
         return targets
 

@@ -20,6 +20,7 @@ from fleetctl.agent.client import Agent, AgentConfig, NoExecutor
 from fleetctl.agent.command_hook import CommandHook
 from fleetctl.agent.executor import AnsibleJobRunner
 from fleetctl.agent.jobs import JobRunner
+from fleetctl.agent.kubernetes_hook import KubernetesHook
 from fleetctl.agent.probes import Probes, collect_facts
 from fleetctl.agent.probes.chroot import probes_in_root
 from fleetctl.agent.probes.target_python import default_target_python
@@ -69,11 +70,16 @@ def register(subparsers: Any) -> None:
                         "within the job's timeout (default 30)")
     hooks = p.add_argument_group(
         "scheduler hooks", "around each install, build, rollback and verification (docs/operations.md, Schedulers)")
-    hooks.add_argument("--scheduler", choices=("none", "slurm"), default="none",
+    hooks.add_argument("--scheduler", choices=("none", "slurm", "kubernetes"), default="none",
                        help="the workload scheduler this node belongs to; slurm: drain the node and wait for its "
-                            "running jobs before the step, resume it after (default none)")
+                            "running jobs before the step, resume it after; kubernetes: cordon the node and evict "
+                            "its pods (PodDisruptionBudgets honoured, DaemonSet pods stay), uncordon it after "
+                            "(default none)")
     hooks.add_argument("--slurm-node-name", metavar="NAME",
                        help="this node's NodeName in Slurm (default: the short hostname)")
+    hooks.add_argument("--kubeconfig", metavar="FILE",
+                       help="--scheduler kubernetes: credentials for the API server (default: the pod's service "
+                            "account); the node is --hostname (the DaemonSet passes spec.nodeName), else the hostname")
     hooks.add_argument("--drain-timeout", type=float, default=1800.0, metavar="S",
                        help="longest wait for the scheduler's running jobs to end; then the step fails and the node "
                             "is resumed (default 1800)")
@@ -202,6 +208,9 @@ def scheduler_hooks(args: argparse.Namespace) -> list[SchedulerHook]:
     if args.scheduler == "slurm":
         node = args.slurm_node_name or socket.gethostname().split(".")[0]
         hooks.append(SlurmHook(node, drain_timeout_s=args.drain_timeout))
+    if args.scheduler == "kubernetes":
+        hooks.append(KubernetesHook(args.hostname or socket.gethostname(), kubeconfig=args.kubeconfig,
+                                    drain_timeout_s=args.drain_timeout))
     if args.pre_step_hook or args.post_step_hook:
         hooks.append(CommandHook(args.pre_step_hook, args.post_step_hook, timeout_s=args.step_hook_timeout))
     return hooks

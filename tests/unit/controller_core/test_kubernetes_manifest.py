@@ -74,6 +74,7 @@ def test_daemonset_runs_the_agent_with_what_it_needs(docs: dict[tuple[str, str],
     parser = build_parser("fleet-agent", "", [importlib.import_module(m) for m in COMMAND_MODULES])
     args = parser.parse_args(argv)
     assert args.command == "run" and args.hostname == "<NODE_NAME>"
+    assert args.scheduler == "kubernetes" and args.kubeconfig is None  # the pod's service account
 
     # every path the agent writes or reads is mounted, host paths at the same path as on the node
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
