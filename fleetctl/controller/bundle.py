@@ -54,9 +54,6 @@ FILES_DIR = "files"
 MAX_LOCK_BYTES = 16 * 1024 * 1024
 #: variants whose steps take artifacts from the store (sdpa/blocked install nothing)
 INSTALLING = frozenset({"fa2-wheel", "fa2-source", "fa1-source", "fa3-source", "fa4"})
-#: what ``fleet-agent`` needs at run time on a node (its own wheel aside); versions come from our metadata
-AGENT_DISTS = ("grpcio", "protobuf", "cryptography", "nvidia-ml-py", "ansible-core", "ansible-runner", "packaging",
-               "PyYAML")
 
 Progress = Callable[[str], None]
 
@@ -221,18 +218,20 @@ def sdist_requirements(path: Path, env: TargetEnv) -> tuple[str, ...]:
 
 
 def agent_requirements() -> list[str]:
-    """The agent's runtime dependencies with the ranges fleetctl's own metadata (pyproject.toml) pins."""
+    """What ``fleet-agent`` needs at run time on a node (its own wheel aside): fleetctl's requirements outside
+    every extra, with the ranges pyproject.toml pins (the agent install target, docs/deploy.md)."""
     try:
         declared = importlib.metadata.requires("fleetctl") or []
     except importlib.metadata.PackageNotFoundError:
-        declared = []
-    pinned: dict[str, str] = {}
+        raise FleetError("fleetctl's own package metadata is missing, so the agent's dependencies are unknown",
+                         hint="install fleetctl (`pip install -e .` in a checkout, or its wheel)") from None
+    out: list[str] = []
     for line in declared:
         with contextlib.suppress(InvalidRequirement):
             req = Requirement(line)
-            if req.marker is None:
-                pinned[normalize(req.name)] = str(req)
-    return [pinned.get(normalize(d), d) for d in AGENT_DISTS]
+            if req.marker is None:  # extras carry an `extra == "…"` marker
+                out.append(str(req))
+    return out
 
 
 def project_root() -> Path | None:

@@ -192,8 +192,10 @@ class Result:
 class Controller:
     """``fleet-controller serve`` on free ports with the given upstream flags."""
 
-    def __init__(self, state: Path, upstream: FakeUpstream | None, *, extra: Sequence[str] = ()) -> None:
+    def __init__(self, state: Path, upstream: FakeUpstream | None, *, extra: Sequence[str] = (),
+                 python: Path = Path(sys.executable)) -> None:
         self.state = state
+        self.python = python  # whose fleetctl: the checkout's or an installed wheel's
         self.upstream = upstream
         self.extra = list(extra)
         self.ports = {k: free_port() for k in ("grpc", "enroll", "http")}
@@ -215,7 +217,7 @@ class Controller:
             if self.upstream is not None else ["--offline"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
+                [str(self.python), "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
                  "--grpc-listen", self.grpc, "--enroll-listen", f"127.0.0.1:{self.ports['enroll']}",
                  "--http-listen", f"127.0.0.1:{self.ports['http']}", "--heartbeat-interval", "1",
                  "--missed-heartbeats", "10", "--no-gc-tuning", *flags, *self.extra],
@@ -258,7 +260,7 @@ class Controller:
 
     def fleetctl(self, *args: str, timeout: float = 240) -> Result:
         env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
-        proc = subprocess.run([sys.executable, "-m", "fleetctl.controller.cli", *args,
+        proc = subprocess.run([str(self.python), "-m", "fleetctl.controller.cli", *args,
                                  "--state-dir", str(self.state)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
         return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -266,7 +268,7 @@ class Controller:
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """``fleetctl ARGS`` started, not waited for (its output: ``communicate()``)."""
         env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
-        return subprocess.Popen([sys.executable, "-m", "fleetctl.controller.cli", *args,
+        return subprocess.Popen([str(self.python), "-m", "fleetctl.controller.cli", *args,
                                  "--state-dir", str(self.state)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -324,8 +326,10 @@ class Controller:
 class AgentProc:
     """``fleet-agent run --simulate PROFILE --executor ansible --python VENV --node-state-dir DIR`` for one node."""
 
-    def __init__(self, controller: Controller, hostname: str, profile: str, venv: TargetVenv, root: Path) -> None:
+    def __init__(self, controller: Controller, hostname: str, profile: str, venv: TargetVenv, root: Path, *,
+                 bin_dir: Path = BIN) -> None:
         self.controller = controller
+        self.bin_dir = bin_dir  # the venv whose fleet-agent (and ansible-playbook) runs
         self.hostname = hostname
         self.profile = profile
         self.venv = venv
@@ -339,14 +343,14 @@ class AgentProc:
         c = self.controller
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         dead = f"http://127.0.0.1:{free_port()}"   # nothing listens: any HTTP(S) the node tries fails
-        env.update(PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1", GRPC_ENABLE_FORK_SUPPORT="false",
+        env.update(PATH=f"{self.bin_dir}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1", GRPC_ENABLE_FORK_SUPPORT="false",
                    http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead,
                    no_proxy="", NO_PROXY="", no_grpc_proxy="127.0.0.1,localhost", grpc_proxy="")
         if not (self.state_dir / "identity.json").exists():
             env["FLEET_AGENT_TOKEN"] = c.post("/tokens", {"ttl_seconds": 600, "hostname": self.hostname})["token"]
         with (self.root / "agent.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "fleet-agent"), "run", "--controller", c.grpc,
+                [str(self.bin_dir / "fleet-agent"), "run", "--controller", c.grpc,
                  "--enroll-address", f"127.0.0.1:{c.ports['enroll']}", "--ca", str(c.state / "ca" / "ca.pem"),
                  "--state-dir", str(self.state_dir), "--hostname", self.hostname, "--simulate", self.profile,
                  "--executor", "ansible", "--python", str(self.venv.python), "--node-state-dir", str(self.node_state)],
