@@ -16,7 +16,7 @@ import httpx
 
 from tests.integration.rollout.controller_proc import free_port
 
-UNIT_STOP_SECONDS = 30  # TimeoutStopSec of deploy/systemd/fleet-controller.service
+UNIT_STOP_SECONDS = 30  # TimeoutStopSec of fleetctl/deploy/systemd/fleet-controller.service
 
 
 def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -20,13 +20,14 @@ from fleetctl.controller.settings import ControllerSettings, read_config
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
+SYSTEMD = ROOT / "fleetctl" / "deploy" / "systemd"  # package data: `fleetctl agents install` installs the agent unit
 UNITS = ("fleet-controller.service", "fleet-agent.service")
 
 
 def unit(name: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=True)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
-    parser.read(DEPLOY / "systemd" / name, encoding="utf-8")
+    parser.read(SYSTEMD / name, encoding="utf-8")
     return parser
 
 
@@ -41,7 +42,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     # so point it at this venv's scripts of the same names
     bindir = Path(sys.executable).parent
     for name in UNITS:
-        text = re.sub(r"/opt/fleetctl/(controller|agent)/bin/", f"{bindir}/", (DEPLOY / "systemd" / name).read_text())
+        text = re.sub(r"/opt/fleetctl/(controller|agent)/bin/", f"{bindir}/", (SYSTEMD / name).read_text())
         (tmp_path / name).write_text(text)
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -68,7 +69,7 @@ def test_controller_unit_is_strict_and_unprivileged() -> None:
     assert all(service[key] == "yes" for key in ("ProtectHome", "PrivateDevices", "RestrictSUIDSGID"))
     assert service["CapabilityBoundingSet"] == ""
     assert "serve --config /etc/fleetctl/controller.toml" in service["ExecStart"]
-    sysusers = (DEPLOY / "systemd" / "fleetctl.sysusers.conf").read_text()
+    sysusers = (SYSTEMD / "fleetctl.sysusers.conf").read_text()
     assert re.search(r"^u fleetctl ", sysusers, re.MULTILINE)
 
 
@@ -79,7 +80,7 @@ def test_agent_unit_leaves_devices_system_and_home_to_its_jobs() -> None:
         assert key not in service, key
     env_file = Path(service["EnvironmentFile"])
     assert env_file == Path("/etc/fleetctl/agent.env")
-    example = {line.split("=", 1)[0] for line in (DEPLOY / "systemd" / "agent.env").read_text().splitlines()
+    example = {line.split("=", 1)[0] for line in (SYSTEMD / "agent.env").read_text().splitlines()
                if line and not line.startswith("#")}
     used = set(re.findall(r"\$\{?(\w+)\}?", service["ExecStart"])) - {"STATE_DIRECTORY"}
     assert used <= example and "FLEET_AGENT_TOKEN" in example
