@@ -8,7 +8,8 @@ background loops are the root's. ``FleetError`` raised by a handler becomes
 ``{"error": {"code", "message", "hint"}}`` with a matching HTTP status.
 
 Routes: GET /api/v1/health, /api/v1/live, /api/v1/ready (no auth; docs/fleet.md "Health")
-· GET /api/v1/stats · GET /api/v1/nodes[?facts=true] · GET /api/v1/nodes/{host}
+· GET /api/v1/stats · GET /api/v1/nodes[?facts=true&selector=LABELS] · GET /api/v1/nodes/{host}
+· POST /api/v1/nodes/{host}/labels (``fleetctl label``; docs/cli.md, "Labels and selectors")
 · POST /api/v1/nodes/{host}/revoke · GET/POST /api/v1/tokens · POST /api/v1/tokens/{ref}/revoke
 · GET /api/v1/jobs[?node=] · GET /api/v1/jobs/{id} · GET /api/v1/artifacts · GET /api/v1/audit
 """
@@ -27,7 +28,8 @@ from fleetctl.controller import audit, node_summary, web
 from fleetctl.controller.artifacts_api import router as artifacts_router
 from fleetctl.controller.attention_api import router as attention_router
 from fleetctl.controller.context import ControllerContext
-from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx, Viewer
+from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx, Operator, Viewer
+from fleetctl.controller.labels import parse_label_changes
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.rollout.api import router as rollout_router
 from fleetctl.controller.telemetry import HttpMetrics
@@ -58,6 +60,13 @@ def http_status_for(exc: FleetError) -> int:
         if isinstance(exc, cls):
             return status
     return 500
+
+
+class LabelsBody(BaseModel):
+    """``fleetctl label NODE k=v k2-``: labels to set and keys to remove (checked by controller/labels.py)."""
+
+    set: dict[str, str] = Field(default_factory=dict, max_length=100)
+    remove: list[str] = Field(default_factory=list, max_length=100)
 
 
 class TokenCreate(BaseModel):
@@ -119,8 +128,9 @@ def api_router() -> APIRouter:
                 "liveness_db_writes": reg.db_writes, "online": counts[NodeStatus.ONLINE]}
 
     @router.get("/nodes")
-    def nodes(ctx: Ctx, _: Viewer, facts: bool = False) -> dict[str, Any]:
-        records = ctx.registry.records()
+    def nodes(ctx: Ctx, _: Viewer, facts: bool = False, selector: str | None = None) -> dict[str, Any]:
+        """Every node, or those whose labels ``selector`` (``-l``) matches: the registry applies it."""
+        records = ctx.registry.select(selector) if selector else ctx.registry.records()
         with ctx.store.session() as s:
             return {"nodes": node_summary.list_json(s, records, with_facts=facts)}
 
@@ -129,6 +139,12 @@ def api_router() -> APIRouter:
         record, history = ctx.registry.record(hostname), ctx.registry.history(hostname)
         with ctx.store.session() as s:
             return node_summary.detail_json(s, record, history)
+
+    @router.post("/nodes/{hostname}/labels")
+    def label_node(hostname: str, body: LabelsBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
+        """Labels steer which nodes rollouts and verifications take: an operator's change, audited."""
+        changes = parse_label_changes([f"{k}={v}" for k, v in body.set.items()] + [f"{k}-" for k in body.remove])
+        return {"hostname": hostname, "labels": ctx.registry.set_labels(hostname, changes, actor.name)}
 
     @router.post("/nodes/{hostname}/revoke")
     def revoke_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:

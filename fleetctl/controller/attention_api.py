@@ -4,7 +4,7 @@ The rules, and the loading of their evidence from the verification store, are co
 this module only serves the results.
 
 Routes (bearer token, any role): GET /api/v1/attention/nodes/{host}[?workload=] · GET /api/v1/attention/report
-[?nodes=SELECTOR&workload=]
+[?nodes=SELECTOR&labels=LABELS&workload=]
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ def router() -> APIRouter:
                 "recommendations": [x.to_json() for x in recs]}
 
     @r.get("/attention/report")
-    def report(ctx: Ctx, _: Viewer, nodes: str | None = None, workload: str = "prefill") -> dict[str, Any]:
+    def report(ctx: Ctx, _: Viewer, nodes: str | None = None, labels: str | None = None,
+               workload: str = "prefill") -> dict[str, Any]:
+        selector = parse_selector(nodes, labels)
         with ctx.store.session() as s:
             registered = [selection_info(record_of(row)) for row in s.scalars(select(Node))]
-            chosen = {n.hostname for n in select_nodes(parse_selector(nodes), registered)}
+            chosen = {n.hostname for n in select_nodes(selector, registered)}
             out = attention.fleet_report(s, controller_catalog(s, ctx.settings.state_dir), workload, chosen)
-        return {"workload": workload, "selector": nodes or "all", "groups": [g.to_json() for g in out.rows],
+        return {"workload": workload, "selector": selector.text, "groups": [g.to_json() for g in out.rows],
                 "unreadable_facts": list(out.unreadable_facts)}
 
     return r

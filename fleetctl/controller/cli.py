@@ -14,6 +14,7 @@ COMMAND_MODULES: list[str] = [
     "fleetctl.controller.commands.catalog",
     "fleetctl.controller.commands.diagnose",
     "fleetctl.controller.commands.nodes",
+    "fleetctl.controller.commands.labels",
     "fleetctl.controller.commands.tokens",
     "fleetctl.controller.commands.jobs",
     "fleetctl.controller.commands.artifacts",

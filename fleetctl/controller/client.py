@@ -59,6 +59,14 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
                              "else STATE/admin.token)")
 
 
+def add_label_selector_arg(parser: argparse.ArgumentParser) -> None:
+    """``-l/--selector LABELS`` of every command that takes nodes: a label selector (controller/labels.py), sent to
+    the controller, which applies it (AND-ed with ``--nodes`` where the command has that)."""
+    parser.add_argument("-l", "--selector", dest="labels", metavar="LABELS",
+                        help="label selector: k=v, k!=v, 'k in (a,b)', 'k notin (a)', k, !k; comma = AND "
+                             "(see `fleetctl label`)")
+
+
 class ControllerClient:
     def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")

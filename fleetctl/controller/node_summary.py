@@ -8,7 +8,7 @@ the node row is added here once; the CLI, the API and the dashboard's node index
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ class NodeSummary:
     last_seen: dt.datetime | None
     agent_id: str | None
     agent_version: str | None
+    labels: Mapping[str, str]  # the user's (`fleetctl label`)
     gpu_model: str | None
     gpu_count: int
     compute_capability: str | None
@@ -71,6 +72,7 @@ class NodeSummary:
             "nvcc": self.nvcc, "torch": self.torch, "torch_cuda": self.torch_cuda, "cxx11abi": self.cxx11abi,
             "python": self.python, "flash_attn": self.flash_attn, "flash_attn_variant": self.flash_attn_variant,
             "arch": self.arch, "agent_id": self.agent_id, "agent_version": self.agent_version,
+            "labels": dict(self.labels),
             "facts_updated_at": _iso(self.facts_updated_at),
             "facts_error": self.facts_error,
             "last_verification": None if v is None else {"result": v.result, "status": v.status, "at": _iso(v.at),
@@ -90,6 +92,7 @@ def summarize(record: NodeRecord, *, last_verification: VerificationView | None 
     return NodeSummary(
         hostname=record.hostname, status=record.status, simulated=record.simulated, last_seen=record.last_seen,
         agent_id=record.agent.agent_id if record.agent else None, agent_version=record.agent_version,
+        labels=record.labels,
         gpu_model=gpu0.name if gpu0 else None, gpu_count=len(f.gpus) if f is not None else 0,
         compute_capability=gpu0.compute_capability if gpu0 else None,
         driver=f.driver.version if f is not None and f.driver else None,

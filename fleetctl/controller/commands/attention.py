@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.table import render
 from fleetctl.controller.resolver.model import WORKLOADS
 from fleetctl.fleet.cli import add_output_args, print_structured
@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
                                           "the built-in prior of real measurements (docs/verification.md).")
     sub = p.add_subparsers(dest="attention_cmd", required=True)
     r = sub.add_parser("report", help="per GPU model × torch: implementations, medians, the recommended one")
-    r.add_argument("--nodes", "-l", metavar="SELECTOR", help="node selector (default: all), e.g. gpu=H200")
+    r.add_argument("--nodes", metavar="SELECTOR", help="node selector (default: all), e.g. gpu=H200")
+    add_label_selector_arg(r)
     r.add_argument("--workload", choices=WORKLOADS, default="prefill",
                    help="training (fwd+bwd), prefill (fwd, seqlen ≥ 4096) or decode (e2e tokens/s)")
     add_output_args(r, what="the report")
@@ -46,7 +47,8 @@ def render_report(data: dict[str, Any]) -> str:
 
 
 def handle_report(args: argparse.Namespace) -> int:
-    data = ControllerClient.from_args(args).get("/attention/report", nodes=args.nodes, workload=args.workload)
+    data = ControllerClient.from_args(args).get("/attention/report", nodes=args.nodes, labels=args.labels,
+                                                      workload=args.workload)
     if not print_structured(args, data):
         print(render_report(data))
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from fleetctl.controller.bundle import Lock, export_bundle, extract_verified, needing_artifacts, plan_facts, read_lock
 from fleetctl.controller.catalog import default_catalog, load_catalog_file
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.artifacts import upload
 from fleetctl.controller.commands.plan import load_fleet, policy_from_args
 from fleetctl.controller.commands.table import render
@@ -45,6 +45,7 @@ def register(subparsers: Any) -> None:
                      "`fleet-agent facts --json` on each node)")
     src.add_argument("--plan", type=Path, metavar="FILE", help="a saved `fleetctl rollout flash-attn --dry-run --json`")
     src.add_argument("--nodes", metavar="SELECTOR", help="ask a controller for its dry run of these nodes")
+    add_label_selector_arg(src)
     p.add_argument("--version", metavar="V", help="flash-attn release (default: the newest in the catalog)")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4 where it runs (as `rollout flash-attn --fa4`)")
     p.add_argument("--fa3", action="store_true", help="FA3 source builds on Hopper nodes")
@@ -81,7 +82,8 @@ def _progress(line: str) -> None:
 
 
 def _plans(args: argparse.Namespace) -> list[Mapping[str, Any]]:
-    given = [name for name, v in (("--facts", args.facts), ("--plan", args.plan), ("--nodes", args.nodes)) if v]
+    sources = (("--facts", args.facts), ("--plan", args.plan), ("--nodes/-l", args.nodes or args.labels))
+    given = [name for name, v in sources if v]
     if len(given) != 1:
         raise UsageError("give exactly one of --facts FILE, --plan FILE, --nodes SELECTOR"
                          + (f" (got {', '.join(given)})" if given else ""),
@@ -127,7 +129,8 @@ def _plans_from_file(path: Path) -> list[Mapping[str, Any]]:
 
 def _plans_from_controller(args: argparse.Namespace) -> list[Mapping[str, Any]]:
     policy = policy_from_args(args)
-    body = {"version": policy.version, "nodes": args.nodes, "dry_run": True, "actor": "bundle-export",
+    body = {"version": policy.version, "nodes": args.nodes, "labels": args.labels,
+            "dry_run": True, "actor": "bundle-export",
             "fa3": policy.fa3, "fa4": policy.fa4, "source_builds": policy.source_builds}
     out = ControllerClient.from_args(args).post("/rollouts", body)
     nodes: list[Mapping[str, Any]] = out.get("nodes") or []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.attention import render_node
 from fleetctl.controller.commands.table import render
 from fleetctl.controller.commands.verify import print_node_health
@@ -21,6 +21,7 @@ def register(subparsers: Any) -> None:
                               "status, GPU, driver, toolkit, torch, flash-attn. Simulated nodes are marked.")
     add_output_args(p, what="{\"nodes\": [...]} (wide adds agent version and last verification)")
     p.add_argument("--facts", action="store_true", help="with -o json|yaml: include each node's full facts")
+    add_label_selector_arg(p)
     add_controller_args(p)
     p.set_defaults(handler=handle_nodes)
 
@@ -34,7 +35,8 @@ def register(subparsers: Any) -> None:
 
 
 def handle_nodes(args: argparse.Namespace) -> int:
-    data = ControllerClient.from_args(args).get("/nodes", facts="true" if args.facts else None)
+    data = ControllerClient.from_args(args).get("/nodes", facts="true" if args.facts else None,
+                                                selector=args.labels)
     if print_structured(args, data):
         return 0
     nodes = data["nodes"]
@@ -47,6 +49,10 @@ def handle_nodes(args: argparse.Namespace) -> int:
         for row, n in zip(rows, nodes, strict=True):
             v = n.get("last_verification")
             row += [n.get("agent_version"), f"{v['status']} {(v['at'] or '')[:19]}" if v else None]
+    if args.output == "wide":  # the user's labels last: the widest column
+        headers.append("labels")
+        for row, n in zip(rows, nodes, strict=True):
+            row.append(",".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()) or None)
     print(render(rows, headers))
     counts: dict[str, int] = {}
     for n in nodes:
@@ -105,6 +111,7 @@ def handle_node(args: argparse.Namespace) -> int:
     print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")
     print(f"  agent       {ident.get('agent_id')} enrolled {ident.get('enrolled_at')}"
           f"{'  REVOKED' if ident.get('revoked') else ''}, version {n.get('agent_version') or 'not reported'}")
+    print(f"  labels      {', '.join(f'{k}={v}' for k, v in (n.get('labels') or {}).items()) or 'none'}")
     if facts is None:
         print(f"  facts       unreadable: {n['facts_error']}")
     else:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.table import render
 from fleetctl.controller.resolver import Policy
 from fleetctl.controller.resolver.model import WORKLOADS
@@ -72,6 +72,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--version", metavar="V", help="flash-attn release (default: the newest in the catalog)")
     p.add_argument("--nodes", metavar="SELECTOR", help="hostname globs, gpu=NAME, profile=NAME, status=S; "
                    "comma list: same key OR, different keys AND (default: all)")
+    add_label_selector_arg(p)
     p.add_argument("--canary", type=int, metavar="N", help="canary count (default: one per GPU model and variant; "
                    "0: no canary batch)")
     p.add_argument("--batch", metavar="SIZES", help="batch sizes after the canaries, e.g. 1,5,25%% (the last "
@@ -240,7 +241,8 @@ def handle_start(args: argparse.Namespace) -> int:
     if args.canary is not None and args.canary < 0:
         raise UsageError("--canary must be 0 or more", hint="--canary 0 skips the canary batch")
     client = ControllerClient.from_args(args)
-    body = {"version": args.version, "nodes": args.nodes, "canary": args.canary, "batch": args.batch,
+    body = {"version": args.version, "nodes": args.nodes, "labels": args.labels,
+            "canary": args.canary, "batch": args.batch,
             "max_parallel": args.max_parallel, "max_failures": args.max_failures, "dry_run": args.dry_run,
             "actor": _actor(args), "step_timeouts": args.step_timeout or {},
             "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()], **_policy_fields(args)}

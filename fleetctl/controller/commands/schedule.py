@@ -12,7 +12,7 @@ import getpass
 import os
 from typing import Any
 
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.table import render
 from fleetctl.fleet.cli import print_json
 
@@ -34,6 +34,7 @@ def register(subparsers: Any) -> None:
     a.add_argument("cron", metavar="CRON", help='5-field cron expression in UTC, e.g. "0 3 * * *"')
     a.add_argument("--nodes", default="all", metavar="SELECTOR",
                    help="node selector as in rollouts (default: all)")
+    add_label_selector_arg(a)
     a.add_argument("--quick", action="store_true", help="quick verification (default: full)")
     a.add_argument("--json", action="store_true", help="print the schedule as JSON")
     add_controller_args(a)
@@ -57,6 +58,7 @@ def handle_add(args: argparse.Namespace) -> int:
 
     parse_cron(args.cron)  # a clear error before talking to the controller
     row = ControllerClient.from_args(args).post("/schedules", {"cron": args.cron, "selector": args.nodes,
+                                                                "labels": args.labels,
                                                                "mode": "quick" if args.quick else "full",
                                                                "actor": _actor()})
     if args.json:

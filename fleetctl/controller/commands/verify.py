@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.client import ControllerClient, add_controller_args, add_label_selector_arg
 from fleetctl.controller.commands.table import render
 from fleetctl.fleet.cli import add_output_args, print_json, print_structured
 from fleetctl.fleet.errors import ControllerUnavailable, NotFoundError
@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
                     "with the facts they ran on. Exit 0 when all passed, 9 otherwise.")
     p.add_argument("hosts", nargs="*", metavar="HOST", help="nodes to verify (default: all, or --nodes)")
     p.add_argument("--nodes", metavar="SELECTOR", help="node selector as in rollouts (gpu=H100,node-*,…)")
+    add_label_selector_arg(p)
     p.add_argument("--quick", action="store_true", help="quick mode (seconds; what schedules use)")
     p.add_argument("--model", metavar="PATH", help="local causal LM on the nodes for the end-to-end check")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -102,7 +103,8 @@ HEADERS = ["host", "gpu", "status", "mode", "flash-attn", "verified", "FA TFLOP/
 def handle(args: argparse.Namespace) -> int:
     client = ControllerClient.from_args(args)
     mode = "quick" if args.quick else "full"
-    sub = client.post("/verify", {"hosts": list(args.hosts), "selector": args.nodes, "mode": mode,
+    sub = client.post("/verify", {"hosts": list(args.hosts), "selector": args.nodes, "labels": args.labels,
+                                  "mode": mode,
                                   "model_path": args.model})
     jobs: dict[str, str] = sub["jobs"]
     if args.no_wait:

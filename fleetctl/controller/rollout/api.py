@@ -20,11 +20,13 @@ from pydantic import BaseModel, Field
 from fleetctl.controller.api_tokens import Principal
 from fleetctl.controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
 from fleetctl.controller.rollout import service
+from fleetctl.controller.rollout.core import selection_text
 
 
 class StartBody(BaseModel):
     version: str | None = None
     nodes: str | None = None
+    labels: str | None = None  # a label selector (-l), AND-ed with nodes
     canary: int | None = Field(default=None, ge=0, le=10_000)
     batch: str | None = None
     max_parallel: int | None = Field(default=None, ge=1, le=100_000)
@@ -59,7 +61,8 @@ def router() -> APIRouter:
 
     @r.post("")
     def start(body: StartBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
-        req = service.RolloutRequest(version=body.version, nodes=body.nodes, canary=body.canary, batch=body.batch,
+        req = service.RolloutRequest(version=body.version, nodes=selection_text(body.nodes, body.labels),
+                                     canary=body.canary, batch=body.batch,
                                      max_parallel=body.max_parallel, max_failures=body.max_failures,
                                      dry_run=body.dry_run, step_timeouts=body.step_timeouts,
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),

@@ -18,12 +18,14 @@ from pydantic import BaseModel, Field
 
 from fleetctl.controller.audit import audit
 from fleetctl.controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
+from fleetctl.controller.rollout.core import selection_text
 from fleetctl.controller.verify_store import schedules, store
 
 
 class VerifyBody(BaseModel):
     hosts: list[str] = Field(default_factory=list)
     selector: str | None = None
+    labels: str | None = None  # a label selector (-l), AND-ed with selector
     mode: str = "full"
     model_path: str | None = None
 
@@ -31,6 +33,7 @@ class VerifyBody(BaseModel):
 class ScheduleBody(BaseModel):
     cron: str
     selector: str = "all"
+    labels: str | None = None  # a label selector (-l), stored with selector (rollout.core.selection_text)
     mode: str = "full"
     actor: str = "admin"  # a claim only: the audit actor is who authenticated (on_behalf_of when it differs)
 
@@ -40,9 +43,10 @@ def router() -> APIRouter:
 
     @r.post("/verify")
     async def verify(body: VerifyBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
-        done = await ctx.verification.submit(body.hosts, body.selector, mode=body.mode, trigger="manual",
+        selector = selection_text(body.selector, body.labels)
+        done = await ctx.verification.submit(body.hosts, selector, mode=body.mode, trigger="manual",
                                               model_path=body.model_path)
-        await ctx.store.call(audit, ctx.store, actor.name, "verify.submit", body.selector or ",".join(body.hosts),
+        await ctx.store.call(audit, ctx.store, actor.name, "verify.submit", selector or ",".join(body.hosts),
                              mode=body.mode, jobs=len(done.jobs))
         return {"jobs": done.jobs, "mode": body.mode, "skipped": done.skipped}
 
@@ -75,10 +79,11 @@ def router() -> APIRouter:
 
     @r.post("/schedules")
     def add_schedule(body: ScheduleBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
-        out = schedules.add_schedule(ctx.store, body.cron, body.selector, mode=body.mode, actor=actor.name)
+        selector = selection_text(body.selector, body.labels) or "all"
+        out = schedules.add_schedule(ctx.store, body.cron, selector, mode=body.mode, actor=actor.name)
         claimed: dict[str, Any] = {"on_behalf_of": body.actor} if body.actor not in ("admin", actor.name) else {}
         audit(ctx.store, actor.name, "schedule.add", f"schedule:{out.get('id')}", cron=body.cron,
-              selector=body.selector, mode=body.mode, **claimed)
+              selector=selector, mode=body.mode, **claimed)
         return out
 
     @r.delete("/schedules/{schedule_id}")

@@ -429,7 +429,8 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
     verifications = sources.verification_history(s, hostname)
     median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
-        "node": node, "facts": record.facts, "facts_error": record.facts_error, "history": history, "events": events,
+        "node": node, "labels": dict(record.labels),
+        "facts": record.facts, "facts_error": record.facts_error, "history": history, "events": events,
         "jobs": jobs,
         "job_events": job_events, "plan": sources.plan_for(s, record, state_dir), "verifications": verifications,
         "rollouts": sources.node_rollouts(s, hostname),
