@@ -156,17 +156,19 @@ class SlurmCluster:
         assert proc.returncode == 0, f"scontrol {' '.join(args)}: {proc.stderr}"
         return proc.stdout
 
+    def state_and_reason(self) -> tuple[str, str]:
+        """The node's ``State=`` as scontrol shows it (``IDLE``, ``MIXED+DRAIN``, ``IDLE+DRAIN`` …; "" if unknown)
+        and its ``Reason=`` (with Slurm's ``[user@time]`` stamp), read at once."""
+        out = self._run("scontrol", "show", "node", "-o", self.node).stdout
+        head, _, reason = out.partition(" Reason=")
+        state = next((f.removeprefix("State=") for f in head.split() if f.startswith("State=")), "")
+        return state, reason.strip()
+
     def state(self) -> str:
-        """The node's ``State=`` as scontrol shows it (``IDLE``, ``MIXED+DRAIN``, ``IDLE+DRAIN`` …), "" if unknown."""
-        proc = self._run("scontrol", "show", "node", "-o", self.node)
-        for field in proc.stdout.split():
-            if field.startswith("State="):
-                return field.removeprefix("State=")
-        return ""
+        return self.state_and_reason()[0]
 
     def reason(self) -> str:
-        out = self._run("scontrol", "show", "node", "-o", self.node).stdout
-        return out.partition(" Reason=")[2].strip()
+        return self.state_and_reason()[1]
 
     def jobs(self) -> list[str]:
         """Ids of the jobs Slurm holds (pending or running)."""

@@ -14,12 +14,15 @@ tests/integration/harness/slurm.py) and real shell commands.
 from __future__ import annotations
 
 import datetime as dt
+import html
+import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fleetctl.agent.command_hook import CommandHook
@@ -27,6 +30,7 @@ from fleetctl.agent.scheduler_hooks import HOOK_FAILED_RC, HookedJobRunner, Sche
 from fleetctl.agent.slurm_hook import SlurmHook
 from fleetctl.controller.app import RunningController
 from fleetctl.controller.artifacts import Provenance
+from fleetctl.controller.web.auth import add_user
 from fleetctl.fleet.errors import FleetError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import AgentProcess, wait_for
@@ -71,7 +75,7 @@ class Watcher:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            state, reason = self.cluster.state(), self.cluster.reason()
+            state, reason = self.cluster.state_and_reason()
             for flag in TRANSIENT:
                 state = state.replace(flag, "")
             if state and (not self.seen or self.seen[-1][1:] != (state, reason)):
@@ -105,6 +109,20 @@ def event_time(job: dict[str, Any], name: str, last: bool = False) -> float:
     times = [dt.datetime.fromisoformat(e["created"]).timestamp() for e in job["events"] if e["event"] == name]
     assert times, f"no {name} event in job {job['id']}: {[e['event'] for e in job['events']]}"
     return times[-1] if last else times[0]
+
+
+async def dashboard_page(rc: RunningController, path: str) -> str:
+    """``path`` of the dashboard as a viewer sees it, logged in through the login form."""
+    add_user(rc.ctx.store, "vic", "viewer", "correct horse battery")
+    assert rc.ctx.http_url is not None
+    async with httpx.AsyncClient(base_url=rc.ctx.http_url, timeout=30) as web:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', (await web.get("/login")).text)
+        assert token is not None
+        await web.post("/login", data={"username": "vic", "password": "correct horse battery",
+                                       "csrf_token": token.group(1), "next": "/"})
+        page = await web.get(path)
+        assert page.status_code == 200, page.text[:500]
+        return html.unescape(page.text)
 
 
 async def run_job(rc: RunningController, agent: AgentProcess, kind: str, vars: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +198,11 @@ async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
         jobs = [install, verify, verify2, failed]
         assert hook_log.read_text().splitlines() == [
             x for j in jobs for x in (f"pre {j['kind']} {j['id']} ", f"post {j['kind']} {j['id']} {j['status']}")]
+
+        # the dashboard's node page shows what the hooks did, job by job
+        page = await dashboard_page(controller, f"/nodes/{NODE}")
+        assert "scheduler hook: slurm" in page and f"{NODE} drained for " in page
+        assert "was drained by an operator (reason: operator: bad DIMM) and stays so" in page
     finally:
         await agent.close()
 
