@@ -29,6 +29,7 @@ from fleetctl.controller.artifacts import ArtifactStore
 from fleetctl.controller.ca import CertAuthority
 from fleetctl.controller.enrollment import Enrollment
 from fleetctl.controller.jobs import JobDispatcher
+from fleetctl.controller.kubernetes_labels import NodeLabels
 from fleetctl.controller.loop_monitors import GcMonitor, LoopLag
 from fleetctl.controller.provisioning import Provisioner
 from fleetctl.controller.registry import Registry
@@ -96,6 +97,9 @@ class ControllerContext:
                                             provisioner=self.provisioner)
         self.verification = VerificationService(self, drift_delay=settings.drift_debounce,
                                                 policy=settings.regression)
+        # each verification's verdict as Kubernetes node labels (settings.kubernetes_labels; docs/deploy.md)
+        self.node_labels = (NodeLabels(self.store, self.registry, state, settings.kubernetes_labels)
+                            if settings.kubernetes_labels else None)
         self.loop_lag = LoopLag()
         self.gc_monitor = GcMonitor()
         # filled in by controller/app.py when listening

@@ -63,6 +63,9 @@ class ControllerSettings:
     # --trusted-keyring); require_signed refuses unsigned operator uploads (--require-signed)
     trusted_keyring: Path | None = None
     require_signed: bool = False
+    # publish each verified node's fleetctl.io/* labels to its Kubernetes node (controller/kubernetes_labels.py):
+    # "in-cluster" (the controller's pod's service account) or a kubeconfig path; None: no labels
+    kubernetes_labels: str | None = None
     # a rollout engine holds its rollout's lease this long without renewing it before another controller's
     # engine may take the rollout over (docs/rollout.md; FLEET_ROLLOUT_LEASE_TTL)
     rollout_lease_ttl: float = 15.0
@@ -128,6 +131,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "refused; the signer's fingerprint is recorded (docs/security.md, Artifacts and provenance)")
     p.add_argument("--require-signed", action="store_true", default=None,
                    help="refuse `fleetctl artifact add` uploads without a signature (needs --trusted-keyring)")
+    p.add_argument("--kubernetes-labels", metavar="KUBECONFIG",
+                   help="after each verification, label the node's Kubernetes node (fleetctl.io/verified, "
+                        "flash-attn-version, recommended-attention...; the hostname is the node name) with these "
+                        "credentials: a kubeconfig path, or 'in-cluster' (docs/deploy.md, Kubernetes)")
     # knobs that also have an environment variable (the flag wins)
     p.add_argument("--rollout-lease-ttl", metavar="S", help="rollout lease TTL (default 15; FLEET_ROLLOUT_LEASE_TTL)")
     p.add_argument("--no-scheduler", dest="scheduler", action="store_const", const="off",
@@ -166,6 +173,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         upstream=upstream_config(knob.given("upstream_index"), knob.given("wheel_mirror"), knob.given("offline")),
         enroll_per_source=per_source, enroll_overall=overall,
         trusted_keyring=trusted_keyring, require_signed=require_signed,
+        kubernetes_labels=knob.given("kubernetes_labels"),
         rollout_lease_ttl=knob.read("rollout_lease_ttl", _seconds),
         scheduler=knob.read("scheduler", _switch),
         scheduler_tick=knob.read("scheduler_tick", _seconds),
@@ -258,6 +266,8 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "per source address 1/s, burst 20)"),
     FileKey("trusted_keyring", Path, None, "OpenPGP public keys that may sign `fleetctl artifact add --sig`"),
     FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
+    FileKey("kubernetes_labels", str, None, "label verified nodes in Kubernetes: a kubeconfig path or "
+            "\"in-cluster\" (unset: no labels)"),
     FileKey("rollout_lease_ttl", float, _DEFAULTS.rollout_lease_ttl, "rollout lease TTL, seconds",
             "FLEET_ROLLOUT_LEASE_TTL"),
     FileKey("scheduler", bool, _DEFAULTS.scheduler, "run due verification schedules in this controller",

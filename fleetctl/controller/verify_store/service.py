@@ -161,6 +161,8 @@ class VerificationService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.apply_status(node, change, reason)
+        if self.ctx.node_labels is not None:  # the node's Kubernetes labels follow the verdict just recorded
+            await self.ctx.node_labels.published(node)
 
     def unrecorded(self, limit: int = 500) -> list[tuple[str, JobOutcome]]:
         """Finished verify jobs without a verification record (a fault outlasted ``_record``'s retries)."""
