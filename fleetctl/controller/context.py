@@ -79,7 +79,8 @@ class ControllerContext:
             raise state_dir_error(exc, exc.filename or state, "write") from exc
         self.enrollment = Enrollment(self.store, self.ca)
         self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
-                                 missed_heartbeats=settings.missed_heartbeats)
+                                 missed_heartbeats=settings.missed_heartbeats,
+                                 flush_interval=settings.flush_interval)
         self.jobs = JobDispatcher(self.store)
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}

@@ -7,6 +7,14 @@ thread. Status changes (``online`` ⇄ ``offline``, ``degraded`` set by other co
 effect in memory at once (``status_of``, the API) and are written with their ``node_events``
 rows in the same batches (``flush()`` writes everything pending now).
 
+Liveness is shared through the database, so that several controllers on one database judge every node the
+same way (docs/ha.md): the batch that writes a node's ``last_seen`` also renews the node's agent-session lease
+(``agent_sessions``: this controller, its session with the agent, ``expires_at`` = the end of the offline
+window on the database's clock). Offline is decided in the database, never from one controller's memory: a
+liveness round (``sweep``; housekeeping runs it off the loop every flush interval) turns offline the nodes whose
+lease has expired — by the database's clock — and takes every node's stored status into memory, so a node that
+another controller hears is never turned offline here, and a status another controller wrote shows here too.
+
 Invariants: the hostname of a node is the one bound to its agent's identity at
 enrollment — facts claiming another hostname are refused; one hostname belongs to one live
 identity; a refused report leaves the registry unchanged.
@@ -20,17 +28,21 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, case, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from fleetctl.controller.audit import record as audit_record
 from fleetctl.controller.enrollment import AgentIdentity
 from fleetctl.controller.labels import LabelChanges, LabelSelector, check_label, parse_label_selector
-from fleetctl.controller.node_status import NodeStatus, liveness
+from fleetctl.controller.leases import AgentSession, db_now, holder_id
+from fleetctl.controller.node_status import NodeStatus, lease_expired, lease_expiry, liveness
 from fleetctl.controller.rollout.core import NodeInfo
 from fleetctl.controller.store import Store, utcnow
 from fleetctl.controller.store.models import FactsHistory, Identity, Node, NodeEvent, NodeLabel
@@ -167,6 +179,20 @@ class _Live:
     status: NodeStatus
     last_seen: float  # unix time
     facts_requested: bool = False
+    session_id: str | None = None  # this controller's session with the node's agent; None: not heard here
+    changed: int = 0  # the registry's change count at this node's last status change made here
+
+
+class Heard(NamedTuple):
+    """A node heard since the last batch: what the batch writes (``last_seen``) and renews (its session lease)."""
+
+    node_id: int
+    last_seen: float  # unix time, this controller's clock
+    session_id: str
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 @dataclass(frozen=True)
@@ -187,21 +213,59 @@ class Transition:
     reason: str
 
 
+class StoredNode(NamedTuple):
+    """A node's liveness as stored: what a liveness round takes into memory."""
+
+    node_id: int
+    hostname: str
+    identity_id: str | None
+    status: str
+    last_seen: dt.datetime | None
+    holder: str | None  # the controller holding its agent's session lease (expired or not); None: no lease
+
+
+@dataclass(frozen=True)
+class LivenessView:
+    """What a liveness round found in the database (``Registry.judge``): the nodes it turned offline, and every
+    node as stored."""
+
+    expired: list[Transition]
+    stored: list[StoredNode]
+
+
+def _silence(now: dt.datetime, last_seen: dt.datetime | None, holder: str | None, expires_at: dt.datetime | None,
+             missed: int, interval: float) -> str:
+    """Why a node is turned offline, in words: how long it has been silent and whose lease ran out."""
+    silent = f"no heartbeat for {(now - last_seen).total_seconds():.1f}s" if last_seen else "never heard"
+    if holder is None or expires_at is None:
+        return f"{silent} (no agent session)"
+    return (f"{silent} (session lease of controller {holder} expired {(now - expires_at).total_seconds():.1f}s "
+            f"ago; {missed} × {interval:g}s interval)")
+
+
 class Registry:
     def __init__(self, store: Store, *, heartbeat_interval: float = DEFAULT_INTERVAL,
-                 missed_heartbeats: int = DEFAULT_MISSED, clock: Callable[[], float] = time.time) -> None:
+                 missed_heartbeats: int = DEFAULT_MISSED, clock: Callable[[], float] = time.time,
+                 holder: str | None = None, flush_interval: float = 0.0) -> None:
         self.store = store
         self.interval = heartbeat_interval
         self.missed = missed_heartbeats
         self.clock = clock
+        # a lease is renewed by the batches, every flush interval on a housekeeping tick that may come up to one
+        # interval late: it lasts that much past the offline window, or a node would expire between two batches
+        self.lease_slack = 2 * flush_interval
+        self.holder = holder or holder_id()  # this controller, as the holder of its agents' session leases
         self.heartbeats = 0
-        self.db_writes = 0  # rows written by heartbeat flushes and transitions
+        self.db_writes = 0  # nodes written by heartbeat flushes, rows by transitions
         self._live: dict[str, _Live] = {}
         # nodes that heartbeated since the last take_dirty (hostname → its _Live): the flush touches only
         # these instead of scanning every node
         self._dirty: dict[str, _Live] = {}
         self._pending: list[_PendingTransition] = []
-        self._resumed_at = 0.0  # when the controller last recovered from a stall of its own (``stalled``)
+        self._changes = 0  # status changes made here so far (a liveness round keeps the ones made meanwhile)
+        # when the controller started or last recovered from a stall of its own (``stalled``): it judges no node
+        # before one full window has passed since, so that its own absence is not blamed on the nodes
+        self._resumed_at = self.clock()
         self.on_transition: list[Callable[[Transition], None]] = []
         # (hostname, changed dotted paths) after a stored facts change; e.g. drift re-verification
         self.on_facts_changed: list[Callable[[str, list[str]], None]] = []
@@ -221,7 +285,6 @@ class Registry:
         with self.store.session() as s:
             for row in s.scalars(select(Node)):
                 seen = row.last_seen.timestamp() if row.last_seen else now
-                # after a restart, give every node one full window before declaring it offline
                 self._live[row.hostname] = _Live(row.id, row.identity_id, NodeStatus(row.status), max(seen, now))
 
     # ---- facts ---------------------------------------------------------------------------
@@ -233,7 +296,7 @@ class Registry:
         Blocking (the database, in this thread); the gRPC servicer uses ``report_facts_async``."""
         self._check_hostname(ident, facts)
         stored = self.store_facts(ident, facts, self.take_transitions(), simulated=simulated,
-                                  agent_version=agent_version)
+                                  agent_version=agent_version, session_id=self._session_of(ident.hostname))
         return self.apply_facts(ident, *stored)
 
     async def report_facts_async(self, ident: AgentIdentity, facts: NodeFacts, *, simulated: bool = False,
@@ -243,7 +306,7 @@ class Registry:
         transitions = self.take_transitions()
         try:
             stored = await self.store.call(self.store_facts, ident, facts, transitions, simulated=simulated,
-                                           agent_version=agent_version)
+                                           agent_version=agent_version, session_id=self._session_of(ident.hostname))
         except BaseException:
             self.requeue(transitions, [])
             raise
@@ -256,11 +319,18 @@ class Registry:
                 f"facts claim hostname {facts.hostname!r} but this agent enrolled as {ident.hostname!r}",
                 hint="the enrolled hostname is authoritative; fix the agent's hostname or enroll it anew")
 
+    def _session_of(self, hostname: str) -> str:
+        """This controller's session with the agent of ``hostname``: the one it has, else a new one."""
+        live = self._live.get(hostname)
+        return live.session_id if live is not None and live.session_id else new_session_id()
+
     def store_facts(self, ident: AgentIdentity, facts: NodeFacts, transitions: list[_PendingTransition], *,
-                    simulated: bool = False, agent_version: str | None = None
-                    ) -> tuple[list[str], int, NodeStatus, float]:
+                    simulated: bool = False, agent_version: str | None = None, session_id: str | None = None
+                    ) -> tuple[list[str], int, NodeStatus, float, str]:
         """The database half of ``report_facts`` (thread-safe): pending ``transitions`` first (a node's status
-        history stays in order), then the node row. Returns (changed, node id, status, last_seen)."""
+        history stays in order), then the node row and its agent-session lease (a report is contact). Returns
+        (changed, node id, status, last_seen, session id)."""
+        session_id = session_id or new_session_id()
         new_json = facts.to_json()
         extra = dict(facts.extra)
         self.write_transitions(transitions)
@@ -313,15 +383,18 @@ class Registry:
                                     reason="facts reported"))
                     node.status = new_status
                     node.status_changed_at = now
-            return changed, node.id, NodeStatus(node.status), now.timestamp()
+            self._renew_sessions(s, [Heard(node.id, self.clock(), session_id)])
+            return changed, node.id, NodeStatus(node.status), now.timestamp(), session_id
 
     def apply_facts(self, ident: AgentIdentity, changed: list[str], node_id: int, status: NodeStatus,
-                    seen: float) -> list[str]:
+                    seen: float, session_id: str) -> list[str]:
         """The in-memory half of ``report_facts`` (event loop thread): liveness and the facts-change hooks."""
         live = self._live.get(ident.hostname)
         if live is None or live.node_id != node_id:
-            self._live[ident.hostname] = _Live(node_id, ident.agent_id, status, seen)
+            self._live[ident.hostname] = _Live(node_id, ident.agent_id, status, seen, session_id=session_id,
+                                               changed=self._changes)
         else:
+            live.session_id = session_id
             # ``seen`` is when the write began: it may have waited on the database while heartbeats arrived,
             # so it never moves last_seen back (that would turn a heartbeating node offline)
             live.identity_id = ident.agent_id
@@ -347,6 +420,8 @@ class Registry:
                                 hint="the agent must report its facts (ReportFacts) before heartbeating")
         self.heartbeats += 1
         live.last_seen = self.clock()
+        if live.session_id is None:
+            live.session_id = new_session_id()
         self._dirty[ident.hostname] = live
         status = liveness(live.status, live.last_seen, live.last_seen, self.offline_after)
         if status != live.status:
@@ -361,38 +436,131 @@ class Registry:
         if live is not None:
             live.facts_requested = True
 
-    def take_dirty(self) -> list[tuple[int, float]]:
-        """(node id, last_seen) of nodes heartbeating since the last call; clears the marks."""
+    def take_dirty(self) -> list[Heard]:
+        """The nodes heartbeating since the last call; clears the marks."""
         dirty, self._dirty = self._dirty, {}
-        return [(live.node_id, live.last_seen) for live in dirty.values()]
+        return [Heard(live.node_id, live.last_seen, live.session_id or new_session_id()) for live in dirty.values()]
 
-    def write_last_seen(self, batch: list[tuple[int, float]]) -> int:
-        """Write a ``take_dirty`` batch in one statement (executemany); thread-safe."""
+    def write_last_seen(self, batch: Sequence[Heard]) -> int:
+        """Write a ``take_dirty`` batch — ``last_seen`` and the nodes' session leases, one statement each
+        (executemany) in one transaction; thread-safe."""
         if not batch:
             return 0
         table = Node.__table__
         assert isinstance(table, Table)
         stmt = update(table).where(table.c.id == bindparam("b_id")).values(last_seen=bindparam("b_seen"))
         with self.store.session() as s:  # one executemany through Core: far less Python work than the ORM
-            s.execute(stmt, [{"b_id": node_id, "b_seen": dt.datetime.fromtimestamp(t, dt.UTC)} for node_id, t in batch])
+            self._renew_sessions(s, batch)
+            s.execute(stmt, [{"b_id": h.node_id, "b_seen": dt.datetime.fromtimestamp(h.last_seen, dt.UTC)}
+                             for h in batch])
         self.db_writes += len(batch)
         return len(batch)
+
+    def _renew_sessions(self, s: Session, batch: Sequence[Heard]) -> None:
+        """Renew (or take) the session leases of ``batch``'s nodes to the end of their offline window, on the
+        database's clock. A lease is only moved forward: when an agent has moved to another controller, this
+        controller's older heartbeat does not take the node back."""
+        now, local = db_now(s, self.clock), self.clock()
+        table = AgentSession.__table__
+        assert isinstance(table, Table)
+        ins = (pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert)(table)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[table.c.node_id],
+            set_={"controller_id": ins.excluded.controller_id, "session_id": ins.excluded.session_id,
+                  "started_at": case((table.c.session_id == ins.excluded.session_id, table.c.started_at),
+                                     else_=ins.excluded.started_at),
+                  "expires_at": ins.excluded.expires_at},
+            where=ins.excluded.expires_at >= table.c.expires_at)
+        window = self.offline_after + self.lease_slack
+        s.execute(stmt, [{"node_id": h.node_id, "controller_id": self.holder, "session_id": h.session_id,
+                          "started_at": now, "expires_at": lease_expiry(now, local - h.last_seen, window)}
+                         for h in batch])
 
     def flush_last_seen(self) -> int:
         return self.write_last_seen(self.take_dirty())
 
     def sweep(self) -> list[Transition]:
-        """Turn nodes silent for ``missed × interval`` offline; returns the transitions made."""
-        now = self.clock()
-        made: list[Transition] = []
-        if self._resumed_at > now - self.offline_after:  # a window since the controller's own stall has not passed
-            return made
-        for hostname, live in self._live.items():
-            if (live.status is not NodeStatus.OFFLINE
-                    and liveness(live.status, live.last_seen, now, self.offline_after) is NodeStatus.OFFLINE):
-                made.append(self._transition(hostname, live, NodeStatus.OFFLINE,
-                                             f"no heartbeat for {self.clock() - live.last_seen:.1f}s "
-                                             f"({self.missed} × {self.interval:g}s interval)"))
+        """One liveness round in this thread (housekeeping runs the same steps off the loop: controller/server.py):
+        write what is pending, ``judge`` in the database, ``apply`` the outcome; returns the status changes."""
+        since = self.changes
+        self.write_transitions(self.take_transitions())
+        self.flush_last_seen()
+        return self.apply(self.judge(expire=self.may_expire(), hearing=self.hearing()), since)
+
+    @property
+    def changes(self) -> int:
+        """Status changes made here so far: what a liveness round began at (``apply``)."""
+        return self._changes
+
+    def may_expire(self) -> bool:
+        """Whether this controller may judge silent nodes now: a full window has passed since it started or
+        recovered from a stall of its own (the heartbeats it missed meanwhile are its fault, not the nodes')."""
+        return self.clock() - self._resumed_at >= self.offline_after
+
+    def hearing(self) -> frozenset[int]:
+        """The nodes this controller has heard within their offline window (event loop thread): it never turns
+        them offline, even when their lease ran out because its renewal waited on the database."""
+        since = self.clock() - self.offline_after
+        return frozenset(live.node_id for live in self._live.values() if live.last_seen >= since)
+
+    def judge(self, *, expire: bool, hearing: frozenset[int] = frozenset()) -> LivenessView:
+        """The database half of a liveness round (thread-safe): with ``expire``, turn offline every node whose
+        session lease has expired by the database's clock, except those this controller is ``hearing`` (rows
+        locked with SKIP LOCKED: when two controllers judge at once, each node is turned offline by one of them,
+        once), then read every node's stored status and lease holder."""
+        expired: list[Transition] = []
+        with self.store.session() as s:
+            now = db_now(s, self.clock)
+            if expire:
+                rows = s.execute(
+                    select(Node.id, Node.hostname, Node.status, Node.last_seen, AgentSession.controller_id,
+                           AgentSession.expires_at)
+                    .outerjoin(AgentSession, AgentSession.node_id == Node.id)
+                    .where(Node.status != NodeStatus.OFFLINE,
+                           or_(AgentSession.expires_at.is_(None), AgentSession.expires_at <= now))
+                    .with_for_update(of=Node, skip_locked=True)).all()
+                for node_id, hostname, status, last_seen, holder, expires_at in rows:
+                    if not lease_expired(expires_at, now) or node_id in hearing:
+                        continue
+                    reason = _silence(now, last_seen, holder, expires_at, self.missed, self.interval)
+                    at = utcnow()  # event times are the controllers' clock, like every other node_events row
+                    s.execute(update(Node).where(Node.id == node_id)
+                              .values(status=NodeStatus.OFFLINE, status_changed_at=at))
+                    s.add(NodeEvent(node_id=node_id, at=at, old_status=status, new_status=NodeStatus.OFFLINE,
+                                    reason=reason))
+                    expired.append(Transition(hostname, NodeStatus(status), NodeStatus.OFFLINE, reason))
+            stored = [StoredNode(*row) for row in s.execute(
+                select(Node.id, Node.hostname, Node.identity_id, Node.status, Node.last_seen,
+                       AgentSession.controller_id).outerjoin(AgentSession, AgentSession.node_id == Node.id))]
+        self.db_writes += 2 * len(expired)
+        return LivenessView(expired, stored)
+
+    def apply(self, view: LivenessView, since: int) -> list[Transition]:
+        """The in-memory half of a liveness round (event loop thread): every node's status as stored, except
+        where this controller changed it after the round began (``since`` = ``changes`` then: that change is
+        newer than what was read, and the next round writes it); nodes registered through another controller
+        join; a node whose lease another controller holds has no session here any more. Returns the status
+        changes, those this controller made first; the ``on_transition`` callbacks hear each."""
+        made = list(view.expired)
+        for tr in view.expired:
+            log.warning("node %s: %s → %s (%s)", tr.hostname, tr.old, tr.new, tr.reason)
+        mine = {tr.hostname for tr in view.expired}
+        for node_id, hostname, identity_id, status, last_seen, holder in view.stored:
+            live = self._live.get(hostname)
+            if live is None:
+                seen = last_seen.timestamp() if last_seen else self.clock()
+                self._live[hostname] = _Live(node_id, identity_id, NodeStatus(status), seen, changed=since)
+                continue
+            if holder is not None and holder != self.holder:
+                live.session_id = None
+            if live.changed > since or live.status == status:
+                continue
+            old, live.status = live.status, NodeStatus(status)
+            if hostname not in mine:
+                log.info("node %s: %s → %s (as stored by another controller)", hostname, old, status)
+                made.append(Transition(hostname, old, live.status, "as stored by another controller"))
+        for tr in made:
+            self._notify(tr)
         return made
 
     def _transition(self, hostname: str, live: _Live, new: NodeStatus, reason: str) -> Transition:
@@ -400,27 +568,32 @@ class Registry:
         mass reconnect or a partition does not stall the event loop with thousands of commits)."""
         old = live.status
         live.status = new
+        self._changes += 1
+        live.changed = self._changes
         self._pending.append(_PendingTransition(live.node_id, old, new, reason, utcnow(), live.last_seen))
         tr = Transition(hostname, old, new, reason)
         log.log(logging.WARNING if new is NodeStatus.OFFLINE else logging.INFO, "node %s: %s → %s (%s)",
                 hostname, old, new, reason)
+        self._notify(tr)
+        return tr
+
+    def _notify(self, tr: Transition) -> None:
         for cb in self.on_transition:
             try:
                 cb(tr)
             except Exception:
                 log.exception("transition callback failed")
-        return tr
 
     def take_transitions(self) -> list[_PendingTransition]:
         batch, self._pending = self._pending, []
         return batch
 
-    def requeue(self, transitions: list[_PendingTransition], batch: list[tuple[int, float]]) -> None:
+    def requeue(self, transitions: list[_PendingTransition], batch: Sequence[Heard]) -> None:
         """Put back what a failed flush took (event loop thread): the next flush writes it again. Liveness in
         memory is untouched: a slow or failing database never turns a heartbeating node offline."""
         self._pending[:0] = transitions
         if batch:
-            ids = {node_id for node_id, _ in batch}
+            ids = {h.node_id for h in batch}
             for hostname, live in self._live.items():
                 if live.node_id in ids:
                     self._dirty.setdefault(hostname, live)
@@ -485,7 +658,10 @@ class Registry:
         live = self._live.get(row.hostname)  # memory is newer than the batched writes
         if live is None:
             return record_of(row)
-        return record_of(row, status=live.status, last_seen=dt.datetime.fromtimestamp(live.last_seen, dt.UTC))
+        seen = dt.datetime.fromtimestamp(live.last_seen, dt.UTC)
+        if row.last_seen is not None and row.last_seen > seen:  # heard by another controller since
+            seen = row.last_seen
+        return record_of(row, status=live.status, last_seen=seen)
 
     def records(self) -> list[NodeRecord]:
         """Every node, by hostname."""

@@ -396,13 +396,14 @@ async def start_grpc(ctx: ControllerContext) -> grpc.aio.Server:
 
 
 async def housekeeping(ctx: ControllerContext) -> None:
-    """Background loop: detect offline nodes (from memory), flush heartbeat batches, refresh revocations.
+    """Background loop: liveness rounds (flush heartbeat batches, detect offline nodes), refresh revocations.
 
-    Offline is decided by heartbeats received, never by database writes: the sweep runs every tick from
-    memory, while the flush and the identity refresh run as their own tasks on the store's thread pool.
-    A blocked or failing database therefore delays the flush (its batch is put back and written by a
-    later one), never the sweep. If the loop itself was held up (the tick came late), the registry is
-    told, so that nodes are not blamed for the controller's own stall."""
+    Offline is decided in the database, from the agent-session leases every controller renews with its
+    heartbeat batches (controller/registry.py): each round writes this controller's batch first, then turns
+    offline the nodes whose lease expired. Rounds and the identity refresh run as their own tasks on the
+    store's thread pool; a blocked or failing database delays a round (its batch is put back and written by a
+    later one) and turns no node offline meanwhile. If the loop itself was held up (the tick came late), the
+    registry is told, so that nodes are not blamed for the controller's own stall."""
     s = ctx.settings
     period = min(s.flush_interval, max(0.2, s.heartbeat_interval / 2))
     loop = asyncio.get_running_loop()
@@ -421,7 +422,6 @@ async def housekeeping(ctx: ControllerContext) -> None:
                 if late > max(1.0, ctx.registry.offline_after / 2):
                     ctx.registry.stalled(late)
                 ctx.gc_monitor.after_tick(ctx.registry.node_count)
-                ctx.registry.sweep()
                 if (flusher is None or flusher.done()) and (now - last_flush >= s.flush_interval
                                                             or ctx.registry._pending):
                     flusher = asyncio.create_task(_flush(ctx, flush_state), name="liveness-flush")
@@ -447,19 +447,21 @@ class _FlushState:
 
 
 async def _flush(ctx: ControllerContext, state: _FlushState) -> None:
-    """Write pending status changes, then the last_seen batch, off the event loop; on failure put back what
-    was not written (the next flush retries it) and say so once per outage, not every tick."""
+    """One liveness round off the event loop (``Registry.sweep``'s steps): write pending status changes, then the
+    last_seen batch with its session leases, then judge expired leases and take the stored statuses in; on
+    failure put back what was not written (the next round retries it) and say so once per outage, not every
+    tick."""
     reg = ctx.registry
+    since = reg.changes
     transitions, batch = reg.take_transitions(), reg.take_dirty()
-    if not transitions and not batch:
-        return
-    written = False
     try:
         await ctx.store.call(reg.write_transitions, transitions)
-        written = True
+        transitions = []
         await ctx.store.call(reg.write_last_seen, batch)
+        batch = []
+        reg.apply(await ctx.store.call(reg.judge, expire=reg.may_expire(), hearing=reg.hearing()), since)
     except Exception as exc:
-        reg.requeue([] if written else transitions, batch)
+        reg.requeue(transitions, batch)
         if state.failing_since is None:
             state.failing_since = time.monotonic()
             log.error("liveness flush failed (%s); nodes stay as heartbeats say, the batch is kept and retried; "

@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 class ControllerProc:
-    def __init__(self, state: Path, heartbeat: float = 1.0) -> None:
+    def __init__(self, state: Path, heartbeat: float = 1.0, *, db: str | None = None, missed: int = 5) -> None:
         self.state = state
         self.heartbeat = heartbeat
+        self.db = db  # None: SQLite in the state dir
+        self.missed = missed
         self.ports = {k: free_port() for k in ("grpc", "enroll", "http")}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -46,12 +48,14 @@ class ControllerProc:
 
     def start(self) -> None:
         self.starts += 1
+        self.state.parent.mkdir(parents=True, exist_ok=True)
         log = (self.state.parent / f"controller-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
              "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
              f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
-             "--heartbeat-interval", str(self.heartbeat), "--missed-heartbeats", "5"],
+             "--heartbeat-interval", str(self.heartbeat), "--missed-heartbeats", str(self.missed),
+             *(["--db", self.db] if self.db else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLEET_ROLLOUT_LEASE_TTL": "5"},
             start_new_session=True)
 

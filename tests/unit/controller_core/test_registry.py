@@ -115,7 +115,7 @@ def test_flush_batch_holds_each_heartbeating_node_once(store: Store) -> None:
         reg.heartbeat(a)
     reg.heartbeat(b)
     reg.report_facts(b, facts("n2"))  # a facts report writes last_seen itself: n2 leaves the batch
-    assert reg.take_dirty() == [(reg._live["n1"].node_id, clock.t)]
+    assert reg.take_dirty() == [(reg._live["n1"].node_id, clock.t, reg._live["n1"].session_id)]
     assert reg.take_dirty() == []
 
 
