@@ -34,7 +34,7 @@ from fleetctl.controller.web.auth import add_user
 from fleetctl.fleet.errors import FleetError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import AgentProcess, wait_for
-from tests.integration.harness.slurm import SlurmCluster, slurm_cluster
+from tests.integration.harness.slurm import SlurmCluster, free_port, slurm_cluster
 from tests.integration.harness.upstream import torch_wheel
 from tests.integration.harness.wheels import build_wheel
 from tests.integration.realnode.rig import TargetVenv, require_ansible
@@ -223,7 +223,8 @@ class Recorder:
         return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0)
 
 
-async def test_a_wrong_node_name_or_a_missing_scontrol_stops_the_step_with_a_hint(slurm: SlurmCluster) -> None:
+async def test_a_wrong_node_name_a_missing_scontrol_or_a_silent_slurmctld_stops_the_step_with_a_hint(
+        slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     step = Recorder(slurm)
     out = await HookedJobRunner(step, [SlurmHook("no-such-node")]).run(JobSpec("j1", "install-wheel"), lambda e: None)
     assert out.status == JobStatus.FAILED and out.rc == HOOK_FAILED_RC and step.ran == []
@@ -234,6 +235,18 @@ async def test_a_wrong_node_name_or_a_missing_scontrol_stops_the_step_with_a_hin
         await missing.acquire(Step("verify", "j2"), lambda line: None)
     assert isinstance(err.value, SchedulerHookError) and "cannot run /nowhere/scontrol" in err.value.message
     assert "slurm-client" in (err.value.hint or "")
+
+    # slurmctld does not answer (nothing listens on its port): scontrol's own wait is cut at the hook's limit
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", f"SlurmctldPort={free_port()}", slurm.conf.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(dead))
+    started = time.monotonic()
+    out = await HookedJobRunner(step, [SlurmHook(NODE, command_timeout_s=2)]).run(JobSpec("j3", "verify"),
+                                                                                 lambda e: None)
+    assert time.monotonic() - started < 10 and step.ran == []
+    assert f"`scontrol show node -o {NODE}` did not finish within 2 s" in (out.error or "")
+    assert "scontrol ping" in (out.error or "")
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     assert slurm.state() == "IDLE"  # nothing was changed
 
 
