@@ -272,6 +272,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the schema to ``revision`` with Alembic, on ``engine``."""
     from alembic import command
     from alembic.config import Config
+    from alembic.util import CommandError
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -282,6 +283,15 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     except SQLAlchemyError as exc:
         raise StoreError(f"database migration failed: {exc}".splitlines()[0],
                          hint="check that the database is reachable and writable") from exc
+    except CommandError as exc:
+        # the schema revision stored in the database is not one of ours: a newer fleetctl migrated it (this is an
+        # older one: a rollback without the backup) — the transaction rolled back, nothing was changed
+        if "Can't locate revision" in str(exc):
+            raise StoreError(f"the database was migrated by a newer fleetctl ({exc}); this version cannot use it and "
+                             "left it unchanged",
+                             hint="run the fleetctl version that migrated it, or restore the backup taken before "
+                                  "the upgrade (docs/operations.md, Upgrading the controller)") from exc
+        raise StoreError(f"database migration failed: {exc}", hint="report this as a bug") from exc
 
 
 def open_store(url: str, *, migrate_schema: bool = True, timeouts: DbTimeouts = DbTimeouts()) -> Store:
