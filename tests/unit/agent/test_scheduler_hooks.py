@@ -1,14 +1,19 @@
 """HookedJobRunner with recording hooks: which jobs are guarded, the order acquire → step → release (reversed),
 release on every ending (failure, crash, cancel), a failed acquire that keeps the step from running, a failed
-release that fails the job loudly; and the Slurm hook's pure part (``parse_node``, ``SlurmNode``)."""
+release that fails the job loudly; the Slurm hook's pure part (``parse_node``, ``SlurmNode``); and the hooks
+``fleet-agent run``'s flags make."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import socket
 from typing import Any
 
 import pytest
 
+from fleetctl.agent.command_hook import CommandHook
+from fleetctl.agent.commands import run as agent_run
 from fleetctl.agent.scheduler_hooks import (
     HOOK_FAILED_RC,
     Hold,
@@ -17,7 +22,8 @@ from fleetctl.agent.scheduler_hooks import (
     SchedulerHookError,
     Step,
 )
-from fleetctl.agent.slurm_hook import REASON_PREFIX, drain_reason, parse_node
+from fleetctl.agent.slurm_hook import REASON_PREFIX, SlurmHook, drain_reason, parse_node
+from fleetctl.fleet.errors import UsageError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 
 LOG: list[str] = []
@@ -188,3 +194,30 @@ def test_an_answer_that_is_not_the_node_is_a_clear_error(text: str) -> None:
     with pytest.raises(SchedulerHookError) as err:
         parse_node(text, "gpu-1")
     assert "--slurm-node-name" in (err.value.hint or "")
+
+
+# ---- fleet-agent run's flags ----
+
+
+def agent_args(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    agent_run.register(parser.add_subparsers())
+    return parser.parse_args(["run", "--controller", "127.0.0.1:1", *flags])
+
+
+def test_the_agent_flags_make_the_hooks_scheduler_first() -> None:
+    assert agent_run.scheduler_hooks(agent_args()) == []
+    slurm, command = agent_run.scheduler_hooks(agent_args(
+        "--scheduler", "slurm", "--slurm-node-name", "gpu-7", "--drain-timeout", "90",
+        "--post-step-hook", "echo done", "--step-hook-timeout", "5"))
+    assert isinstance(slurm, SlurmHook) and (slurm.node, slurm.drain_timeout_s) == ("gpu-7", 90.0)
+    assert isinstance(command, CommandHook) and (command.pre, command.post, command.timeout_s) == (None, "echo done", 5)
+    (default_name,) = agent_run.scheduler_hooks(agent_args("--scheduler", "slurm"))
+    assert isinstance(default_name, SlurmHook) and default_name.node == socket.gethostname().split(".")[0]
+
+
+@pytest.mark.parametrize("flags", [("--drain-timeout", "0"), ("--step-hook-timeout", "-1")])
+def test_a_time_limit_that_is_not_positive_is_refused(flags: tuple[str, ...]) -> None:
+    with pytest.raises(UsageError) as err:
+        agent_run.scheduler_hooks(agent_args(*flags))
+    assert flags[0] in err.value.message
