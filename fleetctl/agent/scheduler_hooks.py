@@ -53,11 +53,12 @@ class Step:
     kind: str
     job_id: str
     rollout_id: str = ""
+    timeout_s: float = 3600.0  # the job's: a hook's wait leaves the step room within it
 
     @staticmethod
     def of(job: JobSpec) -> Step:
         rollout = job.vars.get("rollout_id")
-        return Step(job.kind, job.job_id, rollout if isinstance(rollout, str) else "")
+        return Step(job.kind, job.job_id, rollout if isinstance(rollout, str) else "", job.timeout_s)
 
 
 @dataclass(frozen=True)

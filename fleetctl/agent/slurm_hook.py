@@ -23,6 +23,7 @@ import shlex
 import time
 from dataclasses import dataclass
 
+from fleetctl.agent.busy_guard import wait_limit
 from fleetctl.agent.scheduler_hooks import Hold, Report, SchedulerHookError, Step, run_process
 from fleetctl.fleet.jobs import JobStatus
 
@@ -141,7 +142,7 @@ class SlurmHook:
             ours, found = True, "drained" if not node.drain_set else "drained (an earlier fleetctl drain, taken over)"
             await self._update("state=drain", f"reason={drain_reason(step)}")
         try:
-            node = await self._wait_drained(node if not ours else await self.show(), report)
+            node = await self._wait_drained(node if not ours else await self.show(), step, report)
         except SchedulerHookError as exc:  # timed out, or scontrol failed: give back what we took
             problem = await self._undo_drain() if ours else ""
             if problem:
@@ -155,8 +156,10 @@ class SlurmHook:
         return Hold(ours, f"{self.node} {found} for {step.kind}, no job runs there ({waited:.0f} s; "
                           f"state {node.shown})")
 
-    async def _wait_drained(self, node: SlurmNode, report: Report) -> SlurmNode:
-        deadline = time.monotonic() + self.drain_timeout_s
+    async def _wait_drained(self, node: SlurmNode, step: Step, report: Report) -> SlurmNode:
+        # the job's own timeout would end a longer wait with a message that does not say Slurm jobs still ran
+        limit = wait_limit(self.drain_timeout_s, step.timeout_s)
+        deadline = time.monotonic() + limit
         shown = ""
         while not (node.drained or node.state == "DOWN"):
             if node.shown != shown:
@@ -164,11 +167,12 @@ class SlurmHook:
                 report(f"waiting for the Slurm jobs on {self.node} to end (state {shown}, "
                        f"{node.cpus_allocated} CPUs allocated)")
             if time.monotonic() >= deadline:
+                waited = f"the drain timeout of {limit:g} s" if limit >= self.drain_timeout_s else (
+                    f"{limit:g} s, as long as the job's timeout of {step.timeout_s:g} s allows")
                 raise SchedulerHookError(
-                    f"Slurm jobs still run on {self.node} after the drain timeout of {self.drain_timeout_s:g} s "
-                    f"(state {node.shown})",
+                    f"Slurm jobs still run on {self.node} after {waited} (state {node.shown})",
                     hint=f"see `squeue -w {self.node}`; let them end or cancel them and run the step again, or raise "
-                         "the agent's --drain-timeout")
+                         "the agent's --drain-timeout (and the step's timeout)")
             await asyncio.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
             node = await self.show()
         return node

@@ -262,6 +262,12 @@ async def test_a_drain_timeout_undoes_the_drain_and_names_the_jobs_command(slurm
     assert f"squeue -w {NODE}" in (out.error or "")
     slurm.wait_state("MIXED", timeout=10)  # the user's job runs on, and the node takes new ones again
 
+    # the job's own timeout bounds the wait, leaving the step room (fleetctl.agent.busy_guard.wait_limit)
+    out = await HookedJobRunner(step, [SlurmHook(NODE, poll_s=0.3)]).run(JobSpec("j4", "verify", timeout_s=4),
+                                                                          lambda e: None)
+    assert "after 2 s, as long as the job's timeout of 4 s allows" in (out.error or "") and step.ran == []
+    slurm.wait_state("MIXED", timeout=10)
+
 
 async def test_the_command_hook_runs_pre_step_post_with_the_steps_environment(tmp_path: Path) -> None:
     log = tmp_path / "order.log"
