@@ -9,7 +9,21 @@
 Enrollment (``Enroll`` on the controller's enrollment port, server TLS verified with
 ``ca_file``) stores ``agent.key`` (0600), ``agent.pem``, ``ca.pem`` and ``identity.json`` in
 the state dir; later starts reuse them and need no token. Every other call uses mutual
-TLS on the agent port. Jobs arrive on the ``Jobs`` stream and go to the ``JobRunner``
+TLS on the agent port. A token with approval makes the controller answer "pending": the agent
+keeps its key and ``pending.json`` and asks again every few seconds until an operator approves
+(``fleetctl agents approve HOST``), denies, or ``approval_timeout`` passes; a restart resumes the
+wait. When a third of the certificate's lifetime is left, the agent renews it over its session
+(``RenewCertificate``, same key), replaces ``agent.pem`` atomically and starts a new session with it;
+running jobs carry on (they survive reconnections, below).
+
+Bounded start: a ``--ca`` that is not a certificate, or a controller whose TLS certificate it does not
+verify, is one clear error at once; a controller not reachable within ``connect_timeout`` of the start
+(enrolling, or the first session) ends the agent with an error. Once a session was established, outages
+are retried without end (exponential backoff with jitter, capped at ``backoff_max``). On stop (SIGTERM,
+SIGINT: ``run(stop)``) in any phase the agent returns within a bound: running jobs are canceled (their
+playbooks killed) and reported ``canceled`` within ``stop_grace`` seconds.
+
+Jobs arrive on the ``Jobs`` stream and go to the ``JobRunner``
 (agent/jobs.py); their events go through a bounded queue that never blocks the runner
 (when full, events are dropped and counted), and are sent in batches by a separate task.
 Running jobs survive reconnections: each ``Jobs`` stream opens with the ids of the jobs this
@@ -27,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -34,18 +50,23 @@ import os
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from fleetctl.agent import wire
 from fleetctl.agent.jobs import JobRunner
 from fleetctl.fleet.errors import (
     AuthError,
+    CertificateTrustError,
     ConflictError,
     ControllerUnavailable,
     FleetError,
@@ -60,12 +81,16 @@ from fleetctl.fleet.v1 import fleet_pb2 as pb
 from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = MAX_FACTS_BYTES + 64 * 1024
 EVENT_QUEUE_SIZE = 1000
 EVENT_BATCH = 100
 RPC_TIMEOUT = 10.0
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+CONNECT_TIMEOUT = 300.0
+APPROVAL_TIMEOUT = 3600.0
+STOP_GRACE = 20.0
 UPLOAD_CHUNK_BYTES = 128 * 1024  # under the 320 KiB message limit (MAX_MESSAGE_BYTES)
 # how long a built wheel's upload is retried (controller restarts, lost links, full disk, database errors):
 # a build costs up to half an hour of a GPU node, so waiting as long for the controller is worth it
@@ -117,6 +142,11 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
     """A gRPC failure as a FleetError (the controller puts ``code: message (hint: ...)`` in details)."""
     code = exc.code()
     detail = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in detail.lower():
+        return CertificateTrustError(f"{what}: the TLS handshake with the controller failed: {detail}",
+                                     hint="pass the controller's CA as --ca (STATE/ca/ca.pem on the controller, or "
+                                          "the root of the CA imported there) and check that the address is the "
+                                          "controller's gRPC port")
     if code in FATAL_CODES:
         return AuthError(f"{what} refused by the controller: {detail}",
                          hint="enroll again with a fresh token (`fleetctl token create`)")
@@ -174,37 +204,163 @@ class Credentials:
             raise state_dir_error(exc, exc.filename or state_dir, "save the agent's credentials in") from exc
 
 
+    def save_certificate(self, state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> Credentials:
+        """These credentials with a renewed certificate, written atomically (a crash leaves the old or the new
+        file, never half of one; the key is the same, so either pairs with it)."""
+        try:
+            for name, data in (("ca.pem", ca_pem), ("agent.pem", cert_pem)):
+                tmp = state_dir / f".{name}.new"
+                tmp.write_bytes(data)
+                os.replace(tmp, state_dir / name)
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state_dir, "save the renewed certificate in") from exc
+        return dataclasses.replace(self, cert_pem=cert_pem, ca_pem=ca_pem)
+
+
+@dataclass(frozen=True)
+class PendingEnrollment:
+    """An enrollment waiting for an operator's approval: the key the CSR was made for and the secret to ask with
+    (``pending.json`` + ``agent.key`` in the state dir, so that a restarted agent goes on waiting)."""
+
+    agent_id: str
+    hostname: str
+    secret: str
+    key_pem: bytes
+
+    @staticmethod
+    def load(state_dir: Path) -> PendingEnrollment | None:
+        try:
+            data = json.loads((state_dir / "pending.json").read_text())
+            return PendingEnrollment(data["agent_id"], data["hostname"], data["secret"],
+                                     (state_dir / "agent.key").read_bytes())
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, state_dir: Path) -> None:
+        try:
+            private_dir(state_dir)
+            for name, data in (("agent.key", self.key_pem), ("pending.json", json.dumps(
+                    {"agent_id": self.agent_id, "hostname": self.hostname, "secret": self.secret}).encode() + b"\n")):
+                fd = os.open(state_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        except OSError as exc:
+            raise state_dir_error(exc, exc.filename or state_dir, "save the pending enrollment in") from exc
+
+    @staticmethod
+    def clear(state_dir: Path) -> None:
+        (state_dir / "pending.json").unlink(missing_ok=True)
+
+
+def certificate_window(cert_pem: bytes) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after) of the first certificate in ``cert_pem``."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
+def renewal_due(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When a certificate is renewed: as soon as less than a third of its lifetime is left."""
+    return not_after - (not_after - not_before) / 3
+
+
+def read_ca(path: Path) -> bytes:
+    """The CA bundle in ``path``, checked to hold PEM certificates (a garbage file would only fail later, inside
+    every TLS handshake, as an endless "unavailable")."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read CA file {path}: {exc.strerror}", hint="check --ca") from exc
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InputError(f"--ca {path} is not a PEM certificate ({exc})",
+                         hint="copy the controller's STATE/ca/ca.pem (or the root of the CA imported there) "
+                              "and pass it as --ca") from None
+    return data
+
+
+class Backoff:
+    """Exponential delays with jitter, capped: ``initial``, twice that, … up to ``maximum``, each drawn from
+    [d/2, d] so that agents restarted together do not come back in step."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self._delay = initial
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.maximum)
+        return delay * (0.5 + random.random() / 2)
+
+    def reset(self) -> None:
+        self._delay = self.initial
+
+
+async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> tuple[bool, T | None]:
+    """``(True, result)``, or ``(False, None)`` when ``stop`` is set first (``aw`` is then cancelled)."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False, None
+
+
 def default_enroll_address(controller: str) -> str:
     host, _, port = controller.rpartition(":")
     return f"{host}:{int(port) + 1}"
 
 
-async def enroll(controller_enroll: str, ca_pem: bytes, token: str, hostname: str,
-                 server_name: str | None = None, timeout: float = RPC_TIMEOUT) -> Credentials:
-    """Enroll with ``token``: make a key and CSR, get a client certificate."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
-    from cryptography.x509.oid import NameOID
-
+def new_key_pem() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
-    from cryptography.hazmat.primitives import hashes
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
-    csr = CertificateSigningRequestBuilder().subject_name(
-        Name([NameAttribute(NameOID.COMMON_NAME, hostname[:64])])).sign(key, hashes.SHA256())
+
+def csr_for(key_pem: bytes, name: str) -> bytes:
+    """A PEM CSR for the key in ``key_pem`` (the controller sets the subject: the agent id)."""
+    key = serialization.load_pem_private_key(key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+async def request_enrollment(controller_enroll: str, ca_pem: bytes, token: str, hostname: str,
+                             server_name: str | None = None, timeout: float = RPC_TIMEOUT,
+                             pending: PendingEnrollment | None = None) -> Credentials | PendingEnrollment:
+    """Enroll with ``token`` (a new key and CSR), or ask again about ``pending``: the certificate, or the
+    enrollment still waiting for approval."""
+    key_pem = pending.key_pem if pending else new_key_pem()
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     async with grpc.aio.secure_channel(controller_enroll, creds, options=channel_options(server_name)) as ch:
         stub = pb_grpc.AgentServiceStub(ch)
         try:
-            resp = await stub.Enroll(pb.EnrollRequest(token=token, hostname=hostname,
-                                                      csr_pem=csr.public_bytes(serialization.Encoding.PEM)),
+            resp = await stub.Enroll(pb.EnrollRequest(token="" if pending else token, hostname=hostname,
+                                                      csr_pem=csr_for(key_pem, hostname),
+                                                      pending_secret=pending.secret if pending else ""),
                                      timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, "enrollment") from exc
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    if resp.pending_secret:
+        return PendingEnrollment(resp.agent_id, resp.hostname, resp.pending_secret, key_pem)
     return Credentials(resp.agent_id, resp.hostname, key_pem, bytes(resp.certificate_pem),
                        bytes(resp.ca_pem) or ca_pem)
+
+
+async def enroll(controller_enroll: str, ca_pem: bytes, token: str, hostname: str,
+                 server_name: str | None = None, timeout: float = RPC_TIMEOUT) -> Credentials:
+    """Enroll with ``token``: make a key and CSR, get a client certificate (a token without approval)."""
+    got = await request_enrollment(controller_enroll, ca_pem, token, hostname, server_name, timeout)
+    if isinstance(got, PendingEnrollment):
+        raise AuthError(f"enrollment of {hostname} waits for approval",
+                        hint=f"run `fleetctl agents approve {hostname}`")
+    return got
 
 
 @dataclass
@@ -222,6 +378,12 @@ class AgentConfig:
     backoff_max: float = 30.0
     upload_retry_s: float = UPLOAD_RETRY_SECONDS
     event_queue_size: int = EVENT_QUEUE_SIZE
+    # the controller not reached this long after the start (enrolling, or the first session): give up with an
+    # error; after a session was established, outages are retried without end
+    connect_timeout: float = CONNECT_TIMEOUT
+    approval_timeout: float = APPROVAL_TIMEOUT  # how long an enrollment waits for an operator's approval
+    approval_poll: float = 5.0
+    stop_grace: float = STOP_GRACE  # on stop, how long running jobs get to be canceled and reported
 
     def __post_init__(self) -> None:
         # absolute from the start: the agent's files must not move if its working directory changes or vanishes
@@ -256,81 +418,165 @@ class Agent:
         self._facts_task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
         self.interval = 10.0
+        self.renewals = 0
+        self._stopping = asyncio.Event()  # set on stop: running jobs are canceled and reported
+        self._renewed = False  # the session ended to go on with a renewed certificate
+        self._ever_connected = False
 
     # ---- enrollment --------------------------------------------------------------------
 
-    async def ensure_enrolled(self) -> Credentials:
+    async def ensure_enrolled(self, stop: asyncio.Event | None = None) -> Credentials | None:
+        """The agent's credentials: stored ones, else enrolled now (waiting for approval if the token asks for it);
+        None when ``stop`` is set first."""
+        stop = stop or asyncio.Event()
         Credentials.secure(self.cfg.state_dir)
         creds = Credentials.load(self.cfg.state_dir)
         if creds is not None:
             self.creds = creds
             return creds
-        if not self.cfg.token:
+        pending = PendingEnrollment.load(self.cfg.state_dir)
+        if pending is None and not self.cfg.token:
             raise AuthError(f"agent not enrolled yet (nothing in {self.cfg.state_dir}) and no token given",
-                            hint="create one with `fleetctl token create` and pass --token")
+                            hint="create one with `fleetctl tokens create` and pass --token")
         if self.cfg.ca_file is None:
             raise AuthError("no controller CA certificate to verify the controller with",
                             hint="pass --ca STATE/ca/ca.pem of the controller")
-        try:
-            ca_pem = self.cfg.ca_file.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read CA file {self.cfg.ca_file}: {exc.strerror}", hint="check --ca") from exc
-        hostname = self.cfg.hostname or self.cfg.facts().hostname
+        ca_pem = read_ca(self.cfg.ca_file)
+        if pending is not None:
+            hostname = pending.hostname
+        else:
+            started, facts = await until_stopped(asyncio.to_thread(self.cfg.facts), stop)
+            if not started or facts is None:
+                return None
+            hostname = self.cfg.hostname or facts.hostname
         address = self.cfg.enroll_address or default_enroll_address(self.cfg.controller)
-        delay = self.cfg.backoff_initial
+        backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max)
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        approval_deadline: float | None = None
         while True:
             try:
-                creds = await enroll(address, ca_pem, self.cfg.token, hostname, self.cfg.server_name)
-                break
+                answered, got = await until_stopped(request_enrollment(
+                    address, ca_pem, self.cfg.token or "", hostname, self.cfg.server_name, pending=pending), stop)
             except FleetError as exc:
                 if exc.code != "controller-unavailable":
                     raise
-                log.warning("%s; retrying in %.1fs", exc.message, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.backoff_max)
-        creds.save(self.cfg.state_dir)
-        log.info("enrolled as %s (agent %s)", creds.hostname, creds.agent_id)
-        self.creds = creds
-        return creds
+                if time.monotonic() + 1 > (approval_deadline or deadline):
+                    raise ControllerUnavailable(
+                        f"cannot enroll: the controller's enrollment port {address} was not reachable for "
+                        f"{self.cfg.connect_timeout:g}s; last error: {exc.message}",
+                        hint="check that the controller runs and that --controller/--enroll-address and the "
+                             "network (firewall) let this node reach it; then start the agent again") from None
+                wait = backoff.next()
+                log.warning("%s; retrying in %.1fs", exc.message, wait)
+                if await self._stopped_within(stop, wait):
+                    return None
+                continue
+            if not answered or got is None:
+                return None
+            if isinstance(got, Credentials):
+                break
+            if pending is None:
+                got.save(self.cfg.state_dir)  # a restarted agent goes on waiting with the same request
+            pending = got
+            if approval_deadline is None:
+                approval_deadline = time.monotonic() + self.cfg.approval_timeout
+                log.warning("waiting for approval on controller %s: run `fleetctl agents approve %s` (agent %s; "
+                            "waiting at most %gs)", address, hostname, got.agent_id, self.cfg.approval_timeout)
+            if time.monotonic() > approval_deadline:
+                raise AuthError(f"enrollment of {hostname} was not approved within {self.cfg.approval_timeout:g}s",
+                                hint=f"run `fleetctl agents approve {hostname}` on the controller, then start the "
+                                     "agent again: it goes on waiting with the same request")
+            backoff.reset()
+            if await self._stopped_within(stop, self.cfg.approval_poll):
+                return None
+        got.save(self.cfg.state_dir)
+        PendingEnrollment.clear(self.cfg.state_dir)
+        log.info("enrolled as %s (agent %s)", got.hostname, got.agent_id)
+        self.creds = got
+        return got
+
+    @staticmethod
+    async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        return stop.is_set()
 
     # ---- main loop ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Run until ``stop`` is set; raises ``AuthError`` if the controller refuses this identity."""
+        """Run until ``stop`` is set; raises ``AuthError`` if the controller refuses this identity,
+        ``ControllerUnavailable`` if it is not reached within ``connect_timeout`` of the start."""
         stop = stop or asyncio.Event()
-        creds = await self.ensure_enrolled()
-        delay = self.cfg.backoff_initial
+        started = time.monotonic()
+        creds = await self.ensure_enrolled(stop)
+        if creds is None:
+            log.info("stopped while enrolling")
+            return
+        _, not_after = certificate_window(creds.cert_pem)
+        if not_after <= dt.datetime.now(dt.UTC):
+            raise AuthError(f"this agent's certificate expired at {not_after.isoformat(timespec='seconds')} "
+                            "(it was not running to renew it in time)",
+                            hint=f"revoke it (`fleetctl agents revoke {creds.hostname}`), remove identity.json from "
+                                 f"{self.cfg.state_dir} and enroll again with a fresh token")
+        leave = asyncio.Event()  # set once stopping jobs were canceled and reported (or stop_grace passed)
+        drainer = asyncio.create_task(self._stop_jobs_on(stop, leave))
+        backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max)
         try:
-            while not stop.is_set():
-                self._session_up = False
-                failure: str | None = None
+            while not leave.is_set():
+                self._session_up = self._renewed = False
+                failure: FleetError | None = None
                 try:
-                    await self._session(creds, stop)
+                    await self._session(self.creds or creds, leave)
                 except grpc.aio.AioRpcError as exc:
-                    err = rpc_error(exc, "controller session")
-                    if isinstance(err, AuthError):
-                        raise err from exc
-                    failure = err.message
+                    failure = rpc_error(exc, "controller session")
                 except FleetError as exc:
-                    if isinstance(exc, AuthError):
-                        raise
-                    failure = exc.message
-                if stop.is_set():
+                    failure = exc
+                # a refused identity ends the agent; a TLS failure too, unless a session worked before (a
+                # controller restarting mid-handshake must not stop a working agent)
+                if isinstance(failure, AuthError) and not (isinstance(failure, CertificateTrustError)
+                                                           and self._ever_connected):
+                    raise failure
+                if leave.is_set():
                     break
                 # A session that was established (the controller answered its first RPC) proves the controller
                 # is back: the next reconnect starts from the initial delay. Waiting for a long session instead
                 # left agents at the maximum delay after a few quick controller restarts. Jitter stays.
                 if self._session_up:
-                    delay = self.cfg.backoff_initial
+                    backoff.reset()
+                if self._renewed:
+                    continue  # straight on with the renewed certificate
+                if not self._ever_connected and time.monotonic() - started > self.cfg.connect_timeout:
+                    raise ControllerUnavailable(
+                        f"the controller at {self.cfg.controller} was not reachable for "
+                        f"{self.cfg.connect_timeout:g}s after the start; last error: "
+                        f"{failure.message if failure else 'none'}",
+                        hint="check that the controller runs and that --controller and the network let this node "
+                             "reach its gRPC port; then start the agent again")
+                wait = backoff.next()
                 if failure:
-                    log.warning("%s; reconnecting in %.1fs", failure, delay)
+                    log.warning("%s; reconnecting in %.1fs", failure.message, wait)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay * (0.8 + 0.4 * random.random()))
-                delay = min(delay * 2, self.cfg.backoff_max)
+                    await asyncio.wait_for(leave.wait(), wait)
         finally:
+            drainer.cancel()
             for t in list(self._tasks):
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(drainer, *self._tasks, return_exceptions=True)
+
+    async def _stop_jobs_on(self, stop: asyncio.Event, leave: asyncio.Event) -> None:
+        """On ``stop``: cancel the running jobs (their playbooks are killed), let them report ``canceled`` over the
+        session still open, then ``leave`` — after ``stop_grace`` seconds at most."""
+        await stop.wait()
+        self._stopping.set()
+        jobs = list(self._tasks)
+        if jobs:
+            log.info("stopping: canceling %d running job(s) and reporting them (at most %gs)", len(jobs),
+                     self.cfg.stop_grace)
+            _, left = await asyncio.wait(jobs, timeout=self.cfg.stop_grace)
+            if left:
+                log.warning("stopping: %d job result(s) not delivered within %gs; the controller fails them as "
+                            "interrupted when the agent is back", len(left), self.cfg.stop_grace)
+        leave.set()
 
     async def _session(self, creds: Credentials, stop: asyncio.Event) -> None:
         channel_creds = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem,
@@ -341,11 +587,11 @@ class Agent:
             self.sessions += 1
             self._facts_due = False  # reported right here
             await self.report_facts(stub)
-            self._session_up = True
+            self._session_up = self._ever_connected = True
             self._stub = stub
             self._connected.set()
             tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),
-                     asyncio.create_task(stop.wait())]
+                     asyncio.create_task(stop.wait()), asyncio.create_task(self._renew_when_due(stub, creds))]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
@@ -360,6 +606,35 @@ class Agent:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _renew_when_due(self, stub: pb_grpc.AgentServiceAsyncStub, creds: Credentials) -> None:
+        """Renew the client certificate once a third of its lifetime is left, then end the session so that the
+        next one uses it (``_renewed``). A failed renewal is retried; a refused one ends the agent."""
+        not_before, not_after = certificate_window(creds.cert_pem)
+        due = renewal_due(not_before, not_after)
+        retry = Backoff(max(1.0, self.cfg.backoff_initial), max(5.0, self.cfg.backoff_max))
+        while True:
+            wait = (due - dt.datetime.now(dt.UTC)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 3600.0))  # re-checked hourly: a suspended host wakes up late
+                continue
+            try:
+                resp = await stub.RenewCertificate(
+                    pb.RenewCertificateRequest(csr_pem=csr_for(creds.key_pem, creds.hostname)), timeout=RPC_TIMEOUT)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL_CODES:
+                    raise
+                delay = retry.next()
+                log.warning("renewing the certificate (expires %s) failed: %s; retrying in %.1fs",
+                            not_after.isoformat(timespec="seconds"), rpc_error(exc, "renewal").message, delay)
+                await asyncio.sleep(delay)
+        self.creds = creds.save_certificate(self.cfg.state_dir, bytes(resp.certificate_pem),
+                                            bytes(resp.ca_pem) or creds.ca_pem)
+        self.renewals += 1
+        self._renewed = True
+        log.info("certificate renewed until %s; reconnecting with it",
+                 certificate_window(self.creds.cert_pem)[1].isoformat(timespec="seconds"))
 
     async def report_facts(self, stub: pb_grpc.AgentServiceAsyncStub) -> list[str]:
         facts = await asyncio.to_thread(self.cfg.facts)
@@ -446,7 +721,7 @@ class Agent:
         log.info("job %s (%s) started", spec.job_id, spec.kind)
         emit({"event": "fleet_job_started", "event_data": {"kind": spec.kind}}, force=True)
         try:
-            outcome = await asyncio.wait_for(self.cfg.runner.run(spec, emit), timeout=spec.timeout_s)
+            outcome = await self._run_until_stopping(spec, emit)
         except TimeoutError:
             outcome = JobOutcome(spec.job_id, JobStatus.TIMEOUT, rc=124,
                                  error=f"job exceeded its timeout of {spec.timeout_s:g}s")
@@ -473,6 +748,30 @@ class Agent:
         await self._complete(spec.job_id, outcome)
         del self._jobs[spec.job_id]
         log.info("job %s finished: %s", spec.job_id, outcome.status)
+
+    async def _run_until_stopping(self, spec: JobSpec, emit: Callable[[dict[str, Any]], None]) -> JobOutcome:
+        """The runner's outcome; ``TimeoutError`` past the job's timeout. When the agent stops, the runner is
+        canceled (the executor kills the playbook) and the job's outcome is ``canceled``, saying why."""
+        runner = asyncio.ensure_future(self.cfg.runner.run(spec, emit))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({runner, stopping}, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            raise
+        finally:
+            stopping.cancel()
+        if runner.done():
+            return runner.result()  # its exception (or a cut-off CancelledError) goes to the caller
+        runner.cancel()
+        await asyncio.wait({runner}, timeout=self.cfg.stop_grace / 2)
+        if not self._stopping.is_set():
+            raise TimeoutError
+        log.warning("job %s canceled: the agent is stopping", spec.job_id)
+        return JobOutcome(spec.job_id, JobStatus.CANCELED, rc=143,
+                          error="canceled: the agent was stopped (SIGTERM/SIGINT) while the job ran; its processes "
+                                "were killed; run the job again")
 
     async def _stub_ready(self) -> pb_grpc.AgentServiceAsyncStub:
         while True:

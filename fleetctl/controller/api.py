@@ -11,6 +11,7 @@ Routes: GET /api/v1/health, /api/v1/live, /api/v1/ready (no auth; docs/fleet.md 
 · GET /api/v1/stats · GET /api/v1/nodes[?facts=true&selector=LABELS] · GET /api/v1/nodes/{host}
 · POST /api/v1/nodes/{host}/labels (``fleetctl label``; docs/cli.md, "Labels and selectors")
 · POST /api/v1/nodes/{host}/revoke · GET/POST /api/v1/tokens · POST /api/v1/tokens/{ref}/revoke
+· GET /api/v1/agents/pending · POST /api/v1/agents/{host}/approve|deny (the approval queue)
 · GET /api/v1/jobs[?node=] · GET /api/v1/jobs/{id} · GET /api/v1/artifacts · GET /api/v1/audit
 """
 
@@ -28,6 +29,7 @@ from fleetctl.controller import audit, node_summary, web
 from fleetctl.controller.artifacts_api import router as artifacts_router
 from fleetctl.controller.attention_api import router as attention_router
 from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.enrollment import TokenLimits
 from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx, Operator, Viewer
 from fleetctl.controller.labels import parse_label_changes
 from fleetctl.controller.node_status import NodeStatus
@@ -46,7 +48,7 @@ from fleetctl.fleet.errors import (
     UpstreamError,
     UsageError,
 )
-from fleetctl.fleet.version import package_version
+from fleetctl.fleet.version import package_version, supported_agent_versions
 
 _HTTP_STATUS: list[tuple[type[FleetError], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (NotFoundError, 404), (ConflictError, 409), (InputError, 422),
@@ -72,6 +74,10 @@ class LabelsBody(BaseModel):
 class TokenCreate(BaseModel):
     ttl_seconds: int = Field(default=24 * 3600, ge=1, le=365 * 24 * 3600)
     hostname: str | None = None
+    uses: int = 1  # checked by TokenLimits (InputError naming the range)
+    hostname_pattern: str | None = None
+    source_network: str | None = None
+    approval: bool = False
 
 
 READY_TIMEOUT_S = 2.0
@@ -132,7 +138,8 @@ def api_router() -> APIRouter:
         """Every node, or those whose labels ``selector`` (``-l``) matches: the registry applies it."""
         records = ctx.registry.select(selector) if selector else ctx.registry.records()
         with ctx.store.session() as s:
-            return {"nodes": node_summary.list_json(s, records, with_facts=facts)}
+            return {"nodes": node_summary.list_json(s, records, with_facts=facts),
+                    "supported_agent_versions": supported_agent_versions()}
 
     @router.get("/nodes/{hostname}")
     def node(hostname: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
@@ -156,9 +163,23 @@ def api_router() -> APIRouter:
 
     @router.post("/tokens")
     def create_token(body: TokenCreate, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        limits = TokenLimits(uses=body.uses, hostname=body.hostname, hostname_pattern=body.hostname_pattern,
+                             source_network=body.source_network, approval=body.approval)
         token, listing = ctx.enrollment.create_token(dt.timedelta(seconds=body.ttl_seconds), body.hostname,
-                                                          actor.name)
+                                                     actor.name, limits)
         return {"token": token, **listing}
+
+    @router.get("/agents/pending")
+    def pending_agents(ctx: Ctx, _: Viewer) -> dict[str, Any]:
+        return {"pending": ctx.enrollment.pending()}
+
+    @router.post("/agents/{hostname}/approve")
+    def approve_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return ctx.enrollment.approve(hostname, actor.name)
+
+    @router.post("/agents/{hostname}/deny")
+    def deny_agent(hostname: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
+        return ctx.enrollment.deny(hostname, actor.name)
 
     @router.post("/tokens/{ref}/revoke")
     def revoke_token(ref: str, ctx: Ctx, actor: Admin) -> dict[str, Any]:
@@ -171,6 +192,11 @@ def api_router() -> APIRouter:
     @router.get("/jobs/{job_id}")
     def job(job_id: str, ctx: Ctx, _: Viewer) -> dict[str, Any]:
         return ctx.jobs.get(job_id)
+
+    @router.get("/ca")
+    def ca_certificate(ctx: Ctx, _: Viewer) -> dict[str, str]:
+        """The CA agents verify the controller with (and its chain): what `fleetctl agents install` puts on nodes."""
+        return {"pem": ctx.ca.ca_pem.decode()}
 
     @router.get("/artifacts")
     def artifacts(ctx: Ctx, _: Viewer) -> dict[str, Any]:

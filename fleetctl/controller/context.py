@@ -20,6 +20,7 @@ starts the parts' loops and the servers in order and stops them in reverse; the 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import secrets
@@ -36,6 +37,7 @@ from fleetctl.controller.registry import Registry
 from fleetctl.controller.rollout.engine import RolloutEngine
 from fleetctl.controller.settings import ControllerSettings
 from fleetctl.controller.signatures import SignaturePolicy
+from fleetctl.controller.sqlite_lock import lock_sqlite
 from fleetctl.controller.store import Store, open_store
 from fleetctl.controller.uploads import Uploads
 from fleetctl.controller.verify_store.service import VerificationService
@@ -70,14 +72,18 @@ class ControllerContext:
         state = settings.state_dir
         # 0700 dir, 0600 secrets (tightened if an older version left them looser), and a read-only or full
         # state dir refused here with a StateDirError that says what to do (controller/statedir.py)
-        prepare_state_dir(state, None if store else sqlite_file(settings.database_url))
+        sqlite = None if store else sqlite_file(settings.database_url)
+        prepare_state_dir(state, sqlite)
+        # one controller per SQLite database, refused with who holds it (several share PostgreSQL: docs/ha.md)
+        self.sqlite_lock = lock_sqlite(sqlite) if sqlite is not None else None
         self.store = store or open_store(settings.database_url, timeouts=settings.db_timeouts)
         try:
             self.ca = CertAuthority(state / "ca")
             self.admin_token = ensure_admin_token(state)
         except OSError as exc:
             raise state_dir_error(exc, exc.filename or state, "write") from exc
-        self.enrollment = Enrollment(self.store, self.ca)
+        self.enrollment = Enrollment(self.store, self.ca, approval_required=settings.enroll_approval,
+                                     cert_lifetime=dt.timedelta(seconds=settings.agent_cert_lifetime))
         self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
                                  missed_heartbeats=settings.missed_heartbeats,
                                  flush_interval=settings.flush_interval)
@@ -120,3 +126,5 @@ class ControllerContext:
 
     def close(self) -> None:
         self.store.close()
+        if self.sqlite_lock is not None:
+            self.sqlite_lock.release()

@@ -13,6 +13,7 @@ COMMAND_MODULES: list[str] = [
     "fleetctl.controller.commands.config",
     "fleetctl.controller.commands.fleet",
     "fleetctl.controller.commands.users",
+    "fleetctl.controller.commands.ca",
 ]
 
 

@@ -15,10 +15,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleetctl.controller.ca import client_cert_not_after
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.registry import NodeRecord
 from fleetctl.controller.rollout.models import Rollout, RolloutNode
 from fleetctl.controller.verify_store.views import VerificationView, latest_by_node
+from fleetctl.fleet.version import AgentSupport, agent_support
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class NodeSummary:
     facts_error: str | None  # why the stored facts could not be read (the fields above are then empty)
     last_verification: VerificationView | None
     rollout: RolloutState | None
+    agent_support: AgentSupport = AgentSupport.UNKNOWN  # its agent's version against fleet/version.py's range
+    cert_expires_at: dt.datetime | None = None  # its agent's client certificate (renewed when a third is left)
 
     @property
     def gpu(self) -> str | None:
@@ -73,6 +77,7 @@ class NodeSummary:
             "python": self.python, "flash_attn": self.flash_attn, "flash_attn_variant": self.flash_attn_variant,
             "arch": self.arch, "agent_id": self.agent_id, "agent_version": self.agent_version,
             "labels": dict(self.labels),
+            "agent_support": str(self.agent_support), "cert_expires_at": _iso(self.cert_expires_at),
             "facts_updated_at": _iso(self.facts_updated_at),
             "facts_error": self.facts_error,
             "last_verification": None if v is None else {"result": v.result, "status": v.status, "at": _iso(v.at),
@@ -106,7 +111,10 @@ def summarize(record: NodeRecord, *, last_verification: VerificationView | None 
         flash_attn=f.flash_attn.version if f is not None and f.flash_attn else None,
         flash_attn_variant=f.flash_attn.variant if f is not None and f.flash_attn else None,
         facts_updated_at=record.facts_updated_at, facts_error=record.facts_error,
-        last_verification=last_verification, rollout=rollout)
+        last_verification=last_verification, rollout=rollout, agent_support=agent_support(record.agent_version),
+        cert_expires_at=None if record.agent is None else (
+            record.agent.cert_not_after or (client_cert_not_after(record.agent.enrolled_at)
+                                            if record.agent.enrolled_at else None)))
 
 
 def summaries(session: Session, records: Sequence[NodeRecord]) -> list[NodeSummary]:

@@ -65,6 +65,7 @@ class AgentInfo:
     enrolled_at: dt.datetime | None
     revoked: bool
     revoked_at: dt.datetime | None
+    cert_not_after: dt.datetime | None = None  # None: issued before renewal existed (a year after enrolled_at)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def record_of(row: Node, *, status: NodeStatus | None = None, last_seen: dt.date
     ident = row.identity
     agent = None if ident is None else AgentInfo(
         agent_id=ident.id, cert_serial=ident.cert_serial, cert_fingerprint=ident.cert_fingerprint,
-        enrolled_at=ident.created_at, revoked=ident.revoked, revoked_at=ident.revoked_at)
+        enrolled_at=ident.created_at, revoked=ident.revoked, revoked_at=ident.revoked_at,
+        cert_not_after=ident.cert_not_after)
     return NodeRecord(
         hostname=row.hostname, status=status or NodeStatus(row.status), last_seen=last_seen or row.last_seen,
         status_changed_at=row.status_changed_at, simulated=row.simulated, registered_at=row.registered_at,
@@ -126,14 +128,15 @@ class AgentPulse:
     last_seen: dt.datetime | None
     enrolled_at: dt.datetime | None  # its agent's identity (None: registered without one)
     agent_version: str | None
+    cert_not_after: dt.datetime | None = None  # its agent's certificate (None: as enrolled_at + a year)
 
 
 def agent_pulses(session: Session) -> dict[str, AgentPulse]:
     """Every node's last heartbeat as written (batched: up to a flush interval old), enrolment time and agent
     version, by hostname."""
-    rows = session.execute(select(Node.hostname, Node.last_seen, Identity.created_at, Node.agent_version)
-                           .outerjoin(Identity, Identity.id == Node.identity_id))
-    return {host: AgentPulse(seen, enrolled, version) for host, seen, enrolled, version in rows}
+    rows = session.execute(select(Node.hostname, Node.last_seen, Identity.created_at, Node.agent_version,
+                                  Identity.cert_not_after).outerjoin(Identity, Identity.id == Node.identity_id))
+    return {host: AgentPulse(seen, enrolled, version, expiry) for host, seen, enrolled, version, expiry in rows}
 
 
 def selection_info(node: NodeRecord) -> NodeInfo:

@@ -135,9 +135,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def _authed(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> AgentIdentity:
         try:
-            ids = context.peer_identities()
-            cached = self.ctx.enrollment.identities.cached(next(iter(ids)).decode("utf-8", "replace")) if ids else None
-            if cached is not None:  # the common case (every heartbeat): memory only, the database is not asked
+            ids = list(context.peer_identities() or ())
+            pems = list(context.auth_context().get("x509_pem_cert") or ())
+            known = bool(ids and pems) and self.ctx.enrollment.identities.knows(
+                ids[0].decode("utf-8", "replace"), _cert_serial(pems[0]))
+            if known:  # the common case (every heartbeat): memory only, the database is not asked
                 return self._peer_identity(context)
             return await self.ctx.store.call(self._peer_identity, context)
         except FleetError as exc:
@@ -185,9 +187,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.code}: {exc.message} (hint: {exc.hint})")
             raise AssertionError("unreachable")
         result = await self._call(context, "Enroll", peer, lambda: self.ctx.enrollment.enroll(
-            request.token, request.hostname, request.csr_pem, peer))
-        log.info("enrolled %s as agent %s from %s", result.hostname, result.agent_id, peer)
+            request.token, request.hostname, request.csr_pem, peer, request.pending_secret))
+        if result.pending:
+            log.info("enrollment of %s (agent %s) from %s waits for approval", result.hostname, result.agent_id, peer)
+        else:
+            log.info("enrolled %s as agent %s from %s", result.hostname, result.agent_id, peer)
         return wire.enroll_response(result)
+
+    async def RenewCertificate(self, request: pb.RenewCertificateRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> pb.RenewCertificateResponse:
+        ident = await self._authed(context, "RenewCertificate")
+        issued = await self._call(context, "RenewCertificate", ident.hostname,
+                                  lambda: self.ctx.enrollment.renew(ident, request.csr_pem))
+        log.info("renewed the certificate of %s (agent %s) until %s", ident.hostname, ident.agent_id,
+                 issued.not_after.isoformat(timespec="seconds"))
+        return wire.renew_response(issued, self.ctx.ca.ca_pem)
 
     async def ReportFacts(self, request: pb.ReportFactsRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReportFactsResponse:

@@ -54,6 +54,10 @@ class ControllerSettings:
     # enrollment attempts admitted per source address and overall (controller/ratelimit.py; --enroll-rate)
     enroll_per_source: Rate = ENROLL_PER_SOURCE
     enroll_overall: Rate = ENROLL_OVERALL
+    # every enrollment waits for `fleetctl agents approve HOST`, whatever its token says (--enroll-approval)
+    enroll_approval: bool = False
+    # agents' client certificates last this long; agents renew them when a third is left (--agent-cert-lifetime)
+    agent_cert_lifetime: float = 365 * 86400.0
     # freeze start-up objects out of the garbage collector's reach and raise its gen-0 threshold
     # (process-wide: on for `fleet-controller serve`, off for controllers embedded in tests)
     gc_tuning: bool = False
@@ -125,6 +129,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="enrollment attempts allowed per second overall (default 50, burst 200; per source "
                         "address 1/s, burst 20); a lab load test enrolling thousands of agents from one host "
                         "raises it (see docs/security.md, Abuse limits)")
+    p.add_argument("--enroll-approval", action="store_true", default=None,
+                   help="every enrollment waits for an operator (`fleetctl agents pending|approve|deny`), not "
+                        "only those with a token created with --approval")
+    p.add_argument("--agent-cert-lifetime", type=float, metavar="S",
+                   help="lifetime of agents' client certificates in seconds (default 31536000, a year; at least "
+                        f"{MIN_AGENT_CERT_LIFETIME:g}); agents renew theirs when a third of it is left")
     p.add_argument("--trusted-keyring", type=Path, metavar="FILE",
                    help="OpenPGP public keys of the operators (gpg --export --armor KEYID... > FILE): a signature "
                         "sent with `fleetctl artifact add --sig` must come from one of them, else the upload is "
@@ -172,6 +182,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         extra_names=tuple(knob.given("san")), gc_tuning=knob.given("gc_tuning"),
         upstream=upstream_config(knob.given("upstream_index"), knob.given("wheel_mirror"), knob.given("offline")),
         enroll_per_source=per_source, enroll_overall=overall,
+        enroll_approval=knob.given("enroll_approval"),
+        agent_cert_lifetime=agent_cert_lifetime(knob.given("agent_cert_lifetime")),
         trusted_keyring=trusted_keyring, require_signed=require_signed,
         kubernetes_labels=knob.given("kubernetes_labels"),
         rollout_lease_ttl=knob.read("rollout_lease_ttl", _seconds),
@@ -264,6 +276,9 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
     FileKey("offline", bool, False, "never fetch: plans use only the artifact store"),
     FileKey("enroll_rate", float, None, "enrollment attempts per second overall (unset: 50, burst 200; "
             "per source address 1/s, burst 20)"),
+    FileKey("enroll_approval", bool, False, "every enrollment waits for `fleetctl agents approve HOST`"),
+    FileKey("agent_cert_lifetime", float, _DEFAULTS.agent_cert_lifetime, "lifetime of agents' client certificates, "
+            "seconds (agents renew when a third is left)"),
     FileKey("trusted_keyring", Path, None, "OpenPGP public keys that may sign `fleetctl artifact add --sig`"),
     FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
     FileKey("kubernetes_labels", str, None, "label verified nodes in Kubernetes: a kubeconfig path or "
@@ -429,6 +444,17 @@ def check_signing(require_signed: bool, trusted_keyring: Path | None) -> None:
     if require_signed and trusted_keyring is None:
         raise UsageError("--require-signed needs --trusted-keyring FILE (the keys a signature must come from)",
                          hint="export the operators' public keys: gpg --export --armor KEYID... > FILE")
+
+
+MIN_AGENT_CERT_LIFETIME = 30.0
+
+
+def agent_cert_lifetime(seconds: float) -> float:
+    """``--agent-cert-lifetime``, checked: long enough for an agent to renew in time."""
+    if not seconds >= MIN_AGENT_CERT_LIFETIME or seconds > 10 * 365 * 86400:
+        raise UsageError(f"--agent-cert-lifetime {seconds:g}: out of range",
+                         hint=f"give seconds from {MIN_AGENT_CERT_LIFETIME:g} to ten years (default a year)")
+    return float(seconds)
 
 
 def enroll_rates(per_second: float | None) -> tuple[Rate, Rate]:

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from fleetctl.controller.ca import IssuedCert
 from fleetctl.controller.enrollment import EnrollResult
 from fleetctl.controller.jobs import JobEventRecord
 from fleetctl.fleet.errors import FactsError, InputError
@@ -109,7 +110,11 @@ def agent_version_from_proto(msg: pb.ReportFactsRequest) -> str | None:
 
 def enroll_response(result: EnrollResult) -> pb.EnrollResponse:
     return pb.EnrollResponse(agent_id=result.agent_id, certificate_pem=result.certificate_pem,
-                             ca_pem=result.ca_pem, hostname=result.hostname)
+                             ca_pem=result.ca_pem, hostname=result.hostname, pending_secret=result.pending_secret)
+
+
+def renew_response(issued: IssuedCert, ca_pem: bytes) -> pb.RenewCertificateResponse:
+    return pb.RenewCertificateResponse(certificate_pem=issued.pem, ca_pem=ca_pem)
 
 
 def job_to_proto(spec: JobSpec) -> pb.Job:

@@ -85,6 +85,13 @@ class AuthError(FleetError):
     exit_code = 6
 
 
+class CertificateTrustError(AuthError):
+    """A TLS handshake failed: the peer's certificate is not one the CA we were given verifies (a wrong ``--ca``,
+    a controller whose CA was replaced) or the address is not a TLS endpoint of ours."""
+
+    code = "tls"
+
+
 class ForbiddenError(FleetError):
     """An authenticated caller asked for something its identity may not do (e.g. an agent uploading an
     artifact that is not the output of a build job assigned to it)."""

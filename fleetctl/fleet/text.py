@@ -15,6 +15,8 @@ sequences (ESC [ … rewrites the operator's screen, OSC 52 writes the clipboard
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import re
 from typing import Any
@@ -77,7 +79,24 @@ def terminal_safe_tree(obj: Any) -> Any:
 
 class SafeLogFormatter(logging.Formatter):
     """A formatter whose message part is ``safe_text`` (one line, at most ``LOG_MESSAGE_LIMIT`` characters):
-    whatever a node or client put into a logged value cannot start a forged line or hide in escapes."""
+    whatever a node or client put into a logged value cannot start a forged line or hide in escapes.
+
+    ``json_lines=True`` (``--log-format json``): each record is one JSON object per line — ``time`` (ISO 8601
+    UTC), ``level``, ``logger``, ``message`` (the same safe, cut text) and, with an exception, ``exception``."""
+
+    def __init__(self, fmt: str | None = None, *, json_lines: bool = False) -> None:
+        super().__init__(fmt)
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json_lines:
+            return super().format(record)
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name,
+                 "message": safe_text(record.getMessage(), LOG_MESSAGE_LIMIT)}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         raw, limit = record.message, LOG_MESSAGE_LIMIT
@@ -91,8 +110,9 @@ class SafeLogFormatter(logging.Formatter):
         return line.encode("utf-8", "replace")[:LOG_LINE_BYTES].decode("utf-8", "ignore")
 
 
-def install_safe_logging(level: str | int, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """``logging.basicConfig`` with ``SafeLogFormatter`` on the root handler."""
+def install_safe_logging(level: str | int, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                         json_lines: bool = False) -> None:
+    """``logging.basicConfig`` with ``SafeLogFormatter`` on the root handler (JSON lines with ``json_lines``)."""
     logging.basicConfig(level=level, format=fmt)
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(SafeLogFormatter(fmt))
+        handler.setFormatter(SafeLogFormatter(fmt, json_lines=json_lines))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetctl.agent.artifact_jobs import ArtifactJobRunner
-from fleetctl.agent.client import Agent, AgentConfig, NoExecutor
+from fleetctl.agent.client import APPROVAL_TIMEOUT, CONNECT_TIMEOUT, STOP_GRACE, Agent, AgentConfig, NoExecutor
 from fleetctl.agent.command_hook import CommandHook
 from fleetctl.agent.executor import AnsibleJobRunner
 from fleetctl.agent.jobs import JobRunner
@@ -92,6 +92,19 @@ def register(subparsers: Any) -> None:
     hooks.add_argument("--step-hook-timeout", type=float, default=600.0, metavar="S",
                        help="longest run of --pre-step-hook or --post-step-hook (default 600)")
     p.add_argument("--log-level", default=os.environ.get("FLEET_LOG_LEVEL", "INFO"), help="logging level")
+    p.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("FLEET_LOG_FORMAT", "text"),
+                   help="log lines as text (default) or one JSON object each: time, level, logger, message "
+                        "($FLEET_LOG_FORMAT)")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="S",
+                   help="give up with an error (exit 7) when the controller is not reached within S seconds of "
+                        f"the start, enrolling or connecting (default {CONNECT_TIMEOUT:g}); once connected, "
+                        "outages are retried without end")
+    p.add_argument("--approval-timeout", type=float, default=APPROVAL_TIMEOUT, metavar="S",
+                   help="how long an enrollment waits for `fleetctl agents approve HOST` before the agent exits "
+                        f"(exit 6; a restart goes on waiting) (default {APPROVAL_TIMEOUT:g})")
+    p.add_argument("--stop-grace", type=float, default=STOP_GRACE, metavar="S",
+                   help="on SIGTERM/SIGINT, how long running jobs get to be canceled and reported before the agent "
+                        f"exits (default {STOP_GRACE:g})")
     p.set_defaults(handler=handle)
 
 
@@ -237,8 +250,14 @@ def target_python(args: argparse.Namespace) -> Callable[[], str | None]:
 async def _main(cfg: AgentConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            logging.getLogger(__name__).info("%s received: stopping", sig.name)
+        stop.set()
+
+    # installed before anything else runs: a signal is honoured while enrolling and waiting for approval too
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     agent = Agent(cfg)
     if hasattr(cfg.runner, "bind"):  # the simulated executor uploads built wheels through the agent
         cfg.runner.bind(agent)
@@ -247,7 +266,7 @@ async def _main(cfg: AgentConfig) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
-    install_safe_logging(args.log_level.upper())
+    install_safe_logging(args.log_level.upper(), json_lines=args.log_format == "json")
     if ":" not in args.controller:
         raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
     absolute_paths(args)
@@ -264,6 +283,7 @@ def handle(args: argparse.Namespace) -> int:
                       runner=runner, ca_file=args.ca,
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
                       enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name,
-                      upload_retry_s=args.upload_retry_minutes * 60)
+                      upload_retry_s=args.upload_retry_minutes * 60, connect_timeout=args.connect_timeout,
+                      approval_timeout=args.approval_timeout, stop_grace=args.stop_grace)
     asyncio.run(_main(cfg))
     return 0

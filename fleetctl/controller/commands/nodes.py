@@ -45,15 +45,24 @@ def handle_nodes(args: argparse.Namespace) -> int:
              n["driver"], n["nvcc"], n["torch"], n["python"], n["flash_attn"], n["last_seen"][:19] if n["last_seen"]
              else None] for n in nodes]
     if args.output == "wide":
-        headers += ["agent", "last verification"]
+        headers += ["agent", "cert expires (UTC)", "last verification"]
         for row, n in zip(rows, nodes, strict=True):
             v = n.get("last_verification")
-            row += [n.get("agent_version"), f"{v['status']} {(v['at'] or '')[:19]}" if v else None]
+            support = n.get("agent_support")
+            agent = (n.get("agent_version") or "?") + (f" ({support})" if support not in (None, "supported") else "")
+            row += [agent, (n.get("cert_expires_at") or "")[:19] or None,
+                    f"{v['status']} {(v['at'] or '')[:19]}" if v else None]
     if args.output == "wide":  # the user's labels last: the widest column
         headers.append("labels")
         for row, n in zip(rows, nodes, strict=True):
             row.append(",".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()) or None)
     print(render(rows, headers))
+    skewed = [n for n in nodes if n.get("agent_support") in ("too-old", "too-new")]
+    if skewed:  # flagged in every view: such an agent may miss or misread RPCs of this controller
+        print(f"\n{len(skewed)} agent(s) outside the versions this controller supports "
+              f"({data.get('supported_agent_versions', '?')}): "
+              + ", ".join(f"{n['hostname']} {n.get('agent_version')} ({n['agent_support']})" for n in skewed)
+              + "; upgrade them (docs/deploy.md, Version skew)")
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n["status"]] = counts.get(n["status"], 0) + 1

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false
 
 from fleetctl.fleet.jobs import JobStatus
 
@@ -56,10 +57,18 @@ class Identity(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked_at: Mapped[dt.datetime | None]
     token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
+    # controller/enrollment.py IdentityState: active | pending (waiting for an operator's approval) | denied
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    csr_pem: Mapped[str | None] = mapped_column(Text)  # pending: signed when an operator approves
+    cert_pem: Mapped[str | None] = mapped_column(Text)  # approved: fetched by the agent that waited for it
+    pending_hash: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)  # the waiting agent's secret
+    source: Mapped[str | None] = mapped_column(String(64))  # the address it enrolled from
+    cert_not_after: Mapped[dt.datetime | None]  # None: issued before renewal existed (created_at + a year)
+    prev_cert_serial: Mapped[str | None] = mapped_column(String(64))  # replaced by a renewal; valid until it expires
 
 
 class EnrollmentToken(Base):
-    """A one-time enrollment token; only its sha256 is stored."""
+    """An enrollment token, one-time by default (``max_uses``); only its sha256 is stored."""
 
     __tablename__ = "enrollment_tokens"
 
@@ -70,8 +79,13 @@ class EnrollmentToken(Base):
     created_at: Mapped[dt.datetime]
     expires_at: Mapped[dt.datetime]
     used_at: Mapped[dt.datetime | None]
-    used_by: Mapped[str | None] = mapped_column(String(64))  # identity id
+    used_by: Mapped[str | None] = mapped_column(String(64))  # identity id (the last use)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_uses: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # counted by a conditional UPDATE
+    hostname_pattern: Mapped[str | None] = mapped_column(String(253))  # glob ('gpu-*') the hostname must match
+    source_network: Mapped[str | None] = mapped_column(String(64))  # CIDR the enrolling address must be in
+    approval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # enrollments wait
 
 
 # ---- registry ----------------------------------------------------------------------------

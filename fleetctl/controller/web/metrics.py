@@ -154,7 +154,8 @@ def _node_metrics(nodes: list[PerNode]) -> Iterator[Metric]:
         if n.verify_at is not None:
             verified_at.add_metric([n.hostname], _timestamp(n.verify_at))
         if n.pulse.enrolled_at is not None:
-            cert_expiry.add_metric([n.hostname], _timestamp(client_cert_not_after(n.pulse.enrolled_at)))
+            cert_expiry.add_metric([n.hostname], _timestamp(n.pulse.cert_not_after
+                                                            or client_cert_not_after(n.pulse.enrolled_at)))
     yield from (info, status, heartbeat, passed, verified_at, cert_expiry)
 
 

@@ -438,22 +438,28 @@ class EnrollRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     CSR_PEM_FIELD_NUMBER: _builtins.int
+    PENDING_SECRET_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """One-time token from `fleetctl token create`."""
+    """Token from `fleetctl tokens create` (one-time unless created with --uses N)."""
     hostname: _builtins.str
     """The name this agent asks to be known by; the controller binds it to the identity."""
     csr_pem: _builtins.bytes
     """PEM certificate signing request for the agent's own key."""
+    pending_secret: _builtins.str
+    """Set when asking again about an enrollment waiting for approval (EnrollResponse.pending_secret);
+    the token is then not needed.
+    """
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         hostname: _builtins.str = ...,
         csr_pem: _builtins.bytes = ...,
+        pending_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "hostname", b"hostname", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "hostname", b"hostname", "pending_secret", b"pending_secret", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -467,12 +473,17 @@ class EnrollResponse(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CA_PEM_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    PENDING_SECRET_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     certificate_pem: _builtins.bytes
     """PEM client certificate signed by the controller's CA."""
     ca_pem: _builtins.bytes
     hostname: _builtins.str
     """The hostname the controller enrolled (authoritative over anything in facts)."""
+    pending_secret: _builtins.str
+    """Non-empty: the enrollment waits for an operator (`fleetctl agents approve HOST`); no certificate
+    yet. The agent keeps its key and asks again with this secret until it gets one or is denied.
+    """
     def __init__(
         self,
         *,
@@ -480,14 +491,60 @@ class EnrollResponse(_message.Message):
         certificate_pem: _builtins.bytes = ...,
         ca_pem: _builtins.bytes = ...,
         hostname: _builtins.str = ...,
+        pending_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem", "hostname", b"hostname"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem", "hostname", b"hostname", "pending_secret", b"pending_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    """---- certificate renewal (mutual TLS) -----------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.bytes
+    """PEM certificate signing request for the agent's key (the controller sets the subject)."""
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    """PEM client certificate (then its intermediates) replacing the one this call was made with."""
+    ca_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        ca_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateResponse: _TypeAlias = RenewCertificateResponse  # noqa: Y015
 
 @_typing.final
 class ReportFactsRequest(_message.Message):

@@ -79,6 +79,11 @@ class AgentServiceStub:
                 request_serializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.SerializeToString,
                 response_deserializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/fleet.v1.AgentService/RenewCertificate',
+                request_serializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -139,6 +144,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A new client certificate before the current one expires (the agent asks when a third of its
+        lifetime is left); the old one stays accepted until it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +199,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.QueryUpload,
                     request_deserializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.FromString,
                     response_serializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +449,33 @@ class AgentService:
             '/fleet.v1.AgentService/QueryUpload',
             fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadRequest.SerializeToString,
             fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.QueryUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.AgentService/RenewCertificate',
+            fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+            fleetctl_dot_fleet_dot_v1_dot_fleet__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class AgentServiceStub:
     FetchArtifact: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FetchArtifactRequest, _fleet_pb2.ArtifactChunk]
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_fleet_pb2.ArtifactChunk, _fleet_pb2.UploadArtifactResponse]
     QueryUpload: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.QueryUploadRequest, _fleet_pb2.QueryUploadResponse]
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RenewCertificateRequest, _fleet_pb2.RenewCertificateResponse]
+    """A new client certificate before the current one expires (the agent asks when a third of its
+    lifetime is left); the old one stays accepted until it expires.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -60,6 +64,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     FetchArtifact: _aio.UnaryStreamMultiCallable[_fleet_pb2.FetchArtifactRequest, _fleet_pb2.ArtifactChunk]  # type: ignore[assignment]
     UploadArtifact: _aio.StreamUnaryMultiCallable[_fleet_pb2.ArtifactChunk, _fleet_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     QueryUpload: _aio.UnaryUnaryMultiCallable[_fleet_pb2.QueryUploadRequest, _fleet_pb2.QueryUploadResponse]  # type: ignore[assignment]
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RenewCertificateRequest, _fleet_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """A new client certificate before the current one expires (the agent asks when a third of its
+    lifetime is left); the old one stays accepted until it expires.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,5 +133,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.QueryUploadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.QueryUploadResponse, _abc.Awaitable[_fleet_pb2.QueryUploadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _fleet_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.RenewCertificateResponse, _abc.Awaitable[_fleet_pb2.RenewCertificateResponse]]:
+        """A new client certificate before the current one expires (the agent asks when a third of its
+        lifetime is left); the old one stays accepted until it expires.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
