@@ -48,6 +48,7 @@ TRANSIENT = ("+NOT_RESPONDING", "+COMPLETING")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SlurmCluster]:
+    """One cluster for the module (tests that use it are marked ``root``: slurmd runs as root)."""
     with slurm_cluster(NODE) as c:
         yield c
 
@@ -134,6 +135,7 @@ async def run_job(rc: RunningController, agent: AgentProcess, kind: str, vars: d
     return rc.ctx.jobs.get(job_id)
 
 
+@pytest.mark.root
 async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
         slurm: SlurmCluster, controller: RunningController, tmp_path: Path) -> None:
     require_ansible()
@@ -223,6 +225,7 @@ class Recorder:
         return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0)
 
 
+@pytest.mark.root
 async def test_a_wrong_node_name_a_missing_scontrol_or_a_silent_slurmctld_stops_the_step_with_a_hint(
         slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     step = Recorder(slurm)
@@ -250,6 +253,7 @@ async def test_a_wrong_node_name_a_missing_scontrol_or_a_silent_slurmctld_stops_
     assert slurm.state() == "IDLE"  # nothing was changed
 
 
+@pytest.mark.root
 async def test_a_drain_timeout_undoes_the_drain_and_names_the_jobs_command(slurm: SlurmCluster) -> None:
     slurm.sbatch_sleep(60)
     step = Recorder(slurm)
