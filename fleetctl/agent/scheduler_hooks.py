@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fleetctl.agent.jobs import JobRunner
-from fleetctl.fleet.errors import FleetError
+from fleetctl.fleet.errors import ExecutionError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.workload import DISTURBING_KINDS
 
@@ -39,11 +39,10 @@ log = logging.getLogger(__name__)
 HOOK_FAILED_RC = 75
 
 
-class SchedulerHookError(FleetError):
+class SchedulerHookError(ExecutionError):
     """A scheduler hook could not take the node out of its scheduler, or could not give it back."""
 
     code = "scheduler-hook"
-    exit_code = 9
 
 
 @dataclass(frozen=True)
