@@ -39,6 +39,7 @@ from fastapi import FastAPI
 from fleetctl.controller import web
 from fleetctl.controller.api import create_app
 from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.rollout_traces import RolloutTraces, tracer_provider
 from fleetctl.controller.server import housekeeping, start_grpc
 from fleetctl.controller.settings import ControllerSettings
 from fleetctl.fleet.errors import InputError
@@ -214,6 +215,9 @@ async def _start_parts(rc: RunningController) -> None:
 
     engine = ctx.rollout_engine
     rc.run("rollout-engine", engine.run(), engine.stop)
+    if settings.otel_endpoint:  # each ended rollout as one trace (controller/rollout_traces.py)
+        traces = RolloutTraces(ctx.store, tracer_provider(settings.otel_endpoint))
+        rc.run("rollout-traces", traces.run(), _cancelling(rc, "rollout-traces"))
 
     grpc_server = rc.grpc_server = await start_grpc(ctx)
 

@@ -70,6 +70,9 @@ class ControllerSettings:
     # publish each verified node's fleetctl.io/* labels to its Kubernetes node (controller/kubernetes_labels.py):
     # "in-cluster" (the controller's pod's service account) or a kubeconfig path; None: no labels
     kubernetes_labels: str | None = None
+    # each ended rollout as an OpenTelemetry trace, sent over OTLP/HTTP to this collector (controller/rollout_traces.py;
+    # needs the [otel] extra); None: no tracing, the SDK is never imported
+    otel_endpoint: str | None = None
     # a rollout engine holds its rollout's lease this long without renewing it before another controller's
     # engine may take the rollout over (docs/rollout.md; FLEET_ROLLOUT_LEASE_TTL)
     rollout_lease_ttl: float = 15.0
@@ -145,6 +148,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after each verification, label the node's Kubernetes node (fleetctl.io/verified, "
                         "flash-attn-version, recommended-attention...; the hostname is the node name) with these "
                         "credentials: a kubeconfig path, or 'in-cluster' (docs/deploy.md, Kubernetes)")
+    p.add_argument("--otel-endpoint", metavar="URL",
+                   help="send each ended rollout as an OpenTelemetry trace to this OTLP/HTTP collector "
+                        "(http://collector:4318; needs the [otel] extra; docs/operations.md, Traces)")
     # knobs that also have an environment variable (the flag wins)
     p.add_argument("--rollout-lease-ttl", metavar="S", help="rollout lease TTL (default 15; FLEET_ROLLOUT_LEASE_TTL)")
     p.add_argument("--no-scheduler", dest="scheduler", action="store_const", const="off",
@@ -185,7 +191,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         enroll_approval=knob.given("enroll_approval"),
         agent_cert_lifetime=agent_cert_lifetime(knob.given("agent_cert_lifetime")),
         trusted_keyring=trusted_keyring, require_signed=require_signed,
-        kubernetes_labels=knob.given("kubernetes_labels"),
+        kubernetes_labels=knob.given("kubernetes_labels"), otel_endpoint=knob.given("otel_endpoint"),
         rollout_lease_ttl=knob.read("rollout_lease_ttl", _seconds),
         scheduler=knob.read("scheduler", _switch),
         scheduler_tick=knob.read("scheduler_tick", _seconds),
@@ -283,6 +289,8 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
     FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
     FileKey("kubernetes_labels", str, None, "label verified nodes in Kubernetes: a kubeconfig path or "
             "\"in-cluster\" (unset: no labels)"),
+    FileKey("otel_endpoint", str, None, "OTLP/HTTP collector for rollout traces, e.g. http://collector:4318 "
+            "(unset: no traces)"),
     FileKey("rollout_lease_ttl", float, _DEFAULTS.rollout_lease_ttl, "rollout lease TTL, seconds",
             "FLEET_ROLLOUT_LEASE_TTL"),
     FileKey("scheduler", bool, _DEFAULTS.scheduler, "run due verification schedules in this controller",
