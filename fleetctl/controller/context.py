@@ -20,6 +20,7 @@ starts the parts' loops and the servers in order and stops them in reverse; the 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import secrets
@@ -81,7 +82,8 @@ class ControllerContext:
             self.admin_token = ensure_admin_token(state)
         except OSError as exc:
             raise state_dir_error(exc, exc.filename or state, "write") from exc
-        self.enrollment = Enrollment(self.store, self.ca)
+        self.enrollment = Enrollment(self.store, self.ca, approval_required=settings.enroll_approval,
+                                     cert_lifetime=dt.timedelta(seconds=settings.agent_cert_lifetime))
         self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
                                  missed_heartbeats=settings.missed_heartbeats,
                                  flush_interval=settings.flush_interval)
