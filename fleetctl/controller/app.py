@@ -27,6 +27,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,11 @@ def write_discovery(ctx: ControllerContext) -> Path:
             return "127.0.0.1:" + addr.rpartition(":")[2]
         return addr
 
+    # http_ca: what fleetctl verifies the HTTPS API with (None: plain HTTP, or a user-supplied certificate, which
+    # chains to a CA the client knows: --ca or the system's trust store)
+    issued_here = not (ctx.settings.http_insecure or ctx.settings.http_cert)
     data = {"grpc": reachable(ctx.grpc_address), "enroll": reachable(ctx.enroll_address),
-            "http": ctx.http_url, "ca": "ca/ca.pem"}
+            "http": ctx.http_url, "ca": "ca/ca.pem", "http_ca": "ca/ca.pem" if issued_here else None}
     tmp = path.with_suffix(".json.tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -194,6 +198,39 @@ def write_discovery(ctx: ControllerContext) -> Path:
     except OSError as exc:
         raise state_dir_error(exc, path, "write") from exc
     return path
+
+
+def http_tls(ctx: ControllerContext, http_host: str) -> tuple[Path, Path] | None:
+    """(certificate, key) files of the HTTP API and dashboard: the user's (checked to load here,
+    so that a bad file stops the start with its name rather than a dead server task), else the server certificate
+    of the controller's CA, covering the gRPC and HTTP listen hosts and --san names; none for --http-insecure."""
+    s = ctx.settings
+    if s.http_insecure:
+        log.warning("the HTTP API and dashboard serve PLAIN HTTP (--http-insecure): bearer tokens, API tokens and "
+                    "dashboard passwords cross the network in clear; use it only on loopback or behind a TLS proxy")
+        return None
+    if s.http_cert is not None and s.http_key is not None:
+        cert, key = s.http_cert, s.http_key
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise InputError(f"cannot serve HTTPS with certificate {cert} and key {key}: "
+                             f"{getattr(exc, 'strerror', None) or exc}",
+                             hint="give a readable PEM certificate (chain) and its own private key with --http-cert/"
+                                  "--http-key (http_cert/http_key in the config file), or neither for a certificate "
+                                  "from the controller's CA") from exc
+        return cert, key
+    grpc_host = s.grpc_listen.rpartition(":")[0].strip("[]")
+    ctx.ca.server_credentials([grpc_host, http_host, *s.extra_names])
+    return ctx.ca.dir / "server.pem", ctx.ca.dir / "server.key"
+
+
+def dialled(host: str) -> str:
+    """How a client reaches a listen host in a URL: a wildcard on loopback (which the CA's certificate covers),
+    an IPv6 address in brackets."""
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    return f"[{host}]" if ":" in host else host
 
 
 async def _start_parts(rc: RunningController) -> None:
@@ -228,9 +265,16 @@ async def _start_parts(rc: RunningController) -> None:
 
     sock = _bind(settings.http_listen)
     host, port = sock.getsockname()[:2]
-    ctx.http_url = f"http://{host}:{port}"
+    try:
+        tls = http_tls(ctx, host)
+    except BaseException:
+        sock.close()
+        raise
+    ctx.http_url = f"{'https' if tls else 'http'}://{dialled(host)}:{port}"
     app = rc.app = create_app(ctx)
-    http = rc.http_server = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    http = rc.http_server = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    ssl_certfile=tls[0] if tls else None,
+                                                    ssl_keyfile=tls[1] if tls else None))
 
     async def stop_http() -> None:
         web.close(app)  # open dashboard event streams would hold the server ~5 s

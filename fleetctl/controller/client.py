@@ -2,7 +2,9 @@
 
 Finding the controller (docs/architecture.md): ``--controller URL``, else
 ``$FLEETCTL_CONTROLLER``, else ``--state-dir``/``$FLEETCTL_STATE_DIR`` (default
-``./state/controller``) → ``controller.json`` (its ``http``) + ``admin.token``. The bearer token comes
+``./state/controller``) → ``controller.json`` (its ``http``, and ``http_ca``: the CA its HTTPS certificate chains
+to) + ``admin.token``. The server's certificate is verified against ``--ca FILE``, else ``$FLEETCTL_CA``, else that
+``http_ca``, else the system's trust store (docs/security.md, "HTTPS"). The bearer token comes
 from ``--token-file FILE``, else ``$FLEETCTL_TOKEN``, else ``$FLEETCTL_TOKEN_FILE``, else the state dir's
 ``admin.token`` (the break-glass credential); a user's API token (``fleet-controller user token create``)
 makes the controller audit that user as the actor. Connection failures become
@@ -17,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -45,6 +48,15 @@ _ERRORS: dict[str, type[FleetError]] = {
     "stale-facts": StaleFactsError, "upstream": UpstreamError, "bad-signature": SignatureError,
     "forbidden": ForbiddenError,
 }
+class TlsVerifyError(AuthError):
+    """The controller's HTTPS certificate is not one the client may trust (wrong CA, wrong name, expired)."""
+
+    code = "tls-verify"
+
+
+_CA_HINT = ("pass --ca FILE with the CA the controller's certificate chains to: its STATE/ca/ca.pem (copy it from the "
+            "controller host, checking its fingerprint: openssl x509 -noout -fingerprint -sha256 -in ca.pem), or the "
+            "CA of its --http-cert; or set it once with `fleetctl config set-context NAME --ca FILE`")
 _START_HINT = ("start it with `fleet-controller serve --state-dir DIR` (or `fleet-controller fleet up`), "
                "or point fleetctl at it with --controller URL / --state-dir DIR")
 
@@ -57,6 +69,9 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, metavar="FILE",
                         help="file holding the API token (default: $FLEETCTL_TOKEN, $FLEETCTL_TOKEN_FILE, "
                              "else STATE/admin.token)")
+    parser.add_argument("--ca", type=Path, metavar="FILE",
+                        help="CA certificate the controller's HTTPS certificate must chain to (default: $FLEETCTL_CA, "
+                             "else STATE/ca/ca.pem for a controller found through its state dir, else the system's)")
 
 
 def add_label_selector_arg(parser: argparse.ArgumentParser) -> None:
@@ -68,16 +83,19 @@ def add_label_selector_arg(parser: argparse.ArgumentParser) -> None:
 
 
 class ControllerClient:
-    def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 10.0, ca: Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
+        self.ca = ca
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=_verify(ca),
                                   headers={"Authorization": f"Bearer {token}"} if token else {})
 
     @classmethod
     def discover(cls, controller: str | None = None, state_dir: Path | None = None,
-                 token_file: Path | None = None, *, token_required: bool = True) -> ControllerClient:
+                 token_file: Path | None = None, *, token_required: bool = True,
+                 ca: Path | None = None) -> ControllerClient:
         url = controller or os.environ.get("FLEETCTL_CONTROLLER")
+        ca = ca or (Path(os.environ["FLEETCTL_CA"]) if os.environ.get("FLEETCTL_CA") else None)
         state = state_dir or Path(os.environ.get("FLEETCTL_STATE_DIR") or DEFAULT_STATE_DIR)
         env_file = os.environ.get("FLEETCTL_TOKEN_FILE")
         token = None if token_file else os.environ.get("FLEETCTL_TOKEN")
@@ -99,22 +117,27 @@ class ControllerClient:
                 token = None
         if url is None:
             try:
-                url = json.loads((state / "controller.json").read_text())["http"]
+                discovery = json.loads((state / "controller.json").read_text())
+                url = discovery["http"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ControllerUnavailable(f"no controller found: cannot read {state / 'controller.json'}",
                                             hint=_START_HINT) from exc
+            http_ca = discovery.get("http_ca")  # the controller's own CA issued its HTTPS certificate
+            if ca is None and isinstance(http_ca, str) and http_ca:
+                ca = state / http_ca
         if not url:
             raise ControllerUnavailable("controller.json has no http address", hint=_START_HINT)
         if token is None and token_required:
             raise AuthError(f"no admin token: cannot read {state / 'admin.token'}",
                             hint="pass --state-dir of the controller or set FLEETCTL_TOKEN")
-        return cls(url, token)
+        return cls(url, token, ca=ca)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, token_required: bool = True) -> ControllerClient:
         """``token_required=False`` for routes open to anyone (``/live``): a token is sent only when one is known."""
         return cls.discover(getattr(args, "controller", None), getattr(args, "state_dir", None),
-                            getattr(args, "token_file", None), token_required=token_required)
+                            getattr(args, "token_file", None), token_required=token_required,
+                            ca=getattr(args, "ca", None))
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 body: dict[str, Any] | None = None) -> Any:
@@ -124,9 +147,29 @@ class ControllerClient:
             raise ControllerUnavailable(f"controller at {self.base_url} did not answer in time",
                                         hint="check that it is running and not overloaded") from exc
         except httpx.HTTPError as exc:
-            raise ControllerUnavailable(f"cannot reach the controller at {self.base_url}: {exc}",
-                                        hint=_START_HINT) from exc
+            raise self.transport_error(exc) from exc
         return self.decode(resp, path)
+
+    def transport_error(self, exc: httpx.HTTPError) -> FleetError:
+        """What a failed connection means, said so: a certificate the CA does not vouch for, HTTP spoken to an
+        HTTPS controller or the other way round, or no controller there."""
+        verify = _ssl_cause(exc, ssl.SSLCertVerificationError)
+        if verify is not None:
+            trusted = f"the CA in {self.ca}" if self.ca else "the system's trust store"
+            return TlsVerifyError(f"the controller at {self.base_url} presented a certificate that {trusted} does "
+                                  f"not vouch for: {verify.verify_message or verify.reason or verify}",
+                                  hint=_CA_HINT if "hostname" not in str(verify).lower() else
+                                  "the certificate does not name the host in the URL: use a name it carries, or "
+                                  "restart the controller with --san NAME (or a --http-cert for that name)")
+        if self.base_url.startswith("https://") and _ssl_cause(exc, ssl.SSLError) is not None:
+            return ControllerUnavailable(f"the controller at {self.base_url} does not speak HTTPS: {exc}",
+                                         hint=f"it serves plain HTTP (--http-insecure): use "
+                                              f"{self.base_url.replace('https://', 'http://', 1)}")
+        if self.base_url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
+            return ControllerUnavailable(f"the controller at {self.base_url} closed the connection without answering",
+                                         hint=f"controllers serve HTTPS unless started with --http-insecure: use "
+                                              f"{self.base_url.replace('http://', 'https://', 1)}")
+        return ControllerUnavailable(f"cannot reach the controller at {self.base_url}: {exc}", hint=_START_HINT)
 
     @staticmethod
     def decode(resp: httpx.Response, what: str) -> Any:
@@ -156,3 +199,29 @@ class ControllerClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _verify(ca: Path | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify``: a context trusting only ``ca``, else the system's trust store."""
+    if ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use {ca} as the controller's CA: {getattr(exc, 'strerror', None) or exc}",
+                         hint="give a readable PEM CA certificate (the controller's STATE/ca/ca.pem)") from exc
+
+
+def _ssl_cause(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The ``kind`` error behind an httpx error (httpx wraps the ssl module's errors), if any."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -43,6 +43,11 @@ class ControllerSettings:
     grpc_listen: str = "127.0.0.1:7443"  # mutual TLS: every RPC but Enroll
     enroll_listen: str | None = None  # server TLS only, for Enroll; default: grpc port + 1
     http_listen: str = "127.0.0.1:7480"
+    # the HTTP API and dashboard serve HTTPS: with http_cert/http_key when given, else with a certificate from the
+    # controller's CA (STATE/ca/server.pem); plain HTTP only with http_insecure (docs/security.md, "HTTPS")
+    http_cert: Path | None = None
+    http_key: Path | None = None
+    http_insecure: bool = False
     heartbeat_interval: float = DEFAULT_INTERVAL
     missed_heartbeats: int = DEFAULT_MISSED
     flush_interval: float = 2.0  # how often heartbeat last_seen batches are written
@@ -111,7 +116,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="agent port, mutual TLS (default 127.0.0.1:7443)")
     p.add_argument("--enroll-listen", metavar="HOST:PORT", help="enrollment port (default: agent port + 1)")
     p.add_argument("--http-listen", metavar="HOST:PORT",
-                   help="HTTP API and dashboard (default 127.0.0.1:7480)")
+                   help="HTTP API and dashboard (default 127.0.0.1:7480), HTTPS unless --http-insecure")
+    p.add_argument("--http-cert", type=Path, metavar="FILE",
+                   help="PEM certificate (chain) the HTTPS API and dashboard present (default: one issued by the "
+                        "controller's CA, STATE/ca/server.pem, which clients verify with STATE/ca/ca.pem); "
+                        "needs --http-key")
+    p.add_argument("--http-key", type=Path, metavar="FILE", help="the PEM private key of --http-cert")
+    p.add_argument("--http-insecure", action="store_true", default=None,
+                   help="serve the API and dashboard over PLAIN HTTP: tokens and passwords cross the network in "
+                        "clear (only for loopback or behind a TLS proxy; logged as a warning at every start)")
     p.add_argument("--heartbeat-interval", type=float, metavar="S",
                    help=f"heartbeat interval asked of agents (default {DEFAULT_INTERVAL:g} s)")
     p.add_argument("--missed-heartbeats", type=int, metavar="N",
@@ -180,10 +193,15 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
     trusted_keyring: Path | None = knob.given("trusted_keyring")
     require_signed: bool = knob.given("require_signed")
     check_signing(require_signed, trusted_keyring)
+    http_cert: Path | None = knob.given("http_cert")
+    http_key: Path | None = knob.given("http_key")
+    http_insecure: bool = knob.given("http_insecure")
+    check_http_tls(http_cert, http_key, http_insecure)
     per_source, overall = enroll_rates(knob.given("enroll_rate"))
     return ControllerSettings(
         state_dir=knob.given("state_dir"), db_url=knob.given("db"), grpc_listen=knob.given("grpc_listen"),
         enroll_listen=knob.given("enroll_listen"), http_listen=knob.given("http_listen"),
+        http_cert=http_cert, http_key=http_key, http_insecure=http_insecure,
         heartbeat_interval=knob.given("heartbeat_interval"), missed_heartbeats=knob.given("missed_heartbeats"),
         extra_names=tuple(knob.given("san")), gc_tuning=knob.given("gc_tuning"),
         upstream=upstream_config(knob.given("upstream_index"), knob.given("wheel_mirror"), knob.given("offline")),
@@ -270,6 +288,9 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
     FileKey("grpc_listen", str, _DEFAULTS.grpc_listen, "agent port, mutual TLS (HOST:PORT)"),
     FileKey("enroll_listen", str, None, "enrollment port, server TLS (unset: agent port + 1)"),
     FileKey("http_listen", str, _DEFAULTS.http_listen, "HTTP API and dashboard (HOST:PORT)"),
+    FileKey("http_cert", Path, None, "PEM certificate (chain) for HTTPS (unset: one issued by the controller's CA)"),
+    FileKey("http_key", Path, None, "the PEM private key of http_cert"),
+    FileKey("http_insecure", bool, False, "serve PLAIN HTTP, not HTTPS (only on loopback or behind a TLS proxy)"),
     FileKey("heartbeat_interval", float, _DEFAULTS.heartbeat_interval, "heartbeat interval asked of agents, seconds"),
     FileKey("missed_heartbeats", int, _DEFAULTS.missed_heartbeats, "a node missing this many intervals turns offline"),
     FileKey("san", list, (), "more DNS names or IPs for the server certificate"),
@@ -446,6 +467,16 @@ def _log_level(text: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+def check_http_tls(cert: Path | None, key: Path | None, insecure: bool) -> None:
+    """The HTTPS options fit together (whether the files load is checked at start, controller/app.py)."""
+    if (cert is None) != (key is None):
+        raise UsageError("--http-cert and --http-key go together (http_cert and http_key in the config file)",
+                         hint="give the certificate and its private key, or neither for one from the controller's CA")
+    if insecure and cert is not None:
+        raise UsageError("--http-insecure serves plain HTTP: the --http-cert/--http-key given would not be used",
+                         hint="drop --http-insecure to serve HTTPS with that certificate, or drop the certificate")
 
 
 def check_signing(require_signed: bool, trusted_keyring: Path | None) -> None:

@@ -78,7 +78,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def controller_settings(state_dir: Path, db_url: str | None = None, **kw: Any) -> ControllerSettings:
     base: dict[str, Any] = {"state_dir": state_dir, "db_url": db_url, "grpc_listen": "127.0.0.1:0",
                             "enroll_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0",
-                            "heartbeat_interval": 1.0, "missed_heartbeats": 2, "flush_interval": 0.5}
+                            "heartbeat_interval": 1.0, "missed_heartbeats": 2, "flush_interval": 0.5,
+                            # plain HTTP, chosen explicitly: these controllers listen on loopback only, and the tests
+                            # talk to them with bare httpx; HTTPS itself: tests/integration/fleet/test_https.py
+                            "http_insecure": True}
     base.update(kw)
     return ControllerSettings(**base)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -37,13 +38,16 @@ def test_serve_from_config_file_and_stop_on_sigterm(tmp_path: Path) -> None:
         while True:
             assert proc.poll() is None, (tmp_path / "controller.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{http}/api/v1/live", timeout=2).status_code == 200:
+                # HTTPS by default, with a certificate from the controller's own CA
+                verify = ssl.create_default_context(cafile=state / "ca" / "ca.pem")
+                if httpx.get(f"https://127.0.0.1:{http}/api/v1/live", timeout=2, verify=verify).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):  # not listening yet, or its CA not written yet
                 pass
             assert time.monotonic() < deadline, "controller did not come up"
             time.sleep(0.2)
         discovery = json.loads((state / "controller.json").read_text())
+        assert discovery["http"] == f"https://127.0.0.1:{http}" and discovery["http_ca"] == "ca/ca.pem"
         assert str(grpc) in json.dumps(discovery) and str(http) in json.dumps(discovery)
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -219,7 +219,7 @@ class Controller:
             self.proc = subprocess.Popen(
                 [str(self.python), "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
                  "--grpc-listen", self.grpc, "--enroll-listen", f"127.0.0.1:{self.ports['enroll']}",
-                 "--http-listen", f"127.0.0.1:{self.ports['http']}", "--heartbeat-interval", "1",
+                 "--http-listen", f"127.0.0.1:{self.ports['http']}", "--http-insecure", "--heartbeat-interval", "1",
                  "--missed-heartbeats", "10", "--no-gc-tuning", *flags, *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.state.parent,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

@@ -54,6 +54,7 @@ class ControllerProc:
             [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
              "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
              f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
+             "--http-insecure",  # loopback only; the tests call the API with bare httpx
              "--heartbeat-interval", str(self.heartbeat), "--missed-heartbeats", str(self.missed),
              *(["--db", self.db] if self.db else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLEET_ROLLOUT_LEASE_TTL": "5"},
