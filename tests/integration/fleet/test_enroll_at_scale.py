@@ -208,3 +208,27 @@ async def test_controller_wide_approval_setting(tmp_path: Path) -> None:
         assert [p["hostname"] for p in rc.ctx.enrollment.pending()] == ["gpu-1"]
     finally:
         await rc.stop(grace=0.2)
+
+
+async def test_nodes_flag_agents_outside_the_supported_versions(controller: RunningController,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetctl.agent import wire as agent_wire
+    from tests.integration.fleet_support import mtls_stub
+
+    for host, version in (("old-1", "0.0.1"), ("cur-1", None)):
+        creds = await enroll_creds(controller, host)
+        request = agent_wire.report_facts_request(profile_facts("a100", host))
+        if version:
+            request.agent_version = version
+        async with mtls_stub(controller, creds) as stub:
+            await stub.ReportFacts(request, timeout=10)
+    code, out, _ = await cli(capsys, controller, "nodes")
+    assert code == 0 and "1 agent(s) outside the versions this controller supports (>=0.1.0" in out
+    assert "old-1 0.0.1 (too-old)" in out and "cur-1" not in out.split("outside")[1]
+    code, out, _ = await cli(capsys, controller, "nodes", "-o", "wide")
+    assert "cert expires (utc)" in out.lower() and "0.0.1 (too-old)" in out
+    expiry = (dt.datetime.now(dt.UTC) + dt.timedelta(days=365)).strftime("%Y-%m-%d")
+    assert expiry in out  # a year from enrollment, the default lifetime
+    code, out, _ = await cli(capsys, controller, "nodes", "-o", "json")
+    rows = {n["hostname"]: n for n in json.loads(out)["nodes"]}
+    assert rows["old-1"]["agent_support"] == "too-old" and rows["cur-1"]["agent_support"] in ("supported", "unknown")
