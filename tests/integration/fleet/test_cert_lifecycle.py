@@ -100,7 +100,8 @@ async def test_agent_renews_a_short_lived_certificate_and_stays_online(tmp_path:
         on_disk = Credentials.load(tmp_path / "agent")
         assert on_disk is not None and on_disk.key_pem == old_creds.key_pem
         assert cert_identity(on_disk.cert_pem)[1] == renewed.cert_serial != first.cert_serial
-        assert renewed.prev_cert_serial == first.cert_serial and renewed.cert_not_after > first.cert_not_after
+        assert renewed.prev_cert_serial == first.cert_serial
+        assert renewed.cert_not_after is not None and renewed.cert_not_after > first.cert_not_after
         async with mtls_stub(rc, old_creds) as stub:  # the replaced certificate works until it expires
             await stub.Heartbeat(pb.HeartbeatRequest(sequence=10_000), timeout=5)
 
