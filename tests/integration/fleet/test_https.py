@@ -3,6 +3,7 @@ verifying it against the controller's CA, a user-supplied certificate, a wrong C
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import ipaddress
@@ -19,6 +20,8 @@ from cryptography.x509.oid import NameOID
 from fleetctl.controller.app import start_controller
 from fleetctl.controller.ca import CertAuthority
 from fleetctl.controller.cli import main as fleetctl
+from fleetctl.controller.settings import add_arguments, settings_from
+from fleetctl.fleet.errors import InputError, UsageError
 from tests.integration.fleet_support import controller_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,12 +114,24 @@ async def test_plain_http_only_when_asked_and_said_loudly(tmp_path: Path, caplog
     assert any("PLAIN HTTP" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
-@pytest.mark.parametrize(("kw", "says"), [
-    ({"http_cert": Path("/nonexistent.pem"), "http_key": Path("/nonexistent.key")}, "/nonexistent.pem"),
+async def test_unusable_certificate_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    cert, _, _ = _self_signed(tmp_path, "one")
+    _, other_key, _ = _self_signed(tmp_path, "two")
+    for cert_path, key_path, says in ((tmp_path / "missing.pem", other_key, "missing.pem"),
+                                      (cert, other_key, "one.pem")):  # a key that is not the certificate's
+        with pytest.raises(InputError, match=says) as err:
+            await start_controller(controller_settings(tmp_path / "c", http_insecure=False, http_cert=cert_path,
+                                                       http_key=key_path))
+        assert err.value.hint and "--http-cert" in err.value.hint
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--http-cert", "c.pem"], "--http-cert and --http-key go together"),
+    (["--http-key", "k.pem"], "--http-cert and --http-key go together"),
+    (["--http-insecure", "--http-cert", "c.pem", "--http-key", "k.pem"], "would not be used"),
 ])
-async def test_unusable_certificate_stops_the_start_with_a_clear_error(tmp_path: Path, kw: dict[str, object],
-                                                                       says: str) -> None:
-    from fleetctl.fleet.errors import FleetError
-    with pytest.raises(FleetError, match=says) as err:
-        await start_controller(controller_settings(tmp_path / "c", http_insecure=False, **kw))
-    assert err.value.hint
+def test_https_options_that_do_not_fit_together_are_refused(argv: list[str], says: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(UsageError, match=says):
+        settings_from(parser.parse_args(argv), {})
