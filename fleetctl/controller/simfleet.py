@@ -265,7 +265,7 @@ class SimFleet:
         self.state.controller_pid = proc.pid
         self.state.controller_address = f"{controller_host}:{grpc_port}"
         self.state.enroll_address = f"{controller_host}:{enroll_port}"
-        self.state.http = f"http://127.0.0.1:{http_port}"
+        self.state.http = f"https://127.0.0.1:{http_port}"  # the controller's CA: STATE/ca/ca.pem
         self._save()
         # local: httpx (~0.1 s) only once a controller is started, not at every `fleet-controller` start-up
         from fleetctl.controller.client import ControllerClient
