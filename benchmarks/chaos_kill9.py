@@ -119,7 +119,7 @@ class Fleet:
             py, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
             "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
             f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
-            "--heartbeat-interval", "1", "--missed-heartbeats", "5"],
+            "--heartbeat-interval", "1", "--missed-heartbeats", "5", "--http-insecure"],  # loopback; bare httpx
             self.logs / "controller.log",
             # a restarted controller takes the rollout's lease over after 5 s, not the default TTL
             {"FLEET_ROLLOUT_LEASE_TTL": "5"})

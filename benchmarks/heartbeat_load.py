@@ -158,6 +158,7 @@ def run_level(n: int, interval: float, duration: float, warmup: float, workers: 
            "--grpc-listen", f"127.0.0.1:{gport}", "--enroll-listen", f"127.0.0.1:{eport}",
            "--http-listen", f"127.0.0.1:{hport}", "--heartbeat-interval", str(interval), "--log-level", "WARNING",
            "--enroll-rate", "100000",  # thousands of agents enroll from this one host at once
+           "--http-insecure",  # loopback only; the load generator's bare httpx client
            *([] if gc_tuning else ["--no-gc-tuning"])]
     log = (state / "controller.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
