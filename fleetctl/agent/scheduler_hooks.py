@@ -109,7 +109,7 @@ class HookedJobRunner:
     async def _run_hooked(self, job: JobSpec, emit_event: Callable[[dict[str, Any]], None]) -> JobOutcome:
         step = Step.of(job)
         records: dict[str, dict[str, Any]] = {}
-        held: list[tuple[SchedulerHook, Hold, float]] = []
+        held: list[tuple[SchedulerHook, Hold]] = []
 
         def event(hook: SchedulerHook, phase: str, msg: str) -> None:
             emit_event({"event": "fleet_scheduler_hook", "event_data": {
@@ -134,24 +134,23 @@ class HookedJobRunner:
                 event(hook, "acquired", hold.note)
                 records[hook.name] = {"acquired": True, "ours": hold.ours, "waited_s": round(waited, 1),
                                       "note": hold.note}
-                held.append((hook, hold, time.monotonic()))
+                held.append((hook, hold))
             else:
                 outcome = await self.inner.run(job, emit_event)
         finally:
             # also on cancellation (the job's timeout, the agent stopping): the node goes back to its scheduler
             status = outcome.status if outcome is not None else JobStatus.FAILED
-            failures = [await self._release(hook, hold, since, step, status, records, event)
-                        for hook, hold, since in reversed(held)]
+            failures = [await self._release(hook, hold, step, status, records, event) for hook, hold in reversed(held)]
         assert outcome is not None  # set on every path that does not raise
         return _with_records(outcome, records, [f for f in failures if f])
 
     @staticmethod
-    async def _release(hook: SchedulerHook, hold: Hold, since: float, step: Step, status: JobStatus,
+    async def _release(hook: SchedulerHook, hold: Hold, step: Step, status: JobStatus,
                        records: dict[str, dict[str, Any]],
                        event: Callable[[SchedulerHook, str, str], None]) -> str:
         """Release one hook; returns the loud message when it failed (else "")."""
         record = records[hook.name]
-        record["held_s"] = round(time.monotonic() - since, 1)
+        record["held_s"] = round(time.monotonic() - hold.since, 1)
         try:
             note = await hook.release(step, hold, status)
         except SchedulerHookError as exc:
