@@ -7,8 +7,9 @@ tests/integration/harness/slurm.py) and real shell commands.
   the node is resumed; then a verify job drains and resumes it again. A watcher polling ``scontrol show node``
   and the job's events show that order. A node an operator drained beforehand stays drained (with their reason);
   a failing step still resumes. The agent's --pre/--post-step-hook commands ran around every step.
-- In this process, with the real hooks: a wrong node name, a missing scontrol, a drain timeout (the drain undone),
-  and the command hook's order and environment.
+- In this process, with the real hooks: a wrong node name, a missing scontrol, a slurmctld that does not answer,
+  a drain timeout (the drain undone), and the command hook's order and environment; hook flags with an executor
+  that runs no playbooks are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import html
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -299,3 +302,12 @@ async def test_the_command_hook_runs_pre_step_post_with_the_steps_environment(tm
     started = time.monotonic()
     out = await slow.run(JobSpec("j7", "verify"), lambda e: None)
     assert time.monotonic() - started < 5 and "did not finish within 0.5 s" in (out.error or "")
+
+
+@pytest.mark.parametrize("executor", ["none", "simulated"])
+def test_scheduler_hooks_need_the_ansible_executor(executor: str, tmp_path: Path) -> None:
+    proc = subprocess.run([str(Path(sys.executable).parent / "fleet-agent"), "run", "--controller", "127.0.0.1:1",
+                           "--state-dir", str(tmp_path), "--simulate", "h200", "--executor", executor,
+                           "--scheduler", "slurm"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "scheduler hooks need --executor ansible" in proc.stderr
