@@ -304,6 +304,28 @@ async def test_the_command_hook_runs_pre_step_post_with_the_steps_environment(tm
     assert time.monotonic() - started < 5 and "did not finish within 0.5 s" in (out.error or "")
 
 
+@pytest.mark.root
+async def test_a_leftover_fleetctl_drain_is_taken_over_and_an_operators_drain_during_the_step_wins(
+        slurm: SlurmCluster) -> None:
+    hook = SlurmHook(NODE, poll_s=0.3)
+    slurm.drain("fleetctl: install-wheel 0123 (an agent that died mid-step)")
+    step = Recorder(slurm)
+    out = await HookedJobRunner(step, [hook]).run(JobSpec("j8", "install-wheel"), lambda e: None)
+    assert step.ran == ["IDLE+DRAIN"] and out.result["scheduler"]["slurm"]["ours"] is True
+    assert "an earlier fleetctl drain, taken over" in out.result["scheduler"]["slurm"]["note"]
+    slurm.wait_state("IDLE")  # resumed
+
+    class OperatorDrains(Recorder):
+        async def run(self, job: JobSpec, emit_event: Any) -> JobOutcome:
+            slurm.drain("operator: keep it out, fan broken")
+            return await super().run(job, emit_event)
+
+    out = await HookedJobRunner(OperatorDrains(slurm), [hook]).run(JobSpec("j9", "verify"), lambda e: None)
+    assert out.status == JobStatus.SUCCESSFUL
+    assert "left drained: an operator drained it during the step" in out.result["scheduler"]["slurm"]["release_note"]
+    assert "DRAIN" in slurm.state() and slurm.reason().startswith("operator: keep it out")
+
+
 @pytest.mark.parametrize("executor", ["none", "simulated"])
 def test_scheduler_hooks_need_the_ansible_executor(executor: str, tmp_path: Path) -> None:
     proc = subprocess.run([str(Path(sys.executable).parent / "fleet-agent"), "run", "--controller", "127.0.0.1:1",
