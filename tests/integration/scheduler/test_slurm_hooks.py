@@ -326,6 +326,22 @@ async def test_a_leftover_fleetctl_drain_is_taken_over_and_an_operators_drain_du
     assert "DRAIN" in slurm.state() and slurm.reason().startswith("operator: keep it out")
 
 
+@pytest.mark.root
+async def test_a_resume_that_fails_fails_the_job_with_the_command_to_run(slurm: SlurmCluster, tmp_path: Path) -> None:
+    refusing = tmp_path / "scontrol"  # the real scontrol, except that it refuses to resume
+    refusing.write_text('#!/bin/sh\ncase "$*" in *state=resume*) echo "slurm_update error: Access denied" >&2; '
+                        'exit 1;; esac\nexec scontrol "$@"\n')
+    refusing.chmod(0o755)
+    events: list[dict[str, Any]] = []
+    out = await HookedJobRunner(Recorder(slurm), [SlurmHook(NODE, scontrol=str(refusing))]).run(
+        JobSpec("j10", "install-wheel"), events.append)
+    assert out.status == JobStatus.FAILED and out.result["step_status"] == "successful"
+    assert "Access denied" in (out.error or "")
+    assert (out.error or "").endswith(f"run: scontrol update nodename={NODE} state=resume")
+    assert events[-1]["event_data"]["phase"] == "release-failed"
+    assert slurm.state().startswith("IDLE+DRAIN")  # still drained, and the job says so
+
+
 @pytest.mark.parametrize("executor", ["none", "simulated"])
 def test_scheduler_hooks_need_the_ansible_executor(executor: str, tmp_path: Path) -> None:
     proc = subprocess.run([str(Path(sys.executable).parent / "fleet-agent"), "run", "--controller", "127.0.0.1:1",
