@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "fleetctl.controller.commands.schedule",
     "fleetctl.controller.commands.attention",
     "fleetctl.controller.commands.version",
+    "fleetctl.controller.commands.contexts",
 ]
 
 

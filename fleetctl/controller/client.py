@@ -1,7 +1,9 @@
 """fleetctl's HTTP client for the controller's JSON API (``/api/v1``, bearer admin token).
 
 Finding the controller (docs/architecture.md): ``--controller URL``, else
-``$FLEETCTL_CONTROLLER``, else ``--state-dir``/``$FLEETCTL_STATE_DIR`` (default
+``$FLEETCTL_CONTROLLER``, else the context's ``server`` (``--context NAME``/``$FLEETCTL_CONTEXT``, else the config
+file's current context, controller/contexts.py; not used when ``--state-dir``/``$FLEETCTL_STATE_DIR`` names a
+controller and no context is named), else ``--state-dir``/``$FLEETCTL_STATE_DIR`` (default
 ``./state/controller``) → ``controller.json`` (its ``http``, and ``http_ca``: the CA its HTTPS certificate chains
 to) + ``admin.token``. The server's certificate is verified against ``--ca FILE``, else ``$FLEETCTL_CA``, else that
 ``http_ca``, else the system's trust store (docs/security.md, "HTTPS"). The bearer token comes
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from fleetctl.controller import contexts
 from fleetctl.controller.signatures import SignatureError
 from fleetctl.fleet.errors import (
     AuthError,
@@ -62,6 +65,9 @@ _START_HINT = ("start it with `fleet-controller serve --state-dir DIR` (or `flee
 
 
 def add_controller_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", metavar="NAME",
+                        help="a context of fleetctl's config file: its server, token file and CA (default: "
+                             "$FLEETCTL_CONTEXT, else the current context; `fleetctl config get-contexts`)")
     parser.add_argument("--controller", metavar="URL", help="controller HTTP URL (default: $FLEETCTL_CONTROLLER, "
                         "else STATE/controller.json)")
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -93,13 +99,23 @@ class ControllerClient:
     @classmethod
     def discover(cls, controller: str | None = None, state_dir: Path | None = None,
                  token_file: Path | None = None, *, token_required: bool = True,
-                 ca: Path | None = None) -> ControllerClient:
-        url = controller or os.environ.get("FLEETCTL_CONTROLLER")
-        ca = ca or (Path(os.environ["FLEETCTL_CA"]) if os.environ.get("FLEETCTL_CA") else None)
+                 ca: Path | None = None, context: str | None = None) -> ControllerClient:
+        """Each of URL, token and CA from its flag, else its environment variable, else the context (the state dir
+        for a local controller last)."""
+        named = context or os.environ.get(contexts.CONTEXT_ENV) or None
+        local = state_dir is not None or bool(os.environ.get("FLEETCTL_STATE_DIR"))
+        ctx = (contexts.load(contexts.config_path(os.environ)).context(named)
+               if named or not local else None)
+        url = controller or os.environ.get("FLEETCTL_CONTROLLER") or (ctx.server if ctx else None)
+        ca = ca or (Path(os.environ["FLEETCTL_CA"]) if os.environ.get("FLEETCTL_CA") else None) or (
+            ctx.ca if ctx else None)
         state = state_dir or Path(os.environ.get("FLEETCTL_STATE_DIR") or DEFAULT_STATE_DIR)
         env_file = os.environ.get("FLEETCTL_TOKEN_FILE")
         token = None if token_file else os.environ.get("FLEETCTL_TOKEN")
         chosen = token_file or (Path(env_file) if token is None and env_file else None)
+        if chosen is None and token is None and ctx is not None and ctx.token_file is not None:
+            contexts.check_token_file(ctx.token_file)  # 0600, like an ssh key
+            chosen = ctx.token_file
         if chosen is not None:
             try:
                 token = chosen.read_text().strip()
@@ -137,7 +153,7 @@ class ControllerClient:
         """``token_required=False`` for routes open to anyone (``/live``): a token is sent only when one is known."""
         return cls.discover(getattr(args, "controller", None), getattr(args, "state_dir", None),
                             getattr(args, "token_file", None), token_required=token_required,
-                            ca=getattr(args, "ca", None))
+                            ca=getattr(args, "ca", None), context=getattr(args, "context", None))
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 body: dict[str, Any] | None = None) -> Any:
