@@ -5,7 +5,7 @@ artifact store, rollout engine, verification service), then starts every backgro
 dependency order, each as a named part::
 
     loop-lag → housekeeping → job-watchdog → verification (attach, recover) → verify-scheduler
-    → rollout-engine → grpc (agents) → http (JSON API, dashboard)
+    → webhooks → rollout-engine → grpc (agents) → http (JSON API, dashboard)
 
 and returns a ``RunningController``. Like temporalio's ``Worker._run``, one owner holds every task: the
 controller runs until ``first_failure()`` names the first loop that ended (they all run for the life of the
@@ -250,6 +250,7 @@ async def _start_parts(rc: RunningController) -> None:
         rc.run("verify-scheduler", verification.run_scheduler(settings.scheduler_tick),
                _cancelling(rc, "verify-scheduler"))
 
+    rc.run("webhooks", ctx.webhooks.run(), ctx.webhooks.stop)  # before the engine: it queues notifications
     engine = ctx.rollout_engine
     rc.run("rollout-engine", engine.run(), engine.stop)
     if settings.otel_endpoint:  # each ended rollout as one trace (controller/rollout_traces.py)

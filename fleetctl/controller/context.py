@@ -15,6 +15,7 @@ starts the parts' loops and the servers in order and stops them in reverse; the 
     ctx.enrollment    # controller.enrollment.Enrollment (tokens, identities, revocation)
     ctx.ca            # controller.ca.CertAuthority
     ctx.rollout_engine  # controller.rollout.engine.RolloutEngine (its loop: started by controller/app.py)
+    ctx.webhooks      # controller.webhooks.WebhookSender (rollout notifications; its loop: likewise)
     ctx.verification  # controller.verify_store.service.VerificationService (its scheduler: likewise)
 """
 
@@ -41,6 +42,7 @@ from fleetctl.controller.sqlite_lock import lock_sqlite
 from fleetctl.controller.store import Store, open_store
 from fleetctl.controller.uploads import Uploads
 from fleetctl.controller.verify_store.service import VerificationService
+from fleetctl.controller.webhooks import WebhookSender
 from fleetctl.fleet.jobs import JobOutcome
 from fleetctl.fleet.statedir import prepare_state_dir, state_dir_error
 
@@ -99,9 +101,12 @@ class ControllerContext:
         self.signatures = SignaturePolicy.create(settings.trusted_keyring, settings.require_signed,
                                                  state / "gnupg")
         self.provisioner = Provisioner.create(self.artifacts, settings.upstream)
+        # rollout notifications: queued by the engine, posted in the background (its loop: controller/app.py)
+        self.webhooks = WebhookSender(base_url=lambda: self.http_url)
         self.rollout_engine = RolloutEngine(self.store, self.jobs, artifacts=self.artifacts,
                                             artifacts_dir=state / "artifacts", lease_ttl=settings.rollout_lease_ttl,
-                                            provisioner=self.provisioner)
+                                            provisioner=self.provisioner, notify=self.webhooks.submit,
+                                            notify_urls=settings.notify_webhooks)
         self.verification = VerificationService(self, drift_delay=settings.drift_debounce,
                                                 policy=settings.regression)
         # each verification's verdict as Kubernetes node labels (settings.kubernetes_labels; docs/deploy.md)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from fleetctl.controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from fleetctl.controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED
+from fleetctl.controller.rollout.core import check_webhook_url
 from fleetctl.controller.store.db import DbTimeouts
 from fleetctl.controller.upstream import DEFAULT_INDEX_URL, UpstreamConfig
 from fleetctl.controller.verification import RegressionPolicy
@@ -94,6 +95,9 @@ class ControllerSettings:
     # a passing verification this far below its GPU model's fleet median (FLEET_VERIFY_REGRESSION_THRESHOLD), on
     # shapes that at least this many other nodes measured (FLEET_VERIFY_REGRESSION_MIN_SAMPLES), is a regression
     regression: RegressionPolicy = field(default_factory=RegressionPolicy)
+    # webhooks told about every rollout's pause, approval wait, failure and completion (docs/rollout.md,
+    # "Notifications"), besides each rollout's own --notify-webhook
+    notify_webhooks: tuple[str, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -164,6 +168,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otel-endpoint", metavar="URL",
                    help="send each ended rollout as an OpenTelemetry trace to this OTLP/HTTP collector "
                         "(http://collector:4318; needs the [otel] extra; docs/operations.md, Traces)")
+    p.add_argument("--notify-webhook", action="append", metavar="URL",
+                   help="POST a JSON notification to URL when any rollout pauses, awaits approval, fails, completes "
+                        "or is aborted (repeatable; docs/rollout.md, Notifications)")
     # knobs that also have an environment variable (the flag wins)
     p.add_argument("--rollout-lease-ttl", metavar="S", help="rollout lease TTL (default 15; FLEET_ROLLOUT_LEASE_TTL)")
     p.add_argument("--no-scheduler", dest="scheduler", action="store_const", const="off",
@@ -220,6 +227,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         log_level=knob.read("log_level", _log_level),
         regression=RegressionPolicy(threshold=knob.read("verify_regression_threshold", _fraction),
                                     min_samples=knob.read("verify_regression_min_samples", _count)),
+        notify_webhooks=tuple(check_webhook_url(str(u), "--notify-webhook") for u in knob.given("notify_webhook")),
     )
 
 
@@ -331,6 +339,8 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "fraction below its GPU model's fleet median is a regression", "FLEET_VERIFY_REGRESSION_THRESHOLD"),
     FileKey("verify_regression_min_samples", int, _DEFAULTS.regression.min_samples, "other nodes of the model that "
             "must have measured a shape before it is compared", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"),
+    FileKey("notify_webhook", list, (), "webhook URLs told about every rollout's pause, approval wait, failure "
+            "and completion (docs/rollout.md, Notifications)"),
 )}
 
 

@@ -1,7 +1,8 @@
 """``fleetctl rollout …``: roll flash-attn out over the fleet, and watch / steer rollouts (docs/rollout.md).
 
 Exit codes of ``rollout flash-attn`` (and ``status --watch``): 0 succeeded (or ``--dry-run`` /
-``--detach``), 10 paused (needs an operator: canary failed or failure budget exceeded), 11 finished
+``--detach``), 10 paused (needs an operator: canary failed, failure budget exceeded, or awaiting approval after
+the canary batch: ``rollout approve``), 11 finished
 with failed nodes within the budget, 12 aborted, 13 rollback-failed (``rollback`` and ``status`` too: a node's
 rollback failed, its error is shown), plus the usual error codes (docs/cli.md).
 """
@@ -31,6 +32,7 @@ EXIT_ABORTED = 12
 EXIT_ROLLBACK_FAILED = 13  # a node's rollback failed: the rollout is rollback-failed, never rolled-back
 FINAL_EXIT = {RolloutStatus.SUCCEEDED: 0, RolloutStatus.ROLLED_BACK: 0, RolloutStatus.PARTIAL: EXIT_PARTIAL,
               RolloutStatus.ABORTED: EXIT_ABORTED, RolloutStatus.PAUSED: EXIT_PAUSED,
+              RolloutStatus.AWAITING_APPROVAL: EXIT_PAUSED,
               RolloutStatus.ROLLBACK_FAILED: EXIT_ROLLBACK_FAILED}
 
 
@@ -98,6 +100,20 @@ def register(subparsers: Any) -> None:
                    '"source_builds", "prefer", "workload"} (flags given on the command line win)')
     p.add_argument("--builder", metavar="HOST[,HOST…]", help="dedicated builders: each builds the wheel of its own "
                    "build key for the other nodes of that key (default: the earliest scheduled node of each key)")
+    p.add_argument("--max-unavailable", metavar="N|P%", help="at most N (or P%% of the rollout's) nodes out of "
+                   "service at once: offline, degraded or in a step; new nodes wait (default: no limit)")
+    p.add_argument("--window", action="append", metavar="'DAYS HH:MM-HH:MM [ZONE]'",
+                   help="maintenance window, e.g. 'Sat 02:00-06:00' or 'Mon-Fri 22:00-04:00 Europe/Berlin' "
+                        "(repeatable): outside every window no new node starts; running steps finish")
+    p.add_argument("--window-tz", metavar="ZONE", default="UTC", help="time zone of windows that name none "
+                   "(IANA name; default UTC)")
+    p.add_argument("--pause-after-canary", action="store_true",
+                   help="after the canary batch wait (awaiting-approval) for `fleetctl rollout approve ID`")
+    p.add_argument("--bake-time", metavar="DURATION", help="hold the next batch this long after a batch finishes "
+                   "(30m, 1h, 90s)")
+    p.add_argument("--notify-webhook", action="append", metavar="URL",
+                   help="POST a JSON notification to URL on pause, awaiting approval, failure, completion and "
+                        "abort (repeatable; docs/rollout.md, Notifications)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the batch schedule; change nothing")
     p.add_argument("--detach", action="store_true", help="start it and return; follow with `rollout status -w`")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S",
@@ -121,6 +137,7 @@ def register(subparsers: Any) -> None:
 
     for name, helptext in (("pause", "pause: running steps finish, nothing new starts"),
                            ("resume", "resume a paused rollout"),
+                           ("approve", "let a rollout awaiting approval after its canary batch go on (audited)"),
                            ("abort", "abort: running steps finish, the rest is skipped"),
                            ("rollback", "restore every touched node's previous flash-attn (rollback playbook)")):
         p = sub.add_parser(name, help=helptext)
@@ -155,10 +172,13 @@ def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, strea
             view.update(st)
             if st["transitions"]:
                 since = st["transitions"][-1]["id"]
-            if not st["active"] or st["status"] == RolloutStatus.PAUSED:
+            if not st["active"] or st["status"] in (RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL):
                 view.summary(st)
                 code = FINAL_EXIT.get(st["status"], 0)
-                if st["status"] == RolloutStatus.PAUSED:
+                if st["status"] == RolloutStatus.AWAITING_APPROVAL:
+                    stream.write(f"awaiting approval: {st['reason']}\nnext: `fleetctl rollout approve {rid}` starts "
+                                 f"the next batches, or `fleetctl rollout abort {rid}`\n")
+                elif st["status"] == RolloutStatus.PAUSED:
                     stream.write(f"paused: {st['reason']}\nnext: fix the cause, then `fleetctl rollout resume {rid}` "
                                  f"(--retry-failed, --max-failures N), or `fleetctl rollout abort {rid}`\n")
                 elif st["status"] == RolloutStatus.ROLLBACK_FAILED:
@@ -195,6 +215,12 @@ def _print_plan(out: dict[str, Any]) -> None:
               f"every node")
     o = out["options"]
     print(f"  failure budget --max-failures {o['max_failures']}, --max-parallel {o['max_parallel']}")
+    policy = [f"--max-unavailable {o['max_unavailable']}" if o.get("max_unavailable") else "",
+              f"windows {'; '.join(o['windows'])} ({o['window_zone']})" if o.get("windows") else "",
+              "approval after the canary batch" if o.get("pause_after_canary") else "",
+              f"bake {o['bake_seconds']:g}s after each batch" if o.get("bake_seconds") else ""]
+    if any(policy):
+        print(f"  maintenance: {', '.join(p for p in policy if p)}")
 
 
 def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,6 +274,9 @@ def handle_start(args: argparse.Namespace) -> int:
             "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()], **_policy_fields(args)}
     if args.verify_mode:
         body["verify_mode"] = args.verify_mode
+    body.update(max_unavailable=args.max_unavailable, windows=args.window or [], window_zone=args.window_tz,
+                pause_after_canary=args.pause_after_canary, bake_time=args.bake_time,
+                notify_webhooks=args.notify_webhook or [])
     out = _post_when_facts_fresh(client, body)
     if args.json and (args.dry_run or args.detach):
         print_json(out)
@@ -317,7 +346,7 @@ def handle_action(args: argparse.Namespace) -> int:
         print_json(st)
         return 0
     print(f"rollout {st['id']}: {args.action} by {body['actor']} → {st['status']}")
-    if args.action in ("resume", "rollback") and not getattr(args, "detach", False) and st["active"]:
+    if args.action in ("resume", "approve", "rollback") and not getattr(args, "detach", False) and st["active"]:
         return follow(client, st["id"], wait_timeout=getattr(args, "wait_timeout", 0) or 0)
     return 0
 

@@ -6,7 +6,7 @@ controller/app.py; it also finds the change at its next tick).
 Routes (bearer token; reads: any role, POST: operator or admin — controller/http_deps.py):
 POST /rollouts (start or dry run) · GET /rollouts · GET /rollouts/latest ·
 GET /rollouts/{id}[?since=TRANSITION_ID] ·
-GET /rollouts/nodes/{hostname} (that node's part in each) · POST /rollouts/{id}/pause|resume|abort|rollback ·
+GET /rollouts/nodes/{hostname} (that node's part in each) · POST /rollouts/{id}/pause|resume|approve|abort|rollback ·
 GET /rollouts/{id}/audit
 """
 
@@ -42,6 +42,12 @@ class StartBody(BaseModel):
     source_builds: bool = True
     prefer: str = "compatible"  # fastest: the attention recommendation picks (controller/attention.py)
     workload: str = "training"
+    max_unavailable: str | None = Field(default=None, max_length=16)
+    windows: list[str] = Field(default_factory=list, max_length=50)
+    window_zone: str = Field(default="UTC", max_length=64)
+    pause_after_canary: bool = False
+    bake_time: str | None = Field(default=None, max_length=32)
+    notify_webhooks: list[str] = Field(default_factory=list, max_length=10)
 
 
 class ActorBody(BaseModel):
@@ -68,7 +74,10 @@ def router() -> APIRouter:
                                      min_free_bytes=body.min_free_bytes, builders=tuple(body.builders),
                                      verify_mode=body.verify_mode, fa3=body.fa3, fa4=body.fa4,
                                      source_builds=body.source_builds, prefer=body.prefer,
-                                     workload=body.workload, actor=actor.name,
+                                     workload=body.workload, max_unavailable=body.max_unavailable,
+                                     windows=tuple(body.windows), window_zone=body.window_zone,
+                                     pause_after_canary=body.pause_after_canary, bake_time=body.bake_time,
+                                     notify_webhooks=tuple(body.notify_webhooks), actor=actor.name,
                                      on_behalf_of=_on_behalf_of(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
         ctx.rollout_engine.wake()
@@ -104,6 +113,12 @@ def router() -> APIRouter:
         out = service.resume(ctx.store, rid, actor.name, retry_failed=body.retry_failed,
                              max_failures=body.max_failures, state_dir=ctx.settings.state_dir,
                              provisioner=ctx.provisioner, on_behalf_of=_on_behalf_of(actor, body.actor))
+        ctx.rollout_engine.wake()
+        return out
+
+    @r.post("/{rid}/approve")
+    def approve(rid: str, body: ActorBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
+        out = service.approve(ctx.store, rid, actor.name, on_behalf_of=_on_behalf_of(actor, body.actor))
         ctx.rollout_engine.wake()
         return out
 

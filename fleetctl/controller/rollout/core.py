@@ -15,20 +15,27 @@
 * ``pick_previous_wheel``: the stored wheel a rollback restores when the node keeps none.
 * ``next_actions``: given a snapshot of a rollout, what the engine must do now.
 * ``manual_commands``: what a person runs on a node whose plan the agent does not carry out (Windows).
+* ``Maintenance`` (``parse_max_unavailable``, ``parse_window``/``window_state``, bake time, approval after the
+  canary batch) and ``Hold``: what keeps a running rollout from starting new nodes, and why.
+* ``RolloutEvent`` / ``notification_payload``: which status changes notify webhooks, and with what (schema 1).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import fnmatch
 import math
 import re
+import urllib.parse
+import zoneinfo
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetctl.controller.labels import LabelSelector, parse_label_selector
-from fleetctl.controller.node_status import NodeStatus
+from fleetctl.controller.node_status import NOT_ONLINE, NodeStatus
 from fleetctl.controller.resolver import rules
 from fleetctl.fleet.errors import ConflictError, UsageError
 
@@ -319,6 +326,7 @@ class RolloutStatus(enum.StrEnum):
 
     RUNNING = "running"
     PAUSED = "paused"  # by an operator, the failure budget or a failed canary; resumable
+    AWAITING_APPROVAL = "awaiting-approval"  # --pause-after-canary: the canaries passed; `rollout approve` goes on
     ABORTING = "aborting"  # asked to stop: running steps finish, no new one starts
     ROLLING_BACK = "rolling-back"
     SUCCEEDED = "succeeded"
@@ -332,7 +340,7 @@ class RolloutStatus(enum.StrEnum):
 #: ``fleetctl rollout status`` reports them ``active``. ABORTING belongs here: its running steps still hold
 #: their nodes until they finish (the engine then sets ABORTED).
 ACTIVE_ROLLOUT = frozenset({RolloutStatus.RUNNING, RolloutStatus.PAUSED, RolloutStatus.ABORTING,
-                            RolloutStatus.ROLLING_BACK})
+                            RolloutStatus.ROLLING_BACK, RolloutStatus.AWAITING_APPROVAL})
 
 
 # ---- the per-node state machine -----------------------------------------------------------------
@@ -558,6 +566,7 @@ class NodeSnapshot:
     busy: bool = False  # a step task is running (or a lease is held) for this node
     builder: bool = False  # this node is the builder of its build key
     after: str | None = None  # the installer of the shared env this node only verifies: it starts after that one
+    health: NodeStatus = NodeStatus.ONLINE  # liveness and verification health (--max-unavailable counts it)
 
 
 class BuildStatus(enum.StrEnum):
@@ -587,6 +596,10 @@ class Snapshot:
     max_parallel: int
     canary_batch: bool  # batch 0 holds canaries
     canary_ack: bool = False  # an operator resumed past a failed canary
+    maintenance: Maintenance = field(default_factory=lambda: Maintenance())
+    now: dt.datetime | None = None  # for windows and bake time (None: no maintenance rule holds)
+    approved: bool = False  # `fleetctl rollout approve` after the canary batch (--pause-after-canary)
+    batch_finished_at: Mapping[int, dt.datetime] = field(default_factory=dict)  # when each finished batch ended
 
 
 @dataclass(frozen=True)
@@ -596,6 +609,8 @@ class Actions:
     pause: str | None = None  # reason
     finish: RolloutStatus | None = None
     current_batch: int | None = None
+    await_approval: str | None = None  # reason: the canary batch passed, --pause-after-canary asks for approval
+    hold: Hold | None = None  # why nodes of the current batch wait (window, bake, max-unavailable)
 
 
 def current_batch(nodes: Sequence[NodeSnapshot]) -> int | None:
@@ -643,10 +658,20 @@ def next_actions(snap: Snapshot) -> Actions:
                                      for n in snap.nodes):
             return Actions(fail_waiting=fail_waiting, pause=f"canary failed: {', '.join(canary_failed)}",
                            current_batch=batch)
+    if (snap.canary_batch and batch > 0 and snap.maintenance.pause_after_canary and not snap.approved
+            and not any(n.batch > 0 and n.state not in (State.PLANNED, State.SKIPPED) for n in snap.nodes)):
+        canaries = progress(Counter(str(n.state) for n in snap.nodes if n.batch == 0))
+        return Actions(fail_waiting=fail_waiting, current_batch=batch, await_approval=(
+            f"canary batch finished: {canaries.done} done, {canaries.failed} failed — approve the next batches "
+            f"with `fleetctl rollout approve ID`"))
     busy = sum(1 for n in snap.nodes if n.busy)
     room = max(0, snap.max_parallel - busy)
     waiting_ok = {k for k, b in snap.builds.items() if b.status == BuildStatus.SUCCEEDED}
     failing = {h for h, _ in fail_waiting}
+    planned = sum(1 for n in snap.nodes if n.state == State.PLANNED and n.batch <= batch and not n.busy)
+    hold = blocked = maintenance_hold(snap, batch, planned)
+    unavailable_left = unavailable_room(snap)
+    taken = 0  # healthy nodes this pass puts into a step (each one more unavailable)
     start: list[str] = []
     states = {n.hostname: n.state for n in snap.nodes}
     for n in sorted(snap.nodes, key=lambda n: (n.batch, n.hostname)):
@@ -658,5 +683,349 @@ def next_actions(snap: Snapshot) -> Actions:
             continue
         if n.state == State.WAITING and n.build_key not in waiting_ok and not n.builder:
             continue
+        if n.state == State.PLANNED:  # a new node: the maintenance policy decides (started ones go on)
+            if blocked is not None:
+                continue
+            if unavailable_left is not None and n.health not in NOT_ONLINE:  # an unavailable node costs nothing
+                if unavailable_left == 0:
+                    hold = unavailable_hold(snap, taken)
+                    continue
+                unavailable_left -= 1
+                taken += 1
         start.append(n.hostname)
-    return Actions(start=tuple(start), fail_waiting=fail_waiting, current_batch=batch)
+    return Actions(start=tuple(start), fail_waiting=fail_waiting, current_batch=batch, hold=hold)
+
+
+# ---- maintenance policy: max-unavailable, windows, canary approval, bake time ----------------------------
+
+
+@dataclass(frozen=True)
+class MaxUnavailable:
+    """``--max-unavailable N|P%``: how many of a rollout's nodes may be out of service at once — offline, degraded
+    or in a disturbing step. A percentage is of the rollout's nodes, rounded down but at least 1 (else a small
+    rollout could never start a node)."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    def allowed(self, total: int) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return max(1, math.floor(total * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_max_unavailable(text: str | None) -> MaxUnavailable | None:
+    """``--max-unavailable``: ``N`` (≥ 1) or ``P%`` (0 < P ≤ 100); None or empty: no limit."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise ValueError
+            return MaxUnavailable(percent=pct)
+        n = int(text)
+        if n < 1:
+            raise ValueError
+        return MaxUnavailable(count=n)
+    except ValueError:
+        raise UsageError(f"bad --max-unavailable {text!r}",
+                         hint="use a count of at least 1 (--max-unavailable 2) or a percentage in (0, 100] "
+                              "(--max-unavailable 25%)") from None
+
+
+_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_WINDOW_RE = re.compile(r"^\s*(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})"
+                        r"(?:\s+(?P<zone>\S+))?\s*$")
+_WINDOW_HINT = ("write DAYS HH:MM-HH:MM [ZONE]: days Mon..Sun, a range (Mon-Fri), a list (Sat,Sun) or daily; "
+                "24-hour times; an IANA zone (Europe/Berlin, default UTC) — e.g. --window 'Sat 02:00-06:00' or "
+                "--window 'Mon-Fri 22:00-04:00 America/New_York' (a window ending before it starts ends the next day)")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A maintenance window: opens on each of ``days`` (0 Monday … 6 Sunday) at ``start`` wall-clock minutes in
+    ``zone`` and lasts ``minutes`` (ending the next day when it crosses midnight)."""
+
+    days: frozenset[int]
+    start: int  # minutes after local midnight
+    minutes: int  # 1 … 1440
+    zone: str
+    text: str
+
+    def openings(self, around: dt.datetime) -> list[tuple[dt.datetime, dt.datetime]]:
+        """(opens, closes) in UTC of the openings from two days before ``around`` to eight days after."""
+        tz = zoneinfo.ZoneInfo(self.zone)
+        today = around.astimezone(tz).date()
+        out = []
+        for offset in range(-2, 9):
+            day = today + dt.timedelta(days=offset)
+            if day.weekday() in self.days:
+                local = dt.datetime.combine(day, dt.time(self.start // 60, self.start % 60), tzinfo=tz)
+                # wall-clock duration: a window across a DST change still closes at its local end time
+                end_local = dt.datetime.combine(day, dt.time(0), tzinfo=tz) + dt.timedelta(
+                    minutes=self.start + self.minutes)
+                out.append((local.astimezone(dt.UTC), end_local.astimezone(dt.UTC)))
+        return out
+
+
+def _minutes(text: str, *, end: bool) -> int:
+    hh, _, mm = text.partition(":")
+    h, m = int(hh), int(mm)
+    if m > 59 or h > 24 or (h == 24 and (m or not end)):
+        raise ValueError
+    return h * 60 + m
+
+
+def _day(name: str) -> int:
+    """``sat`` or ``saturday`` → 5."""
+    for i, full in enumerate(_DAY_NAMES):
+        if len(name) >= 3 and full.startswith(name):
+            return i
+    raise ValueError(name)
+
+
+def _days(text: str) -> frozenset[int]:
+    """``Sat``, ``Mon-Fri``, ``Fri-Mon`` (wraps), ``Sat,Sun``, ``daily``/``*`` → weekday numbers."""
+    text = text.lower()
+    if text in ("daily", "*"):
+        return frozenset(range(7))
+    out: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        a = _day(first)
+        b = _day(last) if dash else a
+        out.update((a + i) % 7 for i in range((b - a) % 7 + 1))
+    return frozenset(out)
+
+
+def parse_window(text: str, default_zone: str = "UTC") -> Window:
+    """``"Sat 02:00-06:00"``, ``"Mon-Fri 22:00-04:00 Europe/Berlin"``, ``"daily 01:00-05:00"`` → Window."""
+    m = _WINDOW_RE.match(text or "")
+    if m is None:
+        raise UsageError(f"bad --window {text!r}", hint=_WINDOW_HINT)
+    try:
+        days = _days(m["days"])
+        start, end = _minutes(m["start"], end=False), _minutes(m["end"], end=True)
+    except ValueError:
+        raise UsageError(f"bad --window {text!r}: unknown day or time", hint=_WINDOW_HINT) from None
+    if start == end:
+        raise UsageError(f"bad --window {text!r}: it opens and closes at the same time", hint=_WINDOW_HINT)
+    zone = m["zone"] or default_zone
+    try:
+        zoneinfo.ZoneInfo(zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"bad --window {text!r}: unknown time zone {zone!r}",
+                         hint="use an IANA zone name such as UTC, Europe/Berlin or America/New_York") from None
+    return Window(days, start, (end - start) % 1440 or 1440, zone, text.strip())
+
+
+@dataclass(frozen=True)
+class WindowState:
+    open: bool
+    change_at: dt.datetime | None  # when it closes (open) or next opens (closed); None: never within a week
+
+
+def window_state(windows: Sequence[Window], now: dt.datetime) -> WindowState:
+    """Whether ``now`` is inside one of ``windows`` (no windows: always open), and when that changes."""
+    if not windows:
+        return WindowState(True, None)
+    spans = sorted(span for w in windows for span in w.openings(now))
+    inside = [closes for opens, closes in spans if opens <= now < closes]
+    if inside:
+        return WindowState(True, max(inside))
+    later = [opens for opens, _ in spans if opens > now]
+    return WindowState(False, min(later) if later else None)
+
+
+def format_duration(seconds: float) -> str:
+    """``11520`` → ``3h12m``; ``75`` → ``1m15s``; ``172800`` → ``2d0h``."""
+    s = max(0, math.ceil(seconds))
+    d, rest = divmod(s, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_duration(text: str, flag: str = "--bake-time") -> float:
+    """``30m``, ``1h30m``, ``90s``, ``2d``, or plain seconds → seconds (≥ 0)."""
+    t = (text or "").strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = _DURATION_RE.findall(t)
+    if not t or "".join(n + u for n, u in parts) != t:
+        raise UsageError(f"bad {flag} {text!r}", hint=f"use a duration such as 30m, 1h30m, 90s or 2d ({flag} 1h)")
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+
+
+def check_webhook_url(url: str, flag: str = "--notify-webhook") -> str:
+    """An ``http://`` or ``https://`` URL with a host (stripped), else a UsageError naming ``flag``."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad {flag} {url!r}: not an http:// or https:// URL",
+                         hint=f"e.g. {flag} https://hooks.example.com/fleetctl")
+    return url.strip()
+
+
+def redact_url(url: str) -> str:
+    """``https://hooks.example.com/services/T0/B0/token`` → ``https://hooks.example.com/…``: a webhook's path and
+    query often are its secret, so status, dashboard, audit and logs show only where it goes."""
+    parts = urllib.parse.urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}/…"
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """A rollout's maintenance policy (``options``): nothing new starts while one of its rules holds it."""
+
+    max_unavailable: MaxUnavailable | None = None
+    windows: tuple[Window, ...] = ()
+    pause_after_canary: bool = False
+    bake_seconds: float = 0.0
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> Maintenance:
+        zone = str(opts.get("window_zone") or "UTC")
+        return cls(parse_max_unavailable(opts.get("max_unavailable")),
+                   tuple(parse_window(w, zone) for w in opts.get("windows") or ()),
+                   bool(opts.get("pause_after_canary")), float(opts.get("bake_seconds") or 0))
+
+
+class HoldKind(enum.StrEnum):
+    """Why a running rollout starts no new node now (it waits; running steps go on)."""
+
+    WINDOW = "window"  # outside every maintenance window
+    BAKE = "bake"  # the previous batch is baking
+    MAX_UNAVAILABLE = "max-unavailable"  # starting a node would put too many out of service
+
+
+@dataclass(frozen=True)
+class Hold:
+    kind: HoldKind
+    until: dt.datetime | None = None  # when it ends by itself (window, bake); None: when nodes come back
+    detail: str = ""
+
+    def describe(self, now: dt.datetime) -> str:
+        """``waiting for window (opens in 3h12m)`` — the status line, counted from ``now``."""
+        left = f" in {format_duration((self.until - now).total_seconds())}" if self.until else ""
+        if self.kind == HoldKind.WINDOW:
+            return f"waiting for window (opens{left}){': ' + self.detail if self.detail else ''}" if self.until \
+                else f"waiting for window (none opens within a week): {self.detail}"
+        if self.kind == HoldKind.BAKE:
+            return f"baking: next batch starts{left} ({self.detail})"
+        return f"waiting: {self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": str(self.kind), "until": self.until.isoformat() if self.until else None,
+                "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any] | None) -> Hold | None:
+        if not obj:
+            return None
+        until = obj.get("until")
+        return cls(HoldKind(obj["kind"]), dt.datetime.fromisoformat(until) if until else None,
+                   str(obj.get("detail") or ""))
+
+
+def unavailable(nodes: Sequence[NodeSnapshot]) -> tuple[int, int, int, int]:
+    """(unavailable, offline, degraded, in a step) among a rollout's nodes: offline or degraded (liveness and
+    verification health), plus the nodes in a disturbing step; a node counts once."""
+    offline = sum(1 for n in nodes if n.health == NodeStatus.OFFLINE)
+    degraded = sum(1 for n in nodes if n.health == NodeStatus.DEGRADED)
+    stepping = sum(1 for n in nodes if n.state in STEP_STATES and n.health not in NOT_ONLINE)
+    return offline + degraded + stepping, offline, degraded, stepping
+
+
+def maintenance_hold(snap: Snapshot, batch: int, planned: int) -> Hold | None:
+    """What holds every new node of ``batch`` (``planned`` of them wait), or None: outside every maintenance
+    window; the previous batch still baking. (``--max-unavailable`` is counted node by node: ``next_actions``.)"""
+    m, now = snap.maintenance, snap.now
+    if planned == 0 or now is None:
+        return None
+    win = window_state(m.windows, now)
+    if not win.open:
+        return Hold(HoldKind.WINDOW, win.change_at, ", ".join(w.text for w in m.windows))
+    finished = snap.batch_finished_at.get(batch - 1)
+    if m.bake_seconds and batch > 0 and finished is not None:
+        until = finished + dt.timedelta(seconds=m.bake_seconds)
+        if now < until:
+            return Hold(HoldKind.BAKE, until, f"--bake-time {format_duration(m.bake_seconds)} after batch "
+                                              f"{batch - 1} finished")
+    return None
+
+
+def unavailable_hold(snap: Snapshot, starting: int = 0) -> Hold | None:
+    """The ``--max-unavailable`` hold when the rollout's unavailable nodes (plus ``starting`` healthy ones this
+    pass puts into a step) fill the allowance, else None."""
+    m = snap.maintenance.max_unavailable
+    if m is None:
+        return None
+    allowed = m.allowed(len(snap.nodes))
+    count, offline, degraded, stepping = unavailable(snap.nodes)
+    if count + starting < allowed:
+        return None
+    return Hold(HoldKind.MAX_UNAVAILABLE, None,
+                f"{count + starting} of {len(snap.nodes)} nodes unavailable ({offline} offline, {degraded} degraded, "
+                f"{stepping + starting} in a step); --max-unavailable {m} allows {allowed}")
+
+
+def unavailable_room(snap: Snapshot) -> int | None:
+    """How many healthy nodes may still enter a step under ``--max-unavailable`` (None: no limit)."""
+    m = snap.maintenance.max_unavailable
+    if m is None:
+        return None
+    return max(0, m.allowed(len(snap.nodes)) - unavailable(snap.nodes)[0])
+
+
+# ---- notifications -----------------------------------------------------------------------------------------
+
+#: The version of the webhook payload (docs/rollout.md, "Notifications"); a change that is not an addition
+#: raises it.
+NOTIFICATION_SCHEMA = 1
+
+
+class RolloutEvent(enum.StrEnum):
+    """What a webhook is told about (the payload's ``event``)."""
+
+    PAUSED = "paused"
+    AWAITING_APPROVAL = "awaiting-approval"
+    FAILED = "failed"  # ended with failed nodes (partial) or a failed rollback
+    COMPLETED = "completed"  # succeeded, or rolled back
+    ABORTED = "aborted"
+
+
+_EVENT_OF = {RolloutStatus.PAUSED: RolloutEvent.PAUSED, RolloutStatus.AWAITING_APPROVAL: RolloutEvent.AWAITING_APPROVAL,
+             RolloutStatus.PARTIAL: RolloutEvent.FAILED, RolloutStatus.ROLLBACK_FAILED: RolloutEvent.FAILED,
+             RolloutStatus.SUCCEEDED: RolloutEvent.COMPLETED, RolloutStatus.ROLLED_BACK: RolloutEvent.COMPLETED,
+             RolloutStatus.ABORTED: RolloutEvent.ABORTED}
+
+
+def notification_event(status: RolloutStatus) -> RolloutEvent | None:
+    """The event a rollout entering ``status`` notifies, or None (running, aborting, rolling back)."""
+    return _EVENT_OF.get(status)
+
+
+def notification_payload(event: RolloutEvent, *, rollout_id: str, status: RolloutStatus, reason: str, version: str,
+                         progress: Progress, failed: Sequence[tuple[str, str]], at: dt.datetime) -> dict[str, Any]:
+    """The webhook body (schema 1) without the controller's URLs (the sender adds ``controller_url`` and
+    ``rollout_url``). ``failed``: (hostname, cause) of each failed node; the first 100 are listed."""
+    return {"schema": NOTIFICATION_SCHEMA, "event": str(event), "rollout_id": rollout_id, "status": str(status),
+            "reason": reason, "version": version,
+            "counts": {"total": progress.total, "done": progress.done, "failed": progress.failed,
+                       "skipped": progress.skipped, "active": progress.active},
+            "failed_nodes": [{"hostname": h, "reason": why} for h, why in failed[:100]],
+            "time": at.isoformat()}

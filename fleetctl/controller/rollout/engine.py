@@ -36,13 +36,13 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -59,6 +59,7 @@ from fleetctl.controller.rollout.core import (
     TERMINAL,
     BuildSnapshot,
     BuildStatus,
+    Maintenance,
     NodePlan,
     NodeSnapshot,
     RolloutStatus,
@@ -67,8 +68,11 @@ from fleetctl.controller.rollout.core import (
     check_transition,
     next_actions,
     next_state,
+    notification_event,
+    notification_payload,
     parse_budget,
     pick_previous_wheel,
+    progress,
 )
 from fleetctl.controller.rollout.expectation import EXPECTED_KEY, record_after_rollback
 from fleetctl.controller.rollout.jobvars import NODE_VAR_PATTERNS, build_target_vars, checked_job_vars
@@ -76,6 +80,7 @@ from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, Roll
 from fleetctl.controller.store import Store, utcnow
 from fleetctl.controller.store.models import Artifact, Job, Node
 from fleetctl.controller.telemetry import ROLLOUT_STEP_SECONDS
+from fleetctl.controller.verify_store.views import degraded_among
 from fleetctl.fleet.errors import ConflictError, FleetError, NotFoundError
 from fleetctl.fleet.jobs import JobOutcome, JobStatus
 from fleetctl.fleet.verification import judge_job
@@ -83,6 +88,8 @@ from fleetctl.fleet.verification import judge_job
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: hands a notification (webhook URLs, schema-1 payload) to the controller's background sender; never blocks
+Notify = Callable[[Sequence[str], Mapping[str, Any]], None]
 
 # finished rollouts whose failed nodes may come back: their vanished-agent failures are reconciled too
 # (`partial` ones can then be retried with `fleetctl rollout resume ID --retry-failed`)
@@ -243,12 +250,17 @@ class RolloutEngine:
 
     def __init__(self, store: Store, jobs: JobDispatcher, *, artifacts_dir: Path | None = None,
                  artifacts: Any = None, owner: str | None = None, lease_ttl: float = 15.0,
-                 tick: float = 0.5, provisioner: Provisioner | None = None) -> None:
+                 tick: float = 0.5, provisioner: Provisioner | None = None, notify: Notify | None = None,
+                 notify_urls: Sequence[str] = ()) -> None:
         self.store = store
         self.jobs = jobs
         self.artifacts = artifacts
         # real nodes' build and install inputs (sdist, wheel, dependency closure): store first, then upstream
         self.provisioner = provisioner
+        # rollout notifications: the sender (controller/webhooks.py, run by controller/app.py) and the
+        # controller-wide webhooks (settings.notify_webhooks), besides each rollout's own --notify-webhook
+        self.notify = notify
+        self.notify_urls = tuple(notify_urls)
         self.artifacts_dir = artifacts_dir
         self.owner = owner or new_owner()
         self.lease_ttl = lease_ttl
@@ -377,6 +389,8 @@ class RolloutEngine:
         now = utcnow()
         start: tuple[str, ...] = ()
         paused: str | None = None
+        awaiting: str | None = None
+        notice: tuple[tuple[str, ...], dict[str, Any]] | None = None
         with self.store.session() as s:
             r = s.get(Rollout, rid)
             if r is None:
@@ -388,12 +402,15 @@ class RolloutEngine:
             builds = {b.build_key: b for b in s.scalars(select(Build).where(Build.build_key.in_(keys)))} if keys \
                 else {}
             opts = r.options or {}
+            maintenance = Maintenance.from_options(opts)
+            health = self._health(s, nodes) if maintenance.max_unavailable is not None else {}
             snap = Snapshot(
                 status=RolloutStatus(r.status),
                 nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
                                     busy=self._busy(rid, n, now, running),
                                     builder=bool(n.build_key and builds.get(n.build_key)
-                                                 and builds[n.build_key].builder == n.hostname))
+                                                 and builds[n.build_key].builder == n.hostname),
+                                    health=health.get(n.hostname, NodeStatus.ONLINE))
                        for n in nodes],
                 builds={k: BuildSnapshot(k, BuildStatus(b.status), b.builder) for k, b in builds.items()},
                 failures=sum(1 for n in nodes if n.state == State.FAILED),
@@ -402,6 +419,10 @@ class RolloutEngine:
                 max_parallel=int(opts.get("max_parallel", 0)) or 10_000,
                 canary_batch=bool(opts.get("canary_batch", False)),
                 canary_ack=r.canary_ack,
+                maintenance=maintenance,
+                now=now,
+                approved=r.approved_by is not None,
+                batch_finished_at=self._previous_batch_finished(s, rid, nodes) if maintenance.bake_seconds else {},
             )
             acts = next_actions(snap)
             by_host = {n.hostname: n for n in nodes}
@@ -418,6 +439,9 @@ class RolloutEngine:
             if acts.pause:
                 self._set_status(s, r, RolloutStatus.PAUSED, acts.pause)
                 paused = acts.pause
+            elif acts.await_approval:
+                self._set_status(s, r, RolloutStatus.AWAITING_APPROVAL, acts.await_approval)
+                awaiting = acts.await_approval
             elif acts.finish:
                 self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
                                  RolloutStatus.ROLLBACK_FAILED else self._summary(nodes))
@@ -425,9 +449,66 @@ class RolloutEngine:
                 start = acts.start
             if acts.current_batch is not None:
                 r.current_batch = acts.current_batch
+            hold = acts.hold.to_json() if acts.hold is not None and r.status == RolloutStatus.RUNNING else None
+            if r.hold != hold:  # written when it changes, not every tick
+                r.hold = hold
+            notice = self._notice(r, nodes, now)
         if paused is not None:  # after the commit: the audit log has its own unit of work
             audit(self.store, "engine", "rollout.pause", rid, reason=paused)
+        if awaiting is not None:
+            audit(self.store, "engine", "rollout.awaiting-approval", rid, reason=awaiting)
+        if notice is not None and self.notify is not None:  # queued only: the sender posts in the background
+            self.notify(*notice)
         return start
+
+    def _notice(self, r: Rollout, nodes: list[RolloutNode], now: dt.datetime) -> tuple[tuple[str, ...],
+                                                                                        dict[str, Any]] | None:
+        """The webhook notification of the status ``r`` has entered since the last one (once per change; the
+        status is remembered in ``notified_status``), or None: no change, a status that notifies nothing, or no
+        webhook configured. Operator pauses are seen here too, at the engine's next tick."""
+        status = RolloutStatus(r.status)
+        if r.notified_status == status:
+            return None
+        r.notified_status = str(status)
+        event = notification_event(status)
+        urls = tuple(dict.fromkeys((*self.notify_urls, *((r.options or {}).get("notify_webhooks") or ()))))
+        if event is None or not urls:
+            return None
+        counts: dict[str, int] = {}
+        for n in nodes:
+            counts[n.state] = counts.get(n.state, 0) + 1
+        return urls, notification_payload(event, rollout_id=r.id, status=status, reason=r.reason, version=r.version,
+                                          progress=progress(counts), at=now,
+                                          failed=[(n.hostname, n.cause) for n in nodes if n.state == State.FAILED])
+
+    @staticmethod
+    def _health(s: Session, nodes: list[RolloutNode]) -> dict[str, NodeStatus]:
+        """Each node's liveness (``nodes.status``, kept by the registry), degraded also when its verification
+        health says so (verify_store); a node no longer registered counts as offline."""
+        hosts = [n.hostname for n in nodes]
+        out = {h: NodeStatus.OFFLINE for h in hosts}
+        out.update({h: NodeStatus(st) for h, st in s.execute(select(Node.hostname, Node.status)
+                                                              .where(Node.hostname.in_(hosts)))})
+        for h in degraded_among(s, hosts):
+            if out[h] != NodeStatus.OFFLINE:
+                out[h] = NodeStatus.DEGRADED
+        return out
+
+    @staticmethod
+    def _previous_batch_finished(s: Session, rid: str, nodes: list[RolloutNode]) -> dict[int, dt.datetime]:
+        """When the batch before the current one finished (its last node's last transition to a final state):
+        ``--bake-time`` counts from there."""
+        open_batches = [n.batch for n in nodes if State(n.state) not in TERMINAL]
+        if not open_batches or min(open_batches) <= 0:
+            return {}
+        previous = min(open_batches) - 1
+        hosts = [n.hostname for n in nodes if n.batch == previous]
+        at = s.scalar(select(func.max(RolloutTransition.at)).where(
+            RolloutTransition.rollout_id == rid, RolloutTransition.hostname.in_(hosts),
+            RolloutTransition.to_state.in_([str(t) for t in TERMINAL]))) if hosts else None
+        if at is None:
+            return {}
+        return {previous: at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)}
 
     def _reconcile_finished(self) -> None:
         """Failed nodes of finished rollouts (``RECONCILED_AFTER_END``) whose agent vanished and is back online:

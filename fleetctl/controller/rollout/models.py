@@ -1,4 +1,4 @@
-"""Rollout tables (same ``Base`` as controller/store/models.py; migration ``rollout_0001``).
+"""Rollout tables (same ``Base`` as controller/store/models.py; migrations ``rollout_0001``, ``rollout_0002``).
 
 * ``rollouts`` — one row per ``fleetctl rollout flash-attn``: options, status, driver lease.
 * ``rollout_nodes`` — per node: plan, batch, state, current step + its job, attempt, lease.
@@ -26,8 +26,8 @@ class Rollout(Base):
     version: Mapped[str] = mapped_column(String(64))
     selector: Mapped[str] = mapped_column(Text, default="all")
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # batch, canary, budget, max_parallel…
-    # running | paused | aborted | succeeded | partial | rolling-back | rolled-back | rollback-failed
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    # core.RolloutStatus: running | paused | awaiting-approval | aborting | aborted | succeeded | partial | …
+    status: Mapped[str] = mapped_column(String(32), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")  # why paused / aborted / finished
     created_by: Mapped[str] = mapped_column(String(253))
     created_at: Mapped[dt.datetime]
@@ -38,6 +38,12 @@ class Rollout(Base):
     canary_ack: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expiry: Mapped[dt.datetime | None]
+    # maintenance policy (migration rollout_0002): `rollout approve` after the canaries, the engine's reason for
+    # starting no new node (core.Hold.to_json), the last status a webhook notification was queued for
+    approved_by: Mapped[str | None] = mapped_column(String(128))
+    approved_at: Mapped[dt.datetime | None]
+    hold: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    notified_status: Mapped[str | None] = mapped_column(String(32))
 
 
 class RolloutNode(Base):

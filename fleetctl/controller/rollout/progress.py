@@ -73,6 +73,11 @@ def footer_lines(status: Mapping[str, Any]) -> list[str]:
     if budget:
         lines.append(f"  failures {budget.get('failed', 0)} (budget --max-failures {budget.get('max_failures')} "
                      f"= {budget.get('allowed')})")
+    if status.get("waiting"):  # the maintenance policy holds new nodes: window, bake time, max-unavailable
+        lines.append(f"  {status['waiting']}")
+    approval = status.get("approval") or {}
+    if approval.get("approved_by"):
+        lines.append(f"  canary batch approved by {approval['approved_by']} at {_time(approval.get('approved_at'))}")
     return lines
 
 

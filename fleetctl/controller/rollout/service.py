@@ -31,18 +31,24 @@ from fleetctl.controller.rollout.core import (
     MANUAL_CAUSE,
     TERMINAL,
     BuildStatus,
+    Hold,
     NodePlan,
     Progress,
     RolloutStatus,
     State,
+    check_webhook_url,
     choose_canaries,
     describe_target,
     group_builds,
     manual_commands,
     parse_batches,
     parse_budget,
+    parse_duration,
+    parse_max_unavailable,
     parse_selector,
+    parse_window,
     progress,
+    redact_url,
     schedule_batches,
     select_nodes,
 )
@@ -76,6 +82,34 @@ class RolloutRequest:
     workload: str = "training"  # what "fastest" reads: training | prefill | decode
     actor: str = "admin"  # who authenticated (the audit actor)
     on_behalf_of: str | None = None  # the name the client claimed, when it differs (an audit detail only)
+    # maintenance policy (docs/rollout.md, "Maintenance"): out-of-service limit, windows, approval, bake time
+    max_unavailable: str | None = None  # N | P% of the rollout's nodes offline, degraded or in a step
+    windows: tuple[str, ...] = ()  # "Sat 02:00-06:00 [ZONE]": new nodes start only inside one
+    window_zone: str = "UTC"  # the zone of windows that name none
+    pause_after_canary: bool = False  # awaiting-approval after the canary batch, until `rollout approve`
+    bake_time: str | None = None  # hold the next batch this long after a batch finishes (30m, 1h)
+    notify_webhooks: tuple[str, ...] = ()  # POST a JSON notification on pause, failure, completion
+
+    def maintenance_options(self, has_canaries: bool) -> dict[str, Any]:
+        """The maintenance policy as stored in ``rollouts.options`` (``core.Maintenance.from_options`` reads it),
+        each value checked: a bad one is a UsageError naming the flag, and nothing is stored."""
+        out: dict[str, Any] = {}
+        limit = parse_max_unavailable(self.max_unavailable)
+        if limit is not None:
+            out["max_unavailable"] = str(limit)
+        if self.windows:
+            out["windows"] = [parse_window(w, self.window_zone).text for w in self.windows]
+            out["window_zone"] = self.window_zone
+        if self.pause_after_canary:
+            if not has_canaries:
+                raise UsageError("--pause-after-canary needs a canary batch, and this rollout has none",
+                                 hint="drop --canary 0 (or give --canary N), or leave out --pause-after-canary")
+            out["pause_after_canary"] = True
+        if self.bake_time:
+            out["bake_seconds"] = parse_duration(self.bake_time)
+        if self.notify_webhooks:
+            out["notify_webhooks"] = [check_webhook_url(u) for u in self.notify_webhooks]
+        return out
 
     def policy(self, version: str) -> Policy:
         if self.prefer not in PREFER or self.workload not in WORKLOADS:
@@ -208,6 +242,7 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
     policy_options: dict[str, Any] = {"fa3": req.fa3, "fa4": req.fa4, "source_builds": req.source_builds,
                                       "prefer": req.prefer, "workload": req.workload}
     options["policy"] = policy_options
+    options.update(req.maintenance_options(bool(canaries)))
     return RolloutPlan(version, selector.text, planned, batches, canaries, builders, reused, options)
 
 
@@ -345,7 +380,7 @@ def start_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None =
                   or not _rollout_active(s, b.rollout_id)):
                 b.status, b.builder, b.rollout_id, b.error, b.params = BuildStatus.PENDING, builder, rid, None, params
     audit(store, req.actor, "rollout.start", rid, version=plan.version, selector=plan.selector,
-          nodes=len(hosts), options=plan.options, **_claimed(req.on_behalf_of))
+          nodes=len(hosts), options=public_options(plan.options), **_claimed(req.on_behalf_of))
     return {"id": rid, **plan.to_json()}
 
 
@@ -429,7 +464,7 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
         "selector": r.selector, "status": r.status, "reason": r.reason,
         "created_by": r.created_by, "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
         "finished_at": _iso(r.finished_at), "current_batch": r.current_batch, "batches": r.batches,
-        "options": opts, "counts": counts,
+        "options": public_options(opts), "counts": counts,
         "budget": {"max_failures": str(budget), "allowed": budget.allowed(total),
                    "failed": counts.get(State.FAILED, 0)},
         "progress": progress_json(progress(counts)),
@@ -448,7 +483,28 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
                          "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
                         for t in transitions],
         "active": r.status in ACTIVE_ROLLOUT,
+        # maintenance policy: why no new node starts now (window, bake, max-unavailable), and the approval
+        "hold": r.hold if r.status == RolloutStatus.RUNNING else None,
+        "waiting": hold_text(r),
+        "approval": {"required": bool(opts.get("pause_after_canary")), "approved_by": r.approved_by,
+                     "approved_at": _iso(r.approved_at)},
     }
+
+
+def public_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """A rollout's options as anyone who may read the rollout sees them: webhook URLs redacted (their paths are
+    often secrets)."""
+    out = dict(opts)
+    if out.get("notify_webhooks"):
+        out["notify_webhooks"] = [redact_url(u) for u in out["notify_webhooks"]]
+    return out
+
+
+def hold_text(r: Rollout) -> str | None:
+    """``waiting for window (opens in 3h12m)``: why the engine starts no new node of ``r`` now, counted down to
+    now; None when nothing holds it (the status JSON's ``waiting``, the rollout page)."""
+    hold = Hold.from_json(r.hold) if r.status == RolloutStatus.RUNNING else None
+    return hold.describe(utcnow()) if hold is not None else None
 
 
 def progress_json(p: Progress) -> dict[str, Any]:
@@ -529,6 +585,9 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
         if r.status == RolloutStatus.PARTIAL and not retry_failed:
             raise ConflictError(f"rollout {r.id} is partial: it finished, and only its failed nodes are left",
                                 hint=f"`fleetctl rollout resume {r.id} --retry-failed` retries them")
+        if r.status == RolloutStatus.AWAITING_APPROVAL:
+            raise ConflictError(f"rollout {r.id} is awaiting approval after its canary batch",
+                                hint=f"`fleetctl rollout approve {r.id}` lets the next batches start")
         if r.status not in (RolloutStatus.PAUSED, RolloutStatus.PARTIAL):
             raise ConflictError(f"rollout {r.id} is {r.status}, not paused",
                                 hint="only a paused rollout resumes (a partial one with --retry-failed)")
@@ -582,6 +641,23 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
         r.finished_at = None
     audit(store, actor, "rollout.resume", rid, retry_failed=retried, max_failures=max_failures,
           **_claimed(on_behalf_of))
+    return get_status(store, rid)
+
+
+def approve(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None = None) -> dict[str, Any]:
+    """Let a rollout that awaits approval after its canary batch (``--pause-after-canary``) go on; who approved
+    is kept on the rollout and in the audit log."""
+    store = _store(target)
+    with store.session() as s:
+        r = _get(s, rid)
+        if r.status != RolloutStatus.AWAITING_APPROVAL:
+            raise ConflictError(f"rollout {r.id} is {r.status}, not awaiting approval",
+                                hint="only a rollout started with --pause-after-canary, once its canary batch has "
+                                     f"finished, is approved (`fleetctl rollout status {r.id}`)")
+        now = utcnow()
+        r.approved_by, r.approved_at = actor[:128], now
+        r.status, r.reason, r.updated_at = RolloutStatus.RUNNING, f"approved by {actor}", now
+    audit(store, actor, "rollout.approve", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)
 
 
@@ -644,8 +720,9 @@ def abort(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | None
     store = _store(target)
     with store.session() as s:
         r = _get(s, rid)
-        if r.status not in (RolloutStatus.RUNNING, RolloutStatus.PAUSED):
-            raise ConflictError(f"rollout {r.id} is {r.status}", hint="only a running or paused rollout aborts")
+        if r.status not in (RolloutStatus.RUNNING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL):
+            raise ConflictError(f"rollout {r.id} is {r.status}",
+                                hint="only a running, paused or awaiting-approval rollout aborts")
         r.status, r.reason, r.updated_at = RolloutStatus.ABORTING, f"aborted by {actor}", utcnow()
     audit(store, actor, "rollout.abort", rid, **_claimed(on_behalf_of))
     return get_status(store, rid)

@@ -232,6 +232,14 @@ def degraded_health(session: Session, hostname: str) -> NodeHealthView | None:
                           diagnosis=tuple(row.diagnosis or ()), replan=row.replan)
 
 
+def degraded_among(session: Session, hostnames: Sequence[str]) -> frozenset[str]:
+    """Which of ``hostnames`` are degraded by their verification health (rollout --max-unavailable counts them)."""
+    if not hostnames:
+        return frozenset()
+    return frozenset(session.scalars(select(NodeVerifyState.hostname).where(
+        NodeVerifyState.hostname.in_(hostnames), NodeVerifyState.degraded.is_(True))))
+
+
 def schedule_overview(session: Session, now: dt.datetime | None = None) -> list[ScheduleView]:
     """Every re-verification schedule, oldest first, with its next run and the result of its last run."""
     now = now or utcnow()

@@ -517,7 +517,7 @@ def rollout_json(request: Request, rollout_id: str) -> JSONResponse:
 @router.post("/rollouts/{rollout_id}/{action}", response_model=None)
 async def rollout_action(request: Request, rollout_id: str, action: str) -> Response:
     user, _form = await require_operator(request)
-    if action not in ("pause", "resume", "abort", "rollback"):
+    if action not in ("pause", "resume", "approve", "abort", "rollback"):
         return JSONResponse({"error": f"unknown action {action}"}, status_code=404)
     st = _state(request)
     try:

@@ -150,13 +150,16 @@ def rollout_detail(session: Session, rollout_id: str) -> dict[str, Any] | None:
         b["status"] = str(progress(b["by_state"]).status)
         b["label"] = "canary" if b["canary"] else f"batch {b['index']}"
     detail = _summary(r, by_state, bool(sims))
-    detail.update({"options": r.options or {}, "selector": r.selector, "batches": [batches[k] for k in sorted(batches)],
-                   "nodes": out_nodes, "failures": failures})
+    detail.update({"options": rollout_service.public_options(r.options or {}), "selector": r.selector,
+                   "batches": [batches[k] for k in sorted(batches)],
+                   "nodes": out_nodes, "failures": failures,
+                   # the maintenance policy: why no new node starts (window, bake, max-unavailable), who approved
+                   "waiting": rollout_service.hold_text(r), "approved_by": r.approved_by})
     return detail
 
 
 def rollout_action(ctx: Any, rollout_id: str, action: str, actor: str, *, engine: Any = None) -> str:
-    """pause | resume | abort | rollback through controller.rollout.service (which audits it); wakes the
+    """pause | resume | approve | abort | rollback through controller.rollout.service (which audits it); wakes the
     rollout engine when one runs in this process. Returns a message for the page."""
     fn = getattr(rollout_service, action, None)
     if fn is None:
