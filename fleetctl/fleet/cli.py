@@ -6,7 +6,7 @@ Each command module exposes ``register(subparsers)``; a registered handler takes
 the error's ``exit_code``; anything else is a bug and says so. Exit codes are documented in
 docs/cli.md.
 
-Conventions every program shares live here once: ``--version``, ``completion bash|zsh``, the output formats of
+Conventions every program shares live here once: ``--version``, ``completion bash|zsh|fish``, the output formats of
 read commands (``-o table|wide|json|yaml``, ``--json`` being ``-o json``) and global options, which are accepted
 before the subcommand as well as after it.
 """
@@ -70,7 +70,9 @@ def build_parser(prog: str, description: str, modules: Sequence[ModuleType],
     comp = subparsers.add_parser("completion", help="print a shell completion script",
                                  description=f"Print a completion script for {prog}'s subcommands and flags. "
                                              f"bash: `source <({prog} completion bash)`; zsh (after compinit "
-                                             f"in ~/.zshrc): `source <({prog} completion zsh)`.")
+                                             f"in ~/.zshrc): `source <({prog} completion zsh)`; fish: "
+                                             f"`{prog} completion fish | source` (or save it as "
+                                             f"~/.config/fish/completions/{prog}.fish).")
     comp.add_argument("shell", choices=completion.SHELLS)
     comp.set_defaults(handler=lambda args: _print_completion(parser, args.shell))
     return parser

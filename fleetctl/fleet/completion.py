@@ -1,8 +1,9 @@
-"""Shell completion scripts generated from a program's argparse parser (``PROG completion bash|zsh``).
+"""Shell completion scripts generated from a program's argparse parser (``PROG completion bash|zsh|fish``).
 
 The parser is the one description of the command line, so the script is derived from it each time rather than
 kept by hand: subcommands at every level, each level's flags, and the values of flags and positionals that have
-``choices``. zsh loads the same functions through its bash compatibility layer (``bashcompinit``).
+``choices``. zsh loads the same functions through its bash compatibility layer (``bashcompinit``); fish gets its own
+``complete`` lines from the same walk of the parser.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import re
 from dataclasses import dataclass, field
 
-SHELLS = ("bash", "zsh")
+SHELLS = ("bash", "zsh", "fish")
 _SAFE_WORD = re.compile(r"^-{0,2}[A-Za-z0-9][A-Za-z0-9._:+=/-]*$")  # never quoted inside the generated script
 
 
@@ -23,6 +24,7 @@ class _Level:
     options: list[str] = field(default_factory=list)
     option_values: dict[str, list[str]] = field(default_factory=dict)
     subcommands: list[str] = field(default_factory=list)
+    valued: set[str] = field(default_factory=set)  # options that take a value (fish completes one after them)
 
 
 def _levels(parser: argparse.ArgumentParser, path: str, out: dict[str, _Level]) -> None:
@@ -35,6 +37,8 @@ def _levels(parser: argparse.ArgumentParser, path: str, out: dict[str, _Level]) 
                 _levels(sub, f"{path} {name}".strip(), out)
         elif action.option_strings:
             level.options += action.option_strings
+            if action.nargs != 0:
+                level.valued.update(action.option_strings)
             if action.choices:
                 for opt in action.option_strings:
                     level.option_values[opt] = [str(c) for c in action.choices]
@@ -91,5 +95,52 @@ def zsh_script(parser: argparse.ArgumentParser) -> str:
                       "autoload -U +X bashcompinit && bashcompinit", bash_script(parser)])
 
 
+def _fish_quote(word: str) -> str:
+    return "'" + word.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def fish_script(parser: argparse.ArgumentParser) -> str:
+    """fish has no bash compatibility layer: its own ``complete`` lines, one set per command level, each guarded by
+    the level the words typed so far reached (``__PROG_level``, which walks them like the bash function does)."""
+    prog = parser.prog
+    fn = "__" + re.sub(r"\W", "_", prog)
+    levels: dict[str, _Level] = {}
+    _levels(parser, "", levels)
+    subs = [f"        case {_fish_quote(path)}\n            printf '%s\\n' {_words(lv.subcommands)}"
+            for path, lv in levels.items() if lv.subcommands]
+    lines = [
+        f"# {prog} completion (fish), generated from its parser: {prog} completion fish | source",
+        f"# (or save it as ~/.config/fish/completions/{prog}.fish)",
+        f"function {fn}_subcommands",
+        "    switch $argv[1]", *subs, "    end", "end",
+        f"function {fn}_level",
+        '    set -l path ""',
+        "    for word in (commandline -opc)[2..-1]",
+        f'        if not string match -q -- "-*" $word; and contains -- $word ({fn}_subcommands "$path")',
+        '            set path (string trim -- "$path $word")',
+        "        end",
+        "    end",
+        "    echo $path",
+        "end",
+        f"function {fn}_at",
+        f'    test ({fn}_level) = "$argv[1]"',
+        "end",
+        f"complete -c {prog} -e",
+    ]
+    for path, lv in levels.items():
+        at = f"-n {_fish_quote(f'{fn}_at {_fish_quote(path)}')}"
+        words = _words(lv.words)
+        if words:
+            lines.append(f"complete -c {prog} {at} -f -a {_fish_quote(words)}")
+        for opt in lv.options:
+            if not _SAFE_WORD.match(opt):
+                continue
+            flag = f"-l {opt[2:]}" if opt.startswith("--") else f"-s {opt[1:]}" if len(opt) == 2 else f"-o {opt[1:]}"
+            values = lv.option_values.get(opt)
+            choice = f" -x -a {_fish_quote(_words(values))}" if values else (" -r" if opt in lv.valued else "")
+            lines.append(f"complete -c {prog} {at} {flag}{choice}")
+    return "\n".join(lines) + "\n"
+
+
 def script(parser: argparse.ArgumentParser, shell: str) -> str:
-    return bash_script(parser) if shell == "bash" else zsh_script(parser)
+    return {"bash": bash_script, "zsh": zsh_script, "fish": fish_script}[shell](parser)

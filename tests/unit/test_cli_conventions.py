@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,4 +107,29 @@ def test_bash_completion_completes_subcommands_flags_and_choices(tmp_path: Path,
     assert "--output" in _complete(script, "fleetctl", "nodes", "--o")
     assert _complete(script, "fleetctl", "nodes", "-o", "") == ["table", "wide", "json", "yaml"]
     assert "--controller" in _complete(script, "fleetctl", "--con")  # global options before the subcommand
-    assert _complete(script, "fleetctl", "completion", "") == ["bash", "zsh"]
+    assert _complete(script, "fleetctl", "completion", "") == ["bash", "zsh", "fish"]
+
+
+def _fish_complete(script: Path, line: str) -> list[str]:
+    """What fish completes for the command line ``line`` (its last word is the one being typed)."""
+    done = subprocess.run(["fish", "--no-config", "-c", f"source {script}; complete -C {shlex.quote(line)}"],
+                          check=True, capture_output=True, text=True, timeout=60)
+    return [candidate.split("\t")[0] for candidate in done.stdout.splitlines()]
+
+
+def test_fish_completion_completes_subcommands_flags_and_choices(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert shutil.which("fish"), "fish is not installed: ./scripts/bootstrap installs Debian's fish package"
+    rc, out, _ = _run(fleetctl, capsys, "completion", "fish")
+    assert rc == 0
+    script = tmp_path / "fleetctl.fish"
+    script.write_text(out)
+    subprocess.run(["fish", "--no-config", "-n", str(script)], check=True, timeout=60)  # it parses
+    assert {"nodes", "node"} <= set(_fish_complete(script, "fleetctl no"))
+    assert _fish_complete(script, "fleetctl rollout st") == ["status"]
+    assert "--output" in _fish_complete(script, "fleetctl nodes --o")
+    assert sorted(_fish_complete(script, "fleetctl nodes -o ")) == ["json", "table", "wide", "yaml"]
+    assert "--controller" in _fish_complete(script, "fleetctl --con")  # global options before the subcommand
+    assert sorted(_fish_complete(script, "fleetctl completion ")) == ["bash", "fish", "zsh"]
+    assert "--selector" in _fish_complete(script, "fleetctl rollout flash-attn --sel")
+    assert "use-context" in _fish_complete(script, "fleetctl config u")
