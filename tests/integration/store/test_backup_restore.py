@@ -1,8 +1,9 @@
-"""docs/operations.md, "Backup and restore", run as written: a running controller's SQLite database is backed up
-with ``sqlite3 .backup`` and its artifact store, CA and admin token with ``rsync`` while it serves agents; the
-backup is checked (integrity, every artifact file its own sha256), restored into a new state directory, and a
-second controller started on it lists the same nodes, rollouts and artifacts — and an agent enrolled with the
-first controller connects to the restored one with the certificate it already has."""
+"""docs/operations.md, "Backup and restore", run as written: a running controller's database is backed up (SQLite:
+``sqlite3 .backup``; PostgreSQL: ``pg_dump``) and its artifact store, CA and admin token with ``rsync`` while it
+serves agents; the backup is checked (integrity, every artifact file its own sha256), restored into a new state
+directory (and, on PostgreSQL, with ``createdb`` + ``pg_restore`` into a new database), and a second controller
+started on it lists the same nodes, rollouts and artifacts — and an agent enrolled with the first controller
+connects to the restored one with the certificate it already has."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import datetime as dt
 import hashlib
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import httpx
 import pytest
 
 from fleetctl.agent.client import Agent, AgentConfig
+from tests.integration.fleet_support import PG_ADMIN
 from tests.integration.rollout.controller_proc import (
     ControllerProc,
     all_online,
@@ -34,8 +38,11 @@ pytestmark = pytest.mark.timeout(180)
 NODES = [("a100-1", "a100"), ("t4-1", "t4")]
 
 
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
 def run(*argv: str) -> str:
-    missing = [tool for tool in ("sqlite3", "rsync") if shutil.which(tool) is None]
+    missing = [tool for tool in ("sqlite3", "rsync", "pg_dump") if shutil.which(tool) is None]
     assert not missing, f"{', '.join(missing)} not installed: ./scripts/bootstrap installs them"
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{argv}: {done.stderr}"
@@ -64,7 +71,37 @@ async def inventory(cp: ControllerProc) -> dict[str, Any]:
             "artifacts": sorted((a["sha256"], a["filename"], a["size"]) for a in artifacts)}
 
 
-async def test_backup_while_running_then_restore_into_a_new_state_dir(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def databases(request: pytest.FixtureRequest, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str] | None]:
+    """None for SQLite (the state dir's file); on PostgreSQL the names of the running controller's database and of
+    the one the restore creates (our own, dropped afterwards). The controller subprocess reads its database URL
+    from the config file that FLEET_CONFIG names."""
+    if request.param == "sqlite":
+        yield None
+        return
+    psycopg = pytest.importorskip("psycopg")
+    suffix = uuid.uuid4().hex[:10]
+    source, restored = f"fleetctl_backup_{suffix}", f"fleetctl_restored_{suffix}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{source}"')
+    use_database(tmp_path, monkeypatch, source)
+    try:
+        yield source, restored
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            for name in (source, restored):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def use_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f'db = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"\n')
+    monkeypatch.setenv("FLEET_CONFIG", str(config))
+
+
+async def test_backup_while_running_then_restore_into_a_new_state_dir(
+        tmp_path: Path, databases: tuple[str, str] | None, monkeypatch: pytest.MonkeyPatch) -> None:
     wheel = b"PK\x03\x04 not really a wheel, but content-addressed all the same " * 1000
     backup = tmp_path / "backup"
     async with controller_proc(tmp_path) as cp:
@@ -86,7 +123,10 @@ async def test_backup_while_running_then_restore_into_a_new_state_dir(tmp_path: 
             # the documented backup, while the controller runs and the agents heartbeat into the database
             state = cp.state
             backup.mkdir(mode=0o700)
-            run("sqlite3", str(state / "controller.db"), f".backup '{backup / 'controller.db'}'")
+            if databases is None:
+                run("sqlite3", str(state / "controller.db"), f".backup '{backup / 'controller.db'}'")
+            else:
+                run("pg_dump", "--format=custom", f"--file={backup / 'fleetctl.dump'}", f"{PG}/{databases[0]}")
             run("rsync", "-a", f"{state / 'artifacts'}/", f"{backup / 'artifacts'}/")
             run("rsync", "-a", str(state / "ca"), str(state / "admin.token"), f"{backup}/")
             # written after the backup: must not come back
@@ -94,14 +134,22 @@ async def test_backup_while_running_then_restore_into_a_new_state_dir(tmp_path: 
         finally:
             await stop_agents(agents)
 
-    assert run("sqlite3", str(backup / "controller.db"), "PRAGMA integrity_check").strip() == "ok"
+    if databases is None:
+        assert run("sqlite3", str(backup / "controller.db"), "PRAGMA integrity_check").strip() == "ok"
+    else:
+        assert "TABLE DATA" in run("pg_restore", "--list", str(backup / "fleetctl.dump"))
     files = [p for p in (backup / "artifacts").rglob("*") if p.is_file() and "sha256" in p.parts]
     assert files and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in files)
     assert stored["sha256"] in {p.name for p in files} and late["sha256"] not in {p.name for p in files}
 
     restored = tmp_path / "restored" / "controller"
     restored.mkdir(parents=True, mode=0o700)
-    shutil.copy(backup / "controller.db", restored / "controller.db")
+    if databases is None:
+        shutil.copy(backup / "controller.db", restored / "controller.db")
+    else:
+        run("createdb", "--host=127.0.0.1", "--username=postgres", databases[1])
+        run("pg_restore", f"--dbname={PG}/{databases[1]}", "--no-owner", str(backup / "fleetctl.dump"))
+        use_database(tmp_path, monkeypatch, databases[1])
     run("rsync", "-a", f"{backup / 'artifacts'}/", f"{restored / 'artifacts'}/")
     run("rsync", "-a", str(backup / "ca"), str(backup / "admin.token"), f"{restored}/")
 
