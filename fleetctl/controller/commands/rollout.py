@@ -317,6 +317,8 @@ def handle_status(args: argparse.Namespace) -> int:
         if n.get("commands"):  # a plan the agent does not carry out (Windows): a person runs these
             print(f"{n['hostname']}: run by hand (not executed by the agent):")
             print("\n".join(f"  {c}" for c in n["commands"]))
+    if st.get("opted_out"):
+        print(f"opted out (label fleetctl.io/opt-out=true): {', '.join(st['opted_out'])}")
     for b in st["builds"]:
         print(f"build {b['status']:<9} on {b['builder']}: {b['artifact_filename'] or b['error'] or ''}"
               f"  [{b['build_key']}]")

@@ -81,6 +81,16 @@ class NodePlan:
 #: has nothing to run — and ``manual_commands`` gives the commands, which the status JSON and the rollout page show.
 MANUAL_CAUSE = "manual: run these commands by hand"
 
+#: The node label by which a node opts out of rollouts (`fleetctl label NODE fleetctl.io/opt-out=true`): such a node
+#: is ``skipped`` with a cause that begins ``OPT_OUT_CAUSE``, and the status lists it under ``opted_out``.
+OPT_OUT_LABEL = "fleetctl.io/opt-out"
+OPT_OUT_CAUSE = "opted-out"
+
+
+def opted_out(labels: Mapping[str, str]) -> bool:
+    """The node's user labels opt it out of rollouts (``fleetctl.io/opt-out=true``, any case)."""
+    return labels.get(OPT_OUT_LABEL, "").lower() == "true"
+
 
 def manual_commands(stored_plan: Mapping[str, Any]) -> list[str]:
     """The commands of a rollout node's stored plan (``PlannedNode.to_json``) that the agent does not execute —

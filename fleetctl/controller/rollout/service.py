@@ -29,6 +29,8 @@ from fleetctl.controller.resolver.model import PREFER, WORKLOADS
 from fleetctl.controller.rollout.core import (
     ACTIVE_ROLLOUT,
     MANUAL_CAUSE,
+    OPT_OUT_CAUSE,
+    OPT_OUT_LABEL,
     TERMINAL,
     BuildStatus,
     Hold,
@@ -41,6 +43,7 @@ from fleetctl.controller.rollout.core import (
     describe_target,
     group_builds,
     manual_commands,
+    opted_out,
     parse_batches,
     parse_budget,
     parse_duration,
@@ -262,9 +265,10 @@ def plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sh
     """One node's rollout plan from its current facts (at start, and again when a failed node is retried)."""
     info = selection_info(row)
     facts = row.facts
+    opt_out = f"{OPT_OUT_CAUSE}: the node is labelled {OPT_OUT_LABEL}=true" if opted_out(row.labels) else None
     if facts is None:
         return PlannedNode(NodePlan(row.hostname, "blocked", (), gpu=info.gpu or ""), {}, None, None, [],
-                           skip_reason=row.facts_error)
+                           skip_reason=opt_out or row.facts_error)
     d = resolve(facts, catalog, policy, measured)
     build = d.build
     np = NodePlan(hostname=row.hostname, variant=d.variant, steps=tuple(d.steps), gpu=info.gpu or "",
@@ -272,7 +276,9 @@ def plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sh
                   artifact=d.artifact, build_minutes=float(build.estimated_minutes) if build else 0.0,
                   reasons=tuple(d.reasons))
     skip = None
-    if d.execution is not None and d.commands:  # a plan for a person (Windows): its node shows the commands
+    if opt_out:  # the operator's word wins over every plan
+        skip = opt_out
+    elif d.execution is not None and d.commands:  # a plan for a person (Windows): its node shows the commands
         skip = (f"{MANUAL_CAUSE} — {len(d.commands)} commands for {d.variant} {d.flash_attn_version}, listed with "
                 f"this node by `fleetctl rollout status` and on the rollout page ({d.execution})")
     elif np.skipped:
@@ -483,6 +489,7 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
                          "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
                         for t in transitions],
         "active": r.status in ACTIVE_ROLLOUT,
+        "opted_out": [n.hostname for n in nodes if n.state == State.SKIPPED and n.cause.startswith(OPT_OUT_CAUSE)],
         # maintenance policy: why no new node starts now (window, bake, max-unavailable), and the approval
         "hold": r.hold if r.status == RolloutStatus.RUNNING else None,
         "waiting": hold_text(r),

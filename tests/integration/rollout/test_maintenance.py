@@ -177,7 +177,7 @@ def closed_window(now: dt.datetime) -> str:
     return f"{day} 00:00-01:00"
 
 
-async def test_bad_input_window_and_abort_notice(controller: RunningController, fleet: SimAgents, hooks: Hooks,
+async def test_bad_input_opt_out_window_and_abort_notice(controller: RunningController, fleet: SimAgents, hooks: Hooks,
                                                  tmp_path: Path) -> None:
     await start_fleet(fleet, Script(), tmp_path, NODES[:2])
     for args, says in ((["--window", "Sat 25:00-26:00"], "bad --window 'Sat 25:00-26:00'"),
@@ -191,6 +191,8 @@ async def test_bad_input_window_and_abort_notice(controller: RunningController, 
     rc, out, _ = await fleetctl(controller, "rollout", "list", "--json")
     assert json.loads(out)["rollouts"] == []  # nothing was stored
 
+    rc, out, err = await fleetctl(controller, "label", "a100-2", "fleetctl.io/opt-out=true")
+    assert rc == 0, out + err
     window = closed_window(dt.datetime.now(dt.UTC))
     rc, out, err = await fleetctl(controller, "rollout", "flash-attn", "--canary", "0", "--window", window,
                                   "--detach")
@@ -205,9 +207,11 @@ async def test_bad_input_window_and_abort_notice(controller: RunningController, 
             await asyncio.sleep(0.05)
     assert st["waiting"].startswith("waiting for window (opens in ") and window in st["waiting"]
     assert st["hold"]["kind"] == "window" and st["status"] == "running"
-    assert {n["state"] for n in st["nodes"]} == {"planned"}
+    assert {n["hostname"]: n["state"] for n in st["nodes"]} == {"a100-1": "planned", "a100-2": "skipped"}
+    assert st["opted_out"] == ["a100-2"]
     rc, out, _ = await fleetctl(controller, "rollout", "status", rid)
     assert "waiting for window (opens in " in out
+    assert "opted out (label fleetctl.io/opt-out=true): a100-2" in out
     assert controller.ctx.jobs.list_jobs() == []  # nothing started outside the window
 
     rc, out, err = await fleetctl(controller, "rollout", "abort", rid)

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.labels import parse_label_changes
 from fleetctl.controller.rollout.models import Rollout
 from fleetctl.controller.rollout.service import RolloutRequest
 from fleetctl.controller.store import utcnow
@@ -51,6 +52,18 @@ async def test_a_node_degraded_by_verification_counts_and_is_worked_on_first(fle
     started = [t["hostname"] for t in st["transitions"] if t["from"] == "planned"]
     assert started[0] == "a100-3"  # already unavailable: fixing it takes nothing more out of service
     assert st["waiting"] is None and st["hold"] is None
+
+
+async def test_a_node_labelled_opt_out_is_skipped_and_listed(fleet: FakeFleet) -> None:
+    fleet.ctx.registry.set_labels("a100-2", parse_label_changes(["fleetctl.io/opt-out=true"]), "admin")
+    fleet.ctx.registry.set_labels("a100-3", parse_label_changes(["fleetctl.io/opt-out=false"]), "admin")
+    rid = await fleet.start_rollout(RolloutRequest(nodes="a100-*", canary=0, batch="100%"))
+    await fleet.start_engine()
+    st = await fleet.wait_rollout(rid, "succeeded")
+    assert st["opted_out"] == ["a100-2"]
+    node = next(n for n in st["nodes"] if n["hostname"] == "a100-2")
+    assert node["state"] == "skipped" and node["cause"] == "opted-out: the node is labelled fleetctl.io/opt-out=true"
+    assert "a100-2" not in {host for host, _ in fleet.job_counts()}  # no job was sent there
 
 
 async def test_bad_maintenance_options_store_nothing(fleet: FakeFleet) -> None:
