@@ -51,6 +51,7 @@ from fleetctl.controller.web.auth import (
 from fleetctl.controller.web.metrics import render_metrics
 from fleetctl.fleet.errors import AuthError, FleetError
 from fleetctl.fleet.jobs import UNSUCCESSFUL
+from fleetctl.fleet.version import AgentSupport, agent_support, supported_agent_versions
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +388,14 @@ def nodes_page(request: Request) -> Response:
     with st.store.session() as s:
         page = nodeindex.query_nodes(s, query)
         ov = st.filter_counts(s)
+        skew = _agent_skew(s, [row["hostname"] for row in page.rows])
     elapsed_ms = (time.perf_counter() - t0) * 1000
 
     def link(**override: Any) -> str:
         return "/nodes?" + urlencode(page.query.params(**override))
 
-    resp = render(request, "nodes.html", nav="nodes", page=page, ov=ov, link=link, elapsed_ms=elapsed_ms)
+    resp = render(request, "nodes.html", nav="nodes", page=page, ov=ov, link=link, elapsed_ms=elapsed_ms,
+                  skew=skew, supported_agents=supported_agent_versions())
     resp.headers["Server-Timing"] = f"db;dur={elapsed_ms:.1f}"
     return _security_headers(resp)
 
@@ -411,6 +414,14 @@ def nodes_json(request: Request) -> JSONResponse:
                         headers={"Server-Timing": f"db;dur={elapsed_ms:.1f}"})
 
 
+def _agent_skew(s: Session, hostnames: list[str]) -> dict[str, str]:
+    """The hosts among ``hostnames`` whose agent is outside the versions this controller supports (fleet/version.py),
+    as "0.0.9 (too-old)": the node table flags them."""
+    rows = s.execute(select(Node.hostname, Node.agent_version).where(Node.hostname.in_(hostnames)))
+    return {host: f"{version} ({support})" for host, version in rows
+            if (support := agent_support(version)) in (AgentSupport.TOO_OLD, AgentSupport.TOO_NEW)}
+
+
 def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, Any] | None:
     node = s.scalars(select(Node).where(Node.hostname == hostname)).first()
     if node is None:
@@ -425,11 +436,13 @@ def _node_detail(s: Session, hostname: str, state_dir: Any = None) -> dict[str, 
         job_events[job.id] = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
                                             .order_by(JobEvent.counter).limit(300)))
     record = record_of(node)
-    gpu_model = summarize(record).gpu_model or ""
+    summary = summarize(record)
+    gpu_model = summary.gpu_model or ""
     verifications = sources.verification_history(s, hostname)
     median = sources.fleet_median(s, gpu_model, simulated=node.simulated) if gpu_model else None
     return {
-        "node": node, "labels": dict(record.labels),
+        "node": node, "labels": dict(record.labels), "summary": summary,
+        "supported_agents": supported_agent_versions(),
         "facts": record.facts, "facts_error": record.facts_error, "history": history, "events": events,
         "jobs": jobs,
         "job_events": job_events, "plan": sources.plan_for(s, record, state_dir), "verifications": verifications,
