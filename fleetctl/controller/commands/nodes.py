@@ -119,7 +119,11 @@ def handle_node(args: argparse.Namespace) -> int:
     print(f"{n['hostname']}{'  [SIMULATED]' if n['simulated'] else ''}")
     print(f"  status      {n['status']} (since {n['status_changed_at']}), last seen {n['last_seen']}")
     print(f"  agent       {ident.get('agent_id')} enrolled {ident.get('enrolled_at')}"
-          f"{'  REVOKED' if ident.get('revoked') else ''}, version {n.get('agent_version') or 'not reported'}")
+          f"{'  REVOKED' if ident.get('revoked') else ''}, version {n.get('agent_version') or 'not reported'}"
+          + (f" ({n['agent_support']}: outside the versions this controller supports; see `fleetctl nodes`)"
+             if n.get("agent_support") in ("too-old", "too-new") else ""))
+    if n.get("cert_expires_at"):
+        print(f"  certificate expires {n['cert_expires_at'][:19]} (UTC; the agent renews it when a third is left)")
     print(f"  labels      {', '.join(f'{k}={v}' for k, v in (n.get('labels') or {}).items()) or 'none'}")
     if facts is None:
         print(f"  facts       unreadable: {n['facts_error']}")

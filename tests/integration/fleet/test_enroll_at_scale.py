@@ -229,6 +229,8 @@ async def test_nodes_flag_agents_outside_the_supported_versions(controller: Runn
     assert "cert expires (utc)" in out.lower() and "0.0.1 (too-old)" in out
     expiry = (dt.datetime.now(dt.UTC) + dt.timedelta(days=365)).strftime("%Y-%m-%d")
     assert expiry in out  # a year from enrollment, the default lifetime
+    code, out, _ = await cli(capsys, controller, "node", "old-1")
+    assert code == 0 and "0.0.1 (too-old: outside the versions" in out and f"certificate expires {expiry}" in out
     code, out, _ = await cli(capsys, controller, "nodes", "-o", "json")
     rows = {n["hostname"]: n for n in json.loads(out)["nodes"]}
     assert rows["old-1"]["agent_support"] == "too-old" and rows["cur-1"]["agent_support"] in ("supported", "unknown")
