@@ -11,6 +11,12 @@
 #                           `--prefer fastest` per workload, rollout `--prefer fastest --workload prefill` (FA4
 #                           from the store) with a full verification of every implementation, the report after;
 #                           then `collect`
+#   e2e_fa4.sh attention-fa2  issue 16 with FA2 in the same verification: the store also holds the trimmed FA2
+#                           sdist (scripts/device/fa2_trim.py, $STASH/fa2/ or E2E_FA2_SDIST) under the name the
+#                           resolver plans for; rollout #1 `--version 2.8.3` (fa2-source: build on the node →
+#                           upload → install, quick verification), rollout #2 `--fa4` (FA4 installed beside it:
+#                           FA4 ships only flash_attn/cute, FA2's flash_attn stays) with a full verification that
+#                           measures FA2, FA4 and every SDPA backend in one run; plans and report after; `collect`
 #   e2e_fa4.sh collect      $OUT/e2e_fa4.tar.gz: statuses, jobs with events, facts, verification, timings, DB
 #
 # Steps of `run`: project wheels from $STASH/whl*/ (carried as .whl, .whl-a) into $SITE (the device's grpcio is
@@ -22,7 +28,7 @@
 # Rehearsal without a GPU: E2E_SIMULATE=PROFILE, E2E_PYTHON=venv python with a stand-in torch,
 # E2E_FA4_WHEELS=DIR of stand-in wheels, E2E_SITE="" (tests/integration/e2e/test_rehearsal_fa4.py).
 set -uo pipefail
-PHASE=${1:?phase: stash DIR…|run|attention|collect}
+PHASE=${1:?phase: stash DIR…|run|attention|attention-fa2|collect}
 shift
 REPO=$(pwd)
 E2E=$(realpath -m "${E2E_DIR:-/tmp/e2e-fa4}")
@@ -37,6 +43,7 @@ HTTP_PORT=${E2E_HTTP_PORT:-17480}
 GRPC_PORT=${E2E_GRPC_PORT:-17443}
 VERIFY_MODE=${E2E_VERIFY_MODE:-quick}
 WAIT=${E2E_WAIT:-420}
+FA2_VERSION=${E2E_FA2_VERSION:-2.8.3}  # the release the trimmed sdist was made from: the store name the plan looks up
 
 export LC_ALL=C.UTF-8 LANG=C.UTF-8
 export PYTHONPATH="$REPO${SITE:+:$SITE}"
@@ -102,6 +109,52 @@ attention_flow() {  # issue 16: measure what the node has, plan --prefer fastest
   tail -40 "$E2E/attention-after.txt"
 }
 
+fa2_sdist() { if [[ -n "${E2E_FA2_SDIST:-}" ]]; then echo "$E2E_FA2_SDIST"; else ls "$STASH"/fa2/flash_attn-*.tar.gz | head -1; fi; }
+
+attention_fa2_flow() {  # issue 16 with FA2: build FA2 through the agent, install FA4 beside it, measure all at once
+  local h=$1 w
+  R=(flash-attn --version "$FA2_VERSION" --prefer compatible --nodes "$h" --canary 0 --batch 1 --max-failures 1
+     --verify-mode quick --step-timeout build-from-source=1800,install-wheel=900,verify=900,rollback=600)
+  fleetctl rollout "${R[@]}" --dry-run | tee "$E2E/plan1.txt"
+  fleetctl rollout "${R[@]}" --dry-run --json > "$E2E/plan1.json"
+  grep -q "fa2-source" "$E2E/plan1.txt" || echo "WARNING: the FA2 plan is not fa2-source"
+  echo "== rollout #1 (FA2 $FA2_VERSION from the trimmed sdist: build-from-source, install, quick verification)"
+  rollout 1 "${R[@]}"
+  installed after-rollout1
+  R=(flash-attn --fa4 --nodes "$h" --canary 0 --batch 1 --max-failures 1 --verify-mode full
+     --step-timeout install-wheel=900,verify=1500,rollback=600)
+  fleetctl rollout "${R[@]}" --dry-run | tee "$E2E/plan2.txt"
+  fleetctl rollout "${R[@]}" --dry-run --json > "$E2E/plan2.json"
+  echo "== rollout #2 (--fa4 beside FA2, full verification of every implementation)"
+  rollout 2 "${R[@]}"
+  installed after-rollout2
+  # both in one env: FA2's flash_attn package (its __init__ and extension) and FA4's flash_attn/cute
+  env -u PYTHONPATH "$TARGET_PY" - >> "$E2E/venv-after-rollout2.txt" 2>&1 <<'PY'
+import importlib, os
+for name in ("flash_attn", "flash_attn.cute"):
+    try:
+        m = importlib.import_module(name)
+        print(f"import {name}: ok, {getattr(m, '__version__', None)} at {m.__file__}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"import {name}: {type(exc).__name__}: {exc}")
+try:
+    import flash_attn
+    cute = os.path.join(os.path.dirname(flash_attn.__file__), "cute")
+    print("flash_attn/cute/flash_fwd_sm90.py (FA4's, not in FA2 2.8.3):", os.path.exists(os.path.join(cute, "flash_fwd_sm90.py")))
+except Exception as exc:  # noqa: BLE001
+    print(f"flash_attn: {type(exc).__name__}: {exc}")
+PY
+  tail -5 "$E2E/venv-after-rollout2.txt"
+  fleetctl node "$h" > "$E2E/node-after.txt" 2>&1
+  fleetctl attention report > "$E2E/attention-after.txt" 2>&1
+  fleetctl attention report --json > "$E2E/attention-after.json"
+  for w in training prefill decode; do
+    fleetctl rollout flash-attn --nodes "$h" --prefer fastest --workload "$w" --dry-run \
+      > "$E2E/plan-fastest-$w-after.txt" 2>&1
+  done
+  tail -40 "$E2E/attention-after.txt"
+}
+
 case "$PHASE" in
   stash)
     mkdir -p "$STASH"
@@ -109,7 +162,7 @@ case "$PHASE" in
     du -sh "$STASH"/*
     ;;
 
-  run|attention)
+  run|attention|attention-fa2)
     rm -rf "$E2E"; mkdir -p "$E2E"/{logs,run,wheels,node}
     echo "$PHASE" > "$E2E/flow"  # collect names the spans and the run after the flow that ran
     mark begin
@@ -141,6 +194,11 @@ case "$PHASE" in
     fleetctl artifact list > /dev/null || { echo "controller did not come up"; tail -30 "$E2E/logs/controller.log"; exit 1; }
     mark store_start
     for w in "$E2E"/wheels/*.whl; do fleetctl artifact add "$w" --kind wheel > /dev/null || exit 1; done
+    if [[ "$PHASE" == attention-fa2 ]]; then
+      SD=$(fa2_sdist); [[ -f "$SD" ]] || { echo "SETUP FAILED: no FA2 sdist (E2E_FA2_SDIST or $STASH/fa2/)"; exit 1; }
+      tar -xzOf "$SD" --wildcards '*/TRIMMED.txt' 2>/dev/null | head -3
+      fleetctl artifact add "$SD" --kind sdist --name "flash_attn-$FA2_VERSION.tar.gz" || exit 1
+    fi
     mark store_end
     fleetctl artifact list | tail -3
 
@@ -158,6 +216,7 @@ case "$PHASE" in
     H=$(fleetctl nodes --json | jq_py 'd["nodes"][0]["hostname"]'); echo "$H" > "$E2E/hostname"
     fleetctl nodes
     if [[ "$PHASE" == attention ]]; then attention_flow "$H"; mark end; bash "$0" collect; exit; fi
+    if [[ "$PHASE" == attention-fa2 ]]; then attention_fa2_flow "$H"; mark end; bash "$0" collect; exit; fi
     R=(flash-attn --fa4 --nodes "$H" --canary 0 --batch 1 --max-failures 1 --verify-mode "$VERIFY_MODE"
        --step-timeout install-wheel=900,verify=900,rollback=600)
     fleetctl rollout "${R[@]}" --dry-run | tee "$E2E/plan1.txt"
@@ -192,7 +251,7 @@ case "$PHASE" in
 print(' '.join(j['id'] for j in C.discover().get('/jobs', node='$H', limit=1000)['jobs']))"); do
       fleetctl job "$j" --json > "$C/jobs/$j.json"
     done
-    cp "$E2E"/rollout*.json "$E2E"/rollout*.txt "$E2E"/plan1.* "$E2E"/venv-*.txt "$E2E"/node-after-rollback.json \
+    cp "$E2E"/rollout*.json "$E2E"/rollout*.txt "$E2E"/plan1.* "$E2E"/plan2.* "$E2E"/venv-*.txt "$E2E"/node-after-rollback.json \
        "$E2E"/verify1.json "$E2E"/attention-*.* "$E2E"/plan-fastest-*.txt "$E2E"/node-before.txt "$E2E"/node-after.txt \
        "$E2E/times" "$C/" 2>/dev/null
     fleetctl artifact list --json > "$C/artifacts.json"
@@ -216,6 +275,12 @@ if flow == "attention":
     print(f"rollout #1 (--prefer fastest --workload prefill): {span('rollout1_start', 'rollout1_end')}")
     what = ("scripts/device/e2e_fa4.sh attention: issue 16, verification of what the node has, --prefer fastest "
             "plans per workload, rollout --prefer fastest --workload prefill, full verification (docs/gpu-e2e.md)")
+elif flow == "attention-fa2":
+    print(f"rollout #1 (FA2 from the trimmed sdist: build, install, quick verify): {span('rollout1_start', 'rollout1_end')}")
+    print(f"rollout #2 (--fa4 beside FA2, full verification): {span('rollout2_start', 'rollout2_end')}")
+    what = ("scripts/device/e2e_fa4.sh attention-fa2: issue 16, FA2 (trimmed sdist, scripts/device/fa2_trim.py) built "
+            "through the agent, FA4 installed beside it, one full verification of FA2, FA4 and every SDPA backend, "
+            "--prefer fastest plans per workload (docs/gpu-e2e.md)")
 else:
     print(f"rollback end → facts without flash-attn-4: {span('rollout2_end', 'facts_after_rollback')}")
     for n, label in ((1, "rollout #1 --fa4"), (2, "rollback"), (3, "rollout #3 --fa4 again")):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness.upstream import fa4_universe, pip_env, torch_wheel
+from tests.integration.harness.wheels import build_sdist
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -34,16 +35,20 @@ def _port() -> int:
 
 
 def _venv_with_torch(tmp: Path) -> Path:
-    """A target venv with pip (like the device's torch env) and the stand-in torch of the h100-cu130 profile."""
+    """A target venv with pip (like the device's torch env), the stand-in torch of the h100-cu130 profile and a
+    stand-in ``ninja`` beside its python (the build playbook looks there; the device's torch venv has one)."""
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "target")], check=True)
     py = tmp / "target" / "bin" / "python"
     wheel = torch_wheel(tmp / "torch", "2.11.0+cu130")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(wheel)], check=True,
                    env=pip_env())
+    ninja = tmp / "target" / "bin" / "ninja"
+    ninja.write_text("#!/bin/sh\necho 1.11.1.stand-in\n")
+    ninja.chmod(0o755)
     return py
 
 
-def _device_script(tmp_path: Path, phase: str) -> Path:
+def _device_script(tmp_path: Path, phase: str, extra_env: dict[str, str] | None = None) -> Path:
     """Run ``scripts/device/e2e_fa4.sh PHASE`` as the device would (stand-in FA4 wheels, a venv with a stand-in
     torch, the h100-cu130 facts) and unpack what it brings back; returns that folder."""
     universe = fa4_universe(tmp_path / "universe")
@@ -52,10 +57,15 @@ def _device_script(tmp_path: Path, phase: str) -> Path:
     for f in universe.index_files:
         (wheels / f.name).write_bytes(f.read_bytes())
     py = _venv_with_torch(tmp_path)
+    http = _port()
+    grpc = _port()
+    while grpc + 1 == http or grpc == http:  # the script listens for enrollment on the gRPC port + 1
+        grpc = _port()
     env = {**pip_env(), "E2E_PY": sys.executable, "E2E_PYTHON": str(py), "E2E_FA4_WHEELS": str(wheels),
            "E2E_SITE": "", "E2E_SIMULATE": "h100-cu130", "E2E_DIR": str(tmp_path / "run"),
-           "E2E_HTTP_PORT": str(_port()), "E2E_GRPC_PORT": str(_port()), "E2E_WAIT": "300",
-           "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+           "E2E_HTTP_PORT": str(http), "E2E_GRPC_PORT": str(grpc), "E2E_WAIT": "300",
+           "OUT": str(tmp_path / "out"), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           **(extra_env or {})}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(["bash", "scripts/device/e2e_fa4.sh", phase], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=850)
@@ -131,3 +141,44 @@ def test_attention_phase_of_the_device_script(tmp_path: Path) -> None:
     timing = (c / "timing.txt").read_text()  # the attention flow's spans, not the --fa4 flow's
     assert "verify1 (" in timing and "rollout #1 (--prefer fastest --workload prefill)" in timing, timing
     assert "rollback" not in timing and "issue 16" in json.loads((c / "meta.json").read_text())["what"]
+
+
+@pytest.mark.timeout(900)
+def test_attention_fa2_phase_of_the_device_script(tmp_path: Path) -> None:
+    """`e2e_fa4.sh attention-fa2` rehearsed: the trimmed FA2 sdist (a stand-in that builds a wheel with the trimmed
+    version, as the real one does) stored under the name the plan looks up, rollout #1 builds it through the agent,
+    uploads and installs it; rollout #2 installs FA4 beside it; both stay installed for the full verification."""
+    trimmed = "2.8.3+trim.hd64.hd128"
+    sdist = build_sdist(tmp_path / "sdist", version=trimmed)
+    c = _device_script(tmp_path, "attention-fa2", {"E2E_FA2_SDIST": str(sdist)})
+
+    (p1,) = json.loads((c / "plan1.json").read_text())["nodes"]
+    assert (p1["variant"], p1["version"]) == ("fa2-source", "2.8.3"), p1
+    r1 = json.loads((c / "rollout1.json").read_text())
+    (build,) = r1["builds"]
+    assert build["status"] == "succeeded" and build["artifact_filename"].startswith(f"flash_attn-{trimmed}-")
+    assert any(t["cause"] == "install-wheel succeeded" for t in r1["transitions"]), r1["transitions"]
+    jobs = [json.loads(p.read_text()) for p in (c / "jobs").glob("*.json")]
+    bj = next(j for j in jobs if j["kind"] == "build-from-source")
+    events = [e["event"] for e in bj["events"]]
+    assert bj["status"] == "successful" and "fleet_artifact_fetch" in events and "fleet_artifact_upload" in events
+    built_env = bj["result"]["built_wheel"]
+    assert built_env["cuda_archs"] == "90"  # the H100/H200 profile's arch, as the playbook passes it
+    assert f"flash-attn=={trimmed}" in (c / "venv-after-rollout1.txt").read_text()
+    arts = {a["filename"]: a for a in json.loads((c / "artifacts.json").read_text())["artifacts"]}
+    assert arts["flash_attn-2.8.3.tar.gz"]["kind"] == "sdist"  # the plan's name; the file says it is trimmed
+
+    (p2,) = json.loads((c / "plan2.json").read_text())["nodes"]
+    assert p2["variant"] == "fa4"
+    r2 = json.loads((c / "rollout2.json").read_text())
+    assert r2["id"] != r1["id"]
+    assert any(t["cause"] == "install-wheel succeeded" for t in r2["transitions"]), r2["transitions"]
+    after = (c / "venv-after-rollout2.txt").read_text()
+    # FA4 installed beside FA2: FA2's distribution and its flash_attn package are still there
+    assert f"flash-attn=={trimmed}" in after and "flash-attn-4==4.0.0b36" in after, after
+    assert "pip check rc=0" in after and "import flash_attn: ok" in after, after
+    for w in ("training", "prefill", "decode"):
+        assert "rehearsal-h200" in (c / f"plan-fastest-{w}-after.txt").read_text()
+    timing = (c / "timing.txt").read_text()
+    assert "rollout #1 (FA2 from the trimmed sdist" in timing and "rollout #2 (--fa4 beside FA2" in timing, timing
+    assert "attention-fa2" in json.loads((c / "meta.json").read_text())["what"]
