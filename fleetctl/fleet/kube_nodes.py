@@ -47,6 +47,8 @@ CORDONED_BY = LABEL_PREFIX + "cordoned-by"
 # (application/json-patch+json, which wants a list of operations) is refused with 400
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 IN_CLUSTER = "in-cluster"
+# one request's limit (connect and read): an API server that accepts and never answers must not hang a step
+REQUEST_TIMEOUT_S = 30.0
 # (API group, resource, verb) each side calls; deploy/kubernetes/agent-daemonset.yaml grants exactly these
 # (tests/unit/controller_core/test_kubernetes_manifest.py)
 AGENT_RBAC = (("", "nodes", "get"), ("", "nodes", "patch"), ("", "pods", "list"), ("", "pods/eviction", "create"))
@@ -115,18 +117,18 @@ def pods_to_evict(pods: Sequence[V1Pod]) -> list[PodRef]:
 @dataclass(frozen=True)
 class DrainPolicy:
     """``timeout_s``: the longest a drain may take (evictions a PodDisruptionBudget refuses are retried every
-    ``retry_s`` until then); ``grace_period_s``: the evicted pods' termination grace (None: each pod's own)."""
+    ``retry_s`` until then). Evicted pods get their own termination grace period."""
 
     timeout_s: float = 600.0
     retry_s: float = 5.0
-    grace_period_s: int | None = None
 
 
 def _api_error(what: str, exc: Exception) -> KubernetesError:
     status = getattr(exc, "status", None)
     reason = getattr(exc, "reason", None) or exc.__class__.__name__
     hint = {401: "the service account token or kubeconfig credentials are not accepted",
-            403: "grant the agent's service account the RBAC rules in deploy/kubernetes/agent-daemonset.yaml",
+            403: "grant this account the RBAC rules of deploy/kubernetes/agent-daemonset.yaml (ClusterRole "
+                 "fleetctl:agent for the agent, fleetctl:controller-labels for the controller)",
             404: "check that the node name (the agent's --hostname, spec.nodeName) is the Kubernetes node's"}
     return KubernetesError(f"Kubernetes API: {what} failed ({status or ''} {reason})".replace("( ", "("),
                            hint=hint.get(status or 0, "check that the API server is reachable from this host"))
@@ -135,14 +137,12 @@ def _api_error(what: str, exc: Exception) -> KubernetesError:
 class KubernetesNode:
     """One Kubernetes node, by name, through an ``ApiClient`` (``connect`` builds one)."""
 
-    def __init__(self, api_client: ApiClient, node_name: str, *,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, api_client: ApiClient, node_name: str) -> None:
         from kubernetes import client
 
         self.name = node_name
         self._core = client.CoreV1Api(api_client)
         self._client = client
-        self._sleep, self._clock = sleep, clock
 
     @classmethod
     def connect(cls, node_name: str, credentials: str = IN_CLUSTER) -> KubernetesNode:
@@ -171,7 +171,7 @@ class KubernetesNode:
         from urllib3.exceptions import HTTPError
 
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, _request_timeout=REQUEST_TIMEOUT_S, **kwargs)
         except (ApiException, HTTPError, OSError) as exc:
             raise _api_error(what, exc) from exc
 
@@ -217,8 +217,9 @@ class KubernetesNode:
         fails naming the pods still there (the node stays cordoned: the caller decides). ``progress`` gets a line
         for each wait."""
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
-        deadline = self._clock() + policy.timeout_s
+        deadline = time.monotonic() + policy.timeout_s
         targets = pods_to_evict(self.pods())
         pending = list(targets)
         while pending:
@@ -227,10 +228,13 @@ class KubernetesNode:
                 body = self._client.V1Eviction(
                     api_version="policy/v1", kind="Eviction",
                     metadata=self._client.V1ObjectMeta(name=pod.name, namespace=pod.namespace),
-                    delete_options=self._client.V1DeleteOptions(grace_period_seconds=policy.grace_period_s))
+                    delete_options=self._client.V1DeleteOptions())
                 try:
-                    self._core.create_namespaced_pod_eviction(pod.name, pod.namespace, body)
+                    self._core.create_namespaced_pod_eviction(pod.name, pod.namespace, body,
+                                                              _request_timeout=REQUEST_TIMEOUT_S)
                     log.info("evicting %s from %s", pod, self.name)
+                except (HTTPError, OSError) as exc:
+                    raise _api_error(f"evict {pod}", exc) from exc
                 except ApiException as exc:
                     if exc.status == 404:  # gone already
                         continue
@@ -240,14 +244,14 @@ class KubernetesNode:
                     raise _api_error(f"evict {pod}", exc) from exc
             pending = refused
             if pending:
-                if self._clock() >= deadline:
+                if time.monotonic() >= deadline:
                     raise KubernetesError(
                         f"drain of {self.name} timed out after {policy.timeout_s:g}s: the PodDisruptionBudget of "
                         f"{', '.join(map(str, pending))} refuses the eviction",
                         hint="scale the workload up or relax its PodDisruptionBudget, then retry the step")
                 progress(f"eviction of {', '.join(map(str, pending))} refused by a PodDisruptionBudget; "
                          f"retrying in {policy.retry_s:g}s")
-                self._sleep(policy.retry_s)
+                time.sleep(policy.retry_s)
         if targets:
             progress(f"evicted {', '.join(map(str, targets))}; waiting until they are gone")
         self._wait_gone(targets, deadline, policy)
@@ -260,12 +264,12 @@ class KubernetesNode:
                     for p in self.pods() if p.metadata is not None and p.metadata.uid in uids]
             if not left:
                 return
-            if self._clock() >= deadline:
+            if time.monotonic() >= deadline:
                 raise KubernetesError(
                     f"drain of {self.name} timed out after {policy.timeout_s:g}s: "
                     f"{', '.join(map(str, left))} still terminating",
                     hint="check the pods' terminationGracePeriodSeconds and finalizers, then retry the step")
-            self._sleep(min(policy.retry_s, 1.0))
+            time.sleep(min(policy.retry_s, 1.0))
 
     def set_labels(self, labels: Mapping[str, str | None]) -> None:
         """Set (or, for ``None``, remove) labels on the node in one strategic-merge PATCH."""

@@ -6,11 +6,14 @@ client sends is recorded and the sequence is asserted."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fleetctl.fleet import kube_nodes
 from fleetctl.fleet.kube_nodes import (
     CORDONED_BY,
     LABEL_FLASH_ATTN_VERSION,
@@ -141,3 +144,18 @@ def test_refused_credentials_and_unknown_node_say_what_to_fix(cluster: RunningAp
     with pytest.raises(KubernetesError) as err:
         KubernetesNode.connect(NODE, str(tmp_path / "missing-kubeconfig"))
     assert err.value.hint and "kubeconfig" in err.value.hint
+
+
+def test_an_api_server_that_never_answers_ends_in_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube_nodes, "REQUEST_TIMEOUT_S", 0.3)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with running_apiserver(ClusterState(), tmp_path) as server:
+            kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
+        kubeconfig.write_text(kubeconfig.read_text().replace(server.url, f"https://127.0.0.1:{silent.getsockname()[1]}"))
+        started = time.monotonic()
+        with pytest.raises(KubernetesError) as err:
+            KubernetesNode.connect(NODE, str(kubeconfig)).cordon("x")
+    assert time.monotonic() - started < 20
+    assert err.value.hint and "reachable" in err.value.hint
