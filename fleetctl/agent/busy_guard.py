@@ -93,6 +93,8 @@ class BusyGuard:
         if job.kind == "verify":
             variables[GPUS_VAR] = list(decision.gpus)
         outcome = await self.inner.run(dataclasses.replace(job, vars=variables), emit_event)
+        if job.kind == "verify" and decision.gpus:  # which GPUs were measured, whatever the runner reports
+            outcome.result.setdefault("gpus", list(decision.gpus))
         if said:  # the result says the step waited for the node's users
             outcome.result.setdefault("busy_wait_s", round(waited, 1))
         return outcome

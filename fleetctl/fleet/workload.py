@@ -71,6 +71,12 @@ class GpuChoice:
     def __str__(self) -> str:
         return ",".join(map(str, self.indices)) if self.mode == GpuMode.LISTED else str(self.mode)
 
+    def most_measured(self, gpu_count: int) -> int:
+        """The most GPUs a verification measures on a node with ``gpu_count`` (one bench each)."""
+        if self.mode == GpuMode.ANY:
+            return 1
+        return len(self.indices) if self.mode == GpuMode.LISTED else max(1, gpu_count)
+
 
 @dataclass(frozen=True)
 class BusyPolicy:
@@ -215,6 +221,15 @@ def decide(report: UseReport, policy: BusyPolicy, *, kind: str, waited_s: float 
         return Decision(Verdict.FAIL, (), f"{kind} not started: {what} after waiting {waited_s:.0f}s "
                         f"(--busy-timeout {policy.timeout_s:g}): {held}{label}", busy)
     return Decision(Verdict.WAIT, (), f"waiting, {what}: {held}{label}", busy)
+
+
+def wait_allowance_s(policy_vars: Any, kind: str) -> int:
+    """Seconds a ``kind`` job's timeout grows by so that its agent can wait for idle GPUs under the policy
+    ``policy_vars`` (``BusyPolicy.to_vars``, None: the default) and still have the step's own time after."""
+    if kind not in DISTURBING_KINDS:
+        return 0
+    policy = BusyPolicy.from_vars(policy_vars)
+    return int(policy.timeout_s) + 60 if policy.when_busy == WhenBusy.WAIT else 0
 
 
 def busy_refusal(result: Any) -> Mapping[str, Any] | None:

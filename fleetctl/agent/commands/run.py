@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from fleetctl.agent.artifact_jobs import ArtifactJobRunner
+from fleetctl.agent.busy_guard import DEFAULT_POLL_S, BusyGuard
 from fleetctl.agent.client import APPROVAL_TIMEOUT, CONNECT_TIMEOUT, STOP_GRACE, Agent, AgentConfig, NoExecutor
 from fleetctl.agent.command_hook import CommandHook
 from fleetctl.agent.executor import AnsibleJobRunner
+from fleetctl.agent.gpu_use import GpuUseSource, NvmlGpuUse, SimulatedGpuUse
 from fleetctl.agent.jobs import JobRunner
 from fleetctl.agent.kubernetes_hook import KubernetesHook
 from fleetctl.agent.probes import Probes, collect_facts
@@ -64,6 +66,9 @@ def register(subparsers: Any) -> None:
                    help="interpreter Ansible modules run with on this node (default /usr/bin/python3 if present, "
                         "else the agent's own)")
     p.add_argument("--server-name", metavar="NAME", help="TLS server name to verify (default: the address)")
+    p.add_argument("--busy-poll", type=float, default=DEFAULT_POLL_S, metavar="S",
+                   help="while a step waits for users' jobs to leave the GPUs, how often GPU use is read "
+                        f"(default {DEFAULT_POLL_S:g}; docs/rollout.md, 'Busy GPUs')")
     p.add_argument("--upload-retry-minutes", type=float, default=30.0, metavar="M",
                    help="how long a built wheel's upload to the controller is retried (resumed where it stopped) "
                         "across controller restarts, lost connections, a full disk or database errors there, "
@@ -194,6 +199,14 @@ def ansible_python(args: argparse.Namespace) -> str:
     return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 
+def gpu_use(args: argparse.Namespace) -> GpuUseSource:
+    """Where the busy check reads GPU use: NVML, or for a simulated node (--simulate) its simulated GPUs, held by
+    processes named in STATE/simulated-gpu-use/gpu<N>.pid (agent/gpu_use.py)."""
+    if args.simulate:
+        return SimulatedGpuUse(args.state_dir, [g.index for g in load_profile(args.simulate, args.hostname).gpus])
+    return NvmlGpuUse()
+
+
 def make_runner(args: argparse.Namespace) -> JobRunner:
     absolute_paths(args)  # idempotent; handle() has done it already
     if args.executor in ("none", "simulated"):  # simulated: replaced by agent.simexec in handle()
@@ -204,7 +217,9 @@ def make_runner(args: argparse.Namespace) -> JobRunner:
     # verify jobs run agent/verify/bench.py in the node's target Python (agent/verify/job.py)
     composite = CompositeRunner({"verify": VerifyJobRunner(target_python(args), args.state_dir / "verify")}, playbooks)
     # the node leaves its scheduler around each disturbing step, once the step's artifacts are here
-    hooked = HookedJobRunner(composite, scheduler_hooks(args))
+    # inside the hooks: a drained node gets no new job while the step waits for its GPUs to be idle
+    guarded = BusyGuard(composite, gpu_use(args), poll_s=getattr(args, "busy_poll", DEFAULT_POLL_S))
+    hooked = HookedJobRunner(guarded, scheduler_hooks(args))
     # sdists and wheels come from the controller's artifact store; built wheels go back there
     return ArtifactJobRunner(hooked, args.state_dir / "artifacts",
                              upload_retry_s=args.upload_retry_minutes * 60)
@@ -274,8 +289,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.executor == "simulated":  # a simulated node's jobs change its simulated facts (agent/simexec.py)
         if not args.simulate:
             raise UsageError("--executor simulated needs --simulate PROFILE", hint="real nodes use --executor ansible")
-        runner = SimulatedJobRunner(facts, args.state_dir / "jobs")
-        facts = runner.current_facts
+        simulated = SimulatedJobRunner(facts, args.state_dir / "jobs")
+        runner, facts = BusyGuard(simulated, gpu_use(args), poll_s=args.busy_poll), simulated.current_facts
     if args.executor != "ansible" and (args.scheduler != "none" or args.pre_step_hook or args.post_step_hook):
         raise UsageError(f"scheduler hooks need --executor ansible (this agent runs --executor {args.executor})",
                          hint="drop --scheduler and --pre/--post-step-hook, or run jobs with --executor ansible")

@@ -83,8 +83,8 @@ class VerifyJobRunner:
         except FleetError as exc:
             return JobOutcome(job.job_id, JobStatus.ERROR, rc=2, result={}, error=f"bad verify job: {exc.message}")
         devices = self.devices(job)
-        # one bench per GPU, one after the other, sharing the bench's time
-        share = max(5.0, req.total_timeout / len(devices))
+        # one bench per GPU, one after the other: each gets the mode's time, as far as the job's timeout allows
+        share = max(5.0, min(req.total_timeout, (job.timeout_s - 10.0) / len(devices)))
         measured: list[tuple[int | None, VerificationResult]] = []
         for index, device in devices:
             one = dataclasses.replace(req, device=device, timeout_s=share,

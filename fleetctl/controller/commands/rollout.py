@@ -86,6 +86,14 @@ def register(subparsers: Any) -> None:
                    help="per-step timeouts in seconds, e.g. install-wheel=600,verify=300")
     p.add_argument("--verify-mode", choices=("quick", "full"),
                    help="the verify step's benchmark: quick (default) or full (every shape, SDPA backends, e2e)")
+    p.add_argument("--when-busy", choices=("wait", "skip", "fail"),
+                   help="when users' jobs hold a node's GPUs before an install, build, rollback or verify step: wait "
+                   "for them (default), skip the node (state skipped-busy, not a failure) or fail it (docs/rollout.md)")
+    p.add_argument("--busy-timeout", type=float, metavar="S",
+                   help="with --when-busy wait: how long a step waits for idle GPUs, then fails naming them "
+                   "(default 1800)")
+    p.add_argument("--verify-gpus", metavar="any|all|idle|0,1",
+                   help="the GPUs the verify step measures: one idle GPU (any, default), all, the idle ones, or these")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4 (CuTe DSL, wheels only) where it runs "
                    "(cc 9.x-12.x, Python >= 3.10, CUDA 12/13 torch); FA2 elsewhere")
     p.add_argument("--fa3", action="store_true", help="FA3 (hopper/, source build) on Hopper nodes; FA2 elsewhere")
@@ -221,6 +229,10 @@ def _print_plan(out: dict[str, Any]) -> None:
               f"bake {o['bake_seconds']:g}s after each batch" if o.get("bake_seconds") else ""]
     if any(policy):
         print(f"  maintenance: {', '.join(p for p in policy if p)}")
+    busy = o.get("busy_policy") or {}
+    if busy:
+        print(f"  busy GPUs: --when-busy {busy['when_busy']}, --busy-timeout {busy['timeout_s']:g}, "
+              f"--verify-gpus {busy['gpus']}")
 
 
 def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,6 +286,7 @@ def handle_start(args: argparse.Namespace) -> int:
             "builders": [h.strip() for h in (args.builder or "").split(",") if h.strip()], **_policy_fields(args)}
     if args.verify_mode:
         body["verify_mode"] = args.verify_mode
+    body.update(when_busy=args.when_busy, busy_timeout=args.busy_timeout, gpus=args.verify_gpus)
     body.update(max_unavailable=args.max_unavailable, windows=args.window or [], window_zone=args.window_tz,
                 pause_after_canary=args.pause_after_canary, bake_time=args.bake_time,
                 notify_webhooks=args.notify_webhook or [])

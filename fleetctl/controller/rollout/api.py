@@ -21,6 +21,7 @@ from fleetctl.controller.api_tokens import Principal
 from fleetctl.controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
 from fleetctl.controller.rollout import service
 from fleetctl.controller.rollout.core import selection_text
+from fleetctl.fleet.workload import BusyPolicy
 
 
 class StartBody(BaseModel):
@@ -37,6 +38,9 @@ class StartBody(BaseModel):
     min_free_bytes: int | None = Field(default=None, ge=0)
     builders: list[str] = Field(default_factory=list, max_length=1000)
     verify_mode: str | None = Field(default=None, pattern="^(quick|full)$")
+    when_busy: str | None = None  # wait | skip | fail (fleet/workload.py; default wait)
+    busy_timeout: float | None = None  # seconds a step waits for idle GPUs (default 1800)
+    gpus: str | None = None  # the verify step's GPUs: any | all | idle | 0,1 (default any)
     fa3: bool = False
     fa4: bool = False
     source_builds: bool = True
@@ -78,6 +82,7 @@ def router() -> APIRouter:
                                      windows=tuple(body.windows), window_zone=body.window_zone,
                                      pause_after_canary=body.pause_after_canary, bake_time=body.bake_time,
                                      notify_webhooks=tuple(body.notify_webhooks), actor=actor.name,
+                                     busy=BusyPolicy.of(body.when_busy, body.busy_timeout, body.gpus),
                                      on_behalf_of=_on_behalf_of(actor, body.actor))
         out = service.start_rollout(ctx.store, req, state_dir=ctx.settings.state_dir, provisioner=ctx.provisioner)
         ctx.rollout_engine.wake()

@@ -84,6 +84,7 @@ from fleetctl.controller.verify_store.views import degraded_among
 from fleetctl.fleet.errors import ConflictError, FleetError, NotFoundError
 from fleetctl.fleet.jobs import JobOutcome, JobStatus
 from fleetctl.fleet.verification import judge_job
+from fleetctl.fleet.workload import DISTURBING_KINDS, POLICY_VAR, skipped_busy, wait_allowance_s
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ class RolloutEngine:
                                     busy=self._busy(rid, n, now, running),
                                     builder=bool(n.build_key and builds.get(n.build_key)
                                                  and builds[n.build_key].builder == n.hostname),
+                                    after=(n.plan.get("shared_env") or {}).get("installer"),
                                     health=health.get(n.hostname, NodeStatus.ONLINE))
                        for n in nodes],
                 builds={k: BuildSnapshot(k, BuildStatus(b.status), b.builder) for k, b in builds.items()},
@@ -666,6 +668,10 @@ class RolloutEngine:
                 if state == State.PLANNED:
                     if r.status != RolloutStatus.RUNNING:
                         return None
+                    unshared = self._shared_env_problem(s, n)
+                    if unshared:
+                        record(s, rid, n, State.FAILED, unshared)
+                        return None
                     nxt = next_state(plan, self._is_builder(s, n), State.PLANNED)
                     nxt = self._skip_wait(s, n, nxt)
                     record(s, rid, n, nxt, f"batch {n.batch} started" + (" (canary)" if n.canary else ""))
@@ -703,13 +709,18 @@ class RolloutEngine:
                         return None
                     if b is not None:
                         b.status, b.builder, b.attempts, b.rollout_id = BuildStatus.BUILDING, host, b.attempts + 1, rid
-            timeout = int((opts.get("step_timeouts") or {}).get(kind) or self._default_timeout(kind, plan))
+            explicit = (opts.get("step_timeouts") or {}).get(kind)
+            timeout = int(explicit or self._default_timeout(kind, plan))
+            if not explicit:  # the agent may wait for idle GPUs first (a --step-timeout is the step's whole time)
+                timeout += wait_allowance_s(opts.get("busy_policy"), kind)
             if n.step_started_at is None:
                 n.step_started_at = now
                 n.step_deadline = now + dt.timedelta(seconds=timeout)
             started = n.step_started_at
             deadline = n.step_deadline or started + dt.timedelta(seconds=timeout)
             job_vars = self._job_vars(s, r, n, plan, state)
+            if kind in DISTURBING_KINDS and opts.get("busy_policy"):
+                job_vars[POLICY_VAR] = opts["busy_policy"]  # the agent's busy-GPU check takes it (agent/busy_guard.py)
             return StepRun(rid, host, state, kind, job_vars, timeout, n.job_id, started, deadline,
                            self._provision(s, n, state))
         # the session commits here: the step's state and start time are durable before the job is submitted
@@ -970,7 +981,8 @@ class RolloutEngine:
             result[str(step.state)] = {"job_id": outcome.job_id, "status": outcome.status,
                                        **{k: v for k, v in (outcome.result or {}).items()
                                           if k in ("built_wheel", "stats", "verification", "passed", "summary",
-                                                   "vanished", "reasons", "rollback")}}
+                                                   "vanished", "reasons", "rollback", "busy", "busy_wait_s",
+                                                   "gpus")}}
             n.result = result
             job = outcome.job_id
             if not outcome.ok and step.state == State.VERIFY and _NO_VERIFY_RE.search(outcome.error or ""):
@@ -978,6 +990,9 @@ class RolloutEngine:
                 if floor is not None:
                     record(s, step.rollout_id, n, State.DONE, floor, job_id=job)
                     return
+            if skipped_busy(outcome.result) and step.state != State.ROLLING_BACK:  # a rollback is never skipped
+                self._skip_busy(s, n, step, outcome)
+                return
             if not outcome.ok:
                 self._fail(s, n, step, outcome)
                 return
@@ -1069,6 +1084,32 @@ class RolloutEngine:
         elif n.build_key and self._is_builder(s, n):
             self._reelect(s, n)
         record(s, step.rollout_id, n, State.FAILED, cause, job_id=outcome.job_id)
+
+    def _skip_busy(self, s: Session, n: RolloutNode, step: StepRun, outcome: JobOutcome) -> None:
+        """``--when-busy skip`` and the node's GPUs were busy: nothing ran there. The node is ``skipped-busy`` (still
+        to do: ``resume --retry-failed``, never counted failed); a builder hands its build to another node of its
+        key."""
+        record(s, step.rollout_id, n, State.SKIPPED_BUSY, outcome.error or "skipped: GPUs busy", job_id=outcome.job_id)
+        if step.state == State.BUILD and n.build_key:
+            b = s.get(Build, n.build_key)
+            if b is not None and b.status == BuildStatus.BUILDING:
+                b.status = BuildStatus.PENDING
+                self._reelect(s, n)
+
+    @staticmethod
+    def _shared_env_problem(s: Session, n: RolloutNode) -> str | None:
+        """A node that only verifies a shared target env (``plan.shared_env``, core.shared_env_installers) starts once
+        its installer has finished: why it cannot go on when the installer did not get to ``done``, else None."""
+        installer = (n.plan.get("shared_env") or {}).get("installer")
+        if not installer:
+            return None
+        lead = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == n.rollout_id,
+                                                  RolloutNode.hostname == installer))
+        if lead is not None and lead.state == State.DONE:
+            return None
+        where = f"{lead.state}: {lead.cause[:300]}" if lead is not None else "not in this rollout"
+        return (f"shared env not installed: {installer}, which installs it for this node, is {where} — fix that "
+                f"node, then `fleetctl rollout resume {n.rollout_id} --retry-failed`")
 
     def _reelect(self, s: Session, failed: RolloutNode) -> None:
         """The builder failed before building: hand the build to another node of the same key."""

@@ -60,6 +60,7 @@ from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, Roll
 from fleetctl.controller.store import Store, utcnow
 from fleetctl.controller.store.models import Job, Node
 from fleetctl.fleet.errors import ConflictError, NotFoundError, StaleFactsError, UsageError
+from fleetctl.fleet.workload import BusyPolicy
 
 _create_lock = threading.Lock()
 MAX_PARALLEL_DEFAULT = 50
@@ -78,6 +79,7 @@ class RolloutRequest:
     min_free_bytes: int | None = None
     builders: tuple[str, ...] = ()  # dedicated builder hosts (one per build key)
     verify_mode: str | None = None  # the verify step's bench mode: quick (default) | full
+    busy: BusyPolicy = field(default_factory=BusyPolicy)  # --when-busy/--busy-timeout/--gpus (fleet/workload.py)
     fa3: bool = False  # --fa3: FA3 (hopper/) source builds on Hopper nodes
     fa4: bool = False  # --fa4: flash-attn-4 where it runs
     source_builds: bool = True  # False: never compile on a node (wheels or nothing)
@@ -241,6 +243,7 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         options["min_free_bytes"] = req.min_free_bytes
     if req.verify_mode:
         options["verify_mode"] = req.verify_mode
+    options["busy_policy"] = req.busy.to_vars()  # what each disturbing step's agent does when its GPUs are busy
     # what the failed nodes are re-planned with on `resume --retry-failed`
     policy_options: dict[str, Any] = {"fa3": req.fa3, "fa4": req.fa4, "source_builds": req.source_builds,
                                       "prefer": req.prefer, "workload": req.workload}
@@ -605,7 +608,7 @@ def resume(target: Store | Any, rid: str, actor: str, *, retry_failed: bool = Fa
             opts["max_failures"] = str(parse_budget(max_failures))
         nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == r.id)))
         retried = 0
-        failed_nodes = [n for n in nodes if n.state == State.FAILED] if retry_failed else []
+        failed_nodes = [n for n in nodes if n.state in (State.FAILED, State.SKIPPED_BUSY)] if retry_failed else []
         if r.status == RolloutStatus.PARTIAL:
             failed_nodes = [n for n in failed_nodes if not _in_newer_rollout(s, r, n)]
         replans = _replan(s, r, failed_nodes, state_dir, provisioner) if failed_nodes else {}
@@ -762,7 +765,7 @@ def rollback(target: Store | Any, rid: str, actor: str, *, on_behalf_of: str | N
             if st not in TERMINAL and n.job_id is not None:
                 raise ConflictError(f"node {n.hostname} is in the middle of {n.step} (job {n.job_id})",
                                     hint="wait for its step to finish (`fleetctl rollout status`), then roll back")
-            if st in (State.DONE, State.FAILED) or (st == State.SKIPPED and moved):
+            if st in (State.DONE, State.FAILED) or (st in (State.SKIPPED, State.SKIPPED_BUSY) and moved):
                 record(s, r.id, n, State.ROLLING_BACK, f"rollback requested by {actor}", actor=actor)
                 touched += 1
             elif st not in TERMINAL:

@@ -79,7 +79,7 @@ def test_wait_times_out_with_the_processes_named() -> None:
 def test_verify_gets_the_chosen_gpus_and_other_kinds_are_not_checked() -> None:
     inner, use = Recorder(), Scripted(BUSY)
     outcome, _ = run(BusyGuard(inner, use), JobSpec("j4", "verify", {"busy_policy": {"gpus": "idle"}}))
-    assert outcome.ok and inner.jobs[0].vars == {"gpu_indices": [1]}
+    assert outcome.ok and inner.jobs[0].vars == {"gpu_indices": [1]} and outcome.result["gpus"] == [1]
     run(BusyGuard(inner, use), JobSpec("j5", "apt-keyring-fix", {"gpu_indices": [0]}))
     assert use.reads == 1 and inner.jobs[1].vars == {}  # a job cannot pick its GPUs past the check
 

@@ -18,6 +18,7 @@ from fleetctl.fleet.workload import (
     busy_refusal,
     decide,
     skipped_busy,
+    wait_allowance_s,
 )
 
 IDLE = GpuUse(0, 0)
@@ -124,3 +125,14 @@ def test_bad_policy_variable_is_refused() -> None:
         BusyPolicy.from_vars("wait")
     with pytest.raises(UsageError, match="timeout_s is not a number"):
         BusyPolicy.from_vars({"timeout_s": "10"})
+
+
+def test_a_waiting_step_gets_its_wait_added_to_its_timeout() -> None:
+    assert wait_allowance_s(None, "install-wheel") == DEFAULT_BUSY_TIMEOUT_S + 60
+    assert wait_allowance_s({"when_busy": "wait", "timeout_s": 120}, "verify") == 180
+    assert wait_allowance_s({"when_busy": "skip"}, "verify") == 0
+    assert wait_allowance_s(None, "cuda-toolkit") == 0  # not a disturbing step: no check, no wait
+
+
+def test_how_many_benches_a_verification_runs() -> None:
+    assert [GpuChoice.parse(t).most_measured(8) for t in ("any", "all", "idle", "0,3")] == [1, 8, 8, 2]

@@ -25,7 +25,7 @@ def test_each_chosen_gpu_is_measured_in_pci_order(tmp_path: Path) -> None:
     for gpu in (1, 3):
         args = json.loads(next((tmp_path / "verify" / "j1" / f"gpu{gpu}").glob("*.args")).read_text())
         devices.append(args[args.index("--device") + 1])
-        assert float(args[args.index("--timeout") + 1]) < 150  # the two benches share the quick bench's time
+        assert float(args[args.index("--timeout") + 1]) < 145  # two benches fit in the job's 300 s
     assert devices == ["cuda:1", "cuda:3"]
     assert [e["event_data"].get("gpu") for e in events] == [1, 1, 3, 3]
 
