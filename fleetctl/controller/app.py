@@ -40,6 +40,7 @@ from fastapi import FastAPI
 from fleetctl.controller import web
 from fleetctl.controller.api import create_app
 from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.leases import Held, LeaderDuty
 from fleetctl.controller.rollout_traces import RolloutTraces, tracer_provider
 from fleetctl.controller.server import housekeeping, start_grpc
 from fleetctl.controller.settings import ControllerSettings
@@ -247,8 +248,13 @@ async def _start_parts(rc: RunningController) -> None:
     rc.started_part("verification", detach)
     await verification.recover()  # records an earlier fault left unrecorded (off the loop, retried)
     if settings.scheduler:
-        rc.run("verify-scheduler", verification.run_scheduler(settings.scheduler_tick),
-               _cancelling(rc, "verify-scheduler"))
+        # one controller of those sharing the database runs the schedules: the holder of a leader lease (docs/ha.md)
+        async def run_schedules(_: Held) -> None:
+            await verification.run_scheduler(settings.scheduler_tick)
+
+        scheduler = LeaderDuty(ctx.store, "verify-scheduler", run_schedules, holder=ctx.registry.holder,
+                               ttl=settings.rollout_lease_ttl)
+        rc.run("verify-scheduler", scheduler.run(), scheduler.stop)
 
     rc.run("webhooks", ctx.webhooks.run(), ctx.webhooks.stop)  # before the engine: it queues notifications
     engine = ctx.rollout_engine

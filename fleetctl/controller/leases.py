@@ -12,21 +12,37 @@ Tables (this module owns them; their rules live with their users):
 
 * ``agent_sessions`` — per node, the lease of its agent's session with the controller that hears it; the
   registry (controller/registry.py) renews it with its heartbeat batches and judges liveness by it.
+* ``leases`` — leader leases of background duties (``acquire``, ``release``): one holder per name until
+  ``expires_at``, and a fencing token that grows by one each time the lease changes hands. A write guarded by
+  ``fence(name, token, now)`` does nothing once another controller holds the lease, so a holder that stalled past
+  its expiry cannot overwrite its successor's work. ``LeaderDuty`` runs a duty only while its controller holds
+  the lease and cancels it the moment a renewal fails (the composition root, controller/app.py, runs it as a
+  part like every other loop).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy import BigInteger, ColumnElement, ForeignKey, String, Table, case, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from fleetctl.controller.store import Store
 from fleetctl.controller.store.models import Base
+
+log = logging.getLogger(__name__)
 
 
 def holder_id() -> str:
@@ -58,3 +74,153 @@ class AgentSession(Base):
     session_id: Mapped[str] = mapped_column(String(32))  # new when a controller starts hearing the agent
     started_at: Mapped[dt.datetime]  # when this session began (database clock)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)  # database clock
+
+
+class Lease(Base):
+    """A leader lease: which controller runs the background duty ``name`` until ``expires_at`` (database clock)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # "verify-scheduler", "rollout:<id>", …
+    holder: Mapped[str | None] = mapped_column(String(128))  # ``holder_id()``; None: released
+    token: Mapped[int] = mapped_column(BigInteger, default=0)  # fencing token: +1 whenever a new holder takes it
+    acquired_at: Mapped[dt.datetime | None]  # when the current holder took it (database clock)
+    expires_at: Mapped[dt.datetime | None]  # database clock
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease as its holder got it: the fencing token its writes carry, and until when it holds."""
+
+    name: str
+    holder: str
+    token: int
+    expires_at: dt.datetime
+
+
+def _table() -> Table:
+    table = Lease.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def acquire(session: Session, name: str, holder: str, ttl: float,
+            local_clock: Callable[[], float] = time.time) -> Held | None:
+    """Take lease ``name`` for ``ttl`` seconds, or renew it when ``holder`` has it; None while another holder's
+    lease runs. Taking it from another holder (expired) or after a release bumps the fencing token; a renewal
+    keeps it. One conditional UPDATE: of two controllers racing for an expired lease exactly one gets it."""
+    now = db_now(session, local_clock)
+    table = _table()
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(table).values(name=name, token=0).on_conflict_do_nothing(index_elements=[table.c.name]))
+    mine = table.c.holder == holder
+    expires = now + dt.timedelta(seconds=ttl)
+    token = session.scalar(
+        update(table)
+        .where(table.c.name == name, or_(mine, table.c.holder.is_(None), table.c.expires_at <= now))
+        .values(holder=holder, expires_at=expires, token=case((mine, table.c.token), else_=table.c.token + 1),
+                acquired_at=case((mine, table.c.acquired_at), else_=now))
+        .returning(table.c.token))
+    return None if token is None else Held(name, holder, int(token), expires)
+
+
+def release(session: Session, held: Held) -> bool:
+    """Give lease ``held`` up now (a clean stop: the next controller need not wait for the expiry); False when it
+    had already passed to another holder."""
+    table = _table()
+    result = session.execute(update(table).where(table.c.name == held.name, table.c.holder == held.holder,
+                                                 table.c.token == held.token)
+                             .values(holder=None, expires_at=None))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def fence(name: str, token: int, now: dt.datetime) -> ColumnElement[bool]:
+    """The condition a leader's write adds to its WHERE: lease ``name`` is still held with ``token`` and has not
+    expired at ``now`` (``db_now``). After another controller took the lease over, the write matches nothing."""
+    table = _table()
+    return exists().where(table.c.name == name, table.c.token == token, table.c.expires_at > now)
+
+
+class LeaderDuty:
+    """Runs ``duty(held)`` only while this controller holds lease ``name``: tries to take it every third of
+    ``ttl``, renews it as often while the duty runs, and cancels the duty at once when a renewal is refused
+    (another holder), fails, or cannot finish before the lease would expire by this controller's own clock.
+    Then it tries again, so a controller whose database came back takes its turn later. A duty that ends by
+    itself ends ``run`` with it (the composition root treats a loop's end as a failure)."""
+
+    def __init__(self, store: Store, name: str, duty: Callable[[Held], Coroutine[Any, Any, None]], *,
+                 holder: str, ttl: float) -> None:
+        self.store = store
+        self.name = name
+        self.duty = duty
+        self.holder = holder
+        self.ttl = ttl
+        self.every = ttl / 3
+        self.held: Held | None = None  # while the duty runs
+        self.terms = 0  # how many times this controller took the lease
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def _acquire(self, within: float) -> Held | None:
+        """``acquire`` off the event loop, given up after ``within`` seconds (None: not held, whatever the
+        database later does with the abandoned call)."""
+        def take() -> Held | None:
+            with self.store.session() as s:
+                return acquire(s, self.name, self.holder, self.ttl)
+
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.store.call(take)), max(0.01, within))
+        except TimeoutError:
+            log.warning("lease %s: the database did not answer within %.1fs", self.name, within)
+        except Exception as exc:
+            log.warning("lease %s: %s", self.name, getattr(exc, "message", exc))
+        return None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            started = loop.time()
+            held = await self._acquire(self.every)
+            if held is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), max(0.0, self.every - (loop.time() - started)))
+                continue
+            valid_until = started + self.ttl  # by this controller's clock: the call began before the database's now
+            self.held, self.terms = held, self.terms + 1
+            log.info("lease %s taken (token %d): this controller runs it", self.name, held.token)
+            task = self._task = asyncio.create_task(self.duty(held), name=f"{self.name} (leader, token {held.token})")
+            try:
+                while True:
+                    await asyncio.wait({task}, timeout=max(0.0, min(self.every, valid_until - loop.time())))
+                    if self._stopping.is_set():
+                        return
+                    if task.done():
+                        return task.result()  # the duty ended by itself: so does this part (its error with it)
+                    asked = loop.time()
+                    renewed = await self._acquire(valid_until - asked)
+                    if renewed is None or renewed.token != held.token:
+                        log.warning("lease %s lost (token %d): the duty stopped at once; another controller may "
+                                    "take it over", self.name, held.token)
+                        break
+                    valid_until = asked + self.ttl
+            finally:
+                self.held, self._task = None, None
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def stop(self) -> None:
+        """Stop the duty and release the lease (a clean stop: another controller need not wait for the expiry)."""
+        self._stopping.set()
+        held, task = self.held, self._task
+        if task is not None:
+            task.cancel()
+        if held is None:
+            return
+
+        def give_up() -> bool:
+            with self.store.session() as s:
+                return release(s, held)
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.store.call(give_up), 2.0)

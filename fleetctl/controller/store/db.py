@@ -268,6 +268,10 @@ def make_engine(url: str, timeouts: DbTimeouts = DbTimeouts()) -> Engine:
     return engine
 
 
+MIGRATION_LOCK_KEY = 0x666C656574  # "fleet": the PostgreSQL advisory lock that serialises migrations
+MIGRATION_LOCK_WAIT_MS = 120_000  # another controller's migration may take this long
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the schema to ``revision`` with Alembic, on ``engine``."""
     from alembic import command
@@ -278,6 +282,11 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # controllers starting together on one database migrate one after the other, not into each
+                # other's half-made tables (docs/ha.md); the lock goes with the transaction
+                conn.execute(text(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_WAIT_MS}"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
