@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import select
@@ -17,8 +20,10 @@ from sqlalchemy import select
 from fleetctl.controller.app import RunningController, start_controller
 from fleetctl.controller.audit import entries
 from fleetctl.controller.cli import main as fleetctl_main
+from fleetctl.controller.labels import parse_label_changes
 from fleetctl.controller.rollout.core import selection_text
 from fleetctl.controller.store.models import NodeLabel
+from fleetctl.controller.web.auth import add_user
 from tests.integration.fleet_support import controller_settings
 from tests.unit.controller_core.util import add_identity, facts
 
@@ -132,3 +137,29 @@ async def test_selectors_reach_verify_schedules_and_rollout_plans(labelled: Runn
     assert sorted(n["hostname"] for n in plan["nodes"]) == ["a", "c"] and plan["selector"] == "all -l env=prod"
     code, _, err = await fleetctl(rc, capsys, "rollout", "flash-attn", "--dry-run", "-l", "env=nowhere")
     assert code == 2 and "matches no node" in err
+
+
+async def test_the_dashboard_node_page_shows_labels_over_https(tmp_path: Path) -> None:
+    """The dashboard as a browser sees it: HTTPS verified with the controller's CA, a Secure session cookie, the
+    node page's labels line."""
+    rc = await start_controller(controller_settings(tmp_path / "controller", http_insecure=False))
+    try:
+        rc.ctx.registry.report_facts(add_identity(rc.ctx.store, "a"), facts("a"))
+        rc.ctx.registry.set_labels("a", parse_label_changes(["env=prod", "example.com/rack=r12"]), "admin")
+        add_user(rc.ctx.store, "olga", "viewer", "password-123")
+        assert rc.ctx.http_url and rc.ctx.http_url.startswith("https://")
+        verify = ssl.create_default_context(cafile=rc.ctx.settings.state_dir / "ca" / "ca.pem")
+        async with httpx.AsyncClient(base_url=rc.ctx.http_url, verify=verify) as client:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', (await client.get("/login")).text)
+            assert csrf is not None
+            login = await client.post("/login", data={"username": "olga", "password": "password-123",
+                                                      "csrf_token": csrf.group(1)})
+            assert login.status_code == 303
+            session_cookie = next(c for c in login.headers.get_list("set-cookie") if "session" in c.lower())
+            assert "secure" in session_cookie.lower() and "httponly" in session_cookie.lower()
+            page = await client.get("/nodes/a")
+        assert page.status_code == 200, page.text[:300]
+        line = next(x for x in page.text.splitlines() if 'id="node-labels"' in x)
+        assert "<code>env=prod</code>" in line and "<code>example.com/rack=r12</code>" in line
+    finally:
+        await rc.stop(grace=0.2)
