@@ -18,6 +18,7 @@ from fleetctl.controller.commands.table import render
 from fleetctl.fleet.cli import add_output_args, print_json, print_structured
 from fleetctl.fleet.errors import ControllerUnavailable, NotFoundError
 from fleetctl.fleet.jobs import JobStatus
+from fleetctl.fleet.workload import busy_refusal
 
 EXIT_FAILED = 9
 POLL_SECONDS = 1.0
@@ -34,6 +35,12 @@ def register(subparsers: Any) -> None:
     add_label_selector_arg(p)
     p.add_argument("--quick", action="store_true", help="quick mode (seconds; what schedules use)")
     p.add_argument("--model", metavar="PATH", help="local causal LM on the nodes for the end-to-end check")
+    p.add_argument("--gpus", metavar="any|all|idle|0,1",
+                   help="which GPUs to measure: one idle GPU (any, default), all (each idle), the idle ones, or these "
+                        "indices; never one a user's job holds (docs/verification.md)")
+    p.add_argument("--when-busy", choices=("wait", "skip", "fail"),
+                   help="when the GPUs to measure are busy: wait for them (default), skip, or fail at once")
+    p.add_argument("--busy-timeout", type=float, metavar="S", help="with --when-busy wait: how long (default 1800)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="how long to wait for the results (default 360 quick / 960 full)")
     p.add_argument("--no-wait", action="store_true", help="submit and print the job ids only")
@@ -64,6 +71,12 @@ def wait_results(client: ControllerClient, jobs: dict[str, str], deadline: float
             except NotFoundError:
                 pass
             job = client.get(f"/jobs/{job_id}")
+            refused = busy_refusal(job.get("result"))
+            if refused is not None:  # the GPUs were busy: nothing measured, nothing stored
+                out[host] = {"hostname": host, "job_id": job_id, "passed": False, "reasons": [job.get("error") or ""],
+                             "status": "skipped-busy" if refused.get("action") == "skipped" else "busy"}
+                del pending[host]
+                continue
             if job.get("status") == JobStatus.CANCELED:
                 out[host] = {"hostname": host, "job_id": job_id, "status": JobStatus.CANCELED, "passed": False,
                              "reasons": [job.get("error") or "canceled"]}
@@ -86,6 +99,7 @@ def rows_of(results: list[dict[str, Any]]) -> list[list[Any]]:
         checked = v.get("verified") or {}
         reasons = v.get("reasons") or []
         rows.append([v["hostname"] + (" (sim)" if v.get("simulated") else ""), v.get("gpu_model") or None,
+                     ",".join(map(str, v["gpus"])) if v.get("gpus") else None,
                      v.get("status"), v.get("mode") or None,
                      f"{fa.get('version')} ({fa.get('variant')})" if fa.get("version") else None,
                      (f"{checked.get('implementation')} {checked.get('version') or ''}".strip()
@@ -96,7 +110,7 @@ def rows_of(results: list[dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
-HEADERS = ["host", "gpu", "status", "mode", "flash-attn", "verified", "FA TFLOP/s", "SDPA TFLOP/s", "peak MiB",
+HEADERS = ["host", "gpu", "GPUs", "status", "mode", "flash-attn", "verified", "FA TFLOP/s", "SDPA TFLOP/s", "peak MiB",
            "reason"]
 
 
@@ -105,7 +119,8 @@ def handle(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "full"
     sub = client.post("/verify", {"hosts": list(args.hosts), "selector": args.nodes, "labels": args.labels,
                                   "mode": mode,
-                                  "model_path": args.model})
+                                  "model_path": args.model, "gpus": args.gpus, "when_busy": args.when_busy,
+                                  "busy_timeout": args.busy_timeout})
     jobs: dict[str, str] = sub["jobs"]
     if args.no_wait:
         if args.json:
@@ -167,4 +182,5 @@ def print_node_health(health: dict[str, Any]) -> None:
         tf = f"{v['tflops']:.1f} TFLOP/s" if v.get("tflops") is not None else "-"
         print(f"  {str(v.get('at'))[:19]}  {v.get('status'):<10} {v.get('mode') or '-':<5} "
               f"{v.get('trigger') or '-':<8} fa {fa.get('version') or '-'}  {tf}"
+              f"{'  GPU ' + ','.join(map(str, v['gpus'])) if v.get('gpus') else ''}"
               f"{'  (simulated)' if v.get('simulated') else ''}")

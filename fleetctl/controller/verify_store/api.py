@@ -20,6 +20,7 @@ from fleetctl.controller.audit import audit
 from fleetctl.controller.http_deps import API_PREFIX, Ctx, Operator, Viewer
 from fleetctl.controller.rollout.core import selection_text
 from fleetctl.controller.verify_store import schedules, store
+from fleetctl.fleet.workload import BusyPolicy
 
 
 class VerifyBody(BaseModel):
@@ -28,6 +29,9 @@ class VerifyBody(BaseModel):
     labels: str | None = None  # a label selector (-l), AND-ed with selector
     mode: str = "full"
     model_path: str | None = None
+    gpus: str | None = None  # any | all | idle | 0,1 (fleet/workload.py; default any: one idle GPU)
+    when_busy: str | None = None  # wait | skip | fail (default wait)
+    busy_timeout: float | None = None  # seconds to wait for idle GPUs (default 1800)
 
 
 class ScheduleBody(BaseModel):
@@ -45,7 +49,8 @@ def router() -> APIRouter:
     async def verify(body: VerifyBody, ctx: Ctx, actor: Operator) -> dict[str, Any]:
         selector = selection_text(body.selector, body.labels)
         done = await ctx.verification.submit(body.hosts, selector, mode=body.mode, trigger="manual",
-                                              model_path=body.model_path)
+                                              model_path=body.model_path,
+                                              busy=BusyPolicy.of(body.when_busy, body.busy_timeout, body.gpus))
         await ctx.store.call(audit, ctx.store, actor.name, "verify.submit", selector or ",".join(body.hosts),
                              mode=body.mode, jobs=len(done.jobs))
         return {"jobs": done.jobs, "mode": body.mode, "skipped": done.skipped}

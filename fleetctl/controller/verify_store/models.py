@@ -59,6 +59,8 @@ class Verification(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the fleet.verification result
     started_at: Mapped[dt.datetime | None]
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # the GPU indices measured (the agent's busy check chose idle ones: fleetctl verify --gpus); None: not reported
+    gpus: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class VerifySchedule(Base):

@@ -39,6 +39,7 @@ from fleetctl.controller.verify_store.models import Verification
 from fleetctl.fleet.errors import FleetError, UsageError
 from fleetctl.fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobStatus
 from fleetctl.fleet.verification import VerificationSchemaError, expect_for_variant
+from fleetctl.fleet.workload import BusyPolicy, busy_refusal, wait_allowance_s
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,12 @@ class VerificationService:
     async def _record(self, node: str, outcome: JobOutcome) -> None:
         """Record with retries: a database fault (a dropped connection, a lock, a full disk) must not lose the
         record. ``store.record`` is idempotent per job id, so a retry after a lost commit answer is harmless;
-        what is still not recorded after the last attempt is found by ``recover`` at the next start."""
+        what is still not recorded after the last attempt is found by ``recover`` at the next start. A job that did not
+        run because the node's GPUs were busy measured nothing: no verification, the node's health stays as it is."""
+        refused = busy_refusal(outcome.result)
+        if refused is not None:
+            log.info("verification of %s (job %s) not run: %s", node, outcome.job_id, refused.get("reason"))
+            return
         delay = 0.5
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             try:
@@ -171,7 +177,8 @@ class VerificationService:
                 Job.kind == "verify", Job.status.in_(sorted(RAN_TO_END)),
                 ~select(Verification.id).where(Verification.job_id == Job.id).exists())
                 .order_by(Job.finished_at).limit(limit))
-            return [(r.node, JobOutcome(r.id, JobStatus(r.status), r.rc, r.result or {}, r.error)) for r in rows]
+            return [(r.node, JobOutcome(r.id, JobStatus(r.status), r.rc, r.result or {}, r.error)) for r in rows
+                    if busy_refusal(r.result) is None]
 
     async def recover(self) -> int:
         """Record what earlier faults left unrecorded (started with the controller); returns how many."""
@@ -282,8 +289,10 @@ class VerificationService:
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
                      trigger: str = "manual", schedule_id: int | None = None, model_path: str | None = None,
-                     timeout: int | None = None) -> Submitted:
-        """Submit one verify job per chosen node; returns their jobs, and the nodes skipped with why."""
+                     timeout: int | None = None, busy: BusyPolicy | None = None) -> Submitted:
+        """Submit one verify job per chosen node; returns their jobs, and the nodes skipped with why. ``busy``: what
+        the node's agent does when its GPUs are busy and which it measures (default: wait, one idle GPU); the job's
+        timeout covers the wait and one bench per GPU measured."""
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
         chosen = await self.ctx.store.call(self.select, hosts, selector)
@@ -297,14 +306,25 @@ class VerificationService:
         expect, skipped = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
         for host, why in skipped.items():
             log.warning("%s verification skips %s: %s", trigger, host, why)
+        gpu_counts = await self.ctx.store.call(self.gpu_counts, list(expect))
         for host, expected in expect.items():
             vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
             if schedule_id is not None:
                 vars_["schedule_id"] = schedule_id
             if model_path:
                 vars_["model_path"] = model_path
-            jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=timeout or JOB_TIMEOUT[mode])
+            if busy is not None:
+                vars_["busy_policy"] = busy.to_vars()
+            benches = busy.gpus.most_measured(gpu_counts.get(host, 1)) if busy is not None else 1
+            job_timeout = timeout or JOB_TIMEOUT[mode] * benches + wait_allowance_s(vars_.get("busy_policy"), "verify")
+            jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=job_timeout)
         return Submitted(jobs, skipped)
+
+    def gpu_counts(self, hosts: Sequence[str]) -> dict[str, int]:
+        """How many GPUs each node reports (a verification of all of them runs one bench each)."""
+        with self.ctx.store.session() as s:
+            rows = [record_of(r) for r in s.scalars(select(Node).where(Node.hostname.in_(hosts)))]
+        return {r.hostname: len(r.facts.gpus) if r.facts is not None else 1 for r in rows}
 
     def held_by_rollouts(self) -> dict[str, str]:
         return nodes_in_active_rollouts(self.ctx.store)

@@ -157,7 +157,7 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
     values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],
                               "schedule_id": schedule_id, "facts": facts.to_json() if facts is not None else {},
                               "fa_version": fa.version if fa else None, "fa_variant": fa.variant if fa else None,
-                              "recorded_at": recorded_at or utcnow()}
+                              "recorded_at": recorded_at or utcnow(), "gpus": gpus_measured(job_result)}
     if result is None:
         verdict = judge_job(job_status, job_result, job_error)
         detail = "; ".join(r for r in verdict.reasons if r)
@@ -235,6 +235,14 @@ def verified_of(payload: Any) -> dict[str, Any] | None:
             "import_ok": status.import_ok}
 
 
+def gpus_measured(job_result: Any) -> list[int] | None:
+    """The GPU indices a verify job measured (``result["gpus"]``, agent/busy_guard.py), or None."""
+    gpus = job_result.get("gpus") if isinstance(job_result, Mapping) else None
+    if not isinstance(gpus, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in gpus):
+        return None
+    return gpus[:64]
+
+
 def to_json(row: Verification, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": row.id, "job_id": row.job_id, "hostname": row.hostname, "gpu_model": row.gpu_model,
@@ -247,7 +255,7 @@ def to_json(row: Verification, *, full: bool = False) -> dict[str, Any]:
         "verified": verified_of(row.result),
         "tflops": row.tflops, "sdpa_tflops": row.sdpa_tflops, "peak_mem_mib": row.peak_mem_mib,
         "duration_s": row.duration_s, "reasons": list(row.reasons or []), "warnings": list(row.warnings or []),
-        "regression": row.regression,
+        "regression": row.regression, "gpus": row.gpus,
     }
     if full:
         out["facts"] = row.facts

@@ -44,6 +44,7 @@ class VerificationView:
     sdpa_tflops: float | None
     peak_mem_mib: float | None
     detail: str
+    gpus: tuple[int, ...] = ()  # the GPU indices measured; empty: not reported (older agents: GPU 0)
 
     @property
     def at(self) -> dt.datetime:
@@ -143,7 +144,7 @@ def _view(row: Verification) -> VerificationView:
                             recorded_at=_aware(row.recorded_at),
                             measured_at=_aware(row.measured_at) if row.measured_at is not None else None,
                             tflops=row.tflops, sdpa_tflops=row.sdpa_tflops, peak_mem_mib=row.peak_mem_mib,
-                            detail=row.detail)
+                            detail=row.detail, gpus=tuple(row.gpus or ()))
 
 
 def _newest_ids(hostnames: Sequence[str] | None = None, after_id: int | None = None) -> Select[Any]:

@@ -7,6 +7,7 @@ A real controller (gRPC mTLS, HTTP, engine, SQLite), real agents over sockets wh
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,22 @@ async def test_skip_and_fail(controller: RunningController, fleet: SimAgents, tm
     assert f"GPU 5: pid {pid} (sleep)" in failed["cause"] and "--when-busy fail" in failed["cause"]
     assert not [k for h, k, _ in script.ran if h.startswith("busy-")]  # nothing ran on a busy node
 
+
+
+async def test_verify_measures_idle_gpus_and_says_which(controller: RunningController, fleet: SimAgents,
+                                                         tmp_path: Path,
+                                                         holder: list[asyncio.subprocess.Process]) -> None:
+    script = Script()
+    await start(fleet, script, tmp_path, ["node-1"])
+    for gpu in (0, 2, 3, 4, 5, 6, 7):
+        await hold(holder, fleet, "node-1", gpu)
+    code, out, err = await fleetctl(controller, "verify", "node-1", "--quick", "--gpus", "idle", "--json")
+    v = json.loads(out)["verifications"][0]
+    assert v["gpus"] == [1], out + err
+    code, out, err = await fleetctl(controller, "verify", "node-1", "--quick", "--gpus", "0", "--when-busy", "skip",
+                                    "--json")
+    assert code == 9
+    v = json.loads(out)["verifications"][0]
+    assert v["status"] == "skipped-busy" and "GPU 0: pid" in v["reasons"][0]
+    code, out, err = await fleetctl(controller, "node", "node-1")
+    assert "GPU 1" in out
