@@ -14,6 +14,7 @@ from fleetctl.controller.labels import (
     parse_label_changes,
     parse_label_selector,
 )
+from fleetctl.controller.rollout.core import NodeInfo, parse_selector, select_nodes, selection_text
 from fleetctl.fleet.errors import UsageError
 
 NODE = {"env": "prod", "zone": "a", "canary": "", "example.com/rack": "r12"}
@@ -119,3 +120,27 @@ def test_any_text_parses_or_is_a_usage_error(text: str) -> None:
         parse_label_selector(text)
     except UsageError as exc:
         assert exc.hint
+
+
+# ---- the whole selection: --nodes and -l in one stored text (rollout.core) ------------------------------------
+
+@given(st.sampled_from([None, "all", "gpu=H100", "node-*,status=online", "gpu=RTX 4090,profile=t4"]), selectors)
+def test_the_stored_selection_text_parses_back_to_the_same_selection(nodes: str | None, sel: LabelSelector) -> None:
+    chosen = parse_selector(nodes, str(sel))
+    again = parse_selector(selection_text(nodes, str(sel)))
+    assert (again.terms, again.labels, again.text) == (chosen.terms, chosen.labels, chosen.text)
+    assert again.labels == sel
+
+
+def test_nodes_and_labels_are_anded() -> None:
+    prod_h100 = NodeInfo("a", "NVIDIA H100 80GB HBM3", labels={"env": "prod"})
+    dev_h100 = NodeInfo("b", "NVIDIA H100 80GB HBM3", labels={"env": "dev"})
+    prod_a100 = NodeInfo("c", "NVIDIA A100-SXM4-80GB", labels={"env": "prod"})
+    chosen = select_nodes(parse_selector("gpu=H100", "env=prod"), [prod_h100, dev_h100, prod_a100])
+    assert [n.hostname for n in chosen] == ["a"]
+    assert selection_text("gpu=H100", "env=prod") == "gpu=H100 -l env=prod"
+    assert selection_text(None, " ") is None and selection_text("x", None) == "x"
+    with pytest.raises(UsageError, match="two label selectors"):
+        parse_selector("all -l env=prod", "env=dev")
+    with pytest.raises(UsageError, match="matches no node"):
+        select_nodes(parse_selector(None, "env=nowhere"), [prod_h100])
