@@ -222,7 +222,8 @@ def http_tls(ctx: ControllerContext, http_host: str) -> tuple[Path, Path] | None
                                   "from the controller's CA") from exc
         return cert, key
     grpc_host = s.grpc_listen.rpartition(":")[0].strip("[]")
-    ctx.ca.server_credentials([grpc_host, http_host, *s.extra_names])
+    # the address clients dial too: a wildcard listen host is dialled on loopback (``dialled``)
+    ctx.ca.server_credentials([grpc_host, http_host, dialled(http_host).strip("[]"), *s.extra_names])
     return ctx.ca.dir / "server.pem", ctx.ca.dir / "server.key"
 
 

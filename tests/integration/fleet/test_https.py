@@ -135,3 +135,15 @@ def test_https_options_that_do_not_fit_together_are_refused(argv: list[str], say
     add_arguments(parser)
     with pytest.raises(UsageError, match=says):
         settings_from(parser.parse_args(argv), {})
+
+
+async def test_a_wildcard_listen_address_is_dialled_on_loopback_with_a_certificate_naming_it(tmp_path: Path) -> None:
+    rc = await start_controller(controller_settings(tmp_path / "c", http_insecure=False, http_listen="0.0.0.0:0"))
+    try:
+        url = rc.ctx.http_url
+        assert url and url.startswith("https://127.0.0.1:")
+        ca = rc.ctx.settings.state_dir / "ca" / "ca.pem"
+        async with httpx.AsyncClient(base_url=url, verify=ssl.create_default_context(cafile=ca)) as http:
+            assert (await http.get("/api/v1/live")).status_code == 200
+    finally:
+        await rc.stop(grace=0.2)
