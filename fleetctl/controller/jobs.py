@@ -39,6 +39,16 @@ the agent may never have received them, and they are re-sent on the new stream a
 jobs, so they are left alone; one that says nothing (``held=None``: agents that predate the
 field) changes nothing either. A late result for a job already finished is ignored (``_finish``).
 
+Several controllers on one database (docs/ha.md). A job may be submitted through any controller; its agent is
+connected to one. Every watchdog tick (1 s) each controller claims the ``pending`` jobs of the agents connected to
+it (``claim_pending``: ``FOR UPDATE SKIP LOCKED`` and a conditional ``pending → dispatched``, so exactly one
+controller claims a job) and puts them on their streams; and it resolves its waiters and done callbacks of jobs
+another controller finished (``finished_elsewhere``) — that controller received the result and recorded it, once,
+and ran the finished-job hook. Polling, not ``LISTEN/NOTIFY``: it needs no connection held open per controller,
+survives a dropped connection or a PostgreSQL restart without losing a wake-up, works on SQLite too, and its cost
+is two indexed queries a second per controller; the price is up to a second of dispatch latency for a job
+submitted through another controller (a job for an agent of this controller is still pushed at once).
+
 All methods must be called from the controller's event loop thread. The agent-facing ones
 (``stream_for``, ``record_events_async``, ``complete_async``, ``submit_job``) and the watchdog do their
 database work on the store's thread pool (``Store.call``), so that a slow or locked database delays
@@ -517,6 +527,53 @@ class JobDispatcher:
             await asyncio.sleep(period)
             try:
                 await self.expire_async()
+                await self.poll_shared()
             except Exception:
                 # a database fault ends this tick only; the deadlines stay armed for the next one
                 log.exception("job watchdog failed")
+
+    # ---- several controllers ---------------------------------------------------------------
+
+    async def poll_shared(self) -> None:
+        """Send the jobs other controllers submitted for agents connected here, and wake the waiters of jobs that
+        other controllers finished (see the module docstring)."""
+        if self._streams:
+            for node, spec in await self.store.call(self.claim_pending, set(self._streams)):
+                queue = self._streams.get(node)
+                if queue is not None:  # gone meanwhile: the job is re-sent when its agent opens a stream again
+                    log.info("job %s (%s) for %s claimed from the jobs table", spec.job_id, spec.kind, node)
+                    queue.put_nowait(spec)
+        waited = sorted(set(self._futures) | set(self._callbacks))
+        if waited:
+            for outcome in await self.store.call(self.finished_elsewhere, waited):
+                fut = self._futures.pop(outcome.job_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(outcome)
+                for cb in self._callbacks.pop(outcome.job_id, []):
+                    try:
+                        cb(outcome)
+                    except Exception:
+                        log.exception("job done callback failed")
+
+    def claim_pending(self, nodes: Collection[str]) -> list[tuple[str, JobSpec]]:
+        """Claim the ``pending`` jobs of ``nodes`` (thread-safe): rows locked with SKIP LOCKED and moved to
+        ``dispatched`` only if still ``pending``, so that of two controllers exactly one claims each job."""
+        def claim(s: Session) -> list[tuple[str, JobSpec]]:
+            rows = s.execute(select(Job.id, Job.node, Job.kind, Job.vars, Job.timeout_seconds)
+                             .where(Job.status == JobStatus.PENDING, Job.node.in_(list(nodes)))
+                             .order_by(Job.created_at).with_for_update(skip_locked=True)).all()
+            claimed: list[tuple[str, JobSpec]] = []
+            for job_id, node, kind, vars_, timeout in rows:
+                res = s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING)
+                                .values(status=JobStatus.DISPATCHED).execution_options(synchronize_session=False))
+                if getattr(res, "rowcount", 1) == 1:
+                    claimed.append((node, JobSpec(job_id, kind, dict(vars_ or {}), timeout)))
+            return claimed
+
+        return self.store.write(claim, what="claim pending jobs")
+
+    def finished_elsewhere(self, job_ids: Collection[str]) -> list[JobOutcome]:
+        """The outcomes of those of ``job_ids`` that have finished (thread-safe)."""
+        with self.store.session() as s:
+            rows = s.scalars(select(Job).where(Job.id.in_(list(job_ids)), Job.status.in_(tuple(FINISHED))))
+            return [JobOutcome(r.id, JobStatus(r.status), r.rc, r.result or {}, r.error) for r in rows]
