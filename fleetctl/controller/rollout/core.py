@@ -838,7 +838,7 @@ def parse_window(text: str, default_zone: str = "UTC") -> Window:
 @dataclass(frozen=True)
 class WindowState:
     open: bool
-    change_at: dt.datetime | None  # when it closes (open) or next opens (closed); None: never within a week
+    change_at: dt.datetime | None  # when it closes (open) or next opens (closed); None: no windows
 
 
 def window_state(windows: Sequence[Window], now: dt.datetime) -> WindowState:
@@ -931,9 +931,8 @@ class Hold:
     def describe(self, now: dt.datetime) -> str:
         """``waiting for window (opens in 3h12m)`` — the status line, counted from ``now``."""
         left = f" in {format_duration((self.until - now).total_seconds())}" if self.until else ""
-        if self.kind == HoldKind.WINDOW:
-            return f"waiting for window (opens{left}){': ' + self.detail if self.detail else ''}" if self.until \
-                else f"waiting for window (none opens within a week): {self.detail}"
+        if self.kind == HoldKind.WINDOW:  # every window opens at least weekly: ``until`` is set
+            return f"waiting for window (opens{left}): {self.detail}"
         if self.kind == HoldKind.BAKE:
             return f"baking: next batch starts{left} ({self.detail})"
         return f"waiting: {self.detail}"
