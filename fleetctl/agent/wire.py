@@ -33,7 +33,7 @@ def facts_to_proto(facts: NodeFacts, *, simulated: bool | None = None) -> pb.Nod
         gpus=[pb.GpuFacts(index=g.index, name=g.name, compute_capability=g.compute_capability,
                           memory_mib=g.memory_mib, uuid=g.uuid, vendor=g.vendor, arch=g.arch) for g in facts.gpus],
         python=pb.PythonFacts(version=facts.python.version, executable=facts.python.executable,
-                              abi=facts.python.abi),
+                              abi=facts.python.abi, env_path=facts.python.env_path, env_fs=facts.python.env_fs),
         resources=pb.ResourceFacts(cpu_cores=facts.resources.cpu_cores, memory_mib=facts.resources.memory_mib),
         extra_json=_jsonable(dict(facts.extra)) if facts.extra else "",
         simulated=bool(facts.extra.get("simulated")) if simulated is None else simulated,

@@ -69,7 +69,8 @@ def facts_to_dict(msg: pb.NodeFacts) -> dict[str, Any]:
                     "arch": _optional(g, "arch")} for g in msg.gpus]
     obj["toolkit"] = None if not msg.HasField("toolkit") else {"nvcc": msg.toolkit.nvcc, "path": msg.toolkit.path}
     obj["python"] = None if not msg.HasField("python") else {
-        "version": msg.python.version, "executable": msg.python.executable, "abi": _optional(msg.python, "abi")}
+        "version": msg.python.version, "executable": msg.python.executable,
+        **{key: _optional(msg.python, key) for key in ("abi", "env_path", "env_fs")}}
     obj["torch"] = None if not msg.HasField("torch") else {
         "version": msg.torch.version, "cuda": msg.torch.cuda if msg.torch.HasField("cuda") else None,
         "cxx11abi": msg.torch.cxx11abi, "arch_list": list(msg.torch.arch_list), "hip": _optional(msg.torch, "hip")}

@@ -29,6 +29,8 @@ TORCH_HIP_RE = re.compile(r"^\d+\.\d+(?:\.\d+)?(?:-[0-9a-f]+)?$")  # torch.versi
 ARCH_RE = re.compile(r"^(?:(?:sm|compute)_\d+[a-z]?|gfx[0-9a-f]{3,5}(?::[a-z]+[+-])*)$")
 GFX_RE = re.compile(r"^gfx[0-9a-f]{3,5}$")
 PY_ABI_RE = re.compile(r"^cp\d{2,3}t?$")  # "cp312"; "cp313t" for a free-threaded (Py_GIL_DISABLED) build
+ENV_PATH_RE = re.compile(r"^/[^\x00-\x1f\x7f]{0,4095}\Z")  # the target env's directory: absolute, no control chars
+ENV_FS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+=,\[\]-]{0,511}\Z")  # "nfs4:srv:/export", "local:<id>:254:0"
 OS_FAMILIES = ("linux", "windows")
 GPU_VENDORS = ("nvidia", "amd")
 
@@ -83,6 +85,14 @@ class PythonFacts:
     version: str
     executable: str
     abi: str | None = None  # "cp312"; "cp313t" on a free-threaded build; None: not reported (assume GIL build)
+    # where the env lives (agent/probes/probe_target.py env_identity): its directory, and the filesystem holding it
+    env_path: str | None = None  # sys.prefix resolved; on a network filesystem the path inside the export
+    env_fs: str | None = None  # "nfs4:server:/export" on a network filesystem, "local:<machine-id>:<device>" else
+
+    @property
+    def shared_env_key(self) -> str | None:
+        """Equal on every node that uses this one environment (a venv on NFS); None when not reported."""
+        return f"{self.env_fs}|{self.env_path}" if self.env_fs and self.env_path else None
 
     @property
     def free_threaded(self) -> bool:
@@ -151,7 +161,7 @@ class NodeFacts:
 
 # Fields added to §3.1 after its first version: written only when known, so the facts of a node that has none of
 # them (every NVIDIA Linux node of an older agent) print exactly as before.
-_ADDITIONS = {"os": ("family", "msvc", "l4t", "jetpack"), "python": ("abi",), "torch": ("hip",)}
+_ADDITIONS = {"os": ("family", "msvc", "l4t", "jetpack"), "python": ("abi", "env_path", "env_fs"), "torch": ("hip",)}
 _GPU_ADDITIONS = ("vendor", "arch")
 
 
@@ -312,7 +322,9 @@ def parse_node(obj: Any) -> NodeFacts:
     assert py_r is not None
     python = PythonFacts(version=py_r.req_text("version", PY_VERSION_RE, "Python version"),
                          executable=py_r.req_text("executable"),
-                         abi=py_r.text("abi", PY_ABI_RE, required=False, what="CPython ABI tag (cp312, cp313t)"))
+                         abi=py_r.text("abi", PY_ABI_RE, required=False, what="CPython ABI tag (cp312, cp313t)"),
+                         env_path=py_r.text("env_path", ENV_PATH_RE, required=False, what="absolute env path"),
+                         env_fs=py_r.text("env_fs", ENV_FS_RE, required=False, what="filesystem id"))
 
     torch_r = top.section("torch", required=False)
     torch = None if torch_r is None else TorchFacts(

@@ -147,6 +147,51 @@ def isolated_site_packages() -> list[str]:
     return added
 
 
+# network filesystems: one environment on them can be shared by several nodes (an NFS venv)
+_SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph",
+                    "beegfs", "gpfs", "fuse.sshfs", "9p", "virtiofs")
+
+
+def env_identity(prefix: str | None = None) -> dict[str, str] | None:
+    """Where this environment lives, so that the controller can tell when several nodes share one: ``env_path``
+    (``sys.prefix``, symlinks resolved) and ``env_fs`` (the filesystem holding it). On a network filesystem
+    ``env_fs`` is its type and source (``nfs4:server:/export``) and ``env_path`` the path inside the export, the
+    same from every client whatever its mount point; on a local one it is ``local:<machine-id>:<device>``, so
+    two machines' own ``/opt/venv`` never match. None when it cannot be told (no /proc, no machine id)."""
+    import os
+
+    try:
+        path = os.path.realpath(prefix or sys.prefix)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            mounts = [line.split() for line in fh]
+    except OSError:
+        return None
+    best: list[str] | None = None
+    for fields in mounts:
+        if "-" not in fields[6:] or len(fields) < 10:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[4])):
+            best = fields
+    if best is None:
+        return None
+    dash = best.index("-", 6)
+    fstype, source = best[dash + 1], best[dash + 2]
+    rel = os.path.relpath(path, best[4].replace("\\040", " "))
+    if fstype in _SHARED_FS_TYPES:
+        inner = os.path.normpath(os.path.join(best[3], rel))
+        return {"env_path": inner, "env_fs": f"{fstype}:{source}"}
+    try:
+        with open("/etc/machine-id", encoding="ascii") as fh:
+            machine = fh.read().strip()
+    except OSError:
+        return None
+    if not machine:
+        return None
+    return {"env_path": path, "env_fs": f"local:{machine}:{best[2]}"}
+
+
 def python_abi() -> str:
     """The CPython ABI tag pip matches wheels against: "cp312", or "cp313t" on a free-threaded build
     (``Py_GIL_DISABLED`` in the build's config vars, PEP 703), which cannot load "cp313" wheels."""
@@ -169,6 +214,7 @@ def main() -> int:
             "implementation": platform.python_implementation(),
             "cp_tag": f"cp{sys.version_info[0]}{sys.version_info[1]}",
             "abi": python_abi(),
+            **(env_identity() or {}),
         },
         "torch": torch_info,
         "torch_error": torch_error,

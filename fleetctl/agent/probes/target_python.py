@@ -34,6 +34,8 @@ from fleetctl.agent.probes.system import CommandNotFound, CommandRunner, ProbeEr
 from fleetctl.fleet.facts import (
     ARCH_RE,
     DOTTED_RE,
+    ENV_FS_RE,
+    ENV_PATH_RE,
     PY_ABI_RE,
     PY_VERSION_RE,
     TORCH_HIP_RE,
@@ -103,7 +105,16 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
     if abi is not None and not (isinstance(abi, str) and PY_ABI_RE.fullmatch(abi)):
         errors.append(f"python: unrecognised ABI tag {str(abi)[:40]!r}; left out")
         abi = None
-    python = PythonFacts(version=version, executable=interpreter, abi=abi)
+    # where the env lives (DESIGN §3.1 addition): taken only when both are well-formed, else left out with the reason.
+    # The env's own code prints them: a wrong claim can only make the controller treat the env as shared (installed
+    # once, by another node), which the verification on this node then catches.
+    env_path, env_fs = py.get("env_path"), py.get("env_fs")
+    well_formed = (isinstance(env_path, str) and ENV_PATH_RE.fullmatch(env_path) is not None
+                   and isinstance(env_fs, str) and ENV_FS_RE.fullmatch(env_fs) is not None)
+    if (env_path is not None or env_fs is not None) and not well_formed:
+        errors.append(f"python: unrecognised env location {str(env_fs)[:80]!r} {str(env_path)[:200]!r}; left out")
+        env_path = env_fs = None
+    python = PythonFacts(version=version, executable=interpreter, abi=abi, env_path=env_path, env_fs=env_fs)
     extra: dict[str, Any] = {"python_cp_tag": py.get("cp_tag"), "python_implementation": py.get("implementation")}
 
     torch = None

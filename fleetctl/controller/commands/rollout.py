@@ -204,7 +204,8 @@ def follow(client: ControllerClient, rid: str, *, wait_timeout: float = 0, strea
 def _print_plan(out: dict[str, Any]) -> None:
     rows = [[n["hostname"], n["gpu"], n["variant"], n["version"], ",".join(n["steps"]) or "-",
              "canary" if n["canary"] else (n["batch"] if n["batch"] >= 0 else "-"),
-             n["skip"] or ("build" if any(b["builder"] == n["hostname"] for b in out["builds"]) else
+             n["skip"] or (f"shared env: {n['shared_env']['installer']} installs it" if n.get("shared_env") else
+                           "build" if any(b["builder"] == n["hostname"] for b in out["builds"]) else
                            ("reuse wheel" if n["build_key"] in out["reused_builds"] else ""))]
             for n in out["nodes"]]
     print(render(rows, ["host", "gpu", "variant", "version", "steps", "batch", "note"]))

@@ -9,7 +9,7 @@ import datetime as dt
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from fleetctl.controller.rollout.core import (
     redact_url,
     schedule_batches,
     select_nodes,
+    shared_env_installers,
 )
 from fleetctl.controller.rollout.engine import record
 from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
@@ -233,6 +234,15 @@ def plan_rollout(store: Store, req: RolloutRequest, *, state_dir: Path | None = 
         for h in b:
             p = next(x for x in planned if x.plan.hostname == h)
             p.batch, p.canary = i, h in canaries
+    # a target env several nodes share (a venv on NFS) is installed once, by the first of them; the others only
+    # verify, after it (the engine waits for the installer: NodeSnapshot.after)
+    installing = [p.plan.hostname for p in active if {"install-wheel", "build-from-source"} & set(p.plan.steps)]
+    shared = shared_env_installers({p.plan.hostname: p.node.get("env_key") for p in active}, installing, batches)
+    for p in active:
+        if p.plan.hostname in shared:
+            p.plan = replace(p.plan, steps=("verify",), build_key=None, build_minutes=0.0)
+            p.node["shared_env"] = {"installer": shared[p.plan.hostname], "env": p.node.get("env_key")}
+    needing = [n for n in needing if n.hostname not in shared]
     builders = group_builds(needing, batches, dedicated)
     reused = {p.plan.build_key: builds_done[p.plan.build_key] for p in active
               if p.plan.builds and p.plan.build_key in builds_done and p.plan.build_key}
@@ -301,6 +311,7 @@ def plan_node(row: NodeRecord, catalog: Any, policy: Any, version: str, local_sh
                             "driver_cuda_max": facts.driver.cuda_max if facts.driver else None,
                             "toolkit_path": facts.toolkit.path if facts.toolkit else None,
                             "target_version": version, "target_env": plan_env(facts),
+                            "env_key": facts.python.shared_env_key,
                             "torch_cuda": facts.torch.cuda if facts.torch else None}
     if d.artifact and d.artifact in local_sha:
         node["artifact_sha256"] = local_sha[d.artifact]  # in our artifact store: the agent fetches it by sha256

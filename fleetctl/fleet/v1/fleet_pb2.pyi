@@ -190,24 +190,43 @@ class PythonFacts(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     EXECUTABLE_FIELD_NUMBER: _builtins.int
     ABI_FIELD_NUMBER: _builtins.int
+    ENV_PATH_FIELD_NUMBER: _builtins.int
+    ENV_FS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     executable: _builtins.str
     abi: _builtins.str
     """"cp312"; "cp313t" on a free-threaded build"""
+    env_path: _builtins.str
+    """Where the env lives: nodes reporting the same pair share one env (a venv on NFS).
+    sys.prefix resolved; on a network filesystem, the path inside the export
+    """
+    env_fs: _builtins.str
+    """"nfs4:server:/export", or "local:<machine-id>:<device>" """
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         executable: _builtins.str = ...,
         abi: _builtins.str | None = ...,
+        env_path: _builtins.str | None = ...,
+        env_fs: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "abi", b"abi"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "_env_fs", b"_env_fs", "_env_path", b"_env_path", "abi", b"abi", "env_fs", b"env_fs", "env_path", b"env_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "abi", b"abi", "executable", b"executable", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_abi", b"_abi", "_env_fs", b"_env_fs", "_env_path", b"_env_path", "abi", b"abi", "env_fs", b"env_fs", "env_path", b"env_path", "executable", b"executable", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__abi: _TypeAlias = _typing.Literal["abi"]  # noqa: Y015
     _WhichOneofArgType__abi: _TypeAlias = _typing.Literal["_abi", b"_abi"]  # noqa: Y015
+    _WhichOneofReturnType__env_fs: _TypeAlias = _typing.Literal["env_fs"]  # noqa: Y015
+    _WhichOneofArgType__env_fs: _TypeAlias = _typing.Literal["_env_fs", b"_env_fs"]  # noqa: Y015
+    _WhichOneofReturnType__env_path: _TypeAlias = _typing.Literal["env_path"]  # noqa: Y015
+    _WhichOneofArgType__env_path: _TypeAlias = _typing.Literal["_env_path", b"_env_path"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__abi) -> _WhichOneofReturnType__abi | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__env_fs) -> _WhichOneofReturnType__env_fs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__env_path) -> _WhichOneofReturnType__env_path | None: ...
 
 Global___PythonFacts: _TypeAlias = PythonFacts  # noqa: Y015
 
