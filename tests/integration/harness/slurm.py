@@ -77,6 +77,13 @@ def missing_commands() -> list[str]:
     return [c for c in DAEMONS if shutil.which(c, path=path) is None]
 
 
+def parse_show(out: str) -> tuple[str, str]:
+    """``State=`` and ``Reason=`` of ``scontrol show node -o``'s line ("" for what it lacks)."""
+    head, _, reason = out.partition(" Reason=")
+    state = next((f.removeprefix("State=") for f in head.split() if f.startswith("State=")), "")
+    return state, reason.strip()
+
+
 class SlurmCluster:
     def __init__(self, node: str, root: Path) -> None:
         self.node = node
@@ -161,10 +168,7 @@ class SlurmCluster:
     def state_and_reason(self) -> tuple[str, str]:
         """The node's ``State=`` as scontrol shows it (``IDLE``, ``MIXED+DRAIN``, ``IDLE+DRAIN`` …; "" if unknown)
         and its ``Reason=`` (with Slurm's ``[user@time]`` stamp), read at once."""
-        out = self._run("scontrol", "show", "node", "-o", self.node).stdout
-        head, _, reason = out.partition(" Reason=")
-        state = next((f.removeprefix("State=") for f in head.split() if f.startswith("State=")), "")
-        return state, reason.strip()
+        return parse_show(self._run("scontrol", "show", "node", "-o", self.node).stdout)
 
     def state(self) -> str:
         return self.state_and_reason()[0]

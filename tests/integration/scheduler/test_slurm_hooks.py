@@ -5,9 +5,11 @@ tests/integration/harness/slurm.py) and real shell commands.
   venv, pip and playbooks real) gets an install-wheel job while a real ``sbatch --wrap "sleep …"`` job runs on its
   node: the node goes DRAINING (MIXED+DRAIN), then DRAINED (IDLE+DRAIN) once the sleep ends, the playbook runs,
   the node is resumed; then a verify job drains and resumes it again. A watcher polling ``scontrol show node``
-  and the job's events show that order. A node an operator drained beforehand stays drained (with their reason);
-  a failing step still resumes. The agent's --pre/--post-step-hook commands ran around every step.
-- In this process, with the real hooks: a wrong node name, a missing scontrol, a slurmctld that does not answer,
+  and the job's events show that order; a failing step still resumes; the dashboard's node page shows each hook's
+  line. The agent's --pre/--post-step-hook commands ran around every step.
+- In this process, with the real hooks: a node an operator drained beforehand stays drained (with their reason),
+  a fleetctl drain left by a dead agent is taken over, an operator's drain during the step wins, a refused resume
+  fails the job with the command to run; a wrong node name, a missing scontrol, a slurmctld that does not answer,
   a drain timeout (the drain undone), and the command hook's order and environment; hook flags with an executor
   that runs no playbooks are refused.
 """
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import os
 import re
+import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from fleetctl.controller.web.auth import add_user
 from fleetctl.fleet.errors import FleetError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from tests.integration.fleet_support import AgentProcess, wait_for
-from tests.integration.harness.slurm import SlurmCluster, free_port, slurm_cluster
+from tests.integration.harness.slurm import SlurmCluster, free_port, parse_show, slurm_cluster
 from tests.integration.harness.upstream import torch_wheel
 from tests.integration.harness.wheels import build_wheel
 from tests.integration.realnode.rig import TargetVenv, require_ansible
@@ -68,31 +71,37 @@ def slurm(cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluste
 
 
 class Watcher:
-    """Polls the node's state and reason in a thread; ``seen`` is every change, with the time it was seen."""
+    """Polls the node's state and reason from a shell loop of its own (a process: nothing in this one, which runs
+    the controller, can hold it up); ``seen`` is every change, with the time it was seen."""
+
+    SCRIPT = ('while :; do out=$(scontrol show node -o "$1") && printf "%s|%s\\n" "$(date +%s.%N)" "$out"; '
+              'sleep "$2"; done')
 
     def __init__(self, cluster: SlurmCluster, period: float = 0.15) -> None:
         self.cluster = cluster
         self.period = period
         self.seen: list[tuple[float, str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            state, reason = self.cluster.state_and_reason()
-            for flag in TRANSIENT:
-                state = state.replace(flag, "")
-            if state and (not self.seen or self.seen[-1][1:] != (state, reason)):
-                self.seen.append((time.time(), state, reason))
-            self._stop.wait(self.period)
+        self._out = cluster.root / "watch.log"
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Watcher:
-        self._thread.start()
+        with self._out.open("wb") as out:
+            self._proc = subprocess.Popen(["sh", "-c", self.SCRIPT, "watch", self.cluster.node, str(self.period)],
+                                          stdout=out, stderr=subprocess.DEVNULL, env=self.cluster.env,
+                                          start_new_session=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=10)
+        for line in self._out.read_text(errors="replace").splitlines():
+            stamp, _, shown = line.partition("|")
+            state, reason = parse_show(shown)
+            for flag in TRANSIENT:
+                state = state.replace(flag, "")
+            if state and (not self.seen or self.seen[-1][1:] != (state, reason)):
+                self.seen.append((float(stamp), state, reason))
 
     def states(self) -> list[str]:
         out: list[str] = []
@@ -185,29 +194,21 @@ async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
         assert verify["result"]["scheduler"]["slurm"]["released"] is True
         assert venv.versions()["flash-attn"] == "2.8.3"
 
-        # 2. an operator's drain is theirs: the step waits for nothing, and the node stays drained after it
-        slurm.drain("operator: bad DIMM")
-        verify2 = await run_job(controller, agent, "verify", {"mode": "quick"})
-        assert verify2["result"]["scheduler"]["slurm"]["ours"] is False
-        assert slurm.state().startswith("IDLE+DRAIN") and slurm.reason().startswith("operator: bad DIMM")
-        slurm.resume()
-        slurm.wait_state("IDLE")
-
-        # 3. a failing step: the node is resumed all the same
+        # 2. a failing step: the node is resumed all the same
         failed = await run_job(controller, agent, "install-wheel", {**install_vars, "python": "/nowhere/python"})
         assert failed["status"] == "failed"
         assert [p for p, _ in hook_events(failed)][-1] == "released"
         slurm.wait_state("IDLE")
 
         # the generic hook ran around every step, with the step's kind, id and (after) status
-        jobs = [install, verify, verify2, failed]
+        jobs = [install, verify, failed]
         assert hook_log.read_text().splitlines() == [
             x for j in jobs for x in (f"pre {j['kind']} {j['id']} ", f"post {j['kind']} {j['id']} {j['status']}")]
 
         # the dashboard's node page shows what the hooks did, job by job
         page = await dashboard_page(controller, f"/nodes/{NODE}")
         assert "scheduler hook: slurm" in page and f"{NODE} drained for " in page
-        assert "was drained by an operator (reason: operator: bad DIMM) and stays so" in page
+        assert re.search(f"{NODE} drained for \\d+ s, resumed \\(install-wheel successful\\)", page)
     finally:
         await agent.close()
 
@@ -302,6 +303,18 @@ async def test_the_command_hook_runs_pre_step_post_with_the_steps_environment(tm
     started = time.monotonic()
     out = await slow.run(JobSpec("j7", "verify"), lambda e: None)
     assert time.monotonic() - started < 5 and "did not finish within 0.5 s" in (out.error or "")
+
+
+@pytest.mark.root
+async def test_an_operators_drain_is_kept_and_the_step_runs_without_draining_again(slurm: SlurmCluster) -> None:
+    slurm.drain("operator: bad DIMM")
+    step = Recorder(slurm)
+    out = await HookedJobRunner(step, [SlurmHook(NODE, poll_s=0.3)]).run(JobSpec("j11", "verify"), lambda e: None)
+    record = out.result["scheduler"]["slurm"]
+    assert out.status == JobStatus.SUCCESSFUL and step.ran == ["IDLE+DRAIN"] and record["ours"] is False
+    assert "was drained by an operator (reason: operator: bad DIMM) and stays so" in record["note"]
+    assert record["release_note"] == f"{NODE} left as it was (not drained by fleetctl)"
+    assert slurm.state().startswith("IDLE+DRAIN") and slurm.reason().startswith("operator: bad DIMM")
 
 
 @pytest.mark.root
