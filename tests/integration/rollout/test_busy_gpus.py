@@ -19,7 +19,7 @@ from fleetctl.agent.busy_guard import BusyGuard
 from fleetctl.agent.gpu_use import SimulatedGpuUse, hold_simulated_gpu
 from fleetctl.controller.app import RunningController
 from fleetctl.controller.rollout import service
-from tests.integration.fleet_support import SimAgents, wait_for
+from tests.integration.fleet_support import AgentProcess, SimAgents, wait_for
 from tests.integration.rollout.simrunner import Script, SimRunner
 from tests.integration.rollout.test_rollout_cli import fleetctl
 
@@ -137,3 +137,26 @@ async def test_verify_measures_idle_gpus_and_says_which(controller: RunningContr
     assert v["status"] == "skipped-busy" and "GPU 0: pid" in v["reasons"][0]
     code, out, err = await fleetctl(controller, "node", "node-1")
     assert "GPU 1" in out
+
+
+async def test_fleet_agent_run_checks_its_simulated_gpus(controller: RunningController, tmp_path: Path,
+                                                         holder: list[asyncio.subprocess.Process]) -> None:
+    """The same through `fleet-agent run --simulate a100 --executor simulated` as a process: its own wiring
+    (agent/commands/run.py) puts the busy check in front of the simulated executor."""
+    agent = AgentProcess(controller, "proc-1", tmp_path / "agent", tmp_path / "logs",
+                         ["--simulate", "a100", "--executor", "simulated", "--busy-poll", "0.2"])
+    await agent.start()
+    try:
+        await wait_for(lambda: controller.ctx.registry.status_of("proc-1") == "online", timeout=60)
+        proc = await asyncio.create_subprocess_exec("sleep", "300")
+        holder.append(proc)
+        hold_simulated_gpu(tmp_path / "agent", 3, proc.pid)
+        code, out, err = await fleetctl(controller, "verify", "proc-1", "--quick", "--gpus", "3", "--when-busy",
+                                        "fail", "--json")
+        v = json.loads(out)["verifications"][0]
+        assert code == 9 and v["status"] == "busy", out + err + agent.log_tail()
+        assert f"GPU 3: pid {proc.pid} (sleep)" in v["reasons"][0] and "(simulated GPUs)" in v["reasons"][0]
+        code, out, err = await fleetctl(controller, "verify", "proc-1", "--quick", "--gpus", "idle", "--json")
+        assert json.loads(out)["verifications"][0]["gpus"] == [0, 1, 2, 4, 5, 6, 7], out + err
+    finally:
+        await agent.close()
