@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -138,6 +139,10 @@ class NoExecutor:
                                 "(start it with a playbook executor; see docs/fleet.md)")
 
 
+# a refusal's details as controller/server.py writes them: "<code>: <message> (hint: <hint>)"
+CONTROLLER_DETAIL_RE = re.compile(r"[a-z][a-z-]*: (?P<message>.*?)(?: \(hint: (?P<hint>.*)\))?", re.DOTALL)
+
+
 def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
     """A gRPC failure as a FleetError (the controller puts ``code: message (hint: ...)`` in details)."""
     code = exc.code()
@@ -148,8 +153,11 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
                                           "the root of the CA imported there) and check that the address is the "
                                           "controller's gRPC port")
     if code in FATAL_CODES:
-        return AuthError(f"{what} refused by the controller: {detail}",
-                         hint="enroll again with a fresh token (`fleetctl token create`)")
+        # the controller's own hint says what to do for this refusal (a used-up token, a pattern, a network)
+        said = CONTROLLER_DETAIL_RE.fullmatch(detail)
+        return AuthError(f"{what} refused by the controller: {said['message'] if said else detail}",
+                         hint=said["hint"] if said and said["hint"]
+                         else "enroll again with a fresh token (`fleetctl tokens create`)")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFoundError(f"{what}: {detail}", hint="see the message")
     if code == grpc.StatusCode.ALREADY_EXISTS:

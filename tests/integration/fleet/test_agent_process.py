@@ -145,3 +145,17 @@ async def test_json_log_format(controller: RunningController, tmp_path: Path) ->
     records = [json.loads(line) for line in lines]
     assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     assert any(r["level"] == "WARNING" and "retrying in" in r["message"] for r in records)
+
+
+async def test_used_up_token_is_one_error_with_the_controllers_hint(controller: RunningController,
+                                                                   tmp_path: Path) -> None:
+    token, _ = controller.ctx.enrollment.create_token(limits=TokenLimits(uses=1))
+    controller.ctx.enrollment.revoke_token(token)  # spent otherwise: the same refusal path
+    spent, _ = controller.ctx.enrollment.create_token(limits=TokenLimits(uses=2, hostname_pattern="gpu-*"))
+    proc = agent(controller, tmp_path, "--token", spent)  # enrolls as node-p: outside the pattern
+    await proc.start()
+    code, _ = await exits(proc, 30)
+    log = proc.log_tail(400)
+    assert code == 6, log
+    assert log.count("error[auth]") == 1 and "hostnames matching 'gpu-*', not node-p" in log, log
+    assert "hint: enroll with a matching --hostname" in log, log
