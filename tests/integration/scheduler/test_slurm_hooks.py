@@ -16,6 +16,7 @@ tests/integration/harness/slurm.py) and real shell commands.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html
 import os
@@ -167,12 +168,12 @@ async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
         install_vars = {"wheel_sha256": wheel.sha256, "python": str(venv.python)}
 
         # 1. a user's job runs: drain, wait for it, install, resume; then verify: drain, verify, resume
-        sleeper = slurm.sbatch_sleep(4)
+        sleeper = await asyncio.to_thread(slurm.sbatch_sleep, 4)  # the controller runs on this loop
         with Watcher(slurm) as watch:
             install = await run_job(controller, agent, "install-wheel", install_vars)
-            slurm.wait_state("IDLE")
+            await asyncio.to_thread(slurm.wait_state, "IDLE")
             verify = await run_job(controller, agent, "verify", {"mode": "quick"})
-            slurm.wait_state("IDLE")
+            await asyncio.to_thread(slurm.wait_state, "IDLE")
         assert install["status"] == "successful", (install["error"], agent.log_tail())
         assert watch.states() == ["MIXED", "MIXED+DRAIN", "IDLE+DRAIN", "IDLE", "IDLE+DRAIN", "IDLE"], watch.seen
         assert sleeper not in slurm.jobs()
@@ -198,7 +199,7 @@ async def test_a_real_agent_drains_its_slurm_node_for_each_step_and_resumes_it(
         failed = await run_job(controller, agent, "install-wheel", {**install_vars, "python": "/nowhere/python"})
         assert failed["status"] == "failed"
         assert [p for p, _ in hook_events(failed)][-1] == "released"
-        slurm.wait_state("IDLE")
+        await asyncio.to_thread(slurm.wait_state, "IDLE")
 
         # the generic hook ran around every step, with the step's kind, id and (after) status
         jobs = [install, verify, failed]
