@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import httpx
 
 from fleetctl.controller import contexts
+from fleetctl.controller.labels import parse_label_selector
 from fleetctl.controller.signatures import SignatureError
 from fleetctl.fleet.errors import (
     AuthError,
@@ -83,9 +84,16 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
 def add_label_selector_arg(parser: argparse.ArgumentParser) -> None:
     """``-l/--selector LABELS`` of every command that takes nodes: a label selector (controller/labels.py), sent to
     the controller, which applies it (AND-ed with ``--nodes`` where the command has that)."""
-    parser.add_argument("-l", "--selector", dest="labels", metavar="LABELS",
+    parser.add_argument("-l", "--selector", dest="labels", metavar="LABELS", type=_label_selector,
                         help="label selector: k=v, k!=v, 'k in (a,b)', 'k notin (a)', k, !k; comma = AND "
                              "(see `fleetctl label`)")
+
+
+def _label_selector(text: str) -> str:
+    """A ``-l`` value, checked by the one parser before anything is sent (a ``UsageError`` naming the term, also
+    without a controller); it travels as typed, and the controller parses it again."""
+    parse_label_selector(text)
+    return text
 
 
 class ControllerClient:

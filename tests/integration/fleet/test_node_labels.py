@@ -116,6 +116,8 @@ async def test_the_server_refuses_bad_labels_a_client_did_not_check(labelled: Ru
         await asyncio.to_thread(client.post, "/nodes/a/labels", {"set": {"ok": "1", "bad key": "1"}, "remove": []})
     with labelled.ctx.store.session() as s:
         assert list(s.scalars(select(NodeLabel))) == []
+    with pytest.raises(UsageError, match="unclosed"):  # selectors too: the controller parses what it is sent
+        await asyncio.to_thread(client.get, "/nodes", selector="env in (a")
 
 
 async def test_selectors_reach_verify_schedules_and_rollout_plans(labelled: RunningController,
