@@ -50,6 +50,7 @@ from fleetctl.controller.artifacts import VOUCHED, provenance_of, trusted_for
 from fleetctl.controller.audit import audit
 from fleetctl.controller.diagnose import diagnose
 from fleetctl.controller.jobs import JobDispatcher
+from fleetctl.controller.leases import db_now
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
 from fleetctl.controller.registry import read_facts
@@ -354,11 +355,12 @@ class RolloutEngine:
     def _claim(self, running: Collection[tuple[str, str]]) -> list[str]:
         """Take the free active rollouts and renew the leases of nodes this engine runs (``running``: a
         snapshot of ``_tasks``). Blocking: through ``_db``. ``now`` is taken here, when the lock is ours, so
-        a wait for the database does not shorten the leases written."""
-        now = utcnow()
-        expiry = now + dt.timedelta(seconds=self.lease_ttl)
+        a wait for the database does not shorten the leases written; it is the database's clock, so that
+        controllers on hosts whose clocks differ judge the leases alike (docs/ha.md)."""
         claimed: list[str] = []
         with self.store.session() as s:
+            now = db_now(s)
+            expiry = now + dt.timedelta(seconds=self.lease_ttl)
             for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE_ROLLOUT))):
                 if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
                     previous = r.lease_owner
@@ -653,11 +655,12 @@ class RolloutEngine:
         """Claim the node, advance it through bookkeeping states, and return the step to run (or None)."""
         now = utcnow()
         with self.store.session() as s:
+            lease_now = db_now(s)  # the lease is judged by the database's clock, as in ``_claim``
             r = s.get(Rollout, rid)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
-            if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, now):
+            if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, lease_now):
                 return None
-            if not take_lease(s, n, self.owner, now + dt.timedelta(seconds=self.lease_ttl)):
+            if not take_lease(s, n, self.owner, lease_now + dt.timedelta(seconds=self.lease_ttl)):
                 return None  # another engine claimed the node between our read and our write
             plan = plan_from_json(n.plan)
             opts = r.options or {}
