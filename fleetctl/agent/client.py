@@ -466,6 +466,8 @@ class Agent:
                 answered, got = await until_stopped(request_enrollment(
                     address, ca_pem, self.cfg.token or "", hostname, self.cfg.server_name, pending=pending), stop)
             except FleetError as exc:
+                if pending is not None and isinstance(exc, AuthError) and not isinstance(exc, CertificateTrustError):
+                    PendingEnrollment.clear(self.cfg.state_dir)  # denied or removed: a new token starts afresh
                 if exc.code != "controller-unavailable":
                     raise
                 if time.monotonic() + 1 > (approval_deadline or deadline):

@@ -167,6 +167,7 @@ async def test_approval_queue_pending_approve_and_deny(controller: RunningContro
         with pytest.raises(AuthError) as err:
             await asyncio.wait_for(tasks[1], 20)
         assert "denied by an operator" in err.value.message
+        assert not (tmp_path / "gpu-no" / "pending.json").exists()  # a new token enrolls afresh
         code, _, err_text = await cli(capsys, controller, "agents", "approve", "gpu-no")  # nothing pending now
         assert code == 4 and "no enrollment of 'gpu-no' is waiting" in err_text
     finally:
