@@ -49,7 +49,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from fleetctl.controller.artifacts import VOUCHED, provenance_of, trusted_for
 from fleetctl.controller.audit import audit
 from fleetctl.controller.diagnose import diagnose
-from fleetctl.controller.jobs import JobDispatcher
+from fleetctl.controller.jobs import JobDispatcher, JobEventRecord
 from fleetctl.controller.leases import db_now
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
@@ -275,6 +275,7 @@ class RolloutEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.finished_reconcile_s = FINISHED_RECONCILE_S
         self._finished_reconciled_at = 0.0
+        jobs.add_event_listener(self._on_job_event)  # a step waiting for busy GPUs says so in its node's cause
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -784,6 +785,24 @@ class RolloutEngine:
                 n.result = {**(n.result or {}), "artifacts": {"step": str(step.state), "files": got,
                                                               "seconds": seconds}}
                 n.cause = f"{step.kind}: {len(got)} artifact(s) ready in the store"
+
+    def _on_job_event(self, ev: JobEventRecord) -> None:
+        """A step's agent waits for busy GPUs (``fleet_gpu_busy``, agent/busy_guard.py) or has them after waiting
+        (``fleet_gpu_idle``): the node's cause says so, for `fleetctl rollout status` and the rollout page. Written
+        on the store's pool (the caller may be the event loop), and only while the node is in that job's step."""
+        data = ev.data if isinstance(ev.data, Mapping) else {}
+        if ev.event == "fleet_gpu_busy" and data.get("action") == "waiting":
+            text = str(data.get("reason") or "waiting for busy GPUs")
+        elif ev.event == "fleet_gpu_idle" and float(data.get("waited_s") or 0) > 0:
+            text = f"GPUs idle after waiting {data.get('waited_s')}s; the step runs"
+        else:
+            return
+        self.store.executor.submit(self._note_job, ev.job_id, text)
+
+    def _note_job(self, job_id: str, text: str) -> None:
+        with self.store.session() as s:  # a node that left the step has no job id any more: nothing matches
+            s.execute(update(RolloutNode).where(RolloutNode.job_id == job_id).values(cause=text[:4000])
+                      .execution_options(synchronize_session=False))
 
     def _note(self, step: StepRun, text: str) -> None:
         with self.store.session() as s:
