@@ -85,6 +85,8 @@ async def test_wait_holds_the_step_until_the_process_exits(controller: RunningCo
                                       if e["event"] == "fleet_gpu_busy"])
     assert f"pid {pid} (sleep)" in waiting[0]["data"]["reason"]
     assert waiting[0]["data"]["reason"].endswith("(simulated GPUs)")
+    # `fleetctl rollout status` says why the node is not moving
+    await wait_for(lambda: "waiting, GPU(s) busy: GPU 3: pid" in node(status(controller, rid), "busy-1")["cause"])
 
     holder[0].kill()
     await holder[0].wait()
