@@ -149,6 +149,8 @@ class ControllerClient:
             http_ca = discovery.get("http_ca")  # the controller's own CA issued its HTTPS certificate
             if ca is None and isinstance(http_ca, str) and http_ca:
                 ca = state / http_ca
+        elif ca is None:  # a URL given for a controller whose state dir is here too: its CA, as if found there
+            ca = _local_http_ca(state, url)
         if not url:
             raise ControllerUnavailable("controller.json has no http address", hint=_START_HINT)
         if token is None and token_required:
@@ -226,6 +228,18 @@ class ControllerClient:
 
 
 _E = TypeVar("_E", bound=BaseException)
+
+
+def _local_http_ca(state: Path, url: str) -> Path | None:
+    """The ``http_ca`` of ``STATE/controller.json`` when that controller is the one at ``url``, else None."""
+    try:
+        discovery = json.loads((state / "controller.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(discovery, dict) or str(discovery.get("http", "")).rstrip("/") != url.rstrip("/"):
+        return None
+    http_ca = discovery.get("http_ca")
+    return state / http_ca if isinstance(http_ca, str) and http_ca else None
 
 
 def _verify(ca: Path | None) -> ssl.SSLContext | bool:

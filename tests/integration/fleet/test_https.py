@@ -67,6 +67,11 @@ async def test_default_is_https_with_the_controllers_ca(tmp_path: Path, capsys: 
         code = await asyncio.to_thread(fleetctl, ["nodes", "--state-dir", str(rc.ctx.settings.state_dir)])
         _, err = capsys.readouterr()
         assert code == 0, err
+        # the URL given, the state dir here too: that controller's CA
+        code = await asyncio.to_thread(fleetctl, ["nodes", "--state-dir", str(rc.ctx.settings.state_dir),
+                                                  "--controller", url])
+        _, err = capsys.readouterr()
+        assert code == 0, err
         # a wrong CA: a clear error naming the CA and what to do
         wrong = CertAuthority(tmp_path / "other-ca").ca_path
         code = await asyncio.to_thread(fleetctl, ["nodes", "--state-dir", str(rc.ctx.settings.state_dir),
