@@ -113,6 +113,9 @@ def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 10_000),
+        # a controller name resolving to several addresses: dial them in turn, in an order of this channel's own,
+        # so that a fleet spreads over them (gRFC A62); the agent's own failover moves between listed controllers
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})),
     ]
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
@@ -324,6 +327,75 @@ def default_enroll_address(controller: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
+def controller_targets(text: str) -> tuple[str, ...]:
+    """The controllers of ``--controller``: ``HOST:PORT``, or several comma-separated, in the order given (repeats
+    dropped); an entry that is not ``HOST:PORT`` is an ``InputError`` naming it. A HOST whose name resolves to several
+    addresses is one entry: gRPC's DNS resolver gives the channel all of them and ``pick_first`` dials them in turn,
+    in an order shuffled per channel (``channel_options``)."""
+    targets: list[str] = []
+    for entry in (e.strip() for e in text.split(",")):
+        host, sep, port = entry.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+                or (":" in host and not bracketed) or any(c.isspace() for c in host)):
+            raise InputError(f"controller address {entry!r} (in {text!r}) is not HOST:PORT",
+                             hint="give each controller's agent port, comma-separated: "
+                                  "--controller ctl-a:7443,ctl-b:7443 (an IPv6 address in brackets: [::1]:7443)")
+        if entry not in targets:
+            targets.append(entry)
+    return tuple(targets)
+
+
+def enroll_targets(controllers: tuple[str, ...], enroll_address: str | None) -> tuple[str, ...]:
+    """Where to enroll: ``--enroll-address`` (one or several, like ``--controller``), else each controller's agent
+    port + 1."""
+    if enroll_address:
+        return controller_targets(enroll_address)
+    return tuple(default_enroll_address(c) for c in controllers)
+
+
+def first_controller(count: int, node: str) -> int:
+    """The index of the controller a node dials first: a hash of its name, so that a fleet spreads over the list
+    and a node starts at the same controller every time."""
+    return zlib.crc32(node.encode()) % count
+
+
+class Failover:
+    """Which of its controllers the agent dials next, and how long it waits first (no I/O; unit-tested).
+
+    A dial that fails moves on to the next controller at once, until every controller failed in a row; from then on
+    each full round waits the growing delay of ``backoff``. A session that was established and ended (the
+    controller died, the connection broke, a keepalive or heartbeat timed out) moves on to the next controller after
+    the initial delay, jittered (``Backoff``) so that the agents of a dead controller do not all arrive at once.
+    With one controller this is the plain reconnect backoff."""
+
+    def __init__(self, backoff: Backoff, start: int = 0) -> None:
+        self.backoff = backoff
+        self.index = start
+        self.failed_in_row = 0
+
+    def pick(self, targets: tuple[str, ...]) -> str:
+        """The controller to dial now."""
+        return targets[self.index % len(targets)]
+
+    def after_attempt(self, count: int, established: bool) -> float:
+        """The attempt on the current controller ended (``established``: its session came up); move to the next of
+        ``count`` controllers and return the seconds to wait before dialling it."""
+        self.index = (self.index + 1) % count
+        if established:
+            self.answered()
+            return self.backoff.next()
+        self.failed_in_row += 1
+        if self.failed_in_row % count:
+            return 0.0  # a controller not tried yet in this round: at once
+        return self.backoff.next()
+
+    def answered(self) -> None:
+        """The current controller answered: the next failure starts a new round at the initial delay."""
+        self.failed_in_row = 0
+        self.backoff.reset()
+
+
 def new_key_pem() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -430,6 +502,7 @@ class Agent:
         self._stopping = asyncio.Event()  # set on stop: running jobs are canceled and reported
         self._renewed = False  # the session ended to go on with a renewed certificate
         self._ever_connected = False
+        self.controller = ""  # the controller (of cfg.controller) the current session dials: Failover picks it
 
     # ---- enrollment --------------------------------------------------------------------
 
@@ -457,11 +530,14 @@ class Agent:
             if not started or facts is None:
                 return None
             hostname = self.cfg.hostname or facts.hostname
-        address = self.cfg.enroll_address or default_enroll_address(self.cfg.controller)
-        backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max)
+        # the enrollment ports of every controller (they share the database and the CA: docs/ha.md), tried in turn
+        addresses = enroll_targets(controller_targets(self.cfg.controller), self.cfg.enroll_address)
+        failover = Failover(Backoff(self.cfg.backoff_initial, self.cfg.backoff_max),
+                            first_controller(len(addresses), hostname))
         deadline = time.monotonic() + self.cfg.connect_timeout
         approval_deadline: float | None = None
         while True:
+            address = failover.pick(addresses)
             try:
                 answered, got = await until_stopped(request_enrollment(
                     address, ca_pem, self.cfg.token or "", hostname, self.cfg.server_name, pending=pending), stop)
@@ -472,12 +548,13 @@ class Agent:
                     raise
                 if time.monotonic() + 1 > (approval_deadline or deadline):
                     raise ControllerUnavailable(
-                        f"cannot enroll: the controller's enrollment port {address} was not reachable for "
-                        f"{self.cfg.connect_timeout:g}s; last error: {exc.message}",
+                        f"cannot enroll: {'the enrollment port ' if len(addresses) == 1 else 'no enrollment port of '}"
+                        f"{', '.join(addresses)} was reachable for {self.cfg.connect_timeout:g}s; "
+                        f"last error ({address}): {exc.message}",
                         hint="check that the controller runs and that --controller/--enroll-address and the "
                              "network (firewall) let this node reach it; then start the agent again") from None
-                wait = backoff.next()
-                log.warning("%s; retrying in %.1fs", exc.message, wait)
+                wait = failover.after_attempt(len(addresses), established=False)
+                log.warning("%s; trying %s in %.1fs", exc.message, failover.pick(addresses), wait)
                 if await self._stopped_within(stop, wait):
                     return None
                 continue
@@ -496,7 +573,7 @@ class Agent:
                 raise AuthError(f"enrollment of {hostname} was not approved within {self.cfg.approval_timeout:g}s",
                                 hint=f"run `fleetctl agents approve {hostname}` on the controller, then start the "
                                      "agent again: it goes on waiting with the same request")
-            backoff.reset()
+            failover.answered()
             if await self._stopped_within(stop, self.cfg.approval_poll):
                 return None
         got.save(self.cfg.state_dir)
@@ -530,10 +607,15 @@ class Agent:
                                  f"{self.cfg.state_dir} and enroll again with a fresh token")
         leave = asyncio.Event()  # set once stopping jobs were canceled and reported (or stop_grace passed)
         drainer = asyncio.create_task(self._stop_jobs_on(stop, leave))
-        backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max)
+        # read each round, so that a list changed while the agent runs applies to its next dial
+        count = len(controller_targets(self.cfg.controller))
+        failover = Failover(Backoff(self.cfg.backoff_initial, self.cfg.backoff_max),
+                            first_controller(count, creds.hostname))
         try:
             while not leave.is_set():
                 self._session_up = self._renewed = False
+                targets = controller_targets(self.cfg.controller)
+                self.controller = failover.pick(targets)
                 failure: FleetError | None = None
                 try:
                     await self._session(self.creds or creds, leave)
@@ -548,23 +630,21 @@ class Agent:
                     raise failure
                 if leave.is_set():
                     break
-                # A session that was established (the controller answered its first RPC) proves the controller
-                # is back: the next reconnect starts from the initial delay. Waiting for a long session instead
-                # left agents at the maximum delay after a few quick controller restarts. Jitter stays.
-                if self._session_up:
-                    backoff.reset()
                 if self._renewed:
-                    continue  # straight on with the renewed certificate
+                    continue  # straight on with the renewed certificate, on the same controller
                 if not self._ever_connected and time.monotonic() - started > self.cfg.connect_timeout:
                     raise ControllerUnavailable(
-                        f"the controller at {self.cfg.controller} was not reachable for "
-                        f"{self.cfg.connect_timeout:g}s after the start; last error: "
-                        f"{failure.message if failure else 'none'}",
+                        f"{'the controller at ' if len(targets) == 1 else 'none of the controllers '}"
+                        f"{', '.join(targets)} was reachable for {self.cfg.connect_timeout:g}s after the start; "
+                        f"last error ({self.controller}): {failure.message if failure else 'none'}",
                         hint="check that the controller runs and that --controller and the network let this node "
                              "reach its gRPC port; then start the agent again")
-                wait = backoff.next()
+                # On to the next controller (Failover). A session that was established (the controller answered its
+                # first RPC) starts the next round at the initial delay: waiting for a long session instead left
+                # agents at the maximum delay after a few quick controller restarts. Jitter stays.
+                wait = failover.after_attempt(len(targets), established=self._session_up)
                 if failure:
-                    log.warning("%s; reconnecting in %.1fs", failure.message, wait)
+                    log.warning("%s; reconnecting to %s in %.1fs", failure.message, failover.pick(targets), wait)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(leave.wait(), wait)
         finally:
@@ -591,13 +671,15 @@ class Agent:
     async def _session(self, creds: Credentials, stop: asyncio.Event) -> None:
         channel_creds = grpc.ssl_channel_credentials(root_certificates=creds.ca_pem,
                                                      private_key=creds.key_pem, certificate_chain=creds.cert_pem)
-        async with grpc.aio.secure_channel(self.cfg.controller, channel_creds,
+        async with grpc.aio.secure_channel(self.controller, channel_creds,
                                            options=channel_options(self.cfg.server_name)) as channel:
             stub = pb_grpc.AgentServiceStub(channel)
             self.sessions += 1
             self._facts_due = False  # reported right here
             await self.report_facts(stub)
             self._session_up = self._ever_connected = True
+            log.info("session %d with controller %s (holding %d job(s))", self.sessions, self.controller,
+                     len(self._held))
             self._stub = stub
             self._connected.set()
             tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),

@@ -17,7 +17,15 @@ from typing import Any
 
 from fleetctl.agent.artifact_jobs import ArtifactJobRunner
 from fleetctl.agent.busy_guard import DEFAULT_POLL_S, BusyGuard
-from fleetctl.agent.client import APPROVAL_TIMEOUT, CONNECT_TIMEOUT, STOP_GRACE, Agent, AgentConfig, NoExecutor
+from fleetctl.agent.client import (
+    APPROVAL_TIMEOUT,
+    CONNECT_TIMEOUT,
+    STOP_GRACE,
+    Agent,
+    AgentConfig,
+    NoExecutor,
+    controller_targets,
+)
 from fleetctl.agent.command_hook import CommandHook
 from fleetctl.agent.executor import AnsibleJobRunner
 from fleetctl.agent.gpu_use import GpuUseSource, NvmlGpuUse, SimulatedGpuUse
@@ -31,7 +39,7 @@ from fleetctl.agent.scheduler_hooks import HookedJobRunner, SchedulerHook
 from fleetctl.agent.simexec import SimulatedJobRunner
 from fleetctl.agent.slurm_hook import SlurmHook
 from fleetctl.agent.verify.job import CompositeRunner, VerifyJobRunner
-from fleetctl.fleet.errors import UsageError
+from fleetctl.fleet.errors import InputError, UsageError
 from fleetctl.fleet.facts import NodeFacts
 from fleetctl.fleet.text import install_safe_logging
 
@@ -42,9 +50,12 @@ def register(subparsers: Any) -> None:
         description="Enroll with a one-time token (first start only; key and certificate are kept in "
                     "--state-dir), then report this node's facts, heartbeat, and run the jobs the controller "
                     "sends, reconnecting with backoff. See docs/fleet.md.")
-    p.add_argument("--controller", required=True, metavar="HOST:PORT", help="the controller's agent (mTLS) port")
-    p.add_argument("--enroll-address", metavar="HOST:PORT",
-                   help="the controller's enrollment port (default: agent port + 1)")
+    p.add_argument("--controller", default=os.environ.get("FLEET_CONTROLLER"), metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the controller's agent (mTLS) port, or those of several controllers sharing one database, "
+                        "comma-separated: the agent works with one at a time and moves to another when it is lost, "
+                        "keeping its running jobs (default: $FLEET_CONTROLLER; docs/ha.md, 'Agent fail-over')")
+    p.add_argument("--enroll-address", metavar="HOST:PORT[,...]",
+                   help="the controllers' enrollment ports (default: each agent port + 1)")
     p.add_argument("--ca", type=Path, metavar="FILE", help="the controller's CA certificate (STATE/ca/ca.pem)")
     p.add_argument("--token", metavar="TOKEN",
                    help="one-time enrollment token (default: $FLEET_AGENT_TOKEN); only needed the first time")
@@ -282,8 +293,15 @@ async def _main(cfg: AgentConfig) -> None:
 def handle(args: argparse.Namespace) -> int:
     # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
     install_safe_logging(args.log_level.upper(), json_lines=args.log_format == "json")
-    if ":" not in args.controller:
-        raise UsageError(f"--controller {args.controller!r} is not HOST:PORT", hint="e.g. --controller 10.0.0.1:7443")
+    if not args.controller:
+        raise UsageError("no controller given", hint="pass --controller HOST:PORT (several: comma-separated) or set "
+                                                     "FLEET_CONTROLLER")
+    try:
+        controller_targets(args.controller)
+        if args.enroll_address:
+            controller_targets(args.enroll_address)
+    except InputError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
     absolute_paths(args)
     facts, runner = make_facts_source(args), make_runner(args)
     if args.executor == "simulated":  # a simulated node's jobs change its simulated facts (agent/simexec.py)

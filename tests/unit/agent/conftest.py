@@ -43,3 +43,22 @@ def ok(argv: Sequence[str], stdout: str = "", stderr: str = "", rc: int = 0) -> 
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def self_signed_pem(name: str = "node-1", days: int = 30) -> bytes:
+    """A PEM certificate valid from an hour ago for ``days``: enough for the agent's run loop, which reads the expiry
+    of its certificate before its first session."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)

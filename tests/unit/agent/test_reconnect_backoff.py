@@ -14,13 +14,14 @@ import pytest
 
 from fleetctl.agent.client import Agent, AgentConfig, Credentials
 from fleetctl.fleet.errors import ControllerUnavailable
+from tests.unit.agent.conftest import self_signed_pem
 
 
 async def test_backoff_resets_after_an_established_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = AgentConfig(controller="127.0.0.1:1", state_dir=tmp_path, facts=lambda: None,  # type: ignore[arg-type,return-value]
                       ca_file=tmp_path / "ca.pem", backoff_initial=0.02, backoff_max=0.64)
     agent = Agent(cfg)
-    creds = Credentials("a" * 32, "node-1", b"", b"", b"")
+    creds = Credentials("a" * 32, "node-1", b"", self_signed_pem(), b"")
     # a controller down for 6 attempts, then up for a short session, then restarting again
     script = ["down"] * 6 + ["up"] + ["down"]
     calls: list[float] = []
@@ -37,7 +38,7 @@ async def test_backoff_resets_after_an_established_session(tmp_path: Path, monke
             await asyncio.sleep(0.05)  # a short session: the controller goes away again
         raise ControllerUnavailable("controller gone", hint="")
 
-    async def enrolled() -> Credentials:
+    async def enrolled(_stop: asyncio.Event | None = None) -> Credentials:
         return creds
 
     monkeypatch.setattr(agent, "_session", session)
