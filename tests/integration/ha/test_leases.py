@@ -6,15 +6,17 @@ takes the duty over once the lease expired."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, literal, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, literal, select, update
 
-from fleetctl.controller.leases import Held, acquire, db_now, fence
+from fleetctl.controller.leases import Held, LeaderDuty, Lease, acquire, db_now, fence
 from fleetctl.controller.store import Store, open_store
 from tests.integration.ha.test_shared_liveness import _query
 from tests.integration.rollout.controller_proc import ControllerProc, until
@@ -136,3 +138,45 @@ async def test_scheduler_runs_on_one_controller_and_moves_after_kill9(pg_url: st
     finally:
         for p in procs:
             p.stop()
+
+
+async def test_a_leader_that_loses_its_lease_stops_its_duty_at_once(stores: tuple[Store, Store]) -> None:
+    """Another controller takes the lease (here: the row is changed under the leader, as a takeover after a stall
+    would): the leader's next renewal is refused and its duty is cancelled then — within a third of the TTL —
+    and it does not run it again while the other holds the lease."""
+    a, b = stores
+    ticks: list[float] = []
+    stopped = asyncio.Event()
+
+    async def duty(held: Held) -> None:
+        try:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+        finally:
+            stopped.set()
+
+    leader = LeaderDuty(a, "duty", duty, holder="controller-a", ttl=1.5)
+    task = asyncio.create_task(leader.run())
+    try:
+        for _ in range(100):
+            if ticks:
+                break
+            await asyncio.sleep(0.05)
+        assert leader.held is not None and ticks, "the leader never ran its duty"
+        with b.session() as s:  # controller b takes the lease over (a new term: token + 1)
+            until = db_now(s) + dt.timedelta(seconds=60)
+            s.execute(update(Lease).where(Lease.name == "duty")
+                      .values(holder="controller-b", token=Lease.token + 1, expires_at=until))
+        taken = time.monotonic()
+        await asyncio.wait_for(stopped.wait(), timeout=leader.every + 1.0)
+        lost_after = time.monotonic() - taken
+        count = len(ticks)
+        await asyncio.sleep(leader.every * 2)  # it keeps trying, and is refused while b holds the lease
+        assert len(ticks) == count and leader.held is None and leader.terms == 1
+        print(f"\nleader duty cancelled {lost_after:.2f}s after losing its lease (renewal every {leader.every:.2f}s)")
+    finally:
+        await leader.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
