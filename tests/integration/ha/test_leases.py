@@ -165,9 +165,9 @@ async def test_a_leader_that_loses_its_lease_stops_its_duty_at_once(stores: tupl
             await asyncio.sleep(0.05)
         assert leader.held is not None and ticks, "the leader never ran its duty"
         with b.session() as s:  # controller b takes the lease over (a new term: token + 1)
-            until = db_now(s) + dt.timedelta(seconds=60)
+            later = db_now(s) + dt.timedelta(seconds=60)
             s.execute(update(Lease).where(Lease.name == "duty")
-                      .values(holder="controller-b", token=Lease.token + 1, expires_at=until))
+                      .values(holder="controller-b", token=Lease.token + 1, expires_at=later))
         taken = time.monotonic()
         await asyncio.wait_for(stopped.wait(), timeout=leader.every + 1.0)
         lost_after = time.monotonic() - taken
