@@ -1,9 +1,9 @@
 """A rollout survives the kill -9 of the controller driving it: two controller processes on one PostgreSQL
-database (one CA: B's state dir holds a copy of A's ``ca/``), the agents connected to A. Whichever controller's
-engine drives the rollout is killed mid-rollout; when that is A its agents move to B — the same agent processes,
-their running jobs kept (what an agent that knows several controllers does: docs/ha.md). The other controller
-takes the rollout over once its lease expired and finishes it: every node done, no step run twice, no job
-submitted twice for a node and step."""
+database (one CA: B's state dir holds a copy of A's ``ca/``), the agents enrolled through A and given both
+controllers (``--controller A,B``: they stay on A while it lives). Whichever controller's engine drives the rollout
+is killed mid-rollout; when that is A its agents fail over to B by themselves, their running jobs kept. The other
+controller takes the rollout over and finishes it: every node done, no step run twice, no job submitted twice for
+a node and step."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
         b.start()
         await b.ready()
         agents = await start_agents(a, NODES, script, tmp_path)
+        both = f"127.0.0.1:{a.ports['grpc']},127.0.0.1:{b.ports['grpc']}"
+        for agent, _, _ in agents:
+            agent.cfg.controller = both  # read at each dial: from now on they know both controllers
         await until(lambda: all_online(b, len(NODES)), 30)
 
         rid = (await api(a, "POST", "/rollouts", {"canary": 0, "batch": "100%", "actor": "tester"}))["id"]
@@ -57,11 +60,8 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
         assert a.proc is not None and b.proc is not None
         driver, other = (a, b) if f":{a.proc.pid}:" in owner else (b, a)
         loop = asyncio.get_running_loop()
-        driver.kill9()
+        driver.kill9()  # when that is A, its agents fail over to B by themselves, holding their running jobs
         killed = loop.time()
-        if driver is a:  # the agents fail over to B, holding their running jobs
-            for agent, _, _ in agents:
-                agent.cfg.controller = f"127.0.0.1:{b.ports['grpc']}"
 
         async def taken_over() -> bool:
             [(now_owner,)] = _query(pg_url, f"SELECT lease_owner FROM rollouts WHERE id = '{rid}'")
@@ -69,6 +69,15 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
 
         await until(taken_over, 30, interval=0.05)
         moved = loop.time() - killed
+        reattached = "-"
+        if driver is a:  # its agents now report to B: their session leases are held by B
+
+            async def all_on_b() -> bool:
+                holders = [h for (h,) in _query(pg_url, "SELECT controller_id FROM agent_sessions")]
+                return len(holders) == len(NODES) and all(f":{b.proc.pid}:" in h for h in holders if b.proc)
+
+            await until(all_on_b, 30, interval=0.05)
+            reattached = f"{loop.time() - killed:.1f}s"
 
         async def finished() -> dict[str, Any] | None:
             st: dict[str, Any] = await api(other, "GET", f"/rollouts/{rid}")
@@ -90,4 +99,5 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
     assert all(n["state"] == "done" for n in st["nodes"]), [(n["hostname"], n["state"]) for n in st["nodes"]]
     print(f"\nrollout driven by controller {'A' if driver is a else 'B'} (killed): taken over by the other "
           f"{moved:.1f}s after the kill (same host: a dead owner's pid is seen at once; across hosts the lease TTL, "
-          f"5 s, runs out first), finished {done:.1f}s after it")
+          f"5 s, runs out first), finished {done:.1f}s after it; its agents' sessions held by the other after "
+          f"{reattached}")
