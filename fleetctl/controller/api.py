@@ -199,8 +199,8 @@ def api_router() -> APIRouter:
         return {"pem": ctx.ca.ca_pem.decode()}
 
     @router.get("/artifacts")
-    def artifacts(ctx: Ctx, _: Viewer) -> dict[str, Any]:
-        return {"artifacts": [a.to_json() for a in ctx.artifacts.list_all()]}
+    def artifacts(ctx: Ctx, _: Viewer, kind: str | None = None) -> dict[str, Any]:
+        return {"artifacts": [a.to_json() for a in ctx.artifacts.list_all() if kind is None or a.kind == kind]}
 
     @router.get("/audit")
     def audit_log(ctx: Ctx, _: Viewer, limit: int = 100) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from fleetctl.controller.store import Store, utcnow
 from fleetctl.controller.store.models import Artifact, ArtifactProvenance
 from fleetctl.fleet.errors import ConflictError, InputError, NotFoundError
 
-KINDS = ("wheel", "sdist", "apt-key", "other")
+KINDS = ("wheel", "sdist", "apt-key", "agent", "other")  # agent: fleetctl and its dependencies, for nodes
 DEFAULT_MAX_BYTES = 4 * 1024**3  # a flash-attn wheel is ~60-400 MB; 4 GiB bounds a bad upload
 CHUNK_SIZE = 1024 * 1024
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -4,7 +4,9 @@
 The request body is the file itself (``application/octet-stream``), streamed into ``ArtifactStore.writer``
 (sha256 and size checked, atomic rename, safe names, size limit: controller/artifacts.py). This is how an
 operator puts an sdist, a wheel or an apt key in the store (``fleetctl artifact add FILE``); agents use
-the gRPC ``UploadArtifact``/``FetchArtifact`` instead. ``GET /api/v1/artifacts`` lists them (controller/api.py).
+the gRPC ``UploadArtifact``/``FetchArtifact`` instead. ``GET /api/v1/artifacts[?kind=K]`` lists them
+(controller/api.py); ``GET /api/v1/artifacts/{sha256}/content`` gives one back to an operator — how
+``fleetctl agents install`` takes the agent's own wheels (kind ``agent``) to nodes that have no index.
 
 Provenance: the file is recorded as added by the authenticated admin (``user`` and the actor: the admin user
 whose API token it was, or ``admin`` for the admin token), or, with
@@ -26,10 +28,11 @@ import binascii
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
 
 from fleetctl.controller.artifacts import Provenance, check_sha256
 from fleetctl.controller.audit import audit
-from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx
+from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx, Operator
 from fleetctl.controller.signatures import SignatureError
 from fleetctl.fleet.errors import InputError
 
@@ -85,5 +88,11 @@ def router() -> APIRouter:
         audit(ctx.store, actor, "artifact.add", info.sha256, filename=info.filename, kind=info.kind, size=info.size,
               source=str(provenance.source), ref=provenance.ref)
         return info.to_json()
+
+    @r.get("/artifacts/{sha256}/content")
+    def content(sha256: str, ctx: Ctx, _: Operator) -> FileResponse:
+        info = ctx.artifacts.get(check_sha256(sha256))  # unknown: NotFound, with its hint
+        return FileResponse(ctx.artifacts.path_for(info.sha256), filename=info.filename,
+                            media_type="application/octet-stream")
 
     return r

@@ -223,6 +223,22 @@ class ControllerClient:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, body=body or {})
 
+    def download(self, path: str, dest: Path) -> Path:
+        """A file the controller serves (``/artifacts/SHA/content``), streamed to ``dest``."""
+        try:
+            with self._http.stream("GET", f"/api/v1{path}") as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self.decode(resp, path)  # raises the controller's error
+                with dest.open("wb") as out:
+                    for chunk in resp.iter_bytes():
+                        out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise ControllerUnavailable(f"downloading {path} from {self.base_url} failed: {exc}",
+                                        hint="check that the controller is running and run the command again") \
+                from exc
+        return dest
+
     def close(self) -> None:
         self._http.close()
 

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from fleetctl.controller.client import ControllerClient, add_controller_args
+from fleetctl.controller.commands import agent_ssh
 from fleetctl.controller.commands.table import render
 from fleetctl.fleet.cli import print_json
 
@@ -35,6 +36,7 @@ def register(subparsers: Any) -> None:
         a.add_argument("--json", action="store_true")
         add_controller_args(a)
         a.set_defaults(handler=handle_decision, decision=action)
+    agent_ssh.register(sub)  # install | upgrade | uninstall over SSH, and the agent wheels they copy
 
 
 def handle_pending(args: argparse.Namespace) -> int:

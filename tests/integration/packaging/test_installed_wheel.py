@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,14 @@ from pathlib import Path
 import pytest
 
 from fleetctl.controller.catalog import add_user_wheels, parse_catalog_json
+from tests.integration.harness.installed import (
+    ROOT,
+    build_wheel,
+    controller_venv,
+    fresh_venv,
+    pip_install,
+    require_wheelhouse,
+)
 from tests.integration.realnode.rig import (
     FA2,
     AgentProc,
@@ -36,8 +43,6 @@ from tests.integration.realnode.rig import (
 
 pytestmark = pytest.mark.timeout(900)
 
-ROOT = Path(__file__).resolve().parents[3]
-WHEELHOUSE = ROOT / ".venv" / "wheelhouse"
 #: what a GPU node must never carry (the controller's stack and the simulated nodes' ansible bundle)
 NOT_ON_A_NODE = {"sqlalchemy", "alembic", "psycopg", "psycopg-binary", "fastapi", "starlette", "uvicorn", "httpx",
                  "jinja2-time", "prometheus-client", "croniter", "ansible"}
@@ -56,39 +61,15 @@ class Installed:
                               timeout=300, cwd=self.root, env=env, check=False)
 
 
-def _pip(venv: Path, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           "--no-index", "--find-links", str(WHEELHOUSE), *args],
-                          capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _venv(path: Path) -> Path:
-    # the base interpreter, not this venv's: a fresh venv sees nothing of the checkout's
-    base = Path(getattr(sys, "_base_executable", sys.executable))
-    subprocess.run([str(base), "-m", "venv", str(path)], check=True, timeout=300)
-    return path
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    if not (WHEELHOUSE / ".stamp").exists():
-        pytest.fail(f"{WHEELHOUSE} is missing: run ./scripts/bootstrap (it downloads the locked wheels)")
+    require_wheelhouse()
     root = tmp_path_factory.mktemp("installed")
-    dist = root / "dist"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", str(dist), str(ROOT)],
-                   check=True, timeout=600, env=env, capture_output=True)
-    (wheel,) = dist.glob("fleetctl-*.whl")
-    agent = _venv(root / "agent")
-    _pip(agent, "--require-hashes", "-r", str(ROOT / "requirements" / "agent.txt"))
-    _pip(agent, "--no-deps", str(wheel))
-    controller = _venv(root / "controller")
-    _pip(controller, "--require-hashes", "-r", str(ROOT / "requirements" / "controller.txt"))
-    _pip(controller, "--no-deps", str(wheel))
-    return Installed(wheel, agent, controller, root)
+    wheel = build_wheel(root)
+    agent = fresh_venv(root / "agent")
+    pip_install(agent, "--require-hashes", "-r", str(ROOT / "requirements" / "agent.txt"))
+    pip_install(agent, "--no-deps", str(wheel))
+    return Installed(wheel, agent, controller_venv(root / "controller", wheel), root)
 
 
 def _distributions(venv: Path) -> set[str]:
@@ -159,9 +140,9 @@ def test_a_rollout_through_the_installed_programs_installs_on_the_real_path(
     jobs = seen["jobs"]
     assert isinstance(jobs, list)
     installs = [j for j in jobs if j["kind"] == "install-wheel"]
-    assert [j["status"] for j in installs] == ["succeeded"], f"{jobs}\n{seen['log']}"
+    assert [j["status"] for j in installs] == ["successful"], f"{jobs}\n{seen['log']}"
     assert venv.versions()["flash-attn"] == FA2
     # verify ran the installed agent's bench.py in the target venv: a stand-in torch without a GPU fails it and
     # says so (nothing is faked); the install stands
     verifies = [j for j in jobs if j["kind"] == "verify"]
-    assert verifies and verifies[-1]["status"] in ("succeeded", "failed"), jobs
+    assert verifies and verifies[-1]["status"] in ("successful", "failed"), jobs
