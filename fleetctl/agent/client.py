@@ -549,7 +549,8 @@ class Agent:
                 if time.monotonic() + 1 > (approval_deadline or deadline):
                     raise ControllerUnavailable(
                         f"cannot enroll: {'the enrollment port ' if len(addresses) == 1 else 'no enrollment port of '}"
-                        f"{', '.join(addresses)} was reachable for {self.cfg.connect_timeout:g}s; "
+                        f"{', '.join(addresses)} was {'not ' if len(addresses) == 1 else ''}reachable for "
+                        f"{self.cfg.connect_timeout:g}s; "
                         f"last error ({address}): {exc.message}",
                         hint="check that the controller runs and that --controller/--enroll-address and the "
                              "network (firewall) let this node reach it; then start the agent again") from None
@@ -635,7 +636,8 @@ class Agent:
                 if not self._ever_connected and time.monotonic() - started > self.cfg.connect_timeout:
                     raise ControllerUnavailable(
                         f"{'the controller at ' if len(targets) == 1 else 'none of the controllers '}"
-                        f"{', '.join(targets)} was reachable for {self.cfg.connect_timeout:g}s after the start; "
+                        f"{', '.join(targets)} was {'not ' if len(targets) == 1 else ''}reachable for "
+                        f"{self.cfg.connect_timeout:g}s after the start; "
                         f"last error ({self.controller}): {failure.message if failure else 'none'}",
                         hint="check that the controller runs and that --controller and the network let this node "
                              "reach its gRPC port; then start the agent again")
