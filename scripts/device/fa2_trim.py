@@ -8,9 +8,10 @@ on one H200 takes minutes instead of the full build's 1390-1531 s (docs/gpu-e2e.
 What changes (and is written into the sdist as TRIMMED.txt, so whoever unpacks it can tell):
 - setup.py compiles only csrc/flash_attn/src/flash_{fwd,fwd_split,bwd}_hdim{64,128}_* (24 of 72 .cu files);
   the other .cu files are left out of the sdist;
-- setup.py's own commented-out switches -DFLASHATTENTION_DISABLE_{DROPOUT,ALIBI,SOFTCAP,LOCAL} are turned on:
-  upstream's flash_api.cpp then refuses dropout > 0, alibi slopes, softcap > 0 and a sliding window with a
-  TORCH_CHECK naming the build, instead of running them;
+- setup.py's own commented-out switches -DFLASHATTENTION_DISABLE_{DROPOUT,ALIBI,SOFTCAP,LOCAL} are turned on,
+  for nvcc and for the host compiler (flash_api.cpp, where upstream's checks are: with the nvcc flags alone they
+  are compiled out and such calls silently run without the feature): dropout > 0, alibi slopes, softcap > 0 and
+  a sliding window are refused with "This flash attention build does not support ...";
 - static_switch.h's HEADDIM_SWITCH dispatches head dims 33-64 to the hdim64 kernels and 97-128 to the hdim128
   kernels (exactly as upstream does) and refuses every other head dim with a TORCH_CHECK error;
 - the version is 2.8.3+trim.hd64.hd128 (flash_attn.__version__, PKG-INFO, so the built wheel's name says it).
@@ -62,7 +63,9 @@ UPSTREAM_SWITCH = """#define HEADDIM_SWITCH(HEADDIM, ...)   \\
   }()"""
 
 TRIMMED_SWITCH = f"""// fleetctl scripts/device/fa2_trim.py: the hdim64 and hdim128 kernels only (TRIMMED.txt).
-// Head dims 33-64 and 97-128 run the kernels upstream runs for them; any other is refused.
+// Head dims 33-64 and 97-128 run the kernels upstream runs for them; any other is refused. The message streams
+// no number: on the H200 (2026-12-03) formatting an int into it crashed the process (segfault in libstdc++'s
+// ostream) where flash_attn.cute was loaded too.
 #define HEADDIM_SWITCH(HEADDIM, ...)   \\
   [&] {{                                    \\
     if (HEADDIM > 32 && HEADDIM <= 64) {{   \\
@@ -73,7 +76,7 @@ TRIMMED_SWITCH = f"""// fleetctl scripts/device/fa2_trim.py: the hdim64 and hdim
       return __VA_ARGS__();                \\
     }} else {{                               \\
       TORCH_CHECK(false, "flash-attn {VERSION} is a trimmed build with the kernels of head dims 33-64 and " \\
-                  "97-128 only, got head dim ", HEADDIM, ": install an untrimmed flash-attn for it"); \\
+                  "97-128 only: install an untrimmed flash-attn for other head dims"); \\
     }}                                      \\
   }}()"""
 
@@ -110,6 +113,12 @@ def patch_setup(text: str) -> tuple[str, list[str], list[str]]:
     for flag in DISABLED:
         out = _once(out, f'# "-DFLASHATTENTION_DISABLE_{flag}",', f'"-DFLASHATTENTION_DISABLE_{flag}",  # fa2_trim',
                     "setup.py")
+    # The refusals live in flash_api.cpp, which the host compiler builds with these flags, not nvcc's: without
+    # the defines there it runs dropout/alibi/softcap/window calls on kernels built without them, silently
+    # ignoring them (seen on the H200, 2026-12-03)
+    defines = "".join(f', "-DFLASHATTENTION_DISABLE_{flag}"' for flag in DISABLED)
+    out = _once(out, 'compiler_c17_flag=["-O3", "-std=c++17"]', f'compiler_c17_flag=["-O3", "-std=c++17"{defines}]',
+                "setup.py")
     return out, kept, dropped
 
 
@@ -126,9 +135,9 @@ It is not a release of flash-attn. Its kernels are upstream's, unchanged; fewer 
 - csrc/flash_attn/src/static_switch.h HEADDIM_SWITCH: head dims 33-64 -> hdim64 kernels, 97-128 -> hdim128
   kernels (the ones upstream picks for them); any other head dim fails with a TORCH_CHECK error naming this
   build.
-- setup.py: -DFLASHATTENTION_DISABLE_{{DROPOUT,ALIBI,SOFTCAP,LOCAL}} on (upstream ships them commented out).
-  flash_api.cpp then refuses dropout_p > 0, alibi_slopes, softcap > 0 and window_size (local attention) with
-  "This flash attention build does not support ..." instead of computing them.
+- setup.py: -DFLASHATTENTION_DISABLE_{{DROPOUT,ALIBI,SOFTCAP,LOCAL}} on (upstream ships them commented out), for
+  nvcc and the host compiler. flash_api.cpp then refuses dropout_p > 0, alibi_slopes, softcap > 0 and
+  window_size (local attention) with "This flash attention build does not support ..." instead of computing them.
 - Kept: backward, causal and non-causal, fp16 and bf16, uneven head dims, variable length, paged KV cache and
   the split-KV decode kernels (flash_attn_with_kvcache), every Python file.
 - version {VERSION} in flash_attn/__init__.py and PKG-INFO, so the wheel it builds says so in its name.
