@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -281,14 +281,29 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     try:
-        with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # controllers starting together on one database migrate one after the other, not into each
-                # other's half-made tables (docs/ha.md); the lock goes with the transaction
-                conn.execute(text(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_WAIT_MS}"))
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # batch migrations recreate a table on SQLite (copy, drop, rename): with foreign keys enforced the
+                # drop fails, or cascade-deletes the rows referencing it (Alembic docs, "batch mode with foreign
+                # keys"). The pragma does nothing inside a transaction: set before the migration's begins.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            try:
+                with conn.begin():
+                    if conn.dialect.name == "postgresql":
+                        # controllers starting together on one database migrate one after the other, not into
+                        # each other's half-made tables (docs/ha.md); the lock goes with the transaction
+                        conn.execute(text(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_WAIT_MS}"))
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, revision)
+                    if sqlite:
+                        _check_foreign_keys(conn)
+            finally:
+                if sqlite:  # the connection goes back to the pool: enforced again, as _sqlite_pragmas set it
+                    conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    conn.commit()
     except SQLAlchemyError as exc:
         raise StoreError(f"database migration failed: {exc}".splitlines()[0],
                          hint="check that the database is reachable and writable") from exc
@@ -301,6 +316,15 @@ def migrate(engine: Engine, revision: str = "head") -> None:
                              hint="run the fleetctl version that migrated it, or restore the backup taken before "
                                   "the upgrade (docs/operations.md, Upgrading the controller)") from exc
         raise StoreError(f"database migration failed: {exc}", hint="report this as a bug") from exc
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    """Refuse (roll back) a SQLite migration that left a row referencing one that is not there."""
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise StoreError(f"database migration failed: it would leave {len(broken)} row(s) referencing missing rows "
+                         f"(first: table {broken[0][0]}, rowid {broken[0][1]}, references {broken[0][2]}); nothing "
+                         "was changed", hint="report this as a bug, with the database's schema revision")
 
 
 def open_store(url: str, *, migrate_schema: bool = True, timeouts: DbTimeouts = DbTimeouts()) -> Store:

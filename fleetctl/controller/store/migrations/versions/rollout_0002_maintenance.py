@@ -23,19 +23,20 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # added in place (ALTER TABLE … ADD COLUMN): recreating ``rollouts`` on SQLite would cascade-delete its nodes
     op.add_column("rollouts", sa.Column("approved_by", sa.String(length=128), nullable=True))
     op.add_column("rollouts", sa.Column("approved_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("rollouts", sa.Column("hold", sa.JSON(), nullable=True))
     op.add_column("rollouts", sa.Column("notified_status", sa.String(length=32), nullable=True))
-    if op.get_bind().dialect.name != "sqlite":  # SQLite does not enforce a VARCHAR's length
-        op.alter_column("rollouts", "status", existing_type=sa.String(length=16), type_=sa.String(length=32),
-                        existing_nullable=False)
+    # SQLite enforces no VARCHAR length, but the declared type must match the model (`alembic check`): batch mode
+    # recreates ``rollouts`` there, which store.db.migrate runs with foreign keys off so its nodes are kept
+    with op.batch_alter_table("rollouts") as batch_op:
+        batch_op.alter_column("status", existing_type=sa.String(length=16), type_=sa.String(length=32),
+                              existing_nullable=False)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "sqlite":
-        op.alter_column("rollouts", "status", existing_type=sa.String(length=32), type_=sa.String(length=16),
-                        existing_nullable=False)
+    with op.batch_alter_table("rollouts") as batch_op:
+        batch_op.alter_column("status", existing_type=sa.String(length=32), type_=sa.String(length=16),
+                              existing_nullable=False)
     for column in ("notified_status", "hold", "approved_at", "approved_by"):
         op.drop_column("rollouts", column)
