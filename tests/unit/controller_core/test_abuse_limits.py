@@ -145,7 +145,7 @@ def test_fleetctl_nodes_and_node_print_no_escape_sequences(monkeypatch: pytest.M
     monkeypatch.setattr("fleetctl.controller.commands.nodes.ControllerClient.from_args",
                         staticmethod(lambda _: Client()))
     monkeypatch.setattr("fleetctl.controller.commands.verify.print_node_health", lambda _: None)
-    nodes_cmd.handle_nodes(argparse.Namespace(output="table", facts=False))
+    nodes_cmd.handle_nodes(argparse.Namespace(output="table", facts=False, labels=None))
     nodes_cmd.handle_node(argparse.Namespace(output="table", hostname="node-1"))
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
