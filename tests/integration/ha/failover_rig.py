@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -197,14 +198,21 @@ class FailoverRun:
     job_left_s: float  # how much of the jobs' run was left at the kill (they ran on; not a fail-over cost)
 
 
-async def kill_and_measure(rig: FailoverRig, job_ids: dict[str, str], victim: ControllerProc) -> FailoverRun:
-    """kill -9 ``victim`` while the jobs run; wait for its agents to report to another controller and for every job's
-    result. Times are on this host's clock (controllers, agents and the test share it)."""
+async def kill_and_measure(rig: FailoverRig, job_ids: dict[str, str], victim: ControllerProc,
+                           fault: str = "kill") -> FailoverRun:
+    """kill -9 ``victim`` (``fault="kill"``: its port refuses at once) or freeze it (``"stop"``: SIGSTOP, a hung or
+    cut-off controller whose connections stay open and silent; the caller resumes it with SIGCONT) while the jobs
+    run; wait for its agents to report to another controller and for every job's result. Times are on this host's
+    clock (controllers, agents and the test share it)."""
     moved = [host for host, pid in rig.holders().items() if victim.proc is not None and pid == victim.proc.pid]
     address = f"127.0.0.1:{victim.ports['grpc']}"
     started = [t for (t,) in query(rig.db_url, "SELECT started_at FROM jobs WHERE id = ANY(%s)",
                                    [job_ids[h] for h in moved]) if t is not None]
-    victim.kill9()
+    if fault == "kill":
+        victim.kill9()
+    else:
+        assert victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGSTOP)
     killed = dt.datetime.now(dt.UTC)
     loop = asyncio.get_running_loop()
     t0 = loop.time()

@@ -8,6 +8,9 @@ online on every live controller's API. The figures: docs/ha.md, 'Agent fail-over
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +23,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.timeout(280)]
 
 HOSTS = [f"fo-node-{i}" for i in range(4)]
 RECONNECT_WITHIN_S = 5.0  # a killed controller's port refuses at once: the initial backoff (0.5 s) and a handshake
+# a frozen controller answers nothing: the agent's heartbeat call times out (RPC_TIMEOUT, 10 s) within an interval
+FROZEN_RECONNECT_WITHIN_S = 10.0 + 0.5 + 3.0
 
 
 async def test_agents_move_to_another_controller_with_their_running_jobs_after_kill9(tmp_path: Path) -> None:
@@ -70,4 +75,46 @@ async def test_agents_move_to_another_controller_with_their_running_jobs_after_k
                 assert set(rig.holders().values()) <= survivors, rig.holders()
                 await rig.wait_online(30)
         finally:
+            rig.stop()
+
+
+async def test_agents_leave_a_frozen_controller_and_it_takes_nothing_back_when_it_resumes(tmp_path: Path) -> None:
+    """A controller that hangs (SIGSTOP: its connections stay open, nothing answers — a partition looks the same) while
+    its agents run 6 s jobs: they move to another controller once a heartbeat call times out; the jobs ended on their
+    nodes meanwhile and their results, held by the agents, are recorded there once; when it resumes (SIGCONT) it
+    takes no agent back, turns no node offline and records no result or event a second time."""
+    with failover_database() as db:
+        rig = FailoverRig(db, tmp_path, controllers=2)
+        try:
+            await rig.start_controllers()
+            await rig.start_agents(HOSTS[:3])
+            await rig.wait_online()
+            held = Counter(rig.holders().values())
+            victim = max(rig.ctl, key=lambda cp: held.get(cp.proc.pid if cp.proc else -1, 0))
+            jobs = await rig.submit_verify(via=next(cp for cp in rig.ctl if cp is not victim))
+            ids = list(jobs.values())
+            await rig.wait_running(ids)
+            run = await kill_and_measure(rig, jobs, victim, fault="stop")
+            print(f"\nfroze {run.killed} holding {', '.join(run.moved)}: reconnected {run.reconnected_s:.2f}s, "
+                  f"lease moved {run.lease_moved_s:.2f}s, results {run.results_s:.2f}s after the freeze "
+                  f"({run.job_left_s:.2f}s of the jobs were left)")
+            assert run.moved and run.reconnected_s < FROZEN_RECONNECT_WITHIN_S, run
+            assert victim.proc is not None
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            await asyncio.sleep(3)  # a few of its heartbeat flushes and liveness rounds
+            await rig.wait_online(30)  # on the resumed controller's API too
+            survivor = next(cp for cp in rig.ctl if cp is not victim)
+            assert set(rig.holders().values()) == {survivor.proc.pid if survivor.proc else -1}, rig.holders()
+            statuses = {job_id: status for job_id, (status, _) in rig.job_rows(ids).items()}
+            assert set(statuses.values()) == {"successful"}, statuses
+            started = Counter(j for agent in rig.agents for j in agent.jobs_started() if j in ids)
+            assert started == Counter(ids), started
+            events = query(db, "SELECT job_id, event FROM job_events WHERE job_id = ANY(%s)", ids)
+            finished = Counter(job_id for job_id, event in events if event == "fleet_job_finished")
+            assert finished == Counter(ids), finished
+        finally:
+            if rig.ctl and rig.ctl[0].proc is not None:
+                for cp in rig.ctl:  # a frozen process does not stop on SIGTERM
+                    if cp.proc is not None and cp.proc.poll() is None:
+                        os.kill(cp.proc.pid, signal.SIGCONT)
             rig.stop()
