@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
@@ -268,7 +269,13 @@ def prepare(args: argparse.Namespace, client: ControllerClient, hosts: list[str]
     health = client.get("/health")
     agent_address = _address(client, args.agent_address, health["grpc"])
     enroll_address = _address(client, args.enroll_address, health["enroll"])
-    known = {n["hostname"] for n in client.get("/nodes")["nodes"]}
+    listing = client.get("/nodes")
+    supported = listing.get("supported_agent_versions")
+    if supported and Version(version) not in SpecifierSet(supported, prereleases=True):
+        raise InputError(f"agent {version} is outside what this controller supports ({supported})",
+                         hint="upgrade the controller first, then its agents (docs/deploy.md, \"Version skew\"), "
+                              "or pick a --version within that range")
+    known = {n["hostname"] for n in listing["nodes"]}
     tokens = {h: client.post("/tokens", {"ttl_seconds": TOKEN_TTL_S, "hostname": h})["token"]
               for h in hosts if h not in known}
     return Plan(args.inventory, hosts, {
@@ -289,8 +296,11 @@ def wait_online(client: ControllerClient, outcomes: dict[str, HostOutcome], vers
             except FleetError:
                 continue  # not enrolled yet
             outcomes[host].version = node.get("agent_version")
-            if node.get("status") == "online" and node.get("agent_version") == version:
+            # online or degraded: connected either way (degraded is a verification verdict, not liveness)
+            if node.get("status") in ("online", "degraded") and node.get("agent_version") == version:
                 outcomes[host].step = "online"
+                if node.get("status") == "degraded":
+                    outcomes[host].detail = "connected; the node is degraded (see `fleetctl node HOST`)"
                 waiting.discard(host)
         if not waiting or time.monotonic() > deadline:
             break

@@ -66,8 +66,10 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     require_wheelhouse()
     root = tmp_path_factory.mktemp("agents-ssh")
     wheel = build_wheel(root / "v010")
-    # the controller from its package: "fleetctl[controller]" installed from the wheel, outside the checkout
-    controller = controller_venv(root / "controller-venv", wheel)
+    newer = build_wheel(root / "v011", "0.1.1")
+    # the controller from its package: "fleetctl[controller]" installed from the wheel, outside the checkout; already
+    # at the version the agents are upgraded to later (controllers first: docs/deploy.md, "Version skew")
+    controller = controller_venv(root / "controller-venv", newer)
     universes = make_universes(root / "universes")
     with TimedUpstream(root=root / "upstream") as up, ssh_hosts(HOSTS) as (hosts, key):
         up.publish(universes.fa2)
@@ -83,7 +85,9 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
         try:
             wheels = [wheel, *locked_agent_wheels()]
             s.runs["wheels"] = c.fleetctl("agents", "wheels", "add", *map(str, wheels), "--json")
-            s.runs["install"] = s.agents("install", "--json", "--wait", "120")
+            s.runs["too_new"] = c.fleetctl("agents", "wheels", "add", str(build_wheel(root / "v020", "0.2.0")))
+            s.runs["install_too_new"] = s.agents("install", "--version", "0.2.0")
+            s.runs["install"] = s.agents("install", "--version", "0.1.0", "--json", "--wait", "120")
             if s.runs["install"].rc != 0:  # the rest of the story needs the agents: stop here, with the reason
                 logs = {h.name: h.file("/var/log/fleet-agent.log").read_text(errors="replace")[-1500:]
                         for h in hosts if h.file("/var/log/fleet-agent.log").exists()}
@@ -93,7 +97,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
                                             h.file("/etc/fleetctl/agent.env").stat().st_mode & 0o777) for h in hosts}
             s.seen["pids"] = {h.name: agent_pid(h) for h in hosts}
             s.seen["tokens_after_install"] = len(c.api("/tokens")["tokens"])
-            s.runs["again"] = s.agents("install", "--json")
+            s.runs["again"] = s.agents("install", "--version", "0.1.0", "--json")
             s.seen["pids_again"] = {h.name: agent_pid(h) for h in hosts}
             s.seen["tokens_again"] = len(c.api("/tokens")["tokens"])
             s.runs["rollout"] = c.fleetctl("rollout", "flash-attn", "--version", FA2, "--nodes", ",".join(HOSTS),
@@ -103,8 +107,9 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
             s.seen["flash_attn"] = {h.name: h.run("/opt/target/bin/python", "-c",
                                                   "import importlib.metadata as m; print(m.version('flash-attn'))",
                                                   check=False).stdout.strip() for h in hosts}
-            s.runs["wheels2"] = c.fleetctl("agents", "wheels", "add", str(build_wheel(root / "v011", "0.1.1")))
-            s.runs["upgrade"] = s.agents("upgrade", "--batch", "2", "--max-failures", "0", "--json")
+            s.runs["wheels2"] = c.fleetctl("agents", "wheels", "add", str(newer))
+            s.runs["upgrade"] = s.agents("upgrade", "--version", "0.1.1", "--batch", "2", "--max-failures", "0",
+                                         "--json")
             s.runs["uninstall"] = c.fleetctl("agents", "uninstall", "-i", str(s.inventory), "--limit", HOSTS[2],
                                              "--revoke", "--purge", "--controller", c.url, "--json")
             s.seen["after_uninstall"] = {"venv": hosts[2].file("/opt/fleetctl/agent").exists(),
@@ -158,6 +163,12 @@ def test_uninstall_removes_the_agent_and_revokes_it(story: Story) -> None:
     hosts = _hosts(story.runs["uninstall"])
     assert hosts[HOSTS[2]]["outcome"] == "removed"
     assert story.seen["after_uninstall"] == {"venv": False, "env": False, "state": False}
+
+
+def test_an_agent_newer_than_the_controller_is_refused_before_touching_a_host(story: Story) -> None:
+    res = story.runs["install_too_new"]
+    assert res.rc != 0 and "agent 0.2.0 is outside what this controller supports" in res.err, res.out + res.err
+    assert "upgrade the controller first" in res.err
 
 
 def test_a_missing_inventory_is_a_clear_error(story: Story) -> None:
