@@ -11,10 +11,13 @@ until they all run, kills the controller holding the most agents, and measures f
 * result delivered: the last of their jobs' results recorded (``jobs.finished_at``) minus what was left of the job
   at the kill — the fail-over's cost to the result, the job itself runs on undisturbed.
 
+``--fault stop`` freezes the controller instead (SIGSTOP: its connections stay open and silent, as for a hung
+controller or a network partition); the agents notice when a heartbeat call times out (10 s).
+
 The killed controller is restarted (same ports, state dir) before the next run. Prints a line per run and the
 min/median/max of each figure, with the machine and date (docs/benchmarks.md, docs/ha.md 'Agent fail-over').
 
-    .venv/bin/python -m benchmarks.failover [--runs 5] [--agents 6] [--job-seconds 6] [--json]
+    .venv/bin/python -m benchmarks.failover [--runs 5] [--agents 6] [--job-seconds 6] [--fault kill|stop] [--json]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
 import tempfile
 from collections import Counter
@@ -35,7 +39,7 @@ from typing import Any
 from tests.integration.ha.failover_rig import FailoverRig, FailoverRun, failover_database, kill_and_measure
 
 
-async def measure(runs: int, agents: int, job_seconds: float, tmp: Path) -> list[FailoverRun]:
+async def measure(runs: int, agents: int, job_seconds: float, tmp: Path, fault: str = "kill") -> list[FailoverRun]:
     out: list[FailoverRun] = []
     with failover_database() as db:
         rig = FailoverRig(db, tmp, job_seconds=job_seconds)
@@ -48,15 +52,21 @@ async def measure(runs: int, agents: int, job_seconds: float, tmp: Path) -> list
                 await rig.wait_running(list(jobs.values()))
                 held = Counter(rig.holders().values())
                 victim = max(rig.ctl, key=lambda cp: held.get(cp.proc.pid if cp.proc else -1, 0))
-                run = await kill_and_measure(rig, jobs, victim)
+                run = await kill_and_measure(rig, jobs, victim, fault)
                 out.append(run)
                 print(f"run {i + 1}: killed {run.killed} ({len(run.moved)} agents): reconnected "
                       f"{run.reconnected_s:.2f}s, lease moved {run.lease_moved_s:.2f}s, result delivered "
                       f"{run.results_s - run.job_left_s:+.2f}s after the job's end", flush=True)
-                victim.start()
-                await victim.ready()
+                if fault == "kill":
+                    victim.start()
+                    await victim.ready()
+                elif victim.proc is not None:
+                    os.kill(victim.proc.pid, signal.SIGCONT)
                 await rig.wait_online()
         finally:
+            for cp in rig.ctl:  # a frozen process does not stop on SIGTERM
+                if cp.proc is not None and cp.proc.poll() is None:
+                    os.kill(cp.proc.pid, signal.SIGCONT)
             rig.stop()
     return out
 
@@ -72,10 +82,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--agents", type=int, default=6)
     parser.add_argument("--job-seconds", type=float, default=6.0)
+    parser.add_argument("--fault", choices=("kill", "stop"), default="kill",
+                        help="kill: kill -9 (its port refuses at once; restarted before the next run); stop: SIGSTOP, "
+                             "a hung or cut-off controller whose connections stay open (resumed before the next run)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-failover-") as tmp:
-        runs = asyncio.run(measure(args.runs, args.agents, args.job_seconds, Path(tmp)))
+        runs = asyncio.run(measure(args.runs, args.agents, args.job_seconds, Path(tmp), args.fault))
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
                f"Python {platform.python_version()}")
     figures = summary(runs)
@@ -84,8 +97,9 @@ def main() -> None:
                                   "runs": [dataclasses.asdict(r) for r in runs]}
         print(json.dumps(report, indent=1))
         return
-    print(f"\n{machine}; {dt.date.today().isoformat()}; 3 controllers, {args.agents} agents, {len(runs)} kills")
-    print(f"{'from the kill -9':40} {'min':>7} {'median':>7} {'max':>7}")
+    what = "kill -9" if args.fault == "kill" else "SIGSTOP"
+    print(f"\n{machine}; {dt.date.today().isoformat()}; 3 controllers, {args.agents} agents, {len(runs)} x {what}")
+    print(f"{'from the ' + what:40} {'min':>7} {'median':>7} {'max':>7}")
     for name, f in figures.items():
         print(f"{name:40} {f['min']:7.2f} {f['median']:7.2f} {f['max']:7.2f}")
 
