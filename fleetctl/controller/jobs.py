@@ -37,7 +37,10 @@ build's deadline is hours). ``dispatched`` jobs are not touched: no event of the
 the agent may never have received them, and they are re-sent on the new stream as before
 (playbooks are idempotent). An agent that merely reconnects (same process) holds its running
 jobs, so they are left alone; one that says nothing (``held=None``: agents that predate the
-field) changes nothing either. A late result for a job already finished is ignored (``_finish``).
+field) changes nothing either. A late result for a job already finished is ignored (``_finish``). The jobs an agent
+holds are re-attached to the controller its stream opens on — it may be another than the one that dispatched them
+(agent fail-over, docs/ha.md): that controller's watchdog adopts their deadlines, and it records their remaining
+events and result like its own (idempotent: below).
 
 Several controllers on one database (docs/ha.md). A job may be submitted through any controller; its agent is
 connected to one. Every watchdog tick (1 s) each controller claims the ``pending`` jobs of the agents connected to
@@ -261,6 +264,11 @@ class JobDispatcher:
         try:
             if held is not None:
                 await self.interrupt_unheld_async(node, held)
+            if held:
+                # re-attached (the agent moved here from another controller, or this controller restarted): this
+                # controller's watchdog now times them out too, at the deadline their dispatch set
+                for job_id, due in (await self.store.call(self._held_deadlines, node, held)).items():
+                    self._deadlines.setdefault(job_id, due)
             backlog = await self.store.call(self._backlog, node)
             for pending in backlog:
                 queue.put_nowait(pending)
@@ -281,6 +289,14 @@ class JobDispatcher:
         finally:
             if self._streams.get(node) is queue:
                 del self._streams[node]
+
+    def _held_deadlines(self, node: str, held: Collection[str]) -> dict[str, dt.datetime]:
+        """The deadlines of ``node``'s unfinished jobs among ``held`` (thread-safe)."""
+        with self.store.session() as s:
+            rows = s.scalars(select(Job).where(Job.node == node, Job.id.in_(list(held)),
+                                               Job.status.in_((JobStatus.DISPATCHED, JobStatus.RUNNING))))
+            return {r.id: (r.dispatched_at or r.created_at) + dt.timedelta(seconds=r.timeout_seconds + GRACE_SECONDS)
+                    for r in rows}
 
     def _backlog(self, node: str) -> list[JobSpec]:
         with self.store.session() as s:
