@@ -15,6 +15,13 @@ calls ``ArtifactStore`` directly::
     info = w.info                              # set when the block ends without error
     for chunk in arts.iter_chunks(info.sha256): ...
 
+Several controllers on one PostgreSQL database (docs/ha.md, "What is shared"): the content of every artifact is
+also a PostgreSQL large object (``LargeObjects``; its oid in ``artifact_content``), written in the transaction
+that records the artifact's row, so no controller ever sees a row whose bytes it cannot get. A controller's
+``STATE/artifacts`` is then its cache: ``path_for`` fetches an artifact it lacks from the database first (checked
+against its sha256). Files stored before (a controller that ran on files) are copied into the database at start
+(``publish_local``).
+
 Provenance and trust (docs/security.md "Artifacts and provenance"). Every writer takes a ``Provenance``;
 the same bytes stored again from another origin add a row (content-addressed: the file is the same). A file
 is *vouched for* when an operator added it (``user``), the controller fetched it itself (``upstream``) or an
@@ -39,12 +46,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from fleetctl.controller.store import Store, utcnow
-from fleetctl.controller.store.models import Artifact, ArtifactProvenance
-from fleetctl.fleet.errors import ConflictError, InputError, NotFoundError
+from fleetctl.controller.store.models import Artifact, ArtifactContent, ArtifactProvenance
+from fleetctl.fleet.errors import ConflictError, InputError, NotFoundError, StoreError
 
 KINDS = ("wheel", "sdist", "apt-key", "agent", "other")  # agent: fleetctl and its dependencies, for nodes
 DEFAULT_MAX_BYTES = 4 * 1024**3  # a flash-attn wheel is ~60-400 MB; 4 GiB bounds a bad upload
@@ -271,18 +278,103 @@ class ArtifactWriter:
             self.abort()
 
 
-class ArtifactStore:
-    """Artifacts on disk plus their rows in the store."""
+class LargeObjects:
+    """Artifact content as PostgreSQL large objects, reachable by every controller of the database.
 
-    def __init__(self, root: Path, store: Store, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    Why the database and not a shared directory: PostgreSQL is already the one thing every controller reaches, its
+    transactions make a row and its bytes appear together, and its backup holds both; a shared directory (NFS)
+    would be a second system to run, mount, lock and back up in step with the database. The limits (docs/ha.md):
+    the database grows by every stored file (``DEFAULT_MAX_BYTES`` each), a file crosses the database once per
+    controller that serves it (then from the cache), and ``pg_dump`` includes large objects unless told not to."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def write(self, s: Session, sha256: str, path: Path) -> None:
+        """Store ``path``'s bytes for ``sha256`` in this unit of work, unless the database has them already."""
+        if s.get(ArtifactContent, sha256) is not None:
+            return
+        oid = s.scalar(text("SELECT lo_create(0)"))
+        offset = 0
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                s.execute(text("SELECT lo_put(CAST(:oid AS oid), CAST(:offset AS bigint), :data)"),
+                          {"oid": oid, "offset": offset, "data": chunk})
+                offset += len(chunk)
+        s.add(ArtifactContent(sha256=sha256, oid=oid, created=utcnow()))
+        s.flush()
+
+    def fetch(self, sha256: str, dest: Path, tmp_dir: Path) -> bool:
+        """Copy the bytes of ``sha256`` to ``dest`` (through a temporary file, checked against the digest);
+        False when the database has none."""
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        with self.store.session() as s:
+            oid = s.scalar(select(ArtifactContent.oid).where(ArtifactContent.sha256 == sha256))
+            if oid is None:
+                return False
+            fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="fetch-")
+            digest, offset = hashlib.sha256(), 0
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    while chunk := s.scalar(text("SELECT lo_get(CAST(:oid AS oid), CAST(:offset AS bigint), :n)"),
+                                            {"oid": oid, "offset": offset, "n": CHUNK_SIZE}):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        offset += len(chunk)
+                if digest.hexdigest() != sha256:
+                    raise StoreError(f"the database's copy of artifact {sha256} has sha256 {digest.hexdigest()}",
+                                     hint="the large object was altered; add the file again from its source")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(name, dest)
+                os.chmod(dest, 0o644)
+            finally:
+                Path(name).unlink(missing_ok=True)
+        return True
+
+
+class ArtifactStore:
+    """Artifacts on disk plus their rows in the store; with ``shared`` (PostgreSQL), the disk is this controller's
+    cache of the database's large objects."""
+
+    def __init__(self, root: Path, store: Store, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 shared: LargeObjects | None = None) -> None:
         self.root = root
         self.store = store
         self.max_bytes = max_bytes
+        self.shared = shared
         root.mkdir(parents=True, exist_ok=True)
 
-    def path_for(self, sha256: str) -> Path:
+    def _cache_path(self, sha256: str) -> Path:
         check_sha256(sha256)
         return self.root / "sha256" / sha256[:2] / sha256
+
+    def path_for(self, sha256: str) -> Path:
+        """The artifact's file on this controller; on a shared store, fetched from the database first when this
+        controller lacks it. The path does not exist when no controller stored the artifact."""
+        path = self._cache_path(sha256)
+        if self.shared is not None and not path.is_file():
+            try:
+                self.shared.fetch(sha256, path, self.root / "tmp")
+            except OSError as exc:
+                raise StoreError(f"cannot copy artifact {sha256} from the database into {path}: {exc.strerror}",
+                                 hint="check the controller's state dir (permissions, disk)") from exc
+        return path
+
+    def publish_local(self) -> int:
+        """Copy into the database every artifact whose bytes only this controller has (stored before the store
+        was shared); returns how many. Runs at start on PostgreSQL."""
+        assert self.shared is not None
+        with self.store.session() as s:
+            missing = list(s.scalars(select(Artifact.sha256).where(
+                Artifact.sha256.not_in(select(ArtifactContent.sha256)))))
+        published = 0
+        for sha in missing:
+            path = self._cache_path(sha)
+            if path.is_file():
+                with self.store.session() as s:
+                    self.shared.write(s, sha, path)
+                published += 1
+        return published
 
     def writer(self, filename: str, kind: str = "other", *, provenance: Provenance,
                expected_sha256: str | None = None, expected_size: int | None = None) -> ArtifactWriter:
@@ -308,7 +400,7 @@ class ArtifactStore:
 
     def _adopt(self, tmp: Path, digest: str, filename: str, kind: str, size: int,
                provenance: Provenance) -> ArtifactInfo:
-        final = self.path_for(digest)
+        final = self._cache_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             tmp.unlink(missing_ok=True)
@@ -320,9 +412,12 @@ class ArtifactStore:
             if row is None:
                 row = Artifact(sha256=digest, filename=filename, kind=kind, size=size, created=utcnow())
                 s.add(row)
+                s.flush()
             elif row.size != size:
                 raise ConflictError(f"artifact {digest} already stored with a different size",
                                     hint="the artifact store is corrupt; remove the file and upload again")
+            if self.shared is not None:  # the bytes with the row: every controller can serve it from now on
+                self.shared.write(s, digest, final)
             known = [d or {} for d in s.scalars(select(ArtifactProvenance.detail).where(
                 ArtifactProvenance.sha256 == digest, ArtifactProvenance.source == str(provenance.source),
                 ArtifactProvenance.ref == provenance.ref[:2048]))]

@@ -105,38 +105,49 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
+def new_ca() -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of a new self-signed EC P-256 CA, valid ``CA_DAYS``."""
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetctl"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "fleetctl controller CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    return key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
 class CertAuthority:
     """The CA in ``ca_dir``: ``ca.key``, ``ca.pem`` (the signing CA, then its chain), ``server.key``,
-    ``server.pem``."""
+    ``server.pem``. With ``material`` (key PEM, CA bundle PEM: the CA kept in a PostgreSQL database, see
+    controller/shared_ca.py) the key is never written here; ``ca.pem`` is (what agents trust)."""
 
-    def __init__(self, ca_dir: Path) -> None:
+    def __init__(self, ca_dir: Path, material: tuple[bytes, bytes] | None = None) -> None:
         self.dir = ca_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         key_path, cert_path = self.dir / "ca.key", self.dir / "ca.pem"
-        self.chain: list[x509.Certificate] = []  # above the signing CA, up to the root (an imported intermediate)
-        if key_path.exists() and cert_path.exists():
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), None)
-            assert isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-            self.key: CaKey = loaded
-            self.cert, *self.chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        else:
-            self.key = new_key()
-            name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetctl"),
-                              x509.NameAttribute(NameOID.COMMON_NAME, "fleetctl controller CA")])
-            now = dt.datetime.now(dt.UTC)
-            self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                         .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                         .not_valid_before(now - dt.timedelta(minutes=5))
-                         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-                         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                      content_commitment=False, key_encipherment=False,
-                                                      data_encipherment=False, key_agreement=False,
-                                                      encipher_only=False, decipher_only=False), critical=True)
-                         .sign(self.key, hashes.SHA256()))
-            _write_private(key_path, key_pem(self.key))
-            cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        if material is None:
+            if key_path.exists() and cert_path.exists():
+                material = key_path.read_bytes(), cert_path.read_bytes()
+            else:
+                material = new_ca()
+                _write_private(key_path, material[0])
+                cert_path.write_bytes(material[1])
+        elif not cert_path.exists() or cert_path.read_bytes() != material[1]:
+            cert_path.write_bytes(material[1])
+        loaded = serialization.load_pem_private_key(material[0], None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+        self.key: CaKey = loaded
+        # above the signing CA, up to the root (an imported intermediate)
+        self.cert, *self.chain = x509.load_pem_x509_certificates(material[1])
         # what agents trust: the signing CA and its chain (the whole file)
         self.ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [self.cert, *self.chain])
         # sent after every certificate issued here: the intermediates (a root is the verifier's own)

@@ -27,7 +27,7 @@ import os
 import secrets
 from pathlib import Path
 
-from fleetctl.controller.artifacts import ArtifactStore
+from fleetctl.controller.artifacts import ArtifactStore, LargeObjects
 from fleetctl.controller.ca import CertAuthority
 from fleetctl.controller.enrollment import Enrollment
 from fleetctl.controller.jobs import JobDispatcher
@@ -37,6 +37,8 @@ from fleetctl.controller.provisioning import Provisioner
 from fleetctl.controller.registry import Registry
 from fleetctl.controller.rollout.engine import RolloutEngine
 from fleetctl.controller.settings import ControllerSettings
+from fleetctl.controller.shared_ca import is_admin_token as shared_admin_token
+from fleetctl.controller.shared_ca import read_kek, register_admin_token, shared_authority
 from fleetctl.controller.signatures import SignaturePolicy
 from fleetctl.controller.sqlite_lock import lock_sqlite
 from fleetctl.controller.store import Store, open_store
@@ -79,11 +81,19 @@ class ControllerContext:
         # one controller per SQLite database, refused with who holds it (several share PostgreSQL: docs/ha.md)
         self.sqlite_lock = lock_sqlite(sqlite) if sqlite is not None else None
         self.store = store or open_store(settings.database_url, timeouts=settings.db_timeouts)
+        # several controllers on one PostgreSQL share the CA and accept each other's admin token (docs/ha.md)
+        self.shares_state = not self.store.is_sqlite
         try:
-            self.ca = CertAuthority(state / "ca")
+            if self.shares_state:
+                kek = read_kek(settings.ca_kek_file) if settings.ca_kek_file else None
+                self.ca = shared_authority(self.store, state / "ca", kek)
+            else:
+                self.ca = CertAuthority(state / "ca")
             self.admin_token = ensure_admin_token(state)
         except OSError as exc:
             raise state_dir_error(exc, exc.filename or state, "write") from exc
+        if self.shares_state:
+            register_admin_token(self.store, self.admin_token, state / "ca")
         self.enrollment = Enrollment(self.store, self.ca, approval_required=settings.enroll_approval,
                                      cert_lifetime=dt.timedelta(seconds=settings.agent_cert_lifetime))
         self.registry = Registry(self.store, heartbeat_interval=settings.heartbeat_interval,
@@ -93,7 +103,12 @@ class ControllerContext:
         self.jobs.on_job_finished = self._job_finished
         kwargs = {"max_bytes": settings.artifact_max_bytes} if settings.artifact_max_bytes else {}
         try:
-            self.artifacts = ArtifactStore(state / "artifacts", self.store, **kwargs)
+            # on PostgreSQL the content is in the database too; STATE/artifacts is this controller's cache
+            self.artifacts = ArtifactStore(state / "artifacts", self.store,
+                                           shared=LargeObjects(self.store) if self.shares_state else None, **kwargs)
+            if self.artifacts.shared is not None and (published := self.artifacts.publish_local()):
+                log.info("copied %d artifact(s) of %s into the database (shared with every controller)", published,
+                         state / "artifacts")
             self.uploads = Uploads(self.artifacts, stale_after_s=settings.upload_stale_seconds)
             self.uploads.clean_stale()
         except OSError as exc:
@@ -118,6 +133,12 @@ class ControllerContext:
         self.grpc_address: str | None = None
         self.enroll_address: str | None = None
         self.http_url: str | None = None
+
+    def is_admin_token(self, token: str) -> bool:
+        """This controller's admin token, or (on PostgreSQL) another controller's of the same database."""
+        if secrets.compare_digest(token.encode(), self.admin_token.encode()):
+            return True
+        return self.shares_state and shared_admin_token(self.store, token)
 
     def _job_finished(self, node: str, outcome: JobOutcome) -> None:
         self.registry.request_facts(node)

@@ -13,7 +13,6 @@ the admin token (STATE/admin.token, the break-glass credential); ``authenticate`
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -45,7 +44,7 @@ def authenticate(ctx: Ctx, authorization: Annotated[str | None, Header()] = None
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthError("missing bearer token", hint=_TOKEN_HINT)
-    if secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
+    if ctx.is_admin_token(token):
         return ADMIN
     if not looks_like_user_token(token):
         raise AuthError("wrong bearer token: neither the admin token nor a user's API token", hint=_TOKEN_HINT)

@@ -73,6 +73,9 @@ class ControllerSettings:
     # --trusted-keyring); require_signed refuses unsigned operator uploads (--require-signed)
     trusted_keyring: Path | None = None
     require_signed: bool = False
+    # on PostgreSQL, the CA key in the database is sealed with the key in this file (32 random bytes, base64; the
+    # same file on every controller); None: stored as is (controller/shared_ca.py, docs/security.md)
+    ca_kek_file: Path | None = None
     # publish each verified node's fleetctl.io/* labels to its Kubernetes node (controller/kubernetes_labels.py):
     # "in-cluster" (the controller's pod's service account) or a kubeconfig path; None: no labels
     kubernetes_labels: str | None = None
@@ -159,6 +162,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenPGP public keys of the operators (gpg --export --armor KEYID... > FILE): a signature "
                         "sent with `fleetctl artifact add --sig` must come from one of them, else the upload is "
                         "refused; the signer's fingerprint is recorded (docs/security.md, Artifacts and provenance)")
+    p.add_argument("--ca-kek-file", metavar="FILE",
+                   help="on PostgreSQL, seal the CA key kept in the database with the key in FILE (32 random bytes, "
+                        "base64: openssl rand -base64 32; the same file on every controller; FLEET_CA_KEK_FILE)")
     p.add_argument("--require-signed", action="store_true", default=None,
                    help="refuse `fleetctl artifact add` uploads without a signature (needs --trusted-keyring)")
     p.add_argument("--kubernetes-labels", metavar="KUBECONFIG",
@@ -215,7 +221,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         enroll_per_source=per_source, enroll_overall=overall,
         enroll_approval=knob.given("enroll_approval"),
         agent_cert_lifetime=agent_cert_lifetime(knob.given("agent_cert_lifetime")),
-        trusted_keyring=trusted_keyring, require_signed=require_signed,
+        trusted_keyring=trusted_keyring, require_signed=require_signed, ca_kek_file=knob.read("ca_kek_file", Path),
         kubernetes_labels=knob.given("kubernetes_labels"), otel_endpoint=knob.given("otel_endpoint"),
         rollout_lease_ttl=knob.read("rollout_lease_ttl", _seconds),
         scheduler=knob.read("scheduler", _switch),
@@ -316,6 +322,8 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "seconds (agents renew when a third is left)"),
     FileKey("trusted_keyring", Path, None, "OpenPGP public keys that may sign `fleetctl artifact add --sig`"),
     FileKey("require_signed", bool, False, "refuse unsigned artifact uploads (needs trusted_keyring)"),
+    FileKey("ca_kek_file", Path, None, "on PostgreSQL: seal the CA key kept in the database with the key in this file "
+            "(32 random bytes, base64; the same on every controller)", "FLEET_CA_KEK_FILE"),
     FileKey("kubernetes_labels", str, None, "label verified nodes in Kubernetes: a kubeconfig path or "
             "\"in-cluster\" (unset: no labels)"),
     FileKey("otel_endpoint", str, None, "OTLP/HTTP collector for rollout traces, e.g. http://collector:4318 "

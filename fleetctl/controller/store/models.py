@@ -13,6 +13,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, I
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import false
+from sqlalchemy.types import LargeBinary
 
 from fleetctl.fleet.jobs import JobStatus
 
@@ -231,4 +232,45 @@ class ArtifactProvenance(Base):
     source: Mapped[str] = mapped_column(String(16))  # user | upstream | build | bundle | legacy
     ref: Mapped[str] = mapped_column(String(2048), default="")  # actor | URL | build job id | bundle lock sha256
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[dt.datetime]
+
+
+# ---- shared by every controller of a PostgreSQL database (docs/ha.md, "What is shared") ----------------
+
+class SharedCa(Base):
+    """The controllers' CA on PostgreSQL: one row (``id`` 1), created by the first controller to start or migrated
+    from its ``STATE/ca/``; its key sealed with the key-encryption key when one is configured
+    (controller/shared_ca.py). On SQLite the CA stays in the state dir and this table is empty."""
+
+    __tablename__ = "ca"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1: one CA per database
+    cert_pem: Mapped[str] = mapped_column(Text)  # the signing CA, then its chain up to the root
+    key_data: Mapped[bytes] = mapped_column(LargeBinary)  # PKCS#8 PEM, or its AES-256-GCM sealing
+    key_encryption: Mapped[str] = mapped_column(String(16))  # none | aes-256-gcm
+    kek_id: Mapped[str] = mapped_column(String(16), default="")  # which key-encryption key sealed it
+    origin: Mapped[str] = mapped_column(String(512))  # created | migrated from HOST:DIR | imported …
+    created: Mapped[dt.datetime]
+    updated: Mapped[dt.datetime]
+
+
+class AdminToken(Base):
+    """The sha256 of each controller's admin token (``STATE/admin.token``) on PostgreSQL: every controller of the
+    database accepts each of them (controller/shared_ca.py ``register_admin_token``)."""
+
+    __tablename__ = "admin_tokens"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    controller: Mapped[str] = mapped_column(String(512))  # HOST:STATE_DIR of the controller that made it
+    created: Mapped[dt.datetime]
+
+
+class ArtifactContent(Base):
+    """Where an artifact's bytes are on PostgreSQL: a large object (controller/artifacts.py ``LargeObjects``),
+    so that every controller can serve it; a controller's ``STATE/artifacts`` is then its cache."""
+
+    __tablename__ = "artifact_content"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256", ondelete="CASCADE"), primary_key=True)
+    oid: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[dt.datetime]
