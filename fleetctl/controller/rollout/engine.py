@@ -48,6 +48,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from fleetctl.controller.artifacts import VOUCHED, provenance_of, trusted_for
 from fleetctl.controller.audit import audit
+from fleetctl.controller.audit import record as audit_record
 from fleetctl.controller.diagnose import diagnose
 from fleetctl.controller.jobs import JobDispatcher, JobEventRecord
 from fleetctl.controller.leases import db_now
@@ -450,6 +451,8 @@ class RolloutEngine:
             elif acts.finish:
                 self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
                                  RolloutStatus.ROLLBACK_FAILED else self._summary(nodes))
+                # in the same transaction as the status: a controller killed at the commit leaves both or neither
+                audit_record(s, "engine", "rollout.finish", rid, {"status": str(acts.finish), "summary": r.reason})
             else:
                 start = acts.start
             if acts.current_batch is not None:

@@ -113,7 +113,8 @@ async def test_canary_batches_budget_stop_resume_rollback(db_url: str, controlle
     audit = [(a["actor"], a["action"], a["detail"].get("on_behalf_of")) for a in json.loads(out)["audit"]]
     # fleetctl used the admin token: the actor is "admin"; $USER is only the name it claimed (issue 13)
     assert audit == [("admin", "rollout.start", "tester"), ("engine", "rollout.pause", None),
-                     ("admin", "rollout.resume", "tester"), ("admin", "rollout.rollback", "tester")]
+                     ("admin", "rollout.resume", "tester"), ("engine", "rollout.finish", None),
+                     ("admin", "rollout.rollback", "tester"), ("engine", "rollout.finish", None)]
     rc, out, _ = await fleetctl(controller, "rollout", "list")
     assert rc == 0 and rid in out and "rolled-back" in out
 

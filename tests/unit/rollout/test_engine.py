@@ -153,7 +153,8 @@ async def test_budget_stop_then_resume(fleet: FakeFleet) -> None:
     assert st["status"] == "succeeded", st["reason"]
     assert {n["attempt"] for n in st["nodes"] if n["hostname"] in ("a100-2", "a100-3")} == {2}
     actions = [(a["actor"], a["action"]) for a in service.audit_entries(fleet.ctx.store, rid)]
-    assert actions == [("bob", "rollout.start"), ("engine", "rollout.pause"), ("bob", "rollout.resume")]
+    assert actions == [("bob", "rollout.start"), ("engine", "rollout.pause"), ("bob", "rollout.resume"),
+                       ("engine", "rollout.finish")]
 
 
 async def test_failed_canary_pauses_before_batches(fleet: FakeFleet) -> None:
@@ -260,7 +261,8 @@ async def test_rollback(fleet: FakeFleet) -> None:
     assert s.pop("v100-1") == "skipped"
     assert set(s.values()) == {"rolled-back"}
     assert sorted(fleet.jobs_of_kind("rollback")) == sorted(s)
-    assert [a["action"] for a in service.audit_entries(fleet.ctx.store, rid)] == ["rollout.start", "rollout.rollback"]
+    assert [a["action"] for a in service.audit_entries(fleet.ctx.store, rid)] == ["rollout.start", "rollout.finish",
+                                                                                  "rollout.rollback", "rollout.finish"]
 
 
 async def test_abort_skips_what_has_not_started(fleet: FakeFleet) -> None:
