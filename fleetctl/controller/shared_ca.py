@@ -145,9 +145,12 @@ def shared_authority(store: Store, ca_dir: Path, kek: Kek | None) -> CertAuthori
         with store.session() as s:
             row = s.get(SharedCa, CA_ROW)
         assert row is not None
-        if won:
-            log.info("the CA is now in the database (%s; key %s)", origin, "sealed" if kek else "NOT sealed: no "
-                     "ca_kek_file; see docs/security.md")
+        if won and kek:
+            log.info("the CA is now in the database (%s; key sealed with key-encryption key %s)", origin, kek.id)
+        elif won:
+            log.warning("the CA is now in the database (%s) with its key NOT sealed (no ca_kek_file): whoever reads "
+                        "the ca table or a backup can sign certificates (docs/security.md, 'The CA on PostgreSQL')",
+                        origin)
     key_pem = _unseal(row, kek)
     if kek is not None and row.key_encryption == UNSEALED:
         with store.session() as s:
@@ -177,3 +180,36 @@ def is_admin_token(store: Store, token: str) -> bool:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def replace_shared_ca(store: Store, key_pem: bytes, bundle_pem: bytes, kek: Kek | None, origin: str) -> None:
+    """Make an operator's CA (checked by ``ca.import_ca``) the database's: every controller signs with it from its
+    next start. A sealed CA is never replaced by an unsealed one (the key-encryption key is needed)."""
+    now = utcnow()
+    with store.session() as s:
+        row = s.get(SharedCa, CA_ROW, with_for_update=True)
+        _refuse_unsealing(row, kek)
+        values = {"cert_pem": bundle_pem.decode(), "key_data": seal(key_pem, kek) if kek else key_pem,
+                  "key_encryption": SEALED if kek else UNSEALED, "kek_id": kek.id if kek else "",
+                  "origin": origin, "updated": now}
+        if row is None:
+            s.add(SharedCa(id=CA_ROW, created=now, **values))
+        else:
+            for name, value in values.items():
+                setattr(row, name, value)
+
+
+def check_replaceable(store: Store, kek: Kek | None) -> None:
+    """Refuse, before anything changes, an import that would store a sealed CA's successor in clear."""
+    with store.session() as s:
+        _refuse_unsealing(s.get(SharedCa, CA_ROW), kek)
+
+
+def _refuse_unsealing(row: SharedCa | None, kek: Kek | None) -> None:
+    if row is not None and row.key_encryption != UNSEALED and kek is None:
+        raise UsageError(f"the database's CA key is sealed (key-encryption key {row.kek_id}); the imported one "
+                         "would be stored in clear", hint="give --ca-kek-file with the controllers' key file")
+    if row is not None and row.key_encryption != UNSEALED and kek is not None and kek.id != row.kek_id:
+        raise UsageError(f"the database's CA key is sealed with key-encryption key {row.kek_id}, not {kek.id}: the "
+                         "other controllers could not open the imported one",
+                         hint="give --ca-kek-file with the controllers' key file")

@@ -14,7 +14,7 @@ from cryptography import x509
 
 from fleetctl.controller.ca import import_ca
 from fleetctl.fleet.cli import print_json
-from fleetctl.fleet.errors import InputError
+from fleetctl.fleet.errors import InputError, UsageError
 from fleetctl.fleet.statedir import DEFAULT_STATE_DIR
 
 
@@ -36,6 +36,11 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--chain", type=Path, metavar="FILE",
                      help="the certificates above an intermediate, its issuer first, up to the root (PEM)")
     imp.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="controller state dir")
+    imp.add_argument("--db", metavar="URL",
+                     help="the controllers' PostgreSQL database (postgresql+psycopg://…): the CA is replaced there "
+                          "too, for every controller from its next start (docs/ha.md)")
+    imp.add_argument("--ca-kek-file", type=Path, metavar="FILE",
+                     help="with --db: seal the key with this key-encryption key (the controllers' ca_kek_file)")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(handler=handle_import)
     show = sub.add_parser("show", help="the CA agents must trust (STATE/ca/ca.pem)")
@@ -52,8 +57,27 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 def handle_import(args: argparse.Namespace) -> int:
-    imported = import_ca(args.state_dir / "ca", _read(args.cert, "--cert"), _read(args.key, "--key"),
-                         _read(args.chain, "--chain") if args.chain else None)
+    if args.db and args.db.startswith("sqlite"):
+        raise UsageError("--db is for the PostgreSQL database several controllers share",
+                         hint="on SQLite leave --db out: the CA is in the state dir")
+    if not args.db:
+        imported = import_ca(args.state_dir / "ca", _read(args.cert, "--cert"), _read(args.key, "--key"),
+                             _read(args.chain, "--chain") if args.chain else None)
+    else:
+        # imported here, not at the top: the database layer is heavy for `ca show`
+        from fleetctl.controller.shared_ca import check_replaceable, read_kek, replace_shared_ca
+        from fleetctl.controller.store import open_store
+
+        kek = read_kek(args.ca_kek_file) if args.ca_kek_file else None
+        store = open_store(args.db)
+        try:
+            check_replaceable(store, kek)  # before anything changes
+            imported = import_ca(args.state_dir / "ca", _read(args.cert, "--cert"), _read(args.key, "--key"),
+                                 _read(args.chain, "--chain") if args.chain else None)
+            replace_shared_ca(store, (args.state_dir / "ca" / "ca.key").read_bytes(),
+                              (args.state_dir / "ca" / "ca.pem").read_bytes(), kek, f"imported: {imported.subject}")
+        finally:
+            store.close()
     data = {"subject": imported.subject, "intermediate": imported.intermediate,
             "not_after": imported.not_after.isoformat(), "chain": imported.chain,
             "previous": str(imported.previous) if imported.previous else None,

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from cryptography import x509
 
 from fleetctl.agent.client import Agent, AgentConfig
 from tests.integration.rollout.controller_proc import ControllerProc, api, until
@@ -213,3 +214,34 @@ async def test_the_ca_key_is_sealed_with_the_key_encryption_key(tmp_path: Path) 
         assert short.returncode == 2 and "not base64 of 32 bytes" in short.stderr, short.stderr
         # nothing written by the refused starts: still one CA, sealed as before
         assert query(db, "SELECT key_encryption, kek_id FROM ca") == [("aes-256-gcm", kek_id)]
+
+
+async def test_ca_import_with_db_replaces_the_shared_ca_for_every_controller(tmp_path: Path) -> None:
+    from fleetctl.controller.ca import new_ca
+
+    key_pem, cert_pem = new_ca()  # the operator's own root
+    (tmp_path / "op.key").write_bytes(key_pem)
+    (tmp_path / "op.pem").write_bytes(cert_pem)
+    with shared_database() as db:
+        a = ControllerProc(tmp_path / "a" / "controller", db=db)
+        try:
+            a.start()
+            await a.ready()
+        finally:
+            a.stop()
+        first = (a.state / "ca" / "ca.pem").read_bytes()
+        imported = subprocess.run(
+            [sys.executable, "-m", "fleetctl.controller.main", "ca", "import", "--cert", str(tmp_path / "op.pem"),
+             "--key", str(tmp_path / "op.key"), "--state-dir", str(tmp_path / "ops" / "controller"), "--db", db],
+            capture_output=True, text=True, timeout=60)
+        assert imported.returncode == 0, imported.stderr
+        [(origin, stored)] = query(db, "SELECT origin, cert_pem FROM ca")
+        assert origin.startswith("imported: ") and stored.encode() == cert_pem
+        try:  # A, restarted, trusts and signs with the imported CA: its server certificate is re-issued by it
+            a.start()
+            await a.ready()
+        finally:
+            a.stop()
+        assert (a.state / "ca" / "ca.pem").read_bytes() == cert_pem != first
+        server = x509.load_pem_x509_certificates((a.state / "ca" / "server.pem").read_bytes())[0]
+        server.verify_directly_issued_by(x509.load_pem_x509_certificate(cert_pem))
