@@ -21,7 +21,10 @@ WHEELHOUSE = ROOT / ".venv" / "wheelhouse"
 
 
 def _pip_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    # no PYTHONPATH: a checkout on it (with the fleetctl.egg-info a wheel build leaves there) would make pip believe
+    # fleetctl is installed already
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"} \
+        | {"PIP_CONFIG_FILE": os.devnull}
 
 
 def require_wheelhouse() -> None:

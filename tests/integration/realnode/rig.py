@@ -222,7 +222,7 @@ class Controller:
                  "--http-listen", f"127.0.0.1:{self.ports['http']}", "--http-insecure", "--heartbeat-interval", "1",
                  "--missed-heartbeats", "10", "--no-gc-tuning", *flags, *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.state.parent,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                env=self._env(), start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"controller exited: {self.log_tail()}"
@@ -234,6 +234,13 @@ class Controller:
                     return
             time.sleep(0.2)
         raise AssertionError(f"controller did not come up: {self.log_tail()}")
+
+    def _env(self) -> dict[str, str]:
+        """This environment; for an installed controller without PYTHONPATH, so that it runs its own package."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.python != Path(sys.executable):
+            env.pop("PYTHONPATH", None)
+        return env
 
     def stop(self) -> None:
         if self._http is not None:
@@ -259,7 +266,7 @@ class Controller:
         return resp.json()
 
     def fleetctl(self, *args: str, timeout: float = 240) -> Result:
-        env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
+        env = {**self._env(), "USER": "tester", "FLEETCTL_CONTROLLER": self.url}
         proc = subprocess.run([str(self.python), "-m", "fleetctl.controller.cli", *args,
                                  "--state-dir", str(self.state)],
                               capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -267,7 +274,7 @@ class Controller:
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """``fleetctl ARGS`` started, not waited for (its output: ``communicate()``)."""
-        env = {**os.environ, "USER": "tester", "PYTHONUNBUFFERED": "1", "FLEETCTL_CONTROLLER": self.url}
+        env = {**self._env(), "USER": "tester", "FLEETCTL_CONTROLLER": self.url}
         return subprocess.Popen([str(self.python), "-m", "fleetctl.controller.cli", *args,
                                  "--state-dir", str(self.state)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
