@@ -92,6 +92,7 @@ FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIE
 CONNECT_TIMEOUT = 300.0
 APPROVAL_TIMEOUT = 3600.0
 STOP_GRACE = 20.0
+RETURN_HOME_AFTER = 300.0
 UPLOAD_CHUNK_BYTES = 128 * 1024  # under the 320 KiB message limit (MAX_MESSAGE_BYTES)
 # how long a built wheel's upload is retried (controller restarts, lost links, full disk, database errors):
 # a build costs up to half an hour of a GPU node, so waiting as long for the controller is worth it
@@ -367,7 +368,9 @@ class Failover:
     each full round waits the growing delay of ``backoff``. A session that was established and ended (the
     controller died, the connection broke, a keepalive or heartbeat timed out) moves on to the next controller after
     the initial delay, jittered (``Backoff``) so that the agents of a dead controller do not all arrive at once.
-    With one controller this is the plain reconnect backoff."""
+    With one controller this is the plain reconnect backoff. An agent on another controller than its first goes back
+    to its first once that one answers again and the agent holds no job (``go_to``; ``Agent._return_home_when_back``).
+    """
 
     def __init__(self, backoff: Backoff, start: int = 0) -> None:
         self.backoff = backoff
@@ -394,6 +397,11 @@ class Failover:
         """The current controller answered: the next failure starts a new round at the initial delay."""
         self.failed_in_row = 0
         self.backoff.reset()
+
+    def go_to(self, index: int) -> None:
+        """Dial controller ``index`` next, at once (it is known to answer: the agent returns to its first one)."""
+        self.index = index
+        self.answered()
 
 
 def new_key_pem() -> bytes:
@@ -464,6 +472,9 @@ class AgentConfig:
     approval_timeout: float = APPROVAL_TIMEOUT  # how long an enrollment waits for an operator's approval
     approval_poll: float = 5.0
     stop_grace: float = STOP_GRACE  # on stop, how long running jobs get to be canceled and reported
+    # on another controller than its first (``first_controller``): how often the agent looks whether its first one
+    # is back, and returns to it when holding no job — so that a restarted controller gets its agents back; 0: never
+    return_home_after: float = RETURN_HOME_AFTER
 
     def __post_init__(self) -> None:
         # absolute from the start: the agent's files must not move if its working directory changes or vanishes
@@ -501,6 +512,8 @@ class Agent:
         self.renewals = 0
         self._stopping = asyncio.Event()  # set on stop: running jobs are canceled and reported
         self._renewed = False  # the session ended to go on with a renewed certificate
+        self._home = ""  # the controller this node starts at (``first_controller``)
+        self._returning = False  # the session ended to go back to ``_home``, which is up again
         self._ever_connected = False
         self.controller = ""  # the controller (of cfg.controller) the current session dials: Failover picks it
 
@@ -614,9 +627,10 @@ class Agent:
                             first_controller(count, creds.hostname))
         try:
             while not leave.is_set():
-                self._session_up = self._renewed = False
+                self._session_up = self._renewed = self._returning = False
                 targets = controller_targets(self.cfg.controller)
                 self.controller = failover.pick(targets)
+                self._home = targets[first_controller(len(targets), creds.hostname)]
                 failure: FleetError | None = None
                 try:
                     await self._session(self.creds or creds, leave)
@@ -633,6 +647,9 @@ class Agent:
                     break
                 if self._renewed:
                     continue  # straight on with the renewed certificate, on the same controller
+                if self._returning:
+                    failover.go_to(targets.index(self._home))
+                    continue  # straight back to the first controller, which answered
                 if not self._ever_connected and time.monotonic() - started > self.cfg.connect_timeout:
                     raise ControllerUnavailable(
                         f"{'the controller at ' if len(targets) == 1 else 'none of the controllers '}"
@@ -686,6 +703,8 @@ class Agent:
             self._connected.set()
             tasks = [asyncio.create_task(self._heartbeats(stub)), asyncio.create_task(self._job_stream(stub)),
                      asyncio.create_task(stop.wait()), asyncio.create_task(self._renew_when_due(stub, creds))]
+            if self.controller != self._home and self.cfg.return_home_after > 0:
+                tasks.append(asyncio.create_task(self._return_home_when_back(channel_creds)))
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
@@ -700,6 +719,25 @@ class Agent:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _return_home_when_back(self, channel_creds: grpc.ChannelCredentials) -> None:
+        """On another controller than the first: every ``return_home_after`` seconds (jittered), while holding no job,
+        look whether the first controller accepts a connection (TLS with this agent's certificate); when it does, end
+        the session to go back to it (``_returning``). Without this, agents never leave the controller they failed
+        over to, and a rolling restart gathers the whole fleet on the last controller restarted."""
+        while True:
+            await asyncio.sleep(self.cfg.return_home_after * (0.8 + 0.4 * random.random()))
+            if self._held:
+                continue  # moving is cheap for a running job, but not free: wait until it is reported
+            try:
+                async with grpc.aio.secure_channel(self._home, channel_creds,
+                                                   options=channel_options(self.cfg.server_name)) as probe:
+                    await asyncio.wait_for(probe.channel_ready(), RPC_TIMEOUT)
+            except TimeoutError:
+                continue
+            log.info("controller %s is back: returning to it from %s", self._home, self.controller)
+            self._returning = True
+            return
 
     async def _renew_when_due(self, stub: pb_grpc.AgentServiceAsyncStub, creds: Credentials) -> None:
         """Renew the client certificate once a third of its lifetime is left, then end the session so that the

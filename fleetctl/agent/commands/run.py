@@ -20,6 +20,7 @@ from fleetctl.agent.busy_guard import DEFAULT_POLL_S, BusyGuard
 from fleetctl.agent.client import (
     APPROVAL_TIMEOUT,
     CONNECT_TIMEOUT,
+    RETURN_HOME_AFTER,
     STOP_GRACE,
     Agent,
     AgentConfig,
@@ -54,6 +55,10 @@ def register(subparsers: Any) -> None:
                    help="the controller's agent (mTLS) port, or those of several controllers sharing one database, "
                         "comma-separated: the agent works with one at a time and moves to another when it is lost, "
                         "keeping its running jobs (default: $FLEET_CONTROLLER; docs/ha.md, 'Agent fail-over')")
+    p.add_argument("--return-home-after", type=float, default=RETURN_HOME_AFTER, metavar="S",
+                   help="with several controllers: while on another controller than its first, how often the agent "
+                        "looks whether its first one is back, and returns to it when it holds no job (default "
+                        f"{RETURN_HOME_AFTER:g}; 0: never)")
     p.add_argument("--enroll-address", metavar="HOST:PORT[,...]",
                    help="the controllers' enrollment ports (default: each agent port + 1)")
     p.add_argument("--ca", type=Path, metavar="FILE", help="the controller's CA certificate (STATE/ca/ca.pem)")
@@ -293,6 +298,9 @@ async def _main(cfg: AgentConfig) -> None:
 def handle(args: argparse.Namespace) -> int:
     # every message one line, control characters escaped: node- and client-supplied text is logged (fleet/text.py)
     install_safe_logging(args.log_level.upper(), json_lines=args.log_format == "json")
+    if args.return_home_after < 0:
+        raise UsageError(f"--return-home-after {args.return_home_after:g}: must be 0 (never) or more seconds",
+                         hint="e.g. --return-home-after 300")
     if not args.controller:
         raise UsageError("no controller given", hint="pass --controller HOST:PORT (several: comma-separated) or set "
                                                      "FLEET_CONTROLLER")
@@ -317,6 +325,7 @@ def handle(args: argparse.Namespace) -> int:
                       token=args.token or os.environ.get("FLEET_AGENT_TOKEN"),
                       enroll_address=args.enroll_address, hostname=args.hostname, server_name=args.server_name,
                       upload_retry_s=args.upload_retry_minutes * 60, connect_timeout=args.connect_timeout,
-                      approval_timeout=args.approval_timeout, stop_grace=args.stop_grace)
+                      approval_timeout=args.approval_timeout, stop_grace=args.stop_grace,
+                      return_home_after=args.return_home_after)
     asyncio.run(_main(cfg))
     return 0

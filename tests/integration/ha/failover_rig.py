@@ -1,13 +1,11 @@
 """Agent fail-over with real processes (issue 17; tests/integration/ha/test_agent_failover.py, benchmarks/failover.py).
 
 Controllers: ``python -m fleetctl.controller.main serve`` processes (``ControllerProc``) on one PostgreSQL database
-of their own (``fleet_failover_<random>``, dropped afterwards), sharing one CA: the first controller's ``ca/`` is
-copied into the others' state dirs before their first start — today the CA lives in a state dir (docs/ha.md), so
-this copy is a requirement of running several controllers. Agents: ``python -m fleetctl.agent.main run --controller
-A,B,C --simulate flash-attn-installed --executor simulated`` processes (JSON log lines), whose jobs take
-``job_seconds``. Which controller an agent talks to is read from the database (``agent_sessions.controller_id``:
-``host:pid:nonce`` of the controller), its fail-over times from its own log (``session N with controller X``) and
-from the database.
+of their own (``fleet_failover_<random>``, dropped afterwards), sharing its CA (docs/ha.md: nothing copied). Agents:
+``python -m fleetctl.agent.main run --controller A,B,C --simulate flash-attn-installed --executor simulated``
+processes (JSON log lines), whose jobs take ``job_seconds``. Which controller an agent talks to is read from the
+database (``agent_sessions.controller_id``: ``host:pid:nonce`` of the controller), its fail-over times from its own
+log (``session N with controller X``) and from the database.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -100,9 +97,7 @@ class FailoverRig:
         for i in range(self.controllers):
             cp = ControllerProc(self.tmp / f"ctl-{i}" / "controller", self.heartbeat, db=self.db_url,
                                 missed=self.missed)
-            if self.ctl:  # one CA for all: a copy of the first controller's, before this one's first start
-                shutil.copytree(self.ctl[0].state / "ca", cp.state / "ca")
-            cp.start()
+            cp.start()  # one CA for all: the database's (the first controller created it, the others load it)
             await cp.ready()
             self.ctl.append(cp)
 
@@ -113,7 +108,7 @@ class FailoverRig:
     def by_address(self, address: str) -> ControllerProc:
         return next(cp for cp in self.ctl if address == f"127.0.0.1:{cp.ports['grpc']}")
 
-    async def start_agents(self, hostnames: list[str]) -> None:
+    async def start_agents(self, hostnames: list[str], *extra: str) -> None:
         env = {**os.environ, "FLEET_SIM_JOB_SECONDS": json.dumps({"*": self.job_seconds})}
         for host in hostnames:
             token = (await api(self.ctl[0], "POST", "/tokens", {"ttl_seconds": 600, "hostname": host}))["token"]
@@ -124,7 +119,7 @@ class FailoverRig:
                  "--enroll-address", ",".join(f"127.0.0.1:{cp.ports['enroll']}" for cp in self.ctl),
                  "--ca", str(self.ctl[0].state / "ca" / "ca.pem"), "--token", token, "--hostname", host,
                  "--state-dir", str(agent.state_dir), "--simulate", self.profile, "--executor", "simulated",
-                 "--log-format", "json", "--connect-timeout", "60"],
+                 "--log-format", "json", "--connect-timeout", "60", *extra],
                 stdout=agent.log_path.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.agents.append(agent)
 

@@ -1,10 +1,11 @@
-"""Agents that know several controllers fail over with their running jobs (issue 17): three controller processes on
-one PostgreSQL database of the test's own, four ``fleet-agent run --controller A,B,C`` processes running 6 s verify
-jobs. The controller holding the most agents is killed (``kill -9``) while the jobs run, twice (the second time its
-agents find one controller dead and one alive). Each time: its agents report to another controller within seconds,
-every job keeps running on its node and its remaining events and result reach the new controller — the job ran once,
-its result is recorded once (``jobs``), each event once (``job_events``), the verification once — and every node is
-online on every live controller's API. The figures: docs/ha.md, 'Agent fail-over' (benchmarks/failover.py)."""
+"""Agents that know several controllers fail over with their running jobs (issue 17): three controller processes on one
+PostgreSQL database of the test's own (its one CA), four ``fleet-agent run --controller A,B,C`` processes running 6
+s verify jobs. The controller holding the most agents is killed (``kill -9``) while the jobs run, twice (the second
+time its agents find one controller dead and one alive). Each time: its agents report to another controller within
+seconds, every job keeps running on its node and its remaining events and result reach the new controller — the job
+ran once, its result is recorded once (``jobs``), each event once (``job_events``), the verification once — and
+every node is online on every live controller's API. The figures: docs/ha.md, 'Agent fail-over'
+(benchmarks/failover.py)."""
 
 from __future__ import annotations
 
@@ -117,4 +118,41 @@ async def test_agents_leave_a_frozen_controller_and_it_takes_nothing_back_when_i
                 for cp in rig.ctl:  # a frozen process does not stop on SIGTERM
                     if cp.proc is not None and cp.proc.poll() is None:
                         os.kill(cp.proc.pid, signal.SIGCONT)
+            rig.stop()
+
+
+async def test_agents_return_to_their_first_controller_once_it_is_back(tmp_path: Path) -> None:
+    """Agents do not stay on the controller they failed over to: restarted, their first controller gets them back
+    (``--return-home-after``: they look every ~2 s here, and move when they hold no job)."""
+    with failover_database() as db:
+        rig = FailoverRig(db, tmp_path, controllers=2)
+        try:
+            await rig.start_controllers()
+            await rig.start_agents(HOSTS[:3], "--return-home-after", "2")
+            await rig.wait_online()
+            before = rig.holders()
+            held = Counter(before.values())
+            home = max(rig.ctl, key=lambda cp: held.get(cp.proc.pid if cp.proc else -1, 0))
+            assert home.proc is not None
+            ours = sorted(h for h, pid in before.items() if pid == home.proc.pid)
+            home.kill9()
+
+            async def moved() -> bool:
+                return all(rig.holders().get(h) != (home.proc.pid if home.proc else None) for h in ours)
+
+            await until(moved, 30, interval=0.1)
+            home.start()
+            await home.ready()
+            loop = asyncio.get_running_loop()
+            restarted = loop.time()
+
+            async def back() -> bool:
+                holders = rig.holders()
+                return all(holders.get(h) == (home.proc.pid if home.proc else None) for h in ours)
+
+            await until(back, 30, interval=0.1)
+            took = loop.time() - restarted
+            print(f"\n{', '.join(ours)} back on their first controller {took:.1f}s after its restart")
+            await rig.wait_online(30)
+        finally:
             rig.stop()

@@ -134,3 +134,36 @@ async def test_no_controller_reachable_names_them_all(tmp_path: Path) -> None:
     with pytest.raises(ControllerUnavailable) as err:
         await asyncio.wait_for(agent.run(asyncio.Event()), 10)
     assert "none of the controllers a:1, b:2 was reachable" in err.value.message
+
+
+def test_going_home_dials_the_first_controller_at_once() -> None:
+    failover = Failover(Backoff(1.0, 8.0), start=0)
+    for _ in range(3):
+        failover.after_attempt(3, established=False)
+    failover.go_to(2)
+    assert failover.pick(("a:1", "b:1", "c:1")) == "c:1" and failover.failed_in_row == 0
+    assert failover.after_attempt(3, established=False) == 0  # a fresh round
+
+
+async def test_an_agent_on_another_controller_returns_to_its_first_when_it_is_back(tmp_path: Path) -> None:
+    """node-1's first controller is b; it is down at the start, so the agent works with c, and goes back to b (a real
+    TLS listener here would be needed for the probe: the session ends with ``_returning`` set, as the probe does)."""
+    agent = _agent(tmp_path, "b:2,c:3,a:1", return_home_after=0.05)
+    dials: list[str] = []
+    stop = asyncio.Event()
+
+    async def session(_creds: Any, _stop: asyncio.Event) -> None:
+        dials.append(agent.controller)
+        if len(dials) == 1:
+            raise ControllerUnavailable("b down", hint="")
+        if len(dials) == 2:
+            assert agent._home == "b:2"
+            agent._session_up = True
+            agent._returning = True  # what _return_home_when_back does once b answers
+            return
+        stop.set()
+        await asyncio.sleep(0.2)
+
+    agent._session = session  # type: ignore[method-assign,assignment]
+    await asyncio.wait_for(agent.run(stop), 10)
+    assert dials == ["b:2", "c:3", "b:2"]
