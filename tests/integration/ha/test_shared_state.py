@@ -245,3 +245,35 @@ async def test_ca_import_with_db_replaces_the_shared_ca_for_every_controller(tmp
         assert (a.state / "ca" / "ca.pem").read_bytes() == cert_pem != first
         server = x509.load_pem_x509_certificates((a.state / "ca" / "server.pem").read_bytes())[0]
         server.verify_directly_issued_by(x509.load_pem_x509_certificate(cert_pem))
+
+
+async def test_two_controllers_starting_together_make_one_ca_and_old_files_are_published(tmp_path: Path) -> None:
+    with shared_database() as db:
+        a = ControllerProc(tmp_path / "a" / "controller", db=db)
+        b = ControllerProc(tmp_path / "b" / "controller", db=db)
+        try:
+            a.start()
+            b.start()  # at once, on an empty database: one CA insert wins, the other controller loads it
+            await asyncio.gather(a.ready(), b.ready())
+            assert (a.state / "ca" / "ca.pem").read_bytes() == (b.state / "ca" / "ca.pem").read_bytes()
+            assert query(db, "SELECT count(*) FROM ca") == [(1,)]
+            assert not (a.state / "ca" / "ca.key").exists() and not (b.state / "ca" / "ca.key").exists()
+            data = os.urandom(300 * 1024)
+            sha = await upload(a, data, "old.bin")
+            a.stop()
+            b.stop()
+            # as if A had stored it before the store was shared: its bytes only in A's state dir
+            query(db, "WITH gone AS (DELETE FROM artifact_content RETURNING oid) SELECT lo_unlink(oid) FROM gone")
+            a.start()  # publishes what only it has
+            await a.ready()
+            a.stop()
+            assert query(db, "SELECT sha256 FROM artifact_content") == [(sha,)]
+            b.start()
+            await b.ready()
+            token = (b.state / "admin.token").read_text().strip()
+            async with httpx.AsyncClient(base_url=b.url, timeout=10) as c:
+                resp = await c.get(f"/api/v1/artifacts/{sha}/content", headers={"Authorization": f"Bearer {token}"})
+            assert resp.status_code == 200 and resp.content == data
+        finally:
+            b.stop()
+            a.stop()
