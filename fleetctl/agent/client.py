@@ -361,20 +361,29 @@ def first_controller(count: int, node: str) -> int:
     return zlib.crc32(node.encode()) % count
 
 
+def failover_spread(node: str) -> int:
+    """Which of the other controllers a node moves to when it loses its session (``Failover``): a hash of its name,
+    independent of ``first_controller``'s, so that the nodes of one controller spread over the others."""
+    return zlib.crc32(node.encode()[::-1])
+
+
 class Failover:
     """Which of its controllers the agent dials next, and how long it waits first (no I/O; unit-tested).
 
     A dial that fails moves on to the next controller at once, until every controller failed in a row; from then on
     each full round waits the growing delay of ``backoff``. A session that was established and ended (the
-    controller died, the connection broke, a keepalive or heartbeat timed out) moves on to the next controller after
-    the initial delay, jittered (``Backoff``) so that the agents of a dead controller do not all arrive at once.
+    controller died, the connection broke, a keepalive or heartbeat timed out) moves on to another controller after
+    the initial delay, jittered (``Backoff``) so that the agents of a dead controller do not all arrive at once; which
+    other one depends on ``spread`` (a hash of the node's name), so that the agents of a dead controller spread
+    over the survivors instead of all landing on the next one in the list.
     With one controller this is the plain reconnect backoff. An agent on another controller than its first goes back
     to its first once that one answers again and the agent holds no job (``go_to``; ``Agent._return_home_when_back``).
     """
 
-    def __init__(self, backoff: Backoff, start: int = 0) -> None:
+    def __init__(self, backoff: Backoff, start: int = 0, spread: int = 0) -> None:
         self.backoff = backoff
         self.index = start
+        self.spread = spread
         self.failed_in_row = 0
 
     def pick(self, targets: tuple[str, ...]) -> str:
@@ -384,10 +393,12 @@ class Failover:
     def after_attempt(self, count: int, established: bool) -> float:
         """The attempt on the current controller ended (``established``: its session came up); move to the next of
         ``count`` controllers and return the seconds to wait before dialling it."""
-        self.index = (self.index + 1) % count
         if established:
+            # to one of the other count - 1 controllers, chosen by the node (then on, failed dials step by one)
+            self.index = (self.index + 1 + (self.spread % (count - 1) if count > 1 else 0)) % count
             self.answered()
             return self.backoff.next()
+        self.index = (self.index + 1) % count
         self.failed_in_row += 1
         if self.failed_in_row % count:
             return 0.0  # a controller not tried yet in this round: at once
@@ -624,7 +635,7 @@ class Agent:
         # read each round, so that a list changed while the agent runs applies to its next dial
         count = len(controller_targets(self.cfg.controller))
         failover = Failover(Backoff(self.cfg.backoff_initial, self.cfg.backoff_max),
-                            first_controller(count, creds.hostname))
+                            first_controller(count, creds.hostname), spread=failover_spread(creds.hostname))
         try:
             while not leave.is_set():
                 self._session_up = self._renewed = self._returning = False

@@ -19,6 +19,7 @@ from fleetctl.agent.client import (
     Failover,
     controller_targets,
     enroll_targets,
+    failover_spread,
     first_controller,
 )
 from fleetctl.fleet.errors import ControllerUnavailable, InputError
@@ -167,3 +168,23 @@ async def test_an_agent_on_another_controller_returns_to_its_first_when_it_is_ba
     agent._session = session  # type: ignore[method-assign,assignment]
     await asyncio.wait_for(agent.run(stop), 10)
     assert dials == ["b:2", "c:3", "b:2"]
+
+
+def test_the_agents_of_a_dead_controller_spread_over_the_survivors() -> None:
+    """Three controllers; the agents that started on a:1 lose it: about half go to b, half to c (not all to b)."""
+    targets = ("a:1", "b:1", "c:1")
+    nodes = [n for n in (f"gpu-node-{i}" for i in range(600)) if first_controller(3, n) == 0]
+    moved: Counter[str] = Counter()
+    for node in nodes:
+        failover = Failover(Backoff(0.5, 30.0), first_controller(3, node), spread=failover_spread(node))
+        failover.after_attempt(3, established=True)
+        moved[failover.pick(targets)] += 1
+    assert set(moved) == {"b:1", "c:1"} and min(moved.values()) > len(nodes) * 0.35, moved
+    # and a node that then finds its new controller dead too tries the remaining ones in turn
+    failover = Failover(Backoff(0.5, 30.0), 0, spread=1)
+    failover.after_attempt(3, established=True)
+    assert failover.pick(targets) == "c:1"
+    failover.after_attempt(3, established=False)
+    assert failover.pick(targets) == "a:1"
+    failover.after_attempt(3, established=False)
+    assert failover.pick(targets) == "b:1"
