@@ -433,7 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kill_rows = [f for f in faults if f["fault"] == "kill-9"]
 
     def spread(key: str) -> dict[str, float] | None:
-        vals = [f[key] for f in kill_rows if f.get(key) is not None]
+        # a kill of a controller that held no agent moves none: it says nothing of the agents' move
+        vals = [f[key] for f in kill_rows if f.get(key) is not None and (key != "agents_moved_s" or f["agents"])]
         return {"min": min(vals), "median": round(statistics.median(vals), 2), "max": max(vals),
                 "n": len(vals)} if vals else None
 
