@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.timeout(280)]
 def test_rollout_survives_controller_kills_backend_kills_and_a_db_outage(pg_url: str) -> None:
     args = parser().parse_args([
         "--seed", "17", "--agents", "20", "--kills", "3", "--terminates", "1", "--outages", "1",
-        "--outage-seconds", "2", "--build-seconds", "8", "--step-seconds", "1", "--min-interval", "1",
+        "--outage-seconds", "2", "--build-seconds", "20", "--step-seconds", "1", "--min-interval", "1",
         "--max-interval", "3", "--max-down", "2", "--duration", "60", "--settle", "90", "--resumes", "0"])
     r = run(args)
     print(f"\nfaults {dict(r['faults'])}; agents moved after a kill {r['agents_moved_s']} s; rollout moved "
