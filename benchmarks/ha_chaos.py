@@ -373,6 +373,20 @@ def resume(cl: Cluster, rid: str) -> bool:
     return False
 
 
+def start_rollout(cl: Cluster, batch: str, patience_s: float = 60.0) -> str:
+    """POST the rollout; a 503 (the store busy: three controllers just migrated and registered 20 agents on a loaded
+    machine) is the controller saying "try again", so it is tried again, as an operator would, for ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return str(cl.ctl[0].api("POST", "/rollouts", {"canary": 0, "batch": batch, "actor": "chaos"},
+                                     timeout=60)["id"])
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     db = f"fleet_chaos_{uuid.uuid4().hex[:10]}"
@@ -387,8 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         cl.up()
         setup_s = time.monotonic() - t0
-        rid = str(cl.ctl[0].api("POST", "/rollouts", {"canary": 0, "batch": args.batch, "actor": "chaos"},
-                                timeout=60)["id"])
+        rid = start_rollout(cl, args.batch)
         started = time.monotonic()
         kills = 0
         plan = ["kill"] * args.kills + ["terminate"] * args.terminates + ["outage"] * args.outages
