@@ -304,6 +304,10 @@ class Backoff:
         self._delay = min(self._delay * 2, self.maximum)
         return delay * (0.5 + random.random() / 2)
 
+    def first(self) -> float:
+        """The initial delay, jittered, without growing the next one."""
+        return self.initial * (0.5 + random.random() / 2)
+
     def reset(self) -> None:
         self._delay = self.initial
 
@@ -380,11 +384,18 @@ class Failover:
     to its first once that one answers again and the agent holds no job (``go_to``; ``Agent._return_home_when_back``).
     """
 
+    #: After a session ends, this many failed rounds retry at the initial delay before it starts growing: a
+    #: controller restart (upgrade, crash and systemd restart) takes seconds, and an agent that waited out a grown
+    #: delay would come back long after its controller (issue 13). 20 rounds of 0.25–0.5 s: about 5–10 s of quick
+    #: tries, then the exponential backoff.
+    QUICK_ROUNDS = 20
+
     def __init__(self, backoff: Backoff, start: int = 0, spread: int = 0) -> None:
         self.backoff = backoff
         self.index = start
         self.spread = spread
         self.failed_in_row = 0
+        self.quick_rounds = 0
 
     def pick(self, targets: tuple[str, ...]) -> str:
         """The controller to dial now."""
@@ -397,11 +408,15 @@ class Failover:
             # to one of the other count - 1 controllers, chosen by the node (then on, failed dials step by one)
             self.index = (self.index + 1 + (self.spread % (count - 1) if count > 1 else 0)) % count
             self.answered()
+            self.quick_rounds = self.QUICK_ROUNDS
             return self.backoff.next()
         self.index = (self.index + 1) % count
         self.failed_in_row += 1
         if self.failed_in_row % count:
             return 0.0  # a controller not tried yet in this round: at once
+        if self.quick_rounds > 0:
+            self.quick_rounds -= 1
+            return self.backoff.first()
         return self.backoff.next()
 
     def answered(self) -> None:

@@ -83,6 +83,17 @@ def test_one_controller_keeps_the_plain_reconnect_backoff() -> None:
     assert 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2 and 2 <= waits[2] <= 4 and 2 <= waits[3] <= 4
 
 
+def test_after_a_lost_session_the_first_rounds_stay_quick_then_the_backoff_grows() -> None:
+    """A controller restart takes seconds: the agent keeps trying at the initial delay for QUICK_ROUNDS rounds after
+    its session ended, instead of waiting out a grown delay long after the controller is back (issue 13)."""
+    failover = Failover(Backoff(1.0, 30.0))
+    failover.after_attempt(1, established=True)
+    quick = [failover.after_attempt(1, established=False) for _ in range(Failover.QUICK_ROUNDS)]
+    assert all(0.5 <= w <= 1.0 for w in quick), quick
+    growing = [failover.after_attempt(1, established=False) for _ in range(4)]
+    assert 2 <= growing[1] <= 4 and 8 <= growing[3] <= 16, growing  # initial, twice, …: the plain backoff again
+
+
 def _agent(tmp_path: Path, controllers: str, **kw: Any) -> Agent:
     cfg = AgentConfig(controller=controllers, state_dir=tmp_path, facts=lambda: None,  # type: ignore[arg-type,return-value]
                       ca_file=tmp_path / "ca.pem", backoff_initial=0.05, backoff_max=0.4, **kw)
