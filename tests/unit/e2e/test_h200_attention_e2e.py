@@ -26,19 +26,17 @@ from fleetctl.controller.attention import (
     NodeContext,
     Recommendation,
     evidence_from_result,
-    node_recommendations,
     profile,
     recommend,
 )
-from fleetctl.controller.local_wheels import controller_catalog
 from fleetctl.controller.registry import record_of
-from fleetctl.controller.rollout.service import RolloutRequest, plan_rollout
 from fleetctl.controller.store import Store, open_store
 from fleetctl.controller.store.models import Node
 from fleetctl.controller.verify_store import store as vs
 from fleetctl.controller.verify_store.models import Verification
 from fleetctl.fleet.facts import NodeFacts, parse_node
 from fleetctl.fleet.verification import judge, parse_result, row_problems
+from tests.unit.e2e.attention_replay import fastest_plan, recommendations
 
 F = Path(__file__).resolve().parents[2] / "fixtures" / "h200_attention_e2e"
 QUICK_JOB, INSTALL_JOB, FULL_JOB = ("376ba3e652194d0f822f4d459261c741", "a11199e37c9744088559e7bea252e949",
@@ -99,19 +97,6 @@ def store_before(tmp_path: Path) -> Iterator[Store]:
         vs.record(s, "vm", parse_result(_raw(QUICK_JOB)), job_id=QUICK_JOB, facts=facts, trigger="manual")
     yield st
     st.close()
-
-
-def _recommendations(st: Store, state_dir: Path) -> list[Recommendation]:
-    with st.session() as s:
-        rec = record_of(s.scalars(select(Node)).one())
-        assert rec.facts is not None
-        return node_recommendations(s, rec.facts, False, controller_catalog(s, state_dir))
-
-
-def _plan(st: Store, state_dir: Path, workload: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    (node,) = plan_rollout(st, RolloutRequest(version="2.8.3.post1", nodes="vm", prefer="fastest",
-                                              workload=workload, dry_run=True), state_dir=state_dir).nodes
-    return node.plan.variant, tuple(node.plan.steps), tuple(node.plan.reasons)
 
 
 # --- what ran ----------------------------------------------------------------------------------------------
@@ -178,7 +163,7 @@ def test_the_full_verification_measured_every_implementation_present_and_all_wer
 
 
 def test_before_the_rollout_the_recommendation_came_from_the_prior(store_before: Store, tmp_path: Path) -> None:
-    recs = _recommendations(store_before, tmp_path)
+    recs = recommendations(store_before, tmp_path)
     assert [r.profile.name for r in recs] == list(WORKLOADS)
     by = {r.profile.name: r for r in recs}
     for w in ("training", "prefill", "decode"):
@@ -193,20 +178,20 @@ def test_before_the_rollout_the_recommendation_came_from_the_prior(store_before:
 
 def test_before_the_rollout_fastest_planned_fa4_wheels_or_nothing(store_before: Store, tmp_path: Path) -> None:
     for w in ("training", "prefill"):
-        variant, steps, _ = _plan(store_before, tmp_path, w)
+        variant, steps, _ = fastest_plan(store_before, tmp_path, w)
         assert (variant, steps) == ("fa4", ("install-wheel", "verify")), w
         row = (F / f"plan-fastest-{w}-before.txt").read_text().splitlines()[1].split()
         assert row[:6] == ["vm", "NVIDIA", "H200", "fa4", "4.0.0b36", "install-wheel,verify"], w
     (planned,) = _load("plan1.json")["nodes"]
     assert (planned["variant"], planned["version"], planned["steps"]) == ("fa4", "4.0.0b36",
                                                                             ["install-wheel", "verify"])
-    variant, steps, reasons = _plan(store_before, tmp_path, "decode")
+    variant, steps, reasons = fastest_plan(store_before, tmp_path, "decode")
     assert (variant, steps) == ("sdpa", ())
     assert reasons[0] in (F / "plan-fastest-decode-before.txt").read_text()
 
 
 def test_after_the_rollout_the_nodes_own_measurements_decide(store: Store, tmp_path: Path) -> None:
-    recs = _recommendations(store, tmp_path)
+    recs = recommendations(store, tmp_path)
     by = {r.profile.name: r for r in recs}
     expected = {  # workload: (choice, runner-up, value, margin) — what `fleetctl node vm` printed
         "training": ("fa4", "sdpa_cudnn", 544.5, 0.140),
@@ -232,10 +217,10 @@ def test_after_the_rollout_the_nodes_own_measurements_decide(store: Store, tmp_p
 def test_after_the_rollout_fastest_plans_only_verify_for_prefill_and_nothing_for_decode(
         store: Store, tmp_path: Path) -> None:
     for w in ("training", "prefill"):
-        variant, steps, reasons = _plan(store, tmp_path, w)
+        variant, steps, reasons = fastest_plan(store, tmp_path, w)
         assert (variant, steps) == ("fa4", ("verify",)), w
         assert "fa4 is the fastest measured" in reasons[0] and "this node, 2026-12-03" in reasons[0]
-    variant, steps, reasons = _plan(store, tmp_path, "decode")
+    variant, steps, reasons = fastest_plan(store, tmp_path, "decode")
     assert (variant, steps) == ("sdpa", ())
     assert reasons[0] in (F / "plan-fastest-decode-after.txt").read_text()
     assert "359 new tokens/s" in reasons[0] and "+33 % over flash_attention_4 (269)" in reasons[0]
@@ -322,7 +307,7 @@ def test_a_torch_or_driver_change_makes_the_nodes_rows_stale(store: Store, tmp_p
         for part, values in change.items():
             facts[part].update(values)
         node.facts = facts
-    by = {r.profile.name: r for r in _recommendations(store, tmp_path)}
+    by = {r.profile.name: r for r in recommendations(store, tmp_path)}
     prefill = by["prefill"]
     assert prefill.choice is not None and prefill.choice.source is not None
     assert prefill.choice.source.kind == "prior"  # the node's own 639 TFLOP/s no longer count

@@ -25,17 +25,15 @@ from fleetctl.controller.attention import (
     NodeContext,
     Recommendation,
     evidence_from_result,
-    node_recommendations,
     profile,
     recommend,
 )
-from fleetctl.controller.local_wheels import controller_catalog
 from fleetctl.controller.registry import record_of
-from fleetctl.controller.rollout.service import RolloutRequest, plan_rollout
 from fleetctl.controller.store import Store, open_store
 from fleetctl.controller.store.models import Node
 from fleetctl.controller.verify_store.models import Verification
 from fleetctl.fleet.verification import judge, parse_result, row_problems
+from tests.unit.e2e.attention_replay import fastest_plan, recommendations
 
 F = Path(__file__).resolve().parents[2] / "fixtures" / "h200_attention_fa2"
 BUILD_JOB, FA2_INSTALL_JOB, QUICK_JOB, FA4_INSTALL_JOB, FULL_JOB = (
@@ -67,19 +65,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     st = open_store(f"sqlite:///{db}")
     yield st
     st.close()
-
-
-def _recommendations(st: Store, state_dir: Path) -> list[Recommendation]:
-    with st.session() as s:
-        rec = record_of(s.scalars(select(Node)).one())
-        assert rec.facts is not None
-        return node_recommendations(s, rec.facts, False, controller_catalog(s, state_dir))
-
-
-def _plan(st: Store, state_dir: Path, workload: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    (node,) = plan_rollout(st, RolloutRequest(version="2.8.3.post1", nodes="vm", prefer="fastest",
-                                              workload=workload, dry_run=True), state_dir=state_dir).nodes
-    return node.plan.variant, tuple(node.plan.steps), tuple(node.plan.reasons)
 
 
 def _ctx(store: Store) -> NodeContext:
@@ -180,7 +165,7 @@ def _printed(recs: list[Recommendation], text: str) -> None:
 
 
 def test_the_nodes_own_measurements_rank_fa2_behind_fa4_and_cudnn(store: Store, tmp_path: Path) -> None:
-    recs = _recommendations(store, tmp_path)
+    recs = recommendations(store, tmp_path)
     by = {r.profile.name: r for r in recs}
     expected = {  # workload: (choice, runner-up, value, margin, FA2's value) — what `fleetctl node vm` printed
         "training": ("fa4", "sdpa_cudnn", 544.9, 0.142, 280.6),
@@ -202,14 +187,14 @@ def test_the_nodes_own_measurements_rank_fa2_behind_fa4_and_cudnn(store: Store, 
 
 def test_fastest_plans_fa4_for_prefill_and_training_and_nothing_for_decode(store: Store, tmp_path: Path) -> None:
     for w in ("training", "prefill"):
-        variant, steps, reasons = _plan(store, tmp_path, w)
+        variant, steps, reasons = fastest_plan(store, tmp_path, w)
         # the node's facts carry one flash_attn, FA2's (the import package FA4 installs into): FA4 looks absent,
         # so the plan installs it again (install-wheel finds it installed and leaves it) and says it replaces FA2
         assert (variant, steps) == ("fa4", ("install-wheel", "verify")), w
         assert "this node, 2026-12-03" in reasons[0] and f"replaces the installed flash-attn {TRIMMED}" in reasons[-1]
         row = (F / f"plan-fastest-{w}-after.txt").read_text().splitlines()[1].split()
         assert row[:6] == ["vm", "NVIDIA", "H200", "fa4", "4.0.0b36", "install-wheel,verify"], w
-    variant, steps, reasons = _plan(store, tmp_path, "decode")
+    variant, steps, reasons = fastest_plan(store, tmp_path, "decode")
     assert (variant, steps) == ("sdpa", ())
     assert reasons[0] in (F / "plan-fastest-decode-after.txt").read_text()
     assert "377 new tokens/s" in reasons[0] and "+34 % over flash_attention_2 (280)" in reasons[0]
