@@ -1,18 +1,22 @@
 """HA fault soak (issue 17): three controllers on one PostgreSQL, ≥ 20 agents, a rollout with source builds, and
 faults while it runs — ``kill -9`` of a random controller (restarted after a random down time),
-``pg_terminate_backend`` of one controller's database connections, and a database outage.
+``pg_terminate_backend`` of one controller's database connections, PostgreSQL stopped and started again, and a
+network cut between the controllers and PostgreSQL.
 
-Real processes: three ``fleet-controller serve`` on one PostgreSQL database of the run's own
-(``fleet_chaos_<random>`` on 127.0.0.1:5432, trust auth; dropped afterwards), sharing one CA (copies of the first's
-``ca/``, docs/ha.md), each connecting with ``application_name=fleet-chaos-ctl-N`` so its backends can be found in
-``pg_stat_activity``; N ``fleet-agent run --controller A,B,C --simulate PROFILE --executor simulated`` processes
-(wheel installs and source builds; job durations from ``$FLEET_SIM_JOB_SECONDS``). The rollout is started through
-one controller's API; kills and database faults follow at seeded random intervals.
+Real processes: a PostgreSQL server of the run's own (tests/integration/harness/pgserver.py: Debian's ``initdb`` and
+``pg_ctl``, a free port on 127.0.0.1, trust auth; removed afterwards) — the shared cluster on 127.0.0.1:5432 serves
+other test runs at the same time, and this one is stopped; three ``fleet-controller serve`` on one database in it,
+sharing one CA (copies of the first's ``ca/``, docs/ha.md), each connecting with ``application_name=fleet-chaos-ctl-N``
+so its backends can be found in ``pg_stat_activity``; N ``fleet-agent run --controller A,B,C --simulate PROFILE
+--executor simulated`` processes (wheel installs and source builds; job durations from ``$FLEET_SIM_JOB_SECONDS``).
+The rollout is started through one controller's API; kills and database faults follow at seeded random intervals.
 
-**The database outage** is made on the controllers' path to PostgreSQL, not by stopping the shared cluster: every
-controller reaches PostgreSQL through a TCP relay of this script, and an outage closes every relayed connection and
-refuses new ones for ``--outage-seconds`` (what the controllers see of a stopped PostgreSQL: reset connections,
-refused connects). The cluster on this machine serves other test runs at the same time; stopping it would fail them.
+**A PostgreSQL stop** (``--pg-stops``) is ``pg_ctl stop``, alternately ``-m fast`` (every backend told
+"terminating connection due to administrator command", a shutdown checkpoint) and ``-m immediate`` (a crash: the
+backends vanish, crash recovery at the next start), the server down for ``--pg-stop-seconds``, then ``pg_ctl start``.
+**A network cut** (``--outages``) leaves PostgreSQL running: every controller reaches it through a TCP relay of this
+script, and a cut resets every relayed connection and refuses new ones for ``--outage-seconds`` (no message from the
+server, connects refused: what a lost route looks like).
 
 After the faults stop, the rollout must end by itself (a paused rollout is resumed with ``--retry-failed`` and
 counted: a resume is an operator's move the faults forced). Read from the database afterwards:
@@ -22,13 +26,15 @@ counted: a resume is an operator's move the faults forced). Read from the databa
 * steps run twice: more than one *successful* job per (node, step kind) in the rollout, a build key built twice,
   or a job id the agents' logs show started twice;
 * audit: ``rollout.start`` and ``rollout.finish`` rows for the rollout;
+* controllers: none exited through a database fault, and each healthy again within 60 s of the database being back;
 * recovery per kill: seconds until no agent session is held by the dead controller (its agents report to another),
   until the restarted controller serves, and (when it drove the rollout) until another controller holds the
-  rollout's lease.
+  rollout's lease; per database fault: seconds after the database is back until each controller's ``/health`` is
+  200, and (PostgreSQL stops) until every node's heartbeat is written again.
 
 Exit status 1 when anything above is wrong.
 
-    .venv/bin/python -m benchmarks.ha_chaos [--seed 1] [--agents 20] [--kills 12] [--duration 240] [--json-out F]
+    .venv/bin/python -m benchmarks.ha_chaos [--seed 1] [--agents 20] [--kills 12] [--pg-stops 2] [--json-out F]
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ import httpx
 import psycopg
 
 from benchmarks.chaos_kill9 import LIVE_JOB, PROFILES, STEP_STATES, TERMINAL, Proc, free_port
+from tests.integration.harness.pgserver import PgServer, StopMode, pg_server
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_ADMIN = f"host={PG_HOST} port={PG_PORT} user=postgres dbname=postgres connect_timeout=3"
+STOP_MODES: tuple[StopMode, ...] = ("fast", "immediate")  # a PostgreSQL stop's mode, in turn: clean, then a crash
 JOB_STARTED = re.compile(r"job (\S+) \((\S+)\) started")  # fleetctl/agent/client.py, one line per execution
 
 
@@ -67,8 +73,9 @@ class PgRelay(threading.Thread):
     """A TCP relay to PostgreSQL that can go dark: ``outage(seconds)`` resets every relayed connection and refuses
     new ones (accepted, then closed at once) until the outage ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: tuple[str, int]) -> None:
         super().__init__(daemon=True)
+        self.upstream = upstream
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.lock = threading.Lock()
@@ -86,7 +93,7 @@ class PgRelay(threading.Thread):
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection((PG_HOST, PG_PORT), timeout=3)
+                upstream = socket.create_connection(self.upstream, timeout=3)
             except OSError:
                 client.close()
                 continue
@@ -121,11 +128,6 @@ class PgRelay(threading.Thread):
     def close(self) -> None:
         self.closed = True
         self.listener.close()
-
-
-def query(db: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(f"host={PG_HOST} port={PG_PORT} user=postgres dbname={db} connect_timeout=3") as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 class Controller:
@@ -169,12 +171,15 @@ class Controller:
 
 
 class Cluster:
-    def __init__(self, root: Path, db: str, agents: int, job_seconds: dict[str, float]) -> None:
-        self.root, self.db = root, db
+    def __init__(self, root: Path, pg: PgServer, db: str, agents: int, job_seconds: dict[str, float], *,
+                 relayed: bool) -> None:
+        self.root, self.pg, self.db = root, pg, db
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        self.relay = PgRelay()
+        self.relay = PgRelay((pg.host, pg.port))
         self.relay.start()
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{self.relay.port}/{db}"
+        # through the relay only when the run cuts the network: else a PostgreSQL stop reaches the controllers
+        # exactly as it is (connects refused by the host, not accepted by the relay and closed)
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{self.relay.port if relayed else pg.port}/{db}"
         self.ctl = [Controller(i, root, url) for i in range(3)]
         grpc = ",".join(f"127.0.0.1:{c.ports['grpc']}" for c in self.ctl)
         enroll = ",".join(f"127.0.0.1:{c.ports['enroll']}" for c in self.ctl)
@@ -213,13 +218,17 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError(f"not every agent came online; see {self.root / 'logs'}")
 
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.pg.dsn(self.db)) as conn:
+            return conn.execute(sql, params).fetchall()
+
     def holders(self) -> dict[str, str]:
         """Each node's session holder (``host:pid:nonce`` of a controller)."""
-        return dict(query(self.db, "SELECT n.hostname, s.controller_id FROM agent_sessions s "
+        return dict(self.query("SELECT n.hostname, s.controller_id FROM agent_sessions s "
                                    "JOIN nodes n ON n.id = s.node_id"))
 
     def rollout_owner(self, rid: str) -> str:
-        rows = query(self.db, "SELECT lease_owner FROM rollouts WHERE id = %s", rid)
+        rows = self.query("SELECT lease_owner FROM rollouts WHERE id = %s", rid)
         return str(rows[0][0] or "") if rows else ""
 
     def down(self) -> None:
@@ -276,7 +285,7 @@ def kill_controller(cl: Cluster, rid: str, rng: random.Random, max_down: float) 
 
 def terminate_backends(cl: Cluster, rng: random.Random) -> dict[str, Any]:
     victim = rng.choice([c for c in cl.ctl if c.pid is not None])
-    rows = query(cl.db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+    rows = cl.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
                  victim.app)
     health = None
     t0 = time.monotonic()
@@ -288,23 +297,51 @@ def terminate_backends(cl: Cluster, rng: random.Random) -> dict[str, Any]:
         time.sleep(0.1)
     return {"fault": "pg_terminate_backend", "controller": victim.index, "backends": len(rows),
             "healthy_after_s": None if health is None else round(health, 2),
-            "still_running": all(c.pid is not None for c in cl.ctl)}
+            "still_running": [c.pid is not None for c in cl.ctl]}
 
 
-def outage(cl: Cluster, seconds: float) -> dict[str, Any]:
-    cut = cl.relay.outage(seconds)
-    time.sleep(seconds)
+def healthy_again(cl: Cluster, patience_s: float = 60) -> dict[int, float | None]:
+    """Seconds from now until each controller's ``/health`` is 200 (its pool reconnected, a write went through;
+    None: not within ``patience_s``)."""
     t0 = time.monotonic()
     healthy: dict[int, float | None] = {c.index: None for c in cl.ctl}
-    while time.monotonic() - t0 < 60 and any(v is None for v in healthy.values()):
+    while time.monotonic() - t0 < patience_s and any(v is None for v in healthy.values()):
         for c in cl.ctl:
             if healthy[c.index] is None:
                 with contextlib.suppress(httpx.HTTPError, OSError):
                     if httpx.get(f"{c.url}/api/v1/health", timeout=2).status_code == 200:
                         healthy[c.index] = round(time.monotonic() - t0, 2)
         time.sleep(0.1)
-    return {"fault": "db-outage", "seconds": seconds, "connections_cut": cut,
-            "healthy_after_s": healthy, "still_running": [c.pid is not None for c in cl.ctl]}
+    return healthy
+
+
+def outage(cl: Cluster, seconds: float) -> dict[str, Any]:
+    cut = cl.relay.outage(seconds)
+    time.sleep(seconds)
+    return {"fault": "network-cut", "seconds": seconds, "connections_cut": cut, "healthy_after_s": healthy_again(cl),
+            "still_running": [c.pid is not None for c in cl.ctl]}
+
+
+def stop_postgres(cl: Cluster, mode: StopMode, seconds: float) -> dict[str, Any]:
+    """``pg_ctl stop -m MODE``, down for ``seconds``, ``pg_ctl start``; then until each controller is healthy and
+    until every node's heartbeat is written again (``last_seen`` newer than the server's start)."""
+    backends = cl.query("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'fleet-chaos-ctl-%%'")
+    stop_s = cl.pg.stop(mode)
+    time.sleep(seconds)
+    start_s = cl.pg.start()
+    t0 = time.monotonic()
+    [(back_at,)] = cl.query("SELECT now()")
+    healthy = healthy_again(cl)
+    heartbeats_s = None
+    while heartbeats_s is None and time.monotonic() - t0 < 60:
+        with contextlib.suppress(psycopg.Error):
+            [(behind,)] = cl.query("SELECT count(*) FROM nodes WHERE last_seen IS NULL OR last_seen < %s", back_at)
+            if behind == 0:
+                heartbeats_s = round(time.monotonic() - t0, 2)
+        time.sleep(0.1)
+    return {"fault": f"pg-stop-{mode}", "seconds": seconds, "backends": backends[0][0], "stop_s": round(stop_s, 2),
+            "start_s": round(start_s, 2), "healthy_after_s": healthy, "heartbeats_after_s": heartbeats_s,
+            "still_running": [c.pid is not None for c in cl.ctl]}
 
 
 def rollout_state(cl: Cluster, rid: str) -> dict[str, Any] | None:
@@ -317,19 +354,19 @@ def rollout_state(cl: Cluster, rid: str) -> dict[str, Any] | None:
 
 
 def read_db(cl: Cluster, rid: str) -> dict[str, Any]:
-    nodes = query(cl.db, "SELECT hostname, state, job_id, build_key, cause FROM rollout_nodes WHERE rollout_id = %s",
+    nodes = cl.query("SELECT hostname, state, job_id, build_key, cause FROM rollout_nodes WHERE rollout_id = %s",
                   rid)
     jobs = [{"id": i, "node": n, "kind": k, "status": s, "vars": v or {}, "error": e}
-            for i, n, k, s, v, e in query(cl.db, "SELECT id, node, kind, status, vars, error FROM jobs")]
+            for i, n, k, s, v, e in cl.query("SELECT id, node, kind, status, vars, error FROM jobs")]
     jobs = [j for j in jobs if j["vars"].get("rollout_id") == rid]
     by_id = {j["id"]: j for j in jobs}
-    building = {k for (k,) in query(cl.db, "SELECT build_key FROM builds WHERE status = 'building'")}
-    [(status, reason)] = query(cl.db, "SELECT status, reason FROM rollouts WHERE id = %s", rid)
-    audit = [a for (a,) in query(cl.db, "SELECT action FROM audit_log WHERE target = %s ORDER BY id", rid)]
-    pauses = [str((d or {}).get("reason", ""))[:300] for (d,) in query(
-        cl.db, "SELECT detail FROM audit_log WHERE target = %s AND action = 'rollout.pause' ORDER BY id", rid)]
-    failures = [f"{h} {a}→{b}: {c[:300]}" for h, a, b, c in query(
-        cl.db, "SELECT hostname, from_state, to_state, cause FROM rollout_transitions WHERE rollout_id = %s "
+    building = {k for (k,) in cl.query("SELECT build_key FROM builds WHERE status = 'building'")}
+    [(status, reason)] = cl.query("SELECT status, reason FROM rollouts WHERE id = %s", rid)
+    audit = [a for (a,) in cl.query("SELECT action FROM audit_log WHERE target = %s ORDER BY id", rid)]
+    pauses = [str((d or {}).get("reason", ""))[:300] for (d,) in cl.query(
+        "SELECT detail FROM audit_log WHERE target = %s AND action = 'rollout.pause' ORDER BY id", rid)]
+    failures = [f"{h} {a}→{b}: {c[:300]}" for h, a, b, c in cl.query(
+        "SELECT hostname, from_state, to_state, cause FROM rollout_transitions WHERE rollout_id = %s "
                "AND to_state = 'failed' ORDER BY id", rid)]
     ok = [j for j in jobs if j["status"] == "successful"]
     per_step = Counter((j["node"], j["kind"]) for j in ok)
@@ -392,56 +429,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     db = f"fleet_chaos_{uuid.uuid4().hex[:10]}"
     root = Path(tempfile.mkdtemp(prefix="ha-chaos-"))
     job_seconds = {"build-from-source": args.build_seconds, "*": args.step_seconds}
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
     faults: list[dict[str, Any]] = []
     resumes = 0
-    cl = Cluster(root, db, args.agents, job_seconds)
-    t0 = time.monotonic()
-    try:
-        cl.up()
-        setup_s = time.monotonic() - t0
-        rid = start_rollout(cl, args.batch)
-        started = time.monotonic()
-        kills = 0
-        plan = ["kill"] * args.kills + ["terminate"] * args.terminates + ["outage"] * args.outages
-        rng.shuffle(plan)
-        end = started + args.duration
-        for what in plan:
-            if time.monotonic() >= end:
-                break
-            time.sleep(rng.uniform(args.min_interval, args.max_interval))
-            st = rollout_state(cl, rid)
-            if st is not None and st["status"] == "paused":
-                resumes += resume(cl, rid)
-            elif st is not None and not st["active"]:
-                break  # faults on an idle fleet test nothing of the rollout: the run says how many landed
-            if what == "kill":
-                faults.append(kill_controller(cl, rid, rng, args.max_down))
-                kills += 1
-            elif what == "terminate":
-                faults.append(terminate_backends(cl, rng))
-            else:
-                faults.append(outage(cl, args.outage_seconds))
-            faults[-1]["at_s"] = round(time.monotonic() - started, 1)
-            print(json.dumps(faults[-1]), flush=True)
-        chaos_s = time.monotonic() - started
-        deadline = time.monotonic() + args.settle
-        final = None
-        while time.monotonic() < deadline:
-            final = rollout_state(cl, rid)
-            if final is not None and final["status"] == "paused" and resumes < args.resumes:
-                resumes += resume(cl, rid)
-            elif final is not None and not final["active"]:
-                break
-            time.sleep(1)
-        wall_s = time.monotonic() - started
-        time.sleep(2)  # the last results and audit rows land
-        figures = read_db(cl, rid)
-    finally:
-        cl.down()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    loads = [os.getloadavg()[0]]  # the machine is shared: its load, at the start, at each fault and at the end
+    with pg_server() as pg:
+        pg.create_database(db)
+        cl = Cluster(root, pg, db, args.agents, job_seconds, relayed=args.outages > 0)
+        t0 = time.monotonic()
+        try:
+            cl.up()
+            setup_s = time.monotonic() - t0
+            rid = start_rollout(cl, args.batch)
+            started = time.monotonic()
+            kills = stops = 0
+            plan = (["kill"] * args.kills + ["terminate"] * args.terminates + ["outage"] * args.outages
+                    + ["pg-stop"] * args.pg_stops)
+            rng.shuffle(plan)
+            end = started + args.duration
+            for what in plan:
+                if time.monotonic() >= end:
+                    break
+                time.sleep(rng.uniform(args.min_interval, args.max_interval))
+                st = rollout_state(cl, rid)
+                if st is not None and st["status"] == "paused":
+                    resumes += resume(cl, rid)
+                elif st is not None and not st["active"]:
+                    break  # faults on an idle fleet test nothing of the rollout: the run says how many landed
+                if what == "kill":
+                    faults.append(kill_controller(cl, rid, rng, args.max_down))
+                    kills += 1
+                elif what == "terminate":
+                    faults.append(terminate_backends(cl, rng))
+                elif what == "pg-stop":
+                    faults.append(stop_postgres(cl, STOP_MODES[stops % len(STOP_MODES)], args.pg_stop_seconds))
+                    stops += 1
+                else:
+                    faults.append(outage(cl, args.outage_seconds))
+                faults[-1]["at_s"] = round(time.monotonic() - started, 1)
+                loads.append(os.getloadavg()[0])
+                print(json.dumps(faults[-1]), flush=True)
+            chaos_s = time.monotonic() - started
+            deadline = time.monotonic() + args.settle
+            final = None
+            while time.monotonic() < deadline:
+                final = rollout_state(cl, rid)
+                if final is not None and final["status"] == "paused" and resumes < args.resumes:
+                    resumes += resume(cl, rid)
+                elif final is not None and not final["active"]:
+                    break
+                time.sleep(1)
+            wall_s = time.monotonic() - started
+            time.sleep(2)  # the last results and audit rows land
+            figures = read_db(cl, rid)
+            exited = [c.index for c in cl.ctl if c.pid is None]
+        finally:
+            cl.down()
+    loads.append(os.getloadavg()[0])
     figures.update(read_agent_logs(root / "logs", set(figures.pop("job_ids"))))
     kill_rows = [f for f in faults if f["fault"] == "kill-9"]
 
@@ -454,13 +497,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "seed": args.seed, "agents": args.agents, "job_seconds": job_seconds, "rollout": rid,
         "setup_s": round(setup_s, 1), "chaos_s": round(chaos_s, 1), "wall_s": round(wall_s, 1),
-        "faults": Counter(f["fault"] for f in faults), "kills": kills, "faults_planned": len(plan),
-        "resumes": resumes,
+        "faults": Counter(f["fault"] for f in faults), "kills": kills, "pg_stops": stops,
+        "faults_planned": len(plan), "resumes": resumes,
         "agents_moved_s": spread("agents_moved_s"), "rollout_moved_s": spread("rollout_moved_s"),
         "serving_after_restart_s": spread("serving_after_restart_s"),
+        "database_faults": [database_fault_summary(f) for f in faults if f["fault"] != "kill-9"],
+        "controllers_exited": exited,
         "final_api_status": final["status"] if final else None, **figures, "events": faults,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}",
-        "load_at_end": round(os.getloadavg()[0], 1),
+        "load_1m": {"min": round(min(loads), 1), "max": round(max(loads), 1), "end": round(loads[-1], 1)},
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "state_dir": str(root),
     }
     if not args.keep and not problems(result):
@@ -469,10 +514,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def database_fault_summary(event: dict[str, Any]) -> dict[str, Any]:
+    """A database fault in one line: the slowest controller's way back to healthy, whether every controller kept
+    running, and (PostgreSQL stops) when every node's heartbeat was written again."""
+    healthy = event["healthy_after_s"]
+    times = list(healthy.values()) if isinstance(healthy, dict) else [healthy]
+    return {"fault": event["fault"], "at_s": event.get("at_s"),
+            "healthy_after_s": None if None in times else max(times),
+            "heartbeats_after_s": event.get("heartbeats_after_s"), "still_running": all(event["still_running"])}
+
+
 def problems(r: dict[str, Any]) -> list[str]:
     """What is wrong with a run's outcome (empty: nothing)."""
-    out = [f"{k}: {r[k]}" for k in ("lost", "steps_run_twice", "builds_twice", "stuck", "jobs_executed_twice")
-           if r[k]]
+    out = [f"{k}: {r[k]}" for k in ("lost", "steps_run_twice", "builds_twice", "stuck", "jobs_executed_twice",
+                                    "controllers_exited") if r[k]]
+    for f in r["database_faults"]:
+        heartbeats_lost = f["fault"].startswith("pg-stop") and f["heartbeats_after_s"] is None
+        if not f["still_running"] or f["healthy_after_s"] is None or heartbeats_lost:
+            out.append(f"after {f['fault']} at {f['at_s']} s: a controller exited or did not recover in 60 s: {f}")
     if r["rollout_status"] != "succeeded":
         out.append(f"rollout {r['rollout_status']}: {r['rollout_reason']}; not done: {r['not_done']}")
     if not r["audit_complete"]:
@@ -486,8 +545,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--kills", type=int, default=12, help="kill -9 of a random controller, this many times")
     p.add_argument("--terminates", type=int, default=3, help="pg_terminate_backend of a controller's backends")
-    p.add_argument("--outages", type=int, default=1, help="database outages (the relay goes dark)")
+    p.add_argument("--outages", type=int, default=1, help=(
+        "network cuts: the relay between the controllers and PostgreSQL resets and refuses connections (with 0 "
+        "the controllers connect to PostgreSQL directly)"))
     p.add_argument("--outage-seconds", type=float, default=3.0)
+    p.add_argument("--pg-stops", type=int, default=2, help=(
+        f"PostgreSQL stopped and started again, this many times (modes in turn: {', '.join(STOP_MODES)})"))
+    p.add_argument("--pg-stop-seconds", type=float, default=3.0, help="seconds PostgreSQL stays down")
     p.add_argument("--duration", type=float, default=300, help="seconds of faults at most")
     p.add_argument("--min-interval", type=float, default=2.0)
     p.add_argument("--max-interval", type=float, default=8.0)
