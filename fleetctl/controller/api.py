@@ -29,6 +29,7 @@ from fleetctl.controller import audit, node_summary, web
 from fleetctl.controller.artifacts_api import router as artifacts_router
 from fleetctl.controller.attention_api import router as attention_router
 from fleetctl.controller.context import ControllerContext
+from fleetctl.controller.dashboard_sessions import SessionPolicy
 from fleetctl.controller.enrollment import TokenLimits
 from fleetctl.controller.http_deps import API_PREFIX, Admin, Ctx, Operator, Viewer
 from fleetctl.controller.labels import parse_label_changes
@@ -236,5 +237,6 @@ def create_app(ctx: ControllerContext) -> FastAPI:
     app.include_router(verify_router())  # verify, schedules: docs/verification.md
     app.include_router(attention_router())  # attention recommendation
     # the dashboard: controller/web, docs/dashboard.md
-    web.mount(app, ctx, session_seconds=ctx.settings.dashboard_session_seconds)
+    web.mount(app, ctx, session_policy=SessionPolicy.of_seconds(ctx.settings.dashboard_session_seconds,
+                                                            ctx.settings.dashboard_session_idle_seconds))
     return app

@@ -92,6 +92,8 @@ class ControllerSettings:
     # upgrade reports several changes within seconds, and one verification covers them all
     drift_debounce: float = 10.0
     dashboard_session_seconds: int = 8 * 3600  # a dashboard login lasts this long (FLEET_DASHBOARD_SESSION_SECONDS)
+    # ... and ends sooner when unused this long (FLEET_DASHBOARD_SESSION_IDLE_SECONDS; controller/dashboard_sessions.py)
+    dashboard_session_idle_seconds: int = 3600
     # how long a statement may wait for a lock / run (FLEET_DB_LOCK_TIMEOUT_MS, FLEET_DB_STATEMENT_TIMEOUT_MS)
     db_timeouts: DbTimeouts = field(default_factory=DbTimeouts)
     log_level: str = "INFO"  # FLEET_LOG_LEVEL
@@ -186,6 +188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="delay of a drift re-verification (default 10; FLEET_DRIFT_DEBOUNCE)")
     p.add_argument("--dashboard-session-seconds", metavar="S",
                    help="dashboard login lifetime (default 28800; FLEET_DASHBOARD_SESSION_SECONDS)")
+    p.add_argument("--dashboard-session-idle-seconds", metavar="S",
+                   help="a dashboard login unused this long ends (default 3600; FLEET_DASHBOARD_SESSION_IDLE_SECONDS)")
     p.add_argument("--db-lock-timeout-ms", metavar="MS",
                    help="wait for a database lock at most this long (default 5000; FLEET_DB_LOCK_TIMEOUT_MS)")
     p.add_argument("--db-statement-timeout-ms", metavar="MS",
@@ -228,6 +232,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         scheduler_tick=knob.read("scheduler_tick", _seconds),
         drift_debounce=knob.read("drift_debounce", _seconds),
         dashboard_session_seconds=knob.read("dashboard_session_seconds", _whole_seconds),
+        dashboard_session_idle_seconds=knob.read("dashboard_session_idle_seconds", _whole_seconds),
         db_timeouts=DbTimeouts(lock_ms=knob.read("db_lock_timeout_ms", _milliseconds),
                                statement_ms=knob.read("db_statement_timeout_ms", _milliseconds)),
         log_level=knob.read("log_level", _log_level),
@@ -338,6 +343,8 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "FLEET_DRIFT_DEBOUNCE"),
     FileKey("dashboard_session_seconds", int, _DEFAULTS.dashboard_session_seconds, "dashboard login lifetime, seconds",
             "FLEET_DASHBOARD_SESSION_SECONDS"),
+    FileKey("dashboard_session_idle_seconds", int, _DEFAULTS.dashboard_session_idle_seconds,
+            "a dashboard login unused this long ends, seconds", "FLEET_DASHBOARD_SESSION_IDLE_SECONDS"),
     FileKey("db_lock_timeout_ms", int, _DEFAULTS.db_timeouts.lock_ms, "longest wait for a database lock, ms",
             "FLEET_DB_LOCK_TIMEOUT_MS"),
     FileKey("db_statement_timeout_ms", int, _DEFAULTS.db_timeouts.statement_ms, "PostgreSQL statement timeout, ms",

@@ -1,7 +1,7 @@
 """The state directory's hygiene: private modes, and clear errors when it cannot be written.
 
 Everything under a controller's ``--state-dir`` is the controller's own and some of it is secret (the CA
-key, ``admin.token``, the dashboard's session key, the database with token hashes and the audit log, logs
+key, ``admin.token``, the database with token and session hashes and the audit log, logs
 that name nodes and users). So the directory is 0700 and those files are 0600: created that way, and any
 looser ones left by an older version are tightened at start with one log line each (docs/security.md,
 "State and identity hygiene"). The agent uses ``private_dir``/``tighten`` for its own state dir too.
@@ -31,8 +31,7 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 # secret or private files a controller state dir holds (globs relative to it); SQLite's -wal/-shm/-journal
 # files take the database file's mode, but ones left by an older version are tightened too
-PRIVATE_GLOBS = ("controller.db", "controller.db-*", "admin.token", "dashboard.key", "ca/*.key", "*.log",
-                 "logs/*.log", "logs")
+PRIVATE_GLOBS = ("controller.db", "controller.db-*", "admin.token", "ca/*.key", "*.log", "logs/*.log", "logs")
 _WRITE_PROBE = ".write-probe"
 
 

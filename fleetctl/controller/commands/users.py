@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fleetctl.controller.api_tokens import create_token, list_tokens, revoke_token
-from fleetctl.controller.store.db import Store, open_store
+from fleetctl.controller.dashboard_sessions import live_sessions_by_user
+from fleetctl.controller.store.db import Store, open_store, utcnow
 from fleetctl.controller.users import METRICS_ROLE, ROLES, validate_name
 from fleetctl.fleet.cli import print_json
 from fleetctl.fleet.errors import UsageError
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
     add.add_argument("--replace", action="store_true", help="change role and password of an existing user")
     add.set_defaults(handler=_add)
-    lister = sub.add_parser("list", help="list users")
+    lister = sub.add_parser("list", help="list users and their live dashboard sessions")
     lister.add_argument("--json", action="store_true")
     lister.set_defaults(handler=_list)
     rm = sub.add_parser("remove", help="delete a user (their sessions end at once)")
@@ -110,16 +111,24 @@ def _list(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         users = list_users(store)
+        with store.session() as s:
+            live = live_sessions_by_user(s, utcnow())
     finally:
         store.close()
     rows = [{"name": u.name, "role": u.role, "created_at": u.created_at.isoformat(),
-             "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None, "disabled": u.disabled}
+             "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None, "disabled": u.disabled,
+             "sessions": live[u.id].count if u.id in live else 0,
+             "session_last_used_at": live[u.id].last_seen_at.isoformat() if u.id in live else None}
             for u in users]
     if args.json:
         print_json({"users": rows})
         return 0
-    for r in rows:
-        print(f"{r['name']:<24} {r['role']:<9} last login {r['last_login_at'] or 'never'}")
+    for u in users:
+        login = u.last_login_at.isoformat()[:19] if u.last_login_at else "never"
+        sessions = live.get(u.id)
+        used = f"{sessions.count} live session(s), last used {sessions.last_seen_at.isoformat()[:19]}" \
+            if sessions else "no live session"
+        print(f"{u.name:<24} {u.role:<9} last login {login:<19}  {used}")
     return 0
 
 

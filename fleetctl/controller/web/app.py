@@ -1,8 +1,9 @@
 """The dashboard's FastAPI router: pages, their JSON, Server-Sent Events, login, /metrics.
 
 ``mount(app, ctx)`` adds it to the controller's app. ``ctx`` needs ``store``
-(``controller.store.db.Store``); ``state_dir`` (for the session key, ``dashboard.key``) and
-``admin_token`` (a bearer token /metrics also accepts, as it accepts users' API tokens) are used when present.
+(``controller.store.db.Store``); ``state_dir`` and ``admin_token`` (a bearer token /metrics also accepts, as it
+accepts users' API tokens) are used when present. Login sessions are rows of the database
+(controller/dashboard_sessions.py), so a login holds on every controller sharing it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +29,14 @@ from starlette.datastructures import FormData
 
 from fleetctl.controller import audit
 from fleetctl.controller.api_tokens import authenticate as authenticate_api_token
+from fleetctl.controller.dashboard_sessions import (
+    SESSION_COOKIE,
+    SessionPolicy,
+    WebUser,
+    close_session,
+    open_session,
+    resolve,
+)
 from fleetctl.controller.node_summary import summarize
 from fleetctl.controller.ratelimit import LOGIN_OVERALL, LOGIN_PER_SOURCE, RateLimits
 from fleetctl.controller.registry import record_of
@@ -37,13 +45,9 @@ from fleetctl.controller.store.models import FactsHistory, Job, JobEvent, Node, 
 from fleetctl.controller.verify_store import views as verification_views
 from fleetctl.controller.web import attentionview, nodeindex, rolloutview, sources
 from fleetctl.controller.web.auth import (
-    DEFAULT_SESSION_SECONDS,
     LOGIN_CSRF_COOKIE,
     MAX_PASSWORD_CHARS,
-    SESSION_COOKIE,
     LoginThrottle,
-    Sessions,
-    WebUser,
     authenticate,
     csrf_ok,
     run_password_work,
@@ -75,11 +79,11 @@ class Forbidden(Exception):
 class WebState:
     """What the dashboard keeps per app."""
 
-    def __init__(self, ctx: Any, *, session_seconds: int | None = None) -> None:
+    def __init__(self, ctx: Any, *, session_policy: SessionPolicy | None = None) -> None:
         self.ctx = ctx
         self.store: Store = ctx.store
-        # the controller passes ControllerSettings.dashboard_session_seconds; standalone apps take the default
-        self.sessions = Sessions(_secret(ctx), max_age=session_seconds or DEFAULT_SESSION_SECONDS)
+        # the controller passes its settings' dashboard_session_seconds and _idle_seconds; standalone apps, defaults
+        self.session_policy = session_policy or SessionPolicy.of_seconds()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["age"] = _age
         self.templates.env.filters["skew"] = _skew
@@ -107,25 +111,21 @@ def _state_dir(ctx: Any) -> Any:
     return getattr(ctx, "state_dir", None) or getattr(getattr(ctx, "settings", None), "state_dir", None)
 
 
-def _secret(ctx: Any) -> str:
+def _remove_retired_session_key(ctx: Any) -> None:
+    """Delete the ``dashboard.key`` an older version kept in the state dir to sign its session cookies: sessions are
+    rows of the database now, and a secret nothing reads should not lie around."""
     state_dir = _state_dir(ctx)
     if not state_dir:
-        return secrets.token_hex(32)
+        return
     path = Path(state_dir) / "dashboard.key"
     try:
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return key
-    except FileExistsError:
-        return path.read_text().strip()
+        path.unlink()
+    except FileNotFoundError:
+        return
     except OSError as exc:
-        log.warning("cannot keep the dashboard session key in %s (%s); sessions end with this process", path, exc)
-        return secrets.token_hex(32)
+        log.warning("cannot remove %s, which no longer signs anything (%s): delete it by hand", path, exc)
+        return
+    log.info("removed %s: dashboard sessions are rows of the database now (docs/security.md)", path)
 
 
 def _admin_token(ctx: Any) -> str | None:
@@ -210,7 +210,7 @@ def current_user(request: Request) -> WebUser | None:
         return cached
     st = _state(request)
     with st.store.session() as s:
-        user = st.sessions.load(s, request.cookies.get(SESSION_COOKIE))
+        user = resolve(s, request.cookies.get(SESSION_COOKIE), st.session_policy, utcnow())
     request.state.web_user = user
     return user
 
@@ -303,7 +303,7 @@ async def login_submit(request: Request) -> Response:
     def check() -> str | None:  # scrypt and the database: on the password workers, never on the event loop
         with st.store.session() as s:
             user = authenticate(s, name, password)
-            issued = st.sessions.issue(user) if user is not None else None
+            issued = open_session(s, user, st.session_policy, utcnow()) if user is not None else None
             if user is not None:
                 _audit(s, f"user:{user.name}", "dashboard.login", "")
             else:
@@ -320,7 +320,8 @@ async def login_submit(request: Request) -> Response:
         return _security_headers(resp)
     st.throttle.succeeded(name, addr)
     redirect = RedirectResponse(nxt, status_code=303)
-    redirect.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="lax", max_age=st.sessions.max_age,
+    lifetime = int(st.session_policy.lifetime.total_seconds())
+    redirect.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="lax", max_age=lifetime,
                         secure=request.url.scheme == "https", path="/")
     redirect.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return redirect
@@ -333,6 +334,14 @@ async def logout(request: Request) -> Response:
     given = request.headers.get("x-csrf-token") or form.get("csrf_token")
     if not csrf_ok(user.csrf, given if isinstance(given, str) else None):
         raise Forbidden("missing or wrong CSRF token")
+    st = _state(request)
+
+    def end() -> None:  # the row goes: the cookie is refused by every controller from now on
+        with st.store.session() as s:
+            close_session(s, request.cookies.get(SESSION_COOKIE, ""))
+            _audit(s, f"user:{user.name}", "dashboard.logout", "")
+
+    await st.store.call(end)
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp
@@ -620,7 +629,7 @@ def _snapshot_text(st: WebState, topic: str, *, fresh: bool = False) -> str:
 
 def _session_valid(st: WebState, cookie: str | None) -> bool:
     with st.store.session() as s:
-        return st.sessions.load(s, cookie) is not None
+        return resolve(s, cookie, st.session_policy, utcnow()) is not None
 
 
 async def _events(request: Request, topic: str) -> AsyncIterator[str]:
@@ -632,7 +641,7 @@ async def _events(request: Request, topic: str) -> AsyncIterator[str]:
     while not st.closing and time.monotonic() - started < SSE_MAX_SECONDS:
         if await request.is_disconnected():
             return
-        if time.monotonic() - checked > SSE_SESSION_CHECK_SECONDS:  # user removed, password changed, expired
+        if time.monotonic() - checked > SSE_SESSION_CHECK_SECONDS:  # logged out, user removed, expired...
             checked = time.monotonic()
             if await asyncio.to_thread(_session_valid, st, cookie) is False:
                 return
@@ -745,9 +754,10 @@ def chart_svg(points: list[dict[str, Any]], median: list[dict[str, Any]], width:
 
 # ---- mounting ------------------------------------------------------------------------------------
 
-def mount(app: FastAPI, ctx: Any, *, session_seconds: int | None = None) -> None:
+def mount(app: FastAPI, ctx: Any, *, session_policy: SessionPolicy | None = None) -> None:
     """Add the dashboard to ``app`` (the controller's app), reading from ``ctx.store``."""
-    st = WebState(ctx, session_seconds=session_seconds)
+    _remove_retired_session_key(ctx)
+    st = WebState(ctx, session_policy=session_policy)
     app.state.fleet_web = st
     app.include_router(router)
     app.mount("/static/web", StaticFiles(directory=str(HERE / "static")), name="web-static")

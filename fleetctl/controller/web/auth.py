@@ -1,11 +1,10 @@
-"""Dashboard authentication: scrypt password hashes, signed session cookies, CSRF tokens.
+"""Dashboard authentication: scrypt password hashes, the login's checks, CSRF tokens.
 
 - Passwords: ``hashlib.scrypt`` (n=2**14, r=8, p=1), stored as ``scrypt$n$r$p$salt$hash``.
-- Sessions: an ``itsdangerous`` timed signature over ``{"uid", "csrf", "pw"}`` in the
-  ``fleet_session`` cookie (HttpOnly, SameSite=Lax); refused after ``max_age`` seconds, when
-  the user is disabled or deleted, or when the password changed (``pw`` is a hash fingerprint).
-- CSRF: every state-changing request carries the session's ``csrf`` token, in a form field
-  ``csrf_token`` or the ``X-CSRF-Token`` header. The login form uses a double-submit cookie.
+- Sessions: rows in the database, shared by every controller (controller/dashboard_sessions.py); a new password
+  (``add_user`` on an existing user) ends the user's sessions, deleting the user ends them too.
+- CSRF: every state-changing request carries the session's CSRF token (derived from the session's secret), in a
+  form field ``csrf_token`` or the ``X-CSRF-Token`` header. The login form uses a double-submit cookie.
 - Cost: one scrypt is ~50 ms of CPU and 16 MiB. It never runs on the event loop: ``run_password_work``
   runs it on ``PASSWORD_WORKERS`` threads of its own (so logins can neither stall ``/health`` nor take the
   database's threads), and the login route admits attempts through per-source and global token buckets
@@ -20,20 +19,17 @@ import hmac
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleetctl.controller.dashboard_sessions import end_user_sessions
 from fleetctl.controller.store.db import Store, utcnow
 from fleetctl.controller.users import METRICS_ROLE, User, validate_name, validate_role
 from fleetctl.fleet.errors import ConflictError, NotFoundError, UsageError
 
-SESSION_COOKIE = "fleet_session"
 LOGIN_CSRF_COOKIE = "fleet_login_csrf"
-DEFAULT_SESSION_SECONDS = 8 * 3600
 
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
 MAX_PASSWORD_CHARS = 1024  # scrypt's cost does not grow with the input, but the request body should not either
@@ -72,12 +68,9 @@ def verify_password(password: str, stored: str) -> bool:
 _DUMMY_HASH = hash_password(secrets.token_hex(8))
 
 
-def _pw_fingerprint(stored: str) -> str:
-    return hashlib.sha256(stored.encode()).hexdigest()[:16]
-
-
 def add_user(store: Store, name: str, role: str, password: str, *, replace: bool = False) -> User:
-    """Create (or with ``replace``, update) a user; returns the stored row."""
+    """Create (or with ``replace``, update) a user; returns the stored row. Replacing ends the user's dashboard
+    sessions on every controller: they were opened with the old password."""
     validate_name(name)
     validate_role(role)
     if len(password) < 8:
@@ -90,6 +83,8 @@ def add_user(store: Store, name: str, role: str, password: str, *, replace: bool
         if user is None:
             user = User(name=name, created_at=utcnow(), disabled=False)
             s.add(user)
+        else:
+            end_user_sessions(s, user.id)
         user.role = role
         user.password_hash = hash_password(password)
         user.disabled = False
@@ -124,46 +119,6 @@ def authenticate(session: Session, name: str, password: str) -> User | None:
         return None
     user.last_login_at = utcnow()
     return user
-
-
-@dataclass(frozen=True)
-class WebUser:
-    """The logged-in user of one request."""
-
-    id: int
-    name: str
-    role: str
-    csrf: str
-
-    @property
-    def can_act(self) -> bool:
-        return self.role in ("operator", "admin")
-
-
-class Sessions:
-    """Signs and checks session cookies."""
-
-    def __init__(self, secret: str, max_age: int = DEFAULT_SESSION_SECONDS) -> None:
-        self.max_age = max_age
-        self._ser = URLSafeTimedSerializer(secret, salt="fleet-dashboard-session")
-
-    def issue(self, user: User) -> str:
-        payload = {"uid": user.id, "csrf": secrets.token_urlsafe(24), "pw": _pw_fingerprint(user.password_hash)}
-        return self._ser.dumps(payload)
-
-    def load(self, session: Session, cookie: str | None) -> WebUser | None:
-        if not cookie:
-            return None
-        try:
-            data: Any = self._ser.loads(cookie, max_age=self.max_age)
-        except (SignatureExpired, BadSignature):
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("uid"), int):
-            return None
-        user = session.get(User, data["uid"])
-        if user is None or user.disabled or data.get("pw") != _pw_fingerprint(user.password_hash):
-            return None
-        return WebUser(id=user.id, name=user.name, role=user.role, csrf=str(data.get("csrf", "")))
 
 
 class LoginThrottle:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from itsdangerous import TimestampSigner
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from fleetctl.agent.profiles import load_profile
+from fleetctl.controller.dashboard_sessions import SESSION_COOKIE, DashboardSession, SessionPolicy
 from fleetctl.controller.rollout import service
 from fleetctl.controller.rollout.service import RolloutRequest
 from fleetctl.controller.store.db import Store, utcnow
@@ -22,7 +22,7 @@ from fleetctl.controller.store.models import Node
 from fleetctl.controller.testing import CUDA_MISMATCH_LOG, FleetThread, JobScript
 from fleetctl.controller.web import app as web_app
 from fleetctl.controller.web import create_standalone_app, nodeindex
-from fleetctl.controller.web.auth import SESSION_COOKIE, add_user, hash_password, verify_password
+from fleetctl.controller.web.auth import add_user, hash_password, verify_password
 from fleetctl.controller.web.models import DashboardNode
 
 PASSWORD = "correct horse battery"
@@ -146,13 +146,15 @@ def test_open_redirect_refused(client: TestClient) -> None:
     assert r.headers["location"] == "/"
 
 
-def test_session_expires(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = create_standalone_app(ctx, session_seconds=60)
+@pytest.mark.parametrize("column", ["expires_at", "idle_expires_at"])
+def test_session_expires(ctx: Any, store: Store, column: str) -> None:
+    app = create_standalone_app(ctx, session_policy=SessionPolicy.of_seconds(60, 30))
     with TestClient(app) as c:
-        real = TimestampSigner.get_timestamp
-        monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: int(time.time()) - 3600)
-        assert login(c, "olga").status_code == 303
-        monkeypatch.setattr(TimestampSigner, "get_timestamp", real)
+        r = login(c, "olga")
+        assert r.status_code == 303 and "Max-Age=60" in r.headers["set-cookie"]  # the browser drops it then too
+        assert c.get("/", follow_redirects=False).status_code == 200
+        with store.session() as s:  # the row's end passes (as if the lifetime or the idle window ran out)
+            s.execute(update(DashboardSession).values({column: utcnow() - dt.timedelta(seconds=1)}))
         r = c.get("/", follow_redirects=False)
         assert r.status_code == 303 and r.headers["location"].startswith("/login")
 
@@ -178,6 +180,20 @@ def test_logout_needs_csrf(client: TestClient) -> None:
     r = client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_a_copied_cookie_is_refused_after_logout(client: TestClient, store: Store) -> None:
+    """The session is a row: logging out deletes it, so a copy of the cookie kept elsewhere stops working too."""
+    login(client, "olga")
+    copied = client.cookies[SESSION_COOKIE]
+    with store.session() as s:
+        [stored] = s.scalars(select(DashboardSession)).all()
+        assert copied not in (stored.token_hash, str(stored.id))  # only a hash of the secret is kept
+    client.post("/logout", data={"csrf_token": csrf_of(client)})
+    client.cookies.set(SESSION_COOKIE, copied)
+    assert client.get("/ui/api/overview").status_code == 401
+    with store.session() as s:
+        assert s.scalars(select(DashboardSession)).all() == []
 
 
 def test_viewer_cannot_act(client: TestClient, store: Store, fleet: FleetThread) -> None:

@@ -7,6 +7,7 @@ from sqlalchemy import engine_from_config, pool
 
 # Every module that declares tables, so that Alembic sees the whole schema: a table missing here would be
 # rendered as a drop by `alembic revision --autogenerate` (tests/integration/store/test_alembic_check.py).
+import fleetctl.controller.dashboard_sessions
 import fleetctl.controller.leases
 import fleetctl.controller.rollout.models
 import fleetctl.controller.users
