@@ -151,6 +151,14 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> FleetError:
     """A gRPC failure as a FleetError (the controller puts ``code: message (hint: ...)`` in details)."""
     code = exc.code()
     detail = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and "hostname verification check failed" in detail.lower():
+        # gRPC's check of the host dialled against the certificate's names (grpc_tls_certificate_verifier.cc): the CA
+        # verified it, the controller lacks a --san; a configuration error like a wrong CA, not an outage to wait out
+        return CertificateTrustError(f"{what}: the controller's certificate does not name the host it was dialled "
+                                     f"as: {detail}",
+                                     hint="give each controller that name (`fleet-controller serve --san NAME`: a "
+                                          "DNS name in --controller, or the IP address dialled), or tell the agent "
+                                          "a name its certificate carries (--server-name)")
     if code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in detail.lower():
         return CertificateTrustError(f"{what}: the TLS handshake with the controller failed: {detail}",
                                      hint="pass the controller's CA as --ca (STATE/ca/ca.pem on the controller, or "

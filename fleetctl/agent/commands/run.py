@@ -53,8 +53,9 @@ def register(subparsers: Any) -> None:
                     "sends, reconnecting with backoff. See docs/fleet.md.")
     p.add_argument("--controller", default=os.environ.get("FLEET_CONTROLLER"), metavar="HOST:PORT[,HOST:PORT...]",
                    help="the controller's agent (mTLS) port, or those of several controllers sharing one database, "
-                        "comma-separated: the agent works with one at a time and moves to another when it is lost, "
-                        "keeping its running jobs (default: $FLEET_CONTROLLER; docs/ha.md, 'Agent fail-over')")
+                        "comma-separated, or one name resolving to all of them (each controller started with --san "
+                        "NAME): the agent works with one at a time and moves to another when it is lost, keeping its "
+                        "running jobs (default: $FLEET_CONTROLLER; docs/ha.md, 'Agent fail-over')")
     p.add_argument("--return-home-after", type=float, default=RETURN_HOME_AFTER, metavar="S",
                    help="with several controllers: while on another controller than its first, how often the agent "
                         "looks whether its first one is back, and returns to it when it holds no job (default "

@@ -90,6 +90,8 @@ class FailoverRig:
     missed: int = 4
     job_seconds: float = 6.0
     profile: str = "flash-attn-installed"  # its simulated verification passes: the node stays online, not degraded
+    # the agents' command runs under this one (the DNS test: a mount namespace with /etc/hosts of its own)
+    launcher: tuple[str, ...] = ()
     ctl: list[ControllerProc] = field(default_factory=list)
     agents: list[AgentProc] = field(default_factory=list)
 
@@ -103,10 +105,15 @@ class FailoverRig:
 
     @property
     def controller_list(self) -> str:
-        return ",".join(f"127.0.0.1:{cp.ports['grpc']}" for cp in self.ctl)
+        return ",".join(cp.address for cp in self.ctl)
 
     def by_address(self, address: str) -> ControllerProc:
-        return next(cp for cp in self.ctl if address == f"127.0.0.1:{cp.ports['grpc']}")
+        return next(cp for cp in self.ctl if address == cp.address)
+
+    def controller_args(self) -> list[str]:
+        """How the agents are told their controllers: every controller's agent and enrollment port, listed."""
+        return ["--controller", self.controller_list,
+                "--enroll-address", ",".join(f"{cp.host}:{cp.ports['enroll']}" for cp in self.ctl)]
 
     async def start_agents(self, hostnames: list[str], *extra: str) -> None:
         env = {**os.environ, "FLEET_SIM_JOB_SECONDS": json.dumps({"*": self.job_seconds})}
@@ -115,8 +122,7 @@ class FailoverRig:
             agent = AgentProc(host, self.tmp / "agents" / host, self.tmp / "agents" / f"{host}.log")
             agent.state_dir.mkdir(parents=True, exist_ok=True)
             agent.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetctl.agent.main", "run", "--controller", self.controller_list,
-                 "--enroll-address", ",".join(f"127.0.0.1:{cp.ports['enroll']}" for cp in self.ctl),
+                [*self.launcher, sys.executable, "-m", "fleetctl.agent.main", "run", *self.controller_args(),
                  "--ca", str(self.ctl[0].state / "ca" / "ca.pem"), "--token", token, "--hostname", host,
                  "--state-dir", str(agent.state_dir), "--simulate", self.profile, "--executor", "simulated",
                  "--log-format", "json", "--connect-timeout", "60", *extra],
@@ -139,7 +145,7 @@ class FailoverRig:
         for cp in self.ctl:
             if cp.proc is not None and cp.proc.poll() is None:
                 nodes = (await api(cp, "GET", "/nodes"))["nodes"]
-                out[f"127.0.0.1:{cp.ports['grpc']}"] = {n["hostname"]: n["status"] for n in nodes}
+                out[cp.address] = {n["hostname"]: n["status"] for n in nodes}
         return out
 
     async def all_online_everywhere(self) -> bool:
@@ -200,7 +206,7 @@ async def kill_and_measure(rig: FailoverRig, job_ids: dict[str, str], victim: Co
     run; wait for its agents to report to another controller and for every job's result. Times are on this host's
     clock (controllers, agents and the test share it)."""
     moved = [host for host, pid in rig.holders().items() if victim.proc is not None and pid == victim.proc.pid]
-    address = f"127.0.0.1:{victim.ports['grpc']}"
+    address = victim.address
     started = [t for (t,) in query(rig.db_url, "SELECT started_at FROM jobs WHERE id = ANY(%s)",
                                    [job_ids[h] for h in moved]) if t is not None]
     if fault == "kill":

@@ -27,12 +27,15 @@ def free_port() -> int:
 
 
 class ControllerProc:
-    def __init__(self, state: Path, heartbeat: float = 1.0, *, db: str | None = None, missed: int = 5) -> None:
+    def __init__(self, state: Path, heartbeat: float = 1.0, *, db: str | None = None, missed: int = 5,
+                 host: str = "127.0.0.1", ports: dict[str, int] | None = None, san: tuple[str, ...] = ()) -> None:
         self.state = state
         self.heartbeat = heartbeat
         self.db = db  # None: SQLite in the state dir
         self.missed = missed
-        self.ports = {k: free_port() for k in ("grpc", "enroll", "http")}
+        self.host = host  # every port listens on this address (127.0.0.2, 127.0.0.3…: the DNS fail-over test)
+        self.ports = ports or {k: free_port() for k in ("grpc", "enroll", "http")}
+        self.san = san  # more names for its server certificate (--san)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -44,7 +47,12 @@ class ControllerProc:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['http']}"
+        return f"http://{self.host}:{self.ports['http']}"
+
+    @property
+    def address(self) -> str:
+        """Its agent port, as HOST:PORT."""
+        return f"{self.host}:{self.ports['grpc']}"
 
     def start(self) -> None:
         self.starts += 1
@@ -52,11 +60,11 @@ class ControllerProc:
         log = (self.state.parent / f"controller-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleetctl.controller.main", "serve", "--state-dir", str(self.state),
-             "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}", "--enroll-listen",
-             f"127.0.0.1:{self.ports['enroll']}", "--http-listen", f"127.0.0.1:{self.ports['http']}",
+             "--grpc-listen", self.address, "--enroll-listen", f"{self.host}:{self.ports['enroll']}",
+             "--http-listen", f"{self.host}:{self.ports['http']}",
              "--http-insecure",  # loopback only; the tests call the API with bare httpx
              "--heartbeat-interval", str(self.heartbeat), "--missed-heartbeats", str(self.missed),
-             *(["--db", self.db] if self.db else [])],
+             *(["--db", self.db] if self.db else []), *(arg for name in self.san for arg in ("--san", name))],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "FLEET_ROLLOUT_LEASE_TTL": "5"},
             start_new_session=True)
 
