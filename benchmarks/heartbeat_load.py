@@ -9,7 +9,8 @@ controller's event-loop lag and garbage-collection pauses, and the DB rows writt
 bookkeeping. The generator freezes its own GC after setup (its full collections over thousands of
 channels would otherwise count as heartbeat latency). ``--profile DIR`` records the controller
 with py-spy over the measured window (it pauses the process to sample: don't read latencies from
-profiled runs).
+profiled runs). The same client serves each agent's job stream when asked (``worker_main``'s ``jobs``:
+benchmarks/ha_throughput.py), answering every job at once with the agent's calls.
 
     .venv/bin/python benchmarks/heartbeat_load.py --agents 1000 5000 10000 --interval 10 --duration 30
 
@@ -28,6 +29,7 @@ import multiprocessing as mp
 import os
 import random
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,9 +73,11 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
     import grpc
     import grpc.aio
 
-    from fleetctl.agent.client import channel_options, enroll
+    from fleetctl.agent import wire
+    from fleetctl.agent.client import RPC_TIMEOUT, channel_options, enroll
     from fleetctl.agent.profiles import load_profile
-    from fleetctl.agent.wire import facts_to_proto
+    from fleetctl.agent.simexec import SimulatedJobRunner
+    from fleetctl.fleet.errors import FleetError
     from fleetctl.fleet.v1 import fleet_pb2 as pb
     from fleetctl.fleet.v1 import fleet_pb2_grpc as pb_grpc
 
@@ -86,7 +90,14 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
     interval: float = args["interval"]
     window = [float("inf"), float("inf")]  # measured [from, to): set once every worker is ready
     lat: list[float] = []
+    sent: list[float] = []  # when each measured heartbeat was sent (wall clock), beside its latency in lat
     errors: dict[str, int] = {}
+    error_times: list[float] = []
+    # args["jobs"]: each agent also serves its Jobs stream as fleet-agent does (agent/client.py), answering at once
+    answered: list[tuple[str, float, float]] = []  # (job id, received, result acknowledged), wall clock
+    job_errors: list[tuple[float, str]] = []  # (when, what) of the agents' failed job calls
+    answering: set[asyncio.Task[None]] = set()
+    work_dir = Path(tempfile.mkdtemp(prefix="load-jobs-"))
 
     async def beat(stub: Any) -> None:
         # like a real agent: heartbeat from registration on, at a random phase
@@ -95,18 +106,58 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
         next_t = time.monotonic()
         while time.time() < window[1]:
             seq += 1
-            t = time.perf_counter()
+            t, at = time.perf_counter(), time.time()
             try:
                 await stub.Heartbeat(pb.HeartbeatRequest(sequence=seq), timeout=10)
-                if time.time() >= window[0]:
+                if at >= window[0]:
                     lat.append(time.perf_counter() - t)
+                    sent.append(at)
             except grpc.aio.AioRpcError as exc:
-                if time.time() >= window[0]:
+                if at >= window[0]:
                     errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    error_times.append(at)
             next_t += interval
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
+    def job_error(what: str) -> None:
+        if time.time() < window[1]:  # not the streams and calls cut by the end of the run
+            job_errors.append((time.time(), what))
+
+    async def answer(stub: Any, runner: SimulatedJobRunner, msg: Any) -> None:
+        # the agent's calls for a job that takes no time: its events as its sender batches them (the start, then the
+        # runner's task and the finish), then the result; the runner is the simulated executor's (a verify job gets
+        # the node's simulated verification, which the controller records)
+        received = time.time()
+        try:
+            spec = wire.job_from_proto(msg)
+            events: list[dict[str, Any]] = [{"event": "fleet_job_started", "event_data": {"kind": spec.kind}}]
+            outcome = await runner.run(spec, events.append)
+            events.append({"event": "fleet_job_finished",
+                           "event_data": {"status": str(outcome.status), "rc": outcome.rc, "events_dropped": 0}})
+            protos = [wire.event_to_proto(spec.job_id, n, ev) for n, ev in enumerate(events, 1)]
+            await stub.ReportJobEvents(iter(protos[:1]), timeout=RPC_TIMEOUT)
+            await stub.ReportJobEvents(iter(protos[1:]), timeout=RPC_TIMEOUT)
+            await stub.CompleteJob(wire.result_to_proto(spec.job_id, outcome), timeout=RPC_TIMEOUT)
+            answered.append((spec.job_id, received, time.time()))
+        except grpc.aio.AioRpcError as exc:
+            job_error(exc.code().name)
+        except FleetError as exc:
+            job_error(type(exc).__name__)
+
+    async def serve_jobs(stub: Any, host: str) -> None:
+        runner = SimulatedJobRunner(lambda: profile.with_hostname(host), work_dir / host)
+        runner.seconds = {"*": 0.0}  # answered at once: the benchmark measures the controllers, not playbooks
+        try:
+            async for msg in stub.Jobs(wire.jobs_request(())):
+                task = asyncio.create_task(answer(stub, runner, msg))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+            job_error("jobs stream ended")
+        except grpc.aio.AioRpcError as exc:
+            job_error(f"jobs stream {exc.code().name}")
+
     beats: list[asyncio.Task[None]] = []
+    streams: list[asyncio.Task[None]] = []
 
     async def setup(i: int, token: str) -> None:
         host = f"load-{wid}-{i}"
@@ -116,10 +167,12 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
                 root_certificates=ca, private_key=creds.key_pem, certificate_chain=creds.cert_pem),
                 options=channel_options())
             stub = pb_grpc.AgentServiceStub(ch)
-            await stub.ReportFacts(pb.ReportFactsRequest(facts=facts_to_proto(profile.with_hostname(host))),
+            await stub.ReportFacts(pb.ReportFactsRequest(facts=wire.facts_to_proto(profile.with_hostname(host))),
                                    timeout=120)
             stubs.append((ch, stub))
             beats.append(asyncio.create_task(beat(stub)))
+            if args.get("jobs"):
+                streams.append(asyncio.create_task(serve_jobs(stub, host)))
 
     t0 = time.monotonic()
     await asyncio.gather(*(setup(i, t) for i, t in enumerate(tokens)))
@@ -135,11 +188,18 @@ async def worker_main(args: dict[str, Any]) -> dict[str, Any]:
     conn.send({"ready": setup_s})
     start_at: float = await asyncio.to_thread(conn.recv)
     window[0] = start_at + args["warmup"]
-    window[1] = window[0] + args["duration"]
+    if args["duration"] is not None:
+        window[1] = window[0] + args["duration"]
+    else:  # several measured windows (benchmarks/ha_throughput.py): until the parent says stop
+        await asyncio.to_thread(conn.recv)
+        window[1] = time.time()
     await asyncio.gather(*beats)
     for ch, _ in stubs:
         await ch.close()
-    return {"lat": lat, "errors": errors, "setup_s": setup_s}
+    await asyncio.gather(*streams, *answering, return_exceptions=True)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return {"lat": lat, "sent": sent, "errors": errors, "error_times": error_times, "setup_s": setup_s,
+            "answered": answered, "job_errors": job_errors}
 
 
 def worker_entry(args: dict[str, Any], conn: Any) -> None:
