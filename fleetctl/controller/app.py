@@ -5,7 +5,7 @@ artifact store, rollout engine, verification service), then starts every backgro
 dependency order, each as a named part::
 
     loop-lag → housekeeping → job-watchdog → verification (attach, recover) → verify-scheduler
-    → webhooks → rollout-engine → grpc (agents) → http (JSON API, dashboard)
+    → drift-checks → cleanup → webhooks → rollout-engine → grpc (agents) → http (JSON API, dashboard)
 
 and returns a ``RunningController``. Like temporalio's ``Worker._run``, one owner holds every task: the
 controller runs until ``first_failure()`` names the first loop that ended (they all run for the life of the
@@ -39,6 +39,7 @@ from fastapi import FastAPI
 
 from fleetctl.controller import web
 from fleetctl.controller.api import create_app
+from fleetctl.controller.cleanup import Cleanup
 from fleetctl.controller.context import ControllerContext
 from fleetctl.controller.leases import Held, LeaderDuty
 from fleetctl.controller.rollout_traces import RolloutTraces, tracer_provider
@@ -256,6 +257,13 @@ async def _start_parts(rc: RunningController) -> None:
         scheduler = LeaderDuty(ctx.store, "verify-scheduler", run_schedules, holder=ctx.registry.holder,
                                ttl=settings.rollout_lease_ttl)
         rc.run("verify-scheduler", scheduler.run(), scheduler.stop)
+    # leader duties of every controller: the one holding each lease runs it (docs/ha.md)
+    drift_checks = LeaderDuty(ctx.store, "drift-checks", verification.run_drift_checks, holder=ctx.registry.holder,
+                              ttl=settings.rollout_lease_ttl)
+    rc.run("drift-checks", drift_checks.run(), drift_checks.stop)
+    cleanup = LeaderDuty(ctx.store, "cleanup", Cleanup(ctx.store, settings.cleanup).run, holder=ctx.registry.holder,
+                         ttl=settings.rollout_lease_ttl)
+    rc.run("cleanup", cleanup.run(), cleanup.stop)
 
     rc.run("webhooks", ctx.webhooks.run(), ctx.webhooks.stop)  # before the engine: it queues notifications
     engine = ctx.rollout_engine

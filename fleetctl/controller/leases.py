@@ -15,9 +15,12 @@ Tables (this module owns them; their rules live with their users):
 * ``leases`` — leader leases of background duties (``acquire``, ``release``): one holder per name until
   ``expires_at``, and a fencing token that grows by one each time the lease changes hands. A write guarded by
   ``fence(name, token, now)`` does nothing once another controller holds the lease, so a holder that stalled past
-  its expiry cannot overwrite its successor's work. ``LeaderDuty`` runs a duty only while its controller holds
-  the lease and cancels it the moment a renewal fails (the composition root, controller/app.py, runs it as a
-  part like every other loop).
+  its expiry cannot overwrite its successor's work. A row is made by its first ``acquire`` with a token from the
+  database's clock (milliseconds), not 0: the cleanup duty removes rows nobody renewed for a day
+  (controller/cleanup.py), and a row made again must not hand out a token an old holder of it had (it would, unless
+  the lease changed hands more than once a millisecond on average). ``LeaderDuty`` runs a duty only while its
+  controller holds the lease and cancels it the moment a renewal fails (the composition root, controller/app.py,
+  runs it as a part like every other loop).
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ def acquire(session: Session, name: str, holder: str, ttl: float,
     now = db_now(session, local_clock)
     table = _table()
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.execute(insert(table).values(name=name, token=0).on_conflict_do_nothing(index_elements=[table.c.name]))
+    first_token = int(now.timestamp() * 1000)  # above any token of an earlier row of this name (module docstring)
+    session.execute(insert(table).values(name=name, token=first_token)
+                    .on_conflict_do_nothing(index_elements=[table.c.name]))
     mine = table.c.holder == holder
     expires = now + dt.timedelta(seconds=ttl)
     token = session.scalar(

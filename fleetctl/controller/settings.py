@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleetctl.controller.cleanup import CleanupPolicy
 from fleetctl.controller.ratelimit import ENROLL_OVERALL, ENROLL_PER_SOURCE, Rate
 from fleetctl.controller.registry import DEFAULT_INTERVAL, DEFAULT_MISSED
 from fleetctl.controller.rollout.core import check_webhook_url
@@ -103,6 +104,8 @@ class ControllerSettings:
     # webhooks told about every rollout's pause, approval wait, failure and completion (docs/rollout.md,
     # "Notifications"), besides each rollout's own --notify-webhook
     notify_webhooks: tuple[str, ...] = ()
+    # what the cleanup duty removes from the database, and how often (controller/cleanup.py; docs/operations.md)
+    cleanup: CleanupPolicy = field(default_factory=CleanupPolicy)
 
     @property
     def database_url(self) -> str:
@@ -201,6 +204,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-regression-min-samples", metavar="N",
                    help="other nodes of the model that must have measured a shape before it is compared "
                         "(default 3; FLEET_VERIFY_REGRESSION_MIN_SAMPLES)")
+    p.add_argument("--cleanup-interval", metavar="S",
+                   help="seconds between the cleanup duty's rounds (default 3600; FLEET_CLEANUP_INTERVAL)")
+    p.add_argument("--job-event-retention-days", metavar="DAYS",
+                   help="remove the events of jobs finished more than DAYS ago, never the job's status and result "
+                        "(default 30; 0: keep forever; FLEET_JOB_EVENT_RETENTION_DAYS)")
+    p.add_argument("--enrollment-token-retention-days", metavar="DAYS",
+                   help="remove enrollment tokens expired or used up more than DAYS ago (default 7; 0: keep "
+                        "forever; FLEET_ENROLLMENT_TOKEN_RETENTION_DAYS)")
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ControllerSettings:
@@ -239,6 +250,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Contr
         regression=RegressionPolicy(threshold=knob.read("verify_regression_threshold", _fraction),
                                     min_samples=knob.read("verify_regression_min_samples", _count)),
         notify_webhooks=tuple(check_webhook_url(str(u), "--notify-webhook") for u in knob.given("notify_webhook")),
+        cleanup=CleanupPolicy(interval=knob.read("cleanup_interval", _seconds),
+                              job_event_retention_days=knob.read("job_event_retention_days", _days),
+                              enrollment_token_retention_days=knob.read("enrollment_token_retention_days", _days)),
     )
 
 
@@ -356,6 +370,14 @@ FILE_KEYS: dict[str, FileKey] = {k.key: k for k in (
             "must have measured a shape before it is compared", "FLEET_VERIFY_REGRESSION_MIN_SAMPLES"),
     FileKey("notify_webhook", list, (), "webhook URLs told about every rollout's pause, approval wait, failure "
             "and completion (docs/rollout.md, Notifications)"),
+    FileKey("cleanup_interval", float, _DEFAULTS.cleanup.interval, "seconds between the cleanup duty's rounds",
+            "FLEET_CLEANUP_INTERVAL"),
+    FileKey("job_event_retention_days", int, _DEFAULTS.cleanup.job_event_retention_days, "remove the events of jobs "
+            "finished more than this many days ago (never the job's status and result); 0: keep forever",
+            "FLEET_JOB_EVENT_RETENTION_DAYS"),
+    FileKey("enrollment_token_retention_days", int, _DEFAULTS.cleanup.enrollment_token_retention_days,
+            "remove enrollment tokens expired or used up more than this many days ago; 0: keep forever",
+            "FLEET_ENROLLMENT_TOKEN_RETENTION_DAYS"),
 )}
 
 
@@ -476,6 +498,20 @@ def _positive_int(expected: str) -> Callable[[str], int]:
 _whole_seconds = _positive_int("expected a positive whole number of seconds, e.g. 28800")
 _milliseconds = _positive_int("expected a positive whole number of milliseconds, e.g. 5000")
 _count = _positive_int("expected a whole number of at least 1, e.g. 3")
+
+MAX_RETENTION_DAYS = 100 * 365
+
+
+def _days(text: str) -> int:
+    """A retention in whole days; 0 keeps forever."""
+    expected = f"expected a whole number of days from 0 (keep forever) to {MAX_RETENTION_DAYS}, e.g. 30"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not 0 <= value <= MAX_RETENTION_DAYS:
+        raise ValueError(expected)
+    return value
 
 
 def _switch(text: str) -> bool:

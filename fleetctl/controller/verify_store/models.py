@@ -106,3 +106,17 @@ class NodeVerifyState(Base):
     replan: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # resolver decision on the current facts
     verification_id: Mapped[int | None] = mapped_column(Integer)  # the result that set this state
     updated_at: Mapped[dt.datetime]
+
+
+class DriftCheck(Base):
+    """A pending drift re-verification of one node (controller/verify_store/drift.py): recorded by whichever
+    controller heard the facts change, submitted by the holder of the ``drift-checks`` lease once ``due_at`` (the
+    database's clock) has come. A row, not a timer, so that it outlives the controller that recorded it."""
+
+    __tablename__ = "drift_checks"
+
+    hostname: Mapped[str] = mapped_column(String(253), primary_key=True)  # one pending check per node
+    first_changed_at: Mapped[dt.datetime]  # the first change it covers: a verify job since then makes it moot
+    due_at: Mapped[dt.datetime] = mapped_column(index=True)  # the last change + the debounce (database clock)
+    paths: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the relevant facts paths that changed, sorted
+    recorded_by: Mapped[str] = mapped_column(String(128), default="")  # the controller that heard the last change

@@ -6,9 +6,11 @@
   rollout) is recorded (``store.record``: judged against the fleet baseline, with the facts snapshot)
   and the node's health updated: a failure marks the node ``degraded`` (status + diagnosis + re-plan),
   a later pass clears it;
-* a facts change that matters (driver, torch version/CUDA, toolkit, flash-attn) triggers a
-  re-verification of that node, debounced: changes within ``drift_delay`` seconds collapse into one,
-  and none is submitted while a verify job of the node is active or has finished since the change;
+* a facts change that matters (driver, torch version/CUDA, toolkit, flash-attn) is recorded as a pending
+  re-verification of that node in the database (``drift``: a row, debounced — changes within ``drift_delay``
+  seconds collapse into one), and ``run_drift_checks``, the ``drift-checks`` leader duty (one controller of
+  those sharing the database), submits it when due — none while a verify job of the node is active or has
+  finished since the change. A check outlives the controller that recorded it;
 * ``submit`` starts verify jobs on nodes chosen by hostnames or a rollout-style selector;
 * ``run_scheduler`` runs the schedules (controller.verify_store.schedules).
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
@@ -25,18 +28,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleetctl.controller.leases import Held, db_now, fence
 from fleetctl.controller.local_wheels import controller_catalog
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.registry import record_of, selection_info
 from fleetctl.controller.rollout.core import parse_selector, select_nodes
 from fleetctl.controller.rollout.expectation import expected_after_rollback
 from fleetctl.controller.rollout.service import nodes_in_active_rollouts
-from fleetctl.controller.store import utcnow
 from fleetctl.controller.store.models import Job, Node
 from fleetctl.controller.verification import DEFAULT_POLICY, RegressionPolicy
-from fleetctl.controller.verify_store import schedules, store
+from fleetctl.controller.verify_store import drift, schedules, store
 from fleetctl.controller.verify_store.models import Verification
-from fleetctl.fleet.errors import FleetError, UsageError
+from fleetctl.fleet.errors import FleetError, StoreError, UsageError
 from fleetctl.fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobStatus
 from fleetctl.fleet.verification import VerificationSchemaError, expect_for_variant
 from fleetctl.fleet.workload import BusyPolicy, busy_refusal, wait_allowance_s
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 
 DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
 DRIFT_DELAY_SECONDS = 10.0  # ControllerSettings.drift_debounce
+# the drift-checks leader looks for due checks at least this often: one recorded by another controller is submitted
+# at most this late (one recorded by the leader itself wakes it at once)
+DRIFT_POLL_SECONDS = 2.0
 JOB_TIMEOUT = {"quick": 300, "full": 900}
 RECORD_ATTEMPTS = 8  # ~1 minute of backoff: rides out a database restart or a failover
 
@@ -75,8 +81,7 @@ class VerificationService:
         self.drift_delay = drift_delay
         self.policy = policy
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._drift_timers: dict[str, asyncio.TimerHandle] = {}
-        self._drift_since: dict[str, tuple[dt.datetime, list[str]]] = {}
+        self._drift_recorded = asyncio.Event()  # wakes this controller's drift-checks duty, if it leads
         self.drift_submitted: list[tuple[str, str]] = []  # (hostname, job id), for tests and logs
         self._attached = False
 
@@ -119,9 +124,6 @@ class VerificationService:
             await asyncio.wait(set(self._tasks), timeout=left)
 
     def close(self) -> None:
-        for timer in self._drift_timers.values():
-            timer.cancel()
-        self._drift_timers.clear()
         for task in list(self._tasks):
             task.cancel()
 
@@ -357,47 +359,90 @@ class VerificationService:
     # ---- drift -------------------------------------------------------------------------------------------
 
     def facts_changed(self, hostname: str, changed: Sequence[str]) -> None:
-        """Registry hook (event loop thread): debounce a re-verification after a relevant change."""
+        """Registry hook (event loop thread): record a pending re-verification after a relevant change."""
         relevant = drift_relevant(changed)
         if not relevant:
             return
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop: the duty's wake-up event belongs to it
             return
-        since, paths = self._drift_since.get(hostname, (utcnow(), []))
-        self._drift_since[hostname] = (since, sorted(set(paths) | set(relevant)))
-        old = self._drift_timers.pop(hostname, None)
-        if old is not None:
-            old.cancel()
-        log.info("node %s: %s changed; re-verifying in %.0fs", hostname, ", ".join(relevant), self.drift_delay)
-        self._drift_timers[hostname] = loop.call_later(self.drift_delay, lambda: self._spawn(self._drift(hostname)))
+        self._spawn(self._record_drift(hostname, relevant))
+
+    def _write_drift(self, hostname: str, paths: Sequence[str], delay: float) -> drift.PendingDrift:
+        def write(s: Session) -> drift.PendingDrift:
+            return drift.record(s, hostname, paths, db_now(s), delay, self.ctx.registry.holder)
+
+        pending: drift.PendingDrift = self.ctx.store.write(write, what=f"drift check of {hostname}")
+        return pending
+
+    async def _record_drift(self, hostname: str, paths: Sequence[str]) -> None:
+        try:
+            pending = await self.ctx.store.call(self._write_drift, hostname, paths, self.drift_delay)
+        except FleetError as exc:
+            log.error("node %s: %s changed, but the drift re-verification was not recorded: %s", hostname,
+                      ", ".join(paths), exc.message)
+            return
+        log.info("node %s: %s changed; re-verifying in %.0fs (pending since %s: %s)", hostname, ", ".join(paths),
+                 self.drift_delay, pending.first_changed_at.isoformat(timespec="seconds"), ", ".join(pending.paths))
+        self._drift_recorded.set()
+
+    def _due_drift_checks(self) -> tuple[list[drift.PendingDrift], float]:
+        """The checks due now, and how long to sleep after them (database clock)."""
+        with self.ctx.store.session() as s:
+            now = db_now(s)
+            return drift.due(s, now), drift.wait_seconds(drift.next_due(s), now, DRIFT_POLL_SECONDS)
+
+    async def run_drift_checks(self, held: Held) -> None:
+        """The ``drift-checks`` leader duty (controller/app.py runs it under its lease): submit each pending check
+        when due, then remove it with a write fenced by the lease. A check is removed only after its job was
+        submitted, so a leader killed in between leaves it for the next one, whose ``_verify_job_since`` finds the
+        job and submits no second."""
+        while True:
+            self._drift_recorded.clear()
+            try:
+                checks, wait = await self.ctx.store.call(self._due_drift_checks)
+            except FleetError as exc:
+                log.warning("drift checks not read: %s; again in %.0fs", exc.message, DRIFT_POLL_SECONDS)
+                checks, wait = [], DRIFT_POLL_SECONDS
+            for check in checks:
+                if not await self._drift(check, held):
+                    wait = DRIFT_POLL_SECONDS  # kept for a retry: not at once, the database is failing
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drift_recorded.wait(), wait)
 
     def _verify_job_since(self, hostname: str, since: dt.datetime) -> str | None:
-        """A verify job of ``hostname`` unfinished or finished since ``since`` (it covers the drift), or None."""
+        """A verify job of ``hostname`` unfinished or finished since ``since`` (it covers the drift), or None.
+        ``since`` is on the database's clock, a job's ``finished_at`` on its recording controller's: on PostgreSQL
+        the hosts' clock skew (NTP: milliseconds) blurs "since" by as much."""
         with self.ctx.store.session() as s:
             found: str | None = s.scalar(select(Job.id).where(
                 Job.node == hostname, Job.kind == "verify",
                 (Job.status.in_(tuple(ACTIVE))) | (Job.finished_at >= since)).limit(1))
             return found
 
-    async def _drift(self, hostname: str) -> None:
-        self._drift_timers.pop(hostname, None)
-        since, paths = self._drift_since.pop(hostname, (utcnow(), []))
+    def _settle_drift(self, check: drift.PendingDrift, held: Held) -> bool:
+        with self.ctx.store.session() as s:
+            return drift.settle(s, check, fence(held.name, held.token, db_now(s)))
+
+    async def _drift(self, check: drift.PendingDrift, held: Held) -> bool:
+        """Handle one due check; False when it is kept for a retry (the database failed)."""
+        hostname, paths = check.hostname, ", ".join(check.paths)
         try:  # on the store's pool: a locked database must not stall the loop (heartbeats, /live)
-            busy = await self.ctx.store.call(self._verify_job_since, hostname, since)
-        except FleetError as exc:
-            log.warning("drift re-verification of %s not checked: %s", hostname, exc.message)
-            return
-        if busy is not None:
-            log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
-            return
-        try:
-            jobs = (await self.submit([hostname], mode="quick", trigger="drift")).jobs
-        except FleetError as exc:
+            busy = await self.ctx.store.call(self._verify_job_since, hostname, check.first_changed_at)
+            if busy is not None:
+                log.info("node %s: drift re-verification not needed (verify job %s covers it)", hostname, busy)
+            else:
+                jobs = (await self.submit([hostname], mode="quick", trigger="drift")).jobs
+                if hostname in jobs:
+                    log.info("node %s: drift (%s) → verify job %s", hostname, paths, jobs[hostname])
+                    self.drift_submitted.append((hostname, jobs[hostname]))
+            await self.ctx.store.call(self._settle_drift, check, held)
+        except StoreError as exc:
+            log.warning("drift re-verification of %s kept for a retry: %s", hostname, exc.message)
+            return False
+        except FleetError as exc:  # e.g. the node is no longer registered: nothing to verify, ever
             log.warning("drift re-verification of %s not submitted: %s", hostname, exc.message)
-            return
-        if hostname not in jobs:
-            return
-        log.info("node %s: drift (%s) → verify job %s", hostname, ", ".join(paths), jobs[hostname])
-        self.drift_submitted.append((hostname, jobs[hostname]))
+            with contextlib.suppress(FleetError):
+                await self.ctx.store.call(self._settle_drift, check, held)
+        return True

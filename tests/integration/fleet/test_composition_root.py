@@ -17,8 +17,8 @@ from tests.integration.fleet_support import controller_settings
 
 pytestmark = pytest.mark.timeout(60)
 
-ORDER = ["loop-lag", "housekeeping", "job-watchdog", "verification", "verify-scheduler", "webhooks", "rollout-engine",
-         "grpc", "http"]
+ORDER = ["loop-lag", "housekeeping", "job-watchdog", "verification", "verify-scheduler", "drift-checks", "cleanup",
+         "webhooks", "rollout-engine", "grpc", "http"]
 
 
 def loops_running(rc: RunningController) -> list[str]:
