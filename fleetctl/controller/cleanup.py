@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from sqlalchemy import ColumnElement, Result, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from fleetctl.controller.dashboard_sessions import DashboardSession
 from fleetctl.controller.enrollment import IdentityState
 from fleetctl.controller.leases import AgentSession, Held, Lease, db_now, fence
 from fleetctl.controller.store import Store
@@ -108,6 +109,15 @@ def remove_job_events(s: Session, policy: CleanupPolicy, now: dt.datetime, guard
     return _count(s.execute(delete(JobEvent).where(JobEvent.id.in_(events), guard)))
 
 
+def remove_ended_dashboard_sessions(s: Session, policy: CleanupPolicy, now: dt.datetime, guard: ColumnElement[bool],
+                                    batch: int) -> int:
+    """Dashboard logins past their absolute or idle end. A login purges them too (dashboard_sessions.purge_expired);
+    this removes those of users who do not log in again."""
+    ended = or_(DashboardSession.expires_at <= now, DashboardSession.idle_expires_at <= now)
+    ids = select(DashboardSession.id).where(ended).limit(batch)
+    return _count(s.execute(delete(DashboardSession).where(DashboardSession.id.in_(ids), guard)))
+
+
 Remove = Callable[[Session, CleanupPolicy, dt.datetime, ColumnElement[bool], int], int]
 
 
@@ -134,6 +144,8 @@ RULES: tuple[ExpiryRule, ...] = (
                remove_stale_leases),
     ExpiryRule("job_events", lambda p: _days(p.job_event_retention_days, "events of jobs finished"),
                remove_job_events),
+    ExpiryRule("dashboard_sessions", lambda p: "logins past their absolute or idle end",
+               remove_ended_dashboard_sessions),
 )
 
 REMOVED = Counter("fleet_controller_cleanup_removed_rows", "Rows the cleanup duty removed from the database, by table "

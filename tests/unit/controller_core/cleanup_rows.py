@@ -10,17 +10,20 @@ from dataclasses import dataclass
 from sqlalchemy import select, text
 
 from fleetctl.controller.audit import audit
+from fleetctl.controller.dashboard_sessions import DashboardSession
 from fleetctl.controller.leases import AgentSession, Lease, db_now
 from fleetctl.controller.store import Store
 from fleetctl.controller.store.models import AuditLog, EnrollmentToken, Identity, Job, JobEvent, Node
+from fleetctl.controller.users import User
 from fleetctl.controller.verify_store.models import Verification
 
 DAY = dt.timedelta(days=1)
 #: with the default policy (tokens 7 days, job events 30 days; stale leases after a day)
-REMOVED = {"enrollment_tokens": 2, "agent_sessions": 1, "leases": 2, "job_events": 3}
+REMOVED = {"enrollment_tokens": 2, "agent_sessions": 1, "leases": 2, "job_events": 3, "dashboard_sessions": 2}
 TOKENS_KEPT = {"tok-exp-6d", "tok-active", "tok-waiting", "tok-uses-left"}
 LEASES_KEPT = {"rollout:expired-1h", "released-1h"}
 EVENTS_KEPT = {"job-done-29d": 2, "job-running-40d": 2}
+DASHBOARD_SESSIONS_KEPT = {"live"}
 ORPHAN_NODE_ID = 987654
 
 
@@ -41,6 +44,12 @@ def _job(job_id: str, now: dt.datetime, status: str, finished: dt.timedelta | No
               finished_at=now + finished if finished is not None else None, result={"ok": True} if finished else None)
     return [job, *(JobEvent(job_id=job_id, counter=i, event="runner_on_ok", data={}, created=now - 40 * DAY)
                    for i in range(events))]
+
+
+def _dashboard_session(name: str, user_id: int, now: dt.datetime, *, idle_end: dt.timedelta,
+                       end: dt.timedelta) -> DashboardSession:
+    return DashboardSession(token_hash=name.ljust(64, "0"), user_id=user_id, created_at=now - DAY,
+                            last_seen_at=now - DAY, idle_expires_at=now + idle_end, expires_at=now + end)
 
 
 def seed(store: Store) -> None:
@@ -72,6 +81,13 @@ def seed(store: Store) -> None:
                      _job("job-done-29d", now, "failed", -29 * DAY, 2),
                      _job("job-running-40d", now, "running", None, 2)):
             s.add_all(rows)
+        user = User(name="ops", password_hash="-", role="viewer", created_at=now - 40 * DAY, last_login_at=None)
+        s.add(user)
+        s.flush()
+        hour = dt.timedelta(hours=1)
+        s.add_all([_dashboard_session("live", user.id, now, idle_end=hour, end=hour),
+                   _dashboard_session("idle-ended", user.id, now, idle_end=-hour, end=hour),
+                   _dashboard_session("ended", user.id, now, idle_end=hour, end=-hour)])
         s.add(Verification(job_id="job-done-31d", hostname="n-live", recorded_at=now - 31 * DAY, passed=True,
                            status="pass"))
     audit(store, "admin", "token.create", "tok-exp-8d")
@@ -109,6 +125,7 @@ class Left:
     events: dict[str, int]  # job id → events
     jobs: dict[str, str]  # job id → status
     verifications: int
+    dashboard_sessions: set[str]  # the names the token hashes were made of
     audited: bool  # the audit row ``seed`` wrote is there
 
     @classmethod
@@ -121,6 +138,7 @@ class Left:
                        events=dict(Counter(s.scalars(select(JobEvent.job_id)))),
                        jobs={j.id: j.status for j in s.scalars(select(Job))},
                        verifications=len(s.scalars(select(Verification.id)).all()),
+                       dashboard_sessions={h.rstrip("0") for h in s.scalars(select(DashboardSession.token_hash))},
                        audited=s.scalar(select(AuditLog.id).where(AuditLog.action == "token.create",
                                                                   AuditLog.target == "tok-exp-8d")) is not None)
 
@@ -136,3 +154,4 @@ def check_removed_exactly_the_expired(left: Left, duty_leases: set[str]) -> None
     assert left.events == EVENTS_KEPT
     assert left.jobs == {"job-done-31d": "successful", "job-done-29d": "failed", "job-running-40d": "running"}
     assert left.verifications == 1 and left.audited
+    assert left.dashboard_sessions == DASHBOARD_SESSIONS_KEPT

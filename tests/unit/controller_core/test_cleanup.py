@@ -79,7 +79,7 @@ def test_a_removal_whose_fence_fails_removes_nothing(store: Store) -> None:
     before = cleanup_rows.Left.read(store)
     later = NOW + dt.timedelta(days=400)
     with store.session() as s:
-        assert [rule.remove(s, POLICY, later, false(), 100) for rule in cleanup.RULES] == [0, 0, 0, 0]
+        assert [rule.remove(s, POLICY, later, false(), 100) for rule in cleanup.RULES] == [0] * len(cleanup.RULES)
     assert cleanup_rows.Left.read(store) == before
 
 
