@@ -228,7 +228,7 @@ class Cluster:
                                    "JOIN nodes n ON n.id = s.node_id"))
 
     def rollout_owner(self, rid: str) -> str:
-        rows = self.query("SELECT lease_owner FROM rollouts WHERE id = %s", rid)
+        rows = self.query("SELECT holder FROM leases WHERE name = %s", f"rollout:{rid}")
         return str(rows[0][0] or "") if rows else ""
 
     def down(self) -> None:

@@ -13,6 +13,8 @@ API for controller code (rollouts, verification, scheduler)::
 
     jobs: JobDispatcher = ctx.jobs                      # one per controller process
     job_id = await jobs.submit_job("node-1", "install-wheel", {"wheel_sha256": ...}, timeout=1800)
+    spec = jobs.insert_job(session, "node-1", "verify", {})   # or: in the caller's own transaction (a rollout
+    jobs.offer("node-1", spec)                         #   step records it with its state), offered once committed
     outcome = await jobs.wait(job_id)                  # JobOutcome(status, rc, result, error)
     jobs.add_done_callback(job_id, lambda o: ...)      # or a callback (called in the loop)
     jobs.add_event_listener(lambda ev: ...)            # every JobEventRecord, e.g. for live views
@@ -102,6 +104,9 @@ class JobEventRecord:
 
 DoneCallback = Callable[[JobOutcome], None]
 EventListener = Callable[[JobEventRecord], None]
+#: a check run first in the transaction that finishes a job (a leader's lease: controller/leases.py ``hold_lease``);
+#: it raises to refuse, and nothing is written
+Fence = Callable[[Session], None]
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -149,25 +154,37 @@ class JobDispatcher:
     async def submit_job(self, node: str, kind: str, vars: Mapping[str, Any] | None = None,
                          timeout: int = 3600) -> str:
         """Persist a job for ``node`` and push it to the node's agent if connected. Returns the job id."""
+        job_id = uuid.uuid4().hex
+        spec = await self.store.call(self.store.write, lambda s: self.insert_job(s, node, kind, vars, timeout,
+                                                                                 job_id=job_id),
+                                     what=f"job {job_id} submit")
+        self.offer(node, spec)
+        return job_id
+
+    def insert_job(self, s: Session, node: str, kind: str, vars: Mapping[str, Any] | None = None,
+                   timeout: int = 3600, *, job_id: str | None = None) -> JobSpec:
+        """A ``pending`` job for ``node`` in the caller's transaction (blocking): it exists once that commits, and
+        is then sent to the node's agent by ``offer``, or within a watchdog tick by whichever controller holds the
+        agent (``claim_pending``). ``job_id``: the id to use, so that a retry after a commit whose answer was lost
+        inserts nothing twice."""
         if not kind or len(kind) > 64:
             raise InputError(f"bad job kind {kind!r}", hint="use a playbook name such as install-wheel")
         if not 1 <= timeout <= MAX_TIMEOUT_SECONDS:
             raise InputError(f"job timeout {timeout}s out of range", hint=f"use 1..{MAX_TIMEOUT_SECONDS} seconds")
-        job_id = uuid.uuid4().hex
+        if s.scalar(select(Node.id).where(Node.hostname == node)) is None:
+            raise NotFoundError(f"no node named {node!r}", hint="see `fleetctl nodes` for registered nodes")
+        job_id = job_id or uuid.uuid4().hex
+        if s.get(Job, job_id) is None:
+            s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
+                      status=JobStatus.PENDING, created_at=utcnow()))
+        return JobSpec(job_id, kind, dict(vars or {}), timeout)
 
-        def insert(s: Any) -> None:
-            if s.scalar(select(Node.id).where(Node.hostname == node)) is None:
-                raise NotFoundError(f"no node named {node!r}", hint="see `fleetctl nodes` for registered nodes")
-            if s.get(Job, job_id) is None:  # a retry after a commit whose answer was lost
-                s.add(Job(id=job_id, node=node, kind=kind, vars=dict(vars or {}), timeout_seconds=timeout,
-                          status=JobStatus.PENDING, created_at=utcnow()))
-
-        await self.store.call(self.store.write, insert, what=f"job {job_id} submit")
-        log.info("job %s (%s) submitted for %s", job_id, kind, node)
+    def offer(self, node: str, spec: JobSpec) -> None:
+        """A committed job (``insert_job``) to its node's agent at once, when the agent is connected here."""
+        log.info("job %s (%s) submitted for %s", spec.job_id, spec.kind, node)
         queue = self._streams.get(node)
         if queue is not None:
-            queue.put_nowait(JobSpec(job_id, kind, dict(vars or {}), timeout))
-        return job_id
+            queue.put_nowait(spec)
 
     def _future(self, job_id: str) -> asyncio.Future[JobOutcome]:
         fut = self._futures.get(job_id)
@@ -237,10 +254,12 @@ class JobDispatcher:
         self._finish(job_id, outcome, node=None)
         return outcome
 
-    async def cancel_async(self, job_id: str, reason: str = "canceled by operator") -> JobOutcome:
-        """``cancel`` with the database work on the store's thread pool (``ConflictError`` if already finished)."""
+    async def cancel_async(self, job_id: str, reason: str = "canceled by operator", *,
+                           fence: Fence | None = None) -> JobOutcome:
+        """``cancel`` with the database work on the store's thread pool (``ConflictError`` if already finished).
+        ``fence``: run first in the cancel's transaction; what it raises propagates, and the job is left as it was."""
         outcome = JobOutcome(job_id, JobStatus.CANCELED, None, {}, reason)
-        await self.finish_async(job_id, outcome, node=None)
+        await self.finish_async(job_id, outcome, node=None, fence=fence)
         return outcome
 
     # ---- agent side ----------------------------------------------------------------------
@@ -447,10 +466,16 @@ class JobDispatcher:
                              hint=f"use one of {', '.join(sorted(FINISHED))}")
         await self.finish_async(outcome.job_id, outcome, node=node)
 
-    async def finish_async(self, job_id: str, outcome: JobOutcome, node: str | None) -> None:
+    async def finish_async(self, job_id: str, outcome: JobOutcome, node: str | None, *,
+                           fence: Fence | None = None) -> None:
         ours = job_id in self._deadlines
-        job_node = await self.store.call(self.store.write, lambda s: self._finish_db(s, job_id, outcome, node, ours),
-                                         what=f"job {job_id} result")
+
+        def finish(s: Session) -> str | None:
+            if fence is not None:
+                fence(s)
+            return self._finish_db(s, job_id, outcome, node, ours)
+
+        job_node = await self.store.call(self.store.write, finish, what=f"job {job_id} result")
         if job_node is not None:
             self._finished(job_id, outcome, job_node)
 

@@ -21,6 +21,13 @@ Tables (this module owns them; their rules live with their users):
   the lease changed hands more than once a millisecond on average). ``LeaderDuty`` runs a duty only while its
   controller holds the lease and cancels it the moment a renewal fails (the composition root, controller/app.py,
   runs it as a part like every other loop).
+
+A leader whose work is more than one write (the rollout engine: every rollout its own lease ``rollout:<id>``,
+docs/ha.md) opens each unit of work with ``hold_lease(session, held)``: a conditional UPDATE of its lease row that
+counts one row or raises ``LeaseLost``, and keeps the row locked until the unit commits, so a takeover lands
+before the unit or after it, never inside. ``next_term`` is the one rule of how long a holder may act on what an
+``acquire`` told it (``LeaderDuty`` and the engine both follow it); ``holder_gone`` lets a lease whose holder died
+on this host be taken at once.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from fleetctl.controller.store import Store
 from fleetctl.controller.store.models import Base
+from fleetctl.fleet.errors import FleetError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,23 @@ log = logging.getLogger(__name__)
 def holder_id() -> str:
     """This process as a lease holder: ``host:pid:nonce``."""
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_gone(holder: str) -> bool:
+    """True when ``holder`` (a ``holder_id()``) names a process of this host that no longer exists: its lease may be
+    taken at once (``acquire``'s ``gone``), a controller restarted on the same host need not wait out the TTL. A
+    holder on another host is never known to be gone: the expiry of its lease decides."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def db_now(session: Session, local_clock: Callable[[], float] = time.time) -> dt.datetime:
@@ -101,6 +126,39 @@ class Held:
     expires_at: dt.datetime
 
 
+class LeaseLost(FleetError):
+    """A leader's lease is no longer its own: another holder took it over, or it expired. The unit of work that
+    found out wrote nothing (its transaction rolls back), and its leader stops acting under that lease."""
+
+    code = "lease-lost"
+
+
+@dataclass(frozen=True)
+class Term:
+    """How long a holder may act on a lease it got: ``held`` as ``acquire`` answered, until ``valid_until`` by the
+    holder's own monotonic clock (``next_term``)."""
+
+    held: Held
+    valid_until: float
+
+
+def next_term(term: Term | None, got: Held | None, asked_at: float, answered_at: float, ttl: float) -> Term | None:
+    """The holder's term after an ``acquire`` asked at ``asked_at`` answered ``got`` at ``answered_at`` (the holder's
+    monotonic clock; ``got`` None: refused, or the call failed or was given up). Pure.
+
+    None — the holder must stop acting at once — when the lease was refused, when the answer came after the term
+    it renews had run out or after the new one would, and when the token changed (another holder had the lease in
+    between: whatever the old term started is not this term's). Otherwise a term — the same one renewed, or a first
+    one — that ends ``ttl`` after the call was *asked*: the database set the expiry ``ttl`` after its own now, which
+    came later, so the holder stops before the database lets anyone else in. A term that ended starts again at the
+    next ``acquire`` that succeeds."""
+    if got is None or answered_at >= asked_at + ttl:
+        return None
+    if term is not None and (got.token != term.held.token or answered_at >= term.valid_until):
+        return None
+    return Term(got, asked_at + ttl)
+
+
 def _table() -> Table:
     table = Lease.__table__
     assert isinstance(table, Table)
@@ -108,10 +166,12 @@ def _table() -> Table:
 
 
 def acquire(session: Session, name: str, holder: str, ttl: float,
-            local_clock: Callable[[], float] = time.time) -> Held | None:
+            local_clock: Callable[[], float] = time.time, *, gone: str | None = None) -> Held | None:
     """Take lease ``name`` for ``ttl`` seconds, or renew it when ``holder`` has it; None while another holder's
     lease runs. Taking it from another holder (expired) or after a release bumps the fencing token; a renewal
-    keeps it. One conditional UPDATE: of two controllers racing for an expired lease exactly one gets it."""
+    keeps it. One conditional UPDATE: of two controllers racing for an expired lease exactly one gets it.
+    ``gone``: a holder the caller knows is dead (``holder_gone``), whose lease is taken without waiting for its
+    expiry — only while that holder still has it."""
     now = db_now(session, local_clock)
     table = _table()
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
@@ -122,7 +182,8 @@ def acquire(session: Session, name: str, holder: str, ttl: float,
     expires = now + dt.timedelta(seconds=ttl)
     token = session.scalar(
         update(table)
-        .where(table.c.name == name, or_(mine, table.c.holder.is_(None), table.c.expires_at <= now))
+        .where(table.c.name == name, or_(mine, table.c.holder.is_(None), table.c.expires_at <= now,
+                                         *([table.c.holder == gone] if gone else [])))
         .values(holder=holder, expires_at=expires, token=case((mine, table.c.token), else_=table.c.token + 1),
                 acquired_at=case((mine, table.c.acquired_at), else_=now))
         .returning(table.c.token))
@@ -137,6 +198,24 @@ def release(session: Session, held: Held) -> bool:
                                                  table.c.token == held.token)
                              .values(holder=None, expires_at=None))
     return bool(getattr(result, "rowcount", 0))
+
+
+def hold_lease(session: Session, held: Held, local_clock: Callable[[], float] = time.time) -> None:
+    """Fence the caller's transaction with lease ``held``; call it before the transaction's first write. One
+    conditional UPDATE of the lease row, matching only while ``held``'s holder still has it with ``held``'s token,
+    unexpired (database clock). 0 rows: ``LeaseLost`` — the transaction rolls back, nothing it meant to write is
+    written. 1 row: the row stays locked until the transaction ends (PostgreSQL: the row's lock; SQLite: the
+    database's write lock), so a takeover (an UPDATE of that row) commits after this transaction or before this
+    check, never between the check and the writes it guards: the next holder reads them, and this holder's next
+    transaction finds the lease gone."""
+    now = db_now(session, local_clock)
+    table = _table()
+    result = session.execute(update(table).where(table.c.name == held.name, table.c.holder == held.holder,
+                                                 table.c.token == held.token, table.c.expires_at > now)
+                             .values(token=table.c.token))
+    if getattr(result, "rowcount", 0) != 1:
+        raise LeaseLost(f"lease {held.name} (token {held.token}) is no longer held by {held.holder}: another holder "
+                        "took it over, or it expired", hint="nothing to do: whoever holds it now carries on")
 
 
 def fence(name: str, token: int, now: dt.datetime) -> ColumnElement[bool]:
@@ -185,29 +264,30 @@ class LeaderDuty:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             started = loop.time()
-            held = await self._acquire(self.every)
-            if held is None:
+            term = next_term(None, await self._acquire(self.every), started, loop.time(), self.ttl)
+            if term is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), max(0.0, self.every - (loop.time() - started)))
                 continue
-            valid_until = started + self.ttl  # by this controller's clock: the call began before the database's now
+            held = term.held
             self.held, self.terms = held, self.terms + 1
             log.info("lease %s taken (token %d): this controller runs it", self.name, held.token)
             task = self._task = asyncio.create_task(self.duty(held), name=f"{self.name} (leader, token {held.token})")
             try:
                 while True:
-                    await asyncio.wait({task}, timeout=max(0.0, min(self.every, valid_until - loop.time())))
+                    await asyncio.wait({task}, timeout=max(0.0, min(self.every, term.valid_until - loop.time())))
                     if self._stopping.is_set():
                         return
                     if task.done():
                         return task.result()  # the duty ended by itself: so does this part (its error with it)
                     asked = loop.time()
-                    renewed = await self._acquire(valid_until - asked)
-                    if renewed is None or renewed.token != held.token:
+                    renewed = next_term(term, await self._acquire(term.valid_until - asked), asked, loop.time(),
+                                        self.ttl)
+                    if renewed is None:
                         log.warning("lease %s lost (token %d): the duty stopped at once; another controller may "
                                     "take it over", self.name, held.token)
                         break
-                    valid_until = asked + self.ttl
+                    term = renewed
             finally:
                 self.held, self._task = None, None
                 task.cancel()

@@ -573,7 +573,7 @@ class NodeSnapshot:
     state: State
     batch: int
     build_key: str | None = None
-    busy: bool = False  # a step task is running (or a lease is held) for this node
+    busy: bool = False  # a step task of the engine driving the rollout is running for this node
     builder: bool = False  # this node is the builder of its build key
     after: str | None = None  # the installer of the shared env this node only verifies: it starts after that one
     health: NodeStatus = NodeStatus.ONLINE  # liveness and verification health (--max-unavailable counts it)

@@ -1,20 +1,31 @@
 """The rollout engine: an asyncio loop inside the controller that drives rollouts step by step.
 
+Leadership (issue 17, docs/ha.md): one engine drives a rollout, the holder of its lease ``rollout:<id>`` in the
+``leases`` table (controller/leases.py), taken and renewed every tick on the database's clock; its fencing token
+grows by one at each takeover. Every unit of work the engine runs for a rollout opens with ``hold_lease``: a
+conditional UPDATE of that lease row that counts one row (this engine still holds it, with the token it drives
+under, unexpired) or raises ``LeaseLost``, having written nothing; the row stays locked until the unit commits, so
+a takeover lands before a unit or after it, never inside one. A step's job is inserted by such a unit, with its id
+on the node. The engine stops acting on a rollout at once (its node tasks cancelled; no unit and no job for it
+afterwards) when a renewal is refused, fails or answers after the lease would have expired (``leases.next_term``;
+a timer ends the term at its end by the engine's own clock when no renewal has come back), and when a unit finds
+the lease gone. A unit already running in a worker thread then is fenced by the same check.
+
 Crash safety (``kill -9`` at any moment):
 
 * every state change is written (``rollout_nodes`` + ``rollout_transitions``) *before* the step it
-  announces is acted on; a step's job is submitted only after its state is committed, and its job
-  id is committed right after submission;
-* a node's step runs under a DB lease (``lease_owner`` = ``host:pid:nonce``, ``lease_expiry``),
-  renewed every tick; another engine (a restarted controller, a second controller on PostgreSQL)
-  takes a node over only when the lease has expired or its owner process is dead on this host;
+  announces is acted on; a step's job is inserted only after its state is committed, in one
+  transaction with its id on the node;
+* another engine (a restarted controller, a second controller on PostgreSQL) takes a rollout over
+  when its lease expired, or at once when its holder's process is dead on this host
+  (``leases.holder_gone``);
 * on takeover a step already submitted is re-attached (its job id, or the job of that node/kind
   created for this rollout after the step started), never resubmitted; a finished job's outcome
   is read back from the jobs table, so no finished step is redone;
 * a step gets ``step_deadline``; past it the job is canceled and the node fails (agent vanished).
 
 Off the event loop (docs/security.md, "Availability and faults"): every database unit of the engine
-(``_claim``, ``_drive_db``, ``_prepare``, ``_finish_step``, ``_release``, ...) is a plain blocking function
+(``_claim``, ``_drive_db``, ``_prepare``, ``_submit``, ``_finish_step``, ...) is a plain blocking function
 run whole on the store's bounded pool through ``_db``, one at a time: a database locked from outside delays
 the engine (statements wait up to the store's lock timeout, then fail and the step is picked up again), never
 the loop that serves heartbeats and ``/live``. The units keep the single-threaded semantics they were written
@@ -30,12 +41,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
 import re
 import shutil
-import socket
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,14 +52,24 @@ from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from fleetctl.controller.artifacts import VOUCHED, provenance_of, trusted_for
 from fleetctl.controller.audit import audit
 from fleetctl.controller.audit import record as audit_record
 from fleetctl.controller.diagnose import diagnose
 from fleetctl.controller.jobs import JobDispatcher, JobEventRecord
-from fleetctl.controller.leases import db_now
+from fleetctl.controller.leases import (
+    Held,
+    Lease,
+    LeaseLost,
+    Term,
+    acquire,
+    hold_lease,
+    holder_gone,
+    holder_id,
+    next_term,
+    release,
+)
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.provisioning import DIST_NAMES, NodeNeeds, Provisioner, describe_artifact, describe_failure
 from fleetctl.controller.registry import read_facts
@@ -84,7 +102,7 @@ from fleetctl.controller.store.models import Artifact, Job, Node
 from fleetctl.controller.telemetry import ROLLOUT_STEP_SECONDS
 from fleetctl.controller.verify_store.views import degraded_among
 from fleetctl.fleet.errors import ConflictError, FleetError, NotFoundError
-from fleetctl.fleet.jobs import JobOutcome, JobStatus
+from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.verification import judge_job
 from fleetctl.fleet.workload import DISTURBING_KINDS, POLICY_VAR, skipped_busy, wait_allowance_s
 
@@ -111,50 +129,9 @@ def plan_from_json(obj: Mapping[str, Any]) -> NodePlan:
                     reasons=tuple(obj.get("reasons", ())))
 
 
-def new_owner() -> str:
-    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_alive(owner: str) -> bool:
-    """False when ``owner`` names a process of this host that no longer exists."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname()[:64] or not pid_text.isdigit():
-        return True  # another host: trust its lease expiry
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lease_free(owner: str | None, expiry: dt.datetime | None, me: str, now: dt.datetime) -> bool:
-    if owner is None or owner == me:
-        return True
-    if expiry is None or expiry <= now:
-        return True
-    return not owner_alive(owner)
-
-
-def take_lease(s: Session, row: Rollout | RolloutNode, owner: str, expiry: dt.datetime) -> bool:
-    """Set ``row``'s lease to ``owner`` only if it is still the lease just read (compare-and-set in the database).
-
-    Engines run their units on worker threads (and controllers in separate processes): two of them can read the
-    same expired lease at once; the conditional update lets exactly one take it. The update also opens the write
-    transaction, so the rest of the unit runs under the database's write lock (SQLite) or the row's (PostgreSQL)."""
-    model = type(row)
-    seen_owner = model.lease_owner.is_(None) if row.lease_owner is None else model.lease_owner == row.lease_owner
-    seen_expiry = model.lease_expiry.is_(None) if row.lease_expiry is None else model.lease_expiry == row.lease_expiry
-    res = s.execute(update(model).where(model.id == row.id, seen_owner, seen_expiry)
-                    .values(lease_owner=owner, lease_expiry=expiry).execution_options(synchronize_session=False))
-    if getattr(res, "rowcount", 1) != 1:
-        return False
-    # the object as the row now is, without marking it changed (the update above wrote it)
-    set_committed_value(row, "lease_owner", owner)
-    set_committed_value(row, "lease_expiry", expiry)
-    return True
+def rollout_lease(rollout_id: str) -> str:
+    """The name of rollout ``rollout_id``'s lease in the ``leases`` table: the engine holding it drives the rollout."""
+    return f"rollout:{rollout_id}"
 
 
 def record(s: Session, rollout_id: str, node: RolloutNode, new: State, cause: str, *, job_id: str | None = None,
@@ -232,6 +209,14 @@ class StepRun:
 
 
 @dataclass(frozen=True)
+class Drive:
+    """What ``_drive_db`` decided for a rollout: the nodes to start now, or that it ended (its lease released)."""
+
+    start: tuple[str, ...] = ()
+    ended: bool = False
+
+
+@dataclass(frozen=True)
 class Provision:
     """What a real node's step needs from the artifact store (controller/provisioning.py)."""
 
@@ -265,10 +250,13 @@ class RolloutEngine:
         self.notify = notify
         self.notify_urls = tuple(notify_urls)
         self.artifacts_dir = artifacts_dir
-        self.owner = owner or new_owner()
+        self.owner = owner or holder_id()
         self.lease_ttl = lease_ttl
         self.tick = tick
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # rollout id → this engine's term as its leader (leases.next_term), and the timer that ends the term
+        self._terms: dict[str, Term] = {}
+        self._term_ends: dict[str, asyncio.TimerHandle] = {}
         # one database unit of the engine at a time (``_db``); waiters queue here, on the loop, not in the pool
         self._db_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -319,6 +307,17 @@ class RolloutEngine:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         self._tasks.clear()
+        held = [term.held for term in self._terms.values()]
+        for rid in list(self._terms):
+            self._end_term(rid)
+        if held:  # a clean stop: another controller takes the rollouts over at its next tick, not after the TTL
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._db(self._release, held), 2.0)
+
+    def _release(self, held: Sequence[Held]) -> None:
+        with self.store.session() as s:
+            for lease in held:
+                release(s, lease)
 
     async def _db(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Run the engine's blocking database unit ``fn(*args)`` on the store's bounded pool, one at a time.
@@ -346,60 +345,143 @@ class RolloutEngine:
         return await asyncio.wrap_future(work)
 
     async def tick_once(self) -> None:
-        """One pass: claim and renew leases, drive each claimed rollout, now and then look at finished ones."""
-        claimed = await self._db(self._claim, frozenset(self._tasks))
-        for rid in claimed:
+        """One pass: take or renew the lease of every active rollout, drive each one this engine leads, now and then
+        look at finished ones."""
+        await self._renew()
+        for rid in list(self._terms):
             await self._drive(rid)
         if time.monotonic() - self._finished_reconciled_at >= self.finished_reconcile_s:
             self._finished_reconciled_at = time.monotonic()
             await self._db(self._reconcile_finished)
 
-    def _claim(self, running: Collection[tuple[str, str]]) -> list[str]:
-        """Take the free active rollouts and renew the leases of nodes this engine runs (``running``: a
-        snapshot of ``_tasks``). Blocking: through ``_db``. ``now`` is taken here, when the lock is ours, so
-        a wait for the database does not shorten the leases written; it is the database's clock, so that
-        controllers on hosts whose clocks differ judge the leases alike (docs/ha.md)."""
-        claimed: list[str] = []
+    async def _renew(self) -> None:
+        """``_claim``, and what follows from its answer (``leases.next_term``): a term begins for each rollout newly
+        taken and goes on for each renewed in time; it ends at once, the rollout's node tasks cancelled, for each
+        whose renewal was refused or came too late, for all of them when the claim failed, and (quietly) for a
+        rollout no longer active."""
+        loop = asyncio.get_running_loop()
+        asked = loop.time()  # before the wait for ``_db``'s lock: the term may only end sooner for it
+        try:
+            claimed = await self._db(self._claim)
+        except Exception as exc:
+            for rid in list(self._terms):
+                self._stop_rollout(rid, f"its lease could not be renewed ({getattr(exc, 'message', exc)})")
+            raise
+        answered = loop.time()
+        for rid in [rid for rid in self._terms if rid not in claimed]:
+            self._end_term(rid)  # no longer active: it ended, and its lease was released with its final status
+        for rid, held in claimed.items():
+            term = self._terms.get(rid)
+            renewed = next_term(term, held, asked, answered, self.lease_ttl)
+            if renewed is not None:
+                if term is None:
+                    log.info("rollout %s: this controller drives it (lease token %d)", rid, renewed.held.token)
+                self._begin_term(rid, renewed)
+            elif term is not None:
+                self._stop_rollout(rid, "another controller holds its lease" if held is None else
+                                   f"its lease changed hands in between (token {held.token})"
+                                   if held.token != term.held.token else
+                                   "its renewal came back after the lease would have expired")
+
+    def _claim(self) -> dict[str, Held | None]:
+        """Take or renew the lease of every active rollout (blocking: through ``_db``): each one's lease as this
+        engine holds it now, or None while another engine's runs. A lease whose holder is a dead process of this
+        host is taken at once (``leases.holder_gone``). In the rollouts' order, so that two engines claiming at
+        once lock the lease rows in one order (PostgreSQL)."""
         with self.store.session() as s:
-            now = db_now(s)
-            expiry = now + dt.timedelta(seconds=self.lease_ttl)
-            for r in s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE_ROLLOUT))):
-                if lease_free(r.lease_owner, r.lease_expiry, self.owner, now):
-                    previous = r.lease_owner
-                    if not take_lease(s, r, self.owner, expiry):
-                        continue  # another engine took it between our read and our write
-                    if previous != self.owner:
-                        log.info("rollout %s: taking over from %s", r.id, previous or "nobody")
-                    claimed.append(r.id)
-            if running:
-                for n in s.scalars(select(RolloutNode).where(RolloutNode.lease_owner == self.owner)):
-                    if (n.rollout_id, n.hostname) in running:
-                        n.lease_expiry = expiry
+            ids = list(s.scalars(select(Rollout.id).where(Rollout.status.in_(ACTIVE_ROLLOUT)).order_by(Rollout.id)))
+            names = {rid: rollout_lease(rid) for rid in ids}
+            holders = {name: holder for name, holder in s.execute(
+                select(Lease.name, Lease.holder).where(Lease.name.in_(list(names.values()))))} if ids else {}
+            claimed: dict[str, Held | None] = {}
+            for rid, name in names.items():
+                holder = holders.get(name)
+                gone = holder if holder and holder != self.owner and holder_gone(holder) else None
+                claimed[rid] = acquire(s, name, self.owner, self.lease_ttl, gone=gone)
+                if gone is not None and claimed[rid] is not None:
+                    log.info("rollout %s: taken over from %s, a process of this host that is gone", rid, gone)
         return claimed
+
+    def _begin_term(self, rid: str, term: Term) -> None:
+        """``term`` is this engine's term on ``rid`` from now (a first one, or one renewed); it ends by itself at its
+        end by this engine's clock (``_term_over``) unless a renewal comes back before."""
+        self._terms[rid] = term
+        timer = self._term_ends.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        self._term_ends[rid] = asyncio.get_running_loop().call_at(term.valid_until, self._term_over, rid, term)
+
+    def _term_over(self, rid: str, term: Term) -> None:
+        if self._terms.get(rid) is term:
+            self._stop_rollout(rid, "its lease ran out before a renewal came back")
+
+    def _end_term(self, rid: str) -> Term | None:
+        """Forget this engine's term on ``rid`` and cancel the rollout's node tasks: they stop at their next await,
+        and a unit of theirs still in a worker thread is fenced by the lease (``hold_lease``)."""
+        term = self._terms.pop(rid, None)
+        timer = self._term_ends.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        current = asyncio.current_task()
+        for (task_rid, _), task in self._tasks.items():
+            if task_rid == rid and task is not current:
+                task.cancel()
+        return term
+
+    def _stop_rollout(self, rid: str, why: str) -> None:
+        term = self._end_term(rid)
+        if term is not None:
+            log.warning("rollout %s: %s (lease token %d): this controller stopped acting on it at once", rid, why,
+                        term.held.token)
+
+    def _lost(self, rid: str, held: Held) -> None:
+        """A unit found lease ``held`` gone (``LeaseLost``): the rollout stops here, unless this engine's term on it
+        is already another one (the lease came back to it with another token since)."""
+        term = self._terms.get(rid)
+        if term is not None and term.held.token == held.token:
+            self._stop_rollout(rid, "a write found its lease gone")
+
+    def _leads(self, rid: str, held: Held) -> bool:
+        term = self._terms.get(rid)
+        return term is not None and term.held.token == held.token
 
     # ---- one rollout ---------------------------------------------------------------------------
 
     async def _drive(self, rid: str) -> None:
-        """Decide for one rollout (one unit on the pool) and start the node tasks it says to, on the loop."""
-        start = await self._db(self._drive_db, rid, frozenset(self._tasks))
-        for host in start:
+        """Decide for one rollout this engine leads (one fenced unit on the pool) and start the node tasks it says
+        to, on the loop, unless the term ended meanwhile."""
+        term = self._terms.get(rid)
+        if term is None:
+            return
+        held = term.held
+        try:
+            drive = await self._db(self._drive_db, rid, held, frozenset(self._tasks))
+        except LeaseLost:
+            self._lost(rid, held)
+            return
+        if drive.ended:
+            self._end_term(rid)
+            return
+        if not self._leads(rid, held):
+            return
+        for host in drive.start:
             task_key = (rid, host)
             if task_key not in self._tasks:
-                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host), name=f"rollout-{rid}-{host}")
+                self._tasks[task_key] = asyncio.create_task(self._node_task(rid, host, held),
+                                                            name=f"rollout-{rid}-{host}")
 
-    def _drive_db(self, rid: str, running: Collection[tuple[str, str]]) -> tuple[str, ...]:
-        """The database half of ``_drive`` (blocking; through ``_db``): the nodes to start. ``running`` is a
-        snapshot of ``_tasks`` taken on the loop; only ``_drive`` adds to it, after this returns, so a node
-        is never missing from it — at most a task that just ended is still counted busy for one tick."""
+    def _drive_db(self, rid: str, held: Held, running: Collection[tuple[str, str]]) -> Drive:
+        """The database half of ``_drive`` (blocking; through ``_db``; fenced by ``held``): the nodes to start.
+        ``running`` is a snapshot of ``_tasks`` taken on the loop; only ``_drive`` adds to it, after this returns,
+        so a node is never missing from it — at most a task that just ended is still counted busy for one tick."""
         now = utcnow()
         start: tuple[str, ...] = ()
-        paused: str | None = None
-        awaiting: str | None = None
         notice: tuple[tuple[str, ...], dict[str, Any]] | None = None
         with self.store.session() as s:
+            hold_lease(s, held)
             r = s.get(Rollout, rid)
             if r is None:
-                return ()
+                return Drive(ended=True)
             nodes = list(s.scalars(select(RolloutNode).where(RolloutNode.rollout_id == rid)))
             if r.status == RolloutStatus.RUNNING:
                 self._reconcile(s, rid, [n for n in nodes if n.state == State.FAILED])
@@ -412,7 +494,7 @@ class RolloutEngine:
             snap = Snapshot(
                 status=RolloutStatus(r.status),
                 nodes=[NodeSnapshot(n.hostname, State(n.state), n.batch, n.build_key,
-                                    busy=self._busy(rid, n, now, running),
+                                    busy=(rid, n.hostname) in running,
                                     builder=bool(n.build_key and builds.get(n.build_key)
                                                  and builds[n.build_key].builder == n.hostname),
                                     after=(n.plan.get("shared_env") or {}).get("installer"),
@@ -438,16 +520,17 @@ class RolloutEngine:
                        f"build of {key} on {b.builder or '?'} failed: {b.error or 'see the builder node'}")
             if r.status == RolloutStatus.ABORTING:
                 for n in nodes:
-                    if State(n.state) not in TERMINAL and not self._busy(rid, n, now, running) and n.job_id is None:
+                    if State(n.state) not in TERMINAL and (rid, n.hostname) not in running and n.job_id is None:
                         record(s, rid, n, State.SKIPPED, "rollout aborted before this step started")
                 if all(State(n.state) in TERMINAL for n in nodes):
                     self._set_status(s, r, RolloutStatus.ABORTED, r.reason or "aborted by operator")
+            # each audit row in the transaction of the change it records: both fenced, both or neither
             if acts.pause:
                 self._set_status(s, r, RolloutStatus.PAUSED, acts.pause)
-                paused = acts.pause
+                audit_record(s, "engine", "rollout.pause", rid, {"reason": acts.pause})
             elif acts.await_approval:
                 self._set_status(s, r, RolloutStatus.AWAITING_APPROVAL, acts.await_approval)
-                awaiting = acts.await_approval
+                audit_record(s, "engine", "rollout.awaiting-approval", rid, {"reason": acts.await_approval})
             elif acts.finish:
                 self._set_status(s, r, acts.finish, self._rollback_failures(nodes) if acts.finish ==
                                  RolloutStatus.ROLLBACK_FAILED else self._summary(nodes))
@@ -461,13 +544,12 @@ class RolloutEngine:
             if r.hold != hold:  # written when it changes, not every tick
                 r.hold = hold
             notice = self._notice(r, nodes, now)
-        if paused is not None:  # after the commit: the audit log has its own unit of work
-            audit(self.store, "engine", "rollout.pause", rid, reason=paused)
-        if awaiting is not None:
-            audit(self.store, "engine", "rollout.awaiting-approval", rid, reason=awaiting)
+            ended = RolloutStatus(r.status) not in ACTIVE_ROLLOUT
+            if ended:  # in the transaction of the final status: the next rollout's engine need not wait the TTL
+                release(s, held)
         if notice is not None and self.notify is not None:  # queued only: the sender posts in the background
             self.notify(*notice)
-        return start
+        return Drive(start, ended)
 
     def _notice(self, r: Rollout, nodes: list[RolloutNode], now: dt.datetime) -> tuple[tuple[str, ...],
                                                                                         dict[str, Any]] | None:
@@ -584,11 +666,6 @@ class RolloutEngine:
                            f"`fleetctl rollout resume {rid} --retry-failed` after a pause, or roll out again")
         return done
 
-    def _busy(self, rid: str, n: RolloutNode, now: dt.datetime, running: Collection[tuple[str, str]]) -> bool:
-        if (rid, n.hostname) in running:
-            return True
-        return not lease_free(n.lease_owner, n.lease_expiry, self.owner, now)
-
     @staticmethod
     def _rollback_failures(nodes: list[RolloutNode]) -> str:
         """The reason of a ``rollback-failed`` rollout: each failed node's own error, and what to do."""
@@ -613,41 +690,32 @@ class RolloutEngine:
         r.updated_at = utcnow()
         if status not in ACTIVE_ROLLOUT:
             r.finished_at = r.updated_at
-            r.lease_owner = None
-            r.lease_expiry = None
 
     # ---- one node ----------------------------------------------------------------------------
 
-    async def _node_task(self, rid: str, host: str) -> None:
+    async def _node_task(self, rid: str, host: str, held: Held) -> None:
+        """Run ``host``'s steps in rollout ``rid`` while the node has one to run now, every unit fenced by ``held``:
+        once the lease is gone, the first unit finds out (``LeaseLost``) and the whole rollout stops here."""
         try:
             while not self._stopping:
-                step = await self._db(self._prepare, rid, host)  # committed before the job is submitted
+                step = await self._db(self._prepare, rid, host, held)  # committed before the job is submitted
                 if step is None:
                     break
-                if step.job_id is None and step.provision is not None and not await self._provide(step):
+                if step.job_id is None and step.provision is not None and not await self._provide(step, held):
                     continue  # failed, saying why; the next _prepare finds the node failed and stops
-                outcome = await self._execute(step)
-                await self._db(self._finish_step, step, outcome)
+                outcome = await self._execute(step, held)
+                if outcome is None:
+                    continue  # the node left the step before its job was submitted: look at it again
+                await self._db(self._finish_step, step, outcome, held)
         except asyncio.CancelledError:
             raise
+        except LeaseLost:
+            self._lost(rid, held)
         except Exception:  # a database error too (a lock held past the timeout): the next tick restarts the node,
             log.exception("rollout %s: node %s task failed", rid, host)  # re-attaching to its job
         finally:
-            try:
-                with contextlib.suppress(Exception):
-                    await self._db(self._release, rid, host)
-            finally:
-                # only now: while the lease is being released the node still counts as ours (busy), so a tick
-                # meanwhile cannot start a second task whose fresh lease this release would then clear
-                self._tasks.pop((rid, host), None)
-                self.wake()
-
-    def _release(self, rid: str, host: str) -> None:
-        with self.store.session() as s:
-            n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
-            if n is not None and n.lease_owner == self.owner:
-                n.lease_owner = None
-                n.lease_expiry = None
+            self._tasks.pop((rid, host), None)
+            self.wake()
 
     def _is_builder(self, s: Session, n: RolloutNode) -> bool:
         if not n.build_key:
@@ -655,17 +723,15 @@ class RolloutEngine:
         b = s.get(Build, n.build_key)
         return b is not None and b.builder == n.hostname and b.status in (BuildStatus.PENDING, BuildStatus.BUILDING)
 
-    def _prepare(self, rid: str, host: str) -> StepRun | None:
-        """Claim the node, advance it through bookkeeping states, and return the step to run (or None)."""
+    def _prepare(self, rid: str, host: str, held: Held) -> StepRun | None:
+        """Advance the node through bookkeeping states and return the step to run (or None); fenced by ``held``."""
         now = utcnow()
         with self.store.session() as s:
-            lease_now = db_now(s)  # the lease is judged by the database's clock, as in ``_claim``
+            hold_lease(s, held)
             r = s.get(Rollout, rid)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == rid, RolloutNode.hostname == host))
-            if r is None or n is None or not lease_free(n.lease_owner, n.lease_expiry, self.owner, lease_now):
+            if r is None or n is None:
                 return None
-            if not take_lease(s, n, self.owner, lease_now + dt.timedelta(seconds=self.lease_ttl)):
-                return None  # another engine claimed the node between our read and our write
             plan = plan_from_json(n.plan)
             opts = r.options or {}
             for _ in range(4):  # bookkeeping moves: planned → first step, waiting → build/install
@@ -746,14 +812,14 @@ class RolloutEngine:
             built = b.artifact_sha256 if b is not None and b.status == BuildStatus.SUCCEEDED else None
         return Provision(needs, n.build_key if state == State.BUILD else None, built)
 
-    async def _provide(self, step: StepRun) -> bool:
+    async def _provide(self, step: StepRun, held: Held) -> bool:
         """Get the step's inputs into the artifact store (fetching from upstream if need be) and add them to its
         job vars. Visible while it runs (the node's cause) and after (``result.artifacts``); a failure fails the
         node — and its build, so nodes waiting on it fail too — with what went wrong and what to do."""
         assert step.provision is not None and self.provisioner is not None
         prov, provisioner = step.provision, self.provisioner
         where = provisioner.upstream.config.describe()
-        await self._db(self._note, step, f"{step.kind}: getting its artifacts into the store ({where})")
+        await self._db(self._note, step, held, f"{step.kind}: getting its artifacts into the store ({where})")
         started = time.monotonic()
         try:
             if step.state == State.BUILD:
@@ -768,20 +834,21 @@ class RolloutEngine:
                 chosen = await asyncio.to_thread(install_set)
                 extra, got = chosen.job_vars(), chosen.describe()
         except FleetError as exc:
-            await self._db(self._provision_failed, step, exc)
+            await self._db(self._provision_failed, step, held, exc)
             return False
         except Exception as exc:  # a bug: fail the node saying so, never re-run the step in a loop (the task restarts)
             log.exception("rollout %s: getting %s's artifacts failed", step.rollout_id, step.hostname)
-            await self._db(self._provision_failed, step, FleetError(
+            await self._db(self._provision_failed, step, held, FleetError(
                 f"internal error while getting the artifacts: {type(exc).__name__}: {exc}",
                 hint="see the controller's log; report it"))
             return False
         step.vars.update(extra)
-        await self._db(self._provided, step, got, round(time.monotonic() - started, 3))
+        await self._db(self._provided, step, held, got, round(time.monotonic() - started, 3))
         return True
 
-    def _provided(self, step: StepRun, got: list[dict[str, Any]], seconds: float) -> None:
+    def _provided(self, step: StepRun, held: Held, got: list[dict[str, Any]], seconds: float) -> None:
         with self.store.session() as s:
+            hold_lease(s, held)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
             if n is not None and n.state == str(step.state):
@@ -792,7 +859,11 @@ class RolloutEngine:
     def _on_job_event(self, ev: JobEventRecord) -> None:
         """A step's agent waits for busy GPUs (``fleet_gpu_busy``, agent/busy_guard.py) or has them after waiting
         (``fleet_gpu_idle``): the node's cause says so, for `fleetctl rollout status` and the rollout page. Written
-        on the store's pool (the caller may be the event loop), and only while the node is in that job's step."""
+        on the store's pool (the caller may be the event loop), and only while the node is in that job's step.
+
+        Not a leader's write, so not fenced: the events reach the controller the node's agent talks to, which need not
+        be the one driving the rollout; the note changes no state, and the job id matches nothing once the node has
+        left that step (whoever drives the rollout now)."""
         data = ev.data if isinstance(ev.data, Mapping) else {}
         if ev.event == "fleet_gpu_busy" and data.get("action") == "waiting":
             text = str(data.get("reason") or "waiting for busy GPUs")
@@ -807,17 +878,19 @@ class RolloutEngine:
             s.execute(update(RolloutNode).where(RolloutNode.job_id == job_id).values(cause=text[:4000])
                       .execution_options(synchronize_session=False))
 
-    def _note(self, step: StepRun, text: str) -> None:
+    def _note(self, step: StepRun, held: Held, text: str) -> None:
         with self.store.session() as s:
+            hold_lease(s, held)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
             if n is not None and n.state == str(step.state):
                 n.cause = text[:4000]
 
-    def _provision_failed(self, step: StepRun, exc: FleetError) -> None:
+    def _provision_failed(self, step: StepRun, held: Held, exc: FleetError) -> None:
         cause = f"{step.kind} not started: {describe_failure(exc)}; then `fleetctl rollout resume " \
                 f"{step.rollout_id} --retry-failed`"
         with self.store.session() as s:
+            hold_lease(s, held)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
             if n is None or n.state != str(step.state):
@@ -943,21 +1016,28 @@ class RolloutEngine:
                 return str(found[0].sha256)
         return None
 
-    async def _execute(self, step: StepRun) -> JobOutcome:
-        job_id = step.job_id or await self._db(self._find_job, step)
+    async def _execute(self, step: StepRun, held: Held) -> JobOutcome | None:
+        """The step's job (submitted by ``_submit``, or the one it already has) and its outcome; None when the node
+        left the step before a job was submitted."""
+        job_id = step.job_id
+        spec: JobSpec | None = None
         if job_id is None:
-            job_id = await self.jobs.submit_job(step.hostname, step.kind, step.vars, timeout=step.timeout)
-            await self._db(self._record_job, step, job_id, True)
+            submitted = await self._db(self._submit, step, held)
+            if submitted is None:
+                return None
+            job_id, spec = submitted
+        if spec is not None:
+            self.jobs.offer(step.hostname, spec)  # committed: to the agent now (else the watchdog's claim sends it)
         else:
             log.info("rollout %s: %s re-attached to job %s (%s)", step.rollout_id, step.hostname, job_id, step.kind)
-            await self._db(self._record_job, step, job_id, False)
         step.job_id = job_id
         remaining = (step.deadline - utcnow()).total_seconds()
         try:
             return await self.jobs.wait(job_id, timeout=max(0.0, remaining))
         except TimeoutError:
             try:
-                await self.jobs.cancel_async(job_id, f"rollout step deadline ({step.timeout}s) passed")
+                await self.jobs.cancel_async(job_id, f"rollout step deadline ({step.timeout}s) passed",
+                                             fence=lambda s: hold_lease(s, held))
             except ConflictError:
                 finished = await self.store.call(self.jobs.outcome, job_id)
                 if finished is not None:
@@ -966,36 +1046,45 @@ class RolloutEngine:
                               f"no result for {step.kind} within {step.timeout}s: the node's agent is gone or stuck "
                               f"(`fleetctl node {step.hostname}` shows when it was last seen)")
 
-    def _record_job(self, step: StepRun, job_id: str, submitted: bool) -> None:
-        """The step's job id, right after submission (``submitted``; the build's too) or on re-attaching. If
-        this fails (the database locked past its timeout), the restarted step finds the job (``_find_job``)."""
+    def _submit(self, step: StepRun, held: Held) -> tuple[str, JobSpec | None] | None:
+        """The step's job and its id on the node (and on its build), in one transaction fenced by ``held``: a job
+        that already exists for this step, else a new one (its ``JobSpec``: to offer once this has committed). None
+        when the node is no longer in this step. A kill -9 leaves both the job and its id, or neither."""
         with self.store.session() as s:
+            hold_lease(s, held)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
-            if not submitted:
-                if n is not None and n.job_id is None:
-                    n.job_id = job_id
-                return
-            if n is not None:
-                n.job_id = job_id
-            if step.state == State.BUILD and n is not None and n.build_key:
+            if n is None or n.state != str(step.state):
+                return None
+            if n.job_id is not None:
+                return n.job_id, None
+            spec = None
+            job_id = self._find_job(s, step)
+            if job_id is None:
+                spec = self.jobs.insert_job(s, step.hostname, step.kind, step.vars, step.timeout)
+                job_id = spec.job_id
+            n.job_id = job_id
+            if step.state == State.BUILD and n.build_key:
                 b = s.get(Build, n.build_key)
                 if b is not None:
                     b.job_id = job_id
+            return job_id, spec
 
-    def _find_job(self, step: StepRun) -> str | None:
-        """A job for this step submitted before a crash, before its id was recorded."""
-        with self.store.session() as s:
-            rows = s.scalars(select(Job).where(Job.node == step.hostname, Job.kind == step.kind,
-                                               Job.created_at >= step.started_at).order_by(Job.created_at))
-            for row in rows:
-                v = row.vars or {}
-                if v.get("rollout_id") == step.rollout_id and v.get("attempt") == step.vars.get("attempt"):
-                    return row.id
+    @staticmethod
+    def _find_job(s: Session, step: StepRun) -> str | None:
+        """A job of this step whose id the node does not have: one submitted by a controller older than ``_submit``,
+        killed between submitting it and recording its id."""
+        rows = s.scalars(select(Job).where(Job.node == step.hostname, Job.kind == step.kind,
+                                           Job.created_at >= step.started_at).order_by(Job.created_at))
+        for row in rows:
+            v = row.vars or {}
+            if v.get("rollout_id") == step.rollout_id and v.get("attempt") == step.vars.get("attempt"):
+                return row.id
         return None
 
-    def _finish_step(self, step: StepRun, outcome: JobOutcome) -> None:
+    def _finish_step(self, step: StepRun, outcome: JobOutcome, held: Held) -> None:
         with self.store.session() as s:
+            hold_lease(s, held)
             n = s.scalar(select(RolloutNode).where(RolloutNode.rollout_id == step.rollout_id,
                                                    RolloutNode.hostname == step.hostname))
             if n is None or n.state != str(step.state) or n.job_id not in (None, step.job_id):

@@ -1,7 +1,8 @@
-"""Rollout tables (same ``Base`` as controller/store/models.py; migrations ``rollout_0001``, ``rollout_0002``).
+"""Rollout tables (same ``Base`` as controller/store/models.py; migrations ``rollout_0001`` to ``rollout_0003``).
 
-* ``rollouts`` — one row per ``fleetctl rollout flash-attn``: options, status, driver lease.
-* ``rollout_nodes`` — per node: plan, batch, state, current step + its job, attempt, lease.
+* ``rollouts`` — one row per ``fleetctl rollout flash-attn``: options, status. The engine that drives it holds its
+  lease ``rollout:<id>`` in the ``leases`` table (controller/leases.py; migration ``rollout_0003``).
+* ``rollout_nodes`` — per node: plan, batch, state, current step + its job, attempt.
 * ``rollout_transitions`` — every state change of a node: from, to, at, cause (append-only).
 * ``builds`` — one row per build key (global, reused across rollouts): builder node, artifact.
 
@@ -36,8 +37,6 @@ class Rollout(Base):
     current_batch: Mapped[int] = mapped_column(Integer, default=0)
     batches: Mapped[int] = mapped_column(Integer, default=0)
     canary_ack: Mapped[bool] = mapped_column(Boolean, default=False)
-    lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expiry: Mapped[dt.datetime | None]
     # maintenance policy (migration rollout_0002): `rollout approve` after the canaries, the engine's reason for
     # starting no new node (core.Hold.to_json), the last status a webhook notification was queued for
     approved_by: Mapped[str | None] = mapped_column(String(128))
@@ -68,8 +67,6 @@ class RolloutNode(Base):
     cause: Mapped[str] = mapped_column(Text, default="")  # of the last transition
     diagnosis: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # per-step results (sha256, verify…)
-    lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expiry: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime]
 
 

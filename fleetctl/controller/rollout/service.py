@@ -20,6 +20,7 @@ from fleetctl.controller import attention
 from fleetctl.controller.audit import audit
 from fleetctl.controller.audit import entries as audit_entries_of
 from fleetctl.controller.catalog import default_catalog
+from fleetctl.controller.leases import Lease
 from fleetctl.controller.local_wheels import catalog_wheel_name, controller_catalog, local_wheel_entries
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.provisioning import Availability, NodeNeeds, Provisioner, plan_env
@@ -56,7 +57,7 @@ from fleetctl.controller.rollout.core import (
     select_nodes,
     shared_env_installers,
 )
-from fleetctl.controller.rollout.engine import record
+from fleetctl.controller.rollout.engine import record, rollout_lease
 from fleetctl.controller.rollout.models import Build, Rollout, RolloutNode, RolloutTransition
 from fleetctl.controller.store import Store, utcnow
 from fleetctl.controller.store.models import Job, Node
@@ -497,12 +498,13 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
                    "step_started_at": _iso(n.step_started_at), "step_deadline": _iso(n.step_deadline),
                    "attempt": n.attempt, "cause": n.cause, "diagnosis": n.diagnosis,
                    "variant": n.plan.get("variant"), "gpu": n.plan.get("gpu"), "build_key": n.build_key,
-                   "lease_owner": n.lease_owner, "updated_at": _iso(n.updated_at),
+                   "updated_at": _iso(n.updated_at),
                    "commands": manual_commands(n.plan or {})} for n in nodes],
         "transitions": [{"id": t.id, "hostname": t.hostname, "from": t.from_state, "to": t.to_state,
                          "at": t.at.isoformat(), "cause": t.cause, "job_id": t.job_id, "actor": t.actor}
                         for t in transitions],
         "active": r.status in ACTIVE_ROLLOUT,
+        "leader": leader_json(s.get(Lease, rollout_lease(r.id))),
         "opted_out": [n.hostname for n in nodes if n.state == State.SKIPPED and n.cause.startswith(OPT_OUT_CAUSE)],
         # maintenance policy: why no new node starts now (window, bake, max-unavailable), and the approval
         "hold": r.hold if r.status == RolloutStatus.RUNNING else None,
@@ -510,6 +512,14 @@ def rollout_json(s: Session, r: Rollout, *, since: int | None = None) -> dict[st
         "approval": {"required": bool(opts.get("pause_after_canary")), "approved_by": r.approved_by,
                      "approved_at": _iso(r.approved_at)},
     }
+
+
+def leader_json(lease: Lease | None) -> dict[str, Any] | None:
+    """Which controller's engine drives the rollout: its lease's holder (``host:pid:nonce``), fencing token and expiry
+    (database clock); None when no engine holds it (not started yet, released at the end)."""
+    if lease is None or lease.holder is None:
+        return None
+    return {"holder": lease.holder, "token": lease.token, "expires_at": _iso(lease.expires_at)}
 
 
 def public_options(opts: Mapping[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
             return any(n["state"] == "install" and n["in_step"] for n in st["nodes"])
 
         await until(installing, 30)
-        [(owner,)] = _query(pg_url, f"SELECT lease_owner FROM rollouts WHERE id = '{rid}'")
+        [(owner,)] = _query(pg_url, f"SELECT holder FROM leases WHERE name = 'rollout:{rid}'")
         assert a.proc is not None and b.proc is not None
         driver, other = (a, b) if f":{a.proc.pid}:" in owner else (b, a)
         loop = asyncio.get_running_loop()
@@ -64,7 +64,7 @@ async def test_rollout_moves_to_the_other_controller_after_kill9(pg_url: str, tm
         killed = loop.time()
 
         async def taken_over() -> bool:
-            [(now_owner,)] = _query(pg_url, f"SELECT lease_owner FROM rollouts WHERE id = '{rid}'")
+            [(now_owner,)] = _query(pg_url, f"SELECT holder FROM leases WHERE name = 'rollout:{rid}'")
             return bool(now_owner) and now_owner != owner
 
         await until(taken_over, 30, interval=0.05)

@@ -1,6 +1,6 @@
 """Two rollout engines (as two controller processes would run them) on one database (SQLite, PostgreSQL) at
-once: the rollout lease lets one drive while the other stands by, node leases keep every step single —
-each (node, step) job is submitted exactly once."""
+once: the rollout's lease (``rollout:<id>`` in ``leases``) lets one drive while the other stands by, and fences
+every write of the one that drives — each (node, step) job is submitted exactly once."""
 
 from __future__ import annotations
 

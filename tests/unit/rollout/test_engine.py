@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from sqlalchemy import select
 
 from fleetctl.agent.profiles import load_profile
 from fleetctl.controller.artifacts import Provenance
+from fleetctl.controller.leases import Held, Lease, LeaseLost, acquire, db_now
 from fleetctl.controller.rollout import service
-from fleetctl.controller.rollout.engine import RolloutEngine
+from fleetctl.controller.rollout.engine import RolloutEngine, rollout_lease
 from fleetctl.controller.rollout.models import Build, RolloutNode, RolloutTransition
 from fleetctl.controller.rollout.service import RolloutRequest
 from fleetctl.controller.store.models import Job
@@ -208,9 +210,9 @@ async def test_vanished_agent_fails_after_step_timeout(fleet: FakeFleet) -> None
 
 
 class CrashingEngine(RolloutEngine):
-    """An engine whose process 'dies': its leases stay behind, nothing is cleaned up."""
+    """An engine whose process 'dies': its rollout leases stay behind, nothing is cleaned up."""
 
-    def _release(self, rid: str, host: str) -> None:
+    def _release(self, held: Sequence[Held]) -> None:
         return None
 
 
@@ -232,7 +234,7 @@ async def test_takeover_after_crash_reattaches_without_resubmitting(fleet: FakeF
         await task
     st = status(fleet, rid)
     mid = next(n for n in st["nodes"] if n["state"] == "build")
-    assert mid["in_step"] and mid["lease_owner"] == "another-host:1:dead"  # visible as mid-step
+    assert mid["in_step"] and st["leader"]["holder"] == "another-host:1:dead"  # visible as mid-step
     # worst case: the crash came after the job was submitted but before its id was recorded
     with fleet.ctx.store.session() as s:
         row = s.scalar(select(RolloutNode).where(RolloutNode.hostname == mid["hostname"]))
@@ -240,13 +242,55 @@ async def test_takeover_after_crash_reattaches_without_resubmitting(fleet: FakeF
         row.job_id = None
     async with running(fleet.new_engine(lease_ttl=1.0)) as eng:
         await asyncio.sleep(0.3)
-        assert status(fleet, rid)["nodes"][0]["lease_owner"] != eng.owner  # the live lease is respected
+        assert status(fleet, rid)["leader"]["holder"] != eng.owner  # the live lease is respected
         st = await fleet.wait_rollout(rid, "succeeded", "partial", "paused")
     assert st["status"] == "succeeded"
     assert fleet.jobs_of_kind("build-from-source") == [mid["hostname"]]  # not resubmitted
     with fleet.ctx.store.session() as s:
         b = s.scalars(select(Build)).one()
         assert b.status == "succeeded" and b.builder == mid["hostname"]
+
+
+async def test_an_engine_whose_lease_is_taken_over_stops_at_once_and_writes_nothing(fleet: FakeFleet) -> None:
+    """SQLite (one controller, two engines): the fence is the database's write lock. On PostgreSQL, with a stalled
+    renewal too: tests/integration/ha/test_rollout_fencing.py."""
+    fleet.kind_seconds["install-wheel"] = 1.0
+    rid = service.start_rollout(fleet.ctx.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%"))["id"]
+    async with running(fleet.new_engine(owner="host-a:1:a", lease_ttl=5.0)) as a:
+        await wait_for(lambda: all(n["in_step"] for n in status(fleet, rid)["nodes"]))
+        held_a = a._terms[rid].held
+        with fleet.ctx.store.session() as s:  # the lease expired, and another controller took it
+            row = s.get(Lease, rollout_lease(rid))
+            assert row is not None
+            row.expires_at = db_now(s) - dt.timedelta(seconds=1)
+        with fleet.ctx.store.session() as s:
+            taken = acquire(s, rollout_lease(rid), "host-b:2:b", 30.0)
+        assert taken is not None and taken.token == held_a.token + 1
+        await wait_for(lambda: rid not in a._terms and not a._tasks, timeout=2)
+        before = status(fleet, rid)
+        with pytest.raises(LeaseLost):
+            a._prepare(rid, "h100-1", held_a)
+        with pytest.raises(LeaseLost):
+            a._drive_db(rid, held_a, frozenset())
+        after = status(fleet, rid)
+        assert after["nodes"] == before["nodes"] and after["transitions"] == before["transitions"]
+        async with running(fleet.new_engine(owner="host-b:2:b", lease_ttl=5.0)):
+            st = await fleet.wait_rollout(rid, "succeeded", "partial", "paused")
+        assert rid not in a._terms
+    assert st["status"] == "succeeded"
+    assert all(n == 1 for n in fleet.job_counts().values()), fleet.job_counts()
+
+
+async def test_a_clean_stop_releases_the_lease_for_the_next_engine(fleet: FakeFleet) -> None:
+    fleet.kind_seconds["install-wheel"] = 1.0
+    rid = service.start_rollout(fleet.ctx.store, RolloutRequest(nodes="gpu=H100", canary=0, batch="100%"))["id"]
+    async with running(fleet.new_engine(owner="host-a:1:a", lease_ttl=60.0)):
+        await wait_for(lambda: any(n["in_step"] for n in status(fleet, rid)["nodes"]))
+    assert status(fleet, rid)["leader"] is None  # released: no 60 s wait for whoever comes next
+    async with running(fleet.new_engine(owner="host-b:2:b", lease_ttl=60.0)):
+        st = await fleet.wait_rollout(rid, "succeeded", "partial", "paused", timeout=30)
+    assert st["status"] == "succeeded"
+    assert all(n == 1 for n in fleet.job_counts().values()), fleet.job_counts()
 
 
 async def test_rollback(fleet: FakeFleet) -> None:
