@@ -47,8 +47,9 @@ def facts_to_proto(facts: NodeFacts, *, simulated: bool | None = None) -> pb.Nod
         msg.torch.CopyFrom(pb.TorchFacts(version=t.version, cuda=t.cuda, cxx11abi=t.cxx11abi,
                                          arch_list=list(t.arch_list), hip=t.hip))
     if facts.flash_attn is not None:
-        msg.flash_attn.CopyFrom(pb.FlashAttnFacts(version=facts.flash_attn.version,
-                                                  variant=facts.flash_attn.variant))
+        fa = facts.flash_attn
+        msg.flash_attn.CopyFrom(pb.FlashAttnFacts(version=fa.version, variant=fa.variant, beside=[
+            pb.FlashAttnFacts(version=b.version, variant=b.variant) for b in fa.beside]))
     if facts.apt is not None:
         msg.apt.CopyFrom(pb.AptFacts(errors=list(facts.apt.errors)))
     if facts.rocm is not None:

@@ -75,7 +75,8 @@ def facts_to_dict(msg: pb.NodeFacts) -> dict[str, Any]:
         "version": msg.torch.version, "cuda": msg.torch.cuda if msg.torch.HasField("cuda") else None,
         "cxx11abi": msg.torch.cxx11abi, "arch_list": list(msg.torch.arch_list), "hip": _optional(msg.torch, "hip")}
     obj["flash_attn"] = None if not msg.HasField("flash_attn") else {
-        "version": msg.flash_attn.version, "variant": msg.flash_attn.variant}
+        "version": msg.flash_attn.version, "variant": msg.flash_attn.variant,
+        "beside": [{"version": b.version, "variant": b.variant} for b in msg.flash_attn.beside]}
     obj["resources"] = None if not msg.HasField("resources") else {
         "cpu_cores": msg.resources.cpu_cores, "memory_mib": msg.resources.memory_mib}
     obj["apt"] = None if not msg.HasField("apt") else {"errors": list(msg.apt.errors)}

@@ -9,8 +9,8 @@ missing optional section (driver, toolkit, torch, flash_attn, apt) is ``None``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from fleetctl.fleet.errors import FactsError
@@ -108,10 +108,56 @@ class TorchFacts:
     hip: str | None = None  # torch.version.hip on ROCm builds ("6.2.41133-dd7f95766")
 
 
+# The order in which the node's ``flash_attn`` is chosen when several FlashAttention distributions share one
+# environment (FA4 4.x installs ``flash_attn.cute`` into the ``flash_attn`` package an FA2 already owns): what
+# ``import flash_attn`` gives first (FA2, FA1), then FA3, then FA4. The others are its ``beside``.
+FLASH_ATTN_ORDER = ("fa2", "fa1", "fa3", "fa4")
+MAX_FLASH_ATTN_BESIDE = 8
+
+
 @dataclass(frozen=True)
 class FlashAttnFacts:
     version: str
     variant: str
+    # addition (DESIGN §3.1: optional): the other FlashAttention distributions installed in the same environment
+    # (``flash-attn-4`` beside ``flash-attn``); () where there is one; their own ``beside`` is always ()
+    beside: tuple[FlashAttnFacts, ...] = ()
+
+    @property
+    def installed(self) -> tuple[FlashAttnFacts, ...]:
+        """Every FlashAttention installed in the environment, this one first, each without its ``beside``."""
+        return (replace(self, beside=()), *self.beside)
+
+
+def same_distribution(a: str, b: str) -> bool:
+    """Whether variants ``a`` and ``b`` are installed by one distribution (FA1 and FA2 are both ``flash-attn``):
+    installing one replaces the other; FA3 (``flash_attn_3``) and FA4 (``flash-attn-4``) install beside them."""
+    def dist(variant: str) -> str:
+        return "flash-attn" if variant in ("fa1", "fa2") else variant
+    return dist(a) == dist(b)
+
+
+def with_installed(current: FlashAttnFacts | None, new: FlashAttnFacts) -> FlashAttnFacts:
+    """An environment's ``flash_attn`` facts after ``new`` was installed into it (``current``: before; None:
+    none): ``new`` replaces the one of its own distribution and the others stay, as pip does."""
+    kept = [f for f in (current.installed if current else ()) if not same_distribution(f.variant, new.variant)]
+    together = installed_together([*kept, new])
+    assert together is not None
+    return together
+
+
+def flash_attn_rank(variant: str) -> int:
+    """Where ``variant`` comes in ``FLASH_ATTN_ORDER`` (unknown ones last)."""
+    return FLASH_ATTN_ORDER.index(variant) if variant in FLASH_ATTN_ORDER else len(FLASH_ATTN_ORDER)
+
+
+def installed_together(installed: Sequence[FlashAttnFacts]) -> FlashAttnFacts | None:
+    """The ``flash_attn`` facts of an environment where ``installed`` are (None: none): the first in
+    ``FLASH_ATTN_ORDER``, the others ``beside`` it in that order."""
+    ordered = sorted(installed, key=lambda f: flash_attn_rank(f.variant))
+    if not ordered:
+        return None
+    return replace(ordered[0], beside=tuple(replace(f, beside=()) for f in ordered[1:]))
 
 
 @dataclass(frozen=True)
@@ -168,6 +214,10 @@ _GPU_ADDITIONS = ("vendor", "arch")
 def _drop_unset_additions(out: dict[str, Any]) -> None:
     if out.get("rocm") is None:
         out.pop("rocm", None)
+    fa = out.get("flash_attn")
+    for entry in ([fa, *(fa.get("beside") or [])] if isinstance(fa, dict) else []):
+        if not entry.get("beside"):
+            entry.pop("beside", None)
     for section, keys in _ADDITIONS.items():
         if isinstance(out.get(section), dict):
             for key in keys:
@@ -336,9 +386,15 @@ def parse_node(obj: Any) -> NodeFacts:
     )
 
     fa_r = top.section("flash_attn", required=False)
-    flash_attn = None if fa_r is None else FlashAttnFacts(
-        version=fa_r.req_text("version", TORCH_VERSION_RE, "flash-attn version"),
-        variant=fa_r.req_text("variant"))
+    flash_attn = None
+    if fa_r is not None:
+        beside = [_Reader(v, node, f"flash_attn.beside[{i}]")
+                  for i, v in enumerate(fa_r.items("beside", limit=MAX_FLASH_ATTN_BESIDE, required=False) or [])]
+        flash_attn = FlashAttnFacts(
+            version=fa_r.req_text("version", TORCH_VERSION_RE, "flash-attn version"),
+            variant=fa_r.req_text("variant"),
+            beside=tuple(FlashAttnFacts(version=b.req_text("version", TORCH_VERSION_RE, "flash-attn version"),
+                                        variant=b.req_text("variant")) for b in beside))
 
     res_r = top.section("resources", required=True)
     assert res_r is not None

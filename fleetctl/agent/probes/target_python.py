@@ -36,6 +36,7 @@ from fleetctl.fleet.facts import (
     DOTTED_RE,
     ENV_FS_RE,
     ENV_PATH_RE,
+    MAX_FLASH_ATTN_BESIDE,
     PY_ABI_RE,
     PY_VERSION_RE,
     TORCH_HIP_RE,
@@ -43,12 +44,12 @@ from fleetctl.fleet.facts import (
     FlashAttnFacts,
     PythonFacts,
     TorchFacts,
+    flash_attn_rank,
+    installed_together,
 )
 
 TARGET_TIMEOUT_S = 120.0  # importing torch on a cold disk can take tens of seconds
 ENV_TARGET_PYTHON = "FLEET_TARGET_PYTHON"
-# FA2/FA1 first: that is what the product installs and what "already at the target version" compares.
-_VARIANT_ORDER = {"fa2": 0, "fa1": 1, "fa3": 2, "fa4": 3}
 #: The target interpreter as the playbooks accept it (their ``python`` validation): an absolute path of plain
 #: characters. It becomes ``python.executable`` in the facts and the ``python`` of every job.
 PYTHON_PATH_RE = re.compile(r"/[A-Za-z0-9._/-]{1,4095}")
@@ -127,23 +128,25 @@ def parse_probe_output(stdout: str, *, interpreter: str) -> TargetResult:
     else:
         errors.append(f"torch: not importable in {python.executable}: {data.get('torch_error') or 'unknown reason'}")
 
-    flash_attn = None
     installed = [d for d in data.get("flash_attn") or [] if isinstance(d, dict)]
     if data.get("flash_attn_error"):
         errors.append(f"flash-attn: {data['flash_attn_error']}")
     if installed:
+        installed.sort(key=lambda d: flash_attn_rank(str(d.get("variant"))))
         extra["flash_attn_installed"] = installed
-        installed.sort(key=lambda d: _VARIANT_ORDER.get(str(d.get("variant")), 9))
-        first = installed[0]
-        fa_version = _normalise_version(str(first.get("version", "")))
-        variant = str(first.get("variant"))
+    recognised: list[FlashAttnFacts] = []
+    for dist in installed[:MAX_FLASH_ATTN_BESIDE + 1]:
+        fa_version = _normalise_version(str(dist.get("version", "")))
+        variant = str(dist.get("variant"))
+        name = str(dist.get("distribution"))[:80]
         if not VARIANT_RE.fullmatch(variant):
-            dist = str(first.get("distribution"))[:80]
-            errors.append(f"flash-attn: unrecognised variant {variant[:80]!r} of {dist!r}; left out")
+            errors.append(f"flash-attn: unrecognised variant {variant[:80]!r} of {name!r}; left out")
         elif TORCH_VERSION_RE.fullmatch(fa_version):
-            flash_attn = FlashAttnFacts(version=fa_version, variant=variant)
+            recognised.append(FlashAttnFacts(version=fa_version, variant=variant))
         else:
-            errors.append(f"flash-attn: unrecognised version {first.get('version')!r} of {first.get('distribution')}")
+            errors.append(f"flash-attn: unrecognised version {str(dist.get('version'))[:80]!r} of {name}")
+    # FA2/FA1 first (what the product installs and "already at the target version" compares), the rest beside it
+    flash_attn = installed_together(recognised)
     return TargetResult(python=python, torch=torch, flash_attn=flash_attn, extra=extra, errors=tuple(errors))
 
 

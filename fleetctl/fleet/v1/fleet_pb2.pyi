@@ -276,17 +276,25 @@ class FlashAttnFacts(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    BESIDE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     variant: _builtins.str
+    @_builtins.property
+    def beside(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlashAttnFacts]:
+        """Addition: the other FlashAttention distributions installed in the same environment (flash-attn-4 beside
+        flash-attn); empty where there is one. Their own `beside` is empty.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         variant: _builtins.str = ...,
+        beside: _abc.Iterable[Global___FlashAttnFacts] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["variant", b"variant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beside", b"beside", "variant", b"variant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,7 +16,7 @@ from fleetctl.agent.probes.os_info import OsProbe, parse_glibc, parse_meminfo_mi
 from fleetctl.agent.probes.system import CommandNotFound, CommandTimeout, FileUnreadable, ProbeError
 from fleetctl.agent.probes.target_python import TargetPythonProbe, default_target_python, parse_probe_output
 from fleetctl.fleet.errors import UsageError
-from fleetctl.fleet.facts import parse_node
+from fleetctl.fleet.facts import FlashAttnFacts, parse_node
 from tests.unit.agent.conftest import ScriptedRunner, fixture_text, ok
 
 # ---------------------------------------------------------------- nvcc
@@ -341,6 +341,8 @@ def test_parse_probe_output_flash_attn_coinstalled_prefers_fa2() -> None:
     assert result.flash_attn is not None
     assert (result.flash_attn.version, result.flash_attn.variant) == ("2.8.3", "fa2")
     assert [d["variant"] for d in result.extra["flash_attn_installed"]] == ["fa2", "fa3", "fa4"]
+    # the others are facts too (flash_attn.beside), in the same order, versions spelled as the contract takes them
+    assert result.flash_attn.beside == (FlashAttnFacts("3.0.0b1", "fa3"), FlashAttnFacts("4.0.0b27", "fa4"))
 
 
 def test_parse_probe_output_garbage() -> None:

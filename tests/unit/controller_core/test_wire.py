@@ -14,7 +14,7 @@ from fleetctl.controller import wire as controller_wire
 from fleetctl.controller.registry import Registry
 from fleetctl.controller.store import open_store
 from fleetctl.fleet.errors import FactsError, InputError
-from fleetctl.fleet.facts import NodeFacts, RocmFacts, parse_node
+from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts, RocmFacts, parse_node
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.v1 import fleet_pb2 as pb
 from tests.unit.controller_core.util import add_identity
@@ -86,6 +86,7 @@ def _every_addition() -> NodeFacts:
         python=dataclasses.replace(facts.python, abi="cp313t"),
         torch=dataclasses.replace(facts.torch, hip="6.2.41133-dd7f95766", arch_list=("gfx942", "gfx90a")),
         rocm=RocmFacts(version="6.2.4", smi="amd-smi"),
+        flash_attn=FlashAttnFacts("2.8.3", "fa2", beside=(FlashAttnFacts("4.0.0b36", "fa4"),)),
     )
 
 
@@ -100,6 +101,8 @@ def test_every_added_field_survives_agent_proto_controller_store_and_read_back(t
     assert stored == facts
     assert stored is not None and stored.rocm == RocmFacts(version="6.2.4", smi="amd-smi")
     assert stored.python.free_threaded and stored.gpus[0].arch == "gfx942" and stored.os.jetpack == "6.1"
+    assert stored.flash_attn is not None and stored.flash_attn.beside == (FlashAttnFacts("4.0.0b36", "fa4"),)
+    assert stored.to_json()["flash_attn"]["beside"] == [{"version": "4.0.0b36", "variant": "fa4"}]
 
 
 def test_an_older_agent_sends_none_of_the_additions_and_they_stay_unset() -> None:
@@ -109,3 +112,7 @@ def test_an_older_agent_sends_none_of_the_additions_and_they_stay_unset() -> Non
     assert back.rocm is None and back.os.family is None and back.python.abi is None
     assert all(g.vendor is None and g.arch is None for g in back.gpus)
     assert "rocm" not in back.to_json() and "abi" not in back.to_json()["python"]
+    with_fa = dataclasses.replace(facts, flash_attn=FlashAttnFacts("2.8.3", "fa2"))
+    back, _ = controller_wire.facts_from_proto(agent_wire.facts_to_proto(with_fa))
+    assert back.flash_attn == FlashAttnFacts("2.8.3", "fa2") and back.to_json()["flash_attn"] == {
+        "version": "2.8.3", "variant": "fa2"}  # printed exactly as before the addition
