@@ -3,7 +3,8 @@
 A simulated node has no GPU and usually no Debian root of its own, so what a playbook *does* there is
 simulated: each job kind takes a while, succeeds or fails as the node's profile says, and changes the
 node's (simulated) facts the way the real playbook changes a real node — ``install-wheel`` and
-``build-from-source`` install the target flash-attn, ``rollback`` restores the previous one. A build
+``build-from-source`` install the target flash-attn (replacing the one of its distribution; FA3 and FA4 go
+beside an FA2, as pip puts them), ``rollback`` restores the previous one. A build
 writes a small stand-in wheel and hands it back (``result["built_wheel"]``) and, when bound to the
 agent, uploads it through the agent's real ``UploadArtifact`` RPC. ``verify`` returns the GPU model's
 verification result (agent/verify/simulated.py). Everything is flagged ``simulated``.
@@ -26,11 +27,27 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fleetctl.agent.verify.simulated import simulate_for_facts
-from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts
+from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts, same_distribution, with_installed
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.verification import EXPECTS
 
 DEFAULT_SECONDS: Mapping[str, float] = {"build-from-source": 4.0, "*": 0.6}
+
+
+def rollback_result(before: FlashAttnFacts | None, now: FlashAttnFacts | None) -> dict[str, Any]:
+    """rollback.yml's ``rollback`` result on a node whose flash-attn facts go back from ``now`` to ``before``:
+    it acts on the distribution the install changed only (FA4's, with an FA2 beside it left alone) and restores
+    what the node had of that one, or removes it (nothing changed since: the record's own is restored again)."""
+    was = before.installed if before else ()
+    changed = next((f.variant for f in (now.installed if now else ()) if f not in was), None)
+    if changed is None:
+        previous = was[0] if was else None
+    else:
+        previous = next((f for f in was if same_distribution(f.variant, changed)), None)
+    return {"action": "restored" if previous else "removed",
+            "restored_version": previous.version if previous else None}
+
+
 class Uploader(Protocol):
     """``Agent.upload_artifact``: the controller accepts a build's wheel only with its job id."""
 
@@ -73,15 +90,19 @@ class SimulatedJobRunner:
             return  # never installed anything: the profile's facts
 
         def fa(v: Any) -> FlashAttnFacts | None:
-            return FlashAttnFacts(str(v["version"]), str(v["variant"])) if isinstance(v, dict) else None
+            if not isinstance(v, dict):
+                return None
+            beside = tuple(FlashAttnFacts(str(b["version"]), str(b["variant"])) for b in v.get("beside") or [])
+            return FlashAttnFacts(str(v["version"]), str(v["variant"]), beside)
 
         self.facts = replace(self.facts, flash_attn=fa(data.get("flash_attn")))
         before = data.get("before_install")
         self.before_install = (fa(before[0]),) if isinstance(before, list) and before else None
 
     def _save(self) -> None:
-        def fa(v: FlashAttnFacts | None) -> dict[str, str] | None:
-            return {"version": v.version, "variant": v.variant} if v is not None else None
+        def fa(v: FlashAttnFacts | None) -> dict[str, Any] | None:
+            return {"version": v.version, "variant": v.variant,
+                    "beside": [{"version": b.version, "variant": b.variant} for b in v.beside]} if v else None
 
         data = {"flash_attn": fa(self.facts.flash_attn),
                 "before_install": [fa(self.before_install[0])] if self.before_install is not None else None}
@@ -120,7 +141,7 @@ class SimulatedJobRunner:
             result["built_wheel"] = {"path": str(wheel), "sha256": sha, "filename": wheel.name}
         if job.kind in ("install-wheel", "build-from-source") and version:
             variant = str(job.vars.get("variant") or "fa2").split("-")[0]
-            installed = FlashAttnFacts(str(version), variant)
+            installed = with_installed(self.facts.flash_attn, FlashAttnFacts(str(version), variant))
             if self.facts.flash_attn != installed:
                 self.before_install = (self.facts.flash_attn,)
             self.facts = replace(self.facts, flash_attn=installed)
@@ -130,9 +151,8 @@ class SimulatedJobRunner:
                 result["rollback"] = {"action": "none", "restored_version": None}
             else:
                 (before,) = self.before_install
+                result["rollback"] = rollback_result(before, self.facts.flash_attn)
                 self.facts = replace(self.facts, flash_attn=before)
-                result["rollback"] = {"action": "restored" if before else "removed",
-                                      "restored_version": before.version if before else None}
                 self._save()
         elif job.kind == "verify":
             mode = str(job.vars.get("mode") or "quick")

@@ -11,16 +11,19 @@ written by its owner. Only the agents are fake. A ``FakeAgent`` sits where the g
 * it takes its jobs from ``JobDispatcher.stream_for``, reports events (``record_events_async``) and the
   outcome its ``JobScript`` says (``complete_async``), then its facts again, as a real agent does when the
   controller asks for fresh facts after a job: an install or a build changes the node's flash-attn;
-* a ``verify`` job reports a ``fleet.verification`` result with the figures scripted for the node (or the
-  usual figures of its GPU model); the controller judges it (``verify_store``), as it judges a real node's.
+* an install puts the target beside the FlashAttention of other distributions (FA4 beside FA2, as pip does:
+  ``fleet.facts.with_installed``); a ``verify`` job reports a ``fleet.verification`` result with the figures
+  scripted for the node (or the usual figures of its GPU model) for every FlashAttention installed, verifying
+  the one the job's ``expect`` names; the controller judges it (``verify_store``), as it judges a real node's.
 
 What a test can make the simulated fleet do (all of it simulated, none of it a real agent's code):
 
 * per node and job kind (``FakeFleet.script``, a ``JobScript``): take ``seconds``; fail with an ``error``
   and a failed task's ``log``; ``hang`` (take the job and never answer); succeed without changing the
   node's flash-attn (``installs=False``); for ``verify``: other ``figures``, a replayed real ``result``, or
-  a flash-attn that fails to import (``import_error``) — an agent without a verification runner is a
-  verify ``JobScript(error="unknown job kind 'verify'...")``;
+  a flash-attn that fails to import (``import_error``; ``import_error_of="fa4"``: only FA4's, where FA4 is
+  installed beside FA2) — an agent without a verification runner is a verify
+  ``JobScript(error="unknown job kind 'verify'...")``;
 * per job kind, how long an unscripted job takes (``kind_seconds``; ``default_seconds`` for the rest);
 * nodes: add them (``add_node(s)``, from ``agent.profiles.load_profile`` or any ``NodeFacts``), change their
   facts under the agent (``change_facts``, also "the node is heard of again"), stop an agent
@@ -75,16 +78,19 @@ from fleetctl.controller.store.models import Job
 from fleetctl.controller.verify_store.service import VerificationService
 from fleetctl.controller.web.app import close as close_dashboard
 from fleetctl.fleet.errors import FleetError, StoreError
-from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts
+from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts, with_installed
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.verification import (
+    FLASH_IMPLS,
     SCHEMA_VERSION,
     CorrectnessEntry,
     DeviceInfo,
     FlashAttnStatus,
     SpeedEntry,
     VerificationResult,
+    expect_for_variant,
     judge,
+    verified_among,
 )
 
 T = TypeVar("T")
@@ -96,6 +102,7 @@ USUAL_TFLOPS: Mapping[str, tuple[float, float]] = {
     "NVIDIA L40S": (165.0, 150.0), "NVIDIA GeForce RTX 4090": (152.0, 140.0), "NVIDIA A10": (62.0, 58.0),
     "NVIDIA L4": (45.0, 42.0), "Tesla T4": (21.0, 19.0)}
 OTHER_GPU_TFLOPS = (50.0, 45.0)
+FLASH_MODULES = {"flash_attn": "flash_attn", "fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # what imports
 # a fake agent's call the controller answers with a database error is sent again (the same payload), as
 # agent/client.py does for a real agent: this many times, this far apart, then the error stands
 AGENT_CALL_RETRIES = 40
@@ -126,7 +133,8 @@ class JobScript:
     (rc 2; ``log`` is the failed task's output, which the controller diagnoses) — or never answer (``hang``).
     For ``verify``: report ``result`` (a real node's, replayed: flagged simulated and re-addressed to this node),
     else one with ``figures`` (default: the usual ones of the node's GPU); with ``import_error`` the node's
-    flash-attn fails to import with that message instead (the verification fails: the node degrades).
+    flash-attn fails to import with that message instead (the verification fails: the node degrades) —
+    only the implementation ``import_error_of`` names (flash_attn | fa3 | fa4) when it is set.
     For ``install-wheel`` and ``build-from-source``: with ``installs=False`` the job succeeds but the node's
     flash-attn stays what it was (the wheel went into another Python than the one its facts describe)."""
 
@@ -137,34 +145,51 @@ class JobScript:
     result: VerificationResult | None = None
     hang: bool = False
     import_error: str | None = None
+    import_error_of: str | None = None
     installs: bool = True
 
 
 def verification_result(facts: NodeFacts, figures: Figures, *, mode: str = "quick", expect: str = "flash_attn",
-                        at: dt.datetime | None = None, import_error: str | None = None) -> VerificationResult:
-    """A simulated ``fleet.verification`` result of ``facts``'s node with ``figures``: it imports (unless
-    ``import_error``: the installed flash-attn fails to import with it), is correct, and is as fast as the
-    figures say; the node's own verdict (``judge`` without the fleet comparison, which the controller adds)."""
+                        at: dt.datetime | None = None, import_error: str | None = None,
+                        import_error_of: str | None = None) -> VerificationResult:
+    """A simulated ``fleet.verification`` result of ``facts``'s node with ``figures``: every FlashAttention
+    installed (FA2, and FA3/FA4 beside it) imports (unless ``import_error``: it fails to import with that,
+    only ``import_error_of`` when set), is correct, and is as fast as the figures say; the run verifies the one
+    ``expect`` names (``fleet.verification.verified_among``, as bench.py picks it); the node's own verdict
+    (``judge`` without the fleet comparison, which the controller adds). A node with no FlashAttention at all
+    is verified as an SDPA node whatever ``expect`` says (this double's old rule)."""
     finished = at or utcnow()
     gpu = facts.gpus[0] if facts.gpus else None
-    fa = facts.flash_attn
-    imports = fa is not None and import_error is None
-    status = FlashAttnStatus(import_ok=imports, version=fa.version if fa else None,
-                             error=None if imports else import_error or "No module named 'flash_attn' (simulated)")
-    impls = ("flash_attn", "sdpa_flash") if imports else ("sdpa_flash",)
-    tflops = {"flash_attn": figures.flash_tflops, "sdpa_flash": figures.sdpa_tflops}
+    installed = {expect_for_variant(f.variant): f for f in (facts.flash_attn.installed if facts.flash_attn else ())}
+    expect = expect if installed else "sdpa"
+    verified = verified_among(expect, installed)
+
+    def status(impl: str) -> FlashAttnStatus:
+        module = FLASH_MODULES[impl]
+        f = installed.get(impl)
+        broken = import_error is not None and import_error_of in (None, impl)
+        error = (import_error if broken else None) if f is not None else f"No module named '{module}' (simulated)"
+        if impl == "flash_attn":  # FA2/FA1 as results always described it
+            return FlashAttnStatus(import_ok=error is None, version=f.version if f else None, error=error)
+        return FlashAttnStatus(import_ok=error is None, version=f.version if f else None, error=error, impl=impl,
+                               implementation=impl, module=module, present=f is not None)
+
+    statuses = {impl: status(impl) for impl in FLASH_IMPLS if impl in installed or impl == verified}
+    impls = (*(i for i, st in statuses.items() if st.import_ok), "sdpa_flash")
     correctness = tuple(CorrectnessEntry(impl=i, status="ok", dtype="bfloat16", headdim=128, causal=False, batch=4,
                                          seqlen=2048, heads=16, fwd_rel_err=2.2e-3, threshold_fwd=2e-2,
                                          simulated=True) for i in impls)
     speed = tuple(SpeedEntry(impl=i, dtype="bfloat16", headdim=128, seqlen=seqlen, batch=16384 // seqlen, heads=16,
-                             causal=False, status="ok", tflops=tflops[i], simulated=True)
+                             causal=False, status="ok", simulated=True,
+                             tflops=figures.sdpa_tflops if i == "sdpa_flash" else figures.flash_tflops)
                   for i in impls for seqlen in (2048, 8192))
     result = VerificationResult(
         schema_version=SCHEMA_VERSION, simulated=True, mode=mode, status="pass", passed=True,
         started_at=finished - dt.timedelta(seconds=40), finished_at=finished, duration_s=40.0,
         device=DeviceInfo(name=gpu.name if gpu else None, compute_capability=gpu.compute_capability if gpu else None),
-        flash_attn=status, expect=expect if fa is not None else "sdpa", hostname=facts.hostname,
-        correctness=correctness, speed=speed)
+        flash_attn=statuses.get(verified or "flash_attn") or status("flash_attn"), expect=expect,
+        flash_attn_implementations=tuple(statuses.values()), hostname=facts.hostname, correctness=correctness,
+        speed=speed)
     return result.with_verdict(judge(result))
 
 
@@ -260,7 +285,8 @@ class FakeAgent:
             result["built_wheel"] = {"sha256": info.sha256, "filename": info.filename}
         if spec.kind in ("install-wheel", "build-from-source") and version and script.installs:
             variant = str(spec.vars.get("variant") or "fa2").split("-")[0]
-            self.facts = replace(self.facts, flash_attn=FlashAttnFacts(str(version), variant))
+            self.facts = replace(self.facts, flash_attn=with_installed(self.facts.flash_attn,
+                                                                       FlashAttnFacts(str(version), variant)))
         if spec.kind == "verify":
             gpu = self.facts.gpus[0].name if self.facts.gpus else None
             expect = str(spec.vars.get("expect") or "flash_attn")
@@ -269,7 +295,8 @@ class FakeAgent:
             else:
                 result["verification"] = verification_result(
                     self.facts, script.figures or usual_figures(gpu), mode=str(spec.vars.get("mode") or "quick"),
-                    expect=expect, import_error=script.import_error).to_json()
+                    expect=expect, import_error=script.import_error,
+                    import_error_of=script.import_error_of).to_json()
         return JobOutcome(spec.job_id, JobStatus.SUCCESSFUL, 0, result, None)
 
 

@@ -17,7 +17,7 @@ result is judged by the same rules wherever it came from (a bench that claims
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -48,11 +48,25 @@ IMPLEMENTATIONS = frozenset({"fa1", "fa2", "fa3", "fa4"})
 
 def expect_for_variant(variant: str) -> str:
     """The verification expectation for an installed or planned variant: "fa3"/"fa3-source" → fa3, "fa4" →
-    fa4, "sdpa"/"blocked" → sdpa, anything else (fa2-wheel, fa2-source, fa1-source, fa2...) → flash_attn."""
+    fa4, "sdpa"/"blocked" → sdpa, anything else (fa2-wheel, fa2-source, fa1-source, fa2...) → flash_attn. The
+    one rule for `fleetctl verify` (verify_store/service.py) and a rollout's verify step (rollout/engine.py)."""
     family = variant.split("-", 1)[0]
     if family in ("fa3", "fa4"):
         return family
     return "sdpa" if family in ("sdpa", "blocked") else "flash_attn"
+
+
+def verified_among(expect: str, present: Collection[str]) -> str | None:
+    """The implementation a run verifies (its entries' impl name) when ``present`` are installed, as bench.py's
+    ``choose_verified`` picks it (bench.py cannot import this module; tests/unit/verify check they agree):
+    ``fa3``/``fa4`` that one, installed or not; ``flash_attn`` FA2/FA1 when installed, else FA3, then FA4, else
+    ``flash_attn`` (its result then says why it is missing); None for ``sdpa``."""
+    if expect == "sdpa":
+        return None
+    if expect in FLASH_IMPLS[1:]:
+        return expect
+    return next((impl for impl in FLASH_IMPLS if impl in present), FLASH_IMPLS[0])
+
 
 ENTRY_STATUSES = frozenset({"ok", "fail", "error", "skipped", "unsupported", "oom", "timeout"})
 DTYPES = frozenset({"bfloat16", "float16"})

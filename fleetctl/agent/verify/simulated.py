@@ -33,6 +33,7 @@ from fleetctl.agent.verify import bench
 from fleetctl.fleet.errors import InputError
 from fleetctl.fleet.facts import NodeFacts
 from fleetctl.fleet.verification import (
+    IMPLEMENTATIONS,
     SCHEMA_VERSION,
     STATUS_NO_GPU,
     STATUS_NO_TORCH,
@@ -43,8 +44,10 @@ from fleetctl.fleet.verification import (
     FlashAttnStatus,
     SpeedEntry,
     VerificationResult,
+    expect_for_variant,
     failure_result,
     judge,
+    verified_among,
 )
 
 FAULTS_ENV = "FLEET_SIM_VERIFY_FAULTS"
@@ -163,14 +166,23 @@ def gpu_model_for(name: str) -> GpuModel:
 
 UNDEFINED_SYMBOL = ("ImportError: /opt/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu"
                     ".so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+# what ``import_error: true`` fails with, by the implementation it hits (FA4 is pure Python: a missing dependency)
+IMPORT_ERRORS: Mapping[str, str] = {
+    bench.FLASH_IMPL: UNDEFINED_SYMBOL,
+    bench.FA3_IMPL: ("ImportError: /opt/venv/lib/python3.11/site-packages/flash_attn_3/_C.abi3.so: undefined symbol: "
+                     "_ZN3c104cuda9SetDeviceEi"),
+    bench.FA4_IMPL: "ModuleNotFoundError: No module named 'cutlass'",
+}
 
 
 @dataclass(frozen=True)
 class SimFaults:
     """Knobs for simulated failures.  From a profile's ``verify_faults`` object or
-    ``$FLEET_SIM_VERIFY_FAULTS`` ("nan,slowdown=0.3,import_error,hang,oom_above=4096,no_gpu")."""
+    ``$FLEET_SIM_VERIFY_FAULTS`` ("nan,slowdown=0.3,import_error,hang,oom_above=4096,no_gpu";
+    "import_error,import_error_of=fa4": only FA4's import fails)."""
 
-    import_error: str | None = None  # flash_attn import fails with this text
+    import_error: str | None = None  # the FlashAttention import fails with this text
+    import_error_of: str | None = None  # the one whose import fails (flash_attn | fa3 | fa4); None: every one
     slowdown: float = 0.0  # 0.3: flash_attn (and SDPA flash) 30 % slower → a regression vs the fleet
     nan: bool = False  # flash_attn outputs NaN → correctness failure
     hang: bool = False  # the benchmark hangs → timeout result
@@ -185,7 +197,8 @@ class SimFaults:
 
     @classmethod
     def from_mapping(cls, obj: Mapping[str, Any]) -> SimFaults:
-        known = {"import_error", "slowdown", "nan", "hang", "oom_above_seqlen", "oom_above", "no_gpu"}
+        known = {"import_error", "import_error_of", "slowdown", "nan", "hang", "oom_above_seqlen", "oom_above",
+                 "no_gpu"}
         unknown = sorted(set(obj) - known)
         if unknown:
             raise InputError(f"unknown simulated verification fault(s): {', '.join(unknown)}",
@@ -193,12 +206,16 @@ class SimFaults:
         raw = obj.get("import_error")
         if raw is not None and not isinstance(raw, str | bool):
             raise InputError("verify_faults.import_error must be true or an error text")
-        imp: str | None = UNDEFINED_SYMBOL if raw is True else (raw or None)
+        of = obj.get("import_error_of")
+        if of is not None and of not in bench.FLASH_IMPLS:
+            raise InputError(f"verify_faults.import_error_of must be one of {', '.join(bench.FLASH_IMPLS)}, "
+                             f"got {of!r}")
+        imp: str | None = IMPORT_ERRORS[of or bench.FLASH_IMPL] if raw is True else (raw or None)
         slowdown = float(obj.get("slowdown", 0.0) or 0.0)
         if not 0.0 <= slowdown < 1.0:
             raise InputError(f"verify_faults.slowdown must be in [0, 1), got {slowdown}")
         oom = obj.get("oom_above_seqlen", obj.get("oom_above"))
-        return cls(import_error=imp, slowdown=slowdown, nan=bool(obj.get("nan", False)),
+        return cls(import_error=imp, import_error_of=of, slowdown=slowdown, nan=bool(obj.get("nan", False)),
                    hang=bool(obj.get("hang", False)), oom_above_seqlen=int(oom) if oom is not None else None,
                    no_gpu=bool(obj.get("no_gpu", False)))
 
@@ -284,15 +301,25 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                           flash_attn_version: str | None = "2.8.3", torch_version: str = "2.8.0+cu128",
                           cuda: str = "12.8", driver: str = "570.86.15", python: str = "3.11.7",
                           expect: str | None = None, faults: SimFaults | None = None,
-                          model_path: str | None = None, implementation: str | None = None) -> VerificationResult:
+                          model_path: str | None = None, implementation: str | None = None,
+                          beside: Mapping[str, str] | None = None) -> VerificationResult:
     """A verification result computed from the GPU model (no GPU involved).  ``implementation`` is the
-    installed FlashAttention's variant (fa1 | fa2 | fa3 | fa4; default: from the version, FA2/FA1)."""
+    installed FlashAttention's variant (fa1 | fa2 | fa3 | fa4; default: from the version, FA2/FA1);
+    ``beside``: the others installed in the same environment, impl name → version ({"fa4": "4.0.0b36"} beside
+    FA2).  As bench.py does, the run verifies what ``expect`` names (default: the installed one) and measures
+    every other one present beside it, whose failures are warnings."""
     gpu = gpu_model_for(gpu_name)
     faults = faults or SimFaults()
     started = (at or datetime.now(UTC)).astimezone(UTC)
     fa_impl = implementation if implementation in (bench.FA3_IMPL, bench.FA4_IMPL) else bench.FLASH_IMPL
     if expect is None:
         expect = fa_impl if fa_impl != bench.FLASH_IMPL else ("flash_attn" if gpu.flash_attn else "sdpa")
+    versions = {**(beside or {}), fa_impl: flash_attn_version}
+    present = [impl for impl in bench.FLASH_IMPLS if versions.get(impl) is not None]
+    verified = verified_among(expect, present)
+    # the rows bench.py reports: the verified implementation's and those of every other one present
+    reported = bench.reported_impls(verified, {impl: bench.FlashLoaded({"present": True}) for impl in present})
+    statuses = {impl: _flash_status(impl, versions.get(impl), faults) for impl in (*reported, bench.FLASH_IMPL)}
     seed = f"{node}|{started.isoformat()}"
     if faults.no_gpu:
         return failure_result(STATUS_NO_GPU, "torch.cuda.is_available() is False (simulated: no GPU visible)",
@@ -304,15 +331,18 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                               "its process group was killed", mode=mode, started_at=started,
                               finished_at=started + timedelta(seconds=timeout), simulated=True, expect=expect,
                               hostname=node)
-    fa = _flash_status(fa_impl, flash_attn_version, faults)
-    fa_runs = fa.import_ok and gpu.flash_attn is not None and (fa_impl == bench.FLASH_IMPL or gpu.bf16)
-    if fa_impl != bench.FLASH_IMPL and float(gpu.compute_capability) < 9.0:  # modelled on Hopper and newer only
-        fa_runs = False
+
+    def runs(impl: str) -> bool:
+        if impl != bench.FLASH_IMPL:  # FA3/FA4: bf16/fp16 kernels modelled on Hopper and newer only
+            return statuses[impl].import_ok and gpu.flash_attn is not None and gpu.bf16 \
+                and float(gpu.compute_capability) >= 9.0
+        return statuses[impl].import_ok and gpu.flash_attn is not None
 
     correctness = []
-    for impl, dtype, hd, causal in bench.correctness_cases(mode, (fa_impl,)):
-        is_fa = bench.flash_family(impl) is not None
-        if is_fa and not fa.import_ok:
+    for impl, dtype, hd, causal in bench.correctness_cases(mode, reported):
+        family = bench.flash_family(impl)
+        is_fa = family is not None
+        if family is not None and not statuses[family].import_ok:
             continue
         batch, seqlen = (1, sum(bench.VARLEN_SEQLENS)) if impl == "flash_attn_varlen" else (
             bench.CORRECTNESS_BATCH, bench.CORRECTNESS_SEQLEN)
@@ -320,8 +350,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                                   "seqlen": seqlen, "heads": bench.CORRECTNESS_HEADS, "simulated": True,
                                   "threshold_fwd": bench.THRESHOLDS[dtype]["fwd"],
                                   "threshold_bwd": bench.THRESHOLDS[dtype]["bwd"]}
-        if is_fa and not fa_runs:
-            correctness.append(CorrectnessEntry(status="error", reason=f"{fa_impl} does not run on compute "
+        if family is not None and not runs(family):
+            correctness.append(CorrectnessEntry(status="error", reason=f"{family} does not run on compute "
                                                 f"capability {gpu.compute_capability}", **common))
             continue
         why = _unsupported(gpu, impl if not is_fa else "flash_attn", dtype)
@@ -340,26 +370,27 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
             dq_rel_err=round(unit * 1.1 * r.uniform(0.9, 1.1), 7),
             dk_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7),
             dv_rel_err=round(unit * 1.7 * r.uniform(0.9, 1.1), 7), lowp_fwd_rel_err=round(unit * 0.75, 7), **common))
-    if not fa.import_ok:
-        correctness.append(CorrectnessEntry(impl=fa_impl, status="skipped", simulated=True,
-                                            reason=bench._not_importable(fa_impl)))
+    correctness.extend(CorrectnessEntry(impl=impl, status="skipped", simulated=True,
+                                        reason=bench._not_importable(impl))
+                       for impl in reported if not statuses[impl].import_ok)
 
     speed = []
     for dtype, hd, seqlen, causal in bench.speed_shapes(mode, bench.SEQLENS, gpu.bf16):
         batch = bench.TOTAL_TOKENS // seqlen
-        for impl in (fa_impl, *bench.SDPA_IMPLS):
+        for impl in (*reported, *bench.SDPA_IMPLS):
             shape: dict[str, Any] = {"impl": impl, "dtype": dtype, "headdim": hd, "seqlen": seqlen, "batch": batch,
                                      "heads": bench.HEADS, "causal": causal, "simulated": True}
-            if impl == fa_impl and not fa.import_ok:
-                speed.append(SpeedEntry(status="skipped", reason=bench._not_importable(fa_impl), **shape))
+            is_fa = impl in reported
+            if is_fa and not statuses[impl].import_ok:
+                speed.append(SpeedEntry(status="skipped", reason=bench._not_importable(impl), **shape))
                 continue
             if impl == "sdpa_math" and not bench.math_measured(mode, dtype, hd, seqlen, causal):
                 speed.append(SpeedEntry(status="skipped", reason=f"math backend measured only up to seqlen "
                                         f"{bench.MATH_MAX_SEQLEN} (plus the DESIGN §4 shape)", **shape))
                 continue
             why = _unsupported(gpu, impl, dtype)
-            if impl == fa_impl and not fa_runs:
-                why = why or f"{fa_impl} does not run on compute capability {gpu.compute_capability}"
+            if is_fa and not runs(impl):
+                why = why or f"{impl} does not run on compute capability {gpu.compute_capability}"
                 speed.append(SpeedEntry(status="error", reason=why, **shape))
                 continue
             if impl == "flash_attn" and gpu.flash_attn == "fa1" and dtype == "bfloat16":
@@ -376,9 +407,9 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
                 speed.append(SpeedEntry(status="oom", reason=f"CUDA out of memory (simulated: needs "
                                         f"{peak + inputs:.0f} MiB of {gpu.memory_mib} MiB)", **shape))
                 continue
-            if faults.slowdown and impl in (fa_impl, "sdpa_flash"):
+            if faults.slowdown and (is_fa or impl == "sdpa_flash"):
                 tflops *= 1.0 - faults.slowdown
-            if faults.nan and impl == fa_impl:
+            if faults.nan and is_fa:
                 speed.append(SpeedEntry(status="error", reason="NaN/Inf in output (simulated)", **shape))
                 continue
             flops = bench.attention_flops(batch, seqlen, bench.HEADS, hd, causal)
@@ -399,7 +430,7 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
         if impl in ("flash_attention_3", "flash_attention_4"):  # the model covers FA2 and SDPA end to end
             e2e.append(E2EEntry(status="unsupported", reason=f"{impl}: not modelled on simulated nodes", **common2))
             continue
-        if impl == "flash_attention_2" and not (fa_runs and fa_impl == bench.FLASH_IMPL):
+        if impl == "flash_attention_2" and not (bench.FLASH_IMPL in reported and runs(bench.FLASH_IMPL)):
             e2e.append(E2EEntry(status="unsupported", reason="FlashAttention2 cannot be used: flash_attn is not "
                                 "importable or does not run on this GPU", **common2))
             continue
@@ -422,7 +453,8 @@ def simulate_verification(gpu_name: str, *, node: str, mode: str = "quick", at: 
         device=DeviceInfo(name=gpu.name + " (simulated)", compute_capability=gpu.compute_capability,
                           memory_mib=gpu.memory_mib, index=0, driver=driver, torch=torch_version, cuda=cuda,
                           python=python),
-        flash_attn=fa, flash_attn_implementations=(fa,) if flash_attn_version is not None else (),
+        flash_attn=statuses[verified or bench.FLASH_IMPL],
+        flash_attn_implementations=tuple(statuses[impl] for impl in reported),
         correctness=tuple(correctness), speed=tuple(speed), e2e=tuple(e2e),
         config={"tokens": bench.TOTAL_TOKENS, "heads": bench.HEADS, "seqlens": list(bench.SEQLENS),
                 "simulated_model": gpu.key, "model_source": gpu.source,
@@ -439,12 +471,12 @@ FLASH_MODULES = {bench.FLASH_IMPL: ("flash_attn", "flash-attn"),  # impl → (mo
 
 
 def _flash_status(fa_impl: str, version: str | None, faults: SimFaults) -> FlashAttnStatus:
-    """What bench.py's import check reports for the installed implementation (or its absence)."""
+    """What bench.py's import check reports for an implementation: installed (``version``) or absent."""
     module, dist = FLASH_MODULES[fa_impl]
     if version is None:
         return FlashAttnStatus(import_ok=False, error=f"ModuleNotFoundError: No module named '{module}'",
                                error_type="ModuleNotFoundError", impl=fa_impl, module=module, present=False)
-    if faults.import_error:
+    if faults.import_error and faults.import_error_of in (None, fa_impl):
         return FlashAttnStatus(import_ok=False, version=version, error=faults.import_error, error_type="ImportError",
                                impl=fa_impl, module=module, dist=dist, present=True)
     if fa_impl == bench.FLASH_IMPL:
@@ -487,9 +519,12 @@ def simulate_for_facts(facts: NodeFacts, *, mode: str = "quick", at: datetime | 
                               mode=mode, started_at=now, finished_at=now + timedelta(seconds=2), simulated=True,
                               expect=expect or "flash_attn", hostname=facts.hostname)
     gpu_name = facts.gpus[0].name
+    fa = facts.flash_attn
+    # FA4 (or FA3) installed beside FA2: both are there to import, the job's ``expect`` says which is verified
+    beside = {expect_for_variant(b.variant): b.version for b in fa.beside if b.variant in IMPLEMENTATIONS} \
+        if fa is not None else {}
     return simulate_verification(
-        gpu_name, node=facts.hostname, mode=mode, at=at,
-        flash_attn_version=facts.flash_attn.version if facts.flash_attn else None,
+        gpu_name, node=facts.hostname, mode=mode, at=at, flash_attn_version=fa.version if fa else None,
         torch_version=facts.torch.version, cuda=facts.torch.cuda or "",
         driver=facts.driver.version if facts.driver else "", python=facts.python.version, expect=expect,
-        faults=faults, model_path=model_path, implementation=facts.flash_attn.variant if facts.flash_attn else None)
+        faults=faults, model_path=model_path, implementation=fa.variant if fa else None, beside=beside)

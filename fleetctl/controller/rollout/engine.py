@@ -103,7 +103,7 @@ from fleetctl.controller.telemetry import ROLLOUT_STEP_SECONDS
 from fleetctl.controller.verify_store.views import degraded_among
 from fleetctl.fleet.errors import ConflictError, FleetError, NotFoundError
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
-from fleetctl.fleet.verification import judge_job
+from fleetctl.fleet.verification import expect_for_variant, judge_job
 from fleetctl.fleet.workload import DISTURBING_KINDS, POLICY_VAR, skipped_busy, wait_allowance_s
 
 log = logging.getLogger(__name__)
@@ -965,8 +965,12 @@ class RolloutEngine:
                            wheel_url=n.plan.get("artifact_url"))
         elif state == State.ROLLING_BACK:
             return checked_job_vars(self._rollback_vars(s, r, n), n.hostname)
-        elif state == State.VERIFY and (r.options or {}).get("verify_mode"):
-            out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
+        elif state == State.VERIFY:
+            # what the plan installs is what is verified (FA4 beside an FA2 is judged on FA4): the same rule as
+            # `fleetctl verify`'s (verify_store/service.py _expectations)
+            out["expect"] = expect_for_variant(plan.variant)
+            if (r.options or {}).get("verify_mode"):
+                out["mode"] = r.options["verify_mode"]  # agent/verify/job.py: quick | full
         return checked_job_vars(out, n.hostname)  # node-derived values fullmatch their patterns, or go as null
 
     def _rollback_vars(self, s: Session, r: Rollout, n: RolloutNode) -> dict[str, Any]:
@@ -1148,7 +1152,7 @@ class RolloutEngine:
         fresh facts report the target flash-attn installed — a metadata check, and said so."""
         facts, _ = read_facts(s.scalar(select(Node.facts).where(Node.hostname == n.hostname)))
         fa = facts.flash_attn if facts is not None else None  # unreadable facts vouch for nothing
-        if plan.version and fa is not None and fa.version == plan.version:
+        if plan.version and fa is not None and any(f.version == plan.version for f in fa.installed):
             return (f"verified by the floor only: this agent cannot run verify jobs; the node reports flash-attn "
                     f"{plan.version} installed (package metadata)")
         return None

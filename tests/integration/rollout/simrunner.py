@@ -15,9 +15,11 @@ from typing import Any
 
 from fleetctl.agent.client import Agent
 from fleetctl.agent.profiles import load_profile
+from fleetctl.agent.simexec import rollback_result
 from fleetctl.agent.verify.simulated import simulate_for_facts
-from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts
+from fleetctl.fleet.facts import FlashAttnFacts, NodeFacts, with_installed
 from fleetctl.fleet.jobs import JobOutcome, JobSpec, JobStatus
+from fleetctl.fleet.verification import EXPECTS
 
 
 @dataclass
@@ -53,7 +55,8 @@ class SimRunner:
     def _installed(self, job: JobSpec) -> None:
         if self.facts is not None and job.vars.get("flash_attn_version"):
             variant = str(job.vars.get("variant") or "fa2").split("-")[0]
-            installed = FlashAttnFacts(str(job.vars["flash_attn_version"]), variant)
+            installed = with_installed(self.facts.flash_attn, FlashAttnFacts(str(job.vars["flash_attn_version"]),
+                                                                             variant))
             if self.facts.flash_attn != installed:
                 self.before_install = (self.facts.flash_attn,)
             self.facts = replace(self.facts, flash_attn=installed)
@@ -78,12 +81,12 @@ class SimRunner:
             self._installed(job)
         if job.kind == "rollback" and self.facts is not None and self.before_install is not None:
             (before,) = self.before_install  # like rollback.yml: what the node's own record says
+            result["rollback"] = rollback_result(before, self.facts.flash_attn)
             self.facts = replace(self.facts, flash_attn=before)
-            result["rollback"] = {"action": "restored" if before else "removed",
-                                  "restored_version": before.version if before else None}
         if job.kind == "verify":
             if self.facts is not None:
-                result["verification"] = simulate_for_facts(self.facts, mode="quick").to_json()
+                expect = job.vars.get("expect") if job.vars.get("expect") in EXPECTS else None
+                result["verification"] = simulate_for_facts(self.facts, mode="quick", expect=expect).to_json()
             else:
                 result.update(passed=True, reason="simulated GPU model")
         return JobOutcome(job.job_id, JobStatus.SUCCESSFUL, rc=0, result=result)

@@ -3,7 +3,9 @@
 closure and a TRIMMED flash-attn 2.8.3 sdist (scripts/device/fa2_trim.py: FA2's own kernels for head dims
 64/128 only, dropout/alibi/softcap/local compiled out, version 2.8.3+trim.hd64.hd128), a real agent; rollout #1
 builds FA2 from that sdist on the node (build-from-source → upload → install → quick verification), rollout #2
-installs FA4 beside it with one full verification of FA2, FA4 and every SDPA backend.
+installs FA4 beside it with one full verification of FA2, FA4 and every SDPA backend. That verify job carried no
+``expect``, so bench.py verified FA2, not the FA4 the rollout installed; a rollout's verify job now expects what
+its plan installs (``fa4`` here: tests/unit/rollout/test_verify_expect.py), and the run's own FA4 rows pass that.
 
 Today's recommendation and resolver, fed the controller's own database, must say what the device printed; table
 cases on the real numbers follow (FA2 against cuDNN without FA4, a failed FA2 check)."""
@@ -32,7 +34,7 @@ from fleetctl.controller.registry import record_of
 from fleetctl.controller.store import Store, open_store
 from fleetctl.controller.store.models import Node
 from fleetctl.controller.verify_store.models import Verification
-from fleetctl.fleet.verification import judge, parse_result, row_problems
+from fleetctl.fleet.verification import expect_for_variant, judge, parse_result, row_problems
 from tests.unit.e2e.attention_replay import fastest_plan, recommendations
 
 F = Path(__file__).resolve().parents[2] / "fixtures" / "h200_attention_fa2"
@@ -205,6 +207,21 @@ def test_the_database_holds_both_verifications_and_both_rollouts(store: Store) -
         rows = list(s.scalars(select(Verification).order_by(Verification.recorded_at)))
     assert [(r.mode, r.passed, r.simulated) for r in rows] == [("quick", True, False), ("full", True, False)]
     assert [_load(f"rollout{n}.json")["status"] for n in (1, 2)] == ["succeeded", "succeeded"]
+
+
+def test_the_fa4_rollout_was_judged_on_fa2_and_its_fa4_rows_pass_as_an_fa4_verification() -> None:
+    """The gap the run found: rollout #2's verify job had no ``expect`` (bench.py's default, flash_attn: FA2 when
+    installed). Today's engine sends what plan2 installs, ``fa4``; judged so, the run's own FA4 rows pass."""
+    job = _job(FULL_JOB)
+    raw = copy.deepcopy(_raw(FULL_JOB))
+    (p2,) = _load("plan2.json")["nodes"]
+    assert "expect" not in job["vars"] and raw["expect"] == "flash_attn" and raw["flash_attn"]["impl"] == "flash_attn"
+    assert expect_for_variant(p2["variant"]) == "fa4"  # what RolloutEngine._job_vars sends for it now
+    raw["expect"] = "fa4"
+    raw["flash_attn"] = next(i for i in raw["flash_attn_implementations"] if i["impl"] == "fa4")
+    as_fa4 = parse_result(raw)
+    judged = judge(as_fa4)
+    assert judged.passed and as_fa4.verified_impl == "fa4", judged.reasons
 
 
 # --- table cases on the real numbers ----------------------------------------------------------------------
