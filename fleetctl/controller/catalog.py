@@ -289,17 +289,22 @@ def user_catalog_path(state_dir: Path) -> Path:
     return state_dir / CATALOG_FILE_NAME
 
 
-def load_user_catalog(state_dir: Path) -> Catalog:
-    """User additions stored by ``fleetctl catalog add|import``; empty when none were made."""
-    path = user_catalog_path(state_dir)
+def _user_catalog_text(path: Path) -> str | None:
+    """The user catalog file's text; None when none was made."""
     if not path.exists():
-        return Catalog([])
+        return None
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"cannot read {path}: {exc.strerror or exc}", hint="check the state dir's permissions") \
             from None
-    return parse_catalog_text(text, "user", str(path))
+
+
+def load_user_catalog(state_dir: Path) -> Catalog:
+    """User additions stored by ``fleetctl catalog add|import``; empty when none were made."""
+    path = user_catalog_path(state_dir)
+    text = _user_catalog_text(path)
+    return Catalog([]) if text is None else parse_catalog_text(text, "user", str(path))
 
 
 def save_user_catalog(state_dir: Path, catalog: Catalog) -> Path:
@@ -333,6 +338,19 @@ def add_user_wheels(state_dir: Path, additions: Catalog) -> tuple[Path, int]:
 
 
 def default_catalog(state_dir: Path | None) -> Catalog:
-    """What ``fleetctl plan`` uses without ``--catalog``: user additions, then the built-in list."""
-    user = load_user_catalog(state_dir) if state_dir is not None else Catalog([])
+    """What ``fleetctl plan`` uses without ``--catalog``: user additions, then the built-in list.
+
+    The file is read on every call (``fleetctl catalog add`` may change it from another process at any time), but
+    the catalog is built once per text of it: a controller asks for it at every verify submission and re-plan,
+    and merging the ~2,900 built-in wheels anew each time was a tenth of a verify job's CPU
+    (benchmarks/ha_throughput.py). A ``Catalog`` is immutable, so every caller may share the one built."""
+    if state_dir is None:
+        return _user_and_builtin(None, "")
+    path = user_catalog_path(state_dir)
+    return _user_and_builtin(_user_catalog_text(path), str(path))
+
+
+@lru_cache(maxsize=4)
+def _user_and_builtin(user_text: str | None, source: str) -> Catalog:
+    user = parse_catalog_text(user_text, "user", source) if user_text is not None else Catalog([])
     return user.merged(builtin_catalog())

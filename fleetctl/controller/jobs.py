@@ -396,19 +396,15 @@ class JobDispatcher:
     def _dispatch_db(self, spec: JobSpec) -> dt.datetime | None:
         """Mark the job dispatched (thread-safe); its deadline, or None when it has finished meanwhile."""
         def mark(s: Any) -> dt.datetime | None:
-            row = s.get(Job, spec.job_id)
-            if row is None or row.status in FINISHED:
-                return None
             now = utcnow()
-            # conditional: a result or a cancel stored meanwhile by another worker thread is not overwritten
-            res = s.execute(update(Job).where(Job.id == spec.job_id, Job.status.not_in(tuple(FINISHED)))
-                            .values(dispatched_at=now,
-                                    status=case((Job.status == JobStatus.PENDING, JobStatus.DISPATCHED),
-                                                else_=Job.status))
-                            .execution_options(synchronize_session=False))
-            if getattr(res, "rowcount", 1) != 1:
-                return None
-            return now + dt.timedelta(seconds=row.timeout_seconds + GRACE_SECONDS)
+            # one conditional statement (a job is dispatched once per job; reading the row first was a second): a
+            # result or a cancel stored meanwhile by another worker thread is not overwritten
+            timeout = s.scalar(update(Job).where(Job.id == spec.job_id, Job.status.not_in(tuple(FINISHED)))
+                               .values(dispatched_at=now,
+                                       status=case((Job.status == JobStatus.PENDING, JobStatus.DISPATCHED),
+                                                   else_=Job.status))
+                               .returning(Job.timeout_seconds).execution_options(synchronize_session=False))
+            return None if timeout is None else now + dt.timedelta(seconds=timeout + GRACE_SECONDS)
 
         return self.store.write(mark, what=f"job {spec.job_id} dispatch")
 
@@ -429,18 +425,27 @@ class JobDispatcher:
 
     def _record_events_db(self, s: Any, node: str, events: list[JobEventRecord]) -> list[JobEventRecord]:
         stored: list[JobEventRecord] = []
+        if not events:
+            return stored
         jobs: dict[str, Job] = {}
         started: set[str] = set()
-        for ev in events:
-            job = jobs.get(ev.job_id) or s.get(Job, ev.job_id)
+        for job_id in dict.fromkeys(ev.job_id for ev in events):
+            job = s.get(Job, job_id)
             if job is None or job.node != node:
-                raise NotFoundError(f"job {ev.job_id!r} is not a job of {node}",
+                raise NotFoundError(f"job {job_id!r} is not a job of {node}",
                                     hint="the agent reported events for a job it was not given")
-            jobs[ev.job_id] = job
-            exists = s.scalar(select(JobEvent.id).where(JobEvent.job_id == ev.job_id,
-                                                        JobEvent.counter == ev.counter))
-            if exists is not None:
+            jobs[job_id] = job
+        # the events already stored (a retry, an agent re-sending after a lost answer), in one query for the batch
+        # rather than one per event
+        counters = sorted({ev.counter for ev in events})
+        seen: set[tuple[str, int]] = {(job_id, counter) for job_id, counter in s.execute(
+            select(JobEvent.job_id, JobEvent.counter).where(JobEvent.job_id.in_(list(jobs)),
+                                                            JobEvent.counter.in_(counters)))}
+        for ev in events:
+            if (ev.job_id, ev.counter) in seen:
                 continue
+            seen.add((ev.job_id, ev.counter))
+            job = jobs[ev.job_id]
             s.add(JobEvent(job_id=ev.job_id, counter=ev.counter, event=ev.event[:64], data=dict(ev.data),
                            created=ev.created))
             if job.status in _UNSENT and job.id not in started:

@@ -23,6 +23,8 @@ before provenance was recorded (``legacy``), never becomes an entry.
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +61,24 @@ def catalog_wheel_name(facts: NodeFacts, version: str) -> str | None:
 def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
     """Catalog entries for the wheels in the artifact store: succeeded source builds (by their catalog name)
     and upstream-named wheels added by hand. Newest build first."""
-    stored = {a.sha256: a for a in s.scalars(select(Artifact).where(Artifact.kind == "wheel"))}
+    stored: dict[str, str] = {sha: filename for sha, filename in s.execute(
+        select(Artifact.sha256, Artifact.filename).where(Artifact.kind == "wheel"))}
+    if not stored:  # read on every re-plan and verify submission: a store without wheels costs one query
+        return []
     provenance = provenance_of(s, list(stored))
     out: list[dict[str, Any]] = []
-    builds = s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED).order_by(Build.finished_at.desc()))
+    builds = s.scalars(select(Build).where(Build.status == BuildStatus.SUCCEEDED,
+                                           Build.artifact_sha256.in_(list(stored)))
+                       .order_by(Build.finished_at.desc()))
     for b in builds:
         params = b.params or {}
         name = params.get("wheel_name")
-        if not b.artifact_sha256 or b.artifact_sha256 not in stored or not isinstance(name, str):
+        if not b.artifact_sha256 or not isinstance(name, str):
             continue
         if not trusted_for(provenance.get(b.artifact_sha256, ()), b.build_key, legacy_build=True):
             continue  # not uploaded by this build's own job (nor vouched for): not this build's output
         entry: dict[str, Any] = {"filename": name, "sha256": b.artifact_sha256, "url": None,
-                                 "file": stored[b.artifact_sha256].filename, "build_key": b.build_key}
+                                 "file": stored[b.artifact_sha256], "build_key": b.build_key}
         archs = params.get("cuda_archs")
         if isinstance(archs, list) and archs and all(str(a).isdigit() for a in archs):
             entry["cuda_archs"] = [str(a) for a in archs]
@@ -82,20 +89,31 @@ def local_wheel_entries(s: Session) -> list[dict[str, Any]]:
         if isinstance(family, str) and family:
             entry["os_family"] = family  # libraries of the builder's OS: only nodes of that family
         out.append(entry)
-    for sha, a in stored.items():
+    for sha, filename in stored.items():
         if not trusted_for(provenance.get(sha, ())):
             continue  # an agent's upload or unknown provenance: never chosen by its name
         try:
-            parse_wheel_filename(a.filename)
+            parse_wheel_filename(filename)
         except CatalogError:
             continue
-        out.append({"filename": a.filename, "sha256": sha, "url": None, "file": a.filename})
+        out.append({"filename": filename, "sha256": sha, "url": None, "file": filename})
     return out
 
 
 def controller_catalog(s: Session, state_dir: Path | None) -> Catalog:
     """The catalog every decision the controller shows or acts on uses: ``fleetctl catalog`` additions, the
     built-in upstream list and the wheels in the artifact store. One function, so the dashboard's current
-    plan, the re-plan after a failed verification and a rollout never disagree about a built wheel."""
+    plan, the re-plan after a failed verification and a rollout never disagree about a built wheel.
+
+    Its inputs are read on every call (the store's wheels through ``s``: another controller sharing the database
+    may have stored, removed or vouched for one), and the catalog is built anew exactly when they differ from a
+    recent call's (``default_catalog``, ``_with_local_wheels``): no rule to keep in step with each writer."""
     catalog, local = default_catalog(state_dir), local_wheel_entries(s)
-    return catalog.with_local_wheels(local) if local else catalog
+    return _with_local_wheels(catalog, json.dumps(local, sort_keys=True)) if local else catalog
+
+
+@lru_cache(maxsize=4)
+def _with_local_wheels(catalog: Catalog, entries_json: str) -> Catalog:
+    """``catalog`` with the store's wheels, given as their JSON (the cache key); ``catalog`` is keyed by identity,
+    which ``default_catalog`` keeps for as long as the user catalog's text is the same."""
+    return catalog.with_local_wheels(json.loads(entries_json))

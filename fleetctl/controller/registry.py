@@ -25,6 +25,7 @@ All methods are meant for the controller's event loop thread, except
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -265,6 +266,7 @@ class Registry:
         # these instead of scanning every node
         self._dirty: dict[str, _Live] = {}
         self._pending: list[_PendingTransition] = []
+        self._status_writes = asyncio.Lock()  # set_status_async: its writes land in the order they were made
         self._changes = 0  # status changes made here so far (a liveness round keeps the ones made meanwhile)
         # when the controller started or last recovered from a stall of its own (``stalled``): it judges no node
         # before one full window has passed since, so that its own absence is not blamed on the nodes
@@ -625,15 +627,37 @@ class Registry:
         return self.write_transitions(self.take_transitions()) + self.flush_last_seen()
 
     def set_status(self, hostname: str, status: NodeStatus, reason: str) -> Transition | None:
-        """Set a node's status (e.g. ``degraded`` after a failed verification); None if unchanged."""
+        """Set a node's status (e.g. ``degraded`` after a failed verification); None if unchanged. Blocking (the
+        database, in this thread); on the event loop use ``set_status_async``."""
+        tr = self._set_status(hostname, status, reason)
+        if tr is not None:
+            self.write_transitions(self.take_transitions())  # rare and deliberate: persist at once
+        return tr
+
+    async def set_status_async(self, hostname: str, status: NodeStatus, reason: str) -> Transition | None:
+        """``set_status`` with the write on the store's thread pool: in memory at once, in the database when it
+        returns, and the event loop — every heartbeat — never waits on the database meanwhile (a verification
+        failing on each of 1,000 nodes wrote 1,000 times on the loop). A failed write is put back for the next
+        flush, and raises."""
+        tr = self._set_status(hostname, status, reason)
+        if tr is None:
+            return None
+        async with self._status_writes:  # two changes of one node are not written in the wrong order
+            transitions = self.take_transitions()
+            try:
+                await self.store.call(self.write_transitions, transitions)
+            except BaseException:
+                self.requeue(transitions, [])
+                raise
+        return tr
+
+    def _set_status(self, hostname: str, status: NodeStatus, reason: str) -> Transition | None:
         live = self._live.get(hostname)
         if live is None:
             raise NotFoundError(f"no node named {hostname!r}", hint="see `fleetctl nodes`")
         if live.status == status:
             return None
-        tr = self._transition(hostname, live, status, reason)
-        self.write_transitions(self.take_transitions())  # rare and deliberate: persist at once
-        return tr
+        return self._transition(hostname, live, status, reason)
 
     def counts(self) -> dict[NodeStatus, int]:
         """How many nodes are in each status now (from memory: newer than the batched writes); every status

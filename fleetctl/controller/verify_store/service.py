@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session
 from fleetctl.controller.leases import Held, db_now, fence
 from fleetctl.controller.local_wheels import controller_catalog
 from fleetctl.controller.node_status import NodeStatus
-from fleetctl.controller.registry import record_of, selection_info
+from fleetctl.controller.registry import NodeRecord, record_of, selection_info
 from fleetctl.controller.rollout.core import parse_selector, select_nodes
 from fleetctl.controller.rollout.expectation import expected_after_rollback
 from fleetctl.controller.rollout.service import nodes_in_active_rollouts
@@ -40,11 +42,13 @@ from fleetctl.controller.verification import DEFAULT_POLICY, RegressionPolicy
 from fleetctl.controller.verify_store import drift, schedules, store
 from fleetctl.controller.verify_store.models import Verification
 from fleetctl.fleet.errors import FleetError, StoreError, UsageError
-from fleetctl.fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobStatus
+from fleetctl.fleet.jobs import ACTIVE, RAN_TO_END, JobOutcome, JobSpec, JobStatus
 from fleetctl.fleet.verification import VerificationSchemaError, expect_for_variant
 from fleetctl.fleet.workload import BusyPolicy, busy_refusal, wait_allowance_s
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DRIFT_PATHS = ("driver", "torch", "toolkit", "flash_attn")  # any change below these paths
 DRIFT_DELAY_SECONDS = 10.0  # ControllerSettings.drift_debounce
@@ -53,6 +57,13 @@ DRIFT_DELAY_SECONDS = 10.0  # ControllerSettings.drift_debounce
 DRIFT_POLL_SECONDS = 2.0
 JOB_TIMEOUT = {"quick": 300, "full": 900}
 RECORD_ATTEMPTS = 8  # ~1 minute of backoff: rides out a database restart or a failover
+# Verification's units of work (a submission's read and its insert, a result's record) running on the store's threads
+# at once; the others wait on the event loop, which costs nothing. Each is Python from end to end (SQLAlchemy, facts,
+# parsing and judging a result) and holds the GIL for most of its time: with all 8 store threads on them (a burst of
+# `fleetctl verify`, a schedule, more jobs offered than the controller completes) the event loop waited for the GIL
+# behind them, and every heartbeat with it (benchmarks/ha_throughput.py, 1 controller, 30 verify jobs/s offered on
+# 2 cores: heartbeat p99 0.6 s with 8 at once, 0.1-0.2 s with 2, for 21-23 jobs/s completed instead of 24-26).
+VERIFY_UNITS_AT_ONCE = 2
 
 
 def drift_relevant(changed: Sequence[str]) -> list[str]:
@@ -74,6 +85,57 @@ class Submitted:
     skipped: dict[str, str]  # hostname → why no job (its stored facts are unreadable)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``VerificationService._prepare`` found for a submission."""
+
+    jobs: dict[str, str]  # hostname → its unfinished verify job, reused
+    expect: dict[str, str]  # hostname → what its new job's verification expects
+    skipped: dict[str, str]  # hostname → why no job
+    gpu_counts: dict[str, int]  # hostname → GPUs its facts report (a verification of all runs one bench each)
+
+
+def _read_nodes(s: Session, hosts: Sequence[str]) -> list[NodeRecord]:
+    # named hosts read only their rows: a job submitted per node (a schedule, `fleetctl verify HOST`) must not
+    # cost a read of the whole fleet (benchmarks/ha_throughput.py found it a quarter of a job's CPU at 300 nodes)
+    query = select(Node).where(Node.hostname.in_(hosts)) if hosts else select(Node)
+    return [record_of(r) for r in s.scalars(query)]
+
+
+def choose(records: Sequence[NodeRecord], hosts: Sequence[str], selector: str | None) -> list[str]:
+    """The nodes to verify: ``hosts`` (all must be known; narrowed by ``selector`` when both are given), else those
+    ``selector`` matches that are not offline (``UsageError`` when none is)."""
+    infos = [selection_info(r) for r in records]
+    if hosts:
+        known = {i.hostname for i in infos}
+        missing = [h for h in hosts if h not in known]
+        if missing:
+            raise UsageError(f"unknown node(s): {', '.join(missing)}", hint="see `fleetctl nodes`")
+        chosen = list(dict.fromkeys(hosts))
+        if selector:
+            chosen = [n.hostname for n in select_nodes(parse_selector(selector),
+                                                       [i for i in infos if i.hostname in chosen])]
+        return chosen
+    chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos)
+              if n.status is not NodeStatus.OFFLINE]
+    if not chosen:
+        raise UsageError(f"every node matching {selector or 'all'!r} is offline",
+                         hint="name offline nodes explicitly to queue a verification for when they return")
+    return chosen
+
+
+def _active_verify_jobs(s: Session, hosts: Sequence[str]) -> dict[str, str]:
+    """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""
+    out: dict[str, str] = {}
+    for start in range(0, len(hosts), 500):
+        rows = s.execute(select(Job.node, Job.id).where(
+            Job.kind == "verify", Job.status.in_(tuple(ACTIVE)),
+            Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
+        for node, job_id in rows:
+            out[node] = job_id
+    return out
+
+
 class VerificationService:
     def __init__(self, ctx: Any, *, drift_delay: float = DRIFT_DELAY_SECONDS,
                  policy: RegressionPolicy = DEFAULT_POLICY) -> None:
@@ -84,6 +146,10 @@ class VerificationService:
         self._drift_recorded = asyncio.Event()  # wakes this controller's drift-checks duty, if it leads
         self.drift_submitted: list[tuple[str, str]] = []  # (hostname, job id), for tests and logs
         self._attached = False
+        # VERIFY_UNITS_AT_ONCE per event loop: the controller's, and one of its own for a job finished off the loop
+        # (``_spawn``), whose waits could not be woken from the controller's
+        self._units_of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+            weakref.WeakKeyDictionary()
 
     # ---- wiring -----------------------------------------------------------------------------------------
 
@@ -114,6 +180,16 @@ class VerificationService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _unit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """One of verification's units of work on the store's threads, at most VERIFY_UNITS_AT_ONCE at a time."""
+        loop = asyncio.get_running_loop()
+        units = self._units_of.get(loop)
+        if units is None:
+            units = self._units_of[loop] = asyncio.Semaphore(VERIFY_UNITS_AT_ONCE)
+        async with units:
+            done: T = await self.ctx.store.call(fn, *args, **kwargs)
+        return done
+
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until recording and drift work started so far is done (tests)."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -135,13 +211,6 @@ class VerificationService:
             return
         self._spawn(self._record(node, outcome))
 
-    def _verify_vars(self, job_id: str) -> dict[str, Any] | None:
-        with self.ctx.store.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.kind != "verify":
-                return None
-            return dict(job.vars or {})
-
     async def _record(self, node: str, outcome: JobOutcome) -> None:
         """Record with retries: a database fault (a dropped connection, a lock, a full disk) must not lose the
         record. ``store.record`` is idempotent per job id, so a retry after a lost commit answer is harmless;
@@ -154,10 +223,7 @@ class VerificationService:
         delay = 0.5
         for attempt in range(1, RECORD_ATTEMPTS + 1):
             try:
-                vars_ = await self.ctx.store.call(self._verify_vars, outcome.job_id)
-                if vars_ is None:
-                    return
-                change, reason = await self.ctx.store.call(self.record_outcome, node, outcome, vars_)
+                recorded = await self._unit(self.record_outcome, node, outcome)
                 break
             except FleetError as exc:
                 if attempt == RECORD_ATTEMPTS:
@@ -168,7 +234,9 @@ class VerificationService:
                             outcome.job_id, exc.message, attempt, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self.apply_status(node, change, reason)
+        if recorded is None:  # not a verify job
+            return
+        await self.apply_status(node, *recorded)
         if self.ctx.node_labels is not None:  # the node's Kubernetes labels follow the verdict just recorded
             await self.ctx.node_labels.published(node)
 
@@ -195,26 +263,30 @@ class VerificationService:
             self._spawn(self._record(node, outcome))
         return len(missing)
 
-    def record_outcome(self, node: str, outcome: JobOutcome,
-                       vars_: Mapping[str, Any]) -> tuple[store.HealthChange, str]:
-        """Store one finished verify job; returns (health change, reason). Thread-safe."""
-        trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
-        schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
-        try:
-            result = store.result_from_job(outcome.result)
-        except VerificationSchemaError:  # judge_job names what is unreadable
-            result = None
-
-        def write(s: Session) -> tuple[store.HealthChange, str]:
+    def record_outcome(self, node: str, outcome: JobOutcome) -> tuple[store.HealthChange, str] | None:
+        """Store one finished verify job; returns (health change, reason), or None when the job is not a verify
+        job. Thread-safe: the result's parsing and judging run here, on the store's thread, not on the loop."""
+        def write(s: Session) -> tuple[store.HealthChange, str] | None:
+            job = s.get(Job, outcome.job_id)
+            if job is None or job.kind != "verify":
+                return None
+            try:
+                result = store.result_from_job(outcome.result)
+            except VerificationSchemaError:  # judge_job names what is unreadable
+                result = None
+            vars_ = job.vars or {}
+            trigger = str(vars_.get("trigger") or ("rollout" if vars_.get("rollout_id") else "job"))
+            schedule_id = vars_.get("schedule_id") if isinstance(vars_.get("schedule_id"), int) else None
             row = store.record(s, node, result, job_id=outcome.job_id, job_status=outcome.status,
                                job_error=outcome.error, job_result=outcome.result, trigger=trigger,
                                schedule_id=schedule_id, policy=self.policy)
-            change, state = store.apply_health(s, row, catalog=self._catalog(s))
+            # only a failure is re-planned: the catalog is not read for a pass
+            change, state = store.apply_health(s, row, catalog=self._catalog(s) if store.is_failure(row) else None)
             log.info("verification of %s (%s, %s): %s", node, trigger, outcome.job_id, row.status)
             return change, state.reason
 
         # retried on a dropped connection or a lock timeout; idempotent per job id (verifications.job_id is unique)
-        written: tuple[store.HealthChange, str] = self.ctx.store.write(
+        written: tuple[store.HealthChange, str] | None = self.ctx.store.write(
             write, what=f"verification of {node} (job {outcome.job_id})")
         return written
 
@@ -225,42 +297,44 @@ class VerificationService:
         except (FleetError, OSError):
             return None
 
-    def apply_status(self, node: str, change: store.HealthChange, reason: str) -> None:
-        """Registry status from a health change (event loop thread)."""
+    async def apply_status(self, node: str, change: store.HealthChange, reason: str) -> None:
+        """Registry status from a health change (event loop thread; the status is written off the loop)."""
         try:
             if change is store.HealthChange.DEGRADED:
-                self.ctx.registry.set_status(node, NodeStatus.DEGRADED, reason[:500])
+                await self.ctx.registry.set_status_async(node, NodeStatus.DEGRADED, reason[:500])
             elif change is store.HealthChange.CLEARED and self.ctx.registry.status_of(node) is NodeStatus.DEGRADED:
-                self.ctx.registry.set_status(node, NodeStatus.ONLINE, "verification passed")
+                await self.ctx.registry.set_status_async(node, NodeStatus.ONLINE, "verification passed")
         except FleetError as exc:
             log.warning("status of %s not changed: %s", node, exc.message)
 
     # ---- submitting --------------------------------------------------------------------------------------
 
     def select(self, hosts: Sequence[str] = (), selector: str | None = None) -> list[str]:
-        # named hosts read only their rows: a job submitted per node (a schedule, `fleetctl verify HOST`) must not
-        # cost a read of the whole fleet (benchmarks/ha_throughput.py found it a quarter of a job's CPU at 300 nodes)
-        query = select(Node).where(Node.hostname.in_(hosts)) if hosts else select(Node)
+        """The nodes a submission of ``hosts`` and/or ``selector`` verifies (``choose``)."""
         with self.ctx.store.session() as s:
-            infos = [selection_info(record_of(r)) for r in s.scalars(query)]
-        if hosts:
-            known = {i.hostname for i in infos}
-            missing = [h for h in hosts if h not in known]
-            if missing:
-                raise UsageError(f"unknown node(s): {', '.join(missing)}", hint="see `fleetctl nodes`")
-            chosen = list(dict.fromkeys(hosts))
-            if selector:
-                chosen = [n.hostname for n in select_nodes(parse_selector(selector),
-                                                           [i for i in infos if i.hostname in chosen])]
-            return chosen
-        chosen = [n.hostname for n in select_nodes(parse_selector(selector), infos)
-                  if n.status is not NodeStatus.OFFLINE]
-        if not chosen:
-            raise UsageError(f"every node matching {selector or 'all'!r} is offline",
-                             hint="name offline nodes explicitly to queue a verification for when they return")
-        return chosen
+            return choose(_read_nodes(s, hosts), hosts, selector)
 
-    def _expectations(self, hosts: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    def _prepare(self, hosts: Sequence[str], selector: str | None, trigger: str,
+                 held: Collection[str]) -> _Prepared:
+        """What a submission needs to know, in one unit of work on the nodes read once: the chosen nodes, less
+        those ``held`` by active rollouts; their unfinished verify jobs (reused: no pile-up); what the others'
+        verifications expect and their GPU counts. Before, each of these read and parsed the nodes again in a unit
+        of work of its own (benchmarks/ha_throughput.py: a third of a job's controller CPU was the submission)."""
+        with self.ctx.store.session() as s:
+            records = _read_nodes(s, hosts)
+            chosen = choose(records, hosts, selector)
+            skipped_held = [h for h in chosen if h in held]
+            if skipped_held:
+                log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped_held))
+            chosen = [h for h in chosen if h not in held]
+            jobs = _active_verify_jobs(s, chosen)
+            by_host = {r.hostname: r for r in records}
+            expect, skipped = self._expectations(s, [h for h in chosen if h not in jobs], by_host)
+        gpus = {h: len(facts.gpus) for h in expect if (facts := by_host[h].facts) is not None}
+        return _Prepared(jobs, expect, skipped, gpus)
+
+    def _expectations(self, s: Session, hosts: Sequence[str],
+                      records: Mapping[str, NodeRecord]) -> tuple[dict[str, str], dict[str, str]]:
         """What each node's verification expects (``fleet.verification.expect_for_variant``: ``fa3``/``fa4``
         for those, else ``flash_attn``) where FlashAttention is installed; where it is not, what
         a clean rollback recorded the node must have (``sdpa`` after one that removed flash-attn: that node is
@@ -271,25 +345,23 @@ class VerificationService:
         out: dict[str, str] = {}
         skipped: dict[str, str] = {}
         catalog: Any = None
-        with self.ctx.store.session() as s:
-            nodes = {row.hostname: record_of(row) for row in s.scalars(select(Node).where(Node.hostname.in_(hosts)))}
-            for host in hosts:
-                node = nodes.get(host)
-                if node is None or node.facts is None:
-                    skipped[host] = node.facts_error or "no facts" if node is not None else "no longer registered"
-                    continue
-                facts = node.facts
-                if facts.flash_attn is not None:
-                    out[host] = expect_for_variant(facts.flash_attn.variant)
-                    continue
-                after_rollback = expected_after_rollback(s, host)
-                if after_rollback is not None:
-                    out[host] = after_rollback.verify_expect
-                    continue
-                if catalog is None:
-                    catalog = self._catalog(s)
-                plan = store.replan(facts, catalog)
-                out[host] = expect_for_variant(str(plan.get("variant") or ""))
+        for host in hosts:
+            node = records.get(host)
+            if node is None or node.facts is None:
+                skipped[host] = node.facts_error or "no facts" if node is not None else "no longer registered"
+                continue
+            facts = node.facts
+            if facts.flash_attn is not None:
+                out[host] = expect_for_variant(facts.flash_attn.variant)
+                continue
+            after_rollback = expected_after_rollback(s, host)
+            if after_rollback is not None:
+                out[host] = after_rollback.verify_expect
+                continue
+            if catalog is None:
+                catalog = self._catalog(s)
+            plan = store.replan(facts, catalog)
+            out[host] = expect_for_variant(str(plan.get("variant") or ""))
         return out, skipped
 
     async def submit(self, hosts: Sequence[str] = (), selector: str | None = None, *, mode: str = "full",
@@ -300,19 +372,13 @@ class VerificationService:
         timeout covers the wait and one bench per GPU measured."""
         if mode not in JOB_TIMEOUT:
             raise UsageError(f"unknown verification mode {mode!r}", hint="use quick or full")
-        chosen = await self.ctx.store.call(self.select, hosts, selector)
-        if trigger in ("schedule", "drift"):  # a node an active rollout holds is verified by the rollout itself
-            held = await self.ctx.store.call(self.held_by_rollouts)
-            skipped = [h for h in chosen if h in held]
-            if skipped:
-                log.info("%s verification skips %s (in active rollouts)", trigger, ", ".join(skipped))
-            chosen = [h for h in chosen if h not in held]
-        jobs: dict[str, str] = await self.ctx.store.call(self.active_verify_jobs, chosen)  # no pile-up: reuse
-        expect, skipped = await self.ctx.store.call(self._expectations, [h for h in chosen if h not in jobs])
-        for host, why in skipped.items():
+        # a node an active rollout holds is verified by the rollout itself
+        held = await self.ctx.store.call(self.held_by_rollouts) if trigger in ("schedule", "drift") else {}
+        prepared = await self._unit(self._prepare, hosts, selector, trigger, held)
+        for host, why in prepared.skipped.items():
             log.warning("%s verification skips %s: %s", trigger, host, why)
-        gpu_counts = await self.ctx.store.call(self.gpu_counts, list(expect))
-        for host, expected in expect.items():
+        new: dict[str, tuple[str, dict[str, Any], int]] = {}  # host → (job id, vars, timeout)
+        for host, expected in prepared.expect.items():
             vars_: dict[str, Any] = {"mode": mode, "expect": expected, "trigger": trigger}
             if schedule_id is not None:
                 vars_["schedule_id"] = schedule_id
@@ -320,31 +386,24 @@ class VerificationService:
                 vars_["model_path"] = model_path
             if busy is not None:
                 vars_["busy_policy"] = busy.to_vars()
-            benches = busy.gpus.most_measured(gpu_counts.get(host, 1)) if busy is not None else 1
+            benches = busy.gpus.most_measured(prepared.gpu_counts.get(host, 1)) if busy is not None else 1
             job_timeout = timeout or JOB_TIMEOUT[mode] * benches + wait_allowance_s(vars_.get("busy_policy"), "verify")
-            jobs[host] = await self.ctx.jobs.submit_job(host, "verify", vars_, timeout=job_timeout)
-        return Submitted(jobs, skipped)
+            new[host] = (uuid.uuid4().hex, vars_, job_timeout)
 
-    def gpu_counts(self, hosts: Sequence[str]) -> dict[str, int]:
-        """How many GPUs each node reports (a verification of all of them runs one bench each)."""
-        with self.ctx.store.session() as s:
-            rows = [record_of(r) for r in s.scalars(select(Node).where(Node.hostname.in_(hosts)))]
-        return {r.hostname: len(r.facts.gpus) if r.facts is not None else 1 for r in rows}
+        def insert(s: Session) -> dict[str, JobSpec]:  # ids chosen before: a retry after a lost commit adds none
+            return {host: self.ctx.jobs.insert_job(s, host, "verify", vars_, job_timeout, job_id=job_id)
+                    for host, (job_id, vars_, job_timeout) in new.items()}
+
+        jobs = dict(prepared.jobs)
+        if new:  # one transaction for all of them, then each offered to its agent (JobDispatcher.submit_job's steps)
+            specs = await self._unit(self.ctx.store.write, insert, what=f"verify jobs of {len(new)} node(s)")
+            for host, spec in specs.items():
+                self.ctx.jobs.offer(host, spec)
+                jobs[host] = spec.job_id
+        return Submitted(jobs, prepared.skipped)
 
     def held_by_rollouts(self) -> dict[str, str]:
         return nodes_in_active_rollouts(self.ctx.store)
-
-    def active_verify_jobs(self, hosts: Sequence[str]) -> dict[str, str]:
-        """{hostname: id} of verify jobs not finished yet on these nodes (oldest per node)."""
-        out: dict[str, str] = {}
-        with self.ctx.store.session() as s:
-            for start in range(0, len(hosts), 500):
-                rows = s.execute(select(Job.node, Job.id).where(
-                    Job.kind == "verify", Job.status.in_(tuple(ACTIVE)),
-                    Job.node.in_(list(hosts[start:start + 500]))).order_by(Job.created_at.desc()))
-                for node, job_id in rows:
-                    out[node] = job_id
-        return out
 
     async def submit_for_schedule(self, selector: str, mode: str, schedule_id: int,
                                   run_id: int) -> tuple[dict[str, str], str | None]:

@@ -149,9 +149,9 @@ def record(session: Session, hostname: str, result: VerificationResult | None, *
     result's own ``finished_at`` is stored as ``measured_at``. ``facts`` default to the node's stored facts;
     the snapshot stored with the result is ``facts.to_json()`` (empty when the node's facts are unreadable:
     a snapshot that does not parse could not be re-planned on). Idempotent per ``job_id``."""
-    if facts is None:
-        node = session.scalar(select(Node).where(Node.hostname == hostname))
-        facts = read_facts(node.facts)[0] if node is not None else None
+    if facts is None:  # the column alone: the whole row would load the node's identity and labels too
+        stored = session.execute(select(Node.facts).where(Node.hostname == hostname)).first()
+        facts = read_facts(stored.facts)[0] if stored is not None else None
     model = gpu_name(facts, result)
     fa = facts.flash_attn if facts is not None else None
     values: dict[str, Any] = {"hostname": hostname, "gpu_model": model, "trigger": trigger[:16],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +14,7 @@ from fleetctl.controller.enrollment import AgentIdentity
 from fleetctl.controller.node_status import NodeStatus
 from fleetctl.controller.registry import HostnameMismatch, Registry, diff_facts
 from fleetctl.controller.store import Store, open_store
-from fleetctl.fleet.errors import ConflictError, NotFoundError
+from fleetctl.fleet.errors import ConflictError, NotFoundError, StoreError
 from fleetctl.fleet.facts import DriverFacts, NodeFacts, ToolkitFacts
 from tests.unit.controller_core.util import add_identity, facts
 
@@ -130,3 +133,39 @@ def test_heartbeat_unknown_node_and_set_status(store: Store) -> None:
     # liveness state survives a restart
     again = Registry(store)
     assert again.status_of("n1") == "degraded"
+
+
+async def test_set_status_async_writes_off_the_loop_in_order_and_keeps_a_failed_write(store: Store) -> None:
+    """A verification's status change is in memory at once and written on the store's threads, never on the event
+    loop (heartbeats); two changes of one node land in the order they were made; a failed write is kept for the
+    next flush."""
+    ident = add_identity(store, "n1")
+    reg = Registry(store)
+    reg.report_facts(ident, facts("n1"))
+    writers: list[int] = []
+    write = reg.write_transitions
+
+    def recording(batch: list[Any]) -> int:
+        writers.append(threading.get_ident())
+        return write(batch)
+
+    reg.write_transitions = recording  # type: ignore[method-assign]
+    first = asyncio.ensure_future(reg.set_status_async("n1", NodeStatus.DEGRADED, "verification failed"))
+    await asyncio.sleep(0)
+    assert reg.status_of("n1") == "degraded"  # in memory before it is written
+    second = reg.set_status_async("n1", NodeStatus.ONLINE, "verification passed")
+    assert (await first) is not None and (await second) is not None
+    assert writers and threading.get_ident() not in writers
+    hist = [(e["old"], e["new"]) for e in reversed(reg.history("n1")["status_history"])]
+    assert hist == [(None, "online"), ("online", "degraded"), ("degraded", "online")]
+    assert Registry(store).status_of("n1") == "online"
+
+    def failing(batch: list[Any]) -> int:
+        raise StoreError("database error: gone", hint="test")
+
+    reg.write_transitions = failing  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        await reg.set_status_async("n1", NodeStatus.DEGRADED, "verification failed")
+    assert reg.status_of("n1") == "degraded"
+    reg.write_transitions = write  # type: ignore[method-assign]
+    assert reg.flush() >= 1 and Registry(store).status_of("n1") == "degraded"
