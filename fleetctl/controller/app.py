@@ -324,11 +324,23 @@ async def start_controller(settings: ControllerSettings, ctx: ControllerContext 
 
 async def serve(settings: ControllerSettings) -> int:
     """``fleet-controller serve``: run until SIGINT/SIGTERM (exit status 0) or until a loop fails (1)."""
-    running = await start_controller(settings)
+    # the handlers come first: controller.json is written during the start, and whoever waits for it (a service
+    # manager, a test) may send SIGTERM at once; a signal during the start cancels it, and it stops what it started
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
+    starting = asyncio.create_task(start_controller(settings), name="start")
+    signal_wait = asyncio.create_task(signalled.wait(), name="signal during start")
+    await asyncio.wait({starting, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
+    signal_wait.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped by a signal during the start")
+        return 0
+    running = starting.result()
     print(f"fleet-controller: grpc {running.ctx.grpc_address} (mTLS), enroll {running.ctx.enroll_address}, "
           f"http {running.ctx.http_url}, state {settings.state_dir}", flush=True)
     return await run_until_stopped(running, signalled)
