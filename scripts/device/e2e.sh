@@ -88,7 +88,7 @@ case "$PHASE" in
     "$PY" - <<'PY' || fail=1
 import importlib, sys
 mods = ["grpc", "google.protobuf", "sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "pydantic", "httpx",
-        "jinja2", "yaml", "packaging", "cryptography", "croniter", "itsdangerous", "multipart", "prometheus_client",
+        "jinja2", "yaml", "packaging", "cryptography", "croniter", "multipart", "prometheus_client",
         "ansible", "ansible_runner", "pexpect", "daemon", "lockfile", "resolvelib", "pynvml", "annotated_doc",
         "opentelemetry", "dateutil", "click", "h11", "anyio", "markupsafe", "typing_extensions",
         "fleetctl.controller.app", "fleetctl.controller.cli", "fleetctl.controller.web", "fleetctl.agent.main", "fleetctl.agent.executor", "fleetctl.agent.artifact_jobs"]
